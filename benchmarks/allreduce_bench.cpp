@@ -1,0 +1,198 @@
+// All-reduce benchmark in the style of nccl-tests: for each size, Lockstep's all-reduce out of
+// place and in place, and a raw blocking MPI_Allreduce of the same buffer as the baseline, all in
+// the same run. algbw = bytes / time; busbw = algbw * 2(n-1)/n (what each link carries).
+//
+//   ./scripts/mpirun.sh -np 2 build/benchmarks/allreduce_bench [--min-bytes 8] [--max-bytes 256M]
+//       [--factor 2] [--dtype float|double|half|bfloat16|int|long] [--seconds 0.2] [--json FILE]
+#include <mpi.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/core/error.hpp"
+#include "lockstep/runtime.hpp"
+
+namespace {
+
+struct Options {
+  std::int64_t min_bytes = 8;
+  std::int64_t max_bytes = 256LL << 20;
+  int factor = 2;
+  std::string dtype = "float";
+  double seconds = 0.2;  // target time per measurement
+  int repeats = 5;       // measurements per size and way; the median is reported
+  std::string json;
+};
+
+std::int64_t parse_bytes(const std::string& text) {
+  std::size_t end = 0;
+  double value = std::stod(text, &end);
+  const std::string suffix = text.substr(end);
+  if (suffix == "K" || suffix == "k") value *= 1 << 10;
+  else if (suffix == "M" || suffix == "m") value *= 1 << 20;
+  else if (suffix == "G" || suffix == "g") value *= 1 << 30;
+  else LOCKSTEP_CHECK(suffix.empty(), "size '", text, "': unknown suffix '", suffix, "' (use K, M or G)");
+  return static_cast<std::int64_t>(value);
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--min-bytes" || arg == "-b") o.min_bytes = parse_bytes(value());
+    else if (arg == "--max-bytes" || arg == "-e") o.max_bytes = parse_bytes(value());
+    else if (arg == "--factor" || arg == "-f") o.factor = std::stoi(value());
+    else if (arg == "--dtype" || arg == "-d") o.dtype = value();
+    else if (arg == "--seconds") o.seconds = std::stod(value());
+    else if (arg == "--repeats") o.repeats = std::stoi(value());
+    else if (arg == "--json") o.json = value();
+    else if (arg == "--help" || arg == "-h") {
+      std::cout << "allreduce_bench [--min-bytes 8] [--max-bytes 256M] [--factor 2] [--dtype float] "
+                   "[--seconds 0.2] [--repeats 5] [--json FILE]\n";
+      std::exit(0);
+    } else {
+      LOCKSTEP_FAIL("unknown option '", arg, "' (see --help)");
+    }
+  }
+  LOCKSTEP_CHECK(o.min_bytes > 0 && o.max_bytes >= o.min_bytes, "need 0 < --min-bytes <= --max-bytes");
+  LOCKSTEP_CHECK(o.factor >= 2, "--factor must be at least 2");
+  return o;
+}
+
+torch::ScalarType parse_dtype(const std::string& name, MPI_Datatype* mpi) {
+  if (name == "float") { *mpi = MPI_FLOAT; return torch::kFloat; }
+  if (name == "double") { *mpi = MPI_DOUBLE; return torch::kDouble; }
+  if (name == "int") { *mpi = MPI_INT32_T; return torch::kInt; }
+  if (name == "long") { *mpi = MPI_INT64_T; return torch::kLong; }
+  if (name == "half") { *mpi = MPI_DATATYPE_NULL; return torch::kHalf; }
+  if (name == "bfloat16") { *mpi = MPI_DATATYPE_NULL; return torch::kBFloat16; }
+  LOCKSTEP_FAIL("unknown --dtype '", name, "' (float, double, int, long, half, bfloat16)");
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Times `op` (which must run one complete all-reduce) `iters` times, `repeats` times over; every
+// rank starts each measurement together and the slowest rank's time counts.
+template <typename F>
+double time_per_op(int iters, int repeats, F&& op) {
+  std::vector<double> samples;
+  for (int r = 0; r < repeats; ++r) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) op();
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
+    MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    samples.push_back(seconds);
+  }
+  return median(samples);
+}
+
+// Counts elements that differ from the closed form: sum over ranks of (rank + i % 32).
+std::int64_t wrong_results(lockstep::comm::Communicator& comm, torch::Tensor input, torch::Tensor output,
+                           bool in_place) {
+  const int n = comm.size();
+  auto pattern = torch::arange(input.numel(), torch::kLong).remainder(32);
+  input.copy_(pattern + comm.rank());
+  if (in_place) comm.allreduce(input)->wait();
+  else comm.allreduce(input, output)->wait();
+  auto result = (in_place ? input : output).to(torch::kLong);
+  std::int64_t wrong = result.ne(pattern * n + n * (n - 1) / 2).sum().item<std::int64_t>();
+  std::int64_t total = 0;
+  MPI_Allreduce(&wrong, &total, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  return total;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  lockstep::Runtime runtime(argc, argv);
+  const Options options = parse(argc, argv);
+  auto comm = runtime.communicator();
+  const int n = comm->size();
+  const bool root = comm->rank() == 0;
+  MPI_Datatype mpi_type = MPI_DATATYPE_NULL;
+  const torch::ScalarType dtype = parse_dtype(options.dtype, &mpi_type);
+  const std::int64_t element = torch::elementSize(dtype);
+  MPI_Comm raw_comm;
+  MPI_Comm_dup(MPI_COMM_WORLD, &raw_comm);
+  const double bus_factor = 2.0 * (n - 1) / n;
+
+  if (root) {
+    std::printf("# Lockstep all-reduce benchmark: %d ranks, backend %s, dtype %s, op sum\n", n,
+                comm->backend().c_str(), options.dtype.c_str());
+    std::printf("# time: median of %d measurements of ~%.2f s each; bw in GB/s; raw = blocking MPI_Allreduce\n",
+                options.repeats, options.seconds);
+    std::printf("#%11s %10s %6s | %10s %8s %8s %6s | %10s %8s %8s %6s | %10s %8s | %6s %9s\n", "size", "count",
+                "type", "oop us", "algbw", "busbw", "#wrong", "inp us", "algbw", "busbw", "#wrong", "raw us", "busbw",
+                "ratio", "+us@raw");
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  for (std::int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= options.factor) {
+    const std::int64_t count = std::max<std::int64_t>(1, bytes / element);
+    const std::int64_t actual_bytes = count * element;
+    auto input = torch::zeros({count}, dtype);
+    auto output = torch::zeros({count}, dtype);
+
+    // Calibrate the iteration count to the target time with a raw warm-up.
+    comm->allreduce(input, output)->wait();
+    const auto t0 = std::chrono::steady_clock::now();
+    comm->allreduce(input, output)->wait();
+    double once = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    MPI_Allreduce(MPI_IN_PLACE, &once, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    const int iters = static_cast<int>(std::clamp(options.seconds / std::max(once, 1e-7), 1.0, 20000.0));
+
+    const double oop = time_per_op(iters, options.repeats, [&] { comm->allreduce(input, output)->wait(); });
+    const double inp = time_per_op(iters, options.repeats, [&] { comm->allreduce(input)->wait(); });
+    double raw = 0.0;
+    if (mpi_type != MPI_DATATYPE_NULL) {
+      raw = time_per_op(iters, options.repeats, [&] {
+        MPI_Allreduce(input.data_ptr(), output.data_ptr(), static_cast<int>(count), mpi_type, MPI_SUM, raw_comm);
+      });
+    }
+    const std::int64_t wrong_oop = wrong_results(*comm, input, output, false);
+    const std::int64_t wrong_inp = wrong_results(*comm, input, output, true);
+
+    const double algbw_oop = actual_bytes / oop / 1e9, algbw_inp = actual_bytes / inp / 1e9;
+    const double busbw_raw = raw > 0 ? actual_bytes / raw / 1e9 * bus_factor : 0.0;
+    const double ratio = raw > 0 ? (algbw_oop * bus_factor) / busbw_raw : 0.0;
+    if (root) {
+      std::printf("%12lld %10lld %6s | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f | %6.3f %9.2f\n",
+                  static_cast<long long>(actual_bytes), static_cast<long long>(count), options.dtype.c_str(),
+                  oop * 1e6, algbw_oop, algbw_oop * bus_factor, static_cast<long long>(wrong_oop), inp * 1e6,
+                  algbw_inp, algbw_inp * bus_factor, static_cast<long long>(wrong_inp), raw * 1e6, busbw_raw, ratio,
+                  (oop - raw) * 1e6);
+      std::fflush(stdout);
+    }
+    rows.push_back({{"bytes", actual_bytes}, {"count", count}, {"dtype", options.dtype}, {"iters", iters},
+                    {"out_of_place", {{"time_us", oop * 1e6}, {"algbw_gbs", algbw_oop},
+                                      {"busbw_gbs", algbw_oop * bus_factor}, {"wrong", wrong_oop}}},
+                    {"in_place", {{"time_us", inp * 1e6}, {"algbw_gbs", algbw_inp},
+                                  {"busbw_gbs", algbw_inp * bus_factor}, {"wrong", wrong_inp}}},
+                    {"raw_mpi", {{"time_us", raw * 1e6}, {"busbw_gbs", busbw_raw}}},
+                    {"busbw_ratio", ratio}, {"overhead_us", (oop - raw) * 1e6}});
+    if (bytes > options.max_bytes / options.factor) break;
+  }
+  if (root && !options.json.empty()) {
+    nlohmann::json doc = {{"benchmark", "allreduce"}, {"ranks", n}, {"backend", comm->backend()},
+                          {"threads_per_rank", torch::get_num_threads()}, {"results", rows}};
+    std::ofstream(options.json) << doc.dump(2) << "\n";
+    std::printf("# wrote %s\n", options.json.c_str());
+  }
+  MPI_Comm_free(&raw_comm);
+  return 0;
+}

@@ -1,0 +1,107 @@
+// Measures the two speed traps of ../shared/PLATFORM.md in one process, so that the remedies can be
+// compared by running this program under each (scripts/measure-platform.sh does):
+//   - BLAS: GFLOP/s of a 1024x1024 float matmul (LibTorch's Linear layers go through libblas.so.3);
+//   - allocator: a ResNet-18 (small stem, 28x28x1, batch 32) SGD step: median time and minor page
+//     faults per step (freshly mapped memory costs a fault per page on these microVMs).
+//   platform_bench [--width 64] [--batch 32] [--steps 6] [--threads 1] [--no-tuning] [--json FILE]
+#include <sys/resource.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/models/resnet.hpp"
+#include "lockstep/runtime.hpp"
+
+namespace {
+
+long minor_faults() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int width = 64, batch = 32, steps = 6, threads = 1;
+  bool tuning = true;
+  std::string json;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto next = [&] {
+      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
+      return std::string(argv[++i]);
+    };
+    if (arg == "--width") width = std::stoi(next());
+    else if (arg == "--batch") batch = std::stoi(next());
+    else if (arg == "--steps") steps = std::stoi(next());
+    else if (arg == "--threads") threads = std::stoi(next());
+    else if (arg == "--no-tuning") tuning = false;
+    else if (arg == "--json") json = next();
+    else LOCKSTEP_FAIL("unknown option '", arg, "'");
+  }
+  if (tuning) lockstep::tune_malloc();
+  torch::set_num_threads(threads);
+  torch::manual_seed(0);
+
+  // BLAS: best of a few 1024^3 matmuls.
+  auto a = torch::randn({1024, 1024}), b = torch::randn({1024, 1024});
+  double best = 1e9;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    auto c = torch::mm(a, b);
+    best = std::min(best, seconds_since(start));
+  }
+  const double gflops = 2.0 * 1024 * 1024 * 1024 / best / 1e9;
+
+  lockstep::models::ResNet18Options options;
+  options.num_classes = 10;
+  options.in_channels = 1;
+  options.stem = lockstep::models::Stem::Small;
+  options.width = width;
+  lockstep::models::ResNet18 model(options);
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
+  auto images = torch::randn({batch, 1, 28, 28});
+  auto labels = torch::randint(0, 10, {batch}, torch::kLong);
+  std::vector<double> times;
+  std::vector<long> faults;
+  for (int s = 0; s < steps + 1; ++s) {  // the first step warms up and is not counted
+    const long faults_before = minor_faults();
+    const auto start = std::chrono::steady_clock::now();
+    optimizer.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(model->forward(images), labels);
+    loss.backward();
+    optimizer.step();
+    if (s > 0) {
+      times.push_back(seconds_since(start));
+      faults.push_back(minor_faults() - faults_before);
+    }
+  }
+  std::sort(times.begin(), times.end());
+  std::sort(faults.begin(), faults.end());
+  const double step = times[times.size() / 2];
+  const long step_faults = faults[faults.size() / 2];
+  const char* preload = std::getenv("LD_PRELOAD");
+  std::printf("matmul 1024: %7.1f GFLOP/s | resnet18 width %d batch %d, %d thread(s): step %.4f s, %ld minor faults/step"
+              " | malloc tuning %s, LD_PRELOAD=%s\n",
+              gflops, width, batch, threads, step, step_faults, tuning ? "on" : "off", preload ? preload : "");
+  if (!json.empty()) {
+    nlohmann::json doc = {{"matmul_gflops", gflops}, {"width", width}, {"batch", batch}, {"threads", threads},
+                          {"step_s", step}, {"minor_faults_per_step", step_faults}, {"malloc_tuning", tuning},
+                          {"ld_preload", preload ? preload : ""}};
+    std::ofstream(json) << doc.dump(2) << "\n";
+  }
+  return 0;
+}

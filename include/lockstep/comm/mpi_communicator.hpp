@@ -1,0 +1,43 @@
+#pragma once
+// MpiCommunicator: collectives on CPU tensors over OpenMPI, run in issue order on one background
+// progress thread so the caller's computation goes on while they run.
+
+#include <chrono>
+#include <memory>
+
+#include "lockstep/comm/communicator.hpp"
+
+namespace lockstep::comm {
+
+struct MpiCommunicatorOptions {
+  // How long wait() waits by default; 0 means comm::default_timeout().
+  std::chrono::milliseconds timeout{0};
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  // Duplicates MPI_COMM_WORLD (so its traffic never mixes with the user's). MPI must be initialised
+  // with MPI_THREAD_MULTIPLE (lockstep::Runtime does so); otherwise this throws.
+  explicit MpiCommunicator(MpiCommunicatorOptions options = {});
+  ~MpiCommunicator() override;
+
+  int rank() const override;
+  int size() const override;
+  std::string backend() const override { return "mpi"; }
+  std::chrono::milliseconds timeout() const override;
+
+  using Communicator::allreduce;
+  WorkPtr allreduce(at::Tensor tensor, const AllreduceOptions& options = {}) override;
+  WorkPtr allreduce(const at::Tensor& input, at::Tensor output, const AllreduceOptions& options = {}) override;
+  WorkPtr broadcast(at::Tensor tensor, const BroadcastOptions& options = {}) override;
+  WorkPtr allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions& options = {}) override;
+  WorkPtr reduce_scatter(const at::Tensor& input, at::Tensor output,
+                         const ReduceScatterOptions& options = {}) override;
+  WorkPtr barrier() override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lockstep::comm

@@ -1,0 +1,88 @@
+#pragma once
+// Work: the asynchronous handle every collective returns.
+
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace lockstep::comm {
+
+using Clock = std::chrono::steady_clock;
+
+// What a Work is about, for error messages and timelines.
+struct WorkInfo {
+  std::string op;          // "allreduce", "broadcast", ...
+  std::uint64_t seq = 0;   // per-communicator issue number, identical on every rank for the same call
+  std::int64_t numel = 0;  // elements of the (input) tensor
+  std::int64_t bytes = 0;
+  std::string dtype;
+  int rank = 0;
+  int size = 1;
+  std::string describe() const;  // "allreduce #17 (float32, 1048576 elements, 4.0 MiB) on rank 1 of 3"
+};
+
+class Work {
+ public:
+  explicit Work(WorkInfo info, std::chrono::milliseconds default_timeout);
+  virtual ~Work();
+  Work(const Work&) = delete;
+  Work& operator=(const Work&) = delete;
+
+  // Waits for the operation with the timeout it was issued with. Rethrows its error; raises
+  // lockstep::TimeoutError naming the operation when the time runs out.
+  void wait() { wait(default_timeout_); }
+  virtual void wait(std::chrono::milliseconds timeout) = 0;
+  virtual bool is_completed() const = 0;
+
+  const WorkInfo& info() const { return info_; }
+  std::chrono::milliseconds default_timeout() const { return default_timeout_; }
+  // When the operation started and finished running (valid once completed); for timings and traces.
+  virtual Clock::time_point start_time() const = 0;
+  virtual Clock::time_point end_time() const = 0;
+  double seconds() const;
+
+ protected:
+  [[noreturn]] void throw_timeout(std::chrono::milliseconds timeout) const;
+
+ private:
+  WorkInfo info_;
+  std::chrono::milliseconds default_timeout_;
+};
+
+using WorkPtr = std::shared_ptr<Work>;
+
+// A Work completed by another thread (the MPI progress thread, a test): mark_started, then
+// mark_completed or mark_failed, exactly once.
+class AsyncWork final : public Work {
+ public:
+  using Work::Work;
+  void wait(std::chrono::milliseconds timeout) override;
+  bool is_completed() const override;
+  Clock::time_point start_time() const override;
+  Clock::time_point end_time() const override;
+
+  void mark_started();
+  void mark_completed();
+  void mark_failed(std::exception_ptr error);
+
+ private:
+  mutable std::mutex mutex_;
+  std::condition_variable done_cv_;
+  bool done_ = false;
+  std::exception_ptr error_;
+  Clock::time_point start_{}, end_{};
+};
+
+// then(work, fn): a Work that, the first time it is waited on successfully, waits for `work` and
+// then runs `fn` on the waiting thread (e.g. casting a compressed buffer back). Errors in either
+// are rethrown from every wait.
+WorkPtr then(WorkPtr work, std::function<void()> fn);
+
+// A Work that is already done (world size 1, empty tensors handled without communication).
+WorkPtr completed_work(WorkInfo info);
+
+}  // namespace lockstep::comm

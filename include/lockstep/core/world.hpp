@@ -1,0 +1,21 @@
+#pragma once
+// World: who this process is among the job's ranks, as the launcher (mpirun) set it up.
+
+#include <c10/core/Device.h>
+
+#include <string>
+
+namespace lockstep {
+
+struct World {
+  int rank = 0;        // 0 .. size-1 over the whole job
+  int size = 1;
+  int local_rank = 0;  // rank among the processes on this host (picks the GPU)
+  int local_size = 1;
+  std::string host;
+  c10::Device device = c10::Device(c10::kCPU);
+
+  bool is_root() const { return rank == 0; }
+};
+
+}  // namespace lockstep

@@ -1,0 +1,8 @@
+#pragma once
+// Lockstep's public surface in one include.
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/comm/mpi_communicator.hpp"
+#include "lockstep/comm/work.hpp"
+#include "lockstep/core/error.hpp"
+#include "lockstep/core/world.hpp"
+#include "lockstep/runtime.hpp"

@@ -1,0 +1,55 @@
+#pragma once
+// Runtime: the one object a Lockstep program creates first. It initialises MPI (thread level
+// MPI_THREAD_MULTIPLE, checked), finds rank / world size / local rank, picks the device and the
+// communicator, applies the allocator and thread tuning of docs/performance.md, and finalises MPI.
+// An exception that escapes on any rank ends the whole job (MPI_Abort) with its message and rank,
+// so the other ranks never hang waiting for it.
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/core/world.hpp"
+
+namespace lockstep {
+
+struct RuntimeOptions {
+  // Raise glibc's mmap/trim thresholds so large buffers are reused instead of being mapped and
+  // page-faulted afresh every step (about 2x on ResNet-18 steps here; docs/performance.md).
+  // The environment variable LOCKSTEP_TUNE_MALLOC=0 turns it off without a rebuild.
+  bool tune_malloc = true;
+  // Intra-op threads for LibTorch: 0 = the host's cores divided by the ranks on the host
+  // (at least 1), so co-located ranks do not oversubscribe the cores.
+  int threads = 0;
+  // "auto" (NCCL when CUDA is usable, else MPI), "mpi" or "nccl".
+  std::string backend = "auto";
+  // Default timeout for every collective's wait(); 0 = comm::default_timeout() (LOCKSTEP_TIMEOUT_S).
+  std::chrono::milliseconds timeout{0};
+};
+
+class Runtime {
+ public:
+  Runtime(int& argc, char**& argv, RuntimeOptions options = {});
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  const World& world() const { return world_; }
+  int rank() const { return world_.rank; }
+  int size() const { return world_.size; }
+  // The communicator for this process (created on first use, then shared).
+  comm::CommunicatorPtr communicator();
+
+ private:
+  RuntimeOptions options_;
+  World world_;
+  bool owns_mpi_ = false;
+  comm::CommunicatorPtr communicator_;
+};
+
+// Applies the malloc thresholds of RuntimeOptions::tune_malloc (idempotent). For programs that do
+// not use Runtime but want the same setting.
+void tune_malloc();
+
+}  // namespace lockstep

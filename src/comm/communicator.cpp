@@ -1,0 +1,35 @@
+#include "lockstep/comm/communicator.hpp"
+
+#include <cstdlib>
+#include <string>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::comm {
+
+const char* to_string(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum: return "sum";
+    case ReduceOp::Average: return "average";
+    case ReduceOp::Min: return "min";
+    case ReduceOp::Max: return "max";
+    case ReduceOp::Product: return "product";
+  }
+  return "unknown";
+}
+
+std::chrono::milliseconds default_timeout() {
+  // Ten minutes, like a generous c10d default: long enough for a slow first step, short enough
+  // that a dead peer ends the job instead of holding the cluster.
+  constexpr double kDefaultSeconds = 600.0;
+  double seconds = kDefaultSeconds;
+  if (const char* text = std::getenv("LOCKSTEP_TIMEOUT_S"); text != nullptr && *text != '\0') {
+    char* end = nullptr;
+    seconds = std::strtod(text, &end);
+    LOCKSTEP_CHECK(end != text && *end == '\0' && seconds > 0,
+                   "LOCKSTEP_TIMEOUT_S must be a positive number of seconds, found '", text, "'");
+  }
+  return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0));
+}
+
+}  // namespace lockstep::comm

@@ -1,0 +1,332 @@
+#include "lockstep/comm/mpi_communicator.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <mpi.h>
+
+#include <atomic>
+#include <climits>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "comm/validate.hpp"
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::comm {
+
+namespace {
+
+// ---- 16-bit floats: MPI has no such type, so they travel as 16-bit words and are reduced by
+// user-defined operations that compute in float and round once per pairwise step.
+
+template <typename T, typename F>
+void reduce_16bit(void* in, void* inout, int* len, MPI_Datatype*) {
+  const T* a = static_cast<const T*>(in);
+  T* b = static_cast<T*>(inout);
+  F f;
+  for (int i = 0; i < *len; ++i) b[i] = T(f(static_cast<float>(a[i]), static_cast<float>(b[i])));
+}
+struct AddF { float operator()(float a, float b) const { return a + b; } };
+struct MulF { float operator()(float a, float b) const { return a * b; } };
+struct MinF { float operator()(float a, float b) const { return b < a ? b : a; } };
+struct MaxF { float operator()(float a, float b) const { return b > a ? b : a; } };
+
+struct SixteenBitOps {
+  MPI_Op half[4];      // sum, product, min, max
+  MPI_Op bfloat16[4];
+};
+
+const SixteenBitOps& sixteen_bit_ops() {
+  static const SixteenBitOps ops = [] {
+    SixteenBitOps o{};
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, AddF>, 1, &o.half[0]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MulF>, 1, &o.half[1]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MinF>, 1, &o.half[2]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MaxF>, 1, &o.half[3]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, AddF>, 1, &o.bfloat16[0]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MulF>, 1, &o.bfloat16[1]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MinF>, 1, &o.bfloat16[2]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MaxF>, 1, &o.bfloat16[3]));
+    return o;
+  }();
+  return ops;
+}
+
+MPI_Datatype mpi_type(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return MPI_FLOAT;
+    case at::kDouble: return MPI_DOUBLE;
+    case at::kInt: return MPI_INT32_T;
+    case at::kLong: return MPI_INT64_T;
+    case at::kChar: return MPI_INT8_T;
+    case at::kByte: return MPI_UINT8_T;
+    case at::kHalf:
+    case at::kBFloat16: return MPI_UINT16_T;
+    default: LOCKSTEP_FAIL("MpiCommunicator does not support dtype ", c10::toString(type));
+  }
+}
+
+// The MPI operation that carries `op` (Average travels as Sum and is divided afterwards).
+MPI_Op mpi_op(ReduceOp op, at::ScalarType type) {
+  int index = 0;
+  MPI_Op builtin = MPI_SUM;
+  switch (op) {
+    case ReduceOp::Sum:
+    case ReduceOp::Average: index = 0; builtin = MPI_SUM; break;
+    case ReduceOp::Product: index = 1; builtin = MPI_PROD; break;
+    case ReduceOp::Min: index = 2; builtin = MPI_MIN; break;
+    case ReduceOp::Max: index = 3; builtin = MPI_MAX; break;
+  }
+  if (type == at::kHalf) return sixteen_bit_ops().half[index];
+  if (type == at::kBFloat16) return sixteen_bit_ops().bfloat16[index];
+  return builtin;
+}
+
+struct Task {
+  std::shared_ptr<AsyncWork> work;
+  std::function<void()> run;
+};
+
+// MPI counts are ints: large buffers go in pieces.
+template <typename F>
+void in_chunks(std::int64_t count, std::size_t element_size, F&& f) {
+  constexpr std::int64_t kMaxCount = INT_MAX / 2;
+  std::int64_t offset = 0;
+  do {
+    const std::int64_t n = std::min(kMaxCount, count - offset);
+    f(offset * static_cast<std::int64_t>(element_size), static_cast<int>(n));
+    offset += n;
+  } while (offset < count);
+}
+
+}  // namespace
+
+struct MpiCommunicator::Impl {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0;
+  int size = 1;
+  std::chrono::milliseconds timeout{0};
+  std::uint64_t next_seq = 0;  // guarded by mutex: the issue order is the execution order
+
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::deque<Task> queue;
+  bool stop = false;
+  bool exited = false;
+  std::condition_variable exited_cv;
+  std::thread thread;
+
+  void loop() {
+    for (;;) {
+      Task task;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        cv.wait(lock, [this] { return stop || !queue.empty(); });
+        if (queue.empty()) break;  // stop requested and nothing left to run
+        task = std::move(queue.front());
+        queue.pop_front();
+      }
+      task.work->mark_started();
+      try {
+        task.run();
+        task.run = nullptr;  // release the tensors before waking the waiter
+        task.work->mark_completed();
+      } catch (const std::exception& e) {
+        task.run = nullptr;
+        task.work->mark_failed(std::make_exception_ptr(
+            Error(task.work->info().describe() + " failed: " + e.what(), __FILE__, __LINE__)));
+      }
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    exited = true;
+    exited_cv.notify_all();
+  }
+
+  WorkInfo make_info(const char* op, const at::Tensor* tensor) {
+    WorkInfo info;
+    info.op = op;
+    info.rank = rank;
+    info.size = size;
+    if (tensor != nullptr) {
+      info.numel = tensor->numel();
+      info.bytes = static_cast<std::int64_t>(tensor->nbytes());
+      info.dtype = detail::dtype_name(tensor->scalar_type());
+    }
+    return info;
+  }
+
+  WorkPtr enqueue(WorkInfo info, std::function<void()> run) {
+    std::shared_ptr<AsyncWork> work;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      LOCKSTEP_CHECK(!stop, "MpiCommunicator is shutting down; no new ", info.op, " can be issued");
+      info.seq = next_seq++;
+      work = std::make_shared<AsyncWork>(std::move(info), timeout);
+      queue.push_back(Task{work, std::move(run)});
+    }
+    cv.notify_one();
+    return work;
+  }
+};
+
+MpiCommunicator::MpiCommunicator(MpiCommunicatorOptions options) : impl_(std::make_unique<Impl>()) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  LOCKSTEP_CHECK(initialized, "MpiCommunicator needs MPI to be initialised first (create a lockstep::Runtime)");
+  int provided = MPI_THREAD_SINGLE;
+  LOCKSTEP_MPI_CHECK(MPI_Query_thread(&provided));
+  LOCKSTEP_CHECK(provided == MPI_THREAD_MULTIPLE,
+                 "MpiCommunicator runs MPI on a background thread and needs MPI_THREAD_MULTIPLE; MPI was "
+                 "initialised with thread level ", provided, " (initialise with MPI_Init_thread, or let "
+                 "lockstep::Runtime do it)");
+  LOCKSTEP_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &impl_->comm));
+  // Errors come back as codes (and become exceptions) instead of killing the process inside MPI.
+  LOCKSTEP_MPI_CHECK(MPI_Comm_set_errhandler(impl_->comm, MPI_ERRORS_RETURN));
+  LOCKSTEP_MPI_CHECK(MPI_Comm_rank(impl_->comm, &impl_->rank));
+  LOCKSTEP_MPI_CHECK(MPI_Comm_size(impl_->comm, &impl_->size));
+  impl_->timeout = options.timeout.count() > 0 ? options.timeout : default_timeout();
+  sixteen_bit_ops();  // create the user operations now, on a thread that may call MPI
+  impl_->thread = std::thread([impl = impl_.get()] { impl->loop(); });
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->stop = true;
+  }
+  impl_->cv.notify_all();
+  bool exited = false;
+  {
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    exited = impl_->exited_cv.wait_for(lock, impl_->timeout, [this] { return impl_->exited; });
+  }
+  if (!exited) {
+    // A collective is stuck (a peer died or ranks diverged). Joining would hang this rank
+    // forever, and so would MPI_Finalize: end the whole job instead.
+    std::fprintf(stderr,
+                 "lockstep: rank %d: MpiCommunicator destroyed while a collective is still running after "
+                 "%lld ms; aborting the job so that no rank hangs\n",
+                 impl_->rank, static_cast<long long>(impl_->timeout.count()));
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  impl_->thread.join();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Comm_free(&impl_->comm);
+}
+
+int MpiCommunicator::rank() const { return impl_->rank; }
+int MpiCommunicator::size() const { return impl_->size; }
+std::chrono::milliseconds MpiCommunicator::timeout() const { return impl_->timeout; }
+
+WorkPtr MpiCommunicator::allreduce(at::Tensor tensor, const AllreduceOptions& options) {
+  detail::check_tensor(tensor, "allreduce", "tensor");
+  detail::check_reduce_op(tensor.scalar_type(), options.op, "allreduce");
+  return allreduce(tensor, tensor, options);
+}
+
+WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, const AllreduceOptions& options) {
+  detail::check_tensor(input, "allreduce", "input");
+  detail::check_tensor(output, "allreduce", "output");
+  detail::check_same(input, output, "allreduce");
+  detail::check_reduce_op(input.scalar_type(), options.op, "allreduce");
+  const bool in_place = input.data_ptr() == output.data_ptr();
+  LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
+                 "allreduce: input and output overlap without being the same buffer");
+  const MPI_Datatype type = mpi_type(input.scalar_type());
+  const MPI_Op op = mpi_op(options.op, input.scalar_type());
+  const std::size_t element_size = input.element_size();
+  Impl* impl = impl_.get();
+  return impl->enqueue(impl->make_info("allreduce", &input), [=] {
+    if (input.numel() > 0) {
+      char* out = static_cast<char*>(output.data_ptr());
+      const char* in = static_cast<const char*>(input.data_ptr());
+      in_chunks(input.numel(), element_size, [&](std::int64_t offset, int count) {
+        LOCKSTEP_MPI_CHECK(MPI_Allreduce(in_place ? MPI_IN_PLACE : in + offset, out + offset, count, type, op,
+                                         impl->comm));
+      });
+      if (options.op == ReduceOp::Average) output.div_(impl->size);
+    }
+  });
+}
+
+WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& options) {
+  detail::check_tensor(tensor, "broadcast", "tensor");
+  LOCKSTEP_CHECK(options.root >= 0 && options.root < size(), "broadcast: root ", options.root,
+                 " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
+  const MPI_Datatype type = mpi_type(tensor.scalar_type());
+  const std::size_t element_size = tensor.element_size();
+  Impl* impl = impl_.get();
+  const int root = options.root;
+  return impl->enqueue(impl->make_info("broadcast", &tensor), [=] {
+    if (tensor.numel() > 0) {
+      char* data = static_cast<char*>(tensor.data_ptr());
+      in_chunks(tensor.numel(), element_size, [&](std::int64_t offset, int count) {
+        LOCKSTEP_MPI_CHECK(MPI_Bcast(data + offset, count, type, root, impl->comm));
+      });
+    }
+  });
+}
+
+WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions&) {
+  detail::check_tensor(input, "allgather", "input");
+  detail::check_tensor(output, "allgather", "output");
+  detail::check_gather_sizes(input, output, size(), rank(), "allgather");
+  LOCKSTEP_CHECK(input.numel() <= INT_MAX, "allgather: ", input.numel(), " elements per rank exceed MPI's limit of ",
+                 INT_MAX);
+  const bool in_place = detail::is_rank_slice(input, output, rank());
+  LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
+                 "allgather: input overlaps output without being exactly this rank's slice of it");
+  const MPI_Datatype type = mpi_type(input.scalar_type());
+  Impl* impl = impl_.get();
+  return impl->enqueue(impl->make_info("allgather", &input), [=] {
+    if (input.numel() > 0) {
+      const int count = static_cast<int>(input.numel());
+      LOCKSTEP_MPI_CHECK(MPI_Allgather(in_place ? MPI_IN_PLACE : input.data_ptr(), count, type, output.data_ptr(),
+                                       count, type, impl->comm));
+    }
+  });
+}
+
+WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor output,
+                                        const ReduceScatterOptions& options) {
+  detail::check_tensor(input, "reduce_scatter", "input");
+  detail::check_tensor(output, "reduce_scatter", "output");
+  detail::check_gather_sizes(output, input, size(), rank(), "reduce_scatter");
+  detail::check_reduce_op(input.scalar_type(), options.op, "reduce_scatter");
+  LOCKSTEP_CHECK(output.numel() <= INT_MAX, "reduce_scatter: ", output.numel(),
+                 " elements per rank exceed MPI's limit of ", INT_MAX);
+  const bool in_place = detail::is_rank_slice(output, input, rank());
+  LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
+                 "reduce_scatter: output overlaps input without being exactly this rank's slice of it");
+  const MPI_Datatype type = mpi_type(input.scalar_type());
+  const MPI_Op op = mpi_op(options.op, input.scalar_type());
+  Impl* impl = impl_.get();
+  return impl->enqueue(impl->make_info("reduce_scatter", &input), [=] {
+    if (output.numel() > 0) {
+      const int count = static_cast<int>(output.numel());
+      if (in_place) {
+        // MPI_IN_PLACE leaves the result at the start of the buffer; move it to this rank's slice.
+        LOCKSTEP_MPI_CHECK(MPI_Reduce_scatter_block(MPI_IN_PLACE, input.data_ptr(), count, type, op, impl->comm));
+        if (impl->rank != 0) {
+          std::memmove(output.data_ptr(), input.data_ptr(), output.nbytes());
+        }
+      } else {
+        LOCKSTEP_MPI_CHECK(
+            MPI_Reduce_scatter_block(input.data_ptr(), output.data_ptr(), count, type, op, impl->comm));
+      }
+      if (options.op == ReduceOp::Average) output.div_(impl->size);
+    }
+  });
+}
+
+WorkPtr MpiCommunicator::barrier() {
+  Impl* impl = impl_.get();
+  return impl->enqueue(impl->make_info("barrier", nullptr), [impl] { LOCKSTEP_MPI_CHECK(MPI_Barrier(impl->comm)); });
+}
+
+}  // namespace lockstep::comm

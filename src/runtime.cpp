@@ -1,0 +1,154 @@
+#include "lockstep/runtime.hpp"
+
+#include <ATen/Parallel.h>
+#include <malloc.h>
+#include <mpi.h>
+#include <torch/cuda.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <thread>
+
+#include "lockstep/comm/mpi_communicator.hpp"
+#include "lockstep/core/error.hpp"
+
+namespace lockstep {
+
+namespace {
+
+std::atomic<int> g_rank{-1};
+std::atomic<int> g_size{0};
+std::terminate_handler g_previous_terminate = nullptr;
+
+bool mpi_active() {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  return initialized && !finalized;
+}
+
+// Note [Failing fast]: one rank's uncaught exception must not leave the others blocked in a
+// collective forever. std::terminate runs without unwinding when nothing catches the exception,
+// so this handler prints what went wrong, where, and ends every rank of the job with MPI_Abort.
+[[noreturn]] void terminate_job() {
+  std::string what = "std::terminate was called without an active exception";
+  if (std::exception_ptr error = std::current_exception()) {
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+      what = "an exception that is not a std::exception";
+    }
+  }
+  std::fprintf(stderr, "lockstep: rank %d of %d: uncaught exception: %s\n", g_rank.load(), g_size.load(),
+               what.c_str());
+  std::fprintf(stderr, "lockstep: rank %d: aborting the whole job so that the other ranks do not wait forever\n",
+               g_rank.load());
+  std::fflush(stderr);
+  if (mpi_active()) MPI_Abort(MPI_COMM_WORLD, 1);
+  std::abort();
+}
+
+bool env_flag_off(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return false;
+  const std::string text(value);
+  return text == "0" || text == "off" || text == "OFF" || text == "false" || text == "no";
+}
+
+}  // namespace
+
+void tune_malloc() {
+  if (env_flag_off("LOCKSTEP_TUNE_MALLOC")) return;
+  // Keep freed blocks up to 1 GiB in the heap instead of unmapping them: every ResNet step and
+  // every large MPI_Allreduce otherwise maps and page-faults fresh memory (docs/performance.md).
+  constexpr int kThreshold = 1 << 30;
+  mallopt(M_MMAP_THRESHOLD, kThreshold);
+  mallopt(M_TRIM_THRESHOLD, kThreshold);
+}
+
+Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std::move(options)) {
+  if (options_.tune_malloc) tune_malloc();
+
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  int provided = MPI_THREAD_SINGLE;
+  if (!initialized) {
+    LOCKSTEP_MPI_CHECK(MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided));
+    owns_mpi_ = true;
+  } else {
+    LOCKSTEP_MPI_CHECK(MPI_Query_thread(&provided));
+  }
+  if (provided != MPI_THREAD_MULTIPLE) {
+    std::fprintf(stderr,
+                 "lockstep: this MPI provides thread level %d, but Lockstep's communicator runs MPI on a "
+                 "background thread and needs MPI_THREAD_MULTIPLE (%d)\n",
+                 provided, MPI_THREAD_MULTIPLE);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+
+  LOCKSTEP_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_.rank));
+  LOCKSTEP_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &world_.size));
+  MPI_Comm local = MPI_COMM_NULL;
+  LOCKSTEP_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_.rank, MPI_INFO_NULL, &local));
+  LOCKSTEP_MPI_CHECK(MPI_Comm_rank(local, &world_.local_rank));
+  LOCKSTEP_MPI_CHECK(MPI_Comm_size(local, &world_.local_size));
+  MPI_Comm_free(&local);
+  char host[MPI_MAX_PROCESSOR_NAME] = {0};
+  int length = 0;
+  LOCKSTEP_MPI_CHECK(MPI_Get_processor_name(host, &length));
+  world_.host.assign(host, static_cast<std::size_t>(length));
+
+  g_rank = world_.rank;
+  g_size = world_.size;
+  g_previous_terminate = std::set_terminate(terminate_job);
+
+  LOCKSTEP_CHECK(options_.backend == "auto" || options_.backend == "mpi" || options_.backend == "nccl",
+                 "RuntimeOptions::backend must be \"auto\", \"mpi\" or \"nccl\", found \"", options_.backend, "\"");
+  const bool cuda = torch::cuda::is_available();
+  if (cuda && options_.backend != "mpi") {
+    const int devices = static_cast<int>(torch::cuda::device_count());
+    world_.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(world_.local_rank % devices));
+  }
+
+  int threads = options_.threads;
+  if (threads <= 0) {
+    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    threads = std::max(1, cores / std::max(1, world_.local_size));
+  }
+  at::set_num_threads(threads);
+}
+
+Runtime::~Runtime() {
+  communicator_.reset();
+  if (std::uncaught_exceptions() > 0 && world_.size > 1 && mpi_active()) {
+    // Unwinding past the Runtime with an exception in flight: this rank is leaving, the others
+    // may be waiting in a collective (Note [Failing fast]).
+    std::fprintf(stderr, "lockstep: rank %d: leaving with an exception in flight; aborting the job\n",
+                 world_.rank);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  std::set_terminate(g_previous_terminate);
+  if (owns_mpi_ && mpi_active()) MPI_Finalize();
+}
+
+comm::CommunicatorPtr Runtime::communicator() {
+  if (!communicator_) {
+    const bool cuda = world_.device.is_cuda();
+    if (options_.backend == "nccl" || (options_.backend == "auto" && cuda)) {
+      LOCKSTEP_FAIL("the NCCL backend is not part of this build (backend \"", options_.backend, "\", device ",
+                    world_.device, "); use backend \"mpi\"");
+    }
+    comm::MpiCommunicatorOptions mpi_options;
+    mpi_options.timeout = options_.timeout;
+    communicator_ = std::make_shared<comm::MpiCommunicator>(mpi_options);
+  }
+  return communicator_;
+}
+
+}  // namespace lockstep

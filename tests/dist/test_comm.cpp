@@ -1,0 +1,249 @@
+// Multi-rank tests of the MPI communicator. Expected values come from closed forms over ranks.
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <mpi.h>
+
+#include <thread>
+
+#include "lockstep/comm/mpi_communicator.hpp"
+#include "lockstep/core/error.hpp"
+#include "support/dist.hpp"
+
+using lockstep::comm::ReduceOp;
+
+namespace {
+
+// Sizes: empty, one element, a prime, and tens of MB (float32: 40 MB).
+const std::vector<int64_t> kSizes = {0, 1, 7919, 10'000'003};
+
+// Values that every dtype (bf16 included: 8 significant bits) holds exactly: rank + (i % 64).
+torch::Tensor ramp(int64_t n, int rank, torch::ScalarType type) {
+  return (torch::arange(n, torch::kLong).remainder(64) + rank).to(type);
+}
+
+bool equal_as_double(const torch::Tensor& a, const torch::Tensor& b) {
+  return torch::equal(a.to(torch::kDouble), b.to(torch::kDouble));
+}
+
+}  // namespace
+
+TEST_CASE("allreduce sums match the closed form for every dtype and size", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  for (auto type : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16, torch::kInt, torch::kLong}) {
+    for (int64_t size : kSizes) {
+      if (size > 100'000 && (type == torch::kHalf || type == torch::kBFloat16 || type == torch::kDouble)) continue;
+      INFO("dtype " << type << ", " << size << " elements");
+      auto tensor = ramp(size, comm.rank(), type);
+      comm.allreduce(tensor)->wait();
+      // sum over r of (r + i%64) = n(n-1)/2 + n*(i%64)
+      auto expected = torch::arange(size, torch::kLong).remainder(64) * n + n * (n - 1) / 2;
+      CHECK(tensor.scalar_type() == type);
+      CHECK(equal_as_double(tensor, expected));
+    }
+  }
+}
+
+TEST_CASE("allreduce min, max, product and average", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  const int r = comm.rank();
+  for (auto type : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16, torch::kInt, torch::kLong}) {
+    INFO("dtype " << type);
+    const int64_t size = 1031;
+    auto base = torch::arange(size, torch::kLong).remainder(16);
+    auto t = (base + r).to(type);
+    comm.allreduce(t, {ReduceOp::Min})->wait();
+    CHECK(equal_as_double(t, base));
+    t = (base + r).to(type);
+    comm.allreduce(t, {ReduceOp::Max})->wait();
+    CHECK(equal_as_double(t, base + (n - 1)));
+    // product over r of (r + 1) = n!
+    t = torch::full({size}, r + 1, torch::kLong).to(type);
+    comm.allreduce(t, {ReduceOp::Product})->wait();
+    int64_t factorial = 1;
+    for (int k = 2; k <= n; ++k) factorial *= k;
+    CHECK(equal_as_double(t, torch::full({size}, factorial, torch::kLong)));
+    if (torch::isFloatingType(type)) {
+      // average over r of (r + i%16) * 2 = (n - 1) + 2 * (i%16): exact in every float type
+      t = ((base + r) * 2).to(type);
+      comm.allreduce(t, {ReduceOp::Average})->wait();
+      CHECK(equal_as_double(t, base * 2 + (n - 1)));
+    }
+  }
+}
+
+TEST_CASE("out-of-place allreduce leaves the input untouched", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  for (int64_t size : kSizes) {
+    auto input = ramp(size, comm.rank(), torch::kFloat);
+    auto copy = input.clone();
+    auto output = torch::full_like(input, -1);
+    comm.allreduce(input, output)->wait();
+    CHECK(torch::equal(input, copy));
+    CHECK(equal_as_double(output, torch::arange(size, torch::kLong).remainder(64) * n + n * (n - 1) / 2));
+  }
+}
+
+TEST_CASE("broadcast from every root", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  for (int root = 0; root < comm.size(); ++root) {
+    for (int64_t size : {int64_t(0), int64_t(1), int64_t(7919), int64_t(3'000'017)}) {
+      for (auto type : {torch::kFloat, torch::kBFloat16, torch::kLong}) {
+        auto t = ramp(size, comm.rank() * 3, type);
+        comm.broadcast(t, {root})->wait();
+        CHECK(torch::equal(t, ramp(size, root * 3, type)));
+      }
+    }
+  }
+}
+
+TEST_CASE("allgather, out of place and in place", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  for (int64_t size : {int64_t(0), int64_t(1), int64_t(7919), int64_t(2'500'009)}) {
+    auto input = ramp(size, comm.rank(), torch::kFloat);
+    auto output = torch::empty({n * size});
+    comm.allgather(input, output)->wait();
+    auto inplace = torch::full({n * size}, -1.0f);
+    auto mine = inplace.narrow(0, comm.rank() * size, size);
+    mine.copy_(input);
+    comm.allgather(mine, inplace)->wait();
+    for (int r = 0; r < n; ++r) {
+      CHECK(torch::equal(output.narrow(0, r * size, size), ramp(size, r, torch::kFloat)));
+      CHECK(torch::equal(inplace.narrow(0, r * size, size), ramp(size, r, torch::kFloat)));
+    }
+  }
+}
+
+TEST_CASE("reduce_scatter, out of place and in place, sum and average", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  const int r = comm.rank();
+  for (int64_t size : {int64_t(0), int64_t(1), int64_t(7919), int64_t(1'000'003)}) {
+    for (auto type : {torch::kFloat, torch::kHalf, torch::kLong}) {
+      INFO("dtype " << type << ", " << size << " elements per rank");
+      auto input = ramp(n * size, r, type);
+      auto output = torch::empty({size}, type);
+      comm.reduce_scatter(input, output)->wait();
+      // slice r of input on rank q holds q + ((r*size + k) % 64); summed over q.
+      auto expected = (torch::arange(size, torch::kLong) + r * size).remainder(64) * n + n * (n - 1) / 2;
+      CHECK(equal_as_double(output, expected));
+      auto scratch = ramp(n * size, r, type);
+      auto slice = scratch.narrow(0, r * size, size);
+      comm.reduce_scatter(scratch, slice)->wait();
+      CHECK(equal_as_double(slice, expected));
+    }
+    auto input = (ramp(n * size, r, torch::kDouble) * 2);
+    auto output = torch::empty({size}, torch::kDouble);
+    comm.reduce_scatter(input, output, {ReduceOp::Average})->wait();
+    auto expected = (torch::arange(size, torch::kLong) + r * size).remainder(64) * 2 + (n - 1);
+    CHECK(equal_as_double(output, expected));
+  }
+}
+
+TEST_CASE("many outstanding works complete, in issue order", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  constexpr int kWorks = 64;
+  std::vector<torch::Tensor> tensors;
+  std::vector<lockstep::comm::WorkPtr> works;
+  for (int k = 0; k < kWorks; ++k) {
+    tensors.push_back(torch::full({1000 + 997 * k}, double(comm.rank() + k), torch::kDouble));
+    works.push_back(comm.allreduce(tensors.back()));
+  }
+  for (int k = kWorks - 1; k >= 0; --k) works[k]->wait();  // waited in reverse on purpose
+  for (int k = 0; k < kWorks; ++k) {
+    CHECK(works[k]->is_completed());
+    CHECK(torch::equal(tensors[k], torch::full_like(tensors[k], double(n * (n - 1) / 2 + n * k))));
+    if (k > 0) {
+      CHECK(works[k]->info().seq == works[k - 1]->info().seq + 1);
+      CHECK(works[k]->start_time() >= works[k - 1]->end_time());
+    }
+  }
+  comm.barrier()->wait();
+}
+
+TEST_CASE("work is asynchronous: the caller runs while a collective is in flight", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  // Rank 0 joins the collective late; the other ranks' allreduce() must still return at once.
+  auto t = torch::ones({1000});
+  if (comm.rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto before = std::chrono::steady_clock::now();
+  auto work = comm.allreduce(t);
+  const auto issue_time = std::chrono::steady_clock::now() - before;
+  CHECK(issue_time < std::chrono::milliseconds(50));
+  work->wait();
+  CHECK(torch::equal(t, torch::full({1000}, float(comm.size()))));
+}
+
+TEST_CASE("wrong input is rejected before anything is sent", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  using Catch::Matchers::Contains;
+  auto matrix = torch::ones({4, 6});
+  CHECK_THROWS_WITH(comm.allreduce(matrix.t()), Contains("contiguous"));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}), torch::ones({5})), Contains("sizes"));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}), torch::ones({4}, torch::kDouble)), Contains("dtype"));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}, torch::kBool)), Contains("not supported"));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}, torch::kInt), {ReduceOp::Average}), Contains("floating-point"));
+  CHECK_THROWS_WITH(comm.allreduce(torch::Tensor()), Contains("undefined"));
+  CHECK_THROWS_WITH(comm.allreduce(torch::empty({4}, torch::device(torch::kMeta))), Contains("this communicator takes cpu"));
+  CHECK_THROWS_WITH(comm.broadcast(torch::ones({4}), {comm.size()}), Contains("root " + std::to_string(comm.size()) + " is out of range"));
+  CHECK_THROWS_WITH(comm.broadcast(torch::ones({4}), {-1}), Contains("out of range"));
+  CHECK_THROWS_WITH(comm.allgather(torch::ones({4}), torch::ones({4 * comm.size() + 1})), Contains("elements in the gathered tensor"));
+  CHECK_THROWS_WITH(comm.reduce_scatter(torch::ones({4 * comm.size()}), torch::ones({5})), Contains("elements in the gathered tensor"));
+  CHECK_THROWS_WITH(comm.allgather(torch::ones({4}), torch::ones({4 * comm.size()}, torch::kDouble)), Contains("dtypes differ"));
+  auto buffer = torch::ones({8});
+  CHECK_THROWS_WITH(comm.allreduce(buffer.narrow(0, 0, 4), buffer.narrow(0, 2, 4)), Contains("overlap"));
+  // Nothing was sent: the next collective still lines up on every rank.
+  auto t = torch::ones({3});
+  comm.allreduce(t)->wait();
+  CHECK(torch::equal(t, torch::full({3}, float(comm.size()))));
+}
+
+TEST_CASE("a collective that does not complete in time raises an error naming it", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  using Catch::Matchers::Contains;
+  auto t = torch::ones({17});
+  if (comm.rank() == 0) {
+    // The other ranks join late, after rank 0 has given up waiting once.
+    auto work = comm.allreduce(t);
+    const auto seq = work->info().seq;
+    CHECK_THROWS_AS(work->wait(std::chrono::milliseconds(100)), lockstep::TimeoutError);
+    CHECK_THROWS_WITH(work->wait(std::chrono::milliseconds(1)),
+                      Contains("allreduce #" + std::to_string(seq)) && Contains("float32, 17 elements") &&
+                          Contains("rank 0 of " + std::to_string(comm.size())) && Contains("did not complete"));
+    work->wait();  // the late ranks arrive: now it completes
+  } else {
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    comm.allreduce(t)->wait();
+  }
+  CHECK(torch::equal(t, torch::full({17}, float(comm.size()))));
+}
+
+TEST_CASE("an error inside a work is rethrown from every wait", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  using Catch::Matchers::Contains;
+  auto work = lockstep::comm::then(comm.barrier(), [] { throw std::runtime_error("cast back failed"); });
+  CHECK_THROWS_WITH(work->wait(), Contains("cast back failed"));
+  CHECK_THROWS_WITH(work->wait(), Contains("cast back failed"));
+}
+
+TEST_CASE("the runtime knows the world", "[runtime]") {
+  auto& runtime = lockstep::testing::runtime();
+  int size = 0, rank = -1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  CHECK(runtime.size() == size);
+  CHECK(runtime.rank() == rank);
+  CHECK(runtime.world().local_rank >= 0);
+  CHECK(runtime.world().local_rank < runtime.world().local_size);
+  CHECK(runtime.world().local_size == size);  // every rank of the test runs on this host
+  CHECK_FALSE(runtime.world().host.empty());
+  CHECK(runtime.world().device.is_cpu());
+  CHECK(runtime.communicator()->backend() == "mpi");
+  CHECK(runtime.communicator() == runtime.communicator());
+  CHECK(torch::get_num_threads() >= 1);
+}

@@ -1,0 +1,4 @@
+# Multi-rank test groups: each runs the tests with the given Catch2 tags under mpirun at 2 and 3 ranks.
+lockstep_add_mpi_test(NAME dist.comm TARGET lockstep_dist_tests NP 2 3 ARGS "[comm]")
+lockstep_add_mpi_test(NAME dist.runtime TARGET lockstep_dist_tests NP 2 3 ARGS "[runtime]")
+lockstep_add_mpi_test(NAME dist.ddp TARGET lockstep_dist_tests NP 2 3 ARGS "[ddp]")

@@ -1,0 +1,28 @@
+// A job in which one rank fails while the others wait in a collective. The job must end
+// promptly with the failing rank's message, never hang (CTest runs it with a short timeout).
+//   fail_one_rank throw   rank 1 throws an exception nobody catches
+//   fail_one_rank exit    rank 1 exits without a word (a dead peer)
+//   fail_one_rank timeout rank 1 never joins; the others' wait() times out and the error escapes
+#include <torch/torch.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <thread>
+
+#include "lockstep/runtime.hpp"
+
+int main(int argc, char** argv) {
+  lockstep::Runtime runtime(argc, argv);
+  auto comm = runtime.communicator();
+  const std::string mode = argc > 1 ? argv[1] : "throw";
+  auto t = torch::ones({1024});
+  if (comm->rank() == 1) {
+    if (mode == "throw") throw std::runtime_error("boom from the test");
+    if (mode == "exit") std::_Exit(3);
+    if (mode == "timeout") std::this_thread::sleep_for(std::chrono::seconds(120));
+  }
+  comm->allreduce(t)->wait(std::chrono::seconds(mode == "timeout" ? 2 : 100));
+  std::cout << "rank " << comm->rank() << " finished, which it must not" << std::endl;
+  return 0;
+}

@@ -1,0 +1,16 @@
+#pragma once
+// Shared state of the multi-rank test executable: the Runtime that its main created.
+// Every rank walks the same test path: use CHECK (not REQUIRE) around collectives so that one
+// rank's failure does not send it down a different path from the others.
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/runtime.hpp"
+
+namespace lockstep::testing {
+
+Runtime& runtime();
+void set_runtime(Runtime* runtime);
+inline comm::Communicator& comm() { return *runtime().communicator(); }
+inline comm::CommunicatorPtr comm_ptr() { return runtime().communicator(); }
+
+}  // namespace lockstep::testing

@@ -65,11 +65,15 @@ bool env_flag_off(const char* name) {
 
 void tune_malloc() {
   if (env_flag_off("LOCKSTEP_TUNE_MALLOC")) return;
-  // Keep freed blocks up to 1 GiB in the heap instead of unmapping them: every ResNet step and
-  // every large MPI_Allreduce otherwise maps and page-faults fresh memory (docs/performance.md).
+  // Note [Allocator]: keep freed blocks up to 1 GiB in the heap instead of unmapping them: every
+  // ResNet step and every large MPI_Allreduce otherwise maps and page-faults fresh memory
+  // (docs/performance.md). One arena: a thread's own arena grows in 64 MiB heaps, so any larger
+  // block that the communicator's progress thread asks for (OpenMPI's temporary all-reduce buffer)
+  // would be mmapped afresh on every call whatever the thresholds; measured 5x slower at 64 MiB.
   constexpr int kThreshold = 1 << 30;
   mallopt(M_MMAP_THRESHOLD, kThreshold);
   mallopt(M_TRIM_THRESHOLD, kThreshold);
+  mallopt(M_ARENA_MAX, 1);
 }
 
 Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std::move(options)) {

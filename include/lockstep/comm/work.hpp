@@ -60,6 +60,7 @@ using WorkPtr = std::shared_ptr<Work>;
 class AsyncWork final : public Work {
  public:
   using Work::Work;
+  using Work::wait;
   void wait(std::chrono::milliseconds timeout) override;
   bool is_completed() const override;
   Clock::time_point start_time() const override;

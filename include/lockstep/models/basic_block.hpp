@@ -1,0 +1,32 @@
+#pragma once
+// BasicBlock: the two-convolution residual block of ResNet-18/34 (He et al. 2016, Fig. 2 left), with
+// torchvision's module names (conv1, bn1, conv2, bn2, downsample.0, downsample.1) so that parameter
+// names in checkpoints read the same as torchvision's.
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/pimpl.h>
+
+namespace lockstep {
+namespace models {
+
+class BasicBlockImpl : public torch::nn::Module {
+ public:
+  // A 1x1 convolution + batch norm shortcut ("downsample") is added when stride != 1 or the channel
+  // count changes; otherwise the shortcut is the identity.
+  BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_t stride);
+
+  torch::Tensor forward(const torch::Tensor& input);
+
+  torch::nn::Conv2d conv1{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};
+  torch::nn::Conv2d conv2{nullptr};
+  torch::nn::BatchNorm2d bn2{nullptr};
+  torch::nn::Sequential downsample{nullptr};  // null for an identity shortcut
+};
+TORCH_MODULE(BasicBlock);
+
+}  // namespace models
+}  // namespace lockstep

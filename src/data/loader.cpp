@@ -1,0 +1,143 @@
+#include "lockstep/data/loader.hpp"
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep {
+namespace data {
+
+Loader::Loader(DatasetPtr dataset, std::shared_ptr<ShardedSampler> sampler, LoaderOptions options)
+    : dataset_(std::move(dataset)), sampler_(std::move(sampler)), options_(options) {
+  LOCKSTEP_CHECK(dataset_ != nullptr, "Loader: dataset is null");
+  LOCKSTEP_CHECK(sampler_ != nullptr, "Loader over ", dataset_->description(), ": sampler is null");
+  LOCKSTEP_CHECK(options_.batch_size > 0, "Loader over ", dataset_->description(), ": batch size must be positive");
+  LOCKSTEP_CHECK(sampler_->dataset_size() == dataset_->size(), "Loader over ", dataset_->description(),
+                 ": the sampler was built for ", sampler_->dataset_size(), " samples but the dataset has ",
+                 dataset_->size());
+}
+
+Loader::~Loader() { halt(); }
+
+size_t Loader::batches_per_epoch() const {
+  return sampler_->batches_per_epoch(options_.batch_size, options_.drop_last_batch);
+}
+
+void Loader::start_epoch(int64_t epoch) {
+  halt();
+  sampler_->set_epoch(epoch);
+  launch();
+}
+
+void Loader::load_state(const SamplerState& state) {
+  halt();
+  sampler_->load_state(state);
+  launch();
+}
+
+void Loader::launch() {
+  // Reseeding happens here, with no thread running (the contract of Dataset::set_epoch).
+  dataset_->set_epoch(sampler_->epoch());
+  plan_.clear();
+  const std::vector<int64_t>& indices = sampler_->indices();
+  for (size_t start = sampler_->position(); start < indices.size(); start += options_.batch_size) {
+    const size_t end = std::min(start + options_.batch_size, indices.size());
+    if (end - start < options_.batch_size && options_.drop_last_batch) break;
+    plan_.emplace_back(indices.begin() + static_cast<std::ptrdiff_t>(start),
+                       indices.begin() + static_cast<std::ptrdiff_t>(end));
+  }
+  consumed_ = 0;
+  expected_ = sampler_->state();
+  stop_ = false;
+  producer_done_ = false;
+  launched_ = true;
+  if (options_.prefetch > 0) worker_ = std::thread([this] { produce(); });
+}
+
+void Loader::halt() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  not_full_.notify_all();
+  // A batch being assembled cannot be interrupted; join waits for it and then the thread sees stop_.
+  if (worker_.joinable()) worker_.join();
+  queue_.clear();
+  launched_ = false;
+}
+
+void Loader::produce() {
+  for (size_t b = 0; b < plan_.size(); ++b) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      not_full_.wait(lock, [this] { return stop_ || queue_.size() < options_.prefetch; });
+      if (stop_) return;
+    }
+    Slot slot;
+    try {
+      slot.example = dataset_->get_batch(plan_[b]);
+    } catch (...) {
+      slot.error = std::current_exception();
+    }
+    const bool failed = static_cast<bool>(slot.error);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(std::move(slot));
+      if (failed) producer_done_ = true;
+    }
+    not_empty_.notify_one();
+    if (failed) return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    producer_done_ = true;
+  }
+  not_empty_.notify_one();
+}
+
+void Loader::consume(size_t batch_length) {
+  const SamplerState now = sampler_->state();
+  LOCKSTEP_CHECK(now.epoch == expected_.epoch && now.position == expected_.position, "Loader over ",
+                 dataset_->description(), ": the sampler moved to epoch ", now.epoch, " position ", now.position,
+                 " behind the loader's back (expected epoch ", expected_.epoch, " position ", expected_.position,
+                 "); use Loader::start_epoch or Loader::load_state instead");
+  sampler_->next_batch(batch_length);
+  expected_ = sampler_->state();
+}
+
+std::optional<Example> Loader::next() {
+  if (!launched_) launch();
+  if (consumed_ >= plan_.size()) return std::nullopt;
+
+  if (options_.prefetch == 0) {
+    Example example = dataset_->get_batch(plan_[consumed_]);
+    consume(plan_[consumed_].size());
+    ++consumed_;
+    return example;
+  }
+
+  Slot slot;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    not_empty_.wait(lock, [this] { return !queue_.empty() || producer_done_; });
+    // The producer stops after an error, so an empty queue here means it already reported one.
+    LOCKSTEP_CHECK(!queue_.empty(), "Loader over ", dataset_->description(), ": background thread ended early");
+    if (queue_.front().error) std::rethrow_exception(queue_.front().error);  // stays queued: next() rethrows again
+    slot = std::move(queue_.front());
+    queue_.pop_front();
+  }
+  not_full_.notify_one();
+  consume(plan_[consumed_].size());
+  ++consumed_;
+  return std::move(slot.example);
+}
+
+Loader::Iterator::Iterator(Loader* loader) : loader_(loader) {
+  if (loader_) current_ = loader_->next();
+}
+
+Loader::Iterator& Loader::Iterator::operator++() {
+  current_ = loader_->next();
+  return *this;
+}
+
+}  // namespace data
+}  // namespace lockstep

@@ -1,0 +1,39 @@
+#include "lockstep/models/basic_block.hpp"
+
+#include <torch/nn/functional/activation.h>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep {
+namespace models {
+
+namespace {
+torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride) {
+  // No bias: every convolution is followed by batch norm, whose shift makes a bias redundant.
+  return torch::nn::Conv2d(
+      torch::nn::Conv2dOptions(in, out, kernel).stride(stride).padding(kernel / 2).bias(false));
+}
+}  // namespace
+
+BasicBlockImpl::BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_t stride) {
+  LOCKSTEP_CHECK(in_channels > 0 && out_channels > 0 && stride > 0, "BasicBlock: channels and stride must be positive, got ",
+                 in_channels, " -> ", out_channels, ", stride ", stride);
+  conv1 = register_module("conv1", conv(in_channels, out_channels, 3, stride));
+  bn1 = register_module("bn1", torch::nn::BatchNorm2d(out_channels));
+  conv2 = register_module("conv2", conv(out_channels, out_channels, 3, 1));
+  bn2 = register_module("bn2", torch::nn::BatchNorm2d(out_channels));
+  if (stride != 1 || in_channels != out_channels) {
+    downsample = register_module(
+        "downsample", torch::nn::Sequential(conv(in_channels, out_channels, 1, stride), torch::nn::BatchNorm2d(out_channels)));
+  }
+}
+
+torch::Tensor BasicBlockImpl::forward(const torch::Tensor& input) {
+  torch::Tensor out = torch::relu(bn1->forward(conv1->forward(input)));
+  out = bn2->forward(conv2->forward(out));
+  out += downsample ? downsample->forward(input) : input;
+  return torch::relu(out);
+}
+
+}  // namespace models
+}  // namespace lockstep

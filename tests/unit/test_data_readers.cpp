@@ -1,0 +1,363 @@
+// IDX (MNIST / Fashion-MNIST) and CIFAR-10 readers on small files written here, raw and gzip, and every
+// error case; then the real Debian Fashion-MNIST files when they are installed.
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <random>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/data/cifar10.hpp"
+#include "lockstep/data/mnist.hpp"
+
+namespace fs = std::filesystem;
+using Catch::Matchers::Contains;
+using Bytes = std::vector<uint8_t>;
+using namespace lockstep::data;
+
+namespace {
+
+// A fresh directory removed at scope exit.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("lockstep_data_test_" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+uint32_t crc32(const Bytes& data) {
+  uint32_t crc = 0xffffffffu;
+  for (uint8_t byte : data) {
+    crc ^= byte;
+    for (int k = 0; k < 8; ++k) crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1u)));
+  }
+  return ~crc;
+}
+
+void put_le(Bytes& out, uint32_t value, int bytes) {
+  for (int i = 0; i < bytes; ++i) out.push_back(static_cast<uint8_t>(value >> (8 * i)));
+}
+
+// gzip (RFC 1952) with deflate "stored" blocks: a valid .gz written without zlib, so the test's files do
+// not come from the library under test.
+Bytes gzip(const Bytes& data) {
+  Bytes out{0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255};
+  size_t pos = 0;
+  do {
+    const size_t n = std::min<size_t>(65535, data.size() - pos);
+    out.push_back(pos + n == data.size() ? 1 : 0);
+    put_le(out, static_cast<uint32_t>(n), 2);
+    put_le(out, static_cast<uint32_t>(~n & 0xffff), 2);
+    out.insert(out.end(), data.begin() + pos, data.begin() + pos + n);
+    pos += n;
+  } while (pos < data.size());
+  put_le(out, crc32(data), 4);
+  put_le(out, static_cast<uint32_t>(data.size()), 4);
+  return out;
+}
+
+void write_file(const std::string& path, const Bytes& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  REQUIRE(out.good());
+}
+
+void put_be32(Bytes& out, uint32_t value) {
+  for (int i = 3; i >= 0; --i) out.push_back(static_cast<uint8_t>(value >> (8 * i)));
+}
+
+struct Idx {
+  Bytes images, labels;
+  Bytes pixels, label_values;
+};
+
+// count images of rows x cols with pixel (i, p) = (7 i + 3 p) mod 256 and label i mod 10.
+Idx make_idx(uint32_t count, uint32_t rows, uint32_t cols) {
+  Idx idx;
+  put_be32(idx.images, 0x803);
+  put_be32(idx.images, count);
+  put_be32(idx.images, rows);
+  put_be32(idx.images, cols);
+  for (uint32_t i = 0; i < count; ++i) {
+    for (uint32_t p = 0; p < rows * cols; ++p) idx.pixels.push_back(static_cast<uint8_t>((7 * i + 3 * p) % 256));
+  }
+  idx.images.insert(idx.images.end(), idx.pixels.begin(), idx.pixels.end());
+  put_be32(idx.labels, 0x801);
+  put_be32(idx.labels, count);
+  for (uint32_t i = 0; i < count; ++i) idx.label_values.push_back(static_cast<uint8_t>(i % 10));
+  idx.labels.insert(idx.labels.end(), idx.label_values.begin(), idx.label_values.end());
+  return idx;
+}
+
+void write_split(const TempDir& dir, const std::string& prefix, const Idx& idx, bool compressed) {
+  const std::string suffix = compressed ? ".gz" : "";
+  write_file(dir / (prefix + "-images-idx3-ubyte" + suffix), compressed ? gzip(idx.images) : idx.images);
+  write_file(dir / (prefix + "-labels-idx1-ubyte" + suffix), compressed ? gzip(idx.labels) : idx.labels);
+}
+
+void check_matches(const ImageData& data, const Idx& idx, int64_t count, int64_t rows, int64_t cols) {
+  REQUIRE(data.images.sizes() == torch::IntArrayRef({count, 1, rows, cols}));
+  REQUIRE(data.labels.sizes() == torch::IntArrayRef({count}));
+  const auto* pixels = data.images.data_ptr<uint8_t>();
+  CHECK(Bytes(pixels, pixels + idx.pixels.size()) == idx.pixels);
+  for (int64_t i = 0; i < count; ++i) CHECK(data.labels[i].item<int64_t>() == idx.label_values[i]);
+}
+
+}  // namespace
+
+TEST_CASE("IDX reader: raw and gzip files give the same images and labels", "[data]") {
+  TempDir dir;
+  const Idx idx = make_idx(12, 5, 3);
+  write_file(dir / "a.idx", idx.images);
+  write_file(dir / "a.labels", idx.labels);
+  write_file(dir / "b.idx.gz", gzip(idx.images));
+  write_file(dir / "b.labels.gz", gzip(idx.labels));
+  check_matches(read_idx_files(dir / "a.idx", dir / "a.labels"), idx, 12, 5, 3);
+  check_matches(read_idx_files(dir / "b.idx.gz", dir / "b.labels.gz"), idx, 12, 5, 3);
+}
+
+TEST_CASE("Mnist: finds the split's files (gzip preferred), normalises per batch", "[data]") {
+  TempDir dir;
+  const Idx train = make_idx(20, 4, 4), test = make_idx(6, 4, 4);
+  write_split(dir, "train", train, /*compressed=*/true);
+  write_split(dir, "t10k", test, /*compressed=*/false);
+  // A plain copy beside the .gz with different content: the .gz must win.
+  write_split(dir, "train", make_idx(3, 4, 4), /*compressed=*/false);
+
+  MnistOptions options;
+  options.root = dir.path.string();
+  Mnist mnist(options);
+  REQUIRE(mnist.size() == 20);
+  CHECK(mnist.info().channels == 1);
+  CHECK(mnist.info().height == 4);
+  CHECK(mnist.info().num_classes == 10);
+  check_matches(ImageData{mnist.images(), mnist.labels()}, train, 20, 4, 4);
+
+  const Example batch = mnist.get_batch({3, 17, 3});
+  REQUIRE(batch.data.sizes() == torch::IntArrayRef({3, 1, 4, 4}));
+  CHECK(batch.data.scalar_type() == torch::kFloat);
+  CHECK(batch.target.scalar_type() == torch::kLong);
+  const std::vector<int64_t> picked{3, 17, 3};
+  for (int64_t b = 0; b < 3; ++b) {
+    CHECK(batch.target[b].item<int64_t>() == picked[b] % 10);
+    for (int64_t p = 0; p < 16; ++p) {
+      const double raw = (7 * picked[b] + 3 * p) % 256;
+      CHECK(batch.data[b][0][p / 4][p % 4].item<float>() == Approx((raw / 255.0 - 0.1307) / 0.3081).epsilon(1e-6));
+    }
+  }
+  CHECK(mnist.info().pad_values.at(0) == Approx(-0.1307 / 0.3081));
+  CHECK_THROWS_WITH(mnist.get_batch({20}), Contains("index 20") && Contains("expected 0 <= index < 20"));
+
+  options.split = Split::Test;
+  Mnist mnist_test(options);
+  CHECK(mnist_test.size() == 6);
+  CHECK_THAT(mnist_test.description(), Contains("MNIST test"));
+
+  FashionMnistOptions fashion;
+  fashion.root = dir.path.string();
+  fashion.split = Split::Test;
+  FashionMnist f(fashion);
+  CHECK(f.get_batch({0}).data[0][0][0][0].item<float>() == Approx((0 - 0.2860) / 0.3530));
+}
+
+TEST_CASE("IDX reader: each bad input is an error naming the file and the problem", "[data]") {
+  TempDir dir;
+  const Idx idx = make_idx(4, 3, 3);
+  write_file(dir / "images", idx.images);
+  write_file(dir / "labels", idx.labels);
+
+  SECTION("missing file") {
+    CHECK_THROWS_WITH(read_idx_files(dir / "nope", dir / "labels"), Contains(dir / "nope") && Contains("does not exist"));
+    MnistOptions options;
+    options.root = dir.path.string();
+    CHECK_THROWS_WITH(Mnist(options), Contains("MNIST train images") && Contains(dir / "train-images-idx3-ubyte.gz") &&
+                                          Contains(dir / "train-images-idx3-ubyte"));
+    options.root = dir / "missing-directory";
+    CHECK_THROWS_WITH(Mnist(options), Contains("missing-directory") && Contains("does not exist"));
+    options.root = "";
+    CHECK_THROWS_WITH(Mnist(options), Contains("no data directory"));
+  }
+  SECTION("bad magic") {
+    Bytes bad = idx.images;
+    bad[2] = 0x09;
+    write_file(dir / "bad", bad);
+    CHECK_THROWS_WITH(read_idx_files(dir / "bad", dir / "labels"),
+                      Contains(dir / "bad") && Contains("bad IDX magic number 0x00000903") && Contains("0x00000803"));
+    CHECK_THROWS_WITH(read_idx_files(dir / "labels", dir / "images"),
+                      Contains(dir / "labels") && Contains("were the image and label files swapped"));
+  }
+  SECTION("truncated raw file") {
+    Bytes cut(idx.images.begin(), idx.images.end() - 5);
+    write_file(dir / "cut", cut);
+    CHECK_THROWS_WITH(read_idx_files(dir / "cut", dir / "labels"),
+                      Contains(dir / "cut") && Contains("truncated") && Contains("expected 36 bytes") &&
+                          Contains("found 31"));
+    Bytes header_only(idx.images.begin(), idx.images.begin() + 6);
+    write_file(dir / "header", header_only);
+    CHECK_THROWS_WITH(read_idx_files(dir / "header", dir / "labels"),
+                      Contains(dir / "header") && Contains("truncated") && Contains("image count"));
+    Bytes cut_labels(idx.labels.begin(), idx.labels.end() - 1);
+    write_file(dir / "cut_labels", cut_labels);
+    CHECK_THROWS_WITH(read_idx_files(dir / "images", dir / "cut_labels"),
+                      Contains(dir / "cut_labels") && Contains("truncated"));
+  }
+  SECTION("truncated gzip file") {
+    Bytes packed = gzip(idx.images);
+    write_file(dir / "cut.gz", Bytes(packed.begin(), packed.end() - 20));
+    CHECK_THROWS_WITH(read_idx_files(dir / "cut.gz", dir / "labels"), Contains(dir / "cut.gz") && Contains("truncated"));
+  }
+  SECTION("corrupt gzip file") {
+    Bytes packed = gzip(idx.images);
+    packed[packed.size() - 6] ^= 0xff;  // CRC no longer matches
+    write_file(dir / "crc.gz", packed);
+    CHECK_THROWS_WITH(read_idx_files(dir / "crc.gz", dir / "labels"), Contains(dir / "crc.gz") && Contains("corrupt"));
+  }
+  SECTION("count mismatch") {
+    const Idx other = make_idx(5, 3, 3);
+    write_file(dir / "labels5", other.labels);
+    CHECK_THROWS_WITH(read_idx_files(dir / "images", dir / "labels5"),
+                      Contains("count mismatch") && Contains(dir / "images") && Contains("declares 4 images") &&
+                          Contains(dir / "labels5") && Contains("5 labels"));
+  }
+  SECTION("trailing bytes") {
+    Bytes longer = idx.images;
+    longer.push_back(0);
+    longer.push_back(0);
+    write_file(dir / "long", longer);
+    CHECK_THROWS_WITH(read_idx_files(dir / "long", dir / "labels"), Contains(dir / "long") && Contains("2 unexpected bytes"));
+  }
+  SECTION("bad dimensions and labels") {
+    Bytes empty_images;
+    put_be32(empty_images, 0x803);
+    put_be32(empty_images, 4);
+    put_be32(empty_images, 0);
+    put_be32(empty_images, 3);
+    write_file(dir / "zero", empty_images);
+    CHECK_THROWS_WITH(read_idx_files(dir / "zero", dir / "labels"), Contains(dir / "zero") && Contains("0x3 images"));
+    Bytes bad_labels = idx.labels;
+    bad_labels[8 + 2] = 10;
+    write_file(dir / "bad_labels", bad_labels);
+    CHECK_THROWS_WITH(read_idx_files(dir / "images", dir / "bad_labels"),
+                      Contains(dir / "bad_labels") && Contains("label 10 at index 2") && Contains("expected 0..9"));
+  }
+}
+
+namespace {
+// CIFAR-10 records with label (first + r) % 10 and pixel bytes (first + r + p) % 256.
+Bytes make_cifar(int records, int first) {
+  Bytes out;
+  for (int r = 0; r < records; ++r) {
+    out.push_back(static_cast<uint8_t>((first + r) % 10));
+    for (int p = 0; p < 3072; ++p) out.push_back(static_cast<uint8_t>((first + r + p) % 256));
+  }
+  return out;
+}
+}  // namespace
+
+TEST_CASE("Cifar10: reads the five training batches in order and the test batch, raw or gzip", "[data]") {
+  TempDir dir;
+  fs::create_directories(dir.path / "cifar-10-batches-bin");
+  const std::string inner = (dir.path / "cifar-10-batches-bin").string();
+  int first = 0;
+  for (int i = 1; i <= 5; ++i) {
+    const Bytes records = make_cifar(i, first);  // 1 + 2 + ... + 5 = 15 records
+    const std::string path = inner + "/data_batch_" + std::to_string(i) + ".bin";
+    if (i % 2) {
+      write_file(path, records);
+    } else {
+      write_file(path + ".gz", gzip(records));
+    }
+    first += i;
+  }
+  write_file(inner + "/test_batch.bin", make_cifar(4, 100));
+
+  Cifar10Options options;
+  options.root = dir.path.string();  // the parent of cifar-10-batches-bin is accepted
+  Cifar10 train(options);
+  REQUIRE(train.size() == 15);
+  CHECK(train.info().channels == 3);
+  CHECK(train.info().height == 32);
+  CHECK(train.info().width == 32);
+  for (int64_t n = 0; n < 15; ++n) {
+    CHECK(train.labels()[n].item<int64_t>() == n % 10);
+    // Channel 1 (green), row 2, column 5 is byte 1024 + 2 * 32 + 5 of the record's pixels.
+    CHECK(train.images()[n][1][2][5].item<int>() == (n + 1024 + 69) % 256);
+  }
+  const Example batch = train.get_batch({14});
+  CHECK(batch.data[0][2][0][0].item<float>() == Approx(((14 + 2048) % 256 / 255.0 - 0.4465) / 0.2616));
+
+  options.split = Split::Test;
+  options.root = inner;
+  Cifar10 test(options);
+  CHECK(test.size() == 4);
+  CHECK(test.labels()[0].item<int64_t>() == 0);
+}
+
+TEST_CASE("Cifar10: bad inputs are errors naming the file", "[data]") {
+  TempDir dir;
+  Cifar10Options options;
+  options.root = dir.path.string();
+  options.split = Split::Test;
+  CHECK_THROWS_WITH(Cifar10(options), Contains("CIFAR-10 test") && Contains(dir / "test_batch.bin"));
+  options.split = Split::Train;
+  CHECK_THROWS_WITH(Cifar10(options), Contains("CIFAR-10 train batch 1") && Contains(dir / "data_batch_1.bin"));
+
+  Bytes records = make_cifar(3, 0);
+  write_file(dir / "cut.bin", Bytes(records.begin(), records.end() - 100));
+  CHECK_THROWS_WITH(read_cifar10_files({dir / "cut.bin"}),
+                    Contains(dir / "cut.bin") && Contains("truncated") && Contains("2 records and 2973 bytes left over"));
+  write_file(dir / "empty.bin", {});
+  CHECK_THROWS_WITH(read_cifar10_files({dir / "empty.bin"}), Contains(dir / "empty.bin") && Contains("empty file"));
+  records[3073] = 12;
+  write_file(dir / "label.bin", records);
+  CHECK_THROWS_WITH(read_cifar10_files({dir / "label.bin"}),
+                    Contains(dir / "label.bin") && Contains("record 1 has label 12") && Contains("0..9"));
+  options.mean = {0.5, 0.5};
+  write_file(dir / "test_batch.bin", make_cifar(2, 0));
+  options.split = Split::Test;
+  CHECK_THROWS_WITH(Cifar10(options), Contains("mean has 2 values") && Contains("one per channel (3)"));
+}
+
+TEST_CASE("FashionMnist: the real Debian files (60000 train, 10000 test, mean 0.2860)", "[data]") {
+  if (!fs::exists(std::string(kFashionMnistRoot) + "/train-images-idx3-ubyte.gz")) {
+    WARN("skipped: Fashion-MNIST not installed under " << kFashionMnistRoot << " (apt install dataset-fashion-mnist)");
+    return;
+  }
+  FashionMnist train;
+  REQUIRE(train.size() == 60000);
+  CHECK(train.images().sizes() == torch::IntArrayRef({60000, 1, 28, 28}));
+  // Mean and std of pixel/255 from a histogram of the raw bytes (a float copy of all 47 million pixels
+  // costs seconds in page faults on these machines).
+  std::array<int64_t, 256> histogram{};
+  const uint8_t* pixels = train.images().data_ptr<uint8_t>();
+  for (int64_t i = 0; i < train.images().numel(); ++i) ++histogram[pixels[i]];
+  double sum = 0, sum_sq = 0;
+  for (int v = 0; v < 256; ++v) {
+    sum += histogram[v] * (v / 255.0);
+    sum_sq += histogram[v] * (v / 255.0) * (v / 255.0);
+  }
+  const double n = static_cast<double>(train.images().numel());
+  CHECK(sum / n == Approx(0.2860).margin(1e-3));
+  CHECK(std::sqrt(sum_sq / n - (sum / n) * (sum / n)) == Approx(0.3530).margin(1e-3));
+  // Fashion-MNIST is balanced: 6000 of each class in train, 1000 in test.
+  CHECK(torch::bincount(train.labels()).eq(6000).all().item<bool>());
+
+  std::vector<int64_t> every_sixth;
+  for (int64_t i = 0; i < 60000; i += 6) every_sixth.push_back(i);
+  const torch::Tensor normalised = train.get_batch(every_sixth).data;
+  CHECK(normalised.mean().item<double>() == Approx(0.0).margin(0.01));
+  CHECK(normalised.std().item<double>() == Approx(1.0).margin(0.01));
+
+  FashionMnistOptions options;
+  options.split = Split::Test;
+  FashionMnist test(options);
+  REQUIRE(test.size() == 10000);
+  CHECK(torch::bincount(test.labels()).eq(1000).all().item<bool>());
+}

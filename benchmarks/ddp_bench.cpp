@@ -1,0 +1,338 @@
+// Data-parallel training step: Lockstep's DataParallel (bucketed all-reduce overlapping backward)
+// against a naive loop (backward, then one blocking all-reduce per parameter, as in pytorch/examples'
+// dist-mnist) and against no communication at all, for two models on synthetic data, in one run.
+//
+//   mpirun -np 2 build/benchmarks/ddp_bench [--steps 10] [--warmup 2] [--model resnet|mlp|all]
+//       [--resnet-width 64] [--resnet-batch 32] [--mlp-width 2048] [--mlp-batch 16]
+//       [--bucket-cap-mb 25[,4,...]] [--trace PREFIX] [--json [FILE]]
+//
+// Per way: the median step time (slowest rank), images/s over all ranks, bucket count, the time the
+// communicator spent on the all-reduces and the part of it backward did not hide ("exposed"), and
+// backward's own compute time, which shows how much an all-reduce running beside backward slows it
+// when compute and communication share the cores.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/models/resnet.hpp"
+#include "lockstep/runtime.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  int steps = 10;
+  int warmup = 2;
+  std::string model = "all";
+  std::int64_t resnet_width = 64;
+  std::int64_t resnet_batch = 32;
+  std::int64_t mlp_width = 2048;
+  std::int64_t mlp_batch = 16;
+  std::vector<double> bucket_caps_mb = {25.0};  // one Lockstep row per cap
+  bool json = false;
+  std::string json_file;
+  std::string trace;  // Chrome trace of the Lockstep runs, one file per model
+};
+
+std::vector<double> parse_list(const std::string& text) {
+  std::vector<double> values;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) values.push_back(std::stod(item));
+  LOCKSTEP_CHECK(!values.empty(), "--bucket-cap-mb needs at least one value");
+  return values;
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--steps")
+      o.steps = std::stoi(value());
+    else if (arg == "--warmup")
+      o.warmup = std::stoi(value());
+    else if (arg == "--model")
+      o.model = value();
+    else if (arg == "--resnet-width")
+      o.resnet_width = std::stoll(value());
+    else if (arg == "--resnet-batch")
+      o.resnet_batch = std::stoll(value());
+    else if (arg == "--mlp-width")
+      o.mlp_width = std::stoll(value());
+    else if (arg == "--mlp-batch")
+      o.mlp_batch = std::stoll(value());
+    else if (arg == "--bucket-cap-mb")
+      o.bucket_caps_mb = parse_list(value());
+    else if (arg == "--trace")
+      o.trace = value();
+    else if (arg == "--json") {
+      o.json = true;
+      if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) o.json_file = argv[++i];
+    } else {
+      LOCKSTEP_FAIL("unknown option '", arg, "' (see the comment at the top of ddp_bench.cpp)");
+    }
+  }
+  LOCKSTEP_CHECK(o.model == "all" || o.model == "resnet" || o.model == "mlp", "--model takes resnet, mlp or all");
+  LOCKSTEP_CHECK(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup non-negative");
+  return o;
+}
+
+// A wide MLP: its gradient is large next to its backward compute, so communication matters.
+struct WideMlpImpl : torch::nn::Module {
+  WideMlpImpl(std::int64_t in, std::int64_t width, int hidden_layers, std::int64_t classes) {
+    std::int64_t from = in;
+    for (int l = 0; l < hidden_layers; ++l) {
+      layers.push_back(register_module("fc" + std::to_string(l), torch::nn::Linear(from, width)));
+      from = width;
+    }
+    head = register_module("head", torch::nn::Linear(from, classes));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = x.flatten(1);
+    for (auto& layer : layers) x = torch::relu(layer(x));
+    return head(x);
+  }
+  std::vector<torch::nn::Linear> layers;
+  torch::nn::Linear head{nullptr};
+};
+
+struct Workload {
+  std::string name;
+  std::function<std::shared_ptr<torch::nn::Module>()> make;
+  std::function<torch::Tensor(torch::nn::Module&, const torch::Tensor&)> forward;
+  torch::Tensor x, y;
+};
+
+struct Result {
+  std::string model, way;
+  int ranks = 1;
+  std::int64_t batch_per_rank = 0, parameters = 0;
+  double step_s = 0, images_per_s = 0, forward_s = 0, backward_compute_s = 0, communication_s = 0, exposed_s = 0;
+  std::size_t buckets = 0;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+double max_over_ranks(lockstep::comm::Communicator& comm, double value) {
+  torch::Tensor t = torch::full({1}, value, torch::kFloat64);
+  comm.allreduce(t, {lockstep::comm::ReduceOp::Max})->wait();
+  return t.item<double>();
+}
+
+// One way of training one workload. The three ways of a workload take turns step by step, so that
+// load from elsewhere on a shared machine falls on all of them alike.
+class Runner {
+ public:
+  // way: "none", "naive" or "lockstep"; bucket_cap_mb only for lockstep.
+  Runner(const Workload& w, std::string way, double bucket_cap_mb, lockstep::comm::CommunicatorPtr comm,
+         const Options& o)
+      : w_(w), way_(std::move(way)), comm_(std::move(comm)) {
+    torch::manual_seed(0);
+    model_ = w.make();
+    if (way_ == "lockstep") {
+      lockstep::ddp::DataParallelOptions options;
+      options.bucket_cap_mb = bucket_cap_mb;
+      if (o.bucket_caps_mb.size() > 1) {
+        std::ostringstream label;
+        label << "lockstep/" << bucket_cap_mb << "MB";
+        label_ = label.str();
+      }
+      dp_ = std::make_unique<lockstep::ddp::DataParallel>(model_, comm_, options);
+      if (!o.trace.empty()) {
+        std::string id = w.name;
+        for (char& c : id) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+        dp_->enable_trace(o.trace + "." + id + "." + std::to_string(static_cast<int>(bucket_cap_mb)) + "MB.json");
+        trace_ = true;
+      }
+    }
+    parameters_ = model_->parameters();
+    opt_ = std::make_unique<torch::optim::SGD>(parameters_, torch::optim::SGDOptions(0.01).momentum(0.9));
+  }
+
+  void step(bool record) {
+    const int n = comm_->size();
+    comm_->barrier()->wait();  // start every step together; not timed
+    const auto t0 = Clock::now();
+    opt_->zero_grad();
+    torch::Tensor loss = torch::nn::functional::cross_entropy(w_.forward(*model_, w_.x), w_.y);
+    const auto t1 = Clock::now();
+    loss.backward();
+    const auto t2 = Clock::now();
+    if (way_ == "naive") {
+      for (auto& p : parameters_) {
+        comm_->allreduce(p.grad())->wait();
+        p.grad().div_(n);
+      }
+    }
+    const auto t3 = Clock::now();
+    opt_->step();
+    const auto t4 = Clock::now();
+    if (!record) return;
+    step_.push_back(seconds(t0, t4));
+    forward_.push_back(seconds(t0, t1));
+    if (dp_) {
+      const auto& t = dp_->last_step();
+      // loss.backward() returns after the final wait: take the exposed part out of backward.
+      backward_.push_back(seconds(t1, t2) - t.exposed_communication_s);
+      communication_.push_back(t.communication_s);
+      exposed_.push_back(t.exposed_communication_s);
+      buckets_ = t.bucket_count;
+    } else {
+      backward_.push_back(seconds(t1, t2));
+      const double blocking = way_ == "naive" ? seconds(t2, t3) : 0.0;  // naive: all of it is exposed
+      communication_.push_back(blocking);
+      exposed_.push_back(blocking);
+      buckets_ = way_ == "naive" ? parameters_.size() : 0;
+    }
+  }
+
+  // Collective.
+  Result result() {
+    if (dp_ && trace_) dp_->write_trace();
+    Result r;
+    r.model = w_.name;
+    r.way = label_.empty() ? way_ : label_;
+    r.ranks = comm_->size();
+    r.batch_per_rank = w_.x.size(0);
+    for (const auto& p : parameters_) r.parameters += p.numel();
+    r.step_s = max_over_ranks(*comm_, median(step_));
+    r.images_per_s = static_cast<double>(r.ranks * w_.x.size(0)) / r.step_s;
+    r.forward_s = max_over_ranks(*comm_, median(forward_));
+    r.backward_compute_s = max_over_ranks(*comm_, median(backward_));
+    r.communication_s = max_over_ranks(*comm_, median(communication_));
+    r.exposed_s = max_over_ranks(*comm_, median(exposed_));
+    r.buckets = buckets_;
+    return r;
+  }
+
+ private:
+  const Workload& w_;
+  std::string way_, label_;
+  lockstep::comm::CommunicatorPtr comm_;
+  std::shared_ptr<torch::nn::Module> model_;
+  std::unique_ptr<lockstep::ddp::DataParallel> dp_;
+  std::vector<at::Tensor> parameters_;
+  std::unique_ptr<torch::optim::SGD> opt_;
+  std::vector<double> step_, forward_, backward_, communication_, exposed_;
+  std::size_t buckets_ = 0;
+  bool trace_ = false;
+};
+
+std::string to_json(const std::vector<Result>& results) {
+  std::ostringstream os;
+  os << "[\n";
+  for (std::size_t k = 0; k < results.size(); ++k) {
+    const auto& r = results[k];
+    os << "  {\"model\": \"" << r.model << "\", \"way\": \"" << r.way << "\", \"ranks\": " << r.ranks
+       << ", \"batch_per_rank\": " << r.batch_per_rank << ", \"parameters\": " << r.parameters
+       << ", \"step_s\": " << r.step_s << ", \"images_per_s\": " << r.images_per_s << ", \"forward_s\": " << r.forward_s
+       << ", \"backward_compute_s\": " << r.backward_compute_s << ", \"communication_s\": " << r.communication_s
+       << ", \"exposed_communication_s\": " << r.exposed_s << ", \"buckets\": " << r.buckets << "}"
+       << (k + 1 < results.size() ? ",\n" : "\n");
+  }
+  os << "]\n";
+  return os.str();
+}
+
+void print_table(const std::vector<Result>& results) {
+  std::printf("%-20s %-14s %10s %10s %8s %11s %11s %9s %12s %9s\n", "model", "way", "step ms", "images/s", "buckets",
+              "comm ms", "exposed ms", "exposed%", "backward ms", "vs naive");
+  for (const auto& r : results) {
+    double naive = 0, none_backward = 0;
+    for (const auto& other : results) {
+      if (other.model != r.model) continue;
+      if (other.way == "naive") naive = other.step_s;
+      if (other.way == "none") none_backward = other.backward_compute_s;
+    }
+    char share[16] = "-";
+    if (r.communication_s > 0) std::snprintf(share, sizeof(share), "%.0f%%", 100.0 * r.exposed_s / r.communication_s);
+    std::printf("%-20s %-14s %10.2f %10.1f %8zu %11.2f %11.2f %9s %12.2f %8.2fx", r.model.c_str(), r.way.c_str(),
+                1e3 * r.step_s, r.images_per_s, r.buckets, 1e3 * r.communication_s, 1e3 * r.exposed_s, share,
+                1e3 * r.backward_compute_s, naive > 0 ? r.step_s / naive : 0.0);
+    if (r.way.rfind("lockstep", 0) == 0 && none_backward > 0) {
+      std::printf("   (backward %.2fx slower than without communication)", r.backward_compute_s / none_backward);
+    }
+    std::printf("\n");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  lockstep::Runtime runtime(argc, argv);  // also raises the malloc thresholds (PLATFORM.md speed traps)
+  const Options o = parse(argc, argv);
+  auto comm = runtime.communicator();
+  const int rank = runtime.rank();
+
+  std::vector<Workload> workloads;
+  torch::manual_seed(100 + rank);  // each rank its own synthetic batch
+  if (o.model == "all" || o.model == "resnet") {
+    lockstep::models::ResNet18Options ro;
+    ro.num_classes = 10;
+    ro.in_channels = 1;
+    ro.stem = lockstep::models::Stem::Small;
+    ro.width = o.resnet_width;
+    workloads.push_back(
+        {"resnet18-w" + std::to_string(o.resnet_width) + " 28x28",
+         [ro] { return std::static_pointer_cast<torch::nn::Module>(lockstep::models::ResNet18(ro).ptr()); },
+         [](torch::nn::Module& m, const torch::Tensor& x) {
+           return static_cast<lockstep::models::ResNet18Impl&>(m).forward(x);
+         },
+         torch::randn({o.resnet_batch, 1, 28, 28}), torch::randint(10, {o.resnet_batch}, torch::kLong)});
+  }
+  if (o.model == "all" || o.model == "mlp") {
+    const std::int64_t width = o.mlp_width;
+    workloads.push_back(
+        {"mlp 784-4x" + std::to_string(width) + "-10",
+         [width] { return std::make_shared<WideMlpImpl>(784, width, 4, 10); },
+         [](torch::nn::Module& m, const torch::Tensor& x) { return static_cast<WideMlpImpl&>(m).forward(x); },
+         torch::randn({o.mlp_batch, 1, 28, 28}), torch::randint(10, {o.mlp_batch}, torch::kLong)});
+  }
+
+  std::vector<Result> results;
+  for (const auto& w : workloads) {
+    std::vector<std::unique_ptr<Runner>> runners;
+    runners.push_back(std::make_unique<Runner>(w, "none", 0.0, comm, o));
+    runners.push_back(std::make_unique<Runner>(w, "naive", 0.0, comm, o));
+    for (double cap : o.bucket_caps_mb) runners.push_back(std::make_unique<Runner>(w, "lockstep", cap, comm, o));
+    for (int s = 0; s < o.warmup + o.steps; ++s) {
+      for (auto& runner : runners) runner->step(s >= o.warmup);
+    }
+    for (auto& runner : runners) results.push_back(runner->result());
+    if (rank == 0 && !o.json) std::fprintf(stderr, "done: %s\n", w.name.c_str());
+  }
+  if (rank == 0) {
+    if (!o.json) {
+      std::printf("%d ranks, %d intra-op thread(s) per rank, %d steps after %d warm-up, median of the slowest rank\n",
+                  runtime.size(), torch::get_num_threads(), o.steps, o.warmup);
+      print_table(results);
+    } else if (o.json_file.empty()) {
+      std::cout << to_json(results);
+    } else {
+      std::ofstream(o.json_file) << to_json(results);
+    }
+  }
+  return 0;
+}

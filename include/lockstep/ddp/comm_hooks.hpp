@@ -1,0 +1,58 @@
+#pragma once
+// Communication hooks: how DataParallel turns one bucket of this rank's gradients into the value
+// every rank's gradients should take. The default averages in the bucket's own dtype; the 16-bit
+// compression hooks halve the bytes on the wire. Users may supply their own (see CommHook).
+
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/comm/work.hpp"
+
+namespace lockstep::ddp {
+
+// One bucket, as a communication hook sees it.
+struct GradBucket {
+  std::size_t index = 0;  // launch position: bucket 0 is launched first (Note [Bucket order])
+  std::size_t count = 0;  // buckets in the current assignment
+  // Flat and contiguous, one dtype and device: this rank's gradients of the bucket's parameters,
+  // back to back. With gradient_as_bucket_view the parameters' .grad() are views into it.
+  at::Tensor buffer;
+  std::vector<std::string> parameter_names;
+  std::vector<std::int64_t> offsets;  // where each parameter's gradient starts in `buffer` (elements)
+  std::vector<std::int64_t> numels;
+  std::uint64_t iteration = 0;  // synchronised backward passes before this one
+
+  bool is_last() const { return index + 1 == count; }
+};
+
+// A communication hook reduces one bucket. DataParallel calls it on the thread that runs backward,
+// once per bucket per synchronised backward, in bucket order, which is the same on every rank.
+// A hook must:
+//   - issue the same collectives on every rank (same order, same sizes and dtypes);
+//   - return a Work whose successful wait() leaves in `bucket.buffer` the value each gradient should
+//     take (for data parallelism: the average over ranks). Post-processing such as casting back
+//     belongs in comm::then(work, fn); fn runs on the thread that waits, at the end of backward;
+//   - not touch `bucket.buffer` after that Work completes (DataParallel reuses it).
+// It may overwrite `bucket.buffer` before issuing: the local gradients are not needed afterwards.
+// State (error feedback, counters) lives in whatever the std::function captures.
+using CommHook = std::function<comm::WorkPtr(comm::Communicator& comm, const GradBucket& bucket)>;
+
+// The default: divides by the world size, then all-reduces with a sum (dividing first keeps
+// 16-bit gradients from overflowing in the sum).
+CommHook allreduce_hook();
+
+// Casts the bucket to float16 (after dividing by the world size), all-reduces the 16-bit copy and
+// casts the result back into the bucket. Half the traffic; each value is rounded to 11 significant
+// bits before and during the sum, and magnitudes below 6e-8 flush to zero.
+CommHook fp16_compress_hook();
+
+// As fp16_compress_hook with bfloat16: float32's range (no overflow, no flush), 8 significant bits.
+CommHook bf16_compress_hook();
+
+}  // namespace lockstep::ddp

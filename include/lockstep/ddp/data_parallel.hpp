@@ -1,0 +1,125 @@
+#pragma once
+// DataParallel: synchronous data parallelism for any torch::nn::Module.
+//
+//   lockstep::Runtime runtime(argc, argv);
+//   auto model = std::make_shared<MyNet>();                  // or a TORCH_MODULE holder
+//   lockstep::ddp::DataParallel dp(model, runtime.communicator());
+//   torch::optim::SGD opt(model->parameters(), 0.1);
+//   for (...) {                                              // each rank on its own shard
+//     opt.zero_grad();
+//     loss_fn(model->forward(x), y).backward();              // buckets all-reduce while backward runs
+//     opt.step();                                            // .grad() already holds the average
+//   }
+//
+// Construction is collective: it checks that every rank holds the same model, then copies rank
+// 0's parameters and buffers to the others. Every backward afterwards averages the gradients over
+// ranks (through the communication hook) unless a no_sync() guard is alive. Buffers (BatchNorm's
+// running statistics) follow rank 0: they are broadcast at the end of every synchronised backward,
+// which for a training loop is the same as before the next forward, with no call to remember.
+// See docs/ddp.md.
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <memory>
+#include <string>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/ddp/comm_hooks.hpp"
+#include "lockstep/ddp/reducer.hpp"
+#include "lockstep/ddp/timeline.hpp"
+
+namespace lockstep::ddp {
+
+struct DataParallelOptions {
+  // Bucket size, MiB: the all-reduce unit. Larger buckets use the network better; smaller ones start
+  // communicating earlier and hide more of it behind backward.
+  double bucket_cap_mb = 25.0;
+  // The first bucket (the last layers, whose gradients come first) is small so communication starts
+  // early.
+  double first_bucket_cap_mb = 1.0;
+  // .grad() tensors are views into the flat bucket buffers: no copy in, no copy out, no extra memory.
+  bool gradient_as_bucket_view = true;
+  // Parameters that got no gradient in a backward count as ready with a zero gradient (a parameter
+  // no rank used keeps its .grad() unchanged). Off: such a parameter is an error, raised on every rank.
+  bool find_unused_parameters = false;
+  // Broadcast buffers from rank 0 at the end of every synchronised backward.
+  bool broadcast_buffers = true;
+  // How a bucket is reduced; empty: allreduce_hook() (average). See comm_hooks.hpp.
+  CommHook comm_hook;
+};
+
+class DataParallel;
+
+// While alive, backward passes only accumulate gradients locally; the next synchronised backward
+// reduces the accumulated sum (averaged over ranks). The backward must run while the guard lives.
+class [[nodiscard]] NoSyncGuard {
+ public:
+  NoSyncGuard(NoSyncGuard&& other) noexcept;
+  NoSyncGuard& operator=(NoSyncGuard&&) = delete;
+  NoSyncGuard(const NoSyncGuard&) = delete;
+  NoSyncGuard& operator=(const NoSyncGuard&) = delete;
+  ~NoSyncGuard();
+
+ private:
+  friend class DataParallel;
+  NoSyncGuard(Reducer* reducer, bool previous);
+  Reducer* reducer_;
+  bool previous_;
+};
+
+class DataParallel {
+ public:
+  // Collective: every rank must construct it with its own copy of the same model.
+  DataParallel(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm, DataParallelOptions options = {});
+  // For TORCH_MODULE holders: DataParallel dp(model, comm).
+  template <typename Impl>
+  DataParallel(const torch::nn::ModuleHolder<Impl>& module, comm::CommunicatorPtr comm,
+               DataParallelOptions options = {})
+      : DataParallel(std::static_pointer_cast<torch::nn::Module>(module.ptr()), std::move(comm), std::move(options)) {}
+  // Writes this rank's trace (enable_trace) if write_trace() has not written it since.
+  ~DataParallel();
+  DataParallel(const DataParallel&) = delete;
+  DataParallel& operator=(const DataParallel&) = delete;
+
+  torch::nn::Module& module() { return *module_; }
+  const std::shared_ptr<torch::nn::Module>& module_ptr() const { return module_; }
+  comm::Communicator& communicator() { return *comm_; }
+  const DataParallelOptions& options() const { return options_; }
+
+  // auto guard = dp.no_sync(); loss.backward();  // accumulates locally
+  NoSyncGuard no_sync();
+
+  // Optional timing marks: call before the forward pass and just before loss.backward() to split
+  // StepTimings::forward_s from backward_s exactly (without the second, backward starts at the
+  // first gradient hook). Cheap; no communication.
+  void before_forward();
+  void before_backward();
+
+  // Collective: copies rank 0's buffers to every rank now (e.g. before evaluating after steps that
+  // were all under no_sync).
+  void sync_buffers();
+
+  // Timings of the last backward pass (see StepTimings).
+  const StepTimings& last_step() const { return reducer_->last_timings(); }
+
+  // Records a Chrome trace of every backward from now on. write_trace() (collective) writes all
+  // ranks' events into one file at `path`, pid = rank; at destruction, events not yet written go
+  // to one file per rank, `path` with ".rank<r>" before its extension.
+  void enable_trace(std::string path);
+  void write_trace();
+
+  const Reducer& reducer() const { return *reducer_; }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+  comm::CommunicatorPtr comm_;
+  DataParallelOptions options_;
+  std::vector<at::Tensor> buffers_;
+  std::unique_ptr<Reducer> reducer_;
+  std::shared_ptr<Timeline> timeline_;
+  std::string trace_path_;
+  std::size_t written_events_ = 0;
+};
+
+}  // namespace lockstep::ddp

@@ -1,0 +1,46 @@
+#pragma once
+// Making every rank hold the same model: a cross-rank check that the models agree in structure,
+// and a coalesced broadcast of their values from one rank.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/comm/work.hpp"
+
+namespace lockstep::ddp {
+
+// A named tensor of a model, with what kind it is ("parameter", "buffer").
+struct ModelEntry {
+  std::string kind;
+  std::string name;
+  at::Tensor tensor;
+};
+
+// "parameter fc1.weight: float32 [64, 32] on cpu, requires grad": what must agree across ranks.
+std::string describe(const ModelEntry& entry);
+
+// Collective. Checks that every rank holds the same entries (count, order, names, shapes, dtypes,
+// devices, requires_grad). Costs one all-gather of a 64-bit fingerprint when they agree. When
+// they do not, every rank raises the same lockstep::Error naming the first entry that differs and
+// which ranks hold which version of it, so no rank is left waiting for the others.
+void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& entries);
+
+// Broadcasts `tensors` from `root`, grouped by dtype and device into flat buffers of about
+// `cap_bytes` each (a handful of collectives instead of one per tensor). Returns one Work per
+// group; after wait() the tensors hold root's values. The tensors must stay alive until then.
+std::vector<comm::WorkPtr> broadcast_coalesced(comm::Communicator& comm, const std::vector<at::Tensor>& tensors,
+                                               int root = 0, std::int64_t cap_bytes = std::int64_t{32} << 20);
+
+namespace detail {
+// Collective: every rank's string, indexed by rank.
+std::vector<std::string> allgather_strings(comm::Communicator& comm, const std::string& text);
+// 64-bit FNV-1a: stable across builds and processes, unlike std::hash.
+std::uint64_t fingerprint(const std::string& text, std::uint64_t seed = 0xcbf29ce484222325ull);
+}  // namespace detail
+
+}  // namespace lockstep::ddp

@@ -1,0 +1,152 @@
+#pragma once
+// Reducer: owns the gradient buckets. It hooks every parameter's gradient accumulator, launches a
+// bucket's all-reduce (through the communication hook) as soon as the bucket and every bucket
+// before it are ready, so communication overlaps the rest of backward, and at the end of backward
+// waits for all of them and leaves the reduced gradients in .grad(). It knows nothing of training
+// loops; DataParallel builds it and most users never touch it directly.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/comm/work.hpp"
+#include "lockstep/ddp/bucket_assignment.hpp"
+#include "lockstep/ddp/comm_hooks.hpp"
+#include "lockstep/ddp/timeline.hpp"
+
+namespace torch::autograd {
+struct Node;
+}
+
+namespace lockstep::ddp {
+
+struct ReducerOptions {
+  std::int64_t first_bucket_cap_bytes = std::int64_t{1} << 20;
+  std::int64_t bucket_cap_bytes = std::int64_t{25} << 20;
+  bool gradient_as_bucket_view = true;
+  bool find_unused_parameters = false;
+  bool rebuild_buckets = true;  // once, after the first synchronised backward (Note [Bucket order])
+  CommHook comm_hook;           // empty: allreduce_hook()
+};
+
+// What one backward pass cost. Seconds; steady_clock.
+struct StepTimings {
+  std::uint64_t backward_index = 0;  // counts every backward the reducer saw, synchronised or not
+  bool synchronized = false;         // false under no_sync(): nothing was communicated
+  // From mark_forward_start() to the start of backward (mark_backward_start(), or else the first
+  // gradient hook, which comes after the output layer's backward). 0 when forward was not marked.
+  double forward_s = 0;
+  // From the start of backward to the end of the autograd pass (before the final wait).
+  double backward_s = 0;
+  // Sum over buckets of the time the communicator spent on each all-reduce (start to end).
+  double communication_s = 0;
+  // From the end of the autograd pass until every bucket was reduced and written back: the part
+  // of the communication that backward did not hide.
+  double exposed_communication_s = 0;
+  std::size_t bucket_count = 0;
+  std::int64_t bucket_bytes = 0;  // bytes of gradient the buckets hold (before any compression)
+};
+
+class Reducer {
+ public:
+  // `parameters` must be leaves that require grad, with distinct storage; `names` label them in
+  // error messages. The bucket assignment is computed here from the parameters alone, so ranks
+  // holding the same model agree on it.
+  Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> names, comm::CommunicatorPtr comm,
+          ReducerOptions options);
+  ~Reducer();
+  Reducer(const Reducer&) = delete;
+  Reducer& operator=(const Reducer&) = delete;
+
+  // Whether the next backward all-reduces (true) or only accumulates locally (no_sync).
+  // Read when the first gradient of a backward arrives.
+  void set_sync(bool sync);
+  bool sync() const;
+
+  // Tensors that follow rank 0 at every synchronisation (DataParallel passes the module's buffers).
+  // Their broadcast is issued after the last bucket and waited for with the buckets.
+  void set_broadcast_tensors(std::vector<at::Tensor> tensors);
+
+  // Optional timing marks; see StepTimings.
+  void mark_forward_start();
+  void mark_backward_start();
+
+  // Records this rank's events from now on (nullptr: stop).
+  void set_timeline(std::shared_ptr<Timeline> timeline);
+
+  const StepTimings& last_timings() const { return last_timings_; }
+
+  // Diagnostics, for tests and the curious.
+  std::size_t parameter_count() const { return params_.size(); }
+  const std::vector<std::string>& parameter_names() const { return names_; }
+  BucketAssignment bucket_assignment() const;
+  // Of the last synchronised backward: parameter indices in the order their gradients became ready
+  // on this rank; bucket indices in the order they became ready; bucket indices in launch order.
+  const std::vector<std::size_t>& last_ready_order() const { return ready_order_; }
+  const std::vector<std::size_t>& last_bucket_ready_order() const { return bucket_ready_order_; }
+  const std::vector<std::size_t>& last_launch_order() const { return launch_order_; }
+  bool buckets_rebuilt() const { return rebuilt_; }
+
+ private:
+  struct Bucket {
+    GradBucket grad;                  // what the comm hook sees; grad.buffer is the flat buffer
+    std::vector<std::size_t> params;  // parameter indices, in buffer order
+    std::vector<at::Tensor> views;    // per parameter: its slice of the buffer, shaped like it
+    std::size_t pending = 0;          // parameters not yet ready in this backward
+    comm::WorkPtr work;
+  };
+  struct Slot {
+    std::size_t bucket = 0;
+    std::size_t position = 0;  // within the bucket
+  };
+
+  void build_buckets(const BucketAssignment& assignment);
+  void on_gradient_ready(std::size_t index);
+  void begin_backward();
+  void finish_backward();
+  void mark_ready(std::size_t index);
+  void launch_ready_buckets();
+  void contribute_unready(std::size_t index);
+  void adopt_gradient(std::size_t index);
+  void write_back(const std::vector<std::int32_t>& used_counts);
+  void rebuild_by_ready_order();
+  void reset_iteration();
+  [[noreturn]] void fail_unready(const std::vector<std::int32_t>& ready_counts,
+                                 const std::vector<std::int32_t>& used_counts);
+  const at::Tensor& view_of(std::size_t index) const;
+
+  std::vector<at::Tensor> params_;
+  std::vector<std::string> names_;
+  comm::CommunicatorPtr comm_;
+  ReducerOptions options_;
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;  // keeps the hooks alive
+  std::vector<std::uintptr_t> hook_keys_;
+
+  std::vector<Bucket> buckets_;
+  std::vector<Slot> slots_;
+  std::vector<at::Tensor> broadcast_tensors_;
+  std::shared_ptr<Timeline> timeline_;
+
+  mutable std::mutex mutex_;  // hooks of a multi-device model may run on several autograd threads
+  bool sync_ = true;
+  // Per backward pass.
+  bool in_backward_ = false;
+  bool syncing_ = false;
+  std::vector<char> ready_;            // got its gradient from autograd in this backward
+  std::vector<char> used_since_sync_;  // got one in any backward since the last synchronisation
+  std::vector<std::size_t> ready_order_, bucket_ready_order_, launch_order_;
+  std::size_t next_launch_ = 0;
+  comm::Clock::time_point forward_start_{}, backward_start_{};
+  std::uint64_t backward_count_ = 0;
+  std::uint64_t sync_count_ = 0;
+  bool rebuilt_ = false;
+  StepTimings last_timings_;
+};
+
+}  // namespace lockstep::ddp

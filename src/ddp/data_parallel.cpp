@@ -1,0 +1,114 @@
+#include "lockstep/ddp/data_parallel.hpp"
+
+#include <cstdio>
+#include <unordered_set>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/ddp/bucket_assignment.hpp"
+#include "lockstep/ddp/model_sync.hpp"
+
+namespace lockstep::ddp {
+
+namespace {
+
+// "trace.json" -> "trace.rank1.json"
+std::string per_rank_path(const std::string& path, int rank) {
+  const std::string tag = ".rank" + std::to_string(rank);
+  const std::size_t slash = path.find_last_of('/');
+  const std::size_t dot = path.find_last_of('.');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return path + tag;
+  return path.substr(0, dot) + tag + path.substr(dot);
+}
+
+}  // namespace
+
+NoSyncGuard::NoSyncGuard(Reducer* reducer, bool previous) : reducer_(reducer), previous_(previous) {}
+
+NoSyncGuard::NoSyncGuard(NoSyncGuard&& other) noexcept : reducer_(other.reducer_), previous_(other.previous_) {
+  other.reducer_ = nullptr;
+}
+
+NoSyncGuard::~NoSyncGuard() {
+  if (reducer_ != nullptr) reducer_->set_sync(previous_);
+}
+
+DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::CommunicatorPtr comm,
+                           DataParallelOptions options)
+    : module_(std::move(module)), comm_(std::move(comm)), options_(std::move(options)) {
+  LOCKSTEP_CHECK(module_ != nullptr, "DataParallel needs a module");
+  LOCKSTEP_CHECK(comm_ != nullptr, "DataParallel needs a communicator");
+  ReducerOptions reducer_options;
+  reducer_options.first_bucket_cap_bytes = cap_bytes_from_mb(options_.first_bucket_cap_mb, "first_bucket_cap_mb");
+  reducer_options.bucket_cap_bytes = cap_bytes_from_mb(options_.bucket_cap_mb, "bucket_cap_mb");
+  reducer_options.gradient_as_bucket_view = options_.gradient_as_bucket_view;
+  reducer_options.find_unused_parameters = options_.find_unused_parameters;
+  reducer_options.comm_hook = options_.comm_hook;
+
+  std::vector<ModelEntry> entries;
+  std::vector<at::Tensor> parameters;
+  std::vector<std::string> names;
+  // A tensor registered under two names (tied weights) is one parameter: reduce it once.
+  std::unordered_set<const void*> seen;
+  for (const auto& item : module_->named_parameters(/*recurse=*/true)) {
+    const at::Tensor& p = item.value();
+    if (!p.defined() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
+    entries.push_back({"parameter", item.key(), p});
+    if (p.requires_grad()) {
+      parameters.push_back(p);
+      names.push_back(item.key());
+    }
+  }
+  for (const auto& item : module_->named_buffers(/*recurse=*/true)) {
+    entries.push_back({"buffer", item.key(), item.value()});
+    if (item.value().defined()) buffers_.push_back(item.value());
+  }
+
+  check_same_model(*comm_, entries);
+  std::vector<at::Tensor> values;
+  for (const auto& entry : entries) values.push_back(entry.tensor);
+  for (auto& work : broadcast_coalesced(*comm_, values, 0)) work->wait();
+
+  reducer_ = std::make_unique<Reducer>(std::move(parameters), std::move(names), comm_, std::move(reducer_options));
+  if (options_.broadcast_buffers && !buffers_.empty()) reducer_->set_broadcast_tensors(buffers_);
+}
+
+DataParallel::~DataParallel() {
+  if (timeline_ && timeline_->size() > written_events_) {
+    try {
+      timeline_->write(per_rank_path(trace_path_, comm_->rank()));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "lockstep: rank %d: could not write the DataParallel trace: %s\n", comm_->rank(), e.what());
+    }
+  }
+}
+
+NoSyncGuard DataParallel::no_sync() {
+  const bool previous = reducer_->sync();
+  reducer_->set_sync(false);
+  return NoSyncGuard(reducer_.get(), previous);
+}
+
+void DataParallel::before_forward() { reducer_->mark_forward_start(); }
+void DataParallel::before_backward() { reducer_->mark_backward_start(); }
+
+void DataParallel::sync_buffers() {
+  for (auto& work : broadcast_coalesced(*comm_, buffers_, 0)) work->wait();
+}
+
+void DataParallel::enable_trace(std::string path) {
+  LOCKSTEP_CHECK(!path.empty(), "DataParallel::enable_trace needs a file path");
+  trace_path_ = std::move(path);
+  if (!timeline_) {
+    timeline_ = std::make_shared<Timeline>(comm_->rank());
+    reducer_->set_timeline(timeline_);
+  }
+}
+
+void DataParallel::write_trace() {
+  LOCKSTEP_CHECK(timeline_ != nullptr, "DataParallel::write_trace: call enable_trace(path) first (rank ", comm_->rank(),
+                 ")");
+  timeline_->write_merged(*comm_, trace_path_);
+  written_events_ = timeline_->size();
+}
+
+}  // namespace lockstep::ddp

@@ -1,0 +1,197 @@
+#include "lockstep/ddp/model_sync.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::ddp {
+
+namespace detail {
+
+std::uint64_t fingerprint(const std::string& text, std::uint64_t seed) {
+  std::uint64_t hash = seed;
+  for (unsigned char c : text) {
+    hash ^= c;
+    hash *= 0x100000001b3ull;
+  }
+  return hash;
+}
+
+std::vector<std::string> allgather_strings(comm::Communicator& comm, const std::string& text) {
+  const int size = comm.size();
+  at::Tensor length = at::full({1}, static_cast<std::int64_t>(text.size()), at::kLong);
+  at::Tensor lengths = at::empty({size}, at::kLong);
+  comm.allgather(length, lengths)->wait();
+  const auto* all_lengths = lengths.data_ptr<std::int64_t>();
+  const std::int64_t longest = std::max<std::int64_t>(1, *std::max_element(all_lengths, all_lengths + size));
+  at::Tensor mine = at::zeros({longest}, at::kByte);
+  std::copy(text.begin(), text.end(), mine.data_ptr<std::uint8_t>());
+  at::Tensor all = at::empty({size * longest}, at::kByte);
+  comm.allgather(mine, all)->wait();
+  std::vector<std::string> result(size);
+  const auto* bytes = all.data_ptr<std::uint8_t>();
+  for (int r = 0; r < size; ++r) {
+    const char* start = reinterpret_cast<const char*>(bytes + r * longest);
+    result[r].assign(start, start + all_lengths[r]);
+  }
+  return result;
+}
+
+}  // namespace detail
+
+namespace {
+
+// Sentinel for "this rank has no entry at this position" (a collision with a real fingerprint
+// only costs a less precise message, never a missed difference: the whole-model fingerprints differ).
+constexpr std::int64_t kMissing = std::numeric_limits<std::int64_t>::min();
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::ostringstream os;
+  os << (ranks.size() == 1 ? "rank " : "ranks ");
+  for (std::size_t k = 0; k < ranks.size(); ++k) os << (k ? ", " : "") << ranks[k];
+  return os.str();
+}
+
+std::string join_model(const std::vector<ModelEntry>& entries) {
+  std::string all;
+  for (const auto& entry : entries) all += describe(entry) + "\n";
+  return all;
+}
+
+}  // namespace
+
+std::string describe(const ModelEntry& entry) {
+  std::ostringstream os;
+  os << entry.kind << " " << entry.name << ": ";
+  if (!entry.tensor.defined()) {
+    os << "undefined";
+  } else {
+    os << entry.tensor.scalar_type() << " " << entry.tensor.sizes() << " on " << entry.tensor.device();
+    if (entry.tensor.requires_grad()) os << ", requires grad";
+  }
+  return os.str();
+}
+
+void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& entries) {
+  const int size = comm.size();
+  const int rank = comm.rank();
+  if (size == 1) return;
+
+  // Step 1: one fingerprint per rank. The common case ends here.
+  at::Tensor mine = at::full({1}, static_cast<std::int64_t>(detail::fingerprint(join_model(entries))), at::kLong);
+  at::Tensor all = at::empty({size}, at::kLong);
+  comm.allgather(mine, all)->wait();
+  const auto* model_prints = all.data_ptr<std::int64_t>();
+  if (std::all_of(model_prints, model_prints + size, [&](std::int64_t v) { return v == model_prints[0]; })) return;
+
+  // Step 2: per-entry fingerprints, to find the first entry that differs. Every rank computes the
+  // same index from the same gathered data, so all take the same path from here on.
+  at::Tensor count = at::full({1}, static_cast<std::int64_t>(entries.size()), at::kLong);
+  at::Tensor all_counts = at::empty({size}, at::kLong);
+  comm.allgather(count, all_counts)->wait();
+  const std::vector<std::int64_t> counts(all_counts.data_ptr<std::int64_t>(),
+                                         all_counts.data_ptr<std::int64_t>() + size);
+  const std::int64_t longest = std::max<std::int64_t>(1, *std::max_element(counts.begin(), counts.end()));
+  at::Tensor entry_prints = at::full({longest}, kMissing, at::kLong);
+  auto* entry_data = entry_prints.data_ptr<std::int64_t>();
+  for (std::size_t k = 0; k < entries.size(); ++k) {
+    entry_data[k] = static_cast<std::int64_t>(detail::fingerprint(describe(entries[k])));
+  }
+  at::Tensor gathered = at::empty({size * longest}, at::kLong);
+  comm.allgather(entry_prints, gathered)->wait();
+  const auto* prints = gathered.data_ptr<std::int64_t>();
+  std::int64_t first = -1;
+  for (std::int64_t k = 0; k < longest && first < 0; ++k) {
+    for (int r = 1; r < size; ++r) {
+      if (prints[r * longest + k] != prints[k]) {
+        first = k;
+        break;
+      }
+    }
+  }
+
+  std::ostringstream message;
+  message << "DataParallel needs the same model on every rank, but the ranks' models differ";
+  if (std::any_of(counts.begin(), counts.end(), [&](std::int64_t c) { return c != counts[0]; })) {
+    message << " in size (parameters and buffers:";
+    for (int r = 0; r < size; ++r) message << (r ? "," : "") << " rank " << r << " has " << counts[r];
+    message << ")";
+  }
+  if (first >= 0) {
+    // Step 3: the differing entry's description from every rank, grouped by version.
+    const std::string here = first < static_cast<std::int64_t>(entries.size())
+                                 ? describe(entries[static_cast<std::size_t>(first)])
+                                 : "nothing (only " + std::to_string(entries.size()) + " entries)";
+    const std::vector<std::string> versions = detail::allgather_strings(comm, here);
+    std::map<std::string, std::vector<int>> holders;
+    std::vector<std::string> order;
+    for (int r = 0; r < size; ++r) {
+      if (holders[versions[r]].empty()) order.push_back(versions[r]);
+      holders[versions[r]].push_back(r);
+    }
+    message << ". The first difference is entry #" << first << " (counting parameters, then buffers, in "
+            << "registration order):";
+    for (const auto& version : order) message << "\n  " << rank_list(holders[version]) << ": " << version;
+  } else {
+    message << " (their fingerprints differ, but no single entry does: a fingerprint collision)";
+  }
+  message << "\nThis is rank " << rank << ". Build the same model on every rank; DataParallel then copies "
+          << "rank 0's values to the others.";
+  LOCKSTEP_FAIL(message.str());
+}
+
+std::vector<comm::WorkPtr> broadcast_coalesced(comm::Communicator& comm, const std::vector<at::Tensor>& tensors,
+                                               int root, std::int64_t cap_bytes) {
+  std::vector<comm::WorkPtr> works;
+  if (comm.size() == 1) return works;
+  torch::autograd::AutoGradMode no_grad(false);
+  // Group by dtype and device in first-seen order; the grouping depends only on the tensors'
+  // metadata, which check_same_model has made identical on every rank.
+  std::vector<std::vector<at::Tensor>> groups;
+  std::map<std::string, std::size_t> open;
+  std::map<std::size_t, std::int64_t> open_bytes;
+  for (const auto& tensor : tensors) {
+    if (!tensor.defined() || tensor.numel() == 0) continue;
+    const std::string key = std::string(c10::toString(tensor.scalar_type())) + "@" + tensor.device().str();
+    auto it = open.find(key);
+    if (it == open.end()) {
+      it = open.emplace(key, groups.size()).first;
+      groups.emplace_back();
+    }
+    groups[it->second].push_back(tensor.detach());
+    open_bytes[it->second] += static_cast<std::int64_t>(tensor.nbytes());
+    if (open_bytes[it->second] >= cap_bytes) open.erase(it);
+  }
+  const bool is_root = comm.rank() == root;
+  for (auto& group : groups) {
+    std::vector<at::Tensor> flat_parts;
+    flat_parts.reserve(group.size());
+    // MPI has no bool; bools travel as bytes.
+    for (const auto& t : group)
+      flat_parts.push_back(t.scalar_type() == at::kBool ? t.reshape({-1}).to(at::kByte) : t.reshape({-1}));
+    at::Tensor flat = at::cat(flat_parts);
+    comm::WorkPtr work = comm.broadcast(flat, comm::BroadcastOptions{root});
+    if (is_root) {
+      // Root's tensors already hold the values; keep `flat` alive until the broadcast is done.
+      works.push_back(comm::then(std::move(work), [flat] {}));
+      continue;
+    }
+    works.push_back(comm::then(std::move(work), [flat, group = std::move(group)] {
+      torch::autograd::AutoGradMode no_grad_here(false);
+      std::int64_t offset = 0;
+      for (const auto& t : group) {
+        t.copy_(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+        offset += t.numel();
+      }
+    }));
+  }
+  return works;
+}
+
+}  // namespace lockstep::ddp

@@ -1,0 +1,440 @@
+#include "lockstep/ddp/reducer.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <algorithm>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/ddp/model_sync.hpp"
+
+namespace lockstep::ddp {
+
+// Note [Bucket order]
+// ~~~~~~~~~~~~~~~~~~~
+// Collectives are matched by issue order: the k-th collective one rank issues meets the k-th of
+// every other rank. Gradients, though, become ready in whatever order this rank's autograd engine
+// runs the graph, and that order can differ between ranks (rank-dependent control flow, branches
+// built in a different order, devices with their own autograd threads). So:
+//   1. Buckets are numbered once, identically on every rank: assign_buckets() on models that
+//      check_same_model() found identical, and after the rebuild from rank 0's observed order,
+//      broadcast to all.
+//   2. Bucket k is launched only after buckets 0..k-1 were: one that becomes ready early waits
+//      in launch_ready_buckets() until those before it are launched.
+//   3. At the end of a synchronised backward, every parameter whose gradient never came is
+//      completed from what its .grad() holds (zero when undefined), so every bucket is launched,
+//      in order, on every rank; then one small all-reduce of per-parameter flags, then the
+//      buffer broadcast. Every rank thus issues the same collectives in the same order in every
+//      synchronised backward, including one that ends in an error, and no rank is left waiting.
+
+// Note [Gradient views]
+// ~~~~~~~~~~~~~~~~~~~~~
+// With gradient_as_bucket_view each parameter's .grad() aliases its slice of the bucket buffer,
+// so AccumulateGrad sums straight into the buffer (no copy in) and the all-reduce result is the
+// gradient (no copy out). Two things break the alias and are repaired in the gradient hook by one
+// copy into the slice: the first backward (the gradient is undefined and AccumulateGrad installs a
+// fresh tensor) and a gradient reset to undefined (zero_grad with set_to_none, LibTorch 2.x's
+// default); create_graph also makes AccumulateGrad replace the tensor instead of adding in place.
+// The alias is made with set_() rather than narrow().view(): LibTorch 1.13's Optimizer::zero_grad
+// calls detach_() on every gradient, which autograd refuses for views ("Can't detach views
+// in-place").
+
+namespace {
+
+at::Tensor alias(const at::Tensor& buffer, std::int64_t offset, at::IntArrayRef shape) {
+  std::vector<std::int64_t> strides(shape.size(), 1);
+  for (std::size_t d = shape.size(); d-- > 1;) strides[d - 1] = strides[d] * std::max<std::int64_t>(shape[d], 1);
+  return at::empty({0}, buffer.options()).set_(buffer.storage(), buffer.storage_offset() + offset, shape, strides);
+}
+
+bool same_alias(const at::Tensor& a, const at::Tensor& b) {
+  return a.defined() && b.defined() && a.is_alias_of(b) && a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides();
+}
+
+double seconds(comm::Clock::time_point from, comm::Clock::time_point to) {
+  return std::chrono::duration<double>(to - from).count();
+}
+
+}  // namespace
+
+Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> names, comm::CommunicatorPtr comm,
+                 ReducerOptions options)
+    : params_(std::move(parameters)), names_(std::move(names)), comm_(std::move(comm)), options_(std::move(options)) {
+  LOCKSTEP_CHECK(comm_ != nullptr, "Reducer needs a communicator");
+  LOCKSTEP_CHECK(params_.size() == names_.size(), "Reducer: ", params_.size(), " parameters but ", names_.size(),
+                 " names");
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i];
+    LOCKSTEP_CHECK(p.defined() && p.requires_grad() && p.is_leaf(), "Reducer: parameter '", names_[i],
+                   "' must be a defined leaf tensor that requires grad");
+    LOCKSTEP_CHECK(p.layout() == at::kStrided, "Reducer: parameter '", names_[i], "' has layout ", p.layout(),
+                   "; only dense (strided) parameters can be bucketed");
+  }
+  if (!options_.comm_hook) options_.comm_hook = allreduce_hook();
+  ready_.assign(params_.size(), 0);
+  used_since_sync_.assign(params_.size(), 0);
+  build_buckets(assign_buckets(params_, reverse_order(params_.size()), options_.first_bucket_cap_bytes,
+                               options_.bucket_cap_bytes));
+
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    // The tensor holds its accumulator only weakly: keep it, or the hook dies with it.
+    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
+    LOCKSTEP_CHECK(accumulator != nullptr, "Reducer: parameter '", names_[i], "' has no gradient accumulator");
+    hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+        [this, i](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
+          on_gradient_ready(i);
+          return outputs;
+        })));
+    accumulators_.push_back(std::move(accumulator));
+  }
+}
+
+Reducer::~Reducer() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (std::size_t i = 0; i < accumulators_.size(); ++i) accumulators_[i]->del_post_hook(hook_keys_[i]);
+}
+
+void Reducer::build_buckets(const BucketAssignment& assignment) {
+  torch::autograd::AutoGradMode no_grad(false);
+  std::vector<Bucket> buckets(assignment.size());
+  slots_.assign(params_.size(), Slot{});
+  for (std::size_t b = 0; b < assignment.size(); ++b) {
+    Bucket& bucket = buckets[b];
+    bucket.params = assignment[b];
+    std::int64_t total = 0;
+    for (std::size_t i : bucket.params) total += params_[i].numel();
+    const at::Tensor& first = params_[bucket.params.front()];
+    bucket.grad.buffer = at::zeros({total}, at::TensorOptions().dtype(first.scalar_type()).device(first.device()));
+    bucket.grad.index = b;
+    bucket.grad.count = assignment.size();
+    std::int64_t offset = 0;
+    for (std::size_t k = 0; k < bucket.params.size(); ++k) {
+      const std::size_t i = bucket.params[k];
+      bucket.views.push_back(alias(bucket.grad.buffer, offset, params_[i].sizes()));
+      bucket.grad.parameter_names.push_back(names_[i]);
+      bucket.grad.offsets.push_back(offset);
+      bucket.grad.numels.push_back(params_[i].numel());
+      slots_[i] = Slot{b, k};
+      offset += params_[i].numel();
+    }
+  }
+  buckets_ = std::move(buckets);
+}
+
+const at::Tensor& Reducer::view_of(std::size_t index) const {
+  const Slot& slot = slots_[index];
+  return buckets_[slot.bucket].views[slot.position];
+}
+
+void Reducer::set_sync(bool sync) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  sync_ = sync;
+}
+
+bool Reducer::sync() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return sync_;
+}
+
+void Reducer::set_broadcast_tensors(std::vector<at::Tensor> tensors) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  broadcast_tensors_ = std::move(tensors);
+}
+
+void Reducer::mark_forward_start() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  forward_start_ = comm::Clock::now();
+}
+
+void Reducer::mark_backward_start() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  backward_start_ = comm::Clock::now();
+}
+
+void Reducer::set_timeline(std::shared_ptr<Timeline> timeline) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  timeline_ = std::move(timeline);
+}
+
+BucketAssignment Reducer::bucket_assignment() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  BucketAssignment assignment;
+  for (const auto& bucket : buckets_) assignment.push_back(bucket.params);
+  return assignment;
+}
+
+// ---- during backward ----
+
+void Reducer::on_gradient_ready(std::size_t index) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  torch::autograd::AutoGradMode no_grad(false);
+  if (!in_backward_) begin_backward();
+  const at::Tensor& grad = params_[index].grad();
+  LOCKSTEP_CHECK(!grad.defined() || grad.layout() == at::kStrided, "DataParallel: parameter '", names_[index],
+                 "' received a ", grad.layout(), " gradient; only dense gradients can be bucketed (rank ",
+                 comm_->rank(), ")");
+  const at::Tensor& view = view_of(index);
+  LOCKSTEP_CHECK(params_[index].scalar_type() == view.scalar_type() && params_[index].device() == view.device(),
+                 "DataParallel: parameter '", names_[index], "' is now ", params_[index].scalar_type(), " on ",
+                 params_[index].device(), " but was ", view.scalar_type(), " on ", view.device(),
+                 " when DataParallel was built; move the model (to(), half()) before constructing DataParallel");
+  used_since_sync_[index] = 1;
+  if (options_.gradient_as_bucket_view && grad.defined()) adopt_gradient(index);
+  if (!syncing_) return;
+  LOCKSTEP_CHECK(!ready_[index], "DataParallel: parameter '", names_[index], "' received a gradient twice before ",
+                 "its reduction finished (rank ", comm_->rank(), "). Either an earlier backward failed partway ",
+                 "through, so its reduction never ran and the ranks are out of step, or backward ran twice in one ",
+                 "step: wrap all but the last backward of a step in no_sync().");
+  ready_[index] = 1;
+  ready_order_.push_back(index);
+  if (!grad.defined()) {
+    view.zero_();
+  } else if (!options_.gradient_as_bucket_view) {
+    view.copy_(grad);
+  }
+  mark_ready(index);
+}
+
+void Reducer::begin_backward() {
+  in_backward_ = true;
+  syncing_ = sync_;
+  ++backward_count_;
+  if (backward_start_ == comm::Clock::time_point{}) backward_start_ = comm::Clock::now();
+  if (syncing_) {
+    std::fill(ready_.begin(), ready_.end(), 0);
+    ready_order_.clear();
+    bucket_ready_order_.clear();
+    launch_order_.clear();
+    next_launch_ = 0;
+    for (auto& bucket : buckets_) {
+      bucket.pending = bucket.params.size();
+      bucket.work.reset();
+      bucket.grad.iteration = sync_count_;
+    }
+  }
+  // Runs when this autograd pass ends, after every gradient hook (called here, from inside a
+  // hook, so that it attaches to the running pass).
+  torch::autograd::Engine::get_default_engine().queue_callback([this] { finish_backward(); });
+}
+
+void Reducer::adopt_gradient(std::size_t index) {
+  // Note [Gradient views]
+  at::Tensor& grad = params_[index].mutable_grad();
+  const at::Tensor& view = view_of(index);
+  if (same_alias(grad, view)) return;
+  view.copy_(grad);
+  grad = view;
+}
+
+void Reducer::mark_ready(std::size_t index) {
+  const std::size_t b = slots_[index].bucket;
+  if (--buckets_[b].pending == 0) {
+    bucket_ready_order_.push_back(b);
+    launch_ready_buckets();
+  }
+}
+
+void Reducer::launch_ready_buckets() {
+  // Note [Bucket order]: strictly in index order, whatever order the buckets became ready in.
+  while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
+    Bucket& bucket = buckets_[next_launch_];
+    bucket.work = options_.comm_hook(*comm_, bucket.grad);
+    LOCKSTEP_CHECK(bucket.work != nullptr, "DataParallel: the communication hook returned no Work for bucket ",
+                   next_launch_, " (rank ", comm_->rank(), ")");
+    launch_order_.push_back(next_launch_);
+    ++next_launch_;
+  }
+}
+
+void Reducer::contribute_unready(std::size_t index) {
+  // Note [Bucket order], point 3: a gradient that never came still fills its slot.
+  const at::Tensor& grad = params_[index].grad();
+  const at::Tensor& view = view_of(index);
+  if (!grad.defined()) {
+    view.zero_();
+  } else if (options_.gradient_as_bucket_view) {
+    adopt_gradient(index);
+  } else {
+    view.copy_(grad);
+  }
+  mark_ready(index);
+}
+
+// ---- at the end of backward ----
+
+void Reducer::finish_backward() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  torch::autograd::AutoGradMode no_grad(false);
+  const comm::Clock::time_point backward_end = comm::Clock::now();
+  // Whatever happens below, the next backward starts afresh.
+  struct ResetOnExit {
+    Reducer* reducer;
+    ~ResetOnExit() { reducer->reset_iteration(); }
+  } reset{this};
+
+  StepTimings timings;
+  timings.backward_index = backward_count_ - 1;
+  timings.synchronized = syncing_;
+  if (forward_start_ != comm::Clock::time_point{} && forward_start_ < backward_start_) {
+    timings.forward_s = seconds(forward_start_, backward_start_);
+  }
+  timings.backward_s = seconds(backward_start_, backward_end);
+  if (timeline_) {
+    if (timings.forward_s > 0)
+      timeline_->add({"forward", Timeline::Track::Compute, forward_start_, backward_start_, {}});
+    timeline_->add({syncing_ ? "backward" : "backward (no_sync)",
+                    Timeline::Track::Compute,
+                    backward_start_,
+                    backward_end,
+                    {{"backward_index", static_cast<double>(timings.backward_index)}}});
+  }
+  if (!syncing_) {
+    last_timings_ = timings;
+    return;
+  }
+
+  const std::size_t n = params_.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!ready_[i]) contribute_unready(i);
+  }
+  LOCKSTEP_CHECK(next_launch_ == buckets_.size(), "DataParallel internal error: ", next_launch_, " of ",
+                 buckets_.size(), " buckets launched at the end of backward (rank ", comm_->rank(), ")");
+  // One flag pair per parameter: did it get a gradient in this backward, and in any backward since
+  // the last synchronisation. Summed over ranks, they name unused parameters on every rank alike.
+  at::Tensor flags = at::empty({static_cast<std::int64_t>(2 * n)}, at::kInt);
+  auto* flag = flags.data_ptr<std::int32_t>();
+  for (std::size_t i = 0; i < n; ++i) {
+    flag[i] = ready_[i];
+    flag[n + i] = used_since_sync_[i];
+  }
+  comm::WorkPtr flags_work = comm_->allreduce(flags);
+  std::vector<comm::WorkPtr> broadcasts;
+  if (!broadcast_tensors_.empty()) broadcasts = broadcast_coalesced(*comm_, broadcast_tensors_, 0);
+
+  for (auto& bucket : buckets_) bucket.work->wait();
+  flags_work->wait();
+  for (auto& work : broadcasts) work->wait();
+  const std::vector<std::int32_t> ready_counts(flag, flag + n);
+  const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
+  std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
+  if (!options_.find_unused_parameters) {
+    for (std::size_t i = 0; i < n; ++i) {
+      if (ready_counts[i] < comm_->size()) fail_unready(ready_counts, used_counts);
+    }
+  }
+  write_back(used_counts);
+  const comm::Clock::time_point done = comm::Clock::now();
+
+  timings.exposed_communication_s = seconds(backward_end, done);
+  timings.bucket_count = buckets_.size();
+  for (const auto& bucket : buckets_) {
+    timings.communication_s += seconds(bucket.work->start_time(), bucket.work->end_time());
+    timings.bucket_bytes += static_cast<std::int64_t>(bucket.grad.buffer.nbytes());
+    if (timeline_) {
+      timeline_->add({"allreduce bucket " + std::to_string(bucket.grad.index),
+                      Timeline::Track::Communication,
+                      bucket.work->start_time(),
+                      bucket.work->end_time(),
+                      {{"bytes", static_cast<double>(bucket.grad.buffer.nbytes())},
+                       {"parameters", static_cast<double>(bucket.params.size())}}});
+    }
+  }
+  if (timeline_) timeline_->add({"wait for reduction", Timeline::Track::Compute, backward_end, done, {}});
+  last_timings_ = timings;
+  ++sync_count_;
+  if (options_.rebuild_buckets && !rebuilt_) rebuild_by_ready_order();
+}
+
+void Reducer::write_back(const std::vector<std::int32_t>& used_counts) {
+  for (auto& bucket : buckets_) {
+    for (std::size_t k = 0; k < bucket.params.size(); ++k) {
+      const std::size_t i = bucket.params[k];
+      // A parameter no rank used keeps its .grad() as it was, as in a single process, so that an
+      // optimizer skips an undefined gradient instead of decaying the weight.
+      if (options_.find_unused_parameters && used_counts[i] == 0) continue;
+      at::Tensor& grad = params_[i].mutable_grad();
+      if (options_.gradient_as_bucket_view) {
+        if (!same_alias(grad, bucket.views[k])) grad = bucket.views[k];
+      } else if (!grad.defined()) {
+        grad = bucket.views[k].clone();
+      } else {
+        grad.copy_(bucket.views[k]);
+      }
+    }
+  }
+}
+
+void Reducer::fail_unready(const std::vector<std::int32_t>& ready_counts,
+                           const std::vector<std::int32_t>& used_counts) {
+  const int size = comm_->size();
+  std::ostringstream names;
+  std::size_t listed = 0, missing = 0;
+  bool missing_here = false;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    if (ready_counts[i] >= size) continue;
+    ++missing;
+    missing_here = missing_here || !ready_[i];
+    if (listed < 8) {
+      names << (listed ? ", " : "") << "'" << names_[i] << "' (on " << size - ready_counts[i] << " of " << size
+            << " ranks)";
+      ++listed;
+    }
+  }
+  if (missing > listed) names << " and " << missing - listed << " more";
+  LOCKSTEP_FAIL("DataParallel: ", missing, " parameter(s) received no gradient in this backward: ", names.str(),
+                ". On this rank (", comm_->rank(), ") ", missing_here ? "some of them" : "none of them",
+                " went without. Every parameter that requires grad must take part in the loss on every rank, or "
+                "its bucket cannot be reduced. If the model has parameters that do not take part in every forward "
+                "(optional branches, rank-dependent control flow), construct DataParallel with "
+                "DataParallelOptions::find_unused_parameters = true; otherwise remove them or set "
+                "requires_grad(false). Every rank raises this error; this step's gradients were not averaged.");
+}
+
+void Reducer::rebuild_by_ready_order() {
+  rebuilt_ = true;
+  const std::size_t n = params_.size();
+  // Note [Bucket order], point 1: rank 0's observed order, broadcast, decides for everyone.
+  std::vector<char> placed(n, 0);
+  at::Tensor order = at::empty({static_cast<std::int64_t>(n)}, at::kLong);
+  auto* entry = order.data_ptr<std::int64_t>();
+  std::size_t k = 0;
+  for (std::size_t i : ready_order_) {
+    entry[k++] = static_cast<std::int64_t>(i);
+    placed[i] = 1;
+  }
+  for (std::size_t i : reverse_order(n)) {
+    if (!placed[i]) entry[k++] = static_cast<std::int64_t>(i);
+  }
+  comm_->broadcast(order, comm::BroadcastOptions{0})->wait();
+  std::vector<std::size_t> agreed(entry, entry + n);
+  BucketAssignment assignment =
+      assign_buckets(params_, agreed, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes);
+  BucketAssignment current;
+  for (const auto& bucket : buckets_) current.push_back(bucket.params);
+  if (assignment == current) return;
+
+  std::vector<at::Tensor> grads(n);
+  for (std::size_t i = 0; i < n; ++i) grads[i] = params_[i].grad();
+  build_buckets(assignment);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!grads[i].defined()) continue;
+    const at::Tensor& view = view_of(i);
+    view.copy_(grads[i]);
+    if (options_.gradient_as_bucket_view) params_[i].mutable_grad() = view;
+  }
+}
+
+void Reducer::reset_iteration() {
+  in_backward_ = false;
+  syncing_ = false;
+  forward_start_ = comm::Clock::time_point{};
+  backward_start_ = comm::Clock::time_point{};
+}
+
+}  // namespace lockstep::ddp

@@ -1,0 +1,253 @@
+// DataParallel's failures: parameters without gradients and models that differ across ranks.
+// Each must raise on EVERY rank (no rank left waiting in a collective) with a message that names
+// the culprit, and leave the communicator usable.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "lockstep/ddp/data_parallel.hpp"
+#include "support/dist.hpp"
+
+namespace {
+
+using lockstep::ddp::DataParallel;
+using lockstep::ddp::DataParallelOptions;
+using lockstep::testing::comm;
+using lockstep::testing::comm_ptr;
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Whether every rank got here with the same collective sequence: an all-reduce must add up.
+bool communicator_healthy() {
+  torch::Tensor t = torch::full({3}, static_cast<double>(comm().rank() + 1), torch::kFloat64);
+  comm().allreduce(t)->wait();
+  const int n = comm().size();
+  return (t == n * (n + 1) / 2.0).all().item<bool>();
+}
+
+// `always` takes part in every forward; `sometimes` only when asked; `never` not at all.
+struct BranchyImpl : torch::nn::Module {
+  BranchyImpl()
+      : always(register_module("always", torch::nn::Linear(5, 4))),
+        sometimes(register_module("sometimes", torch::nn::Linear(4, 4))),
+        never(register_module("never", torch::nn::Linear(4, 4))),
+        head(register_module("head", torch::nn::Linear(4, 2))) {}
+  torch::Tensor forward(torch::Tensor x, bool use_sometimes) {
+    x = torch::tanh(always(x));
+    if (use_sometimes) x = x + torch::tanh(sometimes(x));
+    return head(x);
+  }
+  torch::nn::Linear always, sometimes, never, head;
+};
+TORCH_MODULE(Branchy);
+
+Branchy make_branchy() {
+  torch::manual_seed(11);
+  Branchy model;
+  model->to(torch::kFloat64);
+  return model;
+}
+
+}  // namespace
+
+TEST_CASE("A parameter without a gradient is an error on every rank, not a hang", "[ddp]") {
+  const int n = comm().size();
+  const int rank = comm().rank();
+  Branchy model = make_branchy();
+  DataParallelOptions options;
+  options.bucket_cap_mb = 0;
+  options.first_bucket_cap_mb = 0;
+  DataParallel dp(model, comm_ptr(), options);
+  torch::Tensor x = torch::randn({3, 5}, torch::kFloat64);
+
+  // Only the last rank skips `sometimes`; every rank leaves out `never`.
+  const std::string error = error_of([&] { model->forward(x, rank != n - 1).sum().backward(); });
+  INFO(error);
+  CHECK(error.find("'never.weight'") != std::string::npos);
+  CHECK(error.find("'never.bias'") != std::string::npos);
+  CHECK(error.find("'sometimes.weight' (on 1 of " + std::to_string(n) + " ranks)") != std::string::npos);
+  CHECK(error.find("find_unused_parameters") != std::string::npos);
+  CHECK(communicator_healthy());
+
+  // The failed step leaves the reducer ready for the next one (which fails the same way, since
+  // `never` still gets no gradient) rather than stuck.
+  const std::string again = error_of([&] { model->forward(x, true).sum().backward(); });
+  CHECK(again.find("'never.weight' (on " + std::to_string(n) + " of ") != std::string::npos);
+  CHECK(again.find("sometimes") == std::string::npos);
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("Ranks whose gradients all arrived do not hang when another rank's did not", "[ddp]") {
+  const int n = comm().size();
+  const int rank = comm().rank();
+  // No `never` layer here: every rank but the last has all its gradients, launches every bucket
+  // during backward and waits; the last rank completes its buckets at the end of backward.
+  Branchy branchy = make_branchy();
+  branchy->unregister_module("never");
+  DataParallelOptions options;
+  options.bucket_cap_mb = 0;
+  options.first_bucket_cap_mb = 0;
+  DataParallel dp(branchy, comm_ptr(), options);
+  torch::Tensor x = torch::randn({3, 5}, torch::kFloat64);
+  const std::string error = error_of([&] { branchy->forward(x, rank != n - 1).sum().backward(); });
+  INFO(error);
+  CHECK(error.find("1 parameter(s)") == std::string::npos);
+  CHECK(error.find("'sometimes.weight' (on 1 of " + std::to_string(n) + " ranks)") != std::string::npos);
+  CHECK(error.find("'sometimes.bias' (on 1 of ") != std::string::npos);
+  CHECK(error.find(rank == n - 1 ? "some of them" : "none of them") != std::string::npos);
+  CHECK(communicator_healthy());
+  // With every rank using it, the same model reduces normally.
+  CHECK(error_of([&] { branchy->forward(x, true).sum().backward(); }).empty());
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("A model whose parameters all take part trains after another model's error", "[ddp]") {
+  // Same shape as above without the unused layer: no error, and the gradients are averaged.
+  torch::manual_seed(5);
+  auto model = torch::nn::Sequential(torch::nn::Linear(5, 4), torch::nn::Tanh(), torch::nn::Linear(4, 2));
+  DataParallel dp(model, comm_ptr());
+  torch::Tensor x = torch::full({2, 5}, static_cast<float>(comm().rank() + 1));
+  CHECK(error_of([&] { model->forward(x).sum().backward(); }).empty());
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("find_unused_parameters gives the single-process result", "[ddp]") {
+  const int n = comm().size();
+  const int rank = comm().rank();
+  Branchy oracle = make_branchy();
+  Branchy model = make_branchy();
+  DataParallelOptions options;
+  options.bucket_cap_mb = 0;
+  options.first_bucket_cap_mb = 0;
+  options.find_unused_parameters = true;
+  DataParallel dp(model, comm_ptr(), options);
+  const torch::Tensor never_before = model->never->weight.detach().clone();
+  auto sgd = [](torch::nn::Module& m) {
+    return torch::optim::SGD(m.parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(0.01));
+  };
+  auto opt = sgd(*model);
+  auto oracle_opt = sgd(*oracle);
+  auto uses = [](int r, int step) { return (r + step) % 2 == 0; };  // rank- and step-dependent
+  for (int step = 0; step < 4; ++step) {
+    torch::manual_seed(200 + step);
+    torch::Tensor x = torch::randn({2 * n, 5}, torch::kFloat64);
+    torch::Tensor y = torch::randn({2 * n, 2}, torch::kFloat64);
+    opt.zero_grad();
+    torch::mse_loss(model->forward(x.narrow(0, 2 * rank, 2), uses(rank, step)), y.narrow(0, 2 * rank, 2)).backward();
+    opt.step();
+    // The oracle: the mean over ranks of each rank's loss, in one process.
+    oracle_opt.zero_grad();
+    torch::Tensor loss = torch::zeros({}, torch::kFloat64);
+    for (int r = 0; r < n; ++r) {
+      loss = loss + torch::mse_loss(oracle->forward(x.narrow(0, 2 * r, 2), uses(r, step)), y.narrow(0, 2 * r, 2));
+    }
+    (loss / n).backward();
+    oracle_opt.step();
+  }
+  auto pa = model->named_parameters();
+  auto pb = oracle->named_parameters();
+  for (const auto& item : pa) {
+    INFO(item.key());
+    const torch::Tensor& expected = pb[item.key()];
+    CHECK((item.value() - expected).abs().max().item<double>() <= 1e-10 * expected.abs().max().item<double>());
+  }
+  // No rank used `never`: its gradient stays undefined and weight decay leaves it alone, as in one process.
+  CHECK_FALSE(model->never->weight.grad().defined());
+  CHECK(torch::equal(model->never->weight, never_before));
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("find_unused_parameters with no_sync: a parameter used in any micro-batch counts", "[ddp]") {
+  const int n = comm().size();
+  const int rank = comm().rank();
+  Branchy oracle = make_branchy();
+  Branchy model = make_branchy();
+  DataParallelOptions options;
+  options.find_unused_parameters = true;
+  DataParallel dp(model, comm_ptr(), options);
+  torch::manual_seed(300);
+  torch::Tensor x = torch::randn({2, 2 * n, 5}, torch::kFloat64);
+  {
+    auto guard = dp.no_sync();
+    model->forward(x[0].narrow(0, 2 * rank, 2), true).sum().backward();  // uses `sometimes`
+  }
+  model->forward(x[1].narrow(0, 2 * rank, 2), false).sum().backward();  // does not
+  torch::Tensor loss = torch::zeros({}, torch::kFloat64);
+  for (int r = 0; r < n; ++r) {
+    loss = loss + oracle->forward(x[0].narrow(0, 2 * r, 2), true).sum() +
+           oracle->forward(x[1].narrow(0, 2 * r, 2), false).sum();
+  }
+  (loss / n).backward();
+  for (const std::string name : {"always.weight", "sometimes.weight", "sometimes.bias", "head.weight"}) {
+    INFO(name);
+    const torch::Tensor got = model->named_parameters()[name].grad();
+    const torch::Tensor expected = oracle->named_parameters()[name].grad();
+    CHECK(got.defined());
+    if (got.defined()) CHECK(torch::allclose(got, expected, 1e-12, 1e-12));
+  }
+}
+
+namespace {
+
+torch::nn::Sequential make_mlp(std::int64_t hidden, bool extra_layer, const std::string& last_name = "2") {
+  torch::manual_seed(1);
+  torch::nn::Sequential model;
+  model->push_back("0", torch::nn::Linear(6, hidden));
+  model->push_back("1", torch::nn::Tanh());
+  model->push_back(std::string(last_name), torch::nn::Linear(hidden, 3));
+  if (extra_layer) model->push_back("3", torch::nn::Linear(3, 3));
+  return model;
+}
+
+}  // namespace
+
+TEST_CASE("Different models on different ranks: the error on every rank names the first difference", "[ddp]") {
+  const int n = comm().size();
+  const int rank = comm().rank();
+  const int odd = n - 1;  // the rank with the different model
+  const std::string odd_text = "rank " + std::to_string(odd) + ": ";
+  const std::string others = n == 2 ? "rank 0: " : "ranks 0, 1: ";
+
+  SECTION("a different shape") {
+    auto model = make_mlp(rank == odd ? 9 : 8, false);
+    const std::string error = error_of([&] { DataParallel dp(model, comm_ptr()); });
+    INFO(error);
+    CHECK(error.find("differ") != std::string::npos);
+    CHECK(error.find(others + "parameter 0.weight: Float [8, 6]") != std::string::npos);
+    CHECK(error.find(odd_text + "parameter 0.weight: Float [9, 6]") != std::string::npos);
+    CHECK(error.find("This is rank " + std::to_string(rank)) != std::string::npos);
+  }
+  SECTION("an extra layer") {
+    auto model = make_mlp(8, rank == odd);
+    const std::string error = error_of([&] { DataParallel dp(model, comm_ptr()); });
+    INFO(error);
+    CHECK(error.find("rank " + std::to_string(odd) + " has 6") != std::string::npos);
+    CHECK(error.find(odd_text + "parameter 3.weight") != std::string::npos);
+    CHECK(error.find(others + "nothing") != std::string::npos);
+  }
+  SECTION("a different name") {
+    auto model = make_mlp(8, false, rank == odd ? "out" : "2");
+    const std::string error = error_of([&] { DataParallel dp(model, comm_ptr()); });
+    INFO(error);
+    CHECK(error.find(odd_text + "parameter out.weight") != std::string::npos);
+    CHECK(error.find(others + "parameter 2.weight") != std::string::npos);
+  }
+  SECTION("a different dtype") {
+    auto model = make_mlp(8, false);
+    if (rank == odd) model->to(torch::kFloat64);
+    const std::string error = error_of([&] { DataParallel dp(model, comm_ptr()); });
+    INFO(error);
+    CHECK(error.find(odd_text + "parameter 0.weight: Double [8, 6]") != std::string::npos);
+  }
+  CHECK(communicator_healthy());
+}

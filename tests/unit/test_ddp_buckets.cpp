@@ -1,0 +1,81 @@
+// Bucket assignment and the model description, which need no communication.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/ddp/bucket_assignment.hpp"
+#include "lockstep/ddp/model_sync.hpp"
+#include "lockstep/ddp/timeline.hpp"
+
+using lockstep::ddp::assign_buckets;
+using lockstep::ddp::BucketAssignment;
+using lockstep::ddp::reverse_order;
+
+namespace {
+// Four float parameters of 100, 10, 300 and 20 elements (400, 40, 1200, 80 bytes).
+std::vector<torch::Tensor> four_parameters() {
+  return {torch::zeros({10, 10}), torch::zeros({10}), torch::zeros({30, 10}), torch::zeros({20})};
+}
+}  // namespace
+
+TEST_CASE("A cap of zero gives every parameter its own bucket, last registered first", "[ddp]") {
+  const auto params = four_parameters();
+  CHECK(assign_buckets(params, reverse_order(4), 0, 0) == BucketAssignment{{3}, {2}, {1}, {0}});
+}
+
+TEST_CASE("A large cap gives one bucket per dtype", "[ddp]") {
+  auto params = four_parameters();
+  CHECK(assign_buckets(params, reverse_order(4), 1 << 20, 1 << 20) == BucketAssignment{{3, 2, 1, 0}});
+  params[1] = torch::zeros({10}, torch::kFloat64);
+  CHECK(assign_buckets(params, reverse_order(4), 1 << 20, 1 << 20) == BucketAssignment{{3, 2, 0}, {1}});
+}
+
+TEST_CASE("The first bucket has its own, smaller cap", "[ddp]") {
+  const auto params = four_parameters();
+  // Reverse order: 80 B closes the first bucket (>= 64 B); 1200 + 40 B reach 1220 B; 400 B is left.
+  CHECK(assign_buckets(params, reverse_order(4), 64, 1220) == BucketAssignment{{3}, {2, 1}, {0}});
+  // A bucket closes once it reaches its cap, so a large parameter may overshoot it.
+  CHECK(assign_buckets(params, reverse_order(4), 1 << 20, 1 << 20).size() == 1);
+}
+
+TEST_CASE("Buckets follow the given order", "[ddp]") {
+  const auto params = four_parameters();
+  CHECK(assign_buckets(params, {1, 3, 0, 2}, 0, 0) == BucketAssignment{{1}, {3}, {0}, {2}});
+  CHECK(assign_buckets(params, {1, 3, 0, 2}, 100, 100) == BucketAssignment{{1, 3}, {0}, {2}});
+}
+
+TEST_CASE("assign_buckets rejects an order that is not a permutation", "[ddp]") {
+  const auto params = four_parameters();
+  CHECK_THROWS_AS(assign_buckets(params, {0, 1, 1, 2}, 0, 0), lockstep::Error);
+  CHECK_THROWS_AS(assign_buckets(params, {0, 1, 2}, 0, 0), lockstep::Error);
+  CHECK_THROWS_AS(lockstep::ddp::cap_bytes_from_mb(-1, "bucket_cap_mb"), lockstep::Error);
+  CHECK(lockstep::ddp::cap_bytes_from_mb(25, "bucket_cap_mb") == 25 << 20);
+}
+
+TEST_CASE("Model entries describe what must agree across ranks", "[ddp]") {
+  auto p = torch::zeros({3, 4}, torch::kFloat64).requires_grad_();
+  CHECK(lockstep::ddp::describe({"parameter", "fc.weight", p}) ==
+        "parameter fc.weight: Double [3, 4] on cpu, requires grad");
+  CHECK(lockstep::ddp::describe({"buffer", "bn.running_mean", torch::zeros({4})}) ==
+        "buffer bn.running_mean: Float [4] on cpu");
+  CHECK(lockstep::ddp::detail::fingerprint("a") != lockstep::ddp::detail::fingerprint("b"));
+}
+
+TEST_CASE("Timeline writes Chrome trace events", "[ddp]") {
+  lockstep::ddp::Timeline timeline(3, /*max_events=*/2);
+  const auto t0 = lockstep::comm::Clock::now();
+  timeline.add({"backward", lockstep::ddp::Timeline::Track::Compute, t0, t0 + std::chrono::milliseconds(2), {}});
+  timeline.add({"allreduce bucket 0",
+                lockstep::ddp::Timeline::Track::Communication,
+                t0,
+                t0 + std::chrono::microseconds(500),
+                {{"bytes", 64}}});
+  timeline.add({"dropped", lockstep::ddp::Timeline::Track::Compute, t0, t0, {}});
+  CHECK(timeline.size() == 2);
+  CHECK(timeline.dropped() == 1);
+  const std::string json = timeline.to_json(t0);
+  CHECK(json.find("\"name\":\"backward\"") != std::string::npos);
+  CHECK(json.find("\"dur\":2000.0") != std::string::npos);
+  CHECK(json.find("\"pid\":3") != std::string::npos);
+  CHECK(json.find("\"dropped_events\":1") != std::string::npos);
+}

@@ -9,4 +9,7 @@
 #include "lockstep/ddp/comm_hooks.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/models/resnet.hpp"
+#include "lockstep/train/callback.hpp"
+#include "lockstep/train/checkpoint.hpp"
+#include "lockstep/train/trainer.hpp"
 #include "lockstep/runtime.hpp"

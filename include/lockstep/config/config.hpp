@@ -1,0 +1,91 @@
+#pragma once
+// Config: YAML files (yaml-cpp) mapped one to one onto the options structs of the other layers.
+//
+//   auto cli = lockstep::config::parse_command_line(argc, argv);   // --config F, --set a.b=v, --print-config
+//   auto cfg = lockstep::config::load_config(cli.config_path, cli.overrides);
+//
+// Every key is checked: an unknown key (a misspelling), a wrong type or an out-of-range value is a
+// lockstep::Error naming the full key path and where it came from (file:line:column, or the --set
+// argument), never a silent default. Keys left out keep the options structs' documented defaults.
+// The keys are listed in docs/training.md; to_yaml() prints the effective configuration.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lockstep/data/dataset.hpp"
+#include "lockstep/models/resnet.hpp"
+#include "lockstep/runtime.hpp"
+#include "lockstep/train/trainer.hpp"
+
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace lockstep::config {
+
+struct AugmentConfig {
+  int64_t pad = 0;     // random crop after padding this many pixels per side; 0 = no crop
+  bool hflip = false;  // random horizontal flip
+};
+
+struct DataConfig {
+  // "fashion-mnist", "mnist", "cifar10" or "synthetic" (1x28x28, 10 classes, learnable).
+  std::string dataset = "fashion-mnist";
+  // Directory of the files; empty = the data set's default (Fashion-MNIST: data::kFashionMnistRoot).
+  std::string dir;
+  // Use only the first N samples; 0 = all (for synthetic: the size, default 1024 / 256).
+  int64_t train_subset = 0;
+  int64_t test_subset = 0;
+  AugmentConfig augment;  // train set only; seeded with trainer.seed
+};
+
+struct OptimizerConfig {
+  std::string name = "sgd";  // only "sgd" so far
+  double lr = 0.1;           // the base lr (trainer.lr_schedule.base_lr = 0 takes this)
+  double momentum = 0.9;
+  double weight_decay = 5e-4;
+  bool nesterov = false;
+};
+
+// One experiment. YAML sections: runtime, trainer (with lr_schedule and checkpoint), ddp (maps to
+// trainer.ddp), data, model (ResNet-18), optimizer.
+struct ExperimentConfig {
+  RuntimeOptions runtime;
+  train::TrainerOptions trainer;
+  DataConfig data;
+  models::ResNet18Options model;
+  OptimizerConfig optimizer;
+};
+
+// Parses YAML text; `source` names it in error messages. `overrides` are "key.path=value" strings
+// applied on top (value parsed as YAML), as --set does.
+ExperimentConfig parse_config(const std::string& yaml, const std::string& source = "<string>",
+                              const std::vector<std::string>& overrides = {});
+// Reads and parses a file (errors name the file).
+ExperimentConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// The effective configuration as YAML, every key included; parse_config(to_yaml(c)) gives c back.
+std::string to_yaml(const ExperimentConfig& config);
+
+struct CommandLine {
+  std::string config_path;             // --config FILE (empty: none given)
+  std::vector<std::string> overrides;  // --set key.path=value, in order
+  bool print_config = false;           // --print-config
+  bool help = false;                   // --help / -h
+};
+// Accepts "--config F", "--config=F", "--set K=V", "--set=K=V", "--print-config", "--help";
+// anything else is an error naming it.
+CommandLine parse_command_line(int argc, char** argv);
+std::string usage(const std::string& program);
+
+// Builders: the train and test sets the data section describes (subset, then augmentation on the
+// train set), and the optimizer over `parameters`.
+std::pair<data::DatasetPtr, data::DatasetPtr> make_datasets(const DataConfig& config, uint64_t seed);
+std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& config,
+                                                        std::vector<at::Tensor> parameters);
+
+}  // namespace lockstep::config

@@ -1,0 +1,114 @@
+#pragma once
+// Callback: the trainer's only extension point. Progress reporting, checkpointing, pruning and
+// quantisation are all callbacks; the trainer has no special case for any of them.
+//
+// Event order in DistributedTrainer::fit (Note [Callback order]):
+//   on_train_begin
+//   for each epoch:  on_epoch_begin
+//                    for each batch: on_batch_begin, (forward, backward: gradients averaged over ranks),
+//                                    on_after_backward, (optimizer step), on_after_optimizer_step
+//                    (evaluation) on_evaluation_end
+//                    on_epoch_end
+//   on_train_end (also after a stop request)
+// Callbacks run in the order they were added. Every event runs on every rank, so a callback may use
+// the communicator, as long as it does the same collectives on every rank.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/core/world.hpp"
+#include "lockstep/data/dataset.hpp"
+#include "lockstep/data/sharded_sampler.hpp"
+
+namespace torch::nn {
+class Module;
+}
+namespace torch::optim {
+class Optimizer;
+}
+namespace lockstep::ddp {
+class DataParallel;
+}
+namespace lockstep::data {
+class Loader;
+}
+
+namespace lockstep::train {
+
+struct TrainerOptions;
+class Callback;
+
+// What callbacks see and may change. Pointers stay valid for the whole fit().
+struct TrainerContext {
+  torch::nn::Module* model = nullptr;
+  torch::optim::Optimizer* optimizer = nullptr;
+  ddp::DataParallel* data_parallel = nullptr;
+  comm::Communicator* communicator = nullptr;
+  World world;
+  const TrainerOptions* options = nullptr;
+  data::Loader* train_loader = nullptr;
+  // All of the trainer's callbacks in event order (the Checkpointer saves their states).
+  const std::vector<std::shared_ptr<Callback>>* callbacks = nullptr;
+
+  int64_t epoch = 0;           // the current epoch (0-based)
+  int64_t global_step = 0;     // optimizer steps taken so far (after on_after_optimizer_step: including this one)
+  int64_t batch_in_epoch = 0;  // index of the current batch within the epoch
+  int64_t steps_per_epoch = 0;
+  int64_t total_steps = 0;
+  double lr = 0.0;  // the learning rate of the current step
+
+  // The current batch, its logits and its (this rank's, mean) loss; valid from on_batch_begin (batch
+  // only) through on_after_optimizer_step.
+  data::Example batch;
+  at::Tensor output;
+  at::Tensor loss;
+
+  // This epoch's metrics, reduced over ranks; filled by the trainer before on_evaluation_end
+  // (train_*, test_*, images_per_s, lr, step times) and cleared at on_epoch_begin. Callbacks may add
+  // their own entries; the progress callback writes them all to metrics.jsonl.
+  std::map<std::string, double> metrics;
+
+  // A callback may set this (on every rank alike) to end fit() after the current step;
+  // on_train_end still runs.
+  bool stop_requested = false;
+
+  // Set by a resuming callback (the Checkpointer) in on_train_begin: the trainer continues the train
+  // loader from here instead of epoch 0 (global_step and epoch must be set with it).
+  std::optional<data::SamplerState> resume_position;
+};
+
+class Callback {
+ public:
+  virtual ~Callback() = default;
+
+  virtual void on_train_begin(TrainerContext& ctx) {}
+  virtual void on_train_end(TrainerContext& ctx) {}
+  virtual void on_epoch_begin(TrainerContext& ctx) {}
+  virtual void on_epoch_end(TrainerContext& ctx) {}
+  virtual void on_batch_begin(TrainerContext& ctx) {}
+  // Gradients are averaged over ranks; the optimizer has not stepped yet. Changing .grad() here
+  // changes the step.
+  virtual void on_after_backward(TrainerContext& ctx) {}
+  virtual void on_after_optimizer_step(TrainerContext& ctx) {}
+  virtual void on_evaluation_end(TrainerContext& ctx) {}
+
+  // Checkpointed state (Note [Callback state]): a callback that returns a non-empty state_key() has
+  // save_state()'s string stored in every checkpoint under that key and handed to load_state() on
+  // resume (before the trainer continues). The format of the string is the callback's own (JSON,
+  // numbers, a serialised archive...). Keys must be unique among the trainer's callbacks and use only
+  // letters, digits and '_'.
+  virtual std::string state_key() const { return ""; }
+  virtual std::string save_state() const { return ""; }
+  virtual void load_state(const std::string& state) {}
+};
+
+using CallbackPtr = std::shared_ptr<Callback>;
+
+}  // namespace lockstep::train

@@ -1,0 +1,69 @@
+#pragma once
+// Checkpointer: the callback that writes and restores checkpoints.
+//
+// A checkpoint (one file, torch::serialize archive) holds the model's parameters and buffers, the
+// optimizer state, the train loader's position (epoch and samples consumed, Note [Loader position]),
+// the global step, every rank's default CPU generator state, and the states of all callbacks
+// (Note [Callback state]). Rank 0 writes it atomically: to "<name>.tmp", fsync, then rename, so a
+// file with a final name is always complete. Resuming restores all of it on every rank, so a run
+// stopped after any step and resumed (same world size) ends with bitwise the same parameters as a run
+// that never stopped.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lockstep/train/callback.hpp"
+
+namespace lockstep::train {
+
+struct CheckpointOptions {
+  // Write a checkpoint every N optimizer steps; 0 = never mid-epoch.
+  int64_t every_steps = 0;
+  // Write one at the end of every epoch (after evaluation).
+  bool every_epoch = true;
+  // Checkpoints to keep in the directory (oldest removed first); 0 = keep all.
+  int64_t keep_last = 3;
+  // "auto": continue from the newest valid checkpoint in the directory, if any (invalid ones are
+  // skipped with a warning); "never": start afresh; anything else: the path of a checkpoint to load
+  // (an error if it is missing or invalid).
+  std::string resume = "auto";
+  // Where checkpoints go; empty = "<TrainerOptions::output_dir>/checkpoints".
+  std::string directory;
+  // Also write a checkpoint when training ends (finished or stopped) unless this step was just saved.
+  bool at_end = true;
+};
+
+// "checkpoint-step00000123.pt" for step 123.
+std::string checkpoint_file_name(int64_t global_step);
+// The checkpoints in `directory`, oldest (lowest step) first.
+std::vector<std::string> list_checkpoints(const std::string& directory);
+
+class Checkpointer : public Callback {
+ public:
+  // `directory` must be set (the trainer fills it from output_dir when it adds this callback).
+  explicit Checkpointer(CheckpointOptions options);
+
+  void on_train_begin(TrainerContext& ctx) override;
+  void on_after_optimizer_step(TrainerContext& ctx) override;
+  void on_epoch_end(TrainerContext& ctx) override;
+  void on_train_end(TrainerContext& ctx) override;
+
+  // Collective: writes a checkpoint of the current state (rank 0 writes; the others send their
+  // generator states). `position` is where the train loader continues.
+  void save(TrainerContext& ctx, const data::SamplerState& position);
+  // Collective: loads `path` on every rank into ctx (model, optimizer, step, position, RNG,
+  // callbacks). Throws a lockstep::Error naming the file if it is unreadable or incomplete.
+  void load(TrainerContext& ctx, const std::string& path);
+
+  const CheckpointOptions& options() const { return options_; }
+  // The path of the last checkpoint written or loaded ("" if none).
+  const std::string& last_path() const { return last_path_; }
+
+ private:
+  CheckpointOptions options_;
+  int64_t last_saved_step_ = -1;
+  std::string last_path_;
+};
+
+}  // namespace lockstep::train

@@ -1,0 +1,42 @@
+#pragma once
+// ProgressLogger: rank 0's view of training. During an epoch, a progress line every log_every steps
+// (images/s, ETA), redrawn in place with '\r' on a terminal and printed as plain lines otherwise (logs,
+// mpirun pipes); after each epoch a summary line and one JSON object in <output_dir>/metrics.jsonl
+// holding every entry of TrainerContext::metrics.
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "lockstep/train/callback.hpp"
+
+namespace lockstep::train {
+
+struct ProgressOptions {
+  int64_t log_every = 20;     // steps between progress lines; 0 = none
+  std::string metrics_path;   // empty = no metrics.jsonl
+  // -1: decide by isatty(stdout), plain lines under mpirun, LOCKSTEP_PROGRESS_TTY=0/1 forces (see
+  // Note [Progress terminal]); 0: plain lines; 1: redraw in place.
+  int interactive = -1;
+};
+
+class ProgressLogger : public Callback {
+ public:
+  explicit ProgressLogger(ProgressOptions options);
+
+  void on_train_begin(TrainerContext& ctx) override;
+  void on_epoch_begin(TrainerContext& ctx) override;
+  void on_after_optimizer_step(TrainerContext& ctx) override;
+  void on_epoch_end(TrainerContext& ctx) override;
+
+ private:
+  ProgressOptions options_;
+  bool interactive_ = false;
+  bool line_open_ = false;
+  std::chrono::steady_clock::time_point epoch_start_;
+  int64_t epoch_first_step_ = 0;
+  int64_t images_ = 0;
+};
+
+}  // namespace lockstep::train

@@ -1,0 +1,120 @@
+#pragma once
+// DistributedTrainer: a complete synchronous data-parallel training loop (classification, cross
+// entropy) over ddp::DataParallel, with a sharded, reshuffled train loader, exact evaluation over
+// ranks, a learning-rate schedule, and callbacks (callback.hpp) for everything else.
+//
+//   auto model = lockstep::models::ResNet18(options);
+//   auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+//   lockstep::train::DistributedTrainer trainer(model, opt, runtime.communicator(), trainer_options);
+//   trainer.add_callback(my_callback);
+//   trainer.fit(train_set, test_set);
+//
+// Construction is collective (DataParallel checks the ranks' models and broadcasts rank 0's).
+// See docs/training.md.
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lockstep/comm/communicator.hpp"
+#include "lockstep/data/dataset.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/train/callback.hpp"
+#include "lockstep/train/checkpoint.hpp"
+#include "lockstep/train/lr_schedule.hpp"
+
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace lockstep::train {
+
+struct TrainerOptions {
+  int64_t epochs = 1;
+  size_t batch_size = 32;        // per rank; the global batch is batch_size * world size
+  size_t eval_batch_size = 256;  // per rank
+  // Seeds the train sampler's shuffle, and torch's default generator with seed + rank (dropout
+  // etc.). Model initialisation needs no seed: DataParallel copies rank 0's model to every rank.
+  uint64_t seed = 0;
+  LrScheduleOptions lr;
+  // metrics.jsonl and checkpoints/ go here; empty = no files (no checkpoints, no metrics.jsonl).
+  std::string output_dir;
+  // Progress line every log_every steps (rank 0); 0 = no progress lines, summaries only.
+  int64_t log_every = 20;
+  // Add the built-in ProgressLogger (rank 0 prints; metrics.jsonl when output_dir is set).
+  bool progress = true;
+  // Add the built-in Checkpointer (when output_dir is set).
+  bool checkpoints = true;
+  CheckpointOptions checkpoint;
+  ddp::DataParallelOptions ddp;
+  // Loader: batches prepared ahead by a background thread; drop a short last batch of each epoch.
+  size_t prefetch = 2;
+  bool drop_last_batch = false;
+  // Stop after this many global steps (0 = run all epochs); for tests of resuming and quick runs.
+  int64_t stop_after_steps = 0;
+};
+
+class DistributedTrainer {
+ public:
+  using ForwardFn = std::function<at::Tensor(const at::Tensor&)>;
+
+  // Collective. `forward` maps a batch [B, C, H, W] to logits [B, classes].
+  DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
+                     std::shared_ptr<torch::optim::Optimizer> optimizer, comm::CommunicatorPtr comm,
+                     TrainerOptions options = {});
+  // For TORCH_MODULE holders whose Impl has forward(Tensor).
+  template <typename Impl>
+  DistributedTrainer(const torch::nn::ModuleHolder<Impl>& model, std::shared_ptr<torch::optim::Optimizer> optimizer,
+                     comm::CommunicatorPtr comm, TrainerOptions options = {})
+      : DistributedTrainer(std::static_pointer_cast<torch::nn::Module>(model.ptr()),
+                           [impl = model.ptr()](const at::Tensor& x) { return impl->forward(x); }, std::move(optimizer),
+                           std::move(comm), std::move(options)) {}
+  ~DistributedTrainer();
+  DistributedTrainer(const DistributedTrainer&) = delete;
+  DistributedTrainer& operator=(const DistributedTrainer&) = delete;
+
+  // Callbacks run in the order added, after the built-in Checkpointer and before the built-in
+  // ProgressLogger (so the logger sees every metric the others add).
+  void add_callback(CallbackPtr callback);
+
+  // Collective. Trains for options.epochs (resuming first if a checkpoint says so), evaluating on
+  // `eval_set` after each epoch (skipped when null). Returns the last epoch's metrics.
+  std::map<std::string, double> fit(data::DatasetPtr train_set, data::DatasetPtr eval_set);
+
+  // Collective: loss and accuracy over `eval_set`, each sample counted exactly once over all ranks.
+  // Keys: test_loss, test_acc, test_count.
+  std::map<std::string, double> evaluate(const data::DatasetPtr& eval_set);
+
+  ddp::DataParallel& data_parallel() { return *dp_; }
+  torch::nn::Module& model() { return *model_; }
+  torch::optim::Optimizer& optimizer() { return *optimizer_; }
+  const TrainerOptions& options() const { return options_; }
+  const std::vector<CallbackPtr>& callbacks() const { return callbacks_; }
+
+ private:
+  void run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed);
+  void set_lr(double lr);
+
+  std::shared_ptr<torch::nn::Module> model_;
+  ForwardFn forward_;
+  std::shared_ptr<torch::optim::Optimizer> optimizer_;
+  comm::CommunicatorPtr comm_;
+  TrainerOptions options_;
+  std::unique_ptr<ddp::DataParallel> dp_;
+  std::vector<CallbackPtr> user_callbacks_;
+  std::vector<CallbackPtr> callbacks_;  // built-ins + user's, in event order (set by fit)
+  double base_lr_ = 0.0;
+
+  // Accumulated over one epoch on this rank: loss sum, correct, count, forward/backward/comm/exposed
+  // seconds, steps (Note [Exact metrics]).
+  std::vector<double> epoch_sums_;
+};
+
+}  // namespace lockstep::train

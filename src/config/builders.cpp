@@ -1,0 +1,85 @@
+// Builders from config sections to the library's objects (data sets, optimizer).
+#include <torch/torch.h>
+
+#include "lockstep/config/config.hpp"
+#include "lockstep/core/error.hpp"
+#include "lockstep/data/augment.hpp"
+#include "lockstep/data/cifar10.hpp"
+#include "lockstep/data/mnist.hpp"
+#include "lockstep/data/subset.hpp"
+#include "lockstep/data/synthetic_dataset.hpp"
+
+namespace lockstep::config {
+namespace {
+
+data::DatasetPtr make_split(const DataConfig& config, data::Split split, uint64_t seed) {
+  const bool train = split == data::Split::Train;
+  if (config.dataset == "fashion-mnist") {
+    data::FashionMnistOptions options;
+    if (!config.dir.empty()) options.root = config.dir;
+    options.split = split;
+    return std::make_shared<data::FashionMnist>(options);
+  }
+  if (config.dataset == "mnist") {
+    LOCKSTEP_CHECK(!config.dir.empty(), "config key 'data.dir' must name the MNIST directory");
+    data::MnistOptions options;
+    options.root = config.dir;
+    options.split = split;
+    return std::make_shared<data::Mnist>(options);
+  }
+  if (config.dataset == "cifar10") {
+    LOCKSTEP_CHECK(!config.dir.empty(), "config key 'data.dir' must name the CIFAR-10 directory");
+    data::Cifar10Options options;
+    options.root = config.dir;
+    options.split = split;
+    return std::make_shared<data::Cifar10>(options);
+  }
+  if (config.dataset == "synthetic") {
+    // Sample i depends on (seed, i) alone and the class patterns on the seed, so the test set is the
+    // index range after the train set's in one generator: same patterns, different noise.
+    const int64_t train_size = config.train_subset > 0 ? config.train_subset : 1024;
+    const int64_t test_size = config.test_subset > 0 ? config.test_subset : 256;
+    data::SyntheticOptions options;
+    options.channels = 1;
+    options.height = 28;
+    options.width = 28;
+    options.seed = seed;
+    options.size = train ? train_size : train_size + test_size;
+    auto full = std::make_shared<data::SyntheticDataset>(options);
+    if (train) return full;
+    std::vector<int64_t> indices;
+    for (int64_t i = train_size; i < train_size + test_size; ++i) indices.push_back(i);
+    return std::make_shared<data::Subset>(full, indices);
+  }
+  LOCKSTEP_FAIL("config key 'data.dataset': unknown data set '", config.dataset, "'");
+}
+
+}  // namespace
+
+std::pair<data::DatasetPtr, data::DatasetPtr> make_datasets(const DataConfig& config, uint64_t seed) {
+  data::DatasetPtr train = make_split(config, data::Split::Train, seed);
+  data::DatasetPtr test = make_split(config, data::Split::Test, seed);
+  if (config.dataset != "synthetic") {
+    if (config.train_subset > 0) train = data::Subset::first(train, static_cast<size_t>(config.train_subset));
+    if (config.test_subset > 0) test = data::Subset::first(test, static_cast<size_t>(config.test_subset));
+  }
+  if (config.augment.pad > 0 || config.augment.hflip) {
+    data::AugmentOptions options;
+    options.pad = config.augment.pad;
+    options.hflip = config.augment.hflip;
+    options.seed = seed;
+    train = std::make_shared<data::Augment>(train, options);
+  }
+  return {train, test};
+}
+
+std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& config,
+                                                        std::vector<at::Tensor> parameters) {
+  LOCKSTEP_CHECK(config.name == "sgd", "config key 'optimizer.name': unknown optimizer '", config.name,
+                 "' (expected sgd)");
+  torch::optim::SGDOptions options(config.lr);
+  options.momentum(config.momentum).weight_decay(config.weight_decay).nesterov(config.nesterov);
+  return std::make_shared<torch::optim::SGD>(std::move(parameters), options);
+}
+
+}  // namespace lockstep::config

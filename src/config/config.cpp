@@ -1,0 +1,385 @@
+// YAML -> ExperimentConfig. Note [Config checking]: each section is read through a Section that
+// records the keys it knows; after reading, any other key in the mapping is an error listing the known
+// ones. Values are converted with an explicit expected type and range, and every error carries the
+// key path and its origin (file:line:column, or the --set argument that produced it).
+#include "lockstep/config/config.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::config {
+namespace {
+
+constexpr int64_t kMaxInt = std::numeric_limits<int64_t>::max();
+
+std::string join(const std::set<std::string>& keys) {
+  std::string out;
+  for (const auto& key : keys) out += (out.empty() ? "" : ", ") + key;
+  return out;
+}
+
+std::string describe(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Sequence: return "a sequence";
+    case YAML::NodeType::Null: return "nothing (null)";
+    case YAML::NodeType::Scalar: return "'" + node.Scalar() + "'";
+    default: return "nothing";
+  }
+}
+
+class Reader {
+ public:
+  Reader(std::string source, std::map<std::string, std::string> origins)
+      : source_(std::move(source)), origins_(std::move(origins)) {}
+
+  // Where the value at `path` came from: the --set argument that wrote it (or a parent of it), else
+  // its position in the source.
+  std::string where(const std::string& path, const YAML::Mark& mark) const {
+    for (std::string prefix = path;;) {
+      auto it = origins_.find(prefix);
+      if (it != origins_.end()) return "--set " + it->second;
+      const auto dot = prefix.rfind('.');
+      if (dot == std::string::npos) break;
+      prefix.resize(dot);
+    }
+    if (mark.is_null()) return source_;
+    return source_ + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+  }
+
+  [[noreturn]] void fail(const std::string& path, const YAML::Node& node, const std::string& what) const {
+    LOCKSTEP_FAIL("config key '", path, "' at ", where(path, node.Mark()), ": ", what);
+  }
+
+ private:
+  std::string source_;
+  std::map<std::string, std::string> origins_;
+};
+
+class Section {
+ public:
+  Section(const Reader& reader, YAML::Node node, std::string path)
+      : reader_(reader), node_(std::move(node)), path_(std::move(path)) {
+    if (node_.IsDefined() && !node_.IsNull() && !node_.IsMap()) {
+      reader_.fail(path_.empty() ? "<top level>" : path_, node_, "expected a mapping, found " + describe(node_));
+    }
+  }
+
+  Section section(const std::string& key) {
+    known_.insert(key);
+    return Section(reader_, child(key), full(key));
+  }
+
+  void integer(const std::string& key, int64_t& out, int64_t min, int64_t max = kMaxInt) {
+    YAML::Node node = scalar(key, "an integer");
+    if (!node) return;
+    int64_t value = 0;
+    if (!YAML::convert<int64_t>::decode(node, value)) {
+      reader_.fail(full(key), node, "expected an integer, found " + describe(node));
+    }
+    if (value < min || value > max) {
+      reader_.fail(full(key), node,
+                   "expected an integer " + (max == kMaxInt ? ">= " + std::to_string(min)
+                                                            : "in [" + std::to_string(min) + ", " +
+                                                                  std::to_string(max) + "]") +
+                       ", found " + std::to_string(value));
+    }
+    out = value;
+  }
+  void count(const std::string& key, size_t& out, int64_t min) {
+    auto value = static_cast<int64_t>(out);
+    integer(key, value, min);
+    out = static_cast<size_t>(value);
+  }
+  void unsigned_integer(const std::string& key, uint64_t& out) {
+    auto value = static_cast<int64_t>(out);
+    integer(key, value, 0);
+    out = static_cast<uint64_t>(value);
+  }
+  // A real number in [min, max] (or (min, ...) when min_exclusive).
+  void real(const std::string& key, double& out, double min, double max = std::numeric_limits<double>::infinity(),
+            bool min_exclusive = false, bool max_exclusive = false) {
+    YAML::Node node = scalar(key, "a number");
+    if (!node) return;
+    double value = 0;
+    if (!YAML::convert<double>::decode(node, value) || !std::isfinite(value)) {
+      reader_.fail(full(key), node, "expected a number, found " + describe(node));
+    }
+    const bool low = min_exclusive ? value <= min : value < min;
+    const bool high = max_exclusive ? value >= max : value > max;
+    if (low || high) {
+      std::ostringstream range;
+      range << (min_exclusive ? "(" : "[") << min << ", " << max << (max_exclusive ? ")" : "]");
+      std::ostringstream found;
+      found << value;
+      reader_.fail(full(key), node, "expected a number in " + range.str() + ", found " + found.str());
+    }
+    out = value;
+  }
+  void boolean(const std::string& key, bool& out) {
+    YAML::Node node = scalar(key, "true or false");
+    if (!node) return;
+    if (!YAML::convert<bool>::decode(node, out)) {
+      reader_.fail(full(key), node, "expected true or false, found " + describe(node));
+    }
+  }
+  void string(const std::string& key, std::string& out) {
+    YAML::Node node = scalar(key, "a string");
+    if (node) out = node.Scalar();
+  }
+  void choice(const std::string& key, std::string& out, const std::set<std::string>& allowed) {
+    YAML::Node node = scalar(key, "one of " + join(allowed));
+    if (!node) return;
+    if (allowed.count(node.Scalar()) == 0) {
+      reader_.fail(full(key), node, "expected one of " + join(allowed) + ", found " + describe(node));
+    }
+    out = node.Scalar();
+  }
+
+  // Note [Config checking]: call after reading every known key.
+  void finish() const {
+    if (!node_.IsDefined() || !node_.IsMap()) return;
+    for (auto it = node_.begin(); it != node_.end(); ++it) {
+      const std::string key = it->first.Scalar();
+      if (known_.count(key) == 0) {
+        LOCKSTEP_FAIL("unknown config key '", full(key), "' at ", reader_.where(full(key), it->first.Mark()),
+                      " (known keys", path_.empty() ? "" : " under '" + path_ + "'", ": ", join(known_), ")");
+      }
+    }
+  }
+
+  [[noreturn]] void fail_key(const std::string& key, const std::string& what) const {
+    reader_.fail(full(key), child(key), what);
+  }
+
+ private:
+  std::string full(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
+  // yaml-cpp hands out "invalid" nodes for missing keys, which throw on most queries: normalise
+  // every absent key to a valid Undefined node.
+  YAML::Node child(const std::string& key) const {
+    if (!node_.IsDefined() || !node_.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
+    YAML::Node value = node_[key];
+    if (!value.IsDefined()) return YAML::Node(YAML::NodeType::Undefined);
+    return value;
+  }
+  // The key's node if it is given and a scalar; an invalid node if it is absent; an error otherwise.
+  YAML::Node scalar(const std::string& key, const std::string& expected) {
+    known_.insert(key);
+    YAML::Node node = child(key);
+    if (!node.IsDefined()) return YAML::Node(YAML::NodeType::Undefined);
+    if (!node.IsScalar()) reader_.fail(full(key), node, "expected " + expected + ", found " + describe(node));
+    return node;
+  }
+
+  const Reader& reader_;
+  YAML::Node node_;
+  std::string path_;
+  std::set<std::string> known_;
+};
+
+void read_runtime(Section s, RuntimeOptions& o) {
+  s.boolean("tune_malloc", o.tune_malloc);
+  int64_t threads = o.threads;
+  s.integer("threads", threads, 0, 4096);
+  o.threads = static_cast<int>(threads);
+  s.choice("backend", o.backend, {"auto", "mpi", "nccl"});
+  double timeout_s = static_cast<double>(o.timeout.count()) / 1e3;
+  s.real("timeout_s", timeout_s, 0.0);
+  o.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1e3));
+  s.finish();
+}
+
+void read_trainer(Section s, train::TrainerOptions& o) {
+  s.integer("epochs", o.epochs, 0);
+  s.count("batch_size", o.batch_size, 1);
+  s.count("eval_batch_size", o.eval_batch_size, 1);
+  s.unsigned_integer("seed", o.seed);
+  s.string("output_dir", o.output_dir);
+  s.integer("log_every", o.log_every, 0);
+  s.boolean("progress", o.progress);
+  s.count("prefetch", o.prefetch, 0);
+  s.boolean("drop_last_batch", o.drop_last_batch);
+  s.integer("stop_after_steps", o.stop_after_steps, 0);
+  {
+    Section lr = s.section("lr_schedule");
+    std::string kind = train::to_string(o.lr.kind);
+    lr.choice("kind", kind, {"constant", "step", "cosine"});
+    o.lr.kind = train::parse_lr_schedule_kind(kind);
+    lr.real("base_lr", o.lr.base_lr, 0.0);
+    lr.real("warmup_epochs", o.lr.warmup_epochs, 0.0);
+    lr.integer("warmup_steps", o.lr.warmup_steps, 0);
+    lr.integer("step_size", o.lr.step_size, 1);
+    lr.real("gamma", o.lr.gamma, 0.0, 1.0, true, false);
+    lr.real("min_lr", o.lr.min_lr, 0.0);
+    lr.boolean("scale_with_world_size", o.lr.scale_lr_with_world_size);
+    lr.finish();
+  }
+  {
+    Section c = s.section("checkpoint");
+    c.boolean("enabled", o.checkpoints);
+    c.integer("every_steps", o.checkpoint.every_steps, 0);
+    c.boolean("every_epoch", o.checkpoint.every_epoch);
+    c.integer("keep_last", o.checkpoint.keep_last, 0);
+    c.string("resume", o.checkpoint.resume);
+    c.string("directory", o.checkpoint.directory);
+    c.boolean("at_end", o.checkpoint.at_end);
+    c.finish();
+  }
+  s.finish();
+}
+
+void read_ddp(Section s, ddp::DataParallelOptions& o) {
+  s.real("bucket_cap_mb", o.bucket_cap_mb, 0.0, 1e6, true);
+  s.real("first_bucket_cap_mb", o.first_bucket_cap_mb, 0.0, 1e6, true);
+  s.boolean("gradient_as_bucket_view", o.gradient_as_bucket_view);
+  s.boolean("find_unused_parameters", o.find_unused_parameters);
+  s.boolean("broadcast_buffers", o.broadcast_buffers);
+  s.finish();
+}
+
+void read_data(Section s, DataConfig& o) {
+  s.choice("dataset", o.dataset, {"fashion-mnist", "mnist", "cifar10", "synthetic"});
+  s.string("dir", o.dir);
+  s.integer("train_subset", o.train_subset, 0);
+  s.integer("test_subset", o.test_subset, 0);
+  Section a = s.section("augment");
+  a.integer("pad", o.augment.pad, 0, 64);
+  a.boolean("hflip", o.augment.hflip);
+  a.finish();
+  s.finish();
+}
+
+void read_model(Section s, models::ResNet18Options& o) {
+  std::string name = "resnet18";
+  s.choice("name", name, {"resnet18"});
+  s.integer("width", o.width, 1, 4096);
+  s.integer("num_classes", o.num_classes, 1);
+  s.integer("in_channels", o.in_channels, 1);
+  std::string stem = models::to_string(o.stem);
+  s.choice("stem", stem, {"imagenet", "small"});
+  o.stem = models::parse_stem(stem);
+  s.boolean("zero_init_residual", o.zero_init_residual);
+  s.finish();
+}
+
+void read_optimizer(Section s, OptimizerConfig& o) {
+  s.choice("name", o.name, {"sgd"});
+  s.real("lr", o.lr, 0.0, 1e6, true);
+  s.real("momentum", o.momentum, 0.0, 1.0, false, true);
+  s.real("weight_decay", o.weight_decay, 0.0);
+  s.boolean("nesterov", o.nesterov);
+  if (o.nesterov && o.momentum <= 0) {
+    std::ostringstream found;
+    found << o.momentum;
+    s.fail_key("nesterov", "Nesterov momentum needs optimizer.momentum > 0, found " + found.str());
+  }
+  s.finish();
+}
+
+// Writes `value` (YAML text) at the dotted `path` under `root`, creating mappings on the way.
+void set_path(YAML::Node root, const std::vector<std::string>& keys, size_t i, const YAML::Node& value) {
+  if (i + 1 == keys.size()) {
+    root[keys[i]] = value;
+    return;
+  }
+  if (!root[keys[i]].IsMap()) root[keys[i]] = YAML::Node(YAML::NodeType::Map);
+  set_path(root[keys[i]], keys, i + 1, value);
+}
+
+}  // namespace
+
+ExperimentConfig parse_config(const std::string& yaml, const std::string& source,
+                              const std::vector<std::string>& overrides) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    LOCKSTEP_FAIL("config ", source, ":", e.mark.line + 1, ":", e.mark.column + 1, ": invalid YAML: ", e.msg);
+  }
+  if (!root.IsDefined() || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  std::map<std::string, std::string> origins;
+  for (const std::string& item : overrides) {
+    const auto eq = item.find('=');
+    LOCKSTEP_CHECK(eq != std::string::npos && eq > 0, "--set expects key.path=value, found '", item, "'");
+    const std::string path = item.substr(0, eq);
+    std::vector<std::string> keys;
+    std::stringstream parts(path);
+    for (std::string key; std::getline(parts, key, '.');) {
+      LOCKSTEP_CHECK(!key.empty(), "--set ", item, ": empty key in the path '", path, "'");
+      keys.push_back(key);
+    }
+    YAML::Node value;
+    try {
+      value = YAML::Load(item.substr(eq + 1));
+    } catch (const YAML::Exception& e) {
+      LOCKSTEP_FAIL("--set ", item, ": the value is not valid YAML: ", e.msg);
+    }
+    if (root.IsMap()) set_path(root, keys, 0, value);
+    origins[path] = item;
+  }
+  Reader reader(source, origins);
+  ExperimentConfig config;
+  Section top(reader, root, "");
+  read_runtime(top.section("runtime"), config.runtime);
+  read_trainer(top.section("trainer"), config.trainer);
+  read_ddp(top.section("ddp"), config.trainer.ddp);
+  read_data(top.section("data"), config.data);
+  read_model(top.section("model"), config.model);
+  read_optimizer(top.section("optimizer"), config.optimizer);
+  top.finish();
+  return config;
+}
+
+ExperimentConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path);
+  LOCKSTEP_CHECK(in.good(), "cannot open config file '", path, "'");
+  std::stringstream text;
+  text << in.rdbuf();
+  return parse_config(text.str(), path, overrides);
+}
+
+CommandLine parse_command_line(int argc, char** argv) {
+  CommandLine cli;
+  auto value_of = [&](int& i, const std::string& arg, const std::string& flag) -> std::string {
+    if (arg.size() > flag.size() && arg[flag.size()] == '=') return arg.substr(flag.size() + 1);
+    LOCKSTEP_CHECK(i + 1 < argc, flag, " needs a value");
+    return argv[++i];
+  };
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto is = [&](const std::string& flag) {
+      return arg == flag || (arg.size() > flag.size() && arg.compare(0, flag.size() + 1, flag + "=") == 0);
+    };
+    if (is("--config")) {
+      cli.config_path = value_of(i, arg, "--config");
+    } else if (is("--set")) {
+      cli.overrides.push_back(value_of(i, arg, "--set"));
+    } else if (arg == "--print-config") {
+      cli.print_config = true;
+    } else if (arg == "--help" || arg == "-h") {
+      cli.help = true;
+    } else {
+      LOCKSTEP_FAIL("unknown command-line argument '", arg, "' (see --help)");
+    }
+  }
+  return cli;
+}
+
+std::string usage(const std::string& program) {
+  return "usage: " + program +
+         " [--config FILE] [--set key.path=value]... [--print-config] [--help]\n"
+         "  --config FILE        YAML experiment configuration (default: the built-in one)\n"
+         "  --set key.path=value override one key, e.g. --set trainer.epochs=3 (repeatable)\n"
+         "  --print-config       print the effective configuration as YAML and exit\n";
+}
+
+}  // namespace lockstep::config

@@ -1,0 +1,120 @@
+// ExperimentConfig -> YAML (--print-config). Keys and nesting mirror parse_config exactly, so the
+// output is itself a valid config that reproduces the run.
+#include <yaml-cpp/yaml.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "lockstep/config/config.hpp"
+
+namespace lockstep::config {
+namespace {
+
+// The shortest decimal text that reads back as the same double (0.1, not 0.10000000000000001).
+std::string number(double value) {
+  char text[64];
+  for (int precision = 6; precision <= 17; ++precision) {
+    std::snprintf(text, sizeof text, "%.*g", precision, value);
+    if (std::strtod(text, nullptr) == value) break;
+  }
+  std::string out = text;
+  // Keep it a float to a reader: "1" -> "1.0" (exponent forms already read as floats).
+  if (out.find_first_of(".eEn") == std::string::npos) out += ".0";
+  return out;
+}
+
+template <typename T>
+void put(YAML::Emitter& out, const char* key, const T& value) {
+  out << YAML::Key << key << YAML::Value << value;
+}
+void put_real(YAML::Emitter& out, const char* key, double value) {
+  out << YAML::Key << key << YAML::Value << number(value);
+}
+
+}  // namespace
+
+std::string to_yaml(const ExperimentConfig& c) {
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+
+  out << YAML::Key << "runtime" << YAML::Value << YAML::BeginMap;
+  put(out, "tune_malloc", c.runtime.tune_malloc);
+  put(out, "threads", c.runtime.threads);
+  put(out, "backend", c.runtime.backend);
+  put_real(out, "timeout_s", static_cast<double>(c.runtime.timeout.count()) / 1e3);
+  out << YAML::EndMap;
+
+  const train::TrainerOptions& t = c.trainer;
+  out << YAML::Key << "trainer" << YAML::Value << YAML::BeginMap;
+  put(out, "epochs", t.epochs);
+  put(out, "batch_size", static_cast<int64_t>(t.batch_size));
+  put(out, "eval_batch_size", static_cast<int64_t>(t.eval_batch_size));
+  put(out, "seed", static_cast<int64_t>(t.seed));
+  put(out, "output_dir", t.output_dir);
+  put(out, "log_every", t.log_every);
+  put(out, "progress", t.progress);
+  put(out, "prefetch", static_cast<int64_t>(t.prefetch));
+  put(out, "drop_last_batch", t.drop_last_batch);
+  put(out, "stop_after_steps", t.stop_after_steps);
+  out << YAML::Key << "lr_schedule" << YAML::Value << YAML::BeginMap;
+  put(out, "kind", train::to_string(t.lr.kind));
+  put_real(out, "base_lr", t.lr.base_lr);
+  put_real(out, "warmup_epochs", t.lr.warmup_epochs);
+  put(out, "warmup_steps", t.lr.warmup_steps);
+  put(out, "step_size", t.lr.step_size);
+  put_real(out, "gamma", t.lr.gamma);
+  put_real(out, "min_lr", t.lr.min_lr);
+  put(out, "scale_with_world_size", t.lr.scale_lr_with_world_size);
+  out << YAML::EndMap;
+  out << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;
+  put(out, "enabled", t.checkpoints);
+  put(out, "every_steps", t.checkpoint.every_steps);
+  put(out, "every_epoch", t.checkpoint.every_epoch);
+  put(out, "keep_last", t.checkpoint.keep_last);
+  put(out, "resume", t.checkpoint.resume);
+  put(out, "directory", t.checkpoint.directory);
+  put(out, "at_end", t.checkpoint.at_end);
+  out << YAML::EndMap;
+  out << YAML::EndMap;
+
+  out << YAML::Key << "ddp" << YAML::Value << YAML::BeginMap;
+  put_real(out, "bucket_cap_mb", t.ddp.bucket_cap_mb);
+  put_real(out, "first_bucket_cap_mb", t.ddp.first_bucket_cap_mb);
+  put(out, "gradient_as_bucket_view", t.ddp.gradient_as_bucket_view);
+  put(out, "find_unused_parameters", t.ddp.find_unused_parameters);
+  put(out, "broadcast_buffers", t.ddp.broadcast_buffers);
+  out << YAML::EndMap;
+
+  out << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
+  put(out, "dataset", c.data.dataset);
+  put(out, "dir", c.data.dir);
+  put(out, "train_subset", c.data.train_subset);
+  put(out, "test_subset", c.data.test_subset);
+  out << YAML::Key << "augment" << YAML::Value << YAML::BeginMap;
+  put(out, "pad", c.data.augment.pad);
+  put(out, "hflip", c.data.augment.hflip);
+  out << YAML::EndMap;
+  out << YAML::EndMap;
+
+  out << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
+  put(out, "name", std::string("resnet18"));
+  put(out, "width", c.model.width);
+  put(out, "num_classes", c.model.num_classes);
+  put(out, "in_channels", c.model.in_channels);
+  put(out, "stem", models::to_string(c.model.stem));
+  put(out, "zero_init_residual", c.model.zero_init_residual);
+  out << YAML::EndMap;
+
+  out << YAML::Key << "optimizer" << YAML::Value << YAML::BeginMap;
+  put(out, "name", c.optimizer.name);
+  put_real(out, "lr", c.optimizer.lr);
+  put_real(out, "momentum", c.optimizer.momentum);
+  put_real(out, "weight_decay", c.optimizer.weight_decay);
+  put(out, "nesterov", c.optimizer.nesterov);
+  out << YAML::EndMap;
+
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace lockstep::config

@@ -1,0 +1,277 @@
+#include "lockstep/train/checkpoint.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/data/loader.hpp"
+
+namespace lockstep::train {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr const char* kPrefix = "checkpoint-step";
+constexpr const char* kSuffix = ".pt";
+constexpr int64_t kFormatVersion = 1;
+
+// fsync so that after the rename the file's data is on disk, not only its name (a crash between
+// rename and writeback must not leave a complete-looking empty file).
+void sync_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
+int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key) {
+  c10::IValue value;
+  archive.read(key, value);
+  return value.toInt();
+}
+
+// Opens and checks the header of a checkpoint; throws a lockstep::Error naming it.
+void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path) {
+  LOCKSTEP_CHECK(fs::is_regular_file(path), "checkpoint ", path, " does not exist");
+  try {
+    archive.load_from(path);
+    const int64_t version = read_int(archive, "lockstep_checkpoint_version");
+    LOCKSTEP_CHECK(version == kFormatVersion, "checkpoint ", path, " has format version ", version, ", expected ",
+                   kFormatVersion);
+    read_int(archive, "global_step");
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    LOCKSTEP_FAIL("checkpoint ", path, " is not a valid Lockstep checkpoint (truncated or corrupt?): ",
+                  std::string(e.what()).substr(0, 300));
+  }
+}
+
+// Note [Load by copy]: Module::load() would set_() each parameter to the archive's storage. That
+// swaps the storage under DataParallel, which holds on to the parameters' memory, and the next
+// synchronised step no longer matches an uninterrupted run. So values are copied into the existing
+// tensors instead (same hierarchy of nested archives as Module::save writes).
+void load_into(torch::nn::Module& module, torch::serialize::InputArchive& archive, const std::string& prefix) {
+  torch::NoGradGuard no_grad;
+  auto copy = [&](const std::string& name, at::Tensor& target, at::Tensor source) {
+    LOCKSTEP_CHECK(source.sizes() == target.sizes(), "'", prefix + name, "' has shape ", source.sizes(),
+                   " in the checkpoint but ", target.sizes(), " in the model");
+    target.copy_(source);
+  };
+  for (auto& item : module.named_parameters(/*recurse=*/false)) {
+    at::Tensor source;
+    archive.read(item.key(), source);
+    copy(item.key(), item.value(), source);
+  }
+  for (auto& item : module.named_buffers(/*recurse=*/false)) {
+    at::Tensor source;
+    archive.read(item.key(), source, /*is_buffer=*/true);
+    copy(item.key(), item.value(), source);
+  }
+  for (const auto& child : module.named_children()) {
+    if (!child.value()->is_serializable()) continue;
+    torch::serialize::InputArchive child_archive;
+    archive.read(child.key(), child_archive);
+    load_into(*child.value(), child_archive, prefix + child.key() + ".");
+  }
+}
+
+}  // namespace
+
+std::string checkpoint_file_name(int64_t global_step) {
+  char name[64];
+  std::snprintf(name, sizeof name, "%s%08lld%s", kPrefix, static_cast<long long>(global_step), kSuffix);
+  return name;
+}
+
+std::vector<std::string> list_checkpoints(const std::string& directory) {
+  std::vector<std::pair<int64_t, std::string>> found;
+  std::error_code error;
+  if (!fs::is_directory(directory, error)) return {};
+  for (const auto& entry : fs::directory_iterator(directory)) {
+    const std::string name = entry.path().filename().string();
+    const std::string prefix = kPrefix, suffix = kSuffix;
+    if (name.size() <= prefix.size() + suffix.size() || name.compare(0, prefix.size(), prefix) != 0 ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+      continue;
+    }
+    const std::string digits = name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+    if (digits.empty() || !std::all_of(digits.begin(), digits.end(), ::isdigit)) continue;
+    found.emplace_back(std::stoll(digits), entry.path().string());
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> paths;
+  for (auto& item : found) paths.push_back(std::move(item.second));
+  return paths;
+}
+
+Checkpointer::Checkpointer(CheckpointOptions options) : options_(std::move(options)) {
+  LOCKSTEP_CHECK(!options_.directory.empty(), "Checkpointer: CheckpointOptions::directory is empty");
+  LOCKSTEP_CHECK(options_.every_steps >= 0, "CheckpointOptions::every_steps must be >= 0, got ",
+                 options_.every_steps);
+  LOCKSTEP_CHECK(options_.keep_last >= 0, "CheckpointOptions::keep_last must be >= 0, got ", options_.keep_last);
+}
+
+void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position) {
+  comm::Communicator& comm = *ctx.communicator;
+  const int rank = comm.rank();
+  const int world = comm.size();
+  // Every rank's generator state (they differ: seeded with seed + rank), gathered to all as float64,
+  // which holds bytes exactly and which every backend reduces and gathers.
+  at::Tensor state = at::detail::getDefaultCPUGenerator().get_state().to(torch::kFloat64);
+  const int64_t n = state.numel();
+  at::Tensor all = torch::empty({world * n}, torch::kFloat64);
+  comm.allgather(state, all)->wait();
+
+  const std::string final_path = (fs::path(options_.directory) / checkpoint_file_name(ctx.global_step)).string();
+  if (rank == 0) {
+    torch::serialize::OutputArchive archive;
+    archive.write("lockstep_checkpoint_version", c10::IValue(kFormatVersion));
+    archive.write("global_step", c10::IValue(ctx.global_step));
+    archive.write("epoch", c10::IValue(position.epoch));
+    archive.write("position", c10::IValue(position.position));
+    archive.write("world_size", c10::IValue(static_cast<int64_t>(world)));
+    torch::serialize::OutputArchive model_archive;
+    ctx.model->save(model_archive);
+    archive.write("model", model_archive);
+    torch::serialize::OutputArchive optimizer_archive;
+    ctx.optimizer->save(optimizer_archive);
+    archive.write("optimizer", optimizer_archive);
+    archive.write("rng_states", all.to(torch::kUInt8).view({world, n}));
+    if (ctx.callbacks != nullptr) {
+      for (const auto& cb : *ctx.callbacks) {
+        const std::string key = cb->state_key();
+        if (key.empty()) continue;
+        LOCKSTEP_CHECK(std::all_of(key.begin(), key.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
+                       "callback state_key '", key, "' must contain only letters, digits and '_'");
+        archive.write("callback_" + key, c10::IValue(cb->save_state()));
+      }
+    }
+    // Note [Atomic checkpoint]: write under a temporary name, sync, then rename: rename is atomic
+    // within a file system, so a reader (or a resumed run) sees either the old set of files or the
+    // new complete one, never a partial file under a final name.
+    fs::create_directories(options_.directory);
+    const std::string temporary = final_path + ".tmp";
+    archive.save_to(temporary);
+    sync_file(temporary);
+    LOCKSTEP_CHECK(std::rename(temporary.c_str(), final_path.c_str()) == 0, "cannot rename ", temporary, " to ",
+                   final_path);
+    sync_file(options_.directory);
+    if (options_.keep_last > 0) {
+      std::vector<std::string> existing = list_checkpoints(options_.directory);
+      for (size_t i = 0; i + static_cast<size_t>(options_.keep_last) < existing.size(); ++i) {
+        std::error_code ignored;
+        fs::remove(existing[i], ignored);
+      }
+    }
+  }
+  last_saved_step_ = ctx.global_step;
+  last_path_ = final_path;
+}
+
+void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
+  torch::serialize::InputArchive archive;
+  open_checkpoint(archive, path);
+  const int rank = ctx.communicator->rank();
+  const int world = ctx.communicator->size();
+  try {
+    const int64_t saved_world = read_int(archive, "world_size");
+    LOCKSTEP_CHECK(saved_world == world, "checkpoint ", path, " was written by ", saved_world,
+                   " ranks but this job has ", world,
+                   ": the train sampler's position is per rank, so resume with the same world size");
+    torch::serialize::InputArchive model_archive;
+    archive.read("model", model_archive);
+    load_into(*ctx.model, model_archive, "");  // Note [Load by copy]
+    torch::serialize::InputArchive optimizer_archive;
+    archive.read("optimizer", optimizer_archive);
+    ctx.optimizer->load(optimizer_archive);
+    at::Tensor states;
+    archive.read("rng_states", states);
+    {
+      at::Generator generator = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      generator.set_state(states[rank].clone());
+    }
+    if (ctx.callbacks != nullptr) {
+      for (const auto& cb : *ctx.callbacks) {
+        const std::string key = cb->state_key();
+        if (key.empty()) continue;
+        c10::IValue value;
+        if (archive.try_read("callback_" + key, value)) cb->load_state(value.toStringRef());
+      }
+    }
+    ctx.global_step = read_int(archive, "global_step");
+    data::SamplerState position;
+    position.epoch = read_int(archive, "epoch");
+    position.position = read_int(archive, "position");
+    ctx.epoch = position.epoch;
+    ctx.resume_position = position;
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    LOCKSTEP_FAIL("checkpoint ", path, " could not be loaded (does it belong to this model and optimizer?): ",
+                  std::string(e.what()).substr(0, 300));
+  }
+  last_saved_step_ = ctx.global_step;
+  last_path_ = path;
+}
+
+void Checkpointer::on_train_begin(TrainerContext& ctx) {
+  if (options_.resume == "never") return;
+  std::string path;
+  if (options_.resume == "auto") {
+    // Rank 0 picks the newest checkpoint that opens, and every rank loads that one.
+    double chosen = -1;
+    if (ctx.communicator->rank() == 0) {
+      std::vector<std::string> candidates = list_checkpoints(options_.directory);
+      for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
+        try {
+          torch::serialize::InputArchive archive;
+          open_checkpoint(archive, *it);
+          chosen = static_cast<double>(read_int(archive, "global_step"));
+          break;
+        } catch (const std::exception& e) {
+          std::cerr << "lockstep: warning: skipping checkpoint " << *it << ": "
+                    << (dynamic_cast<const Error*>(&e) ? static_cast<const Error&>(e).message() : e.what()) << "\n";
+        }
+      }
+    }
+    at::Tensor choice = torch::full({1}, chosen, torch::kFloat64);
+    ctx.communicator->broadcast(choice)->wait();
+    chosen = choice.item<double>();
+    if (chosen < 0) return;
+    path = (fs::path(options_.directory) / checkpoint_file_name(static_cast<int64_t>(chosen))).string();
+  } else {
+    path = options_.resume;
+  }
+  load(ctx, path);
+  if (ctx.communicator->rank() == 0) {
+    std::printf("resumed from %s (epoch %lld, step %lld)\n", path.c_str(),
+                static_cast<long long>(ctx.resume_position->epoch + 1), static_cast<long long>(ctx.global_step));
+    std::fflush(stdout);
+  }
+}
+
+void Checkpointer::on_after_optimizer_step(TrainerContext& ctx) {
+  if (options_.every_steps > 0 && ctx.global_step % options_.every_steps == 0) save(ctx, ctx.train_loader->state());
+}
+
+void Checkpointer::on_epoch_end(TrainerContext& ctx) {
+  if (!options_.every_epoch) return;
+  data::SamplerState next;
+  next.epoch = ctx.epoch + 1;
+  next.position = 0;
+  save(ctx, next);
+}
+
+void Checkpointer::on_train_end(TrainerContext& ctx) {
+  if (options_.at_end && last_saved_step_ != ctx.global_step) save(ctx, ctx.train_loader->state());
+}
+
+}  // namespace lockstep::train

@@ -1,0 +1,51 @@
+#include "lockstep/train/lr_schedule.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::train {
+
+LrScheduleKind parse_lr_schedule_kind(const std::string& name) {
+  if (name == "constant") return LrScheduleKind::Constant;
+  if (name == "step") return LrScheduleKind::Step;
+  if (name == "cosine") return LrScheduleKind::Cosine;
+  LOCKSTEP_FAIL("unknown lr schedule '", name, "': expected one of constant, step, cosine");
+}
+
+std::string to_string(LrScheduleKind kind) {
+  switch (kind) {
+    case LrScheduleKind::Constant: return "constant";
+    case LrScheduleKind::Step: return "step";
+    case LrScheduleKind::Cosine: return "cosine";
+  }
+  return "?";
+}
+
+double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps,
+             int world_size) {
+  LOCKSTEP_CHECK(steps_per_epoch > 0, "lr_at: steps_per_epoch must be positive, got ", steps_per_epoch);
+  LOCKSTEP_CHECK(step >= 0, "lr_at: step must be non-negative, got ", step);
+  const double peak = options.base_lr * (options.scale_lr_with_world_size ? world_size : 1);
+  const auto warmup = static_cast<int64_t>(std::llround(options.warmup_epochs * static_cast<double>(steps_per_epoch))) +
+                      options.warmup_steps;
+  if (step < warmup) return peak * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  switch (options.kind) {
+    case LrScheduleKind::Constant:
+      return peak;
+    case LrScheduleKind::Step: {
+      LOCKSTEP_CHECK(options.step_size > 0, "lr schedule step_size must be positive, got ", options.step_size);
+      const int64_t epoch = step / steps_per_epoch;
+      return peak * std::pow(options.gamma, static_cast<double>(epoch / options.step_size));
+    }
+    case LrScheduleKind::Cosine: {
+      const int64_t span = std::max<int64_t>(1, total_steps - warmup);
+      const double progress = std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(span));
+      return options.min_lr + (peak - options.min_lr) * 0.5 * (1.0 + std::cos(M_PI * progress));
+    }
+  }
+  return peak;
+}
+
+}  // namespace lockstep::train

@@ -1,0 +1,109 @@
+#include "lockstep/train/progress.hpp"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/train/trainer.hpp"
+
+namespace lockstep::train {
+namespace {
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) seconds = 0;
+  const auto total = static_cast<long long>(std::llround(seconds));
+  char text[32];
+  if (total >= 3600) {
+    std::snprintf(text, sizeof text, "%lld:%02lld:%02lld", total / 3600, total / 60 % 60, total % 60);
+  } else {
+    std::snprintf(text, sizeof text, "%lld:%02lld", total / 60, total % 60);
+  }
+  return text;
+}
+
+double metric(const TrainerContext& ctx, const std::string& key) {
+  auto it = ctx.metrics.find(key);
+  return it == ctx.metrics.end() ? std::nan("") : it->second;
+}
+
+}  // namespace
+
+ProgressLogger::ProgressLogger(ProgressOptions options) : options_(std::move(options)) {
+  LOCKSTEP_CHECK(options_.log_every >= 0, "ProgressOptions::log_every must be >= 0, got ", options_.log_every);
+}
+
+void ProgressLogger::on_train_begin(TrainerContext& ctx) {
+  // Note [Progress terminal]: OpenMPI forwards each rank's stdout through a pseudo-terminal, so isatty()
+  // says yes even when mpirun's own output goes to a file; under mpirun plain lines are the default.
+  // LOCKSTEP_PROGRESS_TTY=1 or 0 forces either way.
+  const char* forced = std::getenv("LOCKSTEP_PROGRESS_TTY");
+  if (options_.interactive >= 0) {
+    interactive_ = options_.interactive == 1;
+  } else if (forced != nullptr && *forced != '\0') {
+    interactive_ = std::string(forced) != "0";
+  } else {
+    interactive_ = isatty(STDOUT_FILENO) != 0 && std::getenv("OMPI_COMM_WORLD_SIZE") == nullptr &&
+                   std::getenv("PMI_RANK") == nullptr;
+  }
+  if (ctx.world.rank != 0 || options_.metrics_path.empty()) return;
+  // A fresh run starts a fresh file; a resumed one (the Checkpointer ran before us) appends to it.
+  std::ofstream out(options_.metrics_path, ctx.global_step == 0 ? std::ios::trunc : std::ios::app);
+  LOCKSTEP_CHECK(out.good(), "cannot open ", options_.metrics_path, " for writing");
+}
+
+void ProgressLogger::on_epoch_begin(TrainerContext& ctx) {
+  epoch_start_ = std::chrono::steady_clock::now();
+  epoch_first_step_ = ctx.global_step;
+  images_ = 0;
+}
+
+void ProgressLogger::on_after_optimizer_step(TrainerContext& ctx) {
+  images_ += ctx.batch.target.defined() ? ctx.batch.target.size(0) * ctx.world.size : 0;
+  if (ctx.world.rank != 0 || options_.log_every == 0) return;
+  const int64_t done = ctx.batch_in_epoch + 1;
+  if (done % options_.log_every != 0 && done != ctx.steps_per_epoch) return;
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch_start_).count();
+  const int64_t steps_here = ctx.global_step - epoch_first_step_;
+  const double per_step = steps_here > 0 ? elapsed / static_cast<double>(steps_here) : 0.0;
+  const double eta = per_step * static_cast<double>(ctx.steps_per_epoch - done);
+  const double loss = ctx.loss.defined() ? ctx.loss.item<double>() : std::nan("");
+  const auto options = ctx.options;
+  std::printf("%sepoch %lld/%lld [%lld/%lld] loss %.4f lr %.4g | %.0f img/s | ETA %s%s", interactive_ ? "\r" : "",
+              static_cast<long long>(ctx.epoch + 1), static_cast<long long>(options ? options->epochs : 0),
+              static_cast<long long>(done), static_cast<long long>(ctx.steps_per_epoch), loss, ctx.lr,
+              elapsed > 0 ? static_cast<double>(images_) / elapsed : 0.0, format_duration(eta).c_str(),
+              interactive_ ? "\033[K" : "\n");
+  line_open_ = interactive_;
+  std::fflush(stdout);
+}
+
+void ProgressLogger::on_epoch_end(TrainerContext& ctx) {
+  if (ctx.world.rank != 0) return;
+  if (line_open_) std::printf("\n");
+  line_open_ = false;
+  std::printf("epoch %lld: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s | %.1f s\n",
+              static_cast<long long>(ctx.epoch + 1), metric(ctx, "train_loss"), 100 * metric(ctx, "train_acc"),
+              metric(ctx, "test_loss"), 100 * metric(ctx, "test_acc"), metric(ctx, "images_per_s"),
+              metric(ctx, "train_time_s"));
+  std::fflush(stdout);
+  if (options_.metrics_path.empty()) return;
+  nlohmann::json line = nlohmann::json::object();
+  for (const auto& [key, value] : ctx.metrics) {
+    if (key == "epoch" || key == "step") {
+      line[key] = static_cast<int64_t>(value);
+    } else if (std::isfinite(value)) {
+      line[key] = value;
+    } else {
+      line[key] = nullptr;  // JSON has no NaN
+    }
+  }
+  std::ofstream out(options_.metrics_path, std::ios::app);
+  out << line.dump() << "\n";
+  LOCKSTEP_CHECK(out.good(), "cannot append to ", options_.metrics_path);
+}
+
+}  // namespace lockstep::train

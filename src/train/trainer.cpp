@@ -1,0 +1,262 @@
+#include "lockstep/train/trainer.hpp"
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/data/loader.hpp"
+#include "lockstep/data/sharded_sampler.hpp"
+#include "lockstep/train/progress.hpp"
+
+namespace lockstep::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Note [Exact metrics]: each rank sums (not averages) its loss, correct predictions and sample count,
+// and one float64 all-reduce adds the sums, so the epoch's loss and accuracy are exact over all
+// samples whatever the shard sizes are: never an average of per-rank averages.
+enum EpochSum { kLossSum, kCorrect, kCount, kForward, kBackward, kComm, kExposed, kSteps, kNumSums };
+
+std::vector<double> allreduce_sums(comm::Communicator& comm, const std::vector<double>& local) {
+  at::Tensor t = torch::tensor(local, torch::kFloat64);
+  comm.allreduce(t)->wait();
+  return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+}
+
+}  // namespace
+
+DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
+                                       std::shared_ptr<torch::optim::Optimizer> optimizer, comm::CommunicatorPtr comm,
+                                       TrainerOptions options)
+    : model_(std::move(model)),
+      forward_(std::move(forward)),
+      optimizer_(std::move(optimizer)),
+      comm_(std::move(comm)),
+      options_(std::move(options)) {
+  LOCKSTEP_CHECK(model_ != nullptr, "DistributedTrainer: the model is null");
+  LOCKSTEP_CHECK(static_cast<bool>(forward_), "DistributedTrainer: the forward function is empty");
+  LOCKSTEP_CHECK(optimizer_ != nullptr, "DistributedTrainer: the optimizer is null");
+  LOCKSTEP_CHECK(comm_ != nullptr, "DistributedTrainer: the communicator is null");
+  LOCKSTEP_CHECK(options_.epochs >= 0, "TrainerOptions::epochs must be >= 0, got ", options_.epochs);
+  LOCKSTEP_CHECK(options_.batch_size > 0, "TrainerOptions::batch_size must be positive");
+  LOCKSTEP_CHECK(options_.eval_batch_size > 0, "TrainerOptions::eval_batch_size must be positive");
+  LOCKSTEP_CHECK(!optimizer_->param_groups().empty(), "DistributedTrainer: the optimizer has no parameter groups");
+  base_lr_ = options_.lr.base_lr > 0 ? options_.lr.base_lr : optimizer_->param_groups().front().options().get_lr();
+  dp_ = std::make_unique<ddp::DataParallel>(model_, comm_, options_.ddp);
+}
+
+DistributedTrainer::~DistributedTrainer() = default;
+
+void DistributedTrainer::add_callback(CallbackPtr callback) {
+  LOCKSTEP_CHECK(callback != nullptr, "DistributedTrainer::add_callback: null callback");
+  user_callbacks_.push_back(std::move(callback));
+}
+
+void DistributedTrainer::set_lr(double lr) {
+  for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
+}
+
+std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set, data::DatasetPtr eval_set) {
+  LOCKSTEP_CHECK(train_set != nullptr, "DistributedTrainer::fit: the training set is null");
+  const int rank = comm_->rank();
+  const int world = comm_->size();
+  // Dropout and other draws differ per rank (each sees other samples) but repeat from run to run.
+  torch::manual_seed(options_.seed + static_cast<uint64_t>(rank));
+
+  data::ShardedSamplerOptions sampler_options;
+  sampler_options.shuffle = true;
+  sampler_options.drop_last = false;
+  sampler_options.seed = options_.seed;
+  auto sampler = std::make_shared<data::ShardedSampler>(train_set->size(), world, rank, sampler_options);
+  data::LoaderOptions loader_options;
+  loader_options.batch_size = options_.batch_size;
+  loader_options.prefetch = options_.prefetch;
+  loader_options.drop_last_batch = options_.drop_last_batch;
+  data::Loader loader(train_set, sampler, loader_options);
+
+  if (!options_.output_dir.empty() && rank == 0) std::filesystem::create_directories(options_.output_dir);
+  // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
+  // callbacks start), the ProgressLogger last (it records the metrics the others add).
+  callbacks_.clear();
+  if (options_.checkpoints && !options_.output_dir.empty()) {
+    CheckpointOptions checkpoint = options_.checkpoint;
+    if (checkpoint.directory.empty()) checkpoint.directory = options_.output_dir + "/checkpoints";
+    callbacks_.push_back(std::make_shared<Checkpointer>(checkpoint));
+  }
+  callbacks_.insert(callbacks_.end(), user_callbacks_.begin(), user_callbacks_.end());
+  if (options_.progress) {
+    ProgressOptions progress;
+    progress.log_every = options_.log_every;
+    if (!options_.output_dir.empty()) progress.metrics_path = options_.output_dir + "/metrics.jsonl";
+    callbacks_.push_back(std::make_shared<ProgressLogger>(progress));
+  }
+
+  TrainerContext ctx;
+  ctx.model = model_.get();
+  ctx.optimizer = optimizer_.get();
+  ctx.data_parallel = dp_.get();
+  ctx.communicator = comm_.get();
+  ctx.world.rank = rank;
+  ctx.world.size = world;
+  ctx.options = &options_;
+  ctx.train_loader = &loader;
+  ctx.callbacks = &callbacks_;
+  ctx.steps_per_epoch = static_cast<int64_t>(loader.batches_per_epoch());
+  LOCKSTEP_CHECK(ctx.steps_per_epoch > 0, "DistributedTrainer::fit: no batches per epoch (", train_set->size(),
+                 " samples, ", world, " ranks, batch size ", options_.batch_size, ", drop_last_batch ",
+                 options_.drop_last_batch, ")");
+  ctx.total_steps = ctx.steps_per_epoch * options_.epochs;
+  model_->train();
+
+  for (auto& cb : callbacks_) cb->on_train_begin(ctx);
+  int64_t first_epoch = 0;
+  bool resumed = false;
+  if (ctx.resume_position) {
+    loader.load_state(*ctx.resume_position);
+    first_epoch = ctx.resume_position->epoch;
+    ctx.batch_in_epoch = ctx.resume_position->position / static_cast<int64_t>(options_.batch_size);
+    resumed = true;
+    ctx.resume_position.reset();
+  }
+
+  std::map<std::string, double> last;
+  for (int64_t epoch = first_epoch; epoch < options_.epochs && !ctx.stop_requested; ++epoch) {
+    ctx.epoch = epoch;
+    ctx.metrics.clear();
+    if (!(resumed && epoch == first_epoch)) {
+      loader.start_epoch(epoch);
+      ctx.batch_in_epoch = 0;
+    }
+    for (auto& cb : callbacks_) cb->on_epoch_begin(ctx);
+    const auto start = Clock::now();
+    run_epoch(ctx, loader, resumed && epoch == first_epoch);
+    const double train_seconds = seconds_since(start);
+
+    const std::vector<double> sums = allreduce_sums(*comm_, epoch_sums_);
+    const double count = sums[kCount];
+    const double steps = sums[kSteps];  // summed over ranks
+    ctx.metrics["epoch"] = static_cast<double>(epoch + 1);
+    ctx.metrics["step"] = static_cast<double>(ctx.global_step);
+    ctx.metrics["lr"] = ctx.lr;
+    ctx.metrics["train_loss"] = count > 0 ? sums[kLossSum] / count : 0.0;
+    ctx.metrics["train_acc"] = count > 0 ? sums[kCorrect] / count : 0.0;
+    ctx.metrics["train_count"] = count;
+    ctx.metrics["train_time_s"] = train_seconds;
+    ctx.metrics["images_per_s"] = train_seconds > 0 ? count / train_seconds : 0.0;
+    ctx.metrics["forward_ms"] = steps > 0 ? 1e3 * sums[kForward] / steps : 0.0;
+    ctx.metrics["backward_ms"] = steps > 0 ? 1e3 * sums[kBackward] / steps : 0.0;
+    ctx.metrics["comm_ms"] = steps > 0 ? 1e3 * sums[kComm] / steps : 0.0;
+    ctx.metrics["exposed_comm_ms"] = steps > 0 ? 1e3 * sums[kExposed] / steps : 0.0;
+    // A stopped epoch is incomplete: no evaluation and no on_epoch_end; a resumed run finishes it.
+    if (ctx.stop_requested) break;
+
+    if (eval_set) {
+      for (const auto& [key, value] : evaluate(eval_set)) ctx.metrics[key] = value;
+    }
+    for (auto& cb : callbacks_) cb->on_evaluation_end(ctx);
+    for (auto& cb : callbacks_) cb->on_epoch_end(ctx);
+    last = ctx.metrics;
+  }
+  for (auto& cb : callbacks_) cb->on_train_end(ctx);
+  // Rank 0 may still be writing files (checkpoint, metrics.jsonl) that the others want to read once
+  // fit() returns.
+  comm_->barrier()->wait();
+  return last.empty() ? ctx.metrics : last;
+}
+
+void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
+  epoch_sums_.assign(kNumSums, 0.0);
+  LrScheduleOptions schedule = options_.lr;
+  schedule.base_lr = base_lr_;
+  while (auto batch = loader.next()) {
+    ctx.batch = std::move(*batch);
+    ctx.output = at::Tensor();
+    ctx.loss = at::Tensor();
+    ctx.lr = lr_at(schedule, ctx.global_step, ctx.steps_per_epoch, ctx.total_steps, ctx.world.size);
+    set_lr(ctx.lr);
+    for (auto& cb : callbacks_) cb->on_batch_begin(ctx);
+
+    optimizer_->zero_grad();
+    dp_->before_forward();
+    ctx.output = forward_(ctx.batch.data);
+    ctx.loss = torch::nn::functional::cross_entropy(ctx.output, ctx.batch.target);
+    dp_->before_backward();
+    ctx.loss.backward();
+    for (auto& cb : callbacks_) cb->on_after_backward(ctx);
+    optimizer_->step();
+    ++ctx.global_step;
+
+    {
+      torch::NoGradGuard no_grad;
+      const auto n = static_cast<double>(ctx.batch.target.size(0));
+      epoch_sums_[kLossSum] += ctx.loss.item<double>() * n;
+      epoch_sums_[kCorrect] += ctx.output.argmax(1).eq(ctx.batch.target).sum().item<double>();
+      epoch_sums_[kCount] += n;
+      const ddp::StepTimings& t = dp_->last_step();
+      epoch_sums_[kForward] += t.forward_s;
+      epoch_sums_[kBackward] += t.backward_s;
+      epoch_sums_[kComm] += t.communication_s;
+      epoch_sums_[kExposed] += t.exposed_communication_s;
+      epoch_sums_[kSteps] += 1;
+    }
+    for (auto& cb : callbacks_) cb->on_after_optimizer_step(ctx);
+    ++ctx.batch_in_epoch;
+    if (options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) ctx.stop_requested = true;
+    if (ctx.stop_requested) break;
+  }
+}
+
+std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {
+  LOCKSTEP_CHECK(eval_set != nullptr, "DistributedTrainer::evaluate: the data set is null");
+  const int rank = comm_->rank();
+  const int world = comm_->size();
+  data::ShardedSamplerOptions sampler_options;
+  sampler_options.shuffle = false;
+  sampler_options.drop_last = false;
+  auto sampler = std::make_shared<data::ShardedSampler>(eval_set->size(), world, rank, sampler_options);
+  data::LoaderOptions loader_options;
+  loader_options.batch_size = options_.eval_batch_size;
+  loader_options.prefetch = options_.prefetch;
+  data::Loader loader(eval_set, sampler, loader_options);
+  loader.start_epoch(0);
+
+  // Note [Exact evaluation]: the sampler pads the epoch by wrapping around to a multiple of the world
+  // size, and rank r's i-th sample sits at global position r + i * world. Positions >= N are the
+  // padding (repeats of the first samples): they are masked out, so every sample counts exactly once.
+  const auto n = static_cast<int64_t>(eval_set->size());
+  std::vector<double> sums(3, 0.0);
+  int64_t slice_position = 0;
+  const bool was_training = model_->is_training();
+  model_->eval();
+  {
+    torch::NoGradGuard no_grad;
+    while (auto batch = loader.next()) {
+      const int64_t b = batch->target.size(0);
+      int64_t valid = 0;
+      while (valid < b && rank + (slice_position + valid) * world < n) ++valid;
+      slice_position += b;
+      if (valid == 0) continue;
+      at::Tensor output = forward_(batch->data.narrow(0, 0, valid));
+      at::Tensor target = batch->target.narrow(0, 0, valid);
+      sums[0] += torch::nn::functional::cross_entropy(
+                     output, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                     .item<double>();
+      sums[1] += output.argmax(1).eq(target).sum().item<double>();
+      sums[2] += static_cast<double>(valid);
+    }
+  }
+  if (was_training) model_->train();
+  sums = allreduce_sums(*comm_, sums);
+  return {{"test_loss", sums[2] > 0 ? sums[0] / sums[2] : 0.0},
+          {"test_acc", sums[2] > 0 ? sums[1] / sums[2] : 0.0},
+          {"test_count", sums[2]}};
+}
+
+}  // namespace lockstep::train

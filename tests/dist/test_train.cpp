@@ -1,0 +1,396 @@
+// DistributedTrainer at 2 and 3 ranks: callback order and powers, exact metrics, checkpoints, and
+// bitwise-identical results after a stop and resume. Every rank walks the same path (CHECK, not REQUIRE).
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "lockstep/data/augment.hpp"
+#include "lockstep/data/mnist.hpp"
+#include "lockstep/data/subset.hpp"
+#include "lockstep/data/synthetic_dataset.hpp"
+#include "lockstep/models/resnet.hpp"
+#include "lockstep/train/trainer.hpp"
+#include "support/dist.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using lockstep::testing::comm;
+using lockstep::testing::comm_ptr;
+using lockstep::train::Callback;
+using lockstep::train::DistributedTrainer;
+using lockstep::train::TrainerContext;
+using lockstep::train::TrainerOptions;
+
+constexpr int64_t kClasses = 4;
+
+struct TinyNetImpl : torch::nn::Module {
+  TinyNetImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(16, 12))),
+        bn(register_module("bn", torch::nn::BatchNorm1d(12))),
+        drop(register_module("drop", torch::nn::Dropout(0.25))),
+        fc2(register_module("fc2", torch::nn::Linear(12, kClasses))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(drop(torch::relu(bn(fc1(x.flatten(1)))))); }
+  torch::nn::Linear fc1;
+  torch::nn::BatchNorm1d bn;
+  torch::nn::Dropout drop;
+  torch::nn::Linear fc2;
+};
+TORCH_MODULE(TinyNet);
+
+// logits = W x + b with W = 0 and b = (1, 0, 0, 0): every sample's prediction and loss in closed form.
+struct FixedLinearImpl : torch::nn::Module {
+  FixedLinearImpl() : fc(register_module("fc", torch::nn::Linear(16, kClasses))) {
+    torch::NoGradGuard no_grad;
+    fc->weight.zero_();
+    fc->bias.zero_();
+    fc->bias[0] = 1.0;
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc(x.flatten(1)); }
+  torch::nn::Linear fc;
+};
+TORCH_MODULE(FixedLinear);
+
+std::shared_ptr<lockstep::data::SyntheticDataset> synthetic(int64_t size, uint64_t seed = 3) {
+  lockstep::data::SyntheticOptions o;
+  o.channels = 1;
+  o.height = 4;
+  o.width = 4;
+  o.num_classes = kClasses;
+  o.size = size;
+  o.seed = seed;
+  return std::make_shared<lockstep::data::SyntheticDataset>(o);
+}
+
+TrainerOptions quiet(int64_t epochs, size_t batch_size) {
+  TrainerOptions o;
+  o.epochs = epochs;
+  o.batch_size = batch_size;
+  o.eval_batch_size = 3;
+  o.progress = false;
+  o.checkpoints = false;
+  o.prefetch = 1;
+  return o;
+}
+
+// The same fresh directory name on every rank (rank 0's pid), emptied by rank 0.
+std::string shared_dir(const std::string& name) {
+  at::Tensor pid = torch::full({1}, static_cast<double>(::getpid()), torch::kFloat64);
+  comm().broadcast(pid)->wait();
+  const fs::path dir = fs::temp_directory_path() /
+                       ("lockstep_train_" + name + "_" + std::to_string(static_cast<long long>(pid.item<double>())));
+  if (comm().rank() == 0) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  comm().barrier()->wait();
+  return dir.string();
+}
+
+std::vector<torch::Tensor> state_of(torch::nn::Module& model) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model.parameters()) out.push_back(p.detach().clone());
+  for (const auto& b : model.buffers()) out.push_back(b.detach().clone());
+  return out;
+}
+
+bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!torch::equal(a[i], b[i])) return false;
+  }
+  return true;
+}
+
+std::shared_ptr<torch::optim::SGD> sgd(torch::nn::Module& model, double lr, double momentum = 0.0) {
+  torch::optim::SGDOptions o(lr);
+  o.momentum(momentum);
+  if (momentum > 0) o.nesterov(true).weight_decay(1e-4);
+  return std::make_shared<torch::optim::SGD>(model.parameters(), o);
+}
+
+struct Recorder : Callback {
+  std::vector<std::string> events;
+  void on_train_begin(TrainerContext& ctx) override { events.push_back("train_begin"); }
+  void on_train_end(TrainerContext& ctx) override { events.push_back("train_end"); }
+  void on_epoch_begin(TrainerContext& ctx) override { events.push_back("epoch_begin " + std::to_string(ctx.epoch)); }
+  void on_epoch_end(TrainerContext& ctx) override { events.push_back("epoch_end " + std::to_string(ctx.epoch)); }
+  void on_batch_begin(TrainerContext& ctx) override {
+    events.push_back("batch_begin " + std::to_string(ctx.batch_in_epoch) + " step " + std::to_string(ctx.global_step));
+  }
+  void on_after_backward(TrainerContext& ctx) override { events.push_back("after_backward"); }
+  void on_after_optimizer_step(TrainerContext& ctx) override {
+    events.push_back("after_step " + std::to_string(ctx.global_step));
+  }
+  void on_evaluation_end(TrainerContext& ctx) override {
+    events.push_back(std::string("evaluation_end ") + (ctx.metrics.count("test_acc") ? "with test_acc" : "without"));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("trainer: callback events come in the documented order", "[train]") {
+  const int world = comm().size();
+  torch::manual_seed(1);
+  TinyNet model;
+  auto recorder = std::make_shared<Recorder>();
+  DistributedTrainer trainer(model, sgd(*model, 0.1), comm_ptr(), quiet(2, 4));
+  trainer.add_callback(recorder);
+  trainer.fit(synthetic(12 * world), synthetic(7));  // 3 batches of 4 per rank per epoch
+
+  std::vector<std::string> expected = {"train_begin"};
+  int64_t step = 0;
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    expected.push_back("epoch_begin " + std::to_string(epoch));
+    for (int batch = 0; batch < 3; ++batch) {
+      expected.push_back("batch_begin " + std::to_string(batch) + " step " + std::to_string(step));
+      expected.push_back("after_backward");
+      expected.push_back("after_step " + std::to_string(++step));
+    }
+    expected.push_back("evaluation_end with test_acc");
+    expected.push_back("epoch_end " + std::to_string(epoch));
+  }
+  expected.push_back("train_end");
+  CHECK(recorder->events == expected);
+}
+
+TEST_CASE("trainer: zeroing gradients in on_after_backward makes every step a no-op", "[train]") {
+  struct ZeroGrads : Callback {
+    void on_after_backward(TrainerContext& ctx) override {
+      for (auto& p : ctx.model->parameters()) {
+        if (p.grad().defined()) p.grad().zero_();
+      }
+    }
+  };
+  torch::manual_seed(2);
+  FixedLinear model;
+  DistributedTrainer trainer(model, sgd(*model, 0.5), comm_ptr(), quiet(2, 4));
+  const auto before = state_of(*model);
+  trainer.add_callback(std::make_shared<ZeroGrads>());
+  trainer.fit(synthetic(10 * comm().size()), nullptr);
+  CHECK(bitwise_equal(before, state_of(*model)));
+}
+
+TEST_CASE("trainer: weights changed in on_after_optimizer_step persist into the next step", "[train]") {
+  struct Overwrite : Callback {
+    bool saw_overwritten = true;
+    int64_t steps = 0;
+    void on_batch_begin(TrainerContext& ctx) override {
+      if (steps == 0) return;
+      for (auto& p : ctx.model->parameters()) saw_overwritten = saw_overwritten && (p == 0.25).all().item<bool>();
+    }
+    void on_after_optimizer_step(TrainerContext& ctx) override {
+      torch::NoGradGuard no_grad;
+      for (auto& p : ctx.model->parameters()) p.fill_(0.25);
+      ++steps;
+    }
+  };
+  torch::manual_seed(3);
+  FixedLinear model;
+  DistributedTrainer trainer(model, sgd(*model, 0.5), comm_ptr(), quiet(1, 4));
+  auto overwrite = std::make_shared<Overwrite>();
+  trainer.add_callback(overwrite);
+  trainer.fit(synthetic(12 * comm().size()), nullptr);
+  CHECK(overwrite->steps == 3);
+  CHECK(overwrite->saw_overwritten);
+  for (const auto& p : model->parameters()) CHECK((p == 0.25).all().item<bool>());
+}
+
+TEST_CASE("trainer: metrics are exact sums over ranks, each test sample counted once", "[train]") {
+  const int world = comm().size();
+  const int64_t train_size = 12 * world;
+  const int64_t test_size = 11;  // pads the last eval shard at 2 and 3 ranks
+  auto train_set = synthetic(train_size, 5);
+  auto test_set = synthetic(test_size, 6);
+  // lr 0: the fixed model stays fixed, so every loss has a closed form: log(e + 3) - [label == 0].
+  auto closed_form = [](const lockstep::data::SyntheticDataset& set) {
+    double loss = 0, correct = 0;
+    for (int64_t i = 0; i < static_cast<int64_t>(set.size()); ++i) {
+      const bool zero = set.label(i) == 0;
+      loss += std::log(std::exp(1.0) + 3.0) - (zero ? 1.0 : 0.0);
+      correct += zero ? 1.0 : 0.0;
+    }
+    return std::make_pair(loss / set.size(), correct / set.size());
+  };
+  FixedLinear model;
+  DistributedTrainer trainer(model, sgd(*model, 0.0), comm_ptr(), quiet(1, 5));
+  const auto metrics = trainer.fit(train_set, test_set);
+  const auto [train_loss, train_acc] = closed_form(*train_set);
+  const auto [test_loss, test_acc] = closed_form(*test_set);
+  CHECK(metrics.at("train_count") == train_size);
+  CHECK(metrics.at("train_loss") == Approx(train_loss).epsilon(1e-6));
+  CHECK(metrics.at("train_acc") == Approx(train_acc).epsilon(1e-12));
+  CHECK(metrics.at("test_count") == test_size);
+  CHECK(metrics.at("test_loss") == Approx(test_loss).epsilon(1e-6));
+  CHECK(metrics.at("test_acc") == Approx(test_acc).epsilon(1e-12));
+  CHECK(metrics.at("epoch") == 1);
+  CHECK(metrics.count("images_per_s") == 1);
+  CHECK(metrics.count("backward_ms") == 1);
+}
+
+TEST_CASE("trainer: the optimizer gets the scheduled learning rate", "[train]") {
+  struct LrRecorder : Callback {
+    std::vector<double> seen;
+    void on_batch_begin(TrainerContext& ctx) override {
+      seen.push_back(ctx.optimizer->param_groups().front().options().get_lr());
+    }
+  };
+  const int world = comm().size();
+  torch::manual_seed(4);
+  TinyNet model;
+  TrainerOptions o = quiet(2, 4);
+  o.lr.kind = lockstep::train::LrScheduleKind::Cosine;
+  o.lr.warmup_steps = 2;
+  o.lr.scale_lr_with_world_size = true;
+  DistributedTrainer trainer(model, sgd(*model, 0.1), comm_ptr(), o);  // base_lr 0: the optimizer's 0.1
+  auto recorder = std::make_shared<LrRecorder>();
+  trainer.add_callback(recorder);
+  trainer.fit(synthetic(12 * world), nullptr);
+  const double peak = 0.1 * world;
+  REQUIRE(recorder->seen.size() == 6);
+  CHECK(recorder->seen[0] == Approx(peak / 2));
+  CHECK(recorder->seen[1] == Approx(peak));
+  CHECK(recorder->seen[2] == Approx(peak));  // cosine starts after the 2 warm-up steps, over 4 steps
+  CHECK(recorder->seen[3] == Approx(peak * 0.5 * (1 + std::cos(M_PI / 4))));
+  CHECK(recorder->seen[5] == Approx(peak * 0.5 * (1 + std::cos(M_PI * 3 / 4))));
+}
+
+namespace {
+
+struct RunResult {
+  std::vector<torch::Tensor> state;
+  std::map<std::string, double> metrics;
+};
+
+// Trains TinyNet (batch norm, dropout) on augmented synthetic data for 3 epochs; 54 samples give
+// uneven last batches at 2 and 3 ranks.
+RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::string& resume,
+                        int64_t every_steps = 0, int64_t keep_last = 3) {
+  torch::manual_seed(100 + comm().rank());  // different inits: only a checkpoint or rank 0 decides
+  TinyNet model;
+  TrainerOptions o = quiet(3, 4);
+  o.seed = 9;
+  o.output_dir = dir;
+  o.checkpoints = true;
+  o.progress = true;
+  o.log_every = 0;
+  o.stop_after_steps = stop_after;
+  o.checkpoint.resume = resume;
+  o.checkpoint.every_steps = every_steps;
+  o.checkpoint.keep_last = keep_last;
+  o.lr.kind = lockstep::train::LrScheduleKind::Cosine;
+  o.lr.warmup_steps = 3;
+  DistributedTrainer trainer(model, sgd(*model, 0.05, 0.9), comm_ptr(), o);
+  lockstep::data::AugmentOptions augment;
+  augment.pad = 1;
+  augment.hflip = true;
+  augment.seed = 9;
+  auto train_set = std::make_shared<lockstep::data::Augment>(synthetic(54, 7), augment);
+  RunResult result;
+  result.metrics = trainer.fit(train_set, synthetic(9, 8));
+  result.state = state_of(*model);
+  return result;
+}
+
+}  // namespace
+
+TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise identical", "[train]") {
+  const RunResult full = resumable_run(shared_dir("full"), 0, "never");
+
+  for (int64_t stop : {4, 7, 13}) {  // mid-epoch at 2 and 3 ranks; 7 ends epoch 0 at 2 ranks
+    const std::string dir = shared_dir("stop" + std::to_string(stop));
+    const RunResult stopped = resumable_run(dir, stop, "auto");
+    CHECK_FALSE(bitwise_equal(full.state, stopped.state));
+    const RunResult resumed = resumable_run(dir, 0, "auto");
+    INFO("stopped after step " << stop);
+    CHECK(bitwise_equal(full.state, resumed.state));
+    CHECK(resumed.metrics.at("test_acc") == full.metrics.at("test_acc"));
+  }
+
+  // Two stops in a row.
+  const std::string dir = shared_dir("twice");
+  resumable_run(dir, 3, "auto");
+  resumable_run(dir, 9, "auto");
+  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto").state));
+}
+
+TEST_CASE("trainer: checkpoints are complete files, keep_last is honoured, metrics.jsonl has one line per epoch",
+          "[train]") {
+  const std::string dir = shared_dir("files");
+  resumable_run(dir, 0, "never", /*every_steps=*/2, /*keep_last=*/2);
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  CHECK(listed.size() == 2);
+  bool stray_temporary = false;
+  for (const auto& entry : fs::directory_iterator(dir + "/checkpoints")) {
+    stray_temporary = stray_temporary || entry.path().extension() == ".tmp";
+  }
+  CHECK_FALSE(stray_temporary);
+  std::ifstream metrics(dir + "/metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    ++lines;
+    CHECK(line.find("\"test_acc\"") != std::string::npos);
+    CHECK(line.find("\"exposed_comm_ms\"") != std::string::npos);
+  }
+  CHECK(lines == 3);
+}
+
+TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume skips it", "[train]") {
+  const RunResult full = resumable_run(shared_dir("full_c"), 0, "never");
+  const std::string dir = shared_dir("corrupt");
+  resumable_run(dir, 5, "auto", /*every_steps=*/1, /*keep_last=*/3);
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  CHECK(listed.size() == 3);
+  const std::string newest = listed.empty() ? dir + "/none" : listed.back();
+  if (comm().rank() == 0 && !listed.empty()) fs::resize_file(newest, fs::file_size(newest) / 2);  // truncated
+  comm().barrier()->wait();
+
+  {
+    lockstep::train::CheckpointOptions o;
+    o.directory = dir + "/checkpoints";
+    o.resume = newest;
+    lockstep::train::Checkpointer checkpointer(o);
+    TrainerContext ctx;
+    ctx.communicator = &comm();
+    CHECK_THROWS_WITH(checkpointer.on_train_begin(ctx), Catch::Contains(newest));
+  }
+  // Auto-resume falls back to the checkpoint before it (step 4) and still ends bitwise where the
+  // uninterrupted run ends.
+  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto", 1, 3).state));
+}
+
+TEST_CASE("trainer: ResNet-18 on a Fashion-MNIST subset learns in one epoch", "[train][slow]") {
+  const std::string root = lockstep::data::kFashionMnistRoot;
+  if (!fs::exists(root + "/train-images-idx3-ubyte.gz") && !fs::exists(root + "/train-images-idx3-ubyte")) {
+    WARN("Fashion-MNIST not found in " << root << "; skipped");
+    return;
+  }
+  lockstep::data::FashionMnistOptions train_options;
+  auto train_set = lockstep::data::Subset::first(std::make_shared<lockstep::data::FashionMnist>(train_options), 2000);
+  lockstep::data::FashionMnistOptions test_options;
+  test_options.split = lockstep::data::Split::Test;
+  auto test_set = lockstep::data::Subset::first(std::make_shared<lockstep::data::FashionMnist>(test_options), 1000);
+
+  torch::manual_seed(0);
+  lockstep::models::ResNet18Options model_options;
+  model_options.width = 8;
+  model_options.stem = lockstep::models::Stem::Small;
+  model_options.in_channels = 1;
+  model_options.num_classes = 10;
+  lockstep::models::ResNet18 model(model_options);
+  TrainerOptions o = quiet(1, 8);  // 125 steps at 2 ranks, 84 at 3
+  o.eval_batch_size = 250;
+  o.lr.warmup_steps = 5;
+  DistributedTrainer trainer(model, sgd(*model, 0.05, 0.9), comm_ptr(), o);
+  const auto metrics = trainer.fit(train_set, test_set);
+  CHECK(metrics.at("test_count") == 1000);
+  CHECK(metrics.at("test_acc") > 0.5);
+  if (comm().rank() == 0) std::printf("fashion-mnist subset: test accuracy %.2f%%\n", 100 * metrics.at("test_acc"));
+}

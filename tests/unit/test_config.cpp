@@ -1,0 +1,171 @@
+// Config: YAML onto the options structs, and every kind of error naming the key path and its place.
+
+#include <filesystem>
+
+#include "lockstep/config/config.hpp"
+#include "lockstep/core/error.hpp"
+// Catch after the LibTorch headers: glog (through c10) defines CHECK too, and Catch's must win.
+#include <catch2/catch.hpp>
+
+namespace config = lockstep::config;
+using Catch::Contains;
+
+namespace {
+
+std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+  try {
+    config::parse_config(yaml, "test.yaml", overrides);
+  } catch (const lockstep::Error& e) {
+    return e.message();
+  }
+  return "(no error)";
+}
+
+}  // namespace
+
+TEST_CASE("config: empty text gives the documented defaults", "[config]") {
+  const config::ExperimentConfig c = config::parse_config("", "empty.yaml");
+  const lockstep::train::TrainerOptions defaults;
+  CHECK(c.trainer.epochs == defaults.epochs);
+  CHECK(c.trainer.batch_size == defaults.batch_size);
+  CHECK(c.data.dataset == "fashion-mnist");
+  CHECK(c.model.width == 64);
+  CHECK(c.optimizer.lr == 0.1);
+}
+
+TEST_CASE("config: values map onto the options structs", "[config]") {
+  const char* yaml = R"(
+runtime: {threads: 2, backend: mpi, tune_malloc: false, timeout_s: 30}
+trainer:
+  epochs: 5
+  batch_size: 16
+  eval_batch_size: 100
+  seed: 42
+  output_dir: runs/x
+  lr_schedule: {kind: cosine, warmup_epochs: 1.5, scale_with_world_size: true}
+  checkpoint: {every_steps: 10, keep_last: 2, resume: never}
+ddp: {bucket_cap_mb: 4, find_unused_parameters: true}
+data: {dataset: synthetic, train_subset: 100, augment: {pad: 2, hflip: true}}
+model: {width: 8, stem: small, in_channels: 1, num_classes: 10}
+optimizer: {lr: 0.05, momentum: 0.8, weight_decay: 1e-4, nesterov: true}
+)";
+  const config::ExperimentConfig c = config::parse_config(yaml);
+  CHECK(c.runtime.threads == 2);
+  CHECK(c.runtime.backend == "mpi");
+  CHECK_FALSE(c.runtime.tune_malloc);
+  CHECK(c.runtime.timeout.count() == 30000);
+  CHECK(c.trainer.epochs == 5);
+  CHECK(c.trainer.batch_size == 16);
+  CHECK(c.trainer.eval_batch_size == 100);
+  CHECK(c.trainer.seed == 42);
+  CHECK(c.trainer.output_dir == "runs/x");
+  CHECK(c.trainer.lr.kind == lockstep::train::LrScheduleKind::Cosine);
+  CHECK(c.trainer.lr.warmup_epochs == 1.5);
+  CHECK(c.trainer.lr.scale_lr_with_world_size);
+  CHECK(c.trainer.checkpoint.every_steps == 10);
+  CHECK(c.trainer.checkpoint.keep_last == 2);
+  CHECK(c.trainer.checkpoint.resume == "never");
+  CHECK(c.trainer.ddp.bucket_cap_mb == 4.0);
+  CHECK(c.trainer.ddp.find_unused_parameters);
+  CHECK(c.data.dataset == "synthetic");
+  CHECK(c.data.train_subset == 100);
+  CHECK(c.data.augment.pad == 2);
+  CHECK(c.data.augment.hflip);
+  CHECK(c.model.width == 8);
+  CHECK(c.model.stem == lockstep::models::Stem::Small);
+  CHECK(c.model.in_channels == 1);
+  CHECK(c.optimizer.lr == 0.05);
+  CHECK(c.optimizer.momentum == 0.8);
+  CHECK(c.optimizer.weight_decay == 1e-4);
+  CHECK(c.optimizer.nesterov);
+
+  // The printed configuration reads back as the same configuration.
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(config::to_yaml(again) == config::to_yaml(c));
+  CHECK(again.optimizer.weight_decay == 1e-4);
+  CHECK(again.trainer.lr.warmup_epochs == 1.5);
+}
+
+TEST_CASE("config: unknown keys name the path, line and column", "[config]") {
+  const std::string top = error_of("trainr:\n  epochs: 3\n");
+  CHECK_THAT(top, Contains("unknown config key 'trainr'") && Contains("test.yaml:1:1"));
+  const std::string nested = error_of("trainer:\n  epochs: 3\n  epoch: 4\n");
+  CHECK_THAT(nested, Contains("'trainer.epoch'") && Contains("test.yaml:3:3") && Contains("epochs"));
+  const std::string deep = error_of("trainer:\n  lr_schedule:\n    kindd: cosine\n");
+  CHECK_THAT(deep, Contains("'trainer.lr_schedule.kindd'") && Contains("test.yaml:3:5"));
+}
+
+TEST_CASE("config: wrong types name the path, line and column", "[config]") {
+  const std::string integer = error_of("trainer:\n  epochs: three\n");
+  CHECK_THAT(integer, Contains("'trainer.epochs'") && Contains("test.yaml:2:11") && Contains("expected an integer"));
+  const std::string fraction = error_of("trainer:\n  batch_size: 1.5\n");
+  CHECK_THAT(fraction, Contains("'trainer.batch_size'") && Contains("expected an integer"));
+  const std::string boolean = error_of("optimizer:\n  nesterov: maybe\n");
+  CHECK_THAT(boolean, Contains("'optimizer.nesterov'") && Contains("test.yaml:2:13") && Contains("true or false"));
+  const std::string number = error_of("optimizer:\n  lr: fast\n");
+  CHECK_THAT(number, Contains("'optimizer.lr'") && Contains("expected a number"));
+  const std::string mapping = error_of("trainer: 5\n");
+  CHECK_THAT(mapping, Contains("'trainer'") && Contains("expected a mapping"));
+  const std::string sequence = error_of("trainer:\n  epochs: [1, 2]\n");
+  CHECK_THAT(sequence, Contains("'trainer.epochs'") && Contains("a sequence"));
+  const std::string choice = error_of("model:\n  stem: tiny\n");
+  CHECK_THAT(choice, Contains("'model.stem'") && Contains("imagenet, small") && Contains("test.yaml:2:9"));
+}
+
+TEST_CASE("config: out-of-range values name the path, line and column", "[config]") {
+  CHECK_THAT(error_of("optimizer:\n  momentum: 1.5\n"),
+             Contains("'optimizer.momentum'") && Contains("test.yaml:2:13") && Contains("[0, 1)"));
+  CHECK_THAT(error_of("trainer:\n  epochs: -1\n"), Contains("'trainer.epochs'") && Contains(">= 0"));
+  CHECK_THAT(error_of("trainer:\n  batch_size: 0\n"), Contains("'trainer.batch_size'") && Contains(">= 1"));
+  CHECK_THAT(error_of("trainer:\n  seed: -5\n"), Contains("'trainer.seed'"));
+  CHECK_THAT(error_of("optimizer:\n  lr: 0\n"), Contains("'optimizer.lr'") && Contains("(0,"));
+  CHECK_THAT(error_of("optimizer:\n  momentum: 0\n  nesterov: true\n"),
+             Contains("'optimizer.nesterov'") && Contains("momentum > 0"));
+}
+
+TEST_CASE("config: --set overrides, with errors naming the argument", "[config]") {
+  const auto c = config::parse_config("trainer:\n  epochs: 3\n", "test.yaml",
+                                      {"trainer.epochs=7", "optimizer.lr=0.5", "data.augment.pad=4"});
+  CHECK(c.trainer.epochs == 7);
+  CHECK(c.optimizer.lr == 0.5);
+  CHECK(c.data.augment.pad == 4);
+  CHECK_THAT(error_of("", {"trainer.epoks=1"}), Contains("'trainer.epoks'") && Contains("--set trainer.epoks=1"));
+  CHECK_THAT(error_of("", {"trainer.epochs=x"}), Contains("'trainer.epochs'") && Contains("--set trainer.epochs=x"));
+  CHECK_THAT(error_of("", {"trainer.epochs"}), Contains("key.path=value"));
+}
+
+TEST_CASE("config: invalid YAML and missing files", "[config]") {
+  CHECK_THAT(error_of("trainer: [1, 2\n"), Contains("test.yaml") && Contains("invalid YAML"));
+  CHECK_THROWS_WITH(config::load_config("/nonexistent/x.yaml"), Contains("/nonexistent/x.yaml"));
+}
+
+TEST_CASE("config: command line", "[config]") {
+  std::vector<std::string> args = {"prog", "--config", "a.yaml", "--set", "trainer.epochs=2", "--set=model.width=8",
+                                   "--print-config"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  const auto cli = config::parse_command_line(static_cast<int>(argv.size()), argv.data());
+  CHECK(cli.config_path == "a.yaml");
+  CHECK((cli.overrides == std::vector<std::string>{"trainer.epochs=2", "model.width=8"}));
+  CHECK(cli.print_config);
+  std::vector<std::string> bad = {"prog", "--confg", "a.yaml"};
+  std::vector<char*> bad_argv;
+  for (auto& a : bad) bad_argv.push_back(a.data());
+  CHECK_THROWS_WITH(config::parse_command_line(3, bad_argv.data()), Contains("--confg"));
+}
+
+TEST_CASE("config: the shipped configs parse", "[config]") {
+  namespace fs = std::filesystem;
+  fs::path dir = fs::current_path();
+  for (int up = 0; up < 5 && !fs::exists(dir / "configs" / "demo.yaml"); ++up) dir = dir.parent_path();
+  if (!fs::exists(dir / "configs" / "demo.yaml")) {
+    WARN("configs/ not found above " << fs::current_path() << "; skipped");
+    return;
+  }
+  const auto demo = config::load_config((dir / "configs" / "demo.yaml").string());
+  CHECK(demo.model.width == 16);
+  const auto full = config::load_config((dir / "configs" / "resnet18_fashion_mnist.yaml").string());
+  CHECK(full.model.width == 64);
+  CHECK(full.optimizer.nesterov);
+  CHECK(full.trainer.lr.kind == lockstep::train::LrScheduleKind::Cosine);
+}

@@ -22,6 +22,7 @@ namespace {
 using lockstep::ddp::DataParallel;
 using lockstep::ddp::DataParallelOptions;
 using lockstep::testing::comm;
+using lockstep::testing::identical_across_ranks;
 using lockstep::testing::comm_ptr;
 
 const std::vector<std::int64_t> kWidths = {13, 32, 7, 40, 3};  // layers of unequal sizes
@@ -84,19 +85,6 @@ double max_relative_error(Mlp& a, Mlp& b) {
     worst = std::max(worst, (pa[i] - pb[i]).abs().max().item<double>() / scale);
   }
   return worst;
-}
-
-// Whether every rank's parameters are bitwise equal to rank 0's.
-bool identical_across_ranks(torch::nn::Module& model) {
-  std::vector<torch::Tensor> flat;
-  for (const auto& p : model.parameters()) flat.push_back(p.detach().reshape({-1}));
-  torch::Tensor mine = torch::cat(flat);
-  torch::Tensor all = torch::empty({comm().size() * mine.numel()}, mine.options());
-  comm().allgather(mine, all)->wait();
-  bool same = true;
-  for (int r = 1; r < comm().size(); ++r)
-    same = same && torch::equal(all.narrow(0, r * mine.numel(), mine.numel()), all.narrow(0, 0, mine.numel()));
-  return same;
 }
 
 std::vector<std::int64_t> allgather_ints(const std::vector<std::int64_t>& values, std::int64_t length) {

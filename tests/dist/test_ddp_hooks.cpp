@@ -15,6 +15,7 @@ namespace {
 using lockstep::ddp::DataParallel;
 using lockstep::ddp::DataParallelOptions;
 using lockstep::testing::comm;
+using lockstep::testing::identical_across_ranks;
 using lockstep::testing::comm_ptr;
 
 torch::nn::Sequential make_model() {
@@ -41,19 +42,6 @@ std::vector<std::vector<torch::Tensor>> local_gradients(torch::nn::Sequential& r
     grads.push_back(g);
   }
   return grads;
-}
-
-bool identical_across_ranks(torch::nn::Module& model) {
-  std::vector<torch::Tensor> flat;
-  for (const auto& p : model.parameters()) flat.push_back(p.detach().reshape({-1}));
-  torch::Tensor mine = torch::cat(flat);
-  torch::Tensor all = torch::empty({comm().size() * mine.numel()}, mine.options());
-  comm().allgather(mine, all)->wait();
-  bool same = true;
-  for (int r = 1; r < comm().size(); ++r) {
-    same = same && torch::equal(all.narrow(0, r * mine.numel(), mine.numel()), all.narrow(0, 0, mine.numel()));
-  }
-  return same;
 }
 
 }  // namespace

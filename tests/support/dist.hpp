@@ -3,6 +3,8 @@
 // Every rank walks the same test path: use CHECK (not REQUIRE) around collectives so that one
 // rank's failure does not send it down a different path from the others.
 
+#include <torch/nn/module.h>
+
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -12,5 +14,7 @@ Runtime& runtime();
 void set_runtime(Runtime* runtime);
 inline comm::Communicator& comm() { return *runtime().communicator(); }
 inline comm::CommunicatorPtr comm_ptr() { return runtime().communicator(); }
+// Collective: whether every rank's parameters are bitwise equal to rank 0's.
+bool identical_across_ranks(torch::nn::Module& model);
 
 }  // namespace lockstep::testing

@@ -1,5 +1,7 @@
 #include "support/dist.hpp"
 
+#include <torch/torch.h>
+
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::testing {
@@ -11,4 +13,17 @@ Runtime& runtime() {
   return *g_runtime;
 }
 void set_runtime(Runtime* runtime) { g_runtime = runtime; }
+
+bool identical_across_ranks(torch::nn::Module& model) {
+  std::vector<torch::Tensor> flat;
+  for (const auto& p : model.parameters()) flat.push_back(p.detach().reshape({-1}));
+  torch::Tensor mine = torch::cat(flat);
+  torch::Tensor all = torch::empty({comm().size() * mine.numel()}, mine.options());
+  comm().allgather(mine, all)->wait();
+  bool same = true;
+  for (int r = 1; r < comm().size(); ++r) {
+    same = same && torch::equal(all.narrow(0, r * mine.numel(), mine.numel()), all.narrow(0, 0, mine.numel()));
+  }
+  return same;
+}
 }  // namespace lockstep::testing

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -86,20 +87,25 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Times `op` (which must run one complete all-reduce) `iters` times, `repeats` times over; every
-// rank starts each measurement together and the slowest rank's time counts.
-template <typename F>
-double time_per_op(int iters, int repeats, F&& op) {
-  std::vector<double> samples;
+// Times one complete all-reduce per call of each of `ops`, `iters` times per measurement and
+// `repeats` measurements per op; the ops take turns within each repeat, so that a slow phase of a
+// noisy machine hits them all alike instead of one of them. Every rank starts each measurement
+// together and the slowest rank's time counts. Returns the median time per op for each.
+std::vector<double> time_interleaved(int iters, int repeats, const std::vector<std::function<void()>>& ops) {
+  std::vector<std::vector<double>> samples(ops.size());
   for (int r = 0; r < repeats; ++r) {
-    MPI_Barrier(MPI_COMM_WORLD);
-    const auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < iters; ++i) op();
-    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
-    MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    samples.push_back(seconds);
+    for (std::size_t k = 0; k < ops.size(); ++k) {
+      MPI_Barrier(MPI_COMM_WORLD);
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i) ops[k]();
+      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
+      MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+      samples[k].push_back(seconds);
+    }
   }
-  return median(samples);
+  std::vector<double> medians;
+  for (auto& s : samples) medians.push_back(median(s));
+  return medians;
 }
 
 // Counts elements that differ from the closed form: sum over ranks of (rank + i % 32).
@@ -135,7 +141,7 @@ int main(int argc, char** argv) {
   if (root) {
     std::printf("# Lockstep all-reduce benchmark: %d ranks, backend %s, dtype %s, op sum\n", n,
                 comm->backend().c_str(), options.dtype.c_str());
-    std::printf("# time: median of %d measurements of ~%.2f s each; bw in GB/s; raw = blocking MPI_Allreduce\n",
+    std::printf("# time: median of %d interleaved measurements of ~%.2f s each; bw in GB/s; raw = blocking MPI_Allreduce\n",
                 options.repeats, options.seconds);
     std::printf("#%11s %10s %6s | %10s %8s %8s %6s | %10s %8s %8s %6s | %10s %8s | %6s %9s\n", "size", "count",
                 "type", "oop us", "algbw", "busbw", "#wrong", "inp us", "algbw", "busbw", "#wrong", "raw us", "busbw",
@@ -156,14 +162,16 @@ int main(int argc, char** argv) {
     MPI_Allreduce(MPI_IN_PLACE, &once, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     const int iters = static_cast<int>(std::clamp(options.seconds / std::max(once, 1e-7), 1.0, 20000.0));
 
-    const double oop = time_per_op(iters, options.repeats, [&] { comm->allreduce(input, output)->wait(); });
-    const double inp = time_per_op(iters, options.repeats, [&] { comm->allreduce(input)->wait(); });
-    double raw = 0.0;
+    std::vector<std::function<void()>> ops = {[&] { comm->allreduce(input, output)->wait(); },
+                                              [&] { comm->allreduce(input)->wait(); }};
     if (mpi_type != MPI_DATATYPE_NULL) {
-      raw = time_per_op(iters, options.repeats, [&] {
+      ops.push_back([&] {
         MPI_Allreduce(input.data_ptr(), output.data_ptr(), static_cast<int>(count), mpi_type, MPI_SUM, raw_comm);
       });
     }
+    const std::vector<double> times = time_interleaved(iters, options.repeats, ops);
+    const double oop = times[0], inp = times[1];
+    const double raw = times.size() > 2 ? times[2] : 0.0;
     const std::int64_t wrong_oop = wrong_results(*comm, input, output, false);
     const std::int64_t wrong_inp = wrong_results(*comm, input, output, true);
 

@@ -115,6 +115,7 @@ struct MpiCommunicator::Impl {
   std::mutex mutex;
   std::condition_variable cv;
   std::deque<Task> queue;
+  std::atomic<std::size_t> queued{0};  // queue.size() readable without the lock (Note [Short spin])
   bool stop = false;
   bool exited = false;
   std::condition_variable exited_cv;
@@ -123,12 +124,19 @@ struct MpiCommunicator::Impl {
   void loop() {
     for (;;) {
       Task task;
+      // Note [Short spin] (work.cpp): the next collective often follows at once (a bucket after
+      // a bucket, a benchmark loop); catching it without a futex wake-up saves microseconds each.
+      if (queued.load(std::memory_order_acquire) == 0) {
+        const auto spin_end = Clock::now() + std::chrono::microseconds(50);
+        while (queued.load(std::memory_order_acquire) == 0 && Clock::now() < spin_end) std::this_thread::yield();
+      }
       {
         std::unique_lock<std::mutex> lock(mutex);
         cv.wait(lock, [this] { return stop || !queue.empty(); });
         if (queue.empty()) break;  // stop requested and nothing left to run
         task = std::move(queue.front());
         queue.pop_front();
+        queued.store(queue.size(), std::memory_order_release);
       }
       task.work->mark_started();
       try {
@@ -167,6 +175,7 @@ struct MpiCommunicator::Impl {
       info.seq = next_seq++;
       work = std::make_shared<AsyncWork>(std::move(info), timeout);
       queue.push_back(Task{work, std::move(run)});
+      queued.store(queue.size(), std::memory_order_release);
     }
     cv.notify_one();
     return work;

@@ -1,6 +1,7 @@
 #include "lockstep/comm/work.hpp"
 
 #include <cstdio>
+#include <thread>
 
 #include "lockstep/core/error.hpp"
 
@@ -38,7 +39,18 @@ void Work::throw_timeout(std::chrono::milliseconds timeout) const {
 
 // ---- AsyncWork ----
 
+// Note [Short spin]: a waiter that goes straight to sleep on the condition variable pays a futex
+// wake-up (~5-10 us here) after the progress thread finishes; for small and medium collectives
+// that is a large share of the time (it was ~13 us of 205 us at 1 MiB). Spinning briefly first
+// catches the collectives that end soon; the spin is short enough (and yields) that a waiter on
+// a busy 2-core machine does not starve the ranks' progress threads.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
 void AsyncWork::wait(std::chrono::milliseconds timeout) {
+  if (!done_flag_.load(std::memory_order_acquire)) {
+    const auto spin_end = Clock::now() + kSpin;
+    while (!done_flag_.load(std::memory_order_acquire) && Clock::now() < spin_end) std::this_thread::yield();
+  }
   std::unique_lock<std::mutex> lock(mutex_);
   if (!done_cv_.wait_for(lock, timeout, [this] { return done_; })) throw_timeout(timeout);
   if (error_) std::rethrow_exception(error_);
@@ -70,6 +82,7 @@ void AsyncWork::mark_completed() {
     end_ = Clock::now();
     if (start_ == Clock::time_point{}) start_ = end_;
     done_ = true;
+    done_flag_.store(true, std::memory_order_release);
   }
   done_cv_.notify_all();
 }
@@ -81,6 +94,7 @@ void AsyncWork::mark_failed(std::exception_ptr error) {
     if (start_ == Clock::time_point{}) start_ = end_;
     error_ = std::move(error);
     done_ = true;
+    done_flag_.store(true, std::memory_order_release);
   }
   done_cv_.notify_all();
 }

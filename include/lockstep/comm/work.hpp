@@ -1,6 +1,7 @@
 #pragma once
 // Work: the asynchronous handle every collective returns.
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <exception>
@@ -74,6 +75,7 @@ class AsyncWork final : public Work {
   mutable std::mutex mutex_;
   std::condition_variable done_cv_;
   bool done_ = false;
+  std::atomic<bool> done_flag_{false};  // done_ without the lock, for wait()'s short spin
   std::exception_ptr error_;
   Clock::time_point start_{}, end_{};
 };

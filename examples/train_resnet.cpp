@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <string>
 
+#include "lockstep/compress/pruning.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/models/resnet.hpp"
@@ -106,6 +107,9 @@ int main(int argc, char** argv) {
   }
 
   lockstep::train::DistributedTrainer trainer(model, optimizer, runtime.communicator(), cfg.trainer);
+  if (cfg.pruning.enabled) {
+    trainer.add_callback(std::make_shared<lockstep::compress::MagnitudePruning>(cfg.pruning.options));
+  }
   std::map<std::string, double> metrics = trainer.fit(train_set, test_set);
   if (runtime.rank() == 0) {
     auto acc = metrics.find("test_acc");

@@ -3,6 +3,8 @@
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/comm/work.hpp"
+#include "lockstep/compress/masks.hpp"
+#include "lockstep/compress/pruning.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/core/world.hpp"
 #include "lockstep/data/data.hpp"

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <regex>
 #include <set>
 #include <sstream>
 
@@ -145,6 +146,25 @@ class Section {
     out = node.Scalar();
   }
 
+  // A sequence of strings (a single string is taken as a one-element list).
+  void strings(const std::string& key, std::vector<std::string>& out) {
+    known_.insert(key);
+    YAML::Node node = child(key);
+    if (!node.IsDefined() || node.IsNull()) return;
+    if (node.IsScalar()) {
+      out = {node.Scalar()};
+      return;
+    }
+    if (!node.IsSequence()) reader_.fail(full(key), node, "expected a list of strings, found " + describe(node));
+    out.clear();
+    for (const auto& item : node) {
+      if (!item.IsScalar()) reader_.fail(full(key), item, "expected a list of strings, found an item that is " + describe(item));
+      out.push_back(item.Scalar());
+    }
+  }
+  [[noreturn]] void fail_here(const std::string& what) const {
+    reader_.fail(path_, node_, what);
+  }
   // Note [Config checking]: call after reading every known key.
   void finish() const {
     if (!node_.IsDefined() || !node_.IsMap()) return;
@@ -285,6 +305,50 @@ void read_optimizer(Section s, OptimizerConfig& o) {
   s.finish();
 }
 
+void read_pruning(Section s, PruningConfig& c) {
+  compress::PruningOptions& o = c.options;
+  s.boolean("enabled", c.enabled);
+  std::string granularity = compress::to_string(o.granularity);
+  s.choice("granularity", granularity, {"unstructured", "structured", "n:m"});
+  o.granularity = compress::parse_prune_granularity(granularity);
+  std::string scope = compress::to_string(o.scope);
+  s.choice("scope", scope, {"layer", "global"});
+  o.scope = compress::parse_prune_scope(scope);
+  s.integer("n", o.n, 1, 1024);
+  s.integer("m", o.m, 2, 1024);
+  std::string schedule = compress::to_string(o.schedule);
+  s.choice("schedule", schedule, {"one_shot", "gradual"});
+  o.schedule = compress::parse_prune_schedule(schedule);
+  s.real("initial_sparsity", o.initial_sparsity, 0.0, 1.0, false, true);
+  s.real("target_sparsity", o.target_sparsity, 0.0, 1.0, false, true);
+  s.integer("begin_step", o.begin_step, 0);
+  s.integer("end_step", o.end_step, 0);
+  s.integer("frequency", o.frequency, 1);
+  s.real("begin_epoch", o.begin_epoch, 0.0);
+  s.real("end_epoch", o.end_epoch, 0.0);
+  s.strings("include", o.include);
+  s.strings("exclude", o.exclude);
+  for (const auto& [key, list] : {std::make_pair("include", &o.include), std::make_pair("exclude", &o.exclude)}) {
+    for (const auto& pattern : *list) {
+      try {
+        std::regex check(pattern, std::regex::ECMAScript);
+      } catch (const std::regex_error&) {
+        s.fail_key(key, "'" + pattern + "' is not a valid regular expression");
+      }
+    }
+  }
+  s.boolean("print_table", o.print_table);
+  s.string("permanent_path", o.permanent_path);
+  s.finish();
+  if (c.enabled) {
+    try {
+      compress::validate(o);
+    } catch (const Error& e) {
+      s.fail_here(e.message());
+    }
+  }
+}
+
 // Writes `value` (YAML text) at the dotted `path` under `root`, creating mappings on the way.
 void set_path(YAML::Node root, const std::vector<std::string>& keys, size_t i, const YAML::Node& value) {
   if (i + 1 == keys.size()) {
@@ -335,6 +399,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   read_data(top.section("data"), config.data);
   read_model(top.section("model"), config.model);
   read_optimizer(top.section("optimizer"), config.optimizer);
+  read_pruning(top.section("pruning"), config.pruning);
   top.finish();
   return config;
 }

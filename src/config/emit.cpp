@@ -113,6 +113,27 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "nesterov", c.optimizer.nesterov);
   out << YAML::EndMap;
 
+  const compress::PruningOptions& p = c.pruning.options;
+  out << YAML::Key << "pruning" << YAML::Value << YAML::BeginMap;
+  put(out, "enabled", c.pruning.enabled);
+  put(out, "granularity", compress::to_string(p.granularity));
+  put(out, "scope", compress::to_string(p.scope));
+  put(out, "n", p.n);
+  put(out, "m", p.m);
+  put(out, "schedule", compress::to_string(p.schedule));
+  put_real(out, "initial_sparsity", p.initial_sparsity);
+  put_real(out, "target_sparsity", p.target_sparsity);
+  put(out, "begin_step", p.begin_step);
+  put(out, "end_step", p.end_step);
+  put(out, "frequency", p.frequency);
+  put_real(out, "begin_epoch", p.begin_epoch);
+  put_real(out, "end_epoch", p.end_epoch);
+  out << YAML::Key << "include" << YAML::Value << YAML::Flow << p.include;
+  out << YAML::Key << "exclude" << YAML::Value << YAML::Flow << p.exclude;
+  put(out, "print_table", p.print_table);
+  put(out, "permanent_path", p.permanent_path);
+  out << YAML::EndMap;
+
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }

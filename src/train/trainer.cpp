@@ -115,6 +115,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   ctx.total_steps = ctx.steps_per_epoch * options_.epochs;
   model_->train();
 
+  for (auto& cb : callbacks_) cb->on_setup(ctx);
   for (auto& cb : callbacks_) cb->on_train_begin(ctx);
   int64_t first_epoch = 0;
   bool resumed = false;

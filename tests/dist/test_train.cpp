@@ -118,6 +118,7 @@ std::shared_ptr<torch::optim::SGD> sgd(torch::nn::Module& model, double lr, doub
 
 struct Recorder : Callback {
   std::vector<std::string> events;
+  void on_setup(TrainerContext& ctx) override { events.push_back("setup"); }
   void on_train_begin(TrainerContext& ctx) override { events.push_back("train_begin"); }
   void on_train_end(TrainerContext& ctx) override { events.push_back("train_end"); }
   void on_epoch_begin(TrainerContext& ctx) override { events.push_back("epoch_begin " + std::to_string(ctx.epoch)); }
@@ -145,7 +146,7 @@ TEST_CASE("trainer: callback events come in the documented order", "[train]") {
   trainer.add_callback(recorder);
   trainer.fit(synthetic(12 * world), synthetic(7));  // 3 batches of 4 per rank per epoch
 
-  std::vector<std::string> expected = {"train_begin"};
+  std::vector<std::string> expected = {"setup", "train_begin"};
   int64_t step = 0;
   for (int epoch = 0; epoch < 2; ++epoch) {
     expected.push_back("epoch_begin " + std::to_string(epoch));

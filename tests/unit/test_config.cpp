@@ -168,4 +168,57 @@ TEST_CASE("config: the shipped configs parse", "[config]") {
   CHECK(full.model.width == 64);
   CHECK(full.optimizer.nesterov);
   CHECK(full.trainer.lr.kind == lockstep::train::LrScheduleKind::Cosine);
+  const auto pruned = config::load_config((dir / "configs" / "resnet18_fashion_mnist_pruned.yaml").string());
+  CHECK(pruned.pruning.enabled);
+  CHECK(pruned.pruning.options.target_sparsity == 0.8);
+  CHECK(pruned.pruning.options.exclude == std::vector<std::string>{"^conv1\\.", "^fc\\."});
+  CHECK_FALSE(full.pruning.enabled);
+}
+
+TEST_CASE("config: the pruning section maps onto PruningOptions, with errors naming the key", "[config]") {
+  namespace compress = lockstep::compress;
+  const char* yaml = R"(
+pruning:
+  enabled: true
+  granularity: structured
+  scope: global
+  schedule: gradual
+  initial_sparsity: 0.1
+  target_sparsity: 0.6
+  begin_epoch: 1
+  end_epoch: 3.5
+  frequency: 50
+  include: ['^layer']
+  exclude: '^layer1\.'
+  permanent_path: out/p.pt
+)";
+  const config::ExperimentConfig c = config::parse_config(yaml);
+  CHECK(c.pruning.enabled);
+  const compress::PruningOptions& p = c.pruning.options;
+  CHECK(p.granularity == compress::PruneGranularity::Structured);
+  CHECK(p.scope == compress::PruneScope::Global);
+  CHECK(p.initial_sparsity == 0.1);
+  CHECK(p.target_sparsity == 0.6);
+  CHECK(p.end_epoch == 3.5);
+  CHECK(p.frequency == 50);
+  CHECK(p.include == std::vector<std::string>{"^layer"});
+  CHECK(p.exclude == std::vector<std::string>{"^layer1\\."});
+  CHECK(p.permanent_path == "out/p.pt");
+  // Round trip through --print-config's YAML.
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c));
+  CHECK(again.pruning.options.exclude == p.exclude);
+  CHECK(again.pruning.options.granularity == p.granularity);
+  CHECK(again.pruning.options.end_epoch == p.end_epoch);
+
+  CHECK_THAT(error_of("pruning: {target_sparsty: 0.5}"), Contains("unknown config key 'pruning.target_sparsty'"));
+  CHECK_THAT(error_of("pruning: {target_sparsity: 1.5}"), Contains("'pruning.target_sparsity' at test.yaml:1:"));
+  CHECK_THAT(error_of("pruning: {granularity: blocks}"), Contains("expected one of n:m, structured, unstructured"));
+  CHECK_THAT(error_of("pruning:\n  exclude: ['(unclosed']"),
+             Contains("'pruning.exclude' at test.yaml:2:") && Contains("not a valid regular expression"));
+  CHECK_THAT(error_of("pruning: {include: [{a: 1}]}"), Contains("expected a list of strings"));
+  CHECK_THAT(error_of("pruning: {enabled: true, granularity: n:m}"), Contains("use the one_shot schedule"));
+  CHECK_THAT(error_of("pruning: {enabled: true, begin_step: 10, end_step: 5}"),
+             Contains("config key 'pruning' at test.yaml:1:") && Contains("end_step > begin_step"));
+  // Disabled sections are still checked for keys and types, not for consistency.
+  CHECK(error_of("pruning: {enabled: false, begin_step: 10, end_step: 5}") == "(no error)");
 }

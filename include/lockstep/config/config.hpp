@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "lockstep/compress/pruning.hpp"
 #include "lockstep/data/dataset.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -52,14 +53,22 @@ struct OptimizerConfig {
   bool nesterov = false;
 };
 
+// The pruning section: the keys of compress::PruningOptions, plus `enabled` (train_resnet adds a
+// compress::MagnitudePruning callback when it is true).
+struct PruningConfig {
+  bool enabled = false;
+  compress::PruningOptions options;
+};
+
 // One experiment. YAML sections: runtime, trainer (with lr_schedule and checkpoint), ddp (maps to
-// trainer.ddp), data, model (ResNet-18), optimizer.
+// trainer.ddp), data, model (ResNet-18), optimizer, pruning.
 struct ExperimentConfig {
   RuntimeOptions runtime;
   train::TrainerOptions trainer;
   DataConfig data;
   models::ResNet18Options model;
   OptimizerConfig optimizer;
+  PruningConfig pruning;
 };
 
 // Parses YAML text; `source` names it in error messages. `overrides` are "key.path=value" strings

@@ -3,6 +3,7 @@
 // quantisation are all callbacks; the trainer has no special case for any of them.
 //
 // Event order in DistributedTrainer::fit (Note [Callback order]):
+//   on_setup          (every callback, before any on_train_begin)
 //   on_train_begin
 //   for each epoch:  on_epoch_begin
 //                    for each batch: on_batch_begin, (forward, backward: gradients averaged over ranks),
@@ -88,6 +89,10 @@ class Callback {
  public:
   virtual ~Callback() = default;
 
+  // Runs on every callback before any on_train_begin, so before the Checkpointer restores a
+  // checkpoint: the place to change the model's structure (register buffers a checkpoint must hold,
+  // as pruning masks do). The train loop has not started; global_step is 0.
+  virtual void on_setup(TrainerContext& ctx) {}
   virtual void on_train_begin(TrainerContext& ctx) {}
   virtual void on_train_end(TrainerContext& ctx) {}
   virtual void on_epoch_begin(TrainerContext& ctx) {}

@@ -1,0 +1,455 @@
+#include "lockstep/compress/pruning.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/train/trainer.hpp"
+
+namespace lockstep::compress {
+namespace {
+
+constexpr const char* kMasksChild = "pruning_masks";
+
+// Buffer names may not contain dots: "layer1.0.conv1.weight" is stored as "layer1__0__conv1__weight".
+std::string buffer_name(const std::string& parameter) {
+  std::string out;
+  for (char c : parameter) out += c == '.' ? std::string("__") : std::string(1, c);
+  return out;
+}
+
+std::string parameter_name(const std::string& buffer) {
+  std::string out;
+  for (size_t i = 0; i < buffer.size(); ++i) {
+    if (buffer.compare(i, 2, "__") == 0) {
+      out += '.';
+      ++i;
+    } else {
+      out += buffer[i];
+    }
+  }
+  return out;
+}
+
+std::regex compile(const std::string& pattern, const char* option) {
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    LOCKSTEP_FAIL("pruning option '", option, "': '", pattern, "' is not a valid regular expression: ", e.what());
+  }
+}
+
+bool is_default_layer(torch::nn::Module* m) {
+  return dynamic_cast<torch::nn::Conv1dImpl*>(m) != nullptr || dynamic_cast<torch::nn::Conv2dImpl*>(m) != nullptr ||
+         dynamic_cast<torch::nn::Conv3dImpl*>(m) != nullptr || dynamic_cast<torch::nn::LinearImpl*>(m) != nullptr;
+}
+
+void sync_path(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
+std::string percent(double fraction) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f%%", 100.0 * fraction);
+  return text;
+}
+
+LayerSparsity measure(const std::string& name, const at::Tensor& weight) {
+  LayerSparsity layer;
+  layer.name = name;
+  layer.shape = weight.sizes().vec();
+  layer.numel = weight.numel();
+  layer.nonzeros = weight.count_nonzero().item<int64_t>();
+  layer.channels = weight.dim() >= 1 ? weight.size(0) : 0;
+  layer.zero_channels = zero_channels(weight);
+  return layer;
+}
+
+}  // namespace
+
+PruneSchedule parse_prune_schedule(const std::string& name) {
+  if (name == "one_shot") return PruneSchedule::OneShot;
+  if (name == "gradual") return PruneSchedule::Gradual;
+  LOCKSTEP_FAIL("unknown pruning schedule '", name, "' (expected one_shot or gradual)");
+}
+
+std::string to_string(PruneSchedule schedule) { return schedule == PruneSchedule::OneShot ? "one_shot" : "gradual"; }
+
+void validate(const PruningOptions& o) {
+  LOCKSTEP_CHECK(o.target_sparsity >= 0.0 && o.target_sparsity < 1.0,
+                 "pruning: target_sparsity must be in [0, 1), got ", o.target_sparsity);
+  LOCKSTEP_CHECK(o.initial_sparsity >= 0.0 && o.initial_sparsity <= o.target_sparsity,
+                 "pruning: initial_sparsity must be in [0, target_sparsity = ", o.target_sparsity, "], got ",
+                 o.initial_sparsity);
+  LOCKSTEP_CHECK(o.begin_step >= 0, "pruning: begin_step must be >= 0, got ", o.begin_step);
+  LOCKSTEP_CHECK(o.begin_epoch >= 0.0 && o.end_epoch >= 0.0, "pruning: begin_epoch and end_epoch must be >= 0, got ",
+                 o.begin_epoch, " and ", o.end_epoch);
+  if (o.schedule == PruneSchedule::Gradual) {
+    LOCKSTEP_CHECK(o.frequency >= 1, "pruning: frequency must be >= 1 step, got ", o.frequency);
+    if (o.end_epoch > 0) {
+      LOCKSTEP_CHECK(o.end_epoch > o.begin_epoch, "pruning: a gradual schedule needs end_epoch > begin_epoch, got ",
+                     o.begin_epoch, " and ", o.end_epoch);
+    } else {
+      LOCKSTEP_CHECK(o.end_step > o.begin_step, "pruning: a gradual schedule needs end_step > begin_step, got ",
+                     o.begin_step, " and ", o.end_step);
+    }
+  }
+  if (o.granularity == PruneGranularity::NM) {
+    LOCKSTEP_CHECK(o.m >= 2 && o.n >= 1 && o.n < o.m, "pruning: N:M needs 1 <= n < m, got ", o.n, ":", o.m);
+    LOCKSTEP_CHECK(o.scope == PruneScope::Layer, "pruning: N:M holds within every group of every layer; scope must be "
+                   "'layer', not 'global'");
+    LOCKSTEP_CHECK(o.schedule == PruneSchedule::OneShot, "pruning: N:M has the fixed sparsity 1 - n/m; use the "
+                   "one_shot schedule");
+  }
+}
+
+double scheduled_sparsity(const PruningOptions& o, int64_t step) {
+  if (o.granularity == PruneGranularity::NM) {
+    return step < o.begin_step ? 0.0 : 1.0 - static_cast<double>(o.n) / static_cast<double>(o.m);
+  }
+  if (step < o.begin_step) return 0.0;
+  if (o.schedule == PruneSchedule::OneShot || step >= o.end_step) return o.target_sparsity;
+  const double progress = static_cast<double>(step - o.begin_step) / static_cast<double>(o.end_step - o.begin_step);
+  return o.target_sparsity + (o.initial_sparsity - o.target_sparsity) * std::pow(1.0 - progress, 3);
+}
+
+bool is_pruning_step(const PruningOptions& o, int64_t step) {
+  if (step < o.begin_step) return false;
+  if (o.schedule == PruneSchedule::OneShot) return step == o.begin_step;
+  return step <= o.end_step && ((step - o.begin_step) % o.frequency == 0 || step == o.end_step);
+}
+
+struct MagnitudePruning::Layer {
+  std::string name;
+  at::Tensor weight;  // the parameter
+  at::Tensor mask;    // the buffer in the "pruning_masks" child (Note [Masks as state])
+};
+
+MagnitudePruning::MagnitudePruning(PruningOptions options) : options_(std::move(options)) { validate(options_); }
+
+std::vector<std::string> MagnitudePruning::layers() const {
+  std::vector<std::string> names;
+  for (const auto& layer : layers_) names.push_back(layer->name);
+  return names;
+}
+
+void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
+  LOCKSTEP_CHECK(ctx.model != nullptr, "MagnitudePruning: the trainer gave no model");
+  torch::nn::Module& model = *ctx.model;
+  for (const auto& child : model.named_children()) {
+    LOCKSTEP_CHECK(child.key() != kMasksChild, "MagnitudePruning: the model already has a '", kMasksChild,
+                   "' child (two pruning callbacks on one model, or a model saved with its masks?)");
+  }
+  std::set<std::string> defaults;
+  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+    if (is_default_layer(item.value().get())) defaults.insert(item.key().empty() ? "weight" : item.key() + ".weight");
+  }
+  std::vector<std::regex> include, exclude;
+  for (const auto& p : options_.include) include.push_back(compile(p, "include"));
+  for (const auto& p : options_.exclude) exclude.push_back(compile(p, "exclude"));
+  std::vector<bool> include_used(include.size(), false), exclude_used(exclude.size(), false);
+
+  auto masks = std::make_shared<torch::nn::Module>("PruningMasks");
+  layers_.clear();
+  skipped_.clear();
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    bool selected = include.empty() ? defaults.count(name) > 0 : false;
+    for (size_t i = 0; i < include.size(); ++i) {
+      if (std::regex_search(name, include[i])) {
+        include_used[i] = true;
+        selected = true;
+      }
+    }
+    for (size_t i = 0; i < exclude.size(); ++i) {
+      if (std::regex_search(name, exclude[i])) {
+        exclude_used[i] = true;
+        selected = false;
+      }
+    }
+    if (!selected) continue;
+    const at::Tensor& weight = item.value();
+    LOCKSTEP_CHECK(weight.is_floating_point(), "MagnitudePruning: parameter '", name, "' is not floating point");
+    LOCKSTEP_CHECK(name.find("__") == std::string::npos, "MagnitudePruning: parameter name '", name,
+                   "' contains '__', which the mask buffers' names reserve");
+    if (options_.granularity == PruneGranularity::Structured) {
+      LOCKSTEP_CHECK(weight.dim() >= 2, "MagnitudePruning: structured pruning needs weights with output channels; '",
+                     name, "' has shape ", weight.sizes(), " (exclude it)");
+    }
+    if (options_.granularity == PruneGranularity::NM && !nm_applies(weight, options_.m)) {
+      std::ostringstream why;
+      why << "rows of " << (weight.dim() >= 2 ? weight.numel() / weight.size(0) : weight.numel())
+          << " weights are not a multiple of M = " << options_.m;
+      skipped_.emplace_back(name, why.str());
+      continue;
+    }
+    auto layer = std::make_shared<Layer>();
+    layer->name = name;
+    layer->weight = weight;
+    layer->mask = masks->register_buffer(buffer_name(name), torch::ones(weight.sizes(), weight.options().dtype(torch::kBool)));
+    layers_.push_back(layer);
+  }
+  for (size_t i = 0; i < include.size(); ++i) {
+    LOCKSTEP_CHECK(include_used[i], "MagnitudePruning: include pattern '", options_.include[i],
+                   "' matches no parameter of the model");
+  }
+  for (size_t i = 0; i < exclude.size(); ++i) {
+    LOCKSTEP_CHECK(exclude_used[i], "MagnitudePruning: exclude pattern '", options_.exclude[i],
+                   "' matches no parameter of the model");
+  }
+  LOCKSTEP_CHECK(!layers_.empty(), "MagnitudePruning: no weights selected for pruning (include: ",
+                 options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");
+  model.register_module(kMasksChild, masks);
+  model_ = &model;
+}
+
+void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
+  if (options_.end_epoch > 0) {
+    const auto steps = static_cast<double>(ctx.steps_per_epoch);
+    options_.begin_step = std::llround(options_.begin_epoch * steps);
+    options_.end_step = std::max(options_.begin_step + 1, static_cast<int64_t>(std::llround(options_.end_epoch * steps)));
+    options_.end_epoch = 0.0;  // resolved
+  }
+  // Masks restored by the Checkpointer (or all ones on a fresh start) are in force from here on.
+  apply_to_weights();
+  int64_t kept = 0, total = 0;
+  for (const auto& layer : layers_) {
+    kept += layer->mask.count_nonzero().item<int64_t>();
+    total += layer->mask.numel();
+  }
+  current_sparsity_ = total > 0 ? 1.0 - static_cast<double>(kept) / static_cast<double>(total) : 0.0;
+  if (ctx.world.rank == 0 && ctx.options != nullptr && ctx.options->progress) {
+    std::printf("pruning: %s %s magnitude pruning of %zu weights (%zu skipped), %s to %s, steps %lld..%lld every %lld\n",
+                to_string(options_.granularity).c_str(), to_string(options_.scope).c_str(), layers_.size(),
+                skipped_.size(), to_string(options_.schedule).c_str(),
+                percent(scheduled_sparsity(options_, options_.end_step)).c_str(),
+                static_cast<long long>(options_.begin_step), static_cast<long long>(options_.end_step),
+                static_cast<long long>(options_.frequency));
+    for (const auto& [name, why] : skipped_) std::printf("pruning: skipping %s: %s\n", name.c_str(), why.c_str());
+    std::fflush(stdout);
+  }
+}
+
+void MagnitudePruning::on_batch_begin(train::TrainerContext& ctx) {
+  if (!is_pruning_step(options_, ctx.global_step) || ctx.global_step == last_pruning_step_) return;
+  update_masks(ctx, scheduled_sparsity(options_, ctx.global_step));
+}
+
+void MagnitudePruning::on_after_backward(train::TrainerContext&) {
+  torch::NoGradGuard no_grad;
+  for (const auto& layer : layers_) {
+    at::Tensor grad = layer->weight.grad();
+    if (grad.defined()) grad.mul_(layer->mask);
+  }
+}
+
+void MagnitudePruning::on_after_optimizer_step(train::TrainerContext&) { apply_to_weights(); }
+
+void MagnitudePruning::apply_to_weights() {
+  torch::NoGradGuard no_grad;
+  for (const auto& layer : layers_) layer->weight.mul_(layer->mask);
+}
+
+void MagnitudePruning::update_masks(train::TrainerContext& ctx, double sparsity) {
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> weights;
+  for (const auto& layer : layers_) weights.push_back(layer->weight);
+  std::vector<at::Tensor> masks;
+  if (options_.granularity == PruneGranularity::NM) {
+    for (const auto& w : weights) masks.push_back(nm_mask(w, options_.n, options_.m));
+  } else if (options_.granularity == PruneGranularity::Structured) {
+    if (options_.scope == PruneScope::Global) {
+      masks = global_channel_masks(weights, sparsity);
+    } else {
+      for (const auto& w : weights) masks.push_back(channel_mask(w, sparsity));
+    }
+  } else if (options_.scope == PruneScope::Global) {
+    masks = global_unstructured_masks(weights, sparsity);
+  } else {
+    for (const auto& w : weights) masks.push_back(unstructured_mask(w, sparsity));
+  }
+  int64_t kept = 0, total = 0;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    layers_[i]->mask.copy_(masks[i]);
+    kept += masks[i].count_nonzero().item<int64_t>();
+    total += masks[i].numel();
+  }
+  apply_to_weights();
+  verify_across_ranks(*ctx.communicator);
+  current_sparsity_ = total > 0 ? 1.0 - static_cast<double>(kept) / static_cast<double>(total) : 0.0;
+  last_pruning_step_ = ctx.global_step;
+  if (ctx.world.rank == 0 && ctx.options != nullptr && ctx.options->progress && ctx.options->log_every > 0) {
+    std::printf("\npruning: step %lld: masks at %s sparsity (scheduled %s)\n", static_cast<long long>(ctx.global_step),
+                percent(current_sparsity_).c_str(), percent(sparsity).c_str());
+    std::fflush(stdout);
+  }
+}
+
+// Note [Masks as state]: per layer, the number of kept weights and a position-weighted sum of the
+// mask; gathered from every rank and compared with rank 0's. Every rank sees the same gathered
+// table, so every rank raises the same error.
+void MagnitudePruning::verify_across_ranks(comm::Communicator& comm) const {
+  if (comm.size() == 1) return;
+  const auto n = static_cast<int64_t>(layers_.size());
+  at::Tensor mine = torch::empty({2 * n}, torch::kLong);
+  for (int64_t i = 0; i < n; ++i) {
+    at::Tensor flat = layers_[i]->mask.reshape({-1}).to(torch::kCPU, torch::kLong);
+    at::Tensor weights = torch::arange(flat.numel(), torch::kLong).remainder(65521).add_(1);
+    mine[2 * i] = flat.sum();
+    mine[2 * i + 1] = flat.mul(weights).sum();
+  }
+  at::Tensor all = torch::empty({comm.size() * 2 * n}, torch::kLong);
+  comm.allgather(mine, all)->wait();
+  all = all.view({comm.size(), 2 * n});
+  for (int r = 1; r < comm.size(); ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!torch::equal(all[r].narrow(0, 2 * i, 2), all[0].narrow(0, 2 * i, 2))) {
+        LOCKSTEP_FAIL("MagnitudePruning: the pruning mask of '", layers_[i]->name, "' differs between rank 0 (",
+                      all[0][2 * i].item<int64_t>(), " weights kept) and rank ", r, " (", all[r][2 * i].item<int64_t>(),
+                      " kept): the ranks' weights were not identical when the masks were computed");
+      }
+    }
+  }
+}
+
+std::vector<LayerSparsity> MagnitudePruning::report() const {
+  std::vector<LayerSparsity> out;
+  for (const auto& layer : layers_) out.push_back(measure(layer->name, layer->weight.detach()));
+  return out;
+}
+
+void MagnitudePruning::on_epoch_end(train::TrainerContext& ctx) {
+  const std::vector<LayerSparsity> layers = report();
+  int64_t numel = 0, nonzeros = 0;
+  for (const auto& layer : layers) {
+    numel += layer.numel;
+    nonzeros += layer.nonzeros;
+    ctx.metrics["sparsity/" + layer.name] = layer.sparsity();
+  }
+  const double total = numel > 0 ? 1.0 - static_cast<double>(nonzeros) / static_cast<double>(numel) : 0.0;
+  ctx.metrics["sparsity"] = total;
+  ctx.metrics["sparsity_scheduled"] = last_pruning_step_ >= 0 ? scheduled_sparsity(options_, last_pruning_step_) : 0.0;
+  if (ctx.world.rank != 0 || ctx.options == nullptr || !ctx.options->progress) return;
+  std::printf("pruning: sparsity %s over %zu layers (%lld of %lld weights nonzero):", percent(total).c_str(),
+              layers.size(), static_cast<long long>(nonzeros), static_cast<long long>(numel));
+  for (size_t i = 0; i < layers.size(); ++i) {
+    std::printf("%s%s %.1f%%", i % 4 == 0 ? "\n  " : " | ", layers[i].name.c_str(), 100.0 * layers[i].sparsity());
+  }
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+void MagnitudePruning::on_train_end(train::TrainerContext& ctx) {
+  if (model_ == nullptr) return;
+  if (ctx.world.rank == 0 && options_.print_table) {
+    std::printf("%s", format_sparsity_table(report()).c_str());
+    std::fflush(stdout);
+  }
+  if (options_.permanent_path.empty()) return;
+  make_pruning_permanent(*model_);
+  layers_.clear();
+  model_ = nullptr;
+  if (ctx.world.rank == 0) {
+    save_model_atomically(*ctx.model, options_.permanent_path);
+    std::printf("pruning: masks folded into the weights; plain model saved to %s\n", options_.permanent_path.c_str());
+    std::fflush(stdout);
+  }
+}
+
+std::string MagnitudePruning::save_state() const {
+  nlohmann::json state = {{"last_pruning_step", last_pruning_step_},
+                          {"begin_step", options_.begin_step},
+                          {"end_step", options_.end_step},
+                          {"layers", layers()}};
+  return state.dump();
+}
+
+void MagnitudePruning::load_state(const std::string& text) {
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(text);
+    last_pruning_step_ = state.at("last_pruning_step").get<int64_t>();
+    const auto saved = state.at("layers").get<std::vector<std::string>>();
+    LOCKSTEP_CHECK(saved == layers(), "MagnitudePruning: the checkpoint's pruned layers (", saved.size(),
+                   ") are not the ones this run selects (", layers_.size(),
+                   "): resume with the same include/exclude patterns and granularity");
+  } catch (const nlohmann::json::exception& e) {
+    LOCKSTEP_FAIL("MagnitudePruning: the checkpoint's pruning state is not valid: ", e.what());
+  }
+}
+
+std::vector<LayerSparsity> make_pruning_permanent(torch::nn::Module& model) {
+  std::shared_ptr<torch::nn::Module> masks;
+  for (const auto& child : model.named_children()) {
+    if (child.key() == kMasksChild) masks = child.value();
+  }
+  if (!masks) return {};
+  auto parameters = model.named_parameters(/*recurse=*/true);
+  std::vector<LayerSparsity> out;
+  torch::NoGradGuard no_grad;
+  for (const auto& item : masks->named_buffers(/*recurse=*/false)) {
+    const std::string name = parameter_name(item.key());
+    at::Tensor* weight = parameters.find(name);
+    LOCKSTEP_CHECK(weight != nullptr, "make_pruning_permanent: mask '", item.key(), "' belongs to no parameter '", name,
+                   "' of the model");
+    weight->mul_(item.value());
+    out.push_back(measure(name, weight->detach()));
+  }
+  model.unregister_module(kMasksChild);
+  return out;
+}
+
+void save_model_atomically(torch::nn::Module& model, const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  torch::serialize::OutputArchive archive;
+  model.save(archive);
+  const std::string temporary = path + ".tmp";
+  archive.save_to(temporary);
+  sync_path(temporary);
+  LOCKSTEP_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ", path);
+  sync_path(target.has_parent_path() ? target.parent_path().string() : ".");
+}
+
+std::string format_sparsity_table(const std::vector<LayerSparsity>& layers) {
+  std::ostringstream out;
+  char line[256];
+  std::snprintf(line, sizeof line, "%-28s %-18s %10s %10s %9s %14s\n", "layer", "shape", "params", "nonzeros",
+                "sparsity", "zero channels");
+  out << line;
+  int64_t numel = 0, nonzeros = 0, channels = 0, zero = 0;
+  for (const auto& layer : layers) {
+    std::string shape;
+    for (size_t i = 0; i < layer.shape.size(); ++i) shape += (i ? "x" : "") + std::to_string(layer.shape[i]);
+    const std::string channel_text = std::to_string(layer.zero_channels) + "/" + std::to_string(layer.channels);
+    std::snprintf(line, sizeof line, "%-28s %-18s %10lld %10lld %8.2f%% %14s\n", layer.name.c_str(), shape.c_str(),
+                  static_cast<long long>(layer.numel), static_cast<long long>(layer.nonzeros), 100.0 * layer.sparsity(),
+                  channel_text.c_str());
+    out << line;
+    numel += layer.numel;
+    nonzeros += layer.nonzeros;
+    channels += layer.channels;
+    zero += layer.zero_channels;
+  }
+  const double total = numel > 0 ? 1.0 - static_cast<double>(nonzeros) / static_cast<double>(numel) : 0.0;
+  const std::string channel_text = std::to_string(zero) + "/" + std::to_string(channels);
+  std::snprintf(line, sizeof line, "%-28s %-18s %10lld %10lld %8.2f%% %14s\n", "total (pruned layers)", "",
+                static_cast<long long>(numel), static_cast<long long>(nonzeros), 100.0 * total, channel_text.c_str());
+  out << line;
+  return out.str();
+}
+
+}  // namespace lockstep::compress

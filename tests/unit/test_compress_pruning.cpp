@@ -1,0 +1,275 @@
+// Pruning masks and schedules in one process: exact counts, whole channels, N:M groups, the cubic
+// schedule against its closed form, and folding masks into a plain model.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+
+#include "lockstep/compress/masks.hpp"
+#include "lockstep/compress/pruning.hpp"
+#include "lockstep/core/error.hpp"
+#include "lockstep/models/resnet.hpp"
+#include "lockstep/train/callback.hpp"
+
+using namespace lockstep::compress;
+
+namespace {
+
+int64_t pruned(const at::Tensor& mask) { return mask.numel() - mask.count_nonzero().item<int64_t>(); }
+
+// Weights with many ties (already-zero entries, repeated magnitudes) to test exactness.
+at::Tensor tied_weight(std::vector<int64_t> shape, uint64_t seed) {
+  torch::manual_seed(seed);
+  at::Tensor w = torch::randn(shape);
+  w.reshape({-1}).narrow(0, 0, w.numel() / 5).zero_();
+  w.reshape({-1}).narrow(0, w.numel() / 5, w.numel() / 10).fill_(0.5);
+  return w;
+}
+
+}  // namespace
+
+TEST_CASE("pruning: the cubic schedule matches Zhu & Gupta at its ends and midpoints", "[compress]") {
+  PruningOptions o;
+  o.initial_sparsity = 0.1;
+  o.target_sparsity = 0.8;
+  o.begin_step = 100;
+  o.end_step = 1100;
+  o.frequency = 100;
+  validate(o);
+  auto closed_form = [&](double t) { return 0.8 + (0.1 - 0.8) * std::pow(1.0 - (t - 100.0) / 1000.0, 3); };
+  CHECK(scheduled_sparsity(o, 0) == 0.0);
+  CHECK(scheduled_sparsity(o, 99) == 0.0);
+  CHECK(scheduled_sparsity(o, 100) == Approx(0.1));
+  CHECK(scheduled_sparsity(o, 600) == Approx(closed_form(600)));  // midpoint: 0.8 - 0.7 / 8
+  CHECK(scheduled_sparsity(o, 600) == Approx(0.8 - 0.7 / 8));
+  CHECK(scheduled_sparsity(o, 350) == Approx(closed_form(350)));
+  CHECK(scheduled_sparsity(o, 1100) == Approx(0.8));
+  CHECK(scheduled_sparsity(o, 5000) == Approx(0.8));
+  // Monotone between the ends.
+  for (int64_t t = 100; t < 1100; t += 50) CHECK(scheduled_sparsity(o, t) <= scheduled_sparsity(o, t + 50));
+
+  CHECK_FALSE(is_pruning_step(o, 99));
+  CHECK(is_pruning_step(o, 100));
+  CHECK_FALSE(is_pruning_step(o, 150));
+  CHECK(is_pruning_step(o, 200));
+  CHECK(is_pruning_step(o, 1100));
+  CHECK_FALSE(is_pruning_step(o, 1200));
+  o.end_step = 1050;  // not a multiple of the frequency: the end step still prunes
+  CHECK(is_pruning_step(o, 1000));
+  CHECK(is_pruning_step(o, 1050));
+
+  o.schedule = PruneSchedule::OneShot;
+  CHECK(is_pruning_step(o, 100));
+  CHECK_FALSE(is_pruning_step(o, 200));
+  CHECK(scheduled_sparsity(o, 100) == Approx(0.8));
+}
+
+TEST_CASE("pruning: invalid options are errors naming the option", "[compress]") {
+  PruningOptions o;
+  o.target_sparsity = 1.0;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("target_sparsity"));
+  o = PruningOptions{};
+  o.initial_sparsity = 0.7;
+  o.target_sparsity = 0.5;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("initial_sparsity"));
+  o = PruningOptions{};
+  o.end_step = o.begin_step;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("end_step > begin_step"));
+  o = PruningOptions{};
+  o.granularity = PruneGranularity::NM;
+  o.schedule = PruneSchedule::OneShot;
+  o.scope = PruneScope::Global;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("scope must be"));
+  o.scope = PruneScope::Layer;
+  o.n = 4;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("1 <= n < m"));
+  CHECK_THROWS_WITH(parse_prune_granularity("blocky"), Catch::Contains("unstructured, structured or n:m"));
+}
+
+TEST_CASE("pruning: unstructured masks prune exactly the requested count, smallest first", "[compress]") {
+  const at::Tensor w = tied_weight({37, 11, 3, 3}, 1);
+  for (double s : {0.0, 0.1, 0.33, 0.5, 0.8, 0.95}) {
+    const at::Tensor mask = unstructured_mask(w, s);
+    INFO("sparsity " << s);
+    CHECK(mask.scalar_type() == torch::kBool);
+    CHECK(mask.sizes() == w.sizes());
+    CHECK(pruned(mask) == std::llround(s * w.numel()));
+    // Every pruned |w| <= every kept |w|.
+    if (pruned(mask) > 0 && pruned(mask) < w.numel()) {
+      CHECK(w.abs().masked_select(mask.logical_not()).max().item<float>() <=
+            w.abs().masked_select(mask).min().item<float>());
+    }
+  }
+  // Deterministic (ranks with identical weights compute identical masks).
+  CHECK(torch::equal(unstructured_mask(w, 0.6), unstructured_mask(w.clone(), 0.6)));
+}
+
+TEST_CASE("pruning: global unstructured masks share one threshold and hit the total exactly", "[compress]") {
+  std::vector<at::Tensor> ws = {tied_weight({16, 8}, 2) * 3, tied_weight({32, 4, 3, 3}, 3), tied_weight({10, 64}, 4) / 4};
+  int64_t total = 0;
+  for (const auto& w : ws) total += w.numel();
+  const auto masks = global_unstructured_masks(ws, 0.7);
+  int64_t count = 0;
+  float max_pruned = 0, min_kept = 1e9;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    count += pruned(masks[i]);
+    if (pruned(masks[i]) > 0) max_pruned = std::max(max_pruned, ws[i].abs().masked_select(masks[i].logical_not()).max().item<float>());
+    if (pruned(masks[i]) < masks[i].numel()) min_kept = std::min(min_kept, ws[i].abs().masked_select(masks[i]).min().item<float>());
+  }
+  CHECK(count == std::llround(0.7 * total));
+  CHECK(max_pruned <= min_kept);
+  // The layer scaled down loses the most.
+  CHECK(sparsity_of(masks[2]) > sparsity_of(masks[0]));
+}
+
+TEST_CASE("pruning: structured masks zero whole output channels with the smallest L2 norms", "[compress]") {
+  torch::manual_seed(5);
+  // Channel c: random signs, magnitudes 1 + c (so its L2 norm grows with c), a few weights larger
+  // than some of the next channel's (so a per-weight ranking would differ).
+  at::Tensor w = torch::randn({20, 6, 3, 3}).sign();
+  for (int64_t c = 0; c < 20; ++c) w[c].mul_(1.0 + c);
+  w.select(0, 3).view({-1})[0] = 9.0;
+  const at::Tensor mask = channel_mask(w, 0.4);
+  CHECK(pruned(mask) == 8 * 6 * 9);
+  for (int64_t c = 0; c < 20; ++c) {
+    INFO("channel " << c);
+    CHECK(mask[c].all().item<bool>() == (c >= 8));
+    CHECK(mask[c].any().item<bool>() == (c >= 8));
+  }
+  CHECK(zero_channels(w * mask) == 8);
+  // At least one channel always stays.
+  CHECK(pruned(channel_mask(w, 0.999)) == 19 * 6 * 9);
+
+  // Global: channels ranked by RMS across layers; the pruned elements stay within the target by
+  // less than one channel.
+  std::vector<at::Tensor> ws = {torch::randn({16, 4, 3, 3}), torch::randn({8, 32}) * 0.1, torch::randn({12, 8})};
+  int64_t total = 0;
+  for (const auto& x : ws) total += x.numel();
+  const auto masks = global_channel_masks(ws, 0.5);
+  int64_t count = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    count += pruned(masks[i]);
+    const at::Tensor rows = masks[i].reshape({ws[i].size(0), -1});
+    CHECK(torch::equal(rows.all(1), rows.any(1)));  // whole channels only
+    CHECK(rows.any(1).any().item<bool>());          // no layer emptied
+  }
+  CHECK(count <= std::llround(0.5 * total));
+  CHECK(count > std::llround(0.5 * total) - 4 * 3 * 3 - 32 - 8);
+  CHECK(sparsity_of(masks[1]) == Approx(7.0 / 8));  // the scaled-down layer goes first (all but one)
+}
+
+TEST_CASE("pruning: N:M masks keep exactly N of every M, the largest", "[compress]") {
+  torch::manual_seed(6);
+  const at::Tensor w = torch::randn({12, 8, 3, 3});
+  const at::Tensor mask = nm_mask(w, 2, 4);
+  const at::Tensor groups = mask.reshape({-1, 4});
+  CHECK(torch::equal(groups.sum(1), torch::full({groups.size(0)}, 2, torch::kLong)));
+  const at::Tensor magnitudes = w.abs().reshape({-1, 4});
+  const at::Tensor kept_min = magnitudes.masked_fill(groups.logical_not(), 1e9).amin(1);
+  const at::Tensor pruned_max = magnitudes.masked_fill(groups, -1).amax(1);
+  CHECK((pruned_max <= kept_min).all().item<bool>());
+  CHECK(sparsity_of(mask) == Approx(0.5));
+  CHECK(torch::equal(nm_mask(torch::zeros({2, 8}), 1, 4).reshape({-1, 4}).sum(1), torch::ones({4}, torch::kLong)));
+  CHECK_FALSE(nm_applies(torch::zeros({4, 1, 3, 3}), 4));  // rows of 9
+  CHECK_THROWS_WITH(nm_mask(torch::zeros({4, 9}), 2, 4), Catch::Contains("multiple of M"));
+}
+
+TEST_CASE("pruning: the callback selects conv and linear weights, honours patterns, and rejects unknown ones",
+          "[compress]") {
+  lockstep::models::ResNet18Options ro;
+  ro.width = 8;
+  ro.stem = lockstep::models::Stem::Small;
+  ro.in_channels = 1;
+  ro.num_classes = 10;
+  lockstep::train::TrainerContext ctx;
+
+  {
+    lockstep::models::ResNet18 model(ro);
+    ctx.model = model.ptr().get();
+    MagnitudePruning all(PruningOptions{});
+    all.on_setup(ctx);
+    CHECK(all.layers().size() == 21);  // 1 stem conv + 16 block convs + 3 shortcut convs + fc
+    CHECK(all.layers().front() == "conv1.weight");
+    CHECK(all.layers().back() == "fc.weight");
+    // The masks are buffers of the model.
+    int64_t mask_buffers = 0;
+    for (const auto& b : model->named_buffers()) mask_buffers += b.key().rfind("pruning_masks.", 0) == 0;
+    CHECK(mask_buffers == 21);
+    MagnitudePruning again(PruningOptions{});
+    CHECK_THROWS_WITH(again.on_setup(ctx), Catch::Contains("already has a 'pruning_masks' child"));
+  }
+  {
+    lockstep::models::ResNet18 model(ro);
+    ctx.model = model.ptr().get();
+    PruningOptions o;
+    o.exclude = {"^conv1\\.", "^fc\\."};
+    MagnitudePruning some(o);
+    some.on_setup(ctx);
+    CHECK(some.layers().size() == 19);
+  }
+  {
+    lockstep::models::ResNet18 model(ro);
+    ctx.model = model.ptr().get();
+    PruningOptions o;
+    o.exclude = {"^layer9\\."};
+    MagnitudePruning typo(o);
+    CHECK_THROWS_WITH(typo.on_setup(ctx), Catch::Contains("exclude pattern '^layer9\\.' matches no parameter"));
+  }
+  {
+    lockstep::models::ResNet18 model(ro);
+    ctx.model = model.ptr().get();
+    PruningOptions o;
+    o.granularity = PruneGranularity::NM;
+    o.schedule = PruneSchedule::OneShot;
+    MagnitudePruning nm(o);
+    nm.on_setup(ctx);
+    REQUIRE(nm.skipped().size() == 1);  // the stem conv: 1 x 3 x 3 = 9 weights per row
+    CHECK(nm.skipped()[0].first == "conv1.weight");
+  }
+}
+
+TEST_CASE("pruning: a permanent model loads into the plain definition and gives the same outputs", "[compress]") {
+  lockstep::models::ResNet18Options ro;
+  ro.width = 8;
+  ro.stem = lockstep::models::Stem::Small;
+  ro.in_channels = 1;
+  ro.num_classes = 10;
+  torch::manual_seed(7);
+  lockstep::models::ResNet18 model(ro);
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  PruningOptions o;
+  o.target_sparsity = 0.6;
+  MagnitudePruning pruning(o);
+  pruning.on_setup(ctx);
+  // Set masks by hand as the callback would, then fold them in.
+  for (const auto& b : model->named_buffers()) {
+    if (b.key().rfind("pruning_masks.", 0) == 0) b.value().bernoulli_(0.4);
+  }
+  model->eval();
+  const at::Tensor x = torch::randn({3, 1, 28, 28});
+  const auto report = make_pruning_permanent(*model);
+  CHECK(report.size() == 21);
+  for (const auto& child : model->named_children()) CHECK(child.key() != "pruning_masks");
+  const at::Tensor expected = model->forward(x);
+
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("lockstep_pruned_" + std::to_string(::getpid()) + ".pt")).string();
+  save_model_atomically(*model, path);
+  torch::manual_seed(8);
+  lockstep::models::ResNet18 plain(ro);
+  torch::load(plain, path);
+  plain->eval();
+  CHECK(torch::equal(plain->forward(x), expected));
+  int64_t zeros = 0, numel = 0;
+  for (const auto& layer : report) {
+    zeros += layer.numel - layer.nonzeros;
+    numel += layer.numel;
+  }
+  CHECK(static_cast<double>(zeros) / numel == Approx(0.6).margin(0.02));
+  std::filesystem::remove(path);
+  const std::string table = format_sparsity_table(report);
+  CHECK(table.find("layer1.0.conv1.weight") != std::string::npos);
+  CHECK(table.find("total (pruned layers)") != std::string::npos);
+}

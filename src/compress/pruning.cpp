@@ -291,7 +291,8 @@ void MagnitudePruning::update_masks(train::TrainerContext& ctx, double sparsity)
   current_sparsity_ = total > 0 ? 1.0 - static_cast<double>(kept) / static_cast<double>(total) : 0.0;
   last_pruning_step_ = ctx.global_step;
   if (ctx.world.rank == 0 && ctx.options != nullptr && ctx.options->progress && ctx.options->log_every > 0) {
-    std::printf("\npruning: step %lld: masks at %s sparsity (scheduled %s)\n", static_cast<long long>(ctx.global_step),
+    // On a terminal the progress line is redrawn in place: start a fresh line.
+    std::printf("%spruning: step %lld: masks at %s sparsity (scheduled %s)\n", ::isatty(STDOUT_FILENO) ? "\n" : "", static_cast<long long>(ctx.global_step),
                 percent(current_sparsity_).c_str(), percent(sparsity).c_str());
     std::fflush(stdout);
   }

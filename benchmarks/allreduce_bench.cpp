@@ -90,8 +90,9 @@ double median(std::vector<double> v) {
 // Times one complete all-reduce per call of each of `ops`, `iters` times per measurement and
 // `repeats` measurements per op; the ops take turns within each repeat, so that a slow phase of a
 // noisy machine hits them all alike instead of one of them. Every rank starts each measurement
-// together and the slowest rank's time counts. Returns the median time per op for each.
-std::vector<double> time_interleaved(int iters, int repeats, const std::vector<std::function<void()>>& ops) {
+// together and the slowest rank's time counts. Returns every measurement: [op][repeat].
+std::vector<std::vector<double>> time_interleaved(int iters, int repeats,
+                                                  const std::vector<std::function<void()>>& ops) {
   std::vector<std::vector<double>> samples(ops.size());
   for (int r = 0; r < repeats; ++r) {
     for (std::size_t k = 0; k < ops.size(); ++k) {
@@ -103,9 +104,7 @@ std::vector<double> time_interleaved(int iters, int repeats, const std::vector<s
       samples[k].push_back(seconds);
     }
   }
-  std::vector<double> medians;
-  for (auto& s : samples) medians.push_back(median(s));
-  return medians;
+  return samples;
 }
 
 // Counts elements that differ from the closed form: sum over ranks of (rank + i % 32).
@@ -141,7 +140,8 @@ int main(int argc, char** argv) {
   if (root) {
     std::printf("# Lockstep all-reduce benchmark: %d ranks, backend %s, dtype %s, op sum\n", n,
                 comm->backend().c_str(), options.dtype.c_str());
-    std::printf("# time: median of %d interleaved measurements of ~%.2f s each; bw in GB/s; raw = blocking MPI_Allreduce\n",
+    std::printf("# time: median of %d interleaved measurements of ~%.2f s each; bw in GB/s; raw = blocking MPI_Allreduce;\n"
+                "#       ratio = Lockstep oop busbw / raw busbw, median of the back-to-back pairs\n",
                 options.repeats, options.seconds);
     std::printf("#%11s %10s %6s | %10s %8s %8s %6s | %10s %8s %8s %6s | %10s %8s | %6s %9s\n", "size", "count",
                 "type", "oop us", "algbw", "busbw", "#wrong", "inp us", "algbw", "busbw", "#wrong", "raw us", "busbw",
@@ -162,22 +162,29 @@ int main(int argc, char** argv) {
     MPI_Allreduce(MPI_IN_PLACE, &once, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     const int iters = static_cast<int>(std::clamp(options.seconds / std::max(once, 1e-7), 1.0, 20000.0));
 
-    std::vector<std::function<void()>> ops = {[&] { comm->allreduce(input, output)->wait(); },
-                                              [&] { comm->allreduce(input)->wait(); }};
-    if (mpi_type != MPI_DATATYPE_NULL) {
+    // oop and raw run back to back in every repeat (Note [Paired ratio]); in-place last.
+    std::vector<std::function<void()>> ops = {[&] { comm->allreduce(input, output)->wait(); }};
+    const bool has_raw = mpi_type != MPI_DATATYPE_NULL;
+    if (has_raw) {
       ops.push_back([&] {
         MPI_Allreduce(input.data_ptr(), output.data_ptr(), static_cast<int>(count), mpi_type, MPI_SUM, raw_comm);
       });
     }
-    const std::vector<double> times = time_interleaved(iters, options.repeats, ops);
-    const double oop = times[0], inp = times[1];
-    const double raw = times.size() > 2 ? times[2] : 0.0;
+    ops.push_back([&] { comm->allreduce(input)->wait(); });
+    const std::vector<std::vector<double>> times = time_interleaved(iters, options.repeats, ops);
+    const double oop = median(times.front()), inp = median(times.back());
+    const double raw = has_raw ? median(times[1]) : 0.0;
+    // Note [Paired ratio]: the busbw ratio is the median over repeats of raw time / Lockstep time,
+    // each pair measured back to back, so that a slow phase of the machine (which moves both by the
+    // same factor) cancels instead of landing on one side of a ratio of medians.
+    std::vector<double> pair_ratios;
+    for (size_t r = 0; has_raw && r < times[0].size(); ++r) pair_ratios.push_back(times[1][r] / times[0][r]);
+    const double ratio = pair_ratios.empty() ? 0.0 : median(pair_ratios);
     const std::int64_t wrong_oop = wrong_results(*comm, input, output, false);
     const std::int64_t wrong_inp = wrong_results(*comm, input, output, true);
 
     const double algbw_oop = actual_bytes / oop / 1e9, algbw_inp = actual_bytes / inp / 1e9;
     const double busbw_raw = raw > 0 ? actual_bytes / raw / 1e9 * bus_factor : 0.0;
-    const double ratio = raw > 0 ? (algbw_oop * bus_factor) / busbw_raw : 0.0;
     if (root) {
       std::printf("%12lld %10lld %6s | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f | %6.3f %9.2f\n",
                   static_cast<long long>(actual_bytes), static_cast<long long>(count), options.dtype.c_str(),

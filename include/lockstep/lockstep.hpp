@@ -2,7 +2,9 @@
 // Lockstep's public surface in one include.
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/comm/mpi_communicator.hpp"
+#include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/comm/work.hpp"
+#include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/core/world.hpp"
 #include "lockstep/data/data.hpp"
@@ -11,5 +13,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/checkpoint.hpp"
+#include "lockstep/train/grad_scaler.hpp"
+#include "lockstep/train/precision.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "lockstep/runtime.hpp"

@@ -3,3 +3,4 @@ lockstep_add_mpi_test(NAME dist.comm TARGET lockstep_dist_tests NP 2 3 ARGS "[co
 lockstep_add_mpi_test(NAME dist.runtime TARGET lockstep_dist_tests NP 2 3 ARGS "[runtime]")
 lockstep_add_mpi_test(NAME dist.ddp TARGET lockstep_dist_tests NP 2 3 ARGS "[ddp]")
 lockstep_add_mpi_test(NAME dist.train TARGET lockstep_dist_tests NP 2 3 ARGS "[train]" TIMEOUT 600)
+lockstep_add_mpi_test(NAME dist.precision TARGET lockstep_dist_tests NP 2 3 ARGS "[precision]" TIMEOUT 600)

@@ -1,9 +1,14 @@
 // All-reduce benchmark in the style of nccl-tests: for each size, Lockstep's all-reduce out of
-// place and in place, and a raw blocking MPI_Allreduce of the same buffer as the baseline, all in
-// the same run. algbw = bytes / time; busbw = algbw * 2(n-1)/n (what each link carries).
+// place and in place, and a raw baseline of the same buffer, all in the same run. algbw = bytes /
+// time; busbw = algbw * 2(n-1)/n (what each link carries).
+//   --backend mpi (default): CPU tensors; raw = a blocking MPI_Allreduce (out of place); ratio = oop / raw.
+//   --backend nccl: CUDA tensors on the local rank's GPU; raw = ncclAllReduce (in place) issued
+//     straight on the same NCCL communicator and stream; ratio = in place / raw. Times run from the
+//     first issue to a device synchronisation after the last.
 //
-//   ./scripts/mpirun.sh -np 2 build/benchmarks/allreduce_bench [--min-bytes 8] [--max-bytes 256M]
-//       [--factor 2] [--dtype float|double|half|bfloat16|int|long] [--seconds 0.2] [--json FILE]
+//   ./scripts/mpirun.sh -np 2 build/benchmarks/allreduce_bench [--backend mpi|nccl] [--min-bytes 8]
+//       [--max-bytes 256M] [--factor 2] [--dtype float|double|half|bfloat16|int|long] [--seconds 0.2]
+//       [--json FILE]
 #include <mpi.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -17,6 +22,7 @@
 #include <vector>
 
 #include "lockstep/comm/communicator.hpp"
+#include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -30,7 +36,16 @@ struct Options {
   double seconds = 0.2;  // target time per measurement
   int repeats = 5;       // measurements per size and way; the median is reported
   std::string json;
+  std::string backend = "mpi";
 };
+
+// --backend must be known before the Runtime is made (it picks the communicator and the device).
+std::string backend_of(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) == "--backend") return argv[i + 1];
+  }
+  return "mpi";
+}
 
 std::int64_t parse_bytes(const std::string& text) {
   std::size_t end = 0;
@@ -58,8 +73,9 @@ Options parse(int argc, char** argv) {
     else if (arg == "--seconds") o.seconds = std::stod(value());
     else if (arg == "--repeats") o.repeats = std::stoi(value());
     else if (arg == "--json") o.json = value();
+    else if (arg == "--backend") o.backend = value();
     else if (arg == "--help" || arg == "-h") {
-      std::cout << "allreduce_bench [--min-bytes 8] [--max-bytes 256M] [--factor 2] [--dtype float] "
+      std::cout << "allreduce_bench [--backend mpi|nccl] [--min-bytes 8] [--max-bytes 256M] [--factor 2] [--dtype float] "
                    "[--seconds 0.2] [--repeats 5] [--json FILE]\n";
       std::exit(0);
     } else {
@@ -68,6 +84,7 @@ Options parse(int argc, char** argv) {
   }
   LOCKSTEP_CHECK(o.min_bytes > 0 && o.max_bytes >= o.min_bytes, "need 0 < --min-bytes <= --max-bytes");
   LOCKSTEP_CHECK(o.factor >= 2, "--factor must be at least 2");
+  LOCKSTEP_CHECK(o.backend == "mpi" || o.backend == "nccl", "--backend must be mpi or nccl, found '", o.backend, "'");
   return o;
 }
 
@@ -88,13 +105,16 @@ double median(std::vector<double> v) {
 
 // Times `op` (which must run one complete all-reduce) `iters` times, `repeats` times over; every
 // rank starts each measurement together and the slowest rank's time counts.
-template <typename F>
-double time_per_op(int iters, int repeats, F&& op) {
+// `sync` waits for queued device work (a no-op for the CPU).
+template <typename F, typename S>
+double time_per_op(int iters, int repeats, F&& op, S&& sync) {
   std::vector<double> samples;
   for (int r = 0; r < repeats; ++r) {
+    sync();
     MPI_Barrier(MPI_COMM_WORLD);
     const auto start = std::chrono::steady_clock::now();
     for (int i = 0; i < iters; ++i) op();
+    sync();
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
     MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     samples.push_back(seconds);
@@ -110,7 +130,7 @@ std::int64_t wrong_results(lockstep::comm::Communicator& comm, torch::Tensor inp
   input.copy_(pattern + comm.rank());
   if (in_place) comm.allreduce(input)->wait();
   else comm.allreduce(input, output)->wait();
-  auto result = (in_place ? input : output).to(torch::kLong);
+  auto result = (in_place ? input : output).to(torch::kCPU).to(torch::kLong);
   std::int64_t wrong = result.ne(pattern * n + n * (n - 1) / 2).sum().item<std::int64_t>();
   std::int64_t total = 0;
   MPI_Allreduce(&wrong, &total, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
@@ -120,9 +140,21 @@ std::int64_t wrong_results(lockstep::comm::Communicator& comm, torch::Tensor inp
 }  // namespace
 
 int main(int argc, char** argv) {
-  lockstep::Runtime runtime(argc, argv);
+  lockstep::RuntimeOptions runtime_options;
+  runtime_options.backend = backend_of(argc, argv);
+  runtime_options.device = runtime_options.backend == "nccl" ? "cuda" : "cpu";
+  if (runtime_options.backend == "nccl" && !lockstep::comm::nccl_available()) {
+    std::printf("allreduce_bench: --backend nccl: %s\n", lockstep::comm::nccl_build_info().c_str());
+    return 77;
+  }
+  lockstep::Runtime runtime(argc, argv, runtime_options);
   const Options options = parse(argc, argv);
   auto comm = runtime.communicator();
+  const bool nccl = comm->backend() == "nccl";
+  const torch::Device device = runtime.world().device;
+  auto sync = [&] {
+    if (nccl) torch::cuda::synchronize(device.index());
+  };
   const int n = comm->size();
   const bool root = comm->rank() == 0;
   MPI_Datatype mpi_type = MPI_DATATYPE_NULL;
@@ -135,8 +167,9 @@ int main(int argc, char** argv) {
   if (root) {
     std::printf("# Lockstep all-reduce benchmark: %d ranks, backend %s, dtype %s, op sum\n", n,
                 comm->backend().c_str(), options.dtype.c_str());
-    std::printf("# time: median of %d measurements of ~%.2f s each; bw in GB/s; raw = blocking MPI_Allreduce\n",
-                options.repeats, options.seconds);
+    std::printf("# time: median of %d measurements of ~%.2f s each; bw in GB/s; raw = %s\n", options.repeats,
+                options.seconds, nccl ? "ncclAllReduce in place on the same comm and stream (ratio: inp / raw)"
+                                      : "blocking MPI_Allreduce (ratio: oop / raw)");
     std::printf("#%11s %10s %6s | %10s %8s %8s %6s | %10s %8s %8s %6s | %10s %8s | %6s %9s\n", "size", "count",
                 "type", "oop us", "algbw", "busbw", "#wrong", "inp us", "algbw", "busbw", "#wrong", "raw us", "busbw",
                 "ratio", "+us@raw");
@@ -145,37 +178,43 @@ int main(int argc, char** argv) {
   for (std::int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= options.factor) {
     const std::int64_t count = std::max<std::int64_t>(1, bytes / element);
     const std::int64_t actual_bytes = count * element;
-    auto input = torch::zeros({count}, dtype);
-    auto output = torch::zeros({count}, dtype);
+    auto input = torch::zeros({count}, torch::TensorOptions().dtype(dtype).device(device));
+    auto output = torch::zeros({count}, torch::TensorOptions().dtype(dtype).device(device));
 
     // Calibrate the iteration count to the target time with a raw warm-up.
     comm->allreduce(input, output)->wait();
+    sync();
     const auto t0 = std::chrono::steady_clock::now();
     comm->allreduce(input, output)->wait();
+    sync();
     double once = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     MPI_Allreduce(MPI_IN_PLACE, &once, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     const int iters = static_cast<int>(std::clamp(options.seconds / std::max(once, 1e-7), 1.0, 20000.0));
 
-    const double oop = time_per_op(iters, options.repeats, [&] { comm->allreduce(input, output)->wait(); });
-    const double inp = time_per_op(iters, options.repeats, [&] { comm->allreduce(input)->wait(); });
+    const double oop = time_per_op(iters, options.repeats, [&] { comm->allreduce(input, output)->wait(); }, sync);
+    const double inp = time_per_op(iters, options.repeats, [&] { comm->allreduce(input)->wait(); }, sync);
     double raw = 0.0;
-    if (mpi_type != MPI_DATATYPE_NULL) {
+    if (nccl) {
+      raw = time_per_op(iters, options.repeats, [&] { lockstep::comm::nccl_raw_allreduce(*comm, input); },
+                        [&] { lockstep::comm::nccl_synchronize(*comm); });
+    } else if (mpi_type != MPI_DATATYPE_NULL) {
       raw = time_per_op(iters, options.repeats, [&] {
         MPI_Allreduce(input.data_ptr(), output.data_ptr(), static_cast<int>(count), mpi_type, MPI_SUM, raw_comm);
-      });
+      }, [] {});
     }
     const std::int64_t wrong_oop = wrong_results(*comm, input, output, false);
     const std::int64_t wrong_inp = wrong_results(*comm, input, output, true);
 
     const double algbw_oop = actual_bytes / oop / 1e9, algbw_inp = actual_bytes / inp / 1e9;
     const double busbw_raw = raw > 0 ? actual_bytes / raw / 1e9 * bus_factor : 0.0;
-    const double ratio = raw > 0 ? (algbw_oop * bus_factor) / busbw_raw : 0.0;
+    const double compared = nccl ? algbw_inp : algbw_oop;
+    const double ratio = raw > 0 && n > 1 ? (compared * bus_factor) / busbw_raw : raw > 0 ? compared * raw / actual_bytes * 1e9 : 0.0;
     if (root) {
       std::printf("%12lld %10lld %6s | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f | %6.3f %9.2f\n",
                   static_cast<long long>(actual_bytes), static_cast<long long>(count), options.dtype.c_str(),
                   oop * 1e6, algbw_oop, algbw_oop * bus_factor, static_cast<long long>(wrong_oop), inp * 1e6,
                   algbw_inp, algbw_inp * bus_factor, static_cast<long long>(wrong_inp), raw * 1e6, busbw_raw, ratio,
-                  (oop - raw) * 1e6);
+                  ((nccl ? inp : oop) - raw) * 1e6);
       std::fflush(stdout);
     }
     rows.push_back({{"bytes", actual_bytes}, {"count", count}, {"dtype", options.dtype}, {"iters", iters},
@@ -183,8 +222,8 @@ int main(int argc, char** argv) {
                                       {"busbw_gbs", algbw_oop * bus_factor}, {"wrong", wrong_oop}}},
                     {"in_place", {{"time_us", inp * 1e6}, {"algbw_gbs", algbw_inp},
                                   {"busbw_gbs", algbw_inp * bus_factor}, {"wrong", wrong_inp}}},
-                    {"raw_mpi", {{"time_us", raw * 1e6}, {"busbw_gbs", busbw_raw}}},
-                    {"busbw_ratio", ratio}, {"overhead_us", (oop - raw) * 1e6}});
+                    {nccl ? "raw_nccl" : "raw_mpi", {{"time_us", raw * 1e6}, {"busbw_gbs", busbw_raw}}},
+                    {"busbw_ratio", ratio}, {"overhead_us", ((nccl ? inp : oop) - raw) * 1e6}});
     if (bytes > options.max_bytes / options.factor) break;
   }
   if (root && !options.json.empty()) {

@@ -23,11 +23,11 @@ std::string cuda_error_text(const char* expression, cudaError_t code);
 #define LOCKSTEP_NCCL_CHECK(expr) LOCKSTEP_NCCL_CHECK_COMM(expr, nullptr)
 
 // With the communicator, so the message carries NCCL's description of what went wrong on it.
-#define LOCKSTEP_NCCL_CHECK_COMM(expr, comm)                                                   \
+#define LOCKSTEP_NCCL_CHECK_COMM(expr, nccl_comm)                                              \
   do {                                                                                         \
     ncclResult_t lockstep_nccl_rc_ = (expr);                                                   \
     if (lockstep_nccl_rc_ != ncclSuccess) {                                                    \
-      ::lockstep::comm::nccl::throw_nccl_error(__FILE__, __LINE__, #expr, lockstep_nccl_rc_, (comm)); \
+      ::lockstep::comm::nccl::throw_nccl_error(__FILE__, __LINE__, #expr, lockstep_nccl_rc_, (nccl_comm)); \
     }                                                                                          \
   } while (false)
 

@@ -31,7 +31,7 @@ TEST_CASE("dtypes map onto NCCL's, and the rest are refused by name", "[nccl]") 
   CHECK_THROWS_WITH(nccl::nccl_dtype(at::kComplexFloat, "allgather"), Contains("ComplexFloat"));
 }
 
-TEST_CASE("reduction operations map onto NCCL's; average only for floating point", "[nccl]") {
+TEST_CASE("reduction operations map onto NCCL's, average only for floating point", "[nccl]") {
   CHECK(nccl::nccl_reduction(ReduceOp::Sum, at::kFloat, "allreduce").op == ncclSum);
   CHECK(nccl::nccl_reduction(ReduceOp::Product, at::kInt, "allreduce").op == ncclProd);
   CHECK(nccl::nccl_reduction(ReduceOp::Min, at::kHalf, "allreduce").op == ncclMin);

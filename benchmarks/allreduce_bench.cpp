@@ -1,9 +1,14 @@
 // All-reduce benchmark in the style of nccl-tests: for each size, Lockstep's all-reduce out of
-// place and in place, and a raw blocking MPI_Allreduce of the same buffer as the baseline, all in
-// the same run. algbw = bytes / time; busbw = algbw * 2(n-1)/n (what each link carries).
+// place and in place, and a raw baseline of the same buffer, all in the same run. algbw = bytes /
+// time; busbw = algbw * 2(n-1)/n (what each link carries).
+//   --backend mpi (default): CPU tensors; raw = a blocking MPI_Allreduce (out of place); ratio = oop / raw.
+//   --backend nccl: CUDA tensors on the local rank's GPU; raw = ncclAllReduce (in place) issued
+//     straight on the same NCCL communicator and stream; ratio = in place / raw. Times run from the
+//     first issue to a device synchronisation after the last.
 //
-//   ./scripts/mpirun.sh -np 2 build/benchmarks/allreduce_bench [--min-bytes 8] [--max-bytes 256M]
-//       [--factor 2] [--dtype float|double|half|bfloat16|int|long] [--seconds 0.2] [--json FILE]
+//   ./scripts/mpirun.sh -np 2 build/benchmarks/allreduce_bench [--backend mpi|nccl] [--min-bytes 8]
+//       [--max-bytes 256M] [--factor 2] [--dtype float|double|half|bfloat16|int|long] [--seconds 0.2]
+//       [--json FILE]
 #include <mpi.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -18,6 +23,7 @@
 #include <vector>
 
 #include "lockstep/comm/communicator.hpp"
+#include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -31,7 +37,16 @@ struct Options {
   double seconds = 0.2;  // target time per measurement
   int repeats = 5;       // measurements per size and way; the median is reported
   std::string json;
+  std::string backend = "mpi";
 };
+
+// --backend must be known before the Runtime is made (it picks the communicator and the device).
+std::string backend_of(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) == "--backend") return argv[i + 1];
+  }
+  return "mpi";
+}
 
 std::int64_t parse_bytes(const std::string& text) {
   std::size_t end = 0;
@@ -59,8 +74,9 @@ Options parse(int argc, char** argv) {
     else if (arg == "--seconds") o.seconds = std::stod(value());
     else if (arg == "--repeats") o.repeats = std::stoi(value());
     else if (arg == "--json") o.json = value();
+    else if (arg == "--backend") o.backend = value();
     else if (arg == "--help" || arg == "-h") {
-      std::cout << "allreduce_bench [--min-bytes 8] [--max-bytes 256M] [--factor 2] [--dtype float] "
+      std::cout << "allreduce_bench [--backend mpi|nccl] [--min-bytes 8] [--max-bytes 256M] [--factor 2] [--dtype float] "
                    "[--seconds 0.2] [--repeats 5] [--json FILE]\n";
       std::exit(0);
     } else {
@@ -69,6 +85,7 @@ Options parse(int argc, char** argv) {
   }
   LOCKSTEP_CHECK(o.min_bytes > 0 && o.max_bytes >= o.min_bytes, "need 0 < --min-bytes <= --max-bytes");
   LOCKSTEP_CHECK(o.factor >= 2, "--factor must be at least 2");
+  LOCKSTEP_CHECK(o.backend == "mpi" || o.backend == "nccl", "--backend must be mpi or nccl, found '", o.backend, "'");
   return o;
 }
 
@@ -87,18 +104,26 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Times one complete all-reduce per call of each of `ops`, `iters` times per measurement and
-// `repeats` measurements per op; the ops take turns within each repeat, so that a slow phase of a
-// noisy machine hits them all alike instead of one of them. Every rank starts each measurement
-// together and the slowest rank's time counts. Returns every measurement: [op][repeat].
-std::vector<std::vector<double>> time_interleaved(int iters, int repeats,
-                                                  const std::vector<std::function<void()>>& ops) {
-  std::vector<std::vector<double>> samples(ops.size());
+// One way of running an all-reduce: `op` issues one complete all-reduce, `sync` waits for queued
+// device work (a no-op on the CPU).
+struct Way {
+  std::function<void()> op;
+  std::function<void()> sync;
+};
+
+// Times each way `iters` times per measurement and `repeats` measurements per way; the ways take
+// turns within each repeat, so that a slow phase of a noisy machine hits them all alike instead of
+// one of them. Every rank starts each measurement together and the slowest rank's time counts.
+// Returns every measurement: [way][repeat].
+std::vector<std::vector<double>> time_interleaved(int iters, int repeats, const std::vector<Way>& ways) {
+  std::vector<std::vector<double>> samples(ways.size());
   for (int r = 0; r < repeats; ++r) {
-    for (std::size_t k = 0; k < ops.size(); ++k) {
+    for (std::size_t k = 0; k < ways.size(); ++k) {
+      ways[k].sync();
       MPI_Barrier(MPI_COMM_WORLD);
       const auto start = std::chrono::steady_clock::now();
-      for (int i = 0; i < iters; ++i) ops[k]();
+      for (int i = 0; i < iters; ++i) ways[k].op();
+      ways[k].sync();
       double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iters;
       MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
       samples[k].push_back(seconds);
@@ -115,7 +140,7 @@ std::int64_t wrong_results(lockstep::comm::Communicator& comm, torch::Tensor inp
   input.copy_(pattern + comm.rank());
   if (in_place) comm.allreduce(input)->wait();
   else comm.allreduce(input, output)->wait();
-  auto result = (in_place ? input : output).to(torch::kLong);
+  auto result = (in_place ? input : output).to(torch::kCPU).to(torch::kLong);
   std::int64_t wrong = result.ne(pattern * n + n * (n - 1) / 2).sum().item<std::int64_t>();
   std::int64_t total = 0;
   MPI_Allreduce(&wrong, &total, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
@@ -125,9 +150,21 @@ std::int64_t wrong_results(lockstep::comm::Communicator& comm, torch::Tensor inp
 }  // namespace
 
 int main(int argc, char** argv) {
-  lockstep::Runtime runtime(argc, argv);
+  lockstep::RuntimeOptions runtime_options;
+  runtime_options.backend = backend_of(argc, argv);
+  runtime_options.device = runtime_options.backend == "nccl" ? "cuda" : "cpu";
+  if (runtime_options.backend == "nccl" && !lockstep::comm::nccl_available()) {
+    std::printf("allreduce_bench: --backend nccl: %s\n", lockstep::comm::nccl_build_info().c_str());
+    return 77;
+  }
+  lockstep::Runtime runtime(argc, argv, runtime_options);
   const Options options = parse(argc, argv);
   auto comm = runtime.communicator();
+  const bool nccl = comm->backend() == "nccl";
+  const torch::Device device = runtime.world().device;
+  auto sync = [&] {
+    if (nccl) torch::cuda::synchronize(device.index());
+  };
   const int n = comm->size();
   const bool root = comm->rank() == 0;
   MPI_Datatype mpi_type = MPI_DATATYPE_NULL;
@@ -140,9 +177,11 @@ int main(int argc, char** argv) {
   if (root) {
     std::printf("# Lockstep all-reduce benchmark: %d ranks, backend %s, dtype %s, op sum\n", n,
                 comm->backend().c_str(), options.dtype.c_str());
-    std::printf("# time: median of %d interleaved measurements of ~%.2f s each; bw in GB/s; raw = blocking MPI_Allreduce;\n"
-                "#       ratio = Lockstep oop busbw / raw busbw, median of the back-to-back pairs\n",
-                options.repeats, options.seconds);
+    std::printf("# time: median of %d interleaved measurements of ~%.2f s each; bw in GB/s; raw = %s\n",
+                options.repeats, options.seconds,
+                nccl ? "ncclAllReduce in place on the same comm and stream" : "blocking MPI_Allreduce");
+    std::printf("#       ratio = Lockstep %s busbw / raw busbw, median of the back-to-back pairs\n",
+                nccl ? "in-place" : "out-of-place");
     std::printf("#%11s %10s %6s | %10s %8s %8s %6s | %10s %8s %8s %6s | %10s %8s | %6s %9s\n", "size", "count",
                 "type", "oop us", "algbw", "busbw", "#wrong", "inp us", "algbw", "busbw", "#wrong", "raw us", "busbw",
                 "ratio", "+us@raw");
@@ -151,34 +190,43 @@ int main(int argc, char** argv) {
   for (std::int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= options.factor) {
     const std::int64_t count = std::max<std::int64_t>(1, bytes / element);
     const std::int64_t actual_bytes = count * element;
-    auto input = torch::zeros({count}, dtype);
-    auto output = torch::zeros({count}, dtype);
+    auto input = torch::zeros({count}, torch::TensorOptions().dtype(dtype).device(device));
+    auto output = torch::zeros({count}, torch::TensorOptions().dtype(dtype).device(device));
 
     // Calibrate the iteration count to the target time with a raw warm-up.
     comm->allreduce(input, output)->wait();
+    sync();
     const auto t0 = std::chrono::steady_clock::now();
     comm->allreduce(input, output)->wait();
+    sync();
     double once = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     MPI_Allreduce(MPI_IN_PLACE, &once, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     const int iters = static_cast<int>(std::clamp(options.seconds / std::max(once, 1e-7), 1.0, 20000.0));
 
-    // oop and raw run back to back in every repeat (Note [Paired ratio]); in-place last.
-    std::vector<std::function<void()>> ops = {[&] { comm->allreduce(input, output)->wait(); }};
-    const bool has_raw = mpi_type != MPI_DATATYPE_NULL;
-    if (has_raw) {
-      ops.push_back([&] {
-        MPI_Allreduce(input.data_ptr(), output.data_ptr(), static_cast<int>(count), mpi_type, MPI_SUM, raw_comm);
-      });
+    // The way compared with raw (out of place for MPI, in place for NCCL, like the raw call) runs
+    // right before raw in every repeat (Note [Paired ratio]).
+    const Way oop_way{[&] { comm->allreduce(input, output)->wait(); }, sync};
+    const Way inp_way{[&] { comm->allreduce(input)->wait(); }, sync};
+    std::vector<Way> ways = nccl ? std::vector<Way>{oop_way, inp_way} : std::vector<Way>{inp_way, oop_way};
+    const bool has_raw = nccl || mpi_type != MPI_DATATYPE_NULL;
+    if (nccl) {
+      ways.push_back({[&] { lockstep::comm::nccl_raw_allreduce(*comm, input); },
+                      [&] { lockstep::comm::nccl_synchronize(*comm); }});
+    } else if (has_raw) {
+      ways.push_back({[&] {
+                        MPI_Allreduce(input.data_ptr(), output.data_ptr(), static_cast<int>(count), mpi_type, MPI_SUM,
+                                      raw_comm);
+                      },
+                      [] {}});
     }
-    ops.push_back([&] { comm->allreduce(input)->wait(); });
-    const std::vector<std::vector<double>> times = time_interleaved(iters, options.repeats, ops);
-    const double oop = median(times.front()), inp = median(times.back());
-    const double raw = has_raw ? median(times[1]) : 0.0;
+    const std::vector<std::vector<double>> times = time_interleaved(iters, options.repeats, ways);
+    const double oop = median(times[nccl ? 0 : 1]), inp = median(times[nccl ? 1 : 0]);
+    const double raw = has_raw ? median(times[2]) : 0.0;
     // Note [Paired ratio]: the busbw ratio is the median over repeats of raw time / Lockstep time,
     // each pair measured back to back, so that a slow phase of the machine (which moves both by the
     // same factor) cancels instead of landing on one side of a ratio of medians.
     std::vector<double> pair_ratios;
-    for (size_t r = 0; has_raw && r < times[0].size(); ++r) pair_ratios.push_back(times[1][r] / times[0][r]);
+    for (size_t r = 0; has_raw && r < times[1].size(); ++r) pair_ratios.push_back(times[2][r] / times[1][r]);
     const double ratio = pair_ratios.empty() ? 0.0 : median(pair_ratios);
     const std::int64_t wrong_oop = wrong_results(*comm, input, output, false);
     const std::int64_t wrong_inp = wrong_results(*comm, input, output, true);
@@ -190,7 +238,7 @@ int main(int argc, char** argv) {
                   static_cast<long long>(actual_bytes), static_cast<long long>(count), options.dtype.c_str(),
                   oop * 1e6, algbw_oop, algbw_oop * bus_factor, static_cast<long long>(wrong_oop), inp * 1e6,
                   algbw_inp, algbw_inp * bus_factor, static_cast<long long>(wrong_inp), raw * 1e6, busbw_raw, ratio,
-                  (oop - raw) * 1e6);
+                  ((nccl ? inp : oop) - raw) * 1e6);
       std::fflush(stdout);
     }
     rows.push_back({{"bytes", actual_bytes}, {"count", count}, {"dtype", options.dtype}, {"iters", iters},
@@ -198,8 +246,8 @@ int main(int argc, char** argv) {
                                       {"busbw_gbs", algbw_oop * bus_factor}, {"wrong", wrong_oop}}},
                     {"in_place", {{"time_us", inp * 1e6}, {"algbw_gbs", algbw_inp},
                                   {"busbw_gbs", algbw_inp * bus_factor}, {"wrong", wrong_inp}}},
-                    {"raw_mpi", {{"time_us", raw * 1e6}, {"busbw_gbs", busbw_raw}}},
-                    {"busbw_ratio", ratio}, {"overhead_us", (oop - raw) * 1e6}});
+                    {nccl ? "raw_nccl" : "raw_mpi", {{"time_us", raw * 1e6}, {"busbw_gbs", busbw_raw}}},
+                    {"busbw_ratio", ratio}, {"overhead_us", ((nccl ? inp : oop) - raw) * 1e6}});
     if (bytes > options.max_bytes / options.factor) break;
   }
   if (root && !options.json.empty()) {

@@ -281,7 +281,10 @@ void print_table(const std::vector<Result>& results) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  lockstep::Runtime runtime(argc, argv);  // also raises the malloc thresholds (PLATFORM.md speed traps)
+  // A CPU benchmark (MPI, CPU tensors) on every machine; GPU training is resnet_gpu_bench's.
+  lockstep::RuntimeOptions runtime_options;
+  runtime_options.device = "cpu";
+  lockstep::Runtime runtime(argc, argv, runtime_options);  // also raises the malloc thresholds (PLATFORM.md)
   const Options o = parse(argc, argv);
   auto comm = runtime.communicator();
   const int rank = runtime.rank();

@@ -31,15 +31,18 @@ int main(int argc, char** argv) {
   lockstep::Runtime runtime(argc, argv);
   const int rank = runtime.rank();
   const int world = runtime.size();
+  const torch::Device device = runtime.world().device;  // this rank's GPU, or the CPU
 
-  // 2. The model, built the same way on every rank (DataParallel checks, then copies rank 0's values).
+  // 2. The model, built the same way on every rank (DataParallel checks, then copies rank 0's values),
+  //    on the device before DataParallel is made (its buckets live there).
   Mlp model;
+  model->to(device);
   lockstep::ddp::DataParallel dp(model, runtime.communicator());
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
 
   // 3. Synthetic data: y = sum(sin(x)). Every rank draws a different shard (seeded by rank).
   torch::manual_seed(1000 + rank);
-  const torch::Tensor x = torch::randn({1024, 16});
+  const torch::Tensor x = torch::randn({1024, 16}).to(device);
   const torch::Tensor y = torch::sin(x).sum(1, /*keepdim=*/true);
 
   constexpr int kBatch = 64;  // per rank; the global batch is kBatch * world

@@ -86,6 +86,8 @@ int main(int argc, char** argv) {
   }
 
   lockstep::Runtime runtime(argc, argv, cfg.runtime);
+  // trainer.device "auto" follows the runtime's choice (runtime.device: cpu keeps a GPU machine on the CPU).
+  if (cfg.trainer.device == "auto") cfg.trainer.device = runtime.world().device.str();
   auto [train_set, test_set] = config::make_datasets(cfg.data, cfg.trainer.seed);
   LOCKSTEP_CHECK(train_set->channels() == cfg.model.in_channels, "model.in_channels is ", cfg.model.in_channels,
                  " but ", train_set->description(), " has ", train_set->channels(), " channels");
@@ -99,10 +101,12 @@ int main(int argc, char** argv) {
     int64_t parameters = 0;
     for (const auto& p : model->parameters()) parameters += p.numel();
     std::printf("ResNet-18 width %lld (%lld parameters) on %s: %zu train / %zu test images, %d ranks x %zu = %zu "
-                "images per step\n",
+                "images per step; device %s, backend %s (%s), precision %s\n",
                 static_cast<long long>(cfg.model.width), static_cast<long long>(parameters),
                 train_set->description().c_str(), train_set->size(), test_set->size(), runtime.size(),
-                cfg.trainer.batch_size, cfg.trainer.batch_size * static_cast<size_t>(runtime.size()));
+                cfg.trainer.batch_size, cfg.trainer.batch_size * static_cast<size_t>(runtime.size()),
+                cfg.trainer.device.c_str(), runtime.backend().c_str(), runtime.backend_reason().c_str(),
+                cfg.trainer.precision.c_str());
     std::fflush(stdout);
   }
 

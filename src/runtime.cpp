@@ -3,7 +3,6 @@
 #include <ATen/Parallel.h>
 #include <malloc.h>
 #include <mpi.h>
-#include <torch/cuda.h>
 
 #include <atomic>
 #include <cstdio>
@@ -14,6 +13,8 @@
 #include <thread>
 
 #include "lockstep/comm/mpi_communicator.hpp"
+#include "lockstep/comm/nccl_communicator.hpp"
+#include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep {
@@ -114,12 +115,9 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
 
   LOCKSTEP_CHECK(options_.backend == "auto" || options_.backend == "mpi" || options_.backend == "nccl",
                  "RuntimeOptions::backend must be \"auto\", \"mpi\" or \"nccl\", found \"", options_.backend, "\"");
-  const bool cuda = torch::cuda::is_available();
-  if (cuda && options_.backend != "mpi") {
-    const int devices = static_cast<int>(torch::cuda::device_count());
-    world_.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(world_.local_rank % devices));
-  }
-
+  LOCKSTEP_CHECK(options_.device == "auto" || options_.device == "cpu" || options_.device == "cuda",
+                 "RuntimeOptions::device must be \"auto\", \"cpu\" or \"cuda\", found \"", options_.device, "\"");
+  select_device_and_backend();
   int threads = options_.threads;
   if (threads <= 0) {
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -141,16 +139,56 @@ Runtime::~Runtime() {
   if (owns_mpi_ && mpi_active()) MPI_Finalize();
 }
 
+void Runtime::select_device_and_backend() {
+  // Note [Device and backend choice]: the same decision on every rank of a host (it depends only on the
+  // host's GPUs and ranks), and NCCL only where each rank gets a GPU of its own: NCCL refuses two ranks
+  // on one GPU, while MPI with staged CUDA tensors serves such set-ups.
+  const int devices = cuda_device_count();
+  if (options_.device == "cuda") {
+    LOCKSTEP_CHECK(devices > 0, "runtime device \"cuda\" asked for, but CUDA is not usable on rank ", world_.rank,
+                   " (host ", world_.host, "): a CPU-only LibTorch, no GPU, or no driver");
+  }
+  if (options_.device != "cpu" && devices > 0) {
+    world_.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(world_.local_rank % devices));
+    set_current_cuda_device(world_.device);
+  }
+  const bool own_gpu = world_.device.is_cuda() && world_.local_size <= devices;
+  if (options_.backend == "mpi") {
+    backend_ = "mpi";
+    backend_reason_ = "asked for";
+  } else if (options_.backend == "nccl") {
+    LOCKSTEP_CHECK(world_.device.is_cuda(), "backend \"nccl\" needs a GPU, but rank ", world_.rank, " runs on ",
+                   world_.device, " (runtime device \"", options_.device, "\", ", devices, " CUDA device(s))");
+    backend_ = "nccl";
+    backend_reason_ = "asked for";
+  } else if (!world_.device.is_cuda()) {
+    backend_ = "mpi";
+    backend_reason_ = devices > 0 ? "runtime device is cpu" : "no usable GPU";
+  } else if (!comm::nccl_available()) {
+    backend_ = "mpi";
+    backend_reason_ = "this build has no NCCL communicator (" + comm::nccl_build_info() + ")";
+  } else if (!own_gpu) {
+    backend_ = "mpi";
+    backend_reason_ = std::to_string(world_.local_size) + " ranks share " + std::to_string(devices) + " GPU(s) on host " +
+                      world_.host + "; NCCL needs one GPU per rank";
+  } else {
+    backend_ = "nccl";
+    backend_reason_ = "one GPU per rank";
+  }
+}
+
 comm::CommunicatorPtr Runtime::communicator() {
   if (!communicator_) {
-    const bool cuda = world_.device.is_cuda();
-    if (options_.backend == "nccl" || (options_.backend == "auto" && cuda)) {
-      LOCKSTEP_FAIL("the NCCL backend is not part of this build (backend \"", options_.backend, "\", device ",
-                    world_.device, "); use backend \"mpi\"");
+    if (backend_ == "nccl") {
+      comm::NcclCommunicatorOptions nccl_options;
+      nccl_options.device = world_.device.index();
+      nccl_options.timeout = options_.timeout;
+      communicator_ = comm::make_nccl_communicator(nccl_options);
+    } else {
+      comm::MpiCommunicatorOptions mpi_options;
+      mpi_options.timeout = options_.timeout;
+      communicator_ = std::make_shared<comm::MpiCommunicator>(mpi_options);
     }
-    comm::MpiCommunicatorOptions mpi_options;
-    mpi_options.timeout = options_.timeout;
-    communicator_ = std::make_shared<comm::MpiCommunicator>(mpi_options);
   }
   return communicator_;
 }

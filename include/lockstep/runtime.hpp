@@ -22,7 +22,12 @@ struct RuntimeOptions {
   // Intra-op threads for LibTorch: 0 = the host's cores divided by the ranks on the host
   // (at least 1), so co-located ranks do not oversubscribe the cores.
   int threads = 0;
-  // "auto" (NCCL when CUDA is usable, else MPI), "mpi" or "nccl".
+  // "auto": the local rank's GPU (cuda:local_rank % devices) when CUDA is usable, else the CPU.
+  // "cpu" keeps a GPU machine on the CPU; "cuda" insists on a GPU (an error without one).
+  std::string device = "auto";
+  // "auto": NCCL when the device is a GPU, this build has the NCCL communicator and every rank on the
+  // host has a GPU of its own; MPI otherwise (it stages CUDA tensors through host memory). "mpi" or
+  // "nccl" force one (nccl needs device cuda).
   std::string backend = "auto";
   // Default timeout for every collective's wait(); 0 = comm::default_timeout() (LOCKSTEP_TIMEOUT_S).
   std::chrono::milliseconds timeout{0};
@@ -38,13 +43,20 @@ class Runtime {
   const World& world() const { return world_; }
   int rank() const { return world_.rank; }
   int size() const { return world_.size; }
-  // The communicator for this process (created on first use, then shared).
+  // The communicator for this process (created on first use, then shared; collective the first time).
   comm::CommunicatorPtr communicator();
+  // "nccl" or "mpi": what communicator() creates, and why ("mpi (2 ranks share 1 GPU on host a)").
+  const std::string& backend() const { return backend_; }
+  const std::string& backend_reason() const { return backend_reason_; }
 
  private:
+  void select_device_and_backend();
+
   RuntimeOptions options_;
   World world_;
   bool owns_mpi_ = false;
+  std::string backend_;
+  std::string backend_reason_;
   comm::CommunicatorPtr communicator_;
 };
 

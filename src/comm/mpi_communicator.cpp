@@ -103,6 +103,27 @@ void in_chunks(std::int64_t count, std::size_t element_size, F&& f) {
   } while (offset < count);
 }
 
+// Note [CUDA tensors through MPI]: Debian's OpenMPI is not CUDA-aware, so a CUDA tensor is staged
+// through pinned host memory: copied to the host when the collective is issued (on the caller's
+// thread and current stream, so after the work that produced it), reduced by MPI on the progress
+// thread, and copied back by the first wait() (comm::then), on the waiting thread's current stream,
+// so the work that follows sees the result. Mixed set-ups and single-GPU machines work this way; the
+// NCCL communicator is the fast path for CUDA tensors.
+at::Tensor to_host(const at::Tensor& tensor) {
+  at::Tensor host = at::empty(tensor.sizes(), tensor.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(tensor);
+  return host;
+}
+
+at::Tensor host_slice(const at::Tensor& whole, int rank, std::int64_t n) {
+  return whole.view({-1}).narrow(0, rank * n, n);
+}
+
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  LOCKSTEP_CHECK(a.device() == b.device(), op, ": input is on ", a.device(), " but output is on ", b.device(),
+                 "; both must be on the same device");
+}
+
 }  // namespace
 
 struct MpiCommunicator::Impl {
@@ -241,11 +262,16 @@ WorkPtr MpiCommunicator::allreduce(at::Tensor tensor, const AllreduceOptions& op
 WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, const AllreduceOptions& options) {
   detail::check_tensor(input, "allreduce", "input");
   detail::check_tensor(output, "allreduce", "output");
+  check_same_device(input, output, "allreduce");
   detail::check_same(input, output, "allreduce");
   detail::check_reduce_op(input.scalar_type(), options.op, "allreduce");
   const bool in_place = input.data_ptr() == output.data_ptr();
   LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                  "allreduce: input and output overlap without being the same buffer");
+  if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
+    at::Tensor host = to_host(input);
+    return then(allreduce(host, host, options), [output, host] { output.copy_(host); });
+  }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   const MPI_Op op = mpi_op(options.op, input.scalar_type());
   const std::size_t element_size = input.element_size();
@@ -267,6 +293,10 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& op
   detail::check_tensor(tensor, "broadcast", "tensor");
   LOCKSTEP_CHECK(options.root >= 0 && options.root < size(), "broadcast: root ", options.root,
                  " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
+  if (tensor.is_cuda()) {  // Note [CUDA tensors through MPI]
+    at::Tensor host = to_host(tensor);
+    return then(broadcast(host, options), [tensor, host] { tensor.copy_(host); });
+  }
   const MPI_Datatype type = mpi_type(tensor.scalar_type());
   const std::size_t element_size = tensor.element_size();
   Impl* impl = impl_.get();
@@ -287,9 +317,15 @@ WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, c
   detail::check_gather_sizes(input, output, size(), rank(), "allgather");
   LOCKSTEP_CHECK(input.numel() <= INT_MAX, "allgather: ", input.numel(), " elements per rank exceed MPI's limit of ",
                  INT_MAX);
+  check_same_device(input, output, "allgather");
   const bool in_place = detail::is_rank_slice(input, output, rank());
   LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                  "allgather: input overlaps output without being exactly this rank's slice of it");
+  if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
+    at::Tensor host_out = in_place ? to_host(output) : at::empty(output.sizes(), output.options().device(at::kCPU).pinned_memory(true));
+    at::Tensor host_in = in_place ? host_slice(host_out, rank(), input.numel()) : to_host(input);
+    return then(allgather(host_in, host_out), [output, host_out] { output.copy_(host_out); });
+  }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   Impl* impl = impl_.get();
   return impl->enqueue(impl->make_info("allgather", &input), [=] {
@@ -309,9 +345,16 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
   detail::check_reduce_op(input.scalar_type(), options.op, "reduce_scatter");
   LOCKSTEP_CHECK(output.numel() <= INT_MAX, "reduce_scatter: ", output.numel(),
                  " elements per rank exceed MPI's limit of ", INT_MAX);
+  check_same_device(input, output, "reduce_scatter");
   const bool in_place = detail::is_rank_slice(output, input, rank());
   LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                  "reduce_scatter: output overlaps input without being exactly this rank's slice of it");
+  if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
+    at::Tensor host_in = to_host(input);
+    at::Tensor host_out = in_place ? host_slice(host_in, rank(), output.numel())
+                                   : at::empty(output.sizes(), output.options().device(at::kCPU).pinned_memory(true));
+    return then(reduce_scatter(host_in, host_out, options), [output, host_out] { output.copy_(host_out); });
+  }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   const MPI_Op op = mpi_op(options.op, input.scalar_type());
   Impl* impl = impl_.get();

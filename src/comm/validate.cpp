@@ -18,12 +18,18 @@ bool supported(c10::ScalarType type) {
 }
 }  // namespace
 
-void check_tensor(const at::Tensor& tensor, const char* op, const char* what, c10::DeviceType device_kind) {
+void check_tensor(const at::Tensor& tensor, const char* op, const char* what,
+                  std::initializer_list<c10::DeviceType> accepted) {
   LOCKSTEP_CHECK(tensor.defined(), op, ": the ", what, " tensor is undefined");
-  if (tensor.device().type() != device_kind) {
-    LOCKSTEP_FAIL(op, ": the ", what, " tensor is on ", tensor.device(), " but this communicator takes ",
-                  c10::DeviceTypeName(device_kind, /*lower_case=*/true), " tensors",
-                  device_kind == c10::DeviceType::CPU ? " (use the NCCL communicator for CUDA tensors, or copy to the CPU)" : "");
+  bool ok = false;
+  std::string names;
+  for (c10::DeviceType kind : accepted) {
+    ok = ok || tensor.device().type() == kind;
+    names += (names.empty() ? "" : " or ") + c10::DeviceTypeName(kind, /*lower_case=*/true);
+  }
+  if (!ok) {
+    LOCKSTEP_FAIL(op, ": the ", what, " tensor is on ", tensor.device(), " but this communicator takes ", names,
+                  " tensors; copy it to one of those first");
   }
   LOCKSTEP_CHECK(tensor.is_contiguous(), op, ": the ", what, " tensor must be contiguous (sizes ", tensor.sizes(),
                  ", strides ", tensor.strides(), "); call .contiguous() first");

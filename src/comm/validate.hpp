@@ -3,13 +3,16 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
+
 #include "lockstep/comm/communicator.hpp"
 
 namespace lockstep::comm::detail {
 
-// Defined, contiguous, of a supported dtype. `device_kind` is the device the backend accepts.
+// Defined, contiguous, of a supported dtype, on one of the `accepted` kinds of device. Both
+// communicators take CPU and CUDA tensors (each stages the kind it does not run on natively).
 void check_tensor(const at::Tensor& tensor, const char* op, const char* what,
-                  c10::DeviceType device_kind = c10::DeviceType::CPU);
+                  std::initializer_list<c10::DeviceType> accepted = {c10::DeviceType::CPU, c10::DeviceType::CUDA});
 // Same dtype and shape (out-of-place allreduce).
 void check_same(const at::Tensor& input, const at::Tensor& output, const char* op);
 // `whole` holds exactly `size` times `part`'s elements, of the same dtype.

@@ -211,6 +211,7 @@ void read_runtime(Section s, RuntimeOptions& o) {
   int64_t threads = o.threads;
   s.integer("threads", threads, 0, 4096);
   o.threads = static_cast<int>(threads);
+  s.choice("device", o.device, {"auto", "cpu", "cuda"});
   s.choice("backend", o.backend, {"auto", "mpi", "nccl"});
   double timeout_s = static_cast<double>(o.timeout.count()) / 1e3;
   s.real("timeout_s", timeout_s, 0.0);
@@ -229,6 +230,16 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.count("prefetch", o.prefetch, 0);
   s.boolean("drop_last_batch", o.drop_last_batch);
   s.integer("stop_after_steps", o.stop_after_steps, 0);
+  s.choice("device", o.device, {"auto", "cpu", "cuda"});
+  s.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
+  {
+    Section g = s.section("grad_scaler");
+    g.real("init_scale", o.grad_scaler.init_scale, 0.0, 1e30, true);
+    g.real("growth_factor", o.grad_scaler.growth_factor, 1.0, 1e6, true);
+    g.real("backoff_factor", o.grad_scaler.backoff_factor, 0.0, 1.0, true, true);
+    g.integer("growth_interval", o.grad_scaler.growth_interval, 1);
+    g.finish();
+  }
   {
     Section lr = s.section("lr_schedule");
     std::string kind = train::to_string(o.lr.kind);

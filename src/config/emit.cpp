@@ -40,6 +40,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   out << YAML::Key << "runtime" << YAML::Value << YAML::BeginMap;
   put(out, "tune_malloc", c.runtime.tune_malloc);
   put(out, "threads", c.runtime.threads);
+  put(out, "device", c.runtime.device);
   put(out, "backend", c.runtime.backend);
   put_real(out, "timeout_s", static_cast<double>(c.runtime.timeout.count()) / 1e3);
   out << YAML::EndMap;
@@ -56,6 +57,14 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "prefetch", static_cast<int64_t>(t.prefetch));
   put(out, "drop_last_batch", t.drop_last_batch);
   put(out, "stop_after_steps", t.stop_after_steps);
+  put(out, "device", t.device);
+  put(out, "precision", t.precision);
+  out << YAML::Key << "grad_scaler" << YAML::Value << YAML::BeginMap;
+  put_real(out, "init_scale", t.grad_scaler.init_scale);
+  put_real(out, "growth_factor", t.grad_scaler.growth_factor);
+  put_real(out, "backoff_factor", t.grad_scaler.backoff_factor);
+  put(out, "growth_interval", t.grad_scaler.growth_interval);
+  out << YAML::EndMap;
   out << YAML::Key << "lr_schedule" << YAML::Value << YAML::BeginMap;
   put(out, "kind", train::to_string(t.lr.kind));
   put_real(out, "base_lr", t.lr.base_lr);

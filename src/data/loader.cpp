@@ -17,6 +17,15 @@ Loader::Loader(DatasetPtr dataset, std::shared_ptr<ShardedSampler> sampler, Load
 
 Loader::~Loader() { halt(); }
 
+Example Loader::assemble(size_t b) const {
+  Example example = dataset_->get_batch(plan_[b]);
+  if (options_.pin_memory) {
+    if (example.data.defined() && !example.data.is_pinned()) example.data = example.data.pin_memory();
+    if (example.target.defined() && !example.target.is_pinned()) example.target = example.target.pin_memory();
+  }
+  return example;
+}
+
 size_t Loader::batches_per_epoch() const {
   return sampler_->batches_per_epoch(options_.batch_size, options_.drop_last_batch);
 }
@@ -73,7 +82,7 @@ void Loader::produce() {
     }
     Slot slot;
     try {
-      slot.example = dataset_->get_batch(plan_[b]);
+      slot.example = assemble(b);
     } catch (...) {
       slot.error = std::current_exception();
     }
@@ -108,7 +117,7 @@ std::optional<Example> Loader::next() {
   if (consumed_ >= plan_.size()) return std::nullopt;
 
   if (options_.prefetch == 0) {
-    Example example = dataset_->get_batch(plan_[consumed_]);
+    Example example = assemble(consumed_);
     consume(plan_[consumed_].size());
     ++consumed_;
     return example;

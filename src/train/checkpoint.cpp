@@ -37,10 +37,13 @@ int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key
 }
 
 // Opens and checks the header of a checkpoint; throws a lockstep::Error naming it.
-void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path) {
+// `device`: where the tensors go (the model's device), so that the optimizer's state (momentum
+// buffers) lands beside the parameters it updates; the model itself is loaded by copy anyway.
+void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path,
+                     c10::optional<c10::Device> device = c10::nullopt) {
   LOCKSTEP_CHECK(fs::is_regular_file(path), "checkpoint ", path, " does not exist");
   try {
-    archive.load_from(path);
+    archive.load_from(path, device);
     const int64_t version = read_int(archive, "lockstep_checkpoint_version");
     LOCKSTEP_CHECK(version == kFormatVersion, "checkpoint ", path, " has format version ", version, ", expected ",
                    kFormatVersion);
@@ -177,7 +180,12 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
 
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   torch::serialize::InputArchive archive;
-  open_checkpoint(archive, path);
+  c10::optional<c10::Device> device;
+  for (const auto& parameter : ctx.model->parameters()) {
+    device = parameter.device();
+    break;
+  }
+  open_checkpoint(archive, path, device);
   const int rank = ctx.communicator->rank();
   const int world = ctx.communicator->size();
   try {
@@ -196,7 +204,7 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     {
       at::Generator generator = at::detail::getDefaultCPUGenerator();
       std::lock_guard<std::mutex> lock(generator.mutex());
-      generator.set_state(states[rank].clone());
+      generator.set_state(states[rank].to(at::kCPU).clone());
     }
     if (ctx.callbacks != nullptr) {
       for (const auto& cb : *ctx.callbacks) {

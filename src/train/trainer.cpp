@@ -5,9 +5,11 @@
 #include <chrono>
 #include <filesystem>
 
+#include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
 #include "lockstep/data/sharded_sampler.hpp"
+#include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
 
 namespace lockstep::train {
@@ -30,6 +32,25 @@ std::vector<double> allreduce_sums(comm::Communicator& comm, const std::vector<d
   return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
 }
 
+// TrainerOptions::device "auto" follows a model already on a GPU; otherwise resolve_device decides.
+c10::Device resolve_trainer_device(const std::string& name, torch::nn::Module& model) {
+  if (name == "auto") {
+    for (const auto& parameter : model.parameters()) {
+      if (parameter.is_cuda()) return parameter.device();
+    }
+  }
+  return resolve_device(name, "TrainerOptions::device");
+}
+
+// Note [Batches to the device]: the loader pins host batches when the device is a GPU, so these copies
+// are asynchronous on the current stream, ordered before the forward pass that reads them.
+data::Example to_device(data::Example batch, const c10::Device& device) {
+  if (device.is_cpu()) return batch;
+  batch.data = batch.data.to(device, /*non_blocking=*/true);
+  batch.target = batch.target.to(device, /*non_blocking=*/true);
+  return batch;
+}
+
 }  // namespace
 
 DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
@@ -49,6 +70,20 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
   LOCKSTEP_CHECK(options_.eval_batch_size > 0, "TrainerOptions::eval_batch_size must be positive");
   LOCKSTEP_CHECK(!optimizer_->param_groups().empty(), "DistributedTrainer: the optimizer has no parameter groups");
   base_lr_ = options_.lr.base_lr > 0 ? options_.lr.base_lr : optimizer_->param_groups().front().options().get_lr();
+
+  device_ = resolve_trainer_device(options_.device, *model_);
+  LOCKSTEP_CHECK(options_.precision == "fp32" || options_.precision == "bf16" || options_.precision == "fp16",
+                 "TrainerOptions::precision must be fp32, bf16 or fp16, found '", options_.precision, "'");
+  autocast_dtype_ = autocast_dtype(options_.precision);
+  LOCKSTEP_CHECK(device_.is_cuda() || autocast_dtype_ != c10::ScalarType::Half || autocast_supported(device_, autocast_dtype_),
+                 "TrainerOptions::precision fp16 on the CPU needs LibTorch >= 2.4 (this one has no float16 CPU "
+                 "kernels for autocast); use bf16 on the CPU");
+  LOCKSTEP_CHECK(autocast_supported(device_, autocast_dtype_), "TrainerOptions::precision ", options_.precision,
+                 " is not supported on ", device_);
+  if (autocast_dtype_ == c10::ScalarType::Half) scaler_ = std::make_shared<GradScaler>(options_.grad_scaler);
+  // Module::to moves each parameter's data in place, so the optimizer (built on these parameters)
+  // keeps pointing at them. DataParallel is built after the move: its buckets live on the device.
+  model_->to(device_);
   dp_ = std::make_unique<ddp::DataParallel>(model_, comm_, options_.ddp);
 }
 
@@ -79,6 +114,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   loader_options.batch_size = options_.batch_size;
   loader_options.prefetch = options_.prefetch;
   loader_options.drop_last_batch = options_.drop_last_batch;
+  loader_options.pin_memory = device_.is_cuda();
   data::Loader loader(train_set, sampler, loader_options);
 
   if (!options_.output_dir.empty() && rank == 0) std::filesystem::create_directories(options_.output_dir);
@@ -90,6 +126,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (checkpoint.directory.empty()) checkpoint.directory = options_.output_dir + "/checkpoints";
     callbacks_.push_back(std::make_shared<Checkpointer>(checkpoint));
   }
+  if (scaler_) callbacks_.push_back(scaler_);  // its scale is checkpointed with the rest
   callbacks_.insert(callbacks_.end(), user_callbacks_.begin(), user_callbacks_.end());
   if (options_.progress) {
     ProgressOptions progress;
@@ -172,26 +209,41 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   return last.empty() ? ctx.metrics : last;
 }
 
+void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
+  AutocastGuard autocast(device_, autocast_dtype_);
+  ctx.output = forward_(ctx.batch.data);
+  // cross_entropy is on autocast's float32 list: the loss is computed in float32 from 16-bit logits.
+  ctx.loss = torch::nn::functional::cross_entropy(ctx.output, ctx.batch.target);
+}
+
 void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
   epoch_sums_.assign(kNumSums, 0.0);
   LrScheduleOptions schedule = options_.lr;
   schedule.base_lr = base_lr_;
   while (auto batch = loader.next()) {
-    ctx.batch = std::move(*batch);
+    ctx.batch = to_device(std::move(*batch), device_);  // Note [Batches to the device]
     ctx.output = at::Tensor();
     ctx.loss = at::Tensor();
+    ctx.step_skipped = false;
     ctx.lr = lr_at(schedule, ctx.global_step, ctx.steps_per_epoch, ctx.total_steps, ctx.world.size);
     set_lr(ctx.lr);
     for (auto& cb : callbacks_) cb->on_batch_begin(ctx);
 
     optimizer_->zero_grad();
     dp_->before_forward();
-    ctx.output = forward_(ctx.batch.data);
-    ctx.loss = torch::nn::functional::cross_entropy(ctx.output, ctx.batch.target);
+    forward_and_loss(ctx);
     dp_->before_backward();
-    ctx.loss.backward();
+    // Backward runs outside autocast (its ops follow the forward's dtypes), as PyTorch advises.
+    if (scaler_) {
+      scaler_->scale(ctx.loss).backward();
+      // The gradients are averaged over ranks by now; callbacks see them unscaled.
+      ctx.step_skipped = scaler_->unscale(model_->parameters(), *comm_);
+    } else {
+      ctx.loss.backward();
+    }
     for (auto& cb : callbacks_) cb->on_after_backward(ctx);
-    optimizer_->step();
+    if (!ctx.step_skipped) optimizer_->step();
+    if (scaler_) scaler_->update(ctx.step_skipped);
     ++ctx.global_step;
 
     {
@@ -225,6 +277,7 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
   data::LoaderOptions loader_options;
   loader_options.batch_size = options_.eval_batch_size;
   loader_options.prefetch = options_.prefetch;
+  loader_options.pin_memory = device_.is_cuda();
   data::Loader loader(eval_set, sampler, loader_options);
   loader.start_epoch(0);
 
@@ -238,7 +291,9 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
   model_->eval();
   {
     torch::NoGradGuard no_grad;
-    while (auto batch = loader.next()) {
+    AutocastGuard autocast(device_, autocast_dtype_);
+    while (auto next = loader.next()) {
+      auto batch = std::make_optional(to_device(std::move(*next), device_));
       const int64_t b = batch->target.size(0);
       int64_t valid = 0;
       while (valid < b && rank + (slice_position + valid) * world < n) ++valid;

@@ -242,8 +242,10 @@ TEST_CASE("the runtime knows the world", "[runtime]") {
   CHECK(runtime.world().local_rank < runtime.world().local_size);
   CHECK(runtime.world().local_size == size);  // every rank of the test runs on this host
   CHECK_FALSE(runtime.world().host.empty());
-  CHECK(runtime.world().device.is_cpu());
-  CHECK(runtime.communicator()->backend() == "mpi");
+  CHECK(runtime.world().device.is_cuda() == torch::cuda::is_available());
+  CHECK(runtime.communicator()->backend() == runtime.backend());
+  CHECK_FALSE(runtime.backend_reason().empty());
+  if (!torch::cuda::is_available()) CHECK(runtime.backend() == "mpi");
   CHECK(runtime.communicator() == runtime.communicator());
   CHECK(torch::get_num_threads() >= 1);
 }

@@ -77,6 +77,7 @@ TrainerOptions quiet(int64_t epochs, size_t batch_size) {
   o.progress = false;
   o.checkpoints = false;
   o.prefetch = 1;
+  o.device = "cpu";  // compared with CPU oracles and bitwise resumes; GPU training is in tests/gpu
   return o;
 }
 

@@ -4,3 +4,4 @@ lockstep_add_mpi_test(NAME dist.runtime TARGET lockstep_dist_tests NP 2 3 ARGS "
 lockstep_add_mpi_test(NAME dist.ddp TARGET lockstep_dist_tests NP 2 3 ARGS "[ddp]")
 lockstep_add_mpi_test(NAME dist.train TARGET lockstep_dist_tests NP 2 3 ARGS "[train]" TIMEOUT 600)
 lockstep_add_mpi_test(NAME dist.compress TARGET lockstep_dist_tests NP 2 3 ARGS "[compress]" TIMEOUT 300)
+lockstep_add_mpi_test(NAME dist.precision TARGET lockstep_dist_tests NP 2 3 ARGS "[precision]" TIMEOUT 600)

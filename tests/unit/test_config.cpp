@@ -222,3 +222,42 @@ pruning:
   // Disabled sections are still checked for keys and types, not for consistency.
   CHECK(error_of("pruning: {enabled: false, begin_step: 10, end_step: 5}") == "(no error)");
 }
+
+TEST_CASE("config: device, precision and the loss scaler", "[config]") {
+  const lockstep::train::TrainerOptions defaults;
+  CHECK(defaults.device == "auto");
+  CHECK(defaults.precision == "fp32");
+  CHECK(lockstep::RuntimeOptions{}.device == "auto");
+  const char* yaml = R"(
+runtime: {device: cpu, backend: nccl}
+trainer:
+  device: cuda
+  precision: fp16
+  grad_scaler: {init_scale: 1024, growth_interval: 100, backoff_factor: 0.25}
+)";
+  const config::ExperimentConfig c = config::parse_config(yaml);
+  CHECK(c.runtime.device == "cpu");
+  CHECK(c.runtime.backend == "nccl");
+  CHECK(c.trainer.device == "cuda");
+  CHECK(c.trainer.precision == "fp16");
+  CHECK(c.trainer.grad_scaler.init_scale == 1024.0);
+  CHECK(c.trainer.grad_scaler.growth_interval == 100);
+  CHECK(c.trainer.grad_scaler.backoff_factor == 0.25);
+  CHECK(c.trainer.grad_scaler.growth_factor == 2.0);
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(config::to_yaml(again) == config::to_yaml(c));
+  CHECK(again.trainer.precision == "fp16");
+  CHECK(again.runtime.device == "cpu");
+
+  CHECK_THAT(error_of("trainer:\n  precision: fp8\n"),
+             Contains("'trainer.precision'") && Contains("test.yaml:2:14") && Contains("bf16, fp16, fp32"));
+  CHECK_THAT(error_of("trainer:\n  device: gpu\n"),
+             Contains("'trainer.device'") && Contains("test.yaml:2:11") && Contains("auto, cpu, cuda"));
+  CHECK_THAT(error_of("runtime:\n  device: tpu\n"), Contains("'runtime.device'") && Contains("test.yaml:2:11"));
+  CHECK_THAT(error_of("trainer:\n  grad_scaler:\n    backoff_factor: 1\n"),
+             Contains("'trainer.grad_scaler.backoff_factor'") && Contains("test.yaml:3:21") && Contains("(0, 1)"));
+  CHECK_THAT(error_of("trainer:\n  grad_scaler:\n    growth: 2\n"),
+             Contains("unknown config key 'trainer.grad_scaler.growth'") && Contains("test.yaml:3:5"));
+  CHECK_THAT(error_of("", {"trainer.precision=half"}),
+             Contains("'trainer.precision'") && Contains("--set trainer.precision=half"));
+}

@@ -1,6 +1,8 @@
 #pragma once
-// MpiCommunicator: collectives on CPU tensors over OpenMPI, run in issue order on one background
-// progress thread so the caller's computation goes on while they run.
+// MpiCommunicator: collectives over OpenMPI, run in issue order on one background progress thread so
+// the caller's computation goes on while they run. CPU tensors travel as they are; CUDA tensors are
+// staged through pinned host memory (copied out when issued, copied back by the first wait(), on the
+// waiting thread's current stream), so single-GPU and mixed set-ups work without NCCL.
 
 #include <chrono>
 #include <memory>

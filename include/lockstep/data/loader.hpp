@@ -28,6 +28,9 @@ struct LoaderOptions {
   size_t prefetch = 2;
   // Skip the epoch's last batch when it is shorter than batch_size.
   bool drop_last_batch = false;
+  // Batches come out in page-locked (pinned) memory, so that a copy to the GPU with non_blocking=true
+  // is asynchronous. Needs CUDA (LibTorch's pinned allocator); the trainer sets it for CUDA devices.
+  bool pin_memory = false;
 };
 
 class Loader {
@@ -80,6 +83,8 @@ class Loader {
   // Stops and joins the thread and drops prefetched batches.
   void halt();
   void produce();
+  // Batch b of plan_, pinned when options_.pin_memory.
+  Example assemble(size_t b) const;
   // Advances the sampler past a consumed batch, checking nobody else moved it.
   void consume(size_t batch_length);
 

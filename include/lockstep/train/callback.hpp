@@ -70,6 +70,9 @@ struct TrainerContext {
   data::Example batch;
   at::Tensor output;
   at::Tensor loss;
+  // Set before on_after_backward when this step's optimizer step will be skipped (precision fp16 and
+  // a non-finite gradient on some rank: see GradScaler); the same on every rank.
+  bool step_skipped = false;
 
   // This epoch's metrics, reduced over ranks; filled by the trainer before on_evaluation_end
   // (train_*, test_*, images_per_s, lr, step times) and cleared at on_epoch_begin. Callbacks may add

@@ -28,6 +28,7 @@
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/checkpoint.hpp"
+#include "lockstep/train/grad_scaler.hpp"
 #include "lockstep/train/lr_schedule.hpp"
 
 namespace torch::optim {
@@ -59,6 +60,15 @@ struct TrainerOptions {
   bool drop_last_batch = false;
   // Stop after this many global steps (0 = run all epochs); for tests of resuming and quick runs.
   int64_t stop_after_steps = 0;
+  // Where the model trains: "auto" (the model's device if it is already on a GPU, else the current
+  // CUDA device when CUDA is usable, else the CPU), "cpu", "cuda" or "cuda:N". The model is moved there
+  // before DataParallel is built; batches follow with non-blocking copies from pinned memory.
+  std::string device = "auto";
+  // "fp32"; "bf16": forward and loss under autocast to bfloat16; "fp16": autocast to float16 with
+  // dynamic loss scaling (GradScaler: steps whose gradients hold inf/nan are skipped on every rank).
+  // See docs/gpu.md for which devices support which.
+  std::string precision = "fp32";
+  GradScalerOptions grad_scaler;
 };
 
 class DistributedTrainer {
@@ -97,10 +107,16 @@ class DistributedTrainer {
   torch::optim::Optimizer& optimizer() { return *optimizer_; }
   const TrainerOptions& options() const { return options_; }
   const std::vector<CallbackPtr>& callbacks() const { return callbacks_; }
+  // Where the model and the batches live (TrainerOptions::device, resolved).
+  const c10::Device& device() const { return device_; }
+  // The loss scaler of precision "fp16" (null otherwise).
+  const std::shared_ptr<GradScaler>& grad_scaler() const { return scaler_; }
 
  private:
   void run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed);
   void set_lr(double lr);
+  // Forward and loss under the precision's autocast.
+  void forward_and_loss(TrainerContext& ctx);
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;
@@ -111,6 +127,9 @@ class DistributedTrainer {
   std::vector<CallbackPtr> user_callbacks_;
   std::vector<CallbackPtr> callbacks_;  // built-ins + user's, in event order (set by fit)
   double base_lr_ = 0.0;
+  c10::Device device_ = c10::Device(c10::kCPU);
+  c10::ScalarType autocast_dtype_ = c10::ScalarType::Float;  // Float: no autocast
+  std::shared_ptr<GradScaler> scaler_;
 
   // Accumulated over one epoch on this rank: loss sum, correct, count, forward/backward/comm/exposed
   // seconds, steps (Note [Exact metrics]).

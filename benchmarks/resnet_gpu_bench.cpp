@@ -1,0 +1,126 @@
+// Single-GPU ResNet-18 training throughput (224x224 synthetic images, ImageNet stem, 1000 classes):
+// Lockstep's path (DataParallel over the runtime's communicator, SGD with momentum, autocast for bf16)
+// in images/s, per precision. benchmarks/resnet_torch_bench.py measures the same model and loop in
+// PyTorch; scripts/gpu-check.sh runs both on the same GPU and compares them.
+//
+//   build/benchmarks/resnet_gpu_bench [--batch 64] [--steps 50] [--warmup 10] [--precision fp32,bf16]
+//                                     [--json FILE]
+// Exits 77 with a message where no CUDA device is usable (the CPU build compiles it too).
+#include <ATen/Context.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/models/resnet.hpp"
+#include "lockstep/runtime.hpp"
+#include "lockstep/train/precision.hpp"
+
+namespace {
+
+struct Options {
+  int64_t batch = 64;
+  int steps = 50;
+  int warmup = 10;
+  std::vector<std::string> precisions = {"fp32", "bf16"};
+  std::string json;
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--batch") o.batch = std::stoll(value());
+    else if (arg == "--steps") o.steps = std::stoi(value());
+    else if (arg == "--warmup") o.warmup = std::stoi(value());
+    else if (arg == "--json") o.json = value();
+    else if (arg == "--precision") {
+      o.precisions.clear();
+      std::stringstream list(value());
+      for (std::string p; std::getline(list, p, ',');) o.precisions.push_back(p);
+    } else if (arg == "--help" || arg == "-h") {
+      std::cout << "resnet_gpu_bench [--batch 64] [--steps 50] [--warmup 10] [--precision fp32,bf16] [--json FILE]\n";
+      std::exit(0);
+    } else {
+      LOCKSTEP_FAIL("unknown option '", arg, "' (see --help)");
+    }
+  }
+  LOCKSTEP_CHECK(o.batch > 0 && o.steps > 0 && o.warmup >= 0, "need --batch > 0, --steps > 0, --warmup >= 0");
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!torch::cuda::is_available()) {
+    std::printf("resnet_gpu_bench: no usable CUDA device (a CPU-only LibTorch, no GPU or no driver); nothing to "
+                "measure\n");
+    return 77;
+  }
+  lockstep::RuntimeOptions runtime_options;
+  runtime_options.device = "cuda";
+  lockstep::Runtime runtime(argc, argv, runtime_options);
+  const Options options = parse(argc, argv);
+  const torch::Device device = runtime.world().device;
+  auto comm = runtime.communicator();
+  // As the Python side: let cuDNN pick the fastest convolution algorithms for these shapes.
+  at::globalContext().setBenchmarkCuDNN(true);
+
+  nlohmann::json rows = nlohmann::json::array();
+  if (runtime.rank() == 0) {
+    std::printf("# ResNet-18 training, 224x224 synthetic, batch %lld per GPU, %d ranks, backend %s, device %s\n",
+                static_cast<long long>(options.batch), comm->size(), comm->backend().c_str(), device.str().c_str());
+    std::printf("%-10s %12s %12s\n", "precision", "images/s", "ms/step");
+  }
+  for (const std::string& precision : options.precisions) {
+    torch::manual_seed(0);
+    lockstep::models::ResNet18 model(lockstep::models::ResNet18Options{});
+    model->to(device);
+    model->train();
+    lockstep::ddp::DataParallel dp(model, comm);
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4));
+    auto x = torch::randn({options.batch, 3, 224, 224}, torch::TensorOptions().device(device));
+    auto y = torch::randint(0, 1000, {options.batch}, torch::TensorOptions().dtype(torch::kLong).device(device));
+    auto step = [&] {
+      optimizer.zero_grad();
+      torch::Tensor loss;
+      {
+        lockstep::train::AutocastGuard autocast(device, precision);
+        loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+      }
+      loss.backward();
+      optimizer.step();
+    };
+    for (int i = 0; i < options.warmup; ++i) step();
+    torch::cuda::synchronize(device.index());
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < options.steps; ++i) step();
+    torch::cuda::synchronize(device.index());
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double images = static_cast<double>(options.batch) * options.steps / seconds;
+    if (runtime.rank() == 0) {
+      std::printf("%-10s %12.1f %12.2f\n", precision.c_str(), images, 1e3 * seconds / options.steps);
+      std::fflush(stdout);
+    }
+    rows.push_back({{"impl", "lockstep"}, {"precision", precision}, {"images_per_s", images},
+                    {"ms_per_step", 1e3 * seconds / options.steps}, {"batch", options.batch}});
+  }
+  if (runtime.rank() == 0 && !options.json.empty()) {
+    nlohmann::json doc = {{"benchmark", "resnet18_gpu"}, {"ranks", comm->size()}, {"backend", comm->backend()},
+                          {"device", device.str()}, {"results", rows}};
+    std::ofstream(options.json) << doc.dump(2) << "\n";
+  }
+  return 0;
+}

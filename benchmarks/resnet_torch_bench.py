@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""The PyTorch side of resnet_gpu_bench: the same ResNet-18 (ImageNet stem, 1000 classes), the same
+224x224 synthetic batch, SGD with momentum and weight decay, autocast for bf16, cuDNN benchmark
+mode, on one GPU, in images/s. Written out here (not torchvision's) so that the two models are the
+same layer for layer and torchvision need not be installed.
+
+    python3 benchmarks/resnet_torch_bench.py [--batch 64] [--steps 50] [--warmup 10]
+                                             [--precision fp32,bf16] [--json FILE]
+Exits 77 when CUDA is not usable.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes=1000, width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for i, stride in enumerate([1, 2, 2, 2]):
+            cout = width * 2 ** i
+            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layers(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--precision", default="fp32,bf16")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("resnet_torch_bench: CUDA is not usable; nothing to measure")
+        return 77
+    device = torch.device("cuda", 0)
+    torch.backends.cudnn.benchmark = True
+    print(f"# PyTorch {torch.__version__}, ResNet-18 training, 224x224 synthetic, batch {args.batch}, "
+          f"{torch.cuda.get_device_name(device)}")
+    print(f"{'precision':<10} {'images/s':>12} {'ms/step':>12}")
+    rows = []
+    for precision in args.precision.split(","):
+        torch.manual_seed(0)
+        model = ResNet18().to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        x = torch.randn(args.batch, 3, 224, 224, device=device)
+        y = torch.randint(0, 1000, (args.batch,), device=device)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+        def step():
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        images = args.batch * args.steps / seconds
+        print(f"{precision:<10} {images:12.1f} {1e3 * seconds / args.steps:12.2f}", flush=True)
+        rows.append({"impl": "pytorch", "precision": precision, "images_per_s": images,
+                     "ms_per_step": 1e3 * seconds / args.steps, "batch": args.batch})
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"benchmark": "resnet18_gpu", "impl": "pytorch", "torch": torch.__version__,
+                       "results": rows}, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#pragma once
+// The NCCL communicator: collectives on CUDA tensors, one NCCL communicator per process on the
+// process's GPU, bootstrapped over MPI. Same operations, dtypes and errors as MpiCommunicator.
+//
+//   lockstep::Runtime runtime(argc, argv);          // picks the GPU from the local rank
+//   auto comm = runtime.communicator();             // NCCL when CUDA is usable (backend "auto")
+//   auto work = comm->allreduce(grad);              // queued behind the work that produced `grad`
+//   work->wait();                                   // the current stream waits; the host does not
+//
+// Stream semantics (docs/gpu.md): each collective runs on the communicator's own CUDA stream, after
+// the work already queued on the caller's current stream; wait() makes the caller's current stream
+// wait for it without blocking the host. CPU tensors are accepted too (copied through the GPU; their
+// wait() blocks the host). A collective that outlives its timeout, or an error NCCL reports, aborts
+// the communicator and raises an error naming the operation, its sequence number and the rank.
+//
+// The backend is in a build of Lockstep only when CUDA, NCCL and a CUDA-enabled LibTorch were found;
+// the functions below exist in every build and say so when it is missing.
+
+#include <chrono>
+#include <string>
+
+#include "lockstep/comm/communicator.hpp"
+
+namespace lockstep::comm {
+
+struct NcclCommunicatorOptions {
+  // CUDA device index; -1 = LibTorch's current CUDA device (Runtime sets it from the local rank).
+  int device = -1;
+  // How long a collective may run before the communicator is aborted; 0 = comm::default_timeout().
+  std::chrono::milliseconds timeout{0};
+  // wait() blocks the host until the collective is done (and raises its timeout there). Also turned
+  // on by LOCKSTEP_NCCL_BLOCKING_WAIT=1. Off: only the caller's stream waits.
+  bool blocking_wait = false;
+};
+
+// True when this build has the NCCL communicator (CUDA, NCCL and a CUDA-enabled LibTorch).
+bool nccl_available();
+// What the NCCL part of this build is: "NCCL 2.28.9 (compiled against 2.28.9), CUDA runtime 13000", or
+// why it is missing.
+std::string nccl_build_info();
+
+// Collective: every rank of MPI_COMM_WORLD calls it. Throws a lockstep::Error when the build has no
+// NCCL backend or the process has no usable GPU.
+CommunicatorPtr make_nccl_communicator(NcclCommunicatorOptions options = {});
+
+// The benchmarks' baseline: one in-place sum ncclAllReduce of `tensor` (a CUDA tensor) issued straight
+// on `comm`'s NCCL communicator and stream, with none of Lockstep's bookkeeping (no events, no Work,
+// no checks beyond the device). Returns at once; nccl_synchronize() waits for it.
+void nccl_raw_allreduce(Communicator& comm, const at::Tensor& tensor);
+// Blocks the host until everything queued on `comm`'s communication stream is done.
+void nccl_synchronize(Communicator& comm);
+
+}  // namespace lockstep::comm

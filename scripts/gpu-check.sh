@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with an NVIDIA GPU and PyTorch installed (nothing fetched from the
+# network), builds Lockstep against the LibTorch inside that PyTorch, runs the tests labelled gpu
+# and the GPU benchmarks, and prints one summary.
+#
+#   ./scripts/gpu-check.sh                 # PYTHON=python3, build dir build-gpu
+#   LOCKSTEP_DEBS=third_party/debs ./scripts/gpu-check.sh   # no MPI there: unpack carried .debs
+#
+# What it needs there: nvidia driver + GPU, python3 with torch (CUDA build), g++, cmake >= 3.18, and
+# CUDA's NCCL (PyTorch's wheels carry libnccl; the headers come from a CUDA toolkit or the
+# nvidia-nccl-cu* wheel). MPI, yaml-cpp, nlohmann-json and Catch2 come from the system or from the
+# .debs scripts/fetch-mpi-debs.sh prepared (unpacked with dpkg-deb -x into build-gpu/prefix).
+# Acceptance (docs/gpu.md): gpu tests pass; NCCL busbw >= 95% of raw ncclAllReduce from 16 MB;
+# Lockstep's ResNet-18 images/s >= PyTorch's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+PYTHON=${PYTHON:-python3}
+build=${LOCKSTEP_GPU_BUILD_DIR:-build-gpu}
+mkdir -p "$build"
+log() { echo "gpu-check: $*"; }
+summary=()
+status=0
+note() { summary+=("$1"); }
+
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  log "PyTorch with a usable GPU not found ($PYTHON); nothing to check"
+  exit 77
+fi
+torch_prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+torch_abi=$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')
+log "PyTorch $torch_version, CMake prefix $torch_prefix, _GLIBCXX_USE_CXX11_ABI=$torch_abi"
+if [[ $torch_abi == 0 ]]; then
+  # Everything Lockstep links must agree on the ABI flag. Header-only Catch2 and nlohmann-json and
+  # MPI's C interface do not care; Debian's yaml-cpp (std::string in its interface) is built with
+  # ABI 1 and will not link: put a yaml-cpp built with -D_GLIBCXX_USE_CXX11_ABI=0 on YAML_CPP_PREFIX.
+  log "warning: this PyTorch uses the old C++ ABI (_GLIBCXX_USE_CXX11_ABI=0); a yaml-cpp built the same way is needed${YAML_CPP_PREFIX:+ (using $YAML_CPP_PREFIX)}"
+fi
+
+# ---- MPI and the small build dependencies: the system's, else carried .debs.
+prefix=$root/$build/prefix
+cmake_extra=()
+if ! command -v mpirun > /dev/null || [[ -n ${LOCKSTEP_DEBS:-} ]]; then
+  debs=${LOCKSTEP_DEBS:-third_party/debs}
+  if compgen -G "$debs/*.deb" > /dev/null; then
+    log "unpacking $(ls "$debs"/*.deb | wc -l) .debs from $debs into $prefix"
+    mkdir -p "$prefix"
+    for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$prefix"; done
+    multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+    ompi=$prefix/usr/lib/$multiarch/openmpi
+    export OPAL_PREFIX=$prefix/usr                     # relocated OpenMPI finds its plug-ins and help files
+    export PATH=$prefix/usr/bin:$PATH
+    export LD_LIBRARY_PATH=$ompi/lib:$prefix/usr/lib/$multiarch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    cmake_extra+=(-DMPI_CXX_COMPILER="$prefix/usr/bin/mpicxx" -DMPIEXEC_EXECUTABLE="$prefix/usr/bin/mpirun"
+                  -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr")
+  else
+    log "no mpirun on PATH and no .debs in $debs (see scripts/fetch-mpi-debs.sh)"
+    exit 1
+  fi
+fi
+[[ ${#cmake_extra[@]} -eq 0 ]] && cmake_extra+=(-DCMAKE_PREFIX_PATH="$torch_prefix")
+[[ -n ${YAML_CPP_PREFIX:-} ]] && cmake_extra+=(-Dyaml-cpp_DIR="$(dirname "$(find "$YAML_CPP_PREFIX" -name yaml-cpp-config.cmake | head -1)")")
+
+# NCCL: the one PyTorch loads. Its pip wheel (nvidia-nccl-cu*) carries headers and library; a CUDA
+# toolkit's NCCL is used otherwise (FindNCCL looks in /usr/local/cuda).
+if [[ -z ${NCCL_ROOT:-} ]]; then
+  wheel_nccl=$("$PYTHON" -c 'import os, nvidia.nccl as n; print(os.path.dirname(n.__file__) if n.__file__ else list(n.__path__)[0])' 2>/dev/null || true)
+  [[ -n $wheel_nccl && -f $wheel_nccl/include/nccl.h ]] && export NCCL_ROOT=$wheel_nccl && log "NCCL from PyTorch's wheel: $NCCL_ROOT"
+fi
+
+# ---- Configure and build against PyTorch's LibTorch (its ABI flag, its CUDA, its NCCL).
+launcher=()
+command -v ccache > /dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+if ! cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" "${cmake_extra[@]}" \
+      -DCMAKE_CXX_FLAGS="-D_GLIBCXX_USE_CXX11_ABI=$torch_abi" -DLOCKSTEP_BUILD_EXAMPLES=ON \
+      2>&1 | tee "$build/configure.log"; then
+  log "configure failed"; exit 1
+fi
+grep -E "Lockstep: (NCCL backend|CUDA toolkit)" "$build/configure.log"
+if ! grep -q "LibTorch CUDA part" "$build/configure.log" || ! grep -q "NCCL backend: built" "$build/configure.log"; then
+  note "FAIL  configure: the NCCL communicator is not built (see $build/configure.log)"
+  status=1
+fi
+if ! cmake --build "$build" -j "$(nproc)" > "$build/build.log" 2>&1; then
+  tail -60 "$build/build.log"; log "build failed (whole log: $build/build.log)"; exit 1
+fi
+
+# ---- GPU tests.
+if (cd "$build" && ctest -L gpu --output-on-failure 2>&1 | tee gpu-tests.log); then
+  note "PASS  gpu tests: $(grep -E 'tests passed' "$build/gpu-tests.log")"
+else
+  note "FAIL  gpu tests: $(grep -E 'tests passed|tests failed' "$build/gpu-tests.log")"
+  status=1
+fi
+(cd "$build" && ctest -LE gpu -j "$(nproc)" --output-on-failure > cpu-tests.log 2>&1) \
+  && note "PASS  other tests: $(grep -E 'tests passed' "$build/cpu-tests.log")" \
+  || { note "FAIL  other tests: $(grep -E 'tests passed|tests failed' "$build/cpu-tests.log")"; status=1; }
+
+# ---- All-reduce over NCCL beside raw ncclAllReduce (one rank per GPU).
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+mpirun_flags=(--oversubscribe --bind-to none)
+[[ $(id -u) -eq 0 ]] && mpirun_flags+=(--allow-run-as-root)
+if mpirun "${mpirun_flags[@]}" -np "$gpus" "$build/benchmarks/allreduce_bench" --backend nccl --min-bytes 1M \
+     --max-bytes 256M --json "$build/allreduce_nccl.json"; then
+  verdict=$("$PYTHON" - "$build/allreduce_nccl.json" << 'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+big = [r for r in rows if r["bytes"] >= 16 << 20]
+worst = min(big, key=lambda r: r["busbw_ratio"])
+ok = all(r["busbw_ratio"] >= 0.95 for r in big) and all(r["in_place"]["wrong"] == 0 and r["out_of_place"]["wrong"] == 0 for r in rows)
+print(("PASS" if ok else "FAIL") + f"  NCCL all-reduce: worst Lockstep/raw ratio from 16 MB up {worst['busbw_ratio']:.3f} at {worst['bytes']} B (need >= 0.95)")
+PY
+)
+  note "$verdict"; [[ $verdict == FAIL* ]] && status=1
+else
+  note "FAIL  NCCL all-reduce benchmark did not run"; status=1
+fi
+
+# ---- ResNet-18 on one GPU: Lockstep beside PyTorch, same run, same GPU.
+"$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
+"$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
+verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" << 'PY'
+import json, sys
+try:
+    ours = {r["precision"]: r["images_per_s"] for r in json.load(open(sys.argv[1]))["results"]}
+    theirs = {r["precision"]: r["images_per_s"] for r in json.load(open(sys.argv[2]))["results"]}
+except Exception as e:
+    print(f"FAIL  ResNet-18 comparison: {e}"); sys.exit()
+for p in sorted(ours):
+    ok = ours[p] >= theirs.get(p, float("inf"))
+    print(("PASS" if ok else "FAIL") + f"  ResNet-18 {p}: Lockstep {ours[p]:.1f} images/s, PyTorch {theirs.get(p, 0):.1f} images/s ({ours[p] / max(theirs.get(p, 1e-9), 1e-9):.3f}x)")
+PY
+)
+while IFS= read -r line; do note "$line"; [[ $line == FAIL* ]] && status=1; done <<< "$verdict"
+
+echo
+echo "==================== Lockstep GPU check ===================="
+echo "PyTorch $torch_version; $gpus GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
+printf '%s\n' "${summary[@]}"
+echo "============================================================"
+exit $status

@@ -1,0 +1,259 @@
+// NcclCommunicator: the Communicator over CUDA tensors, on top of nccl::Core (which knows nothing of
+// LibTorch). This file needs a CUDA-enabled LibTorch: the current stream, the caching allocator's
+// recordStream, device guards. Note [NCCL stream semantics] (nccl_core.hpp) is what it implements.
+#include "lockstep/comm/nccl_communicator.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "comm/nccl/nccl_check.hpp"
+#include "comm/nccl/nccl_compat.hpp"
+#include "comm/nccl/nccl_core.hpp"
+#include "comm/nccl/nccl_types.hpp"
+#include "comm/validate.hpp"
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::comm {
+
+namespace {
+
+bool env_on(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return false;
+  const std::string text(value);
+  return text == "1" || text == "on" || text == "ON" || text == "true" || text == "yes";
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  explicit NcclCommunicator(NcclCommunicatorOptions options)
+      : device_(c10::kCUDA, static_cast<c10::DeviceIndex>(options.device)),
+        stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_.index())) {
+    nccl::CoreOptions core;
+    core.device = options.device;
+    core.timeout = options.timeout;
+    core.blocking_wait = options.blocking_wait || env_on("LOCKSTEP_NCCL_BLOCKING_WAIT");
+    core.stream = stream_.stream();
+    const c10::DeviceIndex index = device_.index();
+    core_ = nccl::Core::create(core, [index] { return c10::cuda::getCurrentCUDAStream(index).stream(); });
+  }
+
+  int rank() const override { return core_->rank(); }
+  int size() const override { return core_->size(); }
+  std::string backend() const override { return "nccl"; }
+  std::chrono::milliseconds timeout() const override { return core_->timeout(); }
+  nccl::Core& core() { return *core_; }
+  const c10::cuda::CUDAStream& stream() const { return stream_; }
+  const c10::Device& device() const { return device_; }
+
+  using Communicator::allreduce;
+  WorkPtr allreduce(at::Tensor tensor, const AllreduceOptions& options) override {
+    check(tensor, "allreduce", "tensor");
+    return allreduce(tensor, tensor, options);
+  }
+
+  WorkPtr allreduce(const at::Tensor& input, at::Tensor output, const AllreduceOptions& options) override {
+    check(input, "allreduce", "input");
+    check(output, "allreduce", "output");
+    check_same_device(input, output, "allreduce");
+    detail::check_same(input, output, "allreduce");
+    const nccl::NcclReduction reduction = nccl::nccl_reduction(options.op, input.scalar_type(), "allreduce");
+    const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "allreduce");
+    const bool in_place = input.data_ptr() == output.data_ptr();
+    LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
+                   "allreduce: input and output overlap without being the same buffer");
+    if (input.is_cpu()) {
+      // Staged through the GPU; the host reads the result, so wait() blocks.
+      at::Tensor staged = input.to(device_);
+      return then(launch_allreduce(staged, staged, reduction, type, /*host_result=*/true),
+                  [output, staged] { output.copy_(staged); });
+    }
+    return launch_allreduce(input, output, reduction, type, false);
+  }
+
+  WorkPtr broadcast(at::Tensor tensor, const BroadcastOptions& options) override {
+    check(tensor, "broadcast", "tensor");
+    LOCKSTEP_CHECK(options.root >= 0 && options.root < size(), "broadcast: root ", options.root,
+                   " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
+    const ncclDataType_t type = nccl::nccl_dtype(tensor.scalar_type(), "broadcast");
+    const bool host = tensor.is_cpu();
+    at::Tensor target = host ? tensor.to(device_) : tensor;
+    const int root = options.root;
+    nccl::LaunchSpec spec = spec_for("broadcast", target, host, {target});
+    spec.issue = [target, type, root](ncclComm_t comm, cudaStream_t stream) {
+      if (target.numel() == 0) return;
+      LOCKSTEP_NCCL_CHECK_COMM(ncclBroadcast(target.data_ptr(), target.data_ptr(), static_cast<size_t>(target.numel()),
+                                             type, root, comm, stream),
+                               comm);
+    };
+    WorkPtr work = core_->launch(std::move(spec));
+    if (!host) return work;
+    return then(std::move(work), [tensor, target] { tensor.copy_(target); });
+  }
+
+  WorkPtr allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions&) override {
+    check(input, "allgather", "input");
+    check(output, "allgather", "output");
+    check_same_device(input, output, "allgather");
+    detail::check_gather_sizes(input, output, size(), rank(), "allgather");
+    const bool in_place = detail::is_rank_slice(input, output, rank());
+    LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
+                   "allgather: input overlaps output without being exactly this rank's slice of it");
+    const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "allgather");
+    const bool host = input.is_cpu();
+    at::Tensor out = host ? output.to(device_) : output;
+    at::Tensor in = !host ? input : in_place ? slice(out, rank(), input.numel()) : input.to(device_);
+    nccl::LaunchSpec spec = spec_for("allgather", in, host, {in, out});
+    spec.issue = [in, out, type](ncclComm_t comm, cudaStream_t stream) {
+      if (in.numel() == 0) return;
+      LOCKSTEP_NCCL_CHECK_COMM(
+          ncclAllGather(in.data_ptr(), out.data_ptr(), static_cast<size_t>(in.numel()), type, comm, stream), comm);
+    };
+    WorkPtr work = core_->launch(std::move(spec));
+    if (!host) return work;
+    return then(std::move(work), [output, out] { output.copy_(out); });
+  }
+
+  WorkPtr reduce_scatter(const at::Tensor& input, at::Tensor output, const ReduceScatterOptions& options) override {
+    check(input, "reduce_scatter", "input");
+    check(output, "reduce_scatter", "output");
+    check_same_device(input, output, "reduce_scatter");
+    detail::check_gather_sizes(output, input, size(), rank(), "reduce_scatter");
+    const nccl::NcclReduction reduction = nccl::nccl_reduction(options.op, input.scalar_type(), "reduce_scatter");
+    const bool in_place = detail::is_rank_slice(output, input, rank());
+    LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
+                   "reduce_scatter: output overlaps input without being exactly this rank's slice of it");
+    const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "reduce_scatter");
+    const bool host = input.is_cpu();
+    at::Tensor in = host ? input.to(device_) : input;
+    at::Tensor out = !host ? output : in_place ? slice(in, rank(), output.numel()) : at::empty_like(output, in.options());
+    const int world = size();
+    nccl::LaunchSpec spec = spec_for("reduce_scatter", in, host, {in, out});
+    spec.issue = [this, in, out, type, reduction, world](ncclComm_t comm, cudaStream_t stream) {
+      if (out.numel() == 0) return;
+      LOCKSTEP_NCCL_CHECK_COMM(ncclReduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), type,
+                                                 reduction.op, comm, stream),
+                               comm);
+      if (reduction.divide_after) divide_on_stream(out, world);
+    };
+    WorkPtr work = core_->launch(std::move(spec));
+    if (!host) return work;
+    return then(std::move(work), [output, out] { output.copy_(out); });
+  }
+
+  WorkPtr barrier() override {
+    // NCCL has no barrier: a one-element all-reduce that the host waits for (as c10d does).
+    at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(device_));
+    nccl::LaunchSpec spec = spec_for("barrier", token, /*host_result=*/true, {token});
+    spec.info.numel = 0;
+    spec.info.bytes = 0;
+    spec.info.dtype.clear();
+    spec.issue = [token](ncclComm_t comm, cudaStream_t stream) {
+      LOCKSTEP_NCCL_CHECK_COMM(ncclAllReduce(token.data_ptr(), token.data_ptr(), 1, ncclFloat32, ncclSum, comm, stream),
+                               comm);
+    };
+    return core_->launch(std::move(spec));
+  }
+
+ private:
+  void check(const at::Tensor& tensor, const char* op, const char* what) const {
+    detail::check_tensor(tensor, op, what, {c10::DeviceType::CUDA, c10::DeviceType::CPU});
+    LOCKSTEP_CHECK(!tensor.is_cuda() || tensor.device() == device_, op, ": the ", what, " tensor is on ",
+                   tensor.device(), " but this rank's NCCL communicator runs on ", device_, " (rank ", rank(), ")");
+  }
+  static void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) {
+    LOCKSTEP_CHECK(a.device() == b.device(), op, ": input is on ", a.device(), " but output is on ", b.device(),
+                   "; both must be on the same device");
+  }
+  static at::Tensor slice(const at::Tensor& whole, int rank, int64_t n) { return whole.view({-1}).narrow(0, rank * n, n); }
+
+  // Note [NCCL stream semantics], point 3: the caching allocator must not reuse these blocks until the
+  // communication stream is past the collective, even if the caller drops the tensors at once.
+  void record(const at::Tensor& tensor) const {
+    if (tensor.defined() && tensor.is_cuda() && tensor.storage()) {
+      c10::cuda::CUDACachingAllocator::recordStream(tensor.storage().data_ptr(), stream_);
+    }
+  }
+
+  nccl::LaunchSpec spec_for(const char* op, const at::Tensor& described, bool host_result,
+                            std::vector<at::Tensor> tensors) const {
+    nccl::LaunchSpec spec;
+    spec.info.op = op;
+    spec.info.numel = described.numel();
+    spec.info.bytes = static_cast<std::int64_t>(described.nbytes());
+    spec.info.dtype = detail::dtype_name(described.scalar_type());
+    spec.producer = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
+    spec.host_result = host_result;
+    for (const auto& t : tensors) record(t);
+    spec.keep_alive = std::move(tensors);
+    return spec;
+  }
+
+  void divide_on_stream(const at::Tensor& tensor, int world) const {
+    c10::cuda::CUDAStreamGuard guard(stream_);
+    tensor.div_(world);
+  }
+
+  WorkPtr launch_allreduce(const at::Tensor& input, const at::Tensor& output, nccl::NcclReduction reduction,
+                           ncclDataType_t type, bool host_result) {
+    nccl::LaunchSpec spec = spec_for("allreduce", input, host_result, {input, output});
+    const int world = size();
+    spec.issue = [this, input, output, reduction, type, world](ncclComm_t comm, cudaStream_t stream) {
+      if (input.numel() == 0) return;
+      LOCKSTEP_NCCL_CHECK_COMM(ncclAllReduce(input.data_ptr(), output.data_ptr(), static_cast<size_t>(input.numel()),
+                                             type, reduction.op, comm, stream),
+                               comm);
+      if (reduction.divide_after) divide_on_stream(output, world);
+    };
+    return core_->launch(std::move(spec));
+  }
+
+  c10::Device device_;
+  c10::cuda::CUDAStream stream_;
+  std::shared_ptr<nccl::Core> core_;
+};
+
+NcclCommunicator& as_nccl(Communicator& comm, const char* who) {
+  auto* nccl = dynamic_cast<NcclCommunicator*>(&comm);
+  LOCKSTEP_CHECK(nccl != nullptr, who, " needs the NCCL communicator, found backend '", comm.backend(), "'");
+  return *nccl;
+}
+
+}  // namespace
+
+bool nccl_available() { return true; }
+
+std::string nccl_build_info() {
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  return ::lockstep::detail::str_cat("NCCL ", nccl::compat::runtime_version_code(), " (compiled against ", NCCL_MAJOR, ".",
+                         NCCL_MINOR, ".", NCCL_PATCH, "), CUDA runtime ", runtime, ", LibTorch with CUDA");
+}
+
+CommunicatorPtr make_nccl_communicator(NcclCommunicatorOptions options) {
+  nccl::cuda_device_count("the NCCL communicator");
+  if (options.device < 0) options.device = static_cast<int>(c10::cuda::current_device());
+  return std::make_shared<NcclCommunicator>(options);
+}
+
+void nccl_raw_allreduce(Communicator& comm, const at::Tensor& tensor) {
+  NcclCommunicator& nccl = as_nccl(comm, "nccl_raw_allreduce");
+  LOCKSTEP_CHECK(tensor.is_cuda() && tensor.device() == nccl.device() && tensor.is_contiguous(),
+                 "nccl_raw_allreduce: expected a contiguous tensor on ", nccl.device(), ", found one on ",
+                 tensor.device());
+  const ncclDataType_t type = nccl::nccl_dtype(tensor.scalar_type(), "nccl_raw_allreduce");
+  ncclComm_t handle = nccl.core().handle();
+  LOCKSTEP_NCCL_CHECK_COMM(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()),
+                                         type, ncclSum, handle, nccl.stream().stream()),
+                           handle);
+}
+
+void nccl_synchronize(Communicator& comm) { as_nccl(comm, "nccl_synchronize").stream().synchronize(); }
+
+}  // namespace lockstep::comm

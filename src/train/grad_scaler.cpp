@@ -1,0 +1,78 @@
+#include "lockstep/train/grad_scaler.hpp"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::train {
+
+GradScaler::GradScaler(GradScalerOptions options) : options_(options), scale_(options.init_scale) {
+  LOCKSTEP_CHECK(options_.init_scale > 0 && std::isfinite(options_.init_scale),
+                 "GradScalerOptions::init_scale must be positive and finite, got ", options_.init_scale);
+  LOCKSTEP_CHECK(options_.growth_factor > 1, "GradScalerOptions::growth_factor must be > 1, got ",
+                 options_.growth_factor);
+  LOCKSTEP_CHECK(options_.backoff_factor > 0 && options_.backoff_factor < 1,
+                 "GradScalerOptions::backoff_factor must be in (0, 1), got ", options_.backoff_factor);
+  LOCKSTEP_CHECK(options_.growth_interval > 0, "GradScalerOptions::growth_interval must be positive, got ",
+                 options_.growth_interval);
+}
+
+at::Tensor GradScaler::scale(const at::Tensor& loss) const { return loss * scale_; }
+
+bool GradScaler::unscale(const std::vector<at::Tensor>& parameters, comm::Communicator& comm) {
+  const double inverse = 1.0 / scale_;
+  at::Tensor found;  // one flag per device would do; all parameters share one device in the trainer
+  for (const at::Tensor& parameter : parameters) {
+    at::Tensor grad = parameter.grad();
+    if (!grad.defined()) continue;
+    grad.mul_(inverse);
+    // Non-finite stays non-finite through the division, so checking afterwards sees the same.
+    at::Tensor bad = at::logical_not(at::isfinite(grad)).any();
+    found = found.defined() ? at::logical_or(found, bad) : bad;
+  }
+  at::Tensor flag = found.defined() ? found.to(at::kFloat).reshape({1}) : at::zeros({1}, at::kFloat);
+  comm.allreduce(flag, {comm::ReduceOp::Max})->wait();
+  return flag.item<float>() > 0.0f;
+}
+
+void GradScaler::update(bool found_inf) {
+  if (found_inf) {
+    scale_ *= options_.backoff_factor;
+    growth_tracker_ = 0;
+    ++skipped_steps_;
+    return;
+  }
+  if (++growth_tracker_ >= options_.growth_interval) {
+    const double grown = scale_ * options_.growth_factor;
+    if (std::isfinite(grown)) scale_ = grown;
+    growth_tracker_ = 0;
+  }
+}
+
+void GradScaler::on_evaluation_end(TrainerContext& ctx) {
+  ctx.metrics["loss_scale"] = scale_;
+  ctx.metrics["skipped_steps"] = static_cast<double>(skipped_steps_);
+}
+
+std::string GradScaler::save_state() const {
+  std::ostringstream out;
+  out.precision(17);
+  out << scale_ << ' ' << growth_tracker_ << ' ' << skipped_steps_;
+  return out.str();
+}
+
+void GradScaler::load_state(const std::string& state) {
+  std::istringstream in(state);
+  double scale = 0;
+  int64_t tracker = 0, skipped = 0;
+  in >> scale >> tracker >> skipped;
+  LOCKSTEP_CHECK(!in.fail() && scale > 0, "GradScaler: cannot read the checkpointed state '", state, "'");
+  scale_ = scale;
+  growth_tracker_ = tracker;
+  skipped_steps_ = skipped;
+}
+
+}  // namespace lockstep::train

@@ -1,0 +1,217 @@
+// The NCCL communicator on real GPUs: closed forms for every collective and dtype, CPU tensors
+// through it, stream semantics (Note [NCCL stream semantics]) and the timeout abort (Note [NCCL
+// watchdog]). Needs one GPU per rank on the host; otherwise each case says so and returns.
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <catch2/catch.hpp>
+#include <cuda_runtime_api.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "lockstep/comm/nccl_communicator.hpp"
+#include "lockstep/core/device.hpp"
+#include "lockstep/core/error.hpp"
+#include "support/dist.hpp"
+
+using Catch::Matchers::Contains;
+using lockstep::comm::ReduceOp;
+
+namespace {
+
+// One NCCL communicator for the cases below (created collectively on first use), or null with a
+// message where this host has fewer GPUs than ranks.
+lockstep::comm::CommunicatorPtr nccl() {
+  static lockstep::comm::CommunicatorPtr comm = [] () -> lockstep::comm::CommunicatorPtr {
+    const auto& world = lockstep::testing::runtime().world();
+    if (!lockstep::comm::nccl_available()) return nullptr;
+    if (world.local_size > lockstep::cuda_device_count()) return nullptr;
+    if (lockstep::testing::runtime().backend() == "nccl") return lockstep::testing::comm_ptr();
+    lockstep::comm::NcclCommunicatorOptions o;
+    o.device = world.device.index();
+    return lockstep::comm::make_nccl_communicator(o);
+  }();
+  if (!comm) {
+    WARN("skipped: NCCL needs one GPU per rank (" << lockstep::testing::runtime().world().local_size << " ranks, "
+                                                 << lockstep::cuda_device_count() << " GPUs) or this build lacks it: "
+                                                 << lockstep::comm::nccl_build_info());
+  }
+  return comm;
+}
+
+torch::Tensor ramp(int64_t n, int rank, torch::ScalarType type, const torch::Device& device) {
+  return (torch::arange(n, torch::kLong).remainder(64) + rank).to(type).to(device);
+}
+
+bool equal_as_double(const torch::Tensor& a, const torch::Tensor& b) {
+  return torch::equal(a.cpu().to(torch::kDouble), b.cpu().to(torch::kDouble));
+}
+
+torch::Device device() { return lockstep::testing::runtime().world().device; }
+
+// Blocks `stream` from the host until release() (or 20 s), through cudaLaunchHostFunc: the device
+// cannot get past it, so work queued behind it provably has not run.
+struct StreamGate {
+  std::atomic<bool> open{false};
+  static void CUDART_CB hold(void* self) {
+    auto* gate = static_cast<StreamGate*>(self);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!gate->open && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  void close(cudaStream_t stream) { REQUIRE(cudaLaunchHostFunc(stream, &StreamGate::hold, this) == cudaSuccess); }
+  void release() { open = true; }
+};
+
+}  // namespace
+
+TEST_CASE("NCCL allreduce: closed forms for every op and dtype", "[gpu][nccl]") {
+  auto comm = nccl();
+  if (!comm) return;
+  const int n = comm->size(), r = comm->rank();
+  for (auto type : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16, torch::kInt, torch::kLong,
+                    torch::kChar, torch::kByte}) {
+    for (int64_t size : {int64_t{0}, int64_t{1}, int64_t{7919}, int64_t{4'000'037}}) {
+      INFO("dtype " << type << ", " << size << " elements");
+      if (type == torch::kChar || type == torch::kByte) {
+        if (size > 10000) continue;
+      }
+      auto t = ramp(size, r, type, device());
+      comm->allreduce(t)->wait();
+      auto expected = torch::arange(size, torch::kLong).remainder(64) * n + n * (n - 1) / 2;
+      if (type == torch::kChar || type == torch::kByte) expected = expected.to(type).to(torch::kLong);
+      CHECK(t.scalar_type() == type);
+      CHECK(equal_as_double(t, expected));
+    }
+    auto base = torch::arange(1031, torch::kLong).remainder(16);
+    auto t = (base + r).to(type).to(device());
+    comm->allreduce(t, {ReduceOp::Max})->wait();
+    CHECK(equal_as_double(t, base + (n - 1)));
+    t = (base + r).to(type).to(device());
+    comm->allreduce(t, {ReduceOp::Min})->wait();
+    CHECK(equal_as_double(t, base));
+    if (c10::isFloatingType(type)) {
+      t = (base * 2 + 2 * r).to(type).to(device());
+      comm->allreduce(t, {ReduceOp::Average})->wait();
+      CHECK(equal_as_double(t, base * 2 + (n - 1)));
+    } else {
+      CHECK_THROWS_WITH(comm->allreduce(t, {ReduceOp::Average}), Contains("floating-point"));
+    }
+    t = torch::full({17}, 2, torch::kLong).to(type).to(device());
+    comm->allreduce(t, {ReduceOp::Product})->wait();
+    CHECK(equal_as_double(t, torch::full({17}, 1L << n, torch::kLong)));
+  }
+}
+
+TEST_CASE("NCCL broadcast, allgather and reduce_scatter, in and out of place", "[gpu][nccl]") {
+  auto comm = nccl();
+  if (!comm) return;
+  const int n = comm->size(), r = comm->rank();
+  for (int root = 0; root < n; ++root) {
+    auto t = ramp(1000, r, torch::kFloat, device());
+    comm->broadcast(t, {root})->wait();
+    CHECK(equal_as_double(t, ramp(1000, root, torch::kFloat, torch::kCPU)));
+  }
+  const int64_t m = 513;
+  auto expected_gather = torch::cat([&] {
+    std::vector<torch::Tensor> parts;
+    for (int q = 0; q < n; ++q) parts.push_back(ramp(m, q, torch::kLong, torch::kCPU));
+    return parts;
+  }());
+  for (auto type : {torch::kFloat, torch::kHalf, torch::kBFloat16, torch::kLong}) {
+    auto out = torch::zeros({n * m}, torch::TensorOptions().dtype(type).device(device()));
+    comm->allgather(ramp(m, r, type, device()), out)->wait();
+    CHECK(equal_as_double(out, expected_gather));
+    auto whole = torch::zeros({n * m}, torch::TensorOptions().dtype(type).device(device()));
+    whole.narrow(0, r * m, m).copy_(ramp(m, r, type, device()));
+    comm->allgather(whole.narrow(0, r * m, m), whole)->wait();
+    CHECK(equal_as_double(whole, expected_gather));
+
+    // reduce_scatter: rank q contributes ramp(n*m, q); slice s of the sum is n*(i%64) + n(n-1)/2 over i in slice s.
+    auto sum = torch::arange(n * m, torch::kLong).remainder(64) * n + n * (n - 1) / 2;
+    auto in = ramp(n * m, r, type, device());
+    auto mine = torch::zeros({m}, torch::TensorOptions().dtype(type).device(device()));
+    comm->reduce_scatter(in, mine)->wait();
+    CHECK(equal_as_double(mine, sum.narrow(0, r * m, m)));
+    in = ramp(n * m, r, type, device());
+    comm->reduce_scatter(in, in.narrow(0, r * m, m))->wait();
+    CHECK(equal_as_double(in.narrow(0, r * m, m), sum.narrow(0, r * m, m)));
+  }
+}
+
+TEST_CASE("CPU tensors go through the NCCL communicator too", "[gpu][nccl]") {
+  auto comm = nccl();
+  if (!comm) return;
+  const int n = comm->size();
+  auto t = torch::full({100}, comm->rank() + 1.0, torch::kDouble);
+  comm->allreduce(t)->wait();  // the host reads it right after: wait() blocked until it was there
+  CHECK(torch::allclose(t, torch::full({100}, n * (n + 1) / 2.0, torch::kDouble)));
+  comm->barrier()->wait();
+  auto wrong = torch::zeros({4}, torch::TensorOptions().device(device()));
+  if (lockstep::cuda_device_count() > 1) {
+    const int other = (device().index() + 1) % lockstep::cuda_device_count();
+    auto elsewhere = torch::zeros({4}, torch::TensorOptions().device(torch::Device(torch::kCUDA, other)));
+    CHECK_THROWS_WITH(comm->allreduce(elsewhere), Contains("runs on"));
+  }
+  CHECK_THROWS_WITH(comm->allreduce(wrong, torch::zeros({4})), Contains("same device"));
+}
+
+TEST_CASE("wait() orders the caller's stream after the collective without blocking the host", "[gpu][nccl]") {
+  auto comm = nccl();
+  if (!comm) return;
+  const int n = comm->size();
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  auto t = torch::zeros({1 << 20}, torch::TensorOptions().device(device()));
+  StreamGate gate;
+  gate.close(side.stream());  // nothing queued on `side` after this runs until release()
+  t.fill_(comm->rank() + 1.0);  // the producer: must run before the collective reads t
+  auto work = comm->allreduce(t);
+  const auto start = std::chrono::steady_clock::now();
+  work->wait();  // must return although the collective cannot have run yet
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(waited < 1.0);
+  CHECK_FALSE(work->is_completed());
+  auto copy = t * 1.0;  // the consumer, queued on `side` after wait(): must see the reduced values
+  gate.release();
+  side.synchronize();
+  CHECK(work->is_completed());
+  CHECK(torch::allclose(copy.cpu(), torch::full({1 << 20}, n * (n + 1) / 2.0)));
+  // The tensor may be dropped right after issuing: the Work keeps it (and recordStream protects it).
+  {
+    auto temp = torch::full({1 << 18}, 1.0, torch::TensorOptions().device(device()));
+    comm->allreduce(temp);
+  }
+  comm->barrier()->wait();
+}
+
+TEST_CASE("a collective that outlives its timeout aborts the communicator with a clear error", "[gpu][nccl]") {
+  if (!nccl()) return;
+  lockstep::comm::NcclCommunicatorOptions o;
+  o.device = device().index();
+  o.timeout = std::chrono::milliseconds(1500);
+  o.blocking_wait = true;
+  auto comm = lockstep::comm::make_nccl_communicator(o);
+  comm->allreduce(torch::ones({8}, torch::TensorOptions().device(device())))->wait();  // seq 0 works
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  StreamGate gate;
+  gate.close(side.stream());  // the next collective waits for this stream, which is held up
+  auto t = torch::ones({8}, torch::TensorOptions().device(device()));
+  auto work = comm->allreduce(t);
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_AS(work->wait(), lockstep::TimeoutError);
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(waited < 10.0);
+  try {
+    work->wait();
+  } catch (const lockstep::Error& e) {
+    CHECK_THAT(e.message(), Contains("allreduce #1") && Contains("rank " + std::to_string(comm->rank())) &&
+                                Contains("aborted") && Contains("1500 ms"));
+  }
+  CHECK_THROWS_WITH(comm->allreduce(t), Contains("allreduce #1"));  // the communicator stays failed
+  gate.release();
+  side.synchronize();
+}

@@ -1,0 +1,126 @@
+// DataParallel and the trainer on CUDA with the runtime's communicator (NCCL with one GPU per rank,
+// MPI with staged CUDA tensors otherwise), and the MPI communicator with CUDA tensors.
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include "lockstep/comm/mpi_communicator.hpp"
+#include "lockstep/data/synthetic_dataset.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/train/trainer.hpp"
+#include "support/dist.hpp"
+
+using lockstep::testing::comm;
+using lockstep::testing::comm_ptr;
+
+namespace {
+
+torch::Device device() { return lockstep::testing::runtime().world().device; }
+
+struct NetImpl : torch::nn::Module {
+  NetImpl()
+      : conv(register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 8, 3).padding(1)))),
+        bn(register_module("bn", torch::nn::BatchNorm2d(8))),
+        fc(register_module("fc", torch::nn::Linear(8 * 8 * 8, 4))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc(torch::relu(bn(conv(x))).flatten(1)); }
+  torch::nn::Conv2d conv;
+  torch::nn::BatchNorm2d bn;
+  torch::nn::Linear fc;
+};
+TORCH_MODULE(Net);
+
+std::shared_ptr<lockstep::data::SyntheticDataset> images(int64_t size) {
+  lockstep::data::SyntheticOptions o;
+  o.channels = 1;
+  o.height = 8;
+  o.width = 8;
+  o.num_classes = 4;
+  o.size = size;
+  o.seed = 5;
+  return std::make_shared<lockstep::data::SyntheticDataset>(o);
+}
+
+}  // namespace
+
+TEST_CASE("the MPI communicator takes CUDA tensors (staged through host memory)", "[gpu][mpi]") {
+  lockstep::comm::MpiCommunicator mpi;
+  const int n = mpi.size(), r = mpi.rank();
+  auto options = torch::TensorOptions().device(device());
+  auto t = torch::full({1000}, r + 1.0, options);
+  mpi.allreduce(t)->wait();
+  CHECK(t.is_cuda());
+  CHECK(torch::allclose(t.cpu(), torch::full({1000}, n * (n + 1) / 2.0)));
+  auto b = torch::full({10}, static_cast<double>(r), options.dtype(torch::kLong));
+  mpi.broadcast(b, {n - 1})->wait();
+  CHECK(torch::equal(b.cpu(), torch::full({10}, n - 1, torch::kLong)));
+  auto out = torch::zeros({n * 3}, options);
+  mpi.allgather(torch::full({3}, static_cast<double>(r), options), out)->wait();
+  CHECK(torch::equal(out.cpu(), torch::arange(n, torch::kFloat).repeat_interleave(3)));
+  auto whole = torch::ones({n * 4}, options.dtype(torch::kBFloat16));
+  auto mine = torch::zeros({4}, options.dtype(torch::kBFloat16));
+  mpi.reduce_scatter(whole, mine, {lockstep::comm::ReduceOp::Sum})->wait();
+  CHECK(torch::equal(mine.cpu().to(torch::kFloat), torch::full({4}, static_cast<float>(n))));
+  CHECK_THROWS_WITH(mpi.allreduce(torch::zeros({4}, options), torch::zeros({4})),
+                    Catch::Matchers::Contains("same device"));
+}
+
+TEST_CASE("DataParallel on CUDA matches one process on the concatenated batch", "[gpu][ddp]") {
+  const int n = comm().size(), r = comm().rank();
+  torch::manual_seed(3);
+  Net model;
+  model->to(device());
+  Net oracle;
+  {
+    torch::NoGradGuard no_grad;
+    auto src = model->parameters();
+    auto dst = oracle->parameters();
+    for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i].cpu());
+  }
+  lockstep::ddp::DataParallel dp(model, comm_ptr());
+  torch::manual_seed(7);
+  auto x = torch::randn({4 * n, 1, 8, 8});
+  auto y = torch::randint(0, 4, {4 * n}, torch::kLong);
+  model->train();
+  oracle->train();
+  // BatchNorm in training mode normalises per rank; compare in eval mode for an exact oracle.
+  model->eval();
+  oracle->eval();
+  auto loss = torch::nn::functional::cross_entropy(model->forward(x.narrow(0, 4 * r, 4).to(device())),
+                                                   y.narrow(0, 4 * r, 4).to(device()));
+  loss.backward();
+  torch::nn::functional::cross_entropy(oracle->forward(x), y).backward();
+  auto got = model->parameters();
+  auto want = oracle->parameters();
+  for (size_t i = 0; i < got.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK(got[i].grad().is_cuda());
+    CHECK(torch::allclose(got[i].grad().cpu(), want[i].grad(), 1e-4, 1e-5));
+  }
+}
+
+TEST_CASE("the trainer trains on CUDA in fp32, bf16 and fp16", "[gpu][train]") {
+  for (const std::string precision : {"fp32", "bf16", "fp16"}) {
+    INFO("precision " << precision);
+    torch::manual_seed(11);
+    Net model;
+    auto optimizer =
+        std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    lockstep::train::TrainerOptions o;
+    o.epochs = 4;
+    o.batch_size = 16;
+    o.progress = false;
+    o.checkpoints = false;
+    o.device = "cuda";
+    o.precision = precision;
+    lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+    CHECK(trainer.device().is_cuda());
+    for (const auto& p : model->parameters()) CHECK(p.is_cuda());
+    const auto before = trainer.evaluate(images(128));
+    const auto after = trainer.fit(images(128 * comm().size()), images(128));
+    CHECK(after.at("test_loss") < before.at("test_loss") * 0.8);
+    CHECK(lockstep::testing::identical_across_ranks(*model));
+    if (precision == "fp16") {
+      REQUIRE(trainer.grad_scaler() != nullptr);
+      CHECK(after.count("loss_scale") == 1);
+    }
+  }
+}

@@ -37,13 +37,10 @@ int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key
 }
 
 // Opens and checks the header of a checkpoint; throws a lockstep::Error naming it.
-// `device`: where the tensors go (the model's device), so that the optimizer's state (momentum
-// buffers) lands beside the parameters it updates; the model itself is loaded by copy anyway.
-void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path,
-                     c10::optional<c10::Device> device = c10::nullopt) {
+void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path) {
   LOCKSTEP_CHECK(fs::is_regular_file(path), "checkpoint ", path, " does not exist");
   try {
-    archive.load_from(path, device);
+    archive.load_from(path);
     const int64_t version = read_int(archive, "lockstep_checkpoint_version");
     LOCKSTEP_CHECK(version == kFormatVersion, "checkpoint ", path, " has format version ", version, ", expected ",
                    kFormatVersion);
@@ -180,12 +177,18 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
 
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   torch::serialize::InputArchive archive;
+  open_checkpoint(archive, path);
   c10::optional<c10::Device> device;
-  for (const auto& parameter : ctx.model->parameters()) {
-    device = parameter.device();
-    break;
+  if (ctx.model != nullptr) {
+    for (const auto& parameter : ctx.model->parameters()) {
+      device = parameter.device();
+      break;
+    }
   }
-  open_checkpoint(archive, path, device);
+  // A model on a GPU: read the (now known good) file again with its tensors mapped there, so that the
+  // optimizer's state (momentum buffers) lands beside the parameters it updates. After
+  // open_checkpoint, which has already named a corrupt file in its error.
+  if (device && !device->is_cpu()) archive.load_from(path, device);
   const int rank = ctx.communicator->rank();
   const int world = ctx.communicator->size();
   try {

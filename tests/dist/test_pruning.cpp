@@ -57,18 +57,7 @@ std::shared_ptr<lockstep::data::SyntheticDataset> synthetic(int64_t size, uint64
   return std::make_shared<lockstep::data::SyntheticDataset>(o);
 }
 
-std::string shared_dir(const std::string& name) {
-  at::Tensor pid = torch::full({1}, static_cast<double>(::getpid()), torch::kFloat64);
-  comm().broadcast(pid)->wait();
-  const fs::path dir = fs::temp_directory_path() /
-                       ("lockstep_prune_" + name + "_" + std::to_string(static_cast<long long>(pid.item<double>())));
-  if (comm().rank() == 0) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  comm().barrier()->wait();
-  return dir.string();
-}
+std::string shared_dir(const std::string& name) { return lockstep::testing::shared_temp_dir("prune_" + name); }
 
 TrainerOptions options(int64_t epochs) {
   TrainerOptions o;

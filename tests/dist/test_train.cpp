@@ -81,19 +81,7 @@ TrainerOptions quiet(int64_t epochs, size_t batch_size) {
   return o;
 }
 
-// The same fresh directory name on every rank (rank 0's pid), emptied by rank 0.
-std::string shared_dir(const std::string& name) {
-  at::Tensor pid = torch::full({1}, static_cast<double>(::getpid()), torch::kFloat64);
-  comm().broadcast(pid)->wait();
-  const fs::path dir = fs::temp_directory_path() /
-                       ("lockstep_train_" + name + "_" + std::to_string(static_cast<long long>(pid.item<double>())));
-  if (comm().rank() == 0) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  comm().barrier()->wait();
-  return dir.string();
-}
+std::string shared_dir(const std::string& name) { return lockstep::testing::shared_temp_dir("train_" + name); }
 
 std::vector<torch::Tensor> state_of(torch::nn::Module& model) {
   std::vector<torch::Tensor> out;

@@ -5,6 +5,8 @@
 
 #include <torch/nn/module.h>
 
+#include <string>
+
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -14,6 +16,9 @@ Runtime& runtime();
 void set_runtime(Runtime* runtime);
 inline comm::Communicator& comm() { return *runtime().communicator(); }
 inline comm::CommunicatorPtr comm_ptr() { return runtime().communicator(); }
+// Collective: the same fresh, empty directory on every rank, named after `name` and rank 0's pid
+// (for checkpoints and files that rank 0 writes and the others read).
+std::string shared_temp_dir(const std::string& name);
 // Collective: whether every rank's parameters are bitwise equal to rank 0's.
 bool identical_across_ranks(torch::nn::Module& model);
 

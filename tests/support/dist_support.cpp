@@ -1,6 +1,9 @@
 #include "support/dist.hpp"
 
 #include <torch/torch.h>
+#include <unistd.h>
+
+#include <filesystem>
 
 #include "lockstep/core/error.hpp"
 
@@ -13,6 +16,20 @@ Runtime& runtime() {
   return *g_runtime;
 }
 void set_runtime(Runtime* runtime) { g_runtime = runtime; }
+
+std::string shared_temp_dir(const std::string& name) {
+  namespace fs = std::filesystem;
+  at::Tensor pid = torch::full({1}, static_cast<double>(::getpid()), torch::kFloat64);
+  comm().broadcast(pid)->wait();
+  const fs::path dir =
+      fs::temp_directory_path() / ("lockstep_" + name + "_" + std::to_string(static_cast<long long>(pid.item<double>())));
+  if (comm().rank() == 0) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  comm().barrier()->wait();
+  return dir.string();
+}
 
 bool identical_across_ranks(torch::nn::Module& model) {
   std::vector<torch::Tensor> flat;

@@ -1,19 +1,18 @@
 #include "lockstep/compress/pruning.hpp"
 
-#include <fcntl.h>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <regex>
 #include <set>
 #include <sstream>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/trainer.hpp"
+#include "train/atomic_file.hpp"
 
 namespace lockstep::compress {
 namespace {
@@ -51,13 +50,6 @@ std::regex compile(const std::string& pattern, const char* option) {
 bool is_default_layer(torch::nn::Module* m) {
   return dynamic_cast<torch::nn::Conv1dImpl*>(m) != nullptr || dynamic_cast<torch::nn::Conv2dImpl*>(m) != nullptr ||
          dynamic_cast<torch::nn::Conv3dImpl*>(m) != nullptr || dynamic_cast<torch::nn::LinearImpl*>(m) != nullptr;
-}
-
-void sync_path(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) return;
-  ::fsync(fd);
-  ::close(fd);
 }
 
 std::string percent(double fraction) {
@@ -224,12 +216,7 @@ void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
   }
   // Masks restored by the Checkpointer (or all ones on a fresh start) are in force from here on.
   apply_to_weights();
-  int64_t kept = 0, total = 0;
-  for (const auto& layer : layers_) {
-    kept += layer->mask.count_nonzero().item<int64_t>();
-    total += layer->mask.numel();
-  }
-  current_sparsity_ = total > 0 ? 1.0 - static_cast<double>(kept) / static_cast<double>(total) : 0.0;
+  current_sparsity_ = mask_sparsity();
   if (ctx.world.rank == 0 && ctx.options != nullptr && ctx.options->progress) {
     std::printf("pruning: %s %s magnitude pruning of %zu weights (%zu skipped), %s to %s, steps %lld..%lld every %lld\n",
                 to_string(options_.granularity).c_str(), to_string(options_.scope).c_str(), layers_.size(),
@@ -257,6 +244,15 @@ void MagnitudePruning::on_after_backward(train::TrainerContext&) {
 
 void MagnitudePruning::on_after_optimizer_step(train::TrainerContext&) { apply_to_weights(); }
 
+double MagnitudePruning::mask_sparsity() const {
+  int64_t kept = 0, total = 0;
+  for (const auto& layer : layers_) {
+    kept += layer->mask.count_nonzero().item<int64_t>();
+    total += layer->mask.numel();
+  }
+  return total > 0 ? 1.0 - static_cast<double>(kept) / static_cast<double>(total) : 0.0;
+}
+
 void MagnitudePruning::apply_to_weights() {
   torch::NoGradGuard no_grad;
   for (const auto& layer : layers_) layer->weight.mul_(layer->mask);
@@ -280,15 +276,10 @@ void MagnitudePruning::update_masks(train::TrainerContext& ctx, double sparsity)
   } else {
     for (const auto& w : weights) masks.push_back(unstructured_mask(w, sparsity));
   }
-  int64_t kept = 0, total = 0;
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    layers_[i]->mask.copy_(masks[i]);
-    kept += masks[i].count_nonzero().item<int64_t>();
-    total += masks[i].numel();
-  }
+  for (size_t i = 0; i < layers_.size(); ++i) layers_[i]->mask.copy_(masks[i]);
   apply_to_weights();
   verify_across_ranks(*ctx.communicator);
-  current_sparsity_ = total > 0 ? 1.0 - static_cast<double>(kept) / static_cast<double>(total) : 0.0;
+  current_sparsity_ = mask_sparsity();
   last_pruning_step_ = ctx.global_step;
   if (ctx.world.rank == 0 && ctx.options != nullptr && ctx.options->progress && ctx.options->log_every > 0) {
     // On a terminal the progress line is redrawn in place: start a fresh line.
@@ -413,16 +404,9 @@ std::vector<LayerSparsity> make_pruning_permanent(torch::nn::Module& model) {
 }
 
 void save_model_atomically(torch::nn::Module& model, const std::string& path) {
-  namespace fs = std::filesystem;
-  const fs::path target(path);
-  if (target.has_parent_path()) fs::create_directories(target.parent_path());
   torch::serialize::OutputArchive archive;
   model.save(archive);
-  const std::string temporary = path + ".tmp";
-  archive.save_to(temporary);
-  sync_path(temporary);
-  LOCKSTEP_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ", path);
-  sync_path(target.has_parent_path() ? target.parent_path().string() : ".");
+  train::write_file_atomically(path, [&](const std::string& temporary) { archive.save_to(temporary); });
 }
 
 std::string format_sparsity_table(const std::vector<LayerSparsity>& layers) {

@@ -12,6 +12,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
+#include "train/atomic_file.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -84,6 +85,17 @@ void load_into(torch::nn::Module& module, torch::serialize::InputArchive& archiv
 
 }  // namespace
 
+void write_file_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {
+  const fs::path target(path);
+  const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  fs::create_directories(directory);
+  const std::string temporary = path + ".tmp";
+  write(temporary);
+  sync_file(temporary);
+  LOCKSTEP_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ", path);
+  sync_file(directory.string());
+}
+
 std::string checkpoint_file_name(int64_t global_step) {
   char name[64];
   std::snprintf(name, sizeof name, "%s%08lld%s", kPrefix, static_cast<long long>(global_step), kSuffix);
@@ -153,16 +165,7 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
         archive.write("callback_" + key, c10::IValue(cb->save_state()));
       }
     }
-    // Note [Atomic checkpoint]: write under a temporary name, sync, then rename: rename is atomic
-    // within a file system, so a reader (or a resumed run) sees either the old set of files or the
-    // new complete one, never a partial file under a final name.
-    fs::create_directories(options_.directory);
-    const std::string temporary = final_path + ".tmp";
-    archive.save_to(temporary);
-    sync_file(temporary);
-    LOCKSTEP_CHECK(std::rename(temporary.c_str(), final_path.c_str()) == 0, "cannot rename ", temporary, " to ",
-                   final_path);
-    sync_file(options_.directory);
+    write_file_atomically(final_path, [&](const std::string& temporary) { archive.save_to(temporary); });
     if (options_.keep_last > 0) {
       std::vector<std::string> existing = list_checkpoints(options_.directory);
       for (size_t i = 0; i + static_cast<size_t>(options_.keep_last) < existing.size(); ++i) {

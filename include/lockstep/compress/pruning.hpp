@@ -118,6 +118,7 @@ class MagnitudePruning final : public train::Callback {
   struct Layer;
   void update_masks(train::TrainerContext& ctx, double sparsity);
   void apply_to_weights();
+  double mask_sparsity() const;  // over the pruned layers' masks
   void verify_across_ranks(comm::Communicator& comm) const;
 
   PruningOptions options_;

@@ -16,15 +16,25 @@ cd "$(dirname "$0")/.."
 dest=${1:-third_party/debs}
 mkdir -p "$dest"
 wanted=(openmpi-bin libopenmpi-dev libyaml-cpp-dev nlohmann-json3-dev catch2)
-mapfile -t closure < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
-                         --no-replaces --no-enhances "${wanted[@]}" | grep -E '^[a-z0-9]' | sort -u)
+# Resolve the install as apt would on an empty system (a status file listing nothing installed): one
+# choice per alternative. `apt-cache depends --recurse` lists every alternative instead (flang-16/19/22 and
+# their clang libraries for libopenmpi-dev's Fortran dependency): 307 MB instead of what is needed.
+empty_status=$(mktemp)
+trap 'rm -f "$empty_status"' EXIT
+mapfile -t closure < <(apt-get --simulate --no-install-recommends -o Dir::State::status="$empty_status" \
+                         install "${wanted[@]}" | awk '/^Inst / {print $2}' | sort -u)
+[[ ${#closure[@]} -gt 0 ]] || { echo "fetch-mpi-debs: apt resolved no packages for ${wanted[*]}" >&2; exit 1; }
 skip_re='^(gcc|g\+\+|cpp|gfortran|libgcc|libstdc|libc6|libc-dev|libc-bin|linux-libc-dev|binutils|perl|debconf|dpkg|python3|libpython)'
+# One apt-cache call for all priorities (a call per package took minutes on a busy host).
+declare -A priority=()
+while read -r pkg prio; do priority[$pkg]=$prio; done < <(
+  apt-cache show --no-all-versions "${closure[@]}" 2>/dev/null |
+    awk -F': ' '/^Package:/ {p = $2} /^Priority:/ {print p, $2}')
 selected=()
 for pkg in "${closure[@]}"; do
   [[ $pkg =~ $skip_re ]] && continue
-  priority=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | awk -F': ' '/^Priority:/ {print $2; exit}')
-  [[ -z $priority ]] && continue  # virtual package
-  [[ $priority == required || $priority == important ]] && continue
+  prio=${priority[$pkg]:-}
+  [[ -z $prio || $prio == required || $prio == important ]] && continue
   selected+=("$pkg")
 done
 echo "fetch-mpi-debs: downloading ${#selected[@]} packages into $dest"

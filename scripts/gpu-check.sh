@@ -48,11 +48,27 @@ if ! command -v mpirun > /dev/null || [[ -n ${LOCKSTEP_DEBS:-} ]]; then
     log "unpacking $(ls "$debs"/*.deb | wc -l) .debs from $debs into $prefix"
     mkdir -p "$prefix"
     for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$prefix"; done
+    # dpkg-deb -x runs no maintainer scripts, so the alternatives that name the launcher and compiler
+    # wrappers (mpirun -> mpirun.openmpi, ...) do not exist: make them.
+    for tool in mpirun mpiexec mpicc mpicxx mpic++; do
+      [[ -e $prefix/usr/bin/$tool.openmpi ]] && ln -sfn "$tool.openmpi" "$prefix/usr/bin/$tool"
+    done
     multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
     ompi=$prefix/usr/lib/$multiarch/openmpi
+    # Only the carried libraries the host lacks go on the library path (plus OpenMPI's own, always):
+    # the whole unpacked directory would shadow the host's libssl, libzstd, ... with Debian 12's.
+    libs=$prefix/ld-library-path
+    mkdir -p "$libs"
+    host_libs=$(ldconfig -p | awk 'NR > 1 {print $1}')
+    for lib in "$prefix/usr/lib/$multiarch"/*.so.*; do
+      name=$(basename "$lib")
+      if [[ $name =~ ^lib(mpi|open-pal|open-rte|pmix|hwloc|event|yaml-cpp) ]] || ! grep -qxF "$name" <<< "$host_libs"; then
+        ln -sfn "$lib" "$libs/$name"
+      fi
+    done
     export OPAL_PREFIX=$prefix/usr                     # relocated OpenMPI finds its plug-ins and help files
     export PATH=$prefix/usr/bin:$PATH
-    export LD_LIBRARY_PATH=$ompi/lib:$prefix/usr/lib/$multiarch${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export LD_LIBRARY_PATH=$ompi/lib:$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     cmake_extra+=(-DMPI_CXX_COMPILER="$prefix/usr/bin/mpicxx" -DMPIEXEC_EXECUTABLE="$prefix/usr/bin/mpirun"
                   -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr")
   else

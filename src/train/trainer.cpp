@@ -218,6 +218,12 @@ void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
 
 void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
   epoch_sums_.assign(kNumSums, 0.0);
+  // Note [No host sync per step]: the loss and correct-prediction sums stay on the device and are read
+  // once, at the end of the epoch. Reading them every step (.item()) would make the host wait for the
+  // GPU each step, so the next step's kernels could not be queued while this one runs.
+  const auto sum_options = torch::TensorOptions().dtype(torch::kFloat64).device(device_);
+  at::Tensor loss_sum = torch::zeros({}, sum_options);
+  at::Tensor correct_sum = torch::zeros({}, sum_options.dtype(torch::kInt64));
   LrScheduleOptions schedule = options_.lr;
   schedule.base_lr = base_lr_;
   while (auto batch = loader.next()) {
@@ -249,8 +255,8 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     {
       torch::NoGradGuard no_grad;
       const auto n = static_cast<double>(ctx.batch.target.size(0));
-      epoch_sums_[kLossSum] += ctx.loss.item<double>() * n;
-      epoch_sums_[kCorrect] += ctx.output.argmax(1).eq(ctx.batch.target).sum().item<double>();
+      loss_sum.add_(ctx.loss.detach(), /*alpha=*/n);
+      correct_sum.add_(ctx.output.detach().argmax(1).eq(ctx.batch.target).sum());
       epoch_sums_[kCount] += n;
       const ddp::StepTimings& t = dp_->last_step();
       epoch_sums_[kForward] += t.forward_s;
@@ -264,6 +270,8 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     if (options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) ctx.stop_requested = true;
     if (ctx.stop_requested) break;
   }
+  epoch_sums_[kLossSum] = loss_sum.item<double>();
+  epoch_sums_[kCorrect] = static_cast<double>(correct_sum.item<int64_t>());
 }
 
 std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {
@@ -286,6 +294,9 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
   // padding (repeats of the first samples): they are masked out, so every sample counts exactly once.
   const auto n = static_cast<int64_t>(eval_set->size());
   std::vector<double> sums(3, 0.0);
+  // Summed on the device and read once, as in training (Note [No host sync per step]).
+  at::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+  at::Tensor correct_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kInt64).device(device_));
   int64_t slice_position = 0;
   const bool was_training = model_->is_training();
   model_->eval();
@@ -301,13 +312,14 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
       if (valid == 0) continue;
       at::Tensor output = forward_(batch->data.narrow(0, 0, valid));
       at::Tensor target = batch->target.narrow(0, 0, valid);
-      sums[0] += torch::nn::functional::cross_entropy(
-                     output, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-                     .item<double>();
-      sums[1] += output.argmax(1).eq(target).sum().item<double>();
+      loss_sum.add_(torch::nn::functional::cross_entropy(
+          output, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)));
+      correct_sum.add_(output.argmax(1).eq(target).sum());
       sums[2] += static_cast<double>(valid);
     }
   }
+  sums[0] = loss_sum.item<double>();
+  sums[1] = static_cast<double>(correct_sum.item<int64_t>());
   if (was_training) model_->train();
   sums = allreduce_sums(*comm_, sums);
   return {{"test_loss", sums[2] > 0 ? sums[0] / sums[2] : 0.0},

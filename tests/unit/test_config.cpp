@@ -173,6 +173,18 @@ TEST_CASE("config: the shipped configs parse", "[config]") {
   CHECK(pruned.pruning.options.target_sparsity == 0.8);
   CHECK(pruned.pruning.options.exclude == std::vector<std::string>{"^conv1\\.", "^fc\\."});
   CHECK_FALSE(full.pruning.enabled);
+  const auto cpu = config::load_config((dir / "configs" / "resnet18_fashion_mnist_cpu.yaml").string());
+  CHECK(cpu.model.width == 64);
+  CHECK(cpu.trainer.precision == "bf16");
+  // Every shipped config parses, including ones added later without a check of their own.
+  int parsed = 0;
+  for (const auto& entry : fs::directory_iterator(dir / "configs")) {
+    if (entry.path().extension() != ".yaml") continue;
+    INFO(entry.path().string());
+    CHECK_NOTHROW(config::load_config(entry.path().string()));
+    ++parsed;
+  }
+  CHECK(parsed >= 4);
 }
 
 TEST_CASE("config: the pruning section maps onto PruningOptions, with errors naming the key", "[config]") {

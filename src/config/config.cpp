@@ -268,7 +268,11 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.finish();
 }
 
-void read_ddp(Section s, ddp::DataParallelOptions& o) {
+void read_ddp(Section s, ddp::DataParallelOptions& o, std::string& comm_hook) {
+  s.choice("comm_hook", comm_hook, {"allreduce", "fp16", "bf16"});
+  if (comm_hook == "fp16") o.comm_hook = ddp::fp16_compress_hook();
+  else if (comm_hook == "bf16") o.comm_hook = ddp::bf16_compress_hook();
+  else o.comm_hook = nullptr;  // the reducer's default: ddp::allreduce_hook()
   s.real("bucket_cap_mb", o.bucket_cap_mb, 0.0, 1e6, true);
   s.real("first_bucket_cap_mb", o.first_bucket_cap_mb, 0.0, 1e6, true);
   s.boolean("gradient_as_bucket_view", o.gradient_as_bucket_view);
@@ -406,7 +410,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   Section top(reader, root, "");
   read_runtime(top.section("runtime"), config.runtime);
   read_trainer(top.section("trainer"), config.trainer);
-  read_ddp(top.section("ddp"), config.trainer.ddp);
+  read_ddp(top.section("ddp"), config.trainer.ddp, config.ddp_comm_hook);
   read_data(top.section("data"), config.data);
   read_model(top.section("model"), config.model);
   read_optimizer(top.section("optimizer"), config.optimizer);

@@ -87,6 +87,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   out << YAML::EndMap;
 
   out << YAML::Key << "ddp" << YAML::Value << YAML::BeginMap;
+  put(out, "comm_hook", c.ddp_comm_hook);
   put_real(out, "bucket_cap_mb", t.ddp.bucket_cap_mb);
   put_real(out, "first_bucket_cap_mb", t.ddp.first_bucket_cap_mb);
   put(out, "gradient_as_bucket_view", t.ddp.gradient_as_bucket_view);

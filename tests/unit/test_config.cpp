@@ -273,3 +273,23 @@ trainer:
   CHECK_THAT(error_of("", {"trainer.precision=half"}),
              Contains("'trainer.precision'") && Contains("--set trainer.precision=half"));
 }
+
+TEST_CASE("config: ddp.comm_hook picks the bucket reduction, and round-trips", "[config]") {
+  const config::ExperimentConfig defaults = config::parse_config("");
+  CHECK(defaults.ddp_comm_hook == "allreduce");
+  CHECK_FALSE(static_cast<bool>(defaults.trainer.ddp.comm_hook));  // the reducer's float32 average
+  for (const std::string hook : {"fp16", "bf16"}) {
+    INFO(hook);
+    const config::ExperimentConfig c = config::parse_config("ddp:\n  comm_hook: " + hook + "\n");
+    CHECK(c.ddp_comm_hook == hook);
+    CHECK(static_cast<bool>(c.trainer.ddp.comm_hook));
+    const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+    CHECK(again.ddp_comm_hook == hook);
+    CHECK(static_cast<bool>(again.trainer.ddp.comm_hook));
+    const config::ExperimentConfig set = config::parse_config("", "empty", {"ddp.comm_hook=" + hook});
+    CHECK(static_cast<bool>(set.trainer.ddp.comm_hook));
+  }
+  CHECK_FALSE(static_cast<bool>(config::parse_config("ddp: {comm_hook: allreduce}").trainer.ddp.comm_hook));
+  CHECK_THAT(error_of("ddp:\n  comm_hook: int8\n"),
+             Contains("'ddp.comm_hook'") && Contains("test.yaml:2:14") && Contains("allreduce, bf16, fp16"));
+}

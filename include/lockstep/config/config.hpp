@@ -69,6 +69,10 @@ struct ExperimentConfig {
   models::ResNet18Options model;
   OptimizerConfig optimizer;
   PruningConfig pruning;
+  // ddp.comm_hook: how gradient buckets are all-reduced: "allreduce" (float32, the default), "fp16" or
+  // "bf16" (compressed to 16 bits on the wire, half the bytes; ddp/comm_hooks.hpp). parse_config also
+  // sets trainer.ddp.comm_hook to the matching hook.
+  std::string ddp_comm_hook = "allreduce";
 };
 
 // Parses YAML text; `source` names it in error messages. `overrides` are "key.path=value" strings

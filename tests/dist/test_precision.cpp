@@ -8,37 +8,20 @@
 #include "lockstep/train/grad_scaler.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
+#include "support/fixtures.hpp"
 
 namespace {
 
 using Catch::Matchers::Contains;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
+using lockstep::testing::SmallConvNet;
 using lockstep::train::DistributedTrainer;
 using lockstep::train::GradScaler;
 using lockstep::train::TrainerOptions;
 
-struct ConvNetImpl : torch::nn::Module {
-  ConvNetImpl()
-      : conv(register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 8, 3).padding(1)))),
-        fc(register_module("fc", torch::nn::Linear(8 * 8 * 8, 4))) {}
-  torch::Tensor forward(const torch::Tensor& x) {
-    return fc(torch::relu(conv(x)).flatten(1));
-  }
-  torch::nn::Conv2d conv;
-  torch::nn::Linear fc;
-};
-TORCH_MODULE(ConvNet);
-
 std::shared_ptr<lockstep::data::SyntheticDataset> images(int64_t size) {
-  lockstep::data::SyntheticOptions o;
-  o.channels = 1;
-  o.height = 8;
-  o.width = 8;
-  o.num_classes = 4;
-  o.size = size;
-  o.seed = 5;
-  return std::make_shared<lockstep::data::SyntheticDataset>(o);
+  return lockstep::testing::synthetic_images(size, 8, 5);
 }
 
 TrainerOptions options(const std::string& precision, int64_t epochs) {
@@ -58,7 +41,7 @@ TrainerOptions options(const std::string& precision, int64_t epochs) {
 
 TEST_CASE("bf16 autocast trains on the CPU: the loss falls and the ranks stay identical", "[precision]") {
   torch::manual_seed(11);
-  ConvNet model;
+  SmallConvNet model;
   auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
   DistributedTrainer trainer(model, optimizer, comm_ptr(), options("bf16", 4));
   auto first = trainer.evaluate(images(64));
@@ -86,7 +69,7 @@ TEST_CASE("fp16 on a LibTorch without float16 CPU kernels is refused up front", 
     WARN("LibTorch " << TORCH_VERSION << " may support fp16 CPU autocast; not checked here");
     return;
   }
-  ConvNet model;
+  SmallConvNet model;
   auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05));
   CHECK_THROWS_WITH(DistributedTrainer(model, optimizer, comm_ptr(), options("fp16", 1)),
                     Contains("fp16 on the CPU needs LibTorch >= 2.4") && Contains("bf16"));

@@ -16,6 +16,7 @@
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
+#include "support/fixtures.hpp"
 
 namespace {
 
@@ -47,14 +48,7 @@ struct NetImpl : torch::nn::Module {
 TORCH_MODULE(Net);
 
 std::shared_ptr<lockstep::data::SyntheticDataset> synthetic(int64_t size, uint64_t seed) {
-  lockstep::data::SyntheticOptions o;
-  o.channels = 1;
-  o.height = 4;
-  o.width = 4;
-  o.num_classes = 4;
-  o.size = size;
-  o.seed = seed;
-  return std::make_shared<lockstep::data::SyntheticDataset>(o);
+  return lockstep::testing::synthetic_images(size, 4, seed);
 }
 
 std::string shared_dir(const std::string& name) { return lockstep::testing::shared_temp_dir("prune_" + name); }

@@ -8,6 +8,7 @@
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
+#include "support/fixtures.hpp"
 
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
@@ -16,27 +17,11 @@ namespace {
 
 torch::Device device() { return lockstep::testing::runtime().world().device; }
 
-struct NetImpl : torch::nn::Module {
-  NetImpl()
-      : conv(register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 8, 3).padding(1)))),
-        bn(register_module("bn", torch::nn::BatchNorm2d(8))),
-        fc(register_module("fc", torch::nn::Linear(8 * 8 * 8, 4))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return fc(torch::relu(bn(conv(x))).flatten(1)); }
-  torch::nn::Conv2d conv;
-  torch::nn::BatchNorm2d bn;
-  torch::nn::Linear fc;
-};
-TORCH_MODULE(Net);
+// conv -> BatchNorm -> fc: BatchNorm's running statistics are buffers that must follow the device.
+lockstep::testing::SmallConvNet Net() { return lockstep::testing::SmallConvNet(/*batch_norm=*/true); }
 
 std::shared_ptr<lockstep::data::SyntheticDataset> images(int64_t size) {
-  lockstep::data::SyntheticOptions o;
-  o.channels = 1;
-  o.height = 8;
-  o.width = 8;
-  o.num_classes = 4;
-  o.size = size;
-  o.seed = 5;
-  return std::make_shared<lockstep::data::SyntheticDataset>(o);
+  return lockstep::testing::synthetic_images(size, 8, 5);
 }
 
 }  // namespace
@@ -66,9 +51,9 @@ TEST_CASE("the MPI communicator takes CUDA tensors (staged through host memory)"
 TEST_CASE("DataParallel on CUDA matches one process on the concatenated batch", "[gpu][ddp]") {
   const int n = comm().size(), r = comm().rank();
   torch::manual_seed(3);
-  Net model;
+  auto model = Net();
   model->to(device());
-  Net oracle;
+  auto oracle = Net();
   {
     torch::NoGradGuard no_grad;
     auto src = model->parameters();
@@ -101,7 +86,7 @@ TEST_CASE("the trainer trains on CUDA in fp32, bf16 and fp16", "[gpu][train]") {
   for (const std::string precision : {"fp32", "bf16", "fp16"}) {
     INFO("precision " << precision);
     torch::manual_seed(11);
-    Net model;
+    auto model = Net();
     auto optimizer =
         std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
     lockstep::train::TrainerOptions o;

@@ -1,0 +1,42 @@
+#pragma once
+// Small models and data sets that several multi-rank test files train on.
+
+#include <torch/torch.h>
+
+#include <memory>
+
+#include "lockstep/data/synthetic_dataset.hpp"
+
+namespace lockstep::testing {
+
+// 1-channel side x side synthetic images in 4 classes, reproducible from `seed`.
+inline std::shared_ptr<data::SyntheticDataset> synthetic_images(int64_t size, int64_t side, uint64_t seed) {
+  data::SyntheticOptions o;
+  o.channels = 1;
+  o.height = side;
+  o.width = side;
+  o.num_classes = 4;
+  o.size = size;
+  o.seed = seed;
+  return std::make_shared<data::SyntheticDataset>(o);
+}
+
+// conv 3x3 (1 -> 8) [-> BatchNorm] -> ReLU -> Linear to 4 classes, for 1x8x8 inputs.
+struct SmallConvNetImpl : torch::nn::Module {
+  explicit SmallConvNetImpl(bool batch_norm = false) {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 8, 3).padding(1)));
+    if (batch_norm) bn = register_module("bn", torch::nn::BatchNorm2d(8));
+    fc = register_module("fc", torch::nn::Linear(8 * 8 * 8, 4));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    torch::Tensor h = conv(x);
+    if (bn) h = bn(h);
+    return fc(torch::relu(h).flatten(1));
+  }
+  torch::nn::Conv2d conv{nullptr};
+  torch::nn::BatchNorm2d bn{nullptr};
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(SmallConvNet);
+
+}  // namespace lockstep::testing

@@ -6,12 +6,11 @@
 
 #include <cmath>
 #include <cstdio>
-#include <regex>
-#include <set>
 #include <sstream>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/trainer.hpp"
+#include "compress/selection.hpp"
 #include "train/atomic_file.hpp"
 
 namespace lockstep::compress {
@@ -37,19 +36,6 @@ std::string parameter_name(const std::string& buffer) {
     }
   }
   return out;
-}
-
-std::regex compile(const std::string& pattern, const char* option) {
-  try {
-    return std::regex(pattern, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    LOCKSTEP_FAIL("pruning option '", option, "': '", pattern, "' is not a valid regular expression: ", e.what());
-  }
-}
-
-bool is_default_layer(torch::nn::Module* m) {
-  return dynamic_cast<torch::nn::Conv1dImpl*>(m) != nullptr || dynamic_cast<torch::nn::Conv2dImpl*>(m) != nullptr ||
-         dynamic_cast<torch::nn::Conv3dImpl*>(m) != nullptr || dynamic_cast<torch::nn::LinearImpl*>(m) != nullptr;
 }
 
 std::string percent(double fraction) {
@@ -144,36 +130,10 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     LOCKSTEP_CHECK(child.key() != kMasksChild, "MagnitudePruning: the model already has a '", kMasksChild,
                    "' child (two pruning callbacks on one model, or a model saved with its masks?)");
   }
-  std::set<std::string> defaults;
-  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
-    if (is_default_layer(item.value().get())) defaults.insert(item.key().empty() ? "weight" : item.key() + ".weight");
-  }
-  std::vector<std::regex> include, exclude;
-  for (const auto& p : options_.include) include.push_back(compile(p, "include"));
-  for (const auto& p : options_.exclude) exclude.push_back(compile(p, "exclude"));
-  std::vector<bool> include_used(include.size(), false), exclude_used(exclude.size(), false);
-
   auto masks = std::make_shared<torch::nn::Module>("PruningMasks");
   layers_.clear();
   skipped_.clear();
-  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
-    const std::string& name = item.key();
-    bool selected = include.empty() ? defaults.count(name) > 0 : false;
-    for (size_t i = 0; i < include.size(); ++i) {
-      if (std::regex_search(name, include[i])) {
-        include_used[i] = true;
-        selected = true;
-      }
-    }
-    for (size_t i = 0; i < exclude.size(); ++i) {
-      if (std::regex_search(name, exclude[i])) {
-        exclude_used[i] = true;
-        selected = false;
-      }
-    }
-    if (!selected) continue;
-    const at::Tensor& weight = item.value();
-    LOCKSTEP_CHECK(weight.is_floating_point(), "MagnitudePruning: parameter '", name, "' is not floating point");
+  for (const auto& [name, weight] : select_weights(model, options_.include, options_.exclude, "MagnitudePruning")) {
     LOCKSTEP_CHECK(name.find("__") == std::string::npos, "MagnitudePruning: parameter name '", name,
                    "' contains '__', which the mask buffers' names reserve");
     if (options_.granularity == PruneGranularity::Structured) {
@@ -192,14 +152,6 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     layer->weight = weight;
     layer->mask = masks->register_buffer(buffer_name(name), torch::ones(weight.sizes(), weight.options().dtype(torch::kBool)));
     layers_.push_back(layer);
-  }
-  for (size_t i = 0; i < include.size(); ++i) {
-    LOCKSTEP_CHECK(include_used[i], "MagnitudePruning: include pattern '", options_.include[i],
-                   "' matches no parameter of the model");
-  }
-  for (size_t i = 0; i < exclude.size(); ++i) {
-    LOCKSTEP_CHECK(exclude_used[i], "MagnitudePruning: exclude pattern '", options_.exclude[i],
-                   "' matches no parameter of the model");
   }
   LOCKSTEP_CHECK(!layers_.empty(), "MagnitudePruning: no weights selected for pruning (include: ",
                  options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");

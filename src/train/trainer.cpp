@@ -195,6 +195,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     // A stopped epoch is incomplete: no evaluation and no on_epoch_end; a resumed run finishes it.
     if (ctx.stop_requested) break;
 
+    for (auto& cb : callbacks_) cb->on_evaluation_begin(ctx);
     if (eval_set) {
       for (const auto& [key, value] : evaluate(eval_set)) ctx.metrics[key] = value;
     }

@@ -119,6 +119,9 @@ struct Recorder : Callback {
   void on_after_optimizer_step(TrainerContext& ctx) override {
     events.push_back("after_step " + std::to_string(ctx.global_step));
   }
+  void on_evaluation_begin(TrainerContext& ctx) override {
+    events.push_back(std::string("evaluation_begin ") + (ctx.metrics.count("test_acc") ? "with test_acc" : "without"));
+  }
   void on_evaluation_end(TrainerContext& ctx) override {
     events.push_back(std::string("evaluation_end ") + (ctx.metrics.count("test_acc") ? "with test_acc" : "without"));
   }
@@ -144,6 +147,7 @@ TEST_CASE("trainer: callback events come in the documented order", "[train]") {
       expected.push_back("after_backward");
       expected.push_back("after_step " + std::to_string(++step));
     }
+    expected.push_back("evaluation_begin without");
     expected.push_back("evaluation_end with test_acc");
     expected.push_back("epoch_end " + std::to_string(epoch));
   }

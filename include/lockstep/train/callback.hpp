@@ -8,10 +8,11 @@
 //   for each epoch:  on_epoch_begin
 //                    for each batch: on_batch_begin, (forward, backward: gradients averaged over ranks),
 //                                    on_after_backward, (optimizer step), on_after_optimizer_step
-//                    (evaluation) on_evaluation_end
+//                    on_evaluation_begin, (evaluation), on_evaluation_end
 //                    on_epoch_end
 //   on_train_end (also after a stop request)
-// Callbacks run in the order they were added. Every event runs on every rank, so a callback may use
+// on_evaluation_begin and on_evaluation_end run every epoch that ends, with or without an evaluation
+// set. Callbacks run in the order they were added. Every event runs on every rank, so a callback may use
 // the communicator, as long as it does the same collectives on every rank.
 
 #include <ATen/core/Tensor.h>
@@ -105,6 +106,9 @@ class Callback {
   // changes the step.
   virtual void on_after_backward(TrainerContext& ctx) {}
   virtual void on_after_optimizer_step(TrainerContext& ctx) {}
+  // Around the epoch's evaluation (the model is put in eval mode inside it): a callback may change
+  // what is evaluated (quantization-aware training evaluates the int8 weights) and undo it after.
+  virtual void on_evaluation_begin(TrainerContext& ctx) {}
   virtual void on_evaluation_end(TrainerContext& ctx) {}
 
   // Checkpointed state (Note [Callback state]): a callback that returns a non-empty state_key() has

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "lockstep/compress/pruning.hpp"
+#include "lockstep/compress/quantization.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/models/resnet.hpp"
@@ -113,6 +114,11 @@ int main(int argc, char** argv) {
   lockstep::train::DistributedTrainer trainer(model, optimizer, runtime.communicator(), cfg.trainer);
   if (cfg.pruning.enabled) {
     trainer.add_callback(std::make_shared<lockstep::compress::MagnitudePruning>(cfg.pruning.options));
+  }
+  // After pruning: the int8 values are taken of the weights that pruning has just masked (and a
+  // symmetric quantization keeps pruned zeros at zero).
+  if (cfg.quantization.enabled) {
+    trainer.add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(cfg.quantization.options));
   }
   std::map<std::string, double> metrics = trainer.fit(train_set, test_set);
   if (runtime.rank() == 0) {

@@ -303,6 +303,7 @@ void read_model(Section s, models::ResNet18Options& o) {
   s.choice("stem", stem, {"imagenet", "small"});
   o.stem = models::parse_stem(stem);
   s.boolean("zero_init_residual", o.zero_init_residual);
+  s.boolean("quantize_activations", o.quantize_activations);
   s.finish();
 }
 
@@ -318,6 +319,18 @@ void read_optimizer(Section s, OptimizerConfig& o) {
     s.fail_key("nesterov", "Nesterov momentum needs optimizer.momentum > 0, found " + found.str());
   }
   s.finish();
+}
+
+// A list of ECMAScript regular expressions (pruning and quantization's include / exclude).
+void read_patterns(Section& s, const char* key, std::vector<std::string>& list) {
+  s.strings(key, list);
+  for (const auto& pattern : list) {
+    try {
+      std::regex check(pattern, std::regex::ECMAScript);
+    } catch (const std::regex_error&) {
+      s.fail_key(key, "'" + pattern + "' is not a valid regular expression");
+    }
+  }
 }
 
 void read_pruning(Section s, PruningConfig& c) {
@@ -341,19 +354,34 @@ void read_pruning(Section s, PruningConfig& c) {
   s.integer("frequency", o.frequency, 1);
   s.real("begin_epoch", o.begin_epoch, 0.0);
   s.real("end_epoch", o.end_epoch, 0.0);
-  s.strings("include", o.include);
-  s.strings("exclude", o.exclude);
-  for (const auto& [key, list] : {std::make_pair("include", &o.include), std::make_pair("exclude", &o.exclude)}) {
-    for (const auto& pattern : *list) {
-      try {
-        std::regex check(pattern, std::regex::ECMAScript);
-      } catch (const std::regex_error&) {
-        s.fail_key(key, "'" + pattern + "' is not a valid regular expression");
-      }
-    }
-  }
+  read_patterns(s, "include", o.include);
+  read_patterns(s, "exclude", o.exclude);
   s.boolean("print_table", o.print_table);
   s.string("permanent_path", o.permanent_path);
+  s.finish();
+  if (c.enabled) {
+    try {
+      compress::validate(o);
+    } catch (const Error& e) {
+      s.fail_here(e.message());
+    }
+  }
+}
+
+void read_quantization(Section s, QuantizationConfig& c) {
+  compress::QuantizationOptions& o = c.options;
+  s.boolean("enabled", c.enabled);
+  s.boolean("per_channel", o.per_channel);
+  s.boolean("activations", o.activations);
+  s.integer("begin_step", o.begin_step, 0);
+  s.integer("freeze_step", o.freeze_step, -1);
+  s.real("begin_epoch", o.begin_epoch, 0.0);
+  s.real("freeze_epoch", o.freeze_epoch, 0.0);
+  s.real("averaging_constant", o.averaging_constant, 0.0, 1.0, true);
+  read_patterns(s, "include", o.include);
+  read_patterns(s, "exclude", o.exclude);
+  s.boolean("print_table", o.print_table);
+  s.string("export_path", o.export_path);
   s.finish();
   if (c.enabled) {
     try {
@@ -415,7 +443,10 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   read_model(top.section("model"), config.model);
   read_optimizer(top.section("optimizer"), config.optimizer);
   read_pruning(top.section("pruning"), config.pruning);
+  read_quantization(top.section("quantization"), config.quantization);
   top.finish();
+  // Activation quantization needs the model's fake-quant points (ExperimentConfig::quantization).
+  if (config.quantization.enabled && config.quantization.options.activations) config.model.quantize_activations = true;
   return config;
 }
 

@@ -113,6 +113,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "in_channels", c.model.in_channels);
   put(out, "stem", models::to_string(c.model.stem));
   put(out, "zero_init_residual", c.model.zero_init_residual);
+  put(out, "quantize_activations", c.model.quantize_activations);
   out << YAML::EndMap;
 
   out << YAML::Key << "optimizer" << YAML::Value << YAML::BeginMap;
@@ -142,6 +143,22 @@ std::string to_yaml(const ExperimentConfig& c) {
   out << YAML::Key << "exclude" << YAML::Value << YAML::Flow << p.exclude;
   put(out, "print_table", p.print_table);
   put(out, "permanent_path", p.permanent_path);
+  out << YAML::EndMap;
+
+  const compress::QuantizationOptions& q = c.quantization.options;
+  out << YAML::Key << "quantization" << YAML::Value << YAML::BeginMap;
+  put(out, "enabled", c.quantization.enabled);
+  put(out, "per_channel", q.per_channel);
+  put(out, "activations", q.activations);
+  put(out, "begin_step", q.begin_step);
+  put(out, "freeze_step", q.freeze_step);
+  put_real(out, "begin_epoch", q.begin_epoch);
+  put_real(out, "freeze_epoch", q.freeze_epoch);
+  put_real(out, "averaging_constant", q.averaging_constant);
+  out << YAML::Key << "include" << YAML::Value << YAML::Flow << q.include;
+  out << YAML::Key << "exclude" << YAML::Value << YAML::Flow << q.exclude;
+  put(out, "print_table", q.print_table);
+  put(out, "export_path", q.export_path);
   out << YAML::EndMap;
 
   out << YAML::EndMap;

@@ -15,7 +15,7 @@ torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride) 
 }
 }  // namespace
 
-BasicBlockImpl::BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_t stride) {
+BasicBlockImpl::BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_t stride, bool quantize_activations) {
   LOCKSTEP_CHECK(in_channels > 0 && out_channels > 0 && stride > 0, "BasicBlock: channels and stride must be positive, got ",
                  in_channels, " -> ", out_channels, ", stride ", stride);
   conv1 = register_module("conv1", conv(in_channels, out_channels, 3, stride));
@@ -26,13 +26,20 @@ BasicBlockImpl::BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_
     downsample = register_module(
         "downsample", torch::nn::Sequential(conv(in_channels, out_channels, 1, stride), torch::nn::BatchNorm2d(out_channels)));
   }
+  if (quantize_activations) {
+    quant_relu1 = register_module("quant_relu1", compress::ActivationFakeQuant());
+    quant_bn2 = register_module("quant_bn2", compress::ActivationFakeQuant());
+    if (downsample) quant_downsample = register_module("quant_downsample", compress::ActivationFakeQuant());
+    quant_out = register_module("quant_out", compress::ActivationFakeQuant());
+  }
 }
 
+
 torch::Tensor BasicBlockImpl::forward(const torch::Tensor& input) {
-  torch::Tensor out = torch::relu(bn1->forward(conv1->forward(input)));
-  out = bn2->forward(conv2->forward(out));
-  out += downsample ? downsample->forward(input) : input;
-  return torch::relu(out);
+  torch::Tensor out = compress::fake_quantize_at(quant_relu1, torch::relu(bn1->forward(conv1->forward(input))));
+  out = compress::fake_quantize_at(quant_bn2, bn2->forward(conv2->forward(out)));
+  out += downsample ? compress::fake_quantize_at(quant_downsample, downsample->forward(input)) : input;
+  return compress::fake_quantize_at(quant_out, torch::relu(out));
 }
 
 }  // namespace models

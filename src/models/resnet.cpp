@@ -18,9 +18,10 @@ Stem parse_stem(const std::string& name) {
 std::string to_string(Stem stem) { return stem == Stem::ImageNet ? "imagenet" : "small"; }
 
 namespace {
-torch::nn::Sequential make_stage(int64_t in_channels, int64_t out_channels, int64_t stride) {
+torch::nn::Sequential make_stage(int64_t in_channels, int64_t out_channels, int64_t stride, bool quantize) {
   // ResNet-18: two blocks per stage; only the first one changes resolution and channel count.
-  return torch::nn::Sequential(BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels, 1));
+  return torch::nn::Sequential(BasicBlock(in_channels, out_channels, stride, quantize),
+                               BasicBlock(out_channels, out_channels, 1, quantize));
 }
 }  // namespace
 
@@ -36,11 +37,17 @@ ResNet18Impl::ResNet18Impl(ResNet18Options options) : options_(options) {
                                                          .padding(kernel / 2)
                                                          .bias(false)));
   bn1 = register_module("bn1", torch::nn::BatchNorm2d(w));
-  layer1 = register_module("layer1", make_stage(w, w, 1));
-  layer2 = register_module("layer2", make_stage(w, 2 * w, 2));
-  layer3 = register_module("layer3", make_stage(2 * w, 4 * w, 2));
-  layer4 = register_module("layer4", make_stage(4 * w, 8 * w, 2));
+  const bool q = options_.quantize_activations;
+  layer1 = register_module("layer1", make_stage(w, w, 1, q));
+  layer2 = register_module("layer2", make_stage(w, 2 * w, 2, q));
+  layer3 = register_module("layer3", make_stage(2 * w, 4 * w, 2, q));
+  layer4 = register_module("layer4", make_stage(4 * w, 8 * w, 2, q));
   fc = register_module("fc", torch::nn::Linear(8 * w, options_.num_classes));
+  if (q) {
+    quant_input = register_module("quant_input", compress::ActivationFakeQuant());
+    quant_stem = register_module("quant_stem", compress::ActivationFakeQuant());
+    quant_pool = register_module("quant_pool", compress::ActivationFakeQuant());
+  }
 
   // torchvision's initialisation; fc keeps LibTorch's default, which is the same as PyTorch's.
   for (auto& module : modules(/*include_self=*/false)) {
@@ -61,13 +68,13 @@ ResNet18Impl::ResNet18Impl(ResNet18Options options) : options_(options) {
 torch::Tensor ResNet18Impl::forward(const torch::Tensor& input) {
   LOCKSTEP_CHECK(input.dim() == 4 && input.size(1) == options_.in_channels, "ResNet18: expected input [N, ",
                  options_.in_channels, ", H, W], got ", input.sizes());
-  torch::Tensor x = torch::relu(bn1->forward(conv1->forward(input)));
+  torch::Tensor x = compress::fake_quantize_at(quant_stem, torch::relu(bn1->forward(conv1->forward(compress::fake_quantize_at(quant_input, input)))));
   if (options_.stem == Stem::ImageNet) {
     x = torch::nn::functional::max_pool2d(x, torch::nn::functional::MaxPool2dFuncOptions(3).stride(2).padding(1));
   }
   x = layer4->forward(layer3->forward(layer2->forward(layer1->forward(x))));
   x = torch::nn::functional::adaptive_avg_pool2d(x, torch::nn::functional::AdaptiveAvgPool2dFuncOptions(1));
-  return fc->forward(x.flatten(1));
+  return fc->forward(compress::fake_quantize_at(quant_pool, x.flatten(1)));
 }
 
 }  // namespace models

@@ -5,6 +5,7 @@
 
 #include <memory>
 
+#include "lockstep/compress/fake_quant.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 
 namespace lockstep::testing {
@@ -21,21 +22,29 @@ inline std::shared_ptr<data::SyntheticDataset> synthetic_images(int64_t size, in
   return std::make_shared<data::SyntheticDataset>(o);
 }
 
-// conv 3x3 (1 -> 8) [-> BatchNorm] -> ReLU -> Linear to 4 classes, for 1x8x8 inputs.
+// conv 3x3 (1 -> 8) [-> BatchNorm] -> ReLU -> Linear to 4 classes, for 1x8x8 inputs. With
+// quantize_activations: activation fake-quant points at the input ("quant_input") and after the ReLU
+// ("quant_relu"), registered last so the parameters' initialisation does not change.
 struct SmallConvNetImpl : torch::nn::Module {
-  explicit SmallConvNetImpl(bool batch_norm = false) {
+  explicit SmallConvNetImpl(bool batch_norm = false, bool quantize_activations = false) {
     conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 8, 3).padding(1)));
     if (batch_norm) bn = register_module("bn", torch::nn::BatchNorm2d(8));
     fc = register_module("fc", torch::nn::Linear(8 * 8 * 8, 4));
+    if (quantize_activations) {
+      quant_input = register_module("quant_input", compress::ActivationFakeQuant());
+      quant_relu = register_module("quant_relu", compress::ActivationFakeQuant());
+    }
   }
   torch::Tensor forward(const torch::Tensor& x) {
-    torch::Tensor h = conv(x);
+    torch::Tensor h = conv(compress::fake_quantize_at(quant_input, x));
     if (bn) h = bn(h);
-    return fc(torch::relu(h).flatten(1));
+    return fc(compress::fake_quantize_at(quant_relu, torch::relu(h)).flatten(1));
   }
   torch::nn::Conv2d conv{nullptr};
   torch::nn::BatchNorm2d bn{nullptr};
   torch::nn::Linear fc{nullptr};
+  compress::ActivationFakeQuant quant_input{nullptr};
+  compress::ActivationFakeQuant quant_relu{nullptr};
 };
 TORCH_MODULE(SmallConvNet);
 

@@ -293,3 +293,45 @@ TEST_CASE("config: ddp.comm_hook picks the bucket reduction, and round-trips", "
   CHECK_THAT(error_of("ddp:\n  comm_hook: int8\n"),
              Contains("'ddp.comm_hook'") && Contains("test.yaml:2:14") && Contains("allreduce, bf16, fp16"));
 }
+
+TEST_CASE("config: the quantization section maps onto QuantizationOptions, with errors naming the key", "[config]") {
+  const auto defaults = config::parse_config("");
+  CHECK_FALSE(defaults.quantization.enabled);
+  CHECK_FALSE(defaults.model.quantize_activations);
+  const auto c = config::parse_config(R"yaml(
+quantization:
+  enabled: true
+  per_channel: false
+  begin_epoch: 1.5
+  freeze_epoch: 2.5
+  averaging_constant: 0.05
+  exclude: ['^conv1\.', '^fc\.']
+  export_path: out/int8.pt
+)yaml",
+                                      "test.yaml");
+  const lockstep::compress::QuantizationOptions& q = c.quantization.options;
+  CHECK(c.quantization.enabled);
+  CHECK_FALSE(q.per_channel);
+  CHECK(q.activations);
+  CHECK(q.begin_epoch == 1.5);
+  CHECK(q.freeze_epoch == 2.5);
+  CHECK(q.averaging_constant == 0.05);
+  CHECK(q.exclude == std::vector<std::string>{"^conv1\\.", "^fc\\."});
+  CHECK(q.export_path == "out/int8.pt");
+  CHECK(c.model.quantize_activations);  // the activation points come with activation quantization
+  const auto again = config::parse_config(config::to_yaml(c));
+  CHECK(again.quantization.options.exclude == q.exclude);
+  CHECK(again.quantization.options.freeze_epoch == q.freeze_epoch);
+  CHECK(again.model.quantize_activations);
+  const auto weights_only = config::parse_config("", "x", {"quantization.enabled=true", "quantization.activations=false"});
+  CHECK_FALSE(weights_only.model.quantize_activations);
+
+  CHECK_THAT(error_of("quantization: {averaging_constant: 0}"),
+             Contains("'quantization.averaging_constant' at test.yaml:1:") && Contains("(0, 1]"));
+  CHECK_THAT(error_of("quantization: {per_chanel: true}"), Contains("unknown config key 'quantization.per_chanel'"));
+  CHECK_THAT(error_of("quantization:\n  include: ['[x']"),
+             Contains("'quantization.include' at test.yaml:2:") && Contains("not a valid regular expression"));
+  CHECK_THAT(error_of("quantization: {enabled: true, begin_step: 10, freeze_step: 5}"),
+             Contains("config key 'quantization' at test.yaml:1:") && Contains("must come after begin_step"));
+  CHECK_THAT(error_of("quantization: {freeze_step: -2}"), Contains("'quantization.freeze_step'"));
+}

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "lockstep/compress/pruning.hpp"
+#include "lockstep/compress/quantization.hpp"
 #include "lockstep/data/dataset.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -60,8 +61,16 @@ struct PruningConfig {
   compress::PruningOptions options;
 };
 
+// The quantization section: the keys of compress::QuantizationOptions, plus `enabled` (train_resnet adds
+// a compress::QuantizationAwareTraining callback when it is true). When enabled with activations,
+// parse_config also sets model.quantize_activations, which places the fake-quant points.
+struct QuantizationConfig {
+  bool enabled = false;
+  compress::QuantizationOptions options;
+};
+
 // One experiment. YAML sections: runtime, trainer (with lr_schedule and checkpoint), ddp (maps to
-// trainer.ddp), data, model (ResNet-18), optimizer, pruning.
+// trainer.ddp), data, model (ResNet-18), optimizer, pruning, quantization.
 struct ExperimentConfig {
   RuntimeOptions runtime;
   train::TrainerOptions trainer;
@@ -69,6 +78,7 @@ struct ExperimentConfig {
   models::ResNet18Options model;
   OptimizerConfig optimizer;
   PruningConfig pruning;
+  QuantizationConfig quantization;
   // ddp.comm_hook: how gradient buckets are all-reduced: "allreduce" (float32, the default), "fp16" or
   // "bf16" (compressed to 16 bits on the wire, half the bytes; ddp/comm_hooks.hpp). parse_config also
   // sets trainer.ddp.comm_hook to the matching hook.

@@ -9,6 +9,8 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/pimpl.h>
 
+#include "lockstep/compress/fake_quant.hpp"
+
 namespace lockstep {
 namespace models {
 
@@ -16,7 +18,10 @@ class BasicBlockImpl : public torch::nn::Module {
  public:
   // A 1x1 convolution + batch norm shortcut ("downsample") is added when stride != 1 or the channel
   // count changes; otherwise the shortcut is the identity.
-  BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_t stride);
+  // quantize_activations places ActivationFakeQuant points where an int8 block requantizes: after
+  // relu(bn1(conv1)) ("quant_relu1"), after bn2(conv2) ("quant_bn2"), after the downsample shortcut
+  // ("quant_downsample") and after the final add + relu ("quant_out").
+  BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_t stride, bool quantize_activations = false);
 
   torch::Tensor forward(const torch::Tensor& input);
 
@@ -25,6 +30,11 @@ class BasicBlockImpl : public torch::nn::Module {
   torch::nn::Conv2d conv2{nullptr};
   torch::nn::BatchNorm2d bn2{nullptr};
   torch::nn::Sequential downsample{nullptr};  // null for an identity shortcut
+  // Null unless quantize_activations (quant_downsample: also null without a downsample shortcut).
+  compress::ActivationFakeQuant quant_relu1{nullptr};
+  compress::ActivationFakeQuant quant_bn2{nullptr};
+  compress::ActivationFakeQuant quant_downsample{nullptr};
+  compress::ActivationFakeQuant quant_out{nullptr};
 };
 TORCH_MODULE(BasicBlock);
 

@@ -14,6 +14,8 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include "lockstep/compress/fake_quant.hpp"
+
 #include <string>
 
 namespace lockstep {
@@ -40,6 +42,11 @@ struct ResNet18Options {
   // Start every block's last batch norm at weight 0, so each block begins as the identity
   // (Goyal et al. 2017); helps large-batch training. Off by default, as in torchvision.
   bool zero_init_residual = false;
+  // Place compress::ActivationFakeQuant points where an int8 ResNet requantizes: the input
+  // ("quant_input"), after the stem ("quant_stem"), inside every block (BasicBlock) and after the
+  // global average pool ("quant_pool"). They are the identity (and add no parameters) until a
+  // compress::QuantizationAwareTraining callback enables them; they add buffers (the ranges).
+  bool quantize_activations = false;
 };
 
 class ResNet18Impl : public torch::nn::Module {
@@ -59,6 +66,10 @@ class ResNet18Impl : public torch::nn::Module {
   torch::nn::Sequential layer3{nullptr};
   torch::nn::Sequential layer4{nullptr};
   torch::nn::Linear fc{nullptr};
+  // Null unless options().quantize_activations.
+  compress::ActivationFakeQuant quant_input{nullptr};
+  compress::ActivationFakeQuant quant_stem{nullptr};
+  compress::ActivationFakeQuant quant_pool{nullptr};
 
  private:
   ResNet18Options options_;

@@ -1,0 +1,422 @@
+#include "lockstep/compress/quantization.hpp"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "compress/selection.hpp"
+#include "lockstep/core/error.hpp"
+#include "train/atomic_file.hpp"
+
+namespace lockstep::compress {
+namespace {
+
+constexpr const char* kFormat = "lockstep-int8";
+constexpr int64_t kVersion = 1;
+
+std::vector<std::pair<std::string, ActivationFakeQuant>> find_points(torch::nn::Module& model) {
+  std::vector<std::pair<std::string, ActivationFakeQuant>> points;
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    if (auto impl = std::dynamic_pointer_cast<ActivationFakeQuantImpl>(item.value())) {
+      points.emplace_back(item.key(), ActivationFakeQuant(impl));
+    }
+  }
+  return points;
+}
+
+std::string format_number(const char* format, double value) {
+  char text[64];
+  std::snprintf(text, sizeof text, format, value);
+  return text;
+}
+
+std::string shape_of(const std::vector<int64_t>& shape) {
+  std::string out;
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? "x" : "") + std::to_string(shape[i]);
+  return out;
+}
+
+}  // namespace
+
+void validate(const QuantizationOptions& o) {
+  LOCKSTEP_CHECK(o.begin_step >= 0, "quantization: begin_step must be >= 0, got ", o.begin_step);
+  LOCKSTEP_CHECK(o.freeze_step >= -1, "quantization: freeze_step must be >= 0, or -1 for never, got ", o.freeze_step);
+  LOCKSTEP_CHECK(o.begin_epoch >= 0.0 && o.freeze_epoch >= 0.0,
+                 "quantization: begin_epoch and freeze_epoch must be >= 0, got ", o.begin_epoch, " and ", o.freeze_epoch);
+  LOCKSTEP_CHECK(o.averaging_constant > 0.0 && o.averaging_constant <= 1.0,
+                 "quantization: averaging_constant must be in (0, 1], got ", o.averaging_constant);
+  if (o.freeze_epoch > 0.0) {
+    LOCKSTEP_CHECK(o.freeze_epoch > o.begin_epoch, "quantization: freeze_epoch (", o.freeze_epoch,
+                   ") must come after begin_epoch (", o.begin_epoch, "): the ranges are observed in between");
+  } else if (o.freeze_step >= 0 && o.begin_epoch == 0.0) {
+    LOCKSTEP_CHECK(o.freeze_step > o.begin_step, "quantization: freeze_step (", o.freeze_step,
+                   ") must come after begin_step (", o.begin_step, "): the ranges are observed in between");
+  }
+}
+
+struct QuantizationAwareTraining::Layer {
+  std::string name;
+  at::Tensor weight;  // the parameter
+  at::Tensor master;  // the float values while the parameter holds its int8 values
+};
+
+QuantizationAwareTraining::QuantizationAwareTraining(QuantizationOptions options) : options_(std::move(options)) {
+  validate(options_);
+}
+
+std::vector<std::string> QuantizationAwareTraining::layers() const {
+  std::vector<std::string> names;
+  for (const auto& layer : layers_) names.push_back(layer->name);
+  return names;
+}
+
+std::vector<std::string> QuantizationAwareTraining::activation_points() const {
+  std::vector<std::string> names;
+  for (const auto& point : points_) names.push_back(point.first);
+  return names;
+}
+
+void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
+  LOCKSTEP_CHECK(ctx.model != nullptr, "QuantizationAwareTraining: the trainer gave no model");
+  layers_.clear();
+  for (const auto& [name, weight] :
+       select_weights(*ctx.model, options_.include, options_.exclude, "QuantizationAwareTraining")) {
+    LOCKSTEP_CHECK(weight.dim() >= 1, "QuantizationAwareTraining: '", name, "' is a scalar; exclude it");
+    auto layer = std::make_shared<Layer>();
+    layer->name = name;
+    layer->weight = weight;
+    layers_.push_back(layer);
+  }
+  LOCKSTEP_CHECK(!layers_.empty(), "QuantizationAwareTraining: no weights selected (include: ",
+                 options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");
+  points_ = find_points(*ctx.model);
+  if (options_.activations) {
+    LOCKSTEP_CHECK(!points_.empty(), "QuantizationAwareTraining: activations is true but the model has no "
+                   "ActivationFakeQuant modules; place them where the int8 model requantizes (for ResNet-18: "
+                   "model.quantize_activations), or set activations to false for weight-only quantization");
+  } else {
+    points_.clear();  // they stay the identity
+  }
+}
+
+void QuantizationAwareTraining::on_train_begin(train::TrainerContext& ctx) {
+  const auto steps = static_cast<double>(ctx.steps_per_epoch);
+  begin_step_ = options_.begin_epoch > 0.0 ? std::llround(options_.begin_epoch * steps) : options_.begin_step;
+  freeze_step_ = options_.freeze_epoch > 0.0 ? std::llround(options_.freeze_epoch * steps) : options_.freeze_step;
+  LOCKSTEP_CHECK(freeze_step_ < 0 || freeze_step_ > begin_step_, "QuantizationAwareTraining: the ranges would freeze at "
+                 "step ", freeze_step_, ", not after quantization begins at step ", begin_step_,
+                 " (", ctx.steps_per_epoch, " steps per epoch)");
+  // The Checkpointer (first in event order) may have restored the ranges just now.
+  for (auto& point : points_) point.second->sync_from_buffers();
+  set_step_state(ctx.global_step);
+}
+
+void QuantizationAwareTraining::set_step_state(int64_t step) {
+  active_ = step >= begin_step_;
+  frozen_ = freeze_step_ >= 0 && step >= freeze_step_;
+  for (auto& point : points_) {
+    point.second->set_enabled(active_);
+    point.second->set_observing(active_ && !frozen_);
+  }
+}
+
+// Note [Weights in place]: the parameter's storage holds the int8 values from before the forward pass
+// to after backward, so autograd differentiates at the int8 values and accumulates into the same leaf
+// (the straight-through estimator, exact here since symmetric scales clip nothing).
+void QuantizationAwareTraining::quantize_weights() {
+  if (weights_quantized_) return;
+  torch::NoGradGuard no_grad;
+  for (auto& layer : layers_) {
+    if (!layer->master.defined()) layer->master = torch::empty_like(layer->weight);
+    layer->master.copy_(layer->weight);
+    layer->weight.copy_(fake_quantize_weight(layer->master, options_.per_channel));
+  }
+  weights_quantized_ = true;
+}
+
+void QuantizationAwareTraining::restore_weights() {
+  if (!weights_quantized_) return;
+  torch::NoGradGuard no_grad;
+  for (auto& layer : layers_) layer->weight.copy_(layer->master);
+  weights_quantized_ = false;
+}
+
+void QuantizationAwareTraining::on_batch_begin(train::TrainerContext& ctx) {
+  set_step_state(ctx.global_step);
+  if (active_) quantize_weights();
+}
+
+void QuantizationAwareTraining::on_after_backward(train::TrainerContext& ctx) {
+  restore_weights();
+  if (active_ && !frozen_ && !points_.empty()) reduce_ranges(*ctx.communicator);
+}
+
+// Note [Activation ranges]: one all-reduce (MAX) over [-min_1..-min_P, max_1..max_P] gives the global
+// batch's range at every point on every rank; each rank then folds it into the moving average with the
+// same float operations, so the ranges are bitwise equal everywhere without a broadcast.
+void QuantizationAwareTraining::reduce_ranges(comm::Communicator& comm) {
+  const size_t n = points_.size();
+  std::vector<at::Tensor> parts(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    auto [lo, hi] = points_[i].second->take_batch_range();
+    parts[i] = lo.neg();
+    parts[n + i] = hi;
+  }
+  at::Tensor packed = torch::stack(parts);
+  comm::AllreduceOptions max;
+  max.op = comm::ReduceOp::Max;
+  comm.allreduce(packed, max)->wait();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor lo = packed[static_cast<int64_t>(i)].neg();
+    const at::Tensor hi = packed[static_cast<int64_t>(n + i)];
+    points_[i].second->update_range(lo, hi, lo.le(hi), options_.averaging_constant);
+  }
+  // A point learns that it has a range once: one read from the device, then never again.
+  for (auto& point : points_) {
+    if (!point.second->has_range()) point.second->sync_from_buffers();
+  }
+}
+
+void QuantizationAwareTraining::on_evaluation_begin(train::TrainerContext& ctx) {
+  if (active_) quantize_weights();
+}
+
+void QuantizationAwareTraining::on_evaluation_end(train::TrainerContext& ctx) { restore_weights(); }
+
+// Every rank's ranges (min, max, updates of every point) gathered and compared with rank 0's: the same
+// table on every rank, so every rank raises the same error.
+void QuantizationAwareTraining::verify_ranges(comm::Communicator& comm) const {
+  if (comm.size() == 1 || points_.empty()) return;
+  const auto n = static_cast<int64_t>(points_.size());
+  at::Tensor mine = torch::empty({3 * n}, torch::kFloat64);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& point = points_[static_cast<size_t>(i)].second;
+    mine[3 * i] = point->min_val.item<double>();
+    mine[3 * i + 1] = point->max_val.item<double>();
+    mine[3 * i + 2] = static_cast<double>(point->updates.item<int64_t>());
+  }
+  at::Tensor all = torch::empty({comm.size() * 3 * n}, torch::kFloat64);
+  comm.allgather(mine, all)->wait();
+  all = all.view({comm.size(), 3 * n});
+  for (int r = 1; r < comm.size(); ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!torch::equal(all[r].narrow(0, 3 * i, 3), all[0].narrow(0, 3 * i, 3))) {
+        LOCKSTEP_FAIL("QuantizationAwareTraining: the activation range of '", points_[static_cast<size_t>(i)].first,
+                      "' differs between rank 0 ([", all[0][3 * i].item<double>(), ", ", all[0][3 * i + 1].item<double>(),
+                      "] after ", all[0][3 * i + 2].item<double>(), " updates) and rank ", r, " ([",
+                      all[r][3 * i].item<double>(), ", ", all[r][3 * i + 1].item<double>(), "] after ",
+                      all[r][3 * i + 2].item<double>(), " updates)");
+      }
+    }
+  }
+}
+
+std::vector<LayerQuantization> QuantizationAwareTraining::report() const {
+  std::vector<LayerQuantization> out;
+  for (const auto& layer : layers_) {
+    const at::Tensor w = weights_quantized_ ? layer->master : layer->weight.detach();
+    const at::Tensor scale = weight_scale(w, options_.per_channel);
+    LayerQuantization row;
+    row.name = layer->name;
+    row.shape = w.sizes().vec();
+    row.min_scale = scale.min().item<double>();
+    row.max_scale = scale.max().item<double>();
+    row.sqnr_db = sqnr_db(w, fake_quantize_weight(w, options_.per_channel));
+    out.push_back(row);
+  }
+  return out;
+}
+
+std::vector<ActivationRange> QuantizationAwareTraining::ranges() const {
+  std::vector<ActivationRange> out;
+  for (const auto& [name, point] : points_) {
+    const ActivationQParams q = point->qparams();
+    ActivationRange row;
+    row.name = name;
+    row.min = point->min_val.item<double>();
+    row.max = point->max_val.item<double>();
+    row.scale = q.scale.item<double>();
+    row.zero_point = q.zero_point.item<int64_t>();
+    row.updates = point->updates.item<int64_t>();
+    out.push_back(row);
+  }
+  return out;
+}
+
+void QuantizationAwareTraining::on_epoch_end(train::TrainerContext& ctx) {
+  verify_ranges(*ctx.communicator);
+  double sqnr_sum = 0.0;
+  const std::vector<LayerQuantization> layers = report();
+  for (const auto& layer : layers) sqnr_sum += layer.sqnr_db;
+  ctx.metrics["quant_active"] = active_ ? 1.0 : 0.0;
+  ctx.metrics["quant_weight_sqnr_db"] = layers.empty() ? 0.0 : sqnr_sum / static_cast<double>(layers.size());
+}
+
+void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
+  restore_weights();  // a stop between batch begin and backward (an exception) must not export int8 twice
+  const bool main_rank = ctx.world.rank == 0;
+  if (main_rank && options_.print_table) {
+    std::printf("quantization: %zu weights int8 (%s), %zu activation points uint8%s\n%s", layers_.size(),
+                options_.per_channel ? "per channel" : "per tensor", points_.size(),
+                active_ ? "" : " (training ended before quantization began)",
+                format_quantization_table(report(), ranges()).c_str());
+    std::fflush(stdout);
+  }
+  if (main_rank && !options_.export_path.empty()) {
+    const Int8ExportReport r = export_int8(*ctx.model, layers(), options_.per_channel, options_.export_path);
+    std::printf("quantization: int8 model written to %s (%.2f MB; %.2f MB in float32; %lld int8 weights)\n",
+                options_.export_path.c_str(), static_cast<double>(r.bytes) / 1e6, static_cast<double>(r.float_bytes) / 1e6,
+                static_cast<long long>(r.quantized_weights));
+    std::fflush(stdout);
+  }
+  // Leave the model as the int8 model computes: the weights at their int8 values (from the float
+  // weights, so bitwise what export_int8 wrote and the last evaluation used).
+  if (active_) {
+    torch::NoGradGuard no_grad;
+    for (auto& layer : layers_) layer->weight.copy_(fake_quantize_weight(layer->weight, options_.per_channel));
+    for (auto& point : points_) point.second->set_observing(false);
+  }
+}
+
+Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::string>& quantized, bool per_channel,
+                             const std::string& path) {
+  LOCKSTEP_CHECK(!path.empty(), "export_int8: empty path");
+  std::set<std::string> pending(quantized.begin(), quantized.end());
+  c10::Dict<std::string, at::Tensor> weights, scales, tensors, activations;
+  Int8ExportReport report;
+  torch::NoGradGuard no_grad;
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    const at::Tensor value = item.value().detach();
+    report.float_bytes += value.numel() * static_cast<int64_t>(value.element_size());
+    if (pending.erase(item.key()) > 0) {
+      const QuantizedWeight q = quantize_weight(value, per_channel);
+      weights.insert(item.key(), q.codes.cpu().contiguous());
+      scales.insert(item.key(), q.scale.cpu().contiguous());
+      ++report.quantized_weights;
+    } else {
+      tensors.insert(item.key(), value.cpu().contiguous());
+      ++report.float_parameters;
+    }
+  }
+  LOCKSTEP_CHECK(pending.empty(), "export_int8: the model has no parameter '", *pending.begin(), "'");
+  for (const auto& item : model.named_buffers(/*recurse=*/true)) {
+    if (!item.value().defined()) continue;
+    const at::Tensor value = item.value().detach();
+    report.float_bytes += value.numel() * static_cast<int64_t>(value.element_size());
+    tensors.insert(item.key(), value.cpu().contiguous());
+    ++report.float_parameters;
+  }
+  for (const auto& [name, point] : find_points(model)) {
+    const ActivationQParams q = point->qparams();
+    activations.insert(name, torch::stack({q.scale.reshape({}).to(torch::kFloat64),
+                                           q.zero_point.reshape({}).to(torch::kFloat64),
+                                           point->min_val.to(torch::kFloat64), point->max_val.to(torch::kFloat64)})
+                                 .cpu());
+  }
+  c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
+  root.insert("format", std::string(kFormat));
+  root.insert("version", kVersion);
+  root.insert("per_channel", per_channel);
+  root.insert("weights", weights);
+  root.insert("scales", scales);
+  root.insert("tensors", tensors);
+  root.insert("activations", activations);
+  const std::vector<char> bytes = torch::pickle_save(root);
+  train::write_file_atomically(path, [&](const std::string& temporary) {
+    std::ofstream out(temporary, std::ios::binary);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.flush();
+    LOCKSTEP_CHECK(out.good(), "export_int8: could not write ", temporary);
+  });
+  report.bytes = static_cast<int64_t>(bytes.size());
+  return report;
+}
+
+void load_int8(torch::nn::Module& model, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  LOCKSTEP_CHECK(in.good(), "load_int8: cannot open '", path, "'");
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  c10::IValue value;
+  try {
+    value = torch::pickle_load(bytes);
+  } catch (const std::exception& e) {
+    LOCKSTEP_FAIL("load_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ", e.what(), ")");
+  }
+  LOCKSTEP_CHECK(value.isGenericDict(), "load_int8: '", path, "' is not a Lockstep int8 model file");
+  const c10::impl::GenericDict root = value.toGenericDict();
+  auto entry = [&](const char* key) -> c10::IValue {
+    auto it = root.find(std::string(key));
+    LOCKSTEP_CHECK(it != root.end(), "load_int8: '", path, "' is not a Lockstep int8 model file (no '", key, "')");
+    return it->value();
+  };
+  LOCKSTEP_CHECK(entry("format").isString() && entry("format").toStringRef() == kFormat, "load_int8: '", path,
+                 "' is not a Lockstep int8 model file");
+  LOCKSTEP_CHECK(entry("version").toInt() == kVersion, "load_int8: '", path, "' has format version ",
+                 entry("version").toInt(), "; this Lockstep reads version ", kVersion);
+
+  std::map<std::string, at::Tensor> values;
+  const c10::impl::GenericDict scales = entry("scales").toGenericDict();
+  for (const auto& item : entry("weights").toGenericDict()) {
+    const std::string& name = item.key().toStringRef();
+    auto scale = scales.find(name);
+    LOCKSTEP_CHECK(scale != scales.end(), "load_int8: '", path, "' has int8 codes but no scale for '", name, "'");
+    values[name] = dequantize_weight(item.value().toTensor(), scale->value().toTensor());
+  }
+  for (const auto& item : entry("tensors").toGenericDict()) values[item.key().toStringRef()] = item.value().toTensor();
+
+  torch::NoGradGuard no_grad;
+  auto assign = [&](const std::string& name, at::Tensor target) {
+    auto it = values.find(name);
+    LOCKSTEP_CHECK(it != values.end(), "load_int8: '", path, "' has no entry for the model's '", name,
+                   "' (a file of another model?)");
+    LOCKSTEP_CHECK(it->second.sizes() == target.sizes(), "load_int8: '", name, "' has shape ", it->second.sizes(),
+                   " in '", path, "' but ", target.sizes(), " in the model");
+    target.copy_(it->second);
+    values.erase(it);
+  };
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) assign(item.key(), item.value());
+  for (const auto& item : model.named_buffers(/*recurse=*/true)) {
+    if (item.value().defined()) assign(item.key(), item.value());
+  }
+  LOCKSTEP_CHECK(values.empty(), "load_int8: '", path, "' has '", values.begin()->first,
+                 "', which the model does not (a file of another model?)");
+  for (auto& [name, point] : find_points(model)) {
+    point->sync_from_buffers();
+    point->set_observing(false);
+    point->set_enabled(true);
+  }
+}
+
+std::string format_quantization_table(const std::vector<LayerQuantization>& layers,
+                                      const std::vector<ActivationRange>& ranges) {
+  std::ostringstream out;
+  char line[256];
+  std::snprintf(line, sizeof line, "%-30s %-14s %-23s %9s\n", "weight", "shape", "scale (min..max)", "SQNR dB");
+  out << line;
+  for (const auto& l : layers) {
+    std::snprintf(line, sizeof line, "%-30s %-14s %-23s %9s\n", l.name.c_str(), shape_of(l.shape).c_str(),
+                  (format_number("%.3g", l.min_scale) + ".." + format_number("%.3g", l.max_scale)).c_str(),
+                  format_number("%.2f", l.sqnr_db).c_str());
+    out << line;
+  }
+  if (!ranges.empty()) {
+    std::snprintf(line, sizeof line, "%-30s %10s %10s %11s %5s %8s\n", "activation", "min", "max", "scale", "zp",
+                  "updates");
+    out << line;
+    for (const auto& r : ranges) {
+      std::snprintf(line, sizeof line, "%-30s %10.4g %10.4g %11.4g %5lld %8lld\n", r.name.c_str(), r.min, r.max,
+                    r.scale, static_cast<long long>(r.zero_point), static_cast<long long>(r.updates));
+      out << line;
+    }
+  }
+  return out.str();
+}
+
+}  // namespace lockstep::compress

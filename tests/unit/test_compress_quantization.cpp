@@ -1,0 +1,296 @@
+// Quantization in one process: int8 weight codes and uint8 activation parameters against their
+// closed forms, the fake-quant module's observation, moving average and straight-through gradient,
+// batch-norm folding keeping the codes, and the int8 export read back bitwise.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "lockstep/compress/fake_quant.hpp"
+#include "lockstep/compress/quantization.hpp"
+#include "lockstep/core/error.hpp"
+#include "lockstep/models/resnet.hpp"
+#include "support/fixtures.hpp"
+
+using namespace lockstep::compress;
+
+namespace {
+
+std::string temp_path(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("lockstep_quant_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  return (dir / name).string();
+}
+
+std::vector<int64_t> codes_of(const at::Tensor& t) {
+  const at::Tensor c = t.to(torch::kLong).reshape({-1});
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+}  // namespace
+
+TEST_CASE("quantization: int8 weight codes and scales match the closed form", "[compress]") {
+  // Values chosen away from rounding ties: code = round(w * 127 / max|w_row|).
+  const at::Tensor w = torch::tensor({1.0f, -0.3f, 0.1f, 0.0f,  //
+                                      0.0f, 0.0f, 0.0f, 0.0f,   //
+                                      -2.5f, 0.9f, 0.001f, 2.5f})
+                           .view({3, 4});
+  SECTION("per channel") {
+    const QuantizedWeight q = quantize_weight(w, /*per_channel=*/true);
+    CHECK(q.codes.scalar_type() == torch::kInt8);
+    CHECK(q.scale.sizes() == at::IntArrayRef{3});
+    CHECK(q.scale[0].item<float>() == Approx(1.0 / 127));
+    CHECK(q.scale[1].item<float>() == 1.0f);  // an all-zero channel
+    CHECK(q.scale[2].item<float>() == Approx(2.5 / 127));
+    CHECK(codes_of(q.codes) == std::vector<int64_t>{127, -38, 13, 0, 0, 0, 0, 0, -127, 46, 0, 127});
+    const at::Tensor fq = fake_quantize_weight(w, true);
+    CHECK(torch::equal(fq, dequantize_weight(q.codes, q.scale)));  // bitwise: the export relies on it
+    CHECK(fq[0][0].item<float>() == Approx(1.0f));  // the largest weight keeps its value
+    CHECK(fq[2][3].item<float>() == Approx(2.5f));
+    CHECK(fq[0][3].item<float>() == 0.0f);  // zero stays zero (pruned weights stay pruned)
+  }
+  SECTION("per tensor") {
+    const QuantizedWeight q = quantize_weight(w, /*per_channel=*/false);
+    CHECK(q.scale.sizes() == at::IntArrayRef{1});
+    CHECK(q.scale.item<float>() == Approx(2.5 / 127));
+    CHECK(codes_of(q.codes) == std::vector<int64_t>{51, -15, 5, 0, 0, 0, 0, 0, -127, 46, 0, 127});
+  }
+}
+
+TEST_CASE("quantization: fake-quantized weights are within half a step and SQNR is what 8 bits give", "[compress]") {
+  torch::manual_seed(5);
+  const at::Tensor w = torch::randn({16, 8, 3, 3});
+  const at::Tensor scale = weight_scale(w, true);
+  const at::Tensor fq = fake_quantize_weight(w, true);
+  const at::Tensor error = (fq - w).abs().reshape({16, -1}).amax(1);
+  CHECK((error <= scale * 0.5 * (1 + 1e-5)).all().item<bool>());
+  const at::Tensor codes = quantize_weight(w, true).codes.to(torch::kLong);
+  CHECK(codes.abs().max().item<int64_t>() == 127);
+  // Uniform 8-bit quantization of a Gaussian at its max: roughly 6 dB per bit minus the crest factor.
+  const double sqnr = sqnr_db(w, fq);
+  CHECK(sqnr > 30.0);
+  CHECK(sqnr < 50.0);
+  CHECK(std::isinf(sqnr_db(fq, fq)));
+}
+
+TEST_CASE("quantization: scaling a channel (batch-norm folding) keeps its int8 codes", "[compress]") {
+  // Note [Symmetric weights]: codes(a w_c) = sign(a) codes(w_c) for any a != 0.
+  torch::manual_seed(11);
+  const at::Tensor w = torch::randn({6, 4, 3, 3});
+  const at::Tensor factor = torch::tensor({0.37f, 2.5f, -1.9f, 1e-3f, -0.05f, 12.0f});
+  const at::Tensor folded = w * factor.view({6, 1, 1, 1});
+  const at::Tensor codes = quantize_weight(w, true).codes.to(torch::kLong);
+  const at::Tensor folded_codes = quantize_weight(folded, true).codes.to(torch::kLong);
+  const at::Tensor expected = codes * factor.sign().to(torch::kLong).view({6, 1, 1, 1});
+  // Bitwise equal but for float rounding at an exact half step, which may move a code by one.
+  const at::Tensor diff = (folded_codes - expected).abs();
+  CHECK(diff.max().item<int64_t>() <= 1);
+  CHECK(diff.count_nonzero().item<int64_t>() <= w.numel() / 100);
+}
+
+TEST_CASE("quantization: bad weights and scales are errors", "[compress]") {
+  CHECK_THROWS_WITH(weight_scale(torch::ones({3}, torch::kLong), true), Catch::Contains("floating-point weight"));
+  CHECK_THROWS_WITH(dequantize_weight(torch::zeros({3, 2}, torch::kInt8), torch::ones({2})),
+                    Catch::Contains("one scale per output channel (3)"));
+  CHECK_THROWS_WITH(dequantize_weight(torch::zeros({3, 2}), torch::ones({3})), Catch::Contains("int8 codes"));
+}
+
+TEST_CASE("quantization: uint8 activation parameters match the closed form", "[compress]") {
+  auto qp = [](float lo, float hi) { return activation_qparams(torch::tensor(lo), torch::tensor(hi)); };
+  ActivationQParams q = qp(-1.0f, 3.0f);
+  CHECK(q.scale.item<float>() == Approx(4.0 / 255));
+  CHECK(q.zero_point.item<int>() == 64);  // round(255 / 4 = 63.75)
+  CHECK(q.zero_point.scalar_type() == torch::kInt);
+  q = qp(0.5f, 2.0f);  // widened to [0, 2]: zero stays exact
+  CHECK(q.scale.item<float>() == Approx(2.0 / 255));
+  CHECK(q.zero_point.item<int>() == 0);
+  q = qp(-3.0f, -1.0f);  // widened to [-3, 0]
+  CHECK(q.scale.item<float>() == Approx(3.0 / 255));
+  CHECK(q.zero_point.item<int>() == 255);
+  q = qp(0.0f, 0.0f);
+  CHECK(q.scale.item<float>() == std::numeric_limits<float>::epsilon());
+  CHECK(q.zero_point.item<int>() == 0);
+}
+
+TEST_CASE("quantization: ActivationFakeQuant observes, averages and fake-quantizes", "[compress]") {
+  ActivationFakeQuant point;
+  const at::Tensor x = torch::linspace(-2.0, 5.0, 50);  // no value on a rounding tie
+  SECTION("the identity until enabled with a range") {
+    CHECK(point->forward(x).is_same(x));
+    point->set_enabled(true);
+    CHECK(point->forward(x).is_same(x));  // no range yet
+    auto [lo, hi] = point->take_batch_range();
+    CHECK(std::isinf(lo.item<float>()));  // not observing: nothing seen
+    CHECK(hi.item<float>() < 0);
+  }
+  SECTION("observes in training mode only, over several forwards") {
+    point->set_observing(true);
+    point->forward(x.narrow(0, 0, 10));
+    point->forward(x.narrow(0, 20, 30));
+    point->eval();
+    point->forward(torch::full({3}, 100.0));  // evaluation: not observed
+    auto [lo, hi] = point->take_batch_range();
+    CHECK(lo.item<float>() == x[0].item<float>());
+    CHECK(hi.item<float>() == x[49].item<float>());  // x[20..49] holds the largest
+    auto [lo2, hi2] = point->take_batch_range();
+    CHECK(std::isinf(lo2.item<float>()));
+  }
+  SECTION("the first update sets the range, later ones average") {
+    point->update_range(torch::tensor(-1.0f), torch::tensor(3.0f), torch::tensor(true), 0.25);
+    CHECK(point->min_val.item<float>() == -1.0f);
+    CHECK(point->max_val.item<float>() == 3.0f);
+    point->update_range(torch::tensor(-3.0f), torch::tensor(7.0f), torch::tensor(true), 0.25);
+    CHECK(point->min_val.item<float>() == -1.5f);  // -1 + (-3 - -1) / 4
+    CHECK(point->max_val.item<float>() == 4.0f);   // 3 + (7 - 3) / 4
+    point->update_range(torch::tensor(std::numeric_limits<float>::infinity()),
+                        torch::tensor(-std::numeric_limits<float>::infinity()), torch::tensor(false), 0.25);
+    CHECK(point->min_val.item<float>() == -1.5f);  // nothing seen anywhere: unchanged
+    CHECK(point->updates.item<int64_t>() == 2);
+    CHECK_FALSE(point->has_range());  // update_range does not read the device
+    point->sync_from_buffers();
+    CHECK(point->has_range());
+  }
+  SECTION("fake quantization: the uint8 grid, clipping, and a straight-through gradient") {
+    point->update_range(torch::tensor(-1.0f), torch::tensor(3.0f), torch::tensor(true), 0.01);
+    point->sync_from_buffers();
+    point->set_enabled(true);
+    const at::Tensor input = x.clone().requires_grad_(true);
+    const at::Tensor y = point->forward(input);
+    const double scale = 4.0 / 255;
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      const double v = x[i].item<double>();
+      const double code = std::min(255.0, std::max(0.0, std::nearbyint(v / scale) + 64));
+      CHECK(y[i].item<double>() == Approx((code - 64) * scale).margin(1e-6));
+    }
+    y.sum().backward();
+    // The gradient passes where the rounded code is in [0, 255]: x in [-64.5, 191.5) steps.
+    const at::Tensor inside = x.ge(-64.5 * scale).logical_and(x.lt(191.5 * scale));
+    CHECK(inside.logical_not().any().item<bool>());
+    CHECK(torch::equal(input.grad(), inside.to(torch::kFloat)));
+  }
+}
+
+TEST_CASE("quantization: ResNet-18's activation points add buffers only and change nothing until enabled", "[compress]") {
+  lockstep::models::ResNet18Options o;
+  o.stem = lockstep::models::Stem::Small;
+  o.in_channels = 1;
+  o.num_classes = 10;
+  o.width = 8;
+  torch::manual_seed(3);
+  lockstep::models::ResNet18 plain(o);
+  o.quantize_activations = true;
+  torch::manual_seed(3);
+  lockstep::models::ResNet18 quant(o);
+  int64_t points = 0;
+  for (const auto& m : quant->modules(false)) points += dynamic_cast<ActivationFakeQuantImpl*>(m.get()) != nullptr;
+  CHECK(points == 3 + 8 * 3 + 3);  // input, stem, pool; relu1, bn2, out per block; 3 downsample shortcuts
+  CHECK(plain->parameters().size() == quant->parameters().size());
+  const at::Tensor x = torch::randn({2, 1, 12, 12});
+  plain->eval();
+  quant->eval();
+  CHECK(torch::equal(plain->forward(x), quant->forward(x)));
+
+  // Exporting every conv and linear weight as int8: at width 8 the float batch norms, per-channel
+  // scales and per-tensor records weigh more than at width 64; still well under half.
+  std::vector<std::string> weights;
+  for (const auto& p : quant->named_parameters()) {
+    if (p.value().dim() > 1) weights.push_back(p.key());
+  }
+  const Int8ExportReport report = export_int8(*quant, weights, true, temp_path("resnet.int8"));
+  CHECK(report.quantized_weights == 21);
+  CHECK(static_cast<double>(report.bytes) < 0.4 * static_cast<double>(report.float_bytes));
+}
+
+TEST_CASE("quantization: the int8 export reads back into the model bitwise", "[compress]") {
+  using lockstep::testing::SmallConvNet;
+  torch::manual_seed(7);
+  SmallConvNet model(/*batch_norm=*/true, /*quantize_activations=*/true);
+  model->quant_input->update_range(torch::tensor(0.0f), torch::tensor(1.0f), torch::tensor(true), 0.01);
+  model->quant_relu->update_range(torch::tensor(0.0f), torch::tensor(2.5f), torch::tensor(true), 0.01);
+  {
+    torch::NoGradGuard no_grad;
+    model->bn->running_mean.uniform_(-0.1, 0.1);
+    model->bn->running_var.uniform_(0.5, 1.5);
+  }
+  const std::string path = temp_path("small.int8");
+  const Int8ExportReport report = export_int8(*model, {"conv.weight", "fc.weight"}, true, path);
+  CHECK(report.quantized_weights == 2);
+  CHECK(report.bytes == static_cast<int64_t>(std::filesystem::file_size(path)));
+  CHECK(report.bytes < report.float_bytes);
+
+  // What the export stands for: the same model with int8 weight values and its points enabled.
+  for (auto* p : {&model->conv->weight, &model->fc->weight}) {
+    torch::NoGradGuard no_grad;
+    p->copy_(fake_quantize_weight(*p, true));
+  }
+  for (auto* point : {&model->quant_input, &model->quant_relu}) {
+    (*point)->sync_from_buffers();
+    (*point)->set_enabled(true);
+  }
+  torch::manual_seed(8);
+  SmallConvNet loaded(true, true);
+  load_int8(*loaded, path);
+  CHECK(loaded->quant_relu->enabled());
+  model->eval();
+  loaded->eval();
+  const at::Tensor x = torch::rand({5, 1, 8, 8});
+  CHECK(torch::equal(model->forward(x), loaded->forward(x)));
+  CHECK(torch::equal(model->bn->running_var, loaded->bn->running_var));
+
+  SECTION("another model's file is an error naming the entry") {
+    SmallConvNet other(/*batch_norm=*/false, true);
+    CHECK_THROWS_WITH(load_int8(*other, path), Catch::Contains("'bn.") && Catch::Contains("which the model does not"));
+    lockstep::models::ResNet18Options o;
+    o.width = 4;
+    lockstep::models::ResNet18 resnet(o);
+    CHECK_THROWS_WITH(load_int8(*resnet, path), Catch::Contains("no entry for the model's 'conv1.weight'"));
+  }
+  SECTION("a file that is not an int8 export, or none, is an error") {
+    const std::string junk = temp_path("junk.int8");
+    std::ofstream(junk) << "not a pickle";
+    CHECK_THROWS_WITH(load_int8(*loaded, junk), Catch::Contains("is not a Lockstep int8 model file"));
+    CHECK_THROWS_WITH(load_int8(*loaded, temp_path("missing.int8")), Catch::Contains("cannot open"));
+    CHECK_THROWS_WITH(export_int8(*model, {"conv.bias_typo"}, true, temp_path("x.int8")),
+                      Catch::Contains("no parameter 'conv.bias_typo'"));
+  }
+}
+
+TEST_CASE("quantization: options are validated and name the problem", "[compress]") {
+  QuantizationOptions o;
+  CHECK_NOTHROW(validate(o));
+  o.averaging_constant = 0.0;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("averaging_constant"));
+  o = QuantizationOptions{};
+  o.begin_step = 100;
+  o.freeze_step = 50;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("freeze_step (50) must come after begin_step (100)"));
+  o = QuantizationOptions{};
+  o.begin_epoch = 2;
+  o.freeze_epoch = 1;
+  CHECK_THROWS_WITH(QuantizationAwareTraining(o), Catch::Contains("freeze_epoch"));
+}
+
+TEST_CASE("quantization: selecting no weights or a model without points is an error", "[compress]") {
+  using lockstep::testing::SmallConvNet;
+  SmallConvNet model;  // no activation points
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  QuantizationOptions o;
+  QuantizationAwareTraining with_activations(o);
+  CHECK_THROWS_WITH(with_activations.on_setup(ctx), Catch::Contains("no ActivationFakeQuant modules"));
+  o.activations = false;
+  QuantizationAwareTraining weights_only(o);
+  CHECK_NOTHROW(weights_only.on_setup(ctx));
+  CHECK(weights_only.layers() == std::vector<std::string>{"conv.weight", "fc.weight"});
+  o.exclude = {"^conv\\.", "^fc\\."};
+  QuantizationAwareTraining none(o);
+  CHECK_THROWS_WITH(none.on_setup(ctx), Catch::Contains("no weights selected"));
+  o.exclude = {"^layer9\\."};
+  QuantizationAwareTraining typo(o);
+  CHECK_THROWS_WITH(typo.on_setup(ctx), Catch::Contains("exclude pattern '^layer9\\.' matches no parameter"));
+}

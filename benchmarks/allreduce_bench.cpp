@@ -8,7 +8,7 @@
 //
 //   ./scripts/mpirun.sh -np 2 build/benchmarks/allreduce_bench [--backend mpi|nccl] [--min-bytes 8]
 //       [--max-bytes 256M] [--factor 2] [--dtype float|double|half|bfloat16|int|long] [--seconds 0.2]
-//       [--json FILE]
+//       [--repeats 5] [--json FILE]     (-b, -e, -f, -d: --min-bytes, --max-bytes, --factor, --dtype; see --help)
 #include <mpi.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -18,10 +18,11 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
-#include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "bench_cli.hpp"
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/core/error.hpp"
@@ -40,53 +41,43 @@ struct Options {
   std::string backend = "mpi";
 };
 
-// --backend must be known before the Runtime is made (it picks the communicator and the device).
-std::string backend_of(int argc, char** argv) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::string(argv[i]) == "--backend") return argv[i + 1];
-  }
-  return "mpi";
-}
+const char* const kDescription =
+    "All-reduce benchmark in the style of nccl-tests: for each size, Lockstep's all-reduce out of place and in "
+    "place beside a raw MPI_Allreduce (--backend mpi) or ncclAllReduce (--backend nccl) in the same run.";
 
-std::int64_t parse_bytes(const std::string& text) {
-  std::size_t end = 0;
-  double value = std::stod(text, &end);
-  const std::string suffix = text.substr(end);
-  if (suffix == "K" || suffix == "k") value *= 1 << 10;
-  else if (suffix == "M" || suffix == "m") value *= 1 << 20;
-  else if (suffix == "G" || suffix == "g") value *= 1 << 30;
-  else LOCKSTEP_CHECK(suffix.empty(), "size '", text, "': unknown suffix '", suffix, "' (use K, M or G)");
-  return static_cast<std::int64_t>(value);
-}
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--min-bytes" || arg == "-b") o.min_bytes = parse_bytes(value());
-    else if (arg == "--max-bytes" || arg == "-e") o.max_bytes = parse_bytes(value());
-    else if (arg == "--factor" || arg == "-f") o.factor = std::stoi(value());
-    else if (arg == "--dtype" || arg == "-d") o.dtype = value();
-    else if (arg == "--seconds") o.seconds = std::stod(value());
-    else if (arg == "--repeats") o.repeats = std::stoi(value());
-    else if (arg == "--json") o.json = value();
-    else if (arg == "--backend") o.backend = value();
-    else if (arg == "--help" || arg == "-h") {
-      std::cout << "allreduce_bench [--backend mpi|nccl] [--min-bytes 8] [--max-bytes 256M] [--factor 2] [--dtype float] "
-                   "[--seconds 0.2] [--repeats 5] [--json FILE]\n";
-      std::exit(0);
-    } else {
-      LOCKSTEP_FAIL("unknown option '", arg, "' (see --help)");
+// Declares the command line on `app`, bound to `o`; bench::parse reads it before the Runtime is made,
+// which --backend picks (Note [Parse before MPI] in bench_cli.hpp).
+void add_options(CLI::App& app, Options& o) {
+  app.add_option("--backend", o.backend, "communicator: mpi (CPU tensors) or nccl (CUDA tensors)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"mpi", "nccl"}));
+  app.add_option("-b,--min-bytes", o.min_bytes, "smallest message; suffixes K, M, G (x1024)")
+      ->type_name("SIZE")
+      ->default_str("8")
+      ->transform(bench::bytes());
+  app.add_option("-e,--max-bytes", o.max_bytes, "largest message; suffixes K, M, G (x1024)")
+      ->type_name("SIZE")
+      ->default_str("256M")
+      ->transform(bench::bytes());
+  app.add_option("-f,--factor", o.factor, "each size is the previous one times this")
+      ->capture_default_str()
+      ->check(bench::at_least(2));
+  app.add_option("-d,--dtype", o.dtype, "element type")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"float", "double", "half", "bfloat16", "int", "long"}));
+  app.add_option("--seconds", o.seconds, "target time of one measurement")
+      ->capture_default_str()
+      ->check(bench::at_least(0.0));
+  app.add_option("--repeats", o.repeats, "measurements per size and way; the median is reported")
+      ->capture_default_str()
+      ->check(bench::at_least(1));
+  app.add_option("--json", o.json, "also write the results to FILE (rank 0)")->type_name("FILE");
+  app.callback([&o] {
+    if (o.max_bytes < o.min_bytes) {
+      throw CLI::ValidationError("--max-bytes", "must be at least --min-bytes (" + std::to_string(o.min_bytes) +
+                                                    "), found " + std::to_string(o.max_bytes));
     }
-  }
-  LOCKSTEP_CHECK(o.min_bytes > 0 && o.max_bytes >= o.min_bytes, "need 0 < --min-bytes <= --max-bytes");
-  LOCKSTEP_CHECK(o.factor >= 2, "--factor must be at least 2");
-  LOCKSTEP_CHECK(o.backend == "mpi" || o.backend == "nccl", "--backend must be mpi or nccl, found '", o.backend, "'");
-  return o;
+  });
 }
 
 torch::ScalarType parse_dtype(const std::string& name, MPI_Datatype* mpi) {
@@ -150,15 +141,19 @@ std::int64_t wrong_results(lockstep::comm::Communicator& comm, torch::Tensor inp
 }  // namespace
 
 int main(int argc, char** argv) {
+  Options options;
+  CLI::App app(kDescription, "allreduce_bench");
+  add_options(app, options);
+  if (const std::optional<int> exit_code = bench::parse(app, argc, argv)) return *exit_code;
+
   lockstep::RuntimeOptions runtime_options;
-  runtime_options.backend = backend_of(argc, argv);
+  runtime_options.backend = options.backend;
   runtime_options.device = runtime_options.backend == "nccl" ? "cuda" : "cpu";
   if (runtime_options.backend == "nccl" && !lockstep::comm::nccl_available()) {
     std::printf("allreduce_bench: --backend nccl: %s\n", lockstep::comm::nccl_build_info().c_str());
     return 77;
   }
   lockstep::Runtime runtime(argc, argv, runtime_options);
-  const Options options = parse(argc, argv);
   auto comm = runtime.communicator();
   const bool nccl = comm->backend() == "nccl";
   const torch::Device device = runtime.world().device;

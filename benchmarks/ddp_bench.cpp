@@ -20,11 +20,12 @@
 #include <functional>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include "lockstep/core/error.hpp"
+#include "bench_cli.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -47,50 +48,41 @@ struct Options {
   std::string trace;  // Chrome trace of the Lockstep runs, one file per model
 };
 
-std::vector<double> parse_list(const std::string& text) {
-  std::vector<double> values;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) values.push_back(std::stod(item));
-  LOCKSTEP_CHECK(!values.empty(), "--bucket-cap-mb needs at least one value");
-  return values;
-}
+const char* const kDescription =
+    "Data-parallel training step: Lockstep's DataParallel against a naive per-parameter all-reduce and against no "
+    "communication, for a ResNet-18 and a wide MLP on synthetic data, in one run (MPI, CPU tensors).";
 
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--steps")
-      o.steps = std::stoi(value());
-    else if (arg == "--warmup")
-      o.warmup = std::stoi(value());
-    else if (arg == "--model")
-      o.model = value();
-    else if (arg == "--resnet-width")
-      o.resnet_width = std::stoll(value());
-    else if (arg == "--resnet-batch")
-      o.resnet_batch = std::stoll(value());
-    else if (arg == "--mlp-width")
-      o.mlp_width = std::stoll(value());
-    else if (arg == "--mlp-batch")
-      o.mlp_batch = std::stoll(value());
-    else if (arg == "--bucket-cap-mb")
-      o.bucket_caps_mb = parse_list(value());
-    else if (arg == "--trace")
-      o.trace = value();
-    else if (arg == "--json") {
-      o.json = true;
-      if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) o.json_file = argv[++i];
-    } else {
-      LOCKSTEP_FAIL("unknown option '", arg, "' (see the comment at the top of ddp_bench.cpp)");
-    }
-  }
-  LOCKSTEP_CHECK(o.model == "all" || o.model == "resnet" || o.model == "mlp", "--model takes resnet, mlp or all");
-  LOCKSTEP_CHECK(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup non-negative");
-  return o;
+// Declares the command line on `app`, bound to `o` (parsed before MPI: Note [Parse before MPI] in bench_cli.hpp).
+void add_options(CLI::App& app, Options& o) {
+  app.add_option("--steps", o.steps, "timed steps per way")->capture_default_str()->check(bench::at_least(1));
+  app.add_option("--warmup", o.warmup, "untimed steps first")->capture_default_str()->check(bench::at_least(0));
+  app.add_option("--model", o.model, "which workloads")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"resnet", "mlp", "all"}));
+  app.add_option("--resnet-width", o.resnet_width, "ResNet-18 width (64: the standard one)")
+      ->capture_default_str()
+      ->check(bench::at_least<std::int64_t>(1));
+  app.add_option("--resnet-batch", o.resnet_batch, "ResNet images per rank and step")
+      ->capture_default_str()
+      ->check(bench::at_least<std::int64_t>(1));
+  app.add_option("--mlp-width", o.mlp_width, "MLP hidden width")
+      ->capture_default_str()
+      ->check(bench::at_least<std::int64_t>(1));
+  app.add_option("--mlp-batch", o.mlp_batch, "MLP images per rank and step")
+      ->capture_default_str()
+      ->check(bench::at_least<std::int64_t>(1));
+  app.add_option("--bucket-cap-mb", o.bucket_caps_mb, "bucket caps in MB, comma-separated: one Lockstep row each")
+      ->type_name("MB[,MB...]")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(bench::at_least(0.0));
+  app.add_option("--trace", o.trace, "write a Chrome trace of the Lockstep runs to PREFIX.<model>.<cap>MB.json")
+      ->type_name("PREFIX");
+  // Optional value: bare --json prints the JSON on stdout instead of the table, --json FILE writes it there.
+  CLI::Option* json = app.add_option("--json", o.json_file, "JSON instead of the table: on stdout, or into FILE")
+                          ->type_name("[FILE]")
+                          ->expected(0, 1);
+  app.callback([&o, json] { o.json = json->count() > 0; });
 }
 
 // A wide MLP: its gradient is large next to its backward compute, so communication matters.
@@ -282,10 +274,14 @@ void print_table(const std::vector<Result>& results) {
 
 int main(int argc, char** argv) {
   // A CPU benchmark (MPI, CPU tensors) on every machine; GPU training is resnet_gpu_bench's.
+  Options o;
+  CLI::App app(kDescription, "ddp_bench");
+  add_options(app, o);
+  if (const std::optional<int> exit_code = bench::parse(app, argc, argv)) return *exit_code;
+
   lockstep::RuntimeOptions runtime_options;
   runtime_options.device = "cpu";
   lockstep::Runtime runtime(argc, argv, runtime_options);  // also raises the malloc thresholds (PLATFORM.md)
-  const Options o = parse(argc, argv);
   auto comm = runtime.communicator();
   const int rank = runtime.rank();
 

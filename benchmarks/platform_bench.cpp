@@ -13,10 +13,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
-#include "lockstep/core/error.hpp"
+#include "bench_cli.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -36,22 +37,21 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 int main(int argc, char** argv) {
   int width = 64, batch = 32, steps = 6, threads = 1;
-  bool tuning = true;
+  bool no_tuning = false;
   std::string json;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto next = [&] {
-      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
-      return std::string(argv[++i]);
-    };
-    if (arg == "--width") width = std::stoi(next());
-    else if (arg == "--batch") batch = std::stoi(next());
-    else if (arg == "--steps") steps = std::stoi(next());
-    else if (arg == "--threads") threads = std::stoi(next());
-    else if (arg == "--no-tuning") tuning = false;
-    else if (arg == "--json") json = next();
-    else LOCKSTEP_FAIL("unknown option '", arg, "'");
-  }
+  CLI::App app("Measures BLAS (a 1024x1024 float matmul) and the allocator (a ResNet-18 SGD step: time and minor "
+               "page faults) in one process; scripts/measure-platform.sh runs it under each remedy.",
+               "platform_bench");
+  app.add_option("--width", width, "ResNet-18 width")->capture_default_str()->check(bench::at_least(1));
+  app.add_option("--batch", batch, "images per step")->capture_default_str()->check(bench::at_least(1));
+  app.add_option("--steps", steps, "timed steps (after one warm-up step)")
+      ->capture_default_str()
+      ->check(bench::at_least(1));
+  app.add_option("--threads", threads, "LibTorch intra-op threads")->capture_default_str()->check(bench::at_least(1));
+  app.add_flag("--no-tuning", no_tuning, "leave glibc malloc's thresholds as they are (no lockstep::tune_malloc)");
+  app.add_option("--json", json, "also write the results to FILE")->type_name("FILE");
+  if (const std::optional<int> exit_code = bench::parse(app, argc, argv)) return *exit_code;
+  const bool tuning = !no_tuning;
   if (tuning) lockstep::tune_malloc();
   torch::set_num_threads(threads);
   torch::manual_seed(0);

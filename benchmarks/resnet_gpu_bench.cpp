@@ -13,12 +13,11 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
-#include <iostream>
-#include <sstream>
+#include <optional>
 #include <string>
 #include <vector>
 
-#include "lockstep/core/error.hpp"
+#include "bench_cli.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -34,36 +33,34 @@ struct Options {
   std::string json;
 };
 
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      LOCKSTEP_CHECK(i + 1 < argc, "option ", arg, " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--batch") o.batch = std::stoll(value());
-    else if (arg == "--steps") o.steps = std::stoi(value());
-    else if (arg == "--warmup") o.warmup = std::stoi(value());
-    else if (arg == "--json") o.json = value();
-    else if (arg == "--precision") {
-      o.precisions.clear();
-      std::stringstream list(value());
-      for (std::string p; std::getline(list, p, ',');) o.precisions.push_back(p);
-    } else if (arg == "--help" || arg == "-h") {
-      std::cout << "resnet_gpu_bench [--batch 64] [--steps 50] [--warmup 10] [--precision fp32,bf16] [--json FILE]\n";
-      std::exit(0);
-    } else {
-      LOCKSTEP_FAIL("unknown option '", arg, "' (see --help)");
-    }
-  }
-  LOCKSTEP_CHECK(o.batch > 0 && o.steps > 0 && o.warmup >= 0, "need --batch > 0, --steps > 0, --warmup >= 0");
-  return o;
+const char* const kDescription =
+    "Single-GPU ResNet-18 training throughput (224x224 synthetic images, ImageNet stem, 1000 classes) through "
+    "Lockstep's DataParallel, per precision; benchmarks/resnet_torch_bench.py measures the same in PyTorch.";
+
+// Declares the command line on `app`, bound to `o` (parsed before MPI and CUDA: Note [Parse before MPI] in
+// bench_cli.hpp).
+void add_options(CLI::App& app, Options& o) {
+  app.add_option("--batch", o.batch, "images per GPU and step")
+      ->capture_default_str()
+      ->check(bench::at_least<int64_t>(1));
+  app.add_option("--steps", o.steps, "timed steps per precision")->capture_default_str()->check(bench::at_least(1));
+  app.add_option("--warmup", o.warmup, "untimed steps first")->capture_default_str()->check(bench::at_least(0));
+  app.add_option("--precision", o.precisions, "precisions to measure, comma-separated")
+      ->type_name("P[,P...]")
+      ->delimiter(',')
+      ->default_str("fp32,bf16")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  app.add_option("--json", o.json, "also write the results to FILE (rank 0)")->type_name("FILE");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  Options options;
+  CLI::App app(kDescription, "resnet_gpu_bench");
+  add_options(app, options);
+  if (const std::optional<int> exit_code = bench::parse(app, argc, argv)) return *exit_code;
+
   if (!torch::cuda::is_available()) {
     std::printf("resnet_gpu_bench: no usable CUDA device (a CPU-only LibTorch, no GPU or no driver); nothing to "
                 "measure\n");
@@ -72,7 +69,6 @@ int main(int argc, char** argv) {
   lockstep::RuntimeOptions runtime_options;
   runtime_options.device = "cuda";
   lockstep::Runtime runtime(argc, argv, runtime_options);
-  const Options options = parse(argc, argv);
   const torch::Device device = runtime.world().device;
   auto comm = runtime.communicator();
   // As the Python side: let cuDNN pick the fastest convolution algorithms for these shapes.

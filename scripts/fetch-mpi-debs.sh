@@ -2,8 +2,8 @@
 # Prepares, on a Debian 12 machine with network access (this one), the .deb files that
 # scripts/gpu-check.sh unpacks on a GPU machine that has PyTorch but no MPI and no network:
 # OpenMPI (launcher, library, headers) and the small build dependencies Lockstep's CMake looks for
-# (yaml-cpp, nlohmann-json, Catch2), with their dependencies, minus what every Debian/Ubuntu system
-# already has (priority required/important: libc, libstdc++, ...) and minus compilers.
+# (yaml-cpp, nlohmann-json, Catch2, CLI11), with their dependencies, minus what every Debian/Ubuntu
+# system already has (priority required/important: libc, libstdc++, ...) and minus compilers.
 #
 #   ./scripts/fetch-mpi-debs.sh [DIR]      # default: third_party/debs
 #   # copy DIR to the GPU machine beside the checkout, then there:
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-third_party/debs}
 mkdir -p "$dest"
-wanted=(openmpi-bin libopenmpi-dev libyaml-cpp-dev nlohmann-json3-dev catch2)
+wanted=(openmpi-bin libopenmpi-dev libyaml-cpp-dev nlohmann-json3-dev catch2 libcli11-dev)
 # Resolve the install as apt would on an empty system (a status file listing nothing installed): one
 # choice per alternative. `apt-cache depends --recurse` lists every alternative instead (flang-16/19/22 and
 # their clang libraries for libopenmpi-dev's Fortran dependency): 307 MB instead of what is needed.

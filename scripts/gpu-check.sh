@@ -8,8 +8,8 @@
 #
 # What it needs there: nvidia driver + GPU, python3 with torch (CUDA build), g++, cmake >= 3.18, and
 # CUDA's NCCL (PyTorch's wheels carry libnccl; the headers come from a CUDA toolkit or the
-# nvidia-nccl-cu* wheel). MPI, yaml-cpp, nlohmann-json and Catch2 come from the system or from the
-# .debs scripts/fetch-mpi-debs.sh prepared (unpacked with dpkg-deb -x into build-gpu/prefix).
+# nvidia-nccl-cu* wheel). MPI, yaml-cpp, nlohmann-json, CLI11 and Catch2 come from the system or from
+# the .debs scripts/fetch-mpi-debs.sh prepared (unpacked with dpkg-deb -x into build-gpu/prefix).
 # Acceptance (docs/gpu.md): gpu tests pass; NCCL busbw >= 95% of raw ncclAllReduce from 16 MB;
 # Lockstep's ResNet-18 images/s >= PyTorch's.
 set -uo pipefail

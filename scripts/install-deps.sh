@@ -10,6 +10,8 @@ packages=(
   libtorch-dev libopenmpi-dev openmpi-bin openssh-client
   libyaml-cpp-dev catch2 nlohmann-json3-dev zlib1g-dev
   dataset-fashion-mnist
+  # the benchmarks' command lines (CLI11, header-only)
+  libcli11-dev
   # Fast BLAS for LibTorch's Linear layers: becomes the libblas.so.3 alternative (docs/performance.md)
   libopenblas0-pthread
 )

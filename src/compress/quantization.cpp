@@ -307,7 +307,9 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
   }
   LOCKSTEP_CHECK(pending.empty(), "export_int8: the model has no parameter '", *pending.begin(), "'");
   for (const auto& item : model.named_buffers(/*recurse=*/true)) {
-    if (!item.value().defined()) continue;
+    // Pruning's masks are already in the weights (their zeros are int8 zeros): the deployed model is
+    // the plain architecture, as MagnitudePruning's permanent export is.
+    if (!item.value().defined() || item.key().rfind("pruning_masks.", 0) == 0) continue;
     const at::Tensor value = item.value().detach();
     report.float_bytes += value.numel() * static_cast<int64_t>(value.element_size());
     tensors.insert(item.key(), value.cpu().contiguous());
@@ -339,37 +341,55 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
   return report;
 }
 
-void load_int8(torch::nn::Module& model, const std::string& path) {
+Int8Model read_int8(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  LOCKSTEP_CHECK(in.good(), "load_int8: cannot open '", path, "'");
+  LOCKSTEP_CHECK(in.good(), "read_int8: cannot open '", path, "'");
   const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   c10::IValue value;
   try {
     value = torch::pickle_load(bytes);
   } catch (const std::exception& e) {
-    LOCKSTEP_FAIL("load_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ", e.what(), ")");
+    LOCKSTEP_FAIL("read_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ", e.what(), ")");
   }
-  LOCKSTEP_CHECK(value.isGenericDict(), "load_int8: '", path, "' is not a Lockstep int8 model file");
+  LOCKSTEP_CHECK(value.isGenericDict(), "read_int8: '", path, "' is not a Lockstep int8 model file");
   const c10::impl::GenericDict root = value.toGenericDict();
   auto entry = [&](const char* key) -> c10::IValue {
     auto it = root.find(std::string(key));
-    LOCKSTEP_CHECK(it != root.end(), "load_int8: '", path, "' is not a Lockstep int8 model file (no '", key, "')");
+    LOCKSTEP_CHECK(it != root.end(), "read_int8: '", path, "' is not a Lockstep int8 model file (no '", key, "')");
     return it->value();
   };
-  LOCKSTEP_CHECK(entry("format").isString() && entry("format").toStringRef() == kFormat, "load_int8: '", path,
+  LOCKSTEP_CHECK(entry("format").isString() && entry("format").toStringRef() == kFormat, "read_int8: '", path,
                  "' is not a Lockstep int8 model file");
-  LOCKSTEP_CHECK(entry("version").toInt() == kVersion, "load_int8: '", path, "' has format version ",
+  LOCKSTEP_CHECK(entry("version").toInt() == kVersion, "read_int8: '", path, "' has format version ",
                  entry("version").toInt(), "; this Lockstep reads version ", kVersion);
-
-  std::map<std::string, at::Tensor> values;
+  Int8Model model;
+  model.per_channel = entry("per_channel").toBool();
   const c10::impl::GenericDict scales = entry("scales").toGenericDict();
   for (const auto& item : entry("weights").toGenericDict()) {
     const std::string& name = item.key().toStringRef();
     auto scale = scales.find(name);
-    LOCKSTEP_CHECK(scale != scales.end(), "load_int8: '", path, "' has int8 codes but no scale for '", name, "'");
-    values[name] = dequantize_weight(item.value().toTensor(), scale->value().toTensor());
+    LOCKSTEP_CHECK(scale != scales.end(), "read_int8: '", path, "' has int8 codes but no scale for '", name, "'");
+    QuantizedWeight q{item.value().toTensor(), scale->value().toTensor()};
+    dequantize_weight(q.codes, q.scale);  // checks the codes' type and the scales' shape
+    model.weights[name] = q;
   }
-  for (const auto& item : entry("tensors").toGenericDict()) values[item.key().toStringRef()] = item.value().toTensor();
+  for (const auto& item : entry("tensors").toGenericDict()) model.tensors[item.key().toStringRef()] = item.value().toTensor();
+  for (const auto& item : entry("activations").toGenericDict()) {
+    const at::Tensor t = item.value().toTensor();
+    LOCKSTEP_CHECK(t.numel() == 4, "read_int8: '", path, "': activation '", item.key().toStringRef(),
+                   "' needs [scale, zero point, min, max], has ", t.numel(), " numbers");
+    ActivationQParams q;
+    q.scale = t[0].to(torch::kFloat).reshape({1});
+    q.zero_point = t[1].to(torch::kInt).reshape({1});
+    model.activations[item.key().toStringRef()] = q;
+  }
+  return model;
+}
+
+void load_int8(torch::nn::Module& model, const std::string& path) {
+  const Int8Model file = read_int8(path);
+  std::map<std::string, at::Tensor> values = file.tensors;
+  for (const auto& [name, q] : file.weights) values[name] = dequantize_weight(q.codes, q.scale);
 
   torch::NoGradGuard no_grad;
   auto assign = [&](const std::string& name, at::Tensor target) {

@@ -29,6 +29,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -133,7 +134,8 @@ class QuantizationAwareTraining final : public train::Callback {
 //   "format": "lockstep-int8", "version": 1,
 //   "per_channel": bool,
 //   "weights": {parameter name: int8 codes}, "scales": {parameter name: scale per channel or [1]},
-//   "tensors": {name: float tensor} for every other parameter and buffer (biases, batch norm),
+//   "tensors": {name: float tensor} for every other parameter and buffer (biases, batch norm; not
+//              pruning's masks, which the weights' zeros already hold),
 //   "activations": {module name: [scale, zero_point, min, max]} for every ActivationFakeQuant point.
 // Weights not listed in `quantized` are stored in float. Written atomically. Returns the file's size.
 struct Int8ExportReport {
@@ -144,6 +146,15 @@ struct Int8ExportReport {
 };
 Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::string>& quantized, bool per_channel,
                              const std::string& path);
+// An export_int8 file's content (on the CPU).
+struct Int8Model {
+  bool per_channel = true;
+  std::map<std::string, QuantizedWeight> weights;   // parameter name -> int8 codes and scales
+  std::map<std::string, at::Tensor> tensors;        // every other parameter and buffer, in float
+  std::map<std::string, ActivationQParams> activations;  // ActivationFakeQuant module name -> uint8 parameters
+};
+// Reads and checks an export_int8 file; errors name the file and what is wrong with it.
+Int8Model read_int8(const std::string& path);
 // Reads an export_int8 file into `model` (the same architecture): the int8 weights dequantized, the
 // rest copied, the activation points' ranges set and their fake quantization enabled, so the model
 // computes what the exported int8 model computes. Every parameter, buffer and point of the model must

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "lockstep/comm/mpi_communicator.hpp"
+#include "lockstep/compress/quantization.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -107,5 +108,49 @@ TEST_CASE("the trainer trains on CUDA in fp32, bf16 and fp16", "[gpu][train]") {
       REQUIRE(trainer.grad_scaler() != nullptr);
       CHECK(after.count("loss_scale") == 1);
     }
+  }
+}
+
+TEST_CASE("quantization-aware training on CUDA: ranges agree over ranks, the int8 file matches", "[gpu][quant]") {
+  for (const std::string precision : {"fp32", "bf16"}) {
+    INFO("precision " << precision);
+    const std::string dir = lockstep::testing::shared_temp_dir("gpu_qat_" + precision);
+    torch::manual_seed(13);
+    lockstep::testing::SmallConvNet model(/*batch_norm=*/true, /*quantize_activations=*/true);
+    auto optimizer =
+        std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    lockstep::train::TrainerOptions o;
+    o.epochs = 3;
+    o.batch_size = 16;
+    o.progress = false;
+    o.checkpoints = false;
+    o.device = "cuda";
+    o.precision = precision;
+    lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+    lockstep::compress::QuantizationOptions q;
+    q.begin_epoch = 1;
+    q.print_table = false;
+    q.export_path = dir + "/model.int8";
+    trainer.add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(q));
+    const auto before = trainer.evaluate(images(128));
+    const auto after = trainer.fit(images(128 * comm().size()), images(128));
+    CHECK(after.at("test_loss") < before.at("test_loss") * 0.9);
+    CHECK(model->quant_relu->min_val.is_cuda());
+    // The ranges went through the communicator on the device: the same on every rank.
+    const auto range = torch::stack({model->quant_relu->min_val, model->quant_relu->max_val}).to(torch::kCPU, torch::kDouble);
+    auto all = torch::empty({2 * comm().size()}, torch::kDouble);
+    lockstep::comm::MpiCommunicator mpi;
+    mpi.allgather(range, all)->wait();
+    for (int r = 1; r < comm().size(); ++r) CHECK(torch::equal(all.narrow(0, 2 * r, 2), all.narrow(0, 0, 2)));
+    // The int8 file, read on the CPU, computes what the trained model computes on the GPU.
+    lockstep::testing::SmallConvNet loaded(true, true);
+    lockstep::compress::load_int8(*loaded, q.export_path);
+    model->eval();
+    loaded->eval();
+    const auto x = torch::rand({8, 1, 8, 8});
+    const auto on_gpu = model->forward(x.to(device())).to(torch::kCPU, torch::kFloat);
+    // Not bitwise: a value on a rounding edge may take the neighbouring uint8 code on one device.
+    const auto on_cpu = loaded->forward(x);
+    CHECK(((on_gpu - on_cpu).norm() / on_cpu.norm()).item<double>() < 0.05);
   }
 }

@@ -321,6 +321,16 @@ void read_optimizer(Section s, OptimizerConfig& o) {
   s.finish();
 }
 
+// An enabled section's options checked as a whole (compress::validate); the error names the section.
+template <typename Options>
+void validate_section(const Section& s, const Options& options) {
+  try {
+    compress::validate(options);
+  } catch (const Error& e) {
+    s.fail_here(e.message());
+  }
+}
+
 // A list of ECMAScript regular expressions (pruning and quantization's include / exclude).
 void read_patterns(Section& s, const char* key, std::vector<std::string>& list) {
   s.strings(key, list);
@@ -359,13 +369,7 @@ void read_pruning(Section s, PruningConfig& c) {
   s.boolean("print_table", o.print_table);
   s.string("permanent_path", o.permanent_path);
   s.finish();
-  if (c.enabled) {
-    try {
-      compress::validate(o);
-    } catch (const Error& e) {
-      s.fail_here(e.message());
-    }
-  }
+  if (c.enabled) validate_section(s, o);
 }
 
 void read_quantization(Section s, QuantizationConfig& c) {
@@ -383,13 +387,7 @@ void read_quantization(Section s, QuantizationConfig& c) {
   s.boolean("print_table", o.print_table);
   s.string("export_path", o.export_path);
   s.finish();
-  if (c.enabled) {
-    try {
-      compress::validate(o);
-    } catch (const Error& e) {
-      s.fail_here(e.message());
-    }
-  }
+  if (c.enabled) validate_section(s, o);
 }
 
 // Writes `value` (YAML text) at the dotted `path` under `root`, creating mappings on the way.

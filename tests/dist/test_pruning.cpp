@@ -53,17 +53,7 @@ std::shared_ptr<lockstep::data::SyntheticDataset> synthetic(int64_t size, uint64
 
 std::string shared_dir(const std::string& name) { return lockstep::testing::shared_temp_dir("prune_" + name); }
 
-TrainerOptions options(int64_t epochs) {
-  TrainerOptions o;
-  o.epochs = epochs;
-  o.batch_size = 4;
-  o.eval_batch_size = 8;
-  o.progress = false;
-  o.checkpoints = false;
-  o.prefetch = 1;
-  o.seed = 5;
-  return o;
-}
+TrainerOptions options(int64_t epochs) { return lockstep::testing::quiet_trainer(epochs, 5); }
 
 std::shared_ptr<torch::optim::SGD> sgd(Net& model) {
   // Momentum and weight decay: both would move a pruned weight off zero if the masks were not applied.

@@ -34,18 +34,7 @@ std::shared_ptr<lockstep::data::SyntheticDataset> images(int64_t size, uint64_t 
   return lockstep::testing::synthetic_images(size, 8, seed);
 }
 
-TrainerOptions options(int64_t epochs) {
-  TrainerOptions o;
-  o.epochs = epochs;
-  o.batch_size = 4;
-  o.eval_batch_size = 8;
-  o.progress = false;
-  o.checkpoints = false;
-  o.prefetch = 1;
-  o.seed = 9;
-  o.device = "cpu";
-  return o;
-}
+TrainerOptions options(int64_t epochs) { return lockstep::testing::quiet_trainer(epochs, 9); }
 
 std::shared_ptr<torch::optim::SGD> sgd(torch::nn::Module& model, double momentum) {
   return std::make_shared<torch::optim::SGD>(model.parameters(),

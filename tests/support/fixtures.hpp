@@ -7,6 +7,7 @@
 
 #include "lockstep/compress/fake_quant.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
+#include "lockstep/train/trainer.hpp"
 
 namespace lockstep::testing {
 
@@ -20,6 +21,21 @@ inline std::shared_ptr<data::SyntheticDataset> synthetic_images(int64_t size, in
   o.size = size;
   o.seed = seed;
   return std::make_shared<data::SyntheticDataset>(o);
+}
+
+// Trainer options for short multi-rank tests: batches of 4 per rank, no progress output, no
+// checkpoints, on the CPU (compared with CPU oracles; GPU training is in tests/gpu).
+inline train::TrainerOptions quiet_trainer(int64_t epochs, uint64_t seed) {
+  train::TrainerOptions o;
+  o.epochs = epochs;
+  o.batch_size = 4;
+  o.eval_batch_size = 8;
+  o.progress = false;
+  o.checkpoints = false;
+  o.prefetch = 1;
+  o.seed = seed;
+  o.device = "cpu";
+  return o;
 }
 
 // conv 3x3 (1 -> 8) [-> BatchNorm] -> ReLU -> Linear to 4 classes, for 1x8x8 inputs. With

@@ -8,13 +8,16 @@
 // Re-running the same command continues from the newest checkpoint in trainer.output_dir.
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <vector>
 #include <string>
 
 #include "lockstep/compress/pruning.hpp"
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/models/int8_resnet.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -62,6 +65,22 @@ optimizer:
   weight_decay: 5.0e-4
   nesterov: true
 )yaml";
+
+// The exported int8 file run on LibTorch's quantized CPU kernels over the whole test set: what a
+// deployment of the file gets (benchmarks/int8_bench also times it).
+double int8_accuracy(const std::string& path, const lockstep::config::ExperimentConfig& cfg,
+                     const lockstep::data::Dataset& test_set) {
+  const lockstep::models::Int8ResNet18 int8(path, cfg.model);
+  int64_t correct = 0;
+  const auto n = static_cast<int64_t>(test_set.size());
+  for (int64_t begin = 0; begin < n; begin += 500) {
+    std::vector<int64_t> indices;
+    for (int64_t i = begin; i < std::min(n, begin + 500); ++i) indices.push_back(i);
+    const lockstep::data::Example batch = test_set.get_batch(indices);
+    correct += int8.forward(batch.data).argmax(1).eq(batch.target).sum().item<int64_t>();
+  }
+  return static_cast<double>(correct) / static_cast<double>(n);
+}
 
 }  // namespace
 
@@ -127,6 +146,10 @@ int main(int argc, char** argv) {
       std::printf("final test accuracy: %.2f%%\n", 100.0 * acc->second);
     } else {
       std::printf("final test accuracy: n/a (training stopped before an epoch ended)\n");
+    }
+    const std::string& int8_path = cfg.quantization.options.export_path;
+    if (cfg.quantization.enabled && !int8_path.empty() && acc != metrics.end()) {
+      std::printf("int8 model on the quantized kernels: test accuracy %.2f%%\n", 100.0 * int8_accuracy(int8_path, cfg, *test_set));
     }
   }
   return 0;

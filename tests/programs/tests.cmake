@@ -14,3 +14,18 @@ foreach(np 2 3)
   set_tests_properties(failure.timeout.np${np} PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "rank [0-9] of ${np}: uncaught exception: allreduce #0 .*did not complete within 2000 ms")
 endforeach()
+
+# train_resnet end to end with quantization-aware training at 3 ranks on a slice of Fashion-MNIST: the
+# int8 file is written (rank 0, atomically) and run on the quantized kernels.
+if(LOCKSTEP_BUILD_EXAMPLES)
+  set(qat_dir ${CMAKE_CURRENT_BINARY_DIR}/train_resnet_qat)
+  add_test(NAME program.train_resnet_qat.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet>
+                   --config ${PROJECT_SOURCE_DIR}/configs/demo_qat.yaml
+                   --set data.train_subset=960 --set data.test_subset=300 --set model.width=8
+                   --set trainer.epochs=2 --set quantization.begin_epoch=1 --set quantization.freeze_epoch=1.5
+                   --set trainer.output_dir=${qat_dir} --set trainer.checkpoint.enabled=false
+                   --set quantization.export_path=${qat_dir}/model_int8.pt)
+  set_tests_properties(program.train_resnet_qat.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "int8 model written to .*model_int8.pt.*int8 model on the quantized kernels: test accuracy [0-9.]+%")
+endif()

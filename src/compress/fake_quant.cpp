@@ -88,6 +88,38 @@ ActivationQParams activation_qparams(const at::Tensor& min, const at::Tensor& ma
   return q;
 }
 
+namespace {
+
+// The straight-through estimator with the clipping mask, as LibTorch's fake_quantize defines it.
+class FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, double scale,
+                            int64_t zero_point) {
+    const double lo = static_cast<double>(-zero_point), hi = static_cast<double>(kActivationCodeMax - zero_point);
+    at::Tensor codes = x.mul(static_cast<double>(1.0f / static_cast<float>(scale))).round_();
+    ctx->save_for_backward({codes.ge(lo).logical_and_(codes.le(hi))});
+    return codes.clamp_(lo, hi).mul_(scale);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    const at::Tensor inside = ctx->get_saved_variables()[0];
+    return {grad[0] * inside, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor fake_quantize_activation(const at::Tensor& x, double scale, int64_t zero_point) {
+  LOCKSTEP_CHECK(x.scalar_type() == torch::kFloat, "fake_quantize_activation: needs float32, got ", x.scalar_type());
+  LOCKSTEP_CHECK(scale > 0 && zero_point >= 0 && zero_point <= kActivationCodeMax,
+                 "fake_quantize_activation: needs scale > 0 and a zero point in [0, 255], got ", scale, " and ",
+                 zero_point);
+  if (torch::GradMode::is_enabled() && x.requires_grad()) return FakeQuantizeFunction::apply(x, scale, zero_point);
+  // 1 / scale in float, as LibTorch's kernel computes it, so the codes are bitwise the same.
+  const double lo = static_cast<double>(-zero_point), hi = static_cast<double>(kActivationCodeMax - zero_point);
+  return x.mul(static_cast<double>(1.0f / static_cast<float>(scale))).round_().clamp_(lo, hi).mul_(scale);
+}
+
 ActivationFakeQuantImpl::ActivationFakeQuantImpl() {
   min_val = register_buffer("min_val", torch::zeros({}, torch::kFloat));
   max_val = register_buffer("max_val", torch::zeros({}, torch::kFloat));
@@ -108,7 +140,9 @@ at::Tensor ActivationFakeQuantImpl::forward(const at::Tensor& input) {
   // Fake quantization runs in float32 (16-bit floats under autocast cannot hold 256 levels exactly
   // over every range); the result goes back to the input's type.
   const at::Tensor x = input.scalar_type() == torch::kFloat ? input : input.to(torch::kFloat);
-  at::Tensor y = torch::fake_quantize_per_tensor_affine(x, qparams_.scale, qparams_.zero_point, 0, kActivationCodeMax);
+  at::Tensor y = host_qparams_ && x.is_cpu()
+                     ? fake_quantize_activation(x, host_scale_, host_zero_point_)
+                     : torch::fake_quantize_per_tensor_affine(x, qparams_.scale, qparams_.zero_point, 0, kActivationCodeMax);
   return y.scalar_type() == input.scalar_type() ? y : y.to(input.scalar_type());
 }
 
@@ -147,7 +181,14 @@ void ActivationFakeQuantImpl::sync_from_buffers() {
   refresh_qparams();
 }
 
-void ActivationFakeQuantImpl::refresh_qparams() { qparams_ = activation_qparams(min_val, max_val); }
+void ActivationFakeQuantImpl::refresh_qparams() {
+  qparams_ = activation_qparams(min_val, max_val);
+  host_qparams_ = qparams_.scale.is_cpu();  // reading a CPU tensor costs nothing
+  if (host_qparams_) {
+    host_scale_ = qparams_.scale.item<double>();
+    host_zero_point_ = qparams_.zero_point.item<int>();
+  }
+}
 
 ActivationQParams ActivationFakeQuantImpl::qparams() const { return activation_qparams(min_val, max_val); }
 

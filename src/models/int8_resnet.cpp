@@ -172,7 +172,7 @@ at::Tensor Int8ResNet18::forward(const at::Tensor& input) const {
   }
   // As the trained model: average in float, then the pool point's fake quantization, then fc in float.
   at::Tensor features = at::adaptive_avg_pool2d(x.dequantize(), {1, 1}).flatten(1);
-  features = at::fake_quantize_per_tensor_affine(features, pool_scale_, pool_zero_point_, 0, compress::kActivationCodeMax);
+  features = compress::fake_quantize_activation(features, pool_scale_, pool_zero_point_);
   return at::linear(features, fc_weight_, fc_bias_);
 }
 

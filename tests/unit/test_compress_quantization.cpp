@@ -369,3 +369,27 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
   export_int8(*plain, weights, true, plain_path);
   CHECK_THROWS_WITH(lockstep::models::Int8ResNet18(plain_path, o), Catch::Contains("no activation point 'quant_input'"));
 }
+
+TEST_CASE("quantization: the fast CPU fake quantization is LibTorch's, bitwise, gradient included", "[compress]") {
+  // Note [Fast fake quantization]: the same values and straight-through gradient as
+  // torch::fake_quantize_per_tensor_affine, whatever the scale and zero point.
+  torch::manual_seed(21);
+  const at::Tensor x = torch::randn({4096}) * 3;
+  for (const auto& [scale, zero_point] : {std::pair<double, int64_t>{0.02, 128}, {4.0 / 255, 64}, {0.0117, 0},
+                                          {0.05, 255}, {1e-3, 3}}) {
+    INFO("scale " << scale << ", zero point " << zero_point);
+    const at::Tensor a = x.clone().requires_grad_(true);
+    const at::Tensor b = x.clone().requires_grad_(true);
+    const at::Tensor mine = fake_quantize_activation(a, scale, zero_point);
+    const at::Tensor theirs = torch::fake_quantize_per_tensor_affine(b, scale, zero_point, 0, 255);
+    CHECK(torch::equal(mine, theirs));
+    const at::Tensor g = torch::randn({4096});
+    mine.backward(g);
+    theirs.backward(g);
+    CHECK(torch::equal(a.grad(), b.grad()));
+    torch::NoGradGuard no_grad;
+    CHECK(torch::equal(fake_quantize_activation(x, scale, zero_point), theirs));
+  }
+  CHECK_THROWS_WITH(fake_quantize_activation(x.to(torch::kDouble), 0.1, 0), Catch::Contains("needs float32"));
+  CHECK_THROWS_WITH(fake_quantize_activation(x, 0.1, 300), Catch::Contains("zero point in [0, 255]"));
+}

@@ -54,6 +54,13 @@ struct ActivationQParams {
 // The uint8 parameters for the range [min, max] (float scalars; min <= max), widened to contain 0.
 ActivationQParams activation_qparams(const at::Tensor& min, const at::Tensor& max);
 
+// Fake-quantizes a float32 tensor to uint8 with host-side parameters: (clamp(round(x / scale) + zp,
+// 0, 255) - zp) * scale, bitwise what torch::fake_quantize_per_tensor_affine computes, and the same
+// straight-through gradient (passed where the code before clamping is in [0, 255], zero elsewhere).
+// Note [Fast fake quantization]: on the CPU this is four vectorised passes with scalar operands,
+// about 18x faster than LibTorch's fake_quantize kernel there (0.23 vs 4.2 ms for 800k floats).
+at::Tensor fake_quantize_activation(const at::Tensor& x, double scale, int64_t zero_point);
+
 // A point where activations are fake-quantized to uint8. Identity (and free) until enabled.
 // Buffers (checkpointed with the model, exported with the int8 model): min_val and max_val, the
 // range (float32 scalars), and updates, how many range updates it has had (int64 scalar).
@@ -100,6 +107,11 @@ class ActivationFakeQuantImpl : public torch::nn::Module {
   bool observing_ = false;
   bool enabled_ = false;
   bool has_range_ = false;
+  // The parameters on the host, for the CPU path (Note [Fast fake quantization]); a CUDA module
+  // keeps them on the device only, so that no forward pass waits for the GPU.
+  bool host_qparams_ = false;
+  double host_scale_ = 1.0;
+  int64_t host_zero_point_ = 0;
   at::Tensor batch_min_;
   at::Tensor batch_max_;
   ActivationQParams qparams_;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lockstep/compress/fake_quant.hpp"
+#include "lockstep/compress/pruning.hpp"
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
@@ -265,4 +266,36 @@ TEST_CASE("quantization: ranks whose activation ranges differ get an error namin
   CHECK_THROWS_WITH(trainer.fit(images(8 * comm().size(), 3), nullptr),
                     Catch::Contains("activation range of 'quant_relu' differs between rank 0") &&
                         Catch::Contains("and rank 1"));
+}
+
+TEST_CASE("quantization: pruning and quantization compose: pruned weights are int8 zeros, the file is plain", "[quant]") {
+  const std::string dir = lockstep::testing::shared_temp_dir("quant_pruned");
+  torch::manual_seed(12);
+  SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
+  DistributedTrainer trainer(model, sgd(*model, 0.9), comm_ptr(), options(2));
+  lockstep::compress::PruningOptions prune;
+  prune.schedule = lockstep::compress::PruneSchedule::OneShot;
+  prune.target_sparsity = 0.5;
+  prune.begin_step = 1;
+  prune.print_table = false;
+  QuantizationOptions quant = quiet_quant();
+  quant.export_path = dir + "/pruned.int8";
+  trainer.add_callback(std::make_shared<lockstep::compress::MagnitudePruning>(prune));  // first (compression.md)
+  trainer.add_callback(std::make_shared<QuantizationAwareTraining>(quant));
+  trainer.fit(images(12 * comm().size(), 4), nullptr);
+  // The model holds its int8 values: every pruned weight is zero (small kept ones may round to zero
+  // too), and the weights are on the int8 grid.
+  auto buffers = model->named_buffers();
+  for (const std::string name : {"conv", "fc"}) {
+    const at::Tensor w = model->named_parameters()[name + ".weight"];
+    const at::Tensor keep = buffers["pruning_masks." + name + "__weight"];
+    CHECK(keep.logical_not().sum().item<int64_t>() == w.numel() / 2);
+    CHECK(w.masked_select(keep.logical_not()).eq(0).all().item<bool>());
+    CHECK(off_grid(w) < 1e-3);
+  }
+  // The int8 file has no masks: it loads into the plain (unpruned) definition, zeros included.
+  SmallConvNet plain(false, true);
+  lockstep::compress::load_int8(*plain, quant.export_path);
+  CHECK(torch::equal(plain->conv->weight, model->conv->weight));
+  CHECK(torch::equal(plain->fc->weight, model->fc->weight));
 }

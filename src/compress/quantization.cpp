@@ -260,7 +260,7 @@ void QuantizationAwareTraining::on_epoch_end(train::TrainerContext& ctx) {
 }
 
 void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
-  restore_weights();  // a stop between batch begin and backward (an exception) must not export int8 twice
+  restore_weights();  // the float weights, should anything have left the int8 values in place
   const bool main_rank = ctx.world.rank == 0;
   if (main_rank && options_.print_table) {
     std::printf("quantization: %zu weights int8 (%s), %zu activation points uint8%s\n%s", layers_.size(),

@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <limits>
 
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/core/error.hpp"
@@ -74,7 +75,11 @@ class Entries {
     auto it = file_.activations.find(name);
     LOCKSTEP_CHECK(it != file_.activations.end(), "Int8ResNet18: '", path_, "' has no activation point '", name,
                    "' (train with model.quantize_activations and quantization.activations)");
-    return {it->second.scale.item<double>(), static_cast<int64_t>(it->second.zero_point.item<int>())};
+    const double scale = it->second.scale.item<double>();
+    // activation_qparams gives an empty range (never observed) the floor scale: every value would be 0.
+    LOCKSTEP_CHECK(scale > std::numeric_limits<float>::epsilon(), "Int8ResNet18: activation point '", name, "' in '",
+                   path_, "' has no observed range (did training end before quantization began?)");
+    return {scale, static_cast<int64_t>(it->second.zero_point.item<int>())};
   }
 
  private:

@@ -368,6 +368,12 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
   const std::string plain_path = temp_path("plain.int8");
   export_int8(*plain, weights, true, plain_path);
   CHECK_THROWS_WITH(lockstep::models::Int8ResNet18(plain_path, o), Catch::Contains("no activation point 'quant_input'"));
+  o.quantize_activations = true;
+  lockstep::models::ResNet18 unobserved(o);  // its points never saw data
+  const std::string unobserved_path = temp_path("unobserved.int8");
+  export_int8(*unobserved, weights, true, unobserved_path);
+  CHECK_THROWS_WITH(lockstep::models::Int8ResNet18(unobserved_path, o),
+                    Catch::Contains("activation point 'quant_input'") && Catch::Contains("has no observed range"));
 }
 
 TEST_CASE("quantization: the fast CPU fake quantization is LibTorch's, bitwise, gradient included", "[compress]") {

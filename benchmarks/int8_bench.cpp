@@ -1,9 +1,9 @@
 // Int8 inference: the int8 ResNet-18 that quantization-aware training exported, run on LibTorch's
 // quantized kernels (each engine this LibTorch has), against the same model in float32 (its weights
 // at their int8 values, activations fake-quantized: what the trainer's last evaluation measured), on
-// the whole test set, in one run.
+// the test set (or its first --limit images), in one run.
 //
-//   build/benchmarks/int8_bench --config configs/demo_qat.yaml [--int8 FILE] [--batch 250]
+//   build/benchmarks/int8_bench --config configs/demo_qat.yaml [--int8 FILE] [--batch 250] [--limit N]
 //       [--threads 1] [--repeats 3] [--engines all] [--json FILE]
 //
 // Rows: the plain float32 network with the same weights (the speed baseline; activations not
@@ -38,6 +38,7 @@ struct Options {
   std::string config;
   std::string int8;  // default: the config's quantization.export_path
   int64_t batch = 250;
+  int64_t limit = 0;  // the first N test images; 0 = all
   int threads = 1;
   int repeats = 3;
   std::vector<std::string> engines{"all"};
@@ -49,6 +50,9 @@ void add_options(CLI::App& app, Options& o) {
   app.add_option("--int8", o.int8, "the int8 model file (default: the config's quantization.export_path)")
       ->type_name("FILE");
   app.add_option("--batch", o.batch, "images per forward pass")->capture_default_str()->check(bench::at_least<int64_t>(1));
+  app.add_option("--limit", o.limit, "only the first N test images (0: all)")
+      ->capture_default_str()
+      ->check(bench::at_least<int64_t>(0));
   app.add_option("--threads", o.threads, "intra-op threads")->capture_default_str()->check(bench::at_least(1));
   app.add_option("--repeats", o.repeats, "passes over the test set per way; the median is reported")
       ->capture_default_str()
@@ -89,7 +93,8 @@ int main(int argc, char** argv) {
                    "' does not exist; train with the config first (train_resnet writes it at the end)");
     cfg.model.quantize_activations = true;
     auto [train_set, test_set] = lockstep::config::make_datasets(cfg.data, cfg.trainer.seed);
-    std::vector<int64_t> all(test_set->size());
+    const size_t count = o.limit > 0 ? std::min(test_set->size(), static_cast<size_t>(o.limit)) : test_set->size();
+    std::vector<int64_t> all(count);
     for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
     const lockstep::data::Example data = test_set->get_batch(all);
 

@@ -20,19 +20,12 @@
 #include <string>
 #include <type_traits>
 
+#include "lockstep/core/world.hpp"
+
 namespace bench {
 
 // Exit codes: 0 after --help, kUsageError after a bad command line (as getopt-style tools do).
 constexpr int kUsageError = 2;
-
-// This process's rank as the launcher numbered it, read from the environment because MPI is not up
-// yet (Note [Parse before MPI]); 0 outside a launcher.
-inline int launcher_rank() {
-  for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"}) {
-    if (const char* value = std::getenv(name); value != nullptr && *value != '\0') return std::atoi(value);
-  }
-  return 0;
-}
 
 // Parses argv into app's options. Returns nothing when the program should go on, else the code it
 // should exit with: 0 after --help (usage printed on stdout), kUsageError after a usage error
@@ -46,7 +39,7 @@ inline std::optional<int> parse(CLI::App& app, int argc, char** argv) {
     return std::nullopt;
   } catch (const CLI::ParseError& e) {
     std::ostream silent(nullptr);  // discards what the other ranks would print
-    const bool prints = launcher_rank() == 0;
+    const bool prints = lockstep::launcher_rank() == 0;
     const int code = app.exit(e, prints ? std::cout : silent, prints ? std::cerr : silent);
     std::cout.flush();
     return code == 0 ? 0 : kUsageError;

@@ -17,6 +17,7 @@
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/core/world.hpp"
 #include "lockstep/models/int8_resnet.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -101,7 +102,8 @@ int main(int argc, char** argv) {
       return 0;
     }
   } catch (const lockstep::Error& e) {
-    std::fprintf(stderr, "train_resnet: %s\n", e.message().c_str());
+    // Every rank reads the same command line and config, so every rank fails alike: say it once.
+    if (lockstep::launcher_rank() == 0) std::fprintf(stderr, "train_resnet: %s\n", e.message().c_str());
     return 2;
   }
 

@@ -29,3 +29,14 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.train_resnet_qat.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "int8 model written to .*model_int8.pt.*int8 model on the quantized kernels: test accuracy [0-9.]+%")
 endif()
+
+# A bad config value at 3 ranks: every rank fails alike before MPI starts, the job ends, and the
+# message names the key and appears once (not once per rank).
+if(LOCKSTEP_BUILD_EXAMPLES)
+  add_test(NAME program.train_resnet_bad_config.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet>
+                   --set trainer.epochs=three)
+  set_tests_properties(program.train_resnet_bad_config.np3 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "config key 'trainer.epochs' at --set trainer.epochs=three: expected an integer"
+    FAIL_REGULAR_EXPRESSION "expected an integer.*expected an integer")
+endif()

@@ -18,4 +18,9 @@ struct World {
   bool is_root() const { return rank == 0; }
 };
 
+// This process's rank as the launcher numbered it (OMPI_COMM_WORLD_RANK, PMIX_RANK, PMI_RANK or
+// SLURM_PROCID), readable before MPI starts; 0 outside a launcher. For messages printed before the
+// Runtime exists (a bad command line or config, on which every rank fails alike): print them once.
+int launcher_rank();
+
 }  // namespace lockstep

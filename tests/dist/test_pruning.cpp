@@ -99,13 +99,6 @@ bool same_on_all_ranks(const at::Tensor& tensor) {
   return equal.item<int>() == 1;
 }
 
-std::vector<at::Tensor> state_of(torch::nn::Module& model) {
-  std::vector<at::Tensor> out;
-  for (const auto& p : model.parameters()) out.push_back(p.detach().clone());
-  for (const auto& b : model.buffers()) out.push_back(b.detach().clone());
-  return out;
-}
-
 }  // namespace
 
 TEST_CASE("pruning: gradual pruning keeps masks identical on every rank and pruned weights at zero",
@@ -200,7 +193,7 @@ TEST_CASE("pruning: stop and resume keeps masks and the schedule position, bitwi
     o.frequency = 2;
     trainer.add_callback(std::make_shared<MagnitudePruning>(o));
     trainer.fit(synthetic(16 * comm().size(), 3), nullptr);  // 4 steps per epoch: prunes at 2, 4, 6, 8
-    return state_of(*model);
+    return lockstep::testing::state_of(*model);
   };
   const auto full = run(shared_dir("full"), 0, "never");
   for (int64_t stop : {3, 5, 8}) {  // between pruning steps, and just before the last one

@@ -75,13 +75,6 @@ double off_grid(const at::Tensor& weight) {
   return (steps - steps.round()).abs().max().item<double>();
 }
 
-std::vector<at::Tensor> state_of(torch::nn::Module& model) {
-  std::vector<at::Tensor> out;
-  for (const auto& p : model.parameters()) out.push_back(p.detach().clone());
-  for (const auto& b : model.buffers()) out.push_back(b.detach().clone());
-  return out;
-}
-
 }  // namespace
 
 TEST_CASE("quantization: activation ranges are the global batch's, bitwise on every rank", "[quant]") {
@@ -233,7 +226,7 @@ TEST_CASE("quantization: stop and resume keeps the ranges and the schedule, bitw
     o.freeze_step = 7;
     trainer.add_callback(std::make_shared<QuantizationAwareTraining>(o));
     trainer.fit(images(12 * comm().size(), 3), nullptr);  // 3 steps per epoch
-    return state_of(*model);
+    return lockstep::testing::state_of(*model);
   };
   const auto full = run(lockstep::testing::shared_temp_dir("quant_full"), 0, "never");
   for (int64_t stop : {1, 4, 7}) {  // before quantization, while observing, at the freeze

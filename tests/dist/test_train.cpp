@@ -18,6 +18,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
+#include "support/fixtures.hpp"
 
 namespace {
 
@@ -82,13 +83,6 @@ TrainerOptions quiet(int64_t epochs, size_t batch_size) {
 }
 
 std::string shared_dir(const std::string& name) { return lockstep::testing::shared_temp_dir("train_" + name); }
-
-std::vector<torch::Tensor> state_of(torch::nn::Module& model) {
-  std::vector<torch::Tensor> out;
-  for (const auto& p : model.parameters()) out.push_back(p.detach().clone());
-  for (const auto& b : model.buffers()) out.push_back(b.detach().clone());
-  return out;
-}
 
 bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
   if (a.size() != b.size()) return false;
@@ -166,10 +160,10 @@ TEST_CASE("trainer: zeroing gradients in on_after_backward makes every step a no
   torch::manual_seed(2);
   FixedLinear model;
   DistributedTrainer trainer(model, sgd(*model, 0.5), comm_ptr(), quiet(2, 4));
-  const auto before = state_of(*model);
+  const auto before = lockstep::testing::state_of(*model);
   trainer.add_callback(std::make_shared<ZeroGrads>());
   trainer.fit(synthetic(10 * comm().size()), nullptr);
-  CHECK(bitwise_equal(before, state_of(*model)));
+  CHECK(bitwise_equal(before, lockstep::testing::state_of(*model)));
 }
 
 TEST_CASE("trainer: weights changed in on_after_optimizer_step persist into the next step", "[train]") {
@@ -289,7 +283,7 @@ RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::s
   auto train_set = std::make_shared<lockstep::data::Augment>(synthetic(54, 7), augment);
   RunResult result;
   result.metrics = trainer.fit(train_set, synthetic(9, 8));
-  result.state = state_of(*model);
+  result.state = lockstep::testing::state_of(*model);
   return result;
 }
 

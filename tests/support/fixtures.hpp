@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <vector>
 
 #include "lockstep/compress/fake_quant.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
@@ -21,6 +22,14 @@ inline std::shared_ptr<data::SyntheticDataset> synthetic_images(int64_t size, in
   o.size = size;
   o.seed = seed;
   return std::make_shared<data::SyntheticDataset>(o);
+}
+
+// A copy of the model's parameters and buffers, to compare runs bitwise (resumed vs uninterrupted).
+inline std::vector<at::Tensor> state_of(torch::nn::Module& model) {
+  std::vector<at::Tensor> out;
+  for (const auto& p : model.parameters()) out.push_back(p.detach().clone());
+  for (const auto& b : model.buffers()) out.push_back(b.detach().clone());
+  return out;
 }
 
 // Trainer options for short multi-rank tests: batches of 4 per rank, no progress output, no

@@ -25,14 +25,9 @@ std::shared_ptr<lockstep::data::SyntheticDataset> images(int64_t size) {
 }
 
 TrainerOptions options(const std::string& precision, int64_t epochs) {
-  TrainerOptions o;
-  o.epochs = epochs;
+  TrainerOptions o = lockstep::testing::quiet_trainer(epochs, /*seed=*/0);
   o.batch_size = 8;
   o.eval_batch_size = 16;
-  o.progress = false;
-  o.checkpoints = false;
-  o.prefetch = 1;
-  o.device = "cpu";
   o.precision = precision;
   return o;
 }

@@ -179,12 +179,7 @@ TEST_CASE("pruning: stop and resume keeps masks and the schedule position, bitwi
   auto run = [](const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(30 + comm().rank());
     Net model;
-    TrainerOptions t = options(3);
-    t.output_dir = dir;
-    t.checkpoints = true;
-    t.checkpoint.every_steps = 1;
-    t.checkpoint.resume = resume;
-    t.stop_after_steps = stop_after;
+    TrainerOptions t = lockstep::testing::resumable(options(3), dir, stop_after, resume);
     DistributedTrainer trainer(model, sgd(model), comm_ptr(), t);
     PruningOptions o;
     o.target_sparsity = 0.6;

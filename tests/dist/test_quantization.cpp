@@ -214,12 +214,7 @@ TEST_CASE("quantization: stop and resume keeps the ranges and the schedule, bitw
   auto run = [](const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(31 + comm().rank());
     SmallConvNet model(/*batch_norm=*/true, /*quantize_activations=*/true);
-    TrainerOptions t = options(3);
-    t.output_dir = dir;
-    t.checkpoints = true;
-    t.checkpoint.every_steps = 1;
-    t.checkpoint.resume = resume;
-    t.stop_after_steps = stop_after;
+    TrainerOptions t = lockstep::testing::resumable(options(3), dir, stop_after, resume);
     DistributedTrainer trainer(model, sgd(*model, 0.9), comm_ptr(), t);
     QuantizationOptions o = quiet_quant();
     o.begin_step = 2;

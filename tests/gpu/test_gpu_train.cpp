@@ -25,6 +25,17 @@ std::shared_ptr<lockstep::data::SyntheticDataset> images(int64_t size) {
   return lockstep::testing::synthetic_images(size, 8, 5);
 }
 
+lockstep::train::TrainerOptions cuda_trainer(int64_t epochs, const std::string& precision) {
+  lockstep::train::TrainerOptions o;
+  o.epochs = epochs;
+  o.batch_size = 16;
+  o.progress = false;
+  o.checkpoints = false;
+  o.device = "cuda";
+  o.precision = precision;
+  return o;
+}
+
 }  // namespace
 
 TEST_CASE("the MPI communicator takes CUDA tensors (staged through host memory)", "[gpu][mpi]") {
@@ -90,14 +101,7 @@ TEST_CASE("the trainer trains on CUDA in fp32, bf16 and fp16", "[gpu][train]") {
     auto model = Net();
     auto optimizer =
         std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
-    lockstep::train::TrainerOptions o;
-    o.epochs = 4;
-    o.batch_size = 16;
-    o.progress = false;
-    o.checkpoints = false;
-    o.device = "cuda";
-    o.precision = precision;
-    lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+    lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), cuda_trainer(4, precision));
     CHECK(trainer.device().is_cuda());
     for (const auto& p : model->parameters()) CHECK(p.is_cuda());
     const auto before = trainer.evaluate(images(128));
@@ -119,14 +123,7 @@ TEST_CASE("quantization-aware training on CUDA: ranges agree over ranks, the int
     lockstep::testing::SmallConvNet model(/*batch_norm=*/true, /*quantize_activations=*/true);
     auto optimizer =
         std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
-    lockstep::train::TrainerOptions o;
-    o.epochs = 3;
-    o.batch_size = 16;
-    o.progress = false;
-    o.checkpoints = false;
-    o.device = "cuda";
-    o.precision = precision;
-    lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+    lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), cuda_trainer(3, precision));
     lockstep::compress::QuantizationOptions q;
     q.begin_epoch = 1;
     q.print_table = false;

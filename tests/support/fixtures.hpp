@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "lockstep/compress/fake_quant.hpp"
@@ -44,6 +45,18 @@ inline train::TrainerOptions quiet_trainer(int64_t epochs, uint64_t seed) {
   o.prefetch = 1;
   o.seed = seed;
   o.device = "cpu";
+  return o;
+}
+
+// `o` with a checkpoint every step in `dir`, resuming as `resume` says and stopping after
+// `stop_after` steps (0: run to the end): the set-up of the bitwise stop-and-resume tests.
+inline train::TrainerOptions resumable(train::TrainerOptions o, const std::string& dir, int64_t stop_after,
+                                       const std::string& resume) {
+  o.output_dir = dir;
+  o.checkpoints = true;
+  o.checkpoint.every_steps = 1;
+  o.checkpoint.resume = resume;
+  o.stop_after_steps = stop_after;
   return o;
 }
 

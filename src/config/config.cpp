@@ -278,6 +278,7 @@ void read_ddp(Section s, ddp::DataParallelOptions& o, std::string& comm_hook) {
   s.boolean("gradient_as_bucket_view", o.gradient_as_bucket_view);
   s.boolean("find_unused_parameters", o.find_unused_parameters);
   s.boolean("broadcast_buffers", o.broadcast_buffers);
+  s.boolean("sync_batch_norm", o.sync_batch_norm);
   s.finish();
 }
 

@@ -93,6 +93,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "gradient_as_bucket_view", t.ddp.gradient_as_bucket_view);
   put(out, "find_unused_parameters", t.ddp.find_unused_parameters);
   put(out, "broadcast_buffers", t.ddp.broadcast_buffers);
+  put(out, "sync_batch_norm", t.ddp.sync_batch_norm);
   out << YAML::EndMap;
 
   out << YAML::Key << "data" << YAML::Value << YAML::BeginMap;

@@ -6,6 +6,7 @@
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/bucket_assignment.hpp"
 #include "lockstep/ddp/model_sync.hpp"
+#include "lockstep/ddp/sync_batch_norm.hpp"
 
 namespace lockstep::ddp {
 
@@ -68,11 +69,34 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   for (const auto& entry : entries) values.push_back(entry.tensor);
   for (auto& work : broadcast_coalesced(*comm_, values, 0)) work->wait();
 
+  // Attach after the model check and the broadcast: the layers are numbered in registration order,
+  // which is then known to be the same on every rank, so this throws on every rank or on none.
+  std::vector<at::Tensor> broadcast = buffers_;
+  if (options_.sync_batch_norm) {
+    sync_batch_norm_layers_ = attach_sync_batch_norm(*module_, comm_);
+    LOCKSTEP_CHECK(sync_batch_norm_layers_ > 0,
+                   "DataParallelOptions::sync_batch_norm is set, but the model has no lockstep::ddp::SyncBatchNorm "
+                   "layer to synchronise (torch::nn::BatchNorm*d cannot be): build the model with ddp::SyncBatchNorm, "
+                   "as models::ResNet18 does (rank ", comm_->rank(), ")");
+    // Note [SyncBatchNorm statistics]: their running statistics are bitwise equal everywhere already.
+    std::unordered_set<const void*> synchronised;
+    for (const auto& m : module_->modules(/*include_self=*/true)) {
+      if (auto* layer = m->as<SyncBatchNormImpl>()) {
+        for (const auto& b : layer->buffers(/*recurse=*/false)) synchronised.insert(b.unsafeGetTensorImpl());
+      }
+    }
+    broadcast.clear();
+    for (const auto& b : buffers_) {
+      if (synchronised.count(b.unsafeGetTensorImpl()) == 0) broadcast.push_back(b);
+    }
+  }
+
   reducer_ = std::make_unique<Reducer>(std::move(parameters), std::move(names), comm_, std::move(reducer_options));
-  if (options_.broadcast_buffers && !buffers_.empty()) reducer_->set_broadcast_tensors(buffers_);
+  if (options_.broadcast_buffers && !broadcast.empty()) reducer_->set_broadcast_tensors(std::move(broadcast));
 }
 
 DataParallel::~DataParallel() {
+  if (sync_batch_norm_layers_ > 0) detach_sync_batch_norm(*module_);
   if (timeline_ && timeline_->size() > written_events_) {
     try {
       timeline_->write(per_rank_path(trace_path_, comm_->rank()));

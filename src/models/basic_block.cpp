@@ -19,12 +19,12 @@ BasicBlockImpl::BasicBlockImpl(int64_t in_channels, int64_t out_channels, int64_
   LOCKSTEP_CHECK(in_channels > 0 && out_channels > 0 && stride > 0, "BasicBlock: channels and stride must be positive, got ",
                  in_channels, " -> ", out_channels, ", stride ", stride);
   conv1 = register_module("conv1", conv(in_channels, out_channels, 3, stride));
-  bn1 = register_module("bn1", torch::nn::BatchNorm2d(out_channels));
+  bn1 = register_module("bn1", ddp::SyncBatchNorm(out_channels));
   conv2 = register_module("conv2", conv(out_channels, out_channels, 3, 1));
-  bn2 = register_module("bn2", torch::nn::BatchNorm2d(out_channels));
+  bn2 = register_module("bn2", ddp::SyncBatchNorm(out_channels));
   if (stride != 1 || in_channels != out_channels) {
     downsample = register_module(
-        "downsample", torch::nn::Sequential(conv(in_channels, out_channels, 1, stride), torch::nn::BatchNorm2d(out_channels)));
+        "downsample", torch::nn::Sequential(conv(in_channels, out_channels, 1, stride), ddp::SyncBatchNorm(out_channels)));
   }
   if (quantize_activations) {
     quant_relu1 = register_module("quant_relu1", compress::ActivationFakeQuant());

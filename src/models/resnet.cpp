@@ -36,7 +36,7 @@ ResNet18Impl::ResNet18Impl(ResNet18Options options) : options_(options) {
                                                          .stride(imagenet ? 2 : 1)
                                                          .padding(kernel / 2)
                                                          .bias(false)));
-  bn1 = register_module("bn1", torch::nn::BatchNorm2d(w));
+  bn1 = register_module("bn1", ddp::SyncBatchNorm(w));
   const bool q = options_.quantize_activations;
   layer1 = register_module("layer1", make_stage(w, w, 1, q));
   layer2 = register_module("layer2", make_stage(w, 2 * w, 2, q));
@@ -53,7 +53,7 @@ ResNet18Impl::ResNet18Impl(ResNet18Options options) : options_(options) {
   for (auto& module : modules(/*include_self=*/false)) {
     if (auto* conv = module->as<torch::nn::Conv2d>()) {
       torch::nn::init::kaiming_normal_(conv->weight, 0.0, torch::kFanOut, torch::kReLU);
-    } else if (auto* bn = module->as<torch::nn::BatchNorm2d>()) {
+    } else if (auto* bn = module->as<ddp::SyncBatchNorm>()) {
       torch::nn::init::ones_(bn->weight);
       torch::nn::init::zeros_(bn->bias);
     }

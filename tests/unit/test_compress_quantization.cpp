@@ -308,7 +308,7 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
   // Batch norms with negative and positive scales and non-trivial statistics, so folding matters.
   model->train();
   for (const auto& m : model->modules(false)) {
-    if (auto* bn = m->as<torch::nn::BatchNorm2d>()) {
+    if (auto* bn = m->as<lockstep::ddp::SyncBatchNorm>()) {
       torch::NoGradGuard no_grad;
       bn->weight.uniform_(-1.5, 1.5);
       bn->bias.uniform_(-0.2, 0.2);

@@ -294,6 +294,15 @@ TEST_CASE("config: ddp.comm_hook picks the bucket reduction, and round-trips", "
              Contains("'ddp.comm_hook'") && Contains("test.yaml:2:14") && Contains("allreduce, bf16, fp16"));
 }
 
+TEST_CASE("config: ddp.sync_batch_norm maps onto DataParallelOptions, and round-trips", "[config]") {
+  CHECK_FALSE(config::parse_config("").trainer.ddp.sync_batch_norm);
+  const config::ExperimentConfig c = config::parse_config("ddp:\n  sync_batch_norm: true\n");
+  CHECK(c.trainer.ddp.sync_batch_norm);
+  CHECK(config::parse_config(config::to_yaml(c), "printed").trainer.ddp.sync_batch_norm);
+  CHECK(config::parse_config("", "empty", {"ddp.sync_batch_norm=true"}).trainer.ddp.sync_batch_norm);
+  CHECK_THAT(error_of("ddp:\n  sync_batch_norm: maybe\n"), Contains("'ddp.sync_batch_norm'") && Contains("test.yaml:2:20"));
+}
+
 TEST_CASE("config: the quantization section maps onto QuantizationOptions, with errors naming the key", "[config]") {
   const auto defaults = config::parse_config("");
   CHECK_FALSE(defaults.quantization.enabled);

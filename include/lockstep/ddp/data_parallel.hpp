@@ -16,6 +16,7 @@
 // ranks (through the communication hook) unless a no_sync() guard is alive. Buffers (BatchNorm's
 // running statistics) follow rank 0: they are broadcast at the end of every synchronised backward,
 // which for a training loop is the same as before the next forward, with no call to remember.
+// With sync_batch_norm, the model's ddp::SyncBatchNorm layers normalise over all ranks' samples.
 // See docs/ddp.md.
 
 #include <torch/nn/module.h>
@@ -47,6 +48,11 @@ struct DataParallelOptions {
   bool broadcast_buffers = true;
   // How a bucket is reduced; empty: allreduce_hook() (average). See comm_hooks.hpp.
   CommHook comm_hook;
+  // Attach the model's ddp::SyncBatchNorm layers to the communicator: in training mode they normalise
+  // with the global batch's statistics (sync_batch_norm.hpp). Their buffers are then bitwise equal on
+  // every rank by construction and leave the per-step buffer broadcast. Construction fails if the model
+  // has no SyncBatchNorm layer (torch::nn::BatchNorm*d cannot be synchronised).
+  bool sync_batch_norm = false;
 };
 
 class DataParallel;
@@ -77,7 +83,8 @@ class DataParallel {
   DataParallel(const torch::nn::ModuleHolder<Impl>& module, comm::CommunicatorPtr comm,
                DataParallelOptions options = {})
       : DataParallel(std::static_pointer_cast<torch::nn::Module>(module.ptr()), std::move(comm), std::move(options)) {}
-  // Writes this rank's trace (enable_trace) if write_trace() has not written it since.
+  // Writes this rank's trace (enable_trace) if write_trace() has not written it since, and detaches
+  // the SyncBatchNorm layers it attached.
   ~DataParallel();
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
@@ -96,8 +103,8 @@ class DataParallel {
   void before_forward();
   void before_backward();
 
-  // Collective: copies rank 0's buffers to every rank now (e.g. before evaluating after steps that
-  // were all under no_sync).
+  // Collective: copies rank 0's buffers (all of them, SyncBatchNorm's included) to every rank now
+  // (e.g. before evaluating after steps that were all under no_sync).
   void sync_buffers();
 
   // Timings of the last backward pass (see StepTimings).
@@ -116,6 +123,7 @@ class DataParallel {
   comm::CommunicatorPtr comm_;
   DataParallelOptions options_;
   std::vector<at::Tensor> buffers_;
+  std::size_t sync_batch_norm_layers_ = 0;
   std::unique_ptr<Reducer> reducer_;
   std::shared_ptr<Timeline> timeline_;
   std::string trace_path_;

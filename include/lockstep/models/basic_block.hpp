@@ -1,15 +1,16 @@
 #pragma once
 // BasicBlock: the two-convolution residual block of ResNet-18/34 (He et al. 2016, Fig. 2 left), with
 // torchvision's module names (conv1, bn1, conv2, bn2, downsample.0, downsample.1) so that parameter
-// names in checkpoints read the same as torchvision's.
+// names in checkpoints read the same as torchvision's. Its batch norms are ddp::SyncBatchNorm: plain
+// BatchNorm2d (bitwise) unless DataParallel synchronises them (DataParallelOptions::sync_batch_norm).
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/pimpl.h>
 
 #include "lockstep/compress/fake_quant.hpp"
+#include "lockstep/ddp/sync_batch_norm.hpp"
 
 namespace lockstep {
 namespace models {
@@ -26,9 +27,9 @@ class BasicBlockImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& input);
 
   torch::nn::Conv2d conv1{nullptr};
-  torch::nn::BatchNorm2d bn1{nullptr};
+  ddp::SyncBatchNorm bn1{nullptr};
   torch::nn::Conv2d conv2{nullptr};
-  torch::nn::BatchNorm2d bn2{nullptr};
+  ddp::SyncBatchNorm bn2{nullptr};
   torch::nn::Sequential downsample{nullptr};  // null for an identity shortcut
   // Null unless quantize_activations (quant_downsample: also null without a downsample shortcut).
   compress::ActivationFakeQuant quant_relu1{nullptr};

@@ -2,19 +2,20 @@
 // ResNet-18 (He et al. 2016): BasicBlocks in four stages of [2, 2, 2, 2], channels width x [1, 2, 4, 8].
 // Module names follow torchvision (conv1, bn1, layer1.0.conv1, ..., layer2.0.downsample.0, fc), and so does
 // the initialisation (Kaiming normal, fan_out, for convolutions; batch norm weight 1, bias 0; LibTorch's
-// default for fc), so a checkpoint's parameter names read like torchvision's.
+// default for fc), so a checkpoint's parameter names read like torchvision's. Every batch norm is a
+// ddp::SyncBatchNorm, which is BatchNorm2d unless DataParallelOptions::sync_batch_norm attaches it.
 // Parameter counts (tested): ImageNet stem, 3 input channels, width 64: 11,689,512 with 1000 classes (as
 // torchvision's resnet18), 11,181,642 with 10; small stem with 10 classes: 11,173,962 (3 channels),
 // 11,172,810 (1 channel).
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
 #include "lockstep/compress/fake_quant.hpp"
+#include "lockstep/ddp/sync_batch_norm.hpp"
 
 #include <string>
 
@@ -60,7 +61,7 @@ class ResNet18Impl : public torch::nn::Module {
   const ResNet18Options& options() const { return options_; }
 
   torch::nn::Conv2d conv1{nullptr};
-  torch::nn::BatchNorm2d bn1{nullptr};
+  ddp::SyncBatchNorm bn1{nullptr};
   torch::nn::Sequential layer1{nullptr};
   torch::nn::Sequential layer2{nullptr};
   torch::nn::Sequential layer3{nullptr};

@@ -1,0 +1,297 @@
+#include "lockstep/ddp/sync_batch_norm.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/nn/functional/batchnorm.h>
+
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lockstep/comm/work.hpp"
+#include "lockstep/core/error.hpp"
+
+// Note [SyncBatchNorm statistics]
+// Forward: each rank sends (count n_r, mean_r, M2_r = sum of squared deviations from mean_r) per
+// channel; every rank then combines all ranks' triples in the same way from the same gathered data:
+//   N = sum n_r,  mean = sum n_r mean_r / N,  M2 = sum M2_r + sum n_r (mean_r - mean)^2
+// (Chan et al.'s pairwise update, summed over ranks at once). Deviations are taken from each rank's own
+// mean, so there is none of the cancellation of E[x^2] - E[x]^2, and the combination runs in float64.
+// Normalisation uses the biased variance M2 / N, the running variance the unbiased M2 / (N - 1), as
+// a single process on the N samples would. Every rank gets bitwise the same mean and variance, so the
+// running statistics stay bitwise equal on every rank without a broadcast.
+// Backward: with xhat = (x - mean) * invstd, the single-process gradient is
+//   dx = w * invstd * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
+// where the sums run over the global batch: one more all-gather of the per-rank sums (added in rank
+// order, so bitwise equal everywhere). dweight and dbias stay this rank's sums; DataParallel averages
+// them with the other parameters. Each rank's loss is its own mean, N/b times the global loss's share,
+// and the average over ranks divides that back out: the result is the single process's gradient.
+//
+// Note [SyncBatchNorm collectives]
+// Collectives match by issue order. A synchronised layer issues one all-gather in forward and one in
+// backward, from the thread that runs them, on the same communicator as DataParallel's buckets; so
+// every rank must run the same synchronised layers in the same order (the same model in training
+// mode everywhere: DataParallel's model check covers the first half). Each payload starts with a tag,
+// 2 x layer index + (0 forward, 1 backward), and every rank checks all ranks' tags (on CPU, where
+// reading them is free): a rank out of step is an error on every rank naming both layers, not wrong
+// statistics. On CUDA the tags travel but are not read (that would cost a host synchronisation per
+// layer). Backward's all-gather queues behind any bucket all-reduce DataParallel launched before it,
+// so overlap suffers while layers with SyncBatchNorm remain in backward; as with PyTorch's.
+
+namespace lockstep::ddp {
+
+struct SyncBatchNormGroup {
+  comm::CommunicatorPtr comm;
+  std::vector<std::string> names;  // layer index -> module name, the same on every rank
+};
+
+namespace {
+
+constexpr double kForwardPhase = 0.0;
+constexpr double kBackwardPhase = 1.0;
+
+std::vector<int64_t> reduction_dims(const at::Tensor& input) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+// [C] -> [1, C, 1, ...] to broadcast against the input.
+at::Tensor per_channel(const at::Tensor& values, const at::Tensor& input) {
+  std::vector<int64_t> shape(static_cast<std::size_t>(input.dim()), 1);
+  shape[1] = values.size(0);
+  return values.view(shape);
+}
+
+at::ScalarType compute_type(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::string describe_layer(const SyncBatchNormGroup& group, double tag) {
+  const auto index = static_cast<std::size_t>(tag / 2);
+  const bool backward = static_cast<int64_t>(tag) % 2 == 1;
+  std::ostringstream out;
+  out << "layer #" << index;
+  if (index < group.names.size()) out << " '" << group.names[index] << "'";
+  out << (backward ? " (backward)" : " (forward)");
+  return out.str();
+}
+
+// All-gathers this rank's payload ([tag, ...] in float64) and returns [world, payload size]. On CPU,
+// checks that every rank sent the same tag (Note [SyncBatchNorm collectives]).
+at::Tensor gather_checked(const SyncBatchNormGroup& group, const at::Tensor& payload, double tag) {
+  comm::Communicator& comm = *group.comm;
+  at::Tensor gathered = at::empty({comm.size(), payload.numel()}, payload.options());
+  comm.allgather(payload, gathered)->wait();
+  if (!gathered.is_cuda()) {
+    const at::Tensor tags = gathered.select(1, 0).contiguous();
+    const double* t = tags.data_ptr<double>();
+    for (int r = 0; r < comm.size(); ++r) {
+      if (t[r] == tag) continue;
+      std::ostringstream ranks;
+      for (int q = 0; q < comm.size(); ++q) ranks << "\n  rank " << q << ": " << describe_layer(group, t[q]);
+      LOCKSTEP_FAIL("SyncBatchNorm: the ranks are out of step; every rank must run the same synchronised layers ",
+                    "in the same order (the same model, in training mode). This collective found:", ranks.str(),
+                    "\nThis is rank ", comm.rank(), ".");
+    }
+  }
+  return gathered;
+}
+
+at::Tensor payload_of(double tag, double count, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor head = at::tensor({tag, count}, at::TensorOptions().dtype(at::kDouble)).to(a.device());
+  return at::cat({head, a.to(at::kDouble), b.to(at::kDouble)});
+}
+
+// Backward of the synchronised forward (Note [SyncBatchNorm statistics]).
+struct SyncBatchNormBackward : public torch::autograd::Node {
+  std::shared_ptr<const SyncBatchNormGroup> group;
+  double tag = 0;
+  torch::autograd::SavedVariable input_;
+  torch::autograd::SavedVariable weight_;
+  at::Tensor mean;    // [C], compute type
+  at::Tensor invstd;  // [C], compute type
+  at::Tensor total;   // scalar, float64: the global sample count N
+  bool affine = false;
+
+  std::string name() const override { return "lockstep::ddp::SyncBatchNormBackward"; }
+
+  void release_variables() override {
+    input_.reset_data();
+    weight_.reset_data();
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const at::Tensor input = input_.unpack(shared_from_this());
+    const at::Tensor weight = affine ? weight_.unpack(shared_from_this()) : at::Tensor();
+    const at::ScalarType type = compute_type(input);
+    const at::Tensor x = input.to(type);
+    // An unused output still takes part, with a zero gradient, so the ranks' collectives stay in step.
+    const at::Tensor dy = grads[0].defined() ? grads[0].to(type) : at::zeros_like(x);
+    const std::vector<int64_t> dims = reduction_dims(x);
+    const at::Tensor xmu = x - per_channel(mean, x);
+    const at::Tensor sum_dy = dy.sum(dims);
+    const at::Tensor sum_dy_xmu = (dy * xmu).sum(dims);
+
+    torch::autograd::variable_list result(3);
+    if (should_compute_output(0)) {
+      const at::Tensor gathered = gather_checked(*group, payload_of(tag, 0.0, sum_dy, sum_dy_xmu), tag);
+      const int64_t channels = mean.size(0);
+      const at::Tensor sums = gathered.sum(0);
+      const at::Tensor mean_dy = (sums.narrow(0, 2, channels) / total).to(type);
+      const at::Tensor mean_dy_xmu = (sums.narrow(0, 2 + channels, channels) / total).to(type);
+      const at::Tensor scale = affine ? invstd * weight.to(type) : invstd;
+      at::Tensor dx = dy - per_channel(mean_dy, x) - xmu * per_channel(invstd * invstd * mean_dy_xmu, x);
+      result[0] = (dx * per_channel(scale, x)).to(input.scalar_type());
+    }
+    if (affine && should_compute_output(1)) result[1] = (sum_dy_xmu * invstd).to(weight.scalar_type());
+    if (affine && should_compute_output(2)) result[2] = sum_dy.to(weight.scalar_type());
+    return result;
+  }
+};
+
+}  // namespace
+
+SyncBatchNormImpl::SyncBatchNormImpl(const torch::nn::BatchNormOptions& options)
+    : NormImplBase<2, SyncBatchNormImpl, torch::nn::BatchNormOptions>(options) {}
+
+// torch::nn::Module is a virtual base (of Cloneable): the most derived class copies it.
+SyncBatchNormImpl::SyncBatchNormImpl(const SyncBatchNormImpl& other)
+    : torch::nn::Module(other), NormImplBase<2, SyncBatchNormImpl, torch::nn::BatchNormOptions>(other) {}
+
+SyncBatchNormImpl& SyncBatchNormImpl::operator=(const SyncBatchNormImpl& other) {
+  NormImplBase<2, SyncBatchNormImpl, torch::nn::BatchNormOptions>::operator=(other);
+  group_ = nullptr;
+  index_ = 0;
+  return *this;
+}
+
+SyncBatchNormImpl::~SyncBatchNormImpl() = default;
+
+bool SyncBatchNormImpl::synchronised() const { return group_ != nullptr && group_->comm->size() > 1; }
+
+void SyncBatchNormImpl::_check_input_dim(const torch::Tensor& input) {
+  LOCKSTEP_CHECK(input.dim() >= 2 && input.size(1) == options.num_features(), "SyncBatchNorm(",
+                 options.num_features(), "): expected input [N, ", options.num_features(), ", *], got ", input.sizes());
+}
+
+torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
+  _check_input_dim(input);
+  // As torch::nn::BatchNorm2d: a momentum of nullopt is a cumulative average.
+  double momentum = options.momentum().value_or(0.0);
+  if (is_training() && options.track_running_stats() && num_batches_tracked.defined()) {
+    num_batches_tracked += 1;
+    if (!options.momentum().has_value()) momentum = 1.0 / num_batches_tracked.item<double>();
+  }
+  if (is_training() && synchronised()) return forward_synchronised(input, momentum);
+  return torch::nn::functional::detail::batch_norm(input, running_mean, running_var, weight, bias,
+                                                   is_training() || !options.track_running_stats(), momentum,
+                                                   options.eps());
+}
+
+torch::Tensor SyncBatchNormImpl::forward_synchronised(const torch::Tensor& input, double momentum) {
+  const SyncBatchNormGroup& group = *group_;
+  const double tag = 2.0 * static_cast<double>(index_) + kForwardPhase;
+  const at::ScalarType type = compute_type(input);
+  const int64_t channels = options.num_features();
+  const std::vector<int64_t> dims = reduction_dims(input);
+
+  at::Tensor mean;
+  at::Tensor invstd;
+  at::Tensor total;
+  at::Tensor output;
+  {
+    at::NoGradGuard no_grad;
+    const at::Tensor x = input.to(type);
+    const int64_t count = x.numel() / channels;
+    at::Tensor local_mean = at::zeros({channels}, x.options());
+    at::Tensor local_m2 = at::zeros({channels}, x.options());
+    if (count > 0) {
+      local_mean = x.mean(dims);
+      local_m2 = (x - per_channel(local_mean, x)).square().sum(dims);
+    }
+    const at::Tensor gathered =
+        gather_checked(group, payload_of(tag, static_cast<double>(count), local_mean, local_m2), tag);
+    const at::Tensor counts = gathered.select(1, 1).unsqueeze(1);  // [world, 1]
+    const at::Tensor means = gathered.narrow(1, 2, channels);
+    const at::Tensor m2s = gathered.narrow(1, 2 + channels, channels);
+    total = counts.sum();
+    if (!total.is_cuda()) {
+      LOCKSTEP_CHECK(total.item<double>() > 1, "SyncBatchNorm: expected more than 1 value per channel over all ranks ",
+                     "when training, got input ", input.sizes(), " on rank ", group.comm->rank(), " and ",
+                     total.item<double>(), " in all");
+    }
+    const at::Tensor global_mean = (counts * means).sum(0) / total;
+    const at::Tensor m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0);
+    mean = global_mean.to(type);
+    invstd = (m2 / total + options.eps()).rsqrt().to(type);
+    if (options.track_running_stats()) {
+      running_mean.mul_(1.0 - momentum).add_(global_mean.to(running_mean.scalar_type()), momentum);
+      const at::Tensor unbiased = m2 / (total - 1).clamp_min(1);
+      running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
+    }
+    at::Tensor y = (x - per_channel(mean, x)) * per_channel(invstd, x);
+    if (options.affine()) y = y * per_channel(weight.to(type), x) + per_channel(bias.to(type), x);
+    output = y.to(input.scalar_type());
+  }
+
+  const bool affine = options.affine();
+  if (torch::autograd::compute_requires_grad(input, affine ? weight : at::Tensor(), affine ? bias : at::Tensor())) {
+    auto node = std::shared_ptr<SyncBatchNormBackward>(new SyncBatchNormBackward(), torch::autograd::deleteNode);
+    node->group = group_;
+    node->tag = 2.0 * static_cast<double>(index_) + kBackwardPhase;
+    node->input_ = torch::autograd::SavedVariable(input, /*is_output=*/false);
+    if (affine) node->weight_ = torch::autograd::SavedVariable(weight, /*is_output=*/false);
+    node->mean = mean;
+    node->invstd = invstd;
+    node->total = total;
+    node->affine = affine;
+    node->set_next_edges(torch::autograd::collect_next_edges(input, affine ? weight : at::Tensor(),
+                                                             affine ? bias : at::Tensor()));
+    torch::autograd::set_history(output, node);
+  }
+  return output;
+}
+
+void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {
+  stream << "lockstep::ddp::SyncBatchNorm(" << options.num_features() << ", eps=" << options.eps() << ", momentum=";
+  if (options.momentum().has_value()) stream << *options.momentum();
+  else stream << "None";
+  stream << ", affine=" << std::boolalpha << options.affine()
+         << ", track_running_stats=" << options.track_running_stats() << ", synchronised=" << synchronised() << ")";
+}
+
+std::size_t attach_sync_batch_norm(torch::nn::Module& module, comm::CommunicatorPtr comm) {
+  LOCKSTEP_CHECK(comm != nullptr, "attach_sync_batch_norm needs a communicator");
+  auto group = std::make_shared<SyncBatchNormGroup>();
+  group->comm = std::move(comm);
+  std::vector<SyncBatchNormImpl*> layers;
+  for (const auto& item : module.named_modules(/*name_prefix=*/"", /*include_self=*/true)) {
+    if (auto* layer = dynamic_cast<SyncBatchNormImpl*>(item.value().get())) {
+      layers.push_back(layer);
+      group->names.push_back(item.key().empty() ? std::string("(the model itself)") : item.key());
+    }
+  }
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    layers[i]->group_ = group;
+    layers[i]->index_ = i;
+  }
+  return layers.size();
+}
+
+std::size_t detach_sync_batch_norm(torch::nn::Module& module) {
+  std::size_t attached = 0;
+  for (const auto& item : module.modules(/*include_self=*/true)) {
+    if (auto* layer = dynamic_cast<SyncBatchNormImpl*>(item.get())) {
+      if (layer->group_ != nullptr) ++attached;
+      layer->group_ = nullptr;
+      layer->index_ = 0;
+    }
+  }
+  return attached;
+}
+
+}  // namespace lockstep::ddp

@@ -3,7 +3,7 @@
 // dist-mnist) and against no communication at all, for two models on synthetic data, in one run.
 //
 //   mpirun -np 2 build/benchmarks/ddp_bench [--steps 10] [--warmup 2] [--model resnet|mlp|all]
-//       [--resnet-width 64] [--resnet-batch 32] [--mlp-width 2048] [--mlp-batch 16]
+//       [--resnet-width 64] [--resnet-batch 32] [--mlp-width 2048] [--mlp-batch 16] [--sync-bn]
 //       [--bucket-cap-mb 25[,4,...]] [--trace PREFIX] [--json [FILE]]
 //
 // Per way: the median step time (slowest rank), images/s over all ranks, bucket count, the time the
@@ -46,6 +46,7 @@ struct Options {
   bool json = false;
   std::string json_file;
   std::string trace;  // Chrome trace of the Lockstep runs, one file per model
+  bool sync_bn = false;  // one more ResNet row: DataParallel with sync_batch_norm
 };
 
 const char* const kDescription =
@@ -76,6 +77,8 @@ void add_options(CLI::App& app, Options& o) {
       ->delimiter(',')
       ->capture_default_str()
       ->check(bench::at_least(0.0));
+  app.add_flag("--sync-bn", o.sync_bn,
+               "also time DataParallel with sync_batch_norm on the ResNet (one more row, 'lockstep+syncbn')");
   app.add_option("--trace", o.trace, "write a Chrome trace of the Lockstep runs to PREFIX.<model>.<cap>MB.json")
       ->type_name("PREFIX");
   // Optional value: bare --json prints the JSON on stdout instead of the table, --json FILE writes it there.
@@ -137,15 +140,16 @@ double max_over_ranks(lockstep::comm::Communicator& comm, double value) {
 // load from elsewhere on a shared machine falls on all of them alike.
 class Runner {
  public:
-  // way: "none", "naive" or "lockstep"; bucket_cap_mb only for lockstep.
+  // way: "none", "naive", "lockstep" or "lockstep+syncbn"; bucket_cap_mb only for the last two.
   Runner(const Workload& w, std::string way, double bucket_cap_mb, lockstep::comm::CommunicatorPtr comm,
          const Options& o)
       : w_(w), way_(std::move(way)), comm_(std::move(comm)) {
     torch::manual_seed(0);
     model_ = w.make();
-    if (way_ == "lockstep") {
+    if (way_.rfind("lockstep", 0) == 0) {
       lockstep::ddp::DataParallelOptions options;
       options.bucket_cap_mb = bucket_cap_mb;
+      options.sync_batch_norm = way_ == "lockstep+syncbn";
       if (o.bucket_caps_mb.size() > 1) {
         std::ostringstream label;
         label << "lockstep/" << bucket_cap_mb << "MB";
@@ -249,7 +253,7 @@ std::string to_json(const std::vector<Result>& results) {
 }
 
 void print_table(const std::vector<Result>& results) {
-  std::printf("%-20s %-14s %10s %10s %8s %11s %11s %9s %12s %9s\n", "model", "way", "step ms", "images/s", "buckets",
+  std::printf("%-20s %-16s %10s %10s %8s %11s %11s %9s %12s %9s\n", "model", "way", "step ms", "images/s", "buckets",
               "comm ms", "exposed ms", "exposed%", "backward ms", "vs naive");
   for (const auto& r : results) {
     double naive = 0, none_backward = 0;
@@ -260,7 +264,7 @@ void print_table(const std::vector<Result>& results) {
     }
     char share[16] = "-";
     if (r.communication_s > 0) std::snprintf(share, sizeof(share), "%.0f%%", 100.0 * r.exposed_s / r.communication_s);
-    std::printf("%-20s %-14s %10.2f %10.1f %8zu %11.2f %11.2f %9s %12.2f %8.2fx", r.model.c_str(), r.way.c_str(),
+    std::printf("%-20s %-16s %10.2f %10.1f %8zu %11.2f %11.2f %9s %12.2f %8.2fx", r.model.c_str(), r.way.c_str(),
                 1e3 * r.step_s, r.images_per_s, r.buckets, 1e3 * r.communication_s, 1e3 * r.exposed_s, share,
                 1e3 * r.backward_compute_s, naive > 0 ? r.step_s / naive : 0.0);
     if (r.way.rfind("lockstep", 0) == 0 && none_backward > 0) {
@@ -316,6 +320,9 @@ int main(int argc, char** argv) {
     runners.push_back(std::make_unique<Runner>(w, "none", 0.0, comm, o));
     runners.push_back(std::make_unique<Runner>(w, "naive", 0.0, comm, o));
     for (double cap : o.bucket_caps_mb) runners.push_back(std::make_unique<Runner>(w, "lockstep", cap, comm, o));
+    if (o.sync_bn && w.name.rfind("resnet", 0) == 0) {
+      runners.push_back(std::make_unique<Runner>(w, "lockstep+syncbn", o.bucket_caps_mb.front(), comm, o));
+    }
     for (int s = 0; s < o.warmup + o.steps; ++s) {
       for (auto& runner : runners) runner->step(s >= o.warmup);
     }

@@ -191,6 +191,29 @@ TEST_CASE("SyncBatchNorm: forward, backward and running statistics are one proce
   CHECK(close(sync->forward(x), oracle->forward(x), 1e-4));
 }
 
+TEST_CASE("SyncBatchNorm: bfloat16 inputs are normalised in float32 and returned in bfloat16", "[syncbn]") {
+  const int world = comm().size();
+  const int rank = comm().rank();
+  SyncBatchNorm sync(3);
+  torch::nn::BatchNorm2d oracle(3);
+  lockstep::ddp::attach_sync_batch_norm(*sync, comm_ptr());
+  torch::manual_seed(21);
+  const torch::Tensor x = (torch::randn({2 * world, 3, 4, 4}) * 4 + 7).to(torch::kBFloat16);
+  const torch::Tensor g = torch::randn({2 * world, 3, 4, 4});
+  const torch::Tensor mine = x.narrow(0, 2 * rank, 2).clone().requires_grad_(true);
+  const torch::Tensor whole = x.to(torch::kFloat).requires_grad_(true);
+  const torch::Tensor y = sync->forward(mine);
+  CHECK(y.scalar_type() == torch::kBFloat16);
+  (y.to(torch::kFloat) * g.narrow(0, 2 * rank, 2)).sum().backward();
+  const torch::Tensor y_ref = oracle->forward(whole);
+  (y_ref * g).sum().backward();
+  CHECK(mine.grad().scalar_type() == torch::kBFloat16);
+  // Only the output's and the gradient's final rounding to bfloat16 (8 significant bits) differ.
+  CHECK(torch::allclose(y.to(torch::kFloat), y_ref.narrow(0, 2 * rank, 2), 1e-2, 1e-2));
+  CHECK(torch::allclose(mine.grad().to(torch::kFloat), whole.grad().narrow(0, 2 * rank, 2), 1e-2, 1e-2));
+  CHECK(close(sync->running_var, oracle->running_var, 1e-4));
+}
+
 TEST_CASE("SyncBatchNorm: one all-gather in forward, one in backward, none in eval mode or once detached",
           "[syncbn]") {
   auto counting = std::make_shared<CountingCommunicator>(comm_ptr());

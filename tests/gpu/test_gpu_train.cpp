@@ -7,6 +7,7 @@
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/sync_batch_norm.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -149,5 +150,41 @@ TEST_CASE("quantization-aware training on CUDA: ranges agree over ranks, the int
     // Not bitwise: a value on a rounding edge may take the neighbouring uint8 code on one device.
     const auto on_cpu = loaded->forward(x);
     CHECK(((on_gpu - on_cpu).norm() / on_cpu.norm()).item<double>() < 0.05);
+  }
+}
+
+TEST_CASE("SyncBatchNorm on CUDA: one process's BatchNorm on the whole batch, in fp32 and bf16", "[gpu][syncbn]") {
+  const int n = comm().size(), r = comm().rank();
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    INFO("dtype " << dtype);
+    lockstep::ddp::SyncBatchNorm sync(6);
+    torch::nn::BatchNorm2d oracle(6);
+    {
+      torch::NoGradGuard no_grad;
+      torch::manual_seed(2);
+      oracle->weight.uniform_(0.5, 2);
+      oracle->bias.uniform_(-1, 1);
+      sync->weight.copy_(oracle->weight);
+      sync->bias.copy_(oracle->bias);
+    }
+    sync->to(device());
+    lockstep::ddp::attach_sync_batch_norm(*sync, comm_ptr());
+    CHECK(sync->synchronised() == (n > 1));
+    torch::manual_seed(9);
+    const torch::Tensor x = (torch::randn({4 * n, 6, 5, 5}) * 2 + 3).to(dtype).to(torch::kFloat);  // bf16-exact
+    const torch::Tensor g = torch::randn({4 * n, 6, 5, 5});
+    const torch::Tensor mine = x.narrow(0, 4 * r, 4).to(device()).to(dtype).requires_grad_(true);
+    const torch::Tensor whole = x.clone().requires_grad_(true);
+    const torch::Tensor y = sync->forward(mine);
+    CHECK(y.is_cuda());
+    CHECK(y.scalar_type() == dtype);
+    (y.to(torch::kFloat) * g.narrow(0, 4 * r, 4).to(device())).sum().backward();
+    const torch::Tensor y_ref = oracle->forward(whole);
+    (y_ref * g).sum().backward();
+    const double tol = dtype == torch::kFloat ? 1e-4 : 3e-2;
+    CHECK(torch::allclose(y.cpu().to(torch::kFloat), y_ref.narrow(0, 4 * r, 4), tol, tol));
+    CHECK(torch::allclose(mine.grad().cpu().to(torch::kFloat), whole.grad().narrow(0, 4 * r, 4), tol, tol));
+    CHECK(torch::allclose(sync->running_mean.cpu(), oracle->running_mean, 1e-4, 1e-4));
+    CHECK(torch::allclose(sync->running_var.cpu(), oracle->running_var, 1e-4, 1e-4));
   }
 }

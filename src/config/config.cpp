@@ -230,6 +230,8 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.count("prefetch", o.prefetch, 0);
   s.boolean("drop_last_batch", o.drop_last_batch);
   s.integer("stop_after_steps", o.stop_after_steps, 0);
+  s.integer("accumulation_steps", o.accumulation_steps, 1);
+  s.real("clip_grad_norm", o.clip_grad_norm, 0.0);
   s.choice("device", o.device, {"auto", "cpu", "cuda"});
   s.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
   {

@@ -57,6 +57,8 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "prefetch", static_cast<int64_t>(t.prefetch));
   put(out, "drop_last_batch", t.drop_last_batch);
   put(out, "stop_after_steps", t.stop_after_steps);
+  put(out, "accumulation_steps", t.accumulation_steps);
+  put_real(out, "clip_grad_norm", t.clip_grad_norm);
   put(out, "device", t.device);
   put(out, "precision", t.precision);
   out << YAML::Key << "grad_scaler" << YAML::Value << YAML::BeginMap;

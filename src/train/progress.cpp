@@ -62,7 +62,7 @@ void ProgressLogger::on_epoch_begin(TrainerContext& ctx) {
 }
 
 void ProgressLogger::on_after_optimizer_step(TrainerContext& ctx) {
-  images_ += ctx.batch.target.defined() ? ctx.batch.target.size(0) * ctx.world.size : 0;
+  images_ += ctx.step_samples * ctx.world.size;
   if (ctx.world.rank != 0 || options_.log_every == 0) return;
   const int64_t done = ctx.batch_in_epoch + 1;
   if (done % options_.log_every != 0 && done != ctx.steps_per_epoch) return;

@@ -2,8 +2,11 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
+#include <optional>
 
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
@@ -24,7 +27,9 @@ double seconds_since(Clock::time_point start) {
 // Note [Exact metrics]: each rank sums (not averages) its loss, correct predictions and sample count,
 // and one float64 all-reduce adds the sums, so the epoch's loss and accuracy are exact over all
 // samples whatever the shard sizes are: never an average of per-rank averages.
-enum EpochSum { kLossSum, kCorrect, kCount, kForward, kBackward, kComm, kExposed, kSteps, kNumSums };
+enum EpochSum {
+  kLossSum, kCorrect, kCount, kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClipped, kNumSums
+};
 
 std::vector<double> allreduce_sums(comm::Communicator& comm, const std::vector<double>& local) {
   at::Tensor t = torch::tensor(local, torch::kFloat64);
@@ -68,6 +73,10 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
   LOCKSTEP_CHECK(options_.epochs >= 0, "TrainerOptions::epochs must be >= 0, got ", options_.epochs);
   LOCKSTEP_CHECK(options_.batch_size > 0, "TrainerOptions::batch_size must be positive");
   LOCKSTEP_CHECK(options_.eval_batch_size > 0, "TrainerOptions::eval_batch_size must be positive");
+  LOCKSTEP_CHECK(options_.accumulation_steps >= 1, "TrainerOptions::accumulation_steps must be >= 1, got ",
+                 options_.accumulation_steps);
+  LOCKSTEP_CHECK(options_.clip_grad_norm >= 0 && std::isfinite(options_.clip_grad_norm),
+                 "TrainerOptions::clip_grad_norm must be >= 0 (0 = off), got ", options_.clip_grad_norm);
   LOCKSTEP_CHECK(!optimizer_->param_groups().empty(), "DistributedTrainer: the optimizer has no parameter groups");
   base_lr_ = options_.lr.base_lr > 0 ? options_.lr.base_lr : optimizer_->param_groups().front().options().get_lr();
 
@@ -145,7 +154,9 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   ctx.options = &options_;
   ctx.train_loader = &loader;
   ctx.callbacks = &callbacks_;
-  ctx.steps_per_epoch = static_cast<int64_t>(loader.batches_per_epoch());
+  // Note [Accumulation]: a step is accumulation_steps micro-batches; an epoch's last step may have fewer.
+  const auto micro_batches = static_cast<int64_t>(loader.batches_per_epoch());
+  ctx.steps_per_epoch = (micro_batches + options_.accumulation_steps - 1) / options_.accumulation_steps;
   LOCKSTEP_CHECK(ctx.steps_per_epoch > 0, "DistributedTrainer::fit: no batches per epoch (", train_set->size(),
                  " samples, ", world, " ranks, batch size ", options_.batch_size, ", drop_last_batch ",
                  options_.drop_last_batch, ")");
@@ -159,7 +170,8 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   if (ctx.resume_position) {
     loader.load_state(*ctx.resume_position);
     first_epoch = ctx.resume_position->epoch;
-    ctx.batch_in_epoch = ctx.resume_position->position / static_cast<int64_t>(options_.batch_size);
+    ctx.batch_in_epoch = ctx.resume_position->position /
+                         (static_cast<int64_t>(options_.batch_size) * options_.accumulation_steps);
     resumed = true;
     ctx.resume_position.reset();
   }
@@ -192,6 +204,8 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     ctx.metrics["backward_ms"] = steps > 0 ? 1e3 * sums[kBackward] / steps : 0.0;
     ctx.metrics["comm_ms"] = steps > 0 ? 1e3 * sums[kComm] / steps : 0.0;
     ctx.metrics["exposed_comm_ms"] = steps > 0 ? 1e3 * sums[kExposed] / steps : 0.0;
+    // Every rank computed the same norms, so the ratio of the sums over ranks is the mean over steps.
+    if (options_.clip_grad_norm > 0 && sums[kClipped] > 0) ctx.metrics["grad_norm"] = sums[kGradNorm] / sums[kClipped];
     // A stopped epoch is incomplete: no evaluation and no on_epoch_end; a resumed run finishes it.
     if (ctx.stop_requested) break;
 
@@ -217,6 +231,13 @@ void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
   ctx.loss = torch::nn::functional::cross_entropy(ctx.output, ctx.batch.target);
 }
 
+// Note [Accumulation]: a step of k micro-batches runs the first k - 1 backward passes under no_sync
+// (gradients accumulate locally, no communication) and the last one synchronised, which reduces the
+// accumulated sum. Each micro-batch's mean loss is divided by the step's micro-batch count, so with
+// equal micro-batches the step's gradient is the mean over all its samples: the same step as one
+// micro-batch of k x batch_size (tested). An epoch's last step takes the micro-batches that are left,
+// and divides by their count. Every rank has the same number of batches per epoch, so every rank
+// splits the epoch into the same steps.
 void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
   epoch_sums_.assign(kNumSums, 0.0);
   // Note [No host sync per step]: the loss and correct-prediction sums stay on the device and are read
@@ -227,45 +248,72 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   at::Tensor correct_sum = torch::zeros({}, sum_options.dtype(torch::kInt64));
   LrScheduleOptions schedule = options_.lr;
   schedule.base_lr = base_lr_;
+  const int64_t k = options_.accumulation_steps;
+  const auto batches = static_cast<int64_t>(loader.batches_per_epoch());
+  // Micro-batches consumed this epoch: a resumed epoch continues where its checkpoint was written.
+  int64_t micro = resumed ? loader.state().position / static_cast<int64_t>(options_.batch_size) : 0;
   while (auto batch = loader.next()) {
+    const int64_t in_step = std::min(k, batches - micro);
     ctx.batch = to_device(std::move(*batch), device_);  // Note [Batches to the device]
     ctx.output = at::Tensor();
     ctx.loss = at::Tensor();
     ctx.step_skipped = false;
+    ctx.step_samples = 0;
     ctx.lr = lr_at(schedule, ctx.global_step, ctx.steps_per_epoch, ctx.total_steps, ctx.world.size);
     set_lr(ctx.lr);
     for (auto& cb : callbacks_) cb->on_batch_begin(ctx);
 
     optimizer_->zero_grad();
-    dp_->before_forward();
-    forward_and_loss(ctx);
-    dp_->before_backward();
-    // Backward runs outside autocast (its ops follow the forward's dtypes), as PyTorch advises.
-    if (scaler_) {
-      scaler_->scale(ctx.loss).backward();
-      // The gradients are averaged over ranks by now; callbacks see them unscaled.
-      ctx.step_skipped = scaler_->unscale(model_->parameters(), *comm_);
-    } else {
-      ctx.loss.backward();
-    }
-    for (auto& cb : callbacks_) cb->on_after_backward(ctx);
-    if (!ctx.step_skipped) optimizer_->step();
-    if (scaler_) scaler_->update(ctx.step_skipped);
-    ++ctx.global_step;
+    at::Tensor step_loss;
+    for (int64_t m = 0; m < in_step; ++m) {
+      if (m > 0) {
+        auto next = loader.next();
+        LOCKSTEP_CHECK(next.has_value(), "DistributedTrainer: the loader ran out of batches inside a step (micro-batch ",
+                       m + 1, " of ", in_step, ", epoch ", ctx.epoch, ", rank ", ctx.world.rank, ")");
+        ctx.batch = to_device(std::move(*next), device_);
+      }
+      ++micro;
+      // Note [Accumulation]: only the step's last backward communicates.
+      std::optional<ddp::NoSyncGuard> local;
+      if (m + 1 < in_step) local.emplace(dp_->no_sync());
+      dp_->before_forward();
+      forward_and_loss(ctx);
+      dp_->before_backward();
+      const at::Tensor loss = in_step > 1 ? ctx.loss / static_cast<double>(in_step) : ctx.loss;
+      // Backward runs outside autocast (its ops follow the forward's dtypes), as PyTorch advises.
+      if (scaler_) {
+        scaler_->scale(loss).backward();
+      } else {
+        loss.backward();
+      }
+      local.reset();
 
-    {
       torch::NoGradGuard no_grad;
-      const auto n = static_cast<double>(ctx.batch.target.size(0));
-      loss_sum.add_(ctx.loss.detach(), /*alpha=*/n);
+      const int64_t n = ctx.batch.target.size(0);
+      ctx.step_samples += n;
+      loss_sum.add_(ctx.loss.detach(), /*alpha=*/static_cast<double>(n));
       correct_sum.add_(ctx.output.detach().argmax(1).eq(ctx.batch.target).sum());
-      epoch_sums_[kCount] += n;
+      step_loss = step_loss.defined() ? step_loss + loss.detach() : loss.detach();
+      epoch_sums_[kCount] += static_cast<double>(n);
       const ddp::StepTimings& t = dp_->last_step();
       epoch_sums_[kForward] += t.forward_s;
       epoch_sums_[kBackward] += t.backward_s;
       epoch_sums_[kComm] += t.communication_s;
       epoch_sums_[kExposed] += t.exposed_communication_s;
-      epoch_sums_[kSteps] += 1;
     }
+    ctx.loss = step_loss;  // the mean over the step's micro-batches
+    // The gradients are averaged over ranks by now; callbacks see them unscaled.
+    if (scaler_) ctx.step_skipped = scaler_->unscale(model_->parameters(), *comm_);
+    for (auto& cb : callbacks_) cb->on_after_backward(ctx);
+    if (options_.clip_grad_norm > 0 && !ctx.step_skipped) {
+      // Every rank holds the same averaged gradients, so every rank computes the same norm.
+      epoch_sums_[kGradNorm] += torch::nn::utils::clip_grad_norm_(model_->parameters(), options_.clip_grad_norm);
+      epoch_sums_[kClipped] += 1;
+    }
+    if (!ctx.step_skipped) optimizer_->step();
+    if (scaler_) scaler_->update(ctx.step_skipped);
+    ++ctx.global_step;
+    epoch_sums_[kSteps] += 1;
     for (auto& cb : callbacks_) cb->on_after_optimizer_step(ctx);
     ++ctx.batch_in_epoch;
     if (options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) ctx.stop_requested = true;

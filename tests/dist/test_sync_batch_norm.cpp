@@ -15,6 +15,7 @@
 #include "lockstep/ddp/sync_batch_norm.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/trainer.hpp"
+#include "support/counting_communicator.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
 
@@ -26,6 +27,7 @@ using lockstep::ddp::DataParallelOptions;
 using lockstep::ddp::SyncBatchNorm;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
+using lockstep::testing::CountingCommunicator;
 
 bool close(const torch::Tensor& a, const torch::Tensor& b, double tol = 1e-5) {
   return a.sizes() == b.sizes() && torch::allclose(a, b, tol, tol);
@@ -38,50 +40,6 @@ bool same_on_every_rank(const torch::Tensor& t) {
   comm().allgather(mine, all)->wait();
   return torch::equal(all, all[0].expand_as(all));
 }
-
-// Counts the collectives issued through it, and forwards them.
-class CountingCommunicator : public lockstep::comm::Communicator {
- public:
-  explicit CountingCommunicator(lockstep::comm::CommunicatorPtr inner) : inner_(std::move(inner)) {}
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  std::string backend() const override { return inner_->backend(); }
-  lockstep::comm::WorkPtr allreduce(at::Tensor t, const lockstep::comm::AllreduceOptions& o) override {
-    ++calls;
-    return inner_->allreduce(std::move(t), o);
-  }
-  lockstep::comm::WorkPtr allreduce(const at::Tensor& in, at::Tensor out,
-                                    const lockstep::comm::AllreduceOptions& o) override {
-    ++calls;
-    return inner_->allreduce(in, std::move(out), o);
-  }
-  lockstep::comm::WorkPtr broadcast(at::Tensor t, const lockstep::comm::BroadcastOptions& o) override {
-    ++calls;
-    return inner_->broadcast(std::move(t), o);
-  }
-  lockstep::comm::WorkPtr allgather(const at::Tensor& in, at::Tensor out,
-                                    const lockstep::comm::AllgatherOptions& o) override {
-    ++calls;
-    ++allgathers;
-    return inner_->allgather(in, std::move(out), o);
-  }
-  lockstep::comm::WorkPtr reduce_scatter(const at::Tensor& in, at::Tensor out,
-                                         const lockstep::comm::ReduceScatterOptions& o) override {
-    ++calls;
-    return inner_->reduce_scatter(in, std::move(out), o);
-  }
-  lockstep::comm::WorkPtr barrier() override {
-    ++calls;
-    return inner_->barrier();
-  }
-  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
-
-  std::atomic<int> calls{0};
-  std::atomic<int> allgathers{0};
-
- private:
-  lockstep::comm::CommunicatorPtr inner_;
-};
 
 // Samples per rank: unequal, and at 3 ranks the middle rank has none.
 std::vector<int64_t> slice_sizes(int world) {

@@ -294,6 +294,21 @@ TEST_CASE("config: ddp.comm_hook picks the bucket reduction, and round-trips", "
              Contains("'ddp.comm_hook'") && Contains("test.yaml:2:14") && Contains("allreduce, bf16, fp16"));
 }
 
+TEST_CASE("config: trainer.accumulation_steps and clip_grad_norm map onto TrainerOptions, and round-trip", "[config]") {
+  const config::ExperimentConfig defaults = config::parse_config("");
+  CHECK(defaults.trainer.accumulation_steps == 1);
+  CHECK(defaults.trainer.clip_grad_norm == 0.0);
+  const config::ExperimentConfig c = config::parse_config("trainer:\n  accumulation_steps: 4\n  clip_grad_norm: 2.5\n");
+  CHECK(c.trainer.accumulation_steps == 4);
+  CHECK(c.trainer.clip_grad_norm == 2.5);
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(again.trainer.accumulation_steps == 4);
+  CHECK(again.trainer.clip_grad_norm == 2.5);
+  CHECK_THAT(error_of("trainer:\n  accumulation_steps: 0\n"),
+             Contains("'trainer.accumulation_steps'") && Contains("test.yaml:2:23"));
+  CHECK_THAT(error_of("trainer:\n  clip_grad_norm: -1\n"), Contains("'trainer.clip_grad_norm'"));
+}
+
 TEST_CASE("config: ddp.sync_batch_norm maps onto DataParallelOptions, and round-trips", "[config]") {
   CHECK_FALSE(config::parse_config("").trainer.ddp.sync_batch_norm);
   const config::ExperimentConfig c = config::parse_config("ddp:\n  sync_batch_norm: true\n");

@@ -6,8 +6,10 @@
 //   on_setup          (every callback, before any on_train_begin)
 //   on_train_begin
 //   for each epoch:  on_epoch_begin
-//                    for each batch: on_batch_begin, (forward, backward: gradients averaged over ranks),
+//                    for each step:  on_batch_begin, (forward, backward: gradients averaged over ranks),
 //                                    on_after_backward, (optimizer step), on_after_optimizer_step
+//                    (with TrainerOptions::accumulation_steps > 1, one step runs several micro-batches'
+//                    forward and backward between on_batch_begin and on_after_backward)
 //                    on_evaluation_begin, (evaluation), on_evaluation_end
 //                    on_epoch_end
 //   on_train_end (also after a stop request)
@@ -61,16 +63,19 @@ struct TrainerContext {
 
   int64_t epoch = 0;           // the current epoch (0-based)
   int64_t global_step = 0;     // optimizer steps taken so far (after on_after_optimizer_step: including this one)
-  int64_t batch_in_epoch = 0;  // index of the current batch within the epoch
+  int64_t batch_in_epoch = 0;  // index of the current step within the epoch
   int64_t steps_per_epoch = 0;
   int64_t total_steps = 0;
   double lr = 0.0;  // the learning rate of the current step
 
   // The current batch, its logits and its (this rank's, mean) loss; valid from on_batch_begin (batch
-  // only) through on_after_optimizer_step.
+  // only) through on_after_optimizer_step. With accumulation, batch and output are the step's last
+  // micro-batch (the first one at on_batch_begin) and loss is the mean over the step's micro-batches.
   data::Example batch;
   at::Tensor output;
   at::Tensor loss;
+  // This rank's samples in the current step (all its micro-batches); set before on_after_backward.
+  int64_t step_samples = 0;
   // Set before on_after_backward when this step's optimizer step will be skipped (precision fp16 and
   // a non-finite gradient on some rank: see GradScaler); the same on every rank.
   bool step_skipped = false;

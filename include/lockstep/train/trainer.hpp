@@ -39,7 +39,17 @@ namespace lockstep::train {
 
 struct TrainerOptions {
   int64_t epochs = 1;
-  size_t batch_size = 32;        // per rank; the global batch is batch_size * world size
+  size_t batch_size = 32;        // per rank and micro-batch; a step's global batch is
+                                 // batch_size * accumulation_steps * world size
+  // Gradient accumulation: each optimizer step runs this many micro-batches of batch_size per rank,
+  // the first ones under DataParallel::no_sync (no communication), each loss divided by the step's
+  // micro-batch count, so a step's gradient is the mean over all its samples (Note [Accumulation]).
+  // Callback events and global_step count optimizer steps, not micro-batches.
+  int64_t accumulation_steps = 1;
+  // Clip the gradients' global L2 norm to this (0 = off), after on_after_backward and before the
+  // optimizer step, on gradients already averaged over ranks (so every rank clips alike) and unscaled
+  // (precision fp16). Adds the metric grad_norm: the epoch's mean norm before clipping.
+  double clip_grad_norm = 0.0;
   size_t eval_batch_size = 256;  // per rank
   // Seeds the train sampler's shuffle, and torch's default generator with seed + rank (dropout
   // etc.). Model initialisation needs no seed: DataParallel copies rank 0's model to every rank.

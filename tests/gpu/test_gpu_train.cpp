@@ -116,6 +116,23 @@ TEST_CASE("the trainer trains on CUDA in fp32, bf16 and fp16", "[gpu][train]") {
   }
 }
 
+TEST_CASE("the trainer accumulates and clips on CUDA under fp16 loss scaling", "[gpu][train]") {
+  torch::manual_seed(13);
+  auto model = Net();
+  auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  lockstep::train::TrainerOptions o = cuda_trainer(4, "fp16");
+  o.batch_size = 8;
+  o.accumulation_steps = 2;
+  o.clip_grad_norm = 5.0;
+  lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+  const auto before = trainer.evaluate(images(128));
+  const auto after = trainer.fit(images(128 * comm().size()), images(128));
+  CHECK(after.at("test_loss") < before.at("test_loss") * 0.8);
+  CHECK(after.at("step") == 4 * 8);  // 128 samples per rank: 16 micro-batches, 8 steps per epoch
+  CHECK(after.count("grad_norm") == 1);
+  CHECK(lockstep::testing::identical_across_ranks(*model));
+}
+
 TEST_CASE("quantization-aware training on CUDA: ranges agree over ranks, the int8 file matches", "[gpu][quant]") {
   for (const std::string precision : {"fp32", "bf16"}) {
     INFO("precision " << precision);

@@ -118,7 +118,7 @@ int main(int argc, char** argv) {
 
   torch::manual_seed(cfg.trainer.seed);  // rank 0's initialisation is the one DataParallel broadcasts
   lockstep::models::ResNet18 model(cfg.model);
-  auto optimizer = config::make_optimizer(cfg.optimizer, model->parameters());
+  auto optimizer = config::make_optimizer(cfg.optimizer, model->parameters(), runtime.communicator());
   if (runtime.rank() == 0) {
     int64_t parameters = 0;
     for (const auto& p : model->parameters()) parameters += p.numel();

@@ -8,6 +8,7 @@
 #include "lockstep/data/mnist.hpp"
 #include "lockstep/data/subset.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
+#include "lockstep/ddp/zero_optimizer.hpp"
 
 namespace lockstep::config {
 namespace {
@@ -74,12 +75,30 @@ std::pair<data::DatasetPtr, data::DatasetPtr> make_datasets(const DataConfig& co
 }
 
 std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& config,
-                                                        std::vector<at::Tensor> parameters) {
-  LOCKSTEP_CHECK(config.name == "sgd", "config key 'optimizer.name': unknown optimizer '", config.name,
-                 "' (expected sgd)");
-  torch::optim::SGDOptions options(config.lr);
-  options.momentum(config.momentum).weight_decay(config.weight_decay).nesterov(config.nesterov);
-  return std::make_shared<torch::optim::SGD>(std::move(parameters), options);
+                                                        std::vector<at::Tensor> parameters,
+                                                        comm::CommunicatorPtr comm) {
+  LOCKSTEP_CHECK(config.name == "sgd" || config.name == "adam" || config.name == "adamw",
+                 "config key 'optimizer.name': unknown optimizer '", config.name, "' (expected sgd, adam or adamw)");
+  auto build = [config](std::vector<at::Tensor> params) -> std::unique_ptr<torch::optim::Optimizer> {
+    if (config.name == "adam" || config.name == "adamw") {
+      const std::tuple<double, double> betas{config.beta1, config.beta2};
+      if (config.name == "adam") {
+        return std::make_unique<torch::optim::Adam>(
+            std::move(params),
+            torch::optim::AdamOptions(config.lr).betas(betas).eps(config.eps).weight_decay(config.weight_decay));
+      }
+      return std::make_unique<torch::optim::AdamW>(
+          std::move(params),
+          torch::optim::AdamWOptions(config.lr).betas(betas).eps(config.eps).weight_decay(config.weight_decay));
+    }
+    torch::optim::SGDOptions options(config.lr);
+    options.momentum(config.momentum).weight_decay(config.weight_decay).nesterov(config.nesterov);
+    return std::make_unique<torch::optim::SGD>(std::move(params), options);
+  };
+  if (!config.zero) return build(std::move(parameters));
+  LOCKSTEP_CHECK(comm != nullptr, "config key 'optimizer.zero': a sharded optimizer needs the communicator "
+                 "(make_optimizer(config, parameters, comm))");
+  return std::make_shared<ddp::ZeroRedundancyOptimizer>(std::move(parameters), std::move(comm), build);
 }
 
 }  // namespace lockstep::config

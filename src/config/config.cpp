@@ -311,11 +311,15 @@ void read_model(Section s, models::ResNet18Options& o) {
 }
 
 void read_optimizer(Section s, OptimizerConfig& o) {
-  s.choice("name", o.name, {"sgd"});
+  s.choice("name", o.name, {"sgd", "adam", "adamw"});
   s.real("lr", o.lr, 0.0, 1e6, true);
   s.real("momentum", o.momentum, 0.0, 1.0, false, true);
   s.real("weight_decay", o.weight_decay, 0.0);
   s.boolean("nesterov", o.nesterov);
+  s.real("beta1", o.beta1, 0.0, 1.0, false, true);
+  s.real("beta2", o.beta2, 0.0, 1.0, false, true);
+  s.real("eps", o.eps, 0.0, 1.0, true);
+  s.boolean("zero", o.zero);
   if (o.nesterov && o.momentum <= 0) {
     std::ostringstream found;
     found << o.momentum;

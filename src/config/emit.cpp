@@ -125,6 +125,10 @@ std::string to_yaml(const ExperimentConfig& c) {
   put_real(out, "momentum", c.optimizer.momentum);
   put_real(out, "weight_decay", c.optimizer.weight_decay);
   put(out, "nesterov", c.optimizer.nesterov);
+  put_real(out, "beta1", c.optimizer.beta1);
+  put_real(out, "beta2", c.optimizer.beta2);
+  put_real(out, "eps", c.optimizer.eps);
+  put(out, "zero", c.optimizer.zero);
   out << YAML::EndMap;
 
   const compress::PruningOptions& p = c.pruning.options;

@@ -12,6 +12,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
+#include "lockstep/ddp/zero_optimizer.hpp"
 #include "train/atomic_file.hpp"
 
 namespace lockstep::train {
@@ -140,6 +141,9 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
   const int64_t n = state.numel();
   at::Tensor all = torch::empty({world * n}, torch::kFloat64);
   comm.allgather(state, all)->wait();
+
+  // Note [ZeRO checkpoints]: a sharded optimizer state is gathered (collectively) before rank 0 writes.
+  if (auto* sharded = dynamic_cast<ddp::ZeroRedundancyOptimizer*>(ctx.optimizer)) sharded->consolidate_state();
 
   const std::string final_path = (fs::path(options_.directory) / checkpoint_file_name(ctx.global_step)).string();
   if (rank == 0) {

@@ -6,4 +6,5 @@ lockstep_add_mpi_test(NAME dist.train TARGET lockstep_dist_tests NP 2 3 ARGS "[t
 lockstep_add_mpi_test(NAME dist.compress TARGET lockstep_dist_tests NP 2 3 ARGS "[compress]" TIMEOUT 300)
 lockstep_add_mpi_test(NAME dist.precision TARGET lockstep_dist_tests NP 2 3 ARGS "[precision]" TIMEOUT 600)
 lockstep_add_mpi_test(NAME dist.syncbn TARGET lockstep_dist_tests NP 2 3 ARGS "[syncbn]" TIMEOUT 300)
+lockstep_add_mpi_test(NAME dist.zero TARGET lockstep_dist_tests NP 2 3 ARGS "[zero]" TIMEOUT 300)
 lockstep_add_mpi_test(NAME dist.quant TARGET lockstep_dist_tests NP 2 3 ARGS "[quant]" TIMEOUT 300)

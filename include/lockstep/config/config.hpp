@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "lockstep/comm/communicator.hpp"
 #include "lockstep/compress/pruning.hpp"
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/data/dataset.hpp"
@@ -47,11 +48,16 @@ struct DataConfig {
 };
 
 struct OptimizerConfig {
-  std::string name = "sgd";  // only "sgd" so far
+  std::string name = "sgd";  // "sgd", "adam" or "adamw"
   double lr = 0.1;           // the base lr (trainer.lr_schedule.base_lr = 0 takes this)
-  double momentum = 0.9;
+  double momentum = 0.9;     // sgd
   double weight_decay = 5e-4;
-  bool nesterov = false;
+  bool nesterov = false;     // sgd
+  double beta1 = 0.9;        // adam, adamw
+  double beta2 = 0.999;      // adam, adamw
+  double eps = 1e-8;         // adam, adamw
+  // Shard the optimizer's state over ranks (ddp::ZeroRedundancyOptimizer, ZeRO stage 1).
+  bool zero = false;
 };
 
 // The pruning section: the keys of compress::PruningOptions, plus `enabled` (train_resnet adds a
@@ -106,9 +112,11 @@ CommandLine parse_command_line(int argc, char** argv);
 std::string usage(const std::string& program);
 
 // Builders: the train and test sets the data section describes (subset, then augmentation on the
-// train set), and the optimizer over `parameters`.
+// train set), and the optimizer over `parameters` (with `zero`, a ddp::ZeroRedundancyOptimizer over
+// `comm`, which it then needs; construction is then collective).
 std::pair<data::DatasetPtr, data::DatasetPtr> make_datasets(const DataConfig& config, uint64_t seed);
 std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& config,
-                                                        std::vector<at::Tensor> parameters);
+                                                        std::vector<at::Tensor> parameters,
+                                                        comm::CommunicatorPtr comm = nullptr);
 
 }  // namespace lockstep::config

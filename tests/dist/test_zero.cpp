@@ -1,0 +1,209 @@
+// ZeroRedundancyOptimizer against the unsharded optimizer: the same DataParallel training with SGD
+// (momentum, Nesterov, weight decay) and Adam must leave bitwise the same parameters, while each
+// rank holds only its share of the state; in the trainer, with an lr schedule and stop-and-resume.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/zero_optimizer.hpp"
+#include "lockstep/train/trainer.hpp"
+#include "support/dist.hpp"
+#include "support/fixtures.hpp"
+
+namespace {
+
+using Catch::Matchers::Contains;
+using lockstep::ddp::DataParallel;
+using lockstep::ddp::ZeroRedundancyOptimizer;
+using lockstep::testing::comm;
+using lockstep::testing::comm_ptr;
+
+// Layers of unequal sizes, so that the shares differ.
+struct MlpImpl : torch::nn::Module {
+  MlpImpl() {
+    a = register_module("a", torch::nn::Linear(12, 40));
+    b = register_module("b", torch::nn::Linear(40, 7));
+    c = register_module("c", torch::nn::Linear(7, 30));
+    d = register_module("d", torch::nn::Linear(30, 3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return d(torch::tanh(c(torch::relu(b(torch::relu(a(x))))))); }
+  torch::nn::Linear a{nullptr}, b{nullptr}, c{nullptr}, d{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+using Factory = ZeroRedundancyOptimizer::Factory;
+
+Factory sgd_factory() {
+  return [](std::vector<at::Tensor> p) {
+    return std::make_unique<torch::optim::SGD>(
+        std::move(p), torch::optim::SGDOptions(0.1).momentum(0.9).nesterov(true).weight_decay(1e-3));
+  };
+}
+Factory adam_factory() {
+  return [](std::vector<at::Tensor> p) {
+    return std::make_unique<torch::optim::Adam>(std::move(p), torch::optim::AdamOptions(0.01).weight_decay(1e-3));
+  };
+}
+
+int64_t state_elements(const torch::optim::Optimizer& opt) {
+  int64_t total = 0;
+  for (const auto& item : opt.state()) {
+    // Momentum buffers and Adam moments: every tensor the state serialises.
+    if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(item.second.get())) total += s->momentum_buffer().numel();
+    if (auto* s = dynamic_cast<torch::optim::AdamParamState*>(item.second.get())) {
+      total += s->exp_avg().numel() + s->exp_avg_sq().numel();
+    }
+  }
+  return total;
+}
+
+// K DataParallel steps of `opt` on rank slices of a fixed batch sequence; returns the parameters.
+std::vector<at::Tensor> train(Mlp model, torch::optim::Optimizer& opt, int steps) {
+  DataParallel dp(model, comm_ptr());
+  const int world = comm().size();
+  const int rank = comm().rank();
+  for (int step = 0; step < steps; ++step) {
+    torch::manual_seed(300 + step);
+    const torch::Tensor x = torch::randn({4 * world, 12});
+    const torch::Tensor y = torch::randint(0, 3, {4 * world});
+    opt.zero_grad();
+    torch::nn::functional::cross_entropy(model(x.narrow(0, 4 * rank, 4)), y.narrow(0, 4 * rank, 4)).backward();
+    opt.step();
+  }
+  return lockstep::testing::state_of(*model);
+}
+
+bool bitwise(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  bool equal = a.size() == b.size();
+  for (size_t i = 0; equal && i < a.size(); ++i) equal = torch::equal(a[i], b[i]);
+  return equal;
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO: SGD and Adam sharded give bitwise the unsharded parameters, with 1/N of the state",
+          "[zero]") {
+  for (const std::string name : {"sgd", "adam"}) {
+    INFO(name);
+    const Factory factory = name == "sgd" ? sgd_factory() : adam_factory();
+    torch::manual_seed(1);
+    Mlp plain_model;
+    Mlp sharded_model;
+    {
+      torch::NoGradGuard no_grad;
+      auto a = plain_model->parameters();
+      auto b = sharded_model->parameters();
+      for (size_t i = 0; i < a.size(); ++i) b[i].copy_(a[i]);
+    }
+    std::unique_ptr<torch::optim::Optimizer> plain = factory(plain_model->parameters());
+    ZeroRedundancyOptimizer sharded(sharded_model->parameters(), comm_ptr(), factory);
+    const auto want = train(plain_model, *plain, 5);
+    const auto got = train(sharded_model, sharded, 5);
+    CHECK(bitwise(got, want));
+    CHECK(lockstep::testing::identical_across_ranks(*sharded_model));
+
+    // Each rank keeps state only for the parameters it owns; over ranks, all of it, once.
+    int64_t owned = 0;
+    for (int owner : sharded.owners()) owned += owner == comm().rank() ? 1 : 0;
+    CHECK(static_cast<int64_t>(sharded.local().state().size()) == owned);
+    at::Tensor elements = torch::tensor({static_cast<double>(state_elements(sharded.local()))}, torch::kFloat64);
+    comm().allreduce(elements)->wait();
+    CHECK(elements.item<double>() == static_cast<double>(state_elements(*plain)));
+    if (comm().size() > 1) CHECK(state_elements(sharded.local()) < state_elements(*plain));
+  }
+}
+
+TEST_CASE("ZeRO: a rank that owns nothing still takes part", "[zero]") {
+  // Two parameters, so at 3 ranks rank 2 owns nothing.
+  torch::manual_seed(2);
+  torch::nn::Linear tiny_plain(5, 1);
+  torch::nn::Linear tiny(5, 1);
+  {
+    torch::NoGradGuard no_grad;
+    tiny->weight.copy_(tiny_plain->weight);
+    tiny->bias.copy_(tiny_plain->bias);
+  }
+  torch::optim::SGD plain(tiny_plain->parameters(), torch::optim::SGDOptions(0.1).momentum(0.5));
+  ZeroRedundancyOptimizer sharded(tiny->parameters(), comm_ptr(), [](std::vector<at::Tensor> p) {
+    return std::make_unique<torch::optim::SGD>(std::move(p), torch::optim::SGDOptions(0.1).momentum(0.5));
+  });
+  DataParallel dp_plain(tiny_plain, comm_ptr());
+  DataParallel dp(tiny, comm_ptr());
+  for (int step = 0; step < 3; ++step) {
+    const torch::Tensor x = torch::full({2, 5}, 0.1 * (step + 1 + comm().rank()));
+    plain.zero_grad();
+    tiny_plain(x).pow(2).sum().backward();
+    plain.step();
+    sharded.zero_grad();
+    tiny(x).pow(2).sum().backward();
+    sharded.step();
+  }
+  CHECK(torch::equal(tiny->weight, tiny_plain->weight));
+  CHECK(torch::equal(tiny->bias, tiny_plain->bias));
+}
+
+TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidated save, a foreign state",
+          "[zero]") {
+  // Rank 1 builds a different model: every rank raises the same kind of error.
+  torch::nn::Linear small(4, 2);
+  torch::nn::Linear other(4, 3);
+  torch::nn::Linear& mine = comm().rank() == 1 ? other : small;
+  CHECK_THROWS_WITH(ZeroRedundancyOptimizer(mine->parameters(), comm_ptr(), sgd_factory()),
+                    Contains("needs the same parameters on every rank") && Contains("rank 1 has 2 ("));
+
+  ZeroRedundancyOptimizer sharded(small->parameters(), comm_ptr(), sgd_factory());
+  torch::serialize::OutputArchive archive;
+  CHECK_THROWS_WITH(sharded.save(archive), Contains("call consolidate_state() on every rank"));
+  sharded.consolidate_state();
+  sharded.save(archive);  // now it can
+  small(torch::ones({1, 4})).sum().backward();
+  sharded.step();
+  CHECK_THROWS_WITH(sharded.save(archive), Contains("state consolidated after step 0"));
+
+  torch::optim::SGD unsharded(small->parameters(), torch::optim::SGDOptions(0.1));
+  torch::serialize::OutputArchive foreign;
+  unsharded.save(foreign);
+  std::string bytes;
+  foreign.save_to([&bytes](const void* data, size_t n) {
+    bytes.append(static_cast<const char*>(data), n);
+    return n;
+  });
+  torch::serialize::InputArchive in;
+  in.load_from(bytes.data(), bytes.size());
+  CHECK_THROWS_WITH(sharded.load(in), Contains("not written by a ZeroRedundancyOptimizer"));
+}
+
+TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, and bitwise after resume",
+          "[zero]") {
+  auto run = [](bool zero, const std::string& dir, int64_t stop_after, const std::string& resume) {
+    torch::manual_seed(31);
+    lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
+    auto factory = adam_factory();
+    std::shared_ptr<torch::optim::Optimizer> opt;
+    if (zero) {
+      opt = std::make_shared<ZeroRedundancyOptimizer>(model->parameters(), comm_ptr(), factory);
+    } else {
+      opt = factory(model->parameters());
+    }
+    lockstep::train::TrainerOptions o =
+        lockstep::testing::resumable(lockstep::testing::quiet_trainer(2, 8), dir, stop_after, resume);
+    o.lr.kind = lockstep::train::LrScheduleKind::Cosine;
+    o.lr.warmup_steps = 2;
+    lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7), nullptr);  // 3 steps per epoch
+    return lockstep::testing::state_of(*model);
+  };
+  const auto plain = run(false, lockstep::testing::shared_temp_dir("zero_plain"), 0, "never");
+  const auto full = run(true, lockstep::testing::shared_temp_dir("zero_full"), 0, "never");
+  CHECK(bitwise(full, plain));
+  for (int64_t stop : {2, 4}) {
+    INFO("stopped after step " << stop);
+    const std::string dir = lockstep::testing::shared_temp_dir("zero_stop" + std::to_string(stop));
+    run(true, dir, stop, "auto");
+    CHECK(bitwise(run(true, dir, 0, "auto"), full));
+  }
+}

@@ -18,6 +18,7 @@
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/core/world.hpp"
+#include "lockstep/ddp/zero_optimizer.hpp"
 #include "lockstep/models/int8_resnet.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -129,6 +130,18 @@ int main(int argc, char** argv) {
                 cfg.trainer.batch_size, cfg.trainer.batch_size * static_cast<size_t>(runtime.size()),
                 cfg.trainer.device.c_str(), runtime.backend().c_str(), runtime.backend_reason().c_str(),
                 cfg.trainer.precision.c_str());
+    if (auto* zero = dynamic_cast<lockstep::ddp::ZeroRedundancyOptimizer*>(optimizer.get())) {
+      // Every rank knows the partition: the largest share bounds any rank's optimizer state.
+      std::vector<int64_t> share(static_cast<size_t>(runtime.size()), 0);
+      const auto parameters_list = model->parameters();
+      for (size_t i = 0; i < parameters_list.size(); ++i) {
+        share[static_cast<size_t>(zero->owners()[i])] += parameters_list[i].numel();
+      }
+      const int64_t largest = *std::max_element(share.begin(), share.end());
+      std::printf("%s state sharded over %d ranks (ZeRO): at most %lld of %lld parameters' state per rank (%.1f%%)\n",
+                  cfg.optimizer.name.c_str(), runtime.size(), static_cast<long long>(largest),
+                  static_cast<long long>(parameters), 100.0 * static_cast<double>(largest) / static_cast<double>(parameters));
+    }
     std::fflush(stdout);
   }
 

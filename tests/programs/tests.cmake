@@ -40,3 +40,28 @@ if(LOCKSTEP_BUILD_EXAMPLES)
     PASS_REGULAR_EXPRESSION "config key 'trainer.epochs' at --set trainer.epochs=three: expected an integer"
     FAIL_REGULAR_EXPRESSION "expected an integer.*expected an integer")
 endif()
+
+# train_resnet at 3 ranks with the data-parallel options together: synchronised batch norm, gradient
+# accumulation, clipping, and AdamW with its state sharded over ranks (ZeRO); the second run resumes
+# the first's checkpoint (the sharded optimizer state included) and trains one more epoch.
+if(LOCKSTEP_BUILD_EXAMPLES)
+  set(dp_dir ${CMAKE_CURRENT_BINARY_DIR}/train_resnet_dp_options)
+  set(dp_args --config ${PROJECT_SOURCE_DIR}/configs/demo.yaml
+              --set data.train_subset=720 --set data.test_subset=300 --set model.width=8
+              --set ddp.sync_batch_norm=true --set trainer.batch_size=8 --set trainer.accumulation_steps=2
+              --set trainer.clip_grad_norm=5 --set optimizer.name=adamw --set optimizer.lr=0.003
+              --set optimizer.weight_decay=0.01 --set optimizer.zero=true
+              --set trainer.output_dir=${dp_dir} --set trainer.log_every=0)
+  add_test(NAME program.train_resnet_dp_options_clean COMMAND ${CMAKE_COMMAND} -E rm -rf ${dp_dir})
+  set_tests_properties(program.train_resnet_dp_options_clean PROPERTIES FIXTURES_SETUP dp_options_clean)
+  add_test(NAME program.train_resnet_dp_options.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
+                   --set trainer.epochs=1)
+  set_tests_properties(program.train_resnet_dp_options.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+    FIXTURES_REQUIRED dp_options_clean FIXTURES_SETUP dp_options PASS_REGULAR_EXPRESSION "epoch 1: train loss [0-9.]+ acc")
+  add_test(NAME program.train_resnet_dp_options_resume.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
+                   --set trainer.epochs=2)
+  set_tests_properties(program.train_resnet_dp_options_resume.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+    FIXTURES_REQUIRED dp_options PASS_REGULAR_EXPRESSION "resum.*epoch 2: train loss [0-9.]+ acc")
+endif()

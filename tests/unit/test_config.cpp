@@ -309,6 +309,32 @@ TEST_CASE("config: trainer.accumulation_steps and clip_grad_norm map onto Traine
   CHECK_THAT(error_of("trainer:\n  clip_grad_norm: -1\n"), Contains("'trainer.clip_grad_norm'"));
 }
 
+TEST_CASE("config: optimizer adam/adamw and zero build the named optimizer, and round-trip", "[config]") {
+  const config::ExperimentConfig c =
+      config::parse_config("optimizer:\n  name: adamw\n  lr: 0.002\n  beta2: 0.99\n  eps: 1.0e-6\n  zero: true\n");
+  CHECK(c.optimizer.name == "adamw");
+  CHECK(c.optimizer.beta2 == 0.99);
+  CHECK(c.optimizer.eps == 1e-6);
+  CHECK(c.optimizer.zero);
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(again.optimizer.name == "adamw");
+  CHECK(again.optimizer.beta2 == 0.99);
+  CHECK(again.optimizer.zero);
+  torch::nn::Linear layer(3, 2);
+  config::OptimizerConfig adam = c.optimizer;
+  adam.zero = false;
+  auto built = config::make_optimizer(adam, layer->parameters());
+  REQUIRE(dynamic_cast<torch::optim::AdamW*>(built.get()) != nullptr);
+  CHECK(built->param_groups()[0].options().get_lr() == 0.002);
+  adam.name = "adam";
+  CHECK(dynamic_cast<torch::optim::Adam*>(config::make_optimizer(adam, layer->parameters()).get()) != nullptr);
+  // Sharding needs the communicator: a clear error without one.
+  CHECK_THROWS_WITH(config::make_optimizer(c.optimizer, layer->parameters()),
+                    Contains("'optimizer.zero'") && Contains("needs the communicator"));
+  CHECK_THAT(error_of("optimizer:\n  name: lamb\n"), Contains("'optimizer.name'") && Contains("adam, adamw, sgd"));
+  CHECK_THAT(error_of("optimizer:\n  beta1: 1.5\n"), Contains("'optimizer.beta1'"));
+}
+
 TEST_CASE("config: ddp.sync_batch_norm maps onto DataParallelOptions, and round-trips", "[config]") {
   CHECK_FALSE(config::parse_config("").trainer.ddp.sync_batch_norm);
   const config::ExperimentConfig c = config::parse_config("ddp:\n  sync_batch_norm: true\n");

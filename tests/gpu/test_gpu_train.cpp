@@ -8,6 +8,7 @@
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/sync_batch_norm.hpp"
+#include "lockstep/ddp/zero_optimizer.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -131,6 +132,43 @@ TEST_CASE("the trainer accumulates and clips on CUDA under fp16 loss scaling", "
   CHECK(after.at("step") == 4 * 8);  // 128 samples per rank: 16 micro-batches, 8 steps per epoch
   CHECK(after.count("grad_norm") == 1);
   CHECK(lockstep::testing::identical_across_ranks(*model));
+}
+
+TEST_CASE("ZeroRedundancyOptimizer on CUDA: bitwise the unsharded Adam", "[gpu][zero]") {
+  const int n = comm().size(), r = comm().rank();
+  torch::manual_seed(19);
+  auto plain_model = Net();
+  auto sharded_model = Net();
+  {
+    torch::NoGradGuard no_grad;
+    auto a = plain_model->parameters();
+    auto b = sharded_model->parameters();
+    for (size_t i = 0; i < a.size(); ++i) b[i].copy_(a[i]);
+  }
+  plain_model->to(device());
+  sharded_model->to(device());
+  auto factory = [](std::vector<at::Tensor> p) {
+    return std::make_unique<torch::optim::Adam>(std::move(p), torch::optim::AdamOptions(0.01));
+  };
+  auto plain = factory(plain_model->parameters());
+  // Built before the move would work too (its buffer follows the parameters at the first step).
+  lockstep::ddp::ZeroRedundancyOptimizer sharded(sharded_model->parameters(), comm_ptr(), factory);
+  lockstep::ddp::DataParallel dp_plain(plain_model, comm_ptr());
+  lockstep::ddp::DataParallel dp(sharded_model, comm_ptr());
+  for (int step = 0; step < 3; ++step) {
+    torch::manual_seed(40 + step);
+    auto x = torch::randn({4 * n, 1, 8, 8}).narrow(0, 4 * r, 4).to(device());
+    auto y = torch::randint(0, 4, {4 * n}, torch::kLong).narrow(0, 4 * r, 4).to(device());
+    plain->zero_grad();
+    torch::nn::functional::cross_entropy(plain_model->forward(x), y).backward();
+    plain->step();
+    sharded.zero_grad();
+    torch::nn::functional::cross_entropy(sharded_model->forward(x), y).backward();
+    sharded.step();
+  }
+  auto a = plain_model->parameters();
+  auto b = sharded_model->parameters();
+  for (size_t i = 0; i < a.size(); ++i) CHECK(torch::equal(a[i].cpu(), b[i].cpu()));
 }
 
 TEST_CASE("quantization-aware training on CUDA: ranges agree over ranks, the int8 file matches", "[gpu][quant]") {

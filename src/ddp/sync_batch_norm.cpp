@@ -8,6 +8,7 @@
 
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -26,7 +27,9 @@
 // Backward: with xhat = (x - mean) * invstd, the single-process gradient is
 //   dx = w * invstd * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
 // where the sums run over the global batch: one more all-gather of the per-rank sums (added in rank
-// order, so bitwise equal everywhere). dweight and dbias stay this rank's sums; DataParallel averages
+// order, so bitwise equal everywhere). Both passes that touch whole activations per channel use
+// LibTorch's fused kernels where they exist (inference batch_norm with the global statistics forward,
+// native_batch_norm_backward for the per-rank sums), so synchronising costs little beyond the collectives. dweight and dbias stay this rank's sums; DataParallel averages
 // them with the other parameters. Each rank's loss is its own mean, N/b times the global loss's share,
 // and the average over ranks divides that back out: the result is the single process's gradient.
 //
@@ -128,26 +131,38 @@ struct SyncBatchNormBackward : public torch::autograd::Node {
     const at::Tensor input = input_.unpack(shared_from_this());
     const at::Tensor weight = affine ? weight_.unpack(shared_from_this()) : at::Tensor();
     const at::ScalarType type = compute_type(input);
+    const int64_t channels = mean.size(0);
     const at::Tensor x = input.to(type);
     // An unused output still takes part, with a zero gradient, so the ranks' collectives stay in step.
     const at::Tensor dy = grads[0].defined() ? grads[0].to(type) : at::zeros_like(x);
-    const std::vector<int64_t> dims = reduction_dims(x);
-    const at::Tensor xmu = x - per_channel(mean, x);
-    const at::Tensor sum_dy = dy.sum(dims);
-    const at::Tensor sum_dy_xmu = (dy * xmu).sum(dims);
+    const at::Tensor w = affine ? weight.to(type) : at::ones({channels}, x.options());
+    // This rank's sum(dy) and sum(dy * xhat) per channel, in one pass of LibTorch's fused kernel
+    // (they are also this rank's bias and weight gradients).
+    // A rank without samples contributes zeros (the kernel would divide by its count of zero).
+    at::Tensor sum_dy_xhat = at::zeros({channels}, x.options());
+    at::Tensor sum_dy = at::zeros({channels}, x.options());
+    if (x.numel() > 0) {
+      std::tie(std::ignore, sum_dy_xhat, sum_dy) = at::native_batch_norm_backward(
+          dy, x, w, {}, {}, mean, invstd, /*train=*/true, 0.0, {false, true, true});
+    }
 
     torch::autograd::variable_list result(3);
     if (should_compute_output(0)) {
-      const at::Tensor gathered = gather_checked(*group, payload_of(tag, 0.0, sum_dy, sum_dy_xmu), tag);
-      const int64_t channels = mean.size(0);
+      const at::Tensor gathered = gather_checked(*group, payload_of(tag, 0.0, sum_dy, sum_dy_xhat), tag);
       const at::Tensor sums = gathered.sum(0);
       const at::Tensor mean_dy = (sums.narrow(0, 2, channels) / total).to(type);
-      const at::Tensor mean_dy_xmu = (sums.narrow(0, 2 + channels, channels) / total).to(type);
-      const at::Tensor scale = affine ? invstd * weight.to(type) : invstd;
-      at::Tensor dx = dy - per_channel(mean_dy, x) - xmu * per_channel(invstd * invstd * mean_dy_xmu, x);
-      result[0] = (dx * per_channel(scale, x)).to(input.scalar_type());
+      const at::Tensor mean_dy_xhat = (sums.narrow(0, 2 + channels, channels) / total).to(type);
+      // dx = s * (dy - mean_dy - xhat * mean_dy_xhat) with s = w * invstd and xhat = (x - mean) * invstd,
+      // rearranged to dy * s + x * k + c: two passes over the activations.
+      const at::Tensor scale = w * invstd;
+      const at::Tensor slope = invstd * mean_dy_xhat;  // per unit of (x - mean)
+      const at::Tensor k = -(slope * scale);
+      const at::Tensor c = (mean * slope - mean_dy) * scale;
+      at::Tensor dx = at::addcmul(per_channel(c, x), x, per_channel(k, x));
+      dx.addcmul_(dy, per_channel(scale, x));
+      result[0] = dx.to(input.scalar_type());
     }
-    if (affine && should_compute_output(1)) result[1] = (sum_dy_xmu * invstd).to(weight.scalar_type());
+    if (affine && should_compute_output(1)) result[1] = sum_dy_xhat.to(weight.scalar_type());
     if (affine && should_compute_output(2)) result[2] = sum_dy.to(weight.scalar_type());
     return result;
   }
@@ -233,9 +248,15 @@ torch::Tensor SyncBatchNormImpl::forward_synchronised(const torch::Tensor& input
       const at::Tensor unbiased = m2 / (total - 1).clamp_min(1);
       running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
     }
-    at::Tensor y = (x - per_channel(mean, x)) * per_channel(invstd, x);
-    if (options.affine()) y = y * per_channel(weight.to(type), x) + per_channel(bias.to(type), x);
-    output = y.to(input.scalar_type());
+    if (input.scalar_type() == type && (!options.affine() || weight.scalar_type() == type)) {
+      // LibTorch's fused inference kernel with the global statistics: one pass instead of four.
+      output = at::batch_norm(input, weight, bias, mean, (m2 / total).to(type), /*training=*/false, 0.0,
+                              options.eps(), at::globalContext().userEnabledCuDNN());
+    } else {
+      at::Tensor y = (x - per_channel(mean, x)) * per_channel(invstd, x);
+      if (options.affine()) y = y * per_channel(weight.to(type), x) + per_channel(bias.to(type), x);
+      output = y.to(input.scalar_type());
+    }
   }
 
   const bool affine = options.affine();

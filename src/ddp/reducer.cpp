@@ -120,6 +120,7 @@ void Reducer::build_buckets(const BucketAssignment& assignment) {
       bucket.grad.parameter_names.push_back(names_[i]);
       bucket.grad.offsets.push_back(offset);
       bucket.grad.numels.push_back(params_[i].numel());
+      bucket.grad.sizes.push_back(params_[i].sizes().vec());
       slots_[i] = Slot{b, k};
       offset += params_[i].numel();
     }

@@ -26,6 +26,7 @@ struct GradBucket {
   std::vector<std::string> parameter_names;
   std::vector<std::int64_t> offsets;  // where each parameter's gradient starts in `buffer` (elements)
   std::vector<std::int64_t> numels;
+  std::vector<std::vector<std::int64_t>> sizes;  // each parameter's shape (hooks that reshape, e.g. PowerSGD)
   std::uint64_t iteration = 0;  // synchronised backward passes before this one
 
   bool is_last() const { return index + 1 == count; }

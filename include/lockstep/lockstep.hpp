@@ -12,6 +12,7 @@
 #include "lockstep/data/data.hpp"
 #include "lockstep/ddp/comm_hooks.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/checkpoint.hpp"

@@ -39,6 +39,19 @@ namespace lockstep::ddp {
 // this step's input M (residual added) so that the residual M - M' needs no extra copy; an entry still
 // marked in flight when the next step reaches it belongs to a step that never finished (an error ended
 // it) and is reset rather than trusted.
+//
+// Note [PowerSGD degenerate state]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Warm start feeds each step's Q into the next, so a Q column that is 0 stays 0 for good: a gradient
+// that is 0 for one step (a parameter unused in that step under find_unused_parameters, a masked
+// layer) gives P = 0, Q = 0, and from then on an approximation of rank < r, down to nothing, while the
+// residual grows without bound. A NaN or inf (an fp16 overflow step, which GradScaler skips) does the
+// same with NaN, and the residual would carry it into every later step. (As far as we know, PyTorch's
+// hook guards against neither.) Here, without reading anything back to the host (CUDA keeps running
+// ahead): a warm-start Q column that is 0 or not finite is replaced by a fresh random one, and
+// non-finite residual values are set to 0 (that step's result is not finite anyway, so nothing that
+// was applied is lost). The step with the bad gradient still returns its NaN/inf, as the 16-bit hooks
+// do, for GradScaler to see.
 
 struct PowerSGDState::Entry {
   std::vector<std::int64_t> sizes;
@@ -267,8 +280,13 @@ comm::WorkPtr PowerSGDState::reduce(comm::Communicator& comm, const GradBucket& 
         entry.error = x.m.clone();
       }
     }
+    const at::Tensor fresh = draw_q(options_.seed, bucket.parameter_names[k], bucket.iteration, m, r, options);
     if (!options_.warm_start || !entry.q.defined()) {
-      entry.q = draw_q(options_.seed, bucket.parameter_names[k], bucket.iteration, m, r, options);
+      entry.q = fresh;
+    } else {
+      // Note [PowerSGD degenerate state]
+      const at::Tensor usable = at::isfinite(entry.q).all(0).logical_and(entry.q.abs().sum(0) > 0);
+      entry.q = at::where(usable, entry.q, fresh);
     }
     at::mm_out(x.p, x.m, entry.q);
     entry.in_flight = true;
@@ -304,7 +322,9 @@ void PowerSGDState::Step::finish(comm::Communicator& comm) {
     at::mm_out(x.m, x.p, x.q.t());
     if (!x.out.is_same(x.m)) x.out.copy_(x.m);
     // Against what was applied (for 16-bit buckets: after rounding), so the residual keeps that too.
-    if (options.use_error_feedback) x.entry->error.sub_(x.out);
+    if (options.use_error_feedback) {
+      x.entry->error.sub_(x.out).nan_to_num_(0.0, 0.0, 0.0);  // Note [PowerSGD degenerate state]
+    }
     if (options.warm_start) x.entry->q = x.q;
     x.entry->in_flight = false;
   }

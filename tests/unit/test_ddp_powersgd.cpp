@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/powersgd.hpp"
@@ -223,6 +224,30 @@ TEST_CASE("PowerSGD state follows a parameter into another bucket and restarts o
   ddp::powersgd_hook(moved)(solo, bucket)->wait();
   CHECK(moved->error("a").sizes() == reshaped.sizes());
   CHECK(torch::allclose(moved->error("a") + gradient_of(bucket, 0), reshaped, 1e-5, 1e-5));
+}
+
+TEST_CASE("PowerSGD recovers from a zero or non-finite gradient instead of sticking to it", "[ddp][powersgd]") {
+  // Note [PowerSGD degenerate state]: warm start would carry a zero or NaN Q forever.
+  torch::manual_seed(12);
+  const torch::Tensor g = torch::randn({12, 1}).mm(torch::randn({1, 15}));  // rank 1: approximated exactly
+  torch::Tensor poisoned = torch::zeros({12, 15});
+  poisoned[3][4] = std::numeric_limits<float>::infinity();
+  for (const torch::Tensor& bad : {torch::zeros({12, 15}), poisoned}) {
+    INFO((bad.isfinite().all().item<bool>() ? "zero gradient first" : "inf in the first gradient"));
+    auto state = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+    auto hook = ddp::powersgd_hook(state);
+    SoloCommunicator solo;
+    auto first = make_bucket({bad}, {"w"}, 0);
+    hook(solo, first)->wait();
+    // A bad gradient is passed on as such (GradScaler must see it); the residual is kept finite.
+    CHECK(torch::isfinite(gradient_of(first, 0)).all().item<bool>() == bad.isfinite().all().item<bool>());
+    CHECK(torch::isfinite(state->error("w")).all().item<bool>());
+    for (std::uint64_t it = 1; it < 3; ++it) {
+      auto next = make_bucket({g}, {"w"}, it);
+      hook(solo, next)->wait();
+      CHECK(torch::allclose(gradient_of(next, 0), g, 1e-4, 1e-5));
+    }
+  }
 }
 
 TEST_CASE("PowerSGD rejects buckets it cannot reduce", "[ddp][powersgd]") {

@@ -69,10 +69,11 @@ struct PowerSGDState::Entry {
 struct PowerSGDState::Step {
   struct Matrix {
     std::shared_ptr<Entry> entry;
-    at::Tensor m;    // n x m in the compute dtype: a view of `work`
-    at::Tensor out;  // n x m in the bucket's dtype: a view of the bucket buffer (== m without a cast)
-    at::Tensor p;    // n x r view of p_flat
-    at::Tensor q;    // m x r view of q_flat
+    at::Tensor m;      // n x m in the compute dtype: a view of `work`; receives P Q^T
+    at::Tensor input;  // M plus the residual: the entry's `error` with error feedback, else m
+    at::Tensor out;    // n x m in the bucket's dtype: a view of the bucket buffer (== m without a cast)
+    at::Tensor p;      // n x r view of p_flat
+    at::Tensor q;      // m x r view of q_flat
   };
   struct Part {
     std::int64_t offset = 0, numel = 0, flat_offset = 0;
@@ -275,13 +276,16 @@ comm::WorkPtr PowerSGDState::reduce(comm::Communicator& comm, const GradBucket& 
     p_offset += n * r;
     q_offset += m * r;
     Entry& entry = *x.entry;
+    x.input = x.m;
     if (options_.use_error_feedback) {
+      // Summed into the residual's own storage (one pass, no copy): it is the input until finish()
+      // subtracts what was applied.
       if (entry.error.defined()) {
-        x.m.add_(entry.error);
-        entry.error.copy_(x.m);
+        entry.error.add_(x.m);
       } else {
         entry.error = x.m.clone();
       }
+      x.input = entry.error;
     }
     const at::Tensor fresh = draw_q(options_.seed, bucket.parameter_names[k], bucket.iteration, m, r, options);
     if (!options_.warm_start || !entry.q.defined()) {
@@ -291,7 +295,7 @@ comm::WorkPtr PowerSGDState::reduce(comm::Communicator& comm, const GradBucket& 
       const at::Tensor usable = at::isfinite(entry.q).all(0).logical_and(entry.q.abs().sum(0) > 0);
       entry.q = at::where(usable, entry.q, fresh);
     }
-    at::mm_out(x.p, x.m, entry.q);
+    at::mm_out(x.p, x.input, entry.q);
     entry.in_flight = true;
     step->matrices.push_back(std::move(x));
   }
@@ -315,7 +319,7 @@ void PowerSGDState::Step::finish(comm::Communicator& comm) {
   }
   for (Matrix& x : matrices) {
     orthogonalize_columns(x.p, options.orthogonalization_epsilon);
-    at::mm_out(x.q, x.m.t(), x.p);
+    at::mm_out(x.q, x.input.t(), x.p);
   }
   if (q_flat.numel() > 0) {
     comm.allreduce(q_flat)->wait();  // Note [PowerSGD collective order]

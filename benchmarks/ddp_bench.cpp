@@ -268,7 +268,9 @@ class Runner {
   }
 
  private:
-  static std::int64_t wire_bytes_of(const lockstep::ddp::PowerSGDStats& s) { return s.plain_bytes + s.compressed_bytes; }
+  static std::int64_t wire_bytes_of(const lockstep::ddp::PowerSGDStats& s) {
+    return s.plain_bytes + s.compressed_bytes;
+  }
 
   // Bytes this rank handed to all-reduce in the last step.
   std::int64_t wire_bytes(std::int64_t powersgd_step_bytes) const {

@@ -335,7 +335,8 @@ ddp:
     x.trainer.ddp.comm_hook(solo, bucket)->wait();
     CHECK(solo.allreduces == 2);
   }
-  const auto set = config::parse_config("", "x", {"ddp.comm_hook=powersgd", "ddp.powersgd.matrix_approximation_rank=2"});
+  const auto set =
+      config::parse_config("", "x", {"ddp.comm_hook=powersgd", "ddp.powersgd.matrix_approximation_rank=2"});
   CHECK(set.ddp_powersgd.matrix_approximation_rank == 2);
   CHECK(static_cast<bool>(set.trainer.ddp.comm_hook));
 

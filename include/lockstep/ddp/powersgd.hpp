@@ -34,7 +34,7 @@
 
 namespace lockstep::ddp {
 
-// Defaults as PyTorch's PowerSGDState, except orthogonalization_epsilon (see there).
+// Defaults as PyTorch's PowerSGDState; orthogonalization_epsilon = 0 is safe here, unlike there (see it).
 struct PowerSGDOptions {
   // r: columns of P and Q. 1 often suffices (the paper's ResNet-18/CIFAR-10 run used 2); higher is
   // closer to the exact average and costs r times the traffic. Must be >= 1.

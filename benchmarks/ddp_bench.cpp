@@ -3,13 +3,15 @@
 // dist-mnist) and against no communication at all, for two models on synthetic data, in one run.
 //
 //   mpirun -np 2 build/benchmarks/ddp_bench [--steps 10] [--warmup 2] [--model resnet|mlp|all]
-//       [--resnet-width 64] [--resnet-batch 32] [--mlp-width 2048] [--mlp-batch 16] [--sync-bn]
-//       [--bucket-cap-mb 25[,4,...]] [--trace PREFIX] [--json [FILE]]
+//       [--resnet-width 64] [--resnet-batch 32] [--mlp-width 2048] [--mlp-batch 16]
+//       [--sync-bn] [--bucket-cap-mb 25[,4,...]] [--comm-hook allreduce[,fp16,bf16,powersgd]] [--powersgd-rank 1[,4,...]]
+//       [--powersgd-start-iteration 0] [--trace PREFIX] [--json [FILE]]
 //
 // Per way: the median step time (slowest rank), images/s over all ranks, bucket count, the time the
 // communicator spent on the all-reduces and the part of it backward did not hide ("exposed"), and
 // backward's own compute time, which shows how much an all-reduce running beside backward slows it
-// when compute and communication share the cores.
+// when compute and communication share the cores; and the bytes each rank hands to all-reduce per
+// step ("wire MB"), which the compression hooks cut.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -27,6 +29,7 @@
 
 #include "bench_cli.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -42,7 +45,10 @@ struct Options {
   std::int64_t resnet_batch = 32;
   std::int64_t mlp_width = 2048;
   std::int64_t mlp_batch = 16;
-  std::vector<double> bucket_caps_mb = {25.0};  // one Lockstep row per cap
+  std::vector<double> bucket_caps_mb = {25.0};  // one Lockstep row per cap, hook (and PowerSGD rank)
+  std::vector<std::string> comm_hooks = {"allreduce"};
+  std::vector<std::int64_t> powersgd_ranks = {1};
+  std::uint64_t powersgd_start_iteration = 0;
   bool json = false;
   std::string json_file;
   std::string trace;  // Chrome trace of the Lockstep runs, one file per model
@@ -77,9 +83,23 @@ void add_options(CLI::App& app, Options& o) {
       ->delimiter(',')
       ->capture_default_str()
       ->check(bench::at_least(0.0));
+  app.add_option("--comm-hook", o.comm_hooks, "communication hooks, comma-separated: one Lockstep row each")
+      ->type_name("HOOK[,HOOK...]")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::IsMember({"allreduce", "fp16", "bf16", "powersgd"}));
+  app.add_option("--powersgd-rank", o.powersgd_ranks, "PowerSGD matrix_approximation_rank(s): one powersgd row each")
+      ->type_name("R[,R...]")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(bench::at_least<std::int64_t>(1));
+  app.add_option("--powersgd-start-iteration", o.powersgd_start_iteration,
+                 "PowerSGD start_iteration (plain averaging before; 0: every step timed is compressed)")
+      ->capture_default_str();
   app.add_flag("--sync-bn", o.sync_bn,
                "also time DataParallel with sync_batch_norm on the ResNet (one more row, 'lockstep+syncbn')");
-  app.add_option("--trace", o.trace, "write a Chrome trace of the Lockstep runs to PREFIX.<model>.<cap>MB.json")
+  app.add_option("--trace", o.trace,
+                 "write a Chrome trace of the Lockstep runs to PREFIX.<model>.<cap>MB[.<hook>].json")
       ->type_name("PREFIX");
   // Optional value: bare --json prints the JSON on stdout instead of the table, --json FILE writes it there.
   CLI::Option* json = app.add_option("--json", o.json_file, "JSON instead of the table: on stdout, or into FILE")
@@ -114,8 +134,17 @@ struct Workload {
   torch::Tensor x, y;
 };
 
+// One Lockstep configuration: bucket cap, hook and (for powersgd) rank.
+struct LockstepWay {
+  double bucket_cap_mb = 25.0;
+  std::string hook = "allreduce";
+  std::int64_t powersgd_rank = 1;
+  bool sync_batch_norm = false;
+};
+
 struct Result {
-  std::string model, way;
+  std::string model, way, hook;
+  double wire_bytes = 0;  // per step and rank, handed to all-reduce
   int ranks = 1;
   std::int64_t batch_per_rank = 0, parameters = 0;
   double step_s = 0, images_per_s = 0, forward_s = 0, backward_compute_s = 0, communication_s = 0, exposed_s = 0;
@@ -140,26 +169,42 @@ double max_over_ranks(lockstep::comm::Communicator& comm, double value) {
 // load from elsewhere on a shared machine falls on all of them alike.
 class Runner {
  public:
-  // way: "none", "naive", "lockstep" or "lockstep+syncbn"; bucket_cap_mb only for the last two.
-  Runner(const Workload& w, std::string way, double bucket_cap_mb, lockstep::comm::CommunicatorPtr comm,
+  // way: "none", "naive" or "lockstep"; `lockstep` only for lockstep.
+  Runner(const Workload& w, std::string way, const LockstepWay& lockstep, lockstep::comm::CommunicatorPtr comm,
          const Options& o)
-      : w_(w), way_(std::move(way)), comm_(std::move(comm)) {
+      : w_(w), way_(std::move(way)), hook_(lockstep.hook), comm_(std::move(comm)) {
     torch::manual_seed(0);
     model_ = w.make();
-    if (way_.rfind("lockstep", 0) == 0) {
+    if (way_ == "lockstep") {
+      const double bucket_cap_mb = lockstep.bucket_cap_mb;
       lockstep::ddp::DataParallelOptions options;
       options.bucket_cap_mb = bucket_cap_mb;
-      options.sync_batch_norm = way_ == "lockstep+syncbn";
-      if (o.bucket_caps_mb.size() > 1) {
-        std::ostringstream label;
-        label << "lockstep/" << bucket_cap_mb << "MB";
-        label_ = label.str();
+      options.sync_batch_norm = lockstep.sync_batch_norm;
+      if (hook_ == "fp16") options.comm_hook = lockstep::ddp::fp16_compress_hook();
+      if (hook_ == "bf16") options.comm_hook = lockstep::ddp::bf16_compress_hook();
+      if (hook_ == "powersgd") {
+        lockstep::ddp::PowerSGDOptions powersgd;
+        powersgd.matrix_approximation_rank = lockstep.powersgd_rank;
+        powersgd.start_iteration = o.powersgd_start_iteration;
+        powersgd_ = std::make_shared<lockstep::ddp::PowerSGDState>(powersgd);
+        options.comm_hook = lockstep::ddp::powersgd_hook(powersgd_);
       }
+      std::ostringstream label;
+      label << "lockstep";
+      if (o.comm_hooks.size() > 1 || hook_ != "allreduce") label << "/" << hook_;
+      if (hook_ == "powersgd") label << "-r" << lockstep.powersgd_rank;
+      if (o.bucket_caps_mb.size() > 1) label << "/" << bucket_cap_mb << "MB";
+      if (lockstep.sync_batch_norm) label << "+syncbn";
+      label_ = label.str();
       dp_ = std::make_unique<lockstep::ddp::DataParallel>(model_, comm_, options);
       if (!o.trace.empty()) {
         std::string id = w.name;
         for (char& c : id) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
-        dp_->enable_trace(o.trace + "." + id + "." + std::to_string(static_cast<int>(bucket_cap_mb)) + "MB.json");
+        std::string hook = hook_ == "allreduce" ? "" : "." + hook_;
+        if (hook_ == "powersgd") hook += "-r" + std::to_string(lockstep.powersgd_rank);
+        if (lockstep.sync_batch_norm) hook += ".syncbn";
+        dp_->enable_trace(o.trace + "." + id + "." + std::to_string(static_cast<int>(bucket_cap_mb)) + "MB" + hook +
+                          ".json");
         trace_ = true;
       }
     }
@@ -185,7 +230,11 @@ class Runner {
     const auto t3 = Clock::now();
     opt_->step();
     const auto t4 = Clock::now();
+    const std::int64_t powersgd_bytes = powersgd_ ? wire_bytes_of(powersgd_->stats()) : 0;
+    const std::int64_t powersgd_step_bytes = powersgd_bytes - powersgd_bytes_;
+    powersgd_bytes_ = powersgd_bytes;
     if (!record) return;
+    wire_.push_back(static_cast<double>(wire_bytes(powersgd_step_bytes)));
     step_.push_back(seconds(t0, t4));
     forward_.push_back(seconds(t0, t1));
     if (dp_) {
@@ -220,12 +269,31 @@ class Runner {
     r.communication_s = max_over_ranks(*comm_, median(communication_));
     r.exposed_s = max_over_ranks(*comm_, median(exposed_));
     r.buckets = buckets_;
+    r.hook = way_ == "lockstep" ? hook_ : "-";
+    r.wire_bytes = median(wire_);
     return r;
   }
 
  private:
+  static std::int64_t wire_bytes_of(const lockstep::ddp::PowerSGDStats& s) {
+    return s.plain_bytes + s.compressed_bytes;
+  }
+
+  // Bytes this rank handed to all-reduce in the last step.
+  std::int64_t wire_bytes(std::int64_t powersgd_step_bytes) const {
+    if (way_ == "none") return 0;
+    std::int64_t gradient_bytes = 0;
+    for (const auto& p : parameters_) gradient_bytes += static_cast<std::int64_t>(p.nbytes());
+    if (way_ == "naive" || hook_ == "allreduce") return gradient_bytes;
+    if (hook_ == "powersgd") return powersgd_step_bytes;
+    return gradient_bytes / 2;  // fp16, bf16 of float32 gradients
+  }
+
   const Workload& w_;
-  std::string way_, label_;
+  std::string way_, hook_, label_;
+  std::shared_ptr<lockstep::ddp::PowerSGDState> powersgd_;
+  std::int64_t powersgd_bytes_ = 0;
+  std::vector<double> wire_;
   lockstep::comm::CommunicatorPtr comm_;
   std::shared_ptr<torch::nn::Module> model_;
   std::unique_ptr<lockstep::ddp::DataParallel> dp_;
@@ -245,7 +313,8 @@ std::string to_json(const std::vector<Result>& results) {
        << ", \"batch_per_rank\": " << r.batch_per_rank << ", \"parameters\": " << r.parameters
        << ", \"step_s\": " << r.step_s << ", \"images_per_s\": " << r.images_per_s << ", \"forward_s\": " << r.forward_s
        << ", \"backward_compute_s\": " << r.backward_compute_s << ", \"communication_s\": " << r.communication_s
-       << ", \"exposed_communication_s\": " << r.exposed_s << ", \"buckets\": " << r.buckets << "}"
+       << ", \"exposed_communication_s\": " << r.exposed_s << ", \"buckets\": " << r.buckets << ", \"hook\": \""
+       << r.hook << "\", \"wire_bytes_per_step\": " << r.wire_bytes << "}"
        << (k + 1 < results.size() ? ",\n" : "\n");
   }
   os << "]\n";
@@ -253,8 +322,8 @@ std::string to_json(const std::vector<Result>& results) {
 }
 
 void print_table(const std::vector<Result>& results) {
-  std::printf("%-20s %-16s %10s %10s %8s %11s %11s %9s %12s %9s\n", "model", "way", "step ms", "images/s", "buckets",
-              "comm ms", "exposed ms", "exposed%", "backward ms", "vs naive");
+  std::printf("%-20s %-22s %10s %10s %8s %9s %11s %11s %9s %12s %9s\n", "model", "way", "step ms", "images/s",
+              "buckets", "wire MB", "comm ms", "exposed ms", "exposed%", "backward ms", "vs naive");
   for (const auto& r : results) {
     double naive = 0, none_backward = 0;
     for (const auto& other : results) {
@@ -264,9 +333,9 @@ void print_table(const std::vector<Result>& results) {
     }
     char share[16] = "-";
     if (r.communication_s > 0) std::snprintf(share, sizeof(share), "%.0f%%", 100.0 * r.exposed_s / r.communication_s);
-    std::printf("%-20s %-16s %10.2f %10.1f %8zu %11.2f %11.2f %9s %12.2f %8.2fx", r.model.c_str(), r.way.c_str(),
-                1e3 * r.step_s, r.images_per_s, r.buckets, 1e3 * r.communication_s, 1e3 * r.exposed_s, share,
-                1e3 * r.backward_compute_s, naive > 0 ? r.step_s / naive : 0.0);
+    std::printf("%-20s %-22s %10.2f %10.1f %8zu %9.3f %11.2f %11.2f %9s %12.2f %8.2fx", r.model.c_str(),
+                r.way.c_str(), 1e3 * r.step_s, r.images_per_s, r.buckets, r.wire_bytes / 1e6, 1e3 * r.communication_s,
+                1e3 * r.exposed_s, share, 1e3 * r.backward_compute_s, naive > 0 ? r.step_s / naive : 0.0);
     if (r.way.rfind("lockstep", 0) == 0 && none_backward > 0) {
       std::printf("   (backward %.2fx slower than without communication)", r.backward_compute_s / none_backward);
     }
@@ -317,11 +386,23 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   for (const auto& w : workloads) {
     std::vector<std::unique_ptr<Runner>> runners;
-    runners.push_back(std::make_unique<Runner>(w, "none", 0.0, comm, o));
-    runners.push_back(std::make_unique<Runner>(w, "naive", 0.0, comm, o));
-    for (double cap : o.bucket_caps_mb) runners.push_back(std::make_unique<Runner>(w, "lockstep", cap, comm, o));
+    runners.push_back(std::make_unique<Runner>(w, "none", LockstepWay{}, comm, o));
+    runners.push_back(std::make_unique<Runner>(w, "naive", LockstepWay{}, comm, o));
+    for (double cap : o.bucket_caps_mb) {
+      for (const std::string& hook : o.comm_hooks) {
+        if (hook != "powersgd") {
+          runners.push_back(std::make_unique<Runner>(w, "lockstep", LockstepWay{cap, hook, 1}, comm, o));
+          continue;
+        }
+        for (std::int64_t r : o.powersgd_ranks) {
+          runners.push_back(std::make_unique<Runner>(w, "lockstep", LockstepWay{cap, hook, r}, comm, o));
+        }
+      }
+    }
     if (o.sync_bn && w.name.rfind("resnet", 0) == 0) {
-      runners.push_back(std::make_unique<Runner>(w, "lockstep+syncbn", o.bucket_caps_mb.front(), comm, o));
+      LockstepWay way{o.bucket_caps_mb.front(), "allreduce", 1};
+      way.sync_batch_norm = true;
+      runners.push_back(std::make_unique<Runner>(w, "lockstep", way, comm, o));
     }
     for (int s = 0; s < o.warmup + o.steps; ++s) {
       for (auto& runner : runners) runner->step(s >= o.warmup);

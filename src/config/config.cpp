@@ -270,10 +270,23 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.finish();
 }
 
-void read_ddp(Section s, ddp::DataParallelOptions& o, std::string& comm_hook) {
-  s.choice("comm_hook", comm_hook, {"allreduce", "fp16", "bf16"});
+void read_powersgd(Section s, ddp::PowerSGDOptions& o) {
+  s.integer("matrix_approximation_rank", o.matrix_approximation_rank, 1);
+  s.unsigned_integer("start_iteration", o.start_iteration);
+  s.real("min_compression_rate", o.min_compression_rate, 1.0);
+  s.boolean("use_error_feedback", o.use_error_feedback);
+  s.boolean("warm_start", o.warm_start);
+  s.real("orthogonalization_epsilon", o.orthogonalization_epsilon, 0.0);
+  s.unsigned_integer("seed", o.seed);
+  s.finish();
+}
+
+void read_ddp(Section s, ddp::DataParallelOptions& o, std::string& comm_hook, ddp::PowerSGDOptions& powersgd) {
+  s.choice("comm_hook", comm_hook, {"allreduce", "fp16", "bf16", "powersgd"});
+  read_powersgd(s.section("powersgd"), powersgd);  // checked whichever hook is chosen
   if (comm_hook == "fp16") o.comm_hook = ddp::fp16_compress_hook();
   else if (comm_hook == "bf16") o.comm_hook = ddp::bf16_compress_hook();
+  else if (comm_hook == "powersgd") o.comm_hook = ddp::powersgd_hook(powersgd);
   else o.comm_hook = nullptr;  // the reducer's default: ddp::allreduce_hook()
   s.real("bucket_cap_mb", o.bucket_cap_mb, 0.0, 1e6, true);
   s.real("first_bucket_cap_mb", o.first_bucket_cap_mb, 0.0, 1e6, true);
@@ -443,7 +456,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   Section top(reader, root, "");
   read_runtime(top.section("runtime"), config.runtime);
   read_trainer(top.section("trainer"), config.trainer);
-  read_ddp(top.section("ddp"), config.trainer.ddp, config.ddp_comm_hook);
+  read_ddp(top.section("ddp"), config.trainer.ddp, config.ddp_comm_hook, config.ddp_powersgd);
   read_data(top.section("data"), config.data);
   read_model(top.section("model"), config.model);
   read_optimizer(top.section("optimizer"), config.optimizer);

@@ -96,6 +96,16 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "find_unused_parameters", t.ddp.find_unused_parameters);
   put(out, "broadcast_buffers", t.ddp.broadcast_buffers);
   put(out, "sync_batch_norm", t.ddp.sync_batch_norm);
+  const ddp::PowerSGDOptions& ps = c.ddp_powersgd;
+  out << YAML::Key << "powersgd" << YAML::Value << YAML::BeginMap;
+  put(out, "matrix_approximation_rank", ps.matrix_approximation_rank);
+  put(out, "start_iteration", static_cast<int64_t>(ps.start_iteration));
+  put_real(out, "min_compression_rate", ps.min_compression_rate);
+  put(out, "use_error_feedback", ps.use_error_feedback);
+  put(out, "warm_start", ps.warm_start);
+  put_real(out, "orthogonalization_epsilon", ps.orthogonalization_epsilon);
+  put(out, "seed", static_cast<int64_t>(ps.seed));
+  out << YAML::EndMap;
   out << YAML::EndMap;
 
   out << YAML::Key << "data" << YAML::Value << YAML::BeginMap;

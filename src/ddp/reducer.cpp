@@ -120,6 +120,7 @@ void Reducer::build_buckets(const BucketAssignment& assignment) {
       bucket.grad.parameter_names.push_back(names_[i]);
       bucket.grad.offsets.push_back(offset);
       bucket.grad.numels.push_back(params_[i].numel());
+      bucket.grad.sizes.push_back(params_[i].sizes().vec());
       slots_[i] = Slot{b, k};
       offset += params_[i].numel();
     }
@@ -317,6 +318,8 @@ void Reducer::finish_backward() {
   std::vector<comm::WorkPtr> broadcasts;
   if (!broadcast_tensors_.empty()) broadcasts = broadcast_coalesced(*comm_, broadcast_tensors_, 0);
 
+  // Strictly in bucket order, on every rank, and only here: a hook's continuation may issue a
+  // collective of its own when it runs (Note [PowerSGD collective order]).
   for (auto& bucket : buckets_) bucket.work->wait();
   flags_work->wait();
   for (auto& work : broadcasts) work->wait();

@@ -118,6 +118,11 @@ TEST_CASE("A user's communication hook runs once per bucket, in bucket order", "
     iterations.push_back(bucket.iteration);
     CHECK(bucket.parameter_names.size() == 1);
     CHECK(bucket.offsets.size() == bucket.numels.size());
+    CHECK(bucket.sizes.size() == 1);  // the parameter's shape: a Linear weight or bias
+    if (bucket.sizes.size() == 1) {
+      CHECK(c10::multiply_integers(bucket.sizes[0]) == bucket.numels[0]);
+      CHECK(bucket.sizes[0].size() == (bucket.parameter_names[0].find("weight") != std::string::npos ? 2u : 1u));
+    }
     at::Tensor buffer = bucket.buffer;
     return lockstep::comm::then(c.allreduce(buffer), [buffer, size = c.size()] { buffer.div_(size); });
   };

@@ -1,9 +1,13 @@
 // Config: YAML onto the options structs, and every kind of error naming the key path and its place.
 
+#include <torch/torch.h>
+
 #include <filesystem>
 
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
+#include "support/grad_buckets.hpp"
+#include "support/solo_communicator.hpp"
 // Catch after the LibTorch headers: glog (through c10) defines CHECK too, and Catch's must win.
 #include <catch2/catch.hpp>
 
@@ -342,6 +346,60 @@ TEST_CASE("config: ddp.sync_batch_norm maps onto DataParallelOptions, and round-
   CHECK(config::parse_config(config::to_yaml(c), "printed").trainer.ddp.sync_batch_norm);
   CHECK(config::parse_config("", "empty", {"ddp.sync_batch_norm=true"}).trainer.ddp.sync_batch_norm);
   CHECK_THAT(error_of("ddp:\n  sync_batch_norm: maybe\n"), Contains("'ddp.sync_batch_norm'") && Contains("test.yaml:2:20"));
+}
+
+TEST_CASE("config: ddp.comm_hook powersgd takes ddp.powersgd's options, round-trips, names bad keys", "[config]") {
+  const config::ExperimentConfig defaults = config::parse_config("");
+  const lockstep::ddp::PowerSGDOptions d;
+  CHECK(defaults.ddp_powersgd.matrix_approximation_rank == d.matrix_approximation_rank);
+  CHECK(defaults.ddp_powersgd.start_iteration == d.start_iteration);
+  CHECK(defaults.ddp_powersgd.min_compression_rate == d.min_compression_rate);
+
+  const char* yaml = R"(
+ddp:
+  comm_hook: powersgd
+  powersgd:
+    matrix_approximation_rank: 4
+    start_iteration: 0
+    min_compression_rate: 3.5
+    use_error_feedback: false
+    warm_start: false
+    orthogonalization_epsilon: 1e-8
+    seed: 7
+)";
+  const config::ExperimentConfig c = config::parse_config(yaml, "test.yaml");
+  for (const config::ExperimentConfig& x : {c, config::parse_config(config::to_yaml(c), "printed")}) {
+    const lockstep::ddp::PowerSGDOptions& o = x.ddp_powersgd;
+    CHECK(x.ddp_comm_hook == "powersgd");
+    CHECK(o.matrix_approximation_rank == 4);
+    CHECK(o.start_iteration == 0);
+    CHECK(o.min_compression_rate == 3.5);
+    CHECK_FALSE(o.use_error_feedback);
+    CHECK_FALSE(o.warm_start);
+    CHECK(o.orthogonalization_epsilon == 1e-8);
+    CHECK(o.seed == 7);
+    // The hook is PowerSGD with these options: from iteration 0, a P and a Q round for a 40 x 40 matrix.
+    REQUIRE(static_cast<bool>(x.trainer.ddp.comm_hook));
+    lockstep::testing::SoloCommunicator solo;
+    auto bucket = lockstep::testing::make_bucket({torch::ones({40, 40})}, {"w"});
+    x.trainer.ddp.comm_hook(solo, bucket)->wait();
+    CHECK(solo.allreduces == 2);
+  }
+  const auto set =
+      config::parse_config("", "x", {"ddp.comm_hook=powersgd", "ddp.powersgd.matrix_approximation_rank=2"});
+  CHECK(set.ddp_powersgd.matrix_approximation_rank == 2);
+  CHECK(static_cast<bool>(set.trainer.ddp.comm_hook));
+
+  CHECK_THAT(error_of("ddp:\n  powersgd:\n    matrix_approximation_rank: 0\n"),
+             Contains("'ddp.powersgd.matrix_approximation_rank'") && Contains("test.yaml:3:") && Contains(">= 1"));
+  CHECK_THAT(error_of("ddp: {powersgd: {min_compression_rate: 0.5}}"),
+             Contains("'ddp.powersgd.min_compression_rate'") && Contains("found 0.5"));
+  CHECK_THAT(error_of("ddp: {powersgd: {orthogonalization_epsilon: -1}}"),
+             Contains("'ddp.powersgd.orthogonalization_epsilon'"));
+  CHECK_THAT(error_of("ddp: {powersgd: {rank: 2}}"),
+             Contains("unknown config key 'ddp.powersgd.rank'") && Contains("matrix_approximation_rank"));
+  CHECK_THAT(error_of("", {"ddp.powersgd.warm_start=maybe"}),
+             Contains("'ddp.powersgd.warm_start'") && Contains("--set ddp.powersgd.warm_start=maybe"));
 }
 
 TEST_CASE("config: the quantization section maps onto QuantizationOptions, with errors naming the key", "[config]") {

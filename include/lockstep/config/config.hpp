@@ -21,6 +21,7 @@
 #include "lockstep/compress/pruning.hpp"
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/data/dataset.hpp"
+#include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -86,9 +87,12 @@ struct ExperimentConfig {
   PruningConfig pruning;
   QuantizationConfig quantization;
   // ddp.comm_hook: how gradient buckets are all-reduced: "allreduce" (float32, the default), "fp16" or
-  // "bf16" (compressed to 16 bits on the wire, half the bytes; ddp/comm_hooks.hpp). parse_config also
-  // sets trainer.ddp.comm_hook to the matching hook.
+  // "bf16" (compressed to 16 bits on the wire, half the bytes; ddp/comm_hooks.hpp), or "powersgd"
+  // (low-rank, ddp/powersgd.hpp). parse_config also sets trainer.ddp.comm_hook to the matching hook.
   std::string ddp_comm_hook = "allreduce";
+  // ddp.powersgd: the keys of ddp::PowerSGDOptions, used when ddp.comm_hook is "powersgd". The hook
+  // parse_config makes holds PowerSGD's state: build one trainer per parsed config.
+  ddp::PowerSGDOptions ddp_powersgd;
 };
 
 // Parses YAML text; `source` names it in error messages. `overrides` are "key.path=value" strings

@@ -26,6 +26,7 @@ struct GradBucket {
   std::vector<std::string> parameter_names;
   std::vector<std::int64_t> offsets;  // where each parameter's gradient starts in `buffer` (elements)
   std::vector<std::int64_t> numels;
+  std::vector<std::vector<std::int64_t>> sizes;  // each parameter's shape (hooks that reshape, e.g. PowerSGD)
   std::uint64_t iteration = 0;  // synchronised backward passes before this one
 
   bool is_last() const { return index + 1 == count; }
@@ -37,11 +38,15 @@ struct GradBucket {
 //   - issue the same collectives on every rank (same order, same sizes and dtypes);
 //   - return a Work whose successful wait() leaves in `bucket.buffer` the value each gradient should
 //     take (for data parallelism: the average over ranks). Post-processing such as casting back
-//     belongs in comm::then(work, fn); fn runs on the thread that waits, at the end of backward;
+//     belongs in comm::then(work, fn); fn runs on the thread that waits, at the end of backward,
+//     bucket after bucket in bucket order on every rank, so fn may itself issue (and wait for) a
+//     further collective (PowerSGD does: Note [PowerSGD collective order] in src/ddp/powersgd.cpp);
 //   - not touch `bucket.buffer` after that Work completes (DataParallel reuses it).
 // It may overwrite `bucket.buffer` before issuing: the local gradients are not needed afterwards.
 // State (error feedback, counters) lives in whatever the std::function captures.
 using CommHook = std::function<comm::WorkPtr(comm::Communicator& comm, const GradBucket& bucket)>;
+
+// PowerSGD's low-rank compression with error feedback is in lockstep/ddp/powersgd.hpp.
 
 // The default: divides by the world size, then all-reduces with a sum (dividing first keeps
 // 16-bit gradients from overflowing in the sum).

@@ -1,0 +1,261 @@
+// PowerSGD's pieces on their own and its hook in a world of one rank: Gram-Schmidt against a QR
+// decomposition, which gradients are compressed, option checks, exactness on low-rank matrices,
+// error feedback, 16-bit buckets, and state that follows a parameter into another bucket.
+#include <torch/torch.h>
+// Catch after the LibTorch headers: glog (through c10) defines CHECK too, and Catch's must win.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/ddp/powersgd.hpp"
+#include "support/grad_buckets.hpp"
+#include "support/solo_communicator.hpp"
+
+using Catch::Matchers::Contains;
+namespace ddp = lockstep::ddp;
+using lockstep::testing::gradient_of;
+using lockstep::testing::make_bucket;
+using lockstep::testing::SoloCommunicator;
+
+namespace {
+
+std::string error_of(const ddp::PowerSGDOptions& o) {
+  try {
+    ddp::validate(o);
+  } catch (const lockstep::Error& e) {
+    return e.message();
+  }
+  return "(no error)";
+}
+
+ddp::PowerSGDOptions starting_at_once(std::int64_t rank = 1) {
+  ddp::PowerSGDOptions o;
+  o.matrix_approximation_rank = rank;
+  o.start_iteration = 0;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("orthogonalize_columns gives a QR decomposition's Q", "[ddp][powersgd]") {
+  torch::manual_seed(3);
+  const torch::Tensor a = torch::randn({40, 4}, torch::kFloat64);
+  torch::Tensor p = a.clone();
+  ddp::orthogonalize_columns(p);
+  // Gram-Schmidt is the QR decomposition whose R has a positive diagonal.
+  auto [q, r] = at::linalg_qr(a);
+  q = q * r.diagonal().sign();
+  CHECK(torch::allclose(p, q, 1e-10, 1e-12));
+  CHECK(torch::allclose(p.t().mm(p), torch::eye(4, torch::kFloat64), 1e-10, 1e-12));
+}
+
+TEST_CASE("orthogonalize_columns keeps zero columns zero and divides by norm + epsilon", "[ddp][powersgd]") {
+  torch::Tensor p = torch::zeros({5, 3});
+  p.select(1, 0).copy_(torch::tensor({3.0f, 4.0f, 0.0f, 0.0f, 0.0f}));
+  p.select(1, 2).copy_(torch::tensor({3.0f, 4.0f, 2.0f, 0.0f, 0.0f}));  // column 0 plus 2 e_2
+  ddp::orthogonalize_columns(p);
+  CHECK(torch::isfinite(p).all().item<bool>());
+  CHECK(torch::allclose(p.select(1, 0), torch::tensor({0.6f, 0.8f, 0.0f, 0.0f, 0.0f})));
+  CHECK(torch::equal(p.select(1, 1), torch::zeros({5})));
+  CHECK(torch::allclose(p.select(1, 2), torch::tensor({0.0f, 0.0f, 1.0f, 0.0f, 0.0f}), 1e-6, 1e-6));
+
+  torch::Tensor zero = torch::zeros({4, 2});
+  ddp::orthogonalize_columns(zero, 1e-8);
+  CHECK(torch::equal(zero, torch::zeros({4, 2})));
+
+  torch::Tensor one = torch::tensor({{3.0}, {4.0}}, torch::kFloat64);
+  ddp::orthogonalize_columns(one, 1.0);
+  CHECK(torch::allclose(one, torch::tensor({{0.5}, {4.0 / 6.0}}, torch::kFloat64)));
+
+  CHECK_THROWS_WITH(ddp::orthogonalize_columns(torch::zeros({3})), Contains("expects a matrix"));
+}
+
+TEST_CASE("compressed_rank: 1-D, empty and small matrices go uncompressed", "[ddp][powersgd]") {
+  ddp::PowerSGDOptions o;                               // rank 1, min_compression_rate 2
+  CHECK(ddp::compressed_rank({64, 32, 3, 3}, o) == 1);  // n 64, m 288: 704 < 18432
+  CHECK(ddp::compressed_rank({10}, o) == 0);
+  CHECK(ddp::compressed_rank({}, o) == 0);
+  CHECK(ddp::compressed_rank({0, 5}, o) == 0);
+  CHECK(ddp::compressed_rank({3, 3}, o) == 0);     // 12 >= 9
+  CHECK(ddp::compressed_rank({4, 4}, o) == 0);     // 16 >= 16: no strict gain
+  CHECK(ddp::compressed_rank({5, 5}, o) == 1);     // 20 < 25
+  CHECK(ddp::compressed_rank({7, 1, 1}, o) == 0);  // m = 1
+  o.matrix_approximation_rank = 4;
+  CHECK(ddp::compressed_rank({10, 100}, o) == 4);  // 880 < 1000
+  CHECK(ddp::compressed_rank({10, 10, 10}, o) == 4);
+  CHECK(ddp::compressed_rank({12, 10}, o) == 0);  // 176 >= 120
+  o.min_compression_rate = 1;
+  CHECK(ddp::compressed_rank({3, 100}, o) == 0);   // rank capped at 3: 309 >= 300
+  CHECK(ddp::compressed_rank({3, 1000}, o) == 0);  // with r = n it never pays: (n + m) n >= n m
+  CHECK(ddp::compressed_rank({5, 1000}, o) == 4);
+}
+
+TEST_CASE("PowerSGD options are checked, with errors naming the option and the value", "[ddp][powersgd]") {
+  CHECK(error_of({}) == "(no error)");
+  ddp::PowerSGDOptions o;
+  o.matrix_approximation_rank = 0;
+  CHECK_THAT(error_of(o), Contains("matrix_approximation_rank must be >= 1, got 0"));
+  o = {};
+  o.min_compression_rate = 0.5;
+  CHECK_THAT(error_of(o), Contains("min_compression_rate") && Contains("got 0.5"));
+  o.min_compression_rate = std::nan("");
+  CHECK_THAT(error_of(o), Contains("min_compression_rate"));
+  o = {};
+  o.orthogonalization_epsilon = -1e-8;
+  CHECK_THAT(error_of(o), Contains("orthogonalization_epsilon must be a finite number >= 0"));
+  o = {};
+  o.matrix_approximation_rank = -2;
+  CHECK_THROWS_WITH(ddp::powersgd_hook(o), Contains("matrix_approximation_rank"));
+  CHECK_THROWS_WITH(ddp::powersgd_hook(std::shared_ptr<ddp::PowerSGDState>()), Contains("needs a PowerSGDState"));
+}
+
+TEST_CASE("PowerSGD on one rank: exact on rank-r matrices, two all-reduces per bucket", "[ddp][powersgd]") {
+  for (std::int64_t r : {1, 2}) {
+    INFO("rank " << r);
+    torch::manual_seed(10 + r);
+    // Columns in an r-dimensional subspace: the rank-r approximation is the matrix itself.
+    const torch::Tensor w = torch::randn({12, r}).mm(torch::randn({r, 18})).view({12, 2, 3, 3});
+    const torch::Tensor b = torch::randn({12});
+    auto bucket = make_bucket({w, b}, {"w", "b"});
+    auto state = std::make_shared<ddp::PowerSGDState>(starting_at_once(r));
+    SoloCommunicator solo;
+    ddp::powersgd_hook(state)(solo, bucket)->wait();
+    CHECK(solo.allreduces == 2);
+    CHECK(torch::allclose(gradient_of(bucket, 0), w, 1e-4, 1e-5));
+    CHECK(torch::equal(gradient_of(bucket, 1), b));
+    CHECK(state->error("w").abs().max().item<float>() < 1e-4);
+    CHECK_FALSE(state->error("b").defined());  // 1-D: no residual
+    const ddp::PowerSGDStats s = state->stats();
+    CHECK(s.compressed_buckets == 1);
+    CHECK(s.compressed_matrices == 1);
+    CHECK(s.uncompressed_tensors == 1);
+    CHECK(s.gradient_bytes == 4 * (12 * 18 + 12));
+    CHECK(s.compressed_bytes == 4 * (12 + 12 * r + 18 * r));  // [b | P], then Q
+  }
+  SoloCommunicator solo;
+  auto bias_only = make_bucket({torch::ones({5})}, {"b"});
+  ddp::powersgd_hook(starting_at_once())(solo, bias_only)->wait();
+  CHECK(solo.allreduces == 1);  // no matrix, no Q round
+}
+
+TEST_CASE("PowerSGD on one rank: what was applied plus the residual is what came in", "[ddp][powersgd]") {
+  auto state = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+  auto hook = ddp::powersgd_hook(state);
+  SoloCommunicator solo;
+  torch::manual_seed(5);
+  torch::Tensor applied = torch::zeros({16, 20}, torch::kFloat64), given = torch::zeros_like(applied);
+  for (int step = 0; step < 5; ++step) {
+    const torch::Tensor g = torch::randn({16, 20});
+    auto bucket = make_bucket({g}, {"w"}, step);
+    hook(solo, bucket)->wait();
+    applied += gradient_of(bucket, 0).to(torch::kFloat64);
+    given += g.to(torch::kFloat64);
+    // Closed form of error feedback: sum of applied + residual = sum of gradients.
+    CHECK(torch::allclose(applied + state->error("w").to(torch::kFloat64), given, 1e-5, 1e-5));
+  }
+  CHECK((applied - given).abs().max().item<double>() > 0.1);  // rank 1 of a random 16 x 20 is lossy
+}
+
+TEST_CASE("PowerSGD on one rank: before start_iteration it averages; 16-bit buckets work in float32",
+          "[ddp][powersgd]") {
+  ddp::PowerSGDOptions o;
+  o.start_iteration = 2;
+  auto state = std::make_shared<ddp::PowerSGDState>(o);
+  SoloCommunicator solo;
+  const torch::Tensor g = torch::randn({16, 20});
+  for (std::uint64_t it = 0; it < 3; ++it) {
+    auto bucket = make_bucket({g}, {"w"}, it);
+    ddp::powersgd_hook(state)(solo, bucket)->wait();
+    if (it < 2)
+      CHECK(torch::equal(gradient_of(bucket, 0), g));
+    else
+      CHECK_FALSE(torch::allclose(gradient_of(bucket, 0), g, 1e-3, 1e-3));
+  }
+  CHECK(state->stats().plain_buckets == 2);
+  CHECK(state->stats().compressed_buckets == 1);
+
+  for (auto dtype : {torch::kHalf, torch::kBFloat16}) {
+    INFO(dtype);
+    // Exactly rank 1 in 16 bits too (small integers times quarters): only the result is rounded.
+    const torch::Tensor w =
+        (torch::randint(1, 5, {10, 1}, torch::kFloat).mm(torch::randint(-3, 4, {1, 30}, torch::kFloat)) / 4.0)
+            .to(torch::kFloat)
+            .to(dtype);
+    auto bucket = make_bucket({w}, {"w"});
+    auto half_state = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+    ddp::powersgd_hook(half_state)(solo, bucket)->wait();
+    CHECK(bucket.buffer.scalar_type() == dtype);
+    const double u = dtype == torch::kHalf ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+    const torch::Tensor exact = w.to(torch::kFloat64);
+    const torch::Tensor error = (gradient_of(bucket, 0).to(torch::kFloat64) - exact).abs();
+    CHECK((error <= 1.01 * u * exact.abs() + 1e-4 * exact.abs().max()).all().item<bool>());
+    CHECK(half_state->error("w").scalar_type() == torch::kFloat);
+  }
+}
+
+TEST_CASE("PowerSGD state follows a parameter into another bucket and restarts on a new shape", "[ddp][powersgd]") {
+  SoloCommunicator solo;
+  auto fixed = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+  auto moved = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+  torch::manual_seed(8);
+  for (std::uint64_t it = 0; it < 3; ++it) {
+    const torch::Tensor a = torch::randn({8, 9}), c = torch::randn({6, 7});
+    auto both = make_bucket({a, c}, {"a", "c"}, it);
+    ddp::powersgd_hook(fixed)(solo, both)->wait();
+    // The other state sees them in two buckets from iteration 1 on, in the other order.
+    if (it == 0) {
+      auto again = make_bucket({a, c}, {"a", "c"}, it);
+      ddp::powersgd_hook(moved)(solo, again)->wait();
+      CHECK(torch::allclose(again.buffer, both.buffer, 1e-5, 1e-6));
+      continue;
+    }
+    auto first = make_bucket({c}, {"c"}, it, 0, 2), second = make_bucket({a}, {"a"}, it, 1, 2);
+    ddp::powersgd_hook(moved)(solo, first)->wait();
+    ddp::powersgd_hook(moved)(solo, second)->wait();
+    // Not bitwise: the same products at other addresses may take other vector paths.
+    CHECK(torch::allclose(gradient_of(second, 0), gradient_of(both, 0), 1e-5, 1e-6));
+    CHECK(torch::allclose(gradient_of(first, 0), gradient_of(both, 1), 1e-5, 1e-6));
+  }
+  // Same name, new shape: a fresh residual (none carried over), not an error.
+  const torch::Tensor reshaped = torch::randn({9, 8});
+  auto bucket = make_bucket({reshaped}, {"a"}, 3);
+  ddp::powersgd_hook(moved)(solo, bucket)->wait();
+  CHECK(moved->error("a").sizes() == reshaped.sizes());
+  CHECK(torch::allclose(moved->error("a") + gradient_of(bucket, 0), reshaped, 1e-5, 1e-5));
+}
+
+TEST_CASE("PowerSGD recovers from a zero or non-finite gradient instead of sticking to it", "[ddp][powersgd]") {
+  // Note [PowerSGD degenerate state]: warm start would carry a zero or NaN Q forever.
+  torch::manual_seed(12);
+  const torch::Tensor g = torch::randn({12, 1}).mm(torch::randn({1, 15}));  // rank 1: approximated exactly
+  torch::Tensor poisoned = torch::zeros({12, 15});
+  poisoned[3][4] = std::numeric_limits<float>::infinity();
+  for (const torch::Tensor& bad : {torch::zeros({12, 15}), poisoned}) {
+    INFO((bad.isfinite().all().item<bool>() ? "zero gradient first" : "inf in the first gradient"));
+    auto state = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+    auto hook = ddp::powersgd_hook(state);
+    SoloCommunicator solo;
+    auto first = make_bucket({bad}, {"w"}, 0);
+    hook(solo, first)->wait();
+    // A bad gradient is passed on as such (GradScaler must see it); the residual is kept finite.
+    CHECK(torch::isfinite(gradient_of(first, 0)).all().item<bool>() == bad.isfinite().all().item<bool>());
+    CHECK(torch::isfinite(state->error("w")).all().item<bool>());
+    for (std::uint64_t it = 1; it < 3; ++it) {
+      auto next = make_bucket({g}, {"w"}, it);
+      hook(solo, next)->wait();
+      CHECK(torch::allclose(gradient_of(next, 0), g, 1e-4, 1e-5));
+    }
+  }
+}
+
+TEST_CASE("PowerSGD rejects buckets it cannot reduce", "[ddp][powersgd]") {
+  SoloCommunicator solo;
+  auto hook = ddp::powersgd_hook(starting_at_once());
+  auto ints = make_bucket({torch::ones({4, 4}, torch::kInt)}, {"i"});
+  CHECK_THROWS_WITH(hook(solo, ints), Contains("floating-point") && Contains("rank 0"));
+  auto shapeless = make_bucket({torch::ones({4, 4})}, {"w"});
+  shapeless.sizes.clear();
+  CHECK_THROWS_WITH(hook(solo, shapeless), Contains("GradBucket::sizes"));
+}

@@ -322,7 +322,7 @@ std::string to_json(const std::vector<Result>& results) {
 }
 
 void print_table(const std::vector<Result>& results) {
-  std::printf("%-20s %-22s %10s %10s %8s %9s %11s %11s %9s %12s %9s\n", "model", "way", "step ms", "images/s",
+  std::printf("%-20s %-26s %10s %10s %8s %9s %11s %11s %9s %12s %9s\n", "model", "way", "step ms", "images/s",
               "buckets", "wire MB", "comm ms", "exposed ms", "exposed%", "backward ms", "vs naive");
   for (const auto& r : results) {
     double naive = 0, none_backward = 0;
@@ -333,7 +333,7 @@ void print_table(const std::vector<Result>& results) {
     }
     char share[16] = "-";
     if (r.communication_s > 0) std::snprintf(share, sizeof(share), "%.0f%%", 100.0 * r.exposed_s / r.communication_s);
-    std::printf("%-20s %-22s %10.2f %10.1f %8zu %9.3f %11.2f %11.2f %9s %12.2f %8.2fx", r.model.c_str(),
+    std::printf("%-20s %-26s %10.2f %10.1f %8zu %9.3f %11.2f %11.2f %9s %12.2f %8.2fx", r.model.c_str(),
                 r.way.c_str(), 1e3 * r.step_s, r.images_per_s, r.buckets, r.wire_bytes / 1e6, 1e3 * r.communication_s,
                 1e3 * r.exposed_s, share, 1e3 * r.backward_compute_s, naive > 0 ? r.step_s / naive : 0.0);
     if (r.way.rfind("lockstep", 0) == 0 && none_backward > 0) {

@@ -1,6 +1,7 @@
 #include "lockstep/runtime.hpp"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <malloc.h>
 #include <mpi.h>
 
@@ -20,6 +21,20 @@
 namespace lockstep {
 
 namespace {
+
+// Note [BLAS threads]: at::set_num_threads sizes LibTorch's own pools, but not an OpenBLAS that LibTorch
+// reaches as the system's libblas.so.3 (Debian's package): that one starts a thread per core in every
+// rank, so N ranks on N cores run N x N BLAS threads and Linear layers (and PowerSGD's matmuls) crawl.
+// The Runtime sets OpenBLAS to the same thread count, unless OPENBLAS_NUM_THREADS says otherwise. Found
+// with dlsym, so there is no link dependency: without OpenBLAS this does nothing. Returns whether it did.
+bool set_openblas_threads(int threads) {
+  if (std::getenv("OPENBLAS_NUM_THREADS") != nullptr) return false;
+  using SetThreads = void (*)(int);
+  auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  if (set == nullptr) return false;
+  set(threads);
+  return true;
+}
 
 std::atomic<int> g_rank{-1};
 std::atomic<int> g_size{0};
@@ -124,6 +139,7 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
     threads = std::max(1, cores / std::max(1, world_.local_size));
   }
   at::set_num_threads(threads);
+  set_openblas_threads(threads);  // Note [BLAS threads]
 }
 
 Runtime::~Runtime() {

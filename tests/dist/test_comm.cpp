@@ -1,6 +1,7 @@
 // Multi-rank tests of the MPI communicator. Expected values come from closed forms over ranks.
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
+#include <dlfcn.h>
 
 #include <mpi.h>
 
@@ -248,4 +249,10 @@ TEST_CASE("the runtime knows the world", "[runtime]") {
   if (!torch::cuda::is_available()) CHECK(runtime.backend() == "mpi");
   CHECK(runtime.communicator() == runtime.communicator());
   CHECK(torch::get_num_threads() >= 1);
+  // Note [BLAS threads]: an OpenBLAS in the process runs with the runtime's thread count.
+  using GetThreads = int (*)();
+  auto openblas_threads = reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  if (openblas_threads != nullptr && std::getenv("OPENBLAS_NUM_THREADS") == nullptr) {
+    CHECK(openblas_threads() == torch::get_num_threads());
+  }
 }

@@ -123,11 +123,14 @@ int main(int argc, char** argv) {
   if (runtime.rank() == 0) {
     int64_t parameters = 0;
     for (const auto& p : model->parameters()) parameters += p.numel();
-    std::printf("ResNet-18 width %lld (%lld parameters) on %s: %zu train / %zu test images, %d ranks x %zu = %zu "
+    const auto accumulation = static_cast<size_t>(cfg.trainer.accumulation_steps);
+    const std::string micro = accumulation > 1 ? " x " + std::to_string(accumulation) + " micro-batches" : "";
+    std::printf("ResNet-18 width %lld (%lld parameters) on %s: %zu train / %zu test images, %d ranks x %zu%s = %zu "
                 "images per step; device %s, backend %s (%s), precision %s\n",
                 static_cast<long long>(cfg.model.width), static_cast<long long>(parameters),
                 train_set->description().c_str(), train_set->size(), test_set->size(), runtime.size(),
-                cfg.trainer.batch_size, cfg.trainer.batch_size * static_cast<size_t>(runtime.size()),
+                cfg.trainer.batch_size, micro.c_str(),
+                cfg.trainer.batch_size * accumulation * static_cast<size_t>(runtime.size()),
                 cfg.trainer.device.c_str(), runtime.backend().c_str(), runtime.backend_reason().c_str(),
                 cfg.trainer.precision.c_str());
     if (auto* zero = dynamic_cast<lockstep::ddp::ZeroRedundancyOptimizer*>(optimizer.get())) {

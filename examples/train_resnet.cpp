@@ -22,6 +22,7 @@
 #include "lockstep/models/int8_resnet.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
+#include "lockstep/train/ema.hpp"
 #include "lockstep/train/trainer.hpp"
 
 namespace {
@@ -149,6 +150,7 @@ int main(int argc, char** argv) {
   }
 
   lockstep::train::DistributedTrainer trainer(model, optimizer, runtime.communicator(), cfg.trainer);
+  if (cfg.ema.enabled) trainer.add_callback(std::make_shared<lockstep::train::ExponentialMovingAverage>(cfg.ema.options));
   if (cfg.pruning.enabled) {
     trainer.add_callback(std::make_shared<lockstep::compress::MagnitudePruning>(cfg.pruning.options));
   }

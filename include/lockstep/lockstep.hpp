@@ -20,6 +20,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/checkpoint.hpp"
+#include "lockstep/train/ema.hpp"
 #include "lockstep/train/grad_scaler.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/trainer.hpp"

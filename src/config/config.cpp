@@ -410,6 +410,24 @@ void read_quantization(Section s, QuantizationConfig& c) {
   if (c.enabled) validate_section(s, o);
 }
 
+void read_ema(Section s, EmaConfig& c, const ExperimentConfig& config) {
+  train::EmaOptions& o = c.options;
+  s.boolean("enabled", c.enabled);
+  s.real("decay", o.decay, 0.0, 1.0, false, true);
+  s.boolean("warmup", o.warmup);
+  s.integer("every_steps", o.every_steps, 1);
+  s.boolean("evaluate", o.evaluate);
+  s.boolean("apply_at_end", o.apply_at_end);
+  s.finish();
+  // Note [EMA and weight rewriting callbacks]: pruning and quantization rewrite the weights around the
+  // same events (masks after each step, int8 values around evaluation), which an average would undo.
+  if (c.enabled && (config.pruning.enabled || config.quantization.enabled)) {
+    s.fail_key("enabled", std::string("ema cannot be combined with ") +
+                              (config.pruning.enabled ? "pruning.enabled" : "quantization.enabled") +
+                              " (an average of the weights would undo their masks or int8 values)");
+  }
+}
+
 // Writes `value` (YAML text) at the dotted `path` under `root`, creating mappings on the way.
 void set_path(YAML::Node root, const std::vector<std::string>& keys, size_t i, const YAML::Node& value) {
   if (i + 1 == keys.size()) {
@@ -462,6 +480,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   read_optimizer(top.section("optimizer"), config.optimizer);
   read_pruning(top.section("pruning"), config.pruning);
   read_quantization(top.section("quantization"), config.quantization);
+  read_ema(top.section("ema"), config.ema, config);
   top.finish();
   // Activation quantization needs the model's fake-quant points (ExperimentConfig::quantization).
   if (config.quantization.enabled && config.quantization.options.activations) config.model.quantize_activations = true;

@@ -142,6 +142,15 @@ std::string to_yaml(const ExperimentConfig& c) {
   out << YAML::EndMap;
 
   const compress::PruningOptions& p = c.pruning.options;
+  out << YAML::Key << "ema" << YAML::Value << YAML::BeginMap;
+  put(out, "enabled", c.ema.enabled);
+  put_real(out, "decay", c.ema.options.decay);
+  put(out, "warmup", c.ema.options.warmup);
+  put(out, "every_steps", c.ema.options.every_steps);
+  put(out, "evaluate", c.ema.options.evaluate);
+  put(out, "apply_at_end", c.ema.options.apply_at_end);
+  out << YAML::EndMap;
+
   out << YAML::Key << "pruning" << YAML::Value << YAML::BeginMap;
   put(out, "enabled", c.pruning.enabled);
   put(out, "granularity", compress::to_string(p.granularity));

@@ -167,6 +167,13 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
         LOCKSTEP_CHECK(std::all_of(key.begin(), key.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
                        "callback state_key '", key, "' must contain only letters, digits and '_'");
         archive.write("callback_" + key, c10::IValue(cb->save_state()));
+        const std::vector<at::Tensor> tensors = cb->save_tensors();
+        if (!tensors.empty()) {
+          torch::serialize::OutputArchive part;
+          part.write("count", c10::IValue(static_cast<int64_t>(tensors.size())));
+          for (size_t i = 0; i < tensors.size(); ++i) part.write("t" + std::to_string(i), tensors[i]);
+          archive.write("callback_tensors_" + key, part);
+        }
       }
     }
     write_file_atomically(final_path, [&](const std::string& temporary) { archive.save_to(temporary); });
@@ -222,6 +229,12 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
         if (key.empty()) continue;
         c10::IValue value;
         if (archive.try_read("callback_" + key, value)) cb->load_state(value.toStringRef());
+        torch::serialize::InputArchive part;
+        if (archive.try_read("callback_tensors_" + key, part)) {
+          std::vector<at::Tensor> tensors(static_cast<size_t>(read_int(part, "count")));
+          for (size_t i = 0; i < tensors.size(); ++i) part.read("t" + std::to_string(i), tensors[i]);
+          cb->load_tensors(std::move(tensors));
+        }
       }
     }
     ctx.global_step = read_int(archive, "global_step");

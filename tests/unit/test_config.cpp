@@ -339,6 +339,23 @@ TEST_CASE("config: optimizer adam/adamw and zero build the named optimizer, and 
   CHECK_THAT(error_of("optimizer:\n  beta1: 1.5\n"), Contains("'optimizer.beta1'"));
 }
 
+TEST_CASE("config: the ema section maps onto EmaOptions, round-trips, and refuses pruning or quantization", "[config]") {
+  CHECK_FALSE(config::parse_config("").ema.enabled);
+  const config::ExperimentConfig c =
+      config::parse_config("ema:\n  enabled: true\n  decay: 0.995\n  warmup: false\n  every_steps: 2\n");
+  CHECK(c.ema.enabled);
+  CHECK(c.ema.options.decay == 0.995);
+  CHECK_FALSE(c.ema.options.warmup);
+  CHECK(c.ema.options.every_steps == 2);
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(again.ema.enabled);
+  CHECK(again.ema.options.decay == 0.995);
+  CHECK(again.ema.options.every_steps == 2);
+  CHECK_THAT(error_of("ema:\n  decay: 1.0\n"), Contains("'ema.decay'"));
+  CHECK_THAT(error_of("ema:\n  enabled: true\npruning:\n  enabled: true\n"),
+             Contains("'ema.enabled'") && Contains("cannot be combined with pruning.enabled"));
+}
+
 TEST_CASE("config: ddp.sync_batch_norm maps onto DataParallelOptions, and round-trips", "[config]") {
   CHECK_FALSE(config::parse_config("").trainer.ddp.sync_batch_norm);
   const config::ExperimentConfig c = config::parse_config("ddp:\n  sync_batch_norm: true\n");

@@ -23,6 +23,7 @@
 #include "lockstep/data/dataset.hpp"
 #include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/models/resnet.hpp"
+#include "lockstep/train/ema.hpp"
 #include "lockstep/runtime.hpp"
 #include "lockstep/train/trainer.hpp"
 
@@ -76,8 +77,15 @@ struct QuantizationConfig {
   compress::QuantizationOptions options;
 };
 
+// The ema section: the keys of train::EmaOptions, plus `enabled` (train_resnet adds a
+// train::ExponentialMovingAverage callback when it is true). Not combined with pruning or quantization.
+struct EmaConfig {
+  bool enabled = false;
+  train::EmaOptions options;
+};
+
 // One experiment. YAML sections: runtime, trainer (with lr_schedule and checkpoint), ddp (maps to
-// trainer.ddp), data, model (ResNet-18), optimizer, pruning, quantization.
+// trainer.ddp), data, model (ResNet-18), optimizer, pruning, quantization, ema.
 struct ExperimentConfig {
   RuntimeOptions runtime;
   train::TrainerOptions trainer;
@@ -86,6 +94,7 @@ struct ExperimentConfig {
   OptimizerConfig optimizer;
   PruningConfig pruning;
   QuantizationConfig quantization;
+  EmaConfig ema;
   // ddp.comm_hook: how gradient buckets are all-reduced: "allreduce" (float32, the default), "fp16" or
   // "bf16" (compressed to 16 bits on the wire, half the bytes; ddp/comm_hooks.hpp), or "powersgd"
   // (low-rank, ddp/powersgd.hpp). parse_config also sets trainer.ddp.comm_hook to the matching hook.

@@ -124,6 +124,11 @@ class Callback {
   virtual std::string state_key() const { return ""; }
   virtual std::string save_state() const { return ""; }
   virtual void load_state(const std::string& state) {}
+  // Tensor state (weight averages and the like), checkpointed under the same state_key as tensors
+  // rather than text; load_tensors receives them in the same order, after load_state. Rank 0's are
+  // written, so they must be the same on every rank.
+  virtual std::vector<at::Tensor> save_tensors() const { return {}; }
+  virtual void load_tensors(std::vector<at::Tensor> tensors) {}
 };
 
 using CallbackPtr = std::shared_ptr<Callback>;

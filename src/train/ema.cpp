@@ -1,0 +1,130 @@
+#include "lockstep/train/ema.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+
+#include <algorithm>
+#include <sstream>
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::train {
+
+void validate(const EmaOptions& o) {
+  LOCKSTEP_CHECK(o.decay >= 0.0 && o.decay < 1.0, "EmaOptions::decay must be in [0, 1), got ", o.decay);
+  LOCKSTEP_CHECK(o.every_steps >= 1, "EmaOptions::every_steps must be >= 1, got ", o.every_steps);
+}
+
+ExponentialMovingAverage::ExponentialMovingAverage(EmaOptions options) : options_(options) { validate(options_); }
+
+double ExponentialMovingAverage::decay_at(int64_t t) const {
+  if (!options_.warmup) return options_.decay;
+  return std::min(options_.decay, (1.0 + static_cast<double>(t)) / (10.0 + static_cast<double>(t)));
+}
+
+// The model's parameters, then its buffers, in registration order (tied weights once).
+std::vector<at::Tensor> ExponentialMovingAverage::targets(TrainerContext& ctx) const {
+  std::vector<at::Tensor> out;
+  for (const auto& p : ctx.model->parameters()) out.push_back(p);
+  for (const auto& b : ctx.model->buffers()) out.push_back(b);
+  return out;
+}
+
+void ExponentialMovingAverage::on_train_begin(TrainerContext& ctx) {
+  const std::vector<at::Tensor> now = targets(ctx);
+  if (!average_.empty()) {
+    // Restored from a checkpoint (load_tensors ran in the Checkpointer's on_train_begin, before this).
+    LOCKSTEP_CHECK(average_.size() == now.size(), "ExponentialMovingAverage: the checkpoint holds ", average_.size(),
+                   " averaged tensors but the model has ", now.size());
+    for (size_t i = 0; i < now.size(); ++i) {
+      LOCKSTEP_CHECK(average_[i].sizes() == now[i].sizes(), "ExponentialMovingAverage: averaged tensor ", i,
+                     " has shape ", average_[i].sizes(), " but the model's is ", now[i].sizes());
+      average_[i] = average_[i].to(now[i].device(), now[i].scalar_type());
+    }
+    return;
+  }
+  at::NoGradGuard no_grad;
+  for (const auto& t : now) average_.push_back(t.detach().clone());
+}
+
+// Note [EMA folds lazily]: the weights after step g are folded in at the next event that needs them (the
+// next step's on_batch_begin, an evaluation, the end of training), not in on_after_optimizer_step: the
+// Checkpointer runs first in that event, so a checkpoint written after step g holds the average up to
+// step g - 1 and the weights of step g; the resumed run then folds those weights in at its first step,
+// exactly where the uninterrupted run does.
+void ExponentialMovingAverage::fold_pending(TrainerContext& ctx) {
+  const int64_t g = ctx.global_step;
+  if (g <= last_folded_step_ || g % options_.every_steps != 0 || average_.empty()) return;
+  const double d = decay_at(updates_);
+  at::NoGradGuard no_grad;
+  const std::vector<at::Tensor> now = targets(ctx);
+  for (size_t i = 0; i < now.size(); ++i) {
+    if (at::isFloatingType(now[i].scalar_type())) {
+      average_[i].mul_(d).add_(now[i].detach(), 1.0 - d);
+    } else {
+      average_[i].copy_(now[i]);
+    }
+  }
+  ++updates_;
+  last_decay_ = d;
+  last_folded_step_ = g;
+}
+
+void ExponentialMovingAverage::on_batch_begin(TrainerContext& ctx) { fold_pending(ctx); }
+
+void ExponentialMovingAverage::swap_in(TrainerContext& ctx) {
+  if (!saved_.empty() || average_.empty()) return;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> now = targets(ctx);
+  for (size_t i = 0; i < now.size(); ++i) {
+    saved_.push_back(now[i].detach().clone());
+    now[i].copy_(average_[i]);
+  }
+}
+
+void ExponentialMovingAverage::restore(TrainerContext& ctx) {
+  if (saved_.empty()) return;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> now = targets(ctx);
+  for (size_t i = 0; i < now.size(); ++i) now[i].copy_(saved_[i]);
+  saved_.clear();
+}
+
+void ExponentialMovingAverage::on_evaluation_begin(TrainerContext& ctx) {
+  fold_pending(ctx);
+  if (options_.evaluate) swap_in(ctx);
+}
+
+void ExponentialMovingAverage::on_evaluation_end(TrainerContext& ctx) {
+  restore(ctx);
+  ctx.metrics["ema_updates"] = static_cast<double>(updates_);
+  ctx.metrics["ema_decay"] = last_decay_;
+}
+
+void ExponentialMovingAverage::on_train_end(TrainerContext& ctx) {
+  restore(ctx);
+  fold_pending(ctx);
+  if (options_.apply_at_end && !average_.empty()) {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> now = targets(ctx);
+    for (size_t i = 0; i < now.size(); ++i) now[i].copy_(average_[i]);
+  }
+}
+
+std::string ExponentialMovingAverage::save_state() const {
+  return std::to_string(updates_) + " " + std::to_string(last_folded_step_);
+}
+
+void ExponentialMovingAverage::load_state(const std::string& state) {
+  std::istringstream in(state);
+  LOCKSTEP_CHECK(static_cast<bool>(in >> updates_ >> last_folded_step_),
+                 "ExponentialMovingAverage: checkpointed state '", state.substr(0, 40),
+                 "' is not '<updates> <last folded step>'");
+}
+
+void ExponentialMovingAverage::load_tensors(std::vector<at::Tensor> tensors) { average_ = std::move(tensors); }
+
+}  // namespace lockstep::train

@@ -1,0 +1,141 @@
+// ExponentialMovingAverage against the closed form computed from the weights after every step, the
+// evaluation of the average (and training unchanged by it), bitwise resume, and equality over ranks.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lockstep/train/callback.hpp"
+#include "lockstep/train/ema.hpp"
+#include "lockstep/train/trainer.hpp"
+#include "support/dist.hpp"
+#include "support/fixtures.hpp"
+
+namespace {
+
+using Catch::Matchers::Contains;
+using lockstep::testing::comm;
+using lockstep::testing::comm_ptr;
+using lockstep::testing::SmallConvNet;
+using lockstep::train::DistributedTrainer;
+using lockstep::train::EmaOptions;
+using lockstep::train::ExponentialMovingAverage;
+using lockstep::train::TrainerContext;
+using lockstep::train::TrainerOptions;
+
+// The model's parameters and buffers after every optimizer step.
+struct WeightRecorder : lockstep::train::Callback {
+  void on_after_optimizer_step(TrainerContext& ctx) override { steps.push_back(lockstep::testing::state_of(*ctx.model)); }
+  std::vector<std::vector<at::Tensor>> steps;
+};
+
+struct Run {
+  std::vector<at::Tensor> final_state;
+  std::vector<std::vector<at::Tensor>> steps;
+  std::map<std::string, double> metrics;
+  double evaluated_after = 0;  // test_loss of trainer.evaluate() after fit
+  bool identical = false;      // the final parameters bitwise equal on every rank
+};
+
+Run train(EmaOptions o, const std::string& dir = "", int64_t stop_after = 0, const std::string& resume = "never") {
+  torch::manual_seed(41);
+  SmallConvNet model(/*batch_norm=*/true);
+  auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  TrainerOptions t = lockstep::testing::quiet_trainer(2, 6);
+  if (!dir.empty()) t = lockstep::testing::resumable(t, dir, stop_after, resume);
+  DistributedTrainer trainer(model, opt, comm_ptr(), t);
+  auto recorder = std::make_shared<WeightRecorder>();
+  trainer.add_callback(recorder);
+  trainer.add_callback(std::make_shared<ExponentialMovingAverage>(o));
+  const auto test_set = lockstep::testing::synthetic_images(10, 8, 12);
+  Run run;
+  run.metrics = trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 11), test_set);
+  run.final_state = lockstep::testing::state_of(*model);
+  run.steps = recorder->steps;
+  run.evaluated_after = trainer.evaluate(test_set).at("test_loss");
+  run.identical = lockstep::testing::identical_across_ranks(*model);
+  return run;
+}
+
+bool bitwise(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  bool equal = a.size() == b.size();
+  for (size_t i = 0; equal && i < a.size(); ++i) equal = torch::equal(a[i], b[i]);
+  return equal;
+}
+
+}  // namespace
+
+TEST_CASE("EMA: the average is the closed form over the weights after every step, with and without warm-up",
+          "[train]") {
+  for (const bool warmup : {false, true}) {
+    INFO("warmup " << warmup);
+    EmaOptions o;
+    o.decay = 0.8;
+    o.warmup = warmup;
+    const Run run = train(o);
+    REQUIRE(run.steps.size() == 6);  // 2 epochs x 3 steps
+    // Independently: start from the initial weights (recorded as the state before step 1 is not
+    // available, rebuild them: same seed, same model), then fold in each step's weights.
+    torch::manual_seed(41);
+    SmallConvNet initial(/*batch_norm=*/true);
+    std::vector<at::Tensor> expected = lockstep::testing::state_of(*initial);
+    // DataParallel broadcasts rank 0's initialisation: every rank built the same one from the seed.
+    for (size_t t = 0; t < run.steps.size(); ++t) {
+      const double d = warmup ? std::min(0.8, (1.0 + t) / (10.0 + t)) : 0.8;
+      for (size_t i = 0; i < expected.size(); ++i) {
+        if (at::isFloatingType(expected[i].scalar_type())) {
+          expected[i] = expected[i] * d + run.steps[t][i] * (1 - d);
+        } else {
+          expected[i] = run.steps[t][i].clone();
+        }
+      }
+    }
+    // apply_at_end: the model holds the average.
+    REQUIRE(run.final_state.size() == expected.size());
+    for (size_t i = 0; i < expected.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(torch::allclose(run.final_state[i].to(torch::kDouble), expected[i].to(torch::kDouble), 1e-6, 1e-6));
+    }
+    CHECK(run.metrics.at("ema_updates") == 6);
+    // The last epoch was evaluated with the average, which is what the model now holds.
+    CHECK(run.metrics.at("test_loss") == run.evaluated_after);
+    CHECK(run.identical);  // the average is the same on every rank, with no communication
+  }
+}
+
+TEST_CASE("EMA: evaluating the average leaves training untouched", "[train]") {
+  EmaOptions with_eval;
+  with_eval.decay = 0.5;
+  with_eval.apply_at_end = false;
+  EmaOptions without_eval = with_eval;
+  without_eval.evaluate = false;
+  const Run a = train(with_eval);
+  const Run b = train(without_eval);
+  CHECK(bitwise(a.final_state, b.final_state));  // raw weights: the swaps were undone
+  CHECK(a.metrics.at("test_loss") != b.metrics.at("test_loss"));  // but what was evaluated differs
+  CHECK(b.metrics.at("test_loss") == b.evaluated_after);          // without: the raw weights
+}
+
+TEST_CASE("EMA: a stopped and resumed run continues the average bitwise", "[train]") {
+  EmaOptions o;
+  o.decay = 0.7;
+  const Run full = train(o, lockstep::testing::shared_temp_dir("ema_full"), 0, "never");
+  for (int64_t stop : {2, 4}) {
+    INFO("stopped after step " << stop);
+    const std::string dir = lockstep::testing::shared_temp_dir("ema_stop" + std::to_string(stop));
+    train(o, dir, stop, "auto");
+    CHECK(bitwise(train(o, dir, 0, "auto").final_state, full.final_state));
+  }
+}
+
+TEST_CASE("EMA: options are validated", "[train]") {
+  EmaOptions o;
+  o.decay = 1.0;
+  CHECK_THROWS_WITH(ExponentialMovingAverage(o), Contains("decay must be in [0, 1), got 1"));
+  o.decay = 0.9;
+  o.every_steps = 0;
+  CHECK_THROWS_WITH(ExponentialMovingAverage(o), Contains("every_steps must be >= 1, got 0"));
+}

@@ -42,7 +42,7 @@ if(LOCKSTEP_BUILD_EXAMPLES)
 endif()
 
 # train_resnet at 3 ranks with the data-parallel options together: synchronised batch norm, gradient
-# accumulation, clipping, and AdamW with its state sharded over ranks (ZeRO); the second run resumes
+# accumulation, clipping, AdamW with its state sharded over ranks (ZeRO) and weight averaging; the second run resumes
 # the first's checkpoint (the sharded optimizer state included) and trains one more epoch.
 if(LOCKSTEP_BUILD_EXAMPLES)
   set(dp_dir ${CMAKE_CURRENT_BINARY_DIR}/train_resnet_dp_options)
@@ -50,7 +50,7 @@ if(LOCKSTEP_BUILD_EXAMPLES)
               --set data.train_subset=720 --set data.test_subset=300 --set model.width=8
               --set ddp.sync_batch_norm=true --set trainer.batch_size=8 --set trainer.accumulation_steps=2
               --set trainer.clip_grad_norm=5 --set optimizer.name=adamw --set optimizer.lr=0.003
-              --set optimizer.weight_decay=0.01 --set optimizer.zero=true
+              --set optimizer.weight_decay=0.01 --set optimizer.zero=true --set ema.enabled=true --set ema.decay=0.99
               --set trainer.output_dir=${dp_dir} --set trainer.log_every=0)
   add_test(NAME program.train_resnet_dp_options_clean COMMAND ${CMAKE_COMMAND} -E rm -rf ${dp_dir})
   set_tests_properties(program.train_resnet_dp_options_clean PROPERTIES FIXTURES_SETUP dp_options_clean)

@@ -7,8 +7,10 @@
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/ddp/sync_batch_norm.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
+#include "lockstep/train/ema.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -169,6 +171,43 @@ TEST_CASE("ZeroRedundancyOptimizer on CUDA: bitwise the unsharded Adam", "[gpu][
   auto a = plain_model->parameters();
   auto b = sharded_model->parameters();
   for (size_t i = 0; i < a.size(); ++i) CHECK(torch::equal(a[i].cpu(), b[i].cpu()));
+}
+
+TEST_CASE("PowerSGD on CUDA: the trainer trains, the ranks stay identical, bytes are saved", "[gpu][ddp]") {
+  torch::manual_seed(23);
+  auto model = Net();
+  auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  lockstep::ddp::PowerSGDOptions p;
+  p.start_iteration = 2;
+  p.min_compression_rate = 1.0;
+  auto state = std::make_shared<lockstep::ddp::PowerSGDState>(p);
+  lockstep::train::TrainerOptions o = cuda_trainer(4, "bf16");
+  o.ddp.comm_hook = lockstep::ddp::powersgd_hook(state);
+  lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+  const auto before = trainer.evaluate(images(128));
+  const auto after = trainer.fit(images(128 * comm().size()), images(128));
+  CHECK(after.at("test_loss") < before.at("test_loss") * 0.8);
+  CHECK(lockstep::testing::identical_across_ranks(*model));
+  CHECK(state->stats().compressed_buckets > 0);
+}
+
+TEST_CASE("weight averaging on CUDA: the model ends with the average, the same on every rank", "[gpu][train]") {
+  torch::manual_seed(29);
+  auto model = Net();
+  auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05));
+  lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), cuda_trainer(2, "fp32"));
+  lockstep::train::EmaOptions e;
+  e.decay = 0.9;
+  auto ema = std::make_shared<lockstep::train::ExponentialMovingAverage>(e);
+  trainer.add_callback(ema);
+  trainer.fit(images(64 * comm().size()), images(64));
+  CHECK(ema->updates() == 2 * 4);  // 64 samples per rank, batch 16: 4 steps per epoch
+  auto params = model->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    CHECK(ema->average()[i].is_cuda());
+    CHECK(torch::equal(params[i], ema->average()[i]));
+  }
+  CHECK(lockstep::testing::identical_across_ranks(*model));
 }
 
 TEST_CASE("quantization-aware training on CUDA: ranges agree over ranks, the int8 file matches", "[gpu][quant]") {

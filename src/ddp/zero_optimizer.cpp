@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <unordered_set>
 #include <utility>
 
 #include "lockstep/comm/work.hpp"
@@ -85,6 +86,15 @@ ZeroRedundancyOptimizer::Parts ZeroRedundancyOptimizer::make_parts(std::vector<a
   LOCKSTEP_CHECK(static_cast<bool>(factory), "ZeroRedundancyOptimizer needs a factory for the wrapped optimizer");
   LOCKSTEP_CHECK(!parameters.empty(), "ZeroRedundancyOptimizer: no parameters");
   const int rank = comm->rank();
+  // A tensor listed twice (tied weights) is one parameter: one owner, one update.
+  {
+    std::vector<at::Tensor> unique;
+    std::unordered_set<const void*> seen;
+    for (auto& p : parameters) {
+      if (!p.defined() || seen.insert(p.unsafeGetTensorImpl()).second) unique.push_back(std::move(p));
+    }
+    parameters = std::move(unique);
+  }
   for (size_t i = 0; i < parameters.size(); ++i) {
     const at::Tensor& p = parameters[i];
     LOCKSTEP_CHECK(p.defined(), "ZeroRedundancyOptimizer: parameter ", i, " is undefined");

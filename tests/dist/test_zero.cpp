@@ -146,6 +146,20 @@ TEST_CASE("ZeRO: a rank that owns nothing still takes part", "[zero]") {
   CHECK(torch::equal(tiny->bias, tiny_plain->bias));
 }
 
+TEST_CASE("ZeRO: a tensor listed twice (tied weights) is one parameter, updated once", "[zero]") {
+  torch::nn::Linear layer(3, 3);
+  std::vector<at::Tensor> twice = {layer->weight, layer->bias, layer->weight};
+  ZeroRedundancyOptimizer sharded(twice, comm_ptr(), [](std::vector<at::Tensor> p) {
+    return std::make_unique<torch::optim::SGD>(std::move(p), torch::optim::SGDOptions(1.0));
+  });
+  CHECK(sharded.owners().size() == 2);
+  const at::Tensor before = layer->weight.detach().clone();
+  layer->weight.mutable_grad() = torch::ones_like(layer->weight);
+  layer->bias.mutable_grad() = torch::zeros_like(layer->bias);
+  sharded.step();
+  CHECK(torch::allclose(layer->weight, before - 1.0));  // one step of lr 1, not two
+}
+
 TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidated save, a foreign state",
           "[zero]") {
   // Rank 1 builds a different model: every rank raises the same kind of error.

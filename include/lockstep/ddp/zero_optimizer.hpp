@@ -36,7 +36,8 @@ class ZeroRedundancyOptimizer : public torch::optim::Optimizer {
   // Builds the wrapped optimizer over the parameters this rank owns (possibly none).
   using Factory = std::function<std::unique_ptr<torch::optim::Optimizer>(std::vector<at::Tensor>)>;
 
-  // Collective. `parameters`: the model's, in the same order on every rank, one dtype and device.
+  // Collective. `parameters`: the model's, in the same order on every rank, one dtype and device; a
+  // tensor listed twice (tied weights) counts once.
   ZeroRedundancyOptimizer(std::vector<at::Tensor> parameters, comm::CommunicatorPtr comm, Factory factory);
   ~ZeroRedundancyOptimizer() override;
 

@@ -128,6 +128,9 @@ struct SyncBatchNormBackward : public torch::autograd::Node {
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    // The engine enables grad mode here only for create_graph: the collectives are not differentiable.
+    LOCKSTEP_CHECK(!at::GradMode::is_enabled(), "SyncBatchNorm (", describe_layer(*group, tag),
+                   ") has no double backward: backward with create_graph = true is not supported");
     const at::Tensor input = input_.unpack(shared_from_this());
     const at::Tensor weight = affine ? weight_.unpack(shared_from_this()) : at::Tensor();
     const at::ScalarType type = compute_type(input);

@@ -192,6 +192,11 @@ TEST_CASE("SyncBatchNorm: one all-gather in forward, one in backward, none in ev
   sync->forward(x).sum().backward();
   CHECK(counting->calls == 3);
   sync->train();
+  // Double backward would differentiate through collectives that are not: an error, on every rank.
+  const torch::Tensor y2 = sync->forward(x);
+  CHECK_THROWS_WITH(torch::autograd::grad({y2.pow(2).sum()}, {x}, {}, /*retain_graph=*/true, /*create_graph=*/true),
+                    Contains("no double backward"));
+  counting->calls = 3;
   CHECK(lockstep::ddp::detach_sync_batch_norm(*sync) == 1);
   sync->forward(x).sum().backward();
   CHECK(counting->calls == 3);

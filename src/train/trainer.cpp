@@ -213,7 +213,9 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (eval_set) {
       for (const auto& [key, value] : evaluate(eval_set)) ctx.metrics[key] = value;
     }
-    for (auto& cb : callbacks_) cb->on_evaluation_end(ctx);
+    // Note [Nested evaluation events]: in reverse, so that what callbacks put in place around the
+    // evaluation is undone innermost first (weight averaging, then int8 values on top of it).
+    for (auto it = callbacks_.rbegin(); it != callbacks_.rend(); ++it) (*it)->on_evaluation_end(ctx);
     for (auto& cb : callbacks_) cb->on_epoch_end(ctx);
     last = ctx.metrics;
   }

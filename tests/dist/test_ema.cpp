@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "lockstep/compress/quantization.hpp"
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -129,6 +130,43 @@ TEST_CASE("EMA: a stopped and resumed run continues the average bitwise", "[trai
     train(o, dir, stop, "auto");
     CHECK(bitwise(train(o, dir, 0, "auto").final_state, full.final_state));
   }
+}
+
+TEST_CASE("EMA with quantization-aware training: evaluation and the final model are the average's int8 values, "
+          "training is untouched",
+          "[train]") {
+  // Note [Nested evaluation events]: the average is swapped in, QAT quantizes it, QAT restores the
+  // average, the average's callback restores the raw weights.
+  auto run = [](bool evaluate) {
+    torch::manual_seed(43);
+    SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    DistributedTrainer trainer(model, opt, comm_ptr(), lockstep::testing::quiet_trainer(2, 6));
+    EmaOptions e;
+    e.decay = 0.6;
+    e.evaluate = evaluate;
+    trainer.add_callback(std::make_shared<ExponentialMovingAverage>(e));
+    lockstep::compress::QuantizationOptions q;
+    q.print_table = false;
+    trainer.add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(q));
+    const auto test_set = lockstep::testing::synthetic_images(10, 8, 12);
+    Run out;
+    out.metrics = trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 11), test_set);
+    out.evaluated_after = trainer.evaluate(test_set).at("test_loss");
+    out.final_state = lockstep::testing::state_of(*model);
+    out.identical = lockstep::testing::identical_across_ranks(*model);
+    return out;
+  };
+  const Run with_eval = run(true);
+  const Run without_eval = run(false);
+  // Training saw the raw weights in both runs: the same losses, and the same final model (the
+  // average's int8 values, left by QAT at the end on top of the average).
+  CHECK(with_eval.metrics.at("train_loss") == without_eval.metrics.at("train_loss"));
+  CHECK(bitwise(with_eval.final_state, without_eval.final_state));
+  // The last evaluation was of the model as it now is: the average, at its int8 values.
+  CHECK(with_eval.metrics.at("test_loss") == with_eval.evaluated_after);
+  CHECK(without_eval.metrics.at("test_loss") != without_eval.evaluated_after);
+  CHECK(with_eval.identical);
 }
 
 TEST_CASE("EMA: options are validated", "[train]") {

@@ -339,7 +339,7 @@ TEST_CASE("config: optimizer adam/adamw and zero build the named optimizer, and 
   CHECK_THAT(error_of("optimizer:\n  beta1: 1.5\n"), Contains("'optimizer.beta1'"));
 }
 
-TEST_CASE("config: the ema section maps onto EmaOptions, round-trips, and refuses pruning or quantization", "[config]") {
+TEST_CASE("config: the ema section maps onto EmaOptions, round-trips, and refuses pruning", "[config]") {
   CHECK_FALSE(config::parse_config("").ema.enabled);
   const config::ExperimentConfig c =
       config::parse_config("ema:\n  enabled: true\n  decay: 0.995\n  warmup: false\n  every_steps: 2\n");
@@ -354,6 +354,7 @@ TEST_CASE("config: the ema section maps onto EmaOptions, round-trips, and refuse
   CHECK_THAT(error_of("ema:\n  decay: 1.0\n"), Contains("'ema.decay'"));
   CHECK_THAT(error_of("ema:\n  enabled: true\npruning:\n  enabled: true\n"),
              Contains("'ema.enabled'") && Contains("cannot be combined with pruning.enabled"));
+  CHECK(config::parse_config("ema:\n  enabled: true\nquantization:\n  enabled: true\n").ema.enabled);
 }
 
 TEST_CASE("config: ddp.sync_batch_norm maps onto DataParallelOptions, and round-trips", "[config]") {

@@ -78,7 +78,8 @@ struct QuantizationConfig {
 };
 
 // The ema section: the keys of train::EmaOptions, plus `enabled` (train_resnet adds a
-// train::ExponentialMovingAverage callback when it is true). Not combined with pruning or quantization.
+// train::ExponentialMovingAverage callback when it is true, before pruning and quantization). Not
+// combined with pruning.
 struct EmaConfig {
   bool enabled = false;
   train::EmaOptions options;

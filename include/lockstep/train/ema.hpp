@@ -12,9 +12,10 @@
 // (counters) are copied. Every rank holds the same weights after a step, so every rank holds the same
 // average, with no communication; the average is checkpointed (Callback::save_tensors) and a resumed
 // run continues it bitwise.
-// Not combined with pruning or quantization-aware training: they rewrite the weights around the same
-// events (masks after each step, int8 values around evaluation), which the average would undo; the
-// config reader refuses the combination (Note [EMA and weight rewriting callbacks]).
+// With quantization-aware training, add this callback first: it folds the float weights in before QAT
+// puts the int8 values in place, evaluation quantizes the average (Note [Nested evaluation events]),
+// and at the end QAT exports the int8 values of the average. Not combined with pruning, whose masked
+// weights the average would let decay instead of staying zero; the config reader refuses that.
 
 #include <ATen/core/Tensor.h>
 

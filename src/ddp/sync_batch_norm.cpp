@@ -228,6 +228,8 @@ torch::Tensor SyncBatchNormImpl::forward_synchronised(const torch::Tensor& input
     at::Tensor local_mean = at::zeros({channels}, x.options());
     at::Tensor local_m2 = at::zeros({channels}, x.options());
     if (count > 0) {
+      // Two passes on purpose: at::var_mean's one-pass (Welford) CPU kernel over dims {0, 2, 3} made a
+      // width-16 ResNet-18 step 42 -> 60 ms in LibTorch 1.13.
       local_mean = x.mean(dims);
       local_m2 = (x - per_channel(local_mean, x)).square().sum(dims);
     }

@@ -289,7 +289,9 @@ void Checkpointer::on_train_begin(TrainerContext& ctx) {
   }
 }
 
-void Checkpointer::on_after_optimizer_step(TrainerContext& ctx) {
+// on_step_end, not on_after_optimizer_step: the Checkpointer runs first (it resumes in on_train_begin
+// before the others start), so in that event it would save before other callbacks finished the step.
+void Checkpointer::on_step_end(TrainerContext& ctx) {
   if (options_.every_steps > 0 && ctx.global_step % options_.every_steps == 0) save(ctx, ctx.train_loader->state());
 }
 

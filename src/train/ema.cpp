@@ -50,14 +50,10 @@ void ExponentialMovingAverage::on_train_begin(TrainerContext& ctx) {
   for (const auto& t : now) average_.push_back(t.detach().clone());
 }
 
-// Note [EMA folds lazily]: the weights after step g are folded in at the next event that needs them (the
-// next step's on_batch_begin, an evaluation, the end of training), not in on_after_optimizer_step: the
-// Checkpointer runs first in that event, so a checkpoint written after step g holds the average up to
-// step g - 1 and the weights of step g; the resumed run then folds those weights in at its first step,
-// exactly where the uninterrupted run does.
-void ExponentialMovingAverage::fold_pending(TrainerContext& ctx) {
-  const int64_t g = ctx.global_step;
-  if (g <= last_folded_step_ || g % options_.every_steps != 0 || average_.empty()) return;
+// Every rank holds the same weights after a step, so every rank folds in the same values. The
+// Checkpointer writes in on_step_end, after this, so a checkpoint holds the average of its step.
+void ExponentialMovingAverage::on_after_optimizer_step(TrainerContext& ctx) {
+  if (ctx.global_step % options_.every_steps != 0 || average_.empty()) return;
   const double d = decay_at(updates_);
   at::NoGradGuard no_grad;
   const std::vector<at::Tensor> now = targets(ctx);
@@ -70,10 +66,7 @@ void ExponentialMovingAverage::fold_pending(TrainerContext& ctx) {
   }
   ++updates_;
   last_decay_ = d;
-  last_folded_step_ = g;
 }
-
-void ExponentialMovingAverage::on_batch_begin(TrainerContext& ctx) { fold_pending(ctx); }
 
 void ExponentialMovingAverage::swap_in(TrainerContext& ctx) {
   if (!saved_.empty() || average_.empty()) return;
@@ -94,7 +87,6 @@ void ExponentialMovingAverage::restore(TrainerContext& ctx) {
 }
 
 void ExponentialMovingAverage::on_evaluation_begin(TrainerContext& ctx) {
-  fold_pending(ctx);
   if (options_.evaluate) swap_in(ctx);
 }
 
@@ -106,7 +98,6 @@ void ExponentialMovingAverage::on_evaluation_end(TrainerContext& ctx) {
 
 void ExponentialMovingAverage::on_train_end(TrainerContext& ctx) {
   restore(ctx);
-  fold_pending(ctx);
   if (options_.apply_at_end && !average_.empty()) {
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> now = targets(ctx);
@@ -114,15 +105,12 @@ void ExponentialMovingAverage::on_train_end(TrainerContext& ctx) {
   }
 }
 
-std::string ExponentialMovingAverage::save_state() const {
-  return std::to_string(updates_) + " " + std::to_string(last_folded_step_);
-}
+std::string ExponentialMovingAverage::save_state() const { return std::to_string(updates_); }
 
 void ExponentialMovingAverage::load_state(const std::string& state) {
   std::istringstream in(state);
-  LOCKSTEP_CHECK(static_cast<bool>(in >> updates_ >> last_folded_step_),
-                 "ExponentialMovingAverage: checkpointed state '", state.substr(0, 40),
-                 "' is not '<updates> <last folded step>'");
+  LOCKSTEP_CHECK(static_cast<bool>(in >> updates_), "ExponentialMovingAverage: checkpointed state '",
+                 state.substr(0, 40), "' is not an update count");
 }
 
 void ExponentialMovingAverage::load_tensors(std::vector<at::Tensor> tensors) { average_ = std::move(tensors); }

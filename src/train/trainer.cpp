@@ -317,6 +317,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     ++ctx.global_step;
     epoch_sums_[kSteps] += 1;
     for (auto& cb : callbacks_) cb->on_after_optimizer_step(ctx);
+    for (auto& cb : callbacks_) cb->on_step_end(ctx);
     ++ctx.batch_in_epoch;
     if (options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) ctx.stop_requested = true;
     if (ctx.stop_requested) break;

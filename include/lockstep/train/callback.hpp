@@ -7,7 +7,8 @@
 //   on_train_begin
 //   for each epoch:  on_epoch_begin
 //                    for each step:  on_batch_begin, (forward, backward: gradients averaged over ranks),
-//                                    on_after_backward, (optimizer step), on_after_optimizer_step
+//                                    on_after_backward, (optimizer step), on_after_optimizer_step,
+//                                    on_step_end
 //                    (with TrainerOptions::accumulation_steps > 1, one step runs several micro-batches'
 //                    forward and backward between on_batch_begin and on_after_backward)
 //                    on_evaluation_begin, (evaluation), on_evaluation_end
@@ -113,6 +114,9 @@ class Callback {
   // changes the step.
   virtual void on_after_backward(TrainerContext& ctx) {}
   virtual void on_after_optimizer_step(TrainerContext& ctx) {}
+  // After every callback's on_after_optimizer_step: the step is complete, every callback's state
+  // included, so this is where checkpoints are written (the Checkpointer saves here).
+  virtual void on_step_end(TrainerContext& ctx) {}
   // Around the epoch's evaluation (the model is put in eval mode inside it): a callback may change
   // what is evaluated (quantization-aware training evaluates the int8 weights) and undo it after.
   virtual void on_evaluation_begin(TrainerContext& ctx) {}

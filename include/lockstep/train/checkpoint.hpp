@@ -45,7 +45,7 @@ class Checkpointer : public Callback {
   explicit Checkpointer(CheckpointOptions options);
 
   void on_train_begin(TrainerContext& ctx) override;
-  void on_after_optimizer_step(TrainerContext& ctx) override;
+  void on_step_end(TrainerContext& ctx) override;
   void on_epoch_end(TrainerContext& ctx) override;
   void on_train_end(TrainerContext& ctx) override;
 

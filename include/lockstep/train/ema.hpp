@@ -12,8 +12,8 @@
 // (counters) are copied. Every rank holds the same weights after a step, so every rank holds the same
 // average, with no communication; the average is checkpointed (Callback::save_tensors) and a resumed
 // run continues it bitwise.
-// With quantization-aware training, add this callback first: it folds the float weights in before QAT
-// puts the int8 values in place, evaluation quantizes the average (Note [Nested evaluation events]),
+// With quantization-aware training, add this callback first (in on_after_optimizer_step the weights
+// are float: QAT puts int8 values in place only from on_batch_begin to on_after_backward), evaluation quantizes the average (Note [Nested evaluation events]),
 // and at the end QAT exports the int8 values of the average. Not combined with pruning, whose masked
 // weights the average would let decay instead of staying zero; the config reader refuses that.
 
@@ -47,7 +47,7 @@ class ExponentialMovingAverage : public Callback {
   explicit ExponentialMovingAverage(EmaOptions options = {});
 
   void on_train_begin(TrainerContext& ctx) override;
-  void on_batch_begin(TrainerContext& ctx) override;
+  void on_after_optimizer_step(TrainerContext& ctx) override;
   void on_evaluation_begin(TrainerContext& ctx) override;
   void on_evaluation_end(TrainerContext& ctx) override;
   void on_train_end(TrainerContext& ctx) override;
@@ -66,7 +66,6 @@ class ExponentialMovingAverage : public Callback {
 
  private:
   std::vector<at::Tensor> targets(TrainerContext& ctx) const;
-  void fold_pending(TrainerContext& ctx);  // Note [EMA folds lazily]
   void swap_in(TrainerContext& ctx);
   void restore(TrainerContext& ctx);
 
@@ -74,7 +73,6 @@ class ExponentialMovingAverage : public Callback {
   std::vector<at::Tensor> average_;
   std::vector<at::Tensor> saved_;  // the raw weights while the average is swapped in
   int64_t updates_ = 0;
-  int64_t last_folded_step_ = 0;  // the global step whose weights were folded in last
   double last_decay_ = 0.0;
 };
 

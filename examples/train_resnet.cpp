@@ -110,6 +110,7 @@ int main(int argc, char** argv) {
   }
 
   lockstep::Runtime runtime(argc, argv, cfg.runtime);
+  config::check_same_on_all_ranks(cfg, *runtime.communicator());  // one file, one command line, every rank
   // trainer.device "auto" follows the runtime's choice (runtime.device: cpu keeps a GPU machine on the CPU).
   if (cfg.trainer.device == "auto") cfg.trainer.device = runtime.world().device.str();
   auto [train_set, test_set] = config::make_datasets(cfg.data, cfg.trainer.seed);

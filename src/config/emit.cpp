@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/config/config.hpp"
 
 namespace lockstep::config {
@@ -189,6 +190,35 @@ std::string to_yaml(const ExperimentConfig& c) {
 
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
+}
+
+
+
+namespace {
+
+// "trainer.lr_schedule.kind" -> value, for every scalar of the emitted YAML, in document order.
+void flatten(const YAML::Node& node, const std::string& path, std::vector<std::pair<std::string, std::string>>& out) {
+  if (node.IsMap()) {
+    for (const auto& item : node) {
+      const std::string key = item.first.as<std::string>();
+      flatten(item.second, path.empty() ? key : path + "." + key, out);
+    }
+  } else if (node.IsSequence()) {
+    for (std::size_t i = 0; i < node.size(); ++i) flatten(node[i], path + "[" + std::to_string(i) + "]", out);
+    if (node.size() == 0) out.emplace_back(path, "[]");
+  } else {
+    out.emplace_back(path, node.IsNull() ? "null" : node.Scalar());
+  }
+}
+
+}  // namespace
+
+void check_same_on_all_ranks(const ExperimentConfig& config, comm::Communicator& comm) {
+  std::vector<std::pair<std::string, std::string>> keys;
+  flatten(YAML::Load(to_yaml(config)), "", keys);
+  comm::check_same_values(comm, keys, "config",
+                          "Every rank must read the same configuration: the same --config file contents on every "
+                          "node and the same --set arguments (compare the nodes' copies with --print-config).");
 }
 
 }  // namespace lockstep::config

@@ -12,51 +12,13 @@
 
 namespace lockstep::ddp {
 
-namespace detail {
-
-std::uint64_t fingerprint(const std::string& text, std::uint64_t seed) {
-  std::uint64_t hash = seed;
-  for (unsigned char c : text) {
-    hash ^= c;
-    hash *= 0x100000001b3ull;
-  }
-  return hash;
-}
-
-std::vector<std::string> allgather_strings(comm::Communicator& comm, const std::string& text) {
-  const int size = comm.size();
-  at::Tensor length = at::full({1}, static_cast<std::int64_t>(text.size()), at::kLong);
-  at::Tensor lengths = at::empty({size}, at::kLong);
-  comm.allgather(length, lengths)->wait();
-  const auto* all_lengths = lengths.data_ptr<std::int64_t>();
-  const std::int64_t longest = std::max<std::int64_t>(1, *std::max_element(all_lengths, all_lengths + size));
-  at::Tensor mine = at::zeros({longest}, at::kByte);
-  std::copy(text.begin(), text.end(), mine.data_ptr<std::uint8_t>());
-  at::Tensor all = at::empty({size * longest}, at::kByte);
-  comm.allgather(mine, all)->wait();
-  std::vector<std::string> result(size);
-  const auto* bytes = all.data_ptr<std::uint8_t>();
-  for (int r = 0; r < size; ++r) {
-    const char* start = reinterpret_cast<const char*>(bytes + r * longest);
-    result[r].assign(start, start + all_lengths[r]);
-  }
-  return result;
-}
-
-}  // namespace detail
-
 namespace {
 
 // Sentinel for "this rank has no entry at this position" (a collision with a real fingerprint
 // only costs a less precise message, never a missed difference: the whole-model fingerprints differ).
 constexpr std::int64_t kMissing = std::numeric_limits<std::int64_t>::min();
 
-std::string rank_list(const std::vector<int>& ranks) {
-  std::ostringstream os;
-  os << (ranks.size() == 1 ? "rank " : "ranks ");
-  for (std::size_t k = 0; k < ranks.size(); ++k) os << (k ? ", " : "") << ranks[k];
-  return os.str();
-}
+using comm::rank_list;
 
 std::string join_model(const std::vector<ModelEntry>& entries) {
   std::string all;

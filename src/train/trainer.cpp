@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <optional>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
@@ -103,6 +104,40 @@ void DistributedTrainer::add_callback(CallbackPtr callback) {
   user_callbacks_.push_back(std::move(callback));
 }
 
+// Note [Ranks agree]: fit() is one long sequence of collectives whose length follows from the data
+// set sizes and these options; a rank with another value (a truncated data file, a stale config on
+// one node, a callback added on one rank only) would leave the others waiting, or train on
+// overlapping shards. So fit() first checks them: one all-gather of a fingerprint when they agree,
+// and otherwise the same error on every rank naming the first difference.
+void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set) const {
+  const TrainerOptions& o = options_;
+  std::vector<std::pair<std::string, std::string>> entries = {
+      {"the training set size", std::to_string(train_set.size())},
+      {"the evaluation set size", eval_set ? std::to_string(eval_set->size()) : "none"},
+      {"epochs", std::to_string(o.epochs)},
+      {"batch_size", std::to_string(o.batch_size)},
+      {"accumulation_steps", std::to_string(o.accumulation_steps)},
+      {"eval_batch_size", std::to_string(o.eval_batch_size)},
+      {"drop_last_batch", std::to_string(o.drop_last_batch)},
+      {"stop_after_steps", std::to_string(o.stop_after_steps)},
+      {"seed", std::to_string(o.seed)},
+      {"clip_grad_norm", std::to_string(o.clip_grad_norm)},
+      {"precision", o.precision},
+      {"checkpoints", std::to_string(o.checkpoints)},
+      {"checkpoint.every_steps", std::to_string(o.checkpoint.every_steps)},
+      {"checkpoint.every_epoch", std::to_string(o.checkpoint.every_epoch)},
+      {"checkpoint.resume", o.checkpoint.resume},
+  };
+  std::string callbacks;
+  for (const auto& callback : user_callbacks_) {
+    callbacks += (callbacks.empty() ? "" : ", ") + c10::demangle(typeid(*callback).name());
+  }
+  entries.emplace_back("the callbacks", callbacks.empty() ? "none" : callbacks);
+  comm::check_same_values(*comm_, entries, "DistributedTrainer::fit",
+                          "Every rank must train with the same options on the same data (the same files, subsets, "
+                          "config and command line).");
+}
+
 void DistributedTrainer::set_lr(double lr) {
   for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
 }
@@ -143,6 +178,8 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (!options_.output_dir.empty()) progress.metrics_path = options_.output_dir + "/metrics.jsonl";
     callbacks_.push_back(std::make_shared<ProgressLogger>(progress));
   }
+
+  check_ranks_agree(*train_set, eval_set.get());
 
   TrainerContext ctx;
   ctx.model = model_.get();

@@ -113,6 +113,11 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
 ExperimentConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 // The effective configuration as YAML, every key included; parse_config(to_yaml(c)) gives c back.
 std::string to_yaml(const ExperimentConfig& config);
+// Collective: checks that every rank holds the same configuration (every key to_yaml prints). When
+// they differ (a stale copy of the config file on one node, different --set arguments), every rank
+// raises the same lockstep::Error naming the first key that differs and each rank's value of it.
+// Call it before filling in per-rank values (trainer.device "auto" resolved to "cuda:<local rank>").
+void check_same_on_all_ranks(const ExperimentConfig& config, comm::Communicator& comm);
 
 struct CommandLine {
   std::string config_path;             // --config FILE (empty: none given)

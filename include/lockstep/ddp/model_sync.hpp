@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/comm/work.hpp"
 
@@ -37,10 +38,9 @@ std::vector<comm::WorkPtr> broadcast_coalesced(comm::Communicator& comm, const s
                                                int root = 0, std::int64_t cap_bytes = std::int64_t{32} << 20);
 
 namespace detail {
-// Collective: every rank's string, indexed by rank.
-std::vector<std::string> allgather_strings(comm::Communicator& comm, const std::string& text);
-// 64-bit FNV-1a: stable across builds and processes, unlike std::hash.
-std::uint64_t fingerprint(const std::string& text, std::uint64_t seed = 0xcbf29ce484222325ull);
+// Moved to comm/agree.hpp; kept here for the callers in ddp/.
+using comm::allgather_strings;
+using comm::fingerprint;
 }  // namespace detail
 
 }  // namespace lockstep::ddp

@@ -125,6 +125,7 @@ class DistributedTrainer {
  private:
   void run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed);
   void set_lr(double lr);
+  void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set) const;
   // Forward and loss under the precision's autocast.
   void forward_and_loss(TrainerContext& ctx);
 

@@ -1,0 +1,33 @@
+#pragma once
+// Checking that the ranks agree: small collectives over host strings, for the checks that turn a
+// rank-to-rank difference (a stale config file on one node, a truncated data file) into one clear
+// error on every rank instead of a hang or silently wrong numbers.
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lockstep/comm/communicator.hpp"
+
+namespace lockstep::comm {
+
+// 64-bit FNV-1a: stable across builds and processes, unlike std::hash.
+std::uint64_t fingerprint(const std::string& text, std::uint64_t seed = 0xcbf29ce484222325ull);
+
+// "rank 1", "ranks 0, 2": for messages.
+std::string rank_list(const std::vector<int>& ranks);
+
+// Collective: every rank's string, indexed by rank (two all-gathers).
+std::vector<std::string> allgather_strings(Communicator& comm, const std::string& text);
+
+// Collective: checks that every rank holds the same (key, value) entries. Costs one all-gather of a
+// 64-bit fingerprint when they agree. When they do not, every rank raises the same lockstep::Error:
+//   "<context>: the ranks disagree on <key>: <value> on ranks 0, 2; <value> on rank 1 (and 2 more
+//    keys differ). <hint>"
+// naming the first key (in this rank 0's order) whose values differ; a key a rank lacks reads
+// "<absent>".
+void check_same_values(Communicator& comm, const std::vector<std::pair<std::string, std::string>>& entries,
+                       const std::string& context, const std::string& hint = "");
+
+}  // namespace lockstep::comm

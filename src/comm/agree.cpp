@@ -1,0 +1,129 @@
+#include "lockstep/comm/agree.hpp"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <map>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::comm {
+
+std::uint64_t fingerprint(const std::string& text, std::uint64_t seed) {
+  std::uint64_t hash = seed;
+  for (unsigned char c : text) {
+    hash ^= c;
+    hash *= 0x100000001b3ull;
+  }
+  return hash;
+}
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::ostringstream os;
+  os << (ranks.size() == 1 ? "rank " : "ranks ");
+  for (std::size_t k = 0; k < ranks.size(); ++k) os << (k ? ", " : "") << ranks[k];
+  return os.str();
+}
+
+std::vector<std::string> allgather_strings(Communicator& comm, const std::string& text) {
+  const int size = comm.size();
+  at::Tensor length = at::full({1}, static_cast<std::int64_t>(text.size()), at::kLong);
+  at::Tensor lengths = at::empty({size}, at::kLong);
+  comm.allgather(length, lengths)->wait();
+  const auto* all_lengths = lengths.data_ptr<std::int64_t>();
+  const std::int64_t longest = std::max<std::int64_t>(1, *std::max_element(all_lengths, all_lengths + size));
+  at::Tensor mine = at::zeros({longest}, at::kByte);
+  std::copy(text.begin(), text.end(), mine.data_ptr<std::uint8_t>());
+  at::Tensor all = at::empty({size * longest}, at::kByte);
+  comm.allgather(mine, all)->wait();
+  std::vector<std::string> result(size);
+  const auto* bytes = all.data_ptr<std::uint8_t>();
+  for (int r = 0; r < size; ++r) {
+    const char* start = reinterpret_cast<const char*>(bytes + r * longest);
+    result[r].assign(start, start + all_lengths[r]);
+  }
+  return result;
+}
+
+namespace {
+
+// Entries as "key\tvalue\n" lines; keys and values with tabs or newlines are escaped so that the
+// split below is exact.
+std::string escape(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '\\') out += "\\\\";
+    else if (c == '\t') out += "\\t";
+    else if (c == '\n') out += "\\n";
+    else out += c;
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, std::string>> split(const std::string& text) {
+  std::vector<std::pair<std::string, std::string>> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    const std::size_t tab = line.find('\t');
+    out.emplace_back(line.substr(0, tab), tab == std::string::npos ? "" : line.substr(tab + 1));
+  }
+  return out;
+}
+
+}  // namespace
+
+void check_same_values(Communicator& comm, const std::vector<std::pair<std::string, std::string>>& entries,
+                       const std::string& context, const std::string& hint) {
+  std::string text;
+  for (const auto& [key, value] : entries) text += escape(key) + "\t" + escape(value) + "\n";
+  const int size = comm.size();
+  at::Tensor mine = at::full({1}, static_cast<std::int64_t>(fingerprint(text)), at::kLong);
+  at::Tensor all = at::empty({size}, at::kLong);
+  comm.allgather(mine, all)->wait();
+  const auto* prints = all.data_ptr<std::int64_t>();
+  if (std::all_of(prints, prints + size, [&](std::int64_t p) { return p == prints[0]; })) return;
+
+  // They differ: every rank gathers every rank's entries and writes the same message.
+  const std::vector<std::string> texts = allgather_strings(comm, text);
+  std::vector<std::map<std::string, std::string>> values(size);
+  std::vector<std::string> keys;  // rank 0's order, then keys only other ranks have
+  for (int r = 0; r < size; ++r) {
+    for (auto& [key, value] : split(texts[r])) {
+      if (values[r].emplace(key, value).second && std::find(keys.begin(), keys.end(), key) == keys.end()) {
+        keys.push_back(key);
+      }
+    }
+  }
+  std::string first;
+  std::size_t differing = 0;
+  for (const std::string& key : keys) {
+    std::vector<std::pair<std::string, std::vector<int>>> versions;  // value -> ranks, in rank order
+    for (int r = 0; r < size; ++r) {
+      auto it = values[r].find(key);
+      const std::string value = it == values[r].end() ? "<absent>" : it->second;
+      auto v = std::find_if(versions.begin(), versions.end(), [&](const auto& e) { return e.first == value; });
+      if (v == versions.end()) versions.push_back({value, {r}});
+      else v->second.push_back(r);
+    }
+    if (versions.size() < 2) continue;
+    if (differing++ == 0) {
+      std::ostringstream os;
+      os << key << ": ";
+      for (std::size_t k = 0; k < versions.size(); ++k) {
+        os << (k ? "; " : "") << versions[k].first << " on " << rank_list(versions[k].second);
+      }
+      first = os.str();
+    }
+  }
+  // The fingerprints differed, so some key does (or a 64-bit collision made two equal texts differ,
+  // which the message then says rather than passing silently).
+  if (differing == 0) first = "(no single key; the entries' order differs)";
+  std::ostringstream more;
+  if (differing > 1) more << " (and " << differing - 1 << " more differ)";
+  LOCKSTEP_FAIL(context, ": the ranks disagree on ", first, more.str(), ". ", hint, hint.empty() ? "" : " ",
+                "Every rank raises this error (rank ", comm.rank(), " of ", size, ").");
+}
+
+}  // namespace lockstep::comm

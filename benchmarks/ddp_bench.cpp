@@ -4,7 +4,7 @@
 //
 //   mpirun -np 2 build/benchmarks/ddp_bench [--steps 10] [--warmup 2] [--model resnet|mlp|all]
 //       [--resnet-width 64] [--resnet-batch 32] [--mlp-width 2048] [--mlp-batch 16]
-//       [--sync-bn] [--bucket-cap-mb 25[,4,...]] [--comm-hook allreduce[,fp16,bf16,powersgd]] [--powersgd-rank 1[,4,...]]
+//       [--sync-bn] [--join] [--bucket-cap-mb 25[,4,...]] [--comm-hook allreduce[,fp16,bf16,powersgd]] [--powersgd-rank 1[,4,...]]
 //       [--powersgd-start-iteration 0] [--trace PREFIX] [--json [FILE]]
 //
 // Per way: the median step time (slowest rank), images/s over all ranks, bucket count, the time the
@@ -29,6 +29,7 @@
 
 #include "bench_cli.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/join.hpp"
 #include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -53,6 +54,7 @@ struct Options {
   std::string json_file;
   std::string trace;  // Chrome trace of the Lockstep runs, one file per model
   bool sync_bn = false;  // one more ResNet row: DataParallel with sync_batch_norm
+  bool join = false;     // one more row per workload: training inside a ddp::Join (even inputs)
 };
 
 const char* const kDescription =
@@ -96,6 +98,9 @@ void add_options(CLI::App& app, Options& o) {
   app.add_option("--powersgd-start-iteration", o.powersgd_start_iteration,
                  "PowerSGD start_iteration (plain averaging before; 0: every step timed is compressed)")
       ->capture_default_str();
+  app.add_flag("--join", o.join,
+               "one more row per workload: the default Lockstep way inside a ddp::Join (even inputs), to measure "
+               "its per-step cost");
   app.add_flag("--sync-bn", o.sync_bn,
                "also time DataParallel with sync_batch_norm on the ResNet (one more row, 'lockstep+syncbn')");
   app.add_option("--trace", o.trace,
@@ -140,6 +145,7 @@ struct LockstepWay {
   std::string hook = "allreduce";
   std::int64_t powersgd_rank = 1;
   bool sync_batch_norm = false;
+  bool join = false;
 };
 
 struct Result {
@@ -195,8 +201,10 @@ class Runner {
       if (hook_ == "powersgd") label << "-r" << lockstep.powersgd_rank;
       if (o.bucket_caps_mb.size() > 1) label << "/" << bucket_cap_mb << "MB";
       if (lockstep.sync_batch_norm) label << "+syncbn";
+      if (lockstep.join) label << "+join";
       label_ = label.str();
       dp_ = std::make_unique<lockstep::ddp::DataParallel>(model_, comm_, options);
+      if (lockstep.join) join_ = std::make_unique<lockstep::ddp::Join>(*dp_);
       if (!o.trace.empty()) {
         std::string id = w.name;
         for (char& c : id) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
@@ -255,6 +263,7 @@ class Runner {
 
   // Collective.
   Result result() {
+    if (join_) join_->finish();
     if (dp_ && trace_) dp_->write_trace();
     Result r;
     r.model = w_.name;
@@ -297,6 +306,7 @@ class Runner {
   lockstep::comm::CommunicatorPtr comm_;
   std::shared_ptr<torch::nn::Module> model_;
   std::unique_ptr<lockstep::ddp::DataParallel> dp_;
+  std::unique_ptr<lockstep::ddp::Join> join_;  // destroyed before dp_
   std::vector<at::Tensor> parameters_;
   std::unique_ptr<torch::optim::SGD> opt_;
   std::vector<double> step_, forward_, backward_, communication_, exposed_;
@@ -402,6 +412,11 @@ int main(int argc, char** argv) {
     if (o.sync_bn && w.name.rfind("resnet", 0) == 0) {
       LockstepWay way{o.bucket_caps_mb.front(), "allreduce", 1};
       way.sync_batch_norm = true;
+      runners.push_back(std::make_unique<Runner>(w, "lockstep", way, comm, o));
+    }
+    if (o.join) {
+      LockstepWay way{o.bucket_caps_mb.front(), "allreduce", 1};
+      way.join = true;
       runners.push_back(std::make_unique<Runner>(w, "lockstep", way, comm, o));
     }
     for (int s = 0; s < o.warmup + o.steps; ++s) {

@@ -13,6 +13,7 @@
 #include "lockstep/data/data.hpp"
 #include "lockstep/ddp/comm_hooks.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/join.hpp"
 #include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/ddp/sync_batch_norm.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"

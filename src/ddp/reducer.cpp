@@ -32,6 +32,30 @@ namespace lockstep::ddp {
 //      buffer broadcast. Every rank thus issues the same collectives in the same order in every
 //      synchronised backward, including one that ends in an error, and no rank is left waiting.
 
+// Note [Join]
+// ~~~~~~~~~~~
+// Uneven inputs: a rank that runs out of batches while others still train must keep taking part in
+// their collectives, or they wait forever (ddp::Join, join.hpp; PyTorch's DDP join() does the same).
+// In join mode every synchronised backward of a rank still training begins (in its first gradient
+// hook, before any bucket) with an all-gather of one int32 per rank: 1 from it. A joined rank, in
+// shadow_step(), issues the same all-gather with 0; if no rank sent 1, every rank is done (the
+// others are in shadow_step() too) and it stops. Otherwise it runs the rest of that backward's
+// sequence (Note [Bucket order], point 3) with zero gradients: every bucket through the comm hook,
+// in order, the flags all-reduce, the buffer broadcast, and the one-time rebuild. So:
+//   - the sum over ranks holds only the training ranks' gradients; the default hooks divide it by
+//     the world size (each sample weighs the same whichever rank it came from, PyTorch's default),
+//     or, with divide_by_initial_world_size false, the result is scaled by world / active to be the
+//     mean over the ranks that took part;
+//   - the "every parameter got a gradient" check counts the training ranks only;
+//   - buffers are broadcast from the lowest training rank, not from rank 0 (a joined rank 0 runs no
+//     forward, so its buffers go stale); while rank 0 trains this is rank 0, so join mode with even
+//     inputs gives bitwise the run without it;
+//   - a joined rank's .grad()s receive the reduced gradients, so it can take the same optimizer step
+//     (Join::finish's shadow step), which a ZeroRedundancyOptimizer needs: its step is collective;
+//   - GradBucket::iteration advances on joined ranks too (PowerSGD's warm-up depends on it).
+// Every rank records which ranks took part; the last such step names the rank whose model Join
+// broadcasts at the end. Cost: one all-gather of world_size ints per step, only in join mode.
+
 // Note [Gradient views]
 // ~~~~~~~~~~~~~~~~~~~~~
 // With gradient_as_bucket_view each parameter's .grad() aliases its slice of the bucket buffer,
@@ -218,6 +242,11 @@ void Reducer::begin_backward() {
       bucket.work.reset();
       bucket.grad.iteration = sync_count_;
     }
+    if (join_) {
+      // Note [Join]: before any bucket, "this rank still trains".
+      join_flags_ = at::empty({comm_->size()}, at::kInt);
+      join_work_ = comm_->allgather(at::ones({1}, at::kInt), join_flags_);
+    }
   }
   // Runs when this autograd pass ends, after every gradient hook (called here, from inside a
   // hook, so that it attaches to the running pass).
@@ -300,12 +329,40 @@ void Reducer::finish_backward() {
     return;
   }
 
-  const std::size_t n = params_.size();
-  for (std::size_t i = 0; i < n; ++i) {
+  for (std::size_t i = 0; i < params_.size(); ++i) {
     if (!ready_[i]) contribute_unready(i);
   }
   LOCKSTEP_CHECK(next_launch_ == buckets_.size(), "DataParallel internal error: ", next_launch_, " of ",
                  buckets_.size(), " buckets launched at the end of backward (rank ", comm_->rank(), ")");
+  std::vector<int> active;  // Note [Join]: the ranks training in this step
+  if (join_work_) {
+    comm::WorkPtr work = std::move(join_work_);
+    work->wait();
+    active = read_join_flags(join_flags_);
+  }
+  synchronize(timings, backward_end, std::move(active));
+}
+
+std::vector<int> Reducer::read_join_flags(const at::Tensor& flags) const {
+  std::vector<int> active;
+  const auto* flag = flags.data_ptr<std::int32_t>();
+  for (int r = 0; r < comm_->size(); ++r) {
+    if (flag[r] != 0) active.push_back(r);
+  }
+  return active;
+}
+
+// Every bucket has been launched (by this rank's gradients, or with zeros in shadow_step): the
+// rest of a synchronised backward, the same on every rank (Note [Bucket order], point 3).
+// `active`: in join mode, the ranks training in this step; empty otherwise.
+void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward_end, std::vector<int> active) {
+  const std::size_t n = params_.size();
+  const int size = comm_->size();
+  if (join_) last_active_ = active;
+  // Note [Join]: buffers follow the lowest rank that trained in this step.
+  const int root = active.empty() ? 0 : active.front();
+  const int active_count = join_ ? static_cast<int>(active.size()) : size;
+
   // One flag pair per parameter: did it get a gradient in this backward, and in any backward since
   // the last synchronisation. Summed over ranks, they name unused parameters on every rank alike.
   at::Tensor flags = at::empty({static_cast<std::int64_t>(2 * n)}, at::kInt);
@@ -316,7 +373,7 @@ void Reducer::finish_backward() {
   }
   comm::WorkPtr flags_work = comm_->allreduce(flags);
   std::vector<comm::WorkPtr> broadcasts;
-  if (!broadcast_tensors_.empty()) broadcasts = broadcast_coalesced(*comm_, broadcast_tensors_, 0);
+  if (!broadcast_tensors_.empty()) broadcasts = broadcast_coalesced(*comm_, broadcast_tensors_, root);
 
   // Strictly in bucket order, on every rank, and only here: a hook's continuation may issue a
   // collective of its own when it runs (Note [PowerSGD collective order]).
@@ -326,10 +383,16 @@ void Reducer::finish_backward() {
   const std::vector<std::int32_t> ready_counts(flag, flag + n);
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
+  ++sync_count_;
+  if (join_ && join_mode_.throw_on_early_termination && active_count < size) fail_uneven();
   if (!options_.find_unused_parameters) {
     for (std::size_t i = 0; i < n; ++i) {
-      if (ready_counts[i] < comm_->size()) fail_unready(ready_counts, used_counts);
+      if (ready_counts[i] < active_count) fail_unready(ready_counts, used_counts, active_count);
     }
+  }
+  if (join_ && !join_mode_.divide_by_initial_world_size && active_count < size) {
+    // Note [Join]: the hooks divided by the world size; make it the mean over the ranks that trained.
+    for (auto& bucket : buckets_) bucket.grad.buffer.mul_(static_cast<double>(size) / active_count);
   }
   write_back(used_counts);
   const comm::Clock::time_point done = comm::Clock::now();
@@ -350,7 +413,6 @@ void Reducer::finish_backward() {
   }
   if (timeline_) timeline_->add({"wait for reduction", Timeline::Track::Compute, backward_end, done, {}});
   last_timings_ = timings;
-  ++sync_count_;
   if (options_.rebuild_buckets && !rebuilt_) rebuild_by_ready_order();
 }
 
@@ -374,8 +436,8 @@ void Reducer::write_back(const std::vector<std::int32_t>& used_counts) {
 }
 
 void Reducer::fail_unready(const std::vector<std::int32_t>& ready_counts,
-                           const std::vector<std::int32_t>& used_counts) {
-  const int size = comm_->size();
+                           const std::vector<std::int32_t>& used_counts, int size) {
+  // `size`: the ranks that trained in this step (all of them, except under Join).
   std::ostringstream names;
   std::size_t listed = 0, missing = 0;
   bool missing_here = false;
@@ -390,13 +452,97 @@ void Reducer::fail_unready(const std::vector<std::int32_t>& ready_counts,
     }
   }
   if (missing > listed) names << " and " << missing - listed << " more";
+  const std::string here = shadowing_ ? std::string(" has joined (it ran out of inputs) and trains no more.")
+                                     : std::string(missing_here ? " some of them" : " none of them") + " went without.";
   LOCKSTEP_FAIL("DataParallel: ", missing, " parameter(s) received no gradient in this backward: ", names.str(),
-                ". On this rank (", comm_->rank(), ") ", missing_here ? "some of them" : "none of them",
-                " went without. Every parameter that requires grad must take part in the loss on every rank, or "
+                ". On this rank (", comm_->rank(), ")", here,
+                " Every parameter that requires grad must take part in the loss on every rank, or "
                 "its bucket cannot be reduced. If the model has parameters that do not take part in every forward "
                 "(optional branches, rank-dependent control flow), construct DataParallel with "
                 "DataParallelOptions::find_unused_parameters = true; otherwise remove them or set "
                 "requires_grad(false). Every rank raises this error; this step's gradients were not averaged.");
+}
+
+void Reducer::fail_uneven() const {
+  std::ostringstream training, joined;
+  std::size_t t = 0, j = 0;
+  for (int r = 0; r < comm_->size(); ++r) {
+    const bool active = std::find(last_active_.begin(), last_active_.end(), r) != last_active_.end();
+    (active ? training : joined) << (active ? (t++ ? ", " : "") : (j++ ? ", " : "")) << r;
+  }
+  LOCKSTEP_FAIL("DataParallel: uneven inputs: rank(s) ", joined.str(), " ran out of inputs while rank(s) ",
+                training.str(), " still had more, in synchronised backward ", sync_count_ - 1,
+                " (Join with throw_on_early_termination; rank ", comm_->rank(), "). Every rank raises this error. Give "
+                "every rank the same number of batches (e.g. data::ShardedSampler), or let Join shadow the missing "
+                "steps (throw_on_early_termination = false).");
+}
+
+// ---- join mode (Note [Join]) ----
+
+void Reducer::enable_join(JoinMode mode) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LOCKSTEP_CHECK(!join_, "DataParallel: a Join is already active on this model (rank ", comm_->rank(), ")");
+  LOCKSTEP_CHECK(!in_backward_, "DataParallel: a Join cannot begin during backward (rank ", comm_->rank(), ")");
+  join_ = true;
+  join_mode_ = mode;
+  last_active_.clear();
+  for (int r = 0; r < comm_->size(); ++r) last_active_.push_back(r);
+}
+
+void Reducer::disable_join() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  join_ = false;
+  join_work_.reset();
+}
+
+bool Reducer::join_enabled() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return join_;
+}
+
+bool Reducer::shadow_step() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  torch::autograd::AutoGradMode no_grad(false);
+  LOCKSTEP_CHECK(join_, "DataParallel internal error: shadow_step outside join mode (rank ", comm_->rank(), ")");
+  LOCKSTEP_CHECK(!in_backward_, "DataParallel: Join::finish() cannot run during backward (rank ", comm_->rank(), ")");
+  // Note [Join]: "this rank trains no more"; the others' flags say whether a backward follows.
+  at::Tensor flags = at::empty({comm_->size()}, at::kInt);
+  comm_->allgather(at::zeros({1}, at::kInt), flags)->wait();
+  std::vector<int> active = read_join_flags(flags);
+  if (active.empty()) return false;
+
+  struct ResetOnExit {
+    Reducer* reducer;
+    ~ResetOnExit() {
+      reducer->shadowing_ = false;
+      reducer->reset_iteration();
+    }
+  } reset{this};
+  in_backward_ = true;
+  syncing_ = true;
+  shadowing_ = true;
+  ++backward_count_;
+  const comm::Clock::time_point start = comm::Clock::now();
+  std::fill(ready_.begin(), ready_.end(), 0);
+  std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
+  ready_order_.clear();
+  bucket_ready_order_.clear();
+  launch_order_.clear();
+  next_launch_ = 0;
+  for (auto& bucket : buckets_) {
+    bucket.grad.buffer.zero_();
+    bucket.pending = 0;
+    bucket.work.reset();
+    bucket.grad.iteration = sync_count_;
+  }
+  launch_ready_buckets();
+  StepTimings timings;
+  timings.backward_index = backward_count_ - 1;
+  timings.synchronized = true;
+  if (timeline_) timeline_->add({"shadow step (joined)", Timeline::Track::Compute, start, start, {}});
+  synchronize(timings, start, std::move(active));
+  ++shadowed_steps_;
+  return true;
 }
 
 void Reducer::rebuild_by_ready_order() {

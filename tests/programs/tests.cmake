@@ -65,3 +65,12 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.train_resnet_dp_options_resume.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     FIXTURES_REQUIRED dp_options PASS_REGULAR_EXPRESSION "resum.*epoch 2: train loss [0-9.]+ acc")
 endif()
+
+# The custom-loop example at 3 ranks: uneven shards (16, 18 and 20 batches) under a ddp::Join, so rank 0
+# shadows the last 4 steps of each epoch instead of leaving rank 2 waiting.
+if(LOCKSTEP_BUILD_EXAMPLES)
+  add_test(NAME program.custom_loop_uneven.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop>)
+  set_tests_properties(program.custom_loop_uneven.np3 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "epoch 4 .*3 ranks; rank 0 trained 16 steps and shadowed 4")
+endif()

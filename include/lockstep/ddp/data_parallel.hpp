@@ -117,8 +117,11 @@ class DataParallel {
   void write_trace();
 
   const Reducer& reducer() const { return *reducer_; }
+  // How many ddp::SyncBatchNorm layers this DataParallel attached (options().sync_batch_norm).
+  std::size_t sync_batch_norm_layers() const { return sync_batch_norm_layers_; }
 
  private:
+  friend class Join;  // uneven inputs (join.hpp) drive the reducer's join mode
   std::shared_ptr<torch::nn::Module> module_;
   comm::CommunicatorPtr comm_;
   DataParallelOptions options_;

@@ -93,6 +93,25 @@ class Reducer {
   const std::vector<std::size_t>& last_launch_order() const { return launch_order_; }
   bool buckets_rebuilt() const { return rebuilt_; }
 
+  // Uneven inputs (ddp::Join, join.hpp; Note [Join] in reducer.cpp). While join mode is on, every
+  // synchronised backward starts with one all-gather of a flag per rank, "still training", and a
+  // rank that ran out of inputs calls shadow_step() instead of running backward.
+  struct JoinMode {
+    bool divide_by_initial_world_size = true;
+    bool throw_on_early_termination = false;
+  };
+  void enable_join(JoinMode mode);
+  void disable_join();
+  bool join_enabled() const;
+  // Collective, on a rank that has joined: takes part in the next synchronised backward of the
+  // ranks still training, with no gradients of its own (its .grad()s receive the reduced ones), or
+  // returns false when no rank is training any more.
+  bool shadow_step();
+  // The ranks that took part in the last synchronised backward under join mode (all of them before
+  // any), and the number of backwards shadowed so far.
+  const std::vector<int>& last_active_ranks() const { return last_active_; }
+  std::uint64_t shadowed_steps() const { return shadowed_steps_; }
+
  private:
   struct Bucket {
     GradBucket grad;                  // what the comm hook sees; grad.buffer is the flat buffer
@@ -114,11 +133,14 @@ class Reducer {
   void launch_ready_buckets();
   void contribute_unready(std::size_t index);
   void adopt_gradient(std::size_t index);
+  void synchronize(StepTimings& timings, comm::Clock::time_point backward_end, std::vector<int> active);
   void write_back(const std::vector<std::int32_t>& used_counts);
   void rebuild_by_ready_order();
   void reset_iteration();
   [[noreturn]] void fail_unready(const std::vector<std::int32_t>& ready_counts,
-                                 const std::vector<std::int32_t>& used_counts);
+                                 const std::vector<std::int32_t>& used_counts, int active);
+  [[noreturn]] void fail_uneven() const;
+  std::vector<int> read_join_flags(const at::Tensor& flags) const;
   const at::Tensor& view_of(std::size_t index) const;
 
   std::vector<at::Tensor> params_;
@@ -147,6 +169,14 @@ class Reducer {
   std::uint64_t sync_count_ = 0;
   bool rebuilt_ = false;
   StepTimings last_timings_;
+  // Join mode (Note [Join]).
+  bool join_ = false;
+  JoinMode join_mode_;
+  at::Tensor join_flags_;     // [world] int32: the all-gathered flags of the current backward
+  comm::WorkPtr join_work_;   // their all-gather, issued when a synchronised backward begins
+  std::vector<int> last_active_;
+  std::uint64_t shadowed_steps_ = 0;
+  bool shadowing_ = false;  // inside shadow_step()
 };
 
 }  // namespace lockstep::ddp

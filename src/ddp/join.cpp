@@ -1,0 +1,71 @@
+#include "lockstep/ddp/join.hpp"
+
+#include <cstdio>
+#include <exception>
+#include <unordered_set>
+#include <vector>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/model_sync.hpp"
+
+namespace lockstep::ddp {
+
+Join::Join(DataParallel& dp, JoinOptions options)
+    : dp_(&dp), options_(options), uncaught_(std::uncaught_exceptions()) {
+  LOCKSTEP_CHECK(dp.sync_batch_norm_layers() == 0, "ddp::Join: this DataParallel synchronises ",
+                 dp.sync_batch_norm_layers(),
+                 " SyncBatchNorm layer(s), whose forward is collective; a rank that has run out of inputs runs no "
+                 "forward, so uneven inputs cannot be shadowed. Use per-rank batch norm (sync_batch_norm = false) "
+                 "or give every rank the same number of batches (rank ",
+                 dp.communicator().rank(), ")");
+  dp.reducer_->enable_join({options_.divide_by_initial_world_size, options_.throw_on_early_termination});
+}
+
+Join::~Join() {
+  if (finished_) return;
+  if (std::uncaught_exceptions() > uncaught_) {
+    dp_->reducer_->disable_join();  // an error is on its way out; the job's fail-fast handles the rest
+    return;
+  }
+  try {
+    finish();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "lockstep: rank %d: ddp::Join: finish() at destruction failed: %s\n",
+                 dp_->communicator().rank(), e.what());
+    std::terminate();
+  }
+}
+
+JoinResult Join::finish(const std::function<void()>& shadow_step) {
+  LOCKSTEP_CHECK(!finished_, "ddp::Join::finish() was called twice (rank ", dp_->communicator().rank(), ")");
+  finished_ = true;
+  Reducer& reducer = *dp_->reducer_;
+  struct LeaveJoinMode {
+    Reducer& reducer;
+    ~LeaveJoinMode() { reducer.disable_join(); }
+  } leave{reducer};
+
+  JoinResult result;
+  const std::uint64_t shadowed_before = reducer.shadowed_steps();
+  while (reducer.shadow_step()) {
+    if (shadow_step) shadow_step();
+  }
+  result.shadowed_steps = static_cast<std::int64_t>(reducer.shadowed_steps() - shadowed_before);
+
+  // Every rank has finished, and agrees on which ranks trained in the last step (Note [Join]).
+  const std::vector<int>& last = reducer.last_active_ranks();
+  result.source_rank = last.empty() ? 0 : last.front();
+  std::vector<at::Tensor> state;
+  std::unordered_set<const void*> seen;  // tied weights once
+  for (const auto& p : dp_->module().parameters(/*recurse=*/true)) {
+    if (p.defined() && seen.insert(p.unsafeGetTensorImpl()).second) state.push_back(p);
+  }
+  for (const auto& b : dp_->module().buffers(/*recurse=*/true)) {
+    if (b.defined() && seen.insert(b.unsafeGetTensorImpl()).second) state.push_back(b);
+  }
+  for (auto& work : broadcast_coalesced(dp_->communicator(), state, result.source_rank)) work->wait();
+  return result;
+}
+
+}  // namespace lockstep::ddp

@@ -1,0 +1,343 @@
+// ddp::Join: data parallelism on uneven inputs. Each rank trains on its own number of batches (none
+// included); the ranks that finish early shadow the others' steps. Every test compares with an
+// oracle that every rank computes locally: one process that, at each step, sums the gradients of the
+// ranks that still have a batch and divides by the world size (or by their number), with buffers
+// taken from the lowest such rank's forward.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/join.hpp"
+#include "lockstep/ddp/powersgd.hpp"
+#include "lockstep/ddp/sync_batch_norm.hpp"
+#include "lockstep/ddp/zero_optimizer.hpp"
+#include "support/dist.hpp"
+
+namespace {
+
+using Catch::Matchers::Contains;
+using lockstep::ddp::DataParallel;
+using lockstep::ddp::DataParallelOptions;
+using lockstep::ddp::Join;
+using lockstep::ddp::JoinOptions;
+using lockstep::ddp::JoinResult;
+using lockstep::testing::comm;
+using lockstep::testing::comm_ptr;
+
+// Linear -> [BatchNorm1d] -> tanh -> Linear, in float64 so the oracle's different summation order
+// stays within 1e-12.
+struct NetImpl : torch::nn::Module {
+  explicit NetImpl(bool batch_norm) {
+    fc1 = register_module("fc1", torch::nn::Linear(6, 8));
+    if (batch_norm) bn = register_module("bn", torch::nn::BatchNorm1d(8));
+    fc2 = register_module("fc2", torch::nn::Linear(8, 3));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = fc1(x);
+    if (bn) x = bn(x);
+    return fc2(torch::tanh(x));
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::BatchNorm1d bn{nullptr};
+};
+TORCH_MODULE(Net);
+
+Net make_net(bool batch_norm) {
+  torch::manual_seed(5);
+  Net net(batch_norm);
+  net->to(torch::kFloat64);
+  return net;
+}
+
+// Rank r's batch at step s: the same on every rank that asks.
+std::pair<torch::Tensor, torch::Tensor> batch(int rank, int step) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 * rank + step + 1);
+  torch::Tensor x = at::randn({5, 6}, gen, torch::kFloat64);
+  torch::Tensor y = at::randint(0, 3, {5}, gen, torch::kLong);
+  return {x, y};
+}
+
+torch::Tensor loss_of(Net& net, int rank, int step) {
+  auto [x, y] = batch(rank, step);
+  return torch::nn::functional::cross_entropy(net->forward(x), y);
+}
+
+using OptimizerFactory = std::function<std::shared_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor>)>;
+
+OptimizerFactory sgd() {
+  return [](std::vector<torch::Tensor> params) {
+    return std::make_shared<torch::optim::SGD>(params, torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-3));
+  };
+}
+
+std::vector<torch::Tensor> state(torch::nn::Module& m) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : m.parameters()) out.push_back(p.detach().clone());
+  for (const auto& b : m.buffers()) out.push_back(b.detach().clone());
+  return out;
+}
+
+std::vector<torch::Tensor> momenta(torch::optim::Optimizer& opt, torch::nn::Module& m) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : m.parameters()) {
+    auto it = opt.state().find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+    out.push_back(it == opt.state().end()
+                      ? torch::Tensor()
+                      : static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer().clone());
+  }
+  return out;
+}
+
+bool close(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].defined() != b[i].defined()) return false;
+    if (a[i].defined() && !torch::allclose(a[i], b[i], 1e-12, 1e-12)) return false;
+  }
+  return true;
+}
+
+bool equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!torch::equal(a[i], b[i])) return false;
+  }
+  return true;
+}
+
+// The oracle: one process running every rank's steps. Returns the final state (parameters, then
+// buffers) and the optimizer's momenta.
+struct Oracle {
+  std::vector<torch::Tensor> state;
+  std::vector<torch::Tensor> momenta;
+};
+
+Oracle oracle(const std::vector<int>& batches, bool batch_norm, bool divide_by_world) {
+  Net net = make_net(batch_norm);
+  auto opt = sgd()(net->parameters());
+  const int world = static_cast<int>(batches.size());
+  int steps = 0;
+  for (int b : batches) steps = std::max(steps, b);
+  for (int s = 0; s < steps; ++s) {
+    std::vector<int> active;
+    for (int r = 0; r < world; ++r) {
+      if (batches[r] > s) active.push_back(r);
+    }
+    std::vector<torch::Tensor> before = state(*net);
+    std::vector<torch::Tensor> sum, root_buffers;
+    for (int r : active) {
+      {
+        torch::NoGradGuard no_grad;  // every rank's forward starts from the same buffers
+        auto buffers = net->buffers();
+        for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(before[net->parameters().size() + i]);
+      }
+      opt->zero_grad();
+      loss_of(net, r, s).backward();
+      for (size_t i = 0; i < net->parameters().size(); ++i) {
+        torch::Tensor g = net->parameters()[i].grad().clone();
+        if (sum.size() <= i) sum.push_back(g); else sum[i] += g;
+      }
+      if (r == active.front()) root_buffers = state(*net);
+    }
+    {
+      torch::NoGradGuard no_grad;
+      auto params = net->parameters();
+      for (size_t i = 0; i < params.size(); ++i)
+        params[i].mutable_grad() = sum[i] / (divide_by_world ? world : static_cast<int>(active.size()));
+      auto buffers = net->buffers();
+      for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(root_buffers[params.size() + i]);
+    }
+    opt->step();
+  }
+  return {state(*net), momenta(*opt, *net)};
+}
+
+struct Outcome {
+  std::vector<torch::Tensor> state;
+  std::vector<torch::Tensor> momenta;
+  JoinResult result;
+};
+
+// This rank's side of a job in which rank r has batches[r] batches.
+Outcome train(const std::vector<int>& batches, bool batch_norm, JoinOptions options, bool shadow,
+              DataParallelOptions dp_options = {}, bool zero = false) {
+  Net net = make_net(batch_norm);
+  DataParallel dp(net, comm_ptr(), dp_options);
+  std::shared_ptr<torch::optim::Optimizer> opt;
+  if (zero) {
+    opt = std::make_shared<lockstep::ddp::ZeroRedundancyOptimizer>(
+        net->parameters(), comm_ptr(),
+        [](std::vector<torch::Tensor> shard) -> std::unique_ptr<torch::optim::Optimizer> {
+          return std::make_unique<torch::optim::SGD>(shard,
+                                                     torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-3));
+        });
+  } else {
+    opt = sgd()(net->parameters());
+  }
+  const int rank = comm().rank();
+  Outcome out;
+  Join join(dp, options);
+  for (int s = 0; s < batches[rank]; ++s) {
+    opt->zero_grad();
+    loss_of(net, rank, s).backward();
+    opt->step();
+  }
+  std::function<void()> step;
+  if (shadow) step = [&] { opt->step(); };
+  out.result = join.finish(step);
+  out.state = state(*net);
+  if (!zero) out.momenta = momenta(*opt, *net);
+  return out;
+}
+
+// Uneven per-rank batch counts for this world size: rank 0 has the most, rank 1 the fewest.
+std::vector<int> uneven(int world) {
+  std::vector<int> b(world);
+  for (int r = 0; r < world; ++r) b[r] = r == 0 ? world + 1 : r == 1 ? 1 : r + 1;
+  return b;
+}
+
+int max_of(const std::vector<int>& b) { return *std::max_element(b.begin(), b.end()); }
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool communicator_healthy() {
+  torch::Tensor t = torch::full({3}, static_cast<double>(comm().rank() + 1), torch::kFloat64);
+  comm().allreduce(t)->wait();
+  const int n = comm().size();
+  return (t == n * (n + 1) / 2.0).all().item<bool>();
+}
+
+}  // namespace
+
+TEST_CASE("Join: uneven inputs train as one process summing the ranks that still have a batch", "[join]") {
+  const int world = comm().size();
+  const int rank = comm().rank();
+  const std::vector<int> batches = uneven(world);
+  for (bool divide_by_world : {true, false}) {
+    INFO("divide_by_initial_world_size " << divide_by_world);
+    JoinOptions options;
+    options.divide_by_initial_world_size = divide_by_world;
+    DataParallelOptions one_per_bucket;  // several buckets, so their order matters
+    one_per_bucket.bucket_cap_mb = 0;
+    one_per_bucket.first_bucket_cap_mb = 0;
+    const Outcome got = train(batches, /*batch_norm=*/false, options, /*shadow=*/true, one_per_bucket);
+    const Oracle want = oracle(batches, false, divide_by_world);
+    CHECK(got.result.shadowed_steps == max_of(batches) - batches[rank]);
+    CHECK(got.result.source_rank == 0);  // rank 0 has the most batches
+    CHECK(close(got.state, want.state));
+    // The shadow step kept the optimizer state of the ranks that finished early in step too.
+    CHECK(close(got.momenta, want.momenta));
+  }
+}
+
+TEST_CASE("Join: without a shadow step the model still ends equal, from a rank that trained last", "[join]") {
+  const int world = comm().size();
+  const int rank = comm().rank();
+  // The last rank has the most batches, rank 0 none: buffers and the final model must come from the
+  // lowest rank still training, never from rank 0.
+  std::vector<int> batches(world);
+  for (int r = 0; r < world; ++r) batches[r] = r == 0 ? 0 : r + 1;
+  const Outcome got = train(batches, /*batch_norm=*/true, {}, /*shadow=*/false);
+  const Oracle want = oracle(batches, true, true);
+  CHECK(got.result.source_rank == world - 1);
+  CHECK(got.result.shadowed_steps == max_of(batches) - batches[rank]);
+  CHECK(close(got.state, want.state));  // parameters and batch norm statistics
+  if (rank == world - 1) CHECK(close(got.momenta, want.momenta));
+  if (rank == 0) {
+    for (const auto& m : got.momenta) CHECK_FALSE(m.defined());  // it never stepped: the caveat of no shadow step
+  }
+}
+
+TEST_CASE("Join: even inputs give bitwise the run without Join, batch norm buffers included", "[join]") {
+  const int rank = comm().rank();
+  std::vector<int> batches(comm().size(), 3);
+  const Outcome joined = train(batches, /*batch_norm=*/true, {}, /*shadow=*/true);
+  CHECK(joined.result.shadowed_steps == 0);
+  CHECK(joined.result.source_rank == 0);
+
+  Net net = make_net(true);
+  DataParallel dp(net, comm_ptr());
+  auto opt = sgd()(net->parameters());
+  for (int s = 0; s < 3; ++s) {
+    opt->zero_grad();
+    loss_of(net, rank, s).backward();
+    opt->step();
+  }
+  CHECK(equal(joined.state, state(*net)));
+}
+
+TEST_CASE("Join: a sharded optimizer steps on the ranks that finished early (its step is collective)", "[join]") {
+  const std::vector<int> batches = uneven(comm().size());
+  const Outcome got = train(batches, false, {}, /*shadow=*/true, {}, /*zero=*/true);
+  CHECK(close(got.state, oracle(batches, false, true).state));
+}
+
+TEST_CASE("Join: a PowerSGD hook keeps its collectives in step with the ranks that finished", "[join]") {
+  const int world = comm().size();
+  const int rank = comm().rank();
+  lockstep::ddp::PowerSGDOptions ps;
+  ps.start_iteration = 1;  // a plain step, then compressed ones
+  ps.min_compression_rate = 1.0;
+  DataParallelOptions o;
+  o.comm_hook = lockstep::ddp::powersgd_hook(ps);
+  const std::vector<int> batches = uneven(world);
+  const Outcome got = train(batches, false, {}, /*shadow=*/true, o);
+  CHECK(got.result.shadowed_steps == max_of(batches) - batches[rank]);
+  for (const auto& p : got.state) CHECK(torch::isfinite(p).all().item<bool>());
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("Join with throw_on_early_termination: every rank raises, naming who ran out", "[join]") {
+  const int world = comm().size();
+  std::vector<int> batches(world, 2);
+  batches[1] = 1;
+  JoinOptions options;
+  options.throw_on_early_termination = true;
+  const std::string error = error_of([&] { train(batches, false, options, true); });
+  INFO(error);
+  CHECK_THAT(error, Contains("uneven inputs: rank(s) 1 ran out of inputs"));
+  CHECK_THAT(error, Contains("synchronised backward 1"));
+  CHECK(communicator_healthy());
+
+  // Even inputs under the same option: no error.
+  std::vector<int> even(world, 2);
+  CHECK(error_of([&] { train(even, false, options, true); }).empty());
+}
+
+TEST_CASE("Join refuses SyncBatchNorm and a second Join", "[join]") {
+  struct WithSyncBn : torch::nn::Module {
+    WithSyncBn() {
+      conv = register_module("conv", torch::nn::Conv2d(1, 2, 3));
+      bn = register_module("bn", lockstep::ddp::SyncBatchNorm(2));
+    }
+    torch::nn::Conv2d conv{nullptr};
+    lockstep::ddp::SyncBatchNorm bn{nullptr};
+  };
+  auto model = std::make_shared<WithSyncBn>();
+  DataParallelOptions o;
+  o.sync_batch_norm = true;
+  {
+    DataParallel dp(model, comm_ptr(), o);
+    CHECK_THROWS_WITH(Join(dp), Contains("SyncBatchNorm"));
+  }
+  Net net = make_net(false);
+  DataParallel dp(net, comm_ptr());
+  Join join(dp);
+  CHECK_THROWS_WITH(Join(dp), Contains("a Join is already active"));
+  join.finish();
+  CHECK_THROWS_WITH(join.finish(), Contains("called twice"));
+  CHECK(communicator_healthy());
+}

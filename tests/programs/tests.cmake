@@ -74,3 +74,14 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.custom_loop_uneven.np3 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "epoch 4 .*3 ranks; rank 0 trained 16 steps and shadowed 4")
 endif()
+
+# Ranks launched with different configurations (MPMD: a stale config on one node looks the same): every
+# rank stops right after MPI starts with one error naming the key and each rank's value.
+if(LOCKSTEP_BUILD_EXAMPLES)
+  add_test(NAME program.train_resnet_config_mismatch.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS}
+                   -np 1 $<TARGET_FILE:train_resnet> --set optimizer.lr=0.1 :
+                   -np 1 $<TARGET_FILE:train_resnet> --set optimizer.lr=0.05)
+  set_tests_properties(program.train_resnet_config_mismatch.np2 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "config: the ranks disagree on optimizer.lr: 0.1 on rank 0; 0.05 on rank 1")
+endif()

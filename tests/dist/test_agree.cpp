@@ -18,23 +18,8 @@ namespace {
 using Catch::Matchers::Contains;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool communicator_healthy() {
-  torch::Tensor t = torch::full({3}, static_cast<double>(comm().rank() + 1), torch::kFloat64);
-  comm().allreduce(t)->wait();
-  const int n = comm().size();
-  return (t == n * (n + 1) / 2.0).all().item<bool>();
-}
+using lockstep::testing::communicator_healthy;
+using lockstep::testing::error_of;
 
 // "ranks 0, 2" for every rank but `except`.
 std::string others(int except) {

@@ -16,24 +16,8 @@ using lockstep::ddp::DataParallel;
 using lockstep::ddp::DataParallelOptions;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
-// Whether every rank got here with the same collective sequence: an all-reduce must add up.
-bool communicator_healthy() {
-  torch::Tensor t = torch::full({3}, static_cast<double>(comm().rank() + 1), torch::kFloat64);
-  comm().allreduce(t)->wait();
-  const int n = comm().size();
-  return (t == n * (n + 1) / 2.0).all().item<bool>();
-}
+using lockstep::testing::communicator_healthy;
+using lockstep::testing::error_of;
 
 // `always` takes part in every forward; `sometimes` only when asked; `never` not at all.
 struct BranchyImpl : torch::nn::Module {

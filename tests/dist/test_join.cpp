@@ -27,6 +27,8 @@ using lockstep::ddp::JoinOptions;
 using lockstep::ddp::JoinResult;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
+using lockstep::testing::communicator_healthy;
+using lockstep::testing::error_of;
 
 // Linear -> [BatchNorm1d] -> tanh -> Linear, in float64 so the oracle's different summation order
 // stays within 1e-12.
@@ -202,23 +204,6 @@ std::vector<int> uneven(int world) {
 }
 
 int max_of(const std::vector<int>& b) { return *std::max_element(b.begin(), b.end()); }
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
-bool communicator_healthy() {
-  torch::Tensor t = torch::full({3}, static_cast<double>(comm().rank() + 1), torch::kFloat64);
-  comm().allreduce(t)->wait();
-  const int n = comm().size();
-  return (t == n * (n + 1) / 2.0).all().item<bool>();
-}
 
 }  // namespace
 

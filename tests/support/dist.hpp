@@ -5,6 +5,7 @@
 
 #include <torch/nn/module.h>
 
+#include <exception>
 #include <string>
 
 #include "lockstep/comm/communicator.hpp"
@@ -21,5 +22,19 @@ inline comm::CommunicatorPtr comm_ptr() { return runtime().communicator(); }
 std::string shared_temp_dir(const std::string& name);
 // Collective: whether every rank's parameters are bitwise equal to rank 0's.
 bool identical_across_ranks(torch::nn::Module& model);
+// Collective: whether every rank got here with the same collective sequence (an all-reduce adds up);
+// the check after a test that expects an error on every rank.
+bool communicator_healthy();
+
+// The message of the exception f() throws, or "" if it returns.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
 
 }  // namespace lockstep::testing

@@ -43,4 +43,11 @@ bool identical_across_ranks(torch::nn::Module& model) {
   }
   return same;
 }
+
+bool communicator_healthy() {
+  torch::Tensor t = torch::full({3}, static_cast<double>(comm().rank() + 1), torch::kFloat64);
+  comm().allreduce(t)->wait();
+  const int n = comm().size();
+  return (t == n * (n + 1) / 2.0).all().item<bool>();
+}
 }  // namespace lockstep::testing

@@ -39,6 +39,10 @@ std::vector<comm::WorkPtr> broadcast_coalesced(comm::Communicator& comm, const s
 namespace detail {
 // Collective: every rank's string, indexed by rank.
 std::vector<std::string> allgather_strings(comm::Communicator& comm, const std::string& text);
+// Collective: every rank's string on `root` (indexed by rank), an empty vector elsewhere. One
+// broadcast per rank, so a rank other than root holds one rank's string at a time, not all of them
+// (for large per-rank state: PowerSGD's residuals in checkpoints).
+std::vector<std::string> gather_strings(comm::Communicator& comm, const std::string& text, int root = 0);
 // 64-bit FNV-1a: stable across builds and processes, unlike std::hash.
 std::uint64_t fingerprint(const std::string& text, std::uint64_t seed = 0xcbf29ce484222325ull);
 }  // namespace detail

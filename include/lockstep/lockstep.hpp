@@ -23,6 +23,7 @@
 #include "lockstep/train/checkpoint.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/grad_scaler.hpp"
+#include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "lockstep/runtime.hpp"

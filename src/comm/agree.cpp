@@ -46,6 +46,36 @@ std::vector<std::string> allgather_strings(Communicator& comm, const std::string
   return result;
 }
 
+std::vector<std::string> gather_strings(comm::Communicator& comm, const std::string& text, int root) {
+  const int size = comm.size();
+  const int rank = comm.rank();
+  LOCKSTEP_CHECK(root >= 0 && root < size, "gather_strings: root ", root, " is not a rank of a world of ", size);
+  at::Tensor length = at::full({1}, static_cast<std::int64_t>(text.size()), at::kLong);
+  at::Tensor lengths = at::empty({size}, at::kLong);
+  comm.allgather(length, lengths)->wait();
+  const auto* all_lengths = lengths.data_ptr<std::int64_t>();
+  const std::int64_t longest = std::max<std::int64_t>(1, *std::max_element(all_lengths, all_lengths + size));
+  std::vector<std::string> result(rank == root ? size : 0);
+  if (rank == root) result[root] = text;
+  // One buffer, reused for every rank's turn. Root's own string and empty ones need no broadcast, and
+  // every rank knows which those are.
+  at::Tensor buffer = at::empty({longest}, at::kByte);
+  for (int r = 0; r < size; ++r) {
+    const std::int64_t n = all_lengths[r];
+    if (r == root || n == 0) continue;
+    at::Tensor part = buffer.narrow(0, 0, n);
+    if (rank == r) std::copy(text.begin(), text.end(), part.data_ptr<std::uint8_t>());
+    BroadcastOptions options;
+    options.root = r;
+    comm.broadcast(part, options)->wait();
+    if (rank == root) {
+      const char* start = reinterpret_cast<const char*>(part.data_ptr<std::uint8_t>());
+      result[r].assign(start, start + n);
+    }
+  }
+  return result;
+}
+
 namespace {
 
 // Entries as "key\tvalue\n" lines; keys and values with tabs or newlines are escaped so that the

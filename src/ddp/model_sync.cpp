@@ -46,7 +46,7 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
   if (size == 1) return;
 
   // Step 1: one fingerprint per rank. The common case ends here.
-  at::Tensor mine = at::full({1}, static_cast<std::int64_t>(detail::fingerprint(join_model(entries))), at::kLong);
+  at::Tensor mine = at::full({1}, static_cast<std::int64_t>(comm::fingerprint(join_model(entries))), at::kLong);
   at::Tensor all = at::empty({size}, at::kLong);
   comm.allgather(mine, all)->wait();
   const auto* model_prints = all.data_ptr<std::int64_t>();
@@ -63,7 +63,7 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
   at::Tensor entry_prints = at::full({longest}, kMissing, at::kLong);
   auto* entry_data = entry_prints.data_ptr<std::int64_t>();
   for (std::size_t k = 0; k < entries.size(); ++k) {
-    entry_data[k] = static_cast<std::int64_t>(detail::fingerprint(describe(entries[k])));
+    entry_data[k] = static_cast<std::int64_t>(comm::fingerprint(describe(entries[k])));
   }
   at::Tensor gathered = at::empty({size * longest}, at::kLong);
   comm.allgather(entry_prints, gathered)->wait();
@@ -90,7 +90,7 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
     const std::string here = first < static_cast<std::int64_t>(entries.size())
                                  ? describe(entries[static_cast<std::size_t>(first)])
                                  : "nothing (only " + std::to_string(entries.size()) + " entries)";
-    const std::vector<std::string> versions = detail::allgather_strings(comm, here);
+    const std::vector<std::string> versions = comm::allgather_strings(comm, here);
     std::map<std::string, std::vector<int>> holders;
     std::vector<std::string> order;
     for (int r = 0; r < size; ++r) {

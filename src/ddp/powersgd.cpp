@@ -2,10 +2,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/serialize/archive.h>
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::ddp {
@@ -55,6 +58,30 @@ namespace lockstep::ddp {
 // its step. For CPU tensors the test is read on the host (free); on other devices it stays there, as
 // a masked fill, so that the host does not wait for the device. The step with the bad gradient still
 // returns its NaN/inf, as the 16-bit hooks do, for GradScaler to see.
+//
+// Note [PowerSGD checkpoints]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// What a later step depends on, besides the gradients: each entry's residual (each rank its own) and
+// warm-start Q (the same on every rank after its all-reduce, but saved per rank so that nothing rests
+// on that), and the iteration, which decides whether a bucket is compressed yet (start_iteration) and
+// which random Q a fresh draw gives (seed, name, iteration). The iteration is the reducer's count of
+// synchronised backward passes, and a resumed run has a new reducer counting from 0; so a restored
+// state counts on from the saved count instead: the first bucket after restore_state() takes the
+// saved next iteration, and later ones keep the same offset to GradBucket::iteration. Stats are
+// restored too, so that they describe the whole run. Everything else is derived from shapes and
+// options, which must therefore match: matrix_approximation_rank and min_compression_rate decide
+// which matrices are compressed and Q's width, use_error_feedback and warm_start what the saved
+// tensors mean, so restore_state() refuses a change of any of them, and of the world size (a rank
+// cannot take over another's residual, and there is no meaningful way to split or merge them). A
+// changed start_iteration, seed or epsilon leaves the saved tensors meaningful (the run is then another
+// one, deliberately), so those are allowed. Restored entries are checked against the model's parameters
+// when the caller passes them (the trainer does), and in any case when a step first meets them: a
+// restored entry whose shape or rank does not match is an error, never silently replaced by a fresh
+// one as an ordinary entry would be (Note [PowerSGD state keys]). A different device or dtype (a resume
+// on a GPU, another precision) only moves the values. Each rank serialises its state to one string (a
+// torch::serialize archive), gather_strings() collects them on the writing rank one broadcast per rank,
+// so no other rank ever holds more than one rank's residuals, and the Checkpointer writes them as
+// byte tensors: world size x the compressed gradients' bytes per checkpoint.
 
 struct PowerSGDState::Entry {
   std::vector<std::int64_t> sizes;
@@ -64,6 +91,7 @@ struct PowerSGDState::Entry {
   at::Tensor error;  // n x m; the input M while in flight
   at::Tensor q;      // m x r: the last step's averaged Q (warm start)
   bool in_flight = false;
+  bool restored = false;  // from restore_state(), not yet met by a step (Note [PowerSGD checkpoints])
 };
 
 struct PowerSGDState::Step {
@@ -115,6 +143,22 @@ at::Tensor draw_q(std::uint64_t seed, const std::string& name, std::uint64_t ite
 
 at::ScalarType compute_type(at::ScalarType bucket_type) {
   return bucket_type == at::kHalf || bucket_type == at::kBFloat16 ? at::kFloat : bucket_type;
+}
+
+// The format of one rank's serialised state (Note [PowerSGD checkpoints]).
+constexpr std::int64_t kStateVersion = 1;
+
+struct PowerSGDHook {
+  std::shared_ptr<PowerSGDState> state;
+  comm::WorkPtr operator()(comm::Communicator& comm, const GradBucket& bucket) const {
+    return state->reduce(comm, bucket);
+  }
+};
+
+std::string describe_shape(const std::vector<std::int64_t>& sizes) {
+  std::ostringstream os;
+  os << at::IntArrayRef(sizes);
+  return os.str();
 }
 
 }  // namespace
@@ -180,12 +224,38 @@ void PowerSGDState::reset() {
   entries_.clear();
 }
 
+std::uint64_t PowerSGDState::iteration_of(const GradBucket& bucket) {
+  // Note [PowerSGD checkpoints]
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (offset_pending_) {
+    iteration_offset_ = static_cast<std::int64_t>(next_iteration_) - static_cast<std::int64_t>(bucket.iteration);
+    offset_pending_ = false;
+  }
+  const auto iteration = static_cast<std::uint64_t>(static_cast<std::int64_t>(bucket.iteration) + iteration_offset_);
+  next_iteration_ = std::max(next_iteration_, iteration + 1);
+  return iteration;
+}
+
 std::shared_ptr<PowerSGDState::Entry> PowerSGDState::entry_for(const std::string& name,
                                                                const std::vector<std::int64_t>& sizes,
                                                                std::int64_t rank, const at::TensorOptions& options) {
   // Note [PowerSGD state keys]
   std::lock_guard<std::mutex> lock(mutex_);
   std::shared_ptr<Entry>& entry = entries_[name];
+  if (entry && entry->restored) {
+    // Note [PowerSGD checkpoints]: checked, not silently started afresh.
+    LOCKSTEP_CHECK(entry->sizes == sizes && entry->rank == rank, "PowerSGD: the state restored for parameter '", name,
+                   "' is for a gradient of shape ", describe_shape(entry->sizes), " compressed at rank ", entry->rank,
+                   ", but this step reduces one of shape ", describe_shape(sizes), " at rank ", rank,
+                   ": the checkpoint was written for another model or other PowerSGD options");
+    const at::ScalarType dtype = options.dtype().toScalarType();
+    if (entry->error.defined()) entry->error = entry->error.to(options.device(), dtype);
+    if (entry->q.defined()) entry->q = entry->q.to(options.device(), dtype);
+    entry->dtype = dtype;
+    entry->device = options.device();
+    entry->restored = false;
+    return entry;
+  }
   if (!entry || entry->in_flight || entry->sizes != sizes || entry->rank != rank ||
       entry->dtype != options.dtype().toScalarType() || entry->device != options.device()) {
     entry = std::make_shared<Entry>();
@@ -213,8 +283,9 @@ comm::WorkPtr PowerSGDState::reduce(comm::Communicator& comm, const GradBucket& 
       " names, ", bucket.offsets.size(), " offsets and ", bucket.sizes.size(),
       " shapes; PowerSGD needs every parameter's shape (GradBucket::sizes) (rank ", rank, ")");
   at::NoGradGuard no_grad;
+  const std::uint64_t iteration = iteration_of(bucket);
 
-  if (bucket.iteration < options_.start_iteration) {
+  if (iteration < options_.start_iteration) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       ++stats_.plain_buckets;
@@ -287,7 +358,7 @@ comm::WorkPtr PowerSGDState::reduce(comm::Communicator& comm, const GradBucket& 
       }
       x.input = entry.error;
     }
-    const at::Tensor fresh = draw_q(options_.seed, bucket.parameter_names[k], bucket.iteration, m, r, options);
+    const at::Tensor fresh = draw_q(options_.seed, bucket.parameter_names[k], iteration, m, r, options);
     if (!options_.warm_start || !entry.q.defined()) {
       entry.q = fresh;
     } else {
@@ -344,13 +415,182 @@ void PowerSGDState::Step::finish(comm::Communicator& comm) {
   }
 }
 
+// ---- Checkpoints: Note [PowerSGD checkpoints] ----
+
+std::vector<std::string> PowerSGDState::gather_state(comm::Communicator& comm, int root) const {
+  torch::serialize::OutputArchive archive;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    archive.write("powersgd_state_version", c10::IValue(kStateVersion));
+    archive.write("world_size", c10::IValue(static_cast<std::int64_t>(comm.size())));
+    archive.write("rank", c10::IValue(static_cast<std::int64_t>(comm.rank())));
+    archive.write("matrix_approximation_rank", c10::IValue(options_.matrix_approximation_rank));
+    archive.write("min_compression_rate", c10::IValue(options_.min_compression_rate));
+    archive.write("use_error_feedback", c10::IValue(options_.use_error_feedback));
+    archive.write("warm_start", c10::IValue(options_.warm_start));
+    archive.write("next_iteration", c10::IValue(static_cast<std::int64_t>(next_iteration_)));
+    const std::vector<std::int64_t> stats = {static_cast<std::int64_t>(stats_.plain_buckets),
+                                             stats_.plain_bytes,
+                                             static_cast<std::int64_t>(stats_.compressed_buckets),
+                                             stats_.gradient_bytes,
+                                             stats_.compressed_bytes,
+                                             static_cast<std::int64_t>(stats_.compressed_matrices),
+                                             static_cast<std::int64_t>(stats_.uncompressed_tensors)};
+    archive.write("stats", at::tensor(stats, at::kLong));
+    std::int64_t count = 0;
+    for (const auto& [name, entry] : entries_) {
+      // An entry in flight belongs to a step that an error ended; the next step would start it
+      // afresh (Note [PowerSGD state keys]), and so does leaving it out.
+      if (entry->in_flight) continue;
+      const std::string key = "entry" + std::to_string(count++) + "_";
+      archive.write(key + "name", c10::IValue(name));
+      archive.write(key + "sizes", at::tensor(entry->sizes, at::kLong));
+      archive.write(key + "rank", c10::IValue(entry->rank));
+      // Q is a view into its bucket's flat buffer: cloned, or the archive would hold the whole buffer.
+      if (entry->q.defined()) archive.write(key + "q", entry->q.cpu().clone());
+      if (entry->error.defined()) archive.write(key + "error", entry->error.cpu());
+    }
+    archive.write("entries", c10::IValue(count));
+  }
+  std::string mine;
+  archive.save_to([&mine](const void* data, std::size_t size) {
+    mine.append(static_cast<const char*>(data), size);
+    return size;
+  });
+  return comm::gather_strings(comm, mine, root);
+}
+
+void PowerSGDState::restore_state(const std::vector<std::string>& states, const comm::Communicator& comm,
+                                  const std::map<std::string, std::vector<std::int64_t>>* parameters) {
+  const int rank = comm.rank();
+  const int world = comm.size();
+  LOCKSTEP_CHECK(static_cast<int>(states.size()) == world, "PowerSGD: the saved state holds the residuals of ",
+                 states.size(), " ranks but this job has ", world, " (rank ", rank,
+                 "): each rank's error feedback is its own, so resume a PowerSGD run at the world size it was saved at");
+  std::map<std::string, std::shared_ptr<Entry>> entries;
+  PowerSGDStats stats;
+  std::int64_t next_iteration = 0;
+  torch::serialize::InputArchive archive;
+  auto read_int = [&archive](const std::string& key) {
+    c10::IValue value;
+    archive.read(key, value);
+    return value.toInt();
+  };
+  auto read_double = [&archive](const std::string& key) {
+    c10::IValue value;
+    archive.read(key, value);
+    return value.toDouble();
+  };
+  auto read_bool = [&archive](const std::string& key) {
+    c10::IValue value;
+    archive.read(key, value);
+    return value.toBool();
+  };
+  try {
+    const std::string& bytes = states[static_cast<std::size_t>(rank)];
+    archive.load_from(bytes.data(), bytes.size(), at::Device(at::kCPU));
+    const std::int64_t version = read_int("powersgd_state_version");
+    LOCKSTEP_CHECK(version == kStateVersion, "PowerSGD: the saved state has format version ", version, ", expected ",
+                   kStateVersion, " (rank ", rank, ")");
+    const std::int64_t saved_world = read_int("world_size"), saved_rank = read_int("rank");
+    LOCKSTEP_CHECK(saved_world == world && saved_rank == rank, "PowerSGD: entry ", rank,
+                   " of the saved states is the state of rank ", saved_rank, " of ", saved_world,
+                   ", not of rank ", rank, " of ", world);
+    const std::int64_t saved_rank_option = read_int("matrix_approximation_rank");
+    LOCKSTEP_CHECK(saved_rank_option == options_.matrix_approximation_rank,
+                   "PowerSGD: the saved state was made with matrix_approximation_rank ", saved_rank_option,
+                   " but this run has ", options_.matrix_approximation_rank,
+                   ": its warm-start Qs and residuals belong to the saved rank, so resume with the options it was "
+                   "saved with (rank ", rank, ")");
+    const double saved_rate = read_double("min_compression_rate");
+    LOCKSTEP_CHECK(saved_rate == options_.min_compression_rate,
+                   "PowerSGD: the saved state was made with min_compression_rate ", saved_rate, " but this run has ",
+                   options_.min_compression_rate,
+                   ": it decides which gradients have state, so resume with the options it was saved with (rank ",
+                   rank, ")");
+    const bool saved_feedback = read_bool("use_error_feedback"), saved_warm = read_bool("warm_start");
+    LOCKSTEP_CHECK(saved_feedback == options_.use_error_feedback && saved_warm == options_.warm_start,
+                   "PowerSGD: the saved state was made with use_error_feedback ", saved_feedback, " and warm_start ",
+                   saved_warm, " but this run has ", options_.use_error_feedback, " and ", options_.warm_start,
+                   ": resume with the options it was saved with (rank ", rank, ")");
+    next_iteration = read_int("next_iteration");
+    at::Tensor saved_stats;
+    archive.read("stats", saved_stats);
+    LOCKSTEP_CHECK(saved_stats.numel() == 7, "PowerSGD: the saved stats hold ", saved_stats.numel(),
+                   " counters, expected 7 (rank ", rank, ")");
+    const auto* counters = saved_stats.to(at::kLong).contiguous().data_ptr<std::int64_t>();
+    stats.plain_buckets = static_cast<std::uint64_t>(counters[0]);
+    stats.plain_bytes = counters[1];
+    stats.compressed_buckets = static_cast<std::uint64_t>(counters[2]);
+    stats.gradient_bytes = counters[3];
+    stats.compressed_bytes = counters[4];
+    stats.compressed_matrices = static_cast<std::uint64_t>(counters[5]);
+    stats.uncompressed_tensors = static_cast<std::uint64_t>(counters[6]);
+
+    const std::int64_t count = read_int("entries");
+    for (std::int64_t i = 0; i < count; ++i) {
+      const std::string key = "entry" + std::to_string(i) + "_";
+      c10::IValue name_value;
+      archive.read(key + "name", name_value);
+      const std::string name = name_value.toStringRef();
+      auto entry = std::make_shared<Entry>();
+      at::Tensor sizes;
+      archive.read(key + "sizes", sizes);
+      sizes = sizes.to(at::kLong).contiguous();
+      entry->sizes.assign(sizes.data_ptr<std::int64_t>(), sizes.data_ptr<std::int64_t>() + sizes.numel());
+      entry->rank = read_int(key + "rank");
+      const std::int64_t expected_rank = compressed_rank(entry->sizes, options_);
+      LOCKSTEP_CHECK(entry->rank == expected_rank && expected_rank > 0, "PowerSGD: the saved state of parameter '",
+                     name, "' (shape ", describe_shape(entry->sizes), ") is compressed at rank ", entry->rank,
+                     ", but these options give rank ", expected_rank, " (rank ", rank, ")");
+      if (parameters != nullptr) {
+        const auto found = parameters->find(name);
+        LOCKSTEP_CHECK(found != parameters->end(), "PowerSGD: the saved state has a residual for parameter '", name,
+                       "', which this model does not have: it was saved for another model (rank ", rank, ")");
+        LOCKSTEP_CHECK(found->second == entry->sizes, "PowerSGD: the saved state of parameter '", name,
+                       "' is for shape ", describe_shape(entry->sizes), " but the model's is ",
+                       describe_shape(found->second), ": it was saved for another model (rank ", rank, ")");
+      }
+      const std::int64_t n = entry->sizes[0], m = sizes.prod().item<std::int64_t>() / n;
+      at::Tensor q, error;
+      if (archive.try_read(key + "q", q)) {
+        LOCKSTEP_CHECK(q.sizes() == at::IntArrayRef({m, entry->rank}), "PowerSGD: the saved Q of parameter '", name,
+                       "' has shape ", q.sizes(), ", expected [", m, ", ", entry->rank, "] (rank ", rank, ")");
+        entry->q = q;
+      }
+      if (archive.try_read(key + "error", error)) {
+        LOCKSTEP_CHECK(error.sizes() == at::IntArrayRef({n, m}), "PowerSGD: the saved residual of parameter '", name,
+                       "' has shape ", error.sizes(), ", expected [", n, ", ", m, "] (rank ", rank, ")");
+        entry->error = error;
+      }
+      entry->restored = true;  // dtype and device are set when a step first meets it
+      entries[name] = std::move(entry);
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    LOCKSTEP_FAIL("PowerSGD: rank ", rank, "'s part of the saved state is not a readable PowerSGD state (",
+                  states[static_cast<std::size_t>(rank)].size(), " bytes): ", std::string(e.what()).substr(0, 300));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  entries_ = std::move(entries);
+  stats_ = stats;
+  next_iteration_ = static_cast<std::uint64_t>(next_iteration);
+  offset_pending_ = true;
+}
+
+// ---- The hook ----
+
 CommHook powersgd_hook(PowerSGDOptions options) { return powersgd_hook(std::make_shared<PowerSGDState>(options)); }
 
 CommHook powersgd_hook(std::shared_ptr<PowerSGDState> state) {
   LOCKSTEP_CHECK(state != nullptr, "powersgd_hook needs a PowerSGDState, got nullptr");
-  return [state = std::move(state)](comm::Communicator& comm, const GradBucket& bucket) {
-    return state->reduce(comm, bucket);
-  };
+  return PowerSGDHook{std::move(state)};
+}
+
+std::shared_ptr<PowerSGDState> powersgd_state_of(const CommHook& hook) {
+  const auto* powersgd = hook.target<PowerSGDHook>();
+  return powersgd != nullptr ? powersgd->state : nullptr;
 }
 
 }  // namespace lockstep::ddp

@@ -7,8 +7,8 @@
 #include <fstream>
 #include <limits>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/core/error.hpp"
-#include "lockstep/ddp/model_sync.hpp"
 
 namespace lockstep::ddp {
 
@@ -95,7 +95,7 @@ void Timeline::write_merged(comm::Communicator& comm, const std::string& path) c
   const comm::Clock::time_point origin{
       std::chrono::duration_cast<comm::Clock::duration>(std::chrono::nanoseconds(origin_ns))};
 
-  const std::vector<std::string> documents = detail::allgather_strings(comm, to_json(origin));
+  const std::vector<std::string> documents = comm::allgather_strings(comm, to_json(origin));
   if (comm.rank() != 0) return;
   nlohmann::json events = nlohmann::json::array();
   std::int64_t dropped = 0;

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <set>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
@@ -145,6 +146,29 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
   // Note [ZeRO checkpoints]: a sharded optimizer state is gathered (collectively) before rank 0 writes.
   if (auto* sharded = dynamic_cast<ddp::ZeroRedundancyOptimizer*>(ctx.optimizer)) sharded->consolidate_state();
 
+  // Note [Callback state]: every rank asks every callback, in order, so that a callback may gather
+  // per-rank state with collectives (PowerSGD's residuals); rank 0's answers are written. The keys
+  // are checked on every rank too, so that all ranks fail alike.
+  struct CallbackState {
+    std::string key, text;
+    std::vector<at::Tensor> tensors;
+  };
+  std::vector<CallbackState> callback_states;
+  if (ctx.callbacks != nullptr) {
+    std::set<std::string> keys;
+    for (const auto& cb : *ctx.callbacks) {
+      std::string key = cb->state_key();
+      if (key.empty()) continue;
+      LOCKSTEP_CHECK(std::all_of(key.begin(), key.end(),
+                                 [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
+                     "callback state_key '", key, "' must contain only letters, digits and '_'");
+      LOCKSTEP_CHECK(keys.insert(key).second, "two callbacks have the state_key '", key,
+                     "': each would overwrite the other's state in the checkpoint");
+      CallbackState saved{std::move(key), cb->save_state(), cb->save_tensors()};
+      if (rank == 0) callback_states.push_back(std::move(saved));
+    }
+  }
+
   const std::string final_path = (fs::path(options_.directory) / checkpoint_file_name(ctx.global_step)).string();
   if (rank == 0) {
     torch::serialize::OutputArchive archive;
@@ -160,20 +184,13 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     ctx.optimizer->save(optimizer_archive);
     archive.write("optimizer", optimizer_archive);
     archive.write("rng_states", all.to(torch::kUInt8).view({world, n}));
-    if (ctx.callbacks != nullptr) {
-      for (const auto& cb : *ctx.callbacks) {
-        const std::string key = cb->state_key();
-        if (key.empty()) continue;
-        LOCKSTEP_CHECK(std::all_of(key.begin(), key.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
-                       "callback state_key '", key, "' must contain only letters, digits and '_'");
-        archive.write("callback_" + key, c10::IValue(cb->save_state()));
-        const std::vector<at::Tensor> tensors = cb->save_tensors();
-        if (!tensors.empty()) {
-          torch::serialize::OutputArchive part;
-          part.write("count", c10::IValue(static_cast<int64_t>(tensors.size())));
-          for (size_t i = 0; i < tensors.size(); ++i) part.write("t" + std::to_string(i), tensors[i]);
-          archive.write("callback_tensors_" + key, part);
-        }
+    for (const CallbackState& saved : callback_states) {
+      archive.write("callback_" + saved.key, c10::IValue(saved.text));
+      if (!saved.tensors.empty()) {
+        torch::serialize::OutputArchive part;
+        part.write("count", c10::IValue(static_cast<int64_t>(saved.tensors.size())));
+        for (size_t i = 0; i < saved.tensors.size(); ++i) part.write("t" + std::to_string(i), saved.tensors[i]);
+        archive.write("callback_tensors_" + saved.key, part);
       }
     }
     write_file_atomically(final_path, [&](const std::string& temporary) { archive.save_to(temporary); });

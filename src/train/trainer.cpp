@@ -13,6 +13,8 @@
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
 #include "lockstep/data/sharded_sampler.hpp"
+#include "lockstep/ddp/powersgd.hpp"
+#include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
 
@@ -171,6 +173,15 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     callbacks_.push_back(std::make_shared<Checkpointer>(checkpoint));
   }
   if (scaler_) callbacks_.push_back(scaler_);  // its scale is checkpointed with the rest
+  // A hook made by ddp::powersgd_hook() keeps state that a resume needs (Note [PowerSGD checkpoints]):
+  // checkpointed like a callback's, unless the user added a callback for that state already.
+  if (std::shared_ptr<ddp::PowerSGDState> powersgd = ddp::powersgd_state_of(options_.ddp.comm_hook)) {
+    const bool added = std::any_of(user_callbacks_.begin(), user_callbacks_.end(), [&](const CallbackPtr& cb) {
+      const auto* keeper = dynamic_cast<const PowerSGDStateCallback*>(cb.get());
+      return keeper != nullptr && keeper->state() == powersgd;
+    });
+    if (!added) callbacks_.push_back(std::make_shared<PowerSGDStateCallback>(powersgd));
+  }
   callbacks_.insert(callbacks_.end(), user_callbacks_.begin(), user_callbacks_.end());
   if (options_.progress) {
     ProgressOptions progress;

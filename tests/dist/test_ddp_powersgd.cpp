@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/powersgd.hpp"
 #include "support/dist.hpp"
@@ -223,4 +224,24 @@ TEST_CASE("DataParallel with PowerSGD trains a small model, identically on every
   CHECK(s.plain_buckets > 0);
   CHECK(s.compressed_matrices > 0);
   CHECK(s.compression_ratio() > 1.5);
+}
+
+TEST_CASE("gather_strings gives every rank's bytes to the root only, whatever their lengths", "[ddp][powersgd]") {
+  // Rank r's string: 3 r bytes, a zero byte among them (binary state), and none at all for rank 0.
+  auto text_of = [](int r) {
+    std::string text(static_cast<std::size_t>(3 * r), static_cast<char>('a' + r));
+    if (r > 0) text[1] = '\0';
+    return text;
+  };
+  const int rank = comm().rank(), size = comm().size();
+  for (int root : {0, size - 1}) {
+    INFO("root " << root);
+    const std::vector<std::string> got = lockstep::comm::gather_strings(comm(), text_of(rank), root);
+    if (rank == root) {
+      REQUIRE(static_cast<int>(got.size()) == size);
+      for (int r = 0; r < size; ++r) CHECK(got[r] == text_of(r));
+    } else {
+      CHECK(got.empty());
+    }
+  }
 }

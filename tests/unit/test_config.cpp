@@ -402,6 +402,11 @@ ddp:
     auto bucket = lockstep::testing::make_bucket({torch::ones({40, 40})}, {"w"});
     x.trainer.ddp.comm_hook(solo, bucket)->wait();
     CHECK(solo.allreduces == 2);
+    // The trainer finds the hook's state this way, to checkpoint it (PowerSGDStateCallback).
+    const auto state = lockstep::ddp::powersgd_state_of(x.trainer.ddp.comm_hook);
+    REQUIRE(state != nullptr);
+    CHECK(state->options().matrix_approximation_rank == 4);
+    CHECK(state->stats().compressed_buckets == 1);
   }
   const auto set =
       config::parse_config("", "x", {"ddp.comm_hook=powersgd", "ddp.powersgd.matrix_approximation_rank=2"});

@@ -4,6 +4,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/bucket_assignment.hpp"
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/ddp/model_sync.hpp"
 #include "lockstep/ddp/timeline.hpp"
 
@@ -58,7 +59,7 @@ TEST_CASE("Model entries describe what must agree across ranks", "[ddp]") {
         "parameter fc.weight: Double [3, 4] on cpu, requires grad");
   CHECK(lockstep::ddp::describe({"buffer", "bn.running_mean", torch::zeros({4})}) ==
         "buffer bn.running_mean: Float [4] on cpu");
-  CHECK(lockstep::ddp::detail::fingerprint("a") != lockstep::ddp::detail::fingerprint("b"));
+  CHECK(lockstep::comm::fingerprint("a") != lockstep::comm::fingerprint("b"));
 }
 
 TEST_CASE("Timeline writes Chrome trace events", "[ddp]") {

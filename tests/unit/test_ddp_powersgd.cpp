@@ -7,6 +7,9 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
+#include <string>
+#include <vector>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/powersgd.hpp"
@@ -258,4 +261,146 @@ TEST_CASE("PowerSGD rejects buckets it cannot reduce", "[ddp][powersgd]") {
   auto shapeless = make_bucket({torch::ones({4, 4})}, {"w"});
   shapeless.sizes.clear();
   CHECK_THROWS_WITH(hook(solo, shapeless), Contains("GradBucket::sizes"));
+}
+
+namespace {
+
+// Gradients of a conv weight (compressed), a bias and a small matrix (uncompressed) at `step`.
+std::vector<torch::Tensor> gradients_at(int step) {
+  torch::manual_seed(300 + step);
+  return {torch::randn({8, 3, 2, 2}), torch::randn({8}), torch::randn({3, 3})};
+}
+const std::vector<std::string> kNames = {"conv.weight", "conv.bias", "tiny.weight"};
+
+// Reduces steps [first, last) of gradients_at with `state`, GradBucket::iteration counting from
+// `iteration`; returns what was applied.
+std::vector<torch::Tensor> run_steps(ddp::PowerSGDState& state, int first, int last, std::uint64_t iteration) {
+  SoloCommunicator solo;
+  std::vector<torch::Tensor> applied;
+  for (int step = first; step < last; ++step) {
+    auto bucket = make_bucket(gradients_at(step), kNames, iteration++);
+    state.reduce(solo, bucket)->wait();
+    applied.push_back(bucket.buffer.clone());
+  }
+  return applied;
+}
+
+bool bitwise(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  bool equal = a.size() == b.size();
+  for (std::size_t i = 0; equal && i < a.size(); ++i) equal = torch::equal(a[i], b[i]);
+  return equal;
+}
+
+std::string restore_error(ddp::PowerSGDState& state, const std::vector<std::string>& states,
+                          const std::map<std::string, std::vector<std::int64_t>>* parameters = nullptr) {
+  SoloCommunicator solo;
+  try {
+    state.restore_state(states, solo, parameters);
+  } catch (const lockstep::Error& e) {
+    return e.message();
+  }
+  return "(no error)";
+}
+
+}  // namespace
+
+TEST_CASE("PowerSGD state saved and restored continues bitwise, counting iterations on from the saved count",
+          "[ddp][powersgd]") {
+  ddp::PowerSGDOptions o;
+  o.matrix_approximation_rank = 2;
+  o.start_iteration = 3;
+  for (int saved_after : {2, 5}) {  // before compression starts (only the count matters), and after
+    INFO("saved after " << saved_after << " steps");
+    ddp::PowerSGDState original(o);
+    run_steps(original, 0, saved_after, 0);
+    SoloCommunicator solo;
+    const std::vector<std::string> states = original.gather_state(solo);
+    REQUIRE(states.size() == 1);
+
+    ddp::PowerSGDState restored(o);
+    restored.restore_state(states, solo);
+    if (saved_after > 3) CHECK(torch::equal(restored.error("conv.weight"), original.error("conv.weight")));
+    // The original goes on with its reducer's count; the restored one sees a new reducer's, from 0.
+    const auto expected = run_steps(original, saved_after, 8, saved_after);
+    const auto resumed = run_steps(restored, saved_after, 8, 0);
+    CHECK(bitwise(expected, resumed));
+    CHECK(torch::equal(restored.error("conv.weight"), original.error("conv.weight")));
+    CHECK(restored.stats().compressed_buckets == original.stats().compressed_buckets);
+    CHECK(restored.stats().plain_buckets == 3);
+    CHECK(restored.stats().compressed_bytes == original.stats().compressed_bytes);
+    CHECK(restored.error("tiny.weight").defined() == false);  // uncompressed: no state
+
+    // Without the state (a fresh one) the same steps come out otherwise.
+    ddp::PowerSGDState fresh(o);
+    CHECK_FALSE(bitwise(expected, run_steps(fresh, saved_after, 8, 0)));
+  }
+}
+
+TEST_CASE("PowerSGD restore_state refuses another world size, other options, another model and garbage",
+          "[ddp][powersgd]") {
+  ddp::PowerSGDOptions o;
+  o.start_iteration = 0;
+  ddp::PowerSGDState saved(o);
+  run_steps(saved, 0, 2, 0);
+  SoloCommunicator solo;
+  const std::vector<std::string> states = saved.gather_state(solo);
+
+  ddp::PowerSGDState target(o);
+  CHECK_THAT(restore_error(target, {states[0], states[0]}),
+             Contains("residuals of 2 ranks but this job has 1") && Contains("at the world size it was saved at"));
+  CHECK_THAT(restore_error(target, {"not an archive"}), Contains("not a readable PowerSGD state"));
+
+  std::map<std::string, std::vector<std::int64_t>> model = {
+      {"conv.weight", {8, 3, 2, 2}}, {"conv.bias", {8}}, {"tiny.weight", {3, 3}}};
+  CHECK(restore_error(target, states, &model) == "(no error)");
+  model.erase("conv.weight");
+  CHECK_THAT(restore_error(target, states, &model), Contains("'conv.weight'") && Contains("does not have"));
+  model["conv.weight"] = {8, 12};
+  CHECK_THAT(restore_error(target, states, &model), Contains("'conv.weight'") && Contains("[8, 12]"));
+
+  ddp::PowerSGDOptions other = o;
+  other.matrix_approximation_rank = 2;
+  ddp::PowerSGDState wider(other);
+  CHECK_THAT(restore_error(wider, states), Contains("matrix_approximation_rank 1 but this run has 2"));
+  other = o;
+  other.min_compression_rate = 1.5;
+  ddp::PowerSGDState looser(other);
+  CHECK_THAT(restore_error(looser, states), Contains("min_compression_rate 2 but this run has 1.5"));
+  other = o;
+  other.use_error_feedback = false;
+  ddp::PowerSGDState no_feedback(other);
+  CHECK_THAT(restore_error(no_feedback, states), Contains("use_error_feedback"));
+  // Options that leave the saved tensors meaningful may change.
+  other = o;
+  other.start_iteration = 4;
+  other.seed = 3;
+  ddp::PowerSGDState reseeded(other);
+  CHECK(restore_error(reseeded, states) == "(no error)");
+
+  // A failed restore leaves the state as it was.
+  ddp::PowerSGDState kept(o);
+  run_steps(kept, 5, 6, 0);
+  const torch::Tensor kept_error = kept.error("conv.weight");
+  CHECK(restore_error(kept, {"not an archive"}) != "(no error)");
+  CHECK(torch::equal(kept.error("conv.weight"), kept_error));
+
+  // Restored state that a step finds for another shape is an error, not silently replaced.
+  ddp::PowerSGDState unchecked(o);
+  unchecked.restore_state(states, solo);
+  auto reshaped = make_bucket({torch::randn({12, 8})}, {"conv.weight"});
+  CHECK_THROWS_WITH(unchecked.reduce(solo, reshaped), Contains("restored for parameter 'conv.weight'") &&
+                                                          Contains("[8, 3, 2, 2]") && Contains("[12, 8]"));
+}
+
+TEST_CASE("powersgd_state_of finds the state of a PowerSGD hook and nothing in other hooks", "[ddp][powersgd]") {
+  auto state = std::make_shared<ddp::PowerSGDState>();
+  CHECK(ddp::powersgd_state_of(ddp::powersgd_hook(state)) == state);
+  CHECK(ddp::powersgd_state_of(ddp::powersgd_hook(ddp::PowerSGDOptions{})) != nullptr);
+  CHECK(ddp::powersgd_state_of(ddp::allreduce_hook()) == nullptr);
+  CHECK(ddp::powersgd_state_of(ddp::CommHook{}) == nullptr);
+  // A hook of one's own around a state is opaque (its callback must be added by hand).
+  const ddp::CommHook wrapped = [state](lockstep::comm::Communicator& c, const ddp::GradBucket& b) {
+    return state->reduce(c, b);
+  };
+  CHECK(ddp::powersgd_state_of(wrapped) == nullptr);
 }

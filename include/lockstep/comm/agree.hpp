@@ -21,6 +21,11 @@ std::string rank_list(const std::vector<int>& ranks);
 // Collective: every rank's string, indexed by rank (two all-gathers).
 std::vector<std::string> allgather_strings(Communicator& comm, const std::string& text);
 
+// Collective: every rank's string on `root` (indexed by rank), an empty vector elsewhere. One
+// broadcast per rank, so a rank other than root holds one rank's string at a time, not all of them
+// (for large per-rank state: PowerSGD's residuals in checkpoints).
+std::vector<std::string> gather_strings(Communicator& comm, const std::string& text, int root = 0);
+
 // Collective: checks that every rank holds the same (key, value) entries. Costs one all-gather of a
 // 64-bit fingerprint when they agree. When they do not, every rank raises the same lockstep::Error:
 //   "<context>: the ranks disagree on <key>: <value> on ranks 0, 2; <value> on rank 1 (and 2 more

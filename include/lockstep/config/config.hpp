@@ -101,7 +101,8 @@ struct ExperimentConfig {
   // (low-rank, ddp/powersgd.hpp). parse_config also sets trainer.ddp.comm_hook to the matching hook.
   std::string ddp_comm_hook = "allreduce";
   // ddp.powersgd: the keys of ddp::PowerSGDOptions, used when ddp.comm_hook is "powersgd". The hook
-  // parse_config makes holds PowerSGD's state: build one trainer per parsed config.
+  // parse_config makes holds PowerSGD's state: build one trainer per parsed config. The trainer
+  // checkpoints that state by itself (train::PowerSGDStateCallback; ddp::powersgd_state_of finds it).
   ddp::PowerSGDOptions ddp_powersgd;
 };
 

@@ -37,10 +37,4 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
 std::vector<comm::WorkPtr> broadcast_coalesced(comm::Communicator& comm, const std::vector<at::Tensor>& tensors,
                                                int root = 0, std::int64_t cap_bytes = std::int64_t{32} << 20);
 
-namespace detail {
-// Moved to comm/agree.hpp; kept here for the callers in ddp/.
-using comm::allgather_strings;
-using comm::fingerprint;
-}  // namespace detail
-
 }  // namespace lockstep::ddp

@@ -89,8 +89,15 @@ struct PowerSGDStats {
 };
 
 // What a PowerSGD hook keeps between steps: per parameter (by name) the error-feedback residual and
-// the warm-start Q. One state per DataParallel: two models would mix their parameters' state.
-// Note [PowerSGD state keys]
+// the warm-start Q, and the iteration count. One state per DataParallel: two models would mix their
+// parameters' state. Note [PowerSGD state keys]
+//
+// Checkpoints (Note [PowerSGD checkpoints]): gather_state() collects every rank's state on one rank,
+// to be written beside the model; restore_state() gives each rank its own back. The trainer does
+// both by itself for a hook made by powersgd_hook() (train::PowerSGDStateCallback); a custom loop:
+//   auto states = state->gather_state(*comm);          // every rank; rank 0 gets them all
+//   if (comm->rank() == 0) write(states);              // e.g. as byte tensors in its archive
+//   ... on resume, every rank: state->restore_state(read(), *comm, &parameter_shapes);
 class PowerSGDState {
  public:
   explicit PowerSGDState(PowerSGDOptions options = {});
@@ -102,8 +109,26 @@ class PowerSGDState {
   // This rank's residual for the parameter (n x m, float32 for 16-bit buckets, else the bucket's
   // dtype; a copy), or an undefined tensor when there is none (not compressed yet, or no feedback).
   at::Tensor error(const std::string& parameter_name) const;
-  // Forgets every residual and Q (the next step starts as the first did). Stats are kept.
+  // Forgets every residual and Q (the next step starts as the first did). Stats and the iteration
+  // count are kept.
   void reset();
+
+  // Collective (every rank, between steps: no backward in flight). Serialises this rank's state (its
+  // residuals, the warm-start Qs, the iteration count, the stats, and the options and world size they
+  // belong to) and gathers every rank's on `root`: there, one string per rank, indexed by rank; an
+  // empty vector on the other ranks. Each rank's string holds about its compressed gradients' bytes.
+  std::vector<std::string> gather_state(comm::Communicator& comm, int root = 0) const;
+  // Restores this rank's part of what gather_state() returned (every rank passes the same vector, as
+  // read from one checkpoint), so that the next step continues exactly where the saved run would
+  // have: residuals, Qs, stats, and GradBucket::iteration counted on from the saved count (a new
+  // DataParallel counts from 0). `parameters`, when given, are the model's parameter names and shapes:
+  // state for a name not among them, or for another shape, is then an error here rather than at the
+  // next step. Not collective, but every rank checks the same things and so throws alike: a
+  // lockstep::Error, leaving this state unchanged, when the states were saved at another world size,
+  // with another matrix_approximation_rank, min_compression_rate, use_error_feedback or warm_start
+  // (start_iteration, seed and orthogonalization_epsilon may change), or are not PowerSGD states.
+  void restore_state(const std::vector<std::string>& states, const comm::Communicator& comm,
+                     const std::map<std::string, std::vector<std::int64_t>>* parameters = nullptr);
 
   // The hook's body: reduces one bucket (the CommHook contract, comm_hooks.hpp).
   comm::WorkPtr reduce(comm::Communicator& comm, const GradBucket& bucket);
@@ -113,12 +138,21 @@ class PowerSGDState {
   struct Step;   // one bucket's reduction, from the hook to its continuation
   std::shared_ptr<Entry> entry_for(const std::string& name, const std::vector<std::int64_t>& sizes, std::int64_t rank,
                                    const at::TensorOptions& options);
+  // GradBucket::iteration counted on from a restored state (Note [PowerSGD checkpoints]).
+  std::uint64_t iteration_of(const GradBucket& bucket);
 
   PowerSGDOptions options_;
   mutable std::mutex mutex_;
   std::map<std::string, std::shared_ptr<Entry>> entries_;
   PowerSGDStats stats_;
+  std::uint64_t next_iteration_ = 0;     // 1 + the last iteration reduced (0 before any)
+  std::int64_t iteration_offset_ = 0;    // added to GradBucket::iteration
+  bool offset_pending_ = false;          // restored: the next bucket's iteration is next_iteration_
 };
+
+// The state of a hook made by powersgd_hook(), or nullptr for any other hook (or an empty one). How
+// the trainer finds the state to checkpoint without being told.
+std::shared_ptr<PowerSGDState> powersgd_state_of(const CommHook& hook);
 
 // A PowerSGD communication hook with a state of its own (validates the options here).
 CommHook powersgd_hook(PowerSGDOptions options = {});

@@ -125,14 +125,20 @@ class Callback {
   // Checkpointed state (Note [Callback state]): a callback that returns a non-empty state_key() has
   // save_state()'s string stored in every checkpoint under that key and handed to load_state() on
   // resume (before the trainer continues). The format of the string is the callback's own (JSON,
-  // numbers, a serialised archive...). Keys must be unique among the trainer's callbacks and use only
-  // letters, digits and '_'.
+  // numbers, a serialised archive...). Keys must be unique among the trainer's callbacks (a duplicate
+  // is an error when saving) and use only letters, digits and '_'.
+  //
+  // Saving is collective: the Checkpointer calls save_state() and then save_tensors() of each such
+  // callback, in callback order, on every rank, and writes rank 0's results. So state that is the
+  // same on every rank needs nothing special, and state that differs per rank may be gathered to
+  // rank 0 with the communicator (from on_setup's ctx) inside these calls, as PowerSGD's residuals are
+  // (PowerSGDStateCallback). Loading is not collective: every rank reads the same file and gets the
+  // same string and tensors (all ranks' parts, for gathered state: each takes its own).
   virtual std::string state_key() const { return ""; }
   virtual std::string save_state() const { return ""; }
   virtual void load_state(const std::string& state) {}
   // Tensor state (weight averages and the like), checkpointed under the same state_key as tensors
-  // rather than text; load_tensors receives them in the same order, after load_state. Rank 0's are
-  // written, so they must be the same on every rank.
+  // rather than text; load_tensors receives them in the same order, after load_state.
   virtual std::vector<at::Tensor> save_tensors() const { return {}; }
   virtual void load_tensors(std::vector<at::Tensor> tensors) {}
 };

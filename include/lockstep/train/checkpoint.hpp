@@ -50,7 +50,8 @@ class Checkpointer : public Callback {
   void on_train_end(TrainerContext& ctx) override;
 
   // Collective: writes a checkpoint of the current state (rank 0 writes; the others send their
-  // generator states). `position` is where the train loader continues.
+  // generator states, and whatever per-rank state callbacks gather, as PowerSGD's residuals: Note
+  // [Callback state]). `position` is where the train loader continues.
   void save(TrainerContext& ctx, const data::SamplerState& position);
   // Collective: loads `path` on every rank into ctx (model, optimizer, step, position, RNG,
   // callbacks). Throws a lockstep::Error naming the file if it is unreadable or incomplete.

@@ -100,8 +100,10 @@ class DistributedTrainer {
   DistributedTrainer(const DistributedTrainer&) = delete;
   DistributedTrainer& operator=(const DistributedTrainer&) = delete;
 
-  // Callbacks run in the order added, after the built-in Checkpointer and before the built-in
-  // ProgressLogger (so the logger sees every metric the others add).
+  // Callbacks run in the order added, after the built-in Checkpointer (and the GradScaler of precision
+  // fp16, and a PowerSGDStateCallback when options.ddp.comm_hook was made by ddp::powersgd_hook(), so
+  // that its state is checkpointed) and before the built-in ProgressLogger (so the logger sees every
+  // metric the others add).
   void add_callback(CallbackPtr callback);
 
   // Collective. Trains for options.epochs (resuming first if a checkpoint says so), evaluating on

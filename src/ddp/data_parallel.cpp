@@ -65,9 +65,8 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   }
 
   check_same_model(*comm_, entries);
-  std::vector<at::Tensor> values;
-  for (const auto& entry : entries) values.push_back(entry.tensor);
-  for (auto& work : broadcast_coalesced(*comm_, values, 0)) work->wait();
+  for (const auto& entry : entries) state_.push_back(entry.tensor);
+  broadcast_state(0);
 
   // Attach after the model check and the broadcast: the layers are numbered in registration order,
   // which is then known to be the same on every rank, so this throws on every rank or on none.
@@ -114,6 +113,10 @@ NoSyncGuard DataParallel::no_sync() {
 
 void DataParallel::before_forward() { reducer_->mark_forward_start(); }
 void DataParallel::before_backward() { reducer_->mark_backward_start(); }
+
+void DataParallel::broadcast_state(int root) {
+  for (auto& work : broadcast_coalesced(*comm_, state_, root)) work->wait();
+}
 
 void DataParallel::sync_buffers() {
   for (auto& work : broadcast_coalesced(*comm_, buffers_, 0)) work->wait();

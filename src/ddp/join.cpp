@@ -2,12 +2,10 @@
 
 #include <cstdio>
 #include <exception>
-#include <unordered_set>
 #include <vector>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
-#include "lockstep/ddp/model_sync.hpp"
 
 namespace lockstep::ddp {
 
@@ -19,7 +17,7 @@ Join::Join(DataParallel& dp, JoinOptions options)
                  "forward, so uneven inputs cannot be shadowed. Use per-rank batch norm (sync_batch_norm = false) "
                  "or give every rank the same number of batches (rank ",
                  dp.communicator().rank(), ")");
-  dp.reducer_->enable_join({options_.divide_by_initial_world_size, options_.throw_on_early_termination});
+  dp.reducer_->enable_join(options_);
 }
 
 Join::~Join() {
@@ -56,15 +54,7 @@ JoinResult Join::finish(const std::function<void()>& shadow_step) {
   // Every rank has finished, and agrees on which ranks trained in the last step (Note [Join]).
   const std::vector<int>& last = reducer.last_active_ranks();
   result.source_rank = last.empty() ? 0 : last.front();
-  std::vector<at::Tensor> state;
-  std::unordered_set<const void*> seen;  // tied weights once
-  for (const auto& p : dp_->module().parameters(/*recurse=*/true)) {
-    if (p.defined() && seen.insert(p.unsafeGetTensorImpl()).second) state.push_back(p);
-  }
-  for (const auto& b : dp_->module().buffers(/*recurse=*/true)) {
-    if (b.defined() && seen.insert(b.unsafeGetTensorImpl()).second) state.push_back(b);
-  }
-  for (auto& work : broadcast_coalesced(dp_->communicator(), state, result.source_rank)) work->wait();
+  dp_->broadcast_state(result.source_rank);
   return result;
 }
 

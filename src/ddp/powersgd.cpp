@@ -126,17 +126,11 @@ std::uint64_t splitmix64(std::uint64_t x) {
   return x ^ (x >> 31);
 }
 
-std::uint64_t fnv1a(const std::string& text) {
-  std::uint64_t h = 0xCBF29CE484222325ULL;
-  for (unsigned char c : text) h = (h ^ c) * 0x100000001B3ULL;
-  return h;
-}
-
 // Q for one parameter and iteration: the same on every rank, whatever order the draws happen in.
 at::Tensor draw_q(std::uint64_t seed, const std::string& name, std::uint64_t iteration, std::int64_t m, std::int64_t r,
                   const at::TensorOptions& options) {
   at::Generator generator =
-      at::detail::createCPUGenerator(splitmix64(seed ^ splitmix64(fnv1a(name) ^ splitmix64(iteration))));
+      at::detail::createCPUGenerator(splitmix64(seed ^ splitmix64(comm::fingerprint(name) ^ splitmix64(iteration))));
   // Drawn on the CPU so that every device type gets the same numbers from the same seed.
   return at::randn({m, r}, generator, options.device(at::kCPU)).to(options.device());
 }

@@ -232,16 +232,7 @@ void Reducer::begin_backward() {
   ++backward_count_;
   if (backward_start_ == comm::Clock::time_point{}) backward_start_ = comm::Clock::now();
   if (syncing_) {
-    std::fill(ready_.begin(), ready_.end(), 0);
-    ready_order_.clear();
-    bucket_ready_order_.clear();
-    launch_order_.clear();
-    next_launch_ = 0;
-    for (auto& bucket : buckets_) {
-      bucket.pending = bucket.params.size();
-      bucket.work.reset();
-      bucket.grad.iteration = sync_count_;
-    }
+    prepare_sync();
     if (join_) {
       // Note [Join]: before any bucket, "this rank still trains".
       join_flags_ = at::empty({comm_->size()}, at::kInt);
@@ -251,6 +242,20 @@ void Reducer::begin_backward() {
   // Runs when this autograd pass ends, after every gradient hook (called here, from inside a
   // hook, so that it attaches to the running pass).
   torch::autograd::Engine::get_default_engine().queue_callback([this] { finish_backward(); });
+}
+
+// A synchronised backward starts: no parameter ready, no bucket launched.
+void Reducer::prepare_sync() {
+  std::fill(ready_.begin(), ready_.end(), 0);
+  ready_order_.clear();
+  bucket_ready_order_.clear();
+  launch_order_.clear();
+  next_launch_ = 0;
+  for (auto& bucket : buckets_) {
+    bucket.pending = bucket.params.size();
+    bucket.work.reset();
+    bucket.grad.iteration = sync_count_;
+  }
 }
 
 void Reducer::adopt_gradient(std::size_t index) {
@@ -384,13 +389,13 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
   ++sync_count_;
-  if (join_ && join_mode_.throw_on_early_termination && active_count < size) fail_uneven();
+  if (join_ && join_options_.throw_on_early_termination && active_count < size) fail_uneven();
   if (!options_.find_unused_parameters) {
     for (std::size_t i = 0; i < n; ++i) {
       if (ready_counts[i] < active_count) fail_unready(ready_counts, used_counts, active_count);
     }
   }
-  if (join_ && !join_mode_.divide_by_initial_world_size && active_count < size) {
+  if (join_ && !join_options_.divide_by_initial_world_size && active_count < size) {
     // Note [Join]: the hooks divided by the world size; make it the mean over the ranks that trained.
     for (auto& bucket : buckets_) bucket.grad.buffer.mul_(static_cast<double>(size) / active_count);
   }
@@ -465,10 +470,10 @@ void Reducer::fail_unready(const std::vector<std::int32_t>& ready_counts,
 
 void Reducer::fail_uneven() const {
   std::ostringstream training, joined;
-  std::size_t t = 0, j = 0;
   for (int r = 0; r < comm_->size(); ++r) {
     const bool active = std::find(last_active_.begin(), last_active_.end(), r) != last_active_.end();
-    (active ? training : joined) << (active ? (t++ ? ", " : "") : (j++ ? ", " : "")) << r;
+    std::ostringstream& list = active ? training : joined;
+    list << (list.tellp() > 0 ? ", " : "") << r;
   }
   LOCKSTEP_FAIL("DataParallel: uneven inputs: rank(s) ", joined.str(), " ran out of inputs while rank(s) ",
                 training.str(), " still had more, in synchronised backward ", sync_count_ - 1,
@@ -479,12 +484,12 @@ void Reducer::fail_uneven() const {
 
 // ---- join mode (Note [Join]) ----
 
-void Reducer::enable_join(JoinMode mode) {
+void Reducer::enable_join(const JoinOptions& options) {
   std::lock_guard<std::mutex> lock(mutex_);
   LOCKSTEP_CHECK(!join_, "DataParallel: a Join is already active on this model (rank ", comm_->rank(), ")");
   LOCKSTEP_CHECK(!in_backward_, "DataParallel: a Join cannot begin during backward (rank ", comm_->rank(), ")");
   join_ = true;
-  join_mode_ = mode;
+  join_options_ = options;
   last_active_.clear();
   for (int r = 0; r < comm_->size(); ++r) last_active_.push_back(r);
 }
@@ -493,11 +498,6 @@ void Reducer::disable_join() {
   std::lock_guard<std::mutex> lock(mutex_);
   join_ = false;
   join_work_.reset();
-}
-
-bool Reducer::join_enabled() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return join_;
 }
 
 bool Reducer::shadow_step() {
@@ -523,17 +523,11 @@ bool Reducer::shadow_step() {
   shadowing_ = true;
   ++backward_count_;
   const comm::Clock::time_point start = comm::Clock::now();
-  std::fill(ready_.begin(), ready_.end(), 0);
+  prepare_sync();
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
-  ready_order_.clear();
-  bucket_ready_order_.clear();
-  launch_order_.clear();
-  next_launch_ = 0;
-  for (auto& bucket : buckets_) {
+  for (auto& bucket : buckets_) {  // every bucket ready at once, with no gradient of this rank's
     bucket.grad.buffer.zero_();
     bucket.pending = 0;
-    bucket.work.reset();
-    bucket.grad.iteration = sync_count_;
   }
   launch_ready_buckets();
   StepTimings timings;

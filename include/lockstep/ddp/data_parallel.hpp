@@ -122,9 +122,12 @@ class DataParallel {
 
  private:
   friend class Join;  // uneven inputs (join.hpp) drive the reducer's join mode
+  // Collective: copies `root`'s parameters and buffers to every rank.
+  void broadcast_state(int root);
   std::shared_ptr<torch::nn::Module> module_;
   comm::CommunicatorPtr comm_;
   DataParallelOptions options_;
+  std::vector<at::Tensor> state_;  // parameters (a tied tensor once), then buffers
   std::vector<at::Tensor> buffers_;
   std::size_t sync_batch_norm_layers_ = 0;
   std::unique_ptr<Reducer> reducer_;

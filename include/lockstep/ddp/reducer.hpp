@@ -18,6 +18,7 @@
 #include "lockstep/comm/work.hpp"
 #include "lockstep/ddp/bucket_assignment.hpp"
 #include "lockstep/ddp/comm_hooks.hpp"
+#include "lockstep/ddp/join.hpp"
 #include "lockstep/ddp/timeline.hpp"
 
 namespace torch::autograd {
@@ -96,13 +97,8 @@ class Reducer {
   // Uneven inputs (ddp::Join, join.hpp; Note [Join] in reducer.cpp). While join mode is on, every
   // synchronised backward starts with one all-gather of a flag per rank, "still training", and a
   // rank that ran out of inputs calls shadow_step() instead of running backward.
-  struct JoinMode {
-    bool divide_by_initial_world_size = true;
-    bool throw_on_early_termination = false;
-  };
-  void enable_join(JoinMode mode);
+  void enable_join(const JoinOptions& options);
   void disable_join();
-  bool join_enabled() const;
   // Collective, on a rank that has joined: takes part in the next synchronised backward of the
   // ranks still training, with no gradients of its own (its .grad()s receive the reduced ones), or
   // returns false when no rank is training any more.
@@ -128,6 +124,7 @@ class Reducer {
   void build_buckets(const BucketAssignment& assignment);
   void on_gradient_ready(std::size_t index);
   void begin_backward();
+  void prepare_sync();
   void finish_backward();
   void mark_ready(std::size_t index);
   void launch_ready_buckets();
@@ -171,7 +168,7 @@ class Reducer {
   StepTimings last_timings_;
   // Join mode (Note [Join]).
   bool join_ = false;
-  JoinMode join_mode_;
+  JoinOptions join_options_;
   at::Tensor join_flags_;     // [world] int32: the all-gathered flags of the current backward
   comm::WorkPtr join_work_;   // their all-gather, issued when a synchronised backward begins
   std::vector<int> last_active_;

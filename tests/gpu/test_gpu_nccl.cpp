@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "lockstep/comm/nccl_communicator.hpp"
+#include "lockstep/comm/stop_vote.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
 #include "support/dist.hpp"
@@ -184,6 +185,30 @@ TEST_CASE("wait() orders the caller's stream after the collective without blocki
     auto temp = torch::full({1 << 18}, 1.0, torch::TensorOptions().device(device()));
     comm->allreduce(temp);
   }
+  comm->barrier()->wait();
+}
+
+TEST_CASE("StopVote over NCCL: posting never blocks the host; the codes come back `lag` posts later",
+          "[gpu][nccl]") {
+  auto comm = nccl();
+  if (!comm) return;
+  const int n = comm->size();
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  lockstep::comm::StopVote vote(comm, device(), 2);
+  StreamGate gate;
+  gate.close(side.stream());  // the votes' kernels, all-gathers and copies queue up behind this
+  const auto start = std::chrono::steady_clock::now();
+  CHECK(vote.post(comm->rank() == n - 1 ? 10 : 0).empty());
+  CHECK(vote.post(comm->rank() == 0 ? -1 : 0).empty());
+  CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 1.0);
+  gate.release();
+  const std::vector<std::int32_t> first = vote.post(0);  // waits for the first vote's copy, now released
+  REQUIRE(first.size() == static_cast<size_t>(n));
+  CHECK(first[n - 1] == 10);
+  for (int r = 0; r + 1 < n; ++r) CHECK(first[r] == 0);
+  const std::vector<std::int32_t> rest = vote.finish();
+  CHECK(rest[0] == -1);
   comm->barrier()->wait();
 }
 

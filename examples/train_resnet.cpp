@@ -9,14 +9,17 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <vector>
 #include <string>
+#include <thread>
 
 #include "lockstep/compress/pruning.hpp"
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/core/stop_signals.hpp"
 #include "lockstep/core/world.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
 #include "lockstep/models/int8_resnet.hpp"
@@ -104,8 +107,14 @@ int main(int argc, char** argv) {
       return 0;
     }
   } catch (const lockstep::Error& e) {
-    // Every rank reads the same command line and config, so every rank fails alike: say it once.
-    if (lockstep::launcher_rank() == 0) std::fprintf(stderr, "train_resnet: %s\n", e.message().c_str());
+    // Every rank reads the same command line and config, so every rank fails alike: say it once. The
+    // other ranks leave a moment later: mpirun ends the job at the first non-zero exit, and a rank that
+    // got there first could take rank 0's message down with it (seen: the test's message missing).
+    if (lockstep::launcher_rank() == 0) {
+      std::fprintf(stderr, "train_resnet: %s\n", e.message().c_str());
+    } else {
+      std::this_thread::sleep_for(std::chrono::seconds(3));
+    }
     return 2;
   }
 
@@ -161,6 +170,20 @@ int main(int argc, char** argv) {
     trainer.add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(cfg.quantization.options));
   }
   std::map<std::string, double> metrics = trainer.fit(train_set, test_set);
+  // Stopped by a signal (a scheduler's SIGTERM, `kill -USR1` to mpirun): the checkpoint is written, so
+  // end as the signal asked, with the exit status a shell gives a process it killed (128 + signal),
+  // and without the int8 evaluation that would only delay the scheduler.
+  if (const int signal = trainer.caught_signal()) {
+    if (runtime.rank() == 0) {
+      std::printf("train_resnet: %s; exiting with status %d\n",
+                  trainer.stop_reason().empty()
+                      ? ("caught " + lockstep::signal_name(signal) + " after training had finished").c_str()
+                      : ("stopped early by " + trainer.stop_reason()).c_str(),
+                  128 + signal);
+      std::fflush(stdout);
+    }
+    return 128 + signal;
+  }
   if (runtime.rank() == 0) {
     auto acc = metrics.find("test_acc");
     if (acc != metrics.end()) {

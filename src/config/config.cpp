@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "lockstep/core/error.hpp"
+#include "lockstep/core/stop_signals.hpp"
 
 namespace lockstep::config {
 namespace {
@@ -230,6 +231,15 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.count("prefetch", o.prefetch, 0);
   s.boolean("drop_last_batch", o.drop_last_batch);
   s.integer("stop_after_steps", o.stop_after_steps, 0);
+  s.strings("stop_signals", o.stop_signals);
+  for (const auto& name : o.stop_signals) {
+    try {
+      signal_number(name, "");
+    } catch (const Error& e) {
+      s.fail_key("stop_signals", e.message());
+    }
+  }
+  s.real("stop_after_seconds", o.stop_after_seconds, 0.0);
   s.integer("accumulation_steps", o.accumulation_steps, 1);
   s.real("clip_grad_norm", o.clip_grad_norm, 0.0);
   s.choice("device", o.device, {"auto", "cpu", "cuda"});

@@ -58,6 +58,8 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "prefetch", static_cast<int64_t>(t.prefetch));
   put(out, "drop_last_batch", t.drop_last_batch);
   put(out, "stop_after_steps", t.stop_after_steps);
+  out << YAML::Key << "stop_signals" << YAML::Value << YAML::Flow << t.stop_signals;
+  put_real(out, "stop_after_seconds", t.stop_after_seconds);
   put(out, "accumulation_steps", t.accumulation_steps);
   put_real(out, "clip_grad_norm", t.clip_grad_norm);
   put(out, "device", t.device);

@@ -322,6 +322,13 @@ void Checkpointer::on_epoch_end(TrainerContext& ctx) {
 
 void Checkpointer::on_train_end(TrainerContext& ctx) {
   if (options_.at_end && last_saved_step_ != ctx.global_step) save(ctx, ctx.train_loader->state());
+  // A run that stopped early (a stop signal, a time limit): say where it can go on from.
+  if (ctx.stop_requested && ctx.communicator->rank() == 0 && last_saved_step_ == ctx.global_step) {
+    std::printf("checkpoint %s holds step %lld (%s)\n", last_path_.c_str(), static_cast<long long>(ctx.global_step),
+                options_.resume == "auto" ? "checkpoint.resume: auto continues from it"
+                                          : "set checkpoint.resume to its path to continue from it");
+    std::fflush(stdout);
+  }
 }
 
 }  // namespace lockstep::train

@@ -106,4 +106,15 @@ void ProgressLogger::on_epoch_end(TrainerContext& ctx) {
   LOCKSTEP_CHECK(out.good(), "cannot append to ", options_.metrics_path);
 }
 
+void ProgressLogger::on_train_end(TrainerContext& ctx) {
+  if (ctx.world.rank != 0 || !ctx.stop_requested) return;
+  if (line_open_) std::printf("\n");
+  line_open_ = false;
+  std::printf("training stopped after step %lld (epoch %lld, step %lld of %lld): %s\n",
+              static_cast<long long>(ctx.global_step), static_cast<long long>(ctx.epoch + 1),
+              static_cast<long long>(ctx.batch_in_epoch), static_cast<long long>(ctx.steps_per_epoch),
+              ctx.stop_reason.empty() ? "stop requested" : ctx.stop_reason.c_str());
+  std::fflush(stdout);
+}
+
 }  // namespace lockstep::train

@@ -6,11 +6,15 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <optional>
+#include <sstream>
 
 #include "lockstep/comm/agree.hpp"
+#include "lockstep/comm/stop_vote.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/core/stop_signals.hpp"
 #include "lockstep/data/loader.hpp"
 #include "lockstep/data/sharded_sampler.hpp"
 #include "lockstep/ddp/powersgd.hpp"
@@ -59,6 +63,20 @@ data::Example to_device(data::Example batch, const c10::Device& device) {
   return batch;
 }
 
+// Note [Stop on signal]: a rank's stop code. Positive: the signal it caught.
+constexpr std::int32_t kStopRequested = -1;  // request_stop()
+constexpr std::int32_t kStopTimeLimit = -2;  // stop_after_seconds
+
+std::string describe_stop_code(std::int32_t code, const TrainerOptions& options) {
+  if (code == kStopRequested) return "request_stop()";
+  if (code == kStopTimeLimit) {
+    std::ostringstream os;
+    os << "stop_after_seconds (" << options.stop_after_seconds << " s)";
+    return os.str();
+  }
+  return signal_name(code);
+}
+
 }  // namespace
 
 DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
@@ -92,6 +110,9 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
                  "kernels for autocast); use bf16 on the CPU");
   LOCKSTEP_CHECK(autocast_supported(device_, autocast_dtype_), "TrainerOptions::precision ", options_.precision,
                  " is not supported on ", device_);
+  LOCKSTEP_CHECK(options_.stop_after_seconds >= 0 && std::isfinite(options_.stop_after_seconds),
+                 "TrainerOptions::stop_after_seconds must be >= 0 (0 = no limit), got ", options_.stop_after_seconds);
+  for (const auto& name : options_.stop_signals) signal_number(name, "TrainerOptions::stop_signals");
   if (autocast_dtype_ == c10::ScalarType::Half) scaler_ = std::make_shared<GradScaler>(options_.grad_scaler);
   // Module::to moves each parameter's data in place, so the optimizer (built on these parameters)
   // keeps pointing at them. DataParallel is built after the move: its buckets live on the device.
@@ -140,6 +161,41 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
                           "config and command line).");
 }
 
+void DistributedTrainer::request_stop() { stop_asked_.store(true); }
+
+std::int32_t DistributedTrainer::local_stop_code() const {
+  if (signals_) {
+    if (const int signal = signals_->caught()) return signal;
+  }
+  if (stop_asked_.load()) return kStopRequested;
+  if (options_.stop_after_seconds > 0 && seconds_since(fit_start_) >= options_.stop_after_seconds) return kStopTimeLimit;
+  return 0;
+}
+
+// Note [Stop on signal]: a signal (or a time limit, or request_stop()) reaches one rank, at any point
+// of its step; the others know nothing of it. So after every step each rank posts its stop code to a
+// comm::StopVote, which hands every rank the same codes two steps later: all ranks stop after the same
+// step, with no host synchronisation per step (on a GPU the vote waits on the stream, not the host).
+// The stop then takes the stop_after_steps path: the epoch is left unfinished (a resumed run finishes
+// it), on_train_end runs, and the Checkpointer writes the checkpoint that resumes bitwise. The handler
+// only sets a flag (core/stop_signals.hpp), and the flag is read between steps, so no collective is
+// ever interrupted half-way.
+void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes) {
+  std::map<std::int32_t, std::vector<int>> ranks_by_code;
+  for (std::size_t r = 0; r < codes.size(); ++r) {
+    if (codes[r] == 0) continue;
+    ranks_by_code[codes[r]].push_back(static_cast<int>(r));
+    if (caught_signal_ == 0 && codes[r] > 0) caught_signal_ = codes[r];
+  }
+  if (ranks_by_code.empty() || ctx.stop_requested) return;
+  std::string reason;
+  for (const auto& [code, ranks] : ranks_by_code) {
+    reason += (reason.empty() ? "" : "; ") + describe_stop_code(code, options_) + " on " + comm::rank_list(ranks);
+  }
+  ctx.stop_requested = true;
+  ctx.stop_reason = reason;
+}
+
 void DistributedTrainer::set_lr(double lr) {
   for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
 }
@@ -148,6 +204,19 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   LOCKSTEP_CHECK(train_set != nullptr, "DistributedTrainer::fit: the training set is null");
   const int rank = comm_->rank();
   const int world = comm_->size();
+  // Note [Stop on signal]: caught from here to the end of fit(), agreed on after every step.
+  struct StopScope {
+    DistributedTrainer& trainer;
+    ~StopScope() {
+      trainer.stop_vote_.reset();
+      trainer.signals_.reset();
+    }
+  } stop_scope{*this};
+  signals_ = std::make_unique<StopSignals>(options_.stop_signals);
+  stop_vote_ = std::make_unique<comm::StopVote>(comm_, device_);
+  fit_start_ = Clock::now();
+  stop_reason_.clear();
+  caught_signal_ = 0;
   // Dropout and other draws differ per rank (each sees other samples) but repeat from run to run.
   torch::manual_seed(options_.seed + static_cast<uint64_t>(rank));
 
@@ -267,7 +336,18 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     for (auto& cb : callbacks_) cb->on_epoch_end(ctx);
     last = ctx.metrics;
   }
+  if (ctx.stop_requested && ctx.stop_reason.empty()) {
+    ctx.stop_reason = options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps
+                          ? "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")"
+                          : "a callback";
+  }
   for (auto& cb : callbacks_) cb->on_train_end(ctx);
+  stop_reason_ = ctx.stop_reason;
+  // A signal caught after the last vote (late in training, or while on_train_end wrote the checkpoint)
+  // is still reported on every rank: one more vote, and every vote in flight read.
+  stop_vote_->post(local_stop_code());
+  take_stop_votes(ctx, stop_vote_->finish());
+  stop_asked_.store(false);  // a request is for one fit()
   // Rank 0 may still be writing files (checkpoint, metrics.jsonl) that the others want to read once
   // fit() returns.
   comm_->barrier()->wait();
@@ -367,6 +447,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     for (auto& cb : callbacks_) cb->on_after_optimizer_step(ctx);
     for (auto& cb : callbacks_) cb->on_step_end(ctx);
     ++ctx.batch_in_epoch;
+    take_stop_votes(ctx, stop_vote_->post(local_stop_code()));  // Note [Stop on signal]
     if (options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) ctx.stop_requested = true;
     if (ctx.stop_requested) break;
   }

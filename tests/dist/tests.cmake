@@ -9,3 +9,4 @@ lockstep_add_mpi_test(NAME dist.syncbn TARGET lockstep_dist_tests NP 2 3 ARGS "[
 lockstep_add_mpi_test(NAME dist.zero TARGET lockstep_dist_tests NP 2 3 ARGS "[zero]" TIMEOUT 300)
 lockstep_add_mpi_test(NAME dist.quant TARGET lockstep_dist_tests NP 2 3 ARGS "[quant]" TIMEOUT 300)
 lockstep_add_mpi_test(NAME dist.join TARGET lockstep_dist_tests NP 2 3 ARGS "[join]" TIMEOUT 300)
+lockstep_add_mpi_test(NAME dist.stop TARGET lockstep_dist_tests NP 2 3 ARGS "[stop]" TIMEOUT 300)

@@ -136,6 +136,28 @@ TEST_CASE("the trainer accumulates and clips on CUDA under fp16 loss scaling", "
   CHECK(lockstep::testing::identical_across_ranks(*model));
 }
 
+TEST_CASE("the trainer stops on CUDA after the same step on every rank (Note [Stop on signal])", "[gpu][train]") {
+  struct AskAtStep : lockstep::train::Callback {
+    lockstep::train::DistributedTrainer* trainer = nullptr;
+    int64_t last_step = 0;
+    void on_after_optimizer_step(lockstep::train::TrainerContext& ctx) override {
+      last_step = ctx.global_step;
+      if (ctx.world.rank == ctx.world.size - 1 && ctx.global_step == 3) trainer->request_stop();
+    }
+  };
+  torch::manual_seed(17);
+  auto model = Net();
+  auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05));
+  lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), cuda_trainer(2, "fp32"));
+  auto ask = std::make_shared<AskAtStep>();
+  ask->trainer = &trainer;
+  trainer.add_callback(ask);
+  trainer.fit(images(128 * comm().size()), nullptr);
+  CHECK(ask->last_step == 5);  // posted after step 3, read two posts later
+  CHECK(trainer.stop_reason() == "request_stop() on rank " + std::to_string(comm().size() - 1));
+  CHECK(lockstep::testing::identical_across_ranks(*model));
+}
+
 TEST_CASE("ZeroRedundancyOptimizer on CUDA: bitwise the unsharded Adam", "[gpu][zero]") {
   const int n = comm().size(), r = comm().rank();
   torch::manual_seed(19);

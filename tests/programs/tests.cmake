@@ -85,3 +85,18 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.train_resnet_config_mismatch.np2 PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "config: the ranks disagree on optimizer.lr: 0.1 on rank 0; 0.05 on rank 1")
 endif()
+
+# train_resnet at 3 ranks stopped by SIGUSR1 sent to mpirun mid-epoch (as a scheduler would before its
+# kill): every rank stops after the same step, the checkpoint is written, the job exits 138, and the
+# same command resumes from that step and finishes (Note [Stop on signal]).
+if(LOCKSTEP_BUILD_EXAMPLES)
+  add_test(NAME program.train_resnet_stop_signal.np3
+           COMMAND ${CMAKE_CURRENT_LIST_DIR}/stop_on_signal.sh ${CMAKE_CURRENT_BINARY_DIR}/train_resnet_stop_signal --
+                   ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet>
+                   --config ${PROJECT_SOURCE_DIR}/configs/demo.yaml
+                   --set data.train_subset=2880 --set data.test_subset=300 --set model.width=8
+                   --set trainer.batch_size=16 --set trainer.epochs=1 --set trainer.log_every=2
+                   --set trainer.checkpoint.every_steps=0)
+  set_tests_properties(program.train_resnet_stop_signal.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "stop_on_signal: stopped after step [0-9]+ by SIGUSR1 .exit 138., resumed from it and finished")
+endif()

@@ -466,3 +466,22 @@ quantization:
              Contains("config key 'quantization' at test.yaml:1:") && Contains("must come after begin_step"));
   CHECK_THAT(error_of("quantization: {freeze_step: -2}"), Contains("'quantization.freeze_step'"));
 }
+
+TEST_CASE("config: stop signals and the time limit; a signal that cannot stop a run is named", "[config]") {
+  const lockstep::train::TrainerOptions defaults;
+  CHECK(defaults.stop_signals == std::vector<std::string>{"SIGTERM", "SIGUSR1"});
+  const config::ExperimentConfig c =
+      config::parse_config("trainer: {stop_signals: [usr2, SIGTERM], stop_after_seconds: 3600}\n", "test.yaml");
+  CHECK(c.trainer.stop_signals == std::vector<std::string>{"usr2", "SIGTERM"});
+  CHECK(c.trainer.stop_after_seconds == 3600);
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(again.trainer.stop_signals == c.trainer.stop_signals);
+  CHECK(config::to_yaml(again) == config::to_yaml(c));
+  CHECK(config::parse_config("", "t", {"trainer.stop_signals=[]"}).trainer.stop_signals.empty());
+  CHECK(config::parse_config("", "t", {"trainer.stop_signals=HUP"}).trainer.stop_signals ==
+        std::vector<std::string>{"HUP"});
+  CHECK_THAT(error_of("trainer:\n  stop_signals: [SIGTERM, SIGKILL]\n"),
+             Contains("config key 'trainer.stop_signals' at test.yaml:2:") &&
+                 Contains("'SIGKILL' is not a signal a run can stop on"));
+  CHECK_THAT(error_of("trainer: {stop_after_seconds: -1}\n"), Contains("trainer.stop_after_seconds"));
+}

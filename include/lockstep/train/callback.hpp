@@ -89,8 +89,12 @@ struct TrainerContext {
   std::map<std::string, double> metrics;
 
   // A callback may set this (on every rank alike) to end fit() after the current step;
-  // on_train_end still runs.
+  // on_train_end still runs. The trainer sets it for stop_after_steps and for a stop signal, time
+  // limit or request_stop() that a rank received (Note [Stop on signal]).
   bool stop_requested = false;
+  // Why the trainer stopped early, when it did ("SIGUSR1 on rank 1", ...; see
+  // DistributedTrainer::stop_reason()): set with stop_requested, so on_train_end can report it.
+  std::string stop_reason;
 
   // Set by a resuming callback (the Checkpointer) in on_train_begin: the trainer continues the train
   // loader from here instead of epoch 0 (global_step and epoch must be set with it).

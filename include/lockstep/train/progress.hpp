@@ -29,6 +29,8 @@ class ProgressLogger : public Callback {
   void on_epoch_begin(TrainerContext& ctx) override;
   void on_after_optimizer_step(TrainerContext& ctx) override;
   void on_epoch_end(TrainerContext& ctx) override;
+  // After an early stop: one line saying after which step and why (TrainerContext::stop_reason).
+  void on_train_end(TrainerContext& ctx) override;
 
  private:
   ProgressOptions options_;

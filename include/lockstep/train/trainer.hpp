@@ -15,6 +15,8 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -33,6 +35,12 @@
 
 namespace torch::optim {
 class Optimizer;
+}
+namespace lockstep {
+class StopSignals;
+}
+namespace lockstep::comm {
+class StopVote;
 }
 
 namespace lockstep::train {
@@ -70,6 +78,16 @@ struct TrainerOptions {
   bool drop_last_batch = false;
   // Stop after this many global steps (0 = run all epochs); for tests of resuming and quick runs.
   int64_t stop_after_steps = 0;
+  // Note [Stop on signal]: signals that end training cleanly: every rank stops after the same step (a
+  // step or two after the signal reached any one of them), the Checkpointer writes its checkpoint
+  // (checkpoint.at_end), and fit() returns; stop_reason() and caught_signal() say why. A second signal
+  // of the same kind ends the process at once. Names as lockstep::signal_number() takes them
+  // ("SIGTERM", "USR1", ...); empty: none. A signal that already has a handler of the program's own
+  // when fit() starts is left alone (core/stop_signals.hpp).
+  std::vector<std::string> stop_signals = {"SIGTERM", "SIGUSR1"};
+  // End training the same way once fit() has run this long on any rank (0 = no limit), so that a job
+  // with a wall-clock limit ends with a checkpoint instead of being killed in the middle of a step.
+  double stop_after_seconds = 0.0;
   // Where the model trains: "auto" (the model's device if it is already on a GPU, else the current
   // CUDA device when CUDA is usable, else the CPU), "cpu", "cuda" or "cuda:N". The model is moved there
   // before DataParallel is built; batches follow with non-blocking copies from pinned memory.
@@ -110,6 +128,19 @@ class DistributedTrainer {
   // `eval_set` after each epoch (skipped when null). Returns the last epoch's metrics.
   std::map<std::string, double> fit(data::DatasetPtr train_set, data::DatasetPtr eval_set);
 
+  // Asks fit() to stop cleanly, as a stop signal does (Note [Stop on signal]): every rank stops after
+  // the same step, a step or two later. Any thread, any one rank; takes effect in the running fit() or
+  // the next one.
+  void request_stop();
+  // Why the last fit() stopped before its last step ("" when it ran to the end), e.g. "SIGUSR1 on rank
+  // 1", "request_stop() on ranks 0, 2", "stop_after_seconds (3600 s) on rank 0", "stop_after_steps
+  // (40)", "a callback". The same on every rank.
+  const std::string& stop_reason() const { return stop_reason_; }
+  // The stop signal that a rank caught during the last fit() (the lowest such rank's), whether or not
+  // it came in time to end training early; 0: none. The same on every rank: a program's cue to exit as
+  // the signal asked once it has saved what it wants (train_resnet exits with 128 + the signal).
+  int caught_signal() const { return caught_signal_; }
+
   // Collective: loss and accuracy over `eval_set`, each sample counted exactly once over all ranks.
   // Keys: test_loss, test_acc, test_count.
   std::map<std::string, double> evaluate(const data::DatasetPtr& eval_set);
@@ -126,6 +157,10 @@ class DistributedTrainer {
 
  private:
   void run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed);
+  // Note [Stop on signal]: this rank's stop code, posted to the stop vote after every step.
+  std::int32_t local_stop_code() const;
+  // Acts on the codes a stop vote returned (every rank gets the same ones).
+  void take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes);
   void set_lr(double lr);
   void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set) const;
   // Forward and loss under the precision's autocast.
@@ -143,6 +178,13 @@ class DistributedTrainer {
   c10::Device device_ = c10::Device(c10::kCPU);
   c10::ScalarType autocast_dtype_ = c10::ScalarType::Float;  // Float: no autocast
   std::shared_ptr<GradScaler> scaler_;
+  // Note [Stop on signal]: live during fit().
+  std::unique_ptr<StopSignals> signals_;
+  std::unique_ptr<comm::StopVote> stop_vote_;
+  std::chrono::steady_clock::time_point fit_start_{};
+  std::atomic<bool> stop_asked_{false};  // request_stop()
+  std::string stop_reason_;
+  int caught_signal_ = 0;
 
   // Accumulated over one epoch on this rank: loss sum, correct, count, forward/backward/comm/exposed
   // seconds, steps (Note [Exact metrics]).

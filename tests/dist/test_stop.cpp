@@ -1,0 +1,197 @@
+// Stopping a run cleanly (Note [Stop on signal]) at 2 and 3 ranks: a signal that reaches one rank, a
+// time limit, request_stop(). Every rank must stop after the same step, the checkpoint must resume
+// bitwise, and handlers must be the program's again after fit(). Every rank walks the same path.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+
+#include <atomic>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lockstep/core/stop_signals.hpp"
+#include "lockstep/train/trainer.hpp"
+#include "support/dist.hpp"
+#include "support/fixtures.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using lockstep::testing::comm;
+using lockstep::testing::comm_ptr;
+using lockstep::train::Callback;
+using lockstep::train::DistributedTrainer;
+using lockstep::train::TrainerContext;
+using lockstep::train::TrainerOptions;
+
+// Runs `action` on `rank` at the end of optimizer step `step` (1-based), and records the last step seen.
+struct AtStep : Callback {
+  AtStep(int rank, int64_t step, std::function<void(TrainerContext&)> action)
+      : rank(rank), step(step), action(std::move(action)) {}
+  void on_after_optimizer_step(TrainerContext& ctx) override {
+    last_step = ctx.global_step;
+    if (ctx.world.rank == rank && ctx.global_step == step) action(ctx);
+  }
+  void on_train_end(TrainerContext& ctx) override {
+    saw_stop = ctx.stop_requested;
+    reason = ctx.stop_reason;
+  }
+  int rank;
+  int64_t step;
+  std::function<void(TrainerContext&)> action;
+  int64_t last_step = 0;
+  bool saw_stop = false;
+  std::string reason;
+};
+
+struct Run {
+  std::vector<torch::Tensor> state;
+  int64_t last_step = 0;
+  std::string stop_reason;  // the trainer's
+  std::string ctx_reason;   // what on_train_end saw
+  int caught_signal = 0;
+};
+
+// SmallConvNet for 2 epochs of 10 steps at every world size (80 samples per rank, batches of 4).
+// Different initialisations per rank: only a checkpoint or rank 0's broadcast decides.
+Run run(TrainerOptions o, std::shared_ptr<AtStep> at) {
+  torch::manual_seed(40 + comm().rank());
+  lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
+  DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9)),
+                             comm_ptr(), o);
+  if (at) trainer.add_callback(at);
+  trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), lockstep::testing::synthetic_images(9, 8, 12));
+  Run result;
+  result.state = lockstep::testing::state_of(*model);
+  result.last_step = at ? at->last_step : 0;
+  result.stop_reason = trainer.stop_reason();
+  result.ctx_reason = at ? at->reason : "";
+  result.caught_signal = trainer.caught_signal();
+  return result;
+}
+
+bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!torch::equal(a[i], b[i])) return false;
+  }
+  return true;
+}
+
+// Whether every rank holds the same value.
+bool same_on_all_ranks(int64_t value) {
+  at::Tensor low = torch::full({1}, value, torch::kLong), high = low.clone();
+  comm().allreduce(low, {lockstep::comm::ReduceOp::Min})->wait();
+  comm().allreduce(high, {lockstep::comm::ReduceOp::Max})->wait();
+  return low.item<int64_t>() == value && high.item<int64_t>() == value;
+}
+
+void (*handler_of(int signal))(int) {
+  struct sigaction current {};
+  sigaction(signal, nullptr, &current);
+  return current.sa_handler;
+}
+
+}  // namespace
+
+TEST_CASE("stop: SIGUSR1 on the last rank stops every rank after the same step; the checkpoint resumes bitwise",
+          "[stop]") {
+  const int last = comm().size() - 1;
+  const TrainerOptions base = lockstep::testing::quiet_trainer(2, 5);
+  const Run full = run(base, nullptr);
+
+  const std::string dir = lockstep::testing::shared_temp_dir("stop_signal");
+  TrainerOptions o = lockstep::testing::resumable(base, dir, 0, "auto");
+  o.checkpoint.every_steps = 0;  // the stop's own checkpoint is the only one mid-epoch
+  o.progress = true;
+  o.log_every = 0;
+  REQUIRE(handler_of(SIGUSR1) == SIG_DFL);
+  auto signal_at_3 = std::make_shared<AtStep>(last, 3, [](TrainerContext&) { raise(SIGUSR1); });
+  const Run stopped = run(o, signal_at_3);
+  // Posted after step 3, read two posts later on every rank (StopVote's lag): after step 5.
+  CHECK(stopped.last_step == 5);
+  CHECK(same_on_all_ranks(stopped.last_step));
+  CHECK(stopped.stop_reason == "SIGUSR1 on rank " + std::to_string(last));
+  CHECK(stopped.ctx_reason == stopped.stop_reason);
+  CHECK(stopped.caught_signal == SIGUSR1);
+  CHECK(handler_of(SIGUSR1) == SIG_DFL);  // the program's again
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  CHECK(listed.size() == 1);
+  CHECK((!listed.empty() && fs::path(listed.back()).filename() == lockstep::train::checkpoint_file_name(5)));
+  CHECK_FALSE(bitwise_equal(full.state, stopped.state));
+
+  const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}));
+  CHECK(resumed.stop_reason.empty());
+  CHECK(resumed.caught_signal == 0);
+  CHECK(resumed.last_step == 20);
+  CHECK(bitwise_equal(full.state, resumed.state));
+}
+
+TEST_CASE("stop: request_stop() on one rank and stop_after_seconds stop every rank alike", "[stop]") {
+  TrainerOptions o = lockstep::testing::quiet_trainer(2, 5);
+  {
+    torch::manual_seed(5);
+    lockstep::testing::SmallConvNet model;
+    DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), 0.05), comm_ptr(), o);
+    auto ask = std::make_shared<AtStep>(0, 9, [&](TrainerContext&) { trainer.request_stop(); });
+    trainer.add_callback(ask);
+    trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), nullptr);
+    CHECK(ask->last_step == 11);  // the vote crossed the end of the first epoch (10 steps)
+    CHECK(same_on_all_ranks(ask->last_step));
+    CHECK(trainer.stop_reason() == "request_stop() on rank 0");
+    CHECK(trainer.caught_signal() == 0);
+    // A request is for one fit(): the next one runs to its end.
+    ask->rank = -1;
+    trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), nullptr);
+    CHECK(ask->last_step == 20);
+    CHECK(trainer.stop_reason().empty());
+  }
+
+  o.stop_after_seconds = 1e-9;  // passed by the first step's end on every rank
+  const Run timed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}));
+  CHECK(timed.last_step == 3);
+  const std::string all = comm().size() == 2 ? "ranks 0, 1" : "ranks 0, 1, 2";
+  CHECK(timed.stop_reason == "stop_after_seconds (1e-09 s) on " + all);
+}
+
+TEST_CASE("stop: a signal in the last steps is still reported on every rank; training is complete", "[stop]") {
+  TrainerOptions o = lockstep::testing::quiet_trainer(2, 5);
+  const Run full = run(o, nullptr);
+  const Run late = run(o, std::make_shared<AtStep>(comm().size() - 1, 20, [](TrainerContext&) { raise(SIGUSR1); }));
+  CHECK(late.last_step == 20);
+  CHECK(late.stop_reason.empty());
+  CHECK(late.caught_signal == SIGUSR1);
+  CHECK(bitwise_equal(full.state, late.state));
+  CHECK(handler_of(SIGUSR1) == SIG_DFL);
+}
+
+TEST_CASE("stop: a signal the program handles itself is left to it; an empty list takes none", "[stop]") {
+  static std::atomic<int> own_calls{0};
+  struct sigaction own {};
+  own.sa_handler = [](int) { own_calls.fetch_add(1); };
+  sigemptyset(&own.sa_mask);
+  struct sigaction before {};
+  REQUIRE(sigaction(SIGUSR1, &own, &before) == 0);
+  TrainerOptions o = lockstep::testing::quiet_trainer(1, 5);
+  const Run owned = run(o, std::make_shared<AtStep>(0, 2, [](TrainerContext&) { raise(SIGUSR1); }));
+  CHECK(owned.last_step == 10);
+  CHECK(owned.caught_signal == 0);
+  CHECK(own_calls == (comm().rank() == 0 ? 1 : 0));
+  CHECK(handler_of(SIGUSR1) == own.sa_handler);
+  sigaction(SIGUSR1, &before, nullptr);
+
+  bool taken_during_fit = false;
+  auto look = [&](TrainerContext&) { taken_during_fit = handler_of(SIGUSR1) != SIG_DFL; };
+  run(o, std::make_shared<AtStep>(comm().rank(), 1, look));
+  CHECK(taken_during_fit);  // the default list has SIGUSR1
+  o.stop_signals.clear();
+  run(o, std::make_shared<AtStep>(comm().rank(), 1, look));
+  CHECK_FALSE(taken_during_fit);
+
+  o.stop_signals = {"SIGUSR1", "SIGKILL"};
+  CHECK_THROWS_WITH(run(o, nullptr), Catch::Contains("TrainerOptions::stop_signals: 'SIGKILL' is not a signal"));
+  CHECK(lockstep::testing::communicator_healthy());
+}

@@ -21,6 +21,7 @@
 #include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
+#include "train/epoch_totals.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -34,10 +35,6 @@ double seconds_since(Clock::time_point start) {
 // Note [Exact metrics]: each rank sums (not averages) its loss, correct predictions and sample count,
 // and one float64 all-reduce adds the sums, so the epoch's loss and accuracy are exact over all
 // samples whatever the shard sizes are: never an average of per-rank averages.
-enum EpochSum {
-  kLossSum, kCorrect, kCount, kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClipped, kNumSums
-};
-
 std::vector<double> allreduce_sums(comm::Communicator& comm, const std::vector<double>& local) {
   at::Tensor t = torch::tensor(local, torch::kFloat64);
   comm.allreduce(t)->wait();
@@ -241,6 +238,9 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (checkpoint.directory.empty()) checkpoint.directory = options_.output_dir + "/checkpoints";
     callbacks_.push_back(std::make_shared<Checkpointer>(checkpoint));
   }
+  totals_ = std::make_unique<EpochTotals>();
+  totals_state_ = std::make_shared<EpochTotalsState>(totals_.get());
+  callbacks_.push_back(totals_state_);  // its state: the epoch's metric sums so far
   if (scaler_) callbacks_.push_back(scaler_);  // its scale is checkpointed with the rest
   // A hook made by ddp::powersgd_hook() keeps state that a resume needs (Note [PowerSGD checkpoints]):
   // checkpointed like a callback's, unless the user added a callback for that state already.
@@ -302,11 +302,10 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
       ctx.batch_in_epoch = 0;
     }
     for (auto& cb : callbacks_) cb->on_epoch_begin(ctx);
-    const auto start = Clock::now();
     run_epoch(ctx, loader, resumed && epoch == first_epoch);
-    const double train_seconds = seconds_since(start);
+    const double train_seconds = totals_->seconds();  // Note [Epoch totals in checkpoints]
 
-    const std::vector<double> sums = allreduce_sums(*comm_, epoch_sums_);
+    const std::vector<double> sums = allreduce_sums(*comm_, totals_->sums);
     const double count = sums[kCount];
     const double steps = sums[kSteps];  // summed over ranks
     ctx.metrics["epoch"] = static_cast<double>(epoch + 1);
@@ -369,13 +368,13 @@ void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
 // and divides by their count. Every rank has the same number of batches per epoch, so every rank
 // splits the epoch into the same steps.
 void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
-  epoch_sums_.assign(kNumSums, 0.0);
   // Note [No host sync per step]: the loss and correct-prediction sums stay on the device and are read
   // once, at the end of the epoch. Reading them every step (.item()) would make the host wait for the
   // GPU each step, so the next step's kernels could not be queued while this one runs.
-  const auto sum_options = torch::TensorOptions().dtype(torch::kFloat64).device(device_);
-  at::Tensor loss_sum = torch::zeros({}, sum_options);
-  at::Tensor correct_sum = torch::zeros({}, sum_options.dtype(torch::kInt64));
+  totals_->reset(ctx.epoch, device_);
+  // A resumed epoch goes on from the totals its checkpoint held (Note [Epoch totals in checkpoints]).
+  if (resumed) totals_state_->restore(ctx.epoch, ctx.world.rank);
+  std::vector<double>& sums = totals_->sums;
   LrScheduleOptions schedule = options_.lr;
   schedule.base_lr = base_lr_;
   const int64_t k = options_.accumulation_steps;
@@ -421,15 +420,15 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
       torch::NoGradGuard no_grad;
       const int64_t n = ctx.batch.target.size(0);
       ctx.step_samples += n;
-      loss_sum.add_(ctx.loss.detach(), /*alpha=*/static_cast<double>(n));
-      correct_sum.add_(ctx.output.detach().argmax(1).eq(ctx.batch.target).sum());
+      totals_->loss_sum.add_(ctx.loss.detach(), /*alpha=*/static_cast<double>(n));
+      totals_->correct_sum.add_(ctx.output.detach().argmax(1).eq(ctx.batch.target).sum());
       step_loss = step_loss.defined() ? step_loss + loss.detach() : loss.detach();
-      epoch_sums_[kCount] += static_cast<double>(n);
+      sums[kCount] += static_cast<double>(n);
       const ddp::StepTimings& t = dp_->last_step();
-      epoch_sums_[kForward] += t.forward_s;
-      epoch_sums_[kBackward] += t.backward_s;
-      epoch_sums_[kComm] += t.communication_s;
-      epoch_sums_[kExposed] += t.exposed_communication_s;
+      sums[kForward] += t.forward_s;
+      sums[kBackward] += t.backward_s;
+      sums[kComm] += t.communication_s;
+      sums[kExposed] += t.exposed_communication_s;
     }
     ctx.loss = step_loss;  // the mean over the step's micro-batches
     // The gradients are averaged over ranks by now; callbacks see them unscaled.
@@ -437,13 +436,13 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     for (auto& cb : callbacks_) cb->on_after_backward(ctx);
     if (options_.clip_grad_norm > 0 && !ctx.step_skipped) {
       // Every rank holds the same averaged gradients, so every rank computes the same norm.
-      epoch_sums_[kGradNorm] += torch::nn::utils::clip_grad_norm_(model_->parameters(), options_.clip_grad_norm);
-      epoch_sums_[kClipped] += 1;
+      sums[kGradNorm] += torch::nn::utils::clip_grad_norm_(model_->parameters(), options_.clip_grad_norm);
+      sums[kClipped] += 1;
     }
     if (!ctx.step_skipped) optimizer_->step();
     if (scaler_) scaler_->update(ctx.step_skipped);
     ++ctx.global_step;
-    epoch_sums_[kSteps] += 1;
+    sums[kSteps] += 1;
     for (auto& cb : callbacks_) cb->on_after_optimizer_step(ctx);
     for (auto& cb : callbacks_) cb->on_step_end(ctx);
     ++ctx.batch_in_epoch;
@@ -451,8 +450,8 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     if (options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) ctx.stop_requested = true;
     if (ctx.stop_requested) break;
   }
-  epoch_sums_[kLossSum] = loss_sum.item<double>();
-  epoch_sums_[kCorrect] = static_cast<double>(correct_sum.item<int64_t>());
+  sums[kLossSum] = totals_->loss_sum.item<double>();
+  sums[kCorrect] = static_cast<double>(totals_->correct_sum.item<int64_t>());
 }
 
 std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {

@@ -2,9 +2,11 @@
 // bitwise-identical results after a stop and resume. Every rank walks the same path (CHECK, not REQUIRE).
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -287,10 +289,21 @@ RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::s
   return result;
 }
 
+// The epochs' lines of <dir>/metrics.jsonl.
+std::vector<nlohmann::json> metrics_lines(const std::string& dir) {
+  std::vector<nlohmann::json> lines;
+  std::ifstream in(dir + "/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  return lines;
+}
+
 }  // namespace
 
 TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise identical", "[train]") {
-  const RunResult full = resumable_run(shared_dir("full"), 0, "never");
+  const std::string full_dir = shared_dir("full");
+  const RunResult full = resumable_run(full_dir, 0, "never");
+  const std::vector<nlohmann::json> full_lines = metrics_lines(full_dir);
+  REQUIRE(full_lines.size() == 3);
 
   for (int64_t stop : {4, 7, 13}) {  // mid-epoch at 2 and 3 ranks; 7 ends epoch 0 at 2 ranks
     const std::string dir = shared_dir("stop" + std::to_string(stop));
@@ -300,6 +313,19 @@ TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise i
     INFO("stopped after step " << stop);
     CHECK(bitwise_equal(full.state, resumed.state));
     CHECK(resumed.metrics.at("test_acc") == full.metrics.at("test_acc"));
+    // Note [Epoch totals in checkpoints]: the interrupted epoch's line covers the whole epoch, as the
+    // uninterrupted run's does (the loss summed in another order: equal to rounding).
+    const std::vector<nlohmann::json> lines = metrics_lines(dir);
+    CHECK(lines.size() == 3);
+    for (size_t e = 0; e < std::min<size_t>(lines.size(), 3); ++e) {
+      INFO("epoch " << e + 1);
+      CHECK(lines[e]["epoch"] == full_lines[e]["epoch"]);
+      CHECK(lines[e]["train_count"] == full_lines[e]["train_count"]);
+      CHECK(lines[e]["train_acc"] == full_lines[e]["train_acc"]);
+      CHECK(lines[e]["train_loss"].get<double>() == Approx(full_lines[e]["train_loss"].get<double>()).epsilon(1e-12));
+      CHECK(lines[e]["test_acc"] == full_lines[e]["test_acc"]);
+      CHECK(lines[e]["images_per_s"].get<double>() > 0);
+    }
   }
 
   // Two stops in a row.

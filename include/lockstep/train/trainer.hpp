@@ -45,6 +45,9 @@ class StopVote;
 
 namespace lockstep::train {
 
+struct EpochTotals;
+class EpochTotalsState;
+
 struct TrainerOptions {
   int64_t epochs = 1;
   size_t batch_size = 32;        // per rank and micro-batch; a step's global batch is
@@ -187,8 +190,10 @@ class DistributedTrainer {
   int caught_signal_ = 0;
 
   // Accumulated over one epoch on this rank: loss sum, correct, count, forward/backward/comm/exposed
-  // seconds, steps (Note [Exact metrics]).
-  std::vector<double> epoch_sums_;
+  // seconds, steps (Note [Exact metrics]); checkpointed by the built-in EpochTotalsState (Note [Epoch
+  // totals in checkpoints]).
+  std::unique_ptr<EpochTotals> totals_;
+  std::shared_ptr<EpochTotalsState> totals_state_;
 };
 
 }  // namespace lockstep::train

@@ -1,0 +1,67 @@
+#pragma once
+// The sums behind an epoch's training metrics (Note [Exact metrics] in trainer.cpp), and the callback
+// that keeps them in checkpoints, so that an epoch stopped half-way and resumed reports the metrics
+// of the whole epoch, as the uninterrupted run does (Note [Epoch totals in checkpoints]).
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lockstep/train/callback.hpp"
+
+namespace lockstep::train {
+
+// Indices of EpochTotals::sums.
+enum EpochSum {
+  kLossSum, kCorrect, kCount, kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClipped, kNumSums
+};
+
+// One rank's part of the current epoch. The loss and correct-prediction sums stay on the device and
+// are read once, at the end of the epoch (Note [No host sync per step]); the rest is on the host.
+struct EpochTotals {
+  int64_t epoch = -1;
+  std::vector<double> sums = std::vector<double>(kNumSums, 0.0);
+  at::Tensor loss_sum, correct_sum;  // float64 and int64 scalars on the training device
+  std::chrono::steady_clock::time_point started{};
+  double seconds_before = 0;  // training time of this epoch before the run was resumed
+
+  // Starts `epoch` at zero on `device`.
+  void reset(int64_t epoch, const c10::Device& device);
+  double seconds() const;  // training time of this epoch so far, before a resume included
+};
+
+// Note [Epoch totals in checkpoints]: a built-in callback of the trainer. Saving is collective (Note
+// [Callback state]): the ranks' totals are summed, so the checkpoint holds the epoch's totals so far
+// over all ranks, with rank 0's training time. On resume inside that same epoch, rank 0 starts from
+// those totals and the others from zero: the end-of-epoch all-reduce adds up to the whole epoch's.
+// A checkpoint written at an epoch's end (the loader at the next epoch) holds a finished epoch's
+// totals, which a resume ignores.
+class EpochTotalsState : public Callback {
+ public:
+  explicit EpochTotalsState(EpochTotals* totals) : totals_(totals) {}
+
+  void on_setup(TrainerContext& ctx) override;
+  std::string state_key() const override { return "trainer_epoch_totals"; }
+  std::string save_state() const override;
+  void load_state(const std::string& state) override;
+
+  // Called when the resumed epoch `epoch` starts (after totals->reset): continues from the restored
+  // totals if they are that epoch's. Returns whether it did.
+  bool restore(int64_t epoch, int rank);
+
+ private:
+  struct Saved {
+    int64_t epoch = -1;
+    std::vector<double> sums;
+    double seconds = 0;
+  };
+  EpochTotals* totals_;
+  comm::Communicator* comm_ = nullptr;
+  std::optional<Saved> loaded_;
+};
+
+}  // namespace lockstep::train

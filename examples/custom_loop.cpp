@@ -37,7 +37,9 @@ int main(int argc, char** argv) {
   const torch::Device device = runtime.world().device;  // this rank's GPU, or the CPU
 
   // 2. The model, built the same way on every rank (DataParallel checks, then copies rank 0's values),
-  //    on the device before DataParallel is made (its buckets live there).
+  //    on the device before DataParallel is made (its buckets live there). Seeded, so that rank 0's
+  //    initialisation, and with it every loss below, is the same from run to run.
+  torch::manual_seed(0);
   Mlp model;
   model->to(device);
   lockstep::ddp::DataParallel dp(model, runtime.communicator());

@@ -17,6 +17,8 @@
 
 namespace {
 
+using lockstep::testing::bitwise_equal;
+
 using Catch::Matchers::Contains;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
@@ -59,12 +61,6 @@ Run train(EmaOptions o, const std::string& dir = "", int64_t stop_after = 0, con
   run.evaluated_after = trainer.evaluate(test_set).at("test_loss");
   run.identical = lockstep::testing::identical_across_ranks(*model);
   return run;
-}
-
-bool bitwise(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  bool equal = a.size() == b.size();
-  for (size_t i = 0; equal && i < a.size(); ++i) equal = torch::equal(a[i], b[i]);
-  return equal;
 }
 
 }  // namespace
@@ -115,7 +111,7 @@ TEST_CASE("EMA: evaluating the average leaves training untouched", "[train]") {
   without_eval.evaluate = false;
   const Run a = train(with_eval);
   const Run b = train(without_eval);
-  CHECK(bitwise(a.final_state, b.final_state));  // raw weights: the swaps were undone
+  CHECK(bitwise_equal(a.final_state, b.final_state));  // raw weights: the swaps were undone
   CHECK(a.metrics.at("test_loss") != b.metrics.at("test_loss"));  // but what was evaluated differs
   CHECK(b.metrics.at("test_loss") == b.evaluated_after);          // without: the raw weights
 }
@@ -128,7 +124,7 @@ TEST_CASE("EMA: a stopped and resumed run continues the average bitwise", "[trai
     INFO("stopped after step " << stop);
     const std::string dir = lockstep::testing::shared_temp_dir("ema_stop" + std::to_string(stop));
     train(o, dir, stop, "auto");
-    CHECK(bitwise(train(o, dir, 0, "auto").final_state, full.final_state));
+    CHECK(bitwise_equal(train(o, dir, 0, "auto").final_state, full.final_state));
   }
 }
 
@@ -162,7 +158,7 @@ TEST_CASE("EMA with quantization-aware training: evaluation and the final model 
   // Training saw the raw weights in both runs: the same losses, and the same final model (the
   // average's int8 values, left by QAT at the end on top of the average).
   CHECK(with_eval.metrics.at("train_loss") == without_eval.metrics.at("train_loss"));
-  CHECK(bitwise(with_eval.final_state, without_eval.final_state));
+  CHECK(bitwise_equal(with_eval.final_state, without_eval.final_state));
   // The last evaluation was of the model as it now is: the average, at its int8 values.
   CHECK(with_eval.metrics.at("test_loss") == with_eval.evaluated_after);
   CHECK(without_eval.metrics.at("test_loss") != without_eval.evaluated_after);

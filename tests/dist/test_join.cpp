@@ -16,8 +16,11 @@
 #include "lockstep/ddp/sync_batch_norm.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
 #include "support/dist.hpp"
+#include "support/fixtures.hpp"
 
 namespace {
+
+using lockstep::testing::bitwise_equal;
 
 using Catch::Matchers::Contains;
 using lockstep::ddp::DataParallel;
@@ -99,14 +102,6 @@ bool close(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>
   for (size_t i = 0; i < a.size(); ++i) {
     if (a[i].defined() != b[i].defined()) return false;
     if (a[i].defined() && !torch::allclose(a[i], b[i], 1e-12, 1e-12)) return false;
-  }
-  return true;
-}
-
-bool equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!torch::equal(a[i], b[i])) return false;
   }
   return true;
 }
@@ -261,7 +256,7 @@ TEST_CASE("Join: even inputs give bitwise the run without Join, batch norm buffe
     loss_of(net, rank, s).backward();
     opt->step();
   }
-  CHECK(equal(joined.state, state(*net)));
+  CHECK(bitwise_equal(joined.state, state(*net)));
 }
 
 TEST_CASE("Join: a sharded optimizer steps on the ranks that finished early (its step is collective)", "[join]") {

@@ -19,6 +19,8 @@
 
 namespace {
 
+using lockstep::testing::bitwise_equal;
+
 namespace fs = std::filesystem;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
@@ -71,14 +73,6 @@ Run run(TrainerOptions o, std::shared_ptr<AtStep> at) {
   result.ctx_reason = at ? at->reason : "";
   result.caught_signal = trainer.caught_signal();
   return result;
-}
-
-bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!torch::equal(a[i], b[i])) return false;
-  }
-  return true;
 }
 
 // Whether every rank holds the same value.

@@ -24,6 +24,8 @@
 
 namespace {
 
+using lockstep::testing::bitwise_equal;
+
 namespace fs = std::filesystem;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
@@ -85,14 +87,6 @@ TrainerOptions quiet(int64_t epochs, size_t batch_size) {
 }
 
 std::string shared_dir(const std::string& name) { return lockstep::testing::shared_temp_dir("train_" + name); }
-
-bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!torch::equal(a[i], b[i])) return false;
-  }
-  return true;
-}
 
 std::shared_ptr<torch::optim::SGD> sgd(torch::nn::Module& model, double lr, double momentum = 0.0) {
   torch::optim::SGDOptions o(lr);

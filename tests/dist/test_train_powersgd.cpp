@@ -19,6 +19,8 @@
 
 namespace {
 
+using lockstep::testing::bitwise_equal;
+
 namespace ddp = lockstep::ddp;
 using Catch::Matchers::Contains;
 using lockstep::testing::comm;
@@ -68,12 +70,6 @@ Run train(const std::string& dir, int64_t stop_after, const std::string& resume,
   return run;
 }
 
-bool bitwise(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  bool equal = a.size() == b.size();
-  for (size_t i = 0; equal && i < a.size(); ++i) equal = torch::equal(a[i], b[i]);
-  return equal;
-}
-
 // Collective: how many ranks hold bitwise rank 0's tensor.
 int ranks_equal_to_rank0(const at::Tensor& t) {
   at::Tensor root = t.clone();
@@ -117,10 +113,10 @@ TEST_CASE("PowerSGD: a trainer run stopped and resumed is bitwise the uninterrup
     INFO("stopped after step " << stop);
     const std::string dir = lockstep::testing::shared_temp_dir("psgd_stop" + std::to_string(stop));
     const Run stopped = train(dir, stop, "auto");
-    CHECK_FALSE(bitwise(stopped.model, full.model));
+    CHECK_FALSE(bitwise_equal(stopped.model, full.model));
     const Run resumed = train(dir, 0, "auto");
-    CHECK(bitwise(resumed.model, full.model));
-    CHECK(bitwise(resumed.residuals, full.residuals));
+    CHECK(bitwise_equal(resumed.model, full.model));
+    CHECK(bitwise_equal(resumed.residuals, full.residuals));
     // Byte and matrix counts do not depend on how the buckets were cut (a new DataParallel's first
     // step has other buckets than the rebuilt ones); the bucket counts would.
     CHECK(resumed.stats.compressed_matrices == full.stats.compressed_matrices);
@@ -134,8 +130,8 @@ TEST_CASE("PowerSGD: a trainer run stopped and resumed is bitwise the uninterrup
   train(dir, 4, "auto", 1, Wiring::kOwnHookAndCallback);
   const Run resumed = train(dir, 0, "auto", 1, Wiring::kOwnHookAndCallback);
   CHECK(resumed.state_callbacks == 1);
-  CHECK(bitwise(resumed.model, full.model));
-  CHECK(bitwise(resumed.residuals, full.residuals));
+  CHECK(bitwise_equal(resumed.model, full.model));
+  CHECK(bitwise_equal(resumed.residuals, full.residuals));
 }
 
 TEST_CASE("PowerSGD: resuming with another matrix_approximation_rank or at another world size is an error",

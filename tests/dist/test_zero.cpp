@@ -16,6 +16,8 @@
 
 namespace {
 
+using lockstep::testing::bitwise_equal;
+
 using Catch::Matchers::Contains;
 using lockstep::ddp::DataParallel;
 using lockstep::ddp::ZeroRedundancyOptimizer;
@@ -77,12 +79,6 @@ std::vector<at::Tensor> train(Mlp model, torch::optim::Optimizer& opt, int steps
   return lockstep::testing::state_of(*model);
 }
 
-bool bitwise(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  bool equal = a.size() == b.size();
-  for (size_t i = 0; equal && i < a.size(); ++i) equal = torch::equal(a[i], b[i]);
-  return equal;
-}
-
 }  // namespace
 
 TEST_CASE("ZeRO: SGD and Adam sharded give bitwise the unsharded parameters, with 1/N of the state",
@@ -103,7 +99,7 @@ TEST_CASE("ZeRO: SGD and Adam sharded give bitwise the unsharded parameters, wit
     ZeroRedundancyOptimizer sharded(sharded_model->parameters(), comm_ptr(), factory);
     const auto want = train(plain_model, *plain, 5);
     const auto got = train(sharded_model, sharded, 5);
-    CHECK(bitwise(got, want));
+    CHECK(bitwise_equal(got, want));
     CHECK(lockstep::testing::identical_across_ranks(*sharded_model));
 
     // Each rank keeps state only for the parameters it owns; over ranks, all of it, once.
@@ -213,11 +209,11 @@ TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, 
   };
   const auto plain = run(false, lockstep::testing::shared_temp_dir("zero_plain"), 0, "never");
   const auto full = run(true, lockstep::testing::shared_temp_dir("zero_full"), 0, "never");
-  CHECK(bitwise(full, plain));
+  CHECK(bitwise_equal(full, plain));
   for (int64_t stop : {2, 4}) {
     INFO("stopped after step " << stop);
     const std::string dir = lockstep::testing::shared_temp_dir("zero_stop" + std::to_string(stop));
     run(true, dir, stop, "auto");
-    CHECK(bitwise(run(true, dir, 0, "auto"), full));
+    CHECK(bitwise_equal(run(true, dir, 0, "auto"), full));
   }
 }

@@ -33,6 +33,15 @@ inline std::vector<at::Tensor> state_of(torch::nn::Module& model) {
   return out;
 }
 
+// Whether two lists of tensors (state_of's) are equal to the bit.
+inline bool bitwise_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!torch::equal(a[i], b[i])) return false;
+  }
+  return true;
+}
+
 // Trainer options for short multi-rank tests: batches of 4 per rank, no progress output, no
 // checkpoints, on the CPU (compared with CPU oracles; GPU training is in tests/gpu).
 inline train::TrainerOptions quiet_trainer(int64_t epochs, uint64_t seed) {

@@ -244,6 +244,12 @@ void Reducer::begin_backward() {
   torch::autograd::Engine::get_default_engine().queue_callback([this] { finish_backward(); });
 }
 
+void Reducer::set_sync_count(std::uint64_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LOCKSTEP_CHECK(!in_backward_, "Reducer::set_sync_count: called during a backward pass");
+  sync_count_ = count;
+}
+
 // A synchronised backward starts: no parameter ready, no bucket launched.
 void Reducer::prepare_sync() {
   std::fill(ready_.begin(), ready_.end(), 0);

@@ -13,6 +13,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
 #include "train/atomic_file.hpp"
 
@@ -177,6 +178,10 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     archive.write("epoch", c10::IValue(position.epoch));
     archive.write("position", c10::IValue(position.position));
     archive.write("world_size", c10::IValue(static_cast<int64_t>(world)));
+    if (ctx.data_parallel != nullptr) {  // Note [Iteration across a resume]
+      archive.write("ddp_synchronized_backwards",
+                    c10::IValue(static_cast<int64_t>(ctx.data_parallel->synchronized_backwards())));
+    }
     torch::serialize::OutputArchive model_archive;
     ctx.model->save(model_archive);
     archive.write("model", model_archive);
@@ -255,6 +260,11 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
       }
     }
     ctx.global_step = read_int(archive, "global_step");
+    // Note [Iteration across a resume]; a checkpoint of an older Lockstep has no count: from 0, as before.
+    c10::IValue synchronized;
+    if (ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized)) {
+      ctx.data_parallel->set_synchronized_backwards(static_cast<std::uint64_t>(synchronized.toInt()));
+    }
     data::SamplerState position;
     position.epoch = read_int(archive, "epoch");
     position.position = read_int(archive, "position");

@@ -24,8 +24,9 @@ void PowerSGDStateCallback::on_train_begin(TrainerContext& ctx) {
   // The Checkpointer runs first (Note [Callback order]): a resume has set global_step by now.
   if (ctx.global_step > 0 && !restored_ && ctx.communicator->rank() == 0) {
     std::cerr << "lockstep: warning: resumed at step " << ctx.global_step
-              << " from a checkpoint without PowerSGD state: error feedback starts from zero and PowerSGD counts "
-                 "iterations from 0 again (start_iteration uncompressed steps first)\n";
+              << " from a checkpoint without PowerSGD state: error feedback starts from zero (and from a "
+                 "checkpoint of an older Lockstep, which lacks the iteration count, start_iteration's "
+                 "uncompressed steps come again)\n";
   }
 }
 

@@ -402,3 +402,24 @@ TEST_CASE("trainer: ResNet-18 on a Fashion-MNIST subset learns in one epoch", "[
   CHECK(metrics.at("test_acc") > 0.5);
   if (comm().rank() == 0) std::printf("fashion-mnist subset: test accuracy %.2f%%\n", 100 * metrics.at("test_acc"));
 }
+
+TEST_CASE("trainer: after a resume the comm hook sees the run's iteration, not the process's", "[train]") {
+  // Note [Iteration across a resume]: PowerSGD's start_iteration and draws, or a user's warm-up, depend on it.
+  const std::string dir = shared_dir("iteration");
+  auto run = [&](int64_t stop_after) {
+    auto seen = std::make_shared<std::vector<uint64_t>>();
+    TrainerOptions o = lockstep::testing::resumable(quiet(2, 4), dir, stop_after, "auto");
+    const lockstep::ddp::CommHook average = lockstep::ddp::allreduce_hook();
+    o.ddp.comm_hook = [seen, average](lockstep::comm::Communicator& c, const lockstep::ddp::GradBucket& bucket) {
+      if (bucket.index == 0) seen->push_back(bucket.iteration);
+      return average(c, bucket);
+    };
+    torch::manual_seed(7);
+    TinyNet model;
+    DistributedTrainer trainer(model, sgd(*model, 0.1), comm_ptr(), o);
+    trainer.fit(synthetic(12 * comm().size()), nullptr);  // 3 steps per epoch, 6 in all
+    return *seen;
+  };
+  CHECK(run(4) == std::vector<uint64_t>{0, 1, 2, 3});
+  CHECK(run(0) == std::vector<uint64_t>{4, 5});
+}

@@ -117,6 +117,10 @@ class DataParallel {
   void write_trace();
 
   const Reducer& reducer() const { return *reducer_; }
+  // Synchronised backward passes so far, and setting it back on resume (Note [Iteration across a
+  // resume]: the Checkpointer does).
+  std::uint64_t synchronized_backwards() const { return reducer_->sync_count(); }
+  void set_synchronized_backwards(std::uint64_t count) { reducer_->set_sync_count(count); }
   // How many ddp::SyncBatchNorm layers this DataParallel attached (options().sync_batch_norm).
   std::size_t sync_batch_norm_layers() const { return sync_batch_norm_layers_; }
 

@@ -94,6 +94,13 @@ class Reducer {
   const std::vector<std::size_t>& last_launch_order() const { return launch_order_; }
   bool buckets_rebuilt() const { return rebuilt_; }
 
+  // Synchronised backward passes so far: GradBucket::iteration of the next one. Note [Iteration
+  // across a resume]: a resumed run's new Reducer would count from 0 again, so comm hooks (PowerSGD's
+  // start_iteration and random draws, a user's warm-up) would see the process's iteration instead of
+  // the run's; a checkpoint stores the count and the resumed run sets it back. Not during a backward.
+  std::uint64_t sync_count() const { return sync_count_; }
+  void set_sync_count(std::uint64_t count);
+
   // Uneven inputs (ddp::Join, join.hpp; Note [Join] in reducer.cpp). While join mode is on, every
   // synchronised backward starts with one all-gather of a flag per rank, "still training", and a
   // rank that ran out of inputs calls shadow_step() instead of running backward.

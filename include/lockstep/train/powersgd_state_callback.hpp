@@ -39,8 +39,8 @@ class PowerSGDStateCallback : public Callback {
   // Remembers the communicator and the model (for the checks on load).
   void on_setup(TrainerContext& ctx) override;
   // Warns (rank 0) when training resumed from a checkpoint that held no PowerSGD state (written
-  // without PowerSGD or by an older Lockstep): error feedback and the iteration count then start
-  // from zero, so start_iteration's uncompressed steps come again.
+  // without PowerSGD or by an older Lockstep): error feedback then starts from zero (and, from an
+  // older Lockstep's checkpoint, which lacks the iteration count, so does the iteration).
   void on_train_begin(TrainerContext& ctx) override;
 
   std::string state_key() const override { return "powersgd"; }

@@ -16,6 +16,8 @@
 
 namespace {
 
+using lockstep::testing::same_on_every_rank;
+
 namespace ddp = lockstep::ddp;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
@@ -48,15 +50,6 @@ Gradients exact_average(Make make) {
     }
   }
   return mean;
-}
-
-// Whether every rank's buffer is bitwise rank 0's.
-bool same_on_every_rank(const torch::Tensor& buffer) {
-  torch::Tensor root = buffer.clone();
-  comm().broadcast(root)->wait();
-  torch::Tensor differs = torch::tensor({torch::equal(root, buffer) ? 0 : 1}, torch::kInt);
-  comm().allreduce(differs)->wait();
-  return differs.item<int>() == 0;
 }
 
 // The average over ranks of this rank's tensor (the tests' own all-reduce, in float64).

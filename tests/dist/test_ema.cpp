@@ -18,7 +18,6 @@
 namespace {
 
 using lockstep::testing::bitwise_equal;
-
 using Catch::Matchers::Contains;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;

@@ -21,7 +21,6 @@
 namespace {
 
 using lockstep::testing::bitwise_equal;
-
 using Catch::Matchers::Contains;
 using lockstep::ddp::DataParallel;
 using lockstep::ddp::DataParallelOptions;

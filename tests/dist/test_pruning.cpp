@@ -20,6 +20,8 @@
 
 namespace {
 
+using lockstep::testing::same_on_every_rank;
+
 namespace fs = std::filesystem;
 using lockstep::compress::MagnitudePruning;
 using lockstep::compress::PruneGranularity;
@@ -90,15 +92,6 @@ struct Watcher : Callback {
   int64_t revived = 0, missing_masks = 0, steps = 0;
 };
 
-// Collective: whether `tensor` is bitwise equal to rank 0's on every rank.
-bool same_on_all_ranks(const at::Tensor& tensor) {
-  at::Tensor reference = tensor.to(torch::kDouble).contiguous().clone();
-  comm().broadcast(reference)->wait();
-  at::Tensor equal = torch::full({1}, torch::equal(reference, tensor.to(torch::kDouble)) ? 1 : 0, torch::kInt);
-  comm().allreduce(equal, {lockstep::comm::ReduceOp::Min})->wait();
-  return equal.item<int>() == 1;
-}
-
 }  // namespace
 
 TEST_CASE("pruning: gradual pruning keeps masks identical on every rank and pruned weights at zero",
@@ -133,7 +126,7 @@ TEST_CASE("pruning: gradual pruning keeps masks identical on every rank and prun
     for (const auto& name : pruning->layers()) {
       const at::Tensor mask = mask_of(*model, name);
       const at::Tensor weight = model->named_parameters()[name];
-      CHECK(same_on_all_ranks(mask));
+      CHECK(same_on_every_rank(mask));
       const int64_t pruned = mask.numel() - mask.count_nonzero().item<int64_t>();
       zeros += pruned;
       numel += mask.numel();

@@ -19,6 +19,7 @@
 
 namespace {
 
+using lockstep::testing::same_on_every_rank;
 using lockstep::compress::ActivationFakeQuant;
 using lockstep::compress::QuantizationAwareTraining;
 using lockstep::compress::QuantizationOptions;
@@ -58,14 +59,6 @@ at::Tensor gather(const at::Tensor& local) {
   return all;
 }
 
-// Collective: whether `tensor` is bitwise equal to rank 0's on every rank.
-bool same_on_all_ranks(const at::Tensor& tensor) {
-  const at::Tensor all = gather(tensor.reshape({1, -1}).to(torch::kDouble));
-  bool same = true;
-  for (int r = 1; r < comm().size(); ++r) same = same && torch::equal(all[r], all[0]);
-  return same;
-}
-
 // How far the weight is from its int8 grid (in steps of its own per-channel scale).
 double off_grid(const at::Tensor& weight) {
   const at::Tensor scale = lockstep::compress::weight_scale(weight, true);
@@ -97,7 +90,7 @@ TEST_CASE("quantization: activation ranges are the global batch's, bitwise on ev
       range_mismatches += !torch::equal(net->quant_input->max_val, expected_max);
       // The float weights are back (random initial values are off the grid).
       weights_not_restored += off_grid(net->fc->weight) < 1e-3;
-      ranks_differ += !same_on_all_ranks(net->quant_relu->min_val) || !same_on_all_ranks(net->quant_relu->max_val);
+      ranks_differ += !same_on_every_rank(net->quant_relu->min_val) || !same_on_every_rank(net->quant_relu->max_val);
       ++steps;
     }
   };

@@ -19,6 +19,7 @@
 
 namespace {
 
+using lockstep::testing::same_on_every_rank;
 using lockstep::testing::bitwise_equal;
 
 namespace fs = std::filesystem;
@@ -75,14 +76,6 @@ Run run(TrainerOptions o, std::shared_ptr<AtStep> at) {
   return result;
 }
 
-// Whether every rank holds the same value.
-bool same_on_all_ranks(int64_t value) {
-  at::Tensor low = torch::full({1}, value, torch::kLong), high = low.clone();
-  comm().allreduce(low, {lockstep::comm::ReduceOp::Min})->wait();
-  comm().allreduce(high, {lockstep::comm::ReduceOp::Max})->wait();
-  return low.item<int64_t>() == value && high.item<int64_t>() == value;
-}
-
 void (*handler_of(int signal))(int) {
   struct sigaction current {};
   sigaction(signal, nullptr, &current);
@@ -107,7 +100,7 @@ TEST_CASE("stop: SIGUSR1 on the last rank stops every rank after the same step; 
   const Run stopped = run(o, signal_at_3);
   // Posted after step 3, read two posts later on every rank (StopVote's lag): after step 5.
   CHECK(stopped.last_step == 5);
-  CHECK(same_on_all_ranks(stopped.last_step));
+  CHECK(same_on_every_rank(torch::full({1}, stopped.last_step, torch::kLong)));
   CHECK(stopped.stop_reason == "SIGUSR1 on rank " + std::to_string(last));
   CHECK(stopped.ctx_reason == stopped.stop_reason);
   CHECK(stopped.caught_signal == SIGUSR1);
@@ -134,7 +127,7 @@ TEST_CASE("stop: request_stop() on one rank and stop_after_seconds stop every ra
     trainer.add_callback(ask);
     trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), nullptr);
     CHECK(ask->last_step == 11);  // the vote crossed the end of the first epoch (10 steps)
-    CHECK(same_on_all_ranks(ask->last_step));
+    CHECK(same_on_every_rank(torch::full({1}, ask->last_step, torch::kLong)));
     CHECK(trainer.stop_reason() == "request_stop() on rank 0");
     CHECK(trainer.caught_signal() == 0);
     // A request is for one fit(): the next one runs to its end.

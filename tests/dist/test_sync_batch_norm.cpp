@@ -21,6 +21,7 @@
 
 namespace {
 
+using lockstep::testing::same_on_every_rank;
 using Catch::Matchers::Contains;
 using lockstep::ddp::DataParallel;
 using lockstep::ddp::DataParallelOptions;
@@ -31,14 +32,6 @@ using lockstep::testing::CountingCommunicator;
 
 bool close(const torch::Tensor& a, const torch::Tensor& b, double tol = 1e-5) {
   return a.sizes() == b.sizes() && torch::allclose(a, b, tol, tol);
-}
-
-// Collective: whether every rank's tensor is bitwise rank 0's.
-bool same_on_every_rank(const torch::Tensor& t) {
-  const torch::Tensor mine = t.detach().reshape({-1}).to(torch::kDouble).contiguous();
-  torch::Tensor all = torch::empty({comm().size(), mine.numel()}, mine.options());
-  comm().allgather(mine, all)->wait();
-  return torch::equal(all, all[0].expand_as(all));
 }
 
 // Samples per rank: unequal, and at 3 ranks the middle rank has none.

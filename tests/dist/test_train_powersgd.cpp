@@ -19,6 +19,7 @@
 
 namespace {
 
+using lockstep::testing::ranks_equal_to_rank0;
 using lockstep::testing::bitwise_equal;
 
 namespace ddp = lockstep::ddp;
@@ -68,15 +69,6 @@ Run train(const std::string& dir, int64_t stop_after, const std::string& resume,
   run.stats = state->stats();
   for (const auto& cb : trainer.callbacks()) run.state_callbacks += dynamic_cast<PowerSGDStateCallback*>(cb.get()) != nullptr;
   return run;
-}
-
-// Collective: how many ranks hold bitwise rank 0's tensor.
-int ranks_equal_to_rank0(const at::Tensor& t) {
-  at::Tensor root = t.clone();
-  comm().broadcast(root)->wait();
-  at::Tensor count = torch::tensor({torch::equal(root, t) ? 1 : 0}, torch::kInt);
-  comm().allreduce(count)->wait();
-  return count.item<int>();
 }
 
 // Every rank's serialised PowerSGD state, as the checkpoint at `path` holds it.

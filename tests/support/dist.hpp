@@ -22,6 +22,10 @@ inline comm::CommunicatorPtr comm_ptr() { return runtime().communicator(); }
 std::string shared_temp_dir(const std::string& name);
 // Collective: whether every rank's parameters are bitwise equal to rank 0's.
 bool identical_across_ranks(torch::nn::Module& model);
+// Collective: how many ranks (1 .. size) hold a tensor bitwise equal to rank 0's, of the same shape.
+int ranks_equal_to_rank0(const at::Tensor& tensor);
+// Collective: whether every rank holds rank 0's tensor, bitwise.
+inline bool same_on_every_rank(const at::Tensor& tensor) { return ranks_equal_to_rank0(tensor) == comm().size(); }
 // Collective: whether every rank got here with the same collective sequence (an all-reduce adds up);
 // the check after a test that expects an error on every rank.
 bool communicator_healthy();

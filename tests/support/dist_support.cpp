@@ -44,6 +44,16 @@ bool identical_across_ranks(torch::nn::Module& model) {
   return same;
 }
 
+int ranks_equal_to_rank0(const at::Tensor& tensor) {
+  at::Tensor mine = tensor.detach().contiguous();
+  if (mine.scalar_type() == at::kBool) mine = mine.to(at::kByte);  // not a communicator dtype
+  at::Tensor root = mine.clone();
+  comm().broadcast(root)->wait();
+  at::Tensor count = torch::full({1}, torch::equal(root, mine) ? 1 : 0, torch::kInt);
+  comm().allreduce(count)->wait();
+  return count.item<int>();
+}
+
 bool communicator_healthy() {
   torch::Tensor t = torch::full({3}, static_cast<double>(comm().rank() + 1), torch::kFloat64);
   comm().allreduce(t)->wait();

@@ -335,11 +335,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     for (auto& cb : callbacks_) cb->on_epoch_end(ctx);
     last = ctx.metrics;
   }
-  if (ctx.stop_requested && ctx.stop_reason.empty()) {
-    ctx.stop_reason = options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps
-                          ? "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")"
-                          : "a callback";
-  }
+  if (ctx.stop_requested && ctx.stop_reason.empty()) ctx.stop_reason = "a callback";
   for (auto& cb : callbacks_) cb->on_train_end(ctx);
   stop_reason_ = ctx.stop_reason;
   // A signal caught after the last vote (late in training, or while on_train_end wrote the checkpoint)
@@ -447,7 +443,10 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     for (auto& cb : callbacks_) cb->on_step_end(ctx);
     ++ctx.batch_in_epoch;
     take_stop_votes(ctx, stop_vote_->post(local_stop_code()));  // Note [Stop on signal]
-    if (options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) ctx.stop_requested = true;
+    if (!ctx.stop_requested && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
+      ctx.stop_requested = true;
+      ctx.stop_reason = "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")";
+    }
     if (ctx.stop_requested) break;
   }
   sums[kLossSum] = totals_->loss_sum.item<double>();

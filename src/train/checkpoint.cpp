@@ -322,16 +322,28 @@ void Checkpointer::on_step_end(TrainerContext& ctx) {
   if (options_.every_steps > 0 && ctx.global_step % options_.every_steps == 0) save(ctx, ctx.train_loader->state());
 }
 
-void Checkpointer::on_epoch_end(TrainerContext& ctx) {
-  if (!options_.every_epoch) return;
+namespace {
+
+data::SamplerState next_epoch_start(const TrainerContext& ctx) {
   data::SamplerState next;
   next.epoch = ctx.epoch + 1;
   next.position = 0;
-  save(ctx, next);
+  return next;
+}
+
+}  // namespace
+
+void Checkpointer::on_epoch_end(TrainerContext& ctx) {
+  if (options_.every_epoch) save(ctx, next_epoch_start(ctx));
 }
 
 void Checkpointer::on_train_end(TrainerContext& ctx) {
-  if (options_.at_end && last_saved_step_ != ctx.global_step) save(ctx, ctx.train_loader->state());
+  // After an epoch's end (a finished run, or a stop there: Note [Stop at epoch ends]) the run goes on
+  // at the next epoch's start; the loader's own position (the epoch's end) would make a resumed run
+  // evaluate and end that epoch a second time.
+  if (options_.at_end && last_saved_step_ != ctx.global_step) {
+    save(ctx, ctx.epoch_finished ? next_epoch_start(ctx) : ctx.train_loader->state());
+  }
   // A run that stopped early (a stop signal, a time limit): say where it can go on from.
   if (ctx.stop_requested && ctx.communicator->rank() == 0 && last_saved_step_ == ctx.global_step) {
     std::printf("checkpoint %s holds step %lld (%s)\n", last_path_.c_str(), static_cast<long long>(ctx.global_step),

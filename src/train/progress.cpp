@@ -110,10 +110,15 @@ void ProgressLogger::on_train_end(TrainerContext& ctx) {
   if (ctx.world.rank != 0 || !ctx.stop_requested) return;
   if (line_open_) std::printf("\n");
   line_open_ = false;
-  std::printf("training stopped after step %lld (epoch %lld, step %lld of %lld): %s\n",
-              static_cast<long long>(ctx.global_step), static_cast<long long>(ctx.epoch + 1),
-              static_cast<long long>(ctx.batch_in_epoch), static_cast<long long>(ctx.steps_per_epoch),
-              ctx.stop_reason.empty() ? "stop requested" : ctx.stop_reason.c_str());
+  const char* reason = ctx.stop_reason.empty() ? "stop requested" : ctx.stop_reason.c_str();
+  if (ctx.epoch_finished) {
+    std::printf("training stopped after step %lld (the end of epoch %lld): %s\n",
+                static_cast<long long>(ctx.global_step), static_cast<long long>(ctx.epoch + 1), reason);
+  } else {
+    std::printf("training stopped after step %lld (epoch %lld, step %lld of %lld): %s\n",
+                static_cast<long long>(ctx.global_step), static_cast<long long>(ctx.epoch + 1),
+                static_cast<long long>(ctx.batch_in_epoch), static_cast<long long>(ctx.steps_per_epoch), reason);
+  }
   std::fflush(stdout);
 }
 

@@ -74,6 +74,12 @@ std::string describe_stop_code(std::int32_t code, const TrainerOptions& options)
   return signal_name(code);
 }
 
+// Collective: posts `code`, then reads every vote in flight (Note [Stop at epoch ends]).
+std::vector<std::int32_t> read_every_vote(comm::StopVote& vote, std::int32_t code) {
+  vote.post(code);
+  return vote.finish();
+}
+
 }  // namespace
 
 DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
@@ -177,6 +183,15 @@ std::int32_t DistributedTrainer::local_stop_code() const {
 // it), on_train_end runs, and the Checkpointer writes the checkpoint that resumes bitwise. The handler
 // only sets a flag (core/stop_signals.hpp), and the flag is read between steps, so no collective is
 // ever interrupted half-way.
+//
+// Note [Stop at epoch ends]: a vote posted in an epoch's last `lag` steps would only be read two steps
+// into the next epoch, after the whole evaluation, and a signal during the evaluation (or while
+// on_epoch_end writes the epoch's checkpoint) later still. So at the two points where every rank
+// already waits for the others (the epoch's metric sums are all-reduced after its steps; the
+// evaluation's after it) the trainer also reads every vote in flight: two more blocking all-gathers
+// per epoch, none per step. Votes from the steps stop the run before the epoch's evaluation (a resumed
+// run evaluates it); votes from its evaluation or end stop it after on_epoch_end, with
+// ctx.epoch_finished set, so the checkpoint resumes at the next epoch's start (read_every_vote).
 void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes) {
   std::map<std::int32_t, std::vector<int>> ranks_by_code;
   for (std::size_t r = 0; r < codes.size(); ++r) {
@@ -296,6 +311,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   std::map<std::string, double> last;
   for (int64_t epoch = first_epoch; epoch < options_.epochs && !ctx.stop_requested; ++epoch) {
     ctx.epoch = epoch;
+    ctx.epoch_finished = false;
     ctx.metrics.clear();
     if (!(resumed && epoch == first_epoch)) {
       loader.start_epoch(epoch);
@@ -333,15 +349,19 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     // evaluation is undone innermost first (weight averaging, then int8 values on top of it).
     for (auto it = callbacks_.rbegin(); it != callbacks_.rend(); ++it) (*it)->on_evaluation_end(ctx);
     for (auto& cb : callbacks_) cb->on_epoch_end(ctx);
+    ctx.epoch_finished = true;
     last = ctx.metrics;
+    // Note [Stop at epoch ends]; after the last epoch, the vote after on_train_end reads them.
+    if (!ctx.stop_requested && epoch + 1 < options_.epochs) {
+      take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
+    }
   }
   if (ctx.stop_requested && ctx.stop_reason.empty()) ctx.stop_reason = "a callback";
   for (auto& cb : callbacks_) cb->on_train_end(ctx);
   stop_reason_ = ctx.stop_reason;
   // A signal caught after the last vote (late in training, or while on_train_end wrote the checkpoint)
   // is still reported on every rank: one more vote, and every vote in flight read.
-  stop_vote_->post(local_stop_code());
-  take_stop_votes(ctx, stop_vote_->finish());
+  take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
   stop_asked_.store(false);  // a request is for one fit()
   // Rank 0 may still be writing files (checkpoint, metrics.jsonl) that the others want to read once
   // fit() returns.
@@ -449,6 +469,8 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     }
     if (ctx.stop_requested) break;
   }
+  // Note [Stop at epoch ends]: the votes of the epoch's last steps, before its evaluation.
+  if (!ctx.stop_requested) take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
   sums[kLossSum] = totals_->loss_sum.item<double>();
   sums[kCorrect] = static_cast<double>(totals_->correct_sum.item<int64_t>());
 }

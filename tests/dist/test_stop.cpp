@@ -50,6 +50,27 @@ struct AtStep : Callback {
   std::string reason;
 };
 
+// Records which epochs were evaluated and ended, and raises SIGUSR1 on `rank` at the evaluation or the
+// end of epoch `epoch`.
+struct EpochEvents : Callback {
+  enum class Raise { kNever, kAtEvaluation, kAtEpochEnd };
+  EpochEvents(Raise when, int rank, int64_t epoch) : when(when), rank(rank), epoch(epoch) {}
+  void on_evaluation_begin(TrainerContext& ctx) override {
+    evaluated.push_back(ctx.epoch);
+    if (when == Raise::kAtEvaluation && ctx.world.rank == rank && ctx.epoch == epoch) raise(SIGUSR1);
+  }
+  void on_epoch_end(TrainerContext& ctx) override {
+    ended.push_back(ctx.epoch);
+    if (when == Raise::kAtEpochEnd && ctx.world.rank == rank && ctx.epoch == epoch) raise(SIGUSR1);
+  }
+  void on_train_end(TrainerContext& ctx) override { epoch_finished = ctx.epoch_finished; }
+  Raise when;
+  int rank;
+  int64_t epoch;
+  std::vector<int64_t> evaluated, ended;
+  bool epoch_finished = false;
+};
+
 struct Run {
   std::vector<torch::Tensor> state;
   int64_t last_step = 0;
@@ -60,12 +81,13 @@ struct Run {
 
 // SmallConvNet for 2 epochs of 10 steps at every world size (80 samples per rank, batches of 4).
 // Different initialisations per rank: only a checkpoint or rank 0's broadcast decides.
-Run run(TrainerOptions o, std::shared_ptr<AtStep> at) {
+Run run(TrainerOptions o, std::shared_ptr<AtStep> at, std::shared_ptr<EpochEvents> events = nullptr) {
   torch::manual_seed(40 + comm().rank());
   lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
   DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9)),
                              comm_ptr(), o);
   if (at) trainer.add_callback(at);
+  if (events) trainer.add_callback(events);
   trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), lockstep::testing::synthetic_images(9, 8, 12));
   Run result;
   result.state = lockstep::testing::state_of(*model);
@@ -126,7 +148,7 @@ TEST_CASE("stop: request_stop() on one rank and stop_after_seconds stop every ra
     auto ask = std::make_shared<AtStep>(0, 9, [&](TrainerContext&) { trainer.request_stop(); });
     trainer.add_callback(ask);
     trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), nullptr);
-    CHECK(ask->last_step == 11);  // the vote crossed the end of the first epoch (10 steps)
+    CHECK(ask->last_step == 10);  // the first epoch (10 steps) ended first: its end is agreed on at once
     CHECK(same_on_every_rank(torch::full({1}, ask->last_step, torch::kLong)));
     CHECK(trainer.stop_reason() == "request_stop() on rank 0");
     CHECK(trainer.caught_signal() == 0);
@@ -144,11 +166,73 @@ TEST_CASE("stop: request_stop() on one rank and stop_after_seconds stop every ra
   CHECK(timed.stop_reason == "stop_after_seconds (1e-09 s) on " + all);
 }
 
-TEST_CASE("stop: a signal in the last steps is still reported on every rank; training is complete", "[stop]") {
+// Note [Stop at epoch ends]: the votes in flight are read at the end of an epoch's steps and again
+// after its end, so a signal in an epoch's last steps, its evaluation or its checkpoint stops there.
+TEST_CASE("stop: a signal during an evaluation stops every rank after that epoch; the resume starts the next",
+          "[stop]") {
+  const int last = comm().size() - 1;
+  const TrainerOptions base = lockstep::testing::quiet_trainer(2, 5);
+  const Run full = run(base, nullptr);
+  const std::string dir = lockstep::testing::shared_temp_dir("stop_in_evaluation");
+  TrainerOptions o = lockstep::testing::resumable(base, dir, 0, "auto");
+  o.checkpoint.every_steps = 0;
+  o.checkpoint.every_epoch = false;  // only the stop's own checkpoint (at_end): it must hold epoch 2's start
+  auto events = std::make_shared<EpochEvents>(EpochEvents::Raise::kAtEvaluation, last, 0);
+  const Run stopped = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), events);
+  CHECK(stopped.last_step == 10);  // epoch 1's 10 steps, not 2 steps into epoch 2
+  CHECK(events->evaluated == std::vector<int64_t>{0});
+  CHECK(events->ended == std::vector<int64_t>{0});
+  CHECK(events->epoch_finished);
+  CHECK(stopped.stop_reason == "SIGUSR1 on rank " + std::to_string(last));
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  CHECK((listed.size() == 1 && fs::path(listed.back()).filename() == lockstep::train::checkpoint_file_name(10)));
+
+  // Epoch 1 is done: the resumed run neither evaluates nor ends it again.
+  auto again = std::make_shared<EpochEvents>(EpochEvents::Raise::kNever, -1, 0);
+  const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
+  CHECK(again->evaluated == std::vector<int64_t>{1});
+  CHECK(again->ended == std::vector<int64_t>{1});
+  CHECK(resumed.last_step == 20);
+  CHECK(resumed.stop_reason.empty());
+  CHECK(bitwise_equal(full.state, resumed.state));
+}
+
+TEST_CASE("stop: a signal in an epoch's last step stops before its evaluation; the resumed run evaluates it",
+          "[stop]") {
+  const int last = comm().size() - 1;
+  const TrainerOptions base = lockstep::testing::quiet_trainer(2, 5);
+  const Run full = run(base, nullptr);
+  for (const int64_t step : {10, 20}) {  // the first epoch's last step, and training's
+    const std::string dir = lockstep::testing::shared_temp_dir("stop_in_last_step_" + std::to_string(step));
+    TrainerOptions o = lockstep::testing::resumable(base, dir, 0, "auto");
+    o.checkpoint.every_steps = 0;
+    auto events = std::make_shared<EpochEvents>(EpochEvents::Raise::kNever, -1, 0);
+    auto signal = std::make_shared<AtStep>(last, step, [](TrainerContext&) { raise(SIGUSR1); });
+    const Run stopped = run(o, signal, events);
+    CHECK(stopped.last_step == step);
+    CHECK(stopped.stop_reason == "SIGUSR1 on rank " + std::to_string(last));
+    CHECK(events->evaluated.size() == static_cast<std::size_t>(step / 10 - 1));  // not the stopped epoch
+    CHECK_FALSE(events->epoch_finished);
+
+    auto again = std::make_shared<EpochEvents>(EpochEvents::Raise::kNever, -1, 0);
+    const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
+    // The resumed run evaluates and ends the stopped epoch (after its remaining steps: none at step 20).
+    const std::vector<int64_t> rest = step == 10 ? std::vector<int64_t>{0, 1} : std::vector<int64_t>{1};
+    CHECK(again->evaluated == rest);
+    CHECK(again->ended == rest);
+    CHECK(resumed.last_step == (step == 10 ? 20 : 0));
+    CHECK(bitwise_equal(full.state, resumed.state));
+  }
+}
+
+TEST_CASE("stop: a signal after the last vote (the last epoch's end) is still reported; training is complete",
+          "[stop]") {
   TrainerOptions o = lockstep::testing::quiet_trainer(2, 5);
   const Run full = run(o, nullptr);
-  const Run late = run(o, std::make_shared<AtStep>(comm().size() - 1, 20, [](TrainerContext&) { raise(SIGUSR1); }));
+  auto events = std::make_shared<EpochEvents>(EpochEvents::Raise::kAtEpochEnd, comm().size() - 1, 1);
+  const Run late = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), events);
   CHECK(late.last_step == 20);
+  CHECK(events->ended == std::vector<int64_t>{0, 1});
   CHECK(late.stop_reason.empty());
   CHECK(late.caught_signal == SIGUSR1);
   CHECK(bitwise_equal(full.state, late.state));

@@ -22,7 +22,7 @@ wait "$job"; status=$?
 cat "$dir/stopped.log"
 fail() { echo "stop_on_signal: FAILED: $*"; exit 1; }
 [ "$status" -eq 138 ] || fail "the stopped job exited with $status, expected 138 (128 + SIGUSR1)"
-grep -q 'training stopped after step [0-9]* (epoch 1, .*): SIGUSR1 on ranks\? [0-9]' "$dir/stopped.log" \
+grep -q 'training stopped after step [0-9]* (\(epoch 1, .*\|the end of epoch 1\)): SIGUSR1 on ranks\? [0-9]' "$dir/stopped.log" \
   || fail "no 'training stopped after step ... SIGUSR1 on ...' line"
 grep -q 'checkpoint .*checkpoint-step[0-9]*\.pt holds step [0-9]* (checkpoint.resume: auto continues from it)' "$dir/stopped.log" \
   || fail "no line naming the checkpoint"
@@ -32,7 +32,7 @@ step=$(grep -o 'training stopped after step [0-9]*' "$dir/stopped.log" | grep -o
 "${command[@]}" > "$dir/resumed.log" 2>&1; status=$?
 cat "$dir/resumed.log"
 [ "$status" -eq 0 ] || fail "the resumed job exited with $status"
-grep -q "resumed from .*checkpoint-step$(printf '%08d' "$step")\.pt (epoch 1, step $step)" "$dir/resumed.log" \
+grep -q "resumed from .*checkpoint-step$(printf '%08d' "$step")\.pt (epoch [12], step $step)" "$dir/resumed.log" \
   || fail "the second run did not resume from step $step"
 grep -q 'final test accuracy: [0-9.]*%' "$dir/resumed.log" || fail "the resumed run did not finish"
 echo "stop_on_signal: stopped after step $step by SIGUSR1 (exit 138), resumed from it and finished"

@@ -92,6 +92,9 @@ struct TrainerContext {
   // on_train_end still runs. The trainer sets it for stop_after_steps and for a stop signal, time
   // limit or request_stop() that a rank received (Note [Stop on signal]).
   bool stop_requested = false;
+  // True from the end of on_epoch_end to the next on_epoch_begin: the epoch is done (evaluated and
+  // ended). A run that stops then (Note [Stop at epoch ends]) resumes at the next epoch's start.
+  bool epoch_finished = false;
   // Why the trainer stopped early, when it did ("SIGUSR1 on rank 1", ...; see
   // DistributedTrainer::stop_reason()): set with stop_requested, so on_train_end can report it.
   std::string stop_reason;

@@ -1,16 +1,22 @@
 // Adding Lockstep to your own LibTorch training loop.
 //
-//   mpirun -np 2 ./custom_loop
+//   mpirun -np 2 ./custom_loop [epochs, default 5]
 //
 // Each rank trains the same small MLP on its own slice of a synthetic regression problem;
 // DataParallel averages the gradients over ranks while backward runs, so the loop itself is
 // ordinary LibTorch code. The slices are uneven (rank r has 2r more batches than rank 0), as data
 // split by files often is: a ddp::Join lets the ranks that finish first take part in the others'
-// remaining steps instead of leaving them waiting.
+// remaining steps instead of leaving them waiting. SIGTERM or SIGUSR1 (a scheduler's, or
+// `kill -USR1 <mpirun>`) stops every rank after the same step, with exit status 128 + the signal.
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
+#include "lockstep/comm/agree.hpp"
+#include "lockstep/core/stop_signals.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/join.hpp"
 #include "lockstep/runtime.hpp"
@@ -35,6 +41,11 @@ int main(int argc, char** argv) {
   const int rank = runtime.rank();
   const int world = runtime.size();
   const torch::Device device = runtime.world().device;  // this rank's GPU, or the CPU
+  const int epochs = argc > 1 ? std::atoi(argv[1]) : 5;
+  if (epochs < 1) {
+    if (rank == 0) std::fprintf(stderr, "custom_loop: epochs must be a positive integer, got '%s'\n", argv[1]);
+    return 2;
+  }
 
   // 2. The model, built the same way on every rank (DataParallel checks, then copies rank 0's values),
   //    on the device before DataParallel is made (its buckets live there). Seeded, so that rank 0's
@@ -51,11 +62,17 @@ int main(int argc, char** argv) {
   const torch::Tensor x = torch::randn({1024 + 128 * rank, 16}).to(device);
   const torch::Tensor y = torch::sin(x).sum(1, /*keepdim=*/true);
 
+  // 5. A stop signal only raises a flag; the Join's per-step all-gather carries it to every rank
+  //    (JoinOptions::stop_code), so all of them leave after the same step.
+  lockstep::StopSignals signals({"SIGTERM", "SIGUSR1"});
+  lockstep::ddp::JoinOptions join_options;
+  join_options.stop_code = [&] { return signals.caught(); };
+
   constexpr int kBatch = 64;  // per rank; the global batch is kBatch * world
-  for (int epoch = 0; epoch < 5; ++epoch) {
+  for (int epoch = 0; epoch < epochs; ++epoch) {
     double epoch_loss = 0;
     int batches = 0;
-    lockstep::ddp::Join join(dp);  // 4. uneven shards: see the end of the epoch
+    lockstep::ddp::Join join(dp, join_options);  // 4. uneven shards: see the end of the epoch
     for (int start = 0; start + kBatch <= x.size(0); start += kBatch) {
       optimizer.zero_grad();
       torch::Tensor loss = torch::mse_loss(model->forward(x.narrow(0, start, kBatch)), y.narrow(0, start, kBatch));
@@ -63,6 +80,7 @@ int main(int argc, char** argv) {
       optimizer.step();  // ... and are the average over ranks here
       epoch_loss += loss.item<double>();
       ++batches;
+      if (join.stop_requested()) break;  // 5. the same step on every rank still training
     }
     const lockstep::ddp::StepTimings t = dp.last_step();  // this rank's last own step
     // Collective: until every rank is done, take part in the others' steps (zero gradients of our
@@ -74,6 +92,22 @@ int main(int argc, char** argv) {
           "(%.2f ms not hidden), %zu buckets, %d ranks; rank 0 trained %d steps and shadowed %lld\n",
           epoch, epoch_loss / batches, 1e3 * t.backward_s, 1e3 * t.communication_s, 1e3 * t.exposed_communication_s,
           t.bucket_count, world, batches, static_cast<long long>(joined.shadowed_steps));
+      std::fflush(stdout);
+    }
+    if (join.stop_requested()) {  // 5. every rank: the same codes (here a program would checkpoint)
+      int signal = 0;
+      std::vector<int> ranks;
+      for (int r = 0; r < world; ++r) {
+        if (joined.stop_codes[r] == 0) continue;
+        if (signal == 0) signal = joined.stop_codes[r];
+        ranks.push_back(r);
+      }
+      if (rank == 0) {
+        std::printf("custom_loop: stopped in epoch %d by %s on %s; exiting with status %d\n", epoch,
+                    lockstep::signal_name(signal).c_str(), lockstep::comm::rank_list(ranks).c_str(), 128 + signal);
+        std::fflush(stdout);
+      }
+      return 128 + signal;
     }
   }
   return 0;

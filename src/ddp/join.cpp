@@ -1,5 +1,6 @@
 #include "lockstep/ddp/join.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <vector>
@@ -40,9 +41,13 @@ JoinResult Join::finish(const std::function<void()>& shadow_step) {
   finished_ = true;
   Reducer& reducer = *dp_->reducer_;
   struct LeaveJoinMode {
-    Reducer& reducer;
-    ~LeaveJoinMode() { reducer.disable_join(); }
-  } leave{reducer};
+    Join& join;
+    ~LeaveJoinMode() {
+      join.stop_codes_ = join.dp_->reducer_->join_stop_codes();  // they outlive join mode
+      join.left_ = true;
+      join.dp_->reducer_->disable_join();
+    }
+  } leave{*this};
 
   JoinResult result;
   const std::uint64_t shadowed_before = reducer.shadowed_steps();
@@ -54,8 +59,18 @@ JoinResult Join::finish(const std::function<void()>& shadow_step) {
   // Every rank has finished, and agrees on which ranks trained in the last step (Note [Join]).
   const std::vector<int>& last = reducer.last_active_ranks();
   result.source_rank = last.empty() ? 0 : last.front();
+  result.stop_codes = reducer.join_stop_codes();
   dp_->broadcast_state(result.source_rank);
   return result;
+}
+
+std::vector<std::int32_t> Join::stop_codes() const {
+  return left_ ? stop_codes_ : dp_->reducer_->join_stop_codes();
+}
+
+bool Join::stop_requested() const {
+  const std::vector<std::int32_t> codes = stop_codes();
+  return std::any_of(codes.begin(), codes.end(), [](std::int32_t code) { return code != 0; });
 }
 
 }  // namespace lockstep::ddp

@@ -37,8 +37,9 @@ namespace lockstep::ddp {
 // Uneven inputs: a rank that runs out of batches while others still train must keep taking part in
 // their collectives, or they wait forever (ddp::Join, join.hpp; PyTorch's DDP join() does the same).
 // In join mode every synchronised backward of a rank still training begins (in its first gradient
-// hook, before any bucket) with an all-gather of one int32 per rank: 1 from it. A joined rank, in
-// shadow_step(), issues the same all-gather with 0; if no rank sent 1, every rank is done (the
+// hook, before any bucket) with an all-gather of one entry per rank: 1 from it (and a stop code: Note
+// [Stop in a Join]). A joined rank, in shadow_step(), issues the same all-gather with 0; if no rank
+// sent 1, every rank is done (the
 // others are in shadow_step() too) and it stops. Otherwise it runs the rest of that backward's
 // sequence (Note [Bucket order], point 3) with zero gradients: every bucket through the comm hook,
 // in order, the flags all-reduce, the buffer broadcast, and the one-time rebuild. So:
@@ -54,7 +55,16 @@ namespace lockstep::ddp {
 //     (Join::finish's shadow step), which a ZeroRedundancyOptimizer needs: its step is collective;
 //   - GradBucket::iteration advances on joined ranks too (PowerSGD's warm-up depends on it).
 // Every rank records which ranks took part; the last such step names the rank whose model Join
-// broadcasts at the end. Cost: one all-gather of world_size ints per step, only in join mode.
+// broadcasts at the end. Cost: one all-gather of 2 x world_size ints per step, only in join mode.
+//
+// Note [Stop in a Join]: a custom loop on uneven inputs cannot add a collective of its own to each
+// step to agree on a stop (a joined rank runs no loop), but the join all-gather already reaches every
+// rank, training or joined, once per step. So each entry is a pair: (still training, stop code), the
+// code from JoinOptions::stop_code, asked on this rank right before the all-gather (a training rank:
+// in its first gradient hook, on autograd's thread; a joined rank: in shadow_step). After the step's
+// backward every rank has read the same codes, so a loop that breaks when Join::stop_requested()
+// says so leaves after the same step on every rank, and finish() then ends at once (no rank trains
+// any more). A stop costs nothing extra per step.
 
 // Note [Gradient views]
 // ~~~~~~~~~~~~~~~~~~~~~
@@ -235,8 +245,8 @@ void Reducer::begin_backward() {
     prepare_sync();
     if (join_) {
       // Note [Join]: before any bucket, "this rank still trains".
-      join_flags_ = at::empty({comm_->size()}, at::kInt);
-      join_work_ = comm_->allgather(at::ones({1}, at::kInt), join_flags_);
+      join_flags_ = at::empty({2 * comm_->size()}, at::kInt);
+      join_work_ = comm_->allgather(join_entry(/*training=*/true), join_flags_);
     }
   }
   // Runs when this autograd pass ends, after every gradient hook (called here, from inside a
@@ -354,11 +364,21 @@ void Reducer::finish_backward() {
   synchronize(timings, backward_end, std::move(active));
 }
 
-std::vector<int> Reducer::read_join_flags(const at::Tensor& flags) const {
+at::Tensor Reducer::join_entry(bool training) const {
+  const std::int32_t code = join_options_.stop_code ? join_options_.stop_code() : 0;  // Note [Stop in a Join]
+  at::Tensor entry = at::empty({2}, at::kInt);
+  entry.data_ptr<std::int32_t>()[0] = training ? 1 : 0;
+  entry.data_ptr<std::int32_t>()[1] = code;
+  return entry;
+}
+
+std::vector<int> Reducer::read_join_flags(const at::Tensor& flags) {
   std::vector<int> active;
-  const auto* flag = flags.data_ptr<std::int32_t>();
+  const auto* entry = flags.data_ptr<std::int32_t>();
   for (int r = 0; r < comm_->size(); ++r) {
-    if (flag[r] != 0) active.push_back(r);
+    if (entry[2 * r] != 0) active.push_back(r);
+    std::int32_t& code = join_stop_codes_[static_cast<std::size_t>(r)];
+    if (code == 0) code = entry[2 * r + 1];
   }
   return active;
 }
@@ -498,6 +518,7 @@ void Reducer::enable_join(const JoinOptions& options) {
   join_options_ = options;
   last_active_.clear();
   for (int r = 0; r < comm_->size(); ++r) last_active_.push_back(r);
+  join_stop_codes_.assign(static_cast<std::size_t>(comm_->size()), 0);
 }
 
 void Reducer::disable_join() {
@@ -512,8 +533,8 @@ bool Reducer::shadow_step() {
   LOCKSTEP_CHECK(join_, "DataParallel internal error: shadow_step outside join mode (rank ", comm_->rank(), ")");
   LOCKSTEP_CHECK(!in_backward_, "DataParallel: Join::finish() cannot run during backward (rank ", comm_->rank(), ")");
   // Note [Join]: "this rank trains no more"; the others' flags say whether a backward follows.
-  at::Tensor flags = at::empty({comm_->size()}, at::kInt);
-  comm_->allgather(at::zeros({1}, at::kInt), flags)->wait();
+  at::Tensor flags = at::empty({2 * comm_->size()}, at::kInt);
+  comm_->allgather(join_entry(/*training=*/false), flags)->wait();
   std::vector<int> active = read_join_flags(flags);
   if (active.empty()) return false;
 

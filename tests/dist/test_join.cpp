@@ -320,3 +320,91 @@ TEST_CASE("Join refuses SyncBatchNorm and a second Join", "[join]") {
   CHECK_THROWS_WITH(join.finish(), Contains("called twice"));
   CHECK(communicator_healthy());
 }
+
+namespace {
+
+struct Stopped {
+  Outcome outcome;
+  int own_steps = 0;                     // steps this rank trained before it stopped or ran out
+  bool seen_in_loop = false;             // stop_requested() when the loop broke
+  std::vector<std::int32_t> in_finish;   // stop_codes() as the shadow step saw them (joined ranks)
+  std::vector<std::int32_t> after;       // stop_codes() after finish()
+};
+
+// Note [Stop in a Join]: rank r has batches[r] batches; `code_at(rank, own_steps_done, joined)` is
+// this rank's stop code for the step about to start. The loop breaks when the Join says stop.
+Stopped train_with_stop(const std::vector<int>& batches,
+                        const std::function<std::int32_t(int, int, bool)>& code_at) {
+  Net net = make_net(false);
+  DataParallel dp(net, comm_ptr());
+  auto opt = sgd()(net->parameters());
+  const int rank = comm().rank();
+  Stopped out;
+  bool joined = false;
+  JoinOptions options;
+  options.stop_code = [&] { return code_at(rank, out.own_steps, joined); };
+  Join join(dp, options);
+  for (int s = 0; s < batches[rank]; ++s) {
+    opt->zero_grad();
+    loss_of(net, rank, s).backward();
+    opt->step();
+    ++out.own_steps;
+    if (join.stop_requested()) {
+      out.seen_in_loop = true;
+      break;
+    }
+  }
+  joined = true;
+  out.outcome.result = join.finish([&] {
+    opt->step();
+    out.in_finish = join.stop_codes();
+  });
+  out.outcome.state = state(*net);
+  out.after = join.stop_codes();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("Join: a stop code from a training rank stops every rank after the same step", "[join]") {
+  const int world = comm().size();
+  const int rank = comm().rank();
+  const std::vector<int> batches = uneven(world);  // rank 0 trains the longest, rank 1 one step
+  // Rank 0 asks to stop as its second step starts: the ranks still training break after that step.
+  const Stopped got = train_with_stop(batches, [](int r, int done, bool) { return r == 0 && done >= 1 ? 7 : 0; });
+  std::vector<int> truncated(batches);
+  for (int& b : truncated) b = std::min(b, 2);
+  CHECK(got.own_steps == truncated[rank]);
+  CHECK(got.seen_in_loop == (batches[rank] >= 2));  // rank 1 ran out after step 1, before the stop
+  std::vector<std::int32_t> want(world, 0);
+  want[0] = 7;
+  CHECK(got.after == want);
+  CHECK(got.outcome.result.stop_codes == want);
+  CHECK(got.outcome.result.shadowed_steps == 2 - truncated[rank]);
+  // The model is the one of a job whose inputs ended at that step.
+  CHECK(close(got.outcome.state, oracle(truncated, false, true).state));
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("Join: a stop code from a joined rank reaches the ranks still training in the next step", "[join]") {
+  const int world = comm().size();
+  const int rank = comm().rank();
+  const std::vector<int> batches = uneven(world);  // rank 1: one step, then it shadows
+  const Stopped got = train_with_stop(batches, [](int r, int, bool joined) { return r == 1 && joined ? 9 : 0; });
+  // Rank 1's first shadow step is step 2: every rank still training stops after it.
+  std::vector<int> truncated(batches);
+  for (int& b : truncated) b = std::min(b, 2);
+  CHECK(got.own_steps == truncated[rank]);
+  std::vector<std::int32_t> want(world, 0);
+  want[1] = 9;
+  CHECK(got.after == want);
+  if (rank == 1) CHECK(got.in_finish == want);  // its shadow step saw its own code come back
+  CHECK(close(got.outcome.state, oracle(truncated, false, true).state));
+
+  // Without a stop code, the same job runs to its end, and no rank sees a stop.
+  const Stopped plain = train_with_stop(batches, [](int, int, bool) { return 0; });
+  CHECK(plain.own_steps == batches[rank]);
+  CHECK_FALSE(plain.seen_in_loop);
+  CHECK(plain.after == std::vector<std::int32_t>(world, 0));
+  CHECK(close(plain.outcome.state, oracle(batches, false, true).state));
+}

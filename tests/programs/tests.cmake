@@ -73,6 +73,12 @@ if(LOCKSTEP_BUILD_EXAMPLES)
            COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop>)
   set_tests_properties(program.custom_loop_uneven.np3 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "epoch 4 .*3 ranks; rank 0 trained 16 steps and shadowed 4")
+  # ... and stopped by SIGUSR1 to mpirun during a long run: every rank leaves after the same step.
+  add_test(NAME program.custom_loop_stop_signal.np3
+           COMMAND ${CMAKE_CURRENT_LIST_DIR}/custom_loop_stop.sh ${CMAKE_CURRENT_BINARY_DIR}/custom_loop_stop.log --
+                   ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop> 100000)
+  set_tests_properties(program.custom_loop_stop_signal.np3 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "custom_loop_stop: every rank stopped by SIGUSR1")
 endif()
 
 # Ranks launched with different configurations (MPMD: a stale config on one node looks the same): every

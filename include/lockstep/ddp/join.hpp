@@ -23,10 +23,27 @@
 // Inside a Join, the only collectives a step may issue are DataParallel's synchronised backward and
 // the shadow step's (a ZeroRedundancyOptimizer's step); metrics and other collectives go after
 // finish(). SyncBatchNorm layers are refused: their forward is collective, and a joined rank runs no
-// forward. Each step costs one extra all-gather of world_size ints. Note [Join] in src/ddp/reducer.cpp.
+// forward. Each step costs one extra all-gather of 2 x world_size ints. Note [Join] in
+// src/ddp/reducer.cpp.
+//
+// Stopping early on every rank alike (a signal that reached one node, a time limit), with no
+// collective of the loop's own: JoinOptions::stop_code rides on Join's all-gather (Note [Stop in a
+// Join]), and every rank sees stop_requested() after the same step:
+//
+//   lockstep::StopSignals signals({"SIGTERM", "SIGUSR1"});  // core/stop_signals.hpp
+//   lockstep::ddp::JoinOptions options;
+//   options.stop_code = [&] { return signals.caught(); };
+//   lockstep::ddp::Join join(dp, options);
+//   for (const auto& [x, y] : my_batches) {
+//     ... backward, opt.step() ...
+//     if (join.stop_requested()) break;                 // the same step on every rank still training
+//   }
+//   join.finish([&] { opt.step(); });                   // the joined ranks leave after that step too
+//   if (join.stop_requested()) { save a checkpoint; exit }
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace lockstep::ddp {
 
@@ -40,11 +57,18 @@ struct JoinOptions {
   // a lockstep::Error naming which ranks finished (the others in that backward, the finished ones in
   // finish()); the communicator stays usable. For jobs whose shards must be even.
   bool throw_on_early_termination = false;
+  // Note [Stop in a Join]: asked once per step on this rank (a training rank: as its backward starts,
+  // on autograd's thread; a joined rank: in finish()), just before Join's all-gather, which hands
+  // every rank the codes of all. Non-zero asks every rank to stop: Join::stop_requested() then says
+  // so on every rank after that step. Must be cheap and must not call into DataParallel. Empty: 0.
+  std::function<std::int32_t()> stop_code;
 };
 
 struct JoinResult {
   std::int64_t shadowed_steps = 0;  // steps this rank took part in after it finished its own
   int source_rank = 0;  // the rank (one that trained in the last step) whose model every rank now holds
+  // Per rank, the first non-zero JoinOptions::stop_code it posted (0: none); the same on every rank.
+  std::vector<std::int32_t> stop_codes;
 };
 
 class Join {
@@ -68,10 +92,18 @@ class Join {
   JoinResult finish(const std::function<void()>& shadow_step = {});
   bool finished() const { return finished_; }
 
+  // Note [Stop in a Join]: whether some rank's JoinOptions::stop_code has returned non-zero in a step
+  // of this Join so far, and per rank the first such code (0: none). After a step's backward (on a
+  // joined rank: in finish()), the same on every rank.
+  bool stop_requested() const;
+  std::vector<std::int32_t> stop_codes() const;
+
  private:
   DataParallel* dp_;
   JoinOptions options_;
   bool finished_ = false;
+  bool left_ = false;                     // finish() has left join mode
+  std::vector<std::int32_t> stop_codes_;  // once left; before, the reducer's
   int uncaught_ = 0;  // std::uncaught_exceptions() at construction
 };
 

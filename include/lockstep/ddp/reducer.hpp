@@ -113,6 +113,10 @@ class Reducer {
   // The ranks that took part in the last synchronised backward under join mode (all of them before
   // any), and the number of backwards shadowed so far.
   const std::vector<int>& last_active_ranks() const { return last_active_; }
+  // Note [Stop in a Join]: per rank, the first non-zero JoinOptions::stop_code it posted since join
+  // mode began (0: none), as read from the join all-gathers so far: the same on every rank after the
+  // same step.
+  const std::vector<std::int32_t>& join_stop_codes() const { return join_stop_codes_; }
   std::uint64_t shadowed_steps() const { return shadowed_steps_; }
 
  private:
@@ -144,7 +148,10 @@ class Reducer {
   [[noreturn]] void fail_unready(const std::vector<std::int32_t>& ready_counts,
                                  const std::vector<std::int32_t>& used_counts, int active);
   [[noreturn]] void fail_uneven() const;
-  std::vector<int> read_join_flags(const at::Tensor& flags) const;
+  // Note [Join]: this rank's entry of a join all-gather ("still training", its stop code), and what
+  // the gathered entries say: the ranks training in the step (the stop codes are recorded).
+  at::Tensor join_entry(bool training) const;
+  std::vector<int> read_join_flags(const at::Tensor& flags);
   const at::Tensor& view_of(std::size_t index) const;
 
   std::vector<at::Tensor> params_;
@@ -176,9 +183,10 @@ class Reducer {
   // Join mode (Note [Join]).
   bool join_ = false;
   JoinOptions join_options_;
-  at::Tensor join_flags_;     // [world] int32: the all-gathered flags of the current backward
+  at::Tensor join_flags_;     // [2 * world] int32: the all-gathered entries of the current backward
   comm::WorkPtr join_work_;   // their all-gather, issued when a synchronised backward begins
   std::vector<int> last_active_;
+  std::vector<std::int32_t> join_stop_codes_;
   std::uint64_t shadowed_steps_ = 0;
   bool shadowing_ = false;  // inside shadow_step()
 };

@@ -59,7 +59,10 @@ void ProgressLogger::on_epoch_begin(TrainerContext& ctx) {
   epoch_start_ = std::chrono::steady_clock::now();
   epoch_first_step_ = ctx.global_step;
   images_ = 0;
+  evaluating_ = false;
 }
+
+void ProgressLogger::on_evaluation_begin(TrainerContext& ctx) { evaluating_ = true; }
 
 void ProgressLogger::on_after_optimizer_step(TrainerContext& ctx) {
   images_ += ctx.step_samples * ctx.world.size;
@@ -111,7 +114,11 @@ void ProgressLogger::on_train_end(TrainerContext& ctx) {
   if (line_open_) std::printf("\n");
   line_open_ = false;
   const char* reason = ctx.stop_reason.empty() ? "stop requested" : ctx.stop_reason.c_str();
-  if (ctx.epoch_finished) {
+  if (evaluating_ && !ctx.epoch_finished) {  // Note [Stop during evaluation]
+    std::printf("training stopped after step %lld (during epoch %lld's evaluation, which a resumed run does "
+                "again): %s\n",
+                static_cast<long long>(ctx.global_step), static_cast<long long>(ctx.epoch + 1), reason);
+  } else if (ctx.epoch_finished) {
     std::printf("training stopped after step %lld (the end of epoch %lld): %s\n",
                 static_cast<long long>(ctx.global_step), static_cast<long long>(ctx.epoch + 1), reason);
   } else {

@@ -342,12 +342,14 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (ctx.stop_requested) break;
 
     for (auto& cb : callbacks_) cb->on_evaluation_begin(ctx);
+    bool evaluation_cut_short = false;
     if (eval_set) {
-      for (const auto& [key, value] : evaluate(eval_set)) ctx.metrics[key] = value;
+      for (const auto& [key, value] : run_evaluation(eval_set, &ctx, &evaluation_cut_short)) ctx.metrics[key] = value;
     }
     // Note [Nested evaluation events]: in reverse, so that what callbacks put in place around the
     // evaluation is undone innermost first (weight averaging, then int8 values on top of it).
     for (auto it = callbacks_.rbegin(); it != callbacks_.rend(); ++it) (*it)->on_evaluation_end(ctx);
+    if (evaluation_cut_short) break;  // Note [Stop during evaluation]: the epoch stays unfinished
     for (auto& cb : callbacks_) cb->on_epoch_end(ctx);
     ctx.epoch_finished = true;
     last = ctx.metrics;
@@ -476,7 +478,22 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
 }
 
 std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {
+  return run_evaluation(eval_set, nullptr, nullptr);
+}
+
+// Note [Stop during evaluation]: an evaluation can outlast a scheduler's grace period (SLURM's KillWait
+// is 30 s), so inside fit() it takes the stop vote too, posted before every batch: every rank has the
+// same number of evaluation batches (Note [Exact evaluation]), so every rank reads the same codes
+// before the same batch and leaves there. Nothing collective is left half-done: the evaluation's only
+// collective, the all-reduce of its sums, is skipped on every rank alike. Its metrics would cover a
+// part of the set, so there are none; on_evaluation_end still runs (callbacks undo what they put in
+// place for it: averaged or int8 weights), on_epoch_end does not, and the epoch stays unfinished: the
+// resumed run evaluates it whole. An evaluation shorter than the vote's lag (2 batches) always ends;
+// the vote after on_epoch_end then stops the run (Note [Stop at epoch ends]).
+std::map<std::string, double> DistributedTrainer::run_evaluation(const data::DatasetPtr& eval_set,
+                                                                 TrainerContext* ctx, bool* cut_short) {
   LOCKSTEP_CHECK(eval_set != nullptr, "DistributedTrainer::evaluate: the data set is null");
+  if (cut_short != nullptr) *cut_short = false;
   const int rank = comm_->rank();
   const int world = comm_->size();
   data::ShardedSamplerOptions sampler_options;
@@ -505,6 +522,10 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
     torch::NoGradGuard no_grad;
     AutocastGuard autocast(device_, autocast_dtype_);
     while (auto next = loader.next()) {
+      if (ctx != nullptr) {  // Note [Stop during evaluation]
+        take_stop_votes(*ctx, stop_vote_->post(local_stop_code()));
+        if (ctx->stop_requested) break;
+      }
       auto batch = std::make_optional(to_device(std::move(*next), device_));
       const int64_t b = batch->target.size(0);
       int64_t valid = 0;
@@ -519,9 +540,13 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
       sums[2] += static_cast<double>(valid);
     }
   }
+  if (was_training) model_->train();
+  if (ctx != nullptr && ctx->stop_requested) {
+    if (cut_short != nullptr) *cut_short = true;
+    return {};
+  }
   sums[0] = loss_sum.item<double>();
   sums[1] = static_cast<double>(correct_sum.item<int64_t>());
-  if (was_training) model_->train();
   sums = allreduce_sums(*comm_, sums);
   return {{"test_loss", sums[2] > 0 ? sums[0] / sums[2] : 0.0},
           {"test_acc", sums[2] > 0 ? sums[1] / sums[2] : 0.0},

@@ -59,6 +59,9 @@ struct EpochEvents : Callback {
     evaluated.push_back(ctx.epoch);
     if (when == Raise::kAtEvaluation && ctx.world.rank == rank && ctx.epoch == epoch) raise(SIGUSR1);
   }
+  void on_evaluation_end(TrainerContext& ctx) override {
+    evaluation_complete.push_back(ctx.metrics.count("test_acc") == 1 && !ctx.stop_requested);
+  }
   void on_epoch_end(TrainerContext& ctx) override {
     ended.push_back(ctx.epoch);
     if (when == Raise::kAtEpochEnd && ctx.world.rank == rank && ctx.epoch == epoch) raise(SIGUSR1);
@@ -68,6 +71,7 @@ struct EpochEvents : Callback {
   int rank;
   int64_t epoch;
   std::vector<int64_t> evaluated, ended;
+  std::vector<bool> evaluation_complete;  // per evaluation: with metrics, and not cut short
   bool epoch_finished = false;
 };
 
@@ -81,14 +85,29 @@ struct Run {
 
 // SmallConvNet for 2 epochs of 10 steps at every world size (80 samples per rank, batches of 4).
 // Different initialisations per rank: only a checkpoint or rank 0's broadcast decides.
-Run run(TrainerOptions o, std::shared_ptr<AtStep> at, std::shared_ptr<EpochEvents> events = nullptr) {
+// An evaluation set that counts the samples the loader reads from it.
+struct CountingDataset : lockstep::data::Dataset {
+  explicit CountingDataset(lockstep::data::DatasetPtr inner) : inner(std::move(inner)) {}
+  size_t size() const override { return inner->size(); }
+  lockstep::data::DatasetInfo info() const override { return inner->info(); }
+  lockstep::data::Example get_batch(const std::vector<int64_t>& indices) const override {
+    loaded += static_cast<int64_t>(indices.size());
+    return inner->get_batch(indices);
+  }
+  std::string description() const override { return inner->description(); }
+  lockstep::data::DatasetPtr inner;
+  mutable std::atomic<int64_t> loaded{0};
+};
+
+Run run(TrainerOptions o, std::shared_ptr<AtStep> at, std::shared_ptr<EpochEvents> events = nullptr,
+        lockstep::data::DatasetPtr eval_set = lockstep::testing::synthetic_images(9, 8, 12)) {
   torch::manual_seed(40 + comm().rank());
   lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
   DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9)),
                              comm_ptr(), o);
   if (at) trainer.add_callback(at);
   if (events) trainer.add_callback(events);
-  trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), lockstep::testing::synthetic_images(9, 8, 12));
+  trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), eval_set);
   Run result;
   result.state = lockstep::testing::state_of(*model);
   result.last_step = at ? at->last_step : 0;
@@ -167,33 +186,78 @@ TEST_CASE("stop: request_stop() on one rank and stop_after_seconds stop every ra
 }
 
 // Note [Stop at epoch ends]: the votes in flight are read at the end of an epoch's steps and again
-// after its end, so a signal in an epoch's last steps, its evaluation or its checkpoint stops there.
-TEST_CASE("stop: a signal during an evaluation stops every rank after that epoch; the resume starts the next",
+// after its end, so a signal in an epoch's last steps, its (short) evaluation or its checkpoint stops
+// there.
+TEST_CASE("stop: a signal during a short evaluation or an epoch's end stops every rank after that epoch; the "
+          "resume starts the next",
           "[stop]") {
   const int last = comm().size() - 1;
   const TrainerOptions base = lockstep::testing::quiet_trainer(2, 5);
   const Run full = run(base, nullptr);
-  const std::string dir = lockstep::testing::shared_temp_dir("stop_in_evaluation");
+  // One evaluation batch per rank: fewer than the vote's lag, so the evaluation ends before the vote
+  // is read (Note [Stop during evaluation]).
+  for (const auto when : {EpochEvents::Raise::kAtEvaluation, EpochEvents::Raise::kAtEpochEnd}) {
+    INFO("raised at " << (when == EpochEvents::Raise::kAtEvaluation ? "the evaluation" : "the epoch's end"));
+    const std::string dir = lockstep::testing::shared_temp_dir("stop_after_epoch_end");
+    TrainerOptions o = lockstep::testing::resumable(base, dir, 0, "auto");
+    o.checkpoint.every_steps = 0;
+    o.checkpoint.every_epoch = false;  // only the stop's own checkpoint (at_end): it must hold epoch 2's start
+    auto events = std::make_shared<EpochEvents>(when, last, 0);
+    const Run stopped = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), events);
+    CHECK(stopped.last_step == 10);  // epoch 1's 10 steps, not 2 steps into epoch 2
+    CHECK(events->evaluated == std::vector<int64_t>{0});
+    CHECK(events->ended == std::vector<int64_t>{0});
+    CHECK(events->epoch_finished);
+    CHECK(stopped.stop_reason == "SIGUSR1 on rank " + std::to_string(last));
+    const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+    CHECK((listed.size() == 1 && fs::path(listed.back()).filename() == lockstep::train::checkpoint_file_name(10)));
+
+    // Epoch 1 is done: the resumed run neither evaluates nor ends it again.
+    auto again = std::make_shared<EpochEvents>(EpochEvents::Raise::kNever, -1, 0);
+    const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
+    CHECK(again->evaluated == std::vector<int64_t>{1});
+    CHECK(again->ended == std::vector<int64_t>{1});
+    CHECK(resumed.last_step == 20);
+    CHECK(resumed.stop_reason.empty());
+    CHECK(bitwise_equal(full.state, resumed.state));
+  }
+}
+
+// Note [Stop during evaluation]
+TEST_CASE("stop: a signal during a long evaluation cuts it short on every rank; the resumed run evaluates again",
+          "[stop]") {
+  const int last = comm().size() - 1;
+  TrainerOptions base = lockstep::testing::quiet_trainer(2, 5);
+  base.eval_batch_size = 4;
+  const int64_t eval_size = 600;  // 300 or 200 samples per rank: 75 or 50 batches
+  const int64_t per_rank = eval_size / comm().size();
+  const Run full = run(base, nullptr, nullptr, lockstep::testing::synthetic_images(eval_size, 8, 12));
+
+  const std::string dir = lockstep::testing::shared_temp_dir("stop_in_long_evaluation");
   TrainerOptions o = lockstep::testing::resumable(base, dir, 0, "auto");
   o.checkpoint.every_steps = 0;
-  o.checkpoint.every_epoch = false;  // only the stop's own checkpoint (at_end): it must hold epoch 2's start
   auto events = std::make_shared<EpochEvents>(EpochEvents::Raise::kAtEvaluation, last, 0);
-  const Run stopped = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), events);
-  CHECK(stopped.last_step == 10);  // epoch 1's 10 steps, not 2 steps into epoch 2
-  CHECK(events->evaluated == std::vector<int64_t>{0});
-  CHECK(events->ended == std::vector<int64_t>{0});
-  CHECK(events->epoch_finished);
+  auto eval_set = std::make_shared<CountingDataset>(lockstep::testing::synthetic_images(eval_size, 8, 12));
+  const Run stopped = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), events, eval_set);
+  CHECK(stopped.last_step == 10);
   CHECK(stopped.stop_reason == "SIGUSR1 on rank " + std::to_string(last));
-  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
-  CHECK((listed.size() == 1 && fs::path(listed.back()).filename() == lockstep::train::checkpoint_file_name(10)));
+  CHECK(events->evaluated == std::vector<int64_t>{0});
+  CHECK(events->evaluation_complete == std::vector<bool>{false});  // on_evaluation_end ran, without metrics
+  CHECK(events->ended.empty());                                    // the epoch is unfinished
+  CHECK_FALSE(events->epoch_finished);
+  // Posted before batch 1, read before batch 3 on every rank; the loader reads a few batches ahead.
+  INFO("samples read on this rank: " << eval_set->loaded.load() << " of " << per_rank);
+  CHECK(eval_set->loaded.load() <= 4 * 8);
+  CHECK(same_on_every_rank(torch::full({1}, stopped.last_step, torch::kLong)));
 
-  // Epoch 1 is done: the resumed run neither evaluates nor ends it again.
   auto again = std::make_shared<EpochEvents>(EpochEvents::Raise::kNever, -1, 0);
-  const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
-  CHECK(again->evaluated == std::vector<int64_t>{1});
-  CHECK(again->ended == std::vector<int64_t>{1});
+  auto whole = std::make_shared<CountingDataset>(lockstep::testing::synthetic_images(eval_size, 8, 12));
+  const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again, whole);
+  CHECK(again->evaluated == std::vector<int64_t>{0, 1});
+  CHECK(again->evaluation_complete == std::vector<bool>{true, true});
+  CHECK(again->ended == std::vector<int64_t>{0, 1});
+  CHECK(whole->loaded.load() == 2 * per_rank);  // both evaluations whole
   CHECK(resumed.last_step == 20);
-  CHECK(resumed.stop_reason.empty());
   CHECK(bitwise_equal(full.state, resumed.state));
 }
 

@@ -22,7 +22,7 @@ wait "$job"; status=$?
 cat "$dir/stopped.log"
 fail() { echo "stop_on_signal: FAILED: $*"; exit 1; }
 [ "$status" -eq 138 ] || fail "the stopped job exited with $status, expected 138 (128 + SIGUSR1)"
-grep -q 'training stopped after step [0-9]* (\(epoch 1, .*\|the end of epoch 1\)): SIGUSR1 on ranks\? [0-9]' "$dir/stopped.log" \
+grep -q 'training stopped after step [0-9]* (\(epoch 1, .*\|the end of epoch 1\|during epoch 1.s evaluation, .*\)): SIGUSR1 on ranks\? [0-9]' "$dir/stopped.log" \
   || fail "no 'training stopped after step ... SIGUSR1 on ...' line"
 grep -q 'checkpoint .*checkpoint-step[0-9]*\.pt holds step [0-9]* (checkpoint.resume: auto continues from it)' "$dir/stopped.log" \
   || fail "no line naming the checkpoint"

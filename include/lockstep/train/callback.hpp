@@ -15,7 +15,9 @@
 //                    on_epoch_end
 //   on_train_end (also after a stop request)
 // on_evaluation_begin and on_evaluation_end run every epoch that ends, with or without an evaluation
-// set. Callbacks run in the order they were added, except on_evaluation_end, which runs in reverse so
+// set. A stop (a signal, a time limit) may cut an evaluation short (Note [Stop during evaluation]):
+// on_evaluation_end still runs, with stop_requested set and no test_* metrics, and on_epoch_end does
+// not (the resumed run evaluates the epoch again). Callbacks run in the order they were added, except on_evaluation_end, which runs in reverse so
 // that begin/end pairs nest (Note [Nested evaluation events]: a callback added later changes the model
 // on top of an earlier one's change and undoes its own first). Every event runs on every rank, so a callback may use
 // the communicator, as long as it does the same collectives on every rank.

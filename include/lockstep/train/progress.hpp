@@ -28,6 +28,7 @@ class ProgressLogger : public Callback {
   void on_train_begin(TrainerContext& ctx) override;
   void on_epoch_begin(TrainerContext& ctx) override;
   void on_after_optimizer_step(TrainerContext& ctx) override;
+  void on_evaluation_begin(TrainerContext& ctx) override;
   void on_epoch_end(TrainerContext& ctx) override;
   // After an early stop: one line saying after which step and why (TrainerContext::stop_reason).
   void on_train_end(TrainerContext& ctx) override;
@@ -39,6 +40,7 @@ class ProgressLogger : public Callback {
   std::chrono::steady_clock::time_point epoch_start_;
   int64_t epoch_first_step_ = 0;
   int64_t images_ = 0;
+  bool evaluating_ = false;  // between this epoch's on_evaluation_begin and on_epoch_end
 };
 
 }  // namespace lockstep::train

@@ -160,6 +160,10 @@ class DistributedTrainer {
 
  private:
   void run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed);
+  // evaluate(); inside fit() (`ctx` given) it also posts the stop vote before every batch and returns
+  // no metrics, with *cut_short set, when a stop ends it early (Note [Stop during evaluation]).
+  std::map<std::string, double> run_evaluation(const data::DatasetPtr& eval_set, TrainerContext* ctx,
+                                               bool* cut_short);
   // Note [Stop on signal]: this rank's stop code, posted to the stop vote after every step.
   std::int32_t local_stop_code() const;
   // Acts on the codes a stop vote returned (every rank gets the same ones).

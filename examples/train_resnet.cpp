@@ -25,6 +25,7 @@
 #include "lockstep/models/int8_resnet.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/trainer.hpp"
 
@@ -161,6 +162,9 @@ int main(int argc, char** argv) {
 
   lockstep::train::DistributedTrainer trainer(model, optimizer, runtime.communicator(), cfg.trainer);
   if (cfg.ema.enabled) trainer.add_callback(std::make_shared<lockstep::train::ExponentialMovingAverage>(cfg.ema.options));
+  if (cfg.early_stopping.enabled) {
+    trainer.add_callback(std::make_shared<lockstep::train::EarlyStopping>(cfg.early_stopping.options));
+  }
   if (cfg.pruning.enabled) {
     trainer.add_callback(std::make_shared<lockstep::compress::MagnitudePruning>(cfg.pruning.options));
   }

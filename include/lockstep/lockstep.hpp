@@ -23,6 +23,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/checkpoint.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/grad_scaler.hpp"
 #include "lockstep/train/powersgd_state_callback.hpp"

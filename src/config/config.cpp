@@ -438,6 +438,17 @@ void read_ema(Section s, EmaConfig& c, const ExperimentConfig& config) {
   }
 }
 
+void read_early_stopping(Section s, EarlyStoppingConfig& c) {
+  train::EarlyStoppingOptions& o = c.options;
+  s.boolean("enabled", c.enabled);
+  s.string("monitor", o.monitor);
+  s.choice("mode", o.mode, {"min", "max", "auto"});
+  s.integer("patience", o.patience, 1);
+  s.real("min_delta", o.min_delta, 0.0);
+  if (o.monitor.empty()) s.fail_key("monitor", "expected a metric name such as test_loss or test_acc, found ''");
+  s.finish();
+}
+
 // Writes `value` (YAML text) at the dotted `path` under `root`, creating mappings on the way.
 void set_path(YAML::Node root, const std::vector<std::string>& keys, size_t i, const YAML::Node& value) {
   if (i + 1 == keys.size()) {
@@ -491,6 +502,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   read_pruning(top.section("pruning"), config.pruning);
   read_quantization(top.section("quantization"), config.quantization);
   read_ema(top.section("ema"), config.ema, config);
+  read_early_stopping(top.section("early_stopping"), config.early_stopping);
   top.finish();
   // Activation quantization needs the model's fake-quant points (ExperimentConfig::quantization).
   if (config.quantization.enabled && config.quantization.options.activations) config.model.quantize_activations = true;

@@ -154,6 +154,14 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "apply_at_end", c.ema.options.apply_at_end);
   out << YAML::EndMap;
 
+  out << YAML::Key << "early_stopping" << YAML::Value << YAML::BeginMap;
+  put(out, "enabled", c.early_stopping.enabled);
+  put(out, "monitor", c.early_stopping.options.monitor);
+  put(out, "mode", c.early_stopping.options.mode);
+  put(out, "patience", c.early_stopping.options.patience);
+  put_real(out, "min_delta", c.early_stopping.options.min_delta);
+  out << YAML::EndMap;
+
   out << YAML::Key << "pruning" << YAML::Value << YAML::BeginMap;
   put(out, "enabled", c.pruning.enabled);
   put(out, "granularity", compress::to_string(p.granularity));

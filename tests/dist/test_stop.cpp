@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lockstep/core/stop_signals.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -329,4 +330,40 @@ TEST_CASE("stop: a signal the program handles itself is left to it; an empty lis
   o.stop_signals = {"SIGUSR1", "SIGKILL"};
   CHECK_THROWS_WITH(run(o, nullptr), Catch::Contains("TrainerOptions::stop_signals: 'SIGKILL' is not a signal"));
   CHECK(lockstep::testing::communicator_healthy());
+}
+
+TEST_CASE("stop: EarlyStopping ends every rank after the same epoch; a resumed run stays stopped", "[stop]") {
+  // Learning rate 0 and no batch norm: test_loss is the same every epoch, so it stops improving after
+  // epoch 1 and, with patience 2, training ends after epoch 3 of 6.
+  const std::string dir = lockstep::testing::shared_temp_dir("early_stopping");
+  TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(6, 5), dir, 0, "auto");
+  o.checkpoint.every_steps = 0;
+  lockstep::train::EarlyStoppingOptions es;
+  es.patience = 2;
+  auto fit_once = [&](std::shared_ptr<AtStep> at) {
+    torch::manual_seed(7);
+    lockstep::testing::SmallConvNet model(/*batch_norm=*/false);
+    DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), 0.0), comm_ptr(), o);
+    auto stopping = std::make_shared<lockstep::train::EarlyStopping>(es);
+    trainer.add_callback(stopping);
+    trainer.add_callback(at);
+    trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11),
+                lockstep::testing::synthetic_images(30, 8, 12));
+    return std::make_pair(trainer.stop_reason(), stopping);
+  };
+  auto first = std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {});
+  const auto [reason, stopping] = fit_once(first);
+  CHECK(first->last_step == 30);
+  CHECK(same_on_every_rank(torch::full({1}, first->last_step, torch::kLong)));
+  CHECK_THAT(reason, Catch::StartsWith("early stopping: test_loss did not improve for 2 epochs (best ") &&
+                         Catch::EndsWith(" at epoch 1)"));
+  CHECK(stopping->stopped());
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  CHECK((!listed.empty() && fs::path(listed.back()).filename() == lockstep::train::checkpoint_file_name(30)));
+
+  auto second = std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {});
+  const auto [again, resumed] = fit_once(second);
+  CHECK(second->last_step == 0);  // no step: the restored state says stop
+  CHECK(again == reason);
+  CHECK(resumed->best_epoch() == 1);
 }

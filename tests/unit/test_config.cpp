@@ -485,3 +485,23 @@ TEST_CASE("config: stop signals and the time limit; a signal that cannot stop a 
                  Contains("'SIGKILL' is not a signal a run can stop on"));
   CHECK_THAT(error_of("trainer: {stop_after_seconds: -1}\n"), Contains("trainer.stop_after_seconds"));
 }
+
+TEST_CASE("config: the early_stopping section maps onto EarlyStoppingOptions, round-trips, names bad keys",
+          "[config]") {
+  CHECK_FALSE(config::parse_config("").early_stopping.enabled);
+  const config::ExperimentConfig c = config::parse_config(
+      "early_stopping: {enabled: true, monitor: test_acc, mode: max, patience: 2, min_delta: 0.001}\n", "test.yaml");
+  CHECK(c.early_stopping.enabled);
+  CHECK(c.early_stopping.options.monitor == "test_acc");
+  CHECK(c.early_stopping.options.mode == "max");
+  CHECK(c.early_stopping.options.patience == 2);
+  CHECK(c.early_stopping.options.min_delta == 0.001);
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(config::to_yaml(again) == config::to_yaml(c));
+  CHECK(again.early_stopping.options.monitor == "test_acc");
+  CHECK_THAT(error_of("early_stopping:\n  patience: 0\n"), Contains("'early_stopping.patience'"));
+  CHECK_THAT(error_of("early_stopping:\n  mode: lowest\n"), Contains("'early_stopping.mode'") && Contains("lowest"));
+  CHECK_THAT(error_of("early_stopping:\n  min_delta: -1\n"), Contains("'early_stopping.min_delta'"));
+  CHECK_THAT(error_of("early_stopping:\n  monitor: ''\n"), Contains("'early_stopping.monitor'"));
+  CHECK_THAT(error_of("early_stopping:\n  patient: 3\n"), Contains("early_stopping.patient"));
+}

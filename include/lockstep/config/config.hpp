@@ -23,6 +23,7 @@
 #include "lockstep/data/dataset.hpp"
 #include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/models/resnet.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/runtime.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -85,8 +86,15 @@ struct EmaConfig {
   train::EmaOptions options;
 };
 
+// The early_stopping section: the keys of train::EarlyStoppingOptions, plus `enabled` (train_resnet
+// adds a train::EarlyStopping callback when it is true).
+struct EarlyStoppingConfig {
+  bool enabled = false;
+  train::EarlyStoppingOptions options;
+};
+
 // One experiment. YAML sections: runtime, trainer (with lr_schedule and checkpoint), ddp (maps to
-// trainer.ddp), data, model (ResNet-18), optimizer, pruning, quantization, ema.
+// trainer.ddp), data, model (ResNet-18), optimizer, pruning, quantization, ema, early_stopping.
 struct ExperimentConfig {
   RuntimeOptions runtime;
   train::TrainerOptions trainer;
@@ -96,6 +104,7 @@ struct ExperimentConfig {
   PruningConfig pruning;
   QuantizationConfig quantization;
   EmaConfig ema;
+  EarlyStoppingConfig early_stopping;
   // ddp.comm_hook: how gradient buckets are all-reduced: "allreduce" (float32, the default), "fp16" or
   // "bf16" (compressed to 16 bits on the wire, half the bytes; ddp/comm_hooks.hpp), or "powersgd"
   // (low-rank, ddp/powersgd.hpp). parse_config also sets trainer.ddp.comm_hook to the matching hook.

@@ -1,0 +1,109 @@
+#include "lockstep/train/early_stopping.hpp"
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+
+namespace lockstep::train {
+
+namespace {
+
+bool ends_with(const std::string& text, const std::string& tail) {
+  return text.size() >= tail.size() && text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+}  // namespace
+
+EarlyStopping::EarlyStopping(EarlyStoppingOptions options)
+    : options_(std::move(options)), best_(std::numeric_limits<double>::quiet_NaN()) {
+  LOCKSTEP_CHECK(!options_.monitor.empty(), "EarlyStoppingOptions::monitor is empty; expected a metric name such as "
+                                            "test_loss or test_acc");
+  LOCKSTEP_CHECK(options_.mode == "min" || options_.mode == "max" || options_.mode == "auto",
+                 "EarlyStoppingOptions::mode must be min, max or auto, got '", options_.mode, "'");
+  LOCKSTEP_CHECK(options_.patience >= 1, "EarlyStoppingOptions::patience must be >= 1, got ", options_.patience);
+  LOCKSTEP_CHECK(options_.min_delta >= 0 && std::isfinite(options_.min_delta),
+                 "EarlyStoppingOptions::min_delta must be a finite number >= 0, got ", options_.min_delta);
+  mode_ = options_.mode;
+  if (mode_ == "auto") mode_ = ends_with(options_.monitor, "acc") || ends_with(options_.monitor, "accuracy") ? "max" : "min";
+}
+
+std::string EarlyStopping::reason() const {
+  std::ostringstream os;
+  os.precision(6);
+  os << "early stopping: " << options_.monitor << " did not improve";
+  if (options_.min_delta > 0) os << " by more than " << options_.min_delta;
+  os << " for " << waited_ << " epoch" << (waited_ == 1 ? "" : "s");
+  if (std::isnan(best_)) {
+    os << " (no finite value yet)";
+  } else {
+    os << " (best " << best_ << " at epoch " << best_epoch_ << ")";
+  }
+  return os.str();
+}
+
+void EarlyStopping::on_train_begin(TrainerContext& ctx) {
+  // The Checkpointer (first) has restored this callback's state: a run that stopped early stays stopped.
+  if (stopped() && !ctx.stop_requested) {
+    ctx.stop_requested = true;
+    ctx.stop_reason = reason();
+  }
+}
+
+void EarlyStopping::on_evaluation_end(TrainerContext& ctx) {
+  if (ctx.stop_requested) return;  // a stop cut the evaluation short: its metrics are not there
+  const auto it = ctx.metrics.find(options_.monitor);
+  if (it == ctx.metrics.end()) {
+    std::string keys;
+    for (const auto& [key, value] : ctx.metrics) keys += (keys.empty() ? "" : ", ") + key;
+    LOCKSTEP_FAIL("EarlyStopping: the monitored metric '", options_.monitor, "' is not among epoch ", ctx.epoch + 1,
+                  "'s metrics (", keys, ")",
+                  options_.monitor.rfind("test_", 0) == 0 ? "; test_* metrics need an evaluation set" : "");
+  }
+  const double value = it->second;
+  const bool better = std::isfinite(value) &&
+                      (std::isnan(best_) || (mode_ == "min" ? value < best_ - options_.min_delta
+                                                            : value > best_ + options_.min_delta));
+  if (better) {
+    best_ = value;
+    best_epoch_ = ctx.epoch + 1;
+    waited_ = 0;
+  } else {
+    ++waited_;
+  }
+  ctx.metrics["early_stopping_wait"] = static_cast<double>(waited_);
+  if (stopped()) {
+    ctx.stop_requested = true;
+    ctx.stop_reason = reason();
+  }
+}
+
+std::string EarlyStopping::save_state() const {
+  std::ostringstream out;
+  out.precision(17);
+  out << options_.monitor << ' ' << mode_ << ' ';
+  if (std::isnan(best_)) {
+    out << "nan";
+  } else {
+    out << best_;
+  }
+  out << ' ' << best_epoch_ << ' ' << waited_;
+  return out.str();
+}
+
+void EarlyStopping::load_state(const std::string& state) {
+  std::istringstream in(state);
+  std::string monitor, mode, best_text;
+  int64_t best_epoch = 0, waited = 0;
+  in >> monitor >> mode >> best_text >> best_epoch >> waited;
+  LOCKSTEP_CHECK(!in.fail(), "EarlyStopping: the checkpoint's state '", state, "' is not one this callback wrote");
+  LOCKSTEP_CHECK(monitor == options_.monitor && mode == mode_, "EarlyStopping: the checkpoint monitored ", monitor,
+                 " (", mode, "), this run monitors ", options_.monitor, " (", mode_,
+                 "); resume with the same early_stopping settings or start afresh");
+  best_ = best_text == "nan" ? std::numeric_limits<double>::quiet_NaN() : std::stod(best_text);
+  best_epoch_ = best_epoch;
+  waited_ = waited;
+}
+
+}  // namespace lockstep::train

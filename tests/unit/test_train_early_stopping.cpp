@@ -1,0 +1,134 @@
+// EarlyStopping on its own: the decision from a sequence of epoch metrics, modes, min_delta, errors,
+// and the checkpointed state (a resumed run that had stopped stays stopped).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "lockstep/core/error.hpp"
+#include "lockstep/train/early_stopping.hpp"
+
+using Catch::Matchers::Contains;
+using lockstep::train::EarlyStopping;
+using lockstep::train::EarlyStoppingOptions;
+using lockstep::train::TrainerContext;
+
+namespace {
+
+// Feeds `values` of `monitor` as epochs 1, 2, ...; returns the 1-based epoch after which it asked to
+// stop (0: never) and leaves the context of the last epoch fed in `ctx`.
+int64_t feed(EarlyStopping& stopping, const std::string& monitor, const std::vector<double>& values,
+             TrainerContext& ctx, int64_t first_epoch = 0) {
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    ctx = TrainerContext{};
+    ctx.epoch = first_epoch + static_cast<int64_t>(i);
+    ctx.metrics = {{"train_loss", 1.0}, {monitor, values[i]}};
+    stopping.on_evaluation_end(ctx);
+    if (ctx.stop_requested) return ctx.epoch + 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE("EarlyStopping: stops after `patience` epochs without an improvement, naming the best", "[early_stopping]") {
+  EarlyStoppingOptions o;
+  o.patience = 3;
+  EarlyStopping stopping(o);
+  CHECK(stopping.mode() == "min");  // auto, for test_loss
+  TrainerContext ctx;
+  CHECK(feed(stopping, "test_loss", {1.0, 0.9, 0.95, 0.91, 0.92, 0.5}, ctx) == 5);
+  CHECK(ctx.stop_reason == "early stopping: test_loss did not improve for 3 epochs (best 0.9 at epoch 2)");
+  CHECK(ctx.metrics.at("early_stopping_wait") == 3);
+  CHECK(stopping.best() == 0.9);
+  CHECK(stopping.best_epoch() == 2);
+  CHECK(stopping.stopped());
+
+  // An improvement resets the count.
+  EarlyStopping patient(o);
+  CHECK(feed(patient, "test_loss", {1.0, 1.1, 1.2, 0.8, 0.9, 0.95}, ctx) == 0);
+  CHECK(patient.epochs_without_improvement() == 2);
+  CHECK(patient.best_epoch() == 4);
+}
+
+TEST_CASE("EarlyStopping: auto picks max for accuracies; min_delta; NaN never improves", "[early_stopping]") {
+  EarlyStoppingOptions o;
+  o.monitor = "test_acc";
+  o.patience = 2;
+  EarlyStopping acc(o);
+  CHECK(acc.mode() == "max");
+  TrainerContext ctx;
+  CHECK(feed(acc, "test_acc", {0.5, 0.6, 0.6, 0.59}, ctx) == 4);  // equal is not better
+
+  o.min_delta = 0.05;
+  EarlyStopping delta(o);
+  CHECK(feed(delta, "test_acc", {0.5, 0.54, 0.53, 0.7}, ctx) == 3);  // +0.04 and +0.03: not more than 0.05
+  CHECK(ctx.stop_reason == "early stopping: test_acc did not improve by more than 0.05 for 2 epochs (best 0.5 at epoch 1)");
+
+  EarlyStoppingOptions n;
+  n.patience = 1;
+  EarlyStopping nan_loss(n);
+  CHECK(feed(nan_loss, "test_loss", {std::nan(""), 1.0}, ctx) == 1);
+  CHECK(ctx.stop_reason == "early stopping: test_loss did not improve for 1 epoch (no finite value yet)");
+  EarlyStopping inf_loss(n);
+  CHECK(feed(inf_loss, "test_loss", {1.0, std::numeric_limits<double>::infinity()}, ctx) == 2);
+}
+
+TEST_CASE("EarlyStopping: an evaluation cut short is not counted; a missing metric and bad options are named",
+          "[early_stopping]") {
+  EarlyStoppingOptions o;
+  o.patience = 1;
+  EarlyStopping stopping(o);
+  TrainerContext cut;
+  cut.stop_requested = true;  // Note [Stop during evaluation]: no test_* metrics
+  stopping.on_evaluation_end(cut);
+  CHECK(stopping.epochs_without_improvement() == 0);
+  CHECK(std::isnan(stopping.best()));
+
+  TrainerContext no_test;
+  no_test.epoch = 2;
+  no_test.metrics = {{"train_loss", 0.3}, {"train_acc", 0.9}};
+  CHECK_THROWS_WITH(stopping.on_evaluation_end(no_test),
+                    Contains("'test_loss' is not among epoch 3's metrics (train_acc, train_loss)") &&
+                        Contains("test_* metrics need an evaluation set"));
+
+  o.patience = 0;
+  CHECK_THROWS_WITH(EarlyStopping(o), Contains("patience must be >= 1"));
+  o.patience = 1;
+  o.mode = "lowest";
+  CHECK_THROWS_WITH(EarlyStopping(o), Contains("mode must be min, max or auto, got 'lowest'"));
+}
+
+TEST_CASE("EarlyStopping: its state resumes the count, and a run that had stopped stops again at once",
+          "[early_stopping]") {
+  EarlyStoppingOptions o;
+  o.patience = 3;
+  EarlyStopping first(o);
+  TrainerContext ctx;
+  feed(first, "test_loss", {1.0, 0.9, 0.95}, ctx);
+  EarlyStopping resumed(o);
+  resumed.load_state(first.save_state());
+  CHECK(resumed.best() == 0.9);
+  CHECK(resumed.epochs_without_improvement() == 1);
+  CHECK(feed(resumed, "test_loss", {0.96, 0.97}, ctx, 3) == 5);  // the same epoch as without the resume
+
+  EarlyStopping again(o);
+  again.load_state(resumed.save_state());
+  TrainerContext begin;
+  again.on_train_begin(begin);
+  CHECK(begin.stop_requested);
+  CHECK(begin.stop_reason == ctx.stop_reason);
+
+  // A fresh state (no epoch yet) round-trips too; another metric's state is refused.
+  EarlyStopping fresh(o);
+  EarlyStopping loaded(o);
+  loaded.load_state(fresh.save_state());
+  CHECK(std::isnan(loaded.best()));
+  EarlyStoppingOptions other = o;
+  other.monitor = "test_acc";
+  EarlyStopping acc(other);
+  CHECK_THROWS_WITH(acc.load_state(first.save_state()), Contains("the checkpoint monitored test_loss (min)"));
+  CHECK_THROWS_WITH(acc.load_state("garbage"), Contains("is not one this callback wrote"));
+}

@@ -467,7 +467,7 @@ quantization:
   CHECK_THAT(error_of("quantization: {freeze_step: -2}"), Contains("'quantization.freeze_step'"));
 }
 
-TEST_CASE("config: stop signals and the time limit; a signal that cannot stop a run is named", "[config]") {
+TEST_CASE("config: stop signals and the time limit, a signal that cannot stop a run is named", "[config]") {
   const lockstep::train::TrainerOptions defaults;
   CHECK(defaults.stop_signals == std::vector<std::string>{"SIGTERM", "SIGUSR1"});
   const config::ExperimentConfig c =

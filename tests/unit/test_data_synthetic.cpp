@@ -158,7 +158,7 @@ TEST_CASE("Augment: every sample is a padded crop, maybe flipped, and determinis
   CHECK_FALSE(torch::equal(reseeded.get_batch(all).data, out.data));
 }
 
-TEST_CASE("Augment: no-op options are the identity; flip-only flips; bad options are errors", "[data]") {
+TEST_CASE("Augment: no-op options are the identity, flip-only flips, bad options are errors", "[data]") {
   auto base = ramp_dataset(32, 1, 6);
   std::vector<int64_t> all(32);
   std::iota(all.begin(), all.end(), int64_t{0});

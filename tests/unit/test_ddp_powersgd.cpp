@@ -161,7 +161,7 @@ TEST_CASE("PowerSGD on one rank: what was applied plus the residual is what came
   CHECK((applied - given).abs().max().item<double>() > 0.1);  // rank 1 of a random 16 x 20 is lossy
 }
 
-TEST_CASE("PowerSGD on one rank: before start_iteration it averages; 16-bit buckets work in float32",
+TEST_CASE("PowerSGD on one rank: before start_iteration it averages, 16-bit buckets work in float32",
           "[ddp][powersgd]") {
   ddp::PowerSGDOptions o;
   o.start_iteration = 2;

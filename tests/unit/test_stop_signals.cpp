@@ -27,7 +27,7 @@ extern "C" void own_handler(int) { g_own_handler_calls.fetch_add(1); }
 
 }  // namespace
 
-TEST_CASE("signal names: with or without SIG, any case, or the number; others are named in the error",
+TEST_CASE("signal names: with or without SIG, any case, or the number, others are named in the error",
           "[signals]") {
   CHECK(lockstep::signal_number("SIGTERM") == SIGTERM);
   CHECK(lockstep::signal_number("term") == SIGTERM);
@@ -79,7 +79,7 @@ TEST_CASE("StopSignals: a signal the program handles itself is left to it", "[si
   sigaction(SIGUSR2, &before, nullptr);
 }
 
-TEST_CASE("StopSignals: nested guards share the flag; the inner one leaves the outer's handler", "[signals]") {
+TEST_CASE("StopSignals: nested guards share the flag, the inner one leaves the outer's handler", "[signals]") {
   StopSignals outer({"SIGUSR2"});
   {
     StopSignals inner({"SIGUSR2", "SIGHUP"});
@@ -92,7 +92,7 @@ TEST_CASE("StopSignals: nested guards share the flag; the inner one leaves the o
   CHECK(handler_of(SIGUSR2) != SIG_DFL);  // still the outer guard's
 }
 
-TEST_CASE("StopVote: codes come back `lag` posts later; finish() reads the rest", "[signals]") {
+TEST_CASE("StopVote: codes come back `lag` posts later, finish() reads the rest", "[signals]") {
   auto solo = std::make_shared<lockstep::testing::SoloCommunicator>();
   lockstep::comm::StopVote vote(solo, c10::Device(c10::kCPU), 2);
   CHECK(vote.post(0).empty());

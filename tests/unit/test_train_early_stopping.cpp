@@ -53,7 +53,7 @@ TEST_CASE("EarlyStopping: stops after `patience` epochs without an improvement, 
   CHECK(patient.best_epoch() == 4);
 }
 
-TEST_CASE("EarlyStopping: auto picks max for accuracies; min_delta; NaN never improves", "[early_stopping]") {
+TEST_CASE("EarlyStopping: auto picks max for accuracies, min_delta counts, NaN never improves", "[early_stopping]") {
   EarlyStoppingOptions o;
   o.monitor = "test_acc";
   o.patience = 2;
@@ -76,7 +76,7 @@ TEST_CASE("EarlyStopping: auto picks max for accuracies; min_delta; NaN never im
   CHECK(feed(inf_loss, "test_loss", {1.0, std::numeric_limits<double>::infinity()}, ctx) == 2);
 }
 
-TEST_CASE("EarlyStopping: an evaluation cut short is not counted; a missing metric and bad options are named",
+TEST_CASE("EarlyStopping: an evaluation cut short is not counted, a missing metric and bad options are named",
           "[early_stopping]") {
   EarlyStoppingOptions o;
   o.patience = 1;

@@ -62,7 +62,27 @@ void ProgressLogger::on_epoch_begin(TrainerContext& ctx) {
   evaluating_ = false;
 }
 
-void ProgressLogger::on_evaluation_begin(TrainerContext& ctx) { evaluating_ = true; }
+void ProgressLogger::on_evaluation_begin(TrainerContext& ctx) {
+  evaluating_ = true;
+  evaluation_start_ = std::chrono::steady_clock::now();
+}
+
+// A long evaluation shows progress too: every log_every batches (not after the last one, which the
+// epoch's summary line follows), with the same redraw-or-lines choice as training.
+void ProgressLogger::on_evaluation_batch_end(TrainerContext& ctx) {
+  if (ctx.world.rank != 0 || options_.log_every == 0) return;
+  const int64_t done = ctx.eval_batch;
+  if (done % options_.log_every != 0 || done >= ctx.eval_batches) return;
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - evaluation_start_).count();
+  const double eta = elapsed / static_cast<double>(done) * static_cast<double>(ctx.eval_batches - done);
+  std::printf("%sepoch %lld/%lld evaluating [%lld/%lld] | ETA %s%s", interactive_ ? "\r" : "",
+              static_cast<long long>(ctx.epoch + 1), static_cast<long long>(ctx.options ? ctx.options->epochs : 0),
+              static_cast<long long>(done), static_cast<long long>(ctx.eval_batches), format_duration(eta).c_str(),
+              interactive_ ? "\033[K" : "\n");
+  line_open_ = interactive_;
+  std::fflush(stdout);
+}
 
 void ProgressLogger::on_after_optimizer_step(TrainerContext& ctx) {
   images_ += ctx.step_samples * ctx.world.size;

@@ -516,6 +516,10 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
   at::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
   at::Tensor correct_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kInt64).device(device_));
   int64_t slice_position = 0;
+  if (ctx != nullptr) {
+    ctx->eval_batch = 0;
+    ctx->eval_batches = static_cast<int64_t>(loader.batches_per_epoch());
+  }
   const bool was_training = model_->is_training();
   model_->eval();
   {
@@ -531,13 +535,18 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
       int64_t valid = 0;
       while (valid < b && rank + (slice_position + valid) * world < n) ++valid;
       slice_position += b;
-      if (valid == 0) continue;
-      at::Tensor output = forward_(batch->data.narrow(0, 0, valid));
-      at::Tensor target = batch->target.narrow(0, 0, valid);
-      loss_sum.add_(torch::nn::functional::cross_entropy(
-          output, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)));
-      correct_sum.add_(output.argmax(1).eq(target).sum());
-      sums[2] += static_cast<double>(valid);
+      if (valid > 0) {
+        at::Tensor output = forward_(batch->data.narrow(0, 0, valid));
+        at::Tensor target = batch->target.narrow(0, 0, valid);
+        loss_sum.add_(torch::nn::functional::cross_entropy(
+            output, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)));
+        correct_sum.add_(output.argmax(1).eq(target).sum());
+        sums[2] += static_cast<double>(valid);
+      }
+      if (ctx != nullptr) {
+        ++ctx->eval_batch;
+        for (auto& cb : callbacks_) cb->on_evaluation_batch_end(*ctx);
+      }
     }
   }
   if (was_training) model_->train();

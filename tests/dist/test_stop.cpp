@@ -60,7 +60,12 @@ struct EpochEvents : Callback {
     evaluated.push_back(ctx.epoch);
     if (when == Raise::kAtEvaluation && ctx.world.rank == rank && ctx.epoch == epoch) raise(SIGUSR1);
   }
+  void on_evaluation_batch_end(TrainerContext& ctx) override {
+    batches_in_order = batches_in_order && ctx.eval_batch == ++batch_events - batches_before;
+    eval_batches = ctx.eval_batches;
+  }
   void on_evaluation_end(TrainerContext& ctx) override {
+    batches_before = batch_events;
     evaluation_complete.push_back(ctx.metrics.count("test_acc") == 1 && !ctx.stop_requested);
   }
   void on_epoch_end(TrainerContext& ctx) override {
@@ -73,6 +78,8 @@ struct EpochEvents : Callback {
   int64_t epoch;
   std::vector<int64_t> evaluated, ended;
   std::vector<bool> evaluation_complete;  // per evaluation: with metrics, and not cut short
+  int64_t batch_events = 0, batches_before = 0, eval_batches = 0;  // on_evaluation_batch_end
+  bool batches_in_order = true;  // eval_batch counted 1, 2, ... in each evaluation
   bool epoch_finished = false;
 };
 
@@ -258,6 +265,9 @@ TEST_CASE("stop: a signal during a long evaluation cuts it short on every rank; 
   CHECK(again->evaluation_complete == std::vector<bool>{true, true});
   CHECK(again->ended == std::vector<int64_t>{0, 1});
   CHECK(whole->loaded.load() == 2 * per_rank);  // both evaluations whole
+  CHECK(again->eval_batches == per_rank / 4);    // batches of 4, the same count on every rank
+  CHECK(again->batch_events == 2 * per_rank / 4);
+  CHECK(again->batches_in_order);
   CHECK(resumed.last_step == 20);
   CHECK(bitwise_equal(full.state, resumed.state));
 }

@@ -30,6 +30,22 @@ if(LOCKSTEP_BUILD_EXAMPLES)
     PASS_REGULAR_EXPRESSION "int8 model written to .*model_int8.pt.*int8 model on the quantized kernels: test accuracy [0-9.]+%")
 endif()
 
+# early_stopping on real data (Fashion-MNIST, a constant lr on 1000 images, which soon overfit): every rank
+# ends after the same epoch with the reason; a long evaluation shows progress lines on the way.
+if(LOCKSTEP_BUILD_EXAMPLES)
+  add_test(NAME program.train_resnet_early_stopping.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet>
+                   --config ${PROJECT_SOURCE_DIR}/configs/demo.yaml
+                   --set data.train_subset=1000 --set data.test_subset=1000 --set model.width=8
+                   --set trainer.batch_size=32 --set trainer.eval_batch_size=50 --set trainer.epochs=40
+                   --set trainer.lr_schedule.kind=constant --set trainer.log_every=5
+                   --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/train_resnet_early_stopping
+                   --set trainer.checkpoint.enabled=false
+                   --set early_stopping.enabled=true --set early_stopping.patience=3)
+  set_tests_properties(program.train_resnet_early_stopping.np2 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "epoch 1/40 evaluating .5/10. .*training stopped after step [0-9]+ .the end of epoch [0-9]+.: early stopping: test_loss did not improve for 3 epochs .best [0-9.]+ at epoch [0-9]+.")
+endif()
+
 # A bad config value at 3 ranks: every rank fails alike before MPI starts, the job ends, and the
 # message names the key and appears once (not once per rank).
 if(LOCKSTEP_BUILD_EXAMPLES)

@@ -11,7 +11,8 @@
 //                                    on_step_end
 //                    (with TrainerOptions::accumulation_steps > 1, one step runs several micro-batches'
 //                    forward and backward between on_batch_begin and on_after_backward)
-//                    on_evaluation_begin, (evaluation), on_evaluation_end
+//                    on_evaluation_begin, (evaluation: on_evaluation_batch_end per batch),
+//                    on_evaluation_end
 //                    on_epoch_end
 //   on_train_end (also after a stop request)
 // on_evaluation_begin and on_evaluation_end run every epoch that ends, with or without an evaluation
@@ -85,6 +86,11 @@ struct TrainerContext {
   // a non-finite gradient on some rank: see GradScaler); the same on every rank.
   bool step_skipped = false;
 
+  // During an evaluation inside fit(): the batches evaluated on this rank so far and in all (the same
+  // on every rank), as on_evaluation_batch_end sees them.
+  int64_t eval_batch = 0;
+  int64_t eval_batches = 0;
+
   // This epoch's metrics, reduced over ranks; filled by the trainer before on_evaluation_end
   // (train_*, test_*, images_per_s, lr, step times) and cleared at on_epoch_begin. Callbacks may add
   // their own entries; the progress callback writes them all to metrics.jsonl.
@@ -129,6 +135,9 @@ class Callback {
   // Around the epoch's evaluation (the model is put in eval mode inside it): a callback may change
   // what is evaluated (quantization-aware training evaluates the int8 weights) and undo it after.
   virtual void on_evaluation_begin(TrainerContext& ctx) {}
+  // After each batch of the epoch's evaluation (eval_batch of eval_batches; every rank has the same
+  // number), in eval mode and without gradients: for progress reports. The metrics come at the end.
+  virtual void on_evaluation_batch_end(TrainerContext& ctx) {}
   virtual void on_evaluation_end(TrainerContext& ctx) {}
 
   // Checkpointed state (Note [Callback state]): a callback that returns a non-empty state_key() has

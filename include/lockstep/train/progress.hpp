@@ -1,6 +1,6 @@
 #pragma once
 // ProgressLogger: rank 0's view of training. During an epoch, a progress line every log_every steps
-// (images/s, ETA), redrawn in place with '\r' on a terminal and printed as plain lines otherwise (logs,
+// (images/s, ETA) and, in its evaluation, every log_every evaluation batches (ETA), redrawn in place with '\r' on a terminal and printed as plain lines otherwise (logs,
 // mpirun pipes); after each epoch a summary line and one JSON object in <output_dir>/metrics.jsonl
 // holding every entry of TrainerContext::metrics.
 
@@ -29,6 +29,7 @@ class ProgressLogger : public Callback {
   void on_epoch_begin(TrainerContext& ctx) override;
   void on_after_optimizer_step(TrainerContext& ctx) override;
   void on_evaluation_begin(TrainerContext& ctx) override;
+  void on_evaluation_batch_end(TrainerContext& ctx) override;
   void on_epoch_end(TrainerContext& ctx) override;
   // After an early stop: one line saying after which step and why (TrainerContext::stop_reason).
   void on_train_end(TrainerContext& ctx) override;
@@ -38,6 +39,7 @@ class ProgressLogger : public Callback {
   bool interactive_ = false;
   bool line_open_ = false;
   std::chrono::steady_clock::time_point epoch_start_;
+  std::chrono::steady_clock::time_point evaluation_start_;
   int64_t epoch_first_step_ = 0;
   int64_t images_ = 0;
   bool evaluating_ = false;  // between this epoch's on_evaluation_begin and on_epoch_end

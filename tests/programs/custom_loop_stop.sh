@@ -4,19 +4,11 @@
 # and exits with 128 + 10.
 #   custom_loop_stop.sh LOG -- MPIRUN [FLAGS...] -np N CUSTOM_LOOP EPOCHS
 set -uo pipefail
+. "$(dirname "$0")/signal_job.sh"
 log=$1; shift
 [ "$1" = "--" ] && shift
 mkdir -p "$(dirname "$log")"; rm -f "$log"
-"$@" > "$log" 2>&1 &
-job=$!
-# Wait for training to be under way (epoch 0's line), then signal mpirun.
-for _ in $(seq 1 1200); do
-  grep -q 'epoch 0  loss' "$log" && break
-  kill -0 "$job" 2> /dev/null || break
-  sleep 0.1
-done
-kill -USR1 "$job"
-wait "$job"; status=$?
+signal_job "$log" 'epoch 0  loss' "$@"  # once epoch 0 has ended, SIGUSR1 to mpirun
 cat "$log"
 fail() { echo "custom_loop_stop: FAILED: $*"; exit 1; }
 [ "$status" -eq 138 ] || fail "the job exited with $status, expected 138 (128 + SIGUSR1)"

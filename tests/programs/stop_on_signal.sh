@@ -4,21 +4,14 @@
 # checkpoint and exit with 128 + 10. The same command then resumes from that checkpoint and finishes.
 #   stop_on_signal.sh OUTPUT_DIR -- MPIRUN [FLAGS...] -np N TRAIN_RESNET [ARGS...]
 set -uo pipefail
+. "$(dirname "$0")/signal_job.sh"
 dir=$1; shift
 [ "$1" = "--" ] && shift
 rm -rf "$dir"; mkdir -p "$dir"
 command=("$@" --set "trainer.output_dir=$dir")
 
-"${command[@]}" > "$dir/stopped.log" 2>&1 &
-job=$!
-# Wait for training to be under way (a progress line of epoch 1), then signal mpirun.
-for _ in $(seq 1 1200); do
-  grep -q 'epoch 1/[0-9]* \[[0-9]*/' "$dir/stopped.log" && break
-  kill -0 "$job" 2> /dev/null || break
-  sleep 0.1
-done
-kill -USR1 "$job"
-wait "$job"; status=$?
+# Once training is under way (a progress line of epoch 1), SIGUSR1 to mpirun.
+signal_job "$dir/stopped.log" 'epoch 1/[0-9]* \[[0-9]*/' "${command[@]}"
 cat "$dir/stopped.log"
 fail() { echo "stop_on_signal: FAILED: $*"; exit 1; }
 [ "$status" -eq 138 ] || fail "the stopped job exited with $status, expected 138 (128 + SIGUSR1)"

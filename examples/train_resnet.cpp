@@ -193,7 +193,8 @@ int main(int argc, char** argv) {
     if (acc != metrics.end()) {
       std::printf("final test accuracy: %.2f%%\n", 100.0 * acc->second);
     } else {
-      std::printf("final test accuracy: n/a (training stopped before an epoch ended)\n");
+      std::printf("final test accuracy: n/a (no epoch ended in this run%s%s)\n",
+                  trainer.stop_reason().empty() ? "" : ": ", trainer.stop_reason().c_str());
     }
     const std::string& int8_path = cfg.quantization.options.export_path;
     if (cfg.quantization.enabled && !int8_path.empty() && acc != metrics.end()) {

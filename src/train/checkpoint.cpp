@@ -281,6 +281,11 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
 }
 
 void Checkpointer::on_train_begin(TrainerContext& ctx) {
+  resume(ctx);
+  first_step_ = ctx.global_step;
+}
+
+void Checkpointer::resume(TrainerContext& ctx) {
   if (options_.resume == "never") return;
   std::string path;
   if (options_.resume == "auto") {
@@ -344,8 +349,10 @@ void Checkpointer::on_train_end(TrainerContext& ctx) {
   if (options_.at_end && last_saved_step_ != ctx.global_step) {
     save(ctx, ctx.epoch_finished ? next_epoch_start(ctx) : ctx.train_loader->state());
   }
-  // A run that stopped early (a stop signal, a time limit): say where it can go on from.
-  if (ctx.stop_requested && ctx.communicator->rank() == 0 && last_saved_step_ == ctx.global_step) {
+  // A run that stopped early (a stop signal, a time limit): say where it can go on from. One that took
+  // no step (it resumed a run that early stopping had ended, say) has nothing new to point to.
+  if (ctx.stop_requested && ctx.communicator->rank() == 0 && last_saved_step_ == ctx.global_step &&
+      ctx.global_step > first_step_) {
     std::printf("checkpoint %s holds step %lld (%s)\n", last_path_.c_str(), static_cast<long long>(ctx.global_step),
                 options_.resume == "auto" ? "checkpoint.resume: auto continues from it"
                                           : "set checkpoint.resume to its path to continue from it");

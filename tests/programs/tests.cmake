@@ -32,18 +32,26 @@ endif()
 
 # early_stopping on real data (Fashion-MNIST, a constant lr on 1000 images, which soon overfit): every rank
 # ends after the same epoch with the reason; a long evaluation shows progress lines on the way.
+# The same command again (resume: auto) resumes, sees that it had stopped and ends at once.
 if(LOCKSTEP_BUILD_EXAMPLES)
+  set(early_args --config ${PROJECT_SOURCE_DIR}/configs/demo.yaml
+                 --set data.train_subset=1000 --set data.test_subset=1000 --set model.width=8
+                 --set trainer.batch_size=32 --set trainer.eval_batch_size=50 --set trainer.epochs=40
+                 --set trainer.lr_schedule.kind=constant --set trainer.log_every=5
+                 --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/train_resnet_early_stopping
+                 --set early_stopping.enabled=true --set early_stopping.patience=3)
   add_test(NAME program.train_resnet_early_stopping.np2
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet>
-                   --config ${PROJECT_SOURCE_DIR}/configs/demo.yaml
-                   --set data.train_subset=1000 --set data.test_subset=1000 --set model.width=8
-                   --set trainer.batch_size=32 --set trainer.eval_batch_size=50 --set trainer.epochs=40
-                   --set trainer.lr_schedule.kind=constant --set trainer.log_every=5
-                   --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/train_resnet_early_stopping
-                   --set trainer.checkpoint.enabled=false
-                   --set early_stopping.enabled=true --set early_stopping.patience=3)
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args}
+                   --set trainer.checkpoint.resume=never)
   set_tests_properties(program.train_resnet_early_stopping.np2 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+    FIXTURES_SETUP early_stopping
     PASS_REGULAR_EXPRESSION "epoch 1/40 evaluating .5/10. .*training stopped after step [0-9]+ .the end of epoch [0-9]+.: early stopping: test_loss did not improve for 3 epochs .best [0-9.]+ at epoch [0-9]+.")
+  add_test(NAME program.train_resnet_early_stopping_again.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args})
+  set_tests_properties(program.train_resnet_early_stopping_again.np2 PROPERTIES TIMEOUT 300 LABELS dist
+    PROCESSORS 2 FIXTURES_REQUIRED early_stopping
+    PASS_REGULAR_EXPRESSION "resumed from .*checkpoint-step[0-9]+.pt.*final test accuracy: n/a .no epoch ended in this run: early stopping: test_loss did not improve"
+    FAIL_REGULAR_EXPRESSION "continues from it;epoch [0-9]+: train loss")
 endif()
 
 # A bad config value at 3 ranks: every rank fails alike before MPI starts, the job ends, and the

@@ -62,8 +62,12 @@ class Checkpointer : public Callback {
   const std::string& last_path() const { return last_path_; }
 
  private:
+  // on_train_begin's part: resume as CheckpointOptions::resume says (collective).
+  void resume(TrainerContext& ctx);
+
   CheckpointOptions options_;
   int64_t last_saved_step_ = -1;
+  int64_t first_step_ = 0;  // global_step once on_train_begin has resumed (or not)
   std::string last_path_;
 };
 

@@ -162,8 +162,10 @@ int main(int argc, char** argv) {
 
   lockstep::train::DistributedTrainer trainer(model, optimizer, runtime.communicator(), cfg.trainer);
   if (cfg.ema.enabled) trainer.add_callback(std::make_shared<lockstep::train::ExponentialMovingAverage>(cfg.ema.options));
-  if (cfg.early_stopping.enabled) {
-    trainer.add_callback(std::make_shared<lockstep::train::EarlyStopping>(cfg.early_stopping.options));
+  std::shared_ptr<lockstep::train::EarlyStopping> early_stopping;
+  if (cfg.early_stopping.enabled) {  // after the average: restore_best_weights keeps the evaluated weights
+    early_stopping = std::make_shared<lockstep::train::EarlyStopping>(cfg.early_stopping.options);
+    trainer.add_callback(early_stopping);
   }
   if (cfg.pruning.enabled) {
     trainer.add_callback(std::make_shared<lockstep::compress::MagnitudePruning>(cfg.pruning.options));
@@ -191,7 +193,16 @@ int main(int argc, char** argv) {
   if (runtime.rank() == 0) {
     auto acc = metrics.find("test_acc");
     if (acc != metrics.end()) {
-      std::printf("final test accuracy: %.2f%%\n", 100.0 * acc->second);
+      const auto epoch = static_cast<int64_t>(metrics.count("epoch") ? metrics.at("epoch") : 0);
+      if (early_stopping && early_stopping->options().restore_best_weights && early_stopping->best_epoch() > 0 &&
+          early_stopping->best_epoch() != epoch) {
+        std::printf("final test accuracy: %.2f%% (epoch %lld's; the model holds epoch %lld's weights: %s %.6g)\n",
+                    100.0 * acc->second, static_cast<long long>(epoch),
+                    static_cast<long long>(early_stopping->best_epoch()),
+                    early_stopping->options().monitor.c_str(), early_stopping->best());
+      } else {
+        std::printf("final test accuracy: %.2f%%\n", 100.0 * acc->second);
+      }
     } else {
       std::printf("final test accuracy: n/a (no epoch ended in this run%s%s)\n",
                   trainer.stop_reason().empty() ? "" : ": ", trainer.stop_reason().c_str());

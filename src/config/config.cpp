@@ -445,6 +445,7 @@ void read_early_stopping(Section s, EarlyStoppingConfig& c) {
   s.choice("mode", o.mode, {"min", "max", "auto"});
   s.integer("patience", o.patience, 1);
   s.real("min_delta", o.min_delta, 0.0);
+  s.boolean("restore_best_weights", o.restore_best_weights);
   if (o.monitor.empty()) s.fail_key("monitor", "expected a metric name such as test_loss or test_acc, found ''");
   s.finish();
 }

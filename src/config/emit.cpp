@@ -160,6 +160,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "mode", c.early_stopping.options.mode);
   put(out, "patience", c.early_stopping.options.patience);
   put_real(out, "min_delta", c.early_stopping.options.min_delta);
+  put(out, "restore_best_weights", c.early_stopping.options.restore_best_weights);
   out << YAML::EndMap;
 
   out << YAML::Key << "pruning" << YAML::Value << YAML::BeginMap;

@@ -4,11 +4,24 @@
 #include <limits>
 #include <sstream>
 
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+
+#include <cstdio>
+
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::train {
 
 namespace {
+
+// The model's parameters, then its buffers, in registration order.
+std::vector<at::Tensor> weights_of(const TrainerContext& ctx) {
+  std::vector<at::Tensor> out;
+  for (const auto& p : ctx.model->parameters()) out.push_back(p);
+  for (const auto& b : ctx.model->buffers()) out.push_back(b);
+  return out;
+}
 
 bool ends_with(const std::string& text, const std::string& tail) {
   return text.size() >= tail.size() && text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
@@ -69,6 +82,11 @@ void EarlyStopping::on_evaluation_end(TrainerContext& ctx) {
     best_ = value;
     best_epoch_ = ctx.epoch + 1;
     waited_ = 0;
+    if (options_.restore_best_weights && ctx.model != nullptr) {
+      at::NoGradGuard no_grad;
+      best_weights_.clear();
+      for (const auto& t : weights_of(ctx)) best_weights_.push_back(t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
+    }
   } else {
     ++waited_;
   }
@@ -76,6 +94,26 @@ void EarlyStopping::on_evaluation_end(TrainerContext& ctx) {
   if (stopped()) {
     ctx.stop_requested = true;
     ctx.stop_reason = reason();
+  }
+}
+
+void EarlyStopping::on_train_end(TrainerContext& ctx) {
+  // A signal's stop (or a request, a time limit) ends this process, not the run: leave the weights.
+  const bool run_over = !ctx.stop_requested || stopped();
+  if (!options_.restore_best_weights || best_weights_.empty() || !run_over || ctx.model == nullptr) return;
+  std::vector<at::Tensor> now = weights_of(ctx);
+  LOCKSTEP_CHECK(now.size() == best_weights_.size(), "EarlyStopping: the best weights hold ", best_weights_.size(),
+                 " tensors but the model has ", now.size(), " parameters and buffers");
+  at::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < now.size(); ++i) {
+    LOCKSTEP_CHECK(now[i].sizes() == best_weights_[i].sizes(), "EarlyStopping: best-weights tensor ", i, " has shape ",
+                   best_weights_[i].sizes(), " but the model's is ", now[i].sizes());
+    now[i].copy_(best_weights_[i]);
+  }
+  if (ctx.world.rank == 0) {
+    std::printf("early stopping: restored the weights of epoch %lld (%s %.6g)\n", static_cast<long long>(best_epoch_),
+                options_.monitor.c_str(), best_);
+    std::fflush(stdout);
   }
 }
 

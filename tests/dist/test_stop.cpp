@@ -6,6 +6,7 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <functional>
@@ -376,4 +377,37 @@ TEST_CASE("stop: EarlyStopping ends every rank after the same epoch; a resumed r
   CHECK(second->last_step == 0);  // no step: the restored state says stop
   CHECK(again == reason);
   CHECK(resumed->best_epoch() == 1);
+}
+
+TEST_CASE("stop: EarlyStopping with restore_best_weights leaves every rank the best epoch's model", "[stop]") {
+  // Records, per epoch, the monitored metric and the weights EarlyStopping sees (it runs after this in
+  // on_evaluation_end: the events run in reverse there, and nothing changes the model in between).
+  struct Recorder : Callback {
+    void on_evaluation_end(TrainerContext& ctx) override {
+      losses.push_back(ctx.metrics.at("test_loss"));
+      states.push_back(lockstep::testing::state_of(*ctx.model));
+    }
+    std::vector<double> losses;
+    std::vector<std::vector<torch::Tensor>> states;
+  };
+  TrainerOptions o = lockstep::testing::quiet_trainer(8, 5);
+  lockstep::train::EarlyStoppingOptions es;
+  es.patience = 2;
+  es.restore_best_weights = true;
+  torch::manual_seed(11);
+  lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
+  DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.2).momentum(0.9)),
+                             comm_ptr(), o);
+  auto recorder = std::make_shared<Recorder>();
+  trainer.add_callback(recorder);
+  trainer.add_callback(std::make_shared<lockstep::train::EarlyStopping>(es));
+  trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), lockstep::testing::synthetic_images(30, 8, 12));
+  REQUIRE_FALSE(recorder->losses.empty());
+  const auto best = std::min_element(recorder->losses.begin(), recorder->losses.end()) - recorder->losses.begin();
+  INFO("test_loss per epoch: " << Catch::Detail::stringify(recorder->losses) << ", stop: " << trainer.stop_reason());
+  CHECK(bitwise_equal(lockstep::testing::state_of(*model), recorder->states[static_cast<std::size_t>(best)]));
+  if (static_cast<std::size_t>(best) + 1 != recorder->states.size()) {
+    CHECK_FALSE(bitwise_equal(lockstep::testing::state_of(*model), recorder->states.back()));
+  }
+  CHECK(lockstep::testing::identical_across_ranks(*model));
 }

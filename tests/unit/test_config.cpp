@@ -490,15 +490,19 @@ TEST_CASE("config: the early_stopping section maps onto EarlyStoppingOptions, ro
           "[config]") {
   CHECK_FALSE(config::parse_config("").early_stopping.enabled);
   const config::ExperimentConfig c = config::parse_config(
-      "early_stopping: {enabled: true, monitor: test_acc, mode: max, patience: 2, min_delta: 0.001}\n", "test.yaml");
+      "early_stopping: {enabled: true, monitor: test_acc, mode: max, patience: 2, min_delta: 0.001,\n"
+      "                 restore_best_weights: true}\n",
+      "test.yaml");
   CHECK(c.early_stopping.enabled);
   CHECK(c.early_stopping.options.monitor == "test_acc");
   CHECK(c.early_stopping.options.mode == "max");
   CHECK(c.early_stopping.options.patience == 2);
   CHECK(c.early_stopping.options.min_delta == 0.001);
+  CHECK(c.early_stopping.options.restore_best_weights);
   const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
   CHECK(config::to_yaml(again) == config::to_yaml(c));
   CHECK(again.early_stopping.options.monitor == "test_acc");
+  CHECK(again.early_stopping.options.restore_best_weights);
   CHECK_THAT(error_of("early_stopping:\n  patience: 0\n"), Contains("'early_stopping.patience'"));
   CHECK_THAT(error_of("early_stopping:\n  mode: lowest\n"), Contains("'early_stopping.mode'") && Contains("lowest"));
   CHECK_THAT(error_of("early_stopping:\n  min_delta: -1\n"), Contains("'early_stopping.min_delta'"));

@@ -1,6 +1,7 @@
 // EarlyStopping on its own: the decision from a sequence of epoch metrics, modes, min_delta, errors,
 // and the checkpointed state (a resumed run that had stopped stays stopped).
 #include <catch2/catch.hpp>
+#include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
@@ -131,4 +132,53 @@ TEST_CASE("EarlyStopping: its state resumes the count, and a run that had stoppe
   EarlyStopping acc(other);
   CHECK_THROWS_WITH(acc.load_state(first.save_state()), Contains("the checkpoint monitored test_loss (min)"));
   CHECK_THROWS_WITH(acc.load_state("garbage"), Contains("is not one this callback wrote"));
+}
+
+TEST_CASE("EarlyStopping: restore_best_weights puts the best epoch's weights back when the run is over",
+          "[early_stopping]") {
+  torch::manual_seed(3);
+  torch::nn::Linear model(3, 2);
+  EarlyStoppingOptions o;
+  o.patience = 2;
+  o.restore_best_weights = true;
+  EarlyStopping stopping(o);
+  // Epoch e's weights are all e; test_loss is best in epoch 2.
+  const std::vector<double> losses{1.0, 0.5, 0.7, 0.8};
+  TrainerContext ctx;
+  for (std::size_t e = 0; e < losses.size() && !ctx.stop_requested; ++e) {
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : model->parameters()) p.fill_(static_cast<double>(e + 1));
+    }
+    ctx.model = model.get();
+    ctx.epoch = static_cast<int64_t>(e);
+    ctx.metrics = {{"test_loss", losses[e]}};
+    stopping.on_evaluation_end(ctx);
+  }
+  REQUIRE(ctx.stop_requested);
+  CHECK(stopping.best_epoch() == 2);
+  // The copy is checkpointed: a resumed callback restores the same weights.
+  EarlyStopping resumed(o);
+  resumed.load_state(stopping.save_state());
+  resumed.load_tensors(stopping.save_tensors());
+  CHECK(resumed.save_tensors().size() == 2);  // weight and bias
+
+  // A signal's stop is not the end of the run: the weights stay.
+  TrainerContext signal;
+  signal.model = model.get();
+  signal.stop_requested = true;
+  EarlyStopping interrupted(o);
+  interrupted.load_tensors(stopping.save_tensors());
+  interrupted.on_train_end(signal);
+  CHECK(torch::all(model->weight == 4).item<bool>());
+
+  resumed.on_train_end(ctx);
+  CHECK(torch::all(model->weight == 2).item<bool>());
+  CHECK(torch::all(model->bias == 2).item<bool>());
+  {
+    torch::NoGradGuard no_grad;
+    model->weight.fill_(9);
+  }
+  stopping.on_train_end(ctx);
+  CHECK(torch::all(model->weight == 2).item<bool>());
 }

@@ -14,8 +14,11 @@
 // this callback's state), so a run resumed from it stops again at once instead of training on. An
 // evaluation a signal cut short (Note [Stop during evaluation]) is not counted.
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "lockstep/train/callback.hpp"
 
@@ -31,6 +34,11 @@ struct EarlyStoppingOptions {
   int64_t patience = 3;
   // An improvement must exceed this (in the metric's units); >= 0.
   double min_delta = 0.0;
+  // Keep a copy (host memory) of the model's parameters and buffers as on_evaluation_end sees them in
+  // the best epoch, checkpointed with the rest, and put it back when training ends (stopped early or
+  // run to its end; not after a signal's stop, whose run goes on). Add this callback after an
+  // ExponentialMovingAverage so that the copy is of the averaged weights that were evaluated.
+  bool restore_best_weights = false;
 };
 
 class EarlyStopping final : public Callback {
@@ -39,6 +47,7 @@ class EarlyStopping final : public Callback {
 
   void on_train_begin(TrainerContext& ctx) override;
   void on_evaluation_end(TrainerContext& ctx) override;
+  void on_train_end(TrainerContext& ctx) override;
 
   // The best value seen (NaN before any), the epoch (1-based) it came in, and the epochs since.
   double best() const { return best_; }
@@ -52,6 +61,8 @@ class EarlyStopping final : public Callback {
   std::string state_key() const override { return "early_stopping"; }
   std::string save_state() const override;
   void load_state(const std::string& state) override;
+  std::vector<at::Tensor> save_tensors() const override { return best_weights_; }
+  void load_tensors(std::vector<at::Tensor> tensors) override { best_weights_ = std::move(tensors); }
 
  private:
   std::string reason() const;
@@ -61,6 +72,7 @@ class EarlyStopping final : public Callback {
   double best_;
   int64_t best_epoch_ = 0;
   int64_t waited_ = 0;
+  std::vector<at::Tensor> best_weights_;  // restore_best_weights: parameters, then buffers, on the host
 };
 
 }  // namespace lockstep::train

@@ -26,6 +26,7 @@
 #include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/grad_scaler.hpp"
+#include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/trainer.hpp"

@@ -10,18 +10,11 @@
 #include <cstdio>
 
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/model_tensors.hpp"
 
 namespace lockstep::train {
 
 namespace {
-
-// The model's parameters, then its buffers, in registration order.
-std::vector<at::Tensor> weights_of(const TrainerContext& ctx) {
-  std::vector<at::Tensor> out;
-  for (const auto& p : ctx.model->parameters()) out.push_back(p);
-  for (const auto& b : ctx.model->buffers()) out.push_back(b);
-  return out;
-}
 
 bool ends_with(const std::string& text, const std::string& tail) {
   return text.size() >= tail.size() && text.compare(text.size() - tail.size(), tail.size(), tail) == 0;
@@ -85,7 +78,9 @@ void EarlyStopping::on_evaluation_end(TrainerContext& ctx) {
     if (options_.restore_best_weights && ctx.model != nullptr) {
       at::NoGradGuard no_grad;
       best_weights_.clear();
-      for (const auto& t : weights_of(ctx)) best_weights_.push_back(t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
+      for (const auto& t : parameters_and_buffers(*ctx.model)) {
+        best_weights_.push_back(t.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
+      }
     }
   } else {
     ++waited_;
@@ -101,7 +96,7 @@ void EarlyStopping::on_train_end(TrainerContext& ctx) {
   // A signal's stop (or a request, a time limit) ends this process, not the run: leave the weights.
   const bool run_over = !ctx.stop_requested || stopped();
   if (!options_.restore_best_weights || best_weights_.empty() || !run_over || ctx.model == nullptr) return;
-  std::vector<at::Tensor> now = weights_of(ctx);
+  std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
   LOCKSTEP_CHECK(now.size() == best_weights_.size(), "EarlyStopping: the best weights hold ", best_weights_.size(),
                  " tensors but the model has ", now.size(), " parameters and buffers");
   at::NoGradGuard no_grad;

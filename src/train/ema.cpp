@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/model_tensors.hpp"
 
 namespace lockstep::train {
 
@@ -25,16 +26,8 @@ double ExponentialMovingAverage::decay_at(int64_t t) const {
   return std::min(options_.decay, (1.0 + static_cast<double>(t)) / (10.0 + static_cast<double>(t)));
 }
 
-// The model's parameters, then its buffers, in registration order (tied weights once).
-std::vector<at::Tensor> ExponentialMovingAverage::targets(TrainerContext& ctx) const {
-  std::vector<at::Tensor> out;
-  for (const auto& p : ctx.model->parameters()) out.push_back(p);
-  for (const auto& b : ctx.model->buffers()) out.push_back(b);
-  return out;
-}
-
 void ExponentialMovingAverage::on_train_begin(TrainerContext& ctx) {
-  const std::vector<at::Tensor> now = targets(ctx);
+  const std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
   if (!average_.empty()) {
     // Restored from a checkpoint (load_tensors ran in the Checkpointer's on_train_begin, before this).
     LOCKSTEP_CHECK(average_.size() == now.size(), "ExponentialMovingAverage: the checkpoint holds ", average_.size(),
@@ -56,7 +49,7 @@ void ExponentialMovingAverage::on_after_optimizer_step(TrainerContext& ctx) {
   if (ctx.global_step % options_.every_steps != 0 || average_.empty()) return;
   const double d = decay_at(updates_);
   at::NoGradGuard no_grad;
-  const std::vector<at::Tensor> now = targets(ctx);
+  const std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
   for (size_t i = 0; i < now.size(); ++i) {
     if (at::isFloatingType(now[i].scalar_type())) {
       average_[i].mul_(d).add_(now[i].detach(), 1.0 - d);
@@ -71,7 +64,7 @@ void ExponentialMovingAverage::on_after_optimizer_step(TrainerContext& ctx) {
 void ExponentialMovingAverage::swap_in(TrainerContext& ctx) {
   if (!saved_.empty() || average_.empty()) return;
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> now = targets(ctx);
+  std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
   for (size_t i = 0; i < now.size(); ++i) {
     saved_.push_back(now[i].detach().clone());
     now[i].copy_(average_[i]);
@@ -81,7 +74,7 @@ void ExponentialMovingAverage::swap_in(TrainerContext& ctx) {
 void ExponentialMovingAverage::restore(TrainerContext& ctx) {
   if (saved_.empty()) return;
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> now = targets(ctx);
+  std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
   for (size_t i = 0; i < now.size(); ++i) now[i].copy_(saved_[i]);
   saved_.clear();
 }
@@ -100,7 +93,7 @@ void ExponentialMovingAverage::on_train_end(TrainerContext& ctx) {
   restore(ctx);
   if (options_.apply_at_end && !average_.empty()) {
     at::NoGradGuard no_grad;
-    std::vector<at::Tensor> now = targets(ctx);
+    std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
     for (size_t i = 0; i < now.size(); ++i) now[i].copy_(average_[i]);
   }
 }

@@ -9,6 +9,7 @@
 
 #include "lockstep/compress/fake_quant.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
+#include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/trainer.hpp"
 
 namespace lockstep::testing {
@@ -28,8 +29,7 @@ inline std::shared_ptr<data::SyntheticDataset> synthetic_images(int64_t size, in
 // A copy of the model's parameters and buffers, to compare runs bitwise (resumed vs uninterrupted).
 inline std::vector<at::Tensor> state_of(torch::nn::Module& model) {
   std::vector<at::Tensor> out;
-  for (const auto& p : model.parameters()) out.push_back(p.detach().clone());
-  for (const auto& b : model.buffers()) out.push_back(b.detach().clone());
+  for (const auto& t : train::parameters_and_buffers(model)) out.push_back(t.detach().clone());
   return out;
 }
 

@@ -65,7 +65,6 @@ class ExponentialMovingAverage : public Callback {
   double decay_at(int64_t t) const;
 
  private:
-  std::vector<at::Tensor> targets(TrainerContext& ctx) const;
   void swap_in(TrainerContext& ctx);
   void restore(TrainerContext& ctx);
 

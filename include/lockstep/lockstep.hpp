@@ -26,6 +26,8 @@
 #include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/grad_scaler.hpp"
+#include "lockstep/train/loss.hpp"
+#include "lockstep/train/metrics.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"

@@ -1,0 +1,124 @@
+#include "lockstep/train/loss.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/nn/functional/loss.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "lockstep/core/error.hpp"
+#include "train/tensor_text.hpp"
+
+namespace lockstep::train {
+namespace {
+
+using detail::shape_of;
+
+// The regression and multi-label losses compare element by element. A target that merely broadcasts
+// against the output ([B] against [B, 1] gives a [B, B] difference) trains on the wrong numbers
+// without a word, so the shapes must be equal.
+void check_same_shape(const char* loss, const at::Tensor& output, const at::Tensor& target) {
+  LOCKSTEP_CHECK(output.sizes() == target.sizes() && at::isFloatingType(target.scalar_type()),
+                 "loss ", loss, ": expected an output and a floating-point target of the same shape; found output ",
+                 shape_of(output), " and target ", shape_of(target));
+}
+
+void check_cross_entropy(const at::Tensor& output, const at::Tensor& target) {
+  if (at::isFloatingType(target.scalar_type())) {  // class probabilities (soft labels)
+    LOCKSTEP_CHECK(output.dim() >= 1 && output.sizes() == target.sizes(),
+                   "loss cross_entropy: a floating-point target holds class probabilities and must have the "
+                   "output's shape; found output ", shape_of(output), " and target ", shape_of(target));
+    return;
+  }
+  bool ok = output.dim() >= 2 && target.dim() == output.dim() - 1 && !at::isComplexType(target.scalar_type()) &&
+            target.scalar_type() != at::kBool;
+  for (int64_t d = 0; ok && d < target.dim(); ++d) ok = target.size(d) == output.size(d == 0 ? 0 : d + 1);
+  LOCKSTEP_CHECK(ok, "loss cross_entropy: expected an output of class scores [B, C, ...] and integer class indices "
+                     "[B, ...] as the target; found output ", shape_of(output), " and target ", shape_of(target),
+                 " (for regression set the loss to mse, l1 or smooth_l1)");
+}
+
+// Losses are computed in float32 at least: 16-bit logits from autocast would round the loss.
+at::Tensor widened(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
+}
+
+}  // namespace
+
+const std::vector<std::string>& loss_names() {
+  static const std::vector<std::string> names = {"cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1"};
+  return names;
+}
+
+void check_loss_options(const LossOptions& options) {
+  const auto& names = loss_names();
+  if (std::find(names.begin(), names.end(), options.name) == names.end()) {
+    std::string known;
+    for (const auto& name : names) known += (known.empty() ? "" : ", ") + name;
+    LOCKSTEP_FAIL("TrainerOptions::loss.name: unknown loss '", options.name, "'; expected one of ", known,
+                  " (or set TrainerOptions::loss_fn to a function of your own)");
+  }
+  LOCKSTEP_CHECK(options.label_smoothing >= 0 && options.label_smoothing < 1,
+                 "TrainerOptions::loss.label_smoothing must be in [0, 1), got ", options.label_smoothing);
+  LOCKSTEP_CHECK(options.label_smoothing == 0 || options.name == "cross_entropy",
+                 "TrainerOptions::loss.label_smoothing applies to cross_entropy only, not to ", options.name);
+  LOCKSTEP_CHECK(options.beta > 0 && std::isfinite(options.beta), "TrainerOptions::loss.beta must be > 0, got ",
+                 options.beta);
+}
+
+LossFn make_loss(const LossOptions& options) {
+  check_loss_options(options);
+  const std::string& name = options.name;
+  if (name == "cross_entropy") {
+    const double smoothing = options.label_smoothing;
+    return [smoothing](const at::Tensor& output, const at::Tensor& target) {
+      check_cross_entropy(output, target);
+      namespace F = torch::nn::functional;
+      const at::Tensor out = widened(output);
+      // Class indices must be int64 for LibTorch; probabilities take the output's type.
+      const at::Tensor labels = at::isFloatingType(target.scalar_type()) ? target.to(out.scalar_type())
+                                                                          : target.to(at::kLong);
+      return F::cross_entropy(out, labels, F::CrossEntropyFuncOptions().label_smoothing(smoothing));
+    };
+  }
+  if (name == "bce_with_logits") {
+    return [](const at::Tensor& output, const at::Tensor& target) {
+      check_same_shape("bce_with_logits", output, target);
+      const at::Tensor out = widened(output);
+      return at::binary_cross_entropy_with_logits(out, target.to(out.scalar_type()));
+    };
+  }
+  if (name == "mse") {
+    return [](const at::Tensor& output, const at::Tensor& target) {
+      check_same_shape("mse", output, target);
+      const at::Tensor out = widened(output);
+      return at::mse_loss(out, target.to(out.scalar_type()));
+    };
+  }
+  if (name == "l1") {
+    return [](const at::Tensor& output, const at::Tensor& target) {
+      check_same_shape("l1", output, target);
+      const at::Tensor out = widened(output);
+      return at::l1_loss(out, target.to(out.scalar_type()));
+    };
+  }
+  const double beta = options.beta;  // smooth_l1 (check_loss_options knows no other name)
+  return [beta](const at::Tensor& output, const at::Tensor& target) {
+    check_same_shape("smooth_l1", output, target);
+    const at::Tensor out = widened(output);
+    return at::smooth_l1_loss(out, target.to(out.scalar_type()), at::Reduction::Mean, beta);
+  };
+}
+
+std::string describe_loss(const LossOptions& options) {
+  std::ostringstream os;
+  os << options.name;
+  if (options.name == "cross_entropy" && options.label_smoothing != 0) {
+    os << " (label_smoothing " << options.label_smoothing << ")";
+  }
+  if (options.name == "smooth_l1") os << " (beta " << options.beta << ")";
+  return os.str();
+}
+
+}  // namespace lockstep::train

@@ -10,6 +10,7 @@
 #include <cstdio>
 
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/metrics.hpp"
 #include "lockstep/train/model_tensors.hpp"
 
 namespace lockstep::train {
@@ -47,6 +48,19 @@ std::string EarlyStopping::reason() const {
     os << " (best " << best_ << " at epoch " << best_epoch_ << ")";
   }
   return os.str();
+}
+
+void EarlyStopping::on_setup(TrainerContext& ctx) {
+  if (options_.mode != "auto" || ctx.trainer_metrics == nullptr) return;
+  for (const std::string prefix : {"train_", "test_"}) {
+    if (options_.monitor.rfind(prefix, 0) != 0) continue;
+    const std::string key = options_.monitor.substr(prefix.size());
+    for (const auto& metric : *ctx.trainer_metrics) {
+      for (const auto& k : metric->keys()) {
+        if (k == key) mode_ = metric->higher_is_better() ? "max" : "min";
+      }
+    }
+  }
 }
 
 void EarlyStopping::on_train_begin(TrainerContext& ctx) {

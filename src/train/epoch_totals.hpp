@@ -12,20 +12,21 @@
 #include <vector>
 
 #include "lockstep/train/callback.hpp"
+#include "train/metric_set.hpp"
 
 namespace lockstep::train {
 
 // Indices of EpochTotals::sums.
-enum EpochSum {
-  kLossSum, kCorrect, kCount, kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClipped, kNumSums
-};
+enum EpochSum { kLossSum, kCount, kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClipped, kNumSums };
 
-// One rank's part of the current epoch. The loss and correct-prediction sums stay on the device and
-// are read once, at the end of the epoch (Note [No host sync per step]); the rest is on the host.
+// One rank's part of the current epoch. The loss and the metrics' sums stay on the device and are read
+// once, at the end of the epoch (Note [No host sync per step]); the rest is on the host.
 struct EpochTotals {
   int64_t epoch = -1;
   std::vector<double> sums = std::vector<double>(kNumSums, 0.0);
-  at::Tensor loss_sum, correct_sum;  // float64 and int64 scalars on the training device
+  at::Tensor loss_sum;     // a float64 scalar on the training device
+  at::Tensor metric_sums;  // float64 [metrics.num_sums()] on the training device
+  MetricSet metrics;       // what metric_sums hold
   std::chrono::steady_clock::time_point started{};
   double seconds_before = 0;  // training time of this epoch before the run was resumed
 
@@ -50,13 +51,17 @@ class EpochTotalsState : public Callback {
   void load_state(const std::string& state) override;
 
   // Called when the resumed epoch `epoch` starts (after totals->reset): continues from the restored
-  // totals if they are that epoch's. Returns whether it did.
+  // totals if they are that epoch's. Returns whether it did. The metrics' sums continue only when the
+  // checkpoint holds the same metrics; otherwise rank 0 says that the epoch's train metrics (not its
+  // loss) cover the steps after the resume.
   bool restore(int64_t epoch, int rank);
 
  private:
   struct Saved {
     int64_t epoch = -1;
     std::vector<double> sums;
+    std::vector<std::string> metrics;  // the metrics' names
+    std::vector<double> metric_sums;
     double seconds = 0;
   };
   EpochTotals* totals_;

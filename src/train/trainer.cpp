@@ -22,6 +22,7 @@
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
 #include "train/epoch_totals.hpp"
+#include "train/metric_set.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -32,9 +33,11 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Note [Exact metrics]: each rank sums (not averages) its loss, correct predictions and sample count,
-// and one float64 all-reduce adds the sums, so the epoch's loss and accuracy are exact over all
-// samples whatever the shard sizes are: never an average of per-rank averages.
+// Note [Exact metrics]: each rank sums (not averages) its loss, its sample count and each metric's sums
+// (correct predictions and their count for accuracy, squared errors for mse, a confusion matrix for
+// macro_f1: train/metrics.hpp), and one float64 all-reduce adds the sums, so the epoch's loss and
+// metrics are exact over all samples whatever the shard sizes are: never an average of per-rank
+// averages.
 std::vector<double> allreduce_sums(comm::Communicator& comm, const std::vector<double>& local) {
   at::Tensor t = torch::tensor(local, torch::kFloat64);
   comm.allreduce(t)->wait();
@@ -92,6 +95,8 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
       options_(std::move(options)) {
   LOCKSTEP_CHECK(model_ != nullptr, "DistributedTrainer: the model is null");
   LOCKSTEP_CHECK(static_cast<bool>(forward_), "DistributedTrainer: the forward function is empty");
+  loss_ = options_.loss_fn ? options_.loss_fn : make_loss(options_.loss);
+  for (const auto& name : options_.metrics) check_metric_name(name);
   LOCKSTEP_CHECK(optimizer_ != nullptr, "DistributedTrainer: the optimizer is null");
   LOCKSTEP_CHECK(comm_ != nullptr, "DistributedTrainer: the communicator is null");
   LOCKSTEP_CHECK(options_.epochs >= 0, "TrainerOptions::epochs must be >= 0, got ", options_.epochs);
@@ -149,11 +154,15 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
       {"seed", std::to_string(o.seed)},
       {"clip_grad_norm", std::to_string(o.clip_grad_norm)},
       {"precision", o.precision},
+      {"the loss", o.loss_fn ? "a loss_fn of the program's own" : describe_loss(o.loss)},
       {"checkpoints", std::to_string(o.checkpoints)},
       {"checkpoint.every_steps", std::to_string(o.checkpoint.every_steps)},
       {"checkpoint.every_epoch", std::to_string(o.checkpoint.every_epoch)},
       {"checkpoint.resume", o.checkpoint.resume},
   };
+  std::string metrics;
+  for (const auto& name : metric_set_->names()) metrics += (metrics.empty() ? "" : ", ") + name;
+  entries.emplace_back("the metrics", metrics.empty() ? "none" : metrics);
   std::string callbacks;
   for (const auto& callback : user_callbacks_) {
     callbacks += (callbacks.empty() ? "" : ", ") + c10::demangle(typeid(*callback).name());
@@ -244,6 +253,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   loader_options.pin_memory = device_.is_cuda();
   data::Loader loader(train_set, sampler, loader_options);
 
+  build_metrics(*train_set);
   if (!options_.output_dir.empty() && rank == 0) std::filesystem::create_directories(options_.output_dir);
   // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
   // callbacks start), the ProgressLogger last (it records the metrics the others add).
@@ -254,6 +264,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     callbacks_.push_back(std::make_shared<Checkpointer>(checkpoint));
   }
   totals_ = std::make_unique<EpochTotals>();
+  totals_->metrics = *metric_set_;
   totals_state_ = std::make_shared<EpochTotalsState>(totals_.get());
   callbacks_.push_back(totals_state_);  // its state: the epoch's metric sums so far
   if (scaler_) callbacks_.push_back(scaler_);  // its scale is checkpointed with the rest
@@ -286,6 +297,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   ctx.options = &options_;
   ctx.train_loader = &loader;
   ctx.callbacks = &callbacks_;
+  ctx.trainer_metrics = &metric_set_->metrics();
   // Note [Accumulation]: a step is accumulation_steps micro-batches; an epoch's last step may have fewer.
   const auto micro_batches = static_cast<int64_t>(loader.batches_per_epoch());
   ctx.steps_per_epoch = (micro_batches + options_.accumulation_steps - 1) / options_.accumulation_steps;
@@ -321,14 +333,17 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     run_epoch(ctx, loader, resumed && epoch == first_epoch);
     const double train_seconds = totals_->seconds();  // Note [Epoch totals in checkpoints]
 
-    const std::vector<double> sums = allreduce_sums(*comm_, totals_->sums);
+    std::vector<double> local = totals_->sums;
+    const at::Tensor metric_sums = totals_->metric_sums.to(at::kCPU);
+    local.insert(local.end(), metric_sums.data_ptr<double>(), metric_sums.data_ptr<double>() + metric_sums.numel());
+    const std::vector<double> sums = allreduce_sums(*comm_, local);
     const double count = sums[kCount];
     const double steps = sums[kSteps];  // summed over ranks
     ctx.metrics["epoch"] = static_cast<double>(epoch + 1);
     ctx.metrics["step"] = static_cast<double>(ctx.global_step);
     ctx.metrics["lr"] = ctx.lr;
     ctx.metrics["train_loss"] = count > 0 ? sums[kLossSum] / count : 0.0;
-    ctx.metrics["train_acc"] = count > 0 ? sums[kCorrect] / count : 0.0;
+    metric_set_->put_values(std::vector<double>(sums.begin() + kNumSums, sums.end()), "train_", ctx.metrics);
     ctx.metrics["train_count"] = count;
     ctx.metrics["train_time_s"] = train_seconds;
     ctx.metrics["images_per_s"] = train_seconds > 0 ? count / train_seconds : 0.0;
@@ -371,11 +386,19 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   return last.empty() ? ctx.metrics : last;
 }
 
+void DistributedTrainer::build_metrics(const data::Dataset& dataset) {
+  metric_set_ = std::make_unique<MetricSet>(options_.metrics, options_.custom_metrics, dataset.info().num_classes);
+}
+
 void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
   AutocastGuard autocast(device_, autocast_dtype_);
   ctx.output = forward_(ctx.batch.data);
-  // cross_entropy is on autocast's float32 list: the loss is computed in float32 from 16-bit logits.
-  ctx.loss = torch::nn::functional::cross_entropy(ctx.output, ctx.batch.target);
+  // The built-in losses compute in float32 from 16-bit outputs (train/loss.hpp).
+  ctx.loss = loss_(ctx.output, ctx.batch.target);
+  LOCKSTEP_CHECK(ctx.loss.defined() && ctx.loss.dim() == 0 && at::isFloatingType(ctx.loss.scalar_type()),
+                 "DistributedTrainer: the loss must be a floating-point scalar (the batch's mean), found ",
+                 ctx.loss.defined() ? ctx.loss.sizes() : c10::IntArrayRef{}, ctx.loss.defined() ? "" : " (undefined)",
+                 options_.loss_fn ? " from TrainerOptions::loss_fn" : "");
 }
 
 // Note [Accumulation]: a step of k micro-batches runs the first k - 1 backward passes under no_sync
@@ -386,7 +409,7 @@ void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
 // and divides by their count. Every rank has the same number of batches per epoch, so every rank
 // splits the epoch into the same steps.
 void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
-  // Note [No host sync per step]: the loss and correct-prediction sums stay on the device and are read
+  // Note [No host sync per step]: the loss and the metrics' sums stay on the device and are read
   // once, at the end of the epoch. Reading them every step (.item()) would make the host wait for the
   // GPU each step, so the next step's kernels could not be queued while this one runs.
   totals_->reset(ctx.epoch, device_);
@@ -439,7 +462,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
       const int64_t n = ctx.batch.target.size(0);
       ctx.step_samples += n;
       totals_->loss_sum.add_(ctx.loss.detach(), /*alpha=*/static_cast<double>(n));
-      totals_->correct_sum.add_(ctx.output.detach().argmax(1).eq(ctx.batch.target).sum());
+      metric_set_->add(ctx.output.detach(), ctx.batch.target, totals_->metric_sums);
       step_loss = step_loss.defined() ? step_loss + loss.detach() : loss.detach();
       sums[kCount] += static_cast<double>(n);
       const ddp::StepTimings& t = dp_->last_step();
@@ -474,7 +497,6 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   // Note [Stop at epoch ends]: the votes of the epoch's last steps, before its evaluation.
   if (!ctx.stop_requested) take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
   sums[kLossSum] = totals_->loss_sum.item<double>();
-  sums[kCorrect] = static_cast<double>(totals_->correct_sum.item<int64_t>());
 }
 
 std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {
@@ -511,10 +533,11 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
   // size, and rank r's i-th sample sits at global position r + i * world. Positions >= N are the
   // padding (repeats of the first samples): they are masked out, so every sample counts exactly once.
   const auto n = static_cast<int64_t>(eval_set->size());
-  std::vector<double> sums(3, 0.0);
+  if (!metric_set_) build_metrics(*eval_set);  // evaluate() before any fit()
+  double count = 0;
   // Summed on the device and read once, as in training (Note [No host sync per step]).
   at::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
-  at::Tensor correct_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kInt64).device(device_));
+  at::Tensor metric_sums = metric_set_->zeros(device_);
   int64_t slice_position = 0;
   if (ctx != nullptr) {
     ctx->eval_batch = 0;
@@ -538,10 +561,9 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
       if (valid > 0) {
         at::Tensor output = forward_(batch->data.narrow(0, 0, valid));
         at::Tensor target = batch->target.narrow(0, 0, valid);
-        loss_sum.add_(torch::nn::functional::cross_entropy(
-            output, target, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)));
-        correct_sum.add_(output.argmax(1).eq(target).sum());
-        sums[2] += static_cast<double>(valid);
+        loss_sum.add_(loss_(output, target), /*alpha=*/static_cast<double>(valid));
+        metric_set_->add(output, target, metric_sums);
+        count += static_cast<double>(valid);
       }
       if (ctx != nullptr) {
         ++ctx->eval_batch;
@@ -554,12 +576,14 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
     if (cut_short != nullptr) *cut_short = true;
     return {};
   }
-  sums[0] = loss_sum.item<double>();
-  sums[1] = static_cast<double>(correct_sum.item<int64_t>());
-  sums = allreduce_sums(*comm_, sums);
-  return {{"test_loss", sums[2] > 0 ? sums[0] / sums[2] : 0.0},
-          {"test_acc", sums[2] > 0 ? sums[1] / sums[2] : 0.0},
-          {"test_count", sums[2]}};
+  // One all-reduce: the loss, the count and every metric's sums.
+  at::Tensor local = torch::cat({torch::stack({loss_sum.cpu(), torch::scalar_tensor(count, torch::kFloat64)}),
+                                 metric_sums.cpu()});
+  comm_->allreduce(local)->wait();
+  const double* sums = local.data_ptr<double>();
+  std::map<std::string, double> result = {{"test_loss", sums[1] > 0 ? sums[0] / sums[1] : 0.0}, {"test_count", sums[1]}};
+  metric_set_->put_values(std::vector<double>(sums + 2, sums + local.numel()), "test_", result);
+  return result;
 }
 
 }  // namespace lockstep::train

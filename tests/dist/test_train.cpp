@@ -256,7 +256,8 @@ struct RunResult {
 // Trains TinyNet (batch norm, dropout) on augmented synthetic data for 3 epochs; 54 samples give
 // uneven last batches at 2 and 3 ranks.
 RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::string& resume,
-                        int64_t every_steps = 0, int64_t keep_last = 3) {
+                        int64_t every_steps = 0, int64_t keep_last = 3,
+                        std::vector<std::string> metrics = {"accuracy", "macro_f1"}) {
   torch::manual_seed(100 + comm().rank());  // different inits: only a checkpoint or rank 0 decides
   TinyNet model;
   TrainerOptions o = quiet(3, 4);
@@ -266,6 +267,7 @@ RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::s
   o.progress = true;
   o.log_every = 0;
   o.stop_after_steps = stop_after;
+  o.metrics = std::move(metrics);
   o.checkpoint.resume = resume;
   o.checkpoint.every_steps = every_steps;
   o.checkpoint.keep_last = keep_last;
@@ -316,6 +318,7 @@ TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise i
       CHECK(lines[e]["epoch"] == full_lines[e]["epoch"]);
       CHECK(lines[e]["train_count"] == full_lines[e]["train_count"]);
       CHECK(lines[e]["train_acc"] == full_lines[e]["train_acc"]);
+      CHECK(lines[e]["train_macro_f1"] == full_lines[e]["train_macro_f1"]);
       CHECK(lines[e]["train_loss"].get<double>() == Approx(full_lines[e]["train_loss"].get<double>()).epsilon(1e-12));
       CHECK(lines[e]["test_acc"] == full_lines[e]["test_acc"]);
       CHECK(lines[e]["images_per_s"].get<double>() > 0);
@@ -327,6 +330,21 @@ TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise i
   resumable_run(dir, 3, "auto");
   resumable_run(dir, 9, "auto");
   CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto").state));
+
+  // Resumed with other metrics: the run and its loss go on; the interrupted epoch's other train
+  // metrics start at the resume (with a message), and the later epochs' are whole.
+  const std::string changed = shared_dir("changed_metrics");
+  resumable_run(changed, 4, "auto", 0, 3, {"accuracy"});
+  const RunResult resumed = resumable_run(changed, 0, "auto");
+  CHECK(bitwise_equal(full.state, resumed.state));
+  const std::vector<nlohmann::json> lines = metrics_lines(changed);
+  REQUIRE(lines.size() == 3);
+  CHECK(lines[0]["train_count"] == full_lines[0]["train_count"]);
+  CHECK(lines[0]["train_loss"].get<double>() == Approx(full_lines[0]["train_loss"].get<double>()).epsilon(1e-12));
+  for (size_t e = 1; e < 3; ++e) {
+    CHECK(lines[e]["train_acc"] == full_lines[e]["train_acc"]);
+    CHECK(lines[e]["train_macro_f1"] == full_lines[e]["train_macro_f1"]);
+  }
 }
 
 TEST_CASE("trainer: checkpoints are complete files, keep_last is honoured, metrics.jsonl has one line per epoch",

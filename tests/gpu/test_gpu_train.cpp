@@ -119,6 +119,33 @@ TEST_CASE("the trainer trains on CUDA in fp32, bf16 and fp16", "[gpu][train]") {
   }
 }
 
+TEST_CASE("metrics on CUDA: the confusion-matrix and top-k sums agree with the CPU's", "[gpu][train]") {
+  // The sums are filled on the device (index_add_ of float64 counts, topk): the same model evaluated on
+  // the CPU and on the GPU gives the same values (a near-tie may flip one prediction: within 1/100).
+  torch::manual_seed(12);
+  auto gpu_model = Net();
+  auto cpu_model = Net();
+  {
+    torch::NoGradGuard no_grad;
+    auto src = gpu_model->parameters();
+    auto dst = cpu_model->parameters();
+    for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
+  }
+  lockstep::train::TrainerOptions o = cuda_trainer(1, "fp32");
+  o.metrics = {"accuracy", "top2_accuracy", "macro_f1", "mean_iou"};
+  auto sgd = [](auto& m) { return std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(0.0)); };
+  lockstep::train::DistributedTrainer on_gpu(gpu_model, sgd(gpu_model), comm_ptr(), o);
+  o.device = "cpu";
+  lockstep::train::DistributedTrainer on_cpu(cpu_model, sgd(cpu_model), comm_ptr(), o);
+  const auto gpu = on_gpu.evaluate(images(100));
+  const auto cpu = on_cpu.evaluate(images(100));
+  for (const std::string key : {"test_acc", "test_top2_acc", "test_macro_f1", "test_mean_iou"}) {
+    INFO(key);
+    CHECK(gpu.at(key) == Approx(cpu.at(key)).margin(0.01));
+  }
+  CHECK(gpu.at("test_count") == 100);
+}
+
 TEST_CASE("the trainer accumulates and clips on CUDA under fp16 loss scaling", "[gpu][train]") {
   torch::manual_seed(13);
   auto model = Net();

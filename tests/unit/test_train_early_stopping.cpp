@@ -10,6 +10,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/early_stopping.hpp"
+#include "lockstep/train/metrics.hpp"
 #include "lockstep/train/model_tensors.hpp"
 
 using Catch::Matchers::Contains;
@@ -201,4 +202,31 @@ TEST_CASE("parameters_and_buffers lists the parameters then the buffers, aliasin
   CHECK(buffers.size() == 3);  // running_mean, running_var, num_batches_tracked
   CHECK(all.front().is_same(net->fc->weight));
   CHECK(all.back().is_same(net->bn->num_batches_tracked));
+}
+
+TEST_CASE("EarlyStopping: auto takes the direction of the trainer metric it monitors", "[early_stopping]") {
+  // Neither name ends in "acc": the names alone would say min for both.
+  const std::vector<lockstep::train::MetricPtr> metrics = {lockstep::train::make_metric("macro_f1", 3),
+                                                           lockstep::train::make_metric("mse", 0)};
+  TrainerContext setup;
+  setup.trainer_metrics = &metrics;
+  EarlyStoppingOptions o;
+  o.monitor = "test_macro_f1";
+  o.patience = 1;
+  EarlyStopping f1(o);
+  CHECK(f1.mode() == "min");
+  f1.on_setup(setup);
+  CHECK(f1.mode() == "max");
+  TrainerContext ctx;
+  CHECK(feed(f1, "test_macro_f1", {0.5, 0.6, 0.55}, ctx) == 3);
+
+  o.monitor = "train_mse";
+  EarlyStopping mse(o);
+  mse.on_setup(setup);
+  CHECK(mse.mode() == "min");
+  o.mode = "max";  // an explicit mode stays
+  o.monitor = "test_mse";
+  EarlyStopping explicit_mode(o);
+  explicit_mode.on_setup(setup);
+  CHECK(explicit_mode.mode() == "max");
 }

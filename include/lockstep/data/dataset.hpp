@@ -15,7 +15,10 @@ namespace data {
 
 enum class Split { Train, Test };
 
-// One batch: data is float32 [B, C, H, W], target is int64 [B] with values in [0, num_classes).
+// One batch. The image data sets give data float32 [B, C, H, W] and target int64 [B] with values in
+// [0, num_classes). A data set of your own may give any tensors whose first dimension is the batch: the
+// trainer hands data to the model and the model's output with target to the loss and the metrics
+// (train/loss.hpp, train/metrics.hpp), e.g. images as targets for a denoiser.
 struct Example {
   at::Tensor data;
   at::Tensor target;

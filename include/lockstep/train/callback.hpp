@@ -54,6 +54,7 @@ namespace lockstep::train {
 
 struct TrainerOptions;
 class Callback;
+class Metric;
 
 // What callbacks see and may change. Pointers stay valid for the whole fit().
 struct TrainerContext {
@@ -66,6 +67,9 @@ struct TrainerContext {
   data::Loader* train_loader = nullptr;
   // All of the trainer's callbacks in event order (the Checkpointer saves their states).
   const std::vector<std::shared_ptr<Callback>>* callbacks = nullptr;
+  // The metrics the trainer computes (TrainerOptions::metrics, then custom_metrics): their keys, with
+  // train_ and test_ before them, are in `metrics` after each epoch.
+  const std::vector<std::shared_ptr<const Metric>>* trainer_metrics = nullptr;
 
   int64_t epoch = 0;           // the current epoch (0-based)
   int64_t global_step = 0;     // optimizer steps taken so far (after on_after_optimizer_step: including this one)
@@ -74,7 +78,7 @@ struct TrainerContext {
   int64_t total_steps = 0;
   double lr = 0.0;  // the learning rate of the current step
 
-  // The current batch, its logits and its (this rank's, mean) loss; valid from on_batch_begin (batch
+  // The current batch, the model's output and its (this rank's, mean) loss; valid from on_batch_begin (batch
   // only) through on_after_optimizer_step. With accumulation, batch and output are the step's last
   // micro-batch (the first one at on_batch_begin) and loss is the mean over the step's micro-batches.
   data::Example batch;
@@ -92,7 +96,8 @@ struct TrainerContext {
   int64_t eval_batches = 0;
 
   // This epoch's metrics, reduced over ranks; filled by the trainer before on_evaluation_end
-  // (train_*, test_*, images_per_s, lr, step times) and cleared at on_epoch_begin. Callbacks may add
+  // (train_loss, train_<metric key>..., test_*, images_per_s, lr, step times) and cleared at
+  // on_epoch_begin. Callbacks may add
   // their own entries; the progress callback writes them all to metrics.jsonl.
   std::map<std::string, double> metrics;
 

@@ -25,10 +25,12 @@
 namespace lockstep::train {
 
 struct EarlyStoppingOptions {
-  // A key of the epoch's metrics: test_loss, test_acc, train_loss, train_acc, or one a callback adds
-  // before on_evaluation_end. A missing key is an error naming the keys there are.
+  // A key of the epoch's metrics: test_loss, train_loss, test_<key> or train_<key> of the trainer's
+  // metrics (test_acc, test_macro_f1, test_mse, ...), or one a callback adds before on_evaluation_end.
+  // A missing key is an error naming the keys there are.
   std::string monitor = "test_loss";
-  // "min" (lower is better), "max", or "auto": max when the name ends in "acc" or "accuracy", else min.
+  // "min" (lower is better), "max", or "auto": for a trainer metric's key, its direction
+  // (Metric::higher_is_better); otherwise max when the name ends in "acc" or "accuracy", else min.
   std::string mode = "auto";
   // Epochs in a row without an improvement before stopping; >= 1.
   int64_t patience = 3;
@@ -45,6 +47,8 @@ class EarlyStopping final : public Callback {
  public:
   explicit EarlyStopping(EarlyStoppingOptions options = {});
 
+  // Mode "auto": takes the direction of the trainer metric that the monitored key belongs to.
+  void on_setup(TrainerContext& ctx) override;
   void on_train_begin(TrainerContext& ctx) override;
   void on_evaluation_end(TrainerContext& ctx) override;
   void on_train_end(TrainerContext& ctx) override;

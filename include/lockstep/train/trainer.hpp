@@ -1,7 +1,8 @@
 #pragma once
-// DistributedTrainer: a complete synchronous data-parallel training loop (classification, cross
-// entropy) over ddp::DataParallel, with a sharded, reshuffled train loader, exact evaluation over
-// ranks, a learning-rate schedule, and callbacks (callback.hpp) for everything else.
+// DistributedTrainer: a complete synchronous data-parallel training loop over ddp::DataParallel, with
+// a sharded, reshuffled train loader, a loss of your choice (loss.hpp: cross entropy by default),
+// metrics exact over ranks (metrics.hpp: accuracy by default) on the training batches and an exact
+// evaluation, a learning-rate schedule, and callbacks (callback.hpp) for everything else.
 //
 //   auto model = lockstep::models::ResNet18(options);
 //   auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
@@ -31,7 +32,9 @@
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/checkpoint.hpp"
 #include "lockstep/train/grad_scaler.hpp"
+#include "lockstep/train/loss.hpp"
 #include "lockstep/train/lr_schedule.hpp"
+#include "lockstep/train/metrics.hpp"
 
 namespace torch::optim {
 class Optimizer;
@@ -47,6 +50,7 @@ namespace lockstep::train {
 
 struct EpochTotals;
 class EpochTotalsState;
+class MetricSet;
 
 struct TrainerOptions {
   int64_t epochs = 1;
@@ -66,6 +70,16 @@ struct TrainerOptions {
   // etc.). Model initialisation needs no seed: DataParallel copies rank 0's model to every rank.
   uint64_t seed = 0;
   LrScheduleOptions lr;
+  // What is minimised (train/loss.hpp): a built-in by name, or loss_fn, a function of the program's
+  // own ((output, target) -> the batch's mean loss), which replaces it when set.
+  LossOptions loss;
+  LossFn loss_fn;
+  // Computed on the training batches (train_<key>) and in the evaluation (test_<key>), exact over ranks
+  // (train/metrics.hpp): the built-ins named here, then custom_metrics. The loss is always reported
+  // (train_loss, test_loss); a regression would name {"mse", "mae"}, a run that wants no more than the
+  // loss {}.
+  std::vector<std::string> metrics = {"accuracy"};
+  std::vector<MetricPtr> custom_metrics;
   // metrics.jsonl and checkpoints/ go here; empty = no files (no checkpoints, no metrics.jsonl).
   std::string output_dir;
   // Progress line every log_every steps (rank 0); 0 = no progress lines, summaries only.
@@ -106,7 +120,8 @@ class DistributedTrainer {
  public:
   using ForwardFn = std::function<at::Tensor(const at::Tensor&)>;
 
-  // Collective. `forward` maps a batch [B, C, H, W] to logits [B, classes].
+  // Collective. `forward` maps a batch's data to the output that the loss and the metrics compare with
+  // the batch's target (for classification: images [B, C, H, W] to logits [B, classes]).
   DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
                      std::shared_ptr<torch::optim::Optimizer> optimizer, comm::CommunicatorPtr comm,
                      TrainerOptions options = {});
@@ -144,8 +159,8 @@ class DistributedTrainer {
   // the signal asked once it has saved what it wants (train_resnet exits with 128 + the signal).
   int caught_signal() const { return caught_signal_; }
 
-  // Collective: loss and accuracy over `eval_set`, each sample counted exactly once over all ranks.
-  // Keys: test_loss, test_acc, test_count.
+  // Collective: the loss and the metrics over `eval_set`, each sample counted exactly once over all
+  // ranks. Keys: test_loss, test_count, and test_<key> for each metric's keys (test_acc by default).
   std::map<std::string, double> evaluate(const data::DatasetPtr& eval_set);
 
   ddp::DataParallel& data_parallel() { return *dp_; }
@@ -172,9 +187,12 @@ class DistributedTrainer {
   void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set) const;
   // Forward and loss under the precision's autocast.
   void forward_and_loss(TrainerContext& ctx);
+  // metric_set_ from options_.metrics and custom_metrics, sized by the data set's class count.
+  void build_metrics(const data::Dataset& dataset);
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;
+  LossFn loss_;  // options_.loss_fn, else the built-in options_.loss names
   std::shared_ptr<torch::optim::Optimizer> optimizer_;
   comm::CommunicatorPtr comm_;
   TrainerOptions options_;
@@ -193,11 +211,13 @@ class DistributedTrainer {
   std::string stop_reason_;
   int caught_signal_ = 0;
 
-  // Accumulated over one epoch on this rank: loss sum, correct, count, forward/backward/comm/exposed
+  // Accumulated over one epoch on this rank: loss sum, count, the metrics' sums, forward/backward/comm/exposed
   // seconds, steps (Note [Exact metrics]); checkpointed by the built-in EpochTotalsState (Note [Epoch
   // totals in checkpoints]).
   std::unique_ptr<EpochTotals> totals_;
   std::shared_ptr<EpochTotalsState> totals_state_;
+  // The metrics of the last fit() (num_classes from its training set) or evaluate() (from its set).
+  std::unique_ptr<MetricSet> metric_set_;
 };
 
 }  // namespace lockstep::train

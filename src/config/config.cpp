@@ -245,6 +245,27 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.choice("device", o.device, {"auto", "cpu", "cuda"});
   s.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
   {
+    Section l = s.section("loss");
+    const std::vector<std::string>& names = train::loss_names();
+    l.choice("name", o.loss.name, std::set<std::string>(names.begin(), names.end()));
+    l.real("label_smoothing", o.loss.label_smoothing, 0.0, 1.0, false, true);
+    l.real("beta", o.loss.beta, 0.0, std::numeric_limits<double>::infinity(), true);
+    l.finish();
+    try {
+      train::check_loss_options(o.loss);
+    } catch (const Error& e) {
+      s.fail_key("loss", e.message());
+    }
+  }
+  s.strings("metrics", o.metrics);
+  for (const auto& name : o.metrics) {
+    try {
+      train::check_metric_name(name);
+    } catch (const Error& e) {
+      s.fail_key("metrics", e.message());
+    }
+  }
+  {
     Section g = s.section("grad_scaler");
     g.real("init_scale", o.grad_scaler.init_scale, 0.0, 1e30, true);
     g.real("growth_factor", o.grad_scaler.growth_factor, 1.0, 1e6, true);

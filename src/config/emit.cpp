@@ -64,6 +64,12 @@ std::string to_yaml(const ExperimentConfig& c) {
   put_real(out, "clip_grad_norm", t.clip_grad_norm);
   put(out, "device", t.device);
   put(out, "precision", t.precision);
+  out << YAML::Key << "loss" << YAML::Value << YAML::BeginMap;
+  put(out, "name", t.loss.name);
+  put_real(out, "label_smoothing", t.loss.label_smoothing);
+  put_real(out, "beta", t.loss.beta);
+  out << YAML::EndMap;
+  out << YAML::Key << "metrics" << YAML::Value << YAML::Flow << t.metrics;
   out << YAML::Key << "grad_scaler" << YAML::Value << YAML::BeginMap;
   put_real(out, "init_scale", t.grad_scaler.init_scale);
   put_real(out, "growth_factor", t.grad_scaler.growth_factor);

@@ -509,3 +509,33 @@ TEST_CASE("config: the early_stopping section maps onto EarlyStoppingOptions, ro
   CHECK_THAT(error_of("early_stopping:\n  monitor: ''\n"), Contains("'early_stopping.monitor'"));
   CHECK_THAT(error_of("early_stopping:\n  patient: 3\n"), Contains("early_stopping.patient"));
 }
+
+TEST_CASE("config: trainer.loss and trainer.metrics map onto TrainerOptions, round-trip, and name bad values",
+          "[config]") {
+  const config::ExperimentConfig defaults = config::parse_config("");
+  CHECK(defaults.trainer.loss.name == "cross_entropy");
+  CHECK(defaults.trainer.metrics == std::vector<std::string>{"accuracy"});
+  const config::ExperimentConfig c = config::parse_config(
+      "trainer:\n  loss: {name: cross_entropy, label_smoothing: 0.1}\n  metrics: [accuracy, top5_accuracy, macro_f1]\n");
+  CHECK(c.trainer.loss.label_smoothing == 0.1);
+  CHECK(c.trainer.metrics == std::vector<std::string>{"accuracy", "top5_accuracy", "macro_f1"});
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(config::to_yaml(again) == config::to_yaml(c));
+  CHECK(again.trainer.metrics == c.trainer.metrics);
+  CHECK(again.trainer.loss.label_smoothing == 0.1);
+  const config::ExperimentConfig regression =
+      config::parse_config("trainer:\n  loss:\n    name: smooth_l1\n    beta: 0.5\n  metrics: [mse, mae]\n");
+  CHECK(regression.trainer.loss.name == "smooth_l1");
+  CHECK(regression.trainer.loss.beta == 0.5);
+  CHECK(config::parse_config("trainer: {metrics: []}").trainer.metrics.empty());  // the loss alone
+  CHECK(config::parse_config(config::to_yaml(config::parse_config("trainer: {metrics: []}"))).trainer.metrics.empty());
+
+  CHECK_THAT(error_of("trainer:\n  loss:\n    name: hinge\n"),
+             Contains("'trainer.loss.name'") && Contains("test.yaml:3:11") && Contains("bce_with_logits"));
+  CHECK_THAT(error_of("trainer:\n  loss: {name: mse, label_smoothing: 0.1}\n"),
+             Contains("'trainer.loss'") && Contains("label_smoothing applies to cross_entropy only"));
+  CHECK_THAT(error_of("trainer:\n  loss: {label_smoothing: 1}\n"), Contains("'trainer.loss.label_smoothing'"));
+  CHECK_THAT(error_of("trainer:\n  loss: {smoothing: 0.1}\n"), Contains("trainer.loss.smoothing"));
+  CHECK_THAT(error_of("trainer:\n  metrics: [accuracy, f1]\n"),
+             Contains("'trainer.metrics'") && Contains("test.yaml:2:12") && Contains("unknown metric 'f1'"));
+}

@@ -130,3 +130,19 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.train_resnet_stop_signal.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "stop_on_signal: stopped after step [0-9]+ by SIGUSR1 .exit 138., resumed from it and finished")
 endif()
+
+# A regression task on real data: examples/denoise_images at 3 ranks (uneven shards) on a slice of
+# Fashion-MNIST, with the mse loss and the mse/mae metrics of configs/denoise_fashion_mnist.yaml. One
+# epoch must bring the test mse to well under the noisy input's own (at least 2x lower), and the epoch
+# line must carry the regression metrics (no accuracy).
+if(LOCKSTEP_BUILD_EXAMPLES)
+  add_test(NAME program.denoise_images.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:denoise_images>
+                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
+                   --set data.train_subset=3000 --set data.test_subset=500 --set trainer.epochs=1 --set trainer.batch_size=16
+                   --set trainer.log_every=0 --set trainer.checkpoint.enabled=false
+                   --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/denoise_images)
+  set_tests_properties(program.denoise_images.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "epoch 1: train loss [0-9.]+ mse [0-9.e-]+ mae [0-9.e-]+ . test loss [0-9.]+ mse [0-9.e-]+ mae [0-9.e-]+ .*denoising: test mse [0-9.]+ against 0.2[0-9]+ for the noisy input .([2-9]|[1-9][0-9]+)\\.[0-9]x lower."
+    FAIL_REGULAR_EXPRESSION " acc ")
+endif()

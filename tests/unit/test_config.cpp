@@ -180,6 +180,9 @@ TEST_CASE("config: the shipped configs parse", "[config]") {
   const auto cpu = config::load_config((dir / "configs" / "resnet18_fashion_mnist_cpu.yaml").string());
   CHECK(cpu.model.width == 64);
   CHECK(cpu.trainer.precision == "bf16");
+  const auto denoise = config::load_config((dir / "configs" / "denoise_fashion_mnist.yaml").string());
+  CHECK(denoise.trainer.loss.name == "mse");
+  CHECK(denoise.trainer.metrics == std::vector<std::string>{"mse", "mae"});
   // Every shipped config parses, including ones added later without a check of their own.
   int parsed = 0;
   for (const auto& entry : fs::directory_iterator(dir / "configs")) {

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "compress/selection.hpp"
 #include "train/atomic_file.hpp"
@@ -356,6 +357,7 @@ std::vector<LayerSparsity> make_pruning_permanent(torch::nn::Module& model) {
 }
 
 void save_model_atomically(torch::nn::Module& model, const std::string& path) {
+  train::check_names_readable(model, "save_model_atomically(" + path + ")");
   torch::serialize::OutputArchive archive;
   model.save(archive);
   train::write_file_atomically(path, [&](const std::string& temporary) { archive.save_to(temporary); });

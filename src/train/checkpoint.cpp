@@ -15,6 +15,7 @@
 #include "lockstep/data/loader.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
+#include "lockstep/train/model_tensors.hpp"
 #include "train/atomic_file.hpp"
 
 namespace lockstep::train {
@@ -281,6 +282,7 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
 }
 
 void Checkpointer::on_train_begin(TrainerContext& ctx) {
+  if (ctx.model != nullptr) check_names_readable(*ctx.model, "Checkpointer");  // before any step is lost
   resume(ctx);
   first_step_ = ctx.global_step;
 }

@@ -2,6 +2,10 @@
 
 #include <torch/nn/module.h>
 
+#include <set>
+
+#include "lockstep/core/error.hpp"
+
 namespace lockstep::train {
 
 std::vector<at::Tensor> parameters_and_buffers(const torch::nn::Module& model) {
@@ -9,5 +13,39 @@ std::vector<at::Tensor> parameters_and_buffers(const torch::nn::Module& model) {
   for (auto& buffer : model.buffers()) out.push_back(std::move(buffer));
   return out;
 }
+
+namespace {
+
+// Measured with LibTorch 1.13: the names for which Module::save writes a file that InputArchive cannot
+// load (TorchScript's lexer keywords, and the two attributes its module code declares itself).
+// Python keywords that TorchScript does not reserve (lambda, try, yield, async, ...) load fine.
+const std::set<std::string>& unreadable_names() {
+  static const std::set<std::string> names = {
+      "False", "None",   "True",   "and",    "as",    "assert", "break", "class",          "continue",
+      "def",   "del",    "elif",   "else",   "for",   "global", "if",    "import",         "in",
+      "is",    "not",    "or",     "pass",   "raise", "return", "while", "with",           "__parameters__",
+      "__buffers__"};
+  return names;
+}
+
+void check_names(const torch::nn::Module& module, const std::string& path, const std::string& what) {
+  auto check = [&](const std::string& name, const char* kind) {
+    LOCKSTEP_CHECK(unreadable_names().count(name) == 0, what, ": the model's ", kind, " '",
+                   path.empty() ? name : path + "." + name, "' is named '", name,
+                   "', a TorchScript keyword: LibTorch saves such a model but cannot load the file back, so every "
+                   "checkpoint of it would be lost; register it under another name (Note [Names a checkpoint "
+                   "cannot hold])");
+  };
+  for (const auto& item : module.named_parameters(/*recurse=*/false)) check(item.key(), "parameter");
+  for (const auto& item : module.named_buffers(/*recurse=*/false)) check(item.key(), "buffer");
+  for (const auto& item : module.named_children()) {
+    check(item.key(), "submodule");
+    check_names(*item.value(), path.empty() ? item.key() : path + "." + item.key(), what);
+  }
+}
+
+}  // namespace
+
+void check_names_readable(const torch::nn::Module& model, const std::string& what) { check_names(model, "", what); }
 
 }  // namespace lockstep::train

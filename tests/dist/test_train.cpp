@@ -392,6 +392,22 @@ TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume 
   CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto", 1, 3).state));
 }
 
+TEST_CASE("trainer: a model with a name no checkpoint can hold is refused before the first step", "[train]") {
+  // Note [Names a checkpoint cannot hold]: LibTorch would write every checkpoint of it and read none back.
+  struct Stem : torch::nn::Module {
+    torch::nn::Linear in{register_module("in", torch::nn::Linear(16, kClasses))};
+  };
+  auto model = std::make_shared<Stem>();
+  TrainerOptions o = quiet(1, 4);
+  o.output_dir = shared_dir("keyword_name");
+  o.checkpoints = true;
+  DistributedTrainer trainer(model, [model](const at::Tensor& x) { return model->in(x.flatten(1)); }, sgd(*model, 0.1),
+                             comm_ptr(), o);
+  CHECK_THAT(lockstep::testing::error_of([&] { trainer.fit(synthetic(8 * comm().size()), nullptr); }),
+             Catch::Contains("Checkpointer: the model's submodule 'in'"));
+  CHECK(lockstep::testing::communicator_healthy());
+}
+
 TEST_CASE("trainer: ResNet-18 on a Fashion-MNIST subset learns in one epoch", "[train][slow]") {
   const std::string root = lockstep::data::kFashionMnistRoot;
   if (!fs::exists(root + "/train-images-idx3-ubyte.gz") && !fs::exists(root + "/train-images-idx3-ubyte")) {

@@ -11,7 +11,6 @@
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/metrics.hpp"
-#include "lockstep/train/model_tensors.hpp"
 
 using Catch::Matchers::Contains;
 using lockstep::train::EarlyStopping;
@@ -183,25 +182,6 @@ TEST_CASE("EarlyStopping: restore_best_weights puts the best epoch's weights bac
   }
   stopping.on_train_end(ctx);
   CHECK(torch::all(model->weight == 2).item<bool>());
-}
-
-// The order EarlyStopping's held weights, the EMA average and checkpointed copies rely on.
-TEST_CASE("parameters_and_buffers lists the parameters then the buffers, aliasing the model's", "[train][early_stopping]") {
-  struct Net : torch::nn::Module {
-    torch::nn::Linear fc{register_module("fc", torch::nn::Linear(3, 2))};
-    torch::nn::BatchNorm1d bn{register_module("bn", torch::nn::BatchNorm1d(2))};
-    torch::nn::Linear head{register_module("head", torch::nn::Linear(2, 2))};
-  };
-  auto net = std::make_shared<Net>();
-  const std::vector<at::Tensor> all = lockstep::train::parameters_and_buffers(*net);
-  const std::vector<at::Tensor> params = net->parameters();
-  const std::vector<at::Tensor> buffers = net->buffers();
-  REQUIRE(all.size() == params.size() + buffers.size());
-  for (std::size_t i = 0; i < params.size(); ++i) CHECK(all[i].is_same(params[i]));
-  for (std::size_t i = 0; i < buffers.size(); ++i) CHECK(all[params.size() + i].is_same(buffers[i]));
-  CHECK(buffers.size() == 3);  // running_mean, running_var, num_batches_tracked
-  CHECK(all.front().is_same(net->fc->weight));
-  CHECK(all.back().is_same(net->bn->num_batches_tracked));
 }
 
 TEST_CASE("EarlyStopping: auto takes the direction of the trainer metric it monitors", "[early_stopping]") {

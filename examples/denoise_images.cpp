@@ -91,7 +91,7 @@ struct DenoiserImpl : torch::nn::Module {
     namespace nn = torch::nn;
     using C = nn::Conv2dOptions;
     using T = nn::ConvTranspose2dOptions;
-    in = register_module("in", nn::Conv2d(C(channels, width, 3).padding(1)));
+    stem = register_module("stem", nn::Conv2d(C(channels, width, 3).padding(1)));
     down1 = register_module("down1", nn::Conv2d(C(width, width, 3).stride(2).padding(1)));
     down2 = register_module("down2", nn::Conv2d(C(width, 2 * width, 3).stride(2).padding(1)));
     up2 = register_module("up2", nn::ConvTranspose2d(T(2 * width, width, 4).stride(2).padding(1)));
@@ -99,14 +99,14 @@ struct DenoiserImpl : torch::nn::Module {
     out = register_module("out", nn::Conv2d(C(2 * width, channels, 3).padding(1)));
   }
   torch::Tensor forward(const torch::Tensor& noisy) {
-    const torch::Tensor full = torch::relu(in(noisy));   // 28 x 28
+    const torch::Tensor full = torch::relu(stem(noisy));   // 28 x 28
     const torch::Tensor half = torch::relu(down1(full));  // 14 x 14
     const torch::Tensor quarter = torch::relu(down2(half));  // 7 x 7
     const torch::Tensor back_half = torch::relu(up2(quarter));
     const torch::Tensor back_full = torch::relu(up1(torch::cat({back_half, half}, 1)));
     return noisy - out(torch::cat({back_full, full}, 1));
   }
-  torch::nn::Conv2d in{nullptr}, down1{nullptr}, down2{nullptr}, out{nullptr};
+  torch::nn::Conv2d stem{nullptr}, down1{nullptr}, down2{nullptr}, out{nullptr};
   torch::nn::ConvTranspose2d up2{nullptr}, up1{nullptr};
 };
 TORCH_MODULE(Denoiser);
@@ -180,8 +180,12 @@ int main(int argc, char** argv) {
     if (mse == metrics.end()) {
       std::printf("denoising: no test_mse (add mse to trainer.metrics)\n");
     } else {
-      std::printf("denoising: test mse %.4f against %.4f for the noisy input (%.1fx lower)\n", mse->second, baseline,
-                  baseline / mse->second);
+      const std::string early = trainer.stop_reason().empty()
+                                    ? ""
+                                    : " after epoch " + std::to_string(static_cast<int64_t>(metrics.at("epoch"))) +
+                                          " (stopped early: " + trainer.stop_reason() + ")";
+      std::printf("denoising: test mse %.4f against %.4f for the noisy input (%.1fx lower)%s\n", mse->second, baseline,
+                  baseline / mse->second, early.c_str());
     }
   }
   return 0;

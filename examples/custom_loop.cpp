@@ -6,12 +6,14 @@
 // DataParallel averages the gradients over ranks while backward runs, so the loop itself is
 // ordinary LibTorch code. The slices are uneven (rank r has 2r more batches than rank 0), as data
 // split by files often is: a ddp::Join lets the ranks that finish first take part in the others'
-// remaining steps instead of leaving them waiting. SIGTERM or SIGUSR1 (a scheduler's, or
+// remaining steps instead of leaving them waiting. A train::MetricTracker reports each epoch's loss and
+// mean absolute error over every rank's samples (exact, whatever the shard sizes). SIGTERM or SIGUSR1 (a scheduler's, or
 // `kill -USR1 <mpirun>`) stops every rank after the same step, with exit status 128 + the signal.
 #include <torch/torch.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,7 @@
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/join.hpp"
 #include "lockstep/runtime.hpp"
+#include "lockstep/train/metric_tracker.hpp"
 
 struct MlpImpl : torch::nn::Module {
   MlpImpl()
@@ -68,17 +71,23 @@ int main(int argc, char** argv) {
   lockstep::ddp::JoinOptions join_options;
   join_options.stop_code = [&] { return signals.caught(); };
 
+  // 6. The epoch's loss and mean absolute error over every rank's samples: sums kept on the device
+  //    (no host synchronisation per step) and all-reduced once an epoch.
+  lockstep::train::MetricTracker tracker(lockstep::train::make_metrics({"mae"}));
+
   constexpr int kBatch = 64;  // per rank; the global batch is kBatch * world
   for (int epoch = 0; epoch < epochs; ++epoch) {
-    double epoch_loss = 0;
     int batches = 0;
+    tracker.reset();
     lockstep::ddp::Join join(dp, join_options);  // 4. uneven shards: see the end of the epoch
     for (int start = 0; start + kBatch <= x.size(0); start += kBatch) {
       optimizer.zero_grad();
-      torch::Tensor loss = torch::mse_loss(model->forward(x.narrow(0, start, kBatch)), y.narrow(0, start, kBatch));
+      const torch::Tensor target = y.narrow(0, start, kBatch);
+      const torch::Tensor output = model->forward(x.narrow(0, start, kBatch));
+      torch::Tensor loss = torch::mse_loss(output, target);
       loss.backward();   // gradients are all-reduced bucket by bucket while backward runs
       optimizer.step();  // ... and are the average over ranks here
-      epoch_loss += loss.item<double>();
+      tracker.update(output, target, loss);  // 6.
       ++batches;
       if (join.stop_requested()) break;  // 5. the same step on every rank still training
     }
@@ -86,11 +95,13 @@ int main(int argc, char** argv) {
     // Collective: until every rank is done, take part in the others' steps (zero gradients of our
     // own) and take the same optimizer step with the gradients they averaged.
     const lockstep::ddp::JoinResult joined = join.finish([&] { optimizer.step(); });
+    // 6. Collective, so after the Join (inside it only the Join's own collectives may run).
+    const std::map<std::string, double> metrics = tracker.compute(*runtime.communicator());
     if (rank == 0) {
       std::printf(
-          "epoch %d  loss (rank 0's shard) %.4f  last step: backward %.2f ms, all-reduce %.2f ms "
+          "epoch %d  loss %.4f  mae %.4f (%.0f samples, all ranks)  last step: backward %.2f ms, all-reduce %.2f ms "
           "(%.2f ms not hidden), %zu buckets, %d ranks; rank 0 trained %d steps and shadowed %lld\n",
-          epoch, epoch_loss / batches, 1e3 * t.backward_s, 1e3 * t.communication_s, 1e3 * t.exposed_communication_s,
+          epoch, metrics.at("loss"), metrics.at("mae"), metrics.at("count"), 1e3 * t.backward_s, 1e3 * t.communication_s, 1e3 * t.exposed_communication_s,
           t.bucket_count, world, batches, static_cast<long long>(joined.shadowed_steps));
       std::fflush(stdout);
     }

@@ -27,6 +27,7 @@
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/grad_scaler.hpp"
 #include "lockstep/train/loss.hpp"
+#include "lockstep/train/metric_tracker.hpp"
 #include "lockstep/train/metrics.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/powersgd_state_callback.hpp"

@@ -12,26 +12,27 @@
 #include <vector>
 
 #include "lockstep/train/callback.hpp"
-#include "train/metric_set.hpp"
+#include "lockstep/train/metric_tracker.hpp"
 
 namespace lockstep::train {
 
-// Indices of EpochTotals::sums.
-enum EpochSum { kLossSum, kCount, kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClipped, kNumSums };
+// Indices of EpochTotals::sums: the step timings' sums, on the host.
+enum EpochSum { kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClipped, kNumSums };
 
-// One rank's part of the current epoch. The loss and the metrics' sums stay on the device and are read
-// once, at the end of the epoch (Note [No host sync per step]); the rest is on the host.
+// One rank's part of the current epoch. The loss, the sample count and the metrics' sums are the
+// tracker's, on the device, read once at the end of the epoch (Note [No host sync per step]); the
+// step timings are on the host.
 struct EpochTotals {
+  explicit EpochTotals(std::vector<MetricPtr> metrics) : tracker(std::move(metrics)) {}
   int64_t epoch = -1;
   std::vector<double> sums = std::vector<double>(kNumSums, 0.0);
-  at::Tensor loss_sum;     // a float64 scalar on the training device
-  at::Tensor metric_sums;  // float64 [metrics.num_sums()] on the training device
-  MetricSet metrics;       // what metric_sums hold
+  MetricTracker tracker;
+  bool started_epoch = false;
   std::chrono::steady_clock::time_point started{};
   double seconds_before = 0;  // training time of this epoch before the run was resumed
 
-  // Starts `epoch` at zero on `device`.
-  void reset(int64_t epoch, const c10::Device& device);
+  // Starts `epoch` at zero.
+  void reset(int64_t epoch);
   double seconds() const;  // training time of this epoch so far, before a resume included
 };
 
@@ -61,7 +62,7 @@ class EpochTotalsState : public Callback {
     int64_t epoch = -1;
     std::vector<double> sums;
     std::vector<std::string> metrics;  // the metrics' names
-    std::vector<double> metric_sums;
+    std::vector<double> tracked;       // the tracker's sums (MetricTracker::sums())
     double seconds = 0;
   };
   EpochTotals* totals_;

@@ -189,4 +189,15 @@ MetricPtr make_metric(const std::string& name, int64_t num_classes) {
   return std::make_shared<ConfusionMetric>(name, num_classes);
 }
 
+std::vector<MetricPtr> make_metrics(const std::vector<std::string>& names, int64_t num_classes,
+                                    const std::vector<MetricPtr>& custom) {
+  std::vector<MetricPtr> out;
+  for (const auto& name : names) out.push_back(make_metric(name, num_classes));
+  for (const auto& metric : custom) {
+    LOCKSTEP_CHECK(metric != nullptr, "make_metrics: a custom metric is null");
+    out.push_back(metric);
+  }
+  return out;
+}
+
 }  // namespace lockstep::train

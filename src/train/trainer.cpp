@@ -18,11 +18,11 @@
 #include "lockstep/data/loader.hpp"
 #include "lockstep/data/sharded_sampler.hpp"
 #include "lockstep/ddp/powersgd.hpp"
+#include "lockstep/train/metric_tracker.hpp"
 #include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
 #include "train/epoch_totals.hpp"
-#include "train/metric_set.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -161,7 +161,7 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
       {"checkpoint.resume", o.checkpoint.resume},
   };
   std::string metrics;
-  for (const auto& name : metric_set_->names()) metrics += (metrics.empty() ? "" : ", ") + name;
+  for (const auto& metric : metrics_) metrics += (metrics.empty() ? "" : ", ") + metric->name();
   entries.emplace_back("the metrics", metrics.empty() ? "none" : metrics);
   std::string callbacks;
   for (const auto& callback : user_callbacks_) {
@@ -263,8 +263,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (checkpoint.directory.empty()) checkpoint.directory = options_.output_dir + "/checkpoints";
     callbacks_.push_back(std::make_shared<Checkpointer>(checkpoint));
   }
-  totals_ = std::make_unique<EpochTotals>();
-  totals_->metrics = *metric_set_;
+  totals_ = std::make_unique<EpochTotals>(metrics_);
   totals_state_ = std::make_shared<EpochTotalsState>(totals_.get());
   callbacks_.push_back(totals_state_);  // its state: the epoch's metric sums so far
   if (scaler_) callbacks_.push_back(scaler_);  // its scale is checkpointed with the rest
@@ -297,7 +296,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   ctx.options = &options_;
   ctx.train_loader = &loader;
   ctx.callbacks = &callbacks_;
-  ctx.trainer_metrics = &metric_set_->metrics();
+  ctx.trainer_metrics = &metrics_;
   // Note [Accumulation]: a step is accumulation_steps micro-batches; an epoch's last step may have fewer.
   const auto micro_batches = static_cast<int64_t>(loader.batches_per_epoch());
   ctx.steps_per_epoch = (micro_batches + options_.accumulation_steps - 1) / options_.accumulation_steps;
@@ -333,18 +332,20 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     run_epoch(ctx, loader, resumed && epoch == first_epoch);
     const double train_seconds = totals_->seconds();  // Note [Epoch totals in checkpoints]
 
+    // One all-reduce: the step timings' sums and the tracker's (loss, counts, metrics).
     std::vector<double> local = totals_->sums;
-    const at::Tensor metric_sums = totals_->metric_sums.to(at::kCPU);
-    local.insert(local.end(), metric_sums.data_ptr<double>(), metric_sums.data_ptr<double>() + metric_sums.numel());
+    const at::Tensor tracked = totals_->tracker.sums().to(at::kCPU);
+    local.insert(local.end(), tracked.data_ptr<double>(), tracked.data_ptr<double>() + tracked.numel());
     const std::vector<double> sums = allreduce_sums(*comm_, local);
-    const double count = sums[kCount];
+    const std::map<std::string, double> trained =
+        totals_->tracker.values(std::vector<double>(sums.begin() + kNumSums, sums.end()), "train_");
+    const double count = trained.at("train_count");
     const double steps = sums[kSteps];  // summed over ranks
     ctx.metrics["epoch"] = static_cast<double>(epoch + 1);
     ctx.metrics["step"] = static_cast<double>(ctx.global_step);
     ctx.metrics["lr"] = ctx.lr;
-    ctx.metrics["train_loss"] = count > 0 ? sums[kLossSum] / count : 0.0;
-    metric_set_->put_values(std::vector<double>(sums.begin() + kNumSums, sums.end()), "train_", ctx.metrics);
-    ctx.metrics["train_count"] = count;
+    ctx.metrics.insert(trained.begin(), trained.end());  // train_loss, train_count, train_<metric keys>
+    ctx.metrics.emplace("train_loss", 0.0);              // an epoch without steps still has the key
     ctx.metrics["train_time_s"] = train_seconds;
     ctx.metrics["images_per_s"] = train_seconds > 0 ? count / train_seconds : 0.0;
     ctx.metrics["forward_ms"] = steps > 0 ? 1e3 * sums[kForward] / steps : 0.0;
@@ -387,7 +388,9 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
 }
 
 void DistributedTrainer::build_metrics(const data::Dataset& dataset) {
-  metric_set_ = std::make_unique<MetricSet>(options_.metrics, options_.custom_metrics, dataset.info().num_classes);
+  metrics_ = make_metrics(options_.metrics, dataset.info().num_classes, options_.custom_metrics);
+  MetricTracker check(metrics_);  // names and keys must not repeat
+  metrics_built_ = true;
 }
 
 void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
@@ -412,7 +415,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   // Note [No host sync per step]: the loss and the metrics' sums stay on the device and are read
   // once, at the end of the epoch. Reading them every step (.item()) would make the host wait for the
   // GPU each step, so the next step's kernels could not be queued while this one runs.
-  totals_->reset(ctx.epoch, device_);
+  totals_->reset(ctx.epoch);
   // A resumed epoch goes on from the totals its checkpoint held (Note [Epoch totals in checkpoints]).
   if (resumed) totals_state_->restore(ctx.epoch, ctx.world.rank);
   std::vector<double>& sums = totals_->sums;
@@ -459,12 +462,9 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
       local.reset();
 
       torch::NoGradGuard no_grad;
-      const int64_t n = ctx.batch.target.size(0);
-      ctx.step_samples += n;
-      totals_->loss_sum.add_(ctx.loss.detach(), /*alpha=*/static_cast<double>(n));
-      metric_set_->add(ctx.output.detach(), ctx.batch.target, totals_->metric_sums);
+      ctx.step_samples += ctx.batch.target.size(0);
+      totals_->tracker.update(ctx.output, ctx.batch.target, ctx.loss);
       step_loss = step_loss.defined() ? step_loss + loss.detach() : loss.detach();
-      sums[kCount] += static_cast<double>(n);
       const ddp::StepTimings& t = dp_->last_step();
       sums[kForward] += t.forward_s;
       sums[kBackward] += t.backward_s;
@@ -496,7 +496,6 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   }
   // Note [Stop at epoch ends]: the votes of the epoch's last steps, before its evaluation.
   if (!ctx.stop_requested) take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
-  sums[kLossSum] = totals_->loss_sum.item<double>();
 }
 
 std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {
@@ -533,11 +532,9 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
   // size, and rank r's i-th sample sits at global position r + i * world. Positions >= N are the
   // padding (repeats of the first samples): they are masked out, so every sample counts exactly once.
   const auto n = static_cast<int64_t>(eval_set->size());
-  if (!metric_set_) build_metrics(*eval_set);  // evaluate() before any fit()
-  double count = 0;
+  if (!metrics_built_) build_metrics(*eval_set);  // evaluate() before any fit()
   // Summed on the device and read once, as in training (Note [No host sync per step]).
-  at::Tensor loss_sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
-  at::Tensor metric_sums = metric_set_->zeros(device_);
+  MetricTracker tracker(metrics_);
   int64_t slice_position = 0;
   if (ctx != nullptr) {
     ctx->eval_batch = 0;
@@ -561,9 +558,7 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
       if (valid > 0) {
         at::Tensor output = forward_(batch->data.narrow(0, 0, valid));
         at::Tensor target = batch->target.narrow(0, 0, valid);
-        loss_sum.add_(loss_(output, target), /*alpha=*/static_cast<double>(valid));
-        metric_set_->add(output, target, metric_sums);
-        count += static_cast<double>(valid);
+        tracker.update(output, target, loss_(output, target));
       }
       if (ctx != nullptr) {
         ++ctx->eval_batch;
@@ -577,12 +572,8 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
     return {};
   }
   // One all-reduce: the loss, the count and every metric's sums.
-  at::Tensor local = torch::cat({torch::stack({loss_sum.cpu(), torch::scalar_tensor(count, torch::kFloat64)}),
-                                 metric_sums.cpu()});
-  comm_->allreduce(local)->wait();
-  const double* sums = local.data_ptr<double>();
-  std::map<std::string, double> result = {{"test_loss", sums[1] > 0 ? sums[0] / sums[1] : 0.0}, {"test_count", sums[1]}};
-  metric_set_->put_values(std::vector<double>(sums + 2, sums + local.numel()), "test_", result);
+  std::map<std::string, double> result = tracker.compute(*comm_, "test_");
+  result.emplace("test_loss", 0.0);  // an empty evaluation set still has the key
   return result;
 }
 

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -11,6 +12,7 @@
 
 #include "lockstep/data/dataset.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
+#include "lockstep/train/metric_tracker.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 
@@ -260,4 +262,49 @@ TEST_CASE("trainer: ranks with another loss or other metrics get one error namin
                Contains("the loss") && Contains("smooth_l1 (beta 1)"));
   }
   CHECK(lockstep::testing::communicator_healthy());
+}
+
+TEST_CASE("MetricTracker in a loop of one's own: uneven shards give the values over their union", "[train]") {
+  // Rank r holds 5 + 3r samples in batches of 4: averaging per-rank values would weight them wrongly.
+  const int world = comm().size();
+  auto shard = [](int r) {
+    torch::manual_seed(40 + r);
+    const int64_t n = 5 + 3 * r;
+    at::Tensor scores = torch::randn({n, 3});
+    at::Tensor labels = torch::randint(0, 3, {n}, torch::kLong);
+    return std::make_pair(scores, labels);
+  };
+  lockstep::train::MetricTracker tracker(lockstep::train::make_metrics({"accuracy", "macro_f1"}, 3));
+  const auto [scores, labels] = shard(comm().rank());
+  for (int64_t start = 0; start < scores.size(0); start += 4) {
+    const int64_t b = std::min<int64_t>(4, scores.size(0) - start);
+    const at::Tensor out = scores.narrow(0, start, b), target = labels.narrow(0, start, b);
+    tracker.update(out, target, torch::nn::functional::cross_entropy(out, target));
+  }
+  const auto values = tracker.compute(comm());
+
+  // The oracle: every shard at once, in one process.
+  std::vector<at::Tensor> all_scores, all_labels;
+  for (int r = 0; r < world; ++r) {
+    auto [s, l] = shard(r);
+    all_scores.push_back(s);
+    all_labels.push_back(l);
+  }
+  const at::Tensor s = torch::cat(all_scores), l = torch::cat(all_labels);
+  const double n = static_cast<double>(s.size(0));
+  const at::Tensor predicted = s.argmax(1);
+  double f1 = 0;
+  int present = 0;
+  for (int64_t c = 0; c < 3; ++c) {
+    const double tp = (predicted.eq(c) & l.eq(c)).sum().item<double>();
+    const double fp = (predicted.eq(c) & l.ne(c)).sum().item<double>();
+    const double fn = (predicted.ne(c) & l.eq(c)).sum().item<double>();
+    if (tp + fp + fn == 0) continue;
+    f1 += 2 * tp / (2 * tp + fp + fn);
+    ++present;
+  }
+  CHECK(values.at("count") == n);
+  CHECK(values.at("acc") == Approx(predicted.eq(l).sum().item<double>() / n).epsilon(1e-12));
+  CHECK(values.at("macro_f1") == Approx(f1 / present).epsilon(1e-12));
+  CHECK(values.at("loss") == Approx(torch::nn::functional::cross_entropy(s, l).item<double>()).epsilon(1e-5));
 }

@@ -9,6 +9,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/loss.hpp"
+#include "lockstep/train/metric_tracker.hpp"
 #include "lockstep/train/metrics.hpp"
 
 using Catch::Matchers::Contains;
@@ -184,4 +185,30 @@ TEST_CASE("metrics: names are checked", "[train][metrics]") {
                     Contains("unknown metric 'f1'") && Contains("macro_f1") && Contains("custom_metrics"));
   CHECK_THROWS_WITH(lockstep::train::check_metric_name("top1_accuracy"), Contains("top-1 is 'accuracy'"));
   CHECK_THROWS_WITH(make_metric("mean_iou", 2000), Contains("at most 1024"));
+}
+
+TEST_CASE("MetricTracker: the loss weighted by samples, the count and the metrics of every batch", "[train][metrics]") {
+  using lockstep::train::MetricTracker;
+  MetricTracker tracker(lockstep::train::make_metrics({"mse", "mae"}));
+  CHECK(tracker.names() == std::vector<std::string>{"mse", "mae"});
+  // Two batches of 2 and 1 samples; the losses given are the batches' means.
+  tracker.update(torch::tensor({{1.0}, {3.0}}), torch::tensor({{0.0}, {0.0}}), torch::tensor(5.0));
+  tracker.update(torch::tensor({{2.0}}), torch::tensor({{0.0}}), torch::tensor(4.0));
+  auto values = tracker.compute_local("x_");
+  CHECK(values.at("x_count") == 3);
+  CHECK(values.at("x_loss") == Approx((5.0 * 2 + 4.0 * 1) / 3));  // per sample, not per batch
+  CHECK(values.at("x_mse") == Approx((1.0 + 9.0 + 4.0) / 3));
+  CHECK(values.at("x_mae") == Approx(2.0));
+  CHECK(tracker.sums().numel() == tracker.num_sums());
+  tracker.reset();
+  CHECK(tracker.compute_local().at("count") == 0);
+  // Without losses there is no loss value (not a 0 that looks like one).
+  tracker.update(torch::tensor({{1.0}}), torch::tensor({{1.0}}));
+  values = tracker.compute_local();
+  CHECK(values.count("loss") == 0);
+  CHECK(values.at("mse") == 0);
+  CHECK_THROWS_WITH(tracker.update(torch::tensor({{1.0}}), torch::tensor({{1.0}}), torch::ones({2})),
+                    Contains("the batch's mean, a scalar"));
+  CHECK_THROWS_WITH(tracker.set_sums(torch::zeros({2})), Contains("2 sums for a tracker of 7"));
+  CHECK_THROWS_WITH(MetricTracker(lockstep::train::make_metrics({"mse", "mse"})), Contains("name 'mse' twice"));
 }

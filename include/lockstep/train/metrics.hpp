@@ -14,7 +14,8 @@
 //                                    predictions (a C x C confusion matrix; C from the data set)
 //   mean_iou         key mean_iou:   intersection over union per class (segmentation: output
 //                                    [B, C, H, W], target [B, H, W]), averaged like macro_f1
-// A metric of the program's own derives from Metric (TrainerOptions::custom_metrics).
+// A metric of the program's own derives from Metric (TrainerOptions::custom_metrics). For a loop of your
+// own, MetricTracker (metric_tracker.hpp) keeps the sums and reduces them over ranks.
 
 #include <ATen/core/Tensor.h>
 
@@ -55,5 +56,8 @@ void check_metric_name(const std::string& name);
 // The built-in `name`; `num_classes` (the data set's) sizes macro_f1's and mean_iou's confusion
 // matrix, and is checked against the scores' size at every batch.
 MetricPtr make_metric(const std::string& name, int64_t num_classes);
+// The built-ins `names` (make_metric), then `custom`: what a MetricTracker takes.
+std::vector<MetricPtr> make_metrics(const std::vector<std::string>& names, int64_t num_classes = 0,
+                                    const std::vector<MetricPtr>& custom = {});
 
 }  // namespace lockstep::train

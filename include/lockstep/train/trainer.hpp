@@ -50,7 +50,6 @@ namespace lockstep::train {
 
 struct EpochTotals;
 class EpochTotalsState;
-class MetricSet;
 
 struct TrainerOptions {
   int64_t epochs = 1;
@@ -187,7 +186,7 @@ class DistributedTrainer {
   void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set) const;
   // Forward and loss under the precision's autocast.
   void forward_and_loss(TrainerContext& ctx);
-  // metric_set_ from options_.metrics and custom_metrics, sized by the data set's class count.
+  // metrics_ from options_.metrics and custom_metrics, sized by the data set's class count.
   void build_metrics(const data::Dataset& dataset);
 
   std::shared_ptr<torch::nn::Module> model_;
@@ -217,7 +216,8 @@ class DistributedTrainer {
   std::unique_ptr<EpochTotals> totals_;
   std::shared_ptr<EpochTotalsState> totals_state_;
   // The metrics of the last fit() (num_classes from its training set) or evaluate() (from its set).
-  std::unique_ptr<MetricSet> metric_set_;
+  std::vector<MetricPtr> metrics_;
+  bool metrics_built_ = false;
 };
 
 }  // namespace lockstep::train

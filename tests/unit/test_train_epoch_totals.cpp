@@ -1,0 +1,81 @@
+// The trainer's epoch totals in checkpoints (Note [Epoch totals in checkpoints], an internal piece:
+// src/train/epoch_totals.hpp): the state round-trips, a checkpoint with other metrics keeps the loss
+// and counts only, and a checkpoint written before metrics were pluggable still resumes.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "lockstep/train/metrics.hpp"
+#include "support/solo_communicator.hpp"
+#include "train/epoch_totals.hpp"
+
+using lockstep::train::EpochTotals;
+using lockstep::train::EpochTotalsState;
+using lockstep::train::make_metrics;
+
+namespace {
+
+std::vector<double> tracked(const EpochTotals& totals) {
+  const at::Tensor sums = totals.tracker.sums().to(torch::kCPU).contiguous();
+  return std::vector<double>(sums.data_ptr<double>(), sums.data_ptr<double>() + sums.numel());
+}
+
+}  // namespace
+
+TEST_CASE("epoch totals: a checkpoint's state resumes the epoch's sums on rank 0", "[train]") {
+  lockstep::testing::SoloCommunicator solo;
+  lockstep::train::TrainerContext ctx;
+  ctx.communicator = &solo;
+  EpochTotals saved(make_metrics({"accuracy"}));
+  EpochTotalsState saver(&saved);
+  saver.on_setup(ctx);
+  saved.reset(1);
+  saved.sums[lockstep::train::kSteps] = 3;
+  saved.tracker.update(torch::tensor({{2.0, 1.0}, {0.0, 1.0}}), torch::tensor({0, 0}, torch::kLong), torch::tensor(0.5));
+  const std::string state = saver.save_state();
+
+  EpochTotals resumed(make_metrics({"accuracy"}));
+  EpochTotalsState loader(&resumed);
+  loader.load_state(state);
+  resumed.reset(1);
+  CHECK(loader.restore(1, /*rank=*/0));
+  CHECK(tracked(resumed) == std::vector<double>{1.0, 2.0, 2.0, 1.0, 2.0});  // loss x 2, 2, 2, 1 correct of 2
+  CHECK(resumed.sums[lockstep::train::kSteps] == 3);
+
+  // Another epoch's state is not this epoch's; a rank other than 0 starts from zero.
+  EpochTotals other(make_metrics({"accuracy"}));
+  EpochTotalsState other_loader(&other);
+  other_loader.load_state(state);
+  other.reset(2);
+  CHECK_FALSE(other_loader.restore(2, 0));
+  other_loader.load_state(state);
+  other.reset(1);
+  CHECK(other_loader.restore(1, /*rank=*/1));
+  CHECK(tracked(other) == std::vector<double>(5, 0.0));
+
+  // Other metrics: the loss and the counts go on, the metrics start at zero.
+  EpochTotals changed(make_metrics({"accuracy", "mse"}));
+  EpochTotalsState changed_loader(&changed);
+  changed_loader.load_state(state);
+  changed.reset(1);
+  CHECK(changed_loader.restore(1, 0));
+  CHECK(tracked(changed) == std::vector<double>{1.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0});
+}
+
+TEST_CASE("epoch totals: a checkpoint from before pluggable metrics keeps its loss and counts", "[train]") {
+  // The old layout: loss sum, correct, count, forward, backward, comm, exposed, steps, grad norm, clipped.
+  const std::string old_state =
+      R"({"epoch": 0, "seconds": 1.5, "sums": [6.0, 3.0, 4.0, 0.1, 0.2, 0.3, 0.4, 2.0, 0.0, 0.0]})";
+  EpochTotals totals(make_metrics({"accuracy"}));
+  EpochTotalsState loader(&totals);
+  loader.load_state(old_state);
+  totals.reset(0);
+  CHECK(loader.restore(0, 0));
+  CHECK(tracked(totals) == std::vector<double>{6.0, 4.0, 4.0, 0.0, 0.0});
+  CHECK(totals.sums == std::vector<double>{0.1, 0.2, 0.3, 0.4, 2.0, 0.0, 0.0});
+  CHECK(totals.seconds_before == 1.5);
+  CHECK_THROWS_WITH(loader.load_state(R"({"epoch": 0, "seconds": 0, "sums": [1.0, 2.0]})"),
+                    Catch::Contains("expected 10 sums, found 2"));
+}

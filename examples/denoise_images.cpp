@@ -14,12 +14,10 @@
 // (configs/denoise_fashion_mnist.yaml at 2 ranks: 20000 images, 3 epochs, 1 minute on 2 cores).
 #include <torch/torch.h>
 
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "lockstep/config/config.hpp"
@@ -130,28 +128,9 @@ double noisy_input_mse(const lockstep::data::Dataset& set) {
 
 int main(int argc, char** argv) {
   namespace config = lockstep::config;
-  config::ExperimentConfig cfg;
-  try {
-    const config::CommandLine cli = config::parse_command_line(argc, argv);
-    if (cli.help) {
-      std::printf("%s", config::usage(argv[0]).c_str());
-      return 0;
-    }
-    LOCKSTEP_CHECK(!cli.config_path.empty(), "--config is required (e.g. configs/denoise_fashion_mnist.yaml)");
-    cfg = config::load_config(cli.config_path, cli.overrides);
-    if (cli.print_config) {
-      std::printf("%s", config::to_yaml(cfg).c_str());
-      return 0;
-    }
-  } catch (const lockstep::Error& e) {
-    // Every rank fails alike: rank 0 says it (train_resnet explains the wait).
-    if (lockstep::launcher_rank() == 0) {
-      std::fprintf(stderr, "denoise_images: %s\n", e.message().c_str());
-    } else {
-      std::this_thread::sleep_for(std::chrono::seconds(3));
-    }
-    return 2;
-  }
+  config::ProgramConfig program = config::program_config(argc, argv, "denoise_images");  // --config required
+  if (program.exit_status) return *program.exit_status;
+  config::ExperimentConfig& cfg = program.config;
 
   lockstep::Runtime runtime(argc, argv, cfg.runtime);
   config::check_same_on_all_ranks(cfg, *runtime.communicator());

@@ -9,11 +9,9 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <vector>
 #include <string>
-#include <thread>
 
 #include "lockstep/compress/pruning.hpp"
 #include "lockstep/compress/quantization.hpp"
@@ -94,30 +92,9 @@ double int8_accuracy(const std::string& path, const lockstep::config::Experiment
 int main(int argc, char** argv) {
   namespace config = lockstep::config;
   // The configuration is read before MPI starts: it holds the runtime options.
-  config::ExperimentConfig cfg;
-  try {
-    const config::CommandLine cli = config::parse_command_line(argc, argv);
-    if (cli.help) {
-      std::printf("%s", config::usage(argv[0]).c_str());
-      return 0;
-    }
-    cfg = cli.config_path.empty() ? config::parse_config(kDefaultConfig, "<built-in default config>", cli.overrides)
-                                  : config::load_config(cli.config_path, cli.overrides);
-    if (cli.print_config) {
-      std::printf("%s", config::to_yaml(cfg).c_str());
-      return 0;
-    }
-  } catch (const lockstep::Error& e) {
-    // Every rank reads the same command line and config, so every rank fails alike: say it once. The
-    // other ranks leave a moment later: mpirun ends the job at the first non-zero exit, and a rank that
-    // got there first could take rank 0's message down with it (seen: the test's message missing).
-    if (lockstep::launcher_rank() == 0) {
-      std::fprintf(stderr, "train_resnet: %s\n", e.message().c_str());
-    } else {
-      std::this_thread::sleep_for(std::chrono::seconds(3));
-    }
-    return 2;
-  }
+  config::ProgramConfig program = config::program_config(argc, argv, "train_resnet", kDefaultConfig);
+  if (program.exit_status) return *program.exit_status;
+  config::ExperimentConfig& cfg = program.config;
 
   lockstep::Runtime runtime(argc, argv, cfg.runtime);
   config::check_same_on_all_ranks(cfg, *runtime.communicator());  // one file, one command line, every rank

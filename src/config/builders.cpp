@@ -1,8 +1,13 @@
-// Builders from config sections to the library's objects (data sets, optimizer).
+// Builders from config sections to the library's objects (data sets, optimizer), and a program's start.
 #include <torch/torch.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
 
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/core/world.hpp"
 #include "lockstep/data/augment.hpp"
 #include "lockstep/data/cifar10.hpp"
 #include "lockstep/data/mnist.hpp"
@@ -99,6 +104,35 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
   LOCKSTEP_CHECK(comm != nullptr, "config key 'optimizer.zero': a sharded optimizer needs the communicator "
                  "(make_optimizer(config, parameters, comm))");
   return std::make_shared<ddp::ZeroRedundancyOptimizer>(std::move(parameters), std::move(comm), build);
+}
+
+ProgramConfig program_config(int argc, char** argv, const std::string& program, const std::string& default_yaml) {
+  ProgramConfig out;
+  try {
+    const CommandLine cli = parse_command_line(argc, argv);
+    if (cli.help) {
+      std::printf("%s", usage(program).c_str());
+      out.exit_status = 0;
+      return out;
+    }
+    LOCKSTEP_CHECK(!cli.config_path.empty() || !default_yaml.empty(), "--config FILE is required");
+    out.config = cli.config_path.empty() ? parse_config(default_yaml, "<built-in default config>", cli.overrides)
+                                         : load_config(cli.config_path, cli.overrides);
+    if (cli.print_config) {
+      std::printf("%s", to_yaml(out.config).c_str());
+      out.exit_status = 0;
+    }
+  } catch (const Error& e) {
+    // mpirun ends the job at the first non-zero exit, and a rank that got there first could take rank
+    // 0's message down with it (seen: the test's message missing), so the others leave a moment later.
+    if (launcher_rank() == 0) {
+      std::fprintf(stderr, "%s: %s\n", program.c_str(), e.message().c_str());
+    } else {
+      std::this_thread::sleep_for(std::chrono::seconds(3));
+    }
+    out.exit_status = 2;
+  }
+  return out;
 }
 
 }  // namespace lockstep::config

@@ -146,3 +146,12 @@ if(LOCKSTEP_BUILD_EXAMPLES)
     PASS_REGULAR_EXPRESSION "epoch 1: train loss [0-9.]+ mse [0-9.e-]+ mae [0-9.e-]+ . test loss [0-9.]+ mse [0-9.e-]+ mae [0-9.e-]+ .*denoising: test mse [0-9.]+ against 0.2[0-9]+ for the noisy input .([2-9]|[1-9][0-9]+)\\.[0-9]x lower."
     FAIL_REGULAR_EXPRESSION " acc ")
 endif()
+
+# denoise_images without --config: every rank stops before MPI starts, the message once.
+if(LOCKSTEP_BUILD_EXAMPLES)
+  add_test(NAME program.denoise_images_no_config.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>)
+  set_tests_properties(program.denoise_images_no_config.np2 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "denoise_images: --config FILE is required"
+    FAIL_REGULAR_EXPRESSION "required.*required")
+endif()

@@ -542,3 +542,20 @@ TEST_CASE("config: trainer.loss and trainer.metrics map onto TrainerOptions, rou
   CHECK_THAT(error_of("trainer:\n  metrics: [accuracy, f1]\n"),
              Contains("'trainer.metrics'") && Contains("test.yaml:2:12") && Contains("unknown metric 'f1'"));
 }
+
+TEST_CASE("config: program_config reads the command line, handles --help and --print-config, reports errors", "[config]") {
+  auto run = [](std::vector<std::string> args, const std::string& default_yaml) {
+    std::vector<char*> argv;
+    for (auto& arg : args) argv.push_back(arg.data());
+    return config::program_config(static_cast<int>(argv.size()), argv.data(), "prog", default_yaml);
+  };
+  const auto plain = run({"prog", "--set", "trainer.epochs=3"}, "trainer: {epochs: 2, batch_size: 8}\n");
+  CHECK_FALSE(plain.exit_status.has_value());
+  CHECK(plain.config.trainer.epochs == 3);  // the default config, with the override on top
+  CHECK(plain.config.trainer.batch_size == 8);
+  CHECK(run({"prog", "--help"}, "").exit_status == 0);
+  CHECK(run({"prog", "--print-config"}, "trainer: {epochs: 2}\n").exit_status == 0);
+  CHECK(run({"prog"}, "").exit_status == 2);  // no default: --config is required (the message goes to stderr)
+  CHECK(run({"prog", "--set", "trainer.epochs=three"}, "trainer: {epochs: 2}\n").exit_status == 2);
+  CHECK(run({"prog", "--config", "/nonexistent/lockstep.yaml"}, "").exit_status == 2);
+}

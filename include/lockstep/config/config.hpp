@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -139,6 +140,18 @@ struct CommandLine {
 // anything else is an error naming it.
 CommandLine parse_command_line(int argc, char** argv);
 std::string usage(const std::string& program);
+
+// A program's start, before MPI (the config holds the runtime options): parses the command line and
+// loads --config (or `default_yaml`, named "<built-in default config>", when no --config is given;
+// empty: --config is required). --help and --print-config print and set exit_status 0. An error sets
+// exit_status 2 after rank 0 (by the launcher's environment) printed "program: message" to stderr; every
+// rank reads the same command line and fails alike, and the other ranks wait a moment before they
+// leave, so that mpirun does not end the job before rank 0's message is out.
+struct ProgramConfig {
+  ExperimentConfig config;
+  std::optional<int> exit_status;  // set: end the program with it
+};
+ProgramConfig program_config(int argc, char** argv, const std::string& program, const std::string& default_yaml = "");
 
 // Builders: the train and test sets the data section describes (subset, then augmentation on the
 // train set), and the optimizer over `parameters` (with `zero`, a ddp::ZeroRedundancyOptimizer over

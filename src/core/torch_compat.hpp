@@ -2,12 +2,18 @@
 // Note [LibTorch versions]: every difference between LibTorch 1.13 (Debian) and 2.x that Lockstep
 // meets lives here, decided once from <torch/version.h>; callers use these names and never test a
 // version. (NCCL's differences have their own header, src/comm/nccl/nccl_compat.hpp, because it can
-// only be included where NCCL is installed.)
+// only be included where NCCL is installed; the autograd graph's, in core/autograd_compat.hpp, because
+// it needs the autograd headers.)
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
+#include <ATen/core/Tensor.h>
 #include <torch/version.h>
+
+#include <sstream>
+#include <string>
+#include <type_traits>
 
 namespace lockstep::compat {
 
@@ -56,6 +62,21 @@ inline void set_autocast_dtype(c10::DeviceType device, c10::ScalarType dtype) {
     at::autocast::set_autocast_cpu_dtype(dtype);
   }
 #endif
+}
+
+// The key of a parameter in torch::optim::Optimizer's state map: its TensorImpl's address as text in
+// 1.13 (c10::guts::to_string, i.e. ostream <<), the address itself (void*) in later 2.x. Templated on
+// the map so that only the branch that applies is compiled.
+template <class StateMap>
+typename StateMap::key_type optimizer_state_key(const at::Tensor& parameter) {
+  using Key = typename StateMap::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream text;
+    text << parameter.unsafeGetTensorImpl();
+    return text.str();
+  } else {
+    return static_cast<Key>(parameter.unsafeGetTensorImpl());
+  }
 }
 
 }  // namespace lockstep::compat

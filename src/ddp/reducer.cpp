@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "core/autograd_compat.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/model_sync.hpp"
 
@@ -97,6 +98,13 @@ double seconds(comm::Clock::time_point from, comm::Clock::time_point to) {
 
 }  // namespace
 
+// Kept out of the public header: the accumulators' pointer type differs between LibTorch versions
+// (core/autograd_compat.hpp).
+struct Reducer::GradientHooks {
+  std::vector<compat::NodePtr> accumulators;
+  std::vector<std::uintptr_t> keys;
+};
+
 Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> names, comm::CommunicatorPtr comm,
                  ReducerOptions options)
     : params_(std::move(parameters)), names_(std::move(names)), comm_(std::move(comm)), options_(std::move(options)) {
@@ -116,22 +124,26 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
   build_buckets(assign_buckets(params_, reverse_order(params_.size()), options_.first_bucket_cap_bytes,
                                options_.bucket_cap_bytes));
 
+  hooks_ = std::make_unique<GradientHooks>();
   for (std::size_t i = 0; i < params_.size(); ++i) {
     // The tensor holds its accumulator only weakly: keep it, or the hook dies with it.
-    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
-    LOCKSTEP_CHECK(accumulator != nullptr, "Reducer: parameter '", names_[i], "' has no gradient accumulator");
-    hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+    compat::NodePtr accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
+    LOCKSTEP_CHECK(static_cast<bool>(accumulator), "Reducer: parameter '", names_[i], "' has no gradient accumulator");
+    hooks_->keys.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
         [this, i](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
           on_gradient_ready(i);
           return outputs;
         })));
-    accumulators_.push_back(std::move(accumulator));
+    hooks_->accumulators.push_back(std::move(accumulator));
   }
 }
 
 Reducer::~Reducer() {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (std::size_t i = 0; i < accumulators_.size(); ++i) accumulators_[i]->del_post_hook(hook_keys_[i]);
+  if (!hooks_) return;
+  for (std::size_t i = 0; i < hooks_->accumulators.size(); ++i) {
+    hooks_->accumulators[i]->del_post_hook(hooks_->keys[i]);
+  }
 }
 
 void Reducer::build_buckets(const BucketAssignment& assignment) {

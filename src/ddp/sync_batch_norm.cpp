@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lockstep/comm/work.hpp"
+#include "core/autograd_compat.hpp"
 #include "lockstep/core/error.hpp"
 
 // Note [SyncBatchNorm statistics]
@@ -131,8 +132,8 @@ struct SyncBatchNormBackward : public torch::autograd::Node {
     // The engine enables grad mode here only for create_graph: the collectives are not differentiable.
     LOCKSTEP_CHECK(!at::GradMode::is_enabled(), "SyncBatchNorm (", describe_layer(*group, tag),
                    ") has no double backward: backward with create_graph = true is not supported");
-    const at::Tensor input = input_.unpack(shared_from_this());
-    const at::Tensor weight = affine ? weight_.unpack(shared_from_this()) : at::Tensor();
+    const at::Tensor input = input_.unpack(compat::owning_node_ptr(this));
+    const at::Tensor weight = affine ? weight_.unpack(compat::owning_node_ptr(this)) : at::Tensor();
     const at::ScalarType type = compute_type(input);
     const int64_t channels = mean.size(0);
     const at::Tensor x = input.to(type);
@@ -176,9 +177,13 @@ struct SyncBatchNormBackward : public torch::autograd::Node {
 SyncBatchNormImpl::SyncBatchNormImpl(const torch::nn::BatchNormOptions& options)
     : NormImplBase<2, SyncBatchNormImpl, torch::nn::BatchNormOptions>(options) {}
 
-// torch::nn::Module is a virtual base (of Cloneable): the most derived class copies it.
+// Up to some LibTorch 2.x, torch::nn::Module is a virtual base (of Cloneable), which the most derived
+// class must copy (or it is default-constructed); later it is an ordinary base, which only the direct
+// base may name. Assigning it in the body is right in both (Note [LibTorch versions]).
 SyncBatchNormImpl::SyncBatchNormImpl(const SyncBatchNormImpl& other)
-    : torch::nn::Module(other), NormImplBase<2, SyncBatchNormImpl, torch::nn::BatchNormOptions>(other) {}
+    : NormImplBase<2, SyncBatchNormImpl, torch::nn::BatchNormOptions>(other) {
+  torch::nn::Module::operator=(other);
+}
 
 SyncBatchNormImpl& SyncBatchNormImpl::operator=(const SyncBatchNormImpl& other) {
   NormImplBase<2, SyncBatchNormImpl, torch::nn::BatchNormOptions>::operator=(other);
@@ -266,7 +271,7 @@ torch::Tensor SyncBatchNormImpl::forward_synchronised(const torch::Tensor& input
 
   const bool affine = options.affine();
   if (torch::autograd::compute_requires_grad(input, affine ? weight : at::Tensor(), affine ? bias : at::Tensor())) {
-    auto node = std::shared_ptr<SyncBatchNormBackward>(new SyncBatchNormBackward(), torch::autograd::deleteNode);
+    auto node = compat::make_autograd_node<SyncBatchNormBackward>();
     node->group = group_;
     node->tag = 2.0 * static_cast<double>(index_) + kBackwardPhase;
     node->input_ = torch::autograd::SavedVariable(input, /*is_output=*/false);

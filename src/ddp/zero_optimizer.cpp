@@ -130,10 +130,13 @@ ZeroRedundancyOptimizer::Parts ZeroRedundancyOptimizer::make_parts(std::vector<a
   }
   parts.local = factory(owned);
   LOCKSTEP_CHECK(parts.local != nullptr, "ZeroRedundancyOptimizer: the factory returned no optimizer");
-  LOCKSTEP_CHECK(parts.local->param_groups().size() == 1 && parts.local->parameters().size() == owned.size(),
+  // Counted over the groups: Optimizer::parameters() is deprecated (LibTorch 2.x warns at every call).
+  std::size_t built = 0;
+  for (const auto& group : parts.local->param_groups()) built += group.params().size();
+  LOCKSTEP_CHECK(parts.local->param_groups().size() == 1 && built == owned.size(),
                  "ZeroRedundancyOptimizer: the factory must build one parameter group over exactly the ",
                  owned.size(), " parameters it is given; it built ", parts.local->param_groups().size(),
-                 " group(s) with ", parts.local->parameters().size(), " parameters");
+                 " group(s) with ", built, " parameters");
   parts.all = std::move(parameters);
   parts.comm = std::move(comm);
   return parts;

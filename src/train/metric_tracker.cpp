@@ -1,6 +1,7 @@
 #include "lockstep/train/metric_tracker.hpp"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <limits>
 #include <set>

@@ -18,8 +18,8 @@ int main(int argc, char** argv) {
     return 77;
   }
   if (runtime.rank() == 0) {
-    std::printf("gpu tests: %d rank(s), %zu GPU(s) on this host, runtime backend %s (%s)\n", runtime.size(),
-                torch::cuda::device_count(), runtime.backend().c_str(), runtime.backend_reason().c_str());
+    std::printf("gpu tests: %d rank(s), %d GPU(s) on this host, runtime backend %s (%s)\n", runtime.size(),
+                static_cast<int>(torch::cuda::device_count()), runtime.backend().c_str(), runtime.backend_reason().c_str());
   }
   int failed = lockstep::testing::run_catch(argc, argv);
   int any_failed = 0;

@@ -21,10 +21,6 @@
 #include "lockstep/ddp/join.hpp"
 #include "lockstep/ddp/timeline.hpp"
 
-namespace torch::autograd {
-struct Node;
-}
-
 namespace lockstep::ddp {
 
 struct ReducerOptions {
@@ -158,8 +154,8 @@ class Reducer {
   std::vector<std::string> names_;
   comm::CommunicatorPtr comm_;
   ReducerOptions options_;
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;  // keeps the hooks alive
-  std::vector<std::uintptr_t> hook_keys_;
+  struct GradientHooks;  // the parameters' gradient accumulators and this reducer's hooks on them
+  std::unique_ptr<GradientHooks> hooks_;
 
   std::vector<Bucket> buckets_;
   std::vector<Slot> slots_;

@@ -3,8 +3,12 @@
 # Defines NCCL_FOUND, NCCL_INCLUDE_DIRS, NCCL_LIBRARIES, NCCL_VERSION and the target NCCL::NCCL.
 set(_nccl_hints ${NCCL_ROOT} $ENV{NCCL_ROOT} $ENV{NCCL_HOME} ${CUDAToolkit_LIBRARY_ROOT} /usr/local/cuda)
 find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${_nccl_hints} PATH_SUFFIXES include)
-# libnccl.so.2: PyTorch's nvidia-nccl-cu* wheel ships no unversioned libnccl.so.
-find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 HINTS ${_nccl_hints} PATH_SUFFIXES lib lib64 lib/x86_64-linux-gnu)
+# libnccl.so.2: PyTorch's nvidia-nccl-cu* wheel ships no unversioned libnccl.so. NAMES_PER_DIR: the
+# first directory with either name wins, so NCCL_ROOT's libnccl.so.2 beats a system libnccl.so (without
+# it, on an H200 machine, Lockstep linked /usr/lib's libnccl.so although NCCL_ROOT named PyTorch's wheel;
+# at run time the wheel's library, loaded first by libtorch_cuda, answered: NCCL 2.28.3, headers 2.28.9).
+find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 NAMES_PER_DIR HINTS ${_nccl_hints}
+             PATH_SUFFIXES lib lib64 lib/x86_64-linux-gnu)
 
 if(NCCL_INCLUDE_DIR AND EXISTS "${NCCL_INCLUDE_DIR}/nccl.h")
   file(STRINGS "${NCCL_INCLUDE_DIR}/nccl.h" _nccl_major REGEX "^#define NCCL_MAJOR[ \t]+[0-9]+")

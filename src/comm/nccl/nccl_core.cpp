@@ -217,6 +217,7 @@ Core::~Core() {
   }
   stop_cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
+  run_nccl_abort();  // an abort the watchdog was asked for but had not begun (no-op otherwise)
   // Let what is still running finish (bounded by the timeout) before the communicator goes away.
   const Clock::time_point deadline = Clock::now() + options_.timeout;
   for (;;) {
@@ -373,13 +374,6 @@ void Core::abort(std::exception_ptr error) {
     aborted_ = true;
     pending.swap(pending_);
   }
-  // ncclCommAbort makes kernels spinning on a missing peer return, so the streams drain.
-  if (comm_ != nullptr) {
-    const ncclResult_t rc = ncclCommAbort(comm_);
-    if (rc != ncclSuccess) {
-      std::fprintf(stderr, "lockstep: rank %d: ncclCommAbort failed: %s\n", rank_, ncclGetErrorString(rc));
-    }
-  }
   std::string cause = "an earlier failure";
   try {
     std::rethrow_exception(failure_);
@@ -394,13 +388,46 @@ void Core::abort(std::exception_ptr error) {
         Error(state->info.describe() + " failed: the NCCL communicator was aborted because: " + cause, __FILE__,
               __LINE__)));
   }
+  // Every Work has its error now; ncclCommAbort (which makes kernels spinning on a missing peer return,
+  // so the streams drain) runs on the watchdog (Note [Abort off the waiting thread]), inline only on the
+  // watchdog itself or once it has stopped (the destructor).
+  bool inline_abort = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    nccl_abort_requested_ = true;
+    inline_abort = stop_ || !watchdog_.joinable() || std::this_thread::get_id() == watchdog_.get_id();
+  }
+  if (inline_abort) {
+    run_nccl_abort();
+  } else {
+    stop_cv_.notify_all();
+  }
+}
+
+void Core::run_nccl_abort() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!nccl_abort_requested_ || nccl_aborted_) return;
+    nccl_aborted_ = true;
+  }
+  if (comm_ == nullptr) return;
+  const ncclResult_t rc = ncclCommAbort(comm_);
+  if (rc != ncclSuccess) {
+    std::fprintf(stderr, "lockstep: rank %d: ncclCommAbort failed: %s\n", rank_, ncclGetErrorString(rc));
+  }
 }
 
 void Core::watchdog_loop() {
   cudaSetDevice(options_.device);
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stop_) {
-    stop_cv_.wait_for(lock, options_.watchdog_interval, [this] { return stop_; });
+    stop_cv_.wait_for(lock, options_.watchdog_interval, [this] { return stop_ || nccl_abort_requested_; });
+    if (nccl_abort_requested_) {
+      // Nothing is left to watch once the communicator is aborted; only the abort itself.
+      lock.unlock();
+      run_nccl_abort();
+      return;
+    }
     if (stop_) break;
     std::vector<std::shared_ptr<State>> pending = pending_;
     lock.unlock();

@@ -127,6 +127,12 @@ class Core : public std::enable_shared_from_this<Core> {
   std::exception_ptr failure_;
   std::atomic<bool> aborted_{false};
   bool stop_ = false;
+  // Note [Abort off the waiting thread]: ncclCommAbort itself can block (seen on an H200 with NCCL
+  // 2.28: 18 s, until the stream a collective waited for drained), so abort() hands it to the watchdog
+  // and the thread that noticed the failure raises at once.
+  bool nccl_abort_requested_ = false;  // under mutex_
+  bool nccl_aborted_ = false;          // under mutex_
+  void run_nccl_abort();
   std::thread watchdog_;
 };
 

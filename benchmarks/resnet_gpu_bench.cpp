@@ -2,6 +2,9 @@
 // Lockstep's path (DataParallel over the runtime's communicator, SGD with momentum, autocast for bf16)
 // in images/s, per precision. benchmarks/resnet_torch_bench.py measures the same model and loop in
 // PyTorch; scripts/gpu-check.sh runs both on the same GPU and compares them.
+// Two rows per precision: "lockstep" (DataParallel + train::ForeachSGD, what Lockstep's programs run)
+// and "libtorch" (the model and LibTorch's own per-parameter torch::optim::SGD, no DataParallel), so
+// that the table shows what DataParallel costs and what the optimizer's kernel launches cost.
 //
 //   build/benchmarks/resnet_gpu_bench [--batch 64] [--steps 50] [--warmup 10] [--precision fp32,bf16]
 //                                     [--json FILE]
@@ -21,6 +24,7 @@
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
+#include "lockstep/train/foreach_sgd.hpp"
 #include "lockstep/train/precision.hpp"
 
 namespace {
@@ -78,40 +82,49 @@ int main(int argc, char** argv) {
   if (runtime.rank() == 0) {
     std::printf("# ResNet-18 training, 224x224 synthetic, batch %lld per GPU, %d ranks, backend %s, device %s\n",
                 static_cast<long long>(options.batch), comm->size(), comm->backend().c_str(), device.str().c_str());
-    std::printf("%-10s %12s %12s\n", "precision", "images/s", "ms/step");
+    std::printf("%-10s %-10s %12s %12s\n", "precision", "impl", "images/s", "ms/step");
   }
   for (const std::string& precision : options.precisions) {
-    torch::manual_seed(0);
-    lockstep::models::ResNet18 model(lockstep::models::ResNet18Options{});
-    model->to(device);
-    model->train();
-    lockstep::ddp::DataParallel dp(model, comm);
-    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4));
-    auto x = torch::randn({options.batch, 3, 224, 224}, torch::TensorOptions().device(device));
-    auto y = torch::randint(0, 1000, {options.batch}, torch::TensorOptions().dtype(torch::kLong).device(device));
-    auto step = [&] {
-      optimizer.zero_grad();
-      torch::Tensor loss;
-      {
-        lockstep::train::AutocastGuard autocast(device, precision);
-        loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+    for (const std::string impl : {"lockstep", "libtorch"}) {
+      torch::manual_seed(0);
+      lockstep::models::ResNet18 model(lockstep::models::ResNet18Options{});
+      model->to(device);
+      model->train();
+      const auto sgd = torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4);
+      std::optional<lockstep::ddp::DataParallel> dp;
+      std::unique_ptr<torch::optim::Optimizer> optimizer;
+      if (impl == "lockstep") {
+        dp.emplace(model, comm);
+        optimizer = std::make_unique<lockstep::train::ForeachSGD>(model->parameters(), sgd);
+      } else {
+        optimizer = std::make_unique<torch::optim::SGD>(model->parameters(), sgd);
       }
-      loss.backward();
-      optimizer.step();
-    };
-    for (int i = 0; i < options.warmup; ++i) step();
-    torch::cuda::synchronize(device.index());
-    const auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < options.steps; ++i) step();
-    torch::cuda::synchronize(device.index());
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const double images = static_cast<double>(options.batch) * options.steps / seconds;
-    if (runtime.rank() == 0) {
-      std::printf("%-10s %12.1f %12.2f\n", precision.c_str(), images, 1e3 * seconds / options.steps);
-      std::fflush(stdout);
+      auto x = torch::randn({options.batch, 3, 224, 224}, torch::TensorOptions().device(device));
+      auto y = torch::randint(0, 1000, {options.batch}, torch::TensorOptions().dtype(torch::kLong).device(device));
+      auto step = [&] {
+        optimizer->zero_grad();
+        torch::Tensor loss;
+        {
+          lockstep::train::AutocastGuard autocast(device, precision);
+          loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+        }
+        loss.backward();
+        optimizer->step();
+      };
+      for (int i = 0; i < options.warmup; ++i) step();
+      torch::cuda::synchronize(device.index());
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < options.steps; ++i) step();
+      torch::cuda::synchronize(device.index());
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const double images = static_cast<double>(options.batch) * options.steps / seconds;
+      if (runtime.rank() == 0) {
+        std::printf("%-10s %-10s %12.1f %12.2f\n", precision.c_str(), impl.c_str(), images, 1e3 * seconds / options.steps);
+        std::fflush(stdout);
+      }
+      rows.push_back({{"impl", impl}, {"precision", precision}, {"images_per_s", images},
+                      {"ms_per_step", 1e3 * seconds / options.steps}, {"batch", options.batch}});
     }
-    rows.push_back({{"impl", "lockstep"}, {"precision", precision}, {"images_per_s", images},
-                    {"ms_per_step", 1e3 * seconds / options.steps}, {"batch", options.batch}});
   }
   if (runtime.rank() == 0 && !options.json.empty()) {
     nlohmann::json doc = {{"benchmark", "resnet18_gpu"}, {"ranks", comm->size()}, {"backend", comm->backend()},

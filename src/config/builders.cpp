@@ -14,6 +14,7 @@
 #include "lockstep/data/subset.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
+#include "lockstep/train/foreach_sgd.hpp"
 
 namespace lockstep::config {
 namespace {
@@ -98,7 +99,7 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
     }
     torch::optim::SGDOptions options(config.lr);
     options.momentum(config.momentum).weight_decay(config.weight_decay).nesterov(config.nesterov);
-    return std::make_unique<torch::optim::SGD>(std::move(params), options);
+    return std::make_unique<train::ForeachSGD>(std::move(params), options);
   };
   if (!config.zero) return build(std::move(parameters));
   LOCKSTEP_CHECK(comm != nullptr, "config key 'optimizer.zero': a sharded optimizer needs the communicator "

@@ -11,6 +11,7 @@
 #include "lockstep/ddp/sync_batch_norm.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
 #include "lockstep/train/ema.hpp"
+#include "lockstep/train/foreach_sgd.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -329,5 +330,36 @@ TEST_CASE("SyncBatchNorm on CUDA: one process's BatchNorm on the whole batch, in
     CHECK(torch::allclose(mine.grad().cpu().to(torch::kFloat), whole.grad().narrow(0, 4 * r, 4), tol, tol));
     CHECK(torch::allclose(sync->running_mean.cpu(), oracle->running_mean, 1e-4, 1e-4));
     CHECK(torch::allclose(sync->running_var.cpu(), oracle->running_var, 1e-4, 1e-4));
+  }
+}
+
+TEST_CASE("ForeachSGD on CUDA: torch::optim::SGD's steps in a few multi-tensor kernels", "[gpu][optim]") {
+  // The foreach kernels may contract a + alpha * b into one fused multiply-add where add_ does not:
+  // equal to a few float32 ulps, not bitwise as on the CPU.
+  auto make = [] {
+    torch::manual_seed(5);
+    std::vector<torch::Tensor> params;
+    for (int64_t n : {1000, 37, 4096, 3}) {
+      params.push_back(torch::randn({n}, torch::TensorOptions().device(device())).requires_grad_(true));
+    }
+    return params;
+  };
+  auto ours = make(), theirs = make();
+  const auto options = torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4).nesterov(true);
+  lockstep::train::ForeachSGD foreach_sgd(ours, options);
+  torch::optim::SGD sgd(theirs, options);
+  for (int step = 0; step < 5; ++step) {
+    torch::manual_seed(100 + step);
+    for (std::size_t i = 0; i < ours.size(); ++i) {
+      const auto g = torch::randn_like(ours[i]);
+      ours[i].mutable_grad() = g.clone();
+      theirs[i].mutable_grad() = g.clone();
+    }
+    foreach_sgd.step();
+    sgd.step();
+  }
+  for (std::size_t i = 0; i < ours.size(); ++i) {
+    CHECK(ours[i].device() == device());
+    CHECK(torch::allclose(ours[i].detach().cpu(), theirs[i].detach().cpu(), 1e-5, 1e-6));
   }
 }

@@ -24,7 +24,7 @@
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
-#include "lockstep/train/foreach_sgd.hpp"
+#include "lockstep/train/foreach_optim.hpp"
 #include "lockstep/train/precision.hpp"
 
 namespace {

@@ -14,7 +14,7 @@
 #include "lockstep/data/subset.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
-#include "lockstep/train/foreach_sgd.hpp"
+#include "lockstep/train/foreach_optim.hpp"
 
 namespace lockstep::config {
 namespace {
@@ -89,11 +89,11 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
     if (config.name == "adam" || config.name == "adamw") {
       const std::tuple<double, double> betas{config.beta1, config.beta2};
       if (config.name == "adam") {
-        return std::make_unique<torch::optim::Adam>(
+        return std::make_unique<train::ForeachAdam>(
             std::move(params),
             torch::optim::AdamOptions(config.lr).betas(betas).eps(config.eps).weight_decay(config.weight_decay));
       }
-      return std::make_unique<torch::optim::AdamW>(
+      return std::make_unique<train::ForeachAdamW>(
           std::move(params),
           torch::optim::AdamWOptions(config.lr).betas(betas).eps(config.eps).weight_decay(config.weight_decay));
     }

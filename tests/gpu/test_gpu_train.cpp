@@ -11,7 +11,7 @@
 #include "lockstep/ddp/sync_batch_norm.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
 #include "lockstep/train/ema.hpp"
-#include "lockstep/train/foreach_sgd.hpp"
+#include "lockstep/train/foreach_optim.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -333,9 +333,14 @@ TEST_CASE("SyncBatchNorm on CUDA: one process's BatchNorm on the whole batch, in
   }
 }
 
-TEST_CASE("ForeachSGD on CUDA: torch::optim::SGD's steps in a few multi-tensor kernels", "[gpu][optim]") {
-  // The foreach kernels may contract a + alpha * b into one fused multiply-add where add_ does not:
-  // equal to a few float32 ulps, not bitwise as on the CPU.
+namespace {
+
+// Runs `ours` and `theirs` (the same optimizer type's foreach and LibTorch versions) for 5 steps on
+// identical CUDA parameters and gradients; the foreach kernels may contract a + alpha * b into one
+// fused multiply-add where LibTorch's per-tensor kernels do not: equal to a few float32 ulps, not
+// bitwise as on the CPU.
+template <class Ours, class Theirs, class Options>
+void check_foreach_on_cuda(const Options& options) {
   auto make = [] {
     torch::manual_seed(5);
     std::vector<torch::Tensor> params;
@@ -345,9 +350,8 @@ TEST_CASE("ForeachSGD on CUDA: torch::optim::SGD's steps in a few multi-tensor k
     return params;
   };
   auto ours = make(), theirs = make();
-  const auto options = torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4).nesterov(true);
-  lockstep::train::ForeachSGD foreach_sgd(ours, options);
-  torch::optim::SGD sgd(theirs, options);
+  Ours foreach_opt(ours, options);
+  Theirs reference(theirs, options);
   for (int step = 0; step < 5; ++step) {
     torch::manual_seed(100 + step);
     for (std::size_t i = 0; i < ours.size(); ++i) {
@@ -355,11 +359,22 @@ TEST_CASE("ForeachSGD on CUDA: torch::optim::SGD's steps in a few multi-tensor k
       ours[i].mutable_grad() = g.clone();
       theirs[i].mutable_grad() = g.clone();
     }
-    foreach_sgd.step();
-    sgd.step();
+    foreach_opt.step();
+    reference.step();
   }
   for (std::size_t i = 0; i < ours.size(); ++i) {
     CHECK(ours[i].device() == device());
     CHECK(torch::allclose(ours[i].detach().cpu(), theirs[i].detach().cpu(), 1e-5, 1e-6));
   }
+}
+
+}  // namespace
+
+TEST_CASE("foreach optimizers on CUDA: LibTorch's SGD, Adam and AdamW steps in a few multi-tensor kernels",
+          "[gpu][optim]") {
+  check_foreach_on_cuda<lockstep::train::ForeachSGD, torch::optim::SGD>(
+      torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4).nesterov(true));
+  check_foreach_on_cuda<lockstep::train::ForeachAdam, torch::optim::Adam>(
+      torch::optim::AdamOptions(1e-2).weight_decay(1e-2).amsgrad(true));
+  check_foreach_on_cuda<lockstep::train::ForeachAdamW, torch::optim::AdamW>(torch::optim::AdamWOptions(1e-2));
 }

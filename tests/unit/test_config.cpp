@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "lockstep/config/config.hpp"
+#include "lockstep/train/foreach_optim.hpp"
 #include "lockstep/core/error.hpp"
 #include "support/grad_buckets.hpp"
 #include "support/solo_communicator.hpp"
@@ -331,10 +332,12 @@ TEST_CASE("config: optimizer adam/adamw and zero build the named optimizer, and 
   config::OptimizerConfig adam = c.optimizer;
   adam.zero = false;
   auto built = config::make_optimizer(adam, layer->parameters());
-  REQUIRE(dynamic_cast<torch::optim::AdamW*>(built.get()) != nullptr);
+  REQUIRE(dynamic_cast<lockstep::train::ForeachAdamW*>(built.get()) != nullptr);  // docs/training.md
   CHECK(built->param_groups()[0].options().get_lr() == 0.002);
   adam.name = "adam";
-  CHECK(dynamic_cast<torch::optim::Adam*>(config::make_optimizer(adam, layer->parameters()).get()) != nullptr);
+  CHECK(dynamic_cast<lockstep::train::ForeachAdam*>(config::make_optimizer(adam, layer->parameters()).get()) != nullptr);
+  adam.name = "sgd";
+  CHECK(dynamic_cast<lockstep::train::ForeachSGD*>(config::make_optimizer(adam, layer->parameters()).get()) != nullptr);
   // Sharding needs the communicator: a clear error without one.
   CHECK_THROWS_WITH(config::make_optimizer(c.optimizer, layer->parameters()),
                     Contains("'optimizer.zero'") && Contains("needs the communicator"));

@@ -97,6 +97,9 @@ struct Core::State {
   }
 };
 
+// The Core whose watchdog runs on this thread, if any (Note [Abort off the waiting thread]).
+static thread_local const Core* watchdog_of_this_thread = nullptr;
+
 // The Work a launch returns (Note [NCCL stream semantics], point 2).
 class CoreWork final : public Work {
  public:
@@ -206,6 +209,10 @@ void Core::initialise() {
     LOCKSTEP_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     LOCKSTEP_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest));
     owns_stream_ = true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    watchdog_running_ = true;
   }
   watchdog_ = std::thread([this] { watchdog_loop(); });
 }
@@ -395,7 +402,7 @@ void Core::abort(std::exception_ptr error) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     nccl_abort_requested_ = true;
-    inline_abort = stop_ || !watchdog_.joinable() || std::this_thread::get_id() == watchdog_.get_id();
+    inline_abort = stop_ || !watchdog_running_ || watchdog_of_this_thread == this;
   }
   if (inline_abort) {
     run_nccl_abort();
@@ -418,6 +425,7 @@ void Core::run_nccl_abort() {
 }
 
 void Core::watchdog_loop() {
+  watchdog_of_this_thread = this;
   cudaSetDevice(options_.device);
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stop_) {
@@ -426,7 +434,8 @@ void Core::watchdog_loop() {
       // Nothing is left to watch once the communicator is aborted; only the abort itself.
       lock.unlock();
       run_nccl_abort();
-      return;
+      lock.lock();
+      break;
     }
     if (stop_) break;
     std::vector<std::shared_ptr<State>> pending = pending_;
@@ -453,6 +462,7 @@ void Core::watchdog_loop() {
     }
     pending_.swap(still);
   }
+  watchdog_running_ = false;  // under the lock: from here on abort() runs ncclCommAbort itself
 }
 
 }  // namespace lockstep::comm::nccl

@@ -132,6 +132,7 @@ class Core : public std::enable_shared_from_this<Core> {
   // and the thread that noticed the failure raises at once.
   bool nccl_abort_requested_ = false;  // under mutex_
   bool nccl_aborted_ = false;          // under mutex_
+  bool watchdog_running_ = false;      // under mutex_
   void run_nccl_abort();
   std::thread watchdog_;
 };

@@ -15,6 +15,13 @@ namespace lockstep::train {
 
 namespace {
 
+// The closure's loss, computed with gradients on (as LibTorch's optimizers do); undefined without one.
+torch::Tensor evaluate(const torch::optim::Optimizer::LossClosure& closure) {
+  if (closure == nullptr) return {};
+  at::AutoGradMode enable_grad(true);
+  return closure();
+}
+
 // What step() needs of each parameter with a gradient: the parameter (the state's key), its data and
 // its gradient's data.
 struct Stepped {
@@ -107,11 +114,7 @@ void adam_step(const Options& options, Stepped& s, const std::vector<at::Tensor>
 //   d = nesterov ? d + momentum * buf : buf;  p -= lr * d.
 torch::Tensor ForeachSGD::step(LossClosure closure) {
   at::NoGradGuard no_grad;
-  torch::Tensor loss;
-  if (closure != nullptr) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  const torch::Tensor loss = evaluate(closure);
   for (auto& group : param_groups_) {
     const auto& options = static_cast<const torch::optim::SGDOptions&>(group.options());
     Stepped stepped = with_gradients(group, "ForeachSGD");
@@ -152,11 +155,7 @@ torch::Tensor ForeachSGD::step(LossClosure closure) {
 // torch::optim::Adam::step per element: g = grad (+ weight_decay * p), then the update above.
 torch::Tensor ForeachAdam::step(LossClosure closure) {
   at::NoGradGuard no_grad;
-  torch::Tensor loss;
-  if (closure != nullptr) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  const torch::Tensor loss = evaluate(closure);
   for (auto& group : param_groups_) {
     const auto& options = static_cast<const torch::optim::AdamOptions&>(group.options());
     Stepped stepped = with_gradients(group, "ForeachAdam");
@@ -172,11 +171,7 @@ torch::Tensor ForeachAdam::step(LossClosure closure) {
 // torch::optim::AdamW::step per element: p *= 1 - lr * weight_decay (decoupled), then the update above.
 torch::Tensor ForeachAdamW::step(LossClosure closure) {
   at::NoGradGuard no_grad;
-  torch::Tensor loss;
-  if (closure != nullptr) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  const torch::Tensor loss = evaluate(closure);
   for (auto& group : param_groups_) {
     const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
     Stepped stepped = with_gradients(group, "ForeachAdamW");

@@ -42,6 +42,17 @@ bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch:
   return true;
 }
 
+// Saves `from`'s state as a checkpoint would and loads it into `into`.
+void copy_state(const torch::optim::Optimizer& from, torch::optim::Optimizer& into) {
+  std::stringstream buffer;
+  torch::serialize::OutputArchive out;
+  from.save(out);
+  out.save_to(buffer);
+  torch::serialize::InputArchive in;
+  in.load_from(buffer);
+  into.load(in);
+}
+
 std::vector<torch::Tensor> detached(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> out;
   for (const auto& p : params) out.push_back(p.detach().clone());
@@ -99,20 +110,10 @@ TEST_CASE("ForeachSGD: groups keep their own options, and state round-trips thro
   REQUIRE(bitwise_equal(detached(ours), detached(theirs)));
 
   // ForeachSGD's momentum buffers are SGD's: saved by one, loaded by the other, the runs stay bitwise equal.
-  std::stringstream buffer;
-  {
-    torch::serialize::OutputArchive out;
-    foreach_sgd.save(out);
-    out.save_to(buffer);
-  }
   auto resumed_params = detached(ours);
   for (auto& p : resumed_params) p.requires_grad_(true);
   torch::optim::SGD resumed(groups(resumed_params), defaults);
-  {
-    torch::serialize::InputArchive in;
-    in.load_from(buffer);
-    resumed.load(in);
-  }
+  copy_state(foreach_sgd, resumed);
   for (int step = 3; step < 6; ++step) {
     set_grads(ours, step);
     set_grads(resumed_params, step);
@@ -164,20 +165,10 @@ void check_adam_like(const Options& options, int steps) {
   CHECK(!torch::equal(ours[0].detach(), make_params(3)[0].detach()));
 
   // Its state is the reference's: saved by one, loaded by the other, the runs stay bitwise equal.
-  std::stringstream buffer;
-  {
-    torch::serialize::OutputArchive out;
-    foreach_opt.save(out);
-    out.save_to(buffer);
-  }
   auto resumed_params = detached(ours);
   for (auto& p : resumed_params) p.requires_grad_(true);
   Theirs resumed(resumed_params, options);
-  {
-    torch::serialize::InputArchive in;
-    in.load_from(buffer);
-    resumed.load(in);
-  }
+  copy_state(foreach_opt, resumed);
   for (int step = steps; step < steps + 3; ++step) {
     set_sparse_in_time_grads(ours, step);
     set_sparse_in_time_grads(resumed_params, step);

@@ -27,7 +27,7 @@ CommHook compress_hook(at::ScalarType wire_type, const char* name) {
 
 CommHook allreduce_hook() {
   return [](comm::Communicator& comm, const GradBucket& bucket) -> comm::WorkPtr {
-    bucket.buffer.div_(comm.size());
+    if (comm.size() > 1) bucket.buffer.div_(comm.size());  // at one rank: a pass over the bucket for nothing
     return comm.allreduce(bucket.buffer);
   };
 }

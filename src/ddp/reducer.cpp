@@ -414,14 +414,16 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
     flag[i] = ready_[i];
     flag[n + i] = used_since_sync_[i];
   }
-  comm::WorkPtr flags_work = comm_->allreduce(flags);
+  // At one rank this rank's flags are the sums: no collective (over NCCL it would be a host round trip
+  // per step for nothing).
+  comm::WorkPtr flags_work = size > 1 ? comm_->allreduce(flags) : nullptr;
   std::vector<comm::WorkPtr> broadcasts;
   if (!broadcast_tensors_.empty()) broadcasts = broadcast_coalesced(*comm_, broadcast_tensors_, root);
 
   // Strictly in bucket order, on every rank, and only here: a hook's continuation may issue a
   // collective of its own when it runs (Note [PowerSGD collective order]).
   for (auto& bucket : buckets_) bucket.work->wait();
-  flags_work->wait();
+  if (flags_work) flags_work->wait();
   for (auto& work : broadcasts) work->wait();
   const std::vector<std::int32_t> ready_counts(flag, flag + n);
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
@@ -593,7 +595,7 @@ void Reducer::rebuild_by_ready_order() {
   for (std::size_t i : reverse_order(n)) {
     if (!placed[i]) entry[k++] = static_cast<std::int64_t>(i);
   }
-  comm_->broadcast(order, comm::BroadcastOptions{0})->wait();
+  if (comm_->size() > 1) comm_->broadcast(order, comm::BroadcastOptions{0})->wait();
   std::vector<std::size_t> agreed(entry, entry + n);
   BucketAssignment assignment =
       assign_buckets(params_, agreed, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes);

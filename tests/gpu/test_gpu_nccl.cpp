@@ -16,7 +16,10 @@
 #include "lockstep/comm/stop_vote.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/train/foreach_optim.hpp"
 #include "support/dist.hpp"
+#include "support/fixtures.hpp"
 
 using Catch::Matchers::Contains;
 using lockstep::comm::ReduceOp;
@@ -157,6 +160,86 @@ TEST_CASE("CPU tensors go through the NCCL communicator too", "[gpu][nccl]") {
     CHECK_THROWS_WITH(comm->allreduce(elsewhere), Contains("runs on"));
   }
   CHECK_THROWS_WITH(comm->allreduce(wrong, torch::zeros({4})), Contains("same device"));
+}
+
+TEST_CASE("CPU tensors through NCCL go over the host: they neither wait for the GPU nor stall it", "[gpu][nccl]") {
+  // Note [CPU tensors through NCCL]: staged through the GPU they waited for everything queued on the
+  // caller's stream (here: held up by the gate for up to 20 s).
+  auto comm = nccl();
+  if (!comm) return;
+  const int n = comm->size(), r = comm->rank();
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  StreamGate gate;
+  gate.close(side.stream());
+  auto on_gpu = torch::full({1 << 16}, 1.0, torch::TensorOptions().device(device()));
+  auto gpu_work = comm->allreduce(on_gpu);  // behind the gate
+  const auto start = std::chrono::steady_clock::now();
+  auto sum = torch::full({100}, r + 1.0, torch::kDouble);
+  comm->allreduce(sum)->wait();
+  auto gathered = torch::zeros({2 * n}, torch::kLong);
+  comm->allgather(torch::full({2}, static_cast<int64_t>(r), torch::kLong), gathered)->wait();
+  auto root = torch::full({3}, static_cast<float>(r));
+  comm->broadcast(root, {n - 1})->wait();
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(waited < 1.0);
+  CHECK_FALSE(gpu_work->is_completed());
+  CHECK(torch::allclose(sum, torch::full({100}, n * (n + 1) / 2.0, torch::kDouble)));
+  CHECK(torch::equal(gathered, torch::arange(n, torch::kLong).repeat_interleave(2)));
+  CHECK(torch::equal(root, torch::full({3}, static_cast<float>(n - 1))));
+  gate.release();
+  gpu_work->wait();
+  side.synchronize();
+  CHECK(torch::allclose(on_gpu.cpu(), torch::full({1 << 16}, static_cast<float>(n))));
+  comm->barrier()->wait();
+}
+
+TEST_CASE("a DataParallel step over NCCL never blocks the host", "[gpu][nccl][ddp]") {
+  // Forward, backward with its bucket all-reduces and the per-step bookkeeping, and a ForeachSGD step
+  // are all queued while the stream is held up: no host synchronisation anywhere in a step, so the
+  // host runs ahead of the GPU as in a process without DataParallel. Every rank has the same batch, so
+  // the averaged gradients are each rank's own and a model without DataParallel is the reference.
+  auto comm = nccl();
+  if (!comm) return;
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  torch::manual_seed(3);
+  lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
+  torch::manual_seed(3);
+  lockstep::testing::SmallConvNet plain(/*batch_norm=*/true);
+  model->to(device());
+  plain->to(device());
+  lockstep::ddp::DataParallel dp(model, comm);
+  const auto sgd = torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4);
+  lockstep::train::ForeachSGD opt(model->parameters(), sgd);
+  lockstep::train::ForeachSGD plain_opt(plain->parameters(), sgd);
+  torch::manual_seed(7);
+  const auto x = torch::randn({8, 1, 8, 8}).to(device());
+  const auto y = torch::randint(0, 4, {8}, torch::kLong).to(device());
+  auto step = [&](lockstep::testing::SmallConvNet& net, torch::optim::Optimizer& o) {
+    o.zero_grad();
+    torch::nn::functional::cross_entropy(net->forward(x), y).backward();
+    o.step();
+  };
+  for (int i = 0; i < 2; ++i) step(model, opt);  // the first steps build and rebuild the buckets
+  side.synchronize();
+  StreamGate gate;
+  gate.close(side.stream());
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 3; ++i) step(model, opt);
+  const double queued = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  gate.release();
+  side.synchronize();
+  CHECK(queued < 2.0);
+  for (int i = 0; i < 5; ++i) step(plain, plain_opt);
+  side.synchronize();
+  auto ours = model->parameters();
+  auto theirs = plain->parameters();
+  for (std::size_t i = 0; i < ours.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK(torch::allclose(ours[i].detach().cpu(), theirs[i].detach().cpu(), 1e-5, 1e-6));
+  }
+  comm->barrier()->wait();
 }
 
 TEST_CASE("wait() orders the caller's stream after the collective without blocking the host", "[gpu][nccl]") {

@@ -1,12 +1,19 @@
-// Bucket assignment and the model description, which need no communication.
+// Bucket assignment and the model description, which need no communication, and DataParallel in a
+// world of one rank (SoloCommunicator).
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
+
+#include <memory>
+#include <string>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/bucket_assignment.hpp"
 #include "lockstep/comm/agree.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/model_sync.hpp"
 #include "lockstep/ddp/timeline.hpp"
+#include "support/counting_communicator.hpp"
+#include "support/solo_communicator.hpp"
 
 using lockstep::ddp::assign_buckets;
 using lockstep::ddp::BucketAssignment;
@@ -79,4 +86,68 @@ TEST_CASE("Timeline writes Chrome trace events", "[ddp]") {
   CHECK(json.find("\"dur\":2000.0") != std::string::npos);
   CHECK(json.find("\"pid\":3") != std::string::npos);
   CHECK(json.find("\"dropped_events\":1") != std::string::npos);
+}
+
+namespace {
+// Two layers, a batch norm (buffers DataParallel would broadcast) and a layer that never takes part.
+struct SoloNetImpl : torch::nn::Module {
+  SoloNetImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(6, 5))),
+        bn(register_module("bn", torch::nn::BatchNorm1d(5))),
+        fc2(register_module("fc2", torch::nn::Linear(5, 3))),
+        idle(register_module("idle", torch::nn::Linear(3, 3))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(bn(fc1(x)))); }
+  torch::nn::Linear fc1, fc2, idle;
+  torch::nn::BatchNorm1d bn;
+};
+TORCH_MODULE(SoloNet);
+}  // namespace
+
+TEST_CASE("At one rank a synchronised backward issues only its buckets' collectives", "[ddp]") {
+  // Note [CPU tensors through NCCL] and the reducer: at one rank the per-step flags all-reduce and the
+  // buffer broadcast are identities, and over NCCL each was a host round trip per step; only the
+  // buckets (which a comm hook may transform) still go through the communicator.
+  torch::manual_seed(3);
+  SoloNet model;
+  torch::manual_seed(3);
+  SoloNet plain;  // the same initial weights, trained without DataParallel
+  auto counting = std::make_shared<lockstep::testing::CountingCommunicator>(
+      std::make_shared<lockstep::testing::SoloCommunicator>());
+  lockstep::ddp::DataParallelOptions options;
+  options.bucket_cap_mb = 0;  // one bucket per parameter
+  options.first_bucket_cap_mb = 0;
+  options.find_unused_parameters = true;  // `idle` never gets a gradient
+  lockstep::ddp::DataParallel dp(model, counting, options);
+  const std::size_t buckets = dp.reducer().bucket_assignment().size();
+  CHECK(buckets == 8);
+  const torch::Tensor x = torch::randn({4, 6});
+  for (int step = 0; step < 3; ++step) {
+    const int before = counting->calls;
+    model->forward(x).sum().backward();
+    CHECK(counting->calls - before == static_cast<int>(buckets));
+  }
+  // The reduced gradients are this rank's own (sum, and average, over one rank), and the unused
+  // layer's gradient stays undefined, as in a process without DataParallel.
+  for (int step = 0; step < 3; ++step) plain->forward(x).sum().backward();
+  for (const auto& item : plain->named_parameters()) {
+    INFO(item.key());
+    const torch::Tensor& mine = model->named_parameters()[item.key()].grad();
+    CHECK(mine.defined() == item.value().grad().defined());
+    if (mine.defined()) CHECK(torch::allclose(mine, item.value().grad()));
+  }
+}
+
+TEST_CASE("At one rank a parameter without a gradient is still an error that names it", "[ddp]") {
+  torch::manual_seed(3);
+  SoloNet model;
+  lockstep::ddp::DataParallel dp(model, std::make_shared<lockstep::testing::SoloCommunicator>());
+  std::string error;
+  try {
+    model->forward(torch::randn({4, 6})).sum().backward();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  INFO(error);
+  CHECK(error.find("'idle.weight' (on 1 of 1 ranks)") != std::string::npos);
+  CHECK(error.find("find_unused_parameters") != std::string::npos);
 }

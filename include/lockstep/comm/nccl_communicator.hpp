@@ -9,8 +9,9 @@
 //
 // Stream semantics (docs/gpu.md): each collective runs on the communicator's own CUDA stream, after
 // the work already queued on the caller's current stream; wait() makes the caller's current stream
-// wait for it without blocking the host. CPU tensors are accepted too (copied through the GPU; their
-// wait() blocks the host). A collective that outlives its timeout, or an error NCCL reports, aborts
+// wait for it without blocking the host. CPU tensors are accepted too: they go over MPI on the host
+// (never through the GPU, so they neither wait for queued GPU work nor stall it), and their wait()
+// blocks the host until the result is there. A collective that outlives its timeout, or an error NCCL reports, aborts
 // the communicator and raises an error naming the operation, its sequence number and the rank.
 //
 // The backend is in a build of Lockstep only when CUDA, NCCL and a CUDA-enabled LibTorch were found;

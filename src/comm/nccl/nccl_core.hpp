@@ -11,8 +11,8 @@
 //   1. The communication stream first waits, through an event, for the work already queued on the
 //      producer stream (the caller's current stream): no host synchronisation.
 //   2. Work::wait() makes the waiting thread's current stream wait for the collective's end event and
-//      returns at once; the host blocks only when the result is read by the host (CPU tensors staged
-//      through the device) or with blocking_wait.
+//      returns at once; the host blocks only when the result is read by the host (barrier) or with
+//      blocking_wait. (CPU tensors do not come here: Note [CPU tensors through NCCL].)
 //   3. Tensors stay referenced by the Work's state until the end event has completed, and the caller
 //      also marks them used on the communication stream (recordStream), so the caching allocator
 //      never hands their memory out while the collective may still touch it.

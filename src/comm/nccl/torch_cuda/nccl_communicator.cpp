@@ -17,6 +17,7 @@
 #include "comm/nccl/nccl_core.hpp"
 #include "comm/nccl/nccl_types.hpp"
 #include "comm/validate.hpp"
+#include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::comm {
@@ -30,6 +31,18 @@ bool env_on(const char* name) {
   return text == "1" || text == "on" || text == "ON" || text == "true" || text == "yes";
 }
 
+// Note [CPU tensors through NCCL]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A collective on CPU tensors (DataParallel's per-step flags of which parameters got gradients, a
+// metric's sums, a model check's digests) runs over MPI on the host, through an MpiCommunicator of
+// the communicator's own. Staging it through the GPU instead, as the first version did, costs a host
+// synchronisation with the caller's stream: a pageable host-to-device copy first waits for everything
+// queued on the stream, and the host then waits for the collective, which the communication stream
+// runs only after that same work. At the end of each backward that drained the GPU's queue of work
+// and left it idle while the host queued the next step. Over MPI the host waits only for the other
+// ranks' hosts to reach the same call. The two channels are matched independently, each in issue
+// order; since every rank issues the same sequence, each channel sees the same sub-sequence on every
+// rank, and a host that blocks on one never holds back a collective already queued on the other.
 class NcclCommunicator final : public Communicator {
  public:
   explicit NcclCommunicator(NcclCommunicatorOptions options)
@@ -42,6 +55,11 @@ class NcclCommunicator final : public Communicator {
     core.stream = stream_.stream();
     const c10::DeviceIndex index = device_.index();
     core_ = nccl::Core::create(core, [index] { return c10::cuda::getCurrentCUDAStream(index).stream(); });
+    // Note [CPU tensors through NCCL]: the host's collectives go over MPI, on its own duplicate of
+    // MPI_COMM_WORLD (the communicator NCCL was bootstrapped over, so the ranks are the same).
+    MpiCommunicatorOptions host;
+    host.timeout = core_->timeout();
+    host_ = std::make_shared<MpiCommunicator>(host);
   }
 
   int rank() const override { return core_->rank(); }
@@ -62,79 +80,70 @@ class NcclCommunicator final : public Communicator {
     check(input, "allreduce", "input");
     check(output, "allreduce", "output");
     check_same_device(input, output, "allreduce");
+    if (on_host(input)) return host_->allreduce(input, output, options);
     detail::check_same(input, output, "allreduce");
     const nccl::NcclReduction reduction = nccl::nccl_reduction(options.op, input.scalar_type(), "allreduce");
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "allreduce");
     const bool in_place = input.data_ptr() == output.data_ptr();
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                    "allreduce: input and output overlap without being the same buffer");
-    if (input.is_cpu()) {
-      // Staged through the GPU; the host reads the result, so wait() blocks.
-      at::Tensor staged = input.to(device_);
-      return then(launch_allreduce(staged, staged, reduction, type, /*host_result=*/true),
-                  [output, staged] { output.copy_(staged); });
-    }
-    return launch_allreduce(input, output, reduction, type, false);
+    return launch_allreduce(input, output, reduction, type);
   }
 
   WorkPtr broadcast(at::Tensor tensor, const BroadcastOptions& options) override {
     check(tensor, "broadcast", "tensor");
     LOCKSTEP_CHECK(options.root >= 0 && options.root < size(), "broadcast: root ", options.root,
                    " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
+    if (on_host(tensor)) return host_->broadcast(tensor, options);
     const ncclDataType_t type = nccl::nccl_dtype(tensor.scalar_type(), "broadcast");
-    const bool host = tensor.is_cpu();
-    at::Tensor target = host ? tensor.to(device_) : tensor;
+    at::Tensor target = tensor;
     const int root = options.root;
-    nccl::LaunchSpec spec = spec_for("broadcast", target, host, {target});
+    nccl::LaunchSpec spec = spec_for("broadcast", target, {target});
     spec.issue = [target, type, root](ncclComm_t comm, cudaStream_t stream) {
       if (target.numel() == 0) return;
       LOCKSTEP_NCCL_CHECK_COMM(ncclBroadcast(target.data_ptr(), target.data_ptr(), static_cast<size_t>(target.numel()),
                                              type, root, comm, stream),
                                comm);
     };
-    WorkPtr work = core_->launch(std::move(spec));
-    if (!host) return work;
-    return then(std::move(work), [tensor, target] { tensor.copy_(target); });
+    return core_->launch(std::move(spec));
   }
 
-  WorkPtr allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions&) override {
+  WorkPtr allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions& options) override {
     check(input, "allgather", "input");
     check(output, "allgather", "output");
     check_same_device(input, output, "allgather");
+    if (on_host(input)) return host_->allgather(input, output, options);
     detail::check_gather_sizes(input, output, size(), rank(), "allgather");
     const bool in_place = detail::is_rank_slice(input, output, rank());
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                    "allgather: input overlaps output without being exactly this rank's slice of it");
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "allgather");
-    const bool host = input.is_cpu();
-    at::Tensor out = host ? output.to(device_) : output;
-    at::Tensor in = !host ? input : in_place ? slice(out, rank(), input.numel()) : input.to(device_);
-    nccl::LaunchSpec spec = spec_for("allgather", in, host, {in, out});
+    const at::Tensor& in = input;
+    const at::Tensor& out = output;
+    nccl::LaunchSpec spec = spec_for("allgather", in, {in, out});
     spec.issue = [in, out, type](ncclComm_t comm, cudaStream_t stream) {
       if (in.numel() == 0) return;
       LOCKSTEP_NCCL_CHECK_COMM(
           ncclAllGather(in.data_ptr(), out.data_ptr(), static_cast<size_t>(in.numel()), type, comm, stream), comm);
     };
-    WorkPtr work = core_->launch(std::move(spec));
-    if (!host) return work;
-    return then(std::move(work), [output, out] { output.copy_(out); });
+    return core_->launch(std::move(spec));
   }
 
   WorkPtr reduce_scatter(const at::Tensor& input, at::Tensor output, const ReduceScatterOptions& options) override {
     check(input, "reduce_scatter", "input");
     check(output, "reduce_scatter", "output");
     check_same_device(input, output, "reduce_scatter");
+    if (on_host(input)) return host_->reduce_scatter(input, output, options);
     detail::check_gather_sizes(output, input, size(), rank(), "reduce_scatter");
     const nccl::NcclReduction reduction = nccl::nccl_reduction(options.op, input.scalar_type(), "reduce_scatter");
     const bool in_place = detail::is_rank_slice(output, input, rank());
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                    "reduce_scatter: output overlaps input without being exactly this rank's slice of it");
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "reduce_scatter");
-    const bool host = input.is_cpu();
-    at::Tensor in = host ? input.to(device_) : input;
-    at::Tensor out = !host ? output : in_place ? slice(in, rank(), output.numel()) : at::empty_like(output, in.options());
+    const at::Tensor& in = input;
+    const at::Tensor& out = output;
     const int world = size();
-    nccl::LaunchSpec spec = spec_for("reduce_scatter", in, host, {in, out});
+    nccl::LaunchSpec spec = spec_for("reduce_scatter", in, {in, out});
     spec.issue = [this, in, out, type, reduction, world](ncclComm_t comm, cudaStream_t stream) {
       if (out.numel() == 0) return;
       LOCKSTEP_NCCL_CHECK_COMM(ncclReduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), type,
@@ -142,15 +151,14 @@ class NcclCommunicator final : public Communicator {
                                comm);
       if (reduction.divide_after) divide_on_stream(out, world);
     };
-    WorkPtr work = core_->launch(std::move(spec));
-    if (!host) return work;
-    return then(std::move(work), [output, out] { output.copy_(out); });
+    return core_->launch(std::move(spec));
   }
 
   WorkPtr barrier() override {
     // NCCL has no barrier: a one-element all-reduce that the host waits for (as c10d does).
     at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(device_));
-    nccl::LaunchSpec spec = spec_for("barrier", token, /*host_result=*/true, {token});
+    nccl::LaunchSpec spec = spec_for("barrier", token, {token});
+    spec.host_result = true;
     spec.info.numel = 0;
     spec.info.bytes = 0;
     spec.info.dtype.clear();
@@ -181,15 +189,21 @@ class NcclCommunicator final : public Communicator {
     }
   }
 
-  nccl::LaunchSpec spec_for(const char* op, const at::Tensor& described, bool host_result,
-                            std::vector<at::Tensor> tensors) const {
+  // Note [CPU tensors through NCCL]: true for a CPU tensor, after making sure the NCCL communicator
+  // has not failed (an aborted communicator refuses every later call, on the host or not).
+  bool on_host(const at::Tensor& tensor) const {
+    if (!tensor.is_cpu()) return false;
+    if (std::exception_ptr failure = core_->failure()) std::rethrow_exception(failure);
+    return true;
+  }
+
+  nccl::LaunchSpec spec_for(const char* op, const at::Tensor& described, std::vector<at::Tensor> tensors) const {
     nccl::LaunchSpec spec;
     spec.info.op = op;
     spec.info.numel = described.numel();
     spec.info.bytes = static_cast<std::int64_t>(described.nbytes());
     spec.info.dtype = detail::dtype_name(described.scalar_type());
     spec.producer = c10::cuda::getCurrentCUDAStream(device_.index()).stream();
-    spec.host_result = host_result;
     for (const auto& t : tensors) record(t);
     spec.keep_alive = std::move(tensors);
     return spec;
@@ -201,8 +215,8 @@ class NcclCommunicator final : public Communicator {
   }
 
   WorkPtr launch_allreduce(const at::Tensor& input, const at::Tensor& output, nccl::NcclReduction reduction,
-                           ncclDataType_t type, bool host_result) {
-    nccl::LaunchSpec spec = spec_for("allreduce", input, host_result, {input, output});
+                           ncclDataType_t type) {
+    nccl::LaunchSpec spec = spec_for("allreduce", input, {input, output});
     const int world = size();
     spec.issue = [this, input, output, reduction, type, world](ncclComm_t comm, cudaStream_t stream) {
       if (input.numel() == 0) return;
@@ -217,6 +231,7 @@ class NcclCommunicator final : public Communicator {
   c10::Device device_;
   c10::cuda::CUDAStream stream_;
   std::shared_ptr<nccl::Core> core_;
+  CommunicatorPtr host_;  // Note [CPU tensors through NCCL]
 };
 
 NcclCommunicator& as_nccl(Communicator& comm, const char* who) {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/torch_compat.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/join.hpp"
 #include "lockstep/ddp/powersgd.hpp"
@@ -88,8 +89,9 @@ std::vector<torch::Tensor> state(torch::nn::Module& m) {
 std::vector<torch::Tensor> momenta(torch::optim::Optimizer& opt, torch::nn::Module& m) {
   std::vector<torch::Tensor> out;
   for (const auto& p : m.parameters()) {
-    auto it = opt.state().find(c10::guts::to_string(p.unsafeGetTensorImpl()));
-    out.push_back(it == opt.state().end()
+    const auto& states = opt.state();
+    auto it = states.find(lockstep::compat::optimizer_state_key<std::decay_t<decltype(states)>>(p));
+    out.push_back(it == states.end()
                       ? torch::Tensor()
                       : static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer().clone());
   }

@@ -1,5 +1,7 @@
 // Loader: batches follow the sampler exactly, the saved state counts consumed (not prefetched) samples,
 // errors from the background thread reach next(), and it stops cleanly.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
 
 #include <atomic>
 #include <filesystem>

@@ -1,5 +1,7 @@
 // IDX (MNIST / Fashion-MNIST) and CIFAR-10 readers on small files written here, raw and gzip, and every
 // error case; then the real Debian Fashion-MNIST files when they are installed.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
 
 #include <array>
 #include <cmath>

@@ -1,5 +1,7 @@
 // ShardedSampler: the properties of Note [Sharded epoch order], checked by brute force over several
 // world sizes and dataset sizes that do not divide evenly.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <map>

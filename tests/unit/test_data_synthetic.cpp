@@ -1,5 +1,7 @@
 // SyntheticDataset, Augment and Subset: determinism per index, shapes, and augmentation checked against
 // an independent construction (torch padding + narrowing + flipping).
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
 
 #include <numeric>
 

@@ -1,5 +1,7 @@
 // ResNet-18: parameter counts against closed forms and torchvision's published count, module names,
 // output shapes for both stems, initialisation.
+#include <torch/torch.h>
+#include <catch2/catch.hpp>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/models/resnet.hpp"

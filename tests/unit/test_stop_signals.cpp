@@ -1,4 +1,5 @@
 // Stop signals (core/stop_signals.hpp) and the stop vote (comm/stop_vote.hpp) in one process.
+#include <torch/torch.h>
 #include <catch2/catch.hpp>
 
 #include <signal.h>

@@ -2,9 +2,10 @@
 // Lockstep's path (DataParallel over the runtime's communicator, SGD with momentum, autocast for bf16)
 // in images/s, per precision. benchmarks/resnet_torch_bench.py measures the same model and loop in
 // PyTorch; scripts/gpu-check.sh runs both on the same GPU and compares them.
-// Two rows per precision: "lockstep" (DataParallel + train::ForeachSGD, what Lockstep's programs run)
-// and "libtorch" (the model and LibTorch's own per-parameter torch::optim::SGD, no DataParallel), so
-// that the table shows what DataParallel costs and what the optimizer's kernel launches cost.
+// Three rows per precision: "lockstep" (DataParallel + train::ForeachSGD, what Lockstep's programs
+// run), "foreach" (ForeachSGD without DataParallel) and "libtorch" (LibTorch's own per-parameter
+// torch::optim::SGD, no DataParallel): lockstep against foreach is what DataParallel costs, foreach
+// against libtorch what the optimizer's kernel launches cost.
 //
 //   build/benchmarks/resnet_gpu_bench [--batch 64] [--steps 50] [--warmup 10] [--precision fp32,bf16]
 //                                     [--json FILE]
@@ -85,7 +86,7 @@ int main(int argc, char** argv) {
     std::printf("%-10s %-10s %12s %12s\n", "precision", "impl", "images/s", "ms/step");
   }
   for (const std::string& precision : options.precisions) {
-    for (const std::string impl : {"lockstep", "libtorch"}) {
+    for (const std::string impl : {"lockstep", "foreach", "libtorch"}) {
       torch::manual_seed(0);
       lockstep::models::ResNet18 model(lockstep::models::ResNet18Options{});
       model->to(device);
@@ -93,8 +94,8 @@ int main(int argc, char** argv) {
       const auto sgd = torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4);
       std::optional<lockstep::ddp::DataParallel> dp;
       std::unique_ptr<torch::optim::Optimizer> optimizer;
-      if (impl == "lockstep") {
-        dp.emplace(model, comm);
+      if (impl == "lockstep") dp.emplace(model, comm);
+      if (impl != "libtorch") {
         optimizer = std::make_unique<lockstep::train::ForeachSGD>(model->parameters(), sgd);
       } else {
         optimizer = std::make_unique<torch::optim::SGD>(model->parameters(), sgd);

@@ -193,12 +193,14 @@ try:
     rows = json.load(open(sys.argv[1]))["results"]
     ours = {r["precision"]: r["images_per_s"] for r in rows if r.get("impl", "lockstep") == "lockstep"}
     plain = {r["precision"]: r["images_per_s"] for r in rows if r.get("impl") == "libtorch"}
+    alone = {r["precision"]: r["images_per_s"] for r in rows if r.get("impl") == "foreach"}
     theirs = {r["precision"]: r["images_per_s"] for r in json.load(open(sys.argv[2]))["results"]}
 except Exception as e:
     print(f"FAIL  ResNet-18 comparison: {e}"); sys.exit()
 for p in sorted(ours):
     ok = ours[p] >= theirs.get(p, float("inf"))
-    extra = f"; LibTorch alone (per-parameter SGD, no DataParallel) {plain[p]:.1f}" if p in plain else ""
+    extra = f"; without DataParallel {alone[p]:.1f}" if p in alone else ""
+    extra += f"; LibTorch's per-parameter SGD, no DataParallel {plain[p]:.1f}" if p in plain else ""
     print(("PASS" if ok else "FAIL") + f"  ResNet-18 {p}: Lockstep {ours[p]:.1f} images/s, PyTorch {theirs.get(p, 0):.1f} images/s ({ours[p] / max(theirs.get(p, 1e-9), 1e-9):.3f}x){extra}")
 PY
 )

@@ -78,6 +78,10 @@ namespace lockstep::ddp {
 // The alias is made with set_() rather than narrow().view(): LibTorch 1.13's Optimizer::zero_grad
 // calls detach_() on every gradient, which autograd refuses for views ("Can't detach views
 // in-place").
+// In a synchronised backward the copy waits until the bucket is full, and when every gradient of the
+// bucket needs one (zero_grad with set_to_none, LibTorch 2.x's default, resets them all each step)
+// it is one at::cat into the buffer instead of a copy per parameter: for ResNet-18, about 3 kernels
+// a step instead of 62. The fresh tensors live until then: at most one bucket's worth of memory.
 
 namespace {
 
@@ -232,8 +236,10 @@ void Reducer::on_gradient_ready(std::size_t index) {
                  params_[index].device(), " but was ", view.scalar_type(), " on ", view.device(),
                  " when DataParallel was built; move the model (to(), half()) before constructing DataParallel");
   used_since_sync_[index] = 1;
-  if (options_.gradient_as_bucket_view && grad.defined()) adopt_gradient(index);
-  if (!syncing_) return;
+  if (!syncing_) {
+    if (options_.gradient_as_bucket_view && grad.defined()) adopt_gradient(index);
+    return;
+  }
   LOCKSTEP_CHECK(!ready_[index], "DataParallel: parameter '", names_[index], "' received a gradient twice before ",
                  "its reduction finished (rank ", comm_->rank(), "). Either an earlier backward failed partway ",
                  "through, so its reduction never ran and the ranks are out of step, or backward ran twice in one ",
@@ -244,6 +250,9 @@ void Reducer::on_gradient_ready(std::size_t index) {
     view.zero_();
   } else if (!options_.gradient_as_bucket_view) {
     view.copy_(grad);
+  } else if (!same_alias(grad, view)) {
+    const Slot& slot = slots_[index];
+    buckets_[slot.bucket].fresh.push_back(slot.position);  // Note [Gradient views]: copied when full
   }
   mark_ready(index);
 }
@@ -281,6 +290,7 @@ void Reducer::prepare_sync() {
   next_launch_ = 0;
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.params.size();
+    bucket.fresh.clear();
     bucket.work.reset();
     bucket.grad.iteration = sync_count_;
   }
@@ -295,9 +305,37 @@ void Reducer::adopt_gradient(std::size_t index) {
   grad = view;
 }
 
+// Note [Gradient views]: the bucket is full; its fresh gradients move into the buffer.
+void Reducer::adopt_fresh(Bucket& bucket) {
+  if (bucket.fresh.empty()) return;
+  at::Tensor& buffer = bucket.grad.buffer;
+  bool at_once = bucket.fresh.size() == bucket.params.size();
+  std::vector<at::Tensor> parts;
+  if (at_once) {
+    parts.reserve(bucket.params.size());
+    for (std::size_t i : bucket.params) {  // buffer order
+      const at::Tensor& grad = params_[i].grad();
+      if (!grad.is_contiguous() || grad.scalar_type() != buffer.scalar_type() || grad.device() != buffer.device() ||
+          grad.is_alias_of(buffer)) {
+        at_once = false;
+        break;
+      }
+      parts.push_back(grad.view({-1}));
+    }
+  }
+  if (at_once) {
+    at::cat_out(buffer, parts);
+  } else {
+    for (std::size_t k : bucket.fresh) bucket.views[k].copy_(params_[bucket.params[k]].grad());
+  }
+  for (std::size_t k : bucket.fresh) params_[bucket.params[k]].mutable_grad() = bucket.views[k];
+  bucket.fresh.clear();
+}
+
 void Reducer::mark_ready(std::size_t index) {
   const std::size_t b = slots_[index].bucket;
   if (--buckets_[b].pending == 0) {
+    adopt_fresh(buckets_[b]);
     bucket_ready_order_.push_back(b);
     launch_ready_buckets();
   }

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <memory>
+#include <set>
 #include <string>
 
 #include "lockstep/core/error.hpp"
@@ -97,8 +98,9 @@ struct SoloNetImpl : torch::nn::Module {
         fc2(register_module("fc2", torch::nn::Linear(5, 3))),
         idle(register_module("idle", torch::nn::Linear(3, 3))) {}
   torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(bn(fc1(x)))); }
-  torch::nn::Linear fc1, fc2, idle;
+  torch::nn::Linear fc1;
   torch::nn::BatchNorm1d bn;
+  torch::nn::Linear fc2, idle;
 };
 TORCH_MODULE(SoloNet);
 }  // namespace
@@ -150,4 +152,60 @@ TEST_CASE("At one rank a parameter without a gradient is still an error that nam
   INFO(error);
   CHECK(error.find("'idle.weight' (on 1 of 1 ranks)") != std::string::npos);
   CHECK(error.find("find_unused_parameters") != std::string::npos);
+}
+
+TEST_CASE("Gradients reset to none, all or some of them, are copied into the buckets whole or one by one",
+          "[ddp]") {
+  // Note [Gradient views]: a bucket whose gradients all arrive fresh is filled with one at::cat, one
+  // with some fresh and some already in place by a copy each; either way every .grad() ends as its
+  // view of the bucket and the values are a single process's, also across no_sync micro-batches.
+  for (const bool all : {true, false}) {
+    INFO((all ? "every gradient reset" : "every other gradient reset"));
+    torch::manual_seed(5);
+    SoloNet model;
+    torch::manual_seed(5);
+    SoloNet plain;
+    model->idle->weight.set_requires_grad(false);
+    model->idle->bias.set_requires_grad(false);
+    plain->idle->weight.set_requires_grad(false);
+    plain->idle->bias.set_requires_grad(false);
+    lockstep::ddp::DataParallelOptions options;
+    options.first_bucket_cap_mb = 0;  // the first gradient ready alone, then the other five together
+    lockstep::ddp::DataParallel dp(model, std::make_shared<lockstep::testing::SoloCommunicator>(), options);
+    REQUIRE(dp.reducer().bucket_assignment().size() == 2);
+    auto opt = torch::optim::SGD(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    auto plain_opt = torch::optim::SGD(plain->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    for (int step = 0; step < 4; ++step) {
+      const torch::Tensor x = torch::randn({4, 6}), extra = torch::randn({4, 6});
+      int k = 0;
+      for (auto& p : model->parameters()) {
+        if (p.requires_grad() && (all || k++ % 2 == 0)) p.mutable_grad() = torch::Tensor();
+        else if (p.grad().defined()) p.mutable_grad().zero_();
+      }
+      if (step % 2 == 1) {  // a micro-batch under no_sync first
+        auto guard = dp.no_sync();
+        model->forward(extra).sum().backward();
+      }
+      model->forward(x).sum().backward();
+      opt.step();
+      plain_opt.zero_grad();
+      if (step % 2 == 1) plain->forward(extra).sum().backward();
+      plain->forward(x).sum().backward();
+      plain_opt.step();
+      const auto mine = model->named_parameters();
+      for (const auto& item : plain->named_parameters()) {
+        if (!item.value().requires_grad()) continue;
+        INFO(item.key() << ", step " << step);
+        CHECK(torch::allclose(mine[item.key()], item.value(), 1e-6, 1e-6));
+      }
+    }
+    // Every gradient is a view of one of the two buckets' buffers.
+    std::set<const void*> buffers;
+    for (const auto& p : model->parameters()) {
+      if (!p.requires_grad()) continue;
+      REQUIRE(p.grad().defined());
+      buffers.insert(p.grad().storage().unsafeGetStorageImpl());
+    }
+    CHECK(buffers.size() == 2);
+  }
 }

@@ -121,6 +121,9 @@ class Reducer {
     std::vector<std::size_t> params;  // parameter indices, in buffer order
     std::vector<at::Tensor> views;    // per parameter: its slice of the buffer, shaped like it
     std::size_t pending = 0;          // parameters not yet ready in this backward
+    // Positions whose gradient arrived as a tensor of its own in this backward, to be copied into
+    // the buffer when the bucket is full (Note [Gradient views]).
+    std::vector<std::size_t> fresh;
     comm::WorkPtr work;
   };
   struct Slot {
@@ -137,6 +140,7 @@ class Reducer {
   void launch_ready_buckets();
   void contribute_unready(std::size_t index);
   void adopt_gradient(std::size_t index);
+  void adopt_fresh(Bucket& bucket);
   void synchronize(StepTimings& timings, comm::Clock::time_point backward_end, std::vector<int> active);
   void write_back(const std::vector<std::int32_t>& used_counts);
   void rebuild_by_ready_order();

@@ -179,7 +179,6 @@ class NcclCommunicator final : public Communicator {
     LOCKSTEP_CHECK(a.device() == b.device(), op, ": input is on ", a.device(), " but output is on ", b.device(),
                    "; both must be on the same device");
   }
-  static at::Tensor slice(const at::Tensor& whole, int rank, int64_t n) { return whole.view({-1}).narrow(0, rank * n, n); }
 
   // Note [NCCL stream semantics], point 3: the caching allocator must not reuse these blocks until the
   // communication stream is past the collective, even if the caller drops the tensors at once.

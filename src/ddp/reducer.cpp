@@ -325,10 +325,10 @@ void Reducer::adopt_fresh(Bucket& bucket) {
   }
   if (at_once) {
     at::cat_out(buffer, parts);
+    for (std::size_t k : bucket.fresh) params_[bucket.params[k]].mutable_grad() = bucket.views[k];
   } else {
-    for (std::size_t k : bucket.fresh) bucket.views[k].copy_(params_[bucket.params[k]].grad());
+    for (std::size_t k : bucket.fresh) adopt_gradient(bucket.params[k]);
   }
-  for (std::size_t k : bucket.fresh) params_[bucket.params[k]].mutable_grad() = bucket.views[k];
   bucket.fresh.clear();
 }
 

@@ -96,12 +96,11 @@ class NcclCommunicator final : public Communicator {
                    " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
     if (on_host(tensor)) return host_->broadcast(tensor, options);
     const ncclDataType_t type = nccl::nccl_dtype(tensor.scalar_type(), "broadcast");
-    at::Tensor target = tensor;
     const int root = options.root;
-    nccl::LaunchSpec spec = spec_for("broadcast", target, {target});
-    spec.issue = [target, type, root](ncclComm_t comm, cudaStream_t stream) {
-      if (target.numel() == 0) return;
-      LOCKSTEP_NCCL_CHECK_COMM(ncclBroadcast(target.data_ptr(), target.data_ptr(), static_cast<size_t>(target.numel()),
+    nccl::LaunchSpec spec = spec_for("broadcast", tensor, {tensor});
+    spec.issue = [tensor, type, root](ncclComm_t comm, cudaStream_t stream) {
+      if (tensor.numel() == 0) return;
+      LOCKSTEP_NCCL_CHECK_COMM(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()),
                                              type, root, comm, stream),
                                comm);
     };
@@ -118,13 +117,12 @@ class NcclCommunicator final : public Communicator {
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                    "allgather: input overlaps output without being exactly this rank's slice of it");
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "allgather");
-    const at::Tensor& in = input;
-    const at::Tensor& out = output;
-    nccl::LaunchSpec spec = spec_for("allgather", in, {in, out});
-    spec.issue = [in, out, type](ncclComm_t comm, cudaStream_t stream) {
-      if (in.numel() == 0) return;
+    nccl::LaunchSpec spec = spec_for("allgather", input, {input, output});
+    spec.issue = [input, output, type](ncclComm_t comm, cudaStream_t stream) {
+      if (input.numel() == 0) return;
       LOCKSTEP_NCCL_CHECK_COMM(
-          ncclAllGather(in.data_ptr(), out.data_ptr(), static_cast<size_t>(in.numel()), type, comm, stream), comm);
+          ncclAllGather(input.data_ptr(), output.data_ptr(), static_cast<size_t>(input.numel()), type, comm, stream),
+          comm);
     };
     return core_->launch(std::move(spec));
   }
@@ -140,16 +138,14 @@ class NcclCommunicator final : public Communicator {
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
                    "reduce_scatter: output overlaps input without being exactly this rank's slice of it");
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "reduce_scatter");
-    const at::Tensor& in = input;
-    const at::Tensor& out = output;
     const int world = size();
-    nccl::LaunchSpec spec = spec_for("reduce_scatter", in, {in, out});
-    spec.issue = [this, in, out, type, reduction, world](ncclComm_t comm, cudaStream_t stream) {
-      if (out.numel() == 0) return;
-      LOCKSTEP_NCCL_CHECK_COMM(ncclReduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), type,
+    nccl::LaunchSpec spec = spec_for("reduce_scatter", input, {input, output});
+    spec.issue = [this, input, output, type, reduction, world](ncclComm_t comm, cudaStream_t stream) {
+      if (output.numel() == 0) return;
+      LOCKSTEP_NCCL_CHECK_COMM(ncclReduceScatter(input.data_ptr(), output.data_ptr(), static_cast<size_t>(output.numel()), type,
                                                  reduction.op, comm, stream),
                                comm);
-      if (reduction.divide_after) divide_on_stream(out, world);
+      if (reduction.divide_after) divide_on_stream(output, world);
     };
     return core_->launch(std::move(spec));
   }

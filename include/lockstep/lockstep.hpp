@@ -26,6 +26,7 @@
 #include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/foreach_optim.hpp"
+#include "lockstep/train/grad_clip.hpp"
 #include "lockstep/train/grad_scaler.hpp"
 #include "lockstep/train/loss.hpp"
 #include "lockstep/train/metric_tracker.hpp"

@@ -9,6 +9,7 @@
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_mul.h>
 #include <torch/version.h>
 
 #include <sstream>
@@ -77,6 +78,17 @@ typename StateMap::key_type optimizer_state_key(const at::Tensor& parameter) {
   } else {
     return static_cast<Key>(parameter.unsafeGetTensorImpl());
   }
+}
+
+// Multiplies every tensor of `tensors` in place by the 0-dim tensor `factor` (on their device), without
+// reading it on the host: one multi-tensor kernel from 2.1 (_foreach_mul_.Tensor), one mul_ per tensor
+// in 1.13, which has no such overload.
+inline void foreach_mul_(at::TensorList tensors, const at::Tensor& factor) {
+#if LOCKSTEP_TORCH_VERSION_AT_LEAST(2, 1)
+  at::_foreach_mul_(tensors, factor);
+#else
+  for (const at::Tensor& tensor : tensors) tensor.mul_(factor);
+#endif
 }
 
 }  // namespace lockstep::compat

@@ -14,10 +14,25 @@ namespace lockstep::train {
 void EpochTotals::reset(int64_t next_epoch) {
   epoch = next_epoch;
   sums.assign(kNumSums, 0.0);
+  grad_norm = at::Tensor();
   tracker.reset();
   started_epoch = true;
   started = std::chrono::steady_clock::now();
   seconds_before = 0;
+}
+
+void EpochTotals::add_grad_norm(const at::Tensor& norm) {
+  if (grad_norm.defined()) {
+    grad_norm.add_(norm);
+  } else {
+    grad_norm = norm.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  }
+}
+
+void EpochTotals::settle() {
+  if (!grad_norm.defined()) return;
+  sums[kGradNorm] += grad_norm.item<double>();
+  grad_norm = at::Tensor();
 }
 
 double EpochTotals::seconds() const {
@@ -30,6 +45,7 @@ std::string EpochTotalsState::save_state() const {
   LOCKSTEP_CHECK(comm_ != nullptr, "EpochTotalsState: saved before on_setup");
   // Every rank's host sums and the tracker's device sums in one float64 all-reduce (counts stay
   // exact: < 2^53).
+  totals_->settle();
   const int64_t tracked = totals_->tracker.num_sums();
   at::Tensor all = at::zeros({kNumSums + tracked}, at::kDouble);
   all.narrow(0, 0, kNumSums).copy_(at::tensor(totals_->sums, at::kDouble));

@@ -21,11 +21,13 @@ enum EpochSum { kForward, kBackward, kComm, kExposed, kSteps, kGradNorm, kClippe
 
 // One rank's part of the current epoch. The loss, the sample count and the metrics' sums are the
 // tracker's, on the device, read once at the end of the epoch (Note [No host sync per step]); the
-// step timings are on the host.
+// step timings are on the host. The clipped steps' gradient norms are summed on the device too
+// (`grad_norm`) and added to sums[kGradNorm] by settle(), before the host sums are read.
 struct EpochTotals {
   explicit EpochTotals(std::vector<MetricPtr> metrics) : tracker(std::move(metrics)) {}
   int64_t epoch = -1;
   std::vector<double> sums = std::vector<double>(kNumSums, 0.0);
+  at::Tensor grad_norm;  // float64, 0-dim, on the device: norms since the last settle(); undefined if none
   MetricTracker tracker;
   bool started_epoch = false;
   std::chrono::steady_clock::time_point started{};
@@ -33,6 +35,10 @@ struct EpochTotals {
 
   // Starts `epoch` at zero.
   void reset(int64_t epoch);
+  // Adds a clipped step's gradient norm (a 0-dim tensor, not read) to `grad_norm`.
+  void add_grad_norm(const at::Tensor& norm);
+  // Moves `grad_norm` into sums[kGradNorm] (reads it: a host synchronisation).
+  void settle();
   double seconds() const;  // training time of this epoch so far, before a resume included
 };
 

@@ -24,16 +24,33 @@ at::Tensor GradScaler::scale(const at::Tensor& loss) const { return loss * scale
 
 bool GradScaler::unscale(const std::vector<at::Tensor>& parameters, comm::Communicator& comm) {
   const double inverse = 1.0 / scale_;
-  at::Tensor found;  // one flag per device would do; all parameters share one device in the trainer
+  std::vector<at::Tensor> grads;
+  grads.reserve(parameters.size());
+  bool one_gpu = true;
   for (const at::Tensor& parameter : parameters) {
-    at::Tensor grad = parameter.grad();
+    const at::Tensor& grad = parameter.grad();
     if (!grad.defined()) continue;
-    grad.mul_(inverse);
-    // Non-finite stays non-finite through the division, so checking afterwards sees the same.
-    at::Tensor bad = at::logical_not(at::isfinite(grad)).any();
-    found = found.defined() ? at::logical_or(found, bad) : bad;
+    one_gpu = one_gpu && grad.is_cuda() && (grads.empty() || grad.device() == grads.front().device());
+    grads.push_back(grad);
   }
-  at::Tensor flag = found.defined() ? found.to(at::kFloat).reshape({1}) : at::zeros({1}, at::kFloat);
+  at::Tensor flag;
+  if (!grads.empty() && one_gpu) {
+    // PyTorch's own kernel for this (CUDA only in LibTorch 1.13): one multi-tensor launch multiplies
+    // every gradient by the inverse scale and sets `flag` to 1 where any element is inf or nan,
+    // instead of five launches per gradient.
+    flag = at::zeros({1}, grads.front().options().dtype(at::kFloat));
+    const at::Tensor inverse_scale = at::full({1}, inverse, flag.options());
+    at::_amp_foreach_non_finite_check_and_unscale_(grads, flag, inverse_scale);
+  } else {
+    at::Tensor found;  // one flag per device would do; all parameters share one device in the trainer
+    for (const at::Tensor& grad : grads) {
+      grad.mul_(inverse);
+      // Non-finite stays non-finite through the division, so checking afterwards sees the same.
+      at::Tensor bad = at::logical_not(at::isfinite(grad)).any();
+      found = found.defined() ? at::logical_or(found, bad) : bad;
+    }
+    flag = found.defined() ? found.to(at::kFloat).reshape({1}) : at::zeros({1}, at::kFloat);
+  }
   comm.allreduce(flag, {comm::ReduceOp::Max})->wait();
   return flag.item<float>() > 0.0f;
 }

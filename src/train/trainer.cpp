@@ -18,6 +18,7 @@
 #include "lockstep/data/loader.hpp"
 #include "lockstep/data/sharded_sampler.hpp"
 #include "lockstep/ddp/powersgd.hpp"
+#include "lockstep/train/grad_clip.hpp"
 #include "lockstep/train/metric_tracker.hpp"
 #include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
@@ -333,6 +334,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     const double train_seconds = totals_->seconds();  // Note [Epoch totals in checkpoints]
 
     // One all-reduce: the step timings' sums and the tracker's (loss, counts, metrics).
+    totals_->settle();
     std::vector<double> local = totals_->sums;
     const at::Tensor tracked = totals_->tracker.sums().to(at::kCPU);
     local.insert(local.end(), tracked.data_ptr<double>(), tracked.data_ptr<double>() + tracked.numel());
@@ -412,9 +414,10 @@ void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
 // and divides by their count. Every rank has the same number of batches per epoch, so every rank
 // splits the epoch into the same steps.
 void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
-  // Note [No host sync per step]: the loss and the metrics' sums stay on the device and are read
-  // once, at the end of the epoch. Reading them every step (.item()) would make the host wait for the
-  // GPU each step, so the next step's kernels could not be queued while this one runs.
+  // Note [No host sync per step]: the loss, the metrics' sums and the clipped steps' gradient norms
+  // stay on the device and are read once, at the end of the epoch (or when a checkpoint is written).
+  // Reading them every step (.item()) would make the host wait for the GPU each step, so the next
+  // step's kernels could not be queued while this one runs.
   totals_->reset(ctx.epoch);
   // A resumed epoch goes on from the totals its checkpoint held (Note [Epoch totals in checkpoints]).
   if (resumed) totals_state_->restore(ctx.epoch, ctx.world.rank);
@@ -476,8 +479,9 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     if (scaler_) ctx.step_skipped = scaler_->unscale(model_->parameters(), *comm_);
     for (auto& cb : callbacks_) cb->on_after_backward(ctx);
     if (options_.clip_grad_norm > 0 && !ctx.step_skipped) {
-      // Every rank holds the same averaged gradients, so every rank computes the same norm.
-      sums[kGradNorm] += torch::nn::utils::clip_grad_norm_(model_->parameters(), options_.clip_grad_norm);
+      // Every rank holds the same averaged gradients, so every rank computes the same norm. It stays on
+      // the device (Note [No host sync per step]).
+      totals_->add_grad_norm(clip_grad_norm(model_->parameters(), options_.clip_grad_norm));
       sums[kClipped] += 1;
     }
     if (!ctx.step_skipped) optimizer_->step();

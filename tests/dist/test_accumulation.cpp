@@ -31,6 +31,13 @@ struct StepRecorder : lockstep::train::Callback {
   void on_after_backward(TrainerContext& ctx) override {
     ++after_backwards;
     samples.push_back(ctx.step_samples);
+    // The step's gradient norm before clipping (the trainer clips after this event), the long way.
+    double squared = 0;
+    for (const at::Tensor& p : ctx.model->parameters()) {
+      if (p.grad().defined()) squared += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+    }
+    norms.push_back(std::sqrt(squared));
+    epochs.push_back(ctx.epoch);
   }
   void on_after_optimizer_step(TrainerContext& ctx) override {
     steps.push_back(ctx.global_step);
@@ -39,6 +46,8 @@ struct StepRecorder : lockstep::train::Callback {
   int batch_begins = 0;
   int after_backwards = 0;
   std::vector<int64_t> samples;
+  std::vector<double> norms;    // per step, before clipping
+  std::vector<int64_t> epochs;  // per step
   std::vector<int64_t> steps;
   std::vector<double> losses;
 };
@@ -147,11 +156,21 @@ TEST_CASE("trainer: clip_grad_norm bounds every update to lr x max_norm, alike o
   CHECK(std::sqrt(squared) == Approx(kLr * kMaxNorm).epsilon(1e-4));
   CHECK(lockstep::testing::identical_across_ranks(*model));
 
-  // Over a whole run the metric is the mean norm before clipping, and a large max norm changes nothing.
+  // Over a whole run the metric is the mean norm before clipping over the (last) epoch's steps, and a
+  // large max norm changes nothing.
   const Run clipped = train(2, 2, 8, /*clip=*/1e6);
   const Run plain = train(2, 2, 8);
   CHECK(clipped.metrics.count("grad_norm") == 1);
+  double last_epoch_sum = 0;
+  int last_epoch_steps = 0;
+  for (std::size_t i = 0; i < clipped.recorder->norms.size(); ++i) {
+    if (clipped.recorder->epochs[i] != 1) continue;
+    last_epoch_sum += clipped.recorder->norms[i];
+    ++last_epoch_steps;
+  }
+  CHECK(last_epoch_steps == 2);  // 8 samples per rank, micro-batches of 2, 2 per step
   CHECK(clipped.metrics.at("grad_norm") > 0);
+  CHECK(clipped.metrics.at("grad_norm") == Approx(last_epoch_sum / last_epoch_steps).epsilon(1e-5));
   CHECK(plain.metrics.count("grad_norm") == 0);
   CHECK(close_states(clipped.state, plain.state, 0));
 }

@@ -273,6 +273,7 @@ RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::s
   o.checkpoint.keep_last = keep_last;
   o.lr.kind = lockstep::train::LrScheduleKind::Cosine;
   o.lr.warmup_steps = 3;
+  o.clip_grad_norm = 1e6;  // never clips (a factor of exactly 1), but reports grad_norm
   DistributedTrainer trainer(model, sgd(*model, 0.05, 0.9), comm_ptr(), o);
   lockstep::data::AugmentOptions augment;
   augment.pad = 1;
@@ -320,6 +321,8 @@ TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise i
       CHECK(lines[e]["train_acc"] == full_lines[e]["train_acc"]);
       CHECK(lines[e]["train_macro_f1"] == full_lines[e]["train_macro_f1"]);
       CHECK(lines[e]["train_loss"].get<double>() == Approx(full_lines[e]["train_loss"].get<double>()).epsilon(1e-12));
+      // The gradient norms, summed on the device, are settled into the checkpoint too.
+      CHECK(lines[e]["grad_norm"].get<double>() == Approx(full_lines[e]["grad_norm"].get<double>()).epsilon(1e-12));
       CHECK(lines[e]["test_acc"] == full_lines[e]["test_acc"]);
       CHECK(lines[e]["images_per_s"].get<double>() > 0);
     }
@@ -369,7 +372,8 @@ TEST_CASE("trainer: checkpoints are complete files, keep_last is honoured, metri
 }
 
 TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume skips it", "[train]") {
-  const RunResult full = resumable_run(shared_dir("full_c"), 0, "never");
+  const std::string full_dir = shared_dir("full_c");
+  const RunResult full = resumable_run(full_dir, 0, "never");
   const std::string dir = shared_dir("corrupt");
   resumable_run(dir, 5, "auto", /*every_steps=*/1, /*keep_last=*/3);
   const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
@@ -390,6 +394,15 @@ TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume 
   // Auto-resume falls back to the checkpoint before it (step 4) and still ends bitwise where the
   // uninterrupted run ends.
   CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto", 1, 3).state));
+  // Step 4's checkpoint was a periodic one, written mid-epoch: the gradient norms summed on the device
+  // until then are in it too, so the resumed epoch reports the whole epoch's grad_norm.
+  const std::vector<nlohmann::json> lines = metrics_lines(dir);
+  const std::vector<nlohmann::json> full_lines = metrics_lines(full_dir);
+  REQUIRE(lines.size() == full_lines.size());
+  for (size_t e = 0; e < lines.size(); ++e) {
+    INFO("epoch " << e + 1);
+    CHECK(lines[e]["grad_norm"].get<double>() == Approx(full_lines[e]["grad_norm"].get<double>()).epsilon(1e-12));
+  }
 }
 
 TEST_CASE("trainer: a model with a name no checkpoint can hold is refused before the first step", "[train]") {

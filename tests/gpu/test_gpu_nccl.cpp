@@ -19,10 +19,12 @@
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/train/foreach_optim.hpp"
 #include "support/dist.hpp"
+#include "stream_gate.hpp"
 #include "support/fixtures.hpp"
 
 using Catch::Matchers::Contains;
 using lockstep::comm::ReduceOp;
+using lockstep::testing::StreamGate;
 
 namespace {
 
@@ -55,19 +57,6 @@ bool equal_as_double(const torch::Tensor& a, const torch::Tensor& b) {
 }
 
 torch::Device device() { return lockstep::testing::runtime().world().device; }
-
-// Blocks `stream` from the host until release() (or 20 s), through cudaLaunchHostFunc: the device
-// cannot get past it, so work queued behind it provably has not run.
-struct StreamGate {
-  std::atomic<bool> open{false};
-  static void CUDART_CB hold(void* self) {
-    auto* gate = static_cast<StreamGate*>(self);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (!gate->open && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  void close(cudaStream_t stream) { REQUIRE(cudaLaunchHostFunc(stream, &StreamGate::hold, this) == cudaSuccess); }
-  void release() { open = true; }
-};
 
 }  // namespace
 

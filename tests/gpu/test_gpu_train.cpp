@@ -1,7 +1,12 @@
 // DataParallel and the trainer on CUDA with the runtime's communicator (NCCL with one GPU per rank,
 // MPI with staged CUDA tensors otherwise), and the MPI communicator with CUDA tensors.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <chrono>
+#include <limits>
 
 #include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/compress/quantization.hpp"
@@ -12,7 +17,10 @@
 #include "lockstep/ddp/zero_optimizer.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/foreach_optim.hpp"
+#include "lockstep/train/grad_clip.hpp"
+#include "lockstep/train/grad_scaler.hpp"
 #include "lockstep/train/trainer.hpp"
+#include "stream_gate.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
 
@@ -377,4 +385,69 @@ TEST_CASE("foreach optimizers on CUDA: LibTorch's SGD, Adam and AdamW steps in a
   check_foreach_on_cuda<lockstep::train::ForeachAdam, torch::optim::Adam>(
       torch::optim::AdamOptions(1e-2).weight_decay(1e-2).amsgrad(true));
   check_foreach_on_cuda<lockstep::train::ForeachAdamW, torch::optim::AdamW>(torch::optim::AdamWOptions(1e-2));
+}
+
+TEST_CASE("clip_grad_norm on CUDA: LibTorch's result, queued without waiting for the GPU", "[gpu][train]") {
+  // Note [No host sync per step]: LibTorch's clip_grad_norm_ returns a double, so it waits for all the
+  // work queued before it; train::clip_grad_norm keeps the norm on the device.
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  torch::manual_seed(41);
+  std::vector<torch::Tensor> ours, theirs;
+  for (int64_t n : {1000, 37, 4096, 3}) {
+    auto p = torch::randn({n}).requires_grad_(true);
+    auto q = p.detach().clone().requires_grad_(true);
+    p.mutable_grad() = torch::randn({n}) * 2;
+    q.mutable_grad() = p.grad().clone();
+    ours.push_back(p.detach().to(device()).requires_grad_(true));
+    ours.back().mutable_grad() = p.grad().to(device());
+    theirs.push_back(q);
+  }
+  side.synchronize();
+  lockstep::testing::StreamGate gate;
+  gate.close(side.stream());
+  const auto start = std::chrono::steady_clock::now();
+  const torch::Tensor norm = lockstep::train::clip_grad_norm(ours, 1.0);
+  const double queued = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  gate.release();
+  CHECK(queued < 1.0);
+  CHECK(norm.device() == device());
+  const double expected = torch::nn::utils::clip_grad_norm_(theirs, 1.0);
+  CHECK(norm.item<double>() == Approx(expected).epsilon(1e-5));
+  for (std::size_t i = 0; i < ours.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK(torch::allclose(ours[i].grad().cpu(), theirs[i].grad(), 1e-5, 1e-7));
+  }
+}
+
+TEST_CASE("GradScaler on CUDA: one kernel unscales float32 and float16 gradients; inf or nan on any rank skips",
+          "[gpu][train]") {
+  // The fused path (_amp_foreach_non_finite_check_and_unscale_) against the closed form, with the
+  // runtime's communicator (NCCL, or MPI with staged CUDA tensors) agreeing on the flag.
+  const int rank = comm().rank(), last = comm().size() - 1;
+  lockstep::train::GradScalerOptions o;
+  o.init_scale = 1024.0;
+  lockstep::train::GradScaler scaler(o);
+  auto a = torch::zeros({5}, torch::TensorOptions().device(device())).requires_grad_(true);
+  auto b = torch::zeros({3}, torch::TensorOptions().device(device()).dtype(torch::kHalf)).requires_grad_(true);
+  auto unused = torch::zeros({2}, torch::TensorOptions().device(device())).requires_grad_(true);
+  auto set_grads = [&](double value) {
+    a.mutable_grad() = torch::full({5}, value * 1024.0, a.options());
+    b.mutable_grad() = torch::full({3}, value * 1024.0, b.options());
+  };
+  set_grads(0.25);
+  CHECK_FALSE(scaler.unscale({a, unused, b}, comm()));
+  CHECK(torch::equal(a.grad().cpu(), torch::full({5}, 0.25)));
+  CHECK(b.grad().scalar_type() == torch::kHalf);
+  CHECK(torch::equal(b.grad().cpu().to(torch::kFloat), torch::full({3}, 0.25)));
+  CHECK_FALSE(unused.grad().defined());
+
+  set_grads(1.0);
+  if (rank == last) b.mutable_grad()[1] = std::numeric_limits<float>::infinity();
+  CHECK(scaler.unscale({a, b}, comm()));
+  set_grads(1.0);
+  if (rank == 0) a.mutable_grad()[4] = std::numeric_limits<float>::quiet_NaN();
+  CHECK(scaler.unscale({a, b}, comm()));
+  set_grads(1.0);
+  CHECK_FALSE(scaler.unscale({a, b}, comm()));
 }

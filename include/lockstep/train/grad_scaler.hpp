@@ -39,6 +39,9 @@ class GradScaler final : public Callback {
   at::Tensor scale(const at::Tensor& loss) const;
   // Collective (Note [Identical skip decision]). Divides every defined gradient of `parameters` by the
   // scale in place and returns true when any of them, on any rank, holds inf or nan: skip the step.
+  // Gradients on one GPU take one multi-tensor kernel (PyTorch's _amp_foreach_non_finite_check_and_
+  // unscale_), others five small ones each. Reading the agreed flag waits for the device, as PyTorch's
+  // GradScaler.step does.
   bool unscale(const std::vector<at::Tensor>& parameters, comm::Communicator& comm);
   // After the step (taken or skipped): back off on overflow, grow after growth_interval good steps.
   void update(bool found_inf);

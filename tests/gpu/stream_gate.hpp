@@ -1,0 +1,26 @@
+#pragma once
+// StreamGate: holds a CUDA stream up from the host, so that a test can show that some call queues its
+// work without waiting for the GPU (Note [No host sync per step], Note [NCCL stream semantics]).
+#include <catch2/catch.hpp>
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+namespace lockstep::testing {
+
+// Blocks `stream` from the host until release() (or 20 s), through cudaLaunchHostFunc: the device
+// cannot get past it, so work queued behind it provably has not run.
+struct StreamGate {
+  std::atomic<bool> open{false};
+  static void CUDART_CB hold(void* self) {
+    auto* gate = static_cast<StreamGate*>(self);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!gate->open && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  void close(cudaStream_t stream) { REQUIRE(cudaLaunchHostFunc(stream, &StreamGate::hold, this) == cudaSuccess); }
+  void release() { open = true; }
+};
+
+}  // namespace lockstep::testing

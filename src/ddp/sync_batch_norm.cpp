@@ -105,9 +105,13 @@ at::Tensor gather_checked(const SyncBatchNormGroup& group, const at::Tensor& pay
   return gathered;
 }
 
+// [tag, count, a..., b...] in float64 on a's device. The head is filled there (two fill kernels, the
+// values passed as kernel arguments): copying a host-made tensor in (.to(device), a blocking copy from
+// pageable memory) would make the host wait for all the work queued on the GPU, in every forward and
+// backward of every layer (Note [No host sync per step]).
 at::Tensor payload_of(double tag, double count, const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor head = at::tensor({tag, count}, at::TensorOptions().dtype(at::kDouble)).to(a.device());
-  return at::cat({head, a.to(at::kDouble), b.to(at::kDouble)});
+  const auto options = at::TensorOptions().dtype(at::kDouble).device(a.device());
+  return at::cat({at::full({1}, tag, options), at::full({1}, count, options), a.to(at::kDouble), b.to(at::kDouble)});
 }
 
 // Backward of the synchronised forward (Note [SyncBatchNorm statistics]).

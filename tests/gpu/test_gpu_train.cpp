@@ -341,6 +341,39 @@ TEST_CASE("SyncBatchNorm on CUDA: one process's BatchNorm on the whole batch, in
   }
 }
 
+TEST_CASE("SyncBatchNorm over NCCL: forward and backward are queued without waiting for the GPU", "[gpu][syncbn]") {
+  // Note [No host sync per step]: the statistics' all-gathers run on the device, and their payload is
+  // built there (a host-made tensor copied in made every layer's forward and backward wait for the GPU).
+  // Through MPI (ranks sharing a GPU) CUDA tensors are staged through the host, which must wait.
+  const int n = comm().size(), r = comm().rank();
+  if (n < 2 || comm().backend() != "nccl") {
+    WARN("skipped: needs 2 or more ranks with a GPU each (NCCL); here " << n << " rank(s), backend "
+                                                                       << comm().backend());
+    return;
+  }
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  lockstep::ddp::SyncBatchNorm sync(6);
+  torch::nn::BatchNorm2d oracle(6);
+  sync->to(device());
+  lockstep::ddp::attach_sync_batch_norm(*sync, comm_ptr());
+  torch::manual_seed(9);
+  const torch::Tensor x = torch::randn({4 * n, 6, 5, 5}) * 2 + 3;
+  const torch::Tensor mine = x.narrow(0, 4 * r, 4).to(device()).requires_grad_(true);
+  const torch::Tensor whole = x.clone().requires_grad_(true);
+  side.synchronize();
+  lockstep::testing::StreamGate gate;
+  gate.close(side.stream());
+  const auto start = std::chrono::steady_clock::now();
+  sync->forward(mine).square().sum().backward();
+  const double queued = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  gate.release();
+  CHECK(queued < 1.0);
+  oracle->forward(whole).square().sum().backward();
+  CHECK(torch::allclose(mine.grad().cpu(), whole.grad().narrow(0, 4 * r, 4), 1e-4, 1e-4));
+  CHECK(torch::allclose(sync->running_mean.cpu(), oracle->running_mean, 1e-4, 1e-4));
+}
+
 namespace {
 
 // Runs `ours` and `theirs` (the same optimizer type's foreach and LibTorch versions) for 5 steps on

@@ -29,13 +29,10 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& parameters, double max_
 
   // One multi-tensor kernel for the per-tensor norms (each in its gradient's dtype, where the dtypes
   // agree), then the norm of the norms in float32.
-  std::vector<at::Tensor> norms = at::_foreach_norm(grads, norm_type);
-  for (at::Tensor& norm : norms) {
-    if (norm.scalar_type() != at::kFloat) norm = norm.to(at::kFloat);
-  }
-  const at::Tensor total = at::linalg_vector_norm(at::stack(norms), norm_type);
+  const at::Tensor norms = at::stack(at::_foreach_norm(grads, norm_type)).to(at::kFloat);
+  const at::Tensor total = at::linalg_vector_norm(norms, norm_type);
   // min(1, max_norm / (total + eps)) stays on the device; scaling by 1 leaves a gradient unchanged.
-  const at::Tensor factor = at::clamp_max(at::reciprocal(total + 1e-6).mul_(max_norm), 1.0);
+  const at::Tensor factor = at::clamp_max(max_norm / (total + 1e-6), 1.0);
   compat::foreach_mul_(grads, factor);
   return total;
 }

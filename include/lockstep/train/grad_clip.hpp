@@ -10,7 +10,6 @@
 //   at::Tensor norm = lockstep::train::clip_grad_norm(model->parameters(), 1.0);  // 0-dim float32
 #include <ATen/core/Tensor.h>
 
-#include <limits>
 #include <vector>
 
 namespace lockstep::train {

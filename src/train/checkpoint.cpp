@@ -42,10 +42,16 @@ int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key
 }
 
 // Opens and checks the header of a checkpoint; throws a lockstep::Error naming it.
-void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path) {
+// Note [Checkpoints across devices]: the file keeps each tensor's device (a GPU run writes cuda:N
+// tensors), and LibTorch would move them back there as it reads, which fails on a machine without
+// that GPU (a CPU-only LibTorch, a GPU-less evaluation node) and lands on the writer's GPU rather than
+// this rank's. So every tensor is read straight onto `device`: the model's device when loading
+// into a model, else the CPU.
+void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path,
+                     const c10::Device& device = c10::Device(c10::kCPU)) {
   LOCKSTEP_CHECK(fs::is_regular_file(path), "checkpoint ", path, " does not exist");
   try {
-    archive.load_from(path);
+    archive.load_from(path, device);
     const int64_t version = read_int(archive, "lockstep_checkpoint_version");
     LOCKSTEP_CHECK(version == kFormatVersion, "checkpoint ", path, " has format version ", version, ", expected ",
                    kFormatVersion);
@@ -213,19 +219,17 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
 }
 
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
-  torch::serialize::InputArchive archive;
-  open_checkpoint(archive, path);
-  c10::optional<c10::Device> device;
+  // Note [Checkpoints across devices]: onto the model's device, so that the optimizer's state
+  // (momentum buffers) lands beside the parameters it updates, whichever device wrote the file.
+  c10::Device device(c10::kCPU);
   if (ctx.model != nullptr) {
     for (const auto& parameter : ctx.model->parameters()) {
       device = parameter.device();
       break;
     }
   }
-  // A model on a GPU: read the (now known good) file again with its tensors mapped there, so that the
-  // optimizer's state (momentum buffers) lands beside the parameters it updates. After
-  // open_checkpoint, which has already named a corrupt file in its error.
-  if (device && !device->is_cpu()) archive.load_from(path, device);
+  torch::serialize::InputArchive archive;
+  open_checkpoint(archive, path, device);
   const int rank = ctx.communicator->rank();
   const int world = ctx.communicator->size();
   try {

@@ -1,5 +1,6 @@
 // DistributedTrainer at 2 and 3 ranks: callback order and powers, exact metrics, checkpoints, and
 // bitwise-identical results after a stop and resume. Every rank walks the same path (CHECK, not REQUIRE).
+#include <caffe2/serialize/inline_container.h>
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -294,6 +296,53 @@ std::vector<nlohmann::json> metrics_lines(const std::string& dir) {
   return lines;
 }
 
+// Rewrites the checkpoint at `path` as a run on a GPU would have written it: every tensor's storage
+// says it lives on `location` ("cuda:0"); the bytes of the data are unchanged. LibTorch's pickler
+// writes a storage's device as a string (BINUNICODE: 'X', a 4-byte little-endian length, the bytes)
+// once and refers back to it after that, so replacing that one string relocates them all. Returns
+// how many it replaced (0: the format changed and the test would prove nothing).
+int relocate_tensors(const std::string& path, const std::string& location) {
+  auto unicode = [](const std::string& text) {
+    const auto size = static_cast<std::uint32_t>(text.size());
+    std::string out("X");
+    out.append(reinterpret_cast<const char*>(&size), sizeof size);
+    return out + text;
+  };
+  const std::string from = unicode("cpu"), to = unicode(location);
+  std::vector<std::pair<std::string, std::string>> records;
+  std::uint64_t version = 0;
+  {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    version = reader.version();
+    for (const std::string& name : reader.getAllRecords()) {
+      at::DataPtr data;
+      size_t size = 0;
+      std::tie(data, size) = reader.getRecord(name);
+      records.emplace_back(name, std::string(static_cast<const char*>(data.get()), size));
+    }
+  }
+  int replaced = 0;
+  const std::string relocated = path + ".relocated";
+  {
+    caffe2::serialize::PyTorchStreamWriter writer(relocated);
+    writer.setMinVersion(version);
+    for (auto& [name, bytes] : records) {
+      // The writer writes its own version (and, in LibTorch 2.x, byte order and id) records.
+      if (name == "version" || name == ".data/version" || writer.getAllWrittenRecords().count(name) > 0) continue;
+      if (name.size() > 4 && name.compare(name.size() - 4, 4, ".pkl") == 0) {
+        for (size_t at = bytes.find(from); at != std::string::npos; at = bytes.find(from, at + to.size())) {
+          bytes.replace(at, from.size(), to);
+          ++replaced;
+        }
+      }
+      writer.writeRecord(name, bytes.data(), bytes.size());
+    }
+    writer.writeEndOfFile();
+  }
+  fs::rename(relocated, path);
+  return replaced;
+}
+
 }  // namespace
 
 TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise identical", "[train]") {
@@ -403,6 +452,38 @@ TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume 
     INFO("epoch " << e + 1);
     CHECK(lines[e]["grad_norm"].get<double>() == Approx(full_lines[e]["grad_norm"].get<double>()).epsilon(1e-12));
   }
+}
+
+TEST_CASE("trainer: a checkpoint written on a GPU resumes on the CPU (Note [Checkpoints across devices])",
+          "[train]") {
+  const RunResult full = resumable_run(shared_dir("full_gpu"), 0, "never");
+  const std::string dir = shared_dir("from_gpu");
+  resumable_run(dir, 5, "auto");
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  REQUIRE_FALSE(listed.empty());  // the same directory on every rank: all go on or none
+  const std::string path = listed.back();
+  int replaced = 0;
+  std::string error;
+  if (comm().rank() == 0) {
+    try {
+      replaced = relocate_tensors(path, "cuda:0");
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  comm().barrier()->wait();
+  if (comm().rank() == 0) {
+    CHECK(error.empty());
+    CHECK(replaced >= 1);
+  }
+  if (!torch::cuda::is_available()) {
+    // The fixture is what it claims: LibTorch on its own cannot read it without a GPU.
+    torch::serialize::InputArchive archive;
+    CHECK_THROWS(archive.load_from(path));
+  }
+  // Named explicitly: auto-resume skips a checkpoint it cannot read and starts afresh, which here ends
+  // in the same weights.
+  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, path).state));
 }
 
 TEST_CASE("trainer: a model with a name no checkpoint can hold is refused before the first step", "[train]") {

@@ -194,6 +194,44 @@ TEST_CASE("the trainer stops on CUDA after the same step on every rank (Note [St
   CHECK(lockstep::testing::identical_across_ranks(*model));
 }
 
+TEST_CASE("a checkpoint written on CUDA loads into a CPU model and into a CUDA one (Note [Checkpoints across devices])",
+          "[gpu][train]") {
+  torch::manual_seed(23);
+  auto model = Net();
+  auto sgd = torch::optim::SGDOptions(0.05).momentum(0.9);
+  auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), sgd);
+  lockstep::train::TrainerOptions o = cuda_trainer(1, "fp32");
+  o.checkpoints = true;
+  o.output_dir = lockstep::testing::shared_temp_dir("gpu_checkpoint_devices");
+  lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+  const auto metrics = trainer.fit(images(64 * comm().size()), nullptr);
+  const auto listed = lockstep::train::list_checkpoints(o.output_dir + "/checkpoints");
+  REQUIRE_FALSE(listed.empty());
+  for (const torch::Device target : {torch::Device(torch::kCPU), device()}) {
+    INFO("loaded onto " << target);
+    auto other = Net();
+    other->to(target);
+    torch::optim::SGD other_optimizer(other->parameters(), sgd);
+    lockstep::train::TrainerContext ctx;
+    ctx.communicator = &comm();
+    ctx.model = other.ptr().get();
+    ctx.optimizer = &other_optimizer;
+    lockstep::train::CheckpointOptions checkpoint;
+    checkpoint.directory = o.output_dir + "/checkpoints";
+    lockstep::train::Checkpointer(checkpoint).load(ctx, listed.back());
+    CHECK(ctx.global_step == static_cast<int64_t>(metrics.at("step")));
+    const auto want = model->parameters();
+    const auto got = other->parameters();
+    for (size_t i = 0; i < got.size(); ++i) {
+      CHECK(got[i].device() == target);
+      CHECK(torch::equal(got[i].cpu(), want[i].detach().cpu()));
+      got[i].mutable_grad() = torch::ones_like(got[i]);
+    }
+    // The momentum buffers came onto the parameters' device too: a step mixing devices would throw.
+    CHECK_NOTHROW(other_optimizer.step());
+  }
+}
+
 TEST_CASE("ZeroRedundancyOptimizer on CUDA: bitwise the unsharded Adam", "[gpu][zero]") {
   const int n = comm().size(), r = comm().rank();
   torch::manual_seed(19);

@@ -7,8 +7,11 @@
 // torch::optim::SGD, no DataParallel): lockstep against foreach is what DataParallel costs, foreach
 // against libtorch what the optimizer's kernel launches cost.
 //
+// --channels-last stores the model and the batch channels_last (Note [Channels last],
+// train/model_tensors.hpp), as the Python side's flag of the same name does.
+//
 //   build/benchmarks/resnet_gpu_bench [--batch 64] [--steps 50] [--warmup 10] [--precision fp32,bf16]
-//                                     [--json FILE]
+//                                     [--channels-last] [--json FILE]
 // Exits 77 with a message where no CUDA device is usable (the CPU build compiles it too).
 #include <ATen/Context.h>
 #include <nlohmann/json.hpp>
@@ -26,6 +29,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 #include "lockstep/train/foreach_optim.hpp"
+#include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/precision.hpp"
 
 namespace {
@@ -35,6 +39,7 @@ struct Options {
   int steps = 50;
   int warmup = 10;
   std::vector<std::string> precisions = {"fp32", "bf16"};
+  bool channels_last = false;
   std::string json;
 };
 
@@ -55,6 +60,7 @@ void add_options(CLI::App& app, Options& o) {
       ->delimiter(',')
       ->default_str("fp32,bf16")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  app.add_flag("--channels-last", o.channels_last, "store the model's weights and the batch channels_last (NHWC)");
   app.add_option("--json", o.json, "also write the results to FILE (rank 0)")->type_name("FILE");
 }
 
@@ -79,10 +85,12 @@ int main(int argc, char** argv) {
   // As the Python side: let cuDNN pick the fastest convolution algorithms for these shapes.
   at::globalContext().setBenchmarkCuDNN(true);
 
+  const char* const layout = options.channels_last ? "channels_last" : "nchw";
   nlohmann::json rows = nlohmann::json::array();
   if (runtime.rank() == 0) {
-    std::printf("# ResNet-18 training, 224x224 synthetic, batch %lld per GPU, %d ranks, backend %s, device %s\n",
-                static_cast<long long>(options.batch), comm->size(), comm->backend().c_str(), device.str().c_str());
+    std::printf("# ResNet-18 training, 224x224 synthetic, batch %lld per GPU, %s, %d ranks, backend %s, device %s\n",
+                static_cast<long long>(options.batch), layout, comm->size(), comm->backend().c_str(),
+                device.str().c_str());
     std::printf("%-10s %-10s %12s %12s\n", "precision", "impl", "images/s", "ms/step");
   }
   for (const std::string& precision : options.precisions) {
@@ -91,6 +99,7 @@ int main(int argc, char** argv) {
       lockstep::models::ResNet18 model(lockstep::models::ResNet18Options{});
       model->to(device);
       model->train();
+      if (options.channels_last) lockstep::train::to_channels_last(*model);  // before DataParallel
       const auto sgd = torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-4);
       std::optional<lockstep::ddp::DataParallel> dp;
       std::unique_ptr<torch::optim::Optimizer> optimizer;
@@ -101,6 +110,7 @@ int main(int argc, char** argv) {
         optimizer = std::make_unique<torch::optim::SGD>(model->parameters(), sgd);
       }
       auto x = torch::randn({options.batch, 3, 224, 224}, torch::TensorOptions().device(device));
+      if (options.channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
       auto y = torch::randint(0, 1000, {options.batch}, torch::TensorOptions().dtype(torch::kLong).device(device));
       auto step = [&] {
         optimizer->zero_grad();
@@ -123,7 +133,7 @@ int main(int argc, char** argv) {
         std::printf("%-10s %-10s %12.1f %12.2f\n", precision.c_str(), impl.c_str(), images, 1e3 * seconds / options.steps);
         std::fflush(stdout);
       }
-      rows.push_back({{"impl", impl}, {"precision", precision}, {"images_per_s", images},
+      rows.push_back({{"impl", impl}, {"precision", precision}, {"layout", layout}, {"images_per_s", images},
                       {"ms_per_step", 1e3 * seconds / options.steps}, {"batch", options.batch}});
     }
   }

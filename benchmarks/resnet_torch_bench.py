@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The PyTorch side of resnet_gpu_bench: the same ResNet-18 (ImageNet stem, 1000 classes), the same
 224x224 synthetic batch, SGD with momentum and weight decay, autocast for bf16, cuDNN benchmark
-mode, on one GPU, in images/s. Written out here (not torchvision's) so that the two models are the
+mode, on one GPU, in images/s; --channels-last stores the model and the batch channels_last. Written out here (not torchvision's) so that the two models are the
 same layer for layer and torchvision need not be installed.
 
     python3 benchmarks/resnet_torch_bench.py [--batch 64] [--steps 50] [--warmup 10]
-                                             [--precision fp32,bf16] [--json FILE]
+                                             [--precision fp32,bf16] [--channels-last] [--json FILE]
 Exits 77 when CUDA is not usable.
 """
 import argparse
@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", default="fp32,bf16")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -67,15 +68,19 @@ def main():
         return 77
     device = torch.device("cuda", 0)
     torch.backends.cudnn.benchmark = True
-    print(f"# PyTorch {torch.__version__}, ResNet-18 training, 224x224 synthetic, batch {args.batch}, "
+    layout = "channels_last" if args.channels_last else "nchw"
+    print(f"# PyTorch {torch.__version__}, ResNet-18 training, 224x224 synthetic, batch {args.batch}, {layout}, "
           f"{torch.cuda.get_device_name(device)}")
     print(f"{'precision':<10} {'images/s':>12} {'ms/step':>12}")
     rows = []
     for precision in args.precision.split(","):
         torch.manual_seed(0)
         model = ResNet18().to(device).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         x = torch.randn(args.batch, 3, 224, 224, device=device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         y = torch.randint(0, 1000, (args.batch,), device=device)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -96,7 +101,7 @@ def main():
         seconds = time.perf_counter() - start
         images = args.batch * args.steps / seconds
         print(f"{precision:<10} {images:12.1f} {1e3 * seconds / args.steps:12.2f}", flush=True)
-        rows.append({"impl": "pytorch", "precision": precision, "images_per_s": images,
+        rows.append({"impl": "pytorch", "precision": precision, "layout": layout, "images_per_s": images,
                      "ms_per_step": 1e3 * seconds / args.steps, "batch": args.batch})
     if args.json:
         with open(args.json, "w") as out:

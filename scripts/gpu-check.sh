@@ -184,24 +184,42 @@ else
   note "FAIL  NCCL all-reduce benchmark did not run"; status=1
 fi
 
-# ---- ResNet-18 on one GPU: Lockstep beside PyTorch, same run, same GPU.
+# ---- ResNet-18 on one GPU: Lockstep beside PyTorch, same run, same GPU; NCHW (the acceptance check),
+# then channels_last (Note [Channels last]; reported, not judged).
 "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
 "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
-verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" << 'PY'
+"$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json" || true
+"$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json" || true
+verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" \
+                      "$build/resnet_lockstep_nhwc.json" "$build/resnet_torch_nhwc.json" << 'PY'
 import json, sys
-try:
-    rows = json.load(open(sys.argv[1]))["results"]
-    ours = {r["precision"]: r["images_per_s"] for r in rows if r.get("impl", "lockstep") == "lockstep"}
-    plain = {r["precision"]: r["images_per_s"] for r in rows if r.get("impl") == "libtorch"}
-    alone = {r["precision"]: r["images_per_s"] for r in rows if r.get("impl") == "foreach"}
-    theirs = {r["precision"]: r["images_per_s"] for r in json.load(open(sys.argv[2]))["results"]}
-except Exception as e:
-    print(f"FAIL  ResNet-18 comparison: {e}"); sys.exit()
-for p in sorted(ours):
-    ok = ours[p] >= theirs.get(p, float("inf"))
-    extra = f"; without DataParallel {alone[p]:.1f}" if p in alone else ""
-    extra += f"; LibTorch's per-parameter SGD, no DataParallel {plain[p]:.1f}" if p in plain else ""
-    print(("PASS" if ok else "FAIL") + f"  ResNet-18 {p}: Lockstep {ours[p]:.1f} images/s, PyTorch {theirs.get(p, 0):.1f} images/s ({ours[p] / max(theirs.get(p, 1e-9), 1e-9):.3f}x){extra}")
+
+def load(path):
+    rows = json.load(open(path))["results"]
+    by = {}
+    for r in rows:
+        by.setdefault(r.get("impl", "lockstep"), {})[r["precision"]] = r["images_per_s"]
+    return by
+
+def compare(ours_path, theirs_path, judged, label):
+    try:
+        ours_all, theirs = load(ours_path), load(theirs_path).get("pytorch", {})
+    except Exception as e:
+        print(("FAIL" if judged else "INFO") + f"  ResNet-18{label} comparison: {e}")
+        return
+    ours, alone, plain = ours_all.get("lockstep", {}), ours_all.get("foreach", {}), ours_all.get("libtorch", {})
+    if judged and not ours:
+        print(f"FAIL  ResNet-18{label}: no Lockstep rows")
+    for p in sorted(ours):
+        ok = ours[p] >= theirs.get(p, float("inf"))
+        extra = f"; without DataParallel {alone[p]:.1f}" if p in alone else ""
+        extra += f"; LibTorch's per-parameter SGD, no DataParallel {plain[p]:.1f}" if p in plain else ""
+        verdict = ("PASS" if ok else "FAIL") if judged else "INFO"
+        print(verdict + f"  ResNet-18{label} {p}: Lockstep {ours[p]:.1f} images/s, PyTorch {theirs.get(p, 0):.1f} "
+              f"images/s ({ours[p] / max(theirs.get(p, 1e-9), 1e-9):.3f}x){extra}")
+
+compare(sys.argv[1], sys.argv[2], True, "")
+compare(sys.argv[3], sys.argv[4], False, " channels_last")
 PY
 )
 while IFS= read -r line; do note "$line"; [[ $line == FAIL* ]] && status=1; done <<< "$verdict"

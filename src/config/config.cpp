@@ -244,6 +244,7 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.real("clip_grad_norm", o.clip_grad_norm, 0.0);
   s.choice("device", o.device, {"auto", "cpu", "cuda"});
   s.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
+  s.boolean("channels_last", o.channels_last);
   {
     Section l = s.section("loss");
     const std::vector<std::string>& names = train::loss_names();

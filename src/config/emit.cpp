@@ -64,6 +64,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put_real(out, "clip_grad_norm", t.clip_grad_norm);
   put(out, "device", t.device);
   put(out, "precision", t.precision);
+  put(out, "channels_last", t.channels_last);
   out << YAML::Key << "loss" << YAML::Value << YAML::BeginMap;
   put(out, "name", t.loss.name);
   put_real(out, "label_smoothing", t.loss.label_smoothing);

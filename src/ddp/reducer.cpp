@@ -83,13 +83,43 @@ namespace lockstep::ddp {
 // it is one at::cat into the buffer instead of a copy per parameter: for ResNet-18, about 3 kernels
 // a step instead of 62. The fresh tensors live until then: at most one bucket's worth of memory.
 
+// Note [Gradient layout]
+// ~~~~~~~~~~~~~~~~~~~~~~
+// A parameter's slice of the bucket has the parameter's strides, not only its shape, when the
+// parameter is dense and non-overlapping (a channels_last convolution weight is: the slice then
+// holds the gradient in NHWC order). AccumulateGrad makes a fresh gradient in its parameter's layout
+// and sums into an existing one in place, so the gradient keeps aliasing its slice, the optimizer's
+// foreach kernels see matching layouts, and a bucket of fresh gradients is still filled by one
+// at::cat of their memory (same_layout, flat_in_memory_order). A contiguous slice under a
+// channels_last parameter would be correct too, but every step would copy each fresh gradient in one
+// by one and every in-place sum would be strided. (PyTorch's DDP lays its bucket views out the same
+// way.) A parameter with gaps or overlaps in its strides gets a contiguous slice.
+
 namespace {
 
-at::Tensor alias(const at::Tensor& buffer, std::int64_t offset, at::IntArrayRef shape) {
+at::Tensor alias(const at::Tensor& buffer, std::int64_t offset, const at::Tensor& parameter) {
+  const at::IntArrayRef shape = parameter.sizes();
   std::vector<std::int64_t> strides(shape.size(), 1);
-  for (std::size_t d = shape.size(); d-- > 1;) strides[d - 1] = strides[d] * std::max<std::int64_t>(shape[d], 1);
+  if (parameter.is_non_overlapping_and_dense()) {
+    strides = parameter.strides().vec();
+  } else {
+    for (std::size_t d = shape.size(); d-- > 1;) strides[d - 1] = strides[d] * std::max<std::int64_t>(shape[d], 1);
+  }
   return at::empty({0}, buffer.options()).set_(buffer.storage(), buffer.storage_offset() + offset, shape, strides);
 }
+
+// Whether `a` and `b` put their elements in the same order in memory (strides of size-1 dimensions
+// do not matter), both without gaps or overlaps.
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes() || !a.is_non_overlapping_and_dense() || !b.is_non_overlapping_and_dense()) return false;
+  for (std::int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// A dense, non-overlapping tensor's elements in memory order, as a 1-D view (view(-1) when contiguous).
+at::Tensor flat_in_memory_order(const at::Tensor& t) { return t.as_strided({t.numel()}, {1}); }
 
 bool same_alias(const at::Tensor& a, const at::Tensor& b) {
   return a.defined() && b.defined() && a.is_alias_of(b) && a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() &&
@@ -166,7 +196,7 @@ void Reducer::build_buckets(const BucketAssignment& assignment) {
     std::int64_t offset = 0;
     for (std::size_t k = 0; k < bucket.params.size(); ++k) {
       const std::size_t i = bucket.params[k];
-      bucket.views.push_back(alias(bucket.grad.buffer, offset, params_[i].sizes()));
+      bucket.views.push_back(alias(bucket.grad.buffer, offset, params_[i]));  // Note [Gradient layout]
       bucket.grad.parameter_names.push_back(names_[i]);
       bucket.grad.offsets.push_back(offset);
       bucket.grad.numels.push_back(params_[i].numel());
@@ -313,14 +343,14 @@ void Reducer::adopt_fresh(Bucket& bucket) {
   std::vector<at::Tensor> parts;
   if (at_once) {
     parts.reserve(bucket.params.size());
-    for (std::size_t i : bucket.params) {  // buffer order
-      const at::Tensor& grad = params_[i].grad();
-      if (!grad.is_contiguous() || grad.scalar_type() != buffer.scalar_type() || grad.device() != buffer.device() ||
-          grad.is_alias_of(buffer)) {
+    for (std::size_t k = 0; k < bucket.params.size(); ++k) {  // buffer order
+      const at::Tensor& grad = params_[bucket.params[k]].grad();
+      if (!same_layout(grad, bucket.views[k]) || grad.scalar_type() != buffer.scalar_type() ||
+          grad.device() != buffer.device() || grad.is_alias_of(buffer)) {
         at_once = false;
         break;
       }
-      parts.push_back(grad.view({-1}));
+      parts.push_back(flat_in_memory_order(grad));  // Note [Gradient layout]
     }
   }
   if (at_once) {

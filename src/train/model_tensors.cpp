@@ -1,6 +1,7 @@
 #include "lockstep/train/model_tensors.hpp"
 
 #include <torch/nn/module.h>
+#include <torch/utils.h>
 
 #include <set>
 
@@ -12,6 +13,18 @@ std::vector<at::Tensor> parameters_and_buffers(const torch::nn::Module& model) {
   std::vector<at::Tensor> out = model.parameters();
   for (auto& buffer : model.buffers()) out.push_back(std::move(buffer));
   return out;
+}
+
+std::size_t to_channels_last(torch::nn::Module& model) {
+  torch::NoGradGuard no_grad;
+  std::size_t converted = 0;
+  for (at::Tensor tensor : parameters_and_buffers(model)) {
+    if (!tensor.defined() || tensor.dim() != 4) continue;
+    // contiguous(ChannelsLast) is the tensor itself where its memory is already in that order.
+    tensor.set_data(tensor.contiguous(at::MemoryFormat::ChannelsLast));
+    ++converted;
+  }
+  return converted;
 }
 
 namespace {

@@ -20,6 +20,7 @@
 #include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/train/grad_clip.hpp"
 #include "lockstep/train/metric_tracker.hpp"
+#include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
@@ -126,6 +127,8 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
   // Module::to moves each parameter's data in place, so the optimizer (built on these parameters)
   // keeps pointing at them. DataParallel is built after the move: its buckets live on the device.
   model_->to(device_);
+  // Before DataParallel too: its buckets take the parameters' layout (Note [Gradient layout]).
+  if (options_.channels_last) to_channels_last(*model_);
   dp_ = std::make_unique<ddp::DataParallel>(model_, comm_, options_.ddp);
 }
 

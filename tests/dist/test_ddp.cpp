@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/train/model_tensors.hpp"
 #include "support/dist.hpp"
 
 namespace {
@@ -203,6 +204,62 @@ TEST_CASE("DataParallel repairs gradients reset to undefined (zero_grad with set
   CHECK(max_relative_error(model, oracle) <= 1e-10);
   auto ps = model->parameters();
   for (std::size_t i = 1; i < ps.size(); ++i) CHECK(ps[i].grad().is_alias_of(ps[0].grad()));
+}
+
+namespace {
+struct ConvNetImpl : torch::nn::Module {
+  ConvNetImpl()
+      : conv1(register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 6, 3).padding(1)))),
+        conv2(register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(6, 5, 3).stride(2)))),
+        fc(register_module("fc", torch::nn::Linear(5 * 3 * 3, 4))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return fc(torch::tanh(conv2(torch::tanh(conv1(x)))).flatten(1)); }
+  torch::nn::Conv2d conv1, conv2;
+  torch::nn::Linear fc;
+};
+TORCH_MODULE(ConvNet);
+}  // namespace
+
+TEST_CASE("DataParallel with channels_last convolutions: the NCHW oracle's values, gradients in the parameters' layout",
+          "[ddp]") {
+  // Note [Gradient layout]: each gradient aliases its bucket slice with its parameter's strides, so
+  // fresh gradients (set_to_none) and in-place accumulation keep channels_last.
+  const int n = comm().size();
+  torch::manual_seed(21);
+  ConvNet oracle;
+  torch::manual_seed(21);
+  ConvNet model;
+  CHECK(lockstep::train::to_channels_last(*model) == 2);  // the two convolution weights
+  REQUIRE(model->conv1->weight.is_contiguous(at::MemoryFormat::ChannelsLast));
+  REQUIRE_FALSE(model->conv1->weight.is_contiguous());
+  DataParallelOptions options;
+  options.bucket_cap_mb = 1000;
+  DataParallel dp(model, comm_ptr(), options);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  torch::optim::SGD oracle_opt(oracle->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  for (int step = 0; step < 4; ++step) {
+    torch::manual_seed(300 + step);
+    const torch::Tensor x = torch::randn({2 * n, 3, 7, 7}), y = torch::randn({2 * n, 4});
+    if (step % 2 == 0) {
+      for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();  // fresh: one at::cat per bucket
+    } else {
+      opt.zero_grad();  // in place into the slices (LibTorch 1.13's default; 2.x sets to none)
+    }
+    torch::mse_loss(model->forward(x.narrow(0, 2 * comm().rank(), 2)), y.narrow(0, 2 * comm().rank(), 2)).backward();
+    opt.step();
+    oracle_opt.zero_grad();
+    torch::mse_loss(oracle->forward(x), y).backward();
+    oracle_opt.step();
+    auto ps = model->parameters();
+    auto want = oracle->parameters();
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      INFO("step " << step << ", parameter " << i);
+      CHECK(torch::allclose(ps[i], want[i], 1e-4, 1e-5));
+      CHECK(ps[i].grad().strides() == ps[i].strides());
+      CHECK(ps[i].grad().is_alias_of(ps[0].grad()));  // one bucket
+    }
+  }
+  CHECK(model->conv1->weight.is_contiguous(at::MemoryFormat::ChannelsLast));
+  CHECK(identical_across_ranks(*model));
 }
 
 TEST_CASE("no_sync over micro-batches equals one synchronised step on their union", "[ddp]") {

@@ -247,12 +247,14 @@ TEST_CASE("config: device, precision and the loss scaler", "[config]") {
   const lockstep::train::TrainerOptions defaults;
   CHECK(defaults.device == "auto");
   CHECK(defaults.precision == "fp32");
+  CHECK_FALSE(defaults.channels_last);
   CHECK(lockstep::RuntimeOptions{}.device == "auto");
   const char* yaml = R"(
 runtime: {device: cpu, backend: nccl}
 trainer:
   device: cuda
   precision: fp16
+  channels_last: true
   grad_scaler: {init_scale: 1024, growth_interval: 100, backoff_factor: 0.25}
 )";
   const config::ExperimentConfig c = config::parse_config(yaml);
@@ -260,6 +262,7 @@ trainer:
   CHECK(c.runtime.backend == "nccl");
   CHECK(c.trainer.device == "cuda");
   CHECK(c.trainer.precision == "fp16");
+  CHECK(c.trainer.channels_last);
   CHECK(c.trainer.grad_scaler.init_scale == 1024.0);
   CHECK(c.trainer.grad_scaler.growth_interval == 100);
   CHECK(c.trainer.grad_scaler.backoff_factor == 0.25);
@@ -267,7 +270,9 @@ trainer:
   const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
   CHECK(config::to_yaml(again) == config::to_yaml(c));
   CHECK(again.trainer.precision == "fp16");
+  CHECK(again.trainer.channels_last);
   CHECK(again.runtime.device == "cpu");
+  CHECK_THAT(error_of("trainer:\n  channels_last: nhwc\n"), Contains("'trainer.channels_last'"));
 
   CHECK_THAT(error_of("trainer:\n  precision: fp8\n"),
              Contains("'trainer.precision'") && Contains("test.yaml:2:14") && Contains("bf16, fp16, fp32"));

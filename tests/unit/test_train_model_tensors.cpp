@@ -50,6 +50,41 @@ TEST_CASE("parameters_and_buffers lists the parameters then the buffers, aliasin
   CHECK(all.back().is_same(net->bn->num_batches_tracked));
 }
 
+TEST_CASE("to_channels_last stores 4-D parameters and buffers NHWC, in place, with the same outputs", "[train]") {
+  // Note [Channels last]
+  struct Net : torch::nn::Module {
+    torch::nn::Conv2d conv{register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3)))};
+    torch::nn::BatchNorm2d bn{register_module("bn", torch::nn::BatchNorm2d(4))};
+    torch::nn::Linear fc{register_module("fc", torch::nn::Linear(4, 2))};
+    at::Tensor filter = register_buffer("filter", torch::randn({2, 3, 5, 5}));
+    torch::Tensor forward(const torch::Tensor& x) {
+      return fc(torch::relu(bn(conv(x))).mean({2, 3})) + torch::conv2d(x, filter).mean();
+    }
+  };
+  torch::manual_seed(4);
+  auto net = std::make_shared<Net>();
+  net->eval();
+  const torch::Tensor x = torch::randn({2, 3, 9, 9});
+  const torch::Tensor before = net->forward(x);
+  const at::Tensor weight = net->conv->weight;  // the same tensor object before and after
+  torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
+  CHECK(lockstep::train::to_channels_last(*net) == 2);  // conv.weight and the buffer
+  CHECK(weight.is_same(net->conv->weight));
+  CHECK(weight.is_contiguous(at::MemoryFormat::ChannelsLast));
+  CHECK_FALSE(weight.is_contiguous());
+  CHECK(net->filter.is_contiguous(at::MemoryFormat::ChannelsLast));
+  CHECK(net->fc->weight.is_contiguous());
+  CHECK(torch::allclose(net->forward(x), before, 1e-5, 1e-6));
+  // The optimizer built before the conversion updates the converted weight.
+  const at::Tensor old_values = weight.clone();
+  net->forward(x).sum().backward();
+  sgd.step();
+  CHECK_FALSE(torch::equal(weight, old_values));
+  CHECK(weight.is_contiguous(at::MemoryFormat::ChannelsLast));
+  CHECK(lockstep::train::to_channels_last(*net) == 2);  // again: nothing changes
+  CHECK(weight.is_same(net->conv->weight));
+}
+
 TEST_CASE("check_names_readable refuses the names LibTorch saves but cannot load", "[train]") {
   // The premise, from LibTorch itself: a submodule named "in" or "is", or a parameter named "if", is
   // written without a word and cannot be read back.

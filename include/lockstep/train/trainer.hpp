@@ -113,6 +113,10 @@ struct TrainerOptions {
   // See docs/gpu.md for which devices support which.
   std::string precision = "fp32";
   GradScalerOptions grad_scaler;
+  // Store the model's 4-D parameters and buffers channels_last once it is on its device (Note
+  // [Channels last], train/model_tensors.hpp): NHWC convolutions, usually the faster ones on GPUs with
+  // tensor cores, and the same results as NCHW up to rounding.
+  bool channels_last = false;
 };
 
 class DistributedTrainer {

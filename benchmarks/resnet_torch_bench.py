@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The PyTorch side of resnet_gpu_bench: the same ResNet-18 (ImageNet stem, 1000 classes), the same
 224x224 synthetic batch, SGD with momentum and weight decay, autocast for bf16, cuDNN benchmark
-mode, on one GPU, in images/s; --channels-last stores the model and the batch channels_last. Written out here (not torchvision's) so that the two models are the
-same layer for layer and torchvision need not be installed.
+mode, on one GPU, in images/s; --channels-last stores the model and the batch channels_last. Written
+out here (not torchvision's) so that the two models are the same layer for layer and torchvision need
+not be installed.
 
     python3 benchmarks/resnet_torch_bench.py [--batch 64] [--steps 50] [--warmup 10]
                                              [--precision fp32,bf16] [--channels-last] [--json FILE]

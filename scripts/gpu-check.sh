@@ -188,8 +188,8 @@ fi
 # then channels_last (Note [Channels last]; reported, not judged).
 "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
 "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
-"$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json" || true
-"$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json" || true
+"$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json"
+"$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json"
 verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" \
                       "$build/resnet_lockstep_nhwc.json" "$build/resnet_torch_nhwc.json" << 'PY'
 import json, sys

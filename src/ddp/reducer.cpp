@@ -99,10 +99,11 @@ namespace {
 
 at::Tensor alias(const at::Tensor& buffer, std::int64_t offset, const at::Tensor& parameter) {
   const at::IntArrayRef shape = parameter.sizes();
-  std::vector<std::int64_t> strides(shape.size(), 1);
+  std::vector<std::int64_t> strides;
   if (parameter.is_non_overlapping_and_dense()) {
     strides = parameter.strides().vec();
   } else {
+    strides.assign(shape.size(), 1);
     for (std::size_t d = shape.size(); d-- > 1;) strides[d - 1] = strides[d] * std::max<std::int64_t>(shape[d], 1);
   }
   return at::empty({0}, buffer.options()).set_(buffer.storage(), buffer.storage_offset() + offset, shape, strides);

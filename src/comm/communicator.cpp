@@ -27,9 +27,12 @@ std::chrono::milliseconds default_timeout() {
     char* end = nullptr;
     seconds = std::strtod(text, &end);
     LOCKSTEP_CHECK(end != text && *end == '\0' && seconds > 0,
-                   "LOCKSTEP_TIMEOUT_S must be a positive number of seconds, found '", text, "'");
+                   "LOCKSTEP_TIMEOUT_S must be a positive number of seconds (or inf), found '", text, "'");
   }
-  return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0));
+  // Compared as a double first: converting inf, or anything past int64's range, is undefined.
+  const double ms = seconds * 1000.0;
+  if (ms >= static_cast<double>(kMaxTimeout.count())) return kMaxTimeout;
+  return std::chrono::milliseconds(static_cast<std::int64_t>(ms));
 }
 
 }  // namespace lockstep::comm

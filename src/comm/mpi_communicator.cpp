@@ -218,7 +218,7 @@ MpiCommunicator::MpiCommunicator(MpiCommunicatorOptions options) : impl_(std::ma
   LOCKSTEP_MPI_CHECK(MPI_Comm_set_errhandler(impl_->comm, MPI_ERRORS_RETURN));
   LOCKSTEP_MPI_CHECK(MPI_Comm_rank(impl_->comm, &impl_->rank));
   LOCKSTEP_MPI_CHECK(MPI_Comm_size(impl_->comm, &impl_->size));
-  impl_->timeout = options.timeout.count() > 0 ? options.timeout : default_timeout();
+  impl_->timeout = options.timeout.count() > 0 ? bounded_timeout(options.timeout) : default_timeout();
   sixteen_bit_ops();  // create the user operations now, on a thread that may call MPI
   impl_->thread = std::thread([impl = impl_.get()] { impl->loop(); });
 }

@@ -22,7 +22,7 @@ std::string WorkInfo::describe() const {
 }
 
 Work::Work(WorkInfo info, std::chrono::milliseconds default_timeout)
-    : info_(std::move(info)), default_timeout_(default_timeout) {}
+    : info_(std::move(info)), default_timeout_(bounded_timeout(default_timeout)) {}
 Work::~Work() = default;
 
 double Work::seconds() const {
@@ -47,6 +47,7 @@ void Work::throw_timeout(std::chrono::milliseconds timeout) const {
 constexpr auto kSpin = std::chrono::microseconds(50);
 
 void AsyncWork::wait(std::chrono::milliseconds timeout) {
+  timeout = bounded_timeout(timeout);
   if (!done_flag_.load(std::memory_order_acquire)) {
     const auto spin_end = Clock::now() + kSpin;
     while (!done_flag_.load(std::memory_order_acquire) && Clock::now() < spin_end) std::this_thread::yield();

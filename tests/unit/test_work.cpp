@@ -1,5 +1,8 @@
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
+#include <optional>
+#include <string>
 #include <thread>
 
 #include "lockstep/comm/communicator.hpp"
@@ -69,6 +72,75 @@ TEST_CASE("then runs its continuation once, after the work", "[comm]") {
   auto done = completed_work(info());
   CHECK(done->is_completed());
   done->wait();
+}
+
+TEST_CASE("a timeout too long for the clock waits instead of timing out at once", "[comm]") {
+  // milliseconds::max() in nanoseconds overflows steady_clock: condition_variable::wait_for then
+  // returned at once, so "no limit" failed every wait with a TimeoutError.
+  const auto forever = std::chrono::milliseconds::max();
+  auto work = std::make_shared<AsyncWork>(info(), forever);
+  CHECK(work->default_timeout() == kMaxTimeout);
+  std::thread t([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    work->mark_completed();
+  });
+  CHECK_NOTHROW(work->wait());
+  t.join();
+  auto other = std::make_shared<AsyncWork>(info(), std::chrono::milliseconds(1000));
+  std::thread u([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    other->mark_completed();
+  });
+  CHECK_NOTHROW(other->wait(forever));
+  u.join();
+}
+
+namespace {
+// Sets LOCKSTEP_TIMEOUT_S for one scope and puts back what was there.
+class TimeoutEnv {
+ public:
+  explicit TimeoutEnv(const char* value) {
+    if (const char* old = std::getenv("LOCKSTEP_TIMEOUT_S")) old_ = old;
+    if (value) {
+      setenv("LOCKSTEP_TIMEOUT_S", value, 1);
+    } else {
+      unsetenv("LOCKSTEP_TIMEOUT_S");
+    }
+  }
+  ~TimeoutEnv() {
+    if (old_) {
+      setenv("LOCKSTEP_TIMEOUT_S", old_->c_str(), 1);
+    } else {
+      unsetenv("LOCKSTEP_TIMEOUT_S");
+    }
+  }
+
+ private:
+  std::optional<std::string> old_;
+};
+}  // namespace
+
+TEST_CASE("LOCKSTEP_TIMEOUT_S: seconds, inf or huge for no limit, and errors for the rest", "[comm]") {
+  using std::chrono::milliseconds;
+  {
+    TimeoutEnv env(nullptr);
+    CHECK(default_timeout() == milliseconds(600000));
+  }
+  {
+    TimeoutEnv env("2.5");
+    CHECK(default_timeout() == milliseconds(2500));
+  }
+  for (const char* unlimited : {"inf", "1e12", "1e300"}) {
+    INFO(unlimited);
+    TimeoutEnv env(unlimited);
+    CHECK(default_timeout() == kMaxTimeout);  // before: inf cast to int64 (undefined), 1e12 s overflowed the clock
+  }
+  for (const char* bad : {"0", "-3", "nan", "ten", "5s"}) {
+    INFO(bad);
+    TimeoutEnv env(bad);
+    CHECK_THROWS_WITH(default_timeout(), Contains("LOCKSTEP_TIMEOUT_S must be a positive number of seconds") &&
+                                             Contains(std::string("'") + bad + "'"));
+  }
 }
 
 TEST_CASE("LOCKSTEP_CHECK names what failed and where", "[core]") {

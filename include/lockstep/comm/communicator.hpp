@@ -15,7 +15,8 @@ namespace lockstep::comm {
 enum class ReduceOp { Sum, Average, Min, Max, Product };
 const char* to_string(ReduceOp op);
 
-// The timeout a Work's wait() uses when none is given. LOCKSTEP_TIMEOUT_S overrides it.
+// The timeout a Work's wait() uses when none is given: 600 s. LOCKSTEP_TIMEOUT_S (seconds) overrides it;
+// inf, or anything past kMaxTimeout, means kMaxTimeout (no practical limit).
 std::chrono::milliseconds default_timeout();
 
 struct AllreduceOptions {

@@ -14,6 +14,14 @@ namespace lockstep::comm {
 
 using Clock = std::chrono::steady_clock;
 
+// The longest wait honoured, about 100 years. A longer timeout (std::chrono::milliseconds::max() or
+// LOCKSTEP_TIMEOUT_S=inf for "no limit") is shortened to it: added to a clock's now() it would
+// overflow, and the wait would time out at once instead of never.
+inline constexpr std::chrono::milliseconds kMaxTimeout{100LL * 365 * 24 * 3600 * 1000};
+inline constexpr std::chrono::milliseconds bounded_timeout(std::chrono::milliseconds timeout) {
+  return timeout > kMaxTimeout ? kMaxTimeout : timeout;
+}
+
 // What a Work is about, for error messages and timelines.
 struct WorkInfo {
   std::string op;          // "allreduce", "broadcast", ...

@@ -132,6 +132,7 @@ class CoreWork final : public Work {
 
  private:
   void host_wait(std::chrono::milliseconds timeout) {
+    timeout = bounded_timeout(timeout);
     const Clock::time_point deadline = Clock::now() + timeout;
     auto pause = std::chrono::microseconds(0);
     while (!core_->poll(*state_)) {
@@ -154,7 +155,7 @@ class CoreWork final : public Work {
 
 Core::Core(CoreOptions options, CurrentStreamFn current_stream)
     : options_(options), current_stream_(std::move(current_stream)) {
-  if (options_.timeout.count() <= 0) options_.timeout = default_timeout();
+  options_.timeout = options_.timeout.count() > 0 ? bounded_timeout(options_.timeout) : default_timeout();
   if (options_.watchdog_interval.count() <= 0) options_.watchdog_interval = std::chrono::milliseconds(5);
 }
 

@@ -55,8 +55,16 @@ std::vector<std::int32_t> StopVote::read(Pending& pending) {
   at::Tensor codes;
   if (on_device_) {
     // `lag` posts later the copy is normally long done; if the GPU is that far behind, the host
-    // waits here for it (LibTorch 1.13's c10::Event has query() but no synchronize()).
-    while (!pending.copied->query()) std::this_thread::yield();
+    // waits here for it (LibTorch 1.13's c10::Event has query() but no synchronize()). A failed
+    // all-gather (the communicator aborted it: a timeout, a dead peer) lets the stream drain, and
+    // the copy then completes with codes nobody wrote: its error is raised instead, and is looked
+    // for while waiting too, in case the stream does not drain.
+    while (!pending.copied->query()) {
+      if (pending.work->is_completed()) pending.work->wait();  // raises a failure, else returns at once
+      std::this_thread::yield();
+    }
+    // The copy ran after the all-gather's end, so the Work is complete: wait() raises its error, if any.
+    if (pending.work->is_completed()) pending.work->wait();
     codes = pending.host;
   } else {
     pending.work->wait();

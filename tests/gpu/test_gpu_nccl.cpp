@@ -284,6 +284,33 @@ TEST_CASE("StopVote over NCCL: posting never blocks the host; the codes come bac
   comm->barrier()->wait();
 }
 
+TEST_CASE("StopVote over NCCL raises a timed-out all-gather's error instead of reading codes nobody wrote",
+          "[gpu][nccl]") {
+  if (!nccl()) return;
+  lockstep::comm::NcclCommunicatorOptions o;
+  o.device = device().index();
+  o.timeout = std::chrono::milliseconds(1500);
+  auto comm = lockstep::comm::make_nccl_communicator(o);
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  lockstep::comm::StopVote vote(comm, device(), 1);
+  StreamGate gate;
+  gate.close(side.stream());  // the first vote's all-gather never starts: the watchdog aborts it
+  CHECK(vote.post(7).empty());
+  const auto start = std::chrono::steady_clock::now();
+  // Reads the first vote: before, this spun until the gate opened (20 s), then returned whatever the
+  // output held once the aborted communicator let the stream drain.
+  try {
+    vote.post(0);
+    FAIL("the vote's timed-out all-gather was read as codes");
+  } catch (const lockstep::Error& e) {
+    CHECK_THAT(e.message(), Contains("allgather #0") && Contains("1500 ms"));
+  }
+  CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0);
+  gate.release();
+  side.synchronize();
+}
+
 TEST_CASE("a collective that outlives its timeout aborts the communicator with a clear error", "[gpu][nccl]") {
   if (!nccl()) return;
   lockstep::comm::NcclCommunicatorOptions o;

@@ -106,12 +106,16 @@ DataParallel::~DataParallel() {
 }
 
 NoSyncGuard DataParallel::no_sync() {
+  reducer_->check_hooks_attached();
   const bool previous = reducer_->sync();
   reducer_->set_sync(false);
   return NoSyncGuard(reducer_.get(), previous);
 }
 
-void DataParallel::before_forward() { reducer_->mark_forward_start(); }
+void DataParallel::before_forward() {
+  reducer_->check_hooks_attached();
+  reducer_->mark_forward_start();
+}
 void DataParallel::before_backward() { reducer_->mark_backward_start(); }
 
 void DataParallel::broadcast_state(int root) {

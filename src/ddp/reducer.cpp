@@ -256,7 +256,12 @@ BucketAssignment Reducer::bucket_assignment() const {
 void Reducer::on_gradient_ready(std::size_t index) {
   std::lock_guard<std::mutex> lock(mutex_);
   torch::autograd::AutoGradMode no_grad(false);
-  if (!in_backward_) begin_backward();
+  settle_abandoned_backward();
+  if (!in_backward_) {
+    LOCKSTEP_CHECK(!sync_ || out_of_step_.empty(), out_of_step_);
+    check_hooks_attached_locked();
+    begin_backward();
+  }
   const at::Tensor& grad = params_[index].grad();
   LOCKSTEP_CHECK(!grad.defined() || grad.layout() == at::kStrided, "DataParallel: parameter '", names_[index],
                  "' received a ", grad.layout(), " gradient; only dense gradients can be bucketed (rank ",
@@ -302,12 +307,73 @@ void Reducer::begin_backward() {
     }
   }
   // Runs when this autograd pass ends, after every gradient hook (called here, from inside a
-  // hook, so that it attaches to the running pass).
-  torch::autograd::Engine::get_default_engine().queue_callback([this] { finish_backward(); });
+  // hook, so that it attaches to the running pass). The pass owns the callback, and with it `alive`
+  // (Note [Abandoned backward]).
+  auto alive = std::make_shared<char>(0);
+  pass_alive_ = alive;
+  torch::autograd::Engine::get_default_engine().queue_callback([this, alive] { finish_backward(); });
+}
+
+// Note [Abandoned backward]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~
+// A backward begins at its first gradient hook and ends in the callback queued on the autograd pass
+// (finish_backward). When the pass fails partway through (an exception in a custom autograd function,
+// an out-of-memory error, a check in a hook), LibTorch drops its queued callbacks without running
+// them, so the reducer would stay "in backward" for good: a failed no_sync() backward left every later
+// backward local-only, silently (ranks training on their own data), and a failed synchronised one made
+// every later backward raise "received a gradient twice". The callback therefore owns a token whose
+// weak_ptr (pass_alive_) expires when the failed pass is destroyed; the next backward's first hook,
+// or the next Join call, finds in_backward_ set with the token gone and ends the abandoned backward:
+//   - nothing issued on this rank (a no_sync() backward, or a synchronised one that failed before its
+//     first bucket and Join all-gather): the next backward starts afresh, as after a success. A loop
+//     that catches the failure and retries the step (a smaller batch after an out-of-memory error,
+//     say) works, provided every rank retries: the others' collectives match the retry's;
+//   - collectives already issued: other ranks cannot tell which of them belong to the failed step, so
+//     the reducer refuses every later synchronised backward with an error naming the cause
+//     (out_of_step_), instead of pairing one step's buckets with another's.
+// On a GPU an autograd device thread may hold the failed pass a moment longer; a retry that reaches
+// its first hook within that moment is not recognised (LibTorch 1.13 has no graph task id to compare).
+void Reducer::settle_abandoned_backward() {
+  if (!in_backward_ || !pass_alive_.expired() || shadowing_) return;
+  const bool issued = syncing_ && (next_launch_ > 0 || join_work_ != nullptr);
+  if (issued && out_of_step_.empty()) {
+    out_of_step_ = detail::str_cat(
+        "DataParallel: an earlier synchronised backward failed partway through on rank ", comm_->rank(),
+        " after issuing ", next_launch_, " of ", buckets_.size(), " bucket reductions",
+        join_work_ ? " and its Join all-gather" : "",
+        "; the ranks' collectives can no longer be matched, so this rank cannot synchronise again. Restart from "
+        "the last checkpoint. (A failure inside backward can be caught and the step retried only if it happens "
+        "before the first bucket is reduced, or under no_sync().)");
+  }
+  join_work_.reset();
+  reset_iteration();
+}
+
+void Reducer::check_hooks_attached() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_hooks_attached_locked();
+}
+
+void Reducer::check_hooks_attached_locked() const {
+  if (!hooks_) return;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    // A parameter frozen since (requires_grad off) has no accumulator; it counts as unused.
+    if (!params_[i].requires_grad() || !params_[i].is_leaf()) continue;
+    // Creates the accumulator if the tensor has none: what the next backward would do anyway.
+    const compat::NodePtr current = torch::autograd::impl::grad_accumulator(params_[i]);
+    if (current.get() == hooks_->accumulators[i].get()) continue;
+    const at::Tensor& view = view_of(i);
+    LOCKSTEP_FAIL("DataParallel: parameter '", names_[i], "' was moved or cast after DataParallel was built (it is ",
+                  params_[i].scalar_type(), " on ", params_[i].device(), ", built as ", view.scalar_type(), " on ",
+                  view.device(), "): LibTorch gave it a new gradient accumulator, so its gradients would no longer "
+                  "be averaged over ranks (rank ", comm_->rank(), "). Move the model (to(), half()) before "
+                  "constructing DataParallel.");
+  }
 }
 
 void Reducer::set_sync_count(std::uint64_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
+  settle_abandoned_backward();
   LOCKSTEP_CHECK(!in_backward_, "Reducer::set_sync_count: called during a backward pass");
   sync_count_ = count;
 }
@@ -596,6 +662,7 @@ void Reducer::fail_uneven() const {
 void Reducer::enable_join(const JoinOptions& options) {
   std::lock_guard<std::mutex> lock(mutex_);
   LOCKSTEP_CHECK(!join_, "DataParallel: a Join is already active on this model (rank ", comm_->rank(), ")");
+  settle_abandoned_backward();
   LOCKSTEP_CHECK(!in_backward_, "DataParallel: a Join cannot begin during backward (rank ", comm_->rank(), ")");
   join_ = true;
   join_options_ = options;
@@ -614,7 +681,9 @@ bool Reducer::shadow_step() {
   std::lock_guard<std::mutex> lock(mutex_);
   torch::autograd::AutoGradMode no_grad(false);
   LOCKSTEP_CHECK(join_, "DataParallel internal error: shadow_step outside join mode (rank ", comm_->rank(), ")");
+  settle_abandoned_backward();
   LOCKSTEP_CHECK(!in_backward_, "DataParallel: Join::finish() cannot run during backward (rank ", comm_->rank(), ")");
+  LOCKSTEP_CHECK(out_of_step_.empty(), out_of_step_);
   // Note [Join]: "this rank trains no more"; the others' flags say whether a backward follows.
   at::Tensor flags = at::empty({2 * comm_->size()}, at::kInt);
   comm_->allgather(join_entry(/*training=*/false), flags)->wait();

@@ -235,3 +235,158 @@ TEST_CASE("Different models on different ranks: the error on every rank names th
   }
   CHECK(communicator_healthy());
 }
+
+// ---- Note [Abandoned backward]: a backward whose autograd pass fails partway through ----
+
+namespace {
+
+// The identity, whose backward throws when asked to: a failure in the middle of backward, after the
+// layers behind it have delivered their gradients.
+struct FailingIdentity : torch::autograd::Function<FailingIdentity> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor x, bool fail) {
+    ctx->saved_data["fail"] = fail;
+    return x.clone();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (ctx->saved_data["fail"].toBool()) throw std::runtime_error("injected failure in backward");
+    return {grads[0], torch::Tensor()};
+  }
+};
+
+struct FragileImpl : torch::nn::Module {
+  FragileImpl()
+      : first(register_module("first", torch::nn::Linear(5, 4))), last(register_module("last", torch::nn::Linear(4, 2))) {}
+  torch::Tensor forward(torch::Tensor x, bool fail) { return last(FailingIdentity::apply(torch::tanh(first(x)), fail)); }
+  torch::nn::Linear first, last;
+};
+TORCH_MODULE(Fragile);
+
+Fragile make_fragile() {
+  torch::manual_seed(21);
+  Fragile model;
+  model->to(torch::kFloat64);
+  return model;
+}
+
+// Rank r's batch of a step, and the single-process oracle: the gradient of the mean over ranks.
+torch::Tensor batch_of(int rank, int step) {
+  torch::manual_seed(400 + 10 * step + rank);
+  return torch::randn({3, 5}, torch::kFloat64);
+}
+
+void check_average_gradient(Fragile& model, int step) {
+  Fragile oracle = make_fragile();
+  torch::Tensor loss = torch::zeros({}, torch::kFloat64);
+  const int n = comm().size();
+  for (int r = 0; r < n; ++r) loss = loss + oracle->forward(batch_of(r, step), false).pow(2).sum();
+  (loss / n).backward();
+  auto expected = oracle->named_parameters();
+  for (const auto& item : model->named_parameters()) {
+    INFO(item.key());
+    REQUIRE(item.value().grad().defined());
+    CHECK(torch::allclose(item.value().grad(), expected[item.key()].grad(), 1e-12, 1e-12));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("A backward that fails under no_sync does not leave later backwards local", "[ddp]") {
+  Fragile model = make_fragile();
+  DataParallel dp(model, comm_ptr());
+  const int rank = comm().rank();
+  {
+    auto guard = dp.no_sync();
+    const std::string error = error_of([&] { model->forward(batch_of(rank, 0), true).pow(2).sum().backward(); });
+    CHECK(error.find("injected failure") != std::string::npos);
+  }
+  model->zero_grad();
+  // Before: the reducer stayed "in" the failed local backward, so this one was local too, silently.
+  model->forward(batch_of(rank, 1), false).pow(2).sum().backward();
+  check_average_gradient(model, 1);
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("A synchronised backward that fails before its first reduction can be retried", "[ddp]") {
+  Fragile model = make_fragile();
+  DataParallel dp(model, comm_ptr());  // one bucket: nothing is reduced before every gradient is in
+  REQUIRE(dp.reducer().bucket_assignment().size() == 1);
+  const int rank = comm().rank();
+  const std::string error = error_of([&] { model->forward(batch_of(rank, 2), true).pow(2).sum().backward(); });
+  CHECK(error.find("injected failure") != std::string::npos);
+  // Every rank failed, so every rank retries the step (as a loop that catches an out-of-memory error
+  // and halves the batch would). Before: "received a gradient twice", on this and every later step.
+  model->zero_grad();
+  model->forward(batch_of(rank, 2), false).pow(2).sum().backward();
+  check_average_gradient(model, 2);
+  CHECK(dp.synchronized_backwards() == 1);
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("A synchronised backward that fails after a reduction began refuses to synchronise again", "[ddp]") {
+  Fragile model = make_fragile();
+  DataParallelOptions options;
+  options.bucket_cap_mb = 0;  // a bucket per parameter: `last`'s are reduced before the failure
+  options.first_bucket_cap_mb = 0;
+  DataParallel dp(model, comm_ptr(), options);
+  const int rank = comm().rank();
+  const std::string error = error_of([&] { model->forward(batch_of(rank, 3), true).pow(2).sum().backward(); });
+  CHECK(error.find("injected failure") != std::string::npos);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    model->zero_grad();
+    const std::string again = error_of([&] { model->forward(batch_of(rank, 3), false).pow(2).sum().backward(); });
+    INFO(again);
+    CHECK(again.find("an earlier synchronised backward failed partway through on rank " + std::to_string(rank)) !=
+          std::string::npos);
+    CHECK(again.find("of 4 bucket reductions") != std::string::npos);
+    CHECK(again.find("Restart from the last checkpoint") != std::string::npos);
+  }
+  // Every rank issued the same reductions before failing here, so the communicator itself is fine.
+  CHECK(communicator_healthy());
+}
+
+// ---- a model moved or cast after DataParallel was built ----
+
+namespace {
+struct ScaledImpl : torch::nn::Module {
+  ScaledImpl() : head(register_module("head", torch::nn::Linear(5, 2))) {
+    scale = register_parameter("scale", torch::ones({2}));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return head(x) * scale.to(x.scalar_type()); }
+  torch::nn::Linear head;
+  torch::Tensor scale;
+};
+TORCH_MODULE(Scaled);
+}  // namespace
+
+TEST_CASE("A parameter cast after DataParallel was built is an error, not a gradient left local", "[ddp]") {
+  torch::manual_seed(31);
+  Scaled model;
+  DataParallelOptions options;
+  options.find_unused_parameters = true;  // before, the cast parameter silently counted as unused
+  DataParallel dp(model, comm_ptr(), options);
+  {
+    torch::NoGradGuard no_grad;
+    model->scale.set_data(model->scale.to(torch::kFloat64));  // as Module::to() does to each parameter
+  }
+  const torch::Tensor x = torch::randn({3, 5}) + comm().rank();
+  const std::string error = error_of([&] { model->forward(x).sum().backward(); });
+  INFO(error);
+  CHECK(error.find("parameter 'scale' was moved or cast after DataParallel was built (it is Double on cpu, built "
+                   "as Float on cpu)") != std::string::npos);
+  CHECK(error.find("Move the model") != std::string::npos);
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("A model moved whole after DataParallel was built is caught by before_forward and no_sync", "[ddp]") {
+  torch::manual_seed(32);
+  auto model = torch::nn::Sequential(torch::nn::Linear(5, 4), torch::nn::Tanh(), torch::nn::Linear(4, 2));
+  DataParallel dp(model, comm_ptr());
+  CHECK_NOTHROW(dp.before_forward());
+  model->to(torch::kFloat64);  // no gradient reaches DataParallel's hooks any more
+  const std::string forward_error = error_of([&] { dp.before_forward(); });
+  CHECK(forward_error.find("parameter '0.weight' was moved or cast") != std::string::npos);
+  const std::string no_sync_error = error_of([&] { auto guard = dp.no_sync(); });
+  CHECK(no_sync_error.find("parameter '0.weight' was moved or cast") != std::string::npos);
+  CHECK(communicator_healthy());
+}

@@ -99,7 +99,9 @@ class DataParallel {
 
   // Optional timing marks: call before the forward pass and just before loss.backward() to split
   // StepTimings::forward_s from backward_s exactly (without the second, backward starts at the
-  // first gradient hook). Cheap; no communication.
+  // first gradient hook). Cheap; no communication. before_forward() (as no_sync()) also checks that
+  // the model was not moved or cast since construction (Reducer::check_hooks_attached): every
+  // backward checks that too, but a model moved whole never reaches DataParallel's hooks at all.
   void before_forward();
   void before_backward();
 

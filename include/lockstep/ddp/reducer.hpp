@@ -79,6 +79,12 @@ class Reducer {
 
   const StepTimings& last_timings() const { return last_timings_; }
 
+  // Raises a clear error if a parameter no longer reaches this reducer: moved or cast (to(), half(),
+  // set_data) after the reducer was built, LibTorch gave it a new gradient accumulator without the
+  // hook, and its gradients would silently stay local. Checked at the start of every backward and by
+  // DataParallel::before_forward() and no_sync() (the only checks that catch a model moved whole).
+  void check_hooks_attached() const;
+
   // Diagnostics, for tests and the curious.
   std::size_t parameter_count() const { return params_.size(); }
   const std::vector<std::string>& parameter_names() const { return names_; }
@@ -145,6 +151,10 @@ class Reducer {
   void write_back(const std::vector<std::int32_t>& used_counts);
   void rebuild_by_ready_order();
   void reset_iteration();
+  void check_hooks_attached_locked() const;
+  // Note [Abandoned backward]: ends a backward whose autograd pass failed before its end-of-pass
+  // callback ran; with mutex_ held.
+  void settle_abandoned_backward();
   [[noreturn]] void fail_unready(const std::vector<std::int32_t>& ready_counts,
                                  const std::vector<std::int32_t>& used_counts, int active);
   [[noreturn]] void fail_uneven() const;
@@ -171,6 +181,12 @@ class Reducer {
   // Per backward pass.
   bool in_backward_ = false;
   bool syncing_ = false;
+  // Note [Abandoned backward]: expires when the autograd pass that began the current backward is
+  // gone; if that happens while in_backward_ is still set, the pass failed partway through.
+  std::weak_ptr<void> pass_alive_;
+  // Set when a failed synchronised backward had already issued collectives on this rank: the ranks
+  // are out of step for good, and every later synchronised backward raises it.
+  std::string out_of_step_;
   std::vector<char> ready_;            // got its gradient from autograd in this backward
   std::vector<char> used_since_sync_;  // got one in any backward since the last synchronisation
   std::vector<std::size_t> ready_order_, bucket_ready_order_, launch_order_;

@@ -6,7 +6,10 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <iostream>
 #include <set>
@@ -27,12 +30,16 @@ constexpr const char* kSuffix = ".pt";
 constexpr int64_t kFormatVersion = 1;
 
 // fsync so that after the rename the file's data is on disk, not only its name (a crash between
-// rename and writeback must not leave a complete-looking empty file).
+// rename and writeback must not leave a complete-looking empty file). A failure is an error: a file
+// whose data may not be on disk must not be reported as written.
 void sync_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) return;
-  ::fsync(fd);
+  LOCKSTEP_CHECK(fd >= 0, "cannot open ", path, " to sync it to disk: ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int error = errno;
   ::close(fd);
+  // A directory on a file system that cannot sync directories says EINVAL: nothing more to do there.
+  LOCKSTEP_CHECK(rc == 0 || error == EINVAL, "cannot sync ", path, " to disk: ", std::strerror(error));
 }
 
 int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key) {
@@ -93,6 +100,28 @@ void load_into(torch::nn::Module& module, torch::serialize::InputArchive& archiv
   }
 }
 
+// The device of the model's parameters (the CPU for a model without any).
+c10::Device model_device(const TrainerContext& ctx) {
+  if (ctx.model != nullptr) {
+    for (const auto& parameter : ctx.model->parameters()) return parameter.device();
+  }
+  return c10::Device(c10::kCPU);
+}
+
+// Every rank's state of `generator`, gathered to all as float64 (which holds bytes exactly and which
+// every backend gathers): [world, state bytes] as uint8.
+at::Tensor gather_generator_states(comm::Communicator& comm, const at::Generator& generator) {
+  at::Tensor state = generator.get_state().to(torch::kFloat64);
+  at::Tensor all = torch::empty({comm.size() * state.numel()}, torch::kFloat64);
+  comm.allgather(state, all)->wait();
+  return all.to(torch::kUInt8).view({comm.size(), state.numel()});
+}
+
+void restore_generator_state(at::Generator generator, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state.to(at::kCPU).clone());
+}
+
 }  // namespace
 
 void write_file_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {
@@ -100,9 +129,16 @@ void write_file_atomically(const std::string& path, const std::function<void(con
   const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
   fs::create_directories(directory);
   const std::string temporary = path + ".tmp";
-  write(temporary);
-  sync_file(temporary);
-  LOCKSTEP_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ", path);
+  try {
+    write(temporary);
+    sync_file(temporary);
+    LOCKSTEP_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ", path, ": ",
+                   std::strerror(errno));
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove(temporary, ignored);  // a partial file left behind would only take space (a full disk, say)
+    throw;
+  }
   sync_file(directory.string());
 }
 
@@ -112,7 +148,9 @@ std::string checkpoint_file_name(int64_t global_step) {
   return name;
 }
 
-std::vector<std::string> list_checkpoints(const std::string& directory) {
+namespace {
+// The checkpoints in `directory` with their steps, lowest step first.
+std::vector<std::pair<int64_t, std::string>> checkpoints_by_step(const std::string& directory) {
   std::vector<std::pair<int64_t, std::string>> found;
   std::error_code error;
   if (!fs::is_directory(directory, error)) return {};
@@ -128,8 +166,13 @@ std::vector<std::string> list_checkpoints(const std::string& directory) {
     found.emplace_back(std::stoll(digits), entry.path().string());
   }
   std::sort(found.begin(), found.end());
+  return found;
+}
+}  // namespace
+
+std::vector<std::string> list_checkpoints(const std::string& directory) {
   std::vector<std::string> paths;
-  for (auto& item : found) paths.push_back(std::move(item.second));
+  for (auto& item : checkpoints_by_step(directory)) paths.push_back(std::move(item.second));
   return paths;
 }
 
@@ -144,12 +187,12 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
   comm::Communicator& comm = *ctx.communicator;
   const int rank = comm.rank();
   const int world = comm.size();
-  // Every rank's generator state (they differ: seeded with seed + rank), gathered to all as float64,
-  // which holds bytes exactly and which every backend reduces and gathers.
-  at::Tensor state = at::detail::getDefaultCPUGenerator().get_state().to(torch::kFloat64);
-  const int64_t n = state.numel();
-  at::Tensor all = torch::empty({world * n}, torch::kFloat64);
-  comm.allgather(state, all)->wait();
+  // Every rank's generator state (they differ: seeded with seed + rank); on a GPU also the model's
+  // device generator, which dropout and other random ops on the GPU draw from.
+  const at::Tensor cpu_states = gather_generator_states(comm, at::detail::getDefaultCPUGenerator());
+  const c10::Device device = model_device(ctx);
+  at::Tensor device_states;
+  if (device.is_cuda()) device_states = gather_generator_states(comm, at::globalContext().defaultGenerator(device));
 
   // Note [ZeRO checkpoints]: a sharded optimizer state is gathered (collectively) before rank 0 writes.
   if (auto* sharded = dynamic_cast<ddp::ZeroRedundancyOptimizer*>(ctx.optimizer)) sharded->consolidate_state();
@@ -195,7 +238,8 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     torch::serialize::OutputArchive optimizer_archive;
     ctx.optimizer->save(optimizer_archive);
     archive.write("optimizer", optimizer_archive);
-    archive.write("rng_states", all.to(torch::kUInt8).view({world, n}));
+    archive.write("rng_states", cpu_states);
+    if (device_states.defined()) archive.write("cuda_rng_states", device_states);
     for (const CallbackState& saved : callback_states) {
       archive.write("callback_" + saved.key, c10::IValue(saved.text));
       if (!saved.tensors.empty()) {
@@ -207,27 +251,28 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     }
     write_file_atomically(final_path, [&](const std::string& temporary) { archive.save_to(temporary); });
     if (options_.keep_last > 0) {
-      std::vector<std::string> existing = list_checkpoints(options_.directory);
-      for (size_t i = 0; i + static_cast<size_t>(options_.keep_last) < existing.size(); ++i) {
+      // Note [Pruning checkpoints]: only this run's files count, those up to the step just written;
+      // a file of a later step is another run's (a resume from an explicit older checkpoint), not
+      // an older one of ours, and the file just written is never the one removed.
+      std::vector<std::pair<int64_t, std::string>> ours = checkpoints_by_step(options_.directory);
+      ours.erase(std::remove_if(ours.begin(), ours.end(), [&](const auto& item) { return item.first > ctx.global_step; }),
+                 ours.end());
+      for (size_t i = 0; i + static_cast<size_t>(options_.keep_last) < ours.size(); ++i) {
+        if (ours[i].first == ctx.global_step) continue;
         std::error_code ignored;
-        fs::remove(existing[i], ignored);
+        fs::remove(ours[i].second, ignored);
       }
     }
   }
   last_saved_step_ = ctx.global_step;
+  last_saved_position_ = position;
   last_path_ = final_path;
 }
 
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   // Note [Checkpoints across devices]: onto the model's device, so that the optimizer's state
   // (momentum buffers) lands beside the parameters it updates, whichever device wrote the file.
-  c10::Device device(c10::kCPU);
-  if (ctx.model != nullptr) {
-    for (const auto& parameter : ctx.model->parameters()) {
-      device = parameter.device();
-      break;
-    }
-  }
+  const c10::Device device = model_device(ctx);
   torch::serialize::InputArchive archive;
   open_checkpoint(archive, path, device);
   const int rank = ctx.communicator->rank();
@@ -245,10 +290,12 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     ctx.optimizer->load(optimizer_archive);
     at::Tensor states;
     archive.read("rng_states", states);
-    {
-      at::Generator generator = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      generator.set_state(states[rank].to(at::kCPU).clone());
+    restore_generator_state(at::detail::getDefaultCPUGenerator(), states[rank]);
+    // A checkpoint written on the CPU has no device states (the GPU generator keeps the run's seed),
+    // and one written on a GPU resumed on the CPU does not need them.
+    at::Tensor device_states;
+    if (device.is_cuda() && archive.try_read("cuda_rng_states", device_states)) {
+      restore_generator_state(at::globalContext().defaultGenerator(device), device_states[rank]);
     }
     if (ctx.callbacks != nullptr) {
       for (const auto& cb : *ctx.callbacks) {
@@ -282,6 +329,7 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
                   std::string(e.what()).substr(0, 300));
   }
   last_saved_step_ = ctx.global_step;
+  last_saved_position_ = *ctx.resume_position;
   last_path_ = path;
 }
 
@@ -291,8 +339,43 @@ void Checkpointer::on_train_begin(TrainerContext& ctx) {
   first_step_ = ctx.global_step;
 }
 
+// Note [Starting over]: `resume: never` in a directory that holds an earlier run's checkpoints must
+// not mix the two runs: a later `resume: auto` (after a crash, or the same command with the default)
+// would pick the earlier run's newest file whenever its step is higher, and pruning would count the
+// earlier run's files as this run's. Nothing is deleted either: rank 0 moves them into a folder of
+// their own, "previous-run-<UTC time>", beside where this run's go.
+void Checkpointer::set_aside_earlier_run() const {
+  const std::vector<std::string> earlier = list_checkpoints(options_.directory);
+  if (earlier.empty()) return;
+  char stamp[32];
+  const std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &utc);
+  fs::path aside = fs::path(options_.directory) / (std::string("previous-run-") + stamp);
+  for (int n = 2; fs::exists(aside); ++n) {
+    aside = fs::path(options_.directory) / (std::string("previous-run-") + stamp + "-" + std::to_string(n));
+  }
+  std::error_code error;
+  fs::create_directories(aside, error);
+  LOCKSTEP_CHECK(!error, "checkpoint.resume is 'never', but the earlier run's checkpoints in ", options_.directory,
+                 " cannot be moved aside: cannot create ", aside.string(), ": ", error.message());
+  for (const std::string& path : earlier) {
+    fs::rename(path, aside / fs::path(path).filename(), error);
+    LOCKSTEP_CHECK(!error, "checkpoint.resume is 'never', but cannot move the earlier run's ", path, " into ",
+                   aside.string(), ": ", error.message());
+  }
+  sync_file(options_.directory);
+  std::printf("checkpoint.resume is 'never': moved %zu checkpoint(s) of an earlier run into %s\n", earlier.size(),
+              aside.string().c_str());
+  std::fflush(stdout);
+}
+
 void Checkpointer::resume(TrainerContext& ctx) {
-  if (options_.resume == "never") return;
+  if (options_.resume == "never") {
+    if (ctx.communicator->rank() == 0) set_aside_earlier_run();
+    return;
+  }
   std::string path;
   if (options_.resume == "auto") {
     // Rank 0 picks the newest checkpoint that opens, and every rank loads that one.
@@ -352,8 +435,12 @@ void Checkpointer::on_train_end(TrainerContext& ctx) {
   // After an epoch's end (a finished run, or a stop there: Note [Stop at epoch ends]) the run goes on
   // at the next epoch's start; the loader's own position (the epoch's end) would make a resumed run
   // evaluate and end that epoch a second time.
-  if (options_.at_end && last_saved_step_ != ctx.global_step) {
-    save(ctx, ctx.epoch_finished ? next_epoch_start(ctx) : ctx.train_loader->state());
+  // A checkpoint of this step written mid-epoch (every_steps landing on an epoch's last step) holds
+  // the epoch's end, not the next one's start, so it is written again.
+  const data::SamplerState position = ctx.epoch_finished ? next_epoch_start(ctx) : ctx.train_loader->state();
+  if (options_.at_end && (last_saved_step_ != ctx.global_step || last_saved_position_.epoch != position.epoch ||
+                          last_saved_position_.position != position.position)) {
+    save(ctx, position);
   }
   // A run that stopped early (a stop signal, a time limit): say where it can go on from. One that took
   // no step (it resumed a run that early stopping had ended, say) has nothing new to point to.

@@ -427,6 +427,10 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   std::vector<double>& sums = totals_->sums;
   LrScheduleOptions schedule = options_.lr;
   schedule.base_lr = base_lr_;
+  // The lr of the last step taken: what the epoch reports if it resumed at its end and takes none.
+  if (resumed && ctx.global_step > 0) {
+    ctx.lr = lr_at(schedule, ctx.global_step - 1, ctx.steps_per_epoch, ctx.total_steps, ctx.world.size);
+  }
   const int64_t k = options_.accumulation_steps;
   const auto batches = static_cast<int64_t>(loader.batches_per_epoch());
   // Micro-batches consumed this epoch: a resumed epoch continues where its checkpoint was written.

@@ -366,6 +366,7 @@ TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise i
     for (size_t e = 0; e < std::min<size_t>(lines.size(), 3); ++e) {
       INFO("epoch " << e + 1);
       CHECK(lines[e]["epoch"] == full_lines[e]["epoch"]);
+      CHECK(lines[e]["lr"] == full_lines[e]["lr"]);
       CHECK(lines[e]["train_count"] == full_lines[e]["train_count"]);
       CHECK(lines[e]["train_acc"] == full_lines[e]["train_acc"]);
       CHECK(lines[e]["train_macro_f1"] == full_lines[e]["train_macro_f1"]);
@@ -418,6 +419,74 @@ TEST_CASE("trainer: checkpoints are complete files, keep_last is honoured, metri
     CHECK(line.find("\"exposed_comm_ms\"") != std::string::npos);
   }
   CHECK(lines == 3);
+}
+
+TEST_CASE("trainer: resume: never moves an earlier run's checkpoints aside; keep_last keeps this run's newest",
+          "[train]") {
+  const RunResult full = resumable_run(shared_dir("over_full"), 0, "never");
+  const std::string dir = shared_dir("over");
+  resumable_run(dir, 0, "never", /*every_steps=*/1, /*keep_last=*/2);  // an earlier, finished run
+  const auto earlier = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  REQUIRE(earlier.size() == 2);
+  // Starting over in the same directory, stopped after step 3. Before: keep_last counted the earlier
+  // run's later steps, so it removed each checkpoint just written, and a resume: auto then picked the
+  // earlier run's last one.
+  resumable_run(dir, 3, "never", 1, 2);
+  std::vector<std::string> names;
+  for (const auto& path : lockstep::train::list_checkpoints(dir + "/checkpoints")) {
+    names.push_back(fs::path(path).filename().string());
+  }
+  CHECK(names == std::vector<std::string>{lockstep::train::checkpoint_file_name(2),
+                                          lockstep::train::checkpoint_file_name(3)});
+  int aside = 0;
+  for (const auto& entry : fs::directory_iterator(dir + "/checkpoints")) {
+    if (!entry.is_directory()) continue;
+    CHECK(entry.path().filename().string().rfind("previous-run-", 0) == 0);
+    CHECK(lockstep::train::list_checkpoints(entry.path().string()).size() == earlier.size());  // nothing lost
+    ++aside;
+  }
+  CHECK(aside == 1);
+  // The same command with resume: auto goes on from this run's step 3.
+  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto", 1, 2).state));
+}
+
+TEST_CASE("trainer: the last checkpoint goes on at the next epoch even when a periodic one took the step",
+          "[train]") {
+  const std::string dir = shared_dir("epoch_end_step");
+  auto run = [&](const std::string& resume) {
+    torch::manual_seed(5);
+    TinyNet model;
+    TrainerOptions o = quiet(2, 4);
+    o.output_dir = dir;
+    o.checkpoints = true;
+    o.progress = true;  // metrics.jsonl
+    o.log_every = 0;
+    o.checkpoint.every_steps = 1;  // every step, so also each epoch's last one
+    o.checkpoint.every_epoch = false;
+    o.checkpoint.keep_last = 0;
+    o.checkpoint.resume = resume;
+    DistributedTrainer trainer(model, sgd(*model, 0.05), comm_ptr(), o);
+    trainer.fit(synthetic(24), synthetic(6, 8));
+  };
+  run("never");
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  REQUIRE_FALSE(listed.empty());
+  TinyNet model;
+  auto optimizer = sgd(*model, 0.05);
+  TrainerContext ctx;
+  ctx.communicator = &comm();
+  ctx.model = model.ptr().get();
+  ctx.optimizer = optimizer.get();
+  lockstep::train::CheckpointOptions o;
+  o.directory = dir + "/checkpoints";
+  lockstep::train::Checkpointer(o).load(ctx, listed.back());
+  // Before: the step's periodic checkpoint (the last epoch's end) was left as the last one, so the
+  // same command evaluated the last epoch again and wrote its metrics line twice.
+  REQUIRE(ctx.resume_position.has_value());
+  CHECK(ctx.resume_position->epoch == 2);
+  CHECK(ctx.resume_position->position == 0);
+  run("auto");
+  CHECK(metrics_lines(dir).size() == 2);
 }
 
 TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume skips it", "[train]") {

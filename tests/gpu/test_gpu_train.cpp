@@ -232,6 +232,28 @@ TEST_CASE("a checkpoint written on CUDA loads into a CPU model and into a CUDA o
   }
 }
 
+TEST_CASE("a checkpoint restores every rank's CUDA generator: random ops on the GPU go on where they stopped",
+          "[gpu][train]") {
+  torch::manual_seed(29 + comm().rank());
+  auto model = Net();
+  model->to(device());
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  lockstep::train::TrainerContext ctx;
+  ctx.communicator = &comm();
+  ctx.model = model.ptr().get();
+  ctx.optimizer = &optimizer;
+  lockstep::train::CheckpointOptions checkpoint;
+  checkpoint.directory = lockstep::testing::shared_temp_dir("gpu_checkpoint_rng") + "/checkpoints";
+  lockstep::train::Checkpointer checkpointer(checkpoint);
+  checkpointer.save(ctx, lockstep::data::SamplerState{});
+  const auto on_gpu = torch::TensorOptions().device(device());
+  const torch::Tensor expected = torch::rand({1000}, on_gpu);  // what dropout would draw next
+  torch::rand({5000}, on_gpu);                                 // the run goes on, then stops
+  checkpointer.load(ctx, checkpointer.last_path());
+  // Before, only the CPU generator was saved: the GPU one went on from wherever it was.
+  CHECK(torch::equal(torch::rand({1000}, on_gpu).cpu(), expected.cpu()));
+}
+
 TEST_CASE("ZeroRedundancyOptimizer on CUDA: bitwise the unsharded Adam", "[gpu][zero]") {
   const int n = comm().size(), r = comm().rank();
   torch::manual_seed(19);

@@ -3,7 +3,8 @@
 //
 // A checkpoint (one file, torch::serialize archive) holds the model's parameters and buffers, the
 // optimizer state, the train loader's position (epoch and samples consumed, Note [Loader position]),
-// the global step, every rank's default CPU generator state, and the states of all callbacks
+// the global step, every rank's default CPU generator state (and CUDA generator state, for a model on
+// a GPU), and the states of all callbacks
 // (Note [Callback state]). Rank 0 writes it atomically: to "<name>.tmp", fsync, then rename, so a
 // file with a final name is always complete. Resuming restores all of it on every rank, so a run
 // stopped after any step and resumed (same world size) ends with bitwise the same parameters as a run
@@ -22,11 +23,13 @@ struct CheckpointOptions {
   int64_t every_steps = 0;
   // Write one at the end of every epoch (after evaluation).
   bool every_epoch = true;
-  // Checkpoints to keep in the directory (oldest removed first); 0 = keep all.
+  // Checkpoints to keep in the directory (oldest removed first; files of a later step than the one
+  // just written belong to another run and are left alone); 0 = keep all.
   int64_t keep_last = 3;
   // "auto": continue from the newest valid checkpoint in the directory, if any (invalid ones are
-  // skipped with a warning); "never": start afresh; anything else: the path of a checkpoint to load
-  // (an error if it is missing or invalid).
+  // skipped with a warning); "never": start afresh, moving an earlier run's checkpoints in the
+  // directory into a "previous-run-<time>" folder there (Note [Starting over]); anything else: the
+  // path of a checkpoint to load (an error if it is missing or invalid).
   std::string resume = "auto";
   // Where checkpoints go; empty = "<TrainerOptions::output_dir>/checkpoints".
   std::string directory;
@@ -64,9 +67,12 @@ class Checkpointer : public Callback {
  private:
   // on_train_begin's part: resume as CheckpointOptions::resume says (collective).
   void resume(TrainerContext& ctx);
+  // resume: never on rank 0 (Note [Starting over]).
+  void set_aside_earlier_run() const;
 
   CheckpointOptions options_;
   int64_t last_saved_step_ = -1;
+  data::SamplerState last_saved_position_;  // where the last checkpoint written or loaded goes on
   int64_t first_step_ = 0;  // global_step once on_train_begin has resumed (or not)
   std::string last_path_;
 };

@@ -24,7 +24,7 @@ struct LrScheduleOptions {
   // Step schedule: multiply by gamma every step_size epochs.
   int64_t step_size = 30;
   double gamma = 0.1;
-  // Cosine schedule: decays from base to min_lr at the last step.
+  // Cosine schedule: decays from base to min_lr at step total_steps (one past the last step run).
   double min_lr = 0.0;
   // Linear scaling rule (Goyal et al. 2017): the peak lr is base_lr * world_size, since the global
   // batch is world_size times the per-rank batch.

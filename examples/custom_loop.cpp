@@ -1,6 +1,6 @@
 // Adding Lockstep to your own LibTorch training loop.
 //
-//   mpirun -np 2 ./custom_loop [epochs, default 5]
+//   mpirun -np 2 ./custom_loop [epochs: 1 to 1000000, default 5]
 //
 // Each rank trains the same small MLP on its own slice of a synthetic regression problem;
 // DataParallel averages the gradients over ranks while backward runs, so the loop itself is
@@ -11,6 +11,7 @@
 // `kill -USR1 <mpirun>`) stops every rank after the same step, with exit status 128 + the signal.
 #include <torch/torch.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -44,10 +45,27 @@ int main(int argc, char** argv) {
   const int rank = runtime.rank();
   const int world = runtime.size();
   const torch::Device device = runtime.world().device;  // this rank's GPU, or the CPU
-  const int epochs = argc > 1 ? std::atoi(argv[1]) : 5;
-  if (epochs < 1) {
-    if (rank == 0) std::fprintf(stderr, "custom_loop: epochs must be a positive integer, got '%s'\n", argv[1]);
+  // The whole argument must be the number ("3x" is not 3), in range (no overflow): every rank reads the
+  // same command line, so every rank leaves alike, with a usage error from rank 0.
+  int epochs = 5;
+  if (argc > 2) {
+    if (rank == 0) std::fprintf(stderr, "custom_loop: unexpected argument '%s'\nusage: custom_loop [epochs]\n", argv[2]);
     return 2;
+  }
+  if (argc > 1) {
+    char* end = nullptr;
+    errno = 0;
+    const long value = std::strtol(argv[1], &end, 10);
+    if (end == argv[1] || *end != '\0' || errno == ERANGE || value < 1 || value > 1000000) {
+      if (rank == 0) {
+        std::fprintf(stderr,
+                     "custom_loop: the epochs argument must be an integer from 1 to 1000000, got '%s'\n"
+                     "usage: custom_loop [epochs]\n",
+                     argv[1]);
+      }
+      return 2;
+    }
+    epochs = static_cast<int>(value);
   }
 
   // 2. The model, built the same way on every rank (DataParallel checks, then copies rank 0's values),

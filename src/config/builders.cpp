@@ -43,7 +43,13 @@ data::DatasetPtr make_split(const DataConfig& config, data::Split split, uint64_
   }
   if (config.dataset == "synthetic") {
     // Sample i depends on (seed, i) alone and the class patterns on the seed, so the test set is the
-    // index range after the train set's in one generator: same patterns, different noise.
+    // index range after the train set's in one generator: same patterns, different noise. The sizes
+    // are bounded (as parse_config does, for a DataConfig made in code), before anything is allocated:
+    // a few zeros too many would be an index list of hundreds of GB, and their sum could overflow.
+    LOCKSTEP_CHECK(config.train_subset <= kMaxSyntheticSamples, "config key 'data.train_subset': the synthetic data "
+                   "set holds at most ", kMaxSyntheticSamples, " samples (2^31), found ", config.train_subset);
+    LOCKSTEP_CHECK(config.test_subset <= kMaxSyntheticSamples, "config key 'data.test_subset': the synthetic data "
+                   "set holds at most ", kMaxSyntheticSamples, " samples (2^31), found ", config.test_subset);
     const int64_t train_size = config.train_subset > 0 ? config.train_subset : 1024;
     const int64_t test_size = config.test_subset > 0 ? config.test_subset : 256;
     data::SyntheticOptions options;

@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 
+#include "lockstep/comm/work.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/core/stop_signals.hpp"
 
@@ -37,6 +38,22 @@ std::string describe(const YAML::Node& node) {
     case YAML::NodeType::Scalar: return "'" + node.Scalar() + "'";
     default: return "nothing";
   }
+}
+
+// Plain decimal text: an optional sign, then "0" or digits that do not start with 0. yaml-cpp's
+// convert<int64_t> would also read "010" as octal (8) and "0x10" as hexadecimal (16).
+bool is_decimal_integer(const std::string& text) {
+  const size_t start = (!text.empty() && (text[0] == '+' || text[0] == '-')) ? 1 : 0;
+  if (text.size() == start || text.find_first_not_of("0123456789", start) != std::string::npos) return false;
+  return text[start] != '0' || text.size() == start + 1;
+}
+
+// "010", "-08", "0x10": a number written with a leading zero (the hint of the error above).
+bool has_leading_zero(const std::string& text) {
+  const size_t start = (!text.empty() && (text[0] == '+' || text[0] == '-')) ? 1 : 0;
+  if (text.size() < start + 2 || text[start] != '0') return false;
+  const char next = text[start + 1];
+  return (next >= '0' && next <= '9') || next == 'x' || next == 'X';
 }
 
 class Reader {
@@ -74,6 +91,7 @@ class Section {
     if (node_.IsDefined() && !node_.IsNull() && !node_.IsMap()) {
       reader_.fail(path_.empty() ? "<top level>" : path_, node_, "expected a mapping, found " + describe(node_));
     }
+    check_unique_keys();
   }
 
   Section section(const std::string& key) {
@@ -85,8 +103,14 @@ class Section {
     YAML::Node node = scalar(key, "an integer");
     if (!node) return;
     int64_t value = 0;
-    if (!YAML::convert<int64_t>::decode(node, value)) {
-      reader_.fail(full(key), node, "expected an integer, found " + describe(node));
+    // Decimal text only, checked first: yaml-cpp would read "010" as 8 (octal) and "0x10" as 16.
+    const std::string text = node.Scalar();
+    if (!is_decimal_integer(text) || !YAML::convert<int64_t>::decode(node, value)) {
+      reader_.fail(full(key), node,
+                   "expected an integer, found " + describe(node) +
+                       (has_leading_zero(text) ? " (leading zeros are not allowed: YAML reads them as octal; "
+                                                 "write the number in plain decimal)"
+                                               : ""));
     }
     if (value < min || value > max) {
       reader_.fail(full(key), node,
@@ -184,6 +208,22 @@ class Section {
 
  private:
   std::string full(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
+  // yaml-cpp keeps both entries of a key given twice in one mapping, and node[key] returns the first:
+  // a second `trainer:` block lower in the file would be ignored, unchecked. An error naming both
+  // places (of the file, or the --set argument whose value holds the mapping).
+  void check_unique_keys() const {
+    if (!node_.IsDefined() || !node_.IsMap()) return;
+    std::map<std::string, YAML::Node> seen;
+    for (auto it = node_.begin(); it != node_.end(); ++it) {
+      if (!it->first.IsScalar()) continue;  // finish() names it as an unknown key
+      const std::string key = it->first.Scalar();
+      const auto [earlier, inserted] = seen.emplace(key, it->first);
+      if (!inserted) {
+        LOCKSTEP_FAIL("config key '", full(key), "' is given twice, at ", reader_.where(path_, earlier->second.Mark()),
+                      " and at ", reader_.where(path_, it->first.Mark()), " (each key may appear once in a mapping)");
+      }
+    }
+  }
   // yaml-cpp hands out "invalid" nodes for missing keys, which throw on most queries: normalise
   // every absent key to a valid Undefined node.
   YAML::Node child(const std::string& key) const {
@@ -216,7 +256,18 @@ void read_runtime(Section s, RuntimeOptions& o) {
   s.choice("backend", o.backend, {"auto", "mpi", "nccl"});
   double timeout_s = static_cast<double>(o.timeout.count()) / 1e3;
   s.real("timeout_s", timeout_s, 0.0);
-  o.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1e3));
+  // 0 means the default (comm::default_timeout()), so a positive timeout that would round to 0 ms is an
+  // error rather than the default. Past comm::kMaxTimeout (about 100 years) it is kMaxTimeout, compared
+  // as a double first: converting a value past int64's range is undefined.
+  if (timeout_s > 0 && timeout_s < 1e-3) {
+    std::ostringstream found;
+    found << timeout_s;
+    s.fail_key("timeout_s", "expected 0 (the default timeout) or at least 0.001 (1 ms), found " + found.str());
+  }
+  const double timeout_ms = std::round(timeout_s * 1e3);
+  o.timeout = timeout_ms >= static_cast<double>(comm::kMaxTimeout.count())
+                  ? comm::kMaxTimeout
+                  : std::chrono::milliseconds(static_cast<int64_t>(timeout_ms));
   s.finish();
 }
 
@@ -334,6 +385,18 @@ void read_data(Section s, DataConfig& o) {
   s.string("dir", o.dir);
   s.integer("train_subset", o.train_subset, 0);
   s.integer("test_subset", o.test_subset, 0);
+  // The synthetic data set is as large as these ask (make_datasets): bounded, so that a few zeros too
+  // many are an error here rather than an index list of hundreds of GB.
+  if (o.dataset == "synthetic") {
+    auto bound = [&s](const std::string& key, int64_t size) {
+      if (size > kMaxSyntheticSamples) {
+        s.fail_key(key, "the synthetic data set holds at most " + std::to_string(kMaxSyntheticSamples) +
+                            " samples (2^31), found " + std::to_string(size));
+      }
+    };
+    bound("train_subset", o.train_subset);
+    bound("test_subset", o.test_subset);
+  }
   Section a = s.section("augment");
   a.integer("pad", o.augment.pad, 0, 64);
   a.boolean("hflip", o.augment.hflip);
@@ -486,12 +549,23 @@ void set_path(YAML::Node root, const std::vector<std::string>& keys, size_t i, c
 
 ExperimentConfig parse_config(const std::string& yaml, const std::string& source,
                               const std::vector<std::string>& overrides) {
-  YAML::Node root;
+  // Every document is read: YAML::Load would take the first and silently drop any after a '---' line.
+  std::vector<YAML::Node> documents;
   try {
-    root = YAML::Load(yaml);
+    documents = YAML::LoadAll(yaml);
   } catch (const YAML::Exception& e) {
     LOCKSTEP_FAIL("config ", source, ":", e.mark.line + 1, ":", e.mark.column + 1, ": invalid YAML: ", e.msg);
   }
+  if (documents.size() > 1) {
+    const YAML::Mark mark = documents[1].Mark();
+    const std::string second =
+        mark.is_null() ? "" : " (the second begins at " + source + ":" + std::to_string(mark.line + 1) + ":" +
+                                  std::to_string(mark.column + 1) + ")";
+    LOCKSTEP_FAIL("config ", source, ": expected one YAML document, found ", documents.size(), second,
+                  "; a '---' line starts a new document: merge them into one");
+  }
+  YAML::Node root;
+  if (!documents.empty()) root = documents[0];
   if (!root.IsDefined() || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   std::map<std::string, std::string> origins;
   for (const std::string& item : overrides) {
@@ -507,6 +581,8 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     YAML::Node value;
     try {
       value = YAML::Load(item.substr(eq + 1));
+      LOCKSTEP_CHECK(YAML::LoadAll(item.substr(eq + 1)).size() <= 1, "--set ", item,
+                     ": the value holds more than one YAML document (a '---' line starts another)");
     } catch (const YAML::Exception& e) {
       LOCKSTEP_FAIL("--set ", item, ": the value is not valid YAML: ", e.msg);
     }
@@ -553,7 +629,12 @@ CommandLine parse_command_line(int argc, char** argv) {
       return arg == flag || (arg.size() > flag.size() && arg.compare(0, flag.size() + 1, flag + "=") == 0);
     };
     if (is("--config")) {
-      cli.config_path = value_of(i, arg, "--config");
+      const std::string path = value_of(i, arg, "--config");
+      // An empty value would otherwise read as "no --config" (the built-in default, where there is one).
+      LOCKSTEP_CHECK(!path.empty(), "--config needs a file name, found an empty value");
+      LOCKSTEP_CHECK(cli.config_path.empty(), "--config is given twice ('", cli.config_path, "' and '", path,
+                     "'); give one config file (and --set for changes on top of it)");
+      cli.config_path = path;
     } else if (is("--set")) {
       cli.overrides.push_back(value_of(i, arg, "--set"));
     } else if (arg == "--print-config") {

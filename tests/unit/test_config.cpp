@@ -3,7 +3,9 @@
 #include <torch/torch.h>
 
 #include <filesystem>
+#include <limits>
 
+#include "lockstep/comm/work.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/train/foreach_optim.hpp"
 #include "lockstep/core/error.hpp"
@@ -566,4 +568,145 @@ TEST_CASE("config: program_config reads the command line, handles --help and --p
   CHECK(run({"prog"}, "").exit_status == 2);  // no default: --config is required (the message goes to stderr)
   CHECK(run({"prog", "--set", "trainer.epochs=three"}, "trainer: {epochs: 2}\n").exit_status == 2);
   CHECK(run({"prog", "--config", "/nonexistent/lockstep.yaml"}, "").exit_status == 2);
+}
+
+TEST_CASE("config: a key given twice is an error naming the key path and both places", "[config]") {
+  // yaml-cpp keeps both entries and node[key] returns the first: the second block was silently ignored.
+  const std::string top = error_of("trainer: {epochs: 3}\nmodel: {width: 8}\ntrainer: {epochs: 50, bogus: 1}\n");
+  CHECK_THAT(top, Contains("config key 'trainer' is given twice") && Contains("test.yaml:1:1") &&
+                      Contains("test.yaml:3:1"));
+  const std::string nested = error_of("trainer:\n  epochs: 3\n  batch_size: 8\n  epochs: 50\n");
+  CHECK_THAT(nested, Contains("'trainer.epochs' is given twice") && Contains("test.yaml:2:3") &&
+                         Contains("test.yaml:4:3"));
+  const std::string deep = error_of("trainer:\n  lr_schedule:\n    kind: cosine\n    kind: step\n");
+  CHECK_THAT(deep, Contains("'trainer.lr_schedule.kind' is given twice") && Contains("test.yaml:3:5") &&
+                       Contains("test.yaml:4:5"));
+  CHECK_THAT(error_of("data:\n  augment: {pad: 2}\n  augment: {hflip: true}\n"),
+             Contains("'data.augment' is given twice") && Contains("test.yaml:2:3") && Contains("test.yaml:3:3"));
+  // --set on top of a file with a key given twice: the file's places are named.
+  CHECK_THAT(error_of("trainer:\n  epochs: 3\ntrainer:\n  epochs: 5\n", {"trainer.epochs=7"}),
+             Contains("'trainer' is given twice") && Contains("test.yaml:1:1") && Contains("test.yaml:3:1"));
+  // A mapping given by --set is checked alike, and named by its argument.
+  CHECK_THAT(error_of("", {"trainer={epochs: 1, epochs: 2}"}),
+             Contains("'trainer.epochs' is given twice") && Contains("--set trainer={epochs: 1, epochs: 2}"));
+  // --set itself still replaces a key, without making a second one.
+  const auto c = config::parse_config("trainer:\n  epochs: 3\n", "test.yaml", {"trainer.epochs=7", "trainer.epochs=9"});
+  CHECK(c.trainer.epochs == 9);
+  CHECK(config::parse_config(config::to_yaml(c), "printed").trainer.epochs == 9);
+}
+
+TEST_CASE("config: the text holds one YAML document", "[config]") {
+  const std::string two = error_of("trainer: {epochs: 3}\n---\ntrainer: {epochs: 50}\n");
+  CHECK_THAT(two, Contains("config test.yaml") && Contains("expected one YAML document, found 2") &&
+                      Contains("test.yaml:3:") && Contains("'---'"));
+  CHECK_THAT(error_of("model: {width: 8}\n---\nmodel: {width: 16}\n---\nmodel: {width: 32}\n"), Contains("found 3"));
+  // An explicit start of the one document is fine, and so is no document at all.
+  CHECK(config::parse_config("---\ntrainer: {epochs: 3}\n").trainer.epochs == 3);
+  CHECK(config::parse_config("# only a comment\n").trainer.epochs == lockstep::train::TrainerOptions{}.epochs);
+  CHECK_THAT(error_of("", {"trainer.epochs=1\n---\n2"}),
+             Contains("--set trainer.epochs=1") && Contains("more than one YAML document"));
+}
+
+TEST_CASE("config: integers are plain decimal, a leading zero is an error, not octal", "[config]") {
+  CHECK(config::parse_config("trainer: {epochs: 10}").trainer.epochs == 10);
+  CHECK(config::parse_config("trainer: {epochs: 0}").trainer.epochs == 0);
+  CHECK(config::parse_config("trainer: {epochs: +7}").trainer.epochs == 7);
+  CHECK(config::parse_config("quantization: {freeze_step: -1}").quantization.options.freeze_step == -1);
+  // yaml-cpp alone reads 010 as 8, and 08 as an unexplained error.
+  CHECK_THAT(error_of("trainer:\n  epochs: 010\n"),
+             Contains("'trainer.epochs'") && Contains("test.yaml:2:11") &&
+                 Contains("expected an integer, found '010'") && Contains("leading zeros are not allowed"));
+  CHECK_THAT(error_of("trainer:\n  epochs: 08\n"),
+             Contains("expected an integer, found '08'") && Contains("leading zeros are not allowed"));
+  CHECK_THAT(error_of("quantization: {freeze_step: -01}"),
+             Contains("'quantization.freeze_step'") && Contains("leading zeros are not allowed"));
+  CHECK_THAT(error_of("trainer: {seed: 0x10}"), Contains("'trainer.seed'") && Contains("expected an integer, found '0x10'"));
+  CHECK_THAT(error_of("", {"trainer.epochs=007"}),
+             Contains("'trainer.epochs'") && Contains("--set trainer.epochs=007") && Contains("leading zeros"));
+  // Not integers at all: the error has no hint about zeros.
+  const std::string fraction = error_of("trainer: {batch_size: 0.5}");
+  CHECK_THAT(fraction, Contains("'trainer.batch_size'") && Contains("expected an integer, found '0.5'"));
+  CHECK_THAT(fraction, !Contains("leading zeros"));
+  CHECK_THAT(error_of("trainer: {epochs: 99999999999999999999}"),
+             Contains("'trainer.epochs'") && Contains("expected an integer"));
+}
+
+TEST_CASE("config: runtime.timeout_s past ~100 years is the longest wait, below 1 ms an error", "[config]") {
+  const long long max_ms = lockstep::comm::kMaxTimeout.count();
+  // 1e18 s in milliseconds is past int64's range: the cast was undefined.
+  const config::ExperimentConfig huge = config::parse_config("runtime: {timeout_s: 1e18}\n");
+  CHECK(huge.runtime.timeout.count() == max_ms);
+  CHECK(config::parse_config("runtime: {timeout_s: 1e300}\n").runtime.timeout.count() == max_ms);
+  // --print-config's output reads back as the same configuration.
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(huge), "printed");
+  CHECK(again.runtime.timeout.count() == max_ms);
+  CHECK(config::to_yaml(again) == config::to_yaml(huge));
+  // Rounded to the nearest millisecond (1.001 * 1e3 is 1000.9999999999999 in doubles).
+  CHECK(config::parse_config("runtime: {timeout_s: 1.001}").runtime.timeout.count() == 1001);
+  CHECK(config::parse_config("runtime: {timeout_s: 0.001}").runtime.timeout.count() == 1);
+  CHECK(config::parse_config("runtime: {timeout_s: 0}").runtime.timeout.count() == 0);  // the default
+  const config::ExperimentConfig ms = config::parse_config("runtime: {timeout_s: 1.289}");
+  CHECK(ms.runtime.timeout.count() == 1289);
+  CHECK(config::parse_config(config::to_yaml(ms), "printed").runtime.timeout.count() == 1289);
+  // Below 1 ms it would round to 0, which means the default.
+  CHECK_THAT(error_of("runtime:\n  timeout_s: 0.0001\n"),
+             Contains("'runtime.timeout_s'") && Contains("test.yaml:2:14") && Contains("at least 0.001") &&
+                 Contains("found 0.0001"));
+  CHECK_THAT(error_of("", {"runtime.timeout_s=1e-9"}),
+             Contains("'runtime.timeout_s'") && Contains("--set runtime.timeout_s=1e-9"));
+  CHECK_THAT(error_of("runtime:\n  timeout_s: -1\n"), Contains("'runtime.timeout_s'"));
+  // Not a number: infinity is not accepted (a large value is the longest wait).
+  CHECK_THAT(error_of("runtime:\n  timeout_s: .inf\n"), Contains("'runtime.timeout_s'") && Contains("expected a number"));
+}
+
+TEST_CASE("config: the synthetic data set's sizes are bounded, naming the key, before anything is allocated",
+          "[config]") {
+  CHECK(config::kMaxSyntheticSamples == 2147483648LL);
+  CHECK_THAT(error_of("data:\n  dataset: synthetic\n  train_subset: 100000000000\n"),
+             Contains("'data.train_subset'") && Contains("test.yaml:3:17") && Contains("at most 2147483648") &&
+                 Contains("found 100000000000"));
+  CHECK_THAT(error_of("data: {dataset: synthetic, test_subset: 9223372036854775807}"),
+             Contains("'data.test_subset'") && Contains("at most 2147483648"));
+  CHECK_THAT(error_of("data: {train_subset: 100000000000}", {"data.dataset=synthetic"}),
+             Contains("'data.train_subset'") && Contains("at most 2147483648"));
+  // A limit on a data set from files is "at most": any size is fine there.
+  CHECK(config::parse_config("data: {dataset: mnist, train_subset: 100000000000}").data.train_subset == 100000000000LL);
+  CHECK(config::parse_config("data: {dataset: synthetic, train_subset: 2147483648}").data.train_subset == 2147483648LL);
+
+  // make_datasets checks a DataConfig made in code alike, before the index lists are made.
+  config::DataConfig data;
+  data.dataset = "synthetic";
+  data.train_subset = 100000000000LL;
+  CHECK_THROWS_WITH(config::make_datasets(data, 0), Contains("'data.train_subset'") && Contains("at most 2147483648"));
+  data.train_subset = 0;
+  data.test_subset = std::numeric_limits<int64_t>::max();  // train + test overflowed int64
+  CHECK_THROWS_WITH(config::make_datasets(data, 0), Contains("'data.test_subset'") && Contains("at most 2147483648"));
+  data.train_subset = config::kMaxSyntheticSamples;
+  data.test_subset = 0;
+  const auto sets = config::make_datasets(data, 0);
+  CHECK(sets.first->size() == 2147483648ULL);
+  CHECK(sets.second->size() == 256);
+}
+
+TEST_CASE("config: --config must name a file, once", "[config]") {
+  auto parse = [](std::vector<std::string> args) {
+    std::vector<char*> argv;
+    for (auto& arg : args) argv.push_back(arg.data());
+    return config::parse_command_line(static_cast<int>(argv.size()), argv.data());
+  };
+  CHECK(parse({"prog", "--config=a.yaml"}).config_path == "a.yaml");
+  CHECK_THROWS_WITH(parse({"prog", "--config="}), Contains("--config") && Contains("empty"));
+  CHECK_THROWS_WITH(parse({"prog", "--config", ""}), Contains("--config") && Contains("empty"));
+  CHECK_THROWS_WITH(parse({"prog", "--config", "a.yaml", "--config=b.yaml"}),
+                    Contains("--config is given twice") && Contains("a.yaml") && Contains("b.yaml"));
+  CHECK_THROWS_WITH(parse({"prog", "--config"}), Contains("--config needs a value"));
+  // program_config: an empty --config is an error, not the built-in default.
+  auto run = [](std::vector<std::string> args, const std::string& default_yaml) {
+    std::vector<char*> argv;
+    for (auto& arg : args) argv.push_back(arg.data());
+    return config::program_config(static_cast<int>(argv.size()), argv.data(), "prog", default_yaml);
+  };
+  CHECK(run({"prog", "--config="}, "trainer: {epochs: 2}\n").exit_status == 2);
+  CHECK(run({"prog", "--config", ""}, "trainer: {epochs: 2}\n").exit_status == 2);
+  CHECK_FALSE(run({"prog"}, "trainer: {epochs: 2}\n").exit_status.has_value());
 }

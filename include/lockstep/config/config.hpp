@@ -45,11 +45,15 @@ struct DataConfig {
   std::string dataset = "fashion-mnist";
   // Directory of the files; empty = the data set's default (Fashion-MNIST: data::kFashionMnistRoot).
   std::string dir;
-  // Use only the first N samples; 0 = all (for synthetic: the size, default 1024 / 256).
+  // Use only the first N samples; 0 = all (for synthetic: the size, default 1024 / 256, at most
+  // kMaxSyntheticSamples).
   int64_t train_subset = 0;
   int64_t test_subset = 0;
   AugmentConfig augment;  // train set only; seeded with trainer.seed
 };
+// The largest train_subset or test_subset the synthetic data set takes (2^31): parse_config and
+// make_datasets reject more, naming the key.
+inline constexpr int64_t kMaxSyntheticSamples = int64_t{1} << 31;
 
 struct OptimizerConfig {
   std::string name = "sgd";  // "sgd", "adam" or "adamw"
@@ -137,7 +141,7 @@ struct CommandLine {
   bool help = false;                   // --help / -h
 };
 // Accepts "--config F", "--config=F", "--set K=V", "--set=K=V", "--print-config", "--help";
-// anything else is an error naming it.
+// anything else is an error naming it, and so are an empty --config value and a second --config.
 CommandLine parse_command_line(int argc, char** argv);
 std::string usage(const std::string& program);
 

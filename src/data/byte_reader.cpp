@@ -47,8 +47,10 @@ size_t ByteReader::read_some(void* destination, size_t size) {
     done += static_cast<size_t>(got);
     if (static_cast<size_t>(got) < chunk) break;
   }
-  // A gzip stream cut short reads as a short count plus Z_BUF_ERROR; callers report it as truncation,
-  // which is what it is. Any other error means the compressed bytes themselves are bad.
+  // A gzip stream cut short reads as a short count plus Z_BUF_ERROR, which zlib keeps until the handle is
+  // closed: read_exact reports the short count as truncation, and a read to the end checks for it (see
+  // check_stream_complete), since there the short count is expected and proves nothing. Any other error,
+  // including a CRC-32 or length trailer that does not match (Z_DATA_ERROR), means the bytes are bad.
   int code = Z_OK;
   const char* message = gzerror(as_gz(file_), &code);
   LOCKSTEP_CHECK(code == Z_OK || code == Z_BUF_ERROR, path_, ": corrupt compressed data after ", offset_ + done,
@@ -60,9 +62,14 @@ size_t ByteReader::read_some(void* destination, size_t size) {
 void ByteReader::read_exact(void* destination, size_t size, const std::string& what) {
   const size_t start = offset_;
   const size_t got = read_some(destination, size);
-  LOCKSTEP_CHECK(got == size, path_, ": truncated: expected ", size, " bytes of ", what, " at offset ", start,
-                 ", found ", got,
-                 gzdirect(as_gz(file_)) ? "" : " (the gzip stream ends early; sizes count uncompressed bytes)");
+  if (got == size) return;
+  const char* hint = "";
+  if (stream_cut_short()) {
+    hint = " (the gzip stream ends early; sizes count uncompressed bytes)";
+  } else if (compressed()) {
+    hint = " (sizes count uncompressed bytes)";
+  }
+  LOCKSTEP_FAIL(path_, ": truncated: expected ", size, " bytes of ", what, " at offset ", start, ", found ", got, hint);
 }
 
 size_t ByteReader::count_remaining() {
@@ -71,7 +78,10 @@ size_t ByteReader::count_remaining() {
   for (;;) {
     const size_t got = read_some(scratch.data(), scratch.size());
     total += got;
-    if (got < scratch.size()) return total;
+    if (got < scratch.size()) {
+      check_stream_complete();
+      return total;
+    }
   }
 }
 
@@ -83,9 +93,34 @@ std::vector<unsigned char> ByteReader::read_to_end() {
     bytes.resize(start + chunk);
     const size_t got = read_some(bytes.data() + start, chunk);
     bytes.resize(start + got);
-    if (got < chunk) return bytes;
+    if (got < chunk) {
+      check_stream_complete();
+      return bytes;
+    }
     chunk = std::min(chunk * 2, kMaxChunk);
   }
+}
+
+bool ByteReader::compressed() { return gzdirect(as_gz(file_)) == 0; }
+
+bool ByteReader::stream_cut_short() {
+  // zlib sets Z_BUF_ERROR ("unexpected end of file") only while inflating, when the file runs out before the
+  // stream ends; the gzdirect test keeps plain files out of it whatever zlib does.
+  int code = Z_OK;
+  gzerror(as_gz(file_), &code);
+  return code == Z_BUF_ERROR && compressed();
+}
+
+void ByteReader::check_stream_complete() {
+  // Without this, a file missing only its 8-byte trailer passes unchecked, and one cut where the inflated
+  // prefix happens to look whole (a CIFAR-10 batch cut on a record boundary) loads with data missing.
+  if (!stream_cut_short()) return;
+  int code = Z_OK;
+  const char* message = gzerror(as_gz(file_), &code);
+  LOCKSTEP_FAIL(path_, ": the gzip stream ends early (truncated or corrupt file): the file runs out after ", offset_,
+                " bytes of decompressed data, before the end of the compressed stream or its CRC-32 and length "
+                "trailer, so the data is incomplete or unchecked (zlib: ",
+                message, ")");
 }
 
 std::string find_data_file(const std::string& directory, const std::string& name, const std::string& what) {

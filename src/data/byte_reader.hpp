@@ -20,10 +20,14 @@ class ByteReader {
 
   // Reads exactly `size` bytes; a short read throws "<path>: truncated: expected ... of <what> ...".
   void read_exact(void* destination, size_t size, const std::string& what);
-  // Counts the bytes left (reading them); 0 at the end of the data.
+  // Counts the bytes left (reading them); 0 at the end of the data. Throws when a gzip file ends before its
+  // stream does (see check_stream_complete).
   size_t count_remaining();
-  // Reads everything left.
+  // Reads everything left; throws like count_remaining on a gzip file that ends early.
   std::vector<unsigned char> read_to_end();
+
+  // True for gzip data, false for a plain file that zlib passes through. Call after the first read.
+  bool compressed();
 
   const std::string& path() const { return path_; }
   size_t offset() const { return offset_; }
@@ -31,6 +35,11 @@ class ByteReader {
  private:
   // Reads up to `size` bytes; returns how many were read, throwing on corrupt compressed data.
   size_t read_some(void* destination, size_t size);
+  // True when zlib reached the end of the file inside a gzip stream, before its end marker or its CRC-32
+  // and length trailer: the file was cut short, and what was read has not been checked against the CRC.
+  bool stream_cut_short();
+  // At the end of the data: throws "<path>: the gzip stream ends early ..." when stream_cut_short().
+  void check_stream_complete();
 
   std::string path_;
   void* file_ = nullptr;  // gzFile, kept opaque so zlib.h stays out of this header

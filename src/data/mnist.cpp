@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <cstdint>
+#include <filesystem>
 
 #include "data/byte_reader.hpp"
 #include "lockstep/core/error.hpp"
@@ -39,6 +40,19 @@ void check_magic(const detail::ByteReader& reader, uint32_t found, uint32_t expe
   LOCKSTEP_FAIL(reader.path(), ": bad IDX magic number ", hex(found), "; expected ", hex(expected), " for ", kind, hint);
 }
 
+// A plain file's size is known before anything is read: one shorter than its header says fails here, before
+// the tensor for it is allocated (a corrupt count can ask for up to kMaxImageBytes). A gzip file's
+// decompressed size is only known by reading it; read_exact reports those.
+void check_plain_file_size(detail::ByteReader& reader, uint64_t declared_bytes, const std::string& what) {
+  if (reader.compressed()) return;
+  const uint64_t header = reader.offset();
+  const uint64_t size = std::filesystem::file_size(reader.path());
+  const uint64_t available = size > header ? size - header : 0;
+  LOCKSTEP_CHECK(available >= declared_bytes, reader.path(),
+                 ": truncated: file is shorter than its header says: expected ", declared_bytes, " bytes of ", what,
+                 " after the ", header, "-byte header, found ", available, " (the file has ", size, " bytes)");
+}
+
 void check_no_trailing_bytes(detail::ByteReader& reader, const std::string& declared) {
   const size_t extra = reader.count_remaining();
   LOCKSTEP_CHECK(extra == 0, reader.path(), ": ", extra, " unexpected bytes after the ", declared,
@@ -61,21 +75,24 @@ ImageData read_idx_files(const std::string& images_path, const std::string& labe
   const uint64_t pixel_bytes = uint64_t{count} * rows * cols;
   LOCKSTEP_CHECK(pixel_bytes <= kMaxImageBytes, images_path, ": header declares ", count, " images of ", rows, "x", cols,
                  " (", pixel_bytes, " bytes), more than the ", kMaxImageBytes, "-byte limit; is the header corrupt?");
+  const std::string pixel_what =
+      "pixel data (" + std::to_string(count) + " images of " + std::to_string(rows) + "x" + std::to_string(cols) + ")";
+  check_plain_file_size(images, pixel_bytes, pixel_what);
 
   detail::ByteReader labels(labels_path);
   check_magic(labels, read_be32(labels, "header (magic number)"), kLabelsMagic, "labels (uint8, 1 dimension)");
   const uint32_t label_count = read_be32(labels, "header (label count)");
   LOCKSTEP_CHECK(label_count == count, "count mismatch: ", images_path, " declares ", count, " images but ",
                  labels_path, " declares ", label_count, " labels");
+  const std::string label_what = "labels (" + std::to_string(count) + " bytes)";
+  check_plain_file_size(labels, count, label_what);
 
   at::Tensor pixels = torch::empty({int64_t{count}, 1, int64_t{rows}, int64_t{cols}}, torch::kUInt8);
-  images.read_exact(pixels.data_ptr<uint8_t>(), pixel_bytes,
-                    "pixel data (" + std::to_string(count) + " images of " + std::to_string(rows) + "x" +
-                        std::to_string(cols) + ")");
+  images.read_exact(pixels.data_ptr<uint8_t>(), pixel_bytes, pixel_what);
   check_no_trailing_bytes(images, std::to_string(count) + " images");
 
   at::Tensor raw_labels = torch::empty({int64_t{count}}, torch::kUInt8);
-  labels.read_exact(raw_labels.data_ptr<uint8_t>(), count, "labels (" + std::to_string(count) + " bytes)");
+  labels.read_exact(raw_labels.data_ptr<uint8_t>(), count, label_what);
   check_no_trailing_bytes(labels, std::to_string(count) + " labels");
   const uint8_t* label_bytes = raw_labels.data_ptr<uint8_t>();
   for (uint32_t i = 0; i < count; ++i) {

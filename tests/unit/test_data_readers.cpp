@@ -251,6 +251,93 @@ TEST_CASE("IDX reader: each bad input is an error naming the file and the proble
   }
 }
 
+TEST_CASE("IDX reader: a gzip file cut before or inside its trailer is an error naming the file", "[data]") {
+  TempDir dir;
+  const Idx idx = make_idx(4, 3, 3);
+  write_file(dir / "images", idx.images);
+  write_file(dir / "labels", idx.labels);
+
+  SECTION("images: every data byte there, the CRC-32 and length (8 bytes) or part of them missing") {
+    const Bytes packed = gzip(idx.images);
+    for (int cut : {8, 4, 1}) {
+      const std::string path = dir / ("cut" + std::to_string(cut) + ".gz");
+      write_file(path, Bytes(packed.begin(), packed.end() - cut));
+      CHECK_THROWS_WITH(read_idx_files(path, dir / "labels"),
+                        Contains(path) && Contains("gzip stream ends early") && Contains("after 52 bytes"));
+    }
+  }
+  SECTION("labels without their trailer") {
+    const Bytes packed = gzip(idx.labels);
+    write_file(dir / "labels.gz", Bytes(packed.begin(), packed.end() - 8));
+    CHECK_THROWS_WITH(read_idx_files(dir / "images", dir / "labels.gz"),
+                      Contains(dir / "labels.gz") && Contains("gzip stream ends early"));
+  }
+  SECTION("a complete stream holding fewer images than the header says is a short read, not an early end") {
+    Bytes more = idx.images;
+    more[7] = 5;  // the image count (bytes 4..7, big-endian) says 5; the data holds 4
+    write_file(dir / "short.gz", gzip(more));
+    write_file(dir / "labels5", make_idx(5, 3, 3).labels);
+    CHECK_THROWS_WITH(read_idx_files(dir / "short.gz", dir / "labels5"),
+                      Contains(dir / "short.gz") && Contains("truncated") && Contains("expected 45 bytes") &&
+                          Contains("found 36") && !Contains("ends early"));
+  }
+}
+
+TEST_CASE("IDX reader: a gzip trailer that does not match the data is an error naming the file", "[data]") {
+  TempDir dir;
+  const Idx idx = make_idx(4, 3, 3);
+  write_file(dir / "labels", idx.labels);
+  Bytes packed = gzip(idx.images);
+
+  SECTION("CRC-32") {
+    packed[packed.size() - 8] ^= 0x01;
+    write_file(dir / "crc.gz", packed);
+    CHECK_THROWS_WITH(read_idx_files(dir / "crc.gz", dir / "labels"),
+                      Contains(dir / "crc.gz") && Contains("corrupt") && Contains("incorrect data check"));
+  }
+  SECTION("length") {
+    packed[packed.size() - 1] ^= 0x01;
+    write_file(dir / "length.gz", packed);
+    CHECK_THROWS_WITH(read_idx_files(dir / "length.gz", dir / "labels"),
+                      Contains(dir / "length.gz") && Contains("corrupt") && Contains("incorrect length check"));
+  }
+}
+
+TEST_CASE("IDX reader: a plain file shorter than its header says fails before the tensor is allocated", "[data]") {
+  TempDir dir;
+  const Idx idx = make_idx(4, 3, 3);
+  write_file(dir / "images", idx.images);
+  write_file(dir / "labels", idx.labels);
+
+  SECTION("one image short") {
+    Bytes more = idx.images;
+    more[7] = 5;  // the image count says 5; the file holds 4
+    write_file(dir / "images5", more);
+    CHECK_THROWS_WITH(read_idx_files(dir / "images5", dir / "labels"),
+                      Contains(dir / "images5") && Contains("shorter than its header says") &&
+                          Contains("expected 45 bytes of pixel data (5 images of 3x3)") && Contains("found 36"));
+  }
+  SECTION("a corrupt count asking for 64 GB") {
+    Bytes huge;
+    put_be32(huge, 0x803);
+    put_be32(huge, 1000000000);
+    put_be32(huge, 8);
+    put_be32(huge, 8);
+    huge.resize(huge.size() + 64);  // one 8x8 image of zeros
+    write_file(dir / "huge", huge);
+    // Under the 64 GiB limit, so only the size check stands between this header and a 64 GB allocation.
+    CHECK_THROWS_WITH(read_idx_files(dir / "huge", dir / "labels"),
+                      Contains(dir / "huge") && Contains("shorter than its header says") &&
+                          Contains("expected 64000000000 bytes") && Contains("found 64"));
+  }
+  SECTION("labels") {
+    write_file(dir / "labels3", Bytes(idx.labels.begin(), idx.labels.end() - 1));
+    CHECK_THROWS_WITH(read_idx_files(dir / "images", dir / "labels3"),
+                      Contains(dir / "labels3") && Contains("shorter than its header says") &&
+                          Contains("expected 4 bytes of labels") && Contains("found 3"));
+  }
+}
+
 namespace {
 // CIFAR-10 records with label (first + r) % 10 and pixel bytes (first + r + p) % 256.
 Bytes make_cifar(int records, int first) {
@@ -325,6 +412,49 @@ TEST_CASE("Cifar10: bad inputs are errors naming the file", "[data]") {
   write_file(dir / "test_batch.bin", make_cifar(2, 0));
   options.split = Split::Test;
   CHECK_THROWS_WITH(Cifar10(options), Contains("mean has 2 values") && Contains("one per channel (3)"));
+}
+
+TEST_CASE("Cifar10: a gzip batch that ends early is an error, even cut on a record boundary", "[data]") {
+  TempDir dir;
+  // 100 records (307300 bytes), more than zlib's 256 KiB output buffer, so reads also inflate straight into
+  // the caller's buffer.
+  const Bytes records = make_cifar(100, 0);
+  const Bytes packed = gzip(records);
+  write_file(dir / "whole.bin.gz", packed);
+  CHECK(read_cifar10_files({dir / "whole.bin.gz"}).labels.size(0) == 100);
+
+  SECTION("trailer missing: all 100 records there, unchecked") {
+    write_file(dir / "cut.bin.gz", Bytes(packed.begin(), packed.end() - 8));
+    CHECK_THROWS_WITH(read_cifar10_files({dir / "cut.bin.gz"}),
+                      Contains(dir / "cut.bin.gz") && Contains("gzip stream ends early") &&
+                          Contains("after 307300 bytes"));
+  }
+  SECTION("cut after 90 records: a whole number of records inflates, the rest is missing") {
+    // gzip() writes a 10-byte header, then stored blocks of up to 65535 bytes, each after a 5-byte header.
+    const size_t kept = 90 * 3073;
+    REQUIRE(kept % 65535 != 0);
+    const size_t cut_at = 10 + 5 * (kept / 65535 + 1) + kept;
+    write_file(dir / "cut.bin.gz", Bytes(packed.begin(), packed.begin() + cut_at));
+    CHECK_THROWS_WITH(read_cifar10_files({dir / "cut.bin.gz"}),
+                      Contains(dir / "cut.bin.gz") && Contains("gzip stream ends early") &&
+                          Contains("after 276570 bytes"));
+  }
+  SECTION("CRC-32 does not match") {
+    Bytes bad = packed;
+    bad[bad.size() - 8] ^= 0x01;
+    write_file(dir / "crc.bin.gz", bad);
+    CHECK_THROWS_WITH(read_cifar10_files({dir / "crc.bin.gz"}),
+                      Contains(dir / "crc.bin.gz") && Contains("corrupt") && Contains("incorrect data check"));
+  }
+  SECTION("through Cifar10, as data_batch_3.bin.gz") {
+    for (int i = 1; i <= 5; ++i) {
+      const std::string path = dir / ("data_batch_" + std::to_string(i) + ".bin.gz");
+      write_file(path, i == 3 ? Bytes(packed.begin(), packed.end() - 8) : packed);
+    }
+    Cifar10Options options;
+    options.root = dir.path.string();
+    CHECK_THROWS_WITH(Cifar10(options), Contains(dir / "data_batch_3.bin.gz") && Contains("gzip stream ends early"));
+  }
 }
 
 TEST_CASE("FashionMnist: the real Debian files (60000 train, 10000 test, mean 0.2860)", "[data]") {

@@ -119,6 +119,7 @@ void EarlyStopping::on_train_end(TrainerContext& ctx) {
                    best_weights_[i].sizes(), " but the model's is ", now[i].sizes());
     now[i].copy_(best_weights_[i]);
   }
+  notify_buffers_replaced(*ctx.model);  // Note [Buffers that are state]
   if (ctx.world.rank == 0) {
     std::printf("early stopping: restored the weights of epoch %lld (%s %.6g)\n", static_cast<long long>(best_epoch_),
                 options_.monitor.c_str(), best_);

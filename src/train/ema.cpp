@@ -28,6 +28,7 @@ double ExponentialMovingAverage::decay_at(int64_t t) const {
 
 void ExponentialMovingAverage::on_train_begin(TrainerContext& ctx) {
   const std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
+  copied_ = state_buffer_mask(*ctx.model);  // Note [Buffers that are state]
   if (!average_.empty()) {
     // Restored from a checkpoint (load_tensors ran in the Checkpointer's on_train_begin, before this).
     LOCKSTEP_CHECK(average_.size() == now.size(), "ExponentialMovingAverage: the checkpoint holds ", average_.size(),
@@ -51,7 +52,7 @@ void ExponentialMovingAverage::on_after_optimizer_step(TrainerContext& ctx) {
   at::NoGradGuard no_grad;
   const std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
   for (size_t i = 0; i < now.size(); ++i) {
-    if (at::isFloatingType(now[i].scalar_type())) {
+    if (at::isFloatingType(now[i].scalar_type()) && !copied_[i]) {
       average_[i].mul_(d).add_(now[i].detach(), 1.0 - d);
     } else {
       average_[i].copy_(now[i]);
@@ -69,6 +70,7 @@ void ExponentialMovingAverage::swap_in(TrainerContext& ctx) {
     saved_.push_back(now[i].detach().clone());
     now[i].copy_(average_[i]);
   }
+  notify_buffers_replaced(*ctx.model);
 }
 
 void ExponentialMovingAverage::restore(TrainerContext& ctx) {
@@ -77,6 +79,7 @@ void ExponentialMovingAverage::restore(TrainerContext& ctx) {
   std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
   for (size_t i = 0; i < now.size(); ++i) now[i].copy_(saved_[i]);
   saved_.clear();
+  notify_buffers_replaced(*ctx.model);
 }
 
 void ExponentialMovingAverage::on_evaluation_begin(TrainerContext& ctx) {
@@ -95,6 +98,7 @@ void ExponentialMovingAverage::on_train_end(TrainerContext& ctx) {
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> now = parameters_and_buffers(*ctx.model);
     for (size_t i = 0; i < now.size(); ++i) now[i].copy_(average_[i]);
+    notify_buffers_replaced(*ctx.model);
   }
 }
 

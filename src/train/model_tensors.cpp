@@ -15,6 +15,33 @@ std::vector<at::Tensor> parameters_and_buffers(const torch::nn::Module& model) {
   return out;
 }
 
+namespace {
+// `model` and its submodules (include_self would need `model` to be held by a shared_ptr).
+std::vector<const torch::nn::Module*> all_modules(const torch::nn::Module& model) {
+  std::vector<const torch::nn::Module*> out{&model};
+  for (const auto& module : model.modules(/*include_self=*/false)) out.push_back(module.get());
+  return out;
+}
+}  // namespace
+
+void notify_buffers_replaced(torch::nn::Module& model) {
+  for (const torch::nn::Module* module : all_modules(model)) {
+    // The modules are the model's own, not const objects: only the traversal is const.
+    if (auto* state = dynamic_cast<BufferState*>(const_cast<torch::nn::Module*>(module))) state->buffers_replaced();
+  }
+}
+
+std::vector<bool> state_buffer_mask(const torch::nn::Module& model) {
+  std::set<const void*> state;
+  for (const torch::nn::Module* module : all_modules(model)) {
+    if (dynamic_cast<const BufferState*>(module) == nullptr) continue;
+    for (const auto& buffer : module->buffers(/*recurse=*/false)) state.insert(buffer.unsafeGetTensorImpl());
+  }
+  std::vector<bool> mask;
+  for (const auto& tensor : parameters_and_buffers(model)) mask.push_back(state.count(tensor.unsafeGetTensorImpl()) > 0);
+  return mask;
+}
+
 std::size_t to_channels_last(torch::nn::Module& model) {
   torch::NoGradGuard no_grad;
   std::size_t converted = 0;

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "lockstep/train/model_tensors.hpp"
+
 namespace lockstep::compress {
 
 constexpr int64_t kWeightCodeMax = 127;      // weight codes in [-127, 127]
@@ -64,9 +66,12 @@ at::Tensor fake_quantize_activation(const at::Tensor& x, double scale, int64_t z
 // A point where activations are fake-quantized to uint8. Identity (and free) until enabled.
 // Buffers (checkpointed with the model, exported with the int8 model): min_val and max_val, the
 // range (float32 scalars), and updates, how many range updates it has had (int64 scalar).
-class ActivationFakeQuantImpl : public torch::nn::Module {
+// Its range is a train::BufferState (Note [Buffers that are state]): a weight average copies it rather
+// than averaging it, and writing the buffers from outside re-reads them (buffers_replaced).
+class ActivationFakeQuantImpl : public torch::nn::Module, public train::BufferState {
  public:
   ActivationFakeQuantImpl();
+  void buffers_replaced() override { sync_from_buffers(); }
 
   // In training mode while observing: records the batch's min and max (for take_batch_range).
   // While enabled and the range has been set at least once: fake-quantizes with the range's

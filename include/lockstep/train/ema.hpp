@@ -9,7 +9,8 @@
 // After update t (0-based) the average is  ema = d_t * ema + (1 - d_t) * w,  with d_t = decay, or with
 // warmup min(decay, (1 + t) / (10 + t)) so that the first averages are not held at the initial weights.
 // Floating-point parameters and buffers (batch norm's running statistics) are averaged; other buffers
-// (counters) are copied. Every rank holds the same weights after a step, so every rank holds the same
+// (counters), and those of modules that are a train::BufferState (QAT's activation ranges: Note
+// [Buffers that are state]), are copied. Every rank holds the same weights after a step, so every rank holds the same
 // average, with no communication; the average is checkpointed (Callback::save_tensors) and a resumed
 // run continues it bitwise.
 // With quantization-aware training, add this callback first (in on_after_optimizer_step the weights
@@ -71,6 +72,7 @@ class ExponentialMovingAverage : public Callback {
   EmaOptions options_;
   std::vector<at::Tensor> average_;
   std::vector<at::Tensor> saved_;  // the raw weights while the average is swapped in
+  std::vector<bool> copied_;       // per tensor: a BufferState module's buffer, copied rather than averaged
   int64_t updates_ = 0;
   double last_decay_ = 0.0;
 };

@@ -18,6 +18,27 @@ namespace lockstep::train {
 // bitwise comparison of two runs covers. The tensors alias the model's; clone them to keep a copy.
 std::vector<at::Tensor> parameters_and_buffers(const torch::nn::Module& model);
 
+// Note [Buffers that are state]: a module whose buffers are a state to carry over rather than a
+// statistic to average derives from BufferState as well as from torch::nn::Module. The activation
+// ranges of quantization-aware training (compress::ActivationFakeQuant) are such a state: an average
+// that includes the steps before QAT set them (zeros) shrinks them, and the int8 model exported from
+// the averaged ranges clips what the evaluated model did not. So:
+//   - ExponentialMovingAverage copies these buffers from the model instead of averaging them;
+//   - whoever writes a model's buffers from outside (the average swapped in or left at the end,
+//     EarlyStopping's best weights restored) calls notify_buffers_replaced(model), and each such
+//     module re-reads its buffers (a fake-quant point keeps its quantization parameters cached).
+class BufferState {
+ public:
+  virtual ~BufferState() = default;
+  // The module's buffers were overwritten from outside: re-read whatever is derived from them.
+  virtual void buffers_replaced() = 0;
+};
+
+// Calls buffers_replaced() on every module of `model` (itself included) that is a BufferState.
+void notify_buffers_replaced(torch::nn::Module& model);
+// Per entry of parameters_and_buffers(model): whether it is a buffer of a BufferState module.
+std::vector<bool> state_buffer_mask(const torch::nn::Module& model);
+
 // Note [Channels last]: stores every 4-D parameter and buffer of `model` in the channels_last memory
 // format (NHWC order in memory, the shape still [N, C, H, W]), as PyTorch's
 // `model.to(memory_format=torch.channels_last)` does; LibTorch's Module has no such call. Convolutions

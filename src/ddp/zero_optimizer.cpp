@@ -102,7 +102,6 @@ ZeroRedundancyOptimizer::Parts ZeroRedundancyOptimizer::make_parts(std::vector<a
                    "ZeroRedundancyOptimizer needs one dtype and device for all parameters: parameter 0 is ",
                    parameters[0].scalar_type(), " on ", parameters[0].device(), ", parameter ", i, " is ",
                    p.scalar_type(), " on ", p.device());
-    LOCKSTEP_CHECK(p.is_contiguous(), "ZeroRedundancyOptimizer: parameter ", i, " is not contiguous");
   }
   // Collective: the partition is derived locally, so the ranks must hold the same list.
   int64_t total = 0;
@@ -191,7 +190,7 @@ void ZeroRedundancyOptimizer::gather_parameters() {
   int64_t offset = 0;
   for (int64_t i : shards_[static_cast<size_t>(rank)]) {
     const at::Tensor& p = all_[static_cast<size_t>(i)];
-    slot.narrow(0, offset, p.numel()).copy_(p.reshape({-1}));
+    slot.narrow(0, offset, p.numel()).view(p.sizes()).copy_(p);  // logical order, whatever p's strides
     offset += p.numel();
   }
   comm_->allgather(slot, gathered_)->wait();  // in place: `slot` is this rank's slice
@@ -200,7 +199,10 @@ void ZeroRedundancyOptimizer::gather_parameters() {
     offset = 0;
     for (int64_t i : shards_[static_cast<size_t>(r)]) {
       at::Tensor& p = all_[static_cast<size_t>(i)];
-      p.view({-1}).copy_(gathered_.narrow(0, r * slot_numel_ + offset, p.numel()));
+      // The slot holds the parameter in logical (row-major) order, whatever its strides here: a
+      // channels_last weight (Note [Channels last]) cannot be viewed flat, so the copy goes through
+      // a view of the slot in the parameter's shape and copy_ writes it through the strides.
+      p.copy_(gathered_.narrow(0, r * slot_numel_ + offset, p.numel()).view(p.sizes()));
       offset += p.numel();
     }
   }

@@ -216,3 +216,43 @@ TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, 
     CHECK(bitwise_equal(run(true, dir, 0, "auto"), full));
   }
 }
+
+namespace {
+// Two convolutions: the second's weight (4 x 8 x 3 x 3) is not contiguous once stored channels_last
+// (the first's, with one input channel, still is), so it cannot be viewed flat.
+struct TwoConvImpl : torch::nn::Module {
+  TwoConvImpl() {
+    a = register_module("a", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 8, 3).padding(1)));
+    b = register_module("b", torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 4, 3).padding(1)));
+    fc = register_module("fc", torch::nn::Linear(4 * 8 * 8, 4));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc(torch::relu(b(torch::relu(a(x)))).flatten(1)); }
+  torch::nn::Conv2d a{nullptr}, b{nullptr};
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(TwoConv);
+}  // namespace
+
+TEST_CASE("ZeRO in the trainer with channels_last: the gathered weights land in their strides", "[zero]") {
+  auto run = [](bool zero) {
+    torch::manual_seed(32);
+    TwoConv model;
+    auto factory = sgd_factory();
+    std::shared_ptr<torch::optim::Optimizer> opt;
+    if (zero) {
+      opt = std::make_shared<ZeroRedundancyOptimizer>(model->parameters(), comm_ptr(), factory);
+    } else {
+      opt = factory(model->parameters());
+    }
+    lockstep::train::TrainerOptions o = lockstep::testing::quiet_trainer(1, 8);
+    o.channels_last = true;
+    lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7), nullptr);  // 3 steps
+    CHECK_FALSE(model->b->weight.is_contiguous());
+    CHECK(model->b->weight.is_contiguous(at::MemoryFormat::ChannelsLast));
+    return lockstep::testing::state_of(*model);
+  };
+  const auto plain = run(false);
+  const auto sharded = run(true);
+  CHECK(bitwise_equal(sharded, plain));
+}

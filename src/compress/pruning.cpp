@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <map>
 #include <cstdio>
 #include <sstream>
 
@@ -20,22 +21,12 @@ namespace {
 constexpr const char* kMasksChild = "pruning_masks";
 
 // Buffer names may not contain dots: "layer1.0.conv1.weight" is stored as "layer1__0__conv1__weight".
+// The encoding is not invertible ("block_.weight" and "block._weight" both give "block___weight"), so
+// a mask is never decoded: make_pruning_permanent encodes the model's parameter names and matches,
+// and on_setup refuses two selected parameters whose names encode alike.
 std::string buffer_name(const std::string& parameter) {
   std::string out;
   for (char c : parameter) out += c == '.' ? std::string("__") : std::string(1, c);
-  return out;
-}
-
-std::string parameter_name(const std::string& buffer) {
-  std::string out;
-  for (size_t i = 0; i < buffer.size(); ++i) {
-    if (buffer.compare(i, 2, "__") == 0) {
-      out += '.';
-      ++i;
-    } else {
-      out += buffer[i];
-    }
-  }
   return out;
 }
 
@@ -135,8 +126,12 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   layers_.clear();
   skipped_.clear();
   for (const auto& [name, weight] : select_weights(model, options_.include, options_.exclude, "MagnitudePruning")) {
-    LOCKSTEP_CHECK(name.find("__") == std::string::npos, "MagnitudePruning: parameter name '", name,
-                   "' contains '__', which the mask buffers' names reserve");
+    const std::string mask_name = buffer_name(name);
+    for (const auto& other : layers_) {
+      LOCKSTEP_CHECK(buffer_name(other->name) != mask_name, "MagnitudePruning: parameters '", other->name, "' and '",
+                     name, "' would share the mask name '", mask_name,
+                     "' (a dot is stored as '__'); rename one or exclude it");
+    }
     if (options_.granularity == PruneGranularity::Structured) {
       LOCKSTEP_CHECK(weight.dim() >= 2, "MagnitudePruning: structured pruning needs weights with output channels; '",
                      name, "' has shape ", weight.sizes(), " (exclude it)");
@@ -151,7 +146,7 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     auto layer = std::make_shared<Layer>();
     layer->name = name;
     layer->weight = weight;
-    layer->mask = masks->register_buffer(buffer_name(name), torch::ones(weight.sizes(), weight.options().dtype(torch::kBool)));
+    layer->mask = masks->register_buffer(mask_name, torch::ones(weight.sizes(), weight.options().dtype(torch::kBool)));
     layers_.push_back(layer);
   }
   LOCKSTEP_CHECK(!layers_.empty(), "MagnitudePruning: no weights selected for pruning (include: ",
@@ -341,16 +336,25 @@ std::vector<LayerSparsity> make_pruning_permanent(torch::nn::Module& model) {
     if (child.key() == kMasksChild) masks = child.value();
   }
   if (!masks) return {};
-  auto parameters = model.named_parameters(/*recurse=*/true);
+  // Each mask's parameter, found by encoding the parameters' names (the encoding has no inverse).
+  std::map<std::string, std::vector<std::pair<std::string, at::Tensor>>> by_mask_name;
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    by_mask_name[buffer_name(item.key())].emplace_back(item.key(), item.value());
+  }
   std::vector<LayerSparsity> out;
   torch::NoGradGuard no_grad;
   for (const auto& item : masks->named_buffers(/*recurse=*/false)) {
-    const std::string name = parameter_name(item.key());
-    at::Tensor* weight = parameters.find(name);
-    LOCKSTEP_CHECK(weight != nullptr, "make_pruning_permanent: mask '", item.key(), "' belongs to no parameter '", name,
-                   "' of the model");
-    weight->mul_(item.value());
-    out.push_back(measure(name, weight->detach()));
+    const auto found = by_mask_name.find(item.key());
+    LOCKSTEP_CHECK(found != by_mask_name.end(), "make_pruning_permanent: mask '", item.key(),
+                   "' belongs to no parameter of the model");
+    LOCKSTEP_CHECK(found->second.size() == 1, "make_pruning_permanent: mask '", item.key(), "' could belong to '",
+                   found->second[0].first, "' or '", found->second[1].first, "'");
+    const auto& [name, weight] = found->second[0];
+    LOCKSTEP_CHECK(weight.sizes() == item.value().sizes(), "make_pruning_permanent: mask '", item.key(), "' has shape ",
+                   item.value().sizes(), " but parameter '", name, "' has ", weight.sizes());
+    at::Tensor w = weight;
+    w.mul_(item.value());
+    out.push_back(measure(name, w.detach()));
   }
   model.unregister_module(kMasksChild);
   return out;

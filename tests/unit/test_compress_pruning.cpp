@@ -273,3 +273,56 @@ TEST_CASE("pruning: a permanent model loads into the plain definition and gives 
   CHECK(table.find("layer1.0.conv1.weight") != std::string::npos);
   CHECK(table.find("total (pruned layers)") != std::string::npos);
 }
+
+namespace {
+// Names next to a dot that the mask names ('.' stored as "__") cannot tell apart when decoded:
+// "head_.weight" is stored as "head___weight", which reads back as "head._weight".
+struct UnderscoresImpl : torch::nn::Module {
+  UnderscoresImpl() {
+    head = register_module("head_", torch::nn::Linear(6, 5));
+    tail = register_module("_tail", torch::nn::Linear(5, 3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return tail(torch::relu(head(x))); }
+  torch::nn::Linear head{nullptr}, tail{nullptr};
+};
+TORCH_MODULE(Underscores);
+
+struct AliasImpl : torch::nn::Module {
+  AliasImpl() {
+    register_module("a_", torch::nn::Linear(4, 4));
+    auto inner = register_module("a", std::make_shared<torch::nn::Module>());
+    inner->register_parameter("_weight", torch::randn({4, 4}));
+  }
+};
+TORCH_MODULE(Alias);
+}  // namespace
+
+TEST_CASE("pruning: parameter names with underscores beside a dot keep their masks", "[compress]") {
+  torch::manual_seed(9);
+  Underscores model;
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  MagnitudePruning pruning(PruningOptions{});
+  pruning.on_setup(ctx);
+  REQUIRE(pruning.layers() == std::vector<std::string>{"head_.weight", "_tail.weight"});
+  for (const auto& b : model->named_buffers()) {
+    if (b.key().rfind("pruning_masks.", 0) == 0) b.value().bernoulli_(0.5);
+  }
+  const at::Tensor head_expected = model->head->weight.detach() * model->named_buffers()["pruning_masks.head___weight"];
+  const at::Tensor tail_expected = model->tail->weight.detach() * model->named_buffers()["pruning_masks._tail__weight"];
+  const auto report = make_pruning_permanent(*model);
+  REQUIRE(report.size() == 2);
+  CHECK(report[0].name == "head_.weight");
+  CHECK(report[1].name == "_tail.weight");
+  CHECK(torch::equal(model->head->weight, head_expected));
+  CHECK(torch::equal(model->tail->weight, tail_expected));
+
+  // Two selected parameters whose mask names would coincide: an error naming both, at setup.
+  Alias alias;
+  ctx.model = alias.ptr().get();
+  PruningOptions o;
+  o.include = {"weight$"};
+  MagnitudePruning clash(o);
+  CHECK_THROWS_WITH(clash.on_setup(ctx), Catch::Contains("'a_.weight' and 'a._weight' would share the mask name "
+                                                         "'a___weight'"));
+}

@@ -3,6 +3,9 @@
 #include <cstdio>
 #include <unordered_set>
 
+#include <c10/util/Type.h>
+
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/bucket_assignment.hpp"
 #include "lockstep/ddp/model_sync.hpp"
@@ -64,6 +67,21 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
     if (item.value().defined()) buffers_.push_back(item.value());
   }
 
+  // Options that set the buckets or which collectives run: a rank with others would reduce its
+  // gradients in buckets of other parameters than its peers' (sums of unrelated values when the
+  // sizes happen to match) or leave them waiting. Options that stay local (gradient_as_bucket_view,
+  // a trace file) may differ.
+  char caps[96];
+  std::snprintf(caps, sizeof caps, "%.17g MB, first bucket %.17g MB", options_.bucket_cap_mb,
+                options_.first_bucket_cap_mb);
+  comm::check_same_values(
+      *comm_,
+      {{"bucket caps", caps},
+       {"find_unused_parameters", std::to_string(options_.find_unused_parameters)},
+       {"broadcast_buffers", std::to_string(options_.broadcast_buffers)},
+       {"sync_batch_norm", std::to_string(options_.sync_batch_norm)},
+       {"comm_hook", options_.comm_hook ? c10::demangle(options_.comm_hook.target_type().name()) : "none (average)"}},
+      "DataParallel", "Every rank must build DataParallel with the same DataParallelOptions.");
   check_same_model(*comm_, entries);
   for (const auto& entry : entries) state_.push_back(entry.tensor);
   broadcast_state(0);

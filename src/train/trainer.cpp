@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -85,6 +86,13 @@ std::vector<std::int32_t> read_every_vote(comm::StopVote& vote, std::int32_t cod
   return vote.finish();
 }
 
+// A double as it is (std::to_string keeps six decimals: lr 1e-7 and 2e-7 would read alike).
+std::string exact(double value) {
+  char text[40];
+  std::snprintf(text, sizeof text, "%.17g", value);
+  return text;
+}
+
 }  // namespace
 
 DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
@@ -156,8 +164,25 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
       {"drop_last_batch", std::to_string(o.drop_last_batch)},
       {"stop_after_steps", std::to_string(o.stop_after_steps)},
       {"seed", std::to_string(o.seed)},
-      {"clip_grad_norm", std::to_string(o.clip_grad_norm)},
+      {"clip_grad_norm", exact(o.clip_grad_norm)},
       {"precision", o.precision},
+      // Each would leave the models different with no collective out of step: silently wrong numbers.
+      {"lr (after the optimizer's own, at construction)", exact(base_lr_)},
+      {"lr.kind", to_string(o.lr.kind)},
+      {"lr.warmup_epochs", exact(o.lr.warmup_epochs)},
+      {"lr.warmup_steps", std::to_string(o.lr.warmup_steps)},
+      {"lr.step_size", std::to_string(o.lr.step_size)},
+      {"lr.gamma", exact(o.lr.gamma)},
+      {"lr.min_lr", exact(o.lr.min_lr)},
+      {"lr.scale_lr_with_world_size", std::to_string(o.lr.scale_lr_with_world_size)},
+      {"grad_scaler", o.precision != "fp16" ? "unused"
+                                             : exact(o.grad_scaler.init_scale) + " " + exact(o.grad_scaler.growth_factor) +
+                                                   " " + exact(o.grad_scaler.backoff_factor) + " " +
+                                                   std::to_string(o.grad_scaler.growth_interval)},
+      {"channels_last", std::to_string(o.channels_last)},
+      // Saving is collective (the generators' states are gathered): whether and when must agree.
+      {"output_dir (set or not)", o.output_dir.empty() ? "not set" : "set"},
+      {"checkpoint.at_end", std::to_string(o.checkpoint.at_end)},
       {"the loss", o.loss_fn ? "a loss_fn of the program's own" : describe_loss(o.loss)},
       {"checkpoints", std::to_string(o.checkpoints)},
       {"checkpoint.every_steps", std::to_string(o.checkpoint.every_steps)},

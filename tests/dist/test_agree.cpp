@@ -9,6 +9,8 @@
 
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/config/config.hpp"
+#include "lockstep/ddp/comm_hooks.hpp"
+#include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -92,5 +94,39 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
   error = run(48, accumulating);
   CHECK_THAT(error, Contains("the ranks disagree on accumulation_steps: 2 on rank 0; 1 on " + others(0)));
   CHECK(communicator_healthy());
+  // One rank's learning rate (or its schedule) differs: no collective would notice, the models would drift.
+  auto faster = o;
+  if (rank == last) faster.lr.base_lr = 1e-7;
+  error = run(48, faster);
+  CHECK_THAT(error, Contains("the ranks disagree on lr (after the optimizer's own, at construction): 0.10000000000000001 on " +
+                             others(last) + "; 9.9999999999999995e-08 on rank " + std::to_string(last)));
+  CHECK(communicator_healthy());
+  auto warm = o;
+  if (rank == 0) warm.lr.warmup_steps = 3;
+  CHECK_THAT(run(48, warm), Contains("the ranks disagree on lr.warmup_steps: 3 on rank 0; 0 on " + others(0)));
+  // One rank writes a checkpoint at the end (a collective), the others do not.
+  auto saving = o;
+  saving.output_dir = lockstep::testing::shared_temp_dir("agree_at_end");
+  if (rank == 0) saving.checkpoint.at_end = false;
+  CHECK_THAT(run(48, saving), Contains("the ranks disagree on checkpoint.at_end: 0 on rank 0; 1 on " + others(0)));
+  CHECK(communicator_healthy());
   CHECK(run(48, o).empty());
+}
+
+TEST_CASE("DataParallel refuses ranks whose bucket options differ, at construction", "[runtime]") {
+  const int last = comm().size() - 1;
+  torch::manual_seed(4);
+  lockstep::testing::SmallConvNet model;
+  lockstep::ddp::DataParallelOptions options;
+  if (comm().rank() == last) options.bucket_cap_mb = 0.001;
+  const std::string error = error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), options); });
+  INFO(error);
+  CHECK_THAT(error, Contains("DataParallel: the ranks disagree on bucket caps: 25 MB, first bucket 1 MB on " +
+                             others(last) + "; 0.001 MB, first bucket 1 MB on rank " + std::to_string(last)));
+  CHECK(communicator_healthy());
+  lockstep::ddp::DataParallelOptions hooked;
+  if (comm().rank() == 0) hooked.comm_hook = lockstep::ddp::fp16_compress_hook();
+  CHECK_THAT(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), hooked); }),
+             Contains("DataParallel: the ranks disagree on comm_hook: "));
+  CHECK(communicator_healthy());
 }

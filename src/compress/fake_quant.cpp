@@ -25,9 +25,16 @@ at::Tensor broadcastable(const at::Tensor& scale, int64_t dim) {
   return scale.view(shape);
 }
 
+// Scales and codes are computed in float32 at least: in bfloat16 (8 bits of mantissa) w / scale
+// would round before it is rounded to a code, off by one code and past half a step.
+at::Tensor at_least_float(const at::Tensor& weight) {
+  const c10::ScalarType type = at::promote_types(weight.scalar_type(), torch::kFloat);
+  return weight.scalar_type() == type ? weight : weight.to(type);
+}
+
 // Rounds to the nearest code (ties to even, as torch.round and the int8 kernels do).
 at::Tensor codes_of(const at::Tensor& weight, const at::Tensor& scale) {
-  return weight.div(broadcastable(scale, weight.dim())).round_().clamp_(-kWeightCodeMax, kWeightCodeMax);
+  return at_least_float(weight).div(broadcastable(scale, weight.dim())).round_().clamp_(-kWeightCodeMax, kWeightCodeMax);
 }
 
 }  // namespace
@@ -35,7 +42,7 @@ at::Tensor codes_of(const at::Tensor& weight, const at::Tensor& scale) {
 at::Tensor weight_scale(const at::Tensor& weight, bool per_channel) {
   check_weight(weight, "weight_scale");
   torch::NoGradGuard no_grad;
-  const at::Tensor w = weight.detach();
+  const at::Tensor w = at_least_float(weight.detach());
   at::Tensor max_abs = per_channel ? w.abs().reshape({w.size(0), -1}).amax(1) : w.abs().max().reshape({1});
   return at::where(max_abs.gt(0), max_abs.div(static_cast<double>(kWeightCodeMax)), at::ones_like(max_abs));
 }
@@ -64,7 +71,8 @@ at::Tensor fake_quantize_weight(const at::Tensor& weight, bool per_channel) {
   torch::NoGradGuard no_grad;
   // The same float operations as dequantize_weight(quantize_weight(w)): codes are small integers, exact
   // in any floating-point type, so both give bitwise the same values (the int8 export relies on it).
-  return codes_of(weight.detach(), scale).mul_(broadcastable(scale, weight.dim()));
+  const at::Tensor values = codes_of(weight.detach(), scale).mul_(broadcastable(scale, weight.dim()));
+  return values.scalar_type() == weight.scalar_type() ? values : values.to(weight.scalar_type());
 }
 
 double sqnr_db(const at::Tensor& reference, const at::Tensor& approximation) {
@@ -127,7 +135,7 @@ ActivationFakeQuantImpl::ActivationFakeQuantImpl() {
 }
 
 at::Tensor ActivationFakeQuantImpl::forward(const at::Tensor& input) {
-  if (is_training() && observing_) {
+  if (is_training() && observing_ && input.numel() > 0) {  // an empty batch has no range
     torch::NoGradGuard no_grad;
     auto [lo, hi] = at::aminmax(input.detach());
     lo = lo.to(torch::kFloat);

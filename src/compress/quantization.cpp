@@ -85,17 +85,23 @@ std::vector<std::string> QuantizationAwareTraining::activation_points() const {
 
 void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
   LOCKSTEP_CHECK(ctx.model != nullptr, "QuantizationAwareTraining: the trainer gave no model");
+  restore_weights();  // a fit() that threw mid-step left the int8 values in place
   layers_.clear();
   for (const auto& [name, weight] :
        select_weights(*ctx.model, options_.include, options_.exclude, "QuantizationAwareTraining")) {
-    LOCKSTEP_CHECK(weight.dim() >= 1, "QuantizationAwareTraining: '", name, "' is a scalar; exclude it");
+    // Biases and normalisation parameters stay in float (an include pattern such as "^layer1\\."
+    // matches them too): the int8 kernels take them in float.
+    if (weight.dim() < 2) continue;
+    LOCKSTEP_CHECK(weight.numel() > 0, "QuantizationAwareTraining: '", name, "' has no elements (shape ",
+                   weight.sizes(), "); exclude it");
     auto layer = std::make_shared<Layer>();
     layer->name = name;
     layer->weight = weight;
     layers_.push_back(layer);
   }
   LOCKSTEP_CHECK(!layers_.empty(), "QuantizationAwareTraining: no weights selected (include: ",
-                 options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");
+                 options_.include.size(), " patterns, exclude: ", options_.exclude.size(),
+                 " patterns; parameters of fewer than 2 dimensions, biases and norms, are never quantized)");
   points_ = find_points(*ctx.model);
   if (options_.activations) {
     LOCKSTEP_CHECK(!points_.empty(), "QuantizationAwareTraining: activations is true but the model has no "
@@ -155,7 +161,15 @@ void QuantizationAwareTraining::on_batch_begin(train::TrainerContext& ctx) {
 
 void QuantizationAwareTraining::on_after_backward(train::TrainerContext& ctx) {
   restore_weights();
-  if (active_ && !frozen_ && !points_.empty()) reduce_ranges(*ctx.communicator);
+  if (!active_ || frozen_ || points_.empty()) return;
+  if (ctx.step_skipped) {
+    // Note [Activation ranges]: a step the fp16 scaler skips had inf/nan gradients, often from
+    // activations that overflowed; its batch ranges are dropped with it (the flag is the same on
+    // every rank, so no rank enters the all-reduce alone).
+    for (auto& point : points_) point.second->take_batch_range();
+    return;
+  }
+  reduce_ranges(*ctx.communicator);
 }
 
 // Note [Activation ranges]: one all-reduce (MAX) over [-min_1..-min_P, max_1..max_P] gives the global
@@ -176,7 +190,10 @@ void QuantizationAwareTraining::reduce_ranges(comm::Communicator& comm) {
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor lo = packed[static_cast<int64_t>(i)].neg();
     const at::Tensor hi = packed[static_cast<int64_t>(n + i)];
-    points_[i].second->update_range(lo, hi, lo.le(hi), options_.averaging_constant);
+    // A point not reached this step (+inf, -inf) or one that saw an inf or nan is left as it was: one
+    // inf in the moving average would make its scale inf and every later output nan.
+    const at::Tensor seen = lo.le(hi).logical_and_(lo.isfinite()).logical_and_(hi.isfinite());
+    points_[i].second->update_range(lo, hi, seen, options_.averaging_constant);
   }
   // A point learns that it has a range once: one read from the device, then never again.
   for (auto& point : points_) {
@@ -269,7 +286,17 @@ void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
                 format_quantization_table(report(), ranges()).c_str());
     std::fflush(stdout);
   }
-  if (main_rank && !options_.export_path.empty()) {
+  if (main_rank && !options_.export_path.empty() && !active_) {
+    // The file would hold weights never trained at their int8 values and activation points with no
+    // range, and the model in memory stays in float: nothing that file would compute was evaluated.
+    std::fprintf(stderr,
+                 "lockstep: warning: quantization: no int8 model written to %s: training ended at step %lld, before "
+                 "quantization began at step %lld\n",
+                 options_.export_path.c_str(), static_cast<long long>(ctx.global_step),
+                 static_cast<long long>(begin_step_));
+    std::fflush(stderr);
+  }
+  if (main_rank && !options_.export_path.empty() && active_) {
     const Int8ExportReport r = export_int8(*ctx.model, layers(), options_.per_channel, options_.export_path);
     std::printf("quantization: int8 model written to %s (%.2f MB; %.2f MB in float32; %lld int8 weights)\n",
                 options_.export_path.c_str(), static_cast<double>(r.bytes) / 1e6, static_cast<double>(r.float_bytes) / 1e6,

@@ -4,6 +4,7 @@
 
 #include <regex>
 #include <set>
+#include <unordered_set>
 
 #include "lockstep/core/error.hpp"
 
@@ -39,6 +40,10 @@ std::vector<std::pair<std::string, at::Tensor>> select_weights(torch::nn::Module
   std::vector<bool> include_used(include.size(), false), exclude_used(exclude.size(), false);
 
   std::vector<std::pair<std::string, at::Tensor>> selected_weights;
+  // A tensor registered under two names (tied weights) is one weight, under its first name: pruned or
+  // quantized twice, its second copy would hold the first's result (QAT would restore the int8 values
+  // as the float ones after every step).
+  std::unordered_set<const void*> taken;
   for (const auto& item : model.named_parameters(/*recurse=*/true)) {
     const std::string& name = item.key();
     bool selected = include.empty() ? defaults.count(name) > 0 : false;
@@ -54,7 +59,7 @@ std::vector<std::pair<std::string, at::Tensor>> select_weights(torch::nn::Module
         selected = false;
       }
     }
-    if (!selected) continue;
+    if (!selected || !taken.insert(item.value().unsafeGetTensorImpl()).second) continue;
     LOCKSTEP_CHECK(item.value().is_floating_point(), who, ": parameter '", name, "' is not floating point");
     selected_weights.emplace_back(name, item.value());
   }

@@ -63,26 +63,45 @@ class Entries {
                    "' (not a ResNet-18 of these options?)");
     return it->second;
   }
-  // The int8 weight, or the float one quantized here (per channel).
+  // A convolution's int8 weight. One that training kept in float (excluded from quantization) is an
+  // error: quantized here, it would compute what the evaluated model never did.
   compress::QuantizedWeight weight(const std::string& name, at::IntArrayRef shape) const {
     auto it = file_.weights.find(name);
-    compress::QuantizedWeight w = it != file_.weights.end() ? it->second : compress::quantize_weight(tensor(name), true);
-    LOCKSTEP_CHECK(w.codes.sizes() == shape, "Int8ResNet18: '", name, "' in '", path_, "' has shape ", w.codes.sizes(),
-                   ", the options give ", shape);
-    return w;
+    LOCKSTEP_CHECK(it != file_.weights.end(), "Int8ResNet18: '", name, "' in '", path_,
+                   "' was kept in float by quantization-aware training (an exclude pattern?); the int8 convolutions "
+                   "need every convolution trained with fake quantization (only fc may stay in float)");
+    check_shape(name, it->second.codes, shape);
+    return it->second;
+  }
+  // The classifier's weight as the trained model used it: dequantized int8, or the float one.
+  at::Tensor float_weight(const std::string& name, at::IntArrayRef shape) const {
+    auto it = file_.weights.find(name);
+    const at::Tensor w =
+        it != file_.weights.end() ? compress::dequantize_weight(it->second.codes, it->second.scale) : tensor(name);
+    check_shape(name, w, shape);
+    return w.to(at::kFloat);
   }
   std::pair<double, int64_t> point(const std::string& name) const {
     auto it = file_.activations.find(name);
     LOCKSTEP_CHECK(it != file_.activations.end(), "Int8ResNet18: '", path_, "' has no activation point '", name,
                    "' (train with model.quantize_activations and quantization.activations)");
     const double scale = it->second.scale.item<double>();
-    // activation_qparams gives an empty range (never observed) the floor scale: every value would be 0.
-    LOCKSTEP_CHECK(scale > std::numeric_limits<float>::epsilon(), "Int8ResNet18: activation point '", name, "' in '",
-                   path_, "' has no observed range (did training end before quantization began?)");
+    // A point never observed has the floor scale: every value would be 0. Its update count (a buffer)
+    // tells; a point that observed only zeros (a dead ReLU) is fine. Older files: the scale tells.
+    auto updates = file_.tensors.find(name + ".updates");
+    const bool observed = updates != file_.tensors.end() ? updates->second.item<int64_t>() > 0
+                                                         : scale > std::numeric_limits<float>::epsilon();
+    LOCKSTEP_CHECK(observed, "Int8ResNet18: activation point '", name, "' in '", path_,
+                   "' has no observed range (did training end before quantization began?)");
     return {scale, static_cast<int64_t>(it->second.zero_point.item<int>())};
   }
 
  private:
+  void check_shape(const std::string& name, const at::Tensor& value, at::IntArrayRef shape) const {
+    LOCKSTEP_CHECK(value.sizes() == shape, "Int8ResNet18: '", name, "' in '", path_, "' has shape ", value.sizes(),
+                   ", the options give ", shape);
+  }
+
   const compress::Int8Model& file_;
   const std::string& path_;
 };
@@ -152,8 +171,7 @@ Int8ResNet18::Int8ResNet18(const std::string& path, ResNet18Options options, Int
     }
   }
   std::tie(pool_scale_, pool_zero_point_) = entries.point("quant_pool");
-  const compress::QuantizedWeight fc = entries.weight("fc.weight", {options_.num_classes, 8 * w});
-  fc_weight_ = compress::dequantize_weight(fc.codes, fc.scale).to(at::kFloat);
+  fc_weight_ = entries.float_weight("fc.weight", {options_.num_classes, 8 * w});
   fc_bias_ = entries.tensor("fc.bias").to(at::kFloat);
 }
 

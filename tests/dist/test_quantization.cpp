@@ -6,7 +6,9 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -279,4 +281,35 @@ TEST_CASE("quantization: pruning and quantization compose: pruned weights are in
   lockstep::compress::load_int8(*plain, quant.export_path);
   CHECK(torch::equal(plain->conv->weight, model->conv->weight));
   CHECK(torch::equal(plain->fc->weight, model->fc->weight));
+}
+
+TEST_CASE("quantization: a batch with an inf activation leaves the ranges as they were", "[quant]") {
+  // At step 2 one rank's batch holds an inf (an overflow): its range would make the scale inf and every
+  // later output nan. The injector also zeroes that step's (nan) gradients, so the weights stay finite.
+  struct Overflow : Callback {
+    int64_t step = 0;
+    void on_batch_begin(TrainerContext& ctx) override {
+      if (++step == 2 && comm().rank() == comm().size() - 1) {
+        ctx.batch.data = ctx.batch.data.clone();
+        ctx.batch.data.view({-1})[0] = std::numeric_limits<float>::infinity();
+      }
+    }
+    void on_after_backward(TrainerContext& ctx) override {
+      if (step != 2) return;
+      for (auto& p : ctx.model->parameters()) p.mutable_grad().zero_();
+    }
+  };
+  torch::manual_seed(4);
+  SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
+  DistributedTrainer trainer(model, sgd(*model, 0.0), comm_ptr(), options(1));
+  trainer.add_callback(std::make_shared<QuantizationAwareTraining>(quiet_quant()));
+  trainer.add_callback(std::make_shared<Overflow>());
+  const auto metrics = trainer.fit(images(16 * comm().size(), 6), images(8, 7));  // 4 steps
+  for (const auto* point : {&model->quant_input, &model->quant_relu}) {
+    CHECK(std::isfinite((*point)->max_val.item<float>()));
+    CHECK(std::isfinite((*point)->min_val.item<float>()));
+  }
+  CHECK(model->quant_input->updates.item<int64_t>() == 3);  // the inf step is not counted
+  CHECK(std::isfinite(metrics.at("test_loss")));
+  CHECK(identical_across_ranks(*model));
 }

@@ -12,10 +12,12 @@
 #include <limits>
 
 #include "lockstep/compress/fake_quant.hpp"
+#include "lockstep/compress/pruning.hpp"
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/models/int8_resnet.hpp"
 #include "lockstep/models/resnet.hpp"
+#include "lockstep/train/callback.hpp"
 #include "support/fixtures.hpp"
 
 using namespace lockstep::compress;
@@ -77,6 +79,13 @@ TEST_CASE("quantization: fake-quantized weights are within half a step and SQNR 
   CHECK(sqnr > 30.0);
   CHECK(sqnr < 50.0);
   CHECK(std::isinf(sqnr_db(fq, fq)));
+  // A bfloat16 weight gets the codes of its float32 values: w / scale rounded in bfloat16 (8 bits of
+  // mantissa) first would be off by one code for some weights.
+  const at::Tensor half_precision = w.mul(40.0).to(torch::kBFloat16);
+  const at::Tensor wide = half_precision.to(torch::kFloat);
+  CHECK(torch::equal(fake_quantize_weight(half_precision, true).to(torch::kFloat),
+                     fake_quantize_weight(wide, true).to(torch::kBFloat16).to(torch::kFloat)));
+  CHECK(torch::equal(quantize_weight(half_precision, true).codes, quantize_weight(wide, true).codes));
 }
 
 TEST_CASE("quantization: scaling a channel (batch-norm folding) keeps its int8 codes", "[compress]") {
@@ -294,6 +303,55 @@ TEST_CASE("quantization: selecting no weights or a model without points is an er
   o.exclude = {"^layer9\\."};
   QuantizationAwareTraining typo(o);
   CHECK_THROWS_WITH(typo.on_setup(ctx), Catch::Contains("exclude pattern '^layer9\\.' matches no parameter"));
+  // Patterns that match biases: those stay in float (the int8 kernels take them so), the weights are selected.
+  QuantizationOptions everything;
+  everything.activations = false;
+  everything.include = {"^conv\\.", "^fc\\."};
+  QuantizationAwareTraining wide(everything);
+  wide.on_setup(ctx);
+  CHECK(wide.layers() == std::vector<std::string>{"conv.weight", "fc.weight"});
+  everything.include = {"bias$"};
+  QuantizationAwareTraining biases(everything);
+  CHECK_THROWS_WITH(biases.on_setup(ctx), Catch::Contains("no weights selected") && Catch::Contains("never quantized"));
+}
+
+TEST_CASE("quantization: a weight registered under two names is one layer", "[compress]") {
+  // A decoder sharing the encoder's layer: quantized twice, the second copy of the float weight would
+  // be the first's int8 values, written back as the float weight after every step.
+  auto shared = torch::nn::Linear(6, 6);
+  torch::nn::Sequential model(shared, torch::nn::ReLU(), shared);
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  QuantizationOptions o;
+  o.activations = false;
+  QuantizationAwareTraining qat(o);
+  qat.on_setup(ctx);
+  CHECK(qat.layers() == std::vector<std::string>{"0.weight"});
+  MagnitudePruning pruning(PruningOptions{});
+  pruning.on_setup(ctx);
+  CHECK(pruning.layers() == std::vector<std::string>{"0.weight"});
+}
+
+TEST_CASE("quantization: no int8 file is written when training ends before quantization began", "[compress]") {
+  lockstep::testing::SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  ctx.steps_per_epoch = 4;
+  ctx.global_step = 3;
+  QuantizationOptions o;
+  o.begin_step = 10;
+  o.print_table = false;
+  o.export_path = temp_path("never_began.int8");
+  std::filesystem::remove(o.export_path);
+  QuantizationAwareTraining qat(o);
+  qat.on_setup(ctx);
+  qat.on_train_begin(ctx);
+  qat.on_train_end(ctx);
+  CHECK_FALSE(std::filesystem::exists(o.export_path));
+  ctx.global_step = 10;  // once quantization runs, the file is written
+  qat.on_train_begin(ctx);
+  qat.on_train_end(ctx);
+  CHECK(std::filesystem::exists(o.export_path));
 }
 
 TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the fake-quantized model did", "[compress]") {
@@ -363,6 +421,39 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
   bad.engine = "tpu";
   CHECK_THROWS_WITH(lockstep::models::Int8ResNet18(path, o, bad),
                     Catch::Contains("quantized engine 'tpu' is not in this LibTorch (it has: "));
+  // A convolution kept in float is refused; a classifier kept in float runs with its float weight.
+  std::vector<std::string> without_stem, without_fc;
+  for (const auto& name : weights) {
+    if (name != "conv1.weight") without_stem.push_back(name);
+    if (name != "fc.weight") without_fc.push_back(name);
+  }
+  const std::string stem_path = temp_path("float_stem.int8");
+  export_int8(*model, without_stem, true, stem_path);
+  CHECK_THROWS_WITH(lockstep::models::Int8ResNet18(stem_path, o),
+                    Catch::Contains("'conv1.weight'") && Catch::Contains("was kept in float"));
+  {
+    // One outlier per row: int8 would round the rest of the row to 0.
+    torch::NoGradGuard no_grad;
+    model->fc->weight.normal_(0.0, 0.05);
+    model->fc->weight.select(1, 0).fill_(20.0);
+  }
+  const at::Tensor float_fc = model->forward(x).detach();
+  at::Tensor int8_fc;
+  {
+    torch::NoGradGuard no_grad;
+    const at::Tensor kept = model->fc->weight.clone();
+    model->fc->weight.copy_(fake_quantize_weight(kept, true));
+    int8_fc = model->forward(x).detach();
+    model->fc->weight.copy_(kept);
+  }
+  const std::string fc_path = temp_path("float_fc.int8");
+  export_int8(*model, without_fc, true, fc_path);
+  const at::Tensor logits = lockstep::models::Int8ResNet18(fc_path, o).forward(x);
+  const double to_float = (logits - float_fc).norm().item<double>();
+  const double quantized_off = (int8_fc - float_fc).norm().item<double>();
+  INFO("distance to the float-fc model " << to_float << ", the int8-fc model is " << quantized_off << " away");
+  CHECK(to_float < 0.25 * quantized_off);
+
   o.quantize_activations = false;
   lockstep::models::ResNet18 plain(o);
   const std::string plain_path = temp_path("plain.int8");

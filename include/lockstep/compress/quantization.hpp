@@ -4,7 +4,7 @@
 //
 //   lockstep::compress::QuantizationOptions quant;
 //   quant.begin_epoch = 8;                     // fine-tune the last epochs with fake quantization
-//   quant.exclude = {"^conv1\\.", "^fc\\."};   // keep the stem and the classifier in float
+//   quant.exclude = {"^fc\\."};              // keep the classifier in float
 //   quant.export_path = "runs/x/model_int8.pt";
 //   trainer.add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(quant));
 //
@@ -62,7 +62,8 @@ struct QuantizationOptions {
   double averaging_constant = 0.01;
   // Which weights: as for pruning, ECMAScript regular expressions searched in parameter names; empty
   // include = the weights of every Conv1d/2d/3d and Linear module. A pattern that selects nothing is an
-  // error. Biases, batch norms and excluded layers stay in float.
+  // error. Biases, batch norms (parameters of fewer than 2 dimensions, even where a pattern matches
+  // them) and excluded layers stay in float. A tensor registered under two names is one weight.
   std::vector<std::string> include;
   std::vector<std::string> exclude;
   // At on_train_end: print the per-layer table (rank 0), and when export_path is set, write the int8

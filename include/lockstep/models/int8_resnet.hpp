@@ -12,8 +12,10 @@
 // weights]); only the scales change. The activations are quantized where the trained model's
 // ActivationFakeQuant points were, with their scales and zero points, so this computes what the
 // fake-quantized model computed, up to the rounding of intermediate sums. The classifier runs in
-// float on the dequantized pooled features (10 outputs: nothing to gain from int8 there).
-// A convolution the file holds in float (excluded from quantization) is quantized here, per channel.
+// float on the dequantized pooled features (10 outputs: nothing to gain from int8 there), with the
+// weight the trained model used: its int8 values, or its float ones when fc was excluded from
+// quantization. A convolution the file holds in float (excluded) is an error: quantized here, it would
+// compute what the evaluated model never did.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>

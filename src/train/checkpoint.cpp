@@ -18,6 +18,7 @@
 #include "lockstep/data/loader.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
+#include "lockstep/train/trainer.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "train/atomic_file.hpp"
 
@@ -170,6 +171,27 @@ std::vector<std::pair<int64_t, std::string>> checkpoints_by_step(const std::stri
 }
 }  // namespace
 
+namespace {
+// Note [Data order in a checkpoint]: a position inside an epoch means "the first `position` samples
+// of this epoch's order were trained on", and that order follows from the data set's size, the seed,
+// the shuffle and (for the step count) the batch size and accumulation. A run resumed mid-epoch with
+// another of them would skip samples it never saw and repeat others, silently; so they are written
+// beside the position and compared on load. At an epoch's start nothing of the epoch was seen: any
+// change is allowed there (a new data set or batch size for the epochs to come).
+std::vector<std::pair<std::string, int64_t>> data_order(const TrainerContext& ctx) {
+  std::vector<std::pair<std::string, int64_t>> out;
+  if (ctx.train_loader == nullptr) return out;
+  const data::ShardedSampler& sampler = *ctx.train_loader->sampler();
+  out.emplace_back("the training set size", static_cast<int64_t>(sampler.dataset_size()));
+  out.emplace_back("seed", static_cast<int64_t>(sampler.options().seed));
+  out.emplace_back("shuffle", sampler.options().shuffle ? 1 : 0);
+  out.emplace_back("batch_size", static_cast<int64_t>(ctx.train_loader->options().batch_size));
+  out.emplace_back("drop_last_batch", ctx.train_loader->options().drop_last_batch ? 1 : 0);
+  if (ctx.options != nullptr) out.emplace_back("accumulation_steps", ctx.options->accumulation_steps);
+  return out;
+}
+}  // namespace
+
 std::vector<std::string> list_checkpoints(const std::string& directory) {
   std::vector<std::string> paths;
   for (auto& item : checkpoints_by_step(directory)) paths.push_back(std::move(item.second));
@@ -228,6 +250,11 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     archive.write("epoch", c10::IValue(position.epoch));
     archive.write("position", c10::IValue(position.position));
     archive.write("world_size", c10::IValue(static_cast<int64_t>(world)));
+    {  // Note [Data order in a checkpoint]
+      torch::serialize::OutputArchive order;
+      for (const auto& [key, value] : data_order(ctx)) order.write(key, c10::IValue(value));
+      archive.write("data_order", order);
+    }
     if (ctx.data_parallel != nullptr) {  // Note [Iteration across a resume]
       archive.write("ddp_synchronized_backwards",
                     c10::IValue(static_cast<int64_t>(ctx.data_parallel->synchronized_backwards())));
@@ -320,6 +347,21 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     data::SamplerState position;
     position.epoch = read_int(archive, "epoch");
     position.position = read_int(archive, "position");
+    torch::serialize::InputArchive order;  // Note [Data order in a checkpoint]; older files have none
+    if (position.position > 0 && archive.try_read("data_order", order)) {
+      std::string changed;
+      for (const auto& [key, now] : data_order(ctx)) {
+        c10::IValue saved;
+        if (order.try_read(key, saved) && saved.toInt() != now) {
+          changed += (changed.empty() ? "" : ", ") + key + " " + std::to_string(saved.toInt()) + " then, " +
+                     std::to_string(now) + " now";
+        }
+      }
+      LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " stopped inside epoch ", position.epoch + 1, " (",
+                     position.position, " samples of this rank's share done), and the order of that epoch's samples "
+                     "has changed since (", changed, "): resuming would skip samples never trained on and repeat "
+                     "others. Resume with the same data and options, or from a checkpoint at an epoch's end");
+    }
     ctx.epoch = position.epoch;
     ctx.resume_position = position;
   } catch (const Error&) {

@@ -620,3 +620,31 @@ TEST_CASE("trainer: after a resume the comm hook sees the run's iteration, not t
   CHECK(run(4) == std::vector<uint64_t>{0, 1, 2, 3});
   CHECK(run(0) == std::vector<uint64_t>{4, 5});
 }
+
+TEST_CASE("trainer: a resume inside an epoch refuses a changed data order; at an epoch's start it is allowed",
+          "[train]") {
+  auto run = [](const std::string& dir, int64_t epochs, int64_t per_rank, int64_t stop_after, int64_t every_steps) {
+    torch::manual_seed(5);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(epochs, 8), dir, stop_after, "auto");
+    o.checkpoint.every_steps = every_steps;
+    DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    return lockstep::testing::error_of([&] {
+      trainer.fit(lockstep::testing::synthetic_images(per_rank * comm().size(), 8, 7), nullptr);
+    });
+  };
+  const std::string inside = shared_dir("order_inside");
+  CHECK(run(inside, 1, 12, 1, 1).empty());  // stopped after step 1 of 3: 4 samples per rank done
+  const std::string error = run(inside, 1, 16, 0, 1);
+  INFO(error);
+  CHECK_THAT(error, Catch::Contains("stopped inside epoch 1 (4 samples of this rank's share done)") &&
+                        Catch::Contains("has changed since (the training set size " + std::to_string(12 * comm().size()) +
+                                        " then, " + std::to_string(16 * comm().size()) + " now)"));
+  CHECK(lockstep::testing::communicator_healthy());
+  CHECK(run(inside, 1, 12, 0, 1).empty());  // the same data resumes
+
+  const std::string between = shared_dir("order_between");
+  CHECK(run(between, 1, 12, 0, 0).empty());  // one whole epoch; its checkpoint starts epoch 2
+  CHECK(run(between, 2, 16, 0, 0).empty());  // epoch 2 on a larger set
+}

@@ -41,6 +41,9 @@ at::Tensor pair(const at::Tensor& numerator, int64_t count) {
   const at::Tensor top = numerator.to(at::kDouble);
   return at::stack({top, at::full({}, static_cast<double>(count), top.options())});
 }
+at::Tensor pair(const at::Tensor& numerator, const at::Tensor& count) {
+  return at::stack({numerator.to(at::kDouble), count.to(at::kDouble)});
+}
 
 double ratio(const std::vector<double>& sums) { return sums[1] > 0 ? sums[0] / sums[1] : kNaN; }
 
@@ -52,11 +55,15 @@ class TopKAccuracy final : public Metric {
   int64_t num_sums() const override { return 2; }
   at::Tensor batch_sums(const at::Tensor& output, const at::Tensor& target) const override {
     check_class_scores(name(), output, target);
-    if (k_ == 1) return pair(output.argmax(1).eq(target).sum(), target.numel());
+    // Targets outside [0, C) (an ignore label such as -100 or 255) are left out, as macro_f1 and
+    // mean_iou leave them out: counted, they would read as misses. Counted on the device (no sync).
+    const at::Tensor valid = target.ge(0).logical_and(target.lt(output.size(1)));
+    const at::Tensor count = valid.sum();
+    if (k_ == 1) return pair(output.argmax(1).eq(target).logical_and(valid).sum(), count);
     LOCKSTEP_CHECK(output.size(1) >= k_, "metric ", name(), ": the output has ", output.size(1),
                    " class scores per sample, fewer than ", k_);
     const at::Tensor top = std::get<1>(output.topk(k_, 1));  // [B, k, ...]
-    return pair(top.eq(target.unsqueeze(1)).any(1).sum(), target.numel());
+    return pair(top.eq(target.unsqueeze(1)).any(1).logical_and(valid).sum(), count);
   }
   std::vector<double> values(const std::vector<double>& sums) const override { return {ratio(sums)}; }
   bool higher_is_better() const override { return true; }

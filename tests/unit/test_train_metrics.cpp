@@ -119,6 +119,10 @@ TEST_CASE("metrics: accuracy and top-k accuracy count by hand", "[train][metrics
   const at::Tensor dense = torch::zeros({1, 2, 2, 2});
   dense[0][1][0][0] = 1;  // pixel (0, 0) predicts class 1, the others class 0
   CHECK(value_of("accuracy", dense, torch::tensor({{{1, 1}, {0, 0}}}, torch::kLong)) == 0.75);
+  // Ignore labels (outside [0, C)) are neither hits nor misses: 2 of 2 counted pixels right, then 1 of 3.
+  CHECK(value_of("accuracy", dense, torch::tensor({{{1, 255}, {0, -100}}}, torch::kLong)) == Approx(2.0 / 2.0));
+  CHECK(value_of("accuracy", dense, torch::tensor({{{0, 255}, {0, 1}}}, torch::kLong)) == Approx(1.0 / 3.0));
+  CHECK(value_of("top2_accuracy", scores, torch::tensor({0, -100, 2, 255}, torch::kLong)) == 0.5);  // samples 0, 2
   CHECK_THROWS_WITH(value_of("top5_accuracy", scores, labels), Contains("3 class scores per sample, fewer than 5"));
   CHECK_THROWS_WITH(value_of("accuracy", torch::zeros({4, 1}), torch::zeros({4, 1})),
                     Contains("metric accuracy") && Contains("for regression use the metrics mse"));

@@ -117,7 +117,19 @@ std::optional<Example> Loader::next() {
   if (consumed_ >= plan_.size()) return std::nullopt;
 
   if (options_.prefetch == 0) {
-    Example example = assemble(consumed_);
+    // As with a thread: a batch that failed fails again on every later call until start_epoch or
+    // load_state (which clear the queue), rather than being assembled again (a transient read error
+    // would then let the epoch go on as if nothing had been lost).
+    if (!queue_.empty() && queue_.front().error) std::rethrow_exception(queue_.front().error);
+    Example example;
+    try {
+      example = assemble(consumed_);
+    } catch (...) {
+      Slot failed;
+      failed.error = std::current_exception();
+      queue_.push_back(std::move(failed));
+      throw;
+    }
     consume(plan_[consumed_].size());
     ++consumed_;
     return example;

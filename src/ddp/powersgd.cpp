@@ -131,8 +131,13 @@ at::Tensor draw_q(std::uint64_t seed, const std::string& name, std::uint64_t ite
                   const at::TensorOptions& options) {
   at::Generator generator =
       at::detail::createCPUGenerator(splitmix64(seed ^ splitmix64(comm::fingerprint(name) ^ splitmix64(iteration))));
-  // Drawn on the CPU so that every device type gets the same numbers from the same seed.
-  return at::randn({m, r}, generator, options.device(at::kCPU)).to(options.device());
+  // Drawn on the CPU so that every device type gets the same numbers from the same seed. For a GPU
+  // through pinned memory and a non-blocking copy: from pageable memory the copy would wait for
+  // everything queued on the stream, a host synchronisation in every bucket's hook (the caching host
+  // allocator keeps the pinned block until the copy has run).
+  const at::Tensor q = at::randn({m, r}, generator, options.device(at::kCPU));
+  if (!options.device().is_cuda()) return q;
+  return q.pin_memory().to(options.device(), /*non_blocking=*/true);
 }
 
 at::ScalarType compute_type(at::ScalarType bucket_type) {

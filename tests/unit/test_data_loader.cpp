@@ -29,16 +29,21 @@ class IndexDataset : public Dataset {
   Example get_batch(const std::vector<int64_t>& indices) const override {
     check_indices(indices);
     ++calls;
-    for (int64_t i : indices) LOCKSTEP_CHECK(i != poison_, "poisoned sample ", i);
+    for (int64_t i : indices) {
+      if (i != poison_) continue;
+      if (transient) poison_ = -1;  // fails once, reads the next time (a transient I/O error)
+      LOCKSTEP_FAIL("poisoned sample ", i);
+    }
     torch::Tensor target = torch::tensor(indices, torch::kLong);
     return {target.to(torch::kFloat).view({-1, 1, 1, 1}).expand({-1, 1, 2, 2}).contiguous(), target};
   }
   std::vector<int64_t> epochs;
   mutable std::atomic<int> calls{0};
+  bool transient = false;
 
  private:
   size_t size_;
-  int64_t poison_;
+  mutable int64_t poison_;
 };
 
 std::vector<int64_t> to_vector(const torch::Tensor& t) {
@@ -147,6 +152,19 @@ TEST_CASE("Loader: errors in the background thread are rethrown by next()", "[da
     CHECK(loader.state().position == 10);  // the failed batch was not consumed
     loader.start_epoch(1);  // a new epoch starts afresh
     CHECK(loader.next()->target[0].item<int64_t>() == 0);
+
+    // A failure that would not repeat (the read succeeds the second time) still fails every later
+    // next(): assembled again, the epoch would go on as if nothing had happened.
+    auto flaky = std::make_shared<IndexDataset>(40, /*poison=*/7);
+    flaky->transient = true;
+    Loader flaky_loader(flaky, std::make_shared<ShardedSampler>(40, 1, 0, in_order), {5, prefetch, false});
+    flaky_loader.start_epoch(0);
+    CHECK(flaky_loader.next()->target[0].item<int64_t>() == 0);
+    CHECK_THROWS_WITH(flaky_loader.next(), Contains("poisoned sample 7"));
+    CHECK_THROWS_WITH(flaky_loader.next(), Contains("poisoned sample 7"));
+    flaky_loader.start_epoch(0);  // until the epoch is started again
+    CHECK(flaky_loader.next()->target[0].item<int64_t>() == 0);
+    CHECK(flaky_loader.next()->target[0].item<int64_t>() == 5);
   }
 }
 

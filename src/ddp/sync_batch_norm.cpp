@@ -258,9 +258,20 @@ torch::Tensor SyncBatchNormImpl::forward_synchronised(const torch::Tensor& input
     mean = global_mean.to(type);
     invstd = (m2 / total + options.eps()).rsqrt().to(type);
     if (options.track_running_stats()) {
+      // On a GPU the count stays on the device (reading it would synchronise every layer): a step with
+      // at most one value per channel over all ranks, which the CPU path refuses above, leaves the
+      // running statistics as they were instead of pulling the variance to 0 (one value) or writing
+      // nan (none).
+      const at::Tensor kept_mean = total.is_cuda() ? running_mean.clone() : at::Tensor();
+      const at::Tensor kept_var = total.is_cuda() ? running_var.clone() : at::Tensor();
       running_mean.mul_(1.0 - momentum).add_(global_mean.to(running_mean.scalar_type()), momentum);
       const at::Tensor unbiased = m2 / (total - 1).clamp_min(1);
       running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
+      if (total.is_cuda()) {
+        const at::Tensor enough = total.gt(1);
+        running_mean.copy_(at::where(enough, running_mean, kept_mean));
+        running_var.copy_(at::where(enough, running_var, kept_var));
+      }
     }
     if (input.scalar_type() == type && (!options.affine() || weight.scalar_type() == type)) {
       // LibTorch's fused inference kernel with the global statistics: one pass instead of four.

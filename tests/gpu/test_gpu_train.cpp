@@ -401,6 +401,27 @@ TEST_CASE("SyncBatchNorm on CUDA: one process's BatchNorm on the whole batch, in
   }
 }
 
+TEST_CASE("SyncBatchNorm on CUDA: a step with one value per channel in all leaves the running statistics",
+          "[gpu][syncbn]") {
+  // The CPU refuses it (a host check); on the GPU the count stays on the device, so the statistics
+  // are kept instead of the variance being pulled to 0 (one value) or set to nan (none).
+  lockstep::ddp::SyncBatchNorm sync(3);
+  sync->to(device());
+  lockstep::ddp::attach_sync_batch_norm(*sync, comm_ptr());
+  sync->train();
+  for (const int64_t samples : {int64_t{1}, int64_t{0}}) {
+    INFO(samples << " sample(s) on rank 0, none elsewhere");
+    const torch::Tensor mean_before = sync->running_mean.clone();
+    const torch::Tensor var_before = sync->running_var.clone();
+    const int64_t mine = comm().rank() == 0 ? samples : 0;
+    sync->forward(torch::randn({mine, 3, 1, 1}, torch::TensorOptions().device(device())));
+    CHECK(torch::equal(sync->running_mean, mean_before));
+    CHECK(torch::equal(sync->running_var, var_before));
+  }
+  sync->forward(torch::randn({4, 3, 2, 2}, torch::TensorOptions().device(device())));  // enough: updated
+  CHECK_FALSE(torch::equal(sync->running_var, torch::ones_like(sync->running_var)));
+}
+
 TEST_CASE("SyncBatchNorm over NCCL: forward and backward are queued without waiting for the GPU", "[gpu][syncbn]") {
   // Note [No host sync per step]: the statistics' all-gathers run on the device, and their payload is
   // built there (a host-made tensor copied in made every layer's forward and backward wait for the GPU).

@@ -176,18 +176,26 @@ namespace {
 // of this epoch's order were trained on", and that order follows from the data set's size, the seed,
 // the shuffle and (for the step count) the batch size and accumulation. A run resumed mid-epoch with
 // another of them would skip samples it never saw and repeat others, silently; so they are written
-// beside the position and compared on load. At an epoch's start nothing of the epoch was seen: any
-// change is allowed there (a new data set or batch size for the epochs to come).
-std::vector<std::pair<std::string, int64_t>> data_order(const TrainerContext& ctx) {
-  std::vector<std::pair<std::string, int64_t>> out;
+// beside the position and compared on load. At an epoch's start the seed and the shuffle may change
+// (nothing of the epoch was seen), but not what sets the steps per epoch (the training set size, the
+// batch size, drop_last_batch, accumulation): the learning-rate schedule is a function of the global
+// step and the steps per epoch, so the steps already taken would count as other epochs (a cosine
+// schedule resumed with twice the accumulation ends at min_lr at once).
+struct DataOrderEntry {
+  std::string key;
+  int64_t value;
+  bool sets_steps;  // changes the steps per epoch
+};
+std::vector<DataOrderEntry> data_order(const TrainerContext& ctx) {
+  std::vector<DataOrderEntry> out;
   if (ctx.train_loader == nullptr) return out;
   const data::ShardedSampler& sampler = *ctx.train_loader->sampler();
-  out.emplace_back("the training set size", static_cast<int64_t>(sampler.dataset_size()));
-  out.emplace_back("seed", static_cast<int64_t>(sampler.options().seed));
-  out.emplace_back("shuffle", sampler.options().shuffle ? 1 : 0);
-  out.emplace_back("batch_size", static_cast<int64_t>(ctx.train_loader->options().batch_size));
-  out.emplace_back("drop_last_batch", ctx.train_loader->options().drop_last_batch ? 1 : 0);
-  if (ctx.options != nullptr) out.emplace_back("accumulation_steps", ctx.options->accumulation_steps);
+  out.push_back({"the training set size", static_cast<int64_t>(sampler.dataset_size()), true});
+  out.push_back({"seed", static_cast<int64_t>(sampler.options().seed), false});
+  out.push_back({"shuffle", sampler.options().shuffle ? 1 : 0, false});
+  out.push_back({"batch_size", static_cast<int64_t>(ctx.train_loader->options().batch_size), true});
+  out.push_back({"drop_last_batch", ctx.train_loader->options().drop_last_batch ? 1 : 0, true});
+  if (ctx.options != nullptr) out.push_back({"accumulation_steps", ctx.options->accumulation_steps, true});
   return out;
 }
 }  // namespace
@@ -252,7 +260,7 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     archive.write("world_size", c10::IValue(static_cast<int64_t>(world)));
     {  // Note [Data order in a checkpoint]
       torch::serialize::OutputArchive order;
-      for (const auto& [key, value] : data_order(ctx)) order.write(key, c10::IValue(value));
+      for (const auto& entry : data_order(ctx)) order.write(entry.key, c10::IValue(entry.value));
       archive.write("data_order", order);
     }
     if (ctx.data_parallel != nullptr) {  // Note [Iteration across a resume]
@@ -348,19 +356,27 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     position.epoch = read_int(archive, "epoch");
     position.position = read_int(archive, "position");
     torch::serialize::InputArchive order;  // Note [Data order in a checkpoint]; older files have none
-    if (position.position > 0 && archive.try_read("data_order", order)) {
+    if (archive.try_read("data_order", order)) {
+      const bool inside = position.position > 0;
       std::string changed;
-      for (const auto& [key, now] : data_order(ctx)) {
+      for (const auto& entry : data_order(ctx)) {
         c10::IValue saved;
-        if (order.try_read(key, saved) && saved.toInt() != now) {
-          changed += (changed.empty() ? "" : ", ") + key + " " + std::to_string(saved.toInt()) + " then, " +
-                     std::to_string(now) + " now";
+        if ((inside || entry.sets_steps) && order.try_read(entry.key, saved) && saved.toInt() != entry.value) {
+          changed += (changed.empty() ? "" : ", ") + entry.key + " " + std::to_string(saved.toInt()) + " then, " +
+                     std::to_string(entry.value) + " now";
         }
       }
-      LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " stopped inside epoch ", position.epoch + 1, " (",
-                     position.position, " samples of this rank's share done), and the order of that epoch's samples "
-                     "has changed since (", changed, "): resuming would skip samples never trained on and repeat "
-                     "others. Resume with the same data and options, or from a checkpoint at an epoch's end");
+      if (inside) {
+        LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " stopped inside epoch ", position.epoch + 1, " (",
+                       position.position, " samples of this rank's share done), and the order of that epoch's "
+                       "samples has changed since (", changed, "): resuming would skip samples never trained on and "
+                       "repeat others. Resume with the same data and options");
+      } else {
+        LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " was written with other steps per epoch (", changed,
+                       "): the learning-rate schedule counts global steps in epochs, so the ", ctx.global_step,
+                       " steps taken would count as other epochs. Resume with the same data and batch options, or "
+                       "start a new run (checkpoint.resume: never) from the model");
+      }
     }
     ctx.epoch = position.epoch;
     ctx.resume_position = position;

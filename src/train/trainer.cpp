@@ -118,6 +118,15 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
                  "TrainerOptions::clip_grad_norm must be >= 0 (0 = off), got ", options_.clip_grad_norm);
   LOCKSTEP_CHECK(!optimizer_->param_groups().empty(), "DistributedTrainer: the optimizer has no parameter groups");
   base_lr_ = options_.lr.base_lr > 0 ? options_.lr.base_lr : optimizer_->param_groups().front().options().get_lr();
+  {
+    const double first = optimizer_->param_groups().front().options().get_lr();
+    for (auto& group : optimizer_->param_groups()) {
+      const double lr = group.options().get_lr();
+      LOCKSTEP_CHECK(first > 0 || lr == first, "DistributedTrainer: the optimizer's first parameter group has lr 0 but "
+                     "another has ", lr, ": the schedule scales every group's lr in proportion to the first group's");
+      lr_ratios_.push_back(first > 0 ? lr / first : 1.0);
+    }
+  }
 
   device_ = resolve_trainer_device(options_.device, *model_);
   LOCKSTEP_CHECK(options_.precision == "fp32" || options_.precision == "bf16" || options_.precision == "fp16",
@@ -247,7 +256,11 @@ void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<
 }
 
 void DistributedTrainer::set_lr(double lr) {
-  for (auto& group : optimizer_->param_groups()) group.options().set_lr(lr);
+  auto& groups = optimizer_->param_groups();
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    // A group added after construction keeps the first group's lr.
+    groups[i].options().set_lr(i < lr_ratios_.size() && i > 0 ? lr * lr_ratios_[i] : lr);
+  }
 }
 
 std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set, data::DatasetPtr eval_set) {

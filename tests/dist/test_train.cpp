@@ -223,9 +223,10 @@ TEST_CASE("trainer: metrics are exact sums over ranks, each test sample counted 
 
 TEST_CASE("trainer: the optimizer gets the scheduled learning rate", "[train]") {
   struct LrRecorder : Callback {
-    std::vector<double> seen;
+    std::vector<double> seen, second_group;
     void on_batch_begin(TrainerContext& ctx) override {
       seen.push_back(ctx.optimizer->param_groups().front().options().get_lr());
+      second_group.push_back(ctx.optimizer->param_groups().back().options().get_lr());
     }
   };
   const int world = comm().size();
@@ -235,7 +236,15 @@ TEST_CASE("trainer: the optimizer gets the scheduled learning rate", "[train]") 
   o.lr.kind = lockstep::train::LrScheduleKind::Cosine;
   o.lr.warmup_steps = 2;
   o.lr.scale_lr_with_world_size = true;
-  DistributedTrainer trainer(model, sgd(*model, 0.1), comm_ptr(), o);  // base_lr 0: the optimizer's 0.1
+  // Two groups, the second at a tenth of the first's lr: it keeps that proportion under the schedule.
+  std::vector<torch::Tensor> parameters = model->parameters();
+  const std::vector<torch::Tensor> head(parameters.end() - 2, parameters.end());
+  parameters.resize(parameters.size() - 2);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(parameters);
+  groups.emplace_back(head, std::make_unique<torch::optim::SGDOptions>(0.01));
+  auto two_groups = std::make_shared<torch::optim::SGD>(groups, torch::optim::SGDOptions(0.1));
+  DistributedTrainer trainer(model, two_groups, comm_ptr(), o);  // base_lr 0: the first group's 0.1
   auto recorder = std::make_shared<LrRecorder>();
   trainer.add_callback(recorder);
   trainer.fit(synthetic(12 * world), nullptr);
@@ -246,6 +255,9 @@ TEST_CASE("trainer: the optimizer gets the scheduled learning rate", "[train]") 
   CHECK(recorder->seen[2] == Approx(peak));  // cosine starts after the 2 warm-up steps, over 4 steps
   CHECK(recorder->seen[3] == Approx(peak * 0.5 * (1 + std::cos(M_PI / 4))));
   CHECK(recorder->seen[5] == Approx(peak * 0.5 * (1 + std::cos(M_PI * 3 / 4))));
+  for (size_t i = 0; i < recorder->seen.size(); ++i) {
+    CHECK(recorder->second_group[i] == Approx(recorder->seen[i] * 0.1));
+  }
 }
 
 namespace {
@@ -621,13 +633,14 @@ TEST_CASE("trainer: after a resume the comm hook sees the run's iteration, not t
   CHECK(run(0) == std::vector<uint64_t>{4, 5});
 }
 
-TEST_CASE("trainer: a resume inside an epoch refuses a changed data order; at an epoch's start it is allowed",
+TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and changed steps per epoch anywhere",
           "[train]") {
-  auto run = [](const std::string& dir, int64_t epochs, int64_t per_rank, int64_t stop_after, int64_t every_steps) {
+  auto run = [](const std::string& dir, int64_t epochs, int64_t per_rank, int64_t stop_after, int64_t every_steps,
+                uint64_t seed = 8) {
     torch::manual_seed(5);
     lockstep::testing::SmallConvNet model;
     auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
-    TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(epochs, 8), dir, stop_after, "auto");
+    TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(epochs, seed), dir, stop_after, "auto");
     o.checkpoint.every_steps = every_steps;
     DistributedTrainer trainer(model, opt, comm_ptr(), o);
     return lockstep::testing::error_of([&] {
@@ -642,9 +655,15 @@ TEST_CASE("trainer: a resume inside an epoch refuses a changed data order; at an
                         Catch::Contains("has changed since (the training set size " + std::to_string(12 * comm().size()) +
                                         " then, " + std::to_string(16 * comm().size()) + " now)"));
   CHECK(lockstep::testing::communicator_healthy());
+  CHECK_THAT(run(inside, 1, 12, 0, 1, /*seed=*/9), Catch::Contains("(seed 8 then, 9 now)"));  // another shuffle
   CHECK(run(inside, 1, 12, 0, 1).empty());  // the same data resumes
 
+  // At an epoch's start a new shuffle is fine, but not other steps per epoch: the schedule counts
+  // the steps taken in epochs.
   const std::string between = shared_dir("order_between");
   CHECK(run(between, 1, 12, 0, 0).empty());  // one whole epoch; its checkpoint starts epoch 2
-  CHECK(run(between, 2, 16, 0, 0).empty());  // epoch 2 on a larger set
+  const std::string larger = run(between, 2, 16, 0, 0);
+  CHECK_THAT(larger, Catch::Contains("was written with other steps per epoch (the training set size"));
+  CHECK(lockstep::testing::communicator_healthy());
+  CHECK(run(between, 2, 12, 0, 0, /*seed=*/9).empty());  // epoch 2 with another shuffle
 }

@@ -203,6 +203,9 @@ class DistributedTrainer {
   std::vector<CallbackPtr> user_callbacks_;
   std::vector<CallbackPtr> callbacks_;  // built-ins + user's, in event order (set by fit)
   double base_lr_ = 0.0;
+  // Each parameter group's lr at construction over the first group's: the schedule sets the first
+  // group's lr and the others keep their proportion (a backbone at 1/100 of the head's lr stays so).
+  std::vector<double> lr_ratios_;
   c10::Device device_ = c10::Device(c10::kCPU);
   c10::ScalarType autocast_dtype_ = c10::ScalarType::Float;  // Float: no autocast
   std::shared_ptr<GradScaler> scaler_;

@@ -2,6 +2,8 @@
 // place and in place, and a raw baseline of the same buffer, all in the same run. algbw = bytes /
 // time; busbw = algbw * 2(n-1)/n (what each link carries).
 //   --backend mpi (default): CPU tensors; raw = a blocking MPI_Allreduce (out of place); ratio = oop / raw.
+//     MPI has no half or bfloat16 type: those run without raw ("-" in its columns, null in the JSON),
+//     and sizes of more than INT_MAX elements are refused (MPI_Allreduce's count is an int).
 //   --backend nccl: CUDA tensors on the local rank's GPU; raw = ncclAllReduce (in place) issued
 //     straight on the same NCCL communicator and stream; ratio = in place / raw. Times run from the
 //     first issue to a device synchronisation after the last.
@@ -15,14 +17,15 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "bench_cli.hpp"
+#include "bench_report.hpp"
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/core/error.hpp"
@@ -44,6 +47,16 @@ struct Options {
 const char* const kDescription =
     "All-reduce benchmark in the style of nccl-tests: for each size, Lockstep's all-reduce out of place and in "
     "place beside a raw MPI_Allreduce (--backend mpi) or ncclAllReduce (--backend nccl) in the same run.";
+
+torch::ScalarType parse_dtype(const std::string& name, MPI_Datatype* mpi) {
+  if (name == "float") { *mpi = MPI_FLOAT; return torch::kFloat; }
+  if (name == "double") { *mpi = MPI_DOUBLE; return torch::kDouble; }
+  if (name == "int") { *mpi = MPI_INT32_T; return torch::kInt; }
+  if (name == "long") { *mpi = MPI_INT64_T; return torch::kLong; }
+  if (name == "half") { *mpi = MPI_DATATYPE_NULL; return torch::kHalf; }
+  if (name == "bfloat16") { *mpi = MPI_DATATYPE_NULL; return torch::kBFloat16; }
+  LOCKSTEP_FAIL("unknown --dtype '", name, "' (float, double, int, long, half, bfloat16)");
+}
 
 // Declares the command line on `app`, bound to `o`; bench::parse reads it before the Runtime is made,
 // which --backend picks (Note [Parse before MPI] in bench_cli.hpp).
@@ -77,22 +90,18 @@ void add_options(CLI::App& app, Options& o) {
       throw CLI::ValidationError("--max-bytes", "must be at least --min-bytes (" + std::to_string(o.min_bytes) +
                                                     "), found " + std::to_string(o.max_bytes));
     }
+    // The raw MPI_Allreduce takes an int count: refuse a size it would wrap around, before any is run.
+    MPI_Datatype mpi = MPI_DATATYPE_NULL;
+    const std::int64_t element = torch::elementSize(parse_dtype(o.dtype, &mpi));
+    std::int64_t largest = o.min_bytes;  // the last size the loop in main measures
+    while (largest <= o.max_bytes / o.factor) largest *= o.factor;
+    if (o.backend == "mpi" && mpi != MPI_DATATYPE_NULL && largest / element > INT_MAX) {
+      throw CLI::ValidationError("--max-bytes", "the size " + std::to_string(largest) + " bytes is " +
+                                                    std::to_string(largest / element) + " " + o.dtype +
+                                                    " elements, more than the raw MPI_Allreduce's int count takes (" +
+                                                    std::to_string(INT_MAX) + ")");
+    }
   });
-}
-
-torch::ScalarType parse_dtype(const std::string& name, MPI_Datatype* mpi) {
-  if (name == "float") { *mpi = MPI_FLOAT; return torch::kFloat; }
-  if (name == "double") { *mpi = MPI_DOUBLE; return torch::kDouble; }
-  if (name == "int") { *mpi = MPI_INT32_T; return torch::kInt; }
-  if (name == "long") { *mpi = MPI_INT64_T; return torch::kLong; }
-  if (name == "half") { *mpi = MPI_DATATYPE_NULL; return torch::kHalf; }
-  if (name == "bfloat16") { *mpi = MPI_DATATYPE_NULL; return torch::kBFloat16; }
-  LOCKSTEP_FAIL("unknown --dtype '", name, "' (float, double, int, long, half, bfloat16)");
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 // One way of running an all-reduce: `op` issues one complete all-reduce, `sync` waits for queued
@@ -208,6 +217,7 @@ int main(int argc, char** argv) {
       ways.push_back({[&] { lockstep::comm::nccl_raw_allreduce(*comm, input); },
                       [&] { lockstep::comm::nccl_synchronize(*comm); }});
     } else if (has_raw) {
+      // count fits an int: add_options refuses larger sizes.
       ways.push_back({[&] {
                         MPI_Allreduce(input.data_ptr(), output.data_ptr(), static_cast<int>(count), mpi_type, MPI_SUM,
                                       raw_comm);
@@ -215,25 +225,36 @@ int main(int argc, char** argv) {
                       [] {}});
     }
     const std::vector<std::vector<double>> times = time_interleaved(iters, options.repeats, ways);
-    const double oop = median(times[nccl ? 0 : 1]), inp = median(times[nccl ? 1 : 0]);
-    const double raw = has_raw ? median(times[2]) : 0.0;
+    const double oop = bench::median(times[nccl ? 0 : 1]), inp = bench::median(times[nccl ? 1 : 0]);
+    const double raw = has_raw ? bench::median(times[2]) : 0.0;
     // Note [Paired ratio]: the busbw ratio is the median over repeats of raw time / Lockstep time,
     // each pair measured back to back, so that a slow phase of the machine (which moves both by the
     // same factor) cancels instead of landing on one side of a ratio of medians.
     std::vector<double> pair_ratios;
     for (size_t r = 0; has_raw && r < times[1].size(); ++r) pair_ratios.push_back(times[2][r] / times[1][r]);
-    const double ratio = pair_ratios.empty() ? 0.0 : median(pair_ratios);
+    const double ratio = pair_ratios.empty() ? 0.0 : bench::median(pair_ratios);
     const std::int64_t wrong_oop = wrong_results(*comm, input, output, false);
     const std::int64_t wrong_inp = wrong_results(*comm, input, output, true);
 
     const double algbw_oop = actual_bytes / oop / 1e9, algbw_inp = actual_bytes / inp / 1e9;
     const double busbw_raw = raw > 0 ? actual_bytes / raw / 1e9 * bus_factor : 0.0;
+    const double overhead = (nccl ? inp : oop) - raw;
+    // Without a raw baseline (half and bfloat16 over MPI) its columns show "-" and its JSON fields are
+    // null: zeros would read as measurements, and the overhead as Lockstep's whole time.
+    char raw_text[4][32] = {"-", "-", "-", "-"};
+    if (has_raw) {
+      std::snprintf(raw_text[0], sizeof(raw_text[0]), "%.2f", raw * 1e6);
+      std::snprintf(raw_text[1], sizeof(raw_text[1]), "%.3f", busbw_raw);
+      std::snprintf(raw_text[2], sizeof(raw_text[2]), "%.3f", ratio);
+      std::snprintf(raw_text[3], sizeof(raw_text[3]), "%.2f", overhead * 1e6);
+    }
+    auto if_raw = [has_raw](double value) { return has_raw ? nlohmann::json(value) : nlohmann::json(nullptr); };
     if (root) {
-      std::printf("%12lld %10lld %6s | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f | %6.3f %9.2f\n",
+      std::printf("%12lld %10lld %6s | %10.2f %8.3f %8.3f %6lld | %10.2f %8.3f %8.3f %6lld | %10s %8s | %6s %9s\n",
                   static_cast<long long>(actual_bytes), static_cast<long long>(count), options.dtype.c_str(),
                   oop * 1e6, algbw_oop, algbw_oop * bus_factor, static_cast<long long>(wrong_oop), inp * 1e6,
-                  algbw_inp, algbw_inp * bus_factor, static_cast<long long>(wrong_inp), raw * 1e6, busbw_raw, ratio,
-                  ((nccl ? inp : oop) - raw) * 1e6);
+                  algbw_inp, algbw_inp * bus_factor, static_cast<long long>(wrong_inp), raw_text[0], raw_text[1],
+                  raw_text[2], raw_text[3]);
       std::fflush(stdout);
     }
     rows.push_back({{"bytes", actual_bytes}, {"count", count}, {"dtype", options.dtype}, {"iters", iters},
@@ -241,16 +262,17 @@ int main(int argc, char** argv) {
                                       {"busbw_gbs", algbw_oop * bus_factor}, {"wrong", wrong_oop}}},
                     {"in_place", {{"time_us", inp * 1e6}, {"algbw_gbs", algbw_inp},
                                   {"busbw_gbs", algbw_inp * bus_factor}, {"wrong", wrong_inp}}},
-                    {nccl ? "raw_nccl" : "raw_mpi", {{"time_us", raw * 1e6}, {"busbw_gbs", busbw_raw}}},
-                    {"busbw_ratio", ratio}, {"overhead_us", ((nccl ? inp : oop) - raw) * 1e6}});
+                    {nccl ? "raw_nccl" : "raw_mpi", {{"time_us", if_raw(raw * 1e6)}, {"busbw_gbs", if_raw(busbw_raw)}}},
+                    {"busbw_ratio", if_raw(ratio)}, {"overhead_us", if_raw(overhead * 1e6)}});
     if (bytes > options.max_bytes / options.factor) break;
   }
+  int exit_code = 0;
   if (root && !options.json.empty()) {
     nlohmann::json doc = {{"benchmark", "allreduce"}, {"ranks", n}, {"backend", comm->backend()},
                           {"threads_per_rank", torch::get_num_threads()}, {"results", rows}};
-    std::ofstream(options.json) << doc.dump(2) << "\n";
-    std::printf("# wrote %s\n", options.json.c_str());
+    if (bench::write_json("allreduce_bench", options.json, doc)) std::printf("# wrote %s\n", options.json.c_str());
+    else exit_code = 1;
   }
-  MPI_Comm_free(&raw_comm);
-  return 0;
+  MPI_Comm_free(&raw_comm);  // collective: every rank gets here, the root too when its write failed
+  return exit_code;
 }

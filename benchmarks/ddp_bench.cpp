@@ -12,13 +12,12 @@
 // backward's own compute time, which shows how much an all-reduce running beside backward slows it
 // when compute and communication share the cores; and the bytes each rank hands to all-reduce per
 // step ("wire MB"), which the compression hooks cut.
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <iostream>
 #include <memory>
@@ -28,6 +27,7 @@
 #include <vector>
 
 #include "bench_cli.hpp"
+#include "bench_report.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/join.hpp"
 #include "lockstep/ddp/powersgd.hpp"
@@ -104,7 +104,7 @@ void add_options(CLI::App& app, Options& o) {
   app.add_flag("--sync-bn", o.sync_bn,
                "also time DataParallel with sync_batch_norm on the ResNet (one more row, 'lockstep+syncbn')");
   app.add_option("--trace", o.trace,
-                 "write a Chrome trace of the Lockstep runs to PREFIX.<model>.<cap>MB[.<hook>].json")
+                 "write a Chrome trace of the Lockstep runs to PREFIX.<model>.<cap>MB[.<hook>][.syncbn|.join].json")
       ->type_name("PREFIX");
   // Optional value: bare --json prints the JSON on stdout instead of the table, --json FILE writes it there.
   CLI::Option* json = app.add_option("--json", o.json_file, "JSON instead of the table: on stdout, or into FILE")
@@ -157,10 +157,17 @@ struct Result {
   std::size_t buckets = 0;
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+// The shortest text that reads back as `mb` (25, 0.5, 0.25), in labels and trace file names: distinct
+// caps must give distinct files, and the whole megabytes alone would make 0.5 and 0.25 both "0".
+std::string mb_text(double mb) {
+  std::ostringstream os;
+  for (int digits = 6; digits <= 17; ++digits) {  // 6: the stream's default, enough for any usual cap
+    os.str("");
+    os.precision(digits);
+    os << mb;
+    if (std::stod(os.str()) == mb) break;
+  }
+  return os.str();
 }
 
 double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
@@ -199,7 +206,7 @@ class Runner {
       label << "lockstep";
       if (o.comm_hooks.size() > 1 || hook_ != "allreduce") label << "/" << hook_;
       if (hook_ == "powersgd") label << "-r" << lockstep.powersgd_rank;
-      if (o.bucket_caps_mb.size() > 1) label << "/" << bucket_cap_mb << "MB";
+      if (o.bucket_caps_mb.size() > 1) label << "/" << mb_text(bucket_cap_mb) << "MB";
       if (lockstep.sync_batch_norm) label << "+syncbn";
       if (lockstep.join) label << "+join";
       label_ = label.str();
@@ -211,8 +218,8 @@ class Runner {
         std::string hook = hook_ == "allreduce" ? "" : "." + hook_;
         if (hook_ == "powersgd") hook += "-r" + std::to_string(lockstep.powersgd_rank);
         if (lockstep.sync_batch_norm) hook += ".syncbn";
-        dp_->enable_trace(o.trace + "." + id + "." + std::to_string(static_cast<int>(bucket_cap_mb)) + "MB" + hook +
-                          ".json");
+        if (lockstep.join) hook += ".join";  // else the --join row overwrites the plain row's trace
+        dp_->enable_trace(o.trace + "." + id + "." + mb_text(bucket_cap_mb) + "MB" + hook + ".json");
         trace_ = true;
       }
     }
@@ -271,15 +278,15 @@ class Runner {
     r.ranks = comm_->size();
     r.batch_per_rank = w_.x.size(0);
     for (const auto& p : parameters_) r.parameters += p.numel();
-    r.step_s = max_over_ranks(*comm_, median(step_));
+    r.step_s = max_over_ranks(*comm_, bench::median(step_));
     r.images_per_s = static_cast<double>(r.ranks * w_.x.size(0)) / r.step_s;
-    r.forward_s = max_over_ranks(*comm_, median(forward_));
-    r.backward_compute_s = max_over_ranks(*comm_, median(backward_));
-    r.communication_s = max_over_ranks(*comm_, median(communication_));
-    r.exposed_s = max_over_ranks(*comm_, median(exposed_));
+    r.forward_s = max_over_ranks(*comm_, bench::median(forward_));
+    r.backward_compute_s = max_over_ranks(*comm_, bench::median(backward_));
+    r.communication_s = max_over_ranks(*comm_, bench::median(communication_));
+    r.exposed_s = max_over_ranks(*comm_, bench::median(exposed_));
     r.buckets = buckets_;
     r.hook = way_ == "lockstep" ? hook_ : "-";
-    r.wire_bytes = median(wire_);
+    r.wire_bytes = bench::median(wire_);
     return r;
   }
 
@@ -314,21 +321,18 @@ class Runner {
   bool trace_ = false;
 };
 
-std::string to_json(const std::vector<Result>& results) {
-  std::ostringstream os;
-  os << "[\n";
-  for (std::size_t k = 0; k < results.size(); ++k) {
-    const auto& r = results[k];
-    os << "  {\"model\": \"" << r.model << "\", \"way\": \"" << r.way << "\", \"ranks\": " << r.ranks
-       << ", \"batch_per_rank\": " << r.batch_per_rank << ", \"parameters\": " << r.parameters
-       << ", \"step_s\": " << r.step_s << ", \"images_per_s\": " << r.images_per_s << ", \"forward_s\": " << r.forward_s
-       << ", \"backward_compute_s\": " << r.backward_compute_s << ", \"communication_s\": " << r.communication_s
-       << ", \"exposed_communication_s\": " << r.exposed_s << ", \"buckets\": " << r.buckets << ", \"hook\": \""
-       << r.hook << "\", \"wire_bytes_per_step\": " << r.wire_bytes << "}"
-       << (k + 1 < results.size() ? ",\n" : "\n");
+// Through nlohmann_json as the other benchmarks: numbers keep all their digits (the stream's default 6
+// rounded wire_bytes_per_step) and strings are escaped.
+nlohmann::json to_json(const std::vector<Result>& results) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& r : results) {
+    rows.push_back({{"model", r.model}, {"way", r.way}, {"ranks", r.ranks}, {"batch_per_rank", r.batch_per_rank},
+                    {"parameters", r.parameters}, {"step_s", r.step_s}, {"images_per_s", r.images_per_s},
+                    {"forward_s", r.forward_s}, {"backward_compute_s", r.backward_compute_s},
+                    {"communication_s", r.communication_s}, {"exposed_communication_s", r.exposed_s},
+                    {"buckets", r.buckets}, {"hook", r.hook}, {"wire_bytes_per_step", r.wire_bytes}});
   }
-  os << "]\n";
-  return os.str();
+  return rows;
 }
 
 void print_table(const std::vector<Result>& results) {
@@ -425,16 +429,17 @@ int main(int argc, char** argv) {
     for (auto& runner : runners) results.push_back(runner->result());
     if (rank == 0 && !o.json) std::fprintf(stderr, "done: %s\n", w.name.c_str());
   }
+  int exit_code = 0;
   if (rank == 0) {
     if (!o.json) {
       std::printf("%d ranks, %d intra-op thread(s) per rank, %d steps after %d warm-up, median of the slowest rank\n",
                   runtime.size(), torch::get_num_threads(), o.steps, o.warmup);
       print_table(results);
     } else if (o.json_file.empty()) {
-      std::cout << to_json(results);
-    } else {
-      std::ofstream(o.json_file) << to_json(results);
+      std::cout << to_json(results).dump(2) << "\n";
+    } else if (!bench::write_json("ddp_bench", o.json_file, to_json(results))) {
+      exit_code = 1;
     }
   }
-  return 0;
+  return exit_code;
 }

@@ -11,15 +11,14 @@
 #include <torch/torch.h>
 #include <nlohmann/json.hpp>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "bench_cli.hpp"
+#include "bench_report.hpp"
 #include "lockstep/data/augment.hpp"
 #include "lockstep/data/loader.hpp"
 #include "lockstep/data/mnist.hpp"
@@ -79,11 +78,6 @@ class InMemory final : public lockstep::data::Dataset {
   at::Tensor images_, labels_;
   lockstep::data::DatasetInfo info_;
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 double train_images_per_s(const Options& o, const lockstep::data::DatasetPtr& data, lockstep::Runtime& runtime) {
   lockstep::models::ResNet18Options ro;
@@ -158,7 +152,8 @@ int main(int argc, char** argv) {
     free_runs.push_back(train_images_per_s(o, free_data, runtime));
   }
   const double loader_real = loader_images_per_s(o, real, runtime);
-  const double real_median = median(real_runs), free_median = median(free_runs);
+  const double real_median = bench::median(real_runs), free_median = bench::median(free_runs);
+  int exit_code = 0;
   if (root) {
     std::printf("%-28s %14s\n", "way", "images/s");
     std::printf("%-28s %14.1f\n", "train, real Fashion-MNIST", real_median);
@@ -172,9 +167,9 @@ int main(int argc, char** argv) {
                             {"in_memory_images_per_s", free_runs},
                             {"ratio", real_median / free_median},
                             {"loader_images_per_s", loader_real}};
-      std::ofstream(o.json) << doc.dump(2) << "\n";
-      std::printf("# wrote %s\n", o.json.c_str());
+      if (bench::write_json("input_bench", o.json, doc)) std::printf("# wrote %s\n", o.json.c_str());
+      else exit_code = 1;
     }
   }
-  return 0;
+  return exit_code;
 }

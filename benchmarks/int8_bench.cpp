@@ -18,13 +18,13 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "bench_cli.hpp"
+#include "bench_report.hpp"
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
@@ -69,11 +69,6 @@ struct Way {
   std::vector<double> images_per_s;
   at::Tensor predictions;
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 }  // namespace
 
@@ -151,13 +146,13 @@ int main(int argc, char** argv) {
         way.predictions = torch::cat(predictions);
       }
     }
-    const double float_speed = median(ways.front().images_per_s);
+    const double float_speed = bench::median(ways.front().images_per_s);
     std::printf("%-24s %10s %12s %9s %16s\n", "way", "test acc", "images/s", "speed-up", "same as fake-q");
     nlohmann::json rows = nlohmann::json::array();
     for (const auto& way : ways) {
       const double accuracy = way.predictions.eq(data.target).sum().item<double>() / static_cast<double>(n);
       const double agreement = way.predictions.eq(ways[1].predictions).sum().item<double>() / static_cast<double>(n);
-      const double speed = median(way.images_per_s);
+      const double speed = bench::median(way.images_per_s);
       std::printf("%-24s %9.2f%% %12.1f %8.2fx %15.2f%%\n", way.name.c_str(), 100 * accuracy, speed, speed / float_speed,
                   100 * agreement);
       rows.push_back({{"way", way.name},
@@ -169,7 +164,7 @@ int main(int argc, char** argv) {
     if (!o.json.empty()) {
       nlohmann::json doc = {{"benchmark", "int8"}, {"file", path}, {"file_bytes", std::filesystem::file_size(path)},
                             {"images", n},         {"batch", o.batch}, {"threads", o.threads}, {"rows", rows}};
-      std::ofstream(o.json) << doc.dump(2) << "\n";
+      if (!bench::write_json("int8_bench", o.json, doc)) return 1;
       std::printf("# wrote %s\n", o.json.c_str());
     }
   } catch (const lockstep::Error& e) {

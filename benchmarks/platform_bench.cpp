@@ -12,12 +12,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "bench_cli.hpp"
+#include "bench_report.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -75,8 +75,7 @@ int main(int argc, char** argv) {
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
   auto images = torch::randn({batch, 1, 28, 28});
   auto labels = torch::randint(0, 10, {batch}, torch::kLong);
-  std::vector<double> times;
-  std::vector<long> faults;
+  std::vector<double> times, faults;
   for (int s = 0; s < steps + 1; ++s) {  // the first step warms up and is not counted
     const long faults_before = minor_faults();
     const auto start = std::chrono::steady_clock::now();
@@ -86,22 +85,20 @@ int main(int argc, char** argv) {
     optimizer.step();
     if (s > 0) {
       times.push_back(seconds_since(start));
-      faults.push_back(minor_faults() - faults_before);
+      faults.push_back(static_cast<double>(minor_faults() - faults_before));
     }
   }
-  std::sort(times.begin(), times.end());
-  std::sort(faults.begin(), faults.end());
-  const double step = times[times.size() / 2];
-  const long step_faults = faults[faults.size() / 2];
+  const double step = bench::median(times);
+  const double step_faults = bench::median(faults);
   const char* preload = std::getenv("LD_PRELOAD");
-  std::printf("matmul 1024: %7.1f GFLOP/s | resnet18 width %d batch %d, %d thread(s): step %.4f s, %ld minor faults/step"
+  std::printf("matmul 1024: %7.1f GFLOP/s | resnet18 width %d batch %d, %d thread(s): step %.4f s, %.0f minor faults/step"
               " | malloc tuning %s, LD_PRELOAD=%s\n",
               gflops, width, batch, threads, step, step_faults, tuning ? "on" : "off", preload ? preload : "");
   if (!json.empty()) {
     nlohmann::json doc = {{"matmul_gflops", gflops}, {"width", width}, {"batch", batch}, {"threads", threads},
                           {"step_s", step}, {"minor_faults_per_step", step_faults}, {"malloc_tuning", tuning},
                           {"ld_preload", preload ? preload : ""}};
-    std::ofstream(json) << doc.dump(2) << "\n";
+    if (!bench::write_json("platform_bench", json, doc)) return 1;
   }
   return 0;
 }

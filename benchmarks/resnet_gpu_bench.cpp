@@ -19,12 +19,12 @@
 
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "bench_cli.hpp"
+#include "bench_report.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
   if (runtime.rank() == 0 && !options.json.empty()) {
     nlohmann::json doc = {{"benchmark", "resnet18_gpu"}, {"ranks", comm->size()}, {"backend", comm->backend()},
                           {"device", device.str()}, {"results", rows}};
-    std::ofstream(options.json) << doc.dump(2) << "\n";
+    if (!bench::write_json("resnet_gpu_bench", options.json, doc)) return 1;
   }
   return 0;
 }

@@ -180,6 +180,10 @@ int main(int argc, char** argv) {
       } else {
         std::printf("final test accuracy: %.2f%%\n", 100.0 * acc->second);
       }
+    } else if (metrics.count("epoch") > 0) {
+      std::printf("final test accuracy: n/a (epoch %lld ended without test_acc: no test set, or accuracy is not "
+                  "among trainer.metrics)\n",
+                  static_cast<long long>(metrics.at("epoch")));
     } else {
       std::printf("final test accuracy: n/a (no epoch ended in this run%s%s)\n",
                   trainer.stop_reason().empty() ? "" : ": ", trainer.stop_reason().c_str());

@@ -8,10 +8,12 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <set>
 
 #include "lockstep/core/error.hpp"
@@ -186,6 +188,32 @@ struct DataOrderEntry {
   int64_t value;
   bool sets_steps;  // changes the steps per epoch
 };
+// Note [A finished run's metrics]: a checkpoint at an epoch's end holds that epoch's metrics, so that
+// the same command run again after the run completed (no epoch left to train) still returns them from
+// fit() instead of nothing. One "key<TAB>value" line each, values at 17 digits (nan and inf included,
+// which JSON cannot hold).
+std::string metrics_text(const std::map<std::string, double>& metrics) {
+  std::string text;
+  char value[40];
+  for (const auto& [key, v] : metrics) {
+    std::snprintf(value, sizeof value, "%.17g", v);
+    text += key + "\t" + value + "\n";
+  }
+  return text;
+}
+std::map<std::string, double> parse_metrics_text(const std::string& text) {
+  std::map<std::string, double> out;
+  std::size_t begin = 0;
+  while (begin < text.size()) {
+    const std::size_t end = std::min(text.find('\n', begin), text.size());
+    const std::string line = text.substr(begin, end - begin);
+    const std::size_t tab = line.find('\t');
+    if (tab != std::string::npos) out[line.substr(0, tab)] = std::strtod(line.c_str() + tab + 1, nullptr);
+    begin = end + 1;
+  }
+  return out;
+}
+
 std::vector<DataOrderEntry> data_order(const TrainerContext& ctx) {
   std::vector<DataOrderEntry> out;
   if (ctx.train_loader == nullptr) return out;
@@ -258,6 +286,9 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     archive.write("epoch", c10::IValue(position.epoch));
     archive.write("position", c10::IValue(position.position));
     archive.write("world_size", c10::IValue(static_cast<int64_t>(world)));
+    if (position.position == 0 && !ctx.metrics.empty()) {  // Note [A finished run's metrics]
+      archive.write("last_epoch_metrics", c10::IValue(metrics_text(ctx.metrics)));
+    }
     {  // Note [Data order in a checkpoint]
       torch::serialize::OutputArchive order;
       for (const auto& entry : data_order(ctx)) order.write(entry.key, c10::IValue(entry.value));
@@ -380,6 +411,10 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     }
     ctx.epoch = position.epoch;
     ctx.resume_position = position;
+    c10::IValue metrics;  // Note [A finished run's metrics]
+    if (position.position == 0 && archive.try_read("last_epoch_metrics", metrics)) {
+      ctx.metrics = parse_metrics_text(metrics.toStringRef());
+    }
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
@@ -462,8 +497,16 @@ void Checkpointer::resume(TrainerContext& ctx) {
   }
   load(ctx, path);
   if (ctx.communicator->rank() == 0) {
-    std::printf("resumed from %s (epoch %lld, step %lld)\n", path.c_str(),
-                static_cast<long long>(ctx.resume_position->epoch + 1), static_cast<long long>(ctx.global_step));
+    const int64_t epochs = ctx.options != nullptr ? ctx.options->epochs : -1;
+    if (ctx.resume_position->position == 0 && epochs >= 0 && ctx.resume_position->epoch >= epochs) {
+      std::printf("resumed from %s (step %lld): the run is complete (%lld of %lld epochs), nothing left to train; "
+                  "raise trainer.epochs to train on, or set checkpoint.resume: never to start over\n",
+                  path.c_str(), static_cast<long long>(ctx.global_step),
+                  static_cast<long long>(ctx.resume_position->epoch), static_cast<long long>(epochs));
+    } else {
+      std::printf("resumed from %s (epoch %lld, step %lld)\n", path.c_str(),
+                  static_cast<long long>(ctx.resume_position->epoch + 1), static_cast<long long>(ctx.global_step));
+    }
     std::fflush(stdout);
   }
 }

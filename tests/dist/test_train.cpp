@@ -667,3 +667,27 @@ TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and c
   CHECK(lockstep::testing::communicator_healthy());
   CHECK(run(between, 2, 12, 0, 0, /*seed=*/9).empty());  // epoch 2 with another shuffle
 }
+
+TEST_CASE("trainer: the same command after the run completed trains nothing and returns the last epoch's metrics",
+          "[train]") {
+  auto run = [](const std::string& dir, int64_t epochs) {
+    torch::manual_seed(6);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(epochs, 8), dir, 0, "auto");
+    o.checkpoint.every_steps = 0;
+    DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    return trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7),
+                       lockstep::testing::synthetic_images(10, 8, 3));
+  };
+  const std::string dir = shared_dir("complete");
+  const auto first = run(dir, 1);
+  REQUIRE(first.count("test_acc") == 1);
+  const auto again = run(dir, 1);  // nothing left to train: Note [A finished run's metrics]
+  for (const std::string key : {"epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_count"}) {
+    INFO(key);
+    REQUIRE(again.count(key) == 1);
+    CHECK(again.at(key) == first.at(key));  // bitwise: written at 17 digits
+  }
+  CHECK(run(dir, 2).at("epoch") == 2.0);  // more epochs train on
+}

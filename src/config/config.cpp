@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <regex>
@@ -293,7 +294,11 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.real("stop_after_seconds", o.stop_after_seconds, 0.0);
   s.integer("accumulation_steps", o.accumulation_steps, 1);
   s.real("clip_grad_norm", o.clip_grad_norm, 0.0);
-  s.choice("device", o.device, {"auto", "cpu", "cuda"});
+  s.string("device", o.device);  // as TrainerOptions::device takes it, cuda:N included
+  if (!(o.device == "auto" || o.device == "cpu" || o.device == "cuda" ||
+        std::regex_match(o.device, std::regex("cuda:[0-9]{1,4}")))) {
+    s.fail_key("device", "expected one of auto, cpu, cuda or cuda:N, found " + o.device);
+  }
   s.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
   s.boolean("channels_last", o.channels_last);
   {
@@ -609,10 +614,14 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
 }
 
 ExperimentConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  // A directory opens as a stream that reads nothing: it would parse as the all-defaults config.
+  LOCKSTEP_CHECK(std::filesystem::is_regular_file(path), "config file '", path, "' ",
+                 std::filesystem::exists(path) ? "is not a regular file (a directory?)" : "does not exist");
   std::ifstream in(path);
   LOCKSTEP_CHECK(in.good(), "cannot open config file '", path, "'");
   std::stringstream text;
   text << in.rdbuf();
+  LOCKSTEP_CHECK(!in.bad(), "cannot read config file '", path, "'");
   return parse_config(text.str(), path, overrides);
 }
 

@@ -112,6 +112,11 @@ ImageData Mnist::read_split(const std::string& root, Split split, const std::str
   const std::string prefix = split == Split::Train ? "train" : "t10k";
   const std::string what = name + (split == Split::Train ? " train" : " test");
   LOCKSTEP_CHECK(!root.empty(), what, ": no data directory given (options.root is empty)");
+  // Debian's package puts Fashion-MNIST in kFashionMnistRoot: say how to get it there.
+  LOCKSTEP_CHECK(root != kFashionMnistRoot || std::filesystem::is_directory(root), what, ": data directory ", root,
+                 " does not exist: install Debian's dataset-fashion-mnist package (apt-get install "
+                 "dataset-fashion-mnist; ./scripts/install-deps.sh does), or point data.dir (options.root) at a "
+                 "directory holding the four IDX files");
   const std::string images = detail::find_data_file(root, prefix + "-images-idx3-ubyte", what + " images");
   const std::string labels = detail::find_data_file(root, prefix + "-labels-idx1-ubyte", what + " labels");
   ImageData data = read_idx_files(images, labels, kMnistClasses);

@@ -144,6 +144,9 @@ TEST_CASE("config: --set overrides, with errors naming the argument", "[config]"
 TEST_CASE("config: invalid YAML and missing files", "[config]") {
   CHECK_THAT(error_of("trainer: [1, 2\n"), Contains("test.yaml") && Contains("invalid YAML"));
   CHECK_THROWS_WITH(config::load_config("/nonexistent/x.yaml"), Contains("/nonexistent/x.yaml"));
+  // A directory reads as nothing, which would parse as the all-defaults config.
+  CHECK_THROWS_WITH(config::load_config(std::filesystem::temp_directory_path().string()),
+                    Contains("is not a regular file (a directory?)"));
 }
 
 TEST_CASE("config: command line", "[config]") {
@@ -281,6 +284,9 @@ trainer:
   CHECK_THAT(error_of("trainer:\n  device: gpu\n"),
              Contains("'trainer.device'") && Contains("test.yaml:2:11") && Contains("auto, cpu, cuda"));
   CHECK_THAT(error_of("runtime:\n  device: tpu\n"), Contains("'runtime.device'") && Contains("test.yaml:2:11"));
+  // trainer.device takes what TrainerOptions::device takes, cuda:N included.
+  CHECK(config::parse_config("trainer:\n  device: cuda:1\n").trainer.device == "cuda:1");
+  CHECK_THAT(error_of("trainer:\n  device: cuda:one\n"), Contains("'trainer.device'") && Contains("cuda:N"));
   CHECK_THAT(error_of("trainer:\n  grad_scaler:\n    backoff_factor: 1\n"),
              Contains("'trainer.grad_scaler.backoff_factor'") && Contains("test.yaml:3:21") && Contains("(0, 1)"));
   CHECK_THAT(error_of("trainer:\n  grad_scaler:\n    growth: 2\n"),

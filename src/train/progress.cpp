@@ -10,6 +10,7 @@
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/metrics.hpp"
 #include "lockstep/train/trainer.hpp"
+#include "train/atomic_file.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -81,9 +82,37 @@ void ProgressLogger::on_train_begin(TrainerContext& ctx) {
                    std::getenv("PMI_RANK") == nullptr;
   }
   if (ctx.world.rank != 0 || options_.metrics_path.empty()) return;
-  // A fresh run starts a fresh file; a resumed one (the Checkpointer ran before us) appends to it.
-  std::ofstream out(options_.metrics_path, ctx.global_step == 0 ? std::ios::trunc : std::ios::app);
-  LOCKSTEP_CHECK(out.good(), "cannot open ", options_.metrics_path, " for writing");
+  if (ctx.global_step == 0) {  // a fresh run starts a fresh file
+    std::ofstream out(options_.metrics_path, std::ios::trunc);
+    LOCKSTEP_CHECK(out.good(), "cannot open ", options_.metrics_path, " for writing");
+    return;
+  }
+  // A resumed run (the Checkpointer ran before us) appends, after dropping the lines of the epochs it
+  // resumes at and beyond: a run resumed from an older checkpoint (the newest was corrupt, a crash
+  // came after a later epoch's line, or an explicit older file) trains those epochs again, and each
+  // would otherwise have two lines. A torn last line (a crash while it was written) goes too.
+  std::ifstream in(options_.metrics_path);
+  if (!in.good()) return;  // nothing yet: appending creates it
+  std::string kept, line;
+  std::size_t dropped = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json parsed = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    const bool earlier = parsed.is_object() && parsed.contains("epoch") && parsed["epoch"].is_number_integer() &&
+                         parsed["epoch"].get<int64_t>() <= ctx.epoch;
+    if (earlier) {
+      kept += line + "\n";
+    } else if (!line.empty()) {
+      ++dropped;
+    }
+  }
+  in.close();
+  if (dropped == 0) return;
+  write_file_atomically(options_.metrics_path, [&](const std::string& temporary) {
+    std::ofstream out(temporary, std::ios::trunc);
+    out << kept;
+    out.flush();
+    LOCKSTEP_CHECK(out.good(), "cannot write ", temporary);
+  });
 }
 
 void ProgressLogger::on_epoch_begin(TrainerContext& ctx) {

@@ -691,3 +691,29 @@ TEST_CASE("trainer: the same command after the run completed trains nothing and 
   }
   CHECK(run(dir, 2).at("epoch") == 2.0);  // more epochs train on
 }
+
+TEST_CASE("trainer: resuming from an older checkpoint rewrites metrics.jsonl from that epoch on, one line each",
+          "[train]") {
+  const std::string dir = shared_dir("older");
+  resumable_run(dir, 0, "never", /*every_steps=*/1, /*keep_last=*/0);  // every step's checkpoint kept
+  const std::vector<nlohmann::json> full = metrics_lines(dir);
+  REQUIRE(full.size() == 3);
+  // The newest checkpoints are lost (or corrupt): the newest left is inside epoch 2.
+  const int64_t keep_until = full[0]["step"].get<int64_t>() + 2;
+  if (comm().rank() == 0) {
+    for (const auto& path : lockstep::train::list_checkpoints(dir + "/checkpoints")) {
+      const std::string name = fs::path(path).filename().string();
+      if (std::stoll(name.substr(name.find("step") + 4)) > keep_until) fs::remove(path);
+    }
+  }
+  comm().barrier()->wait();
+  resumable_run(dir, 0, "auto", 1, 0);
+  const std::vector<nlohmann::json> lines = metrics_lines(dir);
+  REQUIRE(lines.size() == 3);
+  for (size_t e = 0; e < lines.size(); ++e) {
+    INFO("epoch " << e + 1);
+    CHECK(lines[e]["epoch"].get<int64_t>() == static_cast<int64_t>(e + 1));
+    CHECK(lines[e]["train_loss"].get<double>() == full[e]["train_loss"].get<double>());
+    CHECK(lines[e]["test_loss"].get<double>() == full[e]["test_loss"].get<double>());
+  }
+}

@@ -108,6 +108,9 @@ void ExponentialMovingAverage::load_state(const std::string& state) {
   std::istringstream in(state);
   LOCKSTEP_CHECK(static_cast<bool>(in >> updates_), "ExponentialMovingAverage: checkpointed state '",
                  state.substr(0, 40), "' is not an update count");
+  // The reported decay is the last update's: a run resumed at an epoch's end takes no step before it
+  // reports that epoch again.
+  last_decay_ = updates_ > 0 ? decay_at(updates_ - 1) : 0.0;
 }
 
 void ExponentialMovingAverage::load_tensors(std::vector<at::Tensor> tensors) { average_ = std::move(tensors); }

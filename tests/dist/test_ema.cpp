@@ -125,6 +125,14 @@ TEST_CASE("EMA: a stopped and resumed run continues the average bitwise", "[trai
     train(o, dir, stop, "auto");
     CHECK(bitwise_equal(train(o, dir, 0, "auto").final_state, full.final_state));
   }
+  // Stopped after the last step, before its epoch's evaluation: the resumed run takes no step and
+  // still reports the decay of the last update.
+  const std::string dir = lockstep::testing::shared_temp_dir("ema_stop_last");
+  train(o, dir, 6, "auto");
+  const Run resumed = train(o, dir, 0, "auto");
+  CHECK(bitwise_equal(resumed.final_state, full.final_state));
+  CHECK(resumed.metrics.at("ema_decay") == full.metrics.at("ema_decay"));
+  CHECK(resumed.metrics.at("ema_updates") == full.metrics.at("ema_updates"));
 }
 
 TEST_CASE("EMA with quantization-aware training: evaluation and the final model are the average's int8 values, "

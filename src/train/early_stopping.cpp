@@ -72,7 +72,10 @@ void EarlyStopping::on_train_begin(TrainerContext& ctx) {
 }
 
 void EarlyStopping::on_evaluation_end(TrainerContext& ctx) {
-  if (ctx.stop_requested) return;  // a stop cut the evaluation short: its metrics are not there
+  // A stop cut the evaluation short: its metrics are not there (a resumed run evaluates again). A stop
+  // another callback asked for after a complete evaluation (on_evaluation_end runs in reverse order)
+  // still counts this epoch: it may be the best one.
+  if (ctx.evaluation_cut_short) return;
   const auto it = ctx.metrics.find(options_.monitor);
   if (it == ctx.metrics.end()) {
     std::string keys;
@@ -100,7 +103,7 @@ void EarlyStopping::on_evaluation_end(TrainerContext& ctx) {
     ++waited_;
   }
   ctx.metrics["early_stopping_wait"] = static_cast<double>(waited_);
-  if (stopped()) {
+  if (stopped() && !ctx.stop_requested) {  // another callback's earlier request keeps its reason
     ctx.stop_requested = true;
     ctx.stop_reason = reason();
   }

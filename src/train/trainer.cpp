@@ -405,6 +405,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (eval_set) {
       for (const auto& [key, value] : run_evaluation(eval_set, &ctx, &evaluation_cut_short)) ctx.metrics[key] = value;
     }
+    ctx.evaluation_cut_short = evaluation_cut_short;
     // Note [Nested evaluation events]: in reverse, so that what callbacks put in place around the
     // evaluation is undone innermost first (weight averaging, then int8 values on top of it).
     for (auto it = callbacks_.rbegin(); it != callbacks_.rend(); ++it) (*it)->on_evaluation_end(ctx);

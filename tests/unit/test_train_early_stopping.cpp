@@ -85,9 +85,22 @@ TEST_CASE("EarlyStopping: an evaluation cut short is not counted, a missing metr
   EarlyStopping stopping(o);
   TrainerContext cut;
   cut.stop_requested = true;  // Note [Stop during evaluation]: no test_* metrics
+  cut.evaluation_cut_short = true;
   stopping.on_evaluation_end(cut);
   CHECK(stopping.epochs_without_improvement() == 0);
   CHECK(std::isnan(stopping.best()));
+
+  // A stop that another callback asked for after a complete evaluation (it ran first: on_evaluation_end
+  // goes in reverse order) still counts the epoch, and keeps that callback's reason.
+  TrainerContext asked;
+  asked.epoch = 0;
+  asked.stop_requested = true;
+  asked.stop_reason = "a callback of the program's own";
+  asked.metrics = {{"test_loss", 0.5}};
+  stopping.on_evaluation_end(asked);
+  CHECK(stopping.best() == 0.5);
+  CHECK(stopping.best_epoch() == 1);
+  CHECK(asked.stop_reason == "a callback of the program's own");
 
   TrainerContext no_test;
   no_test.epoch = 2;

@@ -105,6 +105,10 @@ struct TrainerContext {
   // on_train_end still runs. The trainer sets it for stop_after_steps and for a stop signal, time
   // limit or request_stop() that a rank received (Note [Stop on signal]).
   bool stop_requested = false;
+  // Set before on_evaluation_end when a stop cut the evaluation short (Note [Stop during evaluation]):
+  // its metrics are missing and the epoch stays unfinished. A stop_requested set by another callback
+  // after a complete evaluation leaves it false.
+  bool evaluation_cut_short = false;
   // True from the end of on_epoch_end to the next on_epoch_begin: the epoch is done (evaluated and
   // ended). A run that stops then (Note [Stop at epoch ends]) resumes at the next epoch's start.
   bool epoch_finished = false;

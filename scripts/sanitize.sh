@@ -27,5 +27,9 @@ LOCKSTEP_BUILD_DIR=$build_dir ./scripts/build.sh \
 # maps memory where ASan would otherwise reserve its shadow gap.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:protect_shadow_gap=0:halt_on_error=1:detect_stack_use_after_return=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# The package test builds a program of its own against the installed library: with the same flags
+# (CMake reads them from the environment), so that the sanitizers' runtime comes first in it too
+# (without them it crashed at start-up, a harness artefact and not a finding).
+export CXXFLAGS="$sanitizers" LDFLAGS="$sanitizers"
 echo "sanitize.sh: ASAN_OPTIONS=$ASAN_OPTIONS UBSAN_OPTIONS=$UBSAN_OPTIONS"
 ctest --test-dir "$build_dir" --output-on-failure --timeout 900 "$@"

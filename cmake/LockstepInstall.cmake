@@ -2,6 +2,11 @@
 include(CMakePackageConfigHelpers)
 set(LOCKSTEP_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/Lockstep)
 
+# The installed library keeps the directories of what it links outside the system's own (CUDA's and
+# NCCL's under /usr/local/cuda or a PyTorch's, OpenMPI's private ones) in its RUNPATH: CMake drops the
+# build tree's RUNPATH at install, and a consumer on a machine without them in ld.so.conf could not
+# load libnccl.so.2.
+set_target_properties(lockstep PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
 install(TARGETS lockstep EXPORT LockstepTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}

@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -51,6 +52,13 @@ int main(int argc, char** argv) {
   if (argc > 2) {
     if (rank == 0) std::fprintf(stderr, "custom_loop: unexpected argument '%s'\nusage: custom_loop [epochs]\n", argv[2]);
     return 2;
+  }
+  if (argc > 1 && (std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0)) {
+    if (rank == 0) {
+      std::printf("usage: custom_loop [epochs]\n  epochs  an integer from 1 to 1000000 (default 5)\n"
+                  "A training loop written by hand with DataParallel (see docs/ddp.md).\n");
+    }
+    return 0;
   }
   if (argc > 1) {
     char* end = nullptr;

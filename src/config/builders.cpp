@@ -117,8 +117,8 @@ ProgramConfig program_config(int argc, char** argv, const std::string& program, 
   ProgramConfig out;
   try {
     const CommandLine cli = parse_command_line(argc, argv);
-    if (cli.help) {
-      std::printf("%s", usage(program).c_str());
+    if (cli.help) {  // once under mpirun, not once per rank
+      if (launcher_rank() == 0) std::printf("%s", usage(program, !default_yaml.empty()).c_str());
       out.exit_status = 0;
       return out;
     }
@@ -126,7 +126,7 @@ ProgramConfig program_config(int argc, char** argv, const std::string& program, 
     out.config = cli.config_path.empty() ? parse_config(default_yaml, "<built-in default config>", cli.overrides)
                                          : load_config(cli.config_path, cli.overrides);
     if (cli.print_config) {
-      std::printf("%s", to_yaml(out.config).c_str());
+      if (launcher_rank() == 0) std::printf("%s", to_yaml(out.config).c_str());
       out.exit_status = 0;
     }
   } catch (const Error& e) {

@@ -657,10 +657,11 @@ CommandLine parse_command_line(int argc, char** argv) {
   return cli;
 }
 
-std::string usage(const std::string& program) {
-  return "usage: " + program +
-         " [--config FILE] [--set key.path=value]... [--print-config] [--help]\n"
-         "  --config FILE        YAML experiment configuration (default: the built-in one)\n"
+std::string usage(const std::string& program, bool built_in_default) {
+  return "usage: " + program + (built_in_default ? " [--config FILE]" : " --config FILE") +
+         " [--set key.path=value]... [--print-config] [--help]\n"
+         "  --config FILE        YAML experiment configuration" +
+         std::string(built_in_default ? " (default: the built-in one)\n" : " (required)\n") +
          "  --set key.path=value override one key, e.g. --set trainer.epochs=3 (repeatable)\n"
          "  --print-config       print the effective configuration as YAML and exit\n";
 }

@@ -570,6 +570,9 @@ TEST_CASE("config: program_config reads the command line, handles --help and --p
   CHECK(plain.config.trainer.epochs == 3);  // the default config, with the override on top
   CHECK(plain.config.trainer.batch_size == 8);
   CHECK(run({"prog", "--help"}, "").exit_status == 0);
+  // --help says whether --config is needed: a program without a built-in config requires it.
+  CHECK_THAT(config::usage("prog", false), Contains("usage: prog --config FILE") && Contains("(required)"));
+  CHECK_THAT(config::usage("prog"), Contains("[--config FILE]") && Contains("(default: the built-in one)"));
   CHECK(run({"prog", "--print-config"}, "trainer: {epochs: 2}\n").exit_status == 0);
   CHECK(run({"prog"}, "").exit_status == 2);  // no default: --config is required (the message goes to stderr)
   CHECK(run({"prog", "--set", "trainer.epochs=three"}, "trainer: {epochs: 2}\n").exit_status == 2);

@@ -143,7 +143,8 @@ struct CommandLine {
 // Accepts "--config F", "--config=F", "--set K=V", "--set=K=V", "--print-config", "--help";
 // anything else is an error naming it, and so are an empty --config value and a second --config.
 CommandLine parse_command_line(int argc, char** argv);
-std::string usage(const std::string& program);
+// The --help text; `built_in_default`: the program runs a configuration of its own without --config.
+std::string usage(const std::string& program, bool built_in_default = true);
 
 // A program's start, before MPI (the config holds the runtime options): parses the command line and
 // loads --config (or `default_yaml`, named "<built-in default config>", when no --config is given;

@@ -577,6 +577,10 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     const auto eq = item.find('=');
     LOCKSTEP_CHECK(eq != std::string::npos && eq > 0, "--set expects key.path=value, found '", item, "'");
     const std::string path = item.substr(0, eq);
+    // getline drops a trailing empty part: "trainer.=3" would set trainer itself.
+    LOCKSTEP_CHECK(path.front() != '.' && path.back() != '.', "--set ", item, ": empty key in the path '", path, "'");
+    LOCKSTEP_CHECK(eq + 1 < item.size(), "--set ", item, ": no value after '='; write ", path,
+                   "=\"\" for an empty string or ", path, "=[] for an empty list");
     std::vector<std::string> keys;
     std::stringstream parts(path);
     for (std::string key; std::getline(parts, key, '.');) {

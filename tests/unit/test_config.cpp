@@ -139,6 +139,10 @@ TEST_CASE("config: --set overrides, with errors naming the argument", "[config]"
   CHECK_THAT(error_of("", {"trainer.epoks=1"}), Contains("'trainer.epoks'") && Contains("--set trainer.epoks=1"));
   CHECK_THAT(error_of("", {"trainer.epochs=x"}), Contains("'trainer.epochs'") && Contains("--set trainer.epochs=x"));
   CHECK_THAT(error_of("", {"trainer.epochs"}), Contains("key.path=value"));
+  CHECK_THAT(error_of("", {"trainer.=3"}), Contains("--set trainer.=3: empty key in the path 'trainer.'"));
+  CHECK_THAT(error_of("", {"trainer.output_dir="}),
+             Contains("no value after '='; write trainer.output_dir=\"\" for an empty string"));
+  CHECK(config::parse_config("", "empty", {"trainer.output_dir=\"\""}).trainer.output_dir.empty());
 }
 
 TEST_CASE("config: invalid YAML and missing files", "[config]") {

@@ -38,9 +38,10 @@ fi
 
 # OpenBLAS must be what libblas.so.3 resolves to: Debian's reference BLAS runs a 1024^2 matmul
 # ~20x slower. It wins the alternative by priority unless someone pinned another one by hand.
-blas=$(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || true)
+multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+blas=$(readlink -f "/usr/lib/$multiarch/libblas.so.3" 2>/dev/null || true)
 case "$blas" in
   *openblas*) ;;
   *) echo "install-deps: warning: libblas.so.3 resolves to ${blas:-nothing}, not OpenBLAS;" \
-          "see docs/performance.md (update-alternatives --config libblas.so.3-x86_64-linux-gnu)" >&2 ;;
+          "see docs/performance.md (update-alternatives --config libblas.so.3-$multiarch)" >&2 ;;
 esac

@@ -7,6 +7,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <map>
 #include <mutex>
 
 #include "lockstep/core/error.hpp"
@@ -27,8 +28,12 @@ const std::vector<std::pair<const char*, int>>& known_signals() {
 std::atomic<int> g_caught{0};
 static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
 
-std::mutex g_mutex;  // guards g_depth and the handlers' installation
+std::mutex g_mutex;  // guards g_depth, g_users and the handlers' installation
 int g_depth = 0;
+// Per signal, the live guards that have our handler on it. The last one to end restores the default,
+// whichever guard installed it: guards ended out of order (two trainers in two threads, a guard
+// moved into an object that outlives the next) must not take the handler from one still alive.
+std::map<int, int> g_users;
 
 extern "C" void lockstep_on_stop_signal(int signal) {
   int none = 0;
@@ -82,8 +87,9 @@ StopSignals::StopSignals(const std::vector<std::string>& signals) {
     struct sigaction current {};
     LOCKSTEP_CHECK(sigaction(number, nullptr, &current) == 0, "sigaction(", signal_name(number),
                    ") failed: ", std::strerror(errno));
-    if (is_ours(current)) {  // an enclosing guard's
+    if (is_ours(current)) {  // another live guard's
       installed_.push_back(number);
+      ++g_users[number];
       continue;
     }
     // Note [Signal ownership]: only a default disposition is ours to take.
@@ -98,14 +104,17 @@ StopSignals::StopSignals(const std::vector<std::string>& signals) {
                    ") failed: ", std::strerror(errno));
     installed_.push_back(number);
     owned_.push_back(number);
+    ++g_users[number];
   }
 }
 
 StopSignals::~StopSignals() {
   std::lock_guard<std::mutex> lock(g_mutex);
-  // What a guard takes was the default action (Note [Signal ownership]), so the default comes back;
-  // unless the program installed a handler of its own meanwhile, which stays.
-  for (int number : owned_) {
+  // What a guard takes was the default action (Note [Signal ownership]), so the default comes back
+  // when the last guard using it ends; unless the program installed a handler of its own meanwhile,
+  // which stays.
+  for (int number : installed_) {
+    if (--g_users[number] > 0) continue;
     struct sigaction current {};
     if (sigaction(number, nullptr, &current) != 0 || !is_ours(current)) continue;
     struct sigaction fallback {};

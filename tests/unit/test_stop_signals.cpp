@@ -93,6 +93,15 @@ TEST_CASE("StopSignals: nested guards share the flag, the inner one leaves the o
   CHECK(handler_of(SIGUSR2) != SIG_DFL);  // still the outer guard's
 }
 
+TEST_CASE("StopSignals: guards ended out of order leave the handler to the one still alive", "[signals]") {
+  auto first = std::make_unique<StopSignals>(std::vector<std::string>{"SIGUSR2"});
+  StopSignals second({"SIGUSR2"});
+  first.reset();  // the guard that installed the handler ends first
+  CHECK(handler_of(SIGUSR2) != SIG_DFL);  // still the live guard's
+  raise(SIGUSR2);  // caught, not the default action (which would end the test process)
+  CHECK(second.caught() == SIGUSR2);
+}
+
 TEST_CASE("StopVote: codes come back `lag` posts later, finish() reads the rest", "[signals]") {
   auto solo = std::make_shared<lockstep::testing::SoloCommunicator>();
   lockstep::comm::StopVote vote(solo, c10::Device(c10::kCPU), 2);

@@ -23,7 +23,8 @@ std::string signal_name(int signal);
 // previous handlers when it ends. Note [Signal ownership]: a signal whose handler is not the default
 // one when the guard starts (the program set its own, or ignores it) is left alone, so a guard never
 // takes a signal away from code that wanted it. Guards may nest (two trainers one after the other,
-// or one inside a program's own guard); they share one flag.
+// or one inside a program's own guard) and may end in any order (the last one using a signal puts
+// the default back); they share one flag.
 class StopSignals {
  public:
   explicit StopSignals(const std::vector<std::string>& signals);

@@ -49,8 +49,8 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   reducer_options.comm_hook = options_.comm_hook;
 
   std::vector<ModelEntry> entries;
-  std::vector<at::Tensor> parameters;
-  std::vector<std::string> names;
+  std::vector<at::Tensor> parameters, frozen;
+  std::vector<std::string> names, frozen_names;
   // A tensor registered under two names (tied weights) is one parameter: reduce it once.
   std::unordered_set<const void*> seen;
   for (const auto& item : module_->named_parameters(/*recurse=*/true)) {
@@ -60,6 +60,9 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
     if (p.requires_grad()) {
       parameters.push_back(p);
       names.push_back(item.key());
+    } else {
+      frozen.push_back(p);
+      frozen_names.push_back(item.key());
     }
   }
   for (const auto& item : module_->named_buffers(/*recurse=*/true)) {
@@ -109,6 +112,7 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   }
 
   reducer_ = std::make_unique<Reducer>(std::move(parameters), std::move(names), comm_, std::move(reducer_options));
+  reducer_->set_frozen(std::move(frozen), std::move(frozen_names));
   if (options_.broadcast_buffers && !broadcast.empty()) reducer_->set_broadcast_tensors(std::move(broadcast));
 }
 

@@ -354,7 +354,20 @@ void Reducer::check_hooks_attached() const {
   check_hooks_attached_locked();
 }
 
+void Reducer::set_frozen(std::vector<at::Tensor> parameters, std::vector<std::string> names) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  frozen_ = std::move(parameters);
+  frozen_names_ = std::move(names);
+}
+
 void Reducer::check_hooks_attached_locked() const {
+  for (std::size_t i = 0; i < frozen_.size(); ++i) {
+    LOCKSTEP_CHECK(!frozen_[i].requires_grad(), "DataParallel: parameter '", frozen_names_[i],
+                   "' was frozen (requires_grad false) when DataParallel was built and requires grad now: "
+                   "DataParallel has no hook on it, so its gradients would stay local to each rank and the "
+                   "replicas drift apart (rank ", comm_->rank(), "). Build DataParallel with it trainable (and "
+                   "find_unused_parameters while it is frozen), or build a new DataParallel after unfreezing.");
+  }
   if (!hooks_) return;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     // A parameter frozen since (requires_grad off) has no accumulator; it counts as unused.
@@ -632,6 +645,19 @@ void Reducer::fail_unready(const std::vector<std::int32_t>& ready_counts,
     }
   }
   if (missing > listed) names << " and " << missing - listed << " more";
+  // Frozen after DataParallel was built: the usual advice (set requires_grad(false)) is what was done.
+  std::string frozen_since;
+  for (std::size_t i = 0; i < params_.size() && frozen_since.empty(); ++i) {
+    if (ready_counts[i] < size && !params_[i].requires_grad()) frozen_since = names_[i];
+  }
+  if (!frozen_since.empty()) {
+    LOCKSTEP_FAIL("DataParallel: ", missing, " parameter(s) received no gradient in this backward: ", names.str(),
+                  ". '", frozen_since, "' was frozen (requires_grad false) after DataParallel was built, which "
+                  "still waits for its gradient: freeze parameters before constructing DataParallel, or construct "
+                  "it with DataParallelOptions::find_unused_parameters = true (rank ", comm_->rank(),
+                  "). Every rank raises this error; this step's gradients are incomplete: zero them before the next "
+                  "step.");
+  }
   const std::string here = shadowing_ ? std::string(" has joined (it ran out of inputs) and trains no more.")
                                      : std::string(missing_here ? " some of them" : " none of them") + " went without.";
   LOCKSTEP_FAIL("DataParallel: ", missing, " parameter(s) received no gradient in this backward: ", names.str(),
@@ -640,7 +666,8 @@ void Reducer::fail_unready(const std::vector<std::int32_t>& ready_counts,
                 "its bucket cannot be reduced. If the model has parameters that do not take part in every forward "
                 "(optional branches, rank-dependent control flow), construct DataParallel with "
                 "DataParallelOptions::find_unused_parameters = true; otherwise remove them or set "
-                "requires_grad(false). Every rank raises this error; this step's gradients were not averaged.");
+                "requires_grad(false). Every rank raises this error; this step's gradients are incomplete: zero them before "
+                "the next step.");
 }
 
 void Reducer::fail_uneven() const {
@@ -707,6 +734,16 @@ bool Reducer::shadow_step() {
   for (auto& bucket : buckets_) {  // every bucket ready at once, with no gradient of this rank's
     bucket.grad.buffer.zero_();
     bucket.pending = 0;
+  }
+  if (!options_.gradient_as_bucket_view) {
+    // As the zeroed buffers do to gradients that are views of them: this rank's old gradients must
+    // not stand in for this step's. write_back() overwrites the reduced ones; a parameter no rank used
+    // keeps its .grad(), which here would be this rank's last step's average, applied again by the
+    // shadow step's optimizer step while the ranks still training (after zero_grad()) apply zeros.
+    at::NoGradGuard no_grad;
+    for (auto& parameter : params_) {
+      if (parameter.grad().defined()) parameter.mutable_grad().zero_();
+    }
   }
   launch_ready_buckets();
   StepTimings timings;

@@ -390,3 +390,28 @@ TEST_CASE("A model moved whole after DataParallel was built is caught by before_
   CHECK(no_sync_error.find("parameter '0.weight' was moved or cast") != std::string::npos);
   CHECK(communicator_healthy());
 }
+
+TEST_CASE("A parameter unfrozen after DataParallel was built is an error, and one frozen after says so", "[ddp]") {
+  // Unfrozen: DataParallel has no hook on it, so its gradients would stay local to each rank.
+  torch::manual_seed(3);
+  torch::nn::Sequential model(torch::nn::Linear(4, 4), torch::nn::Linear(4, 2));
+  model[0]->as<torch::nn::Linear>()->weight.requires_grad_(false);
+  DataParallel dp(model.ptr(), comm_ptr());
+  model[0]->as<torch::nn::Linear>()->weight.requires_grad_(true);
+  const torch::Tensor x = torch::ones({3, 4}) * (comm().rank() + 1);
+  const std::string error = error_of([&] { model->forward(x).sum().backward(); });
+  INFO(error);
+  CHECK_THAT(error, Catch::Contains("parameter '0.weight' was frozen (requires_grad false) when DataParallel was built "
+                                    "and requires grad now"));
+  CHECK_THAT(error_of([&] { dp.before_forward(); }), Catch::Contains("'0.weight' was frozen"));
+  CHECK(communicator_healthy());
+
+  // Frozen after: the usual advice (set requires_grad(false)) would be what was done.
+  torch::nn::Sequential later(torch::nn::Linear(4, 4), torch::nn::Linear(4, 2));
+  DataParallel dp_later(later.ptr(), comm_ptr());
+  later[1]->as<torch::nn::Linear>()->bias.requires_grad_(false);
+  const std::string frozen = error_of([&] { later->forward(x).sum().backward(); });
+  INFO(frozen);
+  CHECK_THAT(frozen, Catch::Contains("'1.bias' was frozen (requires_grad false) after DataParallel was built"));
+  CHECK(communicator_healthy());
+}

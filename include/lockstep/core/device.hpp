@@ -15,8 +15,9 @@ c10::Device resolve_device(const std::string& name, const std::string& who = "de
 // True when LibTorch can run on a CUDA device here.
 bool cuda_usable();
 int cuda_device_count();
-// Makes `device` LibTorch's current CUDA device for this thread (and new ones, for the caller's
-// process: CUDA's current device is per thread, LibTorch's default follows it).
+// Makes `device` LibTorch's current CUDA device for the calling thread. CUDA's current device is per
+// thread: a thread the program starts later begins on device 0 and must set it itself (Lockstep's
+// communicators set their device wherever they use it).
 void set_current_cuda_device(const c10::Device& device);
 
 }  // namespace lockstep

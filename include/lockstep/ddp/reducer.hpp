@@ -84,6 +84,10 @@ class Reducer {
   // hook, and its gradients would silently stay local. Checked at the start of every backward and by
   // DataParallel::before_forward() and no_sync() (the only checks that catch a model moved whole).
   void check_hooks_attached() const;
+  // Parameters that were frozen (requires_grad off) when the reducer was built, so that it has no hook
+  // on them: unfrozen later, their gradients would silently stay local. check_hooks_attached() names
+  // any that requires grad now.
+  void set_frozen(std::vector<at::Tensor> parameters, std::vector<std::string> names);
 
   // Diagnostics, for tests and the curious.
   std::size_t parameter_count() const { return params_.size(); }
@@ -166,6 +170,8 @@ class Reducer {
 
   std::vector<at::Tensor> params_;
   std::vector<std::string> names_;
+  std::vector<at::Tensor> frozen_;
+  std::vector<std::string> frozen_names_;
   comm::CommunicatorPtr comm_;
   ReducerOptions options_;
   struct GradientHooks;  // the parameters' gradient accumulators and this reducer's hooks on them

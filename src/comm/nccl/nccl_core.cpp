@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <exception>
 
 #include "comm/nccl/nccl_check.hpp"
 #include "comm/nccl/nccl_compat.hpp"
@@ -25,15 +26,19 @@ int mpi_rank_or(int fallback) {
 // Makes `device` current for the lifetime of the guard, restoring the caller's device afterwards.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) {
+  explicit DeviceGuard(int device) : device_(device) {
     LOCKSTEP_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) LOCKSTEP_CUDA_CHECK(cudaSetDevice(device));
+    if (previous_ != device_) LOCKSTEP_CUDA_CHECK(cudaSetDevice(device_));
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  // Only when it changed: setting device 0 back on a thread that never used it would make a context there.
+  ~DeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
+  int device_ = 0;
   int previous_ = 0;
 };
 
@@ -226,8 +231,11 @@ Core::~Core() {
   stop_cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
   run_nccl_abort();  // an abort the watchdog was asked for but had not begun (no-op otherwise)
-  // Let what is still running finish (bounded by the timeout) before the communicator goes away.
-  const Clock::time_point deadline = Clock::now() + options_.timeout;
+  // Let what is still running finish (bounded by the timeout) before the communicator goes away;
+  // not while an exception unwinds this rank: its peers may never issue the collectives these wait
+  // for, and waiting the whole timeout would only delay the job's end (Note [Failing fast]).
+  const Clock::time_point deadline =
+      std::uncaught_exceptions() > 0 ? Clock::now() : Clock::now() + options_.timeout;
   for (;;) {
     std::vector<std::shared_ptr<State>> pending;
     {
@@ -265,8 +273,13 @@ WorkPtr Core::launch(LaunchSpec spec) {
   auto state = std::make_shared<State>();
   state->host_result = spec.host_result;
   state->keep_alive = std::move(spec.keep_alive);
-  LOCKSTEP_CUDA_CHECK(cudaEventCreateWithFlags(&state->start, cudaEventDefault));
-  LOCKSTEP_CUDA_CHECK(cudaEventCreateWithFlags(&state->end, cudaEventDefault));
+  {
+    // On the communicator's device: an event belongs to the device current when it is created, and
+    // recording it on another device's stream fails (a thread of the program's own starts on device 0).
+    DeviceGuard guard(options_.device);
+    LOCKSTEP_CUDA_CHECK(cudaEventCreateWithFlags(&state->start, cudaEventDefault));
+    LOCKSTEP_CUDA_CHECK(cudaEventCreateWithFlags(&state->end, cudaEventDefault));
+  }
 
   std::lock_guard<std::mutex> issue_lock(launch_mutex_);
   if (aborted_) std::rethrow_exception(failure());

@@ -527,7 +527,10 @@ void Reducer::finish_backward() {
 at::Tensor Reducer::join_entry(bool training) const {
   const std::int32_t code = join_options_.stop_code ? join_options_.stop_code() : 0;  // Note [Stop in a Join]
   at::Tensor entry = at::empty({2}, at::kInt);
-  entry.data_ptr<std::int32_t>()[0] = training ? 1 : 0;
+  // Bit 0: this rank trains in this step. Bits 1 and 2: its JoinOptions that change the step's result
+  // or its collectives, which every rank must share (read_join_flags compares them).
+  entry.data_ptr<std::int32_t>()[0] = (training ? 1 : 0) | (join_options_.divide_by_initial_world_size ? 2 : 0) |
+                                      (join_options_.throw_on_early_termination ? 4 : 0);
   entry.data_ptr<std::int32_t>()[1] = code;
   return entry;
 }
@@ -536,7 +539,17 @@ std::vector<int> Reducer::read_join_flags(const at::Tensor& flags) {
   std::vector<int> active;
   const auto* entry = flags.data_ptr<std::int32_t>();
   for (int r = 0; r < comm_->size(); ++r) {
-    if (entry[2 * r] != 0) active.push_back(r);
+    if ((entry[2 * r] & 6) == (entry[0] & 6)) continue;
+    // The same flags on every rank: every rank raises this. With another divisor the ranks' gradients
+    // differ; with another early-termination choice some would raise while the others trained on.
+    const char* option = (entry[2 * r] & 2) != (entry[0] & 2) ? "divide_by_initial_world_size" : "throw_on_early_termination";
+    const int mask = option[0] == 'd' ? 2 : 4;
+    LOCKSTEP_FAIL("Join: the ranks' JoinOptions differ: ", option, " is ", (entry[0] & mask) ? "true" : "false",
+                  " on rank 0 and ", (entry[2 * r] & mask) ? "true" : "false", " on rank ", r, " (this is rank ",
+                  comm_->rank(), "). Every rank must build its Join with the same options.");
+  }
+  for (int r = 0; r < comm_->size(); ++r) {
+    if ((entry[2 * r] & 1) != 0) active.push_back(r);
     std::int32_t& code = join_stop_codes_[static_cast<std::size_t>(r)];
     if (code == 0) code = entry[2 * r + 1];
   }

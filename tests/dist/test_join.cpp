@@ -451,3 +451,20 @@ TEST_CASE("Join: on a joined rank, a parameter no rank used has a zero gradient 
     CHECK(lockstep::testing::identical_across_ranks(*model));
   }
 }
+
+TEST_CASE("Join: ranks whose JoinOptions differ get the same error on every rank", "[join]") {
+  // With another divisor the last rank's gradients would differ from the others' with no error.
+  torch::manual_seed(9);
+  torch::nn::Linear model(4, 2);
+  DataParallel dp(model.ptr(), comm_ptr());
+  JoinOptions options;
+  options.divide_by_initial_world_size = comm().rank() != comm().size() - 1;
+  Join join(dp, options);
+  const std::string error = error_of([&] { model->forward(torch::ones({2, 4})).sum().backward(); });
+  INFO(error);
+  CHECK_THAT(error, Contains("Join: the ranks' JoinOptions differ: divide_by_initial_world_size is true on rank 0 "
+                             "and false on rank " + std::to_string(comm().size() - 1)));
+  // finish() (here every rank at once) meets the same difference.
+  CHECK_THAT(error_of([&] { join.finish(); }), Contains("the ranks' JoinOptions differ"));
+  CHECK(communicator_healthy());
+}

@@ -41,8 +41,10 @@ struct DataParallelOptions {
   double first_bucket_cap_mb = 1.0;
   // .grad() tensors are views into the flat bucket buffers: no copy in, no copy out, no extra memory.
   bool gradient_as_bucket_view = true;
-  // Parameters that got no gradient in a backward count as ready with a zero gradient (a parameter
-  // no rank used keeps its .grad() unchanged). Off: such a parameter is an error, raised on every rank.
+  // Parameters that got no gradient in a backward count as ready, contributing what their .grad()
+  // holds (zero after zero_grad(), or what no_sync() micro-batches accumulated), as PyTorch's DDP; a
+  // parameter no rank used keeps its .grad() (with gradient_as_bucket_view, averaged in place like the
+  // rest). Off: such a parameter is an error, raised on every rank.
   bool find_unused_parameters = false;
   // Broadcast buffers from rank 0 at the end of every synchronised backward.
   bool broadcast_buffers = true;

@@ -49,6 +49,8 @@ namespace lockstep::ddp {
 
 class DataParallel;
 
+// divide_by_initial_world_size and throw_on_early_termination must be the same on every rank: they
+// ride on each step's all-gather, and a difference is the same error on every rank.
 struct JoinOptions {
   // true: a step's summed gradient is divided by the world size even when some ranks have finished
   // (each sample weighs the same). false: divided by the number of ranks that trained in the step.

@@ -538,15 +538,16 @@ at::Tensor Reducer::join_entry(bool training) const {
 std::vector<int> Reducer::read_join_flags(const at::Tensor& flags) {
   std::vector<int> active;
   const auto* entry = flags.data_ptr<std::int32_t>();
-  for (int r = 0; r < comm_->size(); ++r) {
-    if ((entry[2 * r] & 6) == (entry[0] & 6)) continue;
-    // The same flags on every rank: every rank raises this. With another divisor the ranks' gradients
-    // differ; with another early-termination choice some would raise while the others trained on.
-    const char* option = (entry[2 * r] & 2) != (entry[0] & 2) ? "divide_by_initial_world_size" : "throw_on_early_termination";
-    const int mask = option[0] == 'd' ? 2 : 4;
-    LOCKSTEP_FAIL("Join: the ranks' JoinOptions differ: ", option, " is ", (entry[0] & mask) ? "true" : "false",
-                  " on rank 0 and ", (entry[2 * r] & mask) ? "true" : "false", " on rank ", r, " (this is rank ",
-                  comm_->rank(), "). Every rank must build its Join with the same options.");
+  // The same flags on every rank: every rank raises this. With another divisor the ranks' gradients
+  // differ; with another early-termination choice some would raise while the others trained on.
+  for (const auto& [bit, option] : {std::pair<int, const char*>{2, "divide_by_initial_world_size"},
+                                    std::pair<int, const char*>{4, "throw_on_early_termination"}}) {
+    for (int r = 1; r < comm_->size(); ++r) {
+      const bool first = (entry[0] & bit) != 0, here = (entry[2 * r] & bit) != 0;
+      LOCKSTEP_CHECK(first == here, "Join: the ranks' JoinOptions differ: ", option, " is ", first ? "true" : "false",
+                     " on rank 0 and ", here ? "true" : "false", " on rank ", r, " (this is rank ", comm_->rank(),
+                     "). Every rank must build its Join with the same options.");
+    }
   }
   for (int r = 0; r < comm_->size(); ++r) {
     if ((entry[2 * r] & 1) != 0) active.push_back(r);

@@ -8,12 +8,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <iostream>
-#include <map>
 #include <set>
 
 #include "lockstep/core/error.hpp"
@@ -188,31 +186,9 @@ struct DataOrderEntry {
   int64_t value;
   bool sets_steps;  // changes the steps per epoch
 };
-// Note [A finished run's metrics]: a checkpoint at an epoch's end holds that epoch's metrics, so that
-// the same command run again after the run completed (no epoch left to train) still returns them from
-// fit() instead of nothing. One "key<TAB>value" line each, values at 17 digits (nan and inf included,
-// which JSON cannot hold).
-std::string metrics_text(const std::map<std::string, double>& metrics) {
-  std::string text;
-  char value[40];
-  for (const auto& [key, v] : metrics) {
-    std::snprintf(value, sizeof value, "%.17g", v);
-    text += key + "\t" + value + "\n";
-  }
-  return text;
-}
-std::map<std::string, double> parse_metrics_text(const std::string& text) {
-  std::map<std::string, double> out;
-  std::size_t begin = 0;
-  while (begin < text.size()) {
-    const std::size_t end = std::min(text.find('\n', begin), text.size());
-    const std::string line = text.substr(begin, end - begin);
-    const std::size_t tab = line.find('\t');
-    if (tab != std::string::npos) out[line.substr(0, tab)] = std::strtod(line.c_str() + tab + 1, nullptr);
-    begin = end + 1;
-  }
-  return out;
-}
+// Note [A finished run's metrics]: a checkpoint at an epoch's end holds that epoch's metrics (a nested
+// archive of doubles, nan and inf included), so that the same command run again after the run completed
+// (no epoch left to train) still returns them from fit() instead of nothing.
 
 std::vector<DataOrderEntry> data_order(const TrainerContext& ctx) {
   std::vector<DataOrderEntry> out;
@@ -287,7 +263,9 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     archive.write("position", c10::IValue(position.position));
     archive.write("world_size", c10::IValue(static_cast<int64_t>(world)));
     if (position.position == 0 && !ctx.metrics.empty()) {  // Note [A finished run's metrics]
-      archive.write("last_epoch_metrics", c10::IValue(metrics_text(ctx.metrics)));
+      torch::serialize::OutputArchive metrics;
+      for (const auto& [key, value] : ctx.metrics) metrics.write(key, c10::IValue(value));
+      archive.write("last_epoch_metrics", metrics);
     }
     {  // Note [Data order in a checkpoint]
       torch::serialize::OutputArchive order;
@@ -411,9 +389,13 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     }
     ctx.epoch = position.epoch;
     ctx.resume_position = position;
-    c10::IValue metrics;  // Note [A finished run's metrics]
+    torch::serialize::InputArchive metrics;  // Note [A finished run's metrics]
     if (position.position == 0 && archive.try_read("last_epoch_metrics", metrics)) {
-      ctx.metrics = parse_metrics_text(metrics.toStringRef());
+      ctx.metrics.clear();
+      for (const std::string& key : metrics.keys()) {
+        c10::IValue value;
+        if (metrics.try_read(key, value) && value.isDouble()) ctx.metrics[key] = value.toDouble();  // not "training"
+      }
     }
   } catch (const Error&) {
     throw;

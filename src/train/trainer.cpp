@@ -258,8 +258,8 @@ void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<
 void DistributedTrainer::set_lr(double lr) {
   auto& groups = optimizer_->param_groups();
   for (std::size_t i = 0; i < groups.size(); ++i) {
-    // A group added after construction keeps the first group's lr.
-    groups[i].options().set_lr(i < lr_ratios_.size() && i > 0 ? lr * lr_ratios_[i] : lr);
+    // The first group's ratio is 1; a group added after construction keeps the first group's lr.
+    groups[i].options().set_lr(i < lr_ratios_.size() ? lr * lr_ratios_[i] : lr);
   }
 }
 

@@ -62,6 +62,17 @@ Run train(EmaOptions o, const std::string& dir = "", int64_t stop_after = 0, con
   return run;
 }
 
+// SmallConvNet with activation points, SGD, the average (when `ema` is given) and then QAT.
+std::unique_ptr<DistributedTrainer> qat_trainer(SmallConvNet& model, const EmaOptions* ema,
+                                                lockstep::compress::QuantizationOptions q) {
+  auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+  auto trainer = std::make_unique<DistributedTrainer>(model, opt, comm_ptr(), lockstep::testing::quiet_trainer(2, 6));
+  if (ema != nullptr) trainer->add_callback(std::make_shared<ExponentialMovingAverage>(*ema));
+  q.print_table = false;
+  trainer->add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(q));
+  return trainer;
+}
+
 }  // namespace
 
 TEST_CASE("EMA: the average is the closed form over the weights after every step, with and without warm-up",
@@ -143,19 +154,14 @@ TEST_CASE("EMA with quantization-aware training: evaluation and the final model 
   auto run = [](bool evaluate) {
     torch::manual_seed(43);
     SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
-    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
-    DistributedTrainer trainer(model, opt, comm_ptr(), lockstep::testing::quiet_trainer(2, 6));
     EmaOptions e;
     e.decay = 0.6;
     e.evaluate = evaluate;
-    trainer.add_callback(std::make_shared<ExponentialMovingAverage>(e));
-    lockstep::compress::QuantizationOptions q;
-    q.print_table = false;
-    trainer.add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(q));
+    const auto trainer = qat_trainer(model, &e, {});
     const auto test_set = lockstep::testing::synthetic_images(10, 8, 12);
     Run out;
-    out.metrics = trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 11), test_set);
-    out.evaluated_after = trainer.evaluate(test_set).at("test_loss");
+    out.metrics = trainer->fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 11), test_set);
+    out.evaluated_after = trainer->evaluate(test_set).at("test_loss");
     out.final_state = lockstep::testing::state_of(*model);
     out.identical = lockstep::testing::identical_across_ranks(*model);
     return out;
@@ -180,20 +186,14 @@ TEST_CASE("EMA with quantization-aware training copies the activation ranges ins
   auto ranges = [](bool ema) {
     torch::manual_seed(47);
     SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
-    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
-    DistributedTrainer trainer(model, opt, comm_ptr(), lockstep::testing::quiet_trainer(2, 6));
-    if (ema) {
-      EmaOptions e;
-      e.decay = 0.9;
-      e.warmup = false;
-      trainer.add_callback(std::make_shared<ExponentialMovingAverage>(e));
-    }
+    EmaOptions e;
+    e.decay = 0.9;
+    e.warmup = false;
     lockstep::compress::QuantizationOptions q;
-    q.print_table = false;
     q.begin_step = 2;
-    trainer.add_callback(std::make_shared<lockstep::compress::QuantizationAwareTraining>(q));
-    trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 11),
-                lockstep::testing::synthetic_images(10, 8, 12));
+    qat_trainer(model, ema ? &e : nullptr, q)
+        ->fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 11),
+              lockstep::testing::synthetic_images(10, 8, 12));
     std::vector<at::Tensor> out;
     for (const auto& module : model->modules(/*include_self=*/false)) {
       if (const auto* point = module->as<lockstep::compress::ActivationFakeQuant>()) {

@@ -50,6 +50,13 @@ Factory adam_factory() {
   };
 }
 
+// The optimizer `factory` builds, sharded over the ranks (ZeRO) or whole.
+std::shared_ptr<torch::optim::Optimizer> sharded_or_not(bool zero, std::vector<at::Tensor> parameters,
+                                                        const Factory& factory) {
+  if (zero) return std::make_shared<ZeroRedundancyOptimizer>(std::move(parameters), comm_ptr(), factory);
+  return factory(std::move(parameters));
+}
+
 int64_t state_elements(const torch::optim::Optimizer& opt) {
   int64_t total = 0;
   for (const auto& item : opt.state()) {
@@ -191,13 +198,7 @@ TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, 
   auto run = [](bool zero, const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(31);
     lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
-    auto factory = adam_factory();
-    std::shared_ptr<torch::optim::Optimizer> opt;
-    if (zero) {
-      opt = std::make_shared<ZeroRedundancyOptimizer>(model->parameters(), comm_ptr(), factory);
-    } else {
-      opt = factory(model->parameters());
-    }
+    const auto opt = sharded_or_not(zero, model->parameters(), adam_factory());
     lockstep::train::TrainerOptions o =
         lockstep::testing::resumable(lockstep::testing::quiet_trainer(2, 8), dir, stop_after, resume);
     o.lr.kind = lockstep::train::LrScheduleKind::Cosine;
@@ -237,13 +238,7 @@ TEST_CASE("ZeRO in the trainer with channels_last: the gathered weights land in 
   auto run = [](bool zero) {
     torch::manual_seed(32);
     TwoConv model;
-    auto factory = sgd_factory();
-    std::shared_ptr<torch::optim::Optimizer> opt;
-    if (zero) {
-      opt = std::make_shared<ZeroRedundancyOptimizer>(model->parameters(), comm_ptr(), factory);
-    } else {
-      opt = factory(model->parameters());
-    }
+    const auto opt = sharded_or_not(zero, model->parameters(), sgd_factory());
     lockstep::train::TrainerOptions o = lockstep::testing::quiet_trainer(1, 8);
     o.channels_last = true;
     lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);

@@ -65,6 +65,7 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
       frozen_names.push_back(item.key());
     }
   }
+  state_parameters_ = entries.size();
   for (const auto& item : module_->named_buffers(/*recurse=*/true)) {
     entries.push_back({"buffer", item.key(), item.value()});
     if (item.value().defined()) buffers_.push_back(item.value());
@@ -140,8 +141,13 @@ void DataParallel::before_forward() {
 }
 void DataParallel::before_backward() { reducer_->mark_backward_start(); }
 
-void DataParallel::broadcast_state(int root) {
-  for (auto& work : broadcast_coalesced(*comm_, state_, root)) work->wait();
+void DataParallel::broadcast_state(int root, bool with_buffers) {
+  if (with_buffers) {
+    for (auto& work : broadcast_coalesced(*comm_, state_, root)) work->wait();
+    return;
+  }
+  const std::vector<at::Tensor> parameters(state_.begin(), state_.begin() + static_cast<std::ptrdiff_t>(state_parameters_));
+  for (auto& work : broadcast_coalesced(*comm_, parameters, root)) work->wait();
 }
 
 void DataParallel::sync_buffers() {

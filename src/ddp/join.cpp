@@ -60,7 +60,9 @@ JoinResult Join::finish(const std::function<void()>& shadow_step) {
   const std::vector<int>& last = reducer.last_active_ranks();
   result.source_rank = last.empty() ? 0 : last.front();
   result.stop_codes = reducer.join_stop_codes();
-  dp_->broadcast_state(result.source_rank);
+  // Buffers only where DataParallel shares them (broadcast_buffers): with it off, each rank's buffers
+  // are its own (PyTorch's join does the same).
+  dp_->broadcast_state(result.source_rank, dp_->options().broadcast_buffers);
   return result;
 }
 

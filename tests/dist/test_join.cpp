@@ -155,6 +155,7 @@ Oracle oracle(const std::vector<int>& batches, bool batch_norm, bool divide_by_w
 }
 
 struct Outcome {
+  std::vector<torch::Tensor> before_finish;  // the state as finish() began
   std::vector<torch::Tensor> state;
   std::vector<torch::Tensor> momenta;
   JoinResult result;
@@ -186,6 +187,7 @@ Outcome train(const std::vector<int>& batches, bool batch_norm, JoinOptions opti
   }
   std::function<void()> step;
   if (shadow) step = [&] { opt->step(); };
+  out.before_finish = state(*net);
   out.result = join.finish(step);
   out.state = state(*net);
   if (!zero) out.momenta = momenta(*opt, *net);
@@ -239,6 +241,29 @@ TEST_CASE("Join: without a shadow step the model still ends equal, from a rank t
   if (rank == world - 1) CHECK(close(got.momenta, want.momenta));
   if (rank == 0) {
     for (const auto& m : got.momenta) CHECK_FALSE(m.defined());  // it never stepped: the caveat of no shadow step
+  }
+}
+
+TEST_CASE("Join with broadcast_buffers off: finish() shares the parameters and leaves each rank its own buffers",
+          "[join]") {
+  const int rank = comm().rank();
+  const std::vector<int> batches = uneven(comm().size());
+  DataParallelOptions local_buffers;
+  local_buffers.broadcast_buffers = false;
+  const Outcome got = train(batches, /*batch_norm=*/true, {}, /*shadow=*/false, local_buffers);
+  // Batch norm in training mode normalises with the batch's statistics, so the parameters do not
+  // depend on the running statistics: they are the oracle's.
+  const Oracle want = oracle(batches, true, true);
+  const size_t params = make_net(true)->parameters().size();
+  REQUIRE(got.state.size() > params);
+  CHECK(got.result.source_rank == 0);
+  CHECK(close({got.state.begin(), got.state.begin() + params}, {want.state.begin(), want.state.begin() + params}));
+  // The running statistics are what this rank's own forwards left (rank 1, with one batch, would
+  // otherwise get rank 0's).
+  CHECK(bitwise_equal({got.state.begin() + params, got.state.end()},
+                      {got.before_finish.begin() + params, got.before_finish.end()}));
+  if (rank == 1) {
+    CHECK_FALSE(close({got.state.begin() + params, got.state.end()}, {want.state.begin() + params, want.state.end()}));
   }
 }
 

@@ -130,13 +130,14 @@ class DataParallel {
 
  private:
   friend class Join;  // uneven inputs (join.hpp) drive the reducer's join mode
-  // Collective: copies `root`'s parameters and buffers to every rank.
-  void broadcast_state(int root);
+  // Collective: copies `root`'s parameters, and its buffers if `with_buffers`, to every rank.
+  void broadcast_state(int root, bool with_buffers = true);
   std::shared_ptr<torch::nn::Module> module_;
   comm::CommunicatorPtr comm_;
   DataParallelOptions options_;
   std::vector<at::Tensor> state_;  // parameters (a tied tensor once), then buffers
   std::vector<at::Tensor> buffers_;
+  std::size_t state_parameters_ = 0;  // state_'s first state_parameters_ tensors are the parameters
   std::size_t sync_batch_norm_layers_ = 0;
   std::unique_ptr<Reducer> reducer_;
   std::shared_ptr<Timeline> timeline_;

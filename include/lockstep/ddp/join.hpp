@@ -88,9 +88,10 @@ class Join {
   // .grad()s hold the same reduced gradients as theirs and `shadow_step` (if given) runs: it should do
   // what the loop does after backward (opt.step(), a scheduler's step), so that this rank's parameters
   // and optimizer state stay equal to the others'. It is required with a ZeroRedundancyOptimizer,
-  // whose step is collective. Finally, broadcasts the parameters and buffers from the lowest rank that
-  // trained in the last step, so every rank ends with the same model even without a shadow step (the
-  // optimizer state of ranks that finished early then lags). Leaves join mode.
+  // whose step is collective. Finally, broadcasts the parameters (and the buffers, unless
+  // DataParallelOptions::broadcast_buffers is off: then each rank keeps its own) from the lowest rank
+  // that trained in the last step, so every rank ends with the same model even without a shadow step
+  // (the optimizer state of ranks that finished early then lags). Leaves join mode.
   JoinResult finish(const std::function<void()>& shadow_step = {});
   bool finished() const { return finished_; }
 

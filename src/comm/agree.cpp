@@ -76,6 +76,34 @@ std::vector<std::string> gather_strings(comm::Communicator& comm, const std::str
   return result;
 }
 
+void run_on_root(Communicator& comm, int root, const std::function<void()>& work, const std::string& context) {
+  LOCKSTEP_CHECK(root >= 0 && root < comm.size(), "run_on_root: root ", root, " is not a rank of a world of ",
+                 comm.size());
+  std::string failure;
+  if (comm.rank() == root) {
+    try {
+      work();
+    } catch (const std::exception& e) {
+      failure = e.what();
+      if (failure.empty()) failure = "an exception without a message";
+    } catch (...) {
+      failure = "an exception that is not a std::exception";
+    }
+  }
+  BroadcastOptions options;
+  options.root = root;
+  at::Tensor length = at::full({1}, static_cast<std::int64_t>(failure.size()), at::kLong);
+  comm.broadcast(length, options)->wait();
+  const std::int64_t n = length.item<std::int64_t>();
+  if (n == 0) return;
+  at::Tensor bytes = at::zeros({n}, at::kByte);
+  if (comm.rank() == root) std::copy(failure.begin(), failure.end(), bytes.data_ptr<std::uint8_t>());
+  comm.broadcast(bytes, options)->wait();
+  const char* start = reinterpret_cast<const char*>(bytes.data_ptr<std::uint8_t>());
+  LOCKSTEP_CHECK(false, context, ": ", std::string(start, start + n), " (on rank ", root, "; this is rank ",
+                 comm.rank(), ")");
+}
+
 namespace {
 
 // Entries as "key\tvalue\n" lines; keys and values with tabs or newlines are escaped so that the

@@ -301,11 +301,15 @@ void MagnitudePruning::on_train_end(train::TrainerContext& ctx) {
   make_pruning_permanent(*model_);
   layers_.clear();
   model_ = nullptr;
-  if (ctx.world.rank == 0) {
-    save_model_atomically(*ctx.model, options_.permanent_path);
-    std::printf("pruning: masks folded into the weights; plain model saved to %s\n", options_.permanent_path.c_str());
-    std::fflush(stdout);
-  }
+  train::run_on_rank0(
+      ctx,
+      [&] {
+        save_model_atomically(*ctx.model, options_.permanent_path);
+        std::printf("pruning: masks folded into the weights; plain model saved to %s\n",
+                    options_.permanent_path.c_str());
+        std::fflush(stdout);
+      },
+      "MagnitudePruning: could not save the pruned model");
 }
 
 std::string MagnitudePruning::save_state() const {

@@ -296,12 +296,17 @@ void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
                  static_cast<long long>(begin_step_));
     std::fflush(stderr);
   }
-  if (main_rank && !options_.export_path.empty() && active_) {
-    const Int8ExportReport r = export_int8(*ctx.model, layers(), options_.per_channel, options_.export_path);
-    std::printf("quantization: int8 model written to %s (%.2f MB; %.2f MB in float32; %lld int8 weights)\n",
-                options_.export_path.c_str(), static_cast<double>(r.bytes) / 1e6, static_cast<double>(r.float_bytes) / 1e6,
-                static_cast<long long>(r.quantized_weights));
-    std::fflush(stdout);
+  if (!options_.export_path.empty() && active_) {
+    train::run_on_rank0(
+        ctx,
+        [&] {
+          const Int8ExportReport r = export_int8(*ctx.model, layers(), options_.per_channel, options_.export_path);
+          std::printf("quantization: int8 model written to %s (%.2f MB; %.2f MB in float32; %lld int8 weights)\n",
+                      options_.export_path.c_str(), static_cast<double>(r.bytes) / 1e6,
+                      static_cast<double>(r.float_bytes) / 1e6, static_cast<long long>(r.quantized_weights));
+          std::fflush(stdout);
+        },
+        "quantization: could not export the int8 model");
   }
   // Leave the model as the int8 model computes: the weights at their int8 values (from the float
   // weights, so bitwise what export_int8 wrote and the last evaluation used).

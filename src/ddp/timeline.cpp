@@ -96,17 +96,19 @@ void Timeline::write_merged(comm::Communicator& comm, const std::string& path) c
       std::chrono::duration_cast<comm::Clock::duration>(std::chrono::nanoseconds(origin_ns))};
 
   const std::vector<std::string> documents = comm::allgather_strings(comm, to_json(origin));
-  if (comm.rank() != 0) return;
-  nlohmann::json events = nlohmann::json::array();
-  std::int64_t dropped = 0;
-  for (const auto& text : documents) {
-    nlohmann::json document = nlohmann::json::parse(text);
-    for (auto& event : document["traceEvents"]) events.push_back(std::move(event));
-    if (document.contains("otherData")) dropped += document["otherData"]["dropped_events"].get<std::int64_t>();
-  }
-  nlohmann::json merged = {{"traceEvents", std::move(events)}, {"displayTimeUnit", "ms"}};
-  if (dropped > 0) merged["otherData"] = {{"dropped_events", dropped}};
-  write_file(path, merged);
+  // Rank 0 writes the file; should it fail, every rank raises its error (Note [A failed checkpoint]).
+  comm::run_on_root(comm, 0, [&] {
+    nlohmann::json events = nlohmann::json::array();
+    std::int64_t dropped = 0;
+    for (const auto& text : documents) {
+      nlohmann::json document = nlohmann::json::parse(text);
+      for (auto& event : document["traceEvents"]) events.push_back(std::move(event));
+      if (document.contains("otherData")) dropped += document["otherData"]["dropped_events"].get<std::int64_t>();
+    }
+    nlohmann::json merged = {{"traceEvents", std::move(events)}, {"displayTimeUnit", "ms"}};
+    if (dropped > 0) merged["otherData"] = {{"dropped_events", dropped}};
+    write_file(path, merged);
+  }, "DataParallel trace");
 }
 
 }  // namespace lockstep::ddp

@@ -14,6 +14,7 @@
 #include <iostream>
 #include <set>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
@@ -143,6 +144,14 @@ void write_file_atomically(const std::string& path, const std::function<void(con
   sync_file(directory.string());
 }
 
+void run_on_rank0(const TrainerContext& ctx, const std::function<void()>& work, const std::string& context) {
+  if (ctx.communicator != nullptr) {
+    comm::run_on_root(*ctx.communicator, 0, work, context);
+  } else if (ctx.world.rank == 0) {
+    work();
+  }
+}
+
 std::string checkpoint_file_name(int64_t global_step) {
   char name[64];
   std::snprintf(name, sizeof name, "%s%08lld%s", kPrefix, static_cast<long long>(global_step), kSuffix);
@@ -255,7 +264,11 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
   }
 
   const std::string final_path = (fs::path(options_.directory) / checkpoint_file_name(ctx.global_step)).string();
-  if (rank == 0) {
+  // Note [A failed checkpoint]: only rank 0 writes, so only rank 0 would see a full disk or a
+  // read-only directory, and the others would wait for it in the next step's collectives until they
+  // timed out; run_on_root makes its error every rank's, at once. Files written only by rank 0
+  // (metrics.jsonl) do the same.
+  const auto write = [&] {
     torch::serialize::OutputArchive archive;
     archive.write("lockstep_checkpoint_version", c10::IValue(kFormatVersion));
     archive.write("global_step", c10::IValue(ctx.global_step));
@@ -307,7 +320,10 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
         fs::remove(ours[i].second, ignored);
       }
     }
-  }
+  };
+  run_on_rank0(ctx, write,
+               "Checkpointer: could not write the checkpoint of step " + std::to_string(ctx.global_step) + " (" +
+                   final_path + ")");
   last_saved_step_ = ctx.global_step;
   last_saved_position_ = position;
   last_path_ = final_path;

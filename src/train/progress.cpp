@@ -81,38 +81,41 @@ void ProgressLogger::on_train_begin(TrainerContext& ctx) {
     interactive_ = isatty(STDOUT_FILENO) != 0 && std::getenv("OMPI_COMM_WORLD_SIZE") == nullptr &&
                    std::getenv("PMI_RANK") == nullptr;
   }
-  if (ctx.world.rank != 0 || options_.metrics_path.empty()) return;
-  if (ctx.global_step == 0) {  // a fresh run starts a fresh file
-    std::ofstream out(options_.metrics_path, std::ios::trunc);
-    LOCKSTEP_CHECK(out.good(), "cannot open ", options_.metrics_path, " for writing");
-    return;
-  }
-  // A resumed run (the Checkpointer ran before us) appends, after dropping the lines of the epochs it
-  // resumes at and beyond: a run resumed from an older checkpoint (the newest was corrupt, a crash
-  // came after a later epoch's line, or an explicit older file) trains those epochs again, and each
-  // would otherwise have two lines. A torn last line (a crash while it was written) goes too.
-  std::ifstream in(options_.metrics_path);
-  if (!in.good()) return;  // nothing yet: appending creates it
-  std::string kept, line;
-  std::size_t dropped = 0;
-  while (std::getline(in, line)) {
-    const nlohmann::json parsed = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    const bool earlier = parsed.is_object() && parsed.contains("epoch") && parsed["epoch"].is_number_integer() &&
-                         parsed["epoch"].get<int64_t>() <= ctx.epoch;
-    if (earlier) {
-      kept += line + "\n";
-    } else if (!line.empty()) {
-      ++dropped;
+  if (options_.metrics_path.empty()) return;
+  const auto prepare = [&] {
+    if (ctx.global_step == 0) {  // a fresh run starts a fresh file
+      std::ofstream out(options_.metrics_path, std::ios::trunc);
+      LOCKSTEP_CHECK(out.good(), "cannot open ", options_.metrics_path, " for writing");
+      return;
     }
-  }
-  in.close();
-  if (dropped == 0) return;
-  write_file_atomically(options_.metrics_path, [&](const std::string& temporary) {
-    std::ofstream out(temporary, std::ios::trunc);
-    out << kept;
-    out.flush();
-    LOCKSTEP_CHECK(out.good(), "cannot write ", temporary);
-  });
+    // A resumed run (the Checkpointer ran before us) appends, after dropping the lines of the epochs it
+    // resumes at and beyond: a run resumed from an older checkpoint (the newest was corrupt, a crash
+    // came after a later epoch's line, or an explicit older file) trains those epochs again, and each
+    // would otherwise have two lines. A torn last line (a crash while it was written) goes too.
+    std::ifstream in(options_.metrics_path);
+    if (!in.good()) return;  // nothing yet: appending creates it
+    std::string kept, line;
+    std::size_t dropped = 0;
+    while (std::getline(in, line)) {
+      const nlohmann::json parsed = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      const bool earlier = parsed.is_object() && parsed.contains("epoch") && parsed["epoch"].is_number_integer() &&
+                           parsed["epoch"].get<int64_t>() <= ctx.epoch;
+      if (earlier) {
+        kept += line + "\n";
+      } else if (!line.empty()) {
+        ++dropped;
+      }
+    }
+    in.close();
+    if (dropped == 0) return;
+    write_file_atomically(options_.metrics_path, [&](const std::string& temporary) {
+      std::ofstream out(temporary, std::ios::trunc);
+      out << kept;
+      out.flush();
+      LOCKSTEP_CHECK(out.good(), "cannot write ", temporary);
+    });
+  };
+  run_on_rank0(ctx, prepare, "ProgressLogger");
 }
 
 void ProgressLogger::on_epoch_begin(TrainerContext& ctx) {
@@ -165,13 +168,18 @@ void ProgressLogger::on_after_optimizer_step(TrainerContext& ctx) {
 }
 
 void ProgressLogger::on_epoch_end(TrainerContext& ctx) {
-  if (ctx.world.rank != 0) return;
-  if (line_open_) std::printf("\n");
-  line_open_ = false;
-  std::printf("epoch %lld: %s | %.0f img/s | %.1f s\n", static_cast<long long>(ctx.epoch + 1),
-              summary(ctx).c_str(), metric(ctx, "images_per_s"), metric(ctx, "train_time_s"));
-  std::fflush(stdout);
+  if (ctx.world.rank == 0) {
+    if (line_open_) std::printf("\n");
+    line_open_ = false;
+    std::printf("epoch %lld: %s | %.0f img/s | %.1f s\n", static_cast<long long>(ctx.epoch + 1),
+                summary(ctx).c_str(), metric(ctx, "images_per_s"), metric(ctx, "train_time_s"));
+    std::fflush(stdout);
+  }
   if (options_.metrics_path.empty()) return;
+  run_on_rank0(ctx, [&] { append_metrics_line(ctx); }, "ProgressLogger");
+}
+
+void ProgressLogger::append_metrics_line(const TrainerContext& ctx) const {
   nlohmann::json line = nlohmann::json::object();
   for (const auto& [key, value] : ctx.metrics) {
     if (key == "epoch" || key == "step") {

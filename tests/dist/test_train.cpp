@@ -535,6 +535,37 @@ TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume 
   }
 }
 
+TEST_CASE("trainer: a checkpoint rank 0 cannot write is an error on every rank, naming the file (Note [A failed "
+          "checkpoint])",
+          "[train]") {
+  const std::string dir = shared_dir("unwritable");
+  const std::string second = dir + "/checkpoints/" + lockstep::train::checkpoint_file_name(2);
+  // A directory where step 2's temporary file goes: rank 0 cannot create it (root ignores permissions).
+  if (comm().rank() == 0) fs::create_directories(second + ".tmp/in_the_way");
+  comm().barrier()->wait();
+  const std::string error = lockstep::testing::error_of([&] { resumable_run(dir, 0, "never", /*every_steps=*/1); });
+  CHECK_THAT(error, Catch::Contains("could not write the checkpoint of step 2 (" + second + ")"));
+  CHECK_THAT(error, Catch::Contains(second + ".tmp"));  // and what went wrong, as rank 0 saw it
+  CHECK_THAT(error, Catch::Contains("(on rank 0; this is rank " + std::to_string(comm().rank()) + ")"));
+  CHECK(lockstep::testing::communicator_healthy());
+  // Step 1's checkpoint was written; nothing of step 2's has a final name.
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  REQUIRE(listed.size() == 1);
+  CHECK(fs::path(listed[0]).filename() == lockstep::train::checkpoint_file_name(1));
+}
+
+TEST_CASE("trainer: a metrics.jsonl rank 0 cannot write is an error on every rank, before the first step", "[train]") {
+  const std::string dir = shared_dir("metrics_in_the_way");
+  if (comm().rank() == 0) fs::create_directories(dir + "/metrics.jsonl");  // a directory: no file can open there
+  comm().barrier()->wait();
+  const std::string error = lockstep::testing::error_of([&] { resumable_run(dir, 0, "never"); });
+  CHECK_THAT(error, Catch::Contains("ProgressLogger: "));
+  CHECK_THAT(error, Catch::Contains("cannot open " + dir + "/metrics.jsonl for writing"));
+  CHECK_THAT(error, Catch::Contains("(on rank 0; this is rank " + std::to_string(comm().rank()) + ")"));
+  CHECK(lockstep::testing::communicator_healthy());
+  CHECK(lockstep::train::list_checkpoints(dir + "/checkpoints").empty());  // no step was trained
+}
+
 TEST_CASE("trainer: a checkpoint written on a GPU resumes on the CPU (Note [Checkpoints across devices])",
           "[train]") {
   const RunResult full = resumable_run(shared_dir("full_gpu"), 0, "never");

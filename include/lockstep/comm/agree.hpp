@@ -4,6 +4,7 @@
 // error on every rank instead of a hang or silently wrong numbers.
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,6 +26,13 @@ std::vector<std::string> allgather_strings(Communicator& comm, const std::string
 // broadcast per rank, so a rank other than root holds one rank's string at a time, not all of them
 // (for large per-rank state: PowerSGD's residuals in checkpoints).
 std::vector<std::string> gather_strings(Communicator& comm, const std::string& text, int root = 0);
+
+// Collective: runs `work` on rank `root` alone (a file only that rank writes: a checkpoint,
+// metrics.jsonl). Should it throw, every rank raises the same lockstep::Error, "<context>: <what>
+// (on rank <root>)", instead of the others going on into collectives that rank never joins and
+// failing there, much later, with an error that names a collective. Costs one broadcast of an int64
+// when `work` succeeds, and one of the message when it does not.
+void run_on_root(Communicator& comm, int root, const std::function<void()>& work, const std::string& context);
 
 // Collective: checks that every rank holds the same (key, value) entries. Costs one all-gather of a
 // 64-bit fingerprint when they agree. When they do not, every rank raises the same lockstep::Error:

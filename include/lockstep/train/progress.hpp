@@ -35,6 +35,8 @@ class ProgressLogger : public Callback {
   void on_train_end(TrainerContext& ctx) override;
 
  private:
+  // Rank 0: appends the epoch's line to options_.metrics_path.
+  void append_metrics_line(const TrainerContext& ctx) const;
   ProgressOptions options_;
   bool interactive_ = false;
   bool line_open_ = false;

@@ -143,14 +143,16 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
 }
 
 Runtime::~Runtime() {
-  communicator_.reset();
   if (std::uncaught_exceptions() > 0 && world_.size > 1 && mpi_active()) {
     // Unwinding past the Runtime with an exception in flight: this rank is leaving, the others
-    // may be waiting in a collective (Note [Failing fast]).
+    // may be waiting in a collective (Note [Failing fast]). Before the communicator goes: its
+    // destructor waits up to the whole timeout for a collective still in flight (one whose wait()
+    // timed out, say), and that wait would only delay the abort.
     std::fprintf(stderr, "lockstep: rank %d: leaving with an exception in flight; aborting the job\n",
                  world_.rank);
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
+  communicator_.reset();
   std::set_terminate(g_previous_terminate);
   if (owns_mpi_ && mpi_active()) MPI_Finalize();
 }

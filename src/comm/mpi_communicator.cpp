@@ -5,11 +5,13 @@
 #include <c10/util/Half.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <exception>
 #include <mutex>
 #include <thread>
 
@@ -85,6 +87,12 @@ MPI_Op mpi_op(ReduceOp op, at::ScalarType type) {
   if (type == at::kBFloat16) return sixteen_bit_ops().bfloat16[index];
   return builtin;
 }
+
+// Note [float16 average]: Average is a sum, then a division. A float16 sum overflows at 65504 even
+// where the average fits (two ranks' 40000 average to 40000, but sum to inf), so float16 is divided
+// by the world size first, as NCCL's ncclAvg does; values below float16's normal range lose bits to
+// that, as with NCCL. bfloat16 has float32's range and sums first, like every other type.
+bool divides_first(ReduceOp op, at::ScalarType type) { return op == ReduceOp::Average && type == at::kHalf; }
 
 struct Task {
   std::shared_ptr<AsyncWork> work;
@@ -229,18 +237,23 @@ MpiCommunicator::~MpiCommunicator() {
     impl_->stop = true;
   }
   impl_->cv.notify_all();
+  // During exception unwinding (a wait() that timed out, caught further up) a collective still in
+  // flight is almost surely the stuck one: a short grace, not another whole timeout, before the abort.
+  const bool unwinding = std::uncaught_exceptions() > 0;
+  const std::chrono::milliseconds limit =
+      unwinding ? std::min(impl_->timeout, std::chrono::milliseconds(1000)) : impl_->timeout;
   bool exited = false;
   {
     std::unique_lock<std::mutex> lock(impl_->mutex);
-    exited = impl_->exited_cv.wait_for(lock, impl_->timeout, [this] { return impl_->exited; });
+    exited = impl_->exited_cv.wait_for(lock, limit, [this] { return impl_->exited; });
   }
   if (!exited) {
     // A collective is stuck (a peer died or ranks diverged). Joining would hang this rank
     // forever, and so would MPI_Finalize: end the whole job instead.
     std::fprintf(stderr,
-                 "lockstep: rank %d: MpiCommunicator destroyed while a collective is still running after "
+                 "lockstep: rank %d: MpiCommunicator destroyed%s while a collective is still running after "
                  "%lld ms; aborting the job so that no rank hangs\n",
-                 impl_->rank, static_cast<long long>(impl_->timeout.count()));
+                 impl_->rank, unwinding ? " during exception unwinding" : "", static_cast<long long>(limit.count()));
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
   impl_->thread.join();
@@ -276,15 +289,21 @@ WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, c
   const MPI_Op op = mpi_op(options.op, input.scalar_type());
   const std::size_t element_size = input.element_size();
   Impl* impl = impl_.get();
+  const bool divide_first = divides_first(options.op, input.scalar_type());
   return impl->enqueue(impl->make_info("allreduce", &input), [=] {
     if (input.numel() > 0) {
       char* out = static_cast<char*>(output.data_ptr());
       const char* in = static_cast<const char*>(input.data_ptr());
+      if (divide_first) {  // Note [float16 average]
+        if (!in_place) output.copy_(input);
+        output.div_(impl->size);
+      }
+      const bool reduce_in_place = in_place || divide_first;
       in_chunks(input.numel(), element_size, [&](std::int64_t offset, int count) {
-        LOCKSTEP_MPI_CHECK(MPI_Allreduce(in_place ? MPI_IN_PLACE : in + offset, out + offset, count, type, op,
+        LOCKSTEP_MPI_CHECK(MPI_Allreduce(reduce_in_place ? MPI_IN_PLACE : in + offset, out + offset, count, type, op,
                                          impl->comm));
       });
-      if (options.op == ReduceOp::Average) output.div_(impl->size);
+      if (options.op == ReduceOp::Average && !divide_first) output.div_(impl->size);
     }
   });
 }
@@ -358,9 +377,12 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
   const MPI_Datatype type = mpi_type(input.scalar_type());
   const MPI_Op op = mpi_op(options.op, input.scalar_type());
   Impl* impl = impl_.get();
+  const bool divide_first = divides_first(options.op, input.scalar_type());
   return impl->enqueue(impl->make_info("reduce_scatter", &input), [=] {
     if (output.numel() > 0) {
       const int count = static_cast<int>(output.numel());
+      // Note [float16 average]: in place the input is the result's buffer; otherwise a scaled copy.
+      const at::Tensor source = !divide_first ? input : in_place ? input.div_(impl->size) : input.div(impl->size);
       if (in_place) {
         // MPI_IN_PLACE leaves the result at the start of the buffer; move it to this rank's slice.
         LOCKSTEP_MPI_CHECK(MPI_Reduce_scatter_block(MPI_IN_PLACE, input.data_ptr(), count, type, op, impl->comm));
@@ -369,9 +391,9 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
         }
       } else {
         LOCKSTEP_MPI_CHECK(
-            MPI_Reduce_scatter_block(input.data_ptr(), output.data_ptr(), count, type, op, impl->comm));
+            MPI_Reduce_scatter_block(source.data_ptr(), output.data_ptr(), count, type, op, impl->comm));
       }
-      if (options.op == ReduceOp::Average) output.div_(impl->size);
+      if (options.op == ReduceOp::Average && !divide_first) output.div_(impl->size);
     }
   });
 }

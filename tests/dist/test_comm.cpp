@@ -75,6 +75,36 @@ TEST_CASE("allreduce min, max, product and average", "[comm]") {
   }
 }
 
+TEST_CASE("float16 average fits where the float16 sum would overflow (Note [float16 average])", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  // Every rank holds 40000 + 1000 r: the sum (>= 80000) is past float16's 65504, the average is not.
+  const double want = 40000 + 1000 * (n - 1) / 2.0;
+  auto near = [&](const torch::Tensor& t) {
+    return torch::allclose(t.to(torch::kDouble), torch::full({t.numel()}, want, torch::kDouble), 2e-3, 0);
+  };
+  const auto mine = torch::full({12 * n}, 40000 + 1000 * comm.rank(), torch::kHalf);
+  auto t = mine.clone();
+  comm.allreduce(t, {ReduceOp::Average})->wait();
+  CHECK(near(t));
+  auto output = torch::empty_like(mine);
+  auto input = mine.clone();
+  comm.allreduce(input, output, {ReduceOp::Average})->wait();
+  CHECK(near(output));
+  CHECK(torch::equal(input, mine));  // out of place: the input is left alone
+  auto slice = torch::empty({12}, torch::kHalf);
+  comm.reduce_scatter(input, slice, {ReduceOp::Average})->wait();
+  CHECK(near(slice));
+  CHECK(torch::equal(input, mine));
+  auto scratch = mine.clone();
+  comm.reduce_scatter(scratch, scratch.narrow(0, 12 * comm.rank(), 12), {ReduceOp::Average})->wait();
+  CHECK(near(scratch.narrow(0, 12 * comm.rank(), 12)));
+  // Sum still overflows, as float16 does.
+  t = mine.clone();
+  comm.allreduce(t)->wait();
+  CHECK(torch::isinf(t).all().item<bool>());
+}
+
 TEST_CASE("out-of-place allreduce leaves the input untouched", "[comm]") {
   auto& comm = lockstep::testing::comm();
   const int n = comm.size();

@@ -3,6 +3,9 @@
 //   fail_one_rank throw   rank 1 throws an exception nobody catches
 //   fail_one_rank exit    rank 1 exits without a word (a dead peer)
 //   fail_one_rank timeout rank 1 never joins; the others' wait() times out and the error escapes
+//   fail_one_rank caught  as timeout, but main catches the error: the Runtime is destroyed while the
+//                         timed-out collective is still in flight and must end the job at once, not
+//                         after another full timeout (600 s by default)
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -12,10 +15,14 @@
 
 #include "lockstep/runtime.hpp"
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   lockstep::Runtime runtime(argc, argv);
   auto comm = runtime.communicator();
-  const std::string mode = argc > 1 ? argv[1] : "throw";
+  std::string mode = argc > 1 ? argv[1] : "throw";
+  const bool caught = mode == "caught";
+  if (caught) mode = "timeout";
   auto t = torch::ones({1024});
   if (comm->rank() == 1) {
     if (mode == "throw") throw std::runtime_error("boom from the test");
@@ -25,4 +32,18 @@ int main(int argc, char** argv) {
   comm->allreduce(t)->wait(std::chrono::seconds(mode == "timeout" ? 2 : 100));
   std::cout << "rank " << comm->rank() << " finished, which it must not" << std::endl;
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "caught") {
+    try {
+      return run(argc, argv);
+    } catch (const std::exception& e) {
+      std::cout << "caught: " << e.what() << ", which the Runtime's end must not wait for" << std::endl;
+      return 1;
+    }
+  }
+  return run(argc, argv);
 }

@@ -13,6 +13,12 @@ foreach(np 2 3)
            COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> timeout)
   set_tests_properties(failure.timeout.np${np} PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "rank [0-9] of ${np}: uncaught exception: allreduce #0 .*did not complete within 2000 ms")
+  # The collective timeout stays at its 600 s default: only an abort during unwinding ends it in time.
+  add_test(NAME failure.timeout_caught.np${np}
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> caught)
+  set_tests_properties(failure.timeout_caught.np${np} PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "rank [0-9]: [^\n]*aborting the job"
+    FAIL_REGULAR_EXPRESSION "which the Runtime's end must not wait for")
 endforeach()
 
 # train_resnet end to end with quantization-aware training at 3 ranks on a slice of Fashion-MNIST: the

@@ -12,13 +12,39 @@
 #include <exception>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "core/backend_choice.hpp"
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep {
+
+namespace detail {
+
+bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reason_for_mpi) {
+  std::vector<int> nccl, mpi, asked_nccl;
+  for (int r = 0; r < static_cast<int>(choices.size()); ++r) {
+    (choices[r].nccl ? nccl : mpi).push_back(r);
+    if (choices[r].nccl && choices[r].asked) asked_nccl.push_back(r);
+  }
+  if (mpi.empty()) return true;
+  if (nccl.empty()) return false;
+  LOCKSTEP_CHECK(asked_nccl.empty(), "runtime: backend \"nccl\" was asked for on ", comm::rank_list(asked_nccl),
+                 ", but MPI is used on ", comm::rank_list(mpi),
+                 " (no usable GPU there, ranks sharing a GPU, a build without NCCL, or another "
+                 "runtime.backend); one communicator spans every rank, so all must use the same backend. Ask for "
+                 "\"mpi\" (it takes CUDA tensors too) or \"auto\", or give every rank a GPU of its own");
+  if (reason_for_mpi != nullptr) {
+    *reason_for_mpi = comm::rank_list(mpi) + " cannot use NCCL (or asked for MPI), and every rank must use the same backend";
+  }
+  return false;
+}
+
+}  // namespace detail
 
 namespace {
 
@@ -133,6 +159,18 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
   LOCKSTEP_CHECK(options_.device == "auto" || options_.device == "cpu" || options_.device == "cuda",
                  "RuntimeOptions::device must be \"auto\", \"cpu\" or \"cuda\", found \"", options_.device, "\"");
   select_device_and_backend();
+  if (world_.size > 1) {  // Note [One backend for all ranks]
+    const int mine = (backend_ == "nccl" ? 1 : 0) | (options_.backend != "auto" ? 2 : 0);
+    std::vector<int> all(static_cast<std::size_t>(world_.size));
+    LOCKSTEP_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD));
+    std::vector<detail::BackendChoice> choices;
+    for (int code : all) choices.push_back({(code & 1) != 0, (code & 2) != 0});
+    std::string reason;
+    if (!detail::settle_backend(choices, &reason) && backend_ == "nccl") {
+      backend_ = "mpi";
+      backend_reason_ = reason;
+    }
+  }
   int threads = options_.threads;
   if (threads <= 0) {
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include "core/backend_choice.hpp"
 #include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
@@ -38,4 +39,27 @@ TEST_CASE("a build without the NCCL communicator says so instead of failing obsc
   CHECK_THROWS_WITH(lockstep::comm::make_nccl_communicator(), Contains("not part of this build") &&
                                                                   Contains("backend \"mpi\""));
   CHECK_THROWS_AS(lockstep::comm::make_nccl_communicator(), lockstep::Error);
+}
+
+TEST_CASE("one backend for all ranks: NCCL only where every rank chose it (Note [One backend for all ranks])",
+          "[device]") {
+  using lockstep::detail::BackendChoice;
+  using lockstep::detail::settle_backend;
+  const BackendChoice auto_nccl{true, false}, auto_mpi{false, false}, asked_nccl{true, true}, asked_mpi{false, true};
+  std::string reason;
+  CHECK(settle_backend({auto_nccl, auto_nccl, asked_nccl}, &reason));
+  CHECK(reason.empty());
+  CHECK_FALSE(settle_backend({auto_mpi, asked_mpi}, &reason));
+  CHECK(reason.empty());
+  // A host without a usable GPU (rank 2) takes the NCCL ranks of the other hosts to MPI with it.
+  CHECK_FALSE(settle_backend({auto_nccl, auto_nccl, auto_mpi, auto_mpi}, &reason));
+  CHECK_THAT(reason, Contains("ranks 2, 3 cannot use NCCL"));
+  CHECK_FALSE(settle_backend({auto_nccl, asked_mpi}, &reason));
+  CHECK_THAT(reason, Contains("rank 1 cannot use NCCL"));
+  // Asked for by name, NCCL is never silently dropped.
+  CHECK_THROWS_WITH(settle_backend({asked_nccl, asked_nccl, auto_mpi}),
+                    Contains("backend \"nccl\" was asked for on ranks 0, 1, but MPI is used on rank 2") &&
+                        Contains("all must use the same backend"));
+  CHECK_THROWS_WITH(settle_backend({auto_nccl, asked_nccl, asked_mpi}),
+                    Contains("asked for on rank 1, but MPI is used on rank 2"));
 }

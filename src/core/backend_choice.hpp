@@ -1,0 +1,26 @@
+#pragma once
+// Note [One backend for all ranks]: the device and backend are chosen per rank from its host's GPUs
+// and ranks (Note [Device and backend choice]), so two hosts can choose differently: a node whose
+// driver is broken (no GPU: MPI), one with fewer GPUs than ranks. Ranks on NCCL and ranks on MPI build
+// different communicators over MPI_COMM_WORLD (the NCCL ones broadcast an ncclUniqueId where the MPI
+// ones duplicate the communicator) and the job would hang inside communicator creation, where no
+// timeout runs. So the choices are all-gathered (one int per rank) and settled here: NCCL only when
+// every rank chose it; ranks that chose it by `auto` otherwise use MPI too (it takes CUDA tensors,
+// staged); a rank that asked for NCCL by name while another uses MPI is an error on every rank.
+
+#include <string>
+#include <vector>
+
+namespace lockstep::detail {
+
+struct BackendChoice {
+  bool nccl = false;   // this rank's own choice
+  bool asked = false;  // RuntimeOptions::backend named it ("mpi" or "nccl"), rather than "auto"
+};
+
+// The one backend every rank uses: true for NCCL. Throws lockstep::Error (the same text on every
+// rank) when a rank asked for NCCL by name and another rank uses MPI. `reason_for_mpi` (if given)
+// receives, when NCCL was chosen by some ranks but not all, a reason naming the ranks that use MPI.
+bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reason_for_mpi = nullptr);
+
+}  // namespace lockstep::detail

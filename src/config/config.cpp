@@ -127,10 +127,23 @@ class Section {
     integer(key, value, min);
     out = static_cast<size_t>(value);
   }
+  // 0 .. 2^64 - 1 (seeds: any value set in code must read back from the config to_yaml writes).
   void unsigned_integer(const std::string& key, uint64_t& out) {
-    auto value = static_cast<int64_t>(out);
-    integer(key, value, 0);
-    out = static_cast<uint64_t>(value);
+    YAML::Node node = scalar(key, "an integer");
+    if (!node) return;
+    const std::string text = node.Scalar();
+    if (is_decimal_integer(text) && text[0] == '-') {
+      reader_.fail(full(key), node, "expected an integer >= 0, found " + text);
+    }
+    uint64_t value = 0;
+    if (!is_decimal_integer(text) || !YAML::convert<uint64_t>::decode(node, value)) {
+      reader_.fail(full(key), node,
+                   "expected an integer, found " + describe(node) +
+                       (has_leading_zero(text) ? " (leading zeros are not allowed: YAML reads them as octal; "
+                                                 "write the number in plain decimal)"
+                                               : is_decimal_integer(text) ? " (past 18446744073709551615)" : ""));
+    }
+    out = value;
   }
   // A real number in [min, max] (or (min, ...) when min_exclusive).
   void real(const std::string& key, double& out, double min, double max = std::numeric_limits<double>::infinity(),
@@ -540,14 +553,43 @@ void read_early_stopping(Section s, EarlyStoppingConfig& c) {
   s.finish();
 }
 
-// Writes `value` (YAML text) at the dotted `path` under `root`, creating mappings on the way.
-void set_path(YAML::Node root, const std::vector<std::string>& keys, size_t i, const YAML::Node& value) {
+// How many places in `tree` hold `node` itself (the aliases of an anchor are all one node).
+int occurrences(const YAML::Node& tree, const YAML::Node& node) {
+  if (tree.is(node)) return 1;
+  int n = 0;
+  if (tree.IsMap()) {
+    for (const auto& item : tree) n += occurrences(item.second, node);
+  } else if (tree.IsSequence()) {
+    for (const auto& item : tree) n += occurrences(item, node);
+  }
+  return n;
+}
+
+// Writes `value` (YAML text) at the dotted `path` under `root` (in `document`), creating mappings on
+// the way. Note [--set and YAML aliases]: assigning to an existing node writes through to the node
+// it shares with every alias of its anchor (yaml-cpp's set_ref), so `--set trainer.lr_schedule.base_lr=0.05`
+// with `base_lr: *lr` would also change `optimizer.lr: &lr 0.1`. So the leaf is removed and set anew,
+// and a mapping on the way that is aliased elsewhere is replaced by a copy of its own (a copy loses
+// the line numbers error messages quote, so only then).
+void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std::string>& keys, size_t i,
+              const YAML::Node& value) {
+  const std::string& key = keys[i];
   if (i + 1 == keys.size()) {
-    root[keys[i]] = value;
+    root.remove(key);
+    root[key] = value;
     return;
   }
-  if (!root[keys[i]].IsMap()) root[keys[i]] = YAML::Node(YAML::NodeType::Map);
-  set_path(root[keys[i]], keys, i + 1, value);
+  // (Assigning one YAML::Node to another that refers to a node writes through as well: fresh
+  // variables only.)
+  const YAML::Node existing = root[key];
+  if (existing.IsMap() && occurrences(document, existing) == 1) {
+    set_path(document, existing, keys, i + 1, value);
+    return;
+  }
+  YAML::Node child = existing.IsMap() ? YAML::Clone(existing) : YAML::Node(YAML::NodeType::Map);
+  root.remove(key);
+  root[key] = child;
+  set_path(document, child, keys, i + 1, value);
 }
 
 }  // namespace
@@ -595,7 +637,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     } catch (const YAML::Exception& e) {
       LOCKSTEP_FAIL("--set ", item, ": the value is not valid YAML: ", e.msg);
     }
-    if (root.IsMap()) set_path(root, keys, 0, value);
+    if (root.IsMap()) set_path(root, root, keys, 0, value);
     origins[path] = item;
   }
   Reader reader(source, origins);

@@ -51,7 +51,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "epochs", t.epochs);
   put(out, "batch_size", static_cast<int64_t>(t.batch_size));
   put(out, "eval_batch_size", static_cast<int64_t>(t.eval_batch_size));
-  put(out, "seed", static_cast<int64_t>(t.seed));
+  put(out, "seed", static_cast<unsigned long long>(t.seed));
   put(out, "output_dir", t.output_dir);
   put(out, "log_every", t.log_every);
   put(out, "progress", t.progress);
@@ -114,7 +114,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "use_error_feedback", ps.use_error_feedback);
   put(out, "warm_start", ps.warm_start);
   put_real(out, "orthogonalization_epsilon", ps.orthogonalization_epsilon);
-  put(out, "seed", static_cast<int64_t>(ps.seed));
+  put(out, "seed", static_cast<unsigned long long>(ps.seed));
   out << YAML::EndMap;
   out << YAML::EndMap;
 

@@ -145,6 +145,34 @@ TEST_CASE("config: --set overrides, with errors naming the argument", "[config]"
   CHECK(config::parse_config("", "empty", {"trainer.output_dir=\"\""}).trainer.output_dir.empty());
 }
 
+TEST_CASE("config: --set changes only the key it names, not the other aliases of its anchor (Note [--set and YAML "
+          "aliases])",
+          "[config]") {
+  const std::string yaml =
+      "optimizer: {lr: &lr 0.1}\n"
+      "trainer:\n"
+      "  batch_size: &b 64\n"
+      "  eval_batch_size: *b\n"
+      "  lr_schedule: {base_lr: *lr}\n"
+      "  checkpoint: &ck {every_steps: 5}\n";
+  const auto plain = config::parse_config(yaml, "test.yaml");
+  CHECK(plain.trainer.eval_batch_size == 64);
+  CHECK(plain.trainer.lr.base_lr == 0.1);
+  const auto c = config::parse_config(yaml, "test.yaml",
+                                      {"trainer.lr_schedule.base_lr=0.05", "trainer.eval_batch_size=128",
+                                       "trainer.checkpoint.keep_last=2"});
+  CHECK(c.trainer.lr.base_lr == 0.05);
+  CHECK(c.optimizer.lr == 0.1);
+  CHECK(c.trainer.eval_batch_size == 128);
+  CHECK(c.trainer.batch_size == 64);
+  CHECK(c.trainer.checkpoint.keep_last == 2);
+  CHECK(c.trainer.checkpoint.every_steps == 5);
+  // A key under an aliased mapping: the mapping is copied for this path (the anchor's is kept).
+  const auto d = config::parse_config("trainer: &t {epochs: 3}\n", "test.yaml", {"trainer.checkpoint.every_steps=4"});
+  CHECK(d.trainer.epochs == 3);
+  CHECK(d.trainer.checkpoint.every_steps == 4);
+}
+
 TEST_CASE("config: invalid YAML and missing files", "[config]") {
   CHECK_THAT(error_of("trainer: [1, 2\n"), Contains("test.yaml") && Contains("invalid YAML"));
   CHECK_THROWS_WITH(config::load_config("/nonexistent/x.yaml"), Contains("/nonexistent/x.yaml"));
@@ -282,6 +310,19 @@ trainer:
   CHECK(again.trainer.channels_last);
   CHECK(again.runtime.device == "cpu");
   CHECK_THAT(error_of("trainer:\n  channels_last: nhwc\n"), Contains("'trainer.channels_last'"));
+}
+
+TEST_CASE("config: seeds use all 64 bits and read back from to_yaml", "[config]") {
+  config::ExperimentConfig c = config::parse_config("trainer: {seed: 18446744073709551615}\n");
+  CHECK(c.trainer.seed == 18446744073709551615ull);
+  c.trainer.seed = 1ull << 63;
+  c.ddp_powersgd.seed = (1ull << 63) + 5;
+  const config::ExperimentConfig again = config::parse_config(config::to_yaml(c), "printed");
+  CHECK(again.trainer.seed == 1ull << 63);
+  CHECK(again.ddp_powersgd.seed == (1ull << 63) + 5);
+  CHECK_THAT(error_of("trainer: {seed: 18446744073709551616}\n"),
+             Contains("'trainer.seed'") && Contains("past 18446744073709551615"));
+  CHECK_THAT(error_of("trainer: {seed: -1}\n"), Contains("expected an integer >= 0, found -1"));
 
   CHECK_THAT(error_of("trainer:\n  precision: fp8\n"),
              Contains("'trainer.precision'") && Contains("test.yaml:2:14") && Contains("bf16, fp16, fp32"));

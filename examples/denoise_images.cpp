@@ -135,6 +135,18 @@ int main(int argc, char** argv) {
   lockstep::Runtime runtime(argc, argv, cfg.runtime);
   config::check_same_on_all_ranks(cfg, *runtime.communicator());
   if (cfg.trainer.device == "auto") cfg.trainer.device = runtime.world().device.str();
+  // The target is an image: a classification loss (cross_entropy, the trainer's default; bce_with_logits)
+  // would train on numbers that mean nothing here.
+  const std::string& loss = cfg.trainer.loss.name;
+  if (!cfg.trainer.loss_fn && loss != "mse" && loss != "l1" && loss != "smooth_l1") {
+    if (runtime.rank() == 0) {
+      std::fprintf(stderr,
+                   "denoise_images: trainer.loss.name is '%s', but this program regresses images: set it to mse, l1 "
+                   "or smooth_l1\n",
+                   loss.c_str());
+    }
+    return 2;
+  }
   auto [clean_train, clean_test] = config::make_datasets(cfg.data, cfg.trainer.seed);
   auto train_set = std::make_shared<NoisyImages>(clean_train, cfg.trainer.seed, /*fixed_noise=*/false);
   auto test_set = std::make_shared<NoisyImages>(clean_test, cfg.trainer.seed, /*fixed_noise=*/true);

@@ -25,6 +25,13 @@ void check_same_shape(const char* loss, const at::Tensor& output, const at::Tens
 }
 
 void check_cross_entropy(const at::Tensor& output, const at::Tensor& target) {
+  // Over one class, softmax is 1 whatever the scores: the loss and every gradient are 0, and a model
+  // (an image-to-image one given this loss by mistake, say) would "train" without learning a thing.
+  const int64_t class_dim = output.dim() == 1 ? 0 : 1;
+  LOCKSTEP_CHECK(output.dim() == 0 || output.size(class_dim) != 1,
+                 "loss cross_entropy: the output ", shape_of(output),
+                 " has one class (dimension ", class_dim, "), over which cross entropy is 0 whatever the model "
+                 "computes (for regression set the loss to mse, l1 or smooth_l1)");
   if (at::isFloatingType(target.scalar_type())) {  // class probabilities (soft labels)
     LOCKSTEP_CHECK(output.dim() >= 1 && output.sizes() == target.sizes(),
                    "loss cross_entropy: a floating-point target holds class probabilities and must have the "

@@ -160,4 +160,12 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.denoise_images_no_config.np2 PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "denoise_images: --config FILE is required"
     FAIL_REGULAR_EXPRESSION "required.*required")
+  # A classification loss on an image target: refused before any data is read, the message once.
+  add_test(NAME program.denoise_images_classification_loss.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
+                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
+                   --set trainer.loss.name=cross_entropy)
+  set_tests_properties(program.denoise_images_classification_loss.np2 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "trainer.loss.name is 'cross_entropy', but this program regresses images"
+    FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
 endif()

@@ -91,6 +91,12 @@ TEST_CASE("loss: a target of another shape or kind is an error naming the loss a
                     Contains("loss cross_entropy") && Contains("for regression"));
   CHECK_THROWS_WITH(make_loss(LossOptions{})(torch::zeros({4, 3}), torch::zeros({4, 2})),
                     Contains("class probabilities"));
+  // One class: cross entropy is 0 whatever the output (an image-to-image model given the default loss).
+  CHECK_THROWS_WITH(make_loss(LossOptions{})(torch::randn({2, 1, 4, 4}), torch::rand({2, 1, 4, 4})),
+                    Contains("has one class") && Contains("for regression"));
+  CHECK_THROWS_WITH(make_loss(LossOptions{})(torch::randn({2, 1}), torch::zeros({2}, torch::kLong)),
+                    Contains("has one class"));
+  CHECK_NOTHROW(make_loss(LossOptions{})(torch::randn({2, 2, 4, 4}), torch::rand({2, 2, 4, 4})));
   CHECK_THROWS_WITH(make_loss(loss_named("hinge")), Contains("unknown loss 'hinge'") && Contains("smooth_l1") &&
                                                         Contains("loss_fn"));
   LossOptions bad = loss_named("mse");

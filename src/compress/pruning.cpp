@@ -14,6 +14,7 @@
 #include "lockstep/train/trainer.hpp"
 #include "compress/selection.hpp"
 #include "train/atomic_file.hpp"
+#include "train/epoch_steps.hpp"
 
 namespace lockstep::compress {
 namespace {
@@ -157,9 +158,9 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
 
 void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
   if (options_.end_epoch > 0) {
-    const auto steps = static_cast<double>(ctx.steps_per_epoch);
-    options_.begin_step = std::llround(options_.begin_epoch * steps);
-    options_.end_step = std::max(options_.begin_step + 1, static_cast<int64_t>(std::llround(options_.end_epoch * steps)));
+    options_.begin_step = train::steps_of_epochs(options_.begin_epoch, ctx.steps_per_epoch, "pruning begin_epoch");
+    options_.end_step = std::max(options_.begin_step + 1,
+                                 train::steps_of_epochs(options_.end_epoch, ctx.steps_per_epoch, "pruning end_epoch"));
     options_.end_epoch = 0.0;  // resolved
   }
   // Masks restored by the Checkpointer (or all ones on a fresh start) are in force from here on.

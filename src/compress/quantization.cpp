@@ -14,6 +14,7 @@
 #include "compress/selection.hpp"
 #include "lockstep/core/error.hpp"
 #include "train/atomic_file.hpp"
+#include "train/epoch_steps.hpp"
 
 namespace lockstep::compress {
 namespace {
@@ -113,9 +114,12 @@ void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
 }
 
 void QuantizationAwareTraining::on_train_begin(train::TrainerContext& ctx) {
-  const auto steps = static_cast<double>(ctx.steps_per_epoch);
-  begin_step_ = options_.begin_epoch > 0.0 ? std::llround(options_.begin_epoch * steps) : options_.begin_step;
-  freeze_step_ = options_.freeze_epoch > 0.0 ? std::llround(options_.freeze_epoch * steps) : options_.freeze_step;
+  begin_step_ = options_.begin_epoch > 0.0
+                    ? train::steps_of_epochs(options_.begin_epoch, ctx.steps_per_epoch, "quantization begin_epoch")
+                    : options_.begin_step;
+  freeze_step_ = options_.freeze_epoch > 0.0
+                     ? train::steps_of_epochs(options_.freeze_epoch, ctx.steps_per_epoch, "quantization freeze_epoch")
+                     : options_.freeze_step;
   LOCKSTEP_CHECK(freeze_step_ < 0 || freeze_step_ > begin_step_, "QuantizationAwareTraining: the ranges would freeze at "
                  "step ", freeze_step_, ", not after quantization begins at step ", begin_step_,
                  " (", ctx.steps_per_epoch, " steps per epoch)");

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "lockstep/core/error.hpp"
+#include "train/epoch_steps.hpp"
 
 namespace lockstep::train {
 
@@ -28,8 +30,11 @@ double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_e
   LOCKSTEP_CHECK(steps_per_epoch > 0, "lr_at: steps_per_epoch must be positive, got ", steps_per_epoch);
   LOCKSTEP_CHECK(step >= 0, "lr_at: step must be non-negative, got ", step);
   const double peak = options.base_lr * (options.scale_lr_with_world_size ? world_size : 1);
-  const auto warmup = static_cast<int64_t>(std::llround(options.warmup_epochs * static_cast<double>(steps_per_epoch))) +
-                      options.warmup_steps;
+  const int64_t warmup_from_epochs = steps_of_epochs(options.warmup_epochs, steps_per_epoch, "lr schedule warmup_epochs");
+  LOCKSTEP_CHECK(warmup_from_epochs <= std::numeric_limits<int64_t>::max() - std::max<int64_t>(0, options.warmup_steps),
+                 "lr schedule warmup: ", options.warmup_epochs, " epochs and ", options.warmup_steps,
+                 " steps is not a step count");
+  const int64_t warmup = warmup_from_epochs + options.warmup_steps;
   if (step < warmup) return peak * static_cast<double>(step + 1) / static_cast<double>(warmup);
   switch (options.kind) {
     case LrScheduleKind::Constant:

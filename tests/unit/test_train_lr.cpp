@@ -30,6 +30,15 @@ TEST_CASE("lr schedule: constant with linear warm-up", "[train][lr]") {
   CHECK(lr_at(o, 4, 10, 100, 1) == Approx(0.1));
 }
 
+TEST_CASE("lr schedule: warm-up epochs whose steps do not fit a step count are an error", "[train][lr]") {
+  LrScheduleOptions o;
+  o.kind = LrScheduleKind::Cosine;
+  o.warmup_epochs = 1e17;  // 1e19 steps: llround would give LLONG_MIN, a negative warm-up, min_lr at once
+  CHECK_THROWS_WITH(lr_at(o, 0, 100, 1000, 1), Catch::Contains("warmup_epochs = 1e+17 epochs of 100 steps"));
+  o.warmup_epochs = 1e15;  // 1e17 steps: fits, and the lr climbs from (almost) 0
+  CHECK(lr_at(o, 0, 100, 1000, 1) < 1e-15);
+}
+
 TEST_CASE("lr schedule: linear scaling with the world size", "[train][lr]") {
   LrScheduleOptions o;
   o.base_lr = 0.1;

@@ -11,7 +11,7 @@
 namespace lockstep {
 namespace data {
 
-ImageData read_cifar10_files(const std::vector<std::string>& paths) {
+ImageData read_cifar10_files(const std::vector<std::string>& paths, int64_t records_per_file) {
   LOCKSTEP_CHECK(!paths.empty(), "CIFAR-10: no files to read");
   std::vector<std::vector<unsigned char>> contents;
   int64_t total = 0;
@@ -24,6 +24,9 @@ ImageData read_cifar10_files(const std::vector<std::string>& paths) {
                    " bytes is not a whole number of ", kCifar10RecordBytes, "-byte records (",
                    size / kCifar10RecordBytes, " records and ", size % kCifar10RecordBytes, " bytes left over)");
     const int64_t records = size / kCifar10RecordBytes;
+    LOCKSTEP_CHECK(records_per_file <= 0 || records == records_per_file, path, ": ", records,
+                   " records, but each CIFAR-10 batch file holds ", records_per_file,
+                   " (a copy cut short? Set Cifar10Options::records_per_file to 0 to accept any number)");
     for (int64_t r = 0; r < records; ++r) {
       const int label = bytes[r * kCifar10RecordBytes];
       LOCKSTEP_CHECK(label < kCifar10Classes, path, ": record ", r, " has label ", label, "; expected 0..",
@@ -72,7 +75,7 @@ ImageData read_split(const Cifar10Options& options) {
   } else {
     paths.push_back(detail::find_data_file(root, "test_batch.bin", what));
   }
-  ImageData data = read_cifar10_files(paths);
+  ImageData data = read_cifar10_files(paths, options.records_per_file);
   data.mean = options.mean;
   data.std = options.std;
   data.description = what + " (" + root + ")";

@@ -2,9 +2,13 @@
 
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
+#include <string>
+#include <vector>
 
 #include "data/byte_reader.hpp"
 #include "lockstep/core/error.hpp"
@@ -59,6 +63,36 @@ void check_no_trailing_bytes(detail::ByteReader& reader, const std::string& decl
                  " the header declares (is the header count wrong?)");
 }
 
+// Reads `bytes` bytes into a new uint8 tensor of `shape`. A plain file's size was checked against
+// the header already; a gzip file's decompressed size is known only by reading it, so its data is
+// read in 64 MiB pieces first and the tensor allocated after: a header that declares more than the
+// file holds (up to kMaxImageBytes) then fails as truncated, naming the file, instead of asking for
+// memory the data does not back (an allocator error that names nothing).
+at::Tensor read_bytes(detail::ByteReader& reader, std::vector<int64_t> shape, uint64_t bytes, const std::string& what) {
+  if (!reader.compressed()) {
+    at::Tensor out = torch::empty(shape, torch::kUInt8);
+    reader.read_exact(out.data_ptr<uint8_t>(), bytes, what);
+    return out;
+  }
+  constexpr uint64_t kPiece = uint64_t{64} << 20;
+  std::vector<std::vector<uint8_t>> pieces;
+  for (uint64_t done = 0; done < bytes;) {
+    const uint64_t n = std::min(kPiece, bytes - done);
+    pieces.emplace_back(n);
+    reader.read_exact(pieces.back().data(), n,
+                      what + " (bytes " + std::to_string(done) + " to " + std::to_string(done + n) + " of " +
+                          std::to_string(bytes) + ")");
+    done += n;
+  }
+  at::Tensor out = torch::empty(shape, torch::kUInt8);
+  uint8_t* destination = out.data_ptr<uint8_t>();
+  for (const auto& piece : pieces) {
+    std::memcpy(destination, piece.data(), piece.size());
+    destination += piece.size();
+  }
+  return out;
+}
+
 }  // namespace
 
 ImageData read_idx_files(const std::string& images_path, const std::string& labels_path, int64_t num_classes) {
@@ -87,12 +121,10 @@ ImageData read_idx_files(const std::string& images_path, const std::string& labe
   const std::string label_what = "labels (" + std::to_string(count) + " bytes)";
   check_plain_file_size(labels, count, label_what);
 
-  at::Tensor pixels = torch::empty({int64_t{count}, 1, int64_t{rows}, int64_t{cols}}, torch::kUInt8);
-  images.read_exact(pixels.data_ptr<uint8_t>(), pixel_bytes, pixel_what);
+  at::Tensor pixels = read_bytes(images, {int64_t{count}, 1, int64_t{rows}, int64_t{cols}}, pixel_bytes, pixel_what);
   check_no_trailing_bytes(images, std::to_string(count) + " images");
 
-  at::Tensor raw_labels = torch::empty({int64_t{count}}, torch::kUInt8);
-  labels.read_exact(raw_labels.data_ptr<uint8_t>(), count, label_what);
+  at::Tensor raw_labels = read_bytes(labels, {int64_t{count}}, count, label_what);
   check_no_trailing_bytes(labels, std::to_string(count) + " labels");
   const uint8_t* label_bytes = raw_labels.data_ptr<uint8_t>();
   for (uint32_t i = 0; i < count; ++i) {

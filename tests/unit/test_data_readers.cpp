@@ -330,6 +330,23 @@ TEST_CASE("IDX reader: a plain file shorter than its header says fails before th
                       Contains(dir / "huge") && Contains("shorter than its header says") &&
                           Contains("expected 64000000000 bytes") && Contains("found 64"));
   }
+  SECTION("a corrupt count in gzip files: read in pieces, so nothing near 64 GB is allocated") {
+    Bytes huge;
+    put_be32(huge, 0x803);
+    put_be32(huge, 1000000000);
+    put_be32(huge, 8);
+    put_be32(huge, 8);
+    huge.resize(huge.size() + 64);
+    write_file(dir / "huge.gz", gzip(huge));
+    Bytes labels;
+    put_be32(labels, 0x801);
+    put_be32(labels, 1000000000);
+    labels.resize(labels.size() + 1);
+    write_file(dir / "labels.gz", gzip(labels));
+    CHECK_THROWS_WITH(read_idx_files(dir / "huge.gz", dir / "labels.gz"),
+                      Contains(dir / "huge.gz") && Contains("truncated") && Contains("of 64000000000)") &&
+                          Contains("found 64"));
+  }
   SECTION("labels") {
     write_file(dir / "labels3", Bytes(idx.labels.begin(), idx.labels.end() - 1));
     CHECK_THROWS_WITH(read_idx_files(dir / "images", dir / "labels3"),
@@ -369,6 +386,9 @@ TEST_CASE("Cifar10: reads the five training batches in order and the test batch,
 
   Cifar10Options options;
   options.root = dir.path.string();  // the parent of cifar-10-batches-bin is accepted
+  // The real batch files hold 10000 records each: these small ones are refused by default.
+  CHECK_THROWS_WITH(Cifar10(options), Contains("data_batch_1.bin: 1 records, but each CIFAR-10 batch file holds 10000"));
+  options.records_per_file = 0;
   Cifar10 train(options);
   REQUIRE(train.size() == 15);
   CHECK(train.info().channels == 3);
@@ -393,6 +413,7 @@ TEST_CASE("Cifar10: bad inputs are errors naming the file", "[data]") {
   TempDir dir;
   Cifar10Options options;
   options.root = dir.path.string();
+  options.records_per_file = 0;  // small test files
   options.split = Split::Test;
   CHECK_THROWS_WITH(Cifar10(options), Contains("CIFAR-10 test") && Contains(dir / "test_batch.bin"));
   options.split = Split::Train;
@@ -453,6 +474,7 @@ TEST_CASE("Cifar10: a gzip batch that ends early is an error, even cut on a reco
     }
     Cifar10Options options;
     options.root = dir.path.string();
+    options.records_per_file = 0;  // small test files
     CHECK_THROWS_WITH(Cifar10(options), Contains(dir / "data_batch_3.bin.gz") && Contains("gzip stream ends early"));
   }
 }

@@ -127,9 +127,9 @@ at::Tensor host_slice(const at::Tensor& whole, int rank, std::int64_t n) {
   return whole.view({-1}).narrow(0, rank * n, n);
 }
 
-void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) {
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, int rank) {
   LOCKSTEP_CHECK(a.device() == b.device(), op, ": input is on ", a.device(), " but output is on ", b.device(),
-                 "; both must be on the same device");
+                 "; both must be on the same device (rank ", rank, ")");
 }
 
 }  // namespace
@@ -267,20 +267,20 @@ int MpiCommunicator::size() const { return impl_->size; }
 std::chrono::milliseconds MpiCommunicator::timeout() const { return impl_->timeout; }
 
 WorkPtr MpiCommunicator::allreduce(at::Tensor tensor, const AllreduceOptions& options) {
-  detail::check_tensor(tensor, "allreduce", "tensor");
-  detail::check_reduce_op(tensor.scalar_type(), options.op, "allreduce");
+  detail::check_tensor(tensor, "allreduce", "tensor", rank());
+  detail::check_reduce_op(tensor.scalar_type(), options.op, "allreduce", rank());
   return allreduce(tensor, tensor, options);
 }
 
 WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, const AllreduceOptions& options) {
-  detail::check_tensor(input, "allreduce", "input");
-  detail::check_tensor(output, "allreduce", "output");
-  check_same_device(input, output, "allreduce");
-  detail::check_same(input, output, "allreduce");
-  detail::check_reduce_op(input.scalar_type(), options.op, "allreduce");
+  detail::check_tensor(input, "allreduce", "input", rank());
+  detail::check_tensor(output, "allreduce", "output", rank());
+  check_same_device(input, output, "allreduce", rank());
+  detail::check_same(input, output, "allreduce", rank());
+  detail::check_reduce_op(input.scalar_type(), options.op, "allreduce", rank());
   const bool in_place = input.data_ptr() == output.data_ptr();
   LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
-                 "allreduce: input and output overlap without being the same buffer");
+                 "allreduce: input and output overlap without being the same buffer (rank ", rank(), ")");
   if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host = to_host(input);
     return then(allreduce(host, host, options), [output, host] { output.copy_(host); });
@@ -309,7 +309,7 @@ WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, c
 }
 
 WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& options) {
-  detail::check_tensor(tensor, "broadcast", "tensor");
+  detail::check_tensor(tensor, "broadcast", "tensor", rank());
   LOCKSTEP_CHECK(options.root >= 0 && options.root < size(), "broadcast: root ", options.root,
                  " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
   if (tensor.is_cuda()) {  // Note [CUDA tensors through MPI]
@@ -331,15 +331,15 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& op
 }
 
 WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions&) {
-  detail::check_tensor(input, "allgather", "input");
-  detail::check_tensor(output, "allgather", "output");
+  detail::check_tensor(input, "allgather", "input", rank());
+  detail::check_tensor(output, "allgather", "output", rank());
   detail::check_gather_sizes(input, output, size(), rank(), "allgather");
   LOCKSTEP_CHECK(input.numel() <= INT_MAX, "allgather: ", input.numel(), " elements per rank exceed MPI's limit of ",
                  INT_MAX);
-  check_same_device(input, output, "allgather");
+  check_same_device(input, output, "allgather", rank());
   const bool in_place = detail::is_rank_slice(input, output, rank());
   LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
-                 "allgather: input overlaps output without being exactly this rank's slice of it");
+                 "allgather: input overlaps output without being exactly this rank's slice of it (rank ", rank(), ")");
   if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host_out = in_place ? to_host(output) : at::empty(output.sizes(), output.options().device(at::kCPU).pinned_memory(true));
     at::Tensor host_in = in_place ? host_slice(host_out, rank(), input.numel()) : to_host(input);
@@ -358,16 +358,16 @@ WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, c
 
 WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor output,
                                         const ReduceScatterOptions& options) {
-  detail::check_tensor(input, "reduce_scatter", "input");
-  detail::check_tensor(output, "reduce_scatter", "output");
+  detail::check_tensor(input, "reduce_scatter", "input", rank());
+  detail::check_tensor(output, "reduce_scatter", "output", rank());
   detail::check_gather_sizes(output, input, size(), rank(), "reduce_scatter");
-  detail::check_reduce_op(input.scalar_type(), options.op, "reduce_scatter");
+  detail::check_reduce_op(input.scalar_type(), options.op, "reduce_scatter", rank());
   LOCKSTEP_CHECK(output.numel() <= INT_MAX, "reduce_scatter: ", output.numel(),
                  " elements per rank exceed MPI's limit of ", INT_MAX);
-  check_same_device(input, output, "reduce_scatter");
+  check_same_device(input, output, "reduce_scatter", rank());
   const bool in_place = detail::is_rank_slice(output, input, rank());
   LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
-                 "reduce_scatter: output overlaps input without being exactly this rank's slice of it");
+                 "reduce_scatter: output overlaps input without being exactly this rank's slice of it (rank ", rank(), ")");
   if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host_in = to_host(input);
     at::Tensor host_out = in_place ? host_slice(host_in, rank(), output.numel())

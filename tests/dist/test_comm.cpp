@@ -214,20 +214,22 @@ TEST_CASE("wrong input is rejected before anything is sent", "[comm]") {
   auto& comm = lockstep::testing::comm();
   using Catch::Matchers::Contains;
   auto matrix = torch::ones({4, 6});
-  CHECK_THROWS_WITH(comm.allreduce(matrix.t()), Contains("contiguous"));
-  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}), torch::ones({5})), Contains("sizes"));
-  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}), torch::ones({4}, torch::kDouble)), Contains("dtype"));
-  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}, torch::kBool)), Contains("not supported"));
-  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}, torch::kInt), {ReduceOp::Average}), Contains("floating-point"));
-  CHECK_THROWS_WITH(comm.allreduce(torch::Tensor()), Contains("undefined"));
-  CHECK_THROWS_WITH(comm.allreduce(torch::empty({4}, torch::device(torch::kMeta))), Contains("this communicator takes cpu"));
-  CHECK_THROWS_WITH(comm.broadcast(torch::ones({4}), {comm.size()}), Contains("root " + std::to_string(comm.size()) + " is out of range"));
-  CHECK_THROWS_WITH(comm.broadcast(torch::ones({4}), {-1}), Contains("out of range"));
-  CHECK_THROWS_WITH(comm.allgather(torch::ones({4}), torch::ones({4 * comm.size() + 1})), Contains("elements in the gathered tensor"));
-  CHECK_THROWS_WITH(comm.reduce_scatter(torch::ones({4 * comm.size()}), torch::ones({5})), Contains("elements in the gathered tensor"));
-  CHECK_THROWS_WITH(comm.allgather(torch::ones({4}), torch::ones({4 * comm.size()}, torch::kDouble)), Contains("dtypes differ"));
+  // Each names this rank: a wrong input is often one rank's alone.
+  const std::string me = "rank " + std::to_string(comm.rank());
+  CHECK_THROWS_WITH(comm.allreduce(matrix.t()), Contains("contiguous") && Contains(me));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}), torch::ones({5})), Contains("sizes") && Contains(me));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}), torch::ones({4}, torch::kDouble)), Contains("dtype") && Contains(me));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}, torch::kBool)), Contains("not supported") && Contains(me));
+  CHECK_THROWS_WITH(comm.allreduce(torch::ones({4}, torch::kInt), {ReduceOp::Average}), Contains("floating-point") && Contains(me));
+  CHECK_THROWS_WITH(comm.allreduce(torch::Tensor()), Contains("undefined") && Contains(me));
+  CHECK_THROWS_WITH(comm.allreduce(torch::empty({4}, torch::device(torch::kMeta))), Contains("this communicator takes cpu") && Contains(me));
+  CHECK_THROWS_WITH(comm.broadcast(torch::ones({4}), {comm.size()}), Contains("root " + std::to_string(comm.size()) + " is out of range") && Contains(me));
+  CHECK_THROWS_WITH(comm.broadcast(torch::ones({4}), {-1}), Contains("out of range") && Contains(me));
+  CHECK_THROWS_WITH(comm.allgather(torch::ones({4}), torch::ones({4 * comm.size() + 1})), Contains("elements in the gathered tensor") && Contains(me));
+  CHECK_THROWS_WITH(comm.reduce_scatter(torch::ones({4 * comm.size()}), torch::ones({5})), Contains("elements in the gathered tensor") && Contains(me));
+  CHECK_THROWS_WITH(comm.allgather(torch::ones({4}), torch::ones({4 * comm.size()}, torch::kDouble)), Contains("dtypes differ") && Contains(me));
   auto buffer = torch::ones({8});
-  CHECK_THROWS_WITH(comm.allreduce(buffer.narrow(0, 0, 4), buffer.narrow(0, 2, 4)), Contains("overlap"));
+  CHECK_THROWS_WITH(comm.allreduce(buffer.narrow(0, 0, 4), buffer.narrow(0, 2, 4)), Contains("overlap") && Contains(me));
   // Nothing was sent: the next collective still lines up on every rank.
   auto t = torch::ones({3});
   comm.allreduce(t)->wait();

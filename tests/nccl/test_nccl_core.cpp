@@ -32,11 +32,11 @@ TEST_CASE("dtypes map onto NCCL's, and the rest are refused by name", "[nccl]") 
 }
 
 TEST_CASE("reduction operations map onto NCCL's, average only for floating point", "[nccl]") {
-  CHECK(nccl::nccl_reduction(ReduceOp::Sum, at::kFloat, "allreduce").op == ncclSum);
-  CHECK(nccl::nccl_reduction(ReduceOp::Product, at::kInt, "allreduce").op == ncclProd);
-  CHECK(nccl::nccl_reduction(ReduceOp::Min, at::kHalf, "allreduce").op == ncclMin);
-  CHECK(nccl::nccl_reduction(ReduceOp::Max, at::kLong, "allreduce").op == ncclMax);
-  const nccl::NcclReduction average = nccl::nccl_reduction(ReduceOp::Average, at::kBFloat16, "reduce_scatter");
+  CHECK(nccl::nccl_reduction(ReduceOp::Sum, at::kFloat, "allreduce", 0).op == ncclSum);
+  CHECK(nccl::nccl_reduction(ReduceOp::Product, at::kInt, "allreduce", 0).op == ncclProd);
+  CHECK(nccl::nccl_reduction(ReduceOp::Min, at::kHalf, "allreduce", 0).op == ncclMin);
+  CHECK(nccl::nccl_reduction(ReduceOp::Max, at::kLong, "allreduce", 0).op == ncclMax);
+  const nccl::NcclReduction average = nccl::nccl_reduction(ReduceOp::Average, at::kBFloat16, "reduce_scatter", 0);
   if (nccl::compat::kHasAvg) {
     CHECK(average.op == nccl::compat::kAvg);
     CHECK_FALSE(average.divide_after);
@@ -44,8 +44,9 @@ TEST_CASE("reduction operations map onto NCCL's, average only for floating point
     CHECK(average.op == ncclSum);
     CHECK(average.divide_after);
   }
-  CHECK_THROWS_WITH(nccl::nccl_reduction(ReduceOp::Average, at::kInt, "reduce_scatter"),
-                    Contains("reduce_scatter") && Contains("average is defined for floating-point tensors only"));
+  CHECK_THROWS_WITH(nccl::nccl_reduction(ReduceOp::Average, at::kInt, "reduce_scatter", 0),
+                    Contains("reduce_scatter") && Contains("average is defined for floating-point tensors only") &&
+                        Contains("rank 0)"));
 }
 
 TEST_CASE("NCCL and CUDA return codes become errors with the libraries' own text", "[nccl]") {

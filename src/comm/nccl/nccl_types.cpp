@@ -25,8 +25,8 @@ ncclDataType_t nccl_dtype(c10::ScalarType type, const char* op) {
   }
 }
 
-NcclReduction nccl_reduction(ReduceOp op, c10::ScalarType type, const char* name) {
-  detail::check_reduce_op(type, op, name);
+NcclReduction nccl_reduction(ReduceOp op, c10::ScalarType type, const char* name, int rank) {
+  detail::check_reduce_op(type, op, name, rank);
   switch (op) {
     case ReduceOp::Sum: return {ncclSum, false};
     case ReduceOp::Product: return {ncclProd, false};

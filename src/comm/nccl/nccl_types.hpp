@@ -20,7 +20,7 @@ struct NcclReduction {
 };
 // The NCCL operation that carries `op` on `type` (Average only on floating types: see
 // detail::check_reduce_op).
-NcclReduction nccl_reduction(ReduceOp op, c10::ScalarType type, const char* name);
+NcclReduction nccl_reduction(ReduceOp op, c10::ScalarType type, const char* name, int rank);
 
 const char* nccl_dtype_name(ncclDataType_t type);
 

@@ -81,12 +81,12 @@ class NcclCommunicator final : public Communicator {
     check(output, "allreduce", "output");
     check_same_device(input, output, "allreduce");
     if (on_host(input)) return host_->allreduce(input, output, options);
-    detail::check_same(input, output, "allreduce");
-    const nccl::NcclReduction reduction = nccl::nccl_reduction(options.op, input.scalar_type(), "allreduce");
+    detail::check_same(input, output, "allreduce", rank());
+    const nccl::NcclReduction reduction = nccl::nccl_reduction(options.op, input.scalar_type(), "allreduce", rank());
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "allreduce");
     const bool in_place = input.data_ptr() == output.data_ptr();
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
-                   "allreduce: input and output overlap without being the same buffer");
+                   "allreduce: input and output overlap without being the same buffer (rank ", rank(), ")");
     return launch_allreduce(input, output, reduction, type);
   }
 
@@ -115,7 +115,7 @@ class NcclCommunicator final : public Communicator {
     detail::check_gather_sizes(input, output, size(), rank(), "allgather");
     const bool in_place = detail::is_rank_slice(input, output, rank());
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
-                   "allgather: input overlaps output without being exactly this rank's slice of it");
+                   "allgather: input overlaps output without being exactly this rank's slice of it (rank ", rank(), ")");
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "allgather");
     nccl::LaunchSpec spec = spec_for("allgather", input, {input, output});
     spec.issue = [input, output, type](ncclComm_t comm, cudaStream_t stream) {
@@ -133,10 +133,11 @@ class NcclCommunicator final : public Communicator {
     check_same_device(input, output, "reduce_scatter");
     if (on_host(input)) return host_->reduce_scatter(input, output, options);
     detail::check_gather_sizes(output, input, size(), rank(), "reduce_scatter");
-    const nccl::NcclReduction reduction = nccl::nccl_reduction(options.op, input.scalar_type(), "reduce_scatter");
+    const nccl::NcclReduction reduction =
+        nccl::nccl_reduction(options.op, input.scalar_type(), "reduce_scatter", rank());
     const bool in_place = detail::is_rank_slice(output, input, rank());
     LOCKSTEP_CHECK(in_place || !detail::overlaps(input, output),
-                   "reduce_scatter: output overlaps input without being exactly this rank's slice of it");
+                   "reduce_scatter: output overlaps input without being exactly this rank's slice of it (rank ", rank(), ")");
     const ncclDataType_t type = nccl::nccl_dtype(input.scalar_type(), "reduce_scatter");
     const int world = size();
     nccl::LaunchSpec spec = spec_for("reduce_scatter", input, {input, output});
@@ -167,13 +168,13 @@ class NcclCommunicator final : public Communicator {
 
  private:
   void check(const at::Tensor& tensor, const char* op, const char* what) const {
-    detail::check_tensor(tensor, op, what, {c10::DeviceType::CUDA, c10::DeviceType::CPU});
+    detail::check_tensor(tensor, op, what, rank(), {c10::DeviceType::CUDA, c10::DeviceType::CPU});
     LOCKSTEP_CHECK(!tensor.is_cuda() || tensor.device() == device_, op, ": the ", what, " tensor is on ",
                    tensor.device(), " but this rank's NCCL communicator runs on ", device_, " (rank ", rank(), ")");
   }
-  static void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op) const {
     LOCKSTEP_CHECK(a.device() == b.device(), op, ": input is on ", a.device(), " but output is on ", b.device(),
-                   "; both must be on the same device");
+                   "; both must be on the same device (rank ", rank(), ")");
   }
 
   // Note [NCCL stream semantics], point 3: the caching allocator must not reuse these blocks until the

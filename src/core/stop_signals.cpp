@@ -87,7 +87,10 @@ StopSignals::StopSignals(const std::vector<std::string>& signals) {
     struct sigaction current {};
     LOCKSTEP_CHECK(sigaction(number, nullptr, &current) == 0, "sigaction(", signal_name(number),
                    ") failed: ", std::strerror(errno));
-    if (is_ours(current)) {  // another live guard's
+    // Another live guard's handler; or it was, and a signal since found it (SA_RESETHAND put the
+    // default back): that signal asked the run to stop, and the next one must find the default
+    // action, which a new guard re-installing the handler would swallow.
+    if (is_ours(current) || g_users[number] > 0) {
       installed_.push_back(number);
       ++g_users[number];
       continue;

@@ -93,6 +93,20 @@ TEST_CASE("StopSignals: nested guards share the flag, the inner one leaves the o
   CHECK(handler_of(SIGUSR2) != SIG_DFL);  // still the outer guard's
 }
 
+TEST_CASE("StopSignals: a guard made after a signal was caught leaves the default action for the next one",
+          "[signals]") {
+  StopSignals outer({"SIGUSR2"});
+  raise(SIGUSR2);
+  CHECK(outer.caught() == SIGUSR2);
+  REQUIRE(handler_of(SIGUSR2) == SIG_DFL);  // the second SIGUSR2 ends the process, as its sender insists
+  {
+    StopSignals inner({"SIGUSR2"});  // a second fit() of the same program, say
+    CHECK(inner.caught() == SIGUSR2);
+    CHECK(handler_of(SIGUSR2) == SIG_DFL);  // not taken back: it would swallow that second signal
+  }
+  CHECK(handler_of(SIGUSR2) == SIG_DFL);
+}
+
 TEST_CASE("StopSignals: guards ended out of order leave the handler to the one still alive", "[signals]") {
   auto first = std::make_unique<StopSignals>(std::vector<std::string>{"SIGUSR2"});
   StopSignals second({"SIGUSR2"});

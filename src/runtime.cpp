@@ -158,11 +158,28 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
                  "RuntimeOptions::backend must be \"auto\", \"mpi\" or \"nccl\", found \"", options_.backend, "\"");
   LOCKSTEP_CHECK(options_.device == "auto" || options_.device == "cpu" || options_.device == "cuda",
                  "RuntimeOptions::device must be \"auto\", \"cpu\" or \"cuda\", found \"", options_.device, "\"");
-  select_device_and_backend();
+  // A rank whose choice fails (nccl asked for on a host without a GPU) still takes part in the
+  // all-gather below, so that the others raise at once too instead of waiting there for it.
+  std::exception_ptr failed_here;
+  try {
+    select_device_and_backend();
+  } catch (...) {
+    if (world_.size == 1) throw;
+    failed_here = std::current_exception();
+  }
   if (world_.size > 1) {  // Note [One backend for all ranks]
-    const int mine = (backend_ == "nccl" ? 1 : 0) | (options_.backend != "auto" ? 2 : 0);
+    constexpr int kFailed = 4;
+    const int mine = failed_here ? kFailed : (backend_ == "nccl" ? 1 : 0) | (options_.backend != "auto" ? 2 : 0);
     std::vector<int> all(static_cast<std::size_t>(world_.size));
     LOCKSTEP_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_INT, all.data(), 1, MPI_INT, MPI_COMM_WORLD));
+    if (failed_here) std::rethrow_exception(failed_here);
+    std::vector<int> failed;
+    for (int r = 0; r < world_.size; ++r) {
+      if (all[static_cast<std::size_t>(r)] == kFailed) failed.push_back(r);
+    }
+    LOCKSTEP_CHECK(failed.empty(), "runtime: ", comm::rank_list(failed),
+                   " could not choose a device and backend (the error there says why), so no communicator can "
+                   "span the job (rank ", world_.rank, ")");
     std::vector<detail::BackendChoice> choices;
     for (int code : all) choices.push_back({(code & 1) != 0, (code & 2) != 0});
     std::string reason;

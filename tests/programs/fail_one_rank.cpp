@@ -6,6 +6,8 @@
 //   fail_one_rank caught  as timeout, but main catches the error: the Runtime is destroyed while the
 //                         timed-out collective is still in flight and must end the job at once, not
 //                         after another full timeout (600 s by default)
+//   fail_one_rank backend rank 1 asks for the NCCL backend on a machine without a GPU: its Runtime
+//                         fails, and every other rank's Runtime says so instead of waiting for it
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -37,6 +39,20 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "backend") {
+    const char* launcher_rank = std::getenv("OMPI_COMM_WORLD_RANK");
+    const std::string rank = launcher_rank != nullptr ? launcher_rank : "?";
+    lockstep::RuntimeOptions options;
+    if (rank == "1") options.backend = "nccl";
+    try {
+      lockstep::Runtime runtime(argc, argv, options);
+    } catch (const std::exception& e) {
+      std::cout << "launcher rank " << rank << " caught: " << e.what() << std::endl;
+      return 1;
+    }
+    std::cout << "launcher rank " << rank << " made its Runtime, which it must not" << std::endl;
+    return 0;
+  }
   if (argc > 1 && std::string(argv[1]) == "caught") {
     try {
       return run(argc, argv);

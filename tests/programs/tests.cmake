@@ -19,6 +19,12 @@ foreach(np 2 3)
   set_tests_properties(failure.timeout_caught.np${np} PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "rank [0-9]: [^\n]*aborting the job"
     FAIL_REGULAR_EXPRESSION "which the Runtime's end must not wait for")
+  # Rank 1's Runtime cannot choose (nccl without a GPU); the others' say so at once.
+  add_test(NAME failure.backend_choice.np${np}
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> backend)
+  set_tests_properties(failure.backend_choice.np${np} PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "launcher rank 0 caught: runtime: rank 1 could not choose a device and backend"
+    FAIL_REGULAR_EXPRESSION "made its Runtime, which it must not")
 endforeach()
 
 # train_resnet end to end with quantization-aware training at 3 ranks on a slice of Fashion-MNIST: the

@@ -223,6 +223,21 @@ void PowerSGDState::reset() {
   entries_.clear();
 }
 
+void PowerSGDState::rescale_residuals(double factor) {
+  LOCKSTEP_CHECK(std::isfinite(factor) && factor >= 0.0, "PowerSGDState::rescale_residuals: factor must be a finite "
+                 "number >= 0, got ", factor);
+  at::NoGradGuard no_grad;
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [name, entry] : entries_) {
+    if (!entry->error.defined()) continue;
+    if (factor == 0.0) {
+      entry->error.zero_();
+    } else {
+      entry->error.mul_(factor);
+    }
+  }
+}
+
 std::uint64_t PowerSGDState::iteration_of(const GradBucket& bucket) {
   // Note [PowerSGD checkpoints]
   std::lock_guard<std::mutex> lock(mutex_);

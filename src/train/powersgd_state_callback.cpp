@@ -7,6 +7,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/powersgd.hpp"
+#include "lockstep/train/grad_scaler.hpp"
 
 namespace lockstep::train {
 
@@ -21,6 +22,14 @@ void PowerSGDStateCallback::on_setup(TrainerContext& ctx) {
 }
 
 void PowerSGDStateCallback::on_train_begin(TrainerContext& ctx) {
+  // Note [PowerSGD under loss scaling]: the scaler's scale as restored (the Checkpointer ran first).
+  scaler_ = nullptr;
+  if (ctx.callbacks != nullptr) {
+    for (const auto& cb : *ctx.callbacks) {
+      if (const auto* scaler = dynamic_cast<const GradScaler*>(cb.get())) scaler_ = scaler;
+    }
+  }
+  if (scaler_ != nullptr) last_scale_ = scaler_->scale_value();
   // The Checkpointer runs first (Note [Callback order]): a resume has set global_step by now.
   if (ctx.global_step > 0 && !restored_ && ctx.communicator->rank() == 0) {
     std::cerr << "lockstep: warning: resumed at step " << ctx.global_step
@@ -28,6 +37,17 @@ void PowerSGDStateCallback::on_train_begin(TrainerContext& ctx) {
                  "checkpoint of an older Lockstep, which lacks the iteration count, start_iteration's "
                  "uncompressed steps come again)\n";
   }
+}
+
+void PowerSGDStateCallback::on_after_optimizer_step(TrainerContext& ctx) {
+  if (scaler_ == nullptr) return;
+  const double scale = scaler_->scale_value();
+  if (ctx.step_skipped) {
+    state_->rescale_residuals(0.0);
+  } else if (scale != last_scale_ && last_scale_ > 0.0) {
+    state_->rescale_residuals(scale / last_scale_);
+  }
+  last_scale_ = scale;
 }
 
 std::vector<at::Tensor> PowerSGDStateCallback::save_tensors() const {

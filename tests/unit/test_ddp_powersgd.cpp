@@ -13,6 +13,9 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/powersgd.hpp"
+#include "lockstep/train/callback.hpp"
+#include "lockstep/train/grad_scaler.hpp"
+#include "lockstep/train/powersgd_state_callback.hpp"
 #include "support/grad_buckets.hpp"
 #include "support/solo_communicator.hpp"
 
@@ -159,6 +162,50 @@ TEST_CASE("PowerSGD on one rank: what was applied plus the residual is what came
     CHECK(torch::allclose(applied + state->error("w").to(torch::kFloat64), given, 1e-5, 1e-5));
   }
   CHECK((applied - given).abs().max().item<double>() > 0.1);  // rank 1 of a random 16 x 20 is lossy
+}
+
+TEST_CASE("PowerSGD under loss scaling: residuals follow the scale and go with a skipped step (Note [PowerSGD "
+          "under loss scaling])",
+          "[ddp][powersgd]") {
+  auto state = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+  auto hook = ddp::powersgd_hook(state);
+  SoloCommunicator solo;
+  torch::manual_seed(7);
+  auto step = [&](int iteration) {
+    auto bucket = make_bucket({torch::randn({16, 20})}, {"w"}, iteration);
+    hook(solo, bucket)->wait();
+  };
+  step(0);
+  const torch::Tensor first = state->error("w");
+  REQUIRE(first.abs().max().item<float>() > 0.01f);
+  state->rescale_residuals(0.25);
+  CHECK(torch::allclose(state->error("w"), first * 0.25));
+  CHECK_THROWS_WITH(state->rescale_residuals(-1.0), Contains("factor must be a finite number >= 0, got -1"));
+
+  // In the trainer: a GradScaler among the callbacks (fp16) drives it.
+  lockstep::train::GradScalerOptions o;
+  o.init_scale = 1024.0;
+  o.growth_interval = 1;  // grows after every good step
+  auto scaler = std::make_shared<lockstep::train::GradScaler>(o);
+  auto keeper = std::make_shared<lockstep::train::PowerSGDStateCallback>(state);
+  const std::vector<std::shared_ptr<lockstep::train::Callback>> callbacks{scaler, keeper};
+  lockstep::train::TrainerContext ctx;
+  ctx.callbacks = &callbacks;
+  keeper->on_train_begin(ctx);
+  step(1);
+  const torch::Tensor before = state->error("w");
+  scaler->update(/*found_inf=*/false);  // 1024 -> 2048: the next step's gradients are twice as large
+  REQUIRE(scaler->scale_value() == 2048.0);
+  ctx.step_skipped = false;
+  keeper->on_after_optimizer_step(ctx);
+  CHECK(torch::allclose(state->error("w"), before * 2.0));
+  keeper->on_after_optimizer_step(ctx);  // the scale did not change: nor do the residuals
+  CHECK(torch::allclose(state->error("w"), before * 2.0));
+  step(2);
+  scaler->update(/*found_inf=*/true);  // an overflow: the step is skipped, its approximation never applied
+  ctx.step_skipped = true;
+  keeper->on_after_optimizer_step(ctx);
+  CHECK(state->error("w").abs().max().item<float>() == 0.0f);
 }
 
 TEST_CASE("PowerSGD on one rank: before start_iteration it averages, 16-bit buckets work in float32",

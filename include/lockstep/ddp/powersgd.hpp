@@ -112,6 +112,11 @@ class PowerSGDState {
   // Forgets every residual and Q (the next step starts as the first did). Stats and the iteration
   // count are kept.
   void reset();
+  // Note [PowerSGD under loss scaling]: multiplies every residual by `factor` (between steps). The
+  // residuals are in the units of the gradients the hook saw, which a GradScaler multiplies by its
+  // scale: when the scale changes, factor = new scale / old scale keeps them in step; 0 drops them
+  // (a step the scaler skipped). train::PowerSGDStateCallback does both in the trainer.
+  void rescale_residuals(double factor);
 
   // Collective (every rank, between steps: no backward in flight). Serialises this rank's state (its
   // residuals, the warm-start Qs, the iteration count, the stats, and the options and world size they

@@ -30,6 +30,8 @@ class PowerSGDState;
 
 namespace lockstep::train {
 
+class GradScaler;
+
 class PowerSGDStateCallback : public Callback {
  public:
   explicit PowerSGDStateCallback(std::shared_ptr<ddp::PowerSGDState> state);
@@ -42,6 +44,11 @@ class PowerSGDStateCallback : public Callback {
   // without PowerSGD or by an older Lockstep): error feedback then starts from zero (and, from an
   // older Lockstep's checkpoint, which lacks the iteration count, so does the iteration).
   void on_train_begin(TrainerContext& ctx) override;
+  // Note [PowerSGD under loss scaling]: with a GradScaler among the trainer's callbacks (fp16), keeps
+  // the residuals in the units of the scaled gradients the hook sees: rescaled when the scale grows
+  // or backs off, dropped after a step the scaler skipped (that step's approximation was never
+  // applied, and an overflowing step's gradients are discarded everywhere else too).
+  void on_after_optimizer_step(TrainerContext& ctx) override;
 
   std::string state_key() const override { return "powersgd"; }
   // Collective (the Checkpointer calls it on every rank): every rank's serialised state, gathered on
@@ -56,6 +63,8 @@ class PowerSGDStateCallback : public Callback {
   std::shared_ptr<ddp::PowerSGDState> state_;
   // From on_setup: the trainer's (they live as long as the trainer).
   comm::Communicator* communicator_ = nullptr;
+  const GradScaler* scaler_ = nullptr;  // the trainer's, if any (fp16)
+  double last_scale_ = 0.0;             // its scale when the last step's gradients were made
   torch::nn::Module* model_ = nullptr;
   bool restored_ = false;
 };

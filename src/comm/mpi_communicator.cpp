@@ -147,6 +147,8 @@ struct MpiCommunicator::Impl {
   std::atomic<std::size_t> queued{0};  // queue.size() readable without the lock (Note [Short spin])
   bool stop = false;
   bool exited = false;
+  // Set when a wait() on one of our collectives timed out: someone gave up on it already.
+  std::shared_ptr<std::atomic<bool>> timed_out = std::make_shared<std::atomic<bool>>(false);
   std::condition_variable exited_cv;
   std::thread thread;
 
@@ -203,6 +205,7 @@ struct MpiCommunicator::Impl {
       LOCKSTEP_CHECK(!stop, "MpiCommunicator is shutting down; no new ", info.op, " can be issued");
       info.seq = next_seq++;
       work = std::make_shared<AsyncWork>(std::move(info), timeout);
+      work->report_timeouts_to(timed_out);
       queue.push_back(Task{work, std::move(run)});
       queued.store(queue.size(), std::memory_order_release);
     }
@@ -237,11 +240,13 @@ MpiCommunicator::~MpiCommunicator() {
     impl_->stop = true;
   }
   impl_->cv.notify_all();
-  // During exception unwinding (a wait() that timed out, caught further up) a collective still in
-  // flight is almost surely the stuck one: a short grace, not another whole timeout, before the abort.
+  // During exception unwinding, or after a wait() on one of ours timed out (its error caught further
+  // up, and the program leaving), a collective still in flight is almost surely the stuck one: a
+  // short grace, not another whole timeout, before the abort.
   const bool unwinding = std::uncaught_exceptions() > 0;
+  const bool given_up = unwinding || impl_->timed_out->load();
   const std::chrono::milliseconds limit =
-      unwinding ? std::min(impl_->timeout, std::chrono::milliseconds(1000)) : impl_->timeout;
+      given_up ? std::min(impl_->timeout, std::chrono::milliseconds(1000)) : impl_->timeout;
   bool exited = false;
   {
     std::unique_lock<std::mutex> lock(impl_->mutex);
@@ -253,7 +258,9 @@ MpiCommunicator::~MpiCommunicator() {
     std::fprintf(stderr,
                  "lockstep: rank %d: MpiCommunicator destroyed%s while a collective is still running after "
                  "%lld ms; aborting the job so that no rank hangs\n",
-                 impl_->rank, unwinding ? " during exception unwinding" : "", static_cast<long long>(limit.count()));
+                 impl_->rank,
+                 unwinding ? " during exception unwinding" : given_up ? " after a wait() on it timed out" : "",
+                 static_cast<long long>(limit.count()));
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
   impl_->thread.join();

@@ -53,7 +53,10 @@ void AsyncWork::wait(std::chrono::milliseconds timeout) {
     while (!done_flag_.load(std::memory_order_acquire) && Clock::now() < spin_end) std::this_thread::yield();
   }
   std::unique_lock<std::mutex> lock(mutex_);
-  if (!done_cv_.wait_for(lock, timeout, [this] { return done_; })) throw_timeout(timeout);
+  if (!done_cv_.wait_for(lock, timeout, [this] { return done_; })) {
+    if (timed_out_flag_) timed_out_flag_->store(true);
+    throw_timeout(timeout);
+  }
   if (error_) std::rethrow_exception(error_);
 }
 

@@ -6,6 +6,8 @@
 //   fail_one_rank caught  as timeout, but main catches the error: the Runtime is destroyed while the
 //                         timed-out collective is still in flight and must end the job at once, not
 //                         after another full timeout (600 s by default)
+//   fail_one_rank caught_after  as caught, but the Runtime outlives the try block: it is destroyed with no
+//                         exception in flight, after the program gave up on the collective
 //   fail_one_rank backend rank 1 asks for the NCCL backend on a machine without a GPU: its Runtime
 //                         fails, and every other rank's Runtime says so instead of waiting for it
 #include <torch/torch.h>
@@ -43,7 +45,10 @@ int main(int argc, char** argv) {
     const char* launcher_rank = std::getenv("OMPI_COMM_WORLD_RANK");
     const std::string rank = launcher_rank != nullptr ? launcher_rank : "?";
     lockstep::RuntimeOptions options;
-    if (rank == "1") options.backend = "nccl";
+    if (rank == "1") {  // fails the same way on a machine with GPUs
+      options.backend = "nccl";
+      options.device = "cpu";
+    }
     try {
       lockstep::Runtime runtime(argc, argv, options);
     } catch (const std::exception& e) {
@@ -51,6 +56,19 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::cout << "launcher rank " << rank << " made its Runtime, which it must not" << std::endl;
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "caught_after") {
+    lockstep::Runtime runtime(argc, argv);
+    auto comm = runtime.communicator();
+    if (comm->rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(120));
+    try {
+      auto t = torch::ones({1024});
+      comm->allreduce(t)->wait(std::chrono::seconds(2));
+    } catch (const std::exception& e) {
+      std::cout << "rank " << comm->rank() << " caught: " << e.what() << std::endl;
+      return 1;  // the communicator's end must not wait another whole timeout (600 s) for it
+    }
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "caught") {

@@ -19,6 +19,10 @@ foreach(np 2 3)
   set_tests_properties(failure.timeout_caught.np${np} PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "rank [0-9]: [^\n]*aborting the job"
     FAIL_REGULAR_EXPRESSION "which the Runtime's end must not wait for")
+  add_test(NAME failure.timeout_caught_after.np${np}
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> caught_after)
+  set_tests_properties(failure.timeout_caught_after.np${np} PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "MpiCommunicator destroyed after a wait\\(\\) on it timed out")
   # Rank 1's Runtime cannot choose (nccl without a GPU); the others' say so at once.
   add_test(NAME failure.backend_choice.np${np}
            COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> backend)

@@ -78,6 +78,9 @@ class AsyncWork final : public Work {
   void mark_started();
   void mark_completed();
   void mark_failed(std::exception_ptr error);
+  // A wait() that times out sets `flag` (the communicator's: a collective was given up on, so its
+  // destructor need not wait a whole timeout for it again).
+  void report_timeouts_to(std::shared_ptr<std::atomic<bool>> flag) { timed_out_flag_ = std::move(flag); }
 
  private:
   mutable std::mutex mutex_;
@@ -86,6 +89,7 @@ class AsyncWork final : public Work {
   std::atomic<bool> done_flag_{false};  // done_ without the lock, for wait()'s short spin
   std::exception_ptr error_;
   Clock::time_point start_{}, end_{};
+  std::shared_ptr<std::atomic<bool>> timed_out_flag_;
 };
 
 // then(work, fn): a Work that, the first time it is waited on successfully, waits for `work` and

@@ -298,13 +298,17 @@ void MagnitudePruning::on_train_end(train::TrainerContext& ctx) {
     std::printf("%s", format_sparsity_table(report()).c_str());
     std::fflush(stdout);
   }
-  if (options_.permanent_path.empty()) return;
-  make_pruning_permanent(*model_);
-  layers_.clear();
-  model_ = nullptr;
+  // Collective whether or not a path is set (a permanent_path set on rank 0 alone stays in step).
+  const bool permanent = !options_.permanent_path.empty();
+  if (permanent) {
+    make_pruning_permanent(*model_);
+    layers_.clear();
+    model_ = nullptr;
+  }
   train::run_on_rank0(
       ctx,
       [&] {
+        if (!permanent) return;
         save_model_atomically(*ctx.model, options_.permanent_path);
         std::printf("pruning: masks folded into the weights; plain model saved to %s\n",
                     options_.permanent_path.c_str());

@@ -300,10 +300,11 @@ void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
                  static_cast<long long>(begin_step_));
     std::fflush(stderr);
   }
-  if (!options_.export_path.empty() && active_) {
+  if (active_) {  // collective whether or not a path is set (one set on rank 0 alone stays in step)
     train::run_on_rank0(
         ctx,
         [&] {
+          if (options_.export_path.empty()) return;
           const Int8ExportReport r = export_int8(*ctx.model, layers(), options_.per_channel, options_.export_path);
           std::printf("quantization: int8 model written to %s (%.2f MB; %.2f MB in float32; %lld int8 weights)\n",
                       options_.export_path.c_str(), static_cast<double>(r.bytes) / 1e6,

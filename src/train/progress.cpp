@@ -81,8 +81,9 @@ void ProgressLogger::on_train_begin(TrainerContext& ctx) {
     interactive_ = isatty(STDOUT_FILENO) != 0 && std::getenv("OMPI_COMM_WORLD_SIZE") == nullptr &&
                    std::getenv("PMI_RANK") == nullptr;
   }
-  if (options_.metrics_path.empty()) return;
+  // Collective even without a file: a logger whose metrics_path is set on rank 0 alone stays in step.
   const auto prepare = [&] {
+    if (options_.metrics_path.empty()) return;
     if (ctx.global_step == 0) {  // a fresh run starts a fresh file
       std::ofstream out(options_.metrics_path, std::ios::trunc);
       LOCKSTEP_CHECK(out.good(), "cannot open ", options_.metrics_path, " for writing");
@@ -175,8 +176,12 @@ void ProgressLogger::on_epoch_end(TrainerContext& ctx) {
                 summary(ctx).c_str(), metric(ctx, "images_per_s"), metric(ctx, "train_time_s"));
     std::fflush(stdout);
   }
-  if (options_.metrics_path.empty()) return;
-  run_on_rank0(ctx, [&] { append_metrics_line(ctx); }, "ProgressLogger");
+  run_on_rank0(
+      ctx,
+      [&] {
+        if (!options_.metrics_path.empty()) append_metrics_line(ctx);
+      },
+      "ProgressLogger");
 }
 
 void ProgressLogger::append_metrics_line(const TrainerContext& ctx) const {

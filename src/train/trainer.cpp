@@ -191,6 +191,8 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
       {"channels_last", std::to_string(o.channels_last)},
       // Saving is collective (the generators' states are gathered): whether and when must agree.
       {"output_dir (set or not)", o.output_dir.empty() ? "not set" : "set"},
+      // The progress logger shares rank 0's metrics.jsonl errors with a collective (Note [A failed checkpoint]).
+      {"progress", std::to_string(o.progress)},
       {"checkpoint.at_end", std::to_string(o.checkpoint.at_end)},
       {"the loss", o.loss_fn ? "a loss_fn of the program's own" : describe_loss(o.loss)},
       {"checkpoints", std::to_string(o.checkpoints)},

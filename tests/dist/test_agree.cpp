@@ -110,6 +110,12 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
   if (rank == 0) saving.checkpoint.at_end = false;
   CHECK_THAT(run(48, saving), Contains("the ranks disagree on checkpoint.at_end: 0 on rank 0; 1 on " + others(0)));
   CHECK(communicator_healthy());
+  // Progress (and so metrics.jsonl, whose errors rank 0 shares with a collective) on one rank only.
+  auto chatty = saving;
+  chatty.checkpoint.at_end = true;
+  chatty.progress = rank == 0;
+  CHECK_THAT(run(48, chatty), Contains("the ranks disagree on progress: 1 on rank 0; 0 on " + others(0)));
+  CHECK(communicator_healthy());
   CHECK(run(48, o).empty());
 }
 

@@ -574,6 +574,18 @@ int occurrences(const YAML::Node& tree, const YAML::Node& node) {
 void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std::string>& keys, size_t i,
               const YAML::Node& value) {
   const std::string& key = keys[i];
+  int copies = 0;
+  for (const auto& item : root) copies += item.first.IsScalar() && item.first.Scalar() == key ? 1 : 0;
+  if (copies > 1) {
+    // A key given twice is an error the reader reports (naming both places); removing one copy here
+    // would hide it. Write as before and leave the error to it.
+    if (i + 1 == keys.size()) {
+      root[key] = value;
+    } else {
+      set_path(document, root[key].IsMap() ? root[key] : YAML::Node(YAML::NodeType::Map), keys, i + 1, value);
+    }
+    return;
+  }
   if (i + 1 == keys.size()) {
     root.remove(key);
     root[key] = value;

@@ -109,7 +109,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   const ddp::PowerSGDOptions& ps = c.ddp_powersgd;
   out << YAML::Key << "powersgd" << YAML::Value << YAML::BeginMap;
   put(out, "matrix_approximation_rank", ps.matrix_approximation_rank);
-  put(out, "start_iteration", static_cast<int64_t>(ps.start_iteration));
+  put(out, "start_iteration", static_cast<unsigned long long>(ps.start_iteration));
   put_real(out, "min_compression_rate", ps.min_compression_rate);
   put(out, "use_error_feedback", ps.use_error_feedback);
   put(out, "warm_start", ps.warm_start);

@@ -106,13 +106,7 @@ class Section {
     int64_t value = 0;
     // Decimal text only, checked first: yaml-cpp would read "010" as 8 (octal) and "0x10" as 16.
     const std::string text = node.Scalar();
-    if (!is_decimal_integer(text) || !YAML::convert<int64_t>::decode(node, value)) {
-      reader_.fail(full(key), node,
-                   "expected an integer, found " + describe(node) +
-                       (has_leading_zero(text) ? " (leading zeros are not allowed: YAML reads them as octal; "
-                                                 "write the number in plain decimal)"
-                                               : ""));
-    }
+    if (!is_decimal_integer(text) || !YAML::convert<int64_t>::decode(node, value)) fail_not_integer(key, node);
     if (value < min || value > max) {
       reader_.fail(full(key), node,
                    "expected an integer " + (max == kMaxInt ? ">= " + std::to_string(min)
@@ -127,6 +121,14 @@ class Section {
     integer(key, value, min);
     out = static_cast<size_t>(value);
   }
+  // "expected an integer, found ...", with the leading-zero hint where it applies, else `otherwise`.
+  [[noreturn]] void fail_not_integer(const std::string& key, const YAML::Node& node, const char* otherwise = "") {
+    reader_.fail(full(key), node,
+                 "expected an integer, found " + describe(node) +
+                     (has_leading_zero(node.Scalar()) ? " (leading zeros are not allowed: YAML reads them as octal; "
+                                                        "write the number in plain decimal)"
+                                                      : otherwise));
+  }
   // 0 .. 2^64 - 1 (seeds: any value set in code must read back from the config to_yaml writes).
   void unsigned_integer(const std::string& key, uint64_t& out) {
     YAML::Node node = scalar(key, "an integer");
@@ -137,11 +139,7 @@ class Section {
     }
     uint64_t value = 0;
     if (!is_decimal_integer(text) || !YAML::convert<uint64_t>::decode(node, value)) {
-      reader_.fail(full(key), node,
-                   "expected an integer, found " + describe(node) +
-                       (has_leading_zero(text) ? " (leading zeros are not allowed: YAML reads them as octal; "
-                                                 "write the number in plain decimal)"
-                                               : is_decimal_integer(text) ? " (past 18446744073709551615)" : ""));
+      fail_not_integer(key, node, is_decimal_integer(text) ? " (past 18446744073709551615)" : "");
     }
     out = value;
   }
@@ -576,16 +574,9 @@ void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std
   const std::string& key = keys[i];
   int copies = 0;
   for (const auto& item : root) copies += item.first.IsScalar() && item.first.Scalar() == key ? 1 : 0;
-  if (copies > 1) {
-    // A key given twice is an error the reader reports (naming both places); removing one copy here
-    // would hide it. Write as before and leave the error to it.
-    if (i + 1 == keys.size()) {
-      root[key] = value;
-    } else {
-      set_path(document, root[key].IsMap() ? root[key] : YAML::Node(YAML::NodeType::Map), keys, i + 1, value);
-    }
-    return;
-  }
+  // A key given twice is an error the reader reports, naming both places; removing one copy here
+  // would hide it, so nothing is written.
+  if (copies > 1) return;
   if (i + 1 == keys.size()) {
     root.remove(key);
     root[key] = value;

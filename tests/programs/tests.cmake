@@ -1,34 +1,32 @@
 # Whole-job failure behaviour: one rank fails, the job must end with its message (no hang).
 add_executable(lockstep_fail_one_rank ${CMAKE_CURRENT_LIST_DIR}/fail_one_rank.cpp)
 target_link_libraries(lockstep_fail_one_rank PRIVATE lockstep::lockstep)
+# One mode of fail_one_rank at `np` ranks: the job must end within 60 s with output matching `pass`
+# (and, given a fifth argument, never matching it).
+function(lockstep_failure_test name np mode pass)
+  add_test(NAME failure.${name}.np${np}
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> ${mode})
+  set_tests_properties(failure.${name}.np${np} PROPERTIES TIMEOUT 60 LABELS dist PASS_REGULAR_EXPRESSION "${pass}")
+  if(ARGC GREATER 4)
+    set_tests_properties(failure.${name}.np${np} PROPERTIES FAIL_REGULAR_EXPRESSION "${ARGV4}")
+  endif()
+endfunction()
 foreach(np 2 3)
-  add_test(NAME failure.uncaught_exception.np${np}
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> throw)
-  set_tests_properties(failure.uncaught_exception.np${np} PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "rank 1 of ${np}: uncaught exception: boom from the test")
+  lockstep_failure_test(uncaught_exception ${np} throw "rank 1 of ${np}: uncaught exception: boom from the test")
   add_test(NAME failure.dead_peer.np${np}
            COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> exit)
   set_tests_properties(failure.dead_peer.np${np} PROPERTIES TIMEOUT 60 LABELS dist WILL_FAIL TRUE)
-  add_test(NAME failure.timeout.np${np}
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> timeout)
-  set_tests_properties(failure.timeout.np${np} PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "rank [0-9] of ${np}: uncaught exception: allreduce #0 .*did not complete within 2000 ms")
+  lockstep_failure_test(timeout ${np} timeout
+    "rank [0-9] of ${np}: uncaught exception: allreduce #0 .*did not complete within 2000 ms")
   # The collective timeout stays at its 600 s default: only an abort during unwinding ends it in time.
-  add_test(NAME failure.timeout_caught.np${np}
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> caught)
-  set_tests_properties(failure.timeout_caught.np${np} PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "rank [0-9]: [^\n]*aborting the job"
-    FAIL_REGULAR_EXPRESSION "which the Runtime's end must not wait for")
-  add_test(NAME failure.timeout_caught_after.np${np}
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> caught_after)
-  set_tests_properties(failure.timeout_caught_after.np${np} PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "MpiCommunicator destroyed after a wait\\(\\) on it timed out")
+  lockstep_failure_test(timeout_caught ${np} caught "rank [0-9]: [^\n]*aborting the job"
+    "which the Runtime's end must not wait for")
+  lockstep_failure_test(timeout_caught_after ${np} caught_after
+    "MpiCommunicator destroyed after a wait\\(\\) on it timed out")
   # Rank 1's Runtime cannot choose (nccl without a GPU); the others' say so at once.
-  add_test(NAME failure.backend_choice.np${np}
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:lockstep_fail_one_rank> backend)
-  set_tests_properties(failure.backend_choice.np${np} PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "launcher rank 0 caught: runtime: rank 1 could not choose a device and backend"
-    FAIL_REGULAR_EXPRESSION "made its Runtime, which it must not")
+  lockstep_failure_test(backend_choice ${np} backend
+    "launcher rank 0 caught: runtime: rank 1 could not choose a device and backend"
+    "made its Runtime, which it must not")
 endforeach()
 
 # train_resnet end to end with quantization-aware training at 3 ranks on a slice of Fashion-MNIST: the

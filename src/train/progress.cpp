@@ -197,6 +197,7 @@ void ProgressLogger::append_metrics_line(const TrainerContext& ctx) const {
   }
   std::ofstream out(options_.metrics_path, std::ios::app);
   out << line.dump() << "\n";
+  out.flush();  // a short line sits in the buffer until here; a full disk shows only now
   LOCKSTEP_CHECK(out.good(), "cannot append to ", options_.metrics_path);
 }
 

@@ -3,11 +3,10 @@
 #include <cstdio>
 #include <unordered_set>
 
-#include <c10/util/Type.h>
-
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/bucket_assignment.hpp"
+#include "lockstep/ddp/comm_hooks.hpp"
 #include "lockstep/ddp/model_sync.hpp"
 #include "lockstep/ddp/sync_batch_norm.hpp"
 
@@ -84,7 +83,7 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
        {"find_unused_parameters", std::to_string(options_.find_unused_parameters)},
        {"broadcast_buffers", std::to_string(options_.broadcast_buffers)},
        {"sync_batch_norm", std::to_string(options_.sync_batch_norm)},
-       {"comm_hook", options_.comm_hook ? c10::demangle(options_.comm_hook.target_type().name()) : "none (average)"}},
+       {"comm_hook", describe_comm_hook(options_.comm_hook)}},
       "DataParallel", "Every rank must build DataParallel with the same DataParallelOptions.");
   check_same_model(*comm_, entries);
   for (const auto& entry : entries) state_.push_back(entry.tensor);
@@ -94,8 +93,8 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   // which is then known to be the same on every rank, so this throws on every rank or on none.
   std::vector<at::Tensor> broadcast = buffers_;
   if (options_.sync_batch_norm) {
-    sync_batch_norm_layers_ = attach_sync_batch_norm(*module_, comm_);
-    LOCKSTEP_CHECK(sync_batch_norm_layers_ > 0,
+    sync_batch_norm_ = std::make_unique<SyncBatchNormAttachment>(*module_, comm_);
+    LOCKSTEP_CHECK(sync_batch_norm_->layers() > 0,
                    "DataParallelOptions::sync_batch_norm is set, but the model has no lockstep::ddp::SyncBatchNorm "
                    "layer to synchronise (torch::nn::BatchNorm*d cannot be): build the model with ddp::SyncBatchNorm, "
                    "as models::ResNet18 does (rank ", comm_->rank(), ")");
@@ -118,7 +117,6 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
 }
 
 DataParallel::~DataParallel() {
-  if (sync_batch_norm_layers_ > 0) detach_sync_batch_norm(*module_);
   if (timeline_ && timeline_->size() > written_events_) {
     try {
       timeline_->write(per_rank_path(trace_path_, comm_->rank()));
@@ -126,6 +124,10 @@ DataParallel::~DataParallel() {
       std::fprintf(stderr, "lockstep: rank %d: could not write the DataParallel trace: %s\n", comm_->rank(), e.what());
     }
   }
+}
+
+std::size_t DataParallel::sync_batch_norm_layers() const {
+  return sync_batch_norm_ != nullptr ? sync_batch_norm_->layers() : 0;
 }
 
 NoSyncGuard DataParallel::no_sync() {

@@ -34,8 +34,25 @@ std::string describe(const ModelEntry& entry) {
   if (!entry.tensor.defined()) {
     os << "undefined";
   } else {
-    os << entry.tensor.scalar_type() << " " << entry.tensor.sizes() << " on " << entry.tensor.device();
-    if (entry.tensor.requires_grad()) os << ", requires grad";
+    const at::Tensor& t = entry.tensor;
+    os << t.scalar_type() << " " << t.sizes() << " on " << t.device();
+    // A parameter's slice of its gradient bucket has the parameter's memory order (Note [Gradient
+    // layout] in reducer.cpp): a channels_last weight on one rank and a contiguous one on another
+    // would sum unrelated elements. Strides of size-1 dimensions do not change that order ("-"); a
+    // parameter with gaps or overlaps gets a contiguous slice, as a contiguous one does.
+    if (entry.kind == "parameter" && !t.is_contiguous() && t.is_non_overlapping_and_dense()) {
+      os << ", strides [";
+      for (std::int64_t d = 0; d < t.dim(); ++d) {
+        os << (d ? ", " : "");
+        if (t.size(d) == 1) {
+          os << "-";
+        } else {
+          os << t.stride(d);
+        }
+      }
+      os << "]";
+    }
+    if (t.requires_grad()) os << ", requires grad";
   }
   return os.str();
 }

@@ -311,21 +311,38 @@ void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {
 }
 
 std::size_t attach_sync_batch_norm(torch::nn::Module& module, comm::CommunicatorPtr comm) {
+  return SyncBatchNormAttachment(module, std::move(comm)).release();
+}
+
+std::size_t SyncBatchNormAttachment::release() {
+  const std::size_t count = layers_.size();
+  layers_.clear();
+  return count;
+}
+
+SyncBatchNormAttachment::SyncBatchNormAttachment(torch::nn::Module& module, comm::CommunicatorPtr comm) {
   LOCKSTEP_CHECK(comm != nullptr, "attach_sync_batch_norm needs a communicator");
   auto group = std::make_shared<SyncBatchNormGroup>();
   group->comm = std::move(comm);
-  std::vector<SyncBatchNormImpl*> layers;
   for (const auto& item : module.named_modules(/*name_prefix=*/"", /*include_self=*/true)) {
-    if (auto* layer = dynamic_cast<SyncBatchNormImpl*>(item.value().get())) {
-      layers.push_back(layer);
+    if (auto layer = std::dynamic_pointer_cast<SyncBatchNormImpl>(item.value())) {
+      layers_.push_back(std::move(layer));
       group->names.push_back(item.key().empty() ? std::string("(the model itself)") : item.key());
     }
   }
-  for (std::size_t i = 0; i < layers.size(); ++i) {
-    layers[i]->group_ = group;
-    layers[i]->index_ = i;
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    layers_[i]->group_ = group;
+    layers_[i]->index_ = i;
   }
-  return layers.size();
+  group_ = std::move(group);
+}
+
+SyncBatchNormAttachment::~SyncBatchNormAttachment() {
+  for (const auto& layer : layers_) {
+    if (layer->group_ != group_) continue;  // attached again since, to another group
+    layer->group_ = nullptr;
+    layer->index_ = 0;
+  }
 }
 
 std::size_t detach_sync_batch_norm(torch::nn::Module& module) {

@@ -11,6 +11,7 @@
 #include "lockstep/config/config.hpp"
 #include "lockstep/ddp/comm_hooks.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -135,4 +136,34 @@ TEST_CASE("DataParallel refuses ranks whose bucket options differ, at constructi
   CHECK_THAT(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), hooked); }),
              Contains("DataParallel: the ranks disagree on comm_hook: "));
   CHECK(communicator_healthy());
+  // Hooks of one C++ type with other settings: the 16-bit wire dtype (an fp16 and a bf16 bucket
+  // summed bit for bit) and PowerSGD's options (P and Q of other shapes).
+  lockstep::ddp::DataParallelOptions wire;
+  wire.comm_hook = comm().rank() == 0 ? lockstep::ddp::fp16_compress_hook() : lockstep::ddp::bf16_compress_hook();
+  CHECK_THAT(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), wire); }),
+             Contains("DataParallel: the ranks disagree on comm_hook: fp16_compress_hook on rank 0; bf16_compress_hook on " +
+                      others(0)));
+  CHECK(communicator_healthy());
+  lockstep::ddp::DataParallelOptions powersgd;
+  lockstep::ddp::PowerSGDOptions ps;
+  if (comm().rank() == last) ps.matrix_approximation_rank = 2;
+  powersgd.comm_hook = lockstep::ddp::powersgd_hook(ps);
+  const std::string ps_error = error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), powersgd); });
+  INFO(ps_error);
+  CHECK_THAT(ps_error, Contains("DataParallel: the ranks disagree on comm_hook: powersgd_hook (matrix_approximation_rank 1, "
+                                "start_iteration 10, min_compression_rate 2, use_error_feedback 1, warm_start 1, "
+                                "orthogonalization_epsilon 0, seed 0) on " + others(last)));
+  CHECK_THAT(ps_error, Contains("powersgd_hook (matrix_approximation_rank 2, start_iteration 10, "));
+  CHECK(communicator_healthy());
+  ps.matrix_approximation_rank = 1;
+  ps.seed = comm().rank() == 0 ? 7 : 0;
+  powersgd.comm_hook = lockstep::ddp::powersgd_hook(ps);
+  CHECK_THAT(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), powersgd); }),
+             Contains("orthogonalization_epsilon 0, seed 7) on rank 0; "));
+  CHECK(communicator_healthy());
+  // The same settings everywhere pass.
+  powersgd.comm_hook = lockstep::ddp::powersgd_hook(lockstep::ddp::PowerSGDOptions{});
+  CHECK(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), powersgd); }).empty());
+  wire.comm_hook = lockstep::ddp::bf16_compress_hook();
+  CHECK(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), wire); }).empty());
 }

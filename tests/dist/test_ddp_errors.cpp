@@ -233,6 +233,23 @@ TEST_CASE("Different models on different ranks: the error on every rank names th
     INFO(error);
     CHECK(error.find(odd_text + "parameter 0.weight: Double [8, 6]") != std::string::npos);
   }
+  SECTION("a different memory layout") {
+    // Each parameter's bucket slice has its memory order: NHWC against NCHW would sum unrelated elements.
+    torch::manual_seed(5);
+    torch::nn::Conv2d conv(torch::nn::Conv2dOptions(3, 4, 3));
+    if (rank == odd) conv->weight.set_data(conv->weight.contiguous(at::MemoryFormat::ChannelsLast));
+    const std::string error = error_of([&] { DataParallel dp(conv.ptr(), comm_ptr()); });
+    INFO(error);
+    CHECK(error.find(odd_text + "parameter weight: Float [4, 3, 3, 3] on cpu, strides [27, 1, 9, 3], requires grad") !=
+          std::string::npos);
+    CHECK(error.find(others + "parameter weight: Float [4, 3, 3, 3] on cpu, requires grad") != std::string::npos);
+    // The same layout everywhere, and strides that differ only in size-1 dimensions, pass.
+    conv->weight.set_data(conv->weight.contiguous(at::MemoryFormat::ChannelsLast));
+    CHECK(error_of([&] { DataParallel dp(conv.ptr(), comm_ptr()); }).empty());
+    torch::nn::Conv2d pointwise(torch::nn::Conv2dOptions(1, 4, 1));
+    if (rank == odd) pointwise->weight.set_data(pointwise->weight.as_strided({4, 1, 1, 1}, {1, 7, 3, 5}));
+    CHECK(error_of([&] { DataParallel dp(pointwise.ptr(), comm_ptr()); }).empty());
+  }
   CHECK(communicator_healthy());
 }
 

@@ -244,6 +244,27 @@ TEST_CASE("SyncBatchNorm under DataParallel: K steps equal one process on the co
   CHECK_FALSE(model->bn_conv->synchronised());  // DataParallel detaches what it attached
 }
 
+TEST_CASE("SyncBatchNorm: a DataParallel that dies leaves the layers a newer one attached", "[syncbn]") {
+  auto model = std::make_shared<SyncNetImpl>();
+  DataParallelOptions options;
+  options.sync_batch_norm = true;
+  auto first = std::make_unique<DataParallel>(model, comm_ptr(), options);
+  auto second = std::make_unique<DataParallel>(model, comm_ptr(), options);  // e.g. a second fit()
+  first.reset();
+  CHECK(model->bn_conv->synchronised());
+  CHECK(model->bn_fc->synchronised());
+  CHECK(model->bn_fc->layer_index() == 1);
+  second.reset();
+  CHECK_FALSE(model->bn_conv->synchronised());
+  CHECK_FALSE(model->bn_fc->synchronised());
+  // A layer attached by hand after DataParallel was built stays attached when it goes, too.
+  second = std::make_unique<DataParallel>(model, comm_ptr(), options);
+  lockstep::ddp::attach_sync_batch_norm(*model, comm_ptr());
+  second.reset();
+  CHECK(model->bn_conv->synchronised());
+  CHECK(lockstep::ddp::detach_sync_batch_norm(*model) == 2);
+}
+
 TEST_CASE("SyncBatchNorm: clear errors on every rank for a model without it and for ranks out of step",
           "[syncbn]") {
   auto plain = std::make_shared<PlainNetImpl>();

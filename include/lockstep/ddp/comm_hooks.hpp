@@ -60,4 +60,10 @@ CommHook fp16_compress_hook();
 // As fp16_compress_hook with bfloat16: float32's range (no overflow, no flush), 8 significant bits.
 CommHook bf16_compress_hook();
 
+// What DataParallel compares across ranks at construction: "none (average)" for an empty hook; the
+// name of a hook made above ("fp16_compress_hook", ...); for powersgd_hook() its name and every
+// PowerSGDOptions field; for any other callable its type's name (two lambdas of one type that
+// captured different values look alike: a custom hook must keep its settings the same everywhere).
+std::string describe_comm_hook(const CommHook& hook);
+
 }  // namespace lockstep::ddp

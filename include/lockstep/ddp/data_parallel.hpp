@@ -32,6 +32,8 @@
 
 namespace lockstep::ddp {
 
+class SyncBatchNormAttachment;  // sync_batch_norm.hpp
+
 struct DataParallelOptions {
   // Bucket size, MiB: the all-reduce unit. Larger buckets use the network better; smaller ones start
   // communicating earlier and hide more of it behind backward.
@@ -126,7 +128,7 @@ class DataParallel {
   std::uint64_t synchronized_backwards() const { return reducer_->sync_count(); }
   void set_synchronized_backwards(std::uint64_t count) { reducer_->set_sync_count(count); }
   // How many ddp::SyncBatchNorm layers this DataParallel attached (options().sync_batch_norm).
-  std::size_t sync_batch_norm_layers() const { return sync_batch_norm_layers_; }
+  std::size_t sync_batch_norm_layers() const;
 
  private:
   friend class Join;  // uneven inputs (join.hpp) drive the reducer's join mode
@@ -138,7 +140,8 @@ class DataParallel {
   std::vector<at::Tensor> state_;  // parameters (a tied tensor once), then buffers
   std::vector<at::Tensor> buffers_;
   std::size_t state_parameters_ = 0;  // state_'s first state_parameters_ tensors are the parameters
-  std::size_t sync_batch_norm_layers_ = 0;
+  // A member, so that a constructor that throws after attaching detaches again.
+  std::unique_ptr<SyncBatchNormAttachment> sync_batch_norm_;
   std::unique_ptr<Reducer> reducer_;
   std::shared_ptr<Timeline> timeline_;
   std::string trace_path_;

@@ -60,6 +60,7 @@ class SyncBatchNormImpl : public torch::nn::NormImplBase<2, SyncBatchNormImpl, t
  private:
   friend std::size_t attach_sync_batch_norm(torch::nn::Module&, comm::CommunicatorPtr);
   friend std::size_t detach_sync_batch_norm(torch::nn::Module&);
+  friend class SyncBatchNormAttachment;
   torch::Tensor forward_synchronised(const torch::Tensor& input, double momentum);
 
   std::shared_ptr<const SyncBatchNormGroup> group_;
@@ -73,5 +74,25 @@ TORCH_MODULE(SyncBatchNorm);
 std::size_t attach_sync_batch_norm(torch::nn::Module& module, comm::CommunicatorPtr comm);
 // Detaches every SyncBatchNorm in `module`; they normalise per rank again. Returns how many were attached.
 std::size_t detach_sync_batch_norm(torch::nn::Module& module);
+
+// Attaches as attach_sync_batch_norm does, and on destruction detaches those of the layers that are
+// still attached to it: a layer a later attachment took over (a second DataParallel over the same
+// model, built before this one dies) stays with that one. What DataParallel holds; not copyable.
+class SyncBatchNormAttachment {
+ public:
+  SyncBatchNormAttachment(torch::nn::Module& module, comm::CommunicatorPtr comm);
+  ~SyncBatchNormAttachment();
+  SyncBatchNormAttachment(const SyncBatchNormAttachment&) = delete;
+  SyncBatchNormAttachment& operator=(const SyncBatchNormAttachment&) = delete;
+
+  // How many layers it attached.
+  std::size_t layers() const { return layers_.size(); }
+  // Leaves the layers attached for good (this then detaches nothing); returns how many there are.
+  std::size_t release();
+
+ private:
+  std::shared_ptr<const SyncBatchNormGroup> group_;
+  std::vector<std::shared_ptr<SyncBatchNormImpl>> layers_;
+};
 
 }  // namespace lockstep::ddp

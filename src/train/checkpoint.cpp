@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <charconv>
+#include <exception>
 #include <filesystem>
 #include <iostream>
 #include <set>
@@ -173,7 +175,10 @@ std::vector<std::pair<int64_t, std::string>> checkpoints_by_step(const std::stri
     }
     const std::string digits = name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
     if (digits.empty() || !std::all_of(digits.begin(), digits.end(), ::isdigit)) continue;
-    found.emplace_back(std::stoll(digits), entry.path().string());
+    int64_t step = 0;
+    const auto [end, status] = std::from_chars(digits.data(), digits.data() + digits.size(), step);
+    if (status != std::errc() || end != digits.data() + digits.size()) continue;  // past int64: not ours
+    found.emplace_back(step, entry.path().string());
   }
   std::sort(found.begin(), found.end());
   return found;
@@ -342,6 +347,35 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     LOCKSTEP_CHECK(saved_world == world, "checkpoint ", path, " was written by ", saved_world,
                    " ranks but this job has ", world,
                    ": the train sampler's position is per rank, so resume with the same world size");
+    // Everything that can refuse the file is read and checked before anything is changed: a refused
+    // resume leaves the model, the optimizer and the callbacks as they were.
+    const int64_t global_step = read_int(archive, "global_step");
+    data::SamplerState position;
+    position.epoch = read_int(archive, "epoch");
+    position.position = read_int(archive, "position");
+    torch::serialize::InputArchive order;  // Note [Data order in a checkpoint]; older files have none
+    if (archive.try_read("data_order", order)) {
+      const bool inside = position.position > 0;
+      std::string changed;
+      for (const auto& entry : data_order(ctx)) {
+        c10::IValue saved;
+        if ((inside || entry.sets_steps) && order.try_read(entry.key, saved) && saved.toInt() != entry.value) {
+          changed += (changed.empty() ? "" : ", ") + entry.key + " " + std::to_string(saved.toInt()) + " then, " +
+                     std::to_string(entry.value) + " now";
+        }
+      }
+      if (inside) {
+        LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " stopped inside epoch ", position.epoch + 1, " (",
+                       position.position, " samples of this rank's share done), and the order of that epoch's "
+                       "samples has changed since (", changed, "): resuming would skip samples never trained on and "
+                       "repeat others. Resume with the same data and options");
+      } else {
+        LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " was written with other steps per epoch (", changed,
+                       "): the learning-rate schedule counts global steps in epochs, so the ", global_step,
+                       " steps taken would count as other epochs. Resume with the same data and batch options, or "
+                       "start a new run (checkpoint.resume: never) from the model");
+      }
+    }
     torch::serialize::InputArchive model_archive;
     archive.read("model", model_archive);
     load_into(*ctx.model, model_archive, "");  // Note [Load by copy]
@@ -371,37 +405,11 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
         }
       }
     }
-    ctx.global_step = read_int(archive, "global_step");
+    ctx.global_step = global_step;
     // Note [Iteration across a resume]; a checkpoint of an older Lockstep has no count: from 0, as before.
     c10::IValue synchronized;
     if (ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized)) {
       ctx.data_parallel->set_synchronized_backwards(static_cast<std::uint64_t>(synchronized.toInt()));
-    }
-    data::SamplerState position;
-    position.epoch = read_int(archive, "epoch");
-    position.position = read_int(archive, "position");
-    torch::serialize::InputArchive order;  // Note [Data order in a checkpoint]; older files have none
-    if (archive.try_read("data_order", order)) {
-      const bool inside = position.position > 0;
-      std::string changed;
-      for (const auto& entry : data_order(ctx)) {
-        c10::IValue saved;
-        if ((inside || entry.sets_steps) && order.try_read(entry.key, saved) && saved.toInt() != entry.value) {
-          changed += (changed.empty() ? "" : ", ") + entry.key + " " + std::to_string(saved.toInt()) + " then, " +
-                     std::to_string(entry.value) + " now";
-        }
-      }
-      if (inside) {
-        LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " stopped inside epoch ", position.epoch + 1, " (",
-                       position.position, " samples of this rank's share done), and the order of that epoch's "
-                       "samples has changed since (", changed, "): resuming would skip samples never trained on and "
-                       "repeat others. Resume with the same data and options");
-      } else {
-        LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " was written with other steps per epoch (", changed,
-                       "): the learning-rate schedule counts global steps in epochs, so the ", ctx.global_step,
-                       " steps taken would count as other epochs. Resume with the same data and batch options, or "
-                       "start a new run (checkpoint.resume: never) from the model");
-      }
     }
     ctx.epoch = position.epoch;
     ctx.resume_position = position;
@@ -463,15 +471,16 @@ void Checkpointer::set_aside_earlier_run() const {
 }
 
 void Checkpointer::resume(TrainerContext& ctx) {
+  // Collectives (run_on_rank0): should rank 0 fail to read or move the directory, every rank raises.
   if (options_.resume == "never") {
-    if (ctx.communicator->rank() == 0) set_aside_earlier_run();
+    run_on_rank0(ctx, [&] { set_aside_earlier_run(); }, "Checkpointer");
     return;
   }
   std::string path;
   if (options_.resume == "auto") {
     // Rank 0 picks the newest checkpoint that opens, and every rank loads that one.
     double chosen = -1;
-    if (ctx.communicator->rank() == 0) {
+    run_on_rank0(ctx, [&] {
       std::vector<std::string> candidates = list_checkpoints(options_.directory);
       for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
         try {
@@ -484,7 +493,7 @@ void Checkpointer::resume(TrainerContext& ctx) {
                     << (dynamic_cast<const Error*>(&e) ? static_cast<const Error&>(e).message() : e.what()) << "\n";
         }
       }
-    }
+    }, "Checkpointer: cannot list the checkpoints in " + options_.directory);
     at::Tensor choice = torch::full({1}, chosen, torch::kFloat64);
     ctx.communicator->broadcast(choice)->wait();
     chosen = choice.item<double>();
@@ -493,7 +502,24 @@ void Checkpointer::resume(TrainerContext& ctx) {
   } else {
     path = options_.resume;
   }
-  load(ctx, path);
+  // Collective: a rank that cannot load (the file missing or unreadable on its node, a bad copy)
+  // fails every rank here, rather than the others training on into collectives it never joins.
+  std::exception_ptr mine;
+  std::string failure;
+  try {
+    load(ctx, path);
+  } catch (const std::exception& e) {
+    mine = std::current_exception();
+    const auto* error = dynamic_cast<const Error*>(&e);
+    failure = error != nullptr ? error->message() : e.what();
+    if (failure.empty()) failure = "unknown error";
+  }
+  const std::vector<std::string> failures = comm::allgather_strings(*ctx.communicator, failure);
+  if (mine) std::rethrow_exception(mine);
+  for (std::size_t r = 0; r < failures.size(); ++r) {
+    LOCKSTEP_CHECK(failures[r].empty(), "Checkpointer: rank ", r, " could not resume from ", path, ": ", failures[r],
+                   " (this is rank ", ctx.communicator->rank(), ")");
+  }
   if (ctx.communicator->rank() == 0) {
     const int64_t epochs = ctx.options != nullptr ? ctx.options->epochs : -1;
     if (ctx.resume_position->position == 0 && epochs >= 0 && ctx.resume_position->epoch >= epochs) {
@@ -526,7 +552,9 @@ data::SamplerState next_epoch_start(const TrainerContext& ctx) {
 
 }  // namespace
 
-void Checkpointer::on_epoch_end(TrainerContext& ctx) {
+// After every callback's on_epoch_end (the Checkpointer is the first callback): the epoch's metrics
+// (Note [A finished run's metrics]) and every callback's state are final.
+void Checkpointer::on_after_epoch_end(TrainerContext& ctx) {
   if (options_.every_epoch) save(ctx, next_epoch_start(ctx));
 }
 

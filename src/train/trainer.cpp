@@ -235,11 +235,11 @@ std::int32_t DistributedTrainer::local_stop_code() const {
 //
 // Note [Stop at epoch ends]: a vote posted in an epoch's last `lag` steps would only be read two steps
 // into the next epoch, after the whole evaluation, and a signal during the evaluation (or while
-// on_epoch_end writes the epoch's checkpoint) later still. So at the two points where every rank
+// on_after_epoch_end writes the epoch's checkpoint) later still. So at the two points where every rank
 // already waits for the others (the epoch's metric sums are all-reduced after its steps; the
 // evaluation's after it) the trainer also reads every vote in flight: two more blocking all-gathers
 // per epoch, none per step. Votes from the steps stop the run before the epoch's evaluation (a resumed
-// run evaluates it); votes from its evaluation or end stop it after on_epoch_end, with
+// run evaluates it); votes from its evaluation or end stop it after on_after_epoch_end, with
 // ctx.epoch_finished set, so the checkpoint resumes at the next epoch's start (read_every_vote).
 void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes) {
   std::map<std::int32_t, std::vector<int>> ranks_by_code;
@@ -298,7 +298,12 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   data::Loader loader(train_set, sampler, loader_options);
 
   build_metrics(*train_set);
-  if (!options_.output_dir.empty() && rank == 0) std::filesystem::create_directories(options_.output_dir);
+  if (!options_.output_dir.empty()) {
+    // Collective (Note [A failed checkpoint]): a directory rank 0 cannot create fails every rank here.
+    comm::run_on_root(
+        *comm_, 0, [&] { std::filesystem::create_directories(options_.output_dir); },
+        "trainer: cannot create output_dir " + options_.output_dir);
+  }
   // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
   // callbacks start), the ProgressLogger last (it records the metrics the others add).
   callbacks_.clear();
@@ -414,6 +419,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     if (evaluation_cut_short) break;  // Note [Stop during evaluation]: the epoch stays unfinished
     for (auto& cb : callbacks_) cb->on_epoch_end(ctx);
     ctx.epoch_finished = true;
+    for (auto& cb : callbacks_) cb->on_after_epoch_end(ctx);
     last = ctx.metrics;
     // Note [Stop at epoch ends]; after the last epoch, the vote after on_train_end reads them.
     if (!ctx.stop_requested && epoch + 1 < options_.epochs) {

@@ -104,6 +104,9 @@ struct Recorder : Callback {
   void on_train_end(TrainerContext& ctx) override { events.push_back("train_end"); }
   void on_epoch_begin(TrainerContext& ctx) override { events.push_back("epoch_begin " + std::to_string(ctx.epoch)); }
   void on_epoch_end(TrainerContext& ctx) override { events.push_back("epoch_end " + std::to_string(ctx.epoch)); }
+  void on_after_epoch_end(TrainerContext& ctx) override {
+    events.push_back("after_epoch_end " + std::to_string(ctx.epoch));
+  }
   void on_batch_begin(TrainerContext& ctx) override {
     events.push_back("batch_begin " + std::to_string(ctx.batch_in_epoch) + " step " + std::to_string(ctx.global_step));
   }
@@ -142,6 +145,7 @@ TEST_CASE("trainer: callback events come in the documented order", "[train]") {
     expected.push_back("evaluation_begin without");
     expected.push_back("evaluation_end with test_acc");
     expected.push_back("epoch_end " + std::to_string(epoch));
+    expected.push_back("after_epoch_end " + std::to_string(epoch));
   }
   expected.push_back("train_end");
   CHECK(recorder->events == expected);
@@ -554,6 +558,72 @@ TEST_CASE("trainer: a checkpoint rank 0 cannot write is an error on every rank, 
   CHECK(fs::path(listed[0]).filename() == lockstep::train::checkpoint_file_name(1));
 }
 
+namespace {
+
+// Checkpointed state that one rank cannot take back (its own copy of something went missing, say).
+struct FragileState : Callback {
+  int refuses = -1;  // the rank whose load_state throws
+  std::string state_key() const override { return "fragile"; }
+  std::string save_state() const override { return "saved"; }
+  void load_state(const std::string& state) override {
+    if (comm().rank() == refuses) throw std::runtime_error("fragile state lost on this node");
+  }
+};
+
+std::string run_with_fragile_state(const std::string& dir, int64_t stop_after, int refuses) {
+  torch::manual_seed(5);
+  lockstep::testing::SmallConvNet model;
+  auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+  TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(1, 8), dir, stop_after, "auto");
+  o.checkpoint.every_steps = 1;
+  DistributedTrainer trainer(model, opt, comm_ptr(), o);
+  auto fragile = std::make_shared<FragileState>();
+  fragile->refuses = refuses;
+  trainer.add_callback(fragile);
+  return lockstep::testing::error_of(
+      [&] { trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7), nullptr); });
+}
+
+}  // namespace
+
+TEST_CASE("trainer: a checkpoint one rank cannot load is an error on every rank, naming that rank", "[train]") {
+  const std::string dir = shared_dir("one_rank_cannot_load");
+  CHECK(run_with_fragile_state(dir, 1, -1).empty());
+  const int last = comm().size() - 1;
+  const std::string error = run_with_fragile_state(dir, 0, last);
+  INFO(error);
+  CHECK_THAT(error, Catch::Contains("fragile state lost on this node"));
+  if (comm().rank() != last) {
+    CHECK_THAT(error, Catch::Contains("Checkpointer: rank " + std::to_string(last) + " could not resume from " + dir +
+                                      "/checkpoints/" + lockstep::train::checkpoint_file_name(1)));
+    CHECK_THAT(error, Catch::Contains("(this is rank " + std::to_string(comm().rank()) + ")"));
+  }
+  CHECK(lockstep::testing::communicator_healthy());
+  CHECK(run_with_fragile_state(dir, 0, -1).empty());  // every rank can: the run goes on to its end
+}
+
+TEST_CASE("trainer: an output_dir rank 0 cannot create is an error on every rank", "[train]") {
+  const std::string dir = shared_dir("output_in_the_way");
+  if (comm().rank() == 0) std::ofstream(dir + "/a_file") << "not a directory";
+  comm().barrier()->wait();
+  const std::string error = lockstep::testing::error_of([&] { resumable_run(dir + "/a_file/out", 0, "never"); });
+  CHECK_THAT(error, Catch::Contains("trainer: cannot create output_dir " + dir + "/a_file/out"));
+  CHECK_THAT(error, Catch::Contains("(on rank 0; this is rank " + std::to_string(comm().rank()) + ")"));
+  CHECK(lockstep::testing::communicator_healthy());
+}
+
+TEST_CASE("trainer: a checkpoint-looking name past int64 is not a checkpoint, and auto-resume goes on", "[train]") {
+  const std::string dir = shared_dir("long_step_name");
+  if (comm().rank() == 0) {
+    fs::create_directories(dir + "/checkpoints");
+    std::ofstream(dir + "/checkpoints/checkpoint-step99999999999999999999999.pt") << "x";
+  }
+  comm().barrier()->wait();
+  CHECK(lockstep::train::list_checkpoints(dir + "/checkpoints").empty());
+  CHECK(lockstep::testing::error_of([&] { resumable_run(dir, 0, "auto"); }).empty());
+  CHECK(lockstep::train::list_checkpoints(dir + "/checkpoints").size() >= 1);
+}
+
 TEST_CASE("trainer: a metrics.jsonl rank 0 cannot write is an error on every rank, before the first step", "[train]") {
   const std::string dir = shared_dir("metrics_in_the_way");
   if (comm().rank() == 0) fs::create_directories(dir + "/metrics.jsonl");  // a directory: no file can open there
@@ -666,17 +736,24 @@ TEST_CASE("trainer: after a resume the comm hook sees the run's iteration, not t
 
 TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and changed steps per epoch anywhere",
           "[train]") {
-  auto run = [](const std::string& dir, int64_t epochs, int64_t per_rank, int64_t stop_after, int64_t every_steps,
-                uint64_t seed = 8) {
+  bool model_unchanged = false;  // after the last run: its model still holds its initial weights
+  auto run = [&](const std::string& dir, int64_t epochs, int64_t per_rank, int64_t stop_after, int64_t every_steps,
+                 uint64_t seed = 8) {
     torch::manual_seed(5);
     lockstep::testing::SmallConvNet model;
+    std::vector<torch::Tensor> initial;
+    for (const auto& p : model->parameters()) initial.push_back(p.detach().clone());
     auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
     TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(epochs, seed), dir, stop_after, "auto");
     o.checkpoint.every_steps = every_steps;
     DistributedTrainer trainer(model, opt, comm_ptr(), o);
-    return lockstep::testing::error_of([&] {
+    const std::string error = lockstep::testing::error_of([&] {
       trainer.fit(lockstep::testing::synthetic_images(per_rank * comm().size(), 8, 7), nullptr);
     });
+    const auto now = model->parameters();
+    model_unchanged = now.size() == initial.size();
+    for (std::size_t i = 0; model_unchanged && i < now.size(); ++i) model_unchanged = torch::equal(now[i], initial[i]);
+    return error;
   };
   const std::string inside = shared_dir("order_inside");
   CHECK(run(inside, 1, 12, 1, 1).empty());  // stopped after step 1 of 3: 4 samples per rank done
@@ -685,6 +762,7 @@ TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and c
   CHECK_THAT(error, Catch::Contains("stopped inside epoch 1 (4 samples of this rank's share done)") &&
                         Catch::Contains("has changed since (the training set size " + std::to_string(12 * comm().size()) +
                                         " then, " + std::to_string(16 * comm().size()) + " now)"));
+  CHECK(model_unchanged);  // refused before the checkpoint's weights were copied in
   CHECK(lockstep::testing::communicator_healthy());
   CHECK_THAT(run(inside, 1, 12, 0, 1, /*seed=*/9), Catch::Contains("(seed 8 then, 9 now)"));  // another shuffle
   CHECK(run(inside, 1, 12, 0, 1).empty());  // the same data resumes
@@ -695,8 +773,55 @@ TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and c
   CHECK(run(between, 1, 12, 0, 0).empty());  // one whole epoch; its checkpoint starts epoch 2
   const std::string larger = run(between, 2, 16, 0, 0);
   CHECK_THAT(larger, Catch::Contains("was written with other steps per epoch (the training set size"));
+  CHECK(model_unchanged);
   CHECK(lockstep::testing::communicator_healthy());
   CHECK(run(between, 2, 12, 0, 0, /*seed=*/9).empty());  // epoch 2 with another shuffle
+}
+
+namespace {
+
+// Adds a metric in on_epoch_end, as pruning (sparsity) and quantization (quant_*) do, and throws
+// there in one epoch when asked (a full disk, a bug).
+struct EpochEndMetric : Callback {
+  int64_t throw_in_epoch = -1;
+  void on_epoch_end(TrainerContext& ctx) override {
+    if (ctx.epoch == throw_in_epoch) throw std::runtime_error("epoch-end failure");
+    ctx.metrics["late_metric"] = 10.0 + static_cast<double>(ctx.epoch);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("trainer: a callback that fails at an epoch's end leaves that epoch unsaved, so a resume trains it again",
+          "[train]") {
+  const std::string dir = shared_dir("epoch_end_failure");
+  auto run = [&](int64_t throw_in_epoch) {
+    torch::manual_seed(6);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(3, 8), dir, 0, "auto");
+    o.checkpoint.every_steps = 0;
+    o.progress = true;  // metrics.jsonl
+    o.log_every = 0;
+    DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    auto late = std::make_shared<EpochEndMetric>();
+    late->throw_in_epoch = throw_in_epoch;
+    trainer.add_callback(late);
+    return lockstep::testing::error_of([&] {
+      trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7), nullptr);
+    });
+  };
+  CHECK_THAT(run(1), Catch::Contains("epoch-end failure"));
+  CHECK(lockstep::testing::communicator_healthy());
+  CHECK(metrics_lines(dir).size() == 1);
+  CHECK(run(-1).empty());  // resumes at epoch 2, whose line was never written
+  const std::vector<nlohmann::json> lines = metrics_lines(dir);
+  REQUIRE(lines.size() == 3);
+  for (size_t e = 0; e < lines.size(); ++e) {
+    INFO("epoch " << e + 1);
+    CHECK(lines[e]["epoch"].get<int64_t>() == static_cast<int64_t>(e + 1));
+    CHECK(lines[e]["late_metric"].get<double>() == 10.0 + static_cast<double>(e));
+  }
 }
 
 TEST_CASE("trainer: the same command after the run completed trains nothing and returns the last epoch's metrics",
@@ -708,6 +833,7 @@ TEST_CASE("trainer: the same command after the run completed trains nothing and 
     TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(epochs, 8), dir, 0, "auto");
     o.checkpoint.every_steps = 0;
     DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    trainer.add_callback(std::make_shared<EpochEndMetric>());  // its metric is in the checkpoint too
     return trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7),
                        lockstep::testing::synthetic_images(10, 8, 3));
   };
@@ -715,7 +841,8 @@ TEST_CASE("trainer: the same command after the run completed trains nothing and 
   const auto first = run(dir, 1);
   REQUIRE(first.count("test_acc") == 1);
   const auto again = run(dir, 1);  // nothing left to train: Note [A finished run's metrics]
-  for (const std::string key : {"epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_count"}) {
+  for (const std::string key :
+       {"epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_count", "late_metric"}) {
     INFO(key);
     REQUIRE(again.count(key) == 1);
     CHECK(again.at(key) == first.at(key));  // bitwise: written at 17 digits

@@ -13,7 +13,7 @@
 //                    forward and backward between on_batch_begin and on_after_backward)
 //                    on_evaluation_begin, (evaluation: on_evaluation_batch_end per batch),
 //                    on_evaluation_end
-//                    on_epoch_end
+//                    on_epoch_end, on_after_epoch_end
 //   on_train_end (also after a stop request)
 // on_evaluation_begin and on_evaluation_end run every epoch that ends, with or without an evaluation
 // set. A stop (a signal, a time limit) may cut an evaluation short (Note [Stop during evaluation]):
@@ -132,7 +132,14 @@ class Callback {
   virtual void on_train_begin(TrainerContext& ctx) {}
   virtual void on_train_end(TrainerContext& ctx) {}
   virtual void on_epoch_begin(TrainerContext& ctx) {}
+  // After the epoch's evaluation: add the epoch's metrics here (the ProgressLogger, added last,
+  // writes them).
   virtual void on_epoch_end(TrainerContext& ctx) {}
+  // After every callback's on_epoch_end: the epoch is complete, its metrics and every callback's
+  // state included, so this is where the epoch's checkpoint is written (the Checkpointer saves here).
+  // A callback that throws in on_epoch_end leaves the epoch without a checkpoint: a resumed run
+  // trains it again rather than skipping what it never recorded.
+  virtual void on_after_epoch_end(TrainerContext& ctx) {}
   virtual void on_batch_begin(TrainerContext& ctx) {}
   // Gradients are averaged over ranks; the optimizer has not stepped yet. Changing .grad() here
   // changes the step.

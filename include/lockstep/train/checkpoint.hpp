@@ -49,7 +49,7 @@ class Checkpointer : public Callback {
 
   void on_train_begin(TrainerContext& ctx) override;
   void on_step_end(TrainerContext& ctx) override;
-  void on_epoch_end(TrainerContext& ctx) override;
+  void on_after_epoch_end(TrainerContext& ctx) override;
   void on_train_end(TrainerContext& ctx) override;
 
   // Collective: writes a checkpoint of the current state (rank 0 writes; the others send their

@@ -327,9 +327,29 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
   LOCKSTEP_CHECK(!path.empty(), "export_int8: empty path");
   std::set<std::string> pending(quantized.begin(), quantized.end());
   c10::Dict<std::string, at::Tensor> weights, scales, tensors, activations;
+  c10::Dict<std::string, std::string> ties;
   Int8ExportReport report;
   torch::NoGradGuard no_grad;
+  // A tensor registered under several names (tied weights) is stored once, under the name to be
+  // quantized if one is, else its first; the others become ties to it. Stored once per name, the
+  // float copy of a quantized weight would overwrite its int8 values on load.
+  std::map<const void*, std::string> stored_as;
   for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    const void* impl = item.value().unsafeGetTensorImpl();
+    auto it = stored_as.find(impl);
+    if (it == stored_as.end()) {
+      stored_as.emplace(impl, item.key());
+    } else if (pending.count(item.key()) > 0 && pending.count(it->second) == 0) {
+      it->second = item.key();
+    }
+  }
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) {
+    const std::string& owner = stored_as.at(item.value().unsafeGetTensorImpl());
+    if (owner != item.key()) {
+      pending.erase(item.key());  // quantized under the owner's name
+      ties.insert(item.key(), owner);
+      continue;
+    }
     const at::Tensor value = item.value().detach();
     report.float_bytes += value.numel() * static_cast<int64_t>(value.element_size());
     if (pending.erase(item.key()) > 0) {
@@ -347,6 +367,11 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
     // Pruning's masks are already in the weights (their zeros are int8 zeros): the deployed model is
     // the plain architecture, as MagnitudePruning's permanent export is.
     if (!item.value().defined() || item.key().rfind("pruning_masks.", 0) == 0) continue;
+    const auto [owner, first] = stored_as.emplace(item.value().unsafeGetTensorImpl(), item.key());
+    if (!first) {
+      ties.insert(item.key(), owner->second);
+      continue;
+    }
     const at::Tensor value = item.value().detach();
     report.float_bytes += value.numel() * static_cast<int64_t>(value.element_size());
     tensors.insert(item.key(), value.cpu().contiguous());
@@ -367,6 +392,7 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
   root.insert("scales", scales);
   root.insert("tensors", tensors);
   root.insert("activations", activations);
+  root.insert("ties", ties);
   const std::vector<char> bytes = torch::pickle_save(root);
   train::write_file_atomically(path, [&](const std::string& temporary) {
     std::ofstream out(temporary, std::ios::binary);
@@ -411,6 +437,17 @@ Int8Model read_int8(const std::string& path) {
     model.weights[name] = q;
   }
   for (const auto& item : entry("tensors").toGenericDict()) model.tensors[item.key().toStringRef()] = item.value().toTensor();
+  // Files of models without tied tensors, and those written before ties were, have none.
+  if (auto ties = root.find(std::string("ties")); ties != root.end()) {
+    for (const auto& item : ties->value().toGenericDict()) {
+      const std::string& name = item.key().toStringRef();
+      const std::string& owner = item.value().toStringRef();
+      LOCKSTEP_CHECK(model.weights.count(owner) + model.tensors.count(owner) == 1 &&
+                         model.weights.count(name) + model.tensors.count(name) == 0,
+                     "read_int8: '", path, "' ties '", name, "' to '", owner, "', which it does not hold");
+      model.ties[name] = owner;
+    }
+  }
   for (const auto& item : entry("activations").toGenericDict()) {
     const at::Tensor t = item.value().toTensor();
     LOCKSTEP_CHECK(t.numel() == 4, "read_int8: '", path, "': activation '", item.key().toStringRef(),
@@ -427,6 +464,7 @@ void load_int8(torch::nn::Module& model, const std::string& path) {
   const Int8Model file = read_int8(path);
   std::map<std::string, at::Tensor> values = file.tensors;
   for (const auto& [name, q] : file.weights) values[name] = dequantize_weight(q.codes, q.scale);
+  for (const auto& [name, owner] : file.ties) values[name] = values.at(owner);  // read_int8 checked the owner
 
   torch::NoGradGuard no_grad;
   auto assign = [&](const std::string& name, at::Tensor target) {

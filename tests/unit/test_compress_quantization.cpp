@@ -330,6 +330,34 @@ TEST_CASE("quantization: a weight registered under two names is one layer", "[co
   MagnitudePruning pruning(PruningOptions{});
   pruning.on_setup(ctx);
   CHECK(pruning.layers() == std::vector<std::string>{"0.weight"});
+
+  // The int8 export stores it once, as int8 under whichever name was asked for, the other name tied
+  // to it: stored twice, the float copy loaded second would overwrite the int8 values.
+  torch::nn::Linear other(6, 6);
+  torch::nn::Sequential untied(other, torch::nn::ReLU(), torch::nn::Linear(6, 6));
+  for (const std::string name : {"0.weight", "2.weight"}) {
+    INFO(name);
+    const std::string path = temp_path("tied.int8");
+    const Int8ExportReport report = export_int8(*model, {name}, true, path);
+    CHECK(report.quantized_weights == 1);
+    CHECK(report.float_parameters == 1);  // the bias, once
+    CHECK(report.float_bytes == (36 + 6) * 4);
+    const Int8Model file = read_int8(path);
+    const std::string other_name = name == "0.weight" ? "2.weight" : "0.weight";
+    CHECK(file.weights.count(name) == 1);
+    CHECK(file.tensors.count(other_name) == 0);
+    CHECK(file.ties.at(other_name) == name);
+    CHECK(file.ties.at("2.bias") == "0.bias");  // a float tensor: under its first name
+    auto loaded_shared = torch::nn::Linear(6, 6);
+    torch::nn::Sequential loaded(loaded_shared, torch::nn::ReLU(), loaded_shared);
+    load_int8(*loaded, path);
+    CHECK(torch::equal(loaded_shared->weight, fake_quantize_weight(shared->weight, true)));
+    CHECK(torch::equal(loaded_shared->bias, shared->bias));
+    // A model whose two layers are separate gets the same values in both.
+    load_int8(*untied, path);
+    CHECK(torch::equal(other->weight, loaded_shared->weight));
+    CHECK(torch::equal(untied[2]->as<torch::nn::Linear>()->weight, loaded_shared->weight));
+  }
 }
 
 TEST_CASE("quantization: no int8 file is written when training ends before quantization began", "[compress]") {

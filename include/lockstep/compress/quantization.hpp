@@ -138,6 +138,8 @@ class QuantizationAwareTraining final : public train::Callback {
 //   "tensors": {name: float tensor} for every other parameter and buffer (biases, batch norm; not
 //              pruning's masks, which the weights' zeros already hold),
 //   "activations": {module name: [scale, zero_point, min, max]} for every ActivationFakeQuant point.
+//   "ties": {name: name it is stored under} for each further name of a tensor the model registers
+//           under several (tied weights: stored once, int8 if any of its names is quantized).
 // Weights not listed in `quantized` are stored in float. Written atomically. Returns the file's size.
 struct Int8ExportReport {
   int64_t quantized_weights = 0;   // parameters stored as int8
@@ -153,6 +155,9 @@ struct Int8Model {
   std::map<std::string, QuantizedWeight> weights;   // parameter name -> int8 codes and scales
   std::map<std::string, at::Tensor> tensors;        // every other parameter and buffer, in float
   std::map<std::string, ActivationQParams> activations;  // ActivationFakeQuant module name -> uint8 parameters
+  // A tensor the model registers under several names (tied weights) is stored once: each further
+  // name -> the name in `weights` or `tensors` that holds it.
+  std::map<std::string, std::string> ties;
 };
 // Reads and checks an export_int8 file; errors name the file and what is wrong with it.
 Int8Model read_int8(const std::string& path);

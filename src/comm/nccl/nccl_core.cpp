@@ -120,6 +120,9 @@ class CoreWork final : public Work {
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (state_->error) std::rethrow_exception(state_->error);
     if (state_->done) return;
+    // On the communicator's device: the default stream is the null handle, which names the legacy
+    // stream of whichever device is current on this thread (a thread of the program's own starts on 0).
+    DeviceGuard guard(core_->device());
     cudaStream_t waiter = core_->current_stream_ ? core_->current_stream_() : nullptr;
     LOCKSTEP_CUDA_CHECK(cudaStreamWaitEvent(waiter, state_->end, 0));
   }
@@ -303,10 +306,20 @@ WorkPtr Core::launch(LaunchSpec spec) {
     LOCKSTEP_CUDA_CHECK(cudaEventRecord(state->start, stream_));
     spec.issue(comm_, stream_);
     LOCKSTEP_CUDA_CHECK(cudaEventRecord(state->end, stream_));
-  } catch (...) {
-    std::lock_guard<std::mutex> lock(state->mutex);
-    state->fail(std::current_exception());
-    throw;
+  } catch (const std::exception& e) {
+    // The other ranks may have issued their side of it: they would wait for this rank until the
+    // timeout. Abort now, naming the collective, as a failure found later would.
+    const auto* lockstep_error = dynamic_cast<const Error*>(&e);
+    auto error = std::make_exception_ptr(Error(
+        state->info.describe() + " could not be issued: " + (lockstep_error ? lockstep_error->message() : e.what()) +
+            "; the NCCL communicator was aborted",
+        __FILE__, __LINE__));
+    {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->fail(error);
+    }
+    abort(error);
+    std::rethrow_exception(error);
   }
   {
     std::lock_guard<std::mutex> lock(state->mutex);

@@ -73,6 +73,8 @@ void validate(const PruningOptions& o) {
       LOCKSTEP_CHECK(o.end_epoch > o.begin_epoch, "pruning: a gradual schedule needs end_epoch > begin_epoch, got ",
                      o.begin_epoch, " and ", o.end_epoch);
     } else {
+      LOCKSTEP_CHECK(o.begin_epoch == 0.0, "pruning: a gradual schedule given begin_epoch (", o.begin_epoch,
+                     ") needs end_epoch too (epochs and steps do not mix)");
       LOCKSTEP_CHECK(o.end_step > o.begin_step, "pruning: a gradual schedule needs end_step > begin_step, got ",
                      o.begin_step, " and ", o.end_step);
     }
@@ -119,20 +121,26 @@ std::vector<std::string> MagnitudePruning::layers() const {
 void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   LOCKSTEP_CHECK(ctx.model != nullptr, "MagnitudePruning: the trainer gave no model");
   torch::nn::Module& model = *ctx.model;
+  std::shared_ptr<torch::nn::Module> existing;
   for (const auto& child : model.named_children()) {
-    LOCKSTEP_CHECK(child.key() != kMasksChild, "MagnitudePruning: the model already has a '", kMasksChild,
-                   "' child (two pruning callbacks on one model, or a model saved with its masks?)");
+    if (child.key() == kMasksChild) existing = child.value();
   }
-  auto masks = std::make_shared<torch::nn::Module>("PruningMasks");
+  // This callback's own masks from an earlier fit() of the same model stay in force (and are kept).
+  const bool again = existing != nullptr && existing == masks_ && model_ == &model;
+  LOCKSTEP_CHECK(existing == nullptr || again, "MagnitudePruning: the model already has a '", kMasksChild,
+                 "' child (two pruning callbacks on one model, or a model saved with its masks?)");
+  auto masks = again ? existing : std::make_shared<torch::nn::Module>("PruningMasks");
   layers_.clear();
   skipped_.clear();
+  // Mask names must identify their parameters among all of the model's (make_pruning_permanent finds
+  // a mask's parameter by encoding every name), not only among the selected ones.
+  std::map<std::string, std::vector<std::string>> by_mask_name;
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) by_mask_name[buffer_name(item.key())].push_back(item.key());
   for (const auto& [name, weight] : select_weights(model, options_.include, options_.exclude, "MagnitudePruning")) {
     const std::string mask_name = buffer_name(name);
-    for (const auto& other : layers_) {
-      LOCKSTEP_CHECK(buffer_name(other->name) != mask_name, "MagnitudePruning: parameters '", other->name, "' and '",
-                     name, "' would share the mask name '", mask_name,
-                     "' (a dot is stored as '__'); rename one or exclude it");
-    }
+    const std::vector<std::string>& sharing = by_mask_name[mask_name];
+    LOCKSTEP_CHECK(sharing.size() == 1, "MagnitudePruning: parameters '", sharing[0], "' and '", sharing[1],
+                   "' would share the mask name '", mask_name, "' (a dot is stored as '__'); rename one");
     if (options_.granularity == PruneGranularity::Structured) {
       LOCKSTEP_CHECK(weight.dim() >= 2, "MagnitudePruning: structured pruning needs weights with output channels; '",
                      name, "' has shape ", weight.sizes(), " (exclude it)");
@@ -147,21 +155,33 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     auto layer = std::make_shared<Layer>();
     layer->name = name;
     layer->weight = weight;
-    layer->mask = masks->register_buffer(mask_name, torch::ones(weight.sizes(), weight.options().dtype(torch::kBool)));
+    const at::Tensor* kept = again ? masks->named_buffers(/*recurse=*/false).find(mask_name) : nullptr;
+    layer->mask = kept != nullptr && kept->sizes() == weight.sizes()
+                      ? *kept
+                      : masks->register_buffer(mask_name, torch::ones(weight.sizes(), weight.options().dtype(torch::kBool)));
     layers_.push_back(layer);
+  }
+  if (layers_.empty() && !skipped_.empty()) {
+    std::ostringstream why;
+    for (const auto& [name, reason] : skipped_) why << "\n  " << name << ": " << reason;
+    LOCKSTEP_FAIL("MagnitudePruning: N:M (", options_.n, ":", options_.m, ") applies to none of the ", skipped_.size(),
+                  " selected weights:", why.str(), "\nChoose an M that divides their rows, or exclude them");
   }
   LOCKSTEP_CHECK(!layers_.empty(), "MagnitudePruning: no weights selected for pruning (include: ",
                  options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");
-  model.register_module(kMasksChild, masks);
+  if (!again) model.register_module(kMasksChild, masks);
+  masks_ = masks;
   model_ = &model;
 }
 
 void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
-  if (options_.end_epoch > 0) {
+  if (options_.end_epoch > 0 || options_.begin_epoch > 0) {
     options_.begin_step = train::steps_of_epochs(options_.begin_epoch, ctx.steps_per_epoch, "pruning begin_epoch");
-    options_.end_step = std::max(options_.begin_step + 1,
-                                 train::steps_of_epochs(options_.end_epoch, ctx.steps_per_epoch, "pruning end_epoch"));
-    options_.end_epoch = 0.0;  // resolved
+    if (options_.end_epoch > 0) {
+      options_.end_step = std::max(options_.begin_step + 1,
+                                   train::steps_of_epochs(options_.end_epoch, ctx.steps_per_epoch, "pruning end_epoch"));
+    }
+    options_.begin_epoch = options_.end_epoch = 0.0;  // resolved
   }
   // Masks restored by the Checkpointer (or all ones on a fresh start) are in force from here on.
   apply_to_weights();
@@ -304,6 +324,7 @@ void MagnitudePruning::on_train_end(train::TrainerContext& ctx) {
     make_pruning_permanent(*model_);
     layers_.clear();
     model_ = nullptr;
+    masks_ = nullptr;
   }
   train::run_on_rank0(
       ctx,

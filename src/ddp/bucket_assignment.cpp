@@ -61,8 +61,9 @@ std::vector<std::size_t> reverse_order(std::size_t n) {
 }
 
 std::int64_t cap_bytes_from_mb(double mb, const char* option) {
-  LOCKSTEP_CHECK(std::isfinite(mb) && mb >= 0, "DataParallelOptions::", option,
-                 " must be a non-negative number of MiB, found ", mb);
+  // Below 2^63 bytes (8 EiB), so that the byte count is an int64.
+  LOCKSTEP_CHECK(std::isfinite(mb) && mb >= 0 && mb < 8.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0, "DataParallelOptions::",
+                 option, " must be a non-negative number of MiB below 2^43 (8 EiB), found ", mb);
   return static_cast<std::int64_t>(std::llround(mb * 1024.0 * 1024.0));
 }
 

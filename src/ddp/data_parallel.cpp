@@ -41,8 +41,6 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   LOCKSTEP_CHECK(module_ != nullptr, "DataParallel needs a module");
   LOCKSTEP_CHECK(comm_ != nullptr, "DataParallel needs a communicator");
   ReducerOptions reducer_options;
-  reducer_options.first_bucket_cap_bytes = cap_bytes_from_mb(options_.first_bucket_cap_mb, "first_bucket_cap_mb");
-  reducer_options.bucket_cap_bytes = cap_bytes_from_mb(options_.bucket_cap_mb, "bucket_cap_mb");
   reducer_options.gradient_as_bucket_view = options_.gradient_as_bucket_view;
   reducer_options.find_unused_parameters = options_.find_unused_parameters;
   reducer_options.comm_hook = options_.comm_hook;
@@ -85,6 +83,9 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
        {"sync_batch_norm", std::to_string(options_.sync_batch_norm)},
        {"comm_hook", describe_comm_hook(options_.comm_hook)}},
       "DataParallel", "Every rank must build DataParallel with the same DataParallelOptions.");
+  // After the agreement: a cap one rank alone gets wrong is the disagreement above, on every rank.
+  reducer_options.first_bucket_cap_bytes = cap_bytes_from_mb(options_.first_bucket_cap_mb, "first_bucket_cap_mb");
+  reducer_options.bucket_cap_bytes = cap_bytes_from_mb(options_.bucket_cap_mb, "bucket_cap_mb");
   check_same_model(*comm_, entries);
   for (const auto& entry : entries) state_.push_back(entry.tensor);
   broadcast_state(0);

@@ -584,9 +584,24 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
 
   // Strictly in bucket order, on every rank, and only here: a hook's continuation may issue a
   // collective of its own when it runs (Note [PowerSGD collective order]).
-  for (auto& bucket : buckets_) bucket.work->wait();
-  if (flags_work) flags_work->wait();
-  for (auto& work : broadcasts) work->wait();
+  try {
+    for (auto& bucket : buckets_) bucket.work->wait();
+    if (flags_work) flags_work->wait();
+    for (auto& work : broadcasts) work->wait();
+  } catch (const std::exception& e) {
+    // Later buckets' continuations (which may issue collectives of their own: PowerSGD) and the flags
+    // were not waited for on this rank alone, perhaps: as after a backward that failed partway
+    // through (Note [Abandoned backward]), its collectives can no longer be matched with the others'.
+    if (out_of_step_.empty()) {
+      const auto* error = dynamic_cast<const Error*>(&e);
+      out_of_step_ = detail::str_cat(
+          "DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
+          " while waiting for its reductions (", error != nullptr ? error->message() : std::string(e.what()),
+          "); the ranks' collectives can no longer be matched, so this rank cannot synchronise again. Restart from "
+          "the last checkpoint.");
+    }
+    throw;
+  }
   const std::vector<std::int32_t> ready_counts(flag, flag + n);
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);

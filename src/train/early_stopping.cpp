@@ -157,4 +157,10 @@ void EarlyStopping::load_state(const std::string& state) {
   waited_ = waited;
 }
 
+void EarlyStopping::load_tensors(std::vector<at::Tensor> tensors) {
+  // A checkpoint is read onto the model's device: the best weights are kept on the host, as when saved.
+  best_weights_.clear();
+  for (const auto& t : tensors) best_weights_.push_back(t.to(at::kCPU));
+}
+
 }  // namespace lockstep::train

@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -62,6 +64,27 @@ std::string summary(const TrainerContext& ctx) {
   return out;
 }
 
+// Note [Starting over] (checkpoint.cpp) for metrics.jsonl: a fresh run in a directory that holds an
+// earlier run's lines (checkpoint.resume: never, no checkpoint yet, or checkpoints off) keeps them in
+// "metrics.previous-<UTC time>.jsonl" instead of truncating them.
+void set_aside_earlier_metrics(const std::string& path) {
+  std::error_code error;
+  if (!std::filesystem::is_regular_file(path, error) || std::filesystem::file_size(path, error) == 0 || error) return;
+  char stamp[32];
+  const std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", &utc);
+  const std::filesystem::path target(path);
+  const std::string stem = (target.parent_path() / target.stem()).string() + ".previous-" + stamp;
+  std::string aside = stem + target.extension().string();
+  for (int n = 2; std::filesystem::exists(aside); ++n) aside = stem + "-" + std::to_string(n) + target.extension().string();
+  std::filesystem::rename(path, aside, error);
+  LOCKSTEP_CHECK(!error, "cannot move the earlier run's ", path, " aside to ", aside, ": ", error.message());
+  std::printf("moved the earlier run's %s to %s\n", path.c_str(), aside.c_str());
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 ProgressLogger::ProgressLogger(ProgressOptions options) : options_(std::move(options)) {
@@ -85,6 +108,7 @@ void ProgressLogger::on_train_begin(TrainerContext& ctx) {
   const auto prepare = [&] {
     if (options_.metrics_path.empty()) return;
     if (ctx.global_step == 0) {  // a fresh run starts a fresh file
+      set_aside_earlier_metrics(options_.metrics_path);
       std::ofstream out(options_.metrics_path, std::ios::trunc);
       LOCKSTEP_CHECK(out.good(), "cannot open ", options_.metrics_path, " for writing");
       return;

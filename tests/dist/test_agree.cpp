@@ -131,6 +131,13 @@ TEST_CASE("DataParallel refuses ranks whose bucket options differ, at constructi
   CHECK_THAT(error, Contains("DataParallel: the ranks disagree on bucket caps: 25 MB, first bucket 1 MB on " +
                              others(last) + "; 0.001 MB, first bucket 1 MB on rank " + std::to_string(last)));
   CHECK(communicator_healthy());
+  // A cap that is invalid on one rank alone is that disagreement on every rank, not one rank's error
+  // while the others wait.
+  lockstep::ddp::DataParallelOptions invalid;
+  if (comm().rank() == last) invalid.bucket_cap_mb = -1;
+  CHECK_THAT(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), invalid); }),
+             Contains("DataParallel: the ranks disagree on bucket caps: "));
+  CHECK(communicator_healthy());
   lockstep::ddp::DataParallelOptions hooked;
   if (comm().rank() == 0) hooked.comm_hook = lockstep::ddp::fp16_compress_hook();
   CHECK_THAT(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), hooked); }),

@@ -362,6 +362,36 @@ TEST_CASE("A synchronised backward that fails after a reduction began refuses to
   CHECK(communicator_healthy());
 }
 
+TEST_CASE("A synchronised backward that fails while waiting for its reductions refuses to synchronise again",
+          "[ddp]") {
+  // A hook's continuation throws on one rank: that rank leaves the later buckets' continuations and
+  // the flags unwaited, which its peers completed (a PowerSGD continuation issues a collective).
+  Fragile model = make_fragile();
+  DataParallelOptions options;
+  options.bucket_cap_mb = 0;
+  options.first_bucket_cap_mb = 0;
+  const int rank = comm().rank();
+  const int last = comm().size() - 1;
+  const lockstep::ddp::CommHook average = lockstep::ddp::allreduce_hook();
+  options.comm_hook = [average, last](lockstep::comm::Communicator& c, const lockstep::ddp::GradBucket& bucket) {
+    lockstep::comm::WorkPtr work = average(c, bucket);
+    if (bucket.index != 0 || c.rank() != last || bucket.iteration != 1) return work;
+    return lockstep::comm::then(std::move(work), [] { throw std::runtime_error("continuation failure"); });
+  };
+  DataParallel dp(model, comm_ptr(), options);
+  model->forward(batch_of(rank, 1), false).pow(2).sum().backward();
+  const std::string error = error_of([&] { model->forward(batch_of(rank, 2), false).pow(2).sum().backward(); });
+  CHECK((rank == last) == (error.find("continuation failure") != std::string::npos));
+  if (rank == last) {  // the others' next backward would wait for this rank's collectives
+    model->zero_grad();
+    const std::string again = error_of([&] { model->forward(batch_of(rank, 3), false).pow(2).sum().backward(); });
+    INFO(again);
+    CHECK(again.find("an earlier synchronised backward failed on rank " + std::to_string(rank) +
+                     " while waiting for its reductions (continuation failure)") != std::string::npos);
+  }
+  CHECK(communicator_healthy());
+}
+
 // ---- a model moved or cast after DataParallel was built ----
 
 namespace {

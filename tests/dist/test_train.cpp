@@ -462,6 +462,18 @@ TEST_CASE("trainer: resume: never moves an earlier run's checkpoints aside; keep
     ++aside;
   }
   CHECK(aside == 1);
+  // Its metrics.jsonl too: this run has no line yet (it stopped in epoch 1), the earlier one's 3 are kept.
+  CHECK(metrics_lines(dir).empty());
+  std::vector<std::string> earlier_metrics;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("metrics.previous-", 0) == 0 && entry.path().extension() == ".jsonl") earlier_metrics.push_back(name);
+  }
+  REQUIRE(earlier_metrics.size() == 1);
+  std::ifstream earlier_file(dir + "/" + earlier_metrics[0]);
+  int earlier_lines = 0;
+  for (std::string line; std::getline(earlier_file, line);) ++earlier_lines;
+  CHECK(earlier_lines == 3);
   // The same command with resume: auto goes on from this run's step 3.
   CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto", 1, 2).state));
 }

@@ -77,6 +77,9 @@ TEST_CASE("pruning: invalid options are errors naming the option", "[compress]")
   o.end_step = o.begin_step;
   CHECK_THROWS_WITH(validate(o), Catch::Contains("end_step > begin_step"));
   o = PruningOptions{};
+  o.begin_epoch = 2;  // with end_step in steps: the ramp's ends in two units
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("a gradual schedule given begin_epoch (2) needs end_epoch too"));
+  o = PruningOptions{};
   o.granularity = PruneGranularity::NM;
   o.schedule = PruneSchedule::OneShot;
   o.scope = PruneScope::Global;
@@ -325,4 +328,56 @@ TEST_CASE("pruning: parameter names with underscores beside a dot keep their mas
   MagnitudePruning clash(o);
   CHECK_THROWS_WITH(clash.on_setup(ctx), Catch::Contains("'a_.weight' and 'a._weight' would share the mask name "
                                                          "'a___weight'"));
+  // Only one of them selected: still an error at setup, not when make_pruning_permanent meets the
+  // ambiguity after training.
+  o.include = {"^a_\\.weight$"};
+  MagnitudePruning half(o);
+  CHECK_THROWS_WITH(half.on_setup(ctx), Catch::Contains("parameters 'a_.weight' and 'a._weight' would share the mask "
+                                                        "name 'a___weight'"));
+}
+
+TEST_CASE("pruning: begin_epoch alone sets a one-shot schedule's step", "[compress]") {
+  torch::manual_seed(9);
+  Underscores model;
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  ctx.steps_per_epoch = 5;
+  PruningOptions o;
+  o.schedule = PruneSchedule::OneShot;
+  o.begin_epoch = 2;  // it pruned at step 0 when end_epoch was 0
+  MagnitudePruning pruning(o);
+  pruning.on_setup(ctx);
+  pruning.on_train_begin(ctx);
+  CHECK(pruning.options().begin_step == 10);
+  CHECK_FALSE(is_pruning_step(pruning.options(), 0));
+  CHECK(is_pruning_step(pruning.options(), 10));
+}
+
+TEST_CASE("pruning: a second fit() with the same callback keeps its masks; N:M that fits no layer says why",
+          "[compress]") {
+  torch::manual_seed(9);
+  Underscores model;
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  MagnitudePruning pruning(PruningOptions{});
+  pruning.on_setup(ctx);
+  model->named_buffers()["pruning_masks.head___weight"].bernoulli_(0.5);
+  const at::Tensor mask = model->named_buffers()["pruning_masks.head___weight"].clone();
+  pruning.on_setup(ctx);  // what the trainer's next fit() does: before, "already has a 'pruning_masks' child"
+  CHECK(pruning.layers() == std::vector<std::string>{"head_.weight", "_tail.weight"});
+  CHECK(torch::equal(model->named_buffers()["pruning_masks.head___weight"], mask));
+  int64_t masks = 0;
+  for (const auto& b : model->named_buffers()) masks += b.key().rfind("pruning_masks.", 0) == 0;
+  CHECK(masks == 2);
+  MagnitudePruning other(PruningOptions{});  // another callback on the same model still may not
+  CHECK_THROWS_WITH(other.on_setup(ctx), Catch::Contains("already has a 'pruning_masks' child"));
+
+  Underscores fresh;  // rows of 6 and 5 weights: a multiple of M = 4 in neither
+  ctx.model = fresh.ptr().get();
+  PruningOptions nm;
+  nm.granularity = PruneGranularity::NM;
+  nm.schedule = PruneSchedule::OneShot;
+  MagnitudePruning none(nm);
+  CHECK_THROWS_WITH(none.on_setup(ctx), Catch::Contains("N:M (2:4) applies to none of the 2 selected weights") &&
+                                            Catch::Contains("head_.weight: rows of 6 weights are not a multiple of M = 4"));
 }

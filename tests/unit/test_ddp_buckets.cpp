@@ -59,6 +59,10 @@ TEST_CASE("assign_buckets rejects an order that is not a permutation", "[ddp]") 
   CHECK_THROWS_AS(assign_buckets(params, {0, 1, 2}, 0, 0), lockstep::Error);
   CHECK_THROWS_AS(lockstep::ddp::cap_bytes_from_mb(-1, "bucket_cap_mb"), lockstep::Error);
   CHECK(lockstep::ddp::cap_bytes_from_mb(25, "bucket_cap_mb") == 25 << 20);
+  // Past int64's bytes: it rounded to a negative count, which a later check called negative.
+  CHECK_THROWS_WITH(lockstep::ddp::cap_bytes_from_mb(1e20, "bucket_cap_mb"),
+                    Catch::Contains("bucket_cap_mb must be a non-negative number of MiB below 2^43 (8 EiB), found 1e+20"));
+  CHECK(lockstep::ddp::cap_bytes_from_mb(1e12, "bucket_cap_mb") == static_cast<std::int64_t>(1e12) << 20);
 }
 
 TEST_CASE("Model entries describe what must agree across ranks", "[ddp]") {

@@ -94,7 +94,9 @@ class AsyncWork final : public Work {
 
 // then(work, fn): a Work that, the first time it is waited on successfully, waits for `work` and
 // then runs `fn` on the waiting thread (e.g. casting a compressed buffer back). Errors in either
-// are rethrown from every wait.
+// are rethrown from every wait. Its is_completed() is `work`'s: fn runs only in wait(), never on a
+// polling thread (a continuation may issue a collective, whose order wait()'s caller decides), so the
+// result is there only after wait(), which may still block on what fn issues.
 WorkPtr then(WorkPtr work, std::function<void()> fn);
 
 // A Work that is already done (world size 1, empty tensors handled without communication).

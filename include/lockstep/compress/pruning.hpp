@@ -53,8 +53,9 @@ struct PruningOptions {
   int64_t begin_step = 0;
   int64_t end_step = 1000;
   int64_t frequency = 100;
-  // Alternatively in epochs (fractions allowed): when end_epoch > 0, begin_step and end_step are
-  // begin_epoch and end_epoch times the steps per epoch.
+  // Alternatively in epochs (fractions allowed), taking precedence when > 0: begin_step and end_step
+  // are begin_epoch and end_epoch times the steps per epoch (with end_epoch > 0, begin_step is
+  // begin_epoch's even at 0). A gradual schedule given begin_epoch needs end_epoch too.
   double begin_epoch = 0.0;
   double end_epoch = 0.0;
 
@@ -129,6 +130,7 @@ class MagnitudePruning final : public train::Callback {
   int64_t end_step_ = 0;
   int64_t last_pruning_step_ = -1;
   double current_sparsity_ = 0.0;
+  std::shared_ptr<torch::nn::Module> masks_;  // the "pruning_masks" child this callback registered
 };
 
 // Multiplies the masks into the weights and removes the "pruning_masks" child, so `model` is a plain

@@ -66,7 +66,7 @@ class EarlyStopping final : public Callback {
   std::string save_state() const override;
   void load_state(const std::string& state) override;
   std::vector<at::Tensor> save_tensors() const override { return best_weights_; }
-  void load_tensors(std::vector<at::Tensor> tensors) override { best_weights_ = std::move(tensors); }
+  void load_tensors(std::vector<at::Tensor> tensors) override;
 
  private:
   std::string reason() const;

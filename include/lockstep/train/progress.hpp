@@ -15,7 +15,9 @@ namespace lockstep::train {
 
 struct ProgressOptions {
   int64_t log_every = 20;     // steps between progress lines; 0 = none
-  std::string metrics_path;   // empty = no metrics.jsonl
+  // empty = no metrics.jsonl. A fresh run (global step 0) that finds an earlier run's lines there
+  // moves them to "<stem>.previous-<UTC time><ext>" beside it (Note [Starting over]: nothing is lost).
+  std::string metrics_path;
   // -1: decide by isatty(stdout), plain lines under mpirun, LOCKSTEP_PROGRESS_TTY=0/1 forces (see
   // Note [Progress terminal]); 0: plain lines; 1: redraw in place.
   int interactive = -1;

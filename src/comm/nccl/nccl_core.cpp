@@ -167,12 +167,15 @@ Core::Core(CoreOptions options, CurrentStreamFn current_stream)
   if (options_.watchdog_interval.count() <= 0) options_.watchdog_interval = std::chrono::milliseconds(5);
 }
 
+void check_device(int device) {
+  const int devices = cuda_device_count("the NCCL communicator");
+  LOCKSTEP_CHECK(device >= 0 && device < devices, "the NCCL communicator: CUDA device ", device,
+                 " does not exist (this host has ", devices, " device(s)) on rank ", mpi_rank_or(-1));
+}
+
 std::shared_ptr<Core> Core::create(CoreOptions options, CurrentStreamFn current_stream) {
   // Checked before anything collective, so that a machine without a GPU gets a clear error.
-  const int devices = cuda_device_count("the NCCL communicator");
-  LOCKSTEP_CHECK(options.device >= 0 && options.device < devices, "the NCCL communicator: CUDA device ",
-                 options.device, " does not exist (this host has ", devices, " device(s)) on rank ",
-                 mpi_rank_or(-1));
+  check_device(options.device);
   std::shared_ptr<Core> core(new Core(options, std::move(current_stream)));
   core->initialise();
   return core;
@@ -390,6 +393,17 @@ void Core::fail_timed_out(State& state, std::chrono::milliseconds timeout) {
   auto error = std::make_exception_ptr(TimeoutError(text, __FILE__, __LINE__));
   {
     std::lock_guard<std::mutex> lock(state.mutex);
+    // A last look: it may have completed since it was polled, and aborting then would end a
+    // communicator whose work all finished. The caller polls again and finds it done.
+    if (!state.done && state.recorded) {
+      const cudaError_t rc = cudaEventQuery(state.end);
+      if (rc == cudaSuccess) {
+        state.complete();
+      } else if (rc != cudaErrorNotReady) {
+        cudaGetLastError();
+      }
+    }
+    if (state.done) return;
     state.fail(error);
   }
   abort(error);

@@ -70,6 +70,8 @@ struct LaunchSpec {
 // The number of CUDA devices; throws a clear lockstep::Error (naming `who`, the rank when MPI is up,
 // and CUDA's reason) when there are none or the driver is unusable.
 int cuda_device_count(const char* who);
+// Throws a clear lockstep::Error when `device` is not one of this host's CUDA devices.
+void check_device(int device);
 
 class Core : public std::enable_shared_from_this<Core> {
  public:
@@ -106,6 +108,8 @@ class Core : public std::enable_shared_from_this<Core> {
   // Checks `state`'s end event; marks it done. Returns true once it is done (or failed).
   bool poll(State& state);
   void check_async_error();
+  // Fails `state` with a TimeoutError, aborts the communicator and throws it; returns instead when
+  // `state` turns out to be done (it completed after its last poll).
   void fail_timed_out(State& state, std::chrono::milliseconds timeout);
 
   friend class CoreWork;

@@ -250,6 +250,7 @@ std::string nccl_build_info() {
 CommunicatorPtr make_nccl_communicator(NcclCommunicatorOptions options) {
   nccl::cuda_device_count("the NCCL communicator");
   if (options.device < 0) options.device = static_cast<int>(c10::cuda::current_device());
+  nccl::check_device(options.device);  // before the constructor takes a stream of the device's pool
   return std::make_shared<NcclCommunicator>(options);
 }
 

@@ -648,6 +648,25 @@ TEST_CASE("trainer: a metrics.jsonl rank 0 cannot write is an error on every ran
   CHECK(lockstep::train::list_checkpoints(dir + "/checkpoints").empty());  // no step was trained
 }
 
+TEST_CASE("trainer: a metrics.jsonl line that does not reach a full disk is an error on every rank", "[train]") {
+  // /dev/full opens and takes writes into the stream's buffer; the bytes fail when flushed. The line
+  // used to be flushed by the stream's destructor, which ignores the error: an epoch lost silently.
+  if (!fs::exists("/dev/full")) return;  // Linux only
+  const std::string dir = shared_dir("metrics_full_disk");
+  if (comm().rank() == 0) {
+    fs::create_directories(dir);
+    fs::create_symlink("/dev/full", dir + "/metrics.jsonl");
+  }
+  comm().barrier()->wait();
+  const std::string error = lockstep::testing::error_of([&] { resumable_run(dir, 0, "never"); });
+  CHECK_THAT(error, Catch::Contains("ProgressLogger: cannot append to " + dir + "/metrics.jsonl"));
+  CHECK_THAT(error, Catch::Contains("(on rank 0; this is rank " + std::to_string(comm().rank()) + ")"));
+  CHECK(lockstep::testing::communicator_healthy());
+  // The error came at the end of epoch 1, before its checkpoint (written in on_after_epoch_end): no
+  // checkpoint claims an epoch whose line is missing.
+  CHECK(lockstep::train::list_checkpoints(dir + "/checkpoints").empty());
+}
+
 TEST_CASE("trainer: a checkpoint written on a GPU resumes on the CPU (Note [Checkpoints across devices])",
           "[train]") {
   const RunResult full = resumable_run(shared_dir("full_gpu"), 0, "never");

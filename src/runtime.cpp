@@ -5,11 +5,13 @@
 #include <malloc.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -44,6 +46,13 @@ bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reas
   return false;
 }
 
+int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices) {
+  const bool known = !bus_ids.empty() && std::none_of(bus_ids.begin(), bus_ids.end(),
+                                                      [](const std::string& id) { return id.empty(); });
+  if (!known) return visible_devices;
+  return static_cast<int>(std::set<std::string>(bus_ids.begin(), bus_ids.end()).size());
+}
+
 }  // namespace detail
 
 namespace {
@@ -53,6 +62,25 @@ namespace {
 // rank, so N ranks on N cores run N x N BLAS threads and Linear layers (and PowerSGD's matmuls) crawl.
 // The Runtime sets OpenBLAS to the same thread count, unless OPENBLAS_NUM_THREADS says otherwise. Found
 // with dlsym, so there is no link dependency: without OpenBLAS this does nothing. Returns whether it did.
+// Collective over MPI_COMM_WORLD: the strings of the ranks on this host (those sharing its memory),
+// indexed by local rank. Note [GPUs of their own].
+std::vector<std::string> gather_on_host(const std::string& mine, int world_rank) {
+  MPI_Comm local = MPI_COMM_NULL;
+  LOCKSTEP_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, &local));
+  int size = 0;
+  MPI_Comm_size(local, &size);
+  constexpr int kWidth = 64;  // a PCI bus id is 13 characters ("0000:3b:00.0")
+  char text[kWidth] = {0};
+  std::strncpy(text, mine.c_str(), kWidth - 1);
+  std::vector<char> all(static_cast<std::size_t>(size) * kWidth);
+  const int rc = MPI_Allgather(text, kWidth, MPI_CHAR, all.data(), kWidth, MPI_CHAR, local);
+  MPI_Comm_free(&local);
+  LOCKSTEP_CHECK(rc == MPI_SUCCESS, "runtime: gathering the GPUs of the host's ranks failed (MPI error ", rc, ")");
+  std::vector<std::string> out;
+  for (int r = 0; r < size; ++r) out.emplace_back(all.data() + static_cast<std::size_t>(r) * kWidth);
+  return out;
+}
+
 bool set_openblas_threads(int threads) {
   if (std::getenv("OPENBLAS_NUM_THREADS") != nullptr) return false;
   using SetThreads = void (*)(int);
@@ -215,17 +243,29 @@ Runtime::~Runtime() {
 void Runtime::select_device_and_backend() {
   // Note [Device and backend choice]: the same decision on every rank of a host (it depends only on the
   // host's GPUs and ranks), and NCCL only where each rank gets a GPU of its own: NCCL refuses two ranks
-  // on one GPU, while MPI with staged CUDA tensors serves such set-ups.
+  // on one GPU, while MPI with staged CUDA tensors serves such set-ups. Whether they do is judged from
+  // the host ranks' GPU bus ids (Note [GPUs of their own], core/backend_choice.hpp).
   const int devices = cuda_device_count();
-  if (options_.device == "cuda") {
-    LOCKSTEP_CHECK(devices > 0, "runtime device \"cuda\" asked for, but CUDA is not usable on rank ", world_.rank,
-                   " (host ", world_.host, "): a CPU-only LibTorch, no GPU, or no driver");
+  std::exception_ptr failed;
+  try {
+    if (options_.device == "cuda") {
+      LOCKSTEP_CHECK(devices > 0, "runtime device \"cuda\" asked for, but CUDA is not usable on rank ", world_.rank,
+                     " (host ", world_.host, "): a CPU-only LibTorch, no GPU, or no driver");
+    }
+    if (options_.device != "cpu" && devices > 0) {
+      world_.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(world_.local_rank % devices));
+      set_current_cuda_device(world_.device);
+    }
+  } catch (...) {
+    failed = std::current_exception();
   }
-  if (options_.device != "cpu" && devices > 0) {
-    world_.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(world_.local_rank % devices));
-    set_current_cuda_device(world_.device);
-  }
-  const bool own_gpu = world_.device.is_cuda() && world_.local_size <= devices;
+  // Note [GPUs of their own]: every rank of the host takes part, a failing one or one on the CPU too.
+  const std::string bus_id = !failed && world_.device.is_cuda() ? comm::cuda_pci_bus_id(world_.device.index()) : "";
+  const std::vector<std::string> host_gpus =
+      world_.size > 1 ? gather_on_host(bus_id, world_.rank) : std::vector<std::string>{bus_id};
+  if (failed) std::rethrow_exception(failed);
+  const int gpus = detail::host_gpu_count(host_gpus, devices);
+  const bool own_gpu = world_.device.is_cuda() && world_.local_size <= gpus;
   if (options_.backend == "mpi") {
     backend_ = "mpi";
     backend_reason_ = "asked for";
@@ -242,7 +282,7 @@ void Runtime::select_device_and_backend() {
     backend_reason_ = "this build has no NCCL communicator (" + comm::nccl_build_info() + ")";
   } else if (!own_gpu) {
     backend_ = "mpi";
-    backend_reason_ = std::to_string(world_.local_size) + " ranks share " + std::to_string(devices) + " GPU(s) on host " +
+    backend_reason_ = std::to_string(world_.local_size) + " ranks share " + std::to_string(gpus) + " GPU(s) on host " +
                       world_.host + "; NCCL needs one GPU per rank";
   } else {
     backend_ = "nccl";

@@ -23,4 +23,11 @@ struct BackendChoice {
 // receives, when NCCL was chosen by some ranks but not all, a reason naming the ranks that use MPI.
 bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reason_for_mpi = nullptr);
 
+// Note [GPUs of their own]: how many distinct GPUs the ranks of one host use, given each rank's GPU
+// PCI bus id ("" for a rank without one, or where this build cannot tell). By bus id when every rank
+// has one: ranks that each see a single GPU through their own CUDA_VISIBLE_DEVICES (SLURM's
+// --gpus-per-task, a launcher that pins GPUs) all use "device 0", which counting visible devices would
+// take for one GPU shared. Otherwise the visible device count. NCCL needs one per rank.
+int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices);
+
 }  // namespace lockstep::detail

@@ -41,6 +41,22 @@ TEST_CASE("a build without the NCCL communicator says so instead of failing obsc
   CHECK_THROWS_AS(lockstep::comm::make_nccl_communicator(), lockstep::Error);
 }
 
+TEST_CASE("GPUs of their own are told apart by PCI bus id, else counted (Note [GPUs of their own])", "[device]") {
+  using lockstep::detail::host_gpu_count;
+  // 4 ranks, each seeing one GPU of its own as device 0 (CUDA_VISIBLE_DEVICES per rank): 4 GPUs.
+  CHECK(host_gpu_count({"0000:1b:00.0", "0000:3b:00.0", "0000:5e:00.0", "0000:86:00.0"}, 1) == 4);
+  // Two ranks given the same GPU: 1, whatever each sees.
+  CHECK(host_gpu_count({"0000:1b:00.0", "0000:1b:00.0"}, 1) == 1);
+  // 4 ranks over 2 visible GPUs (local_rank % 2): 2.
+  CHECK(host_gpu_count({"0000:1b:00.0", "0000:3b:00.0", "0000:1b:00.0", "0000:3b:00.0"}, 2) == 2);
+  // A rank without an id (no GPU, or a build that cannot tell): the visible devices are counted.
+  CHECK(host_gpu_count({"0000:1b:00.0", ""}, 8) == 8);
+  CHECK(host_gpu_count({"", ""}, 1) == 1);
+  CHECK(host_gpu_count({}, 0) == 0);
+  // This build: a real id only with the NCCL communicator and a GPU.
+  if (!lockstep::comm::nccl_available()) CHECK(lockstep::comm::cuda_pci_bus_id(0).empty());
+}
+
 TEST_CASE("one backend for all ranks: NCCL only where every rank chose it (Note [One backend for all ranks])",
           "[device]") {
   using lockstep::detail::BackendChoice;

@@ -36,6 +36,10 @@ struct NcclCommunicatorOptions {
 
 // True when this build has the NCCL communicator (CUDA, NCCL and a CUDA-enabled LibTorch).
 bool nccl_available();
+// The PCI bus id of CUDA device `device` as this process numbers it ("0000:3b:00.0"), or "" when this
+// build has no NCCL communicator or CUDA cannot tell. How the runtime tells ranks' GPUs apart when
+// each rank sees its own through CUDA_VISIBLE_DEVICES (Note [GPUs of their own]).
+std::string cuda_pci_bus_id(int device);
 // What the NCCL part of this build is: "NCCL 2.28.9 (compiled against 2.28.9), CUDA runtime 13000", or
 // why it is missing.
 std::string nccl_build_info();

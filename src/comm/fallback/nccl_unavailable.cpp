@@ -17,6 +17,7 @@ namespace {
 }  // namespace
 
 bool nccl_available() { return false; }
+std::string cuda_pci_bus_id(int) { return ""; }
 std::string nccl_build_info() { return std::string("not built: ") + LOCKSTEP_NCCL_UNAVAILABLE_REASON; }
 CommunicatorPtr make_nccl_communicator(NcclCommunicatorOptions) { unavailable("make_nccl_communicator"); }
 void nccl_raw_allreduce(Communicator&, const at::Tensor&) { unavailable("nccl_raw_allreduce"); }

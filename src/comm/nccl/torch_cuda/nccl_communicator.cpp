@@ -240,6 +240,15 @@ NcclCommunicator& as_nccl(Communicator& comm, const char* who) {
 
 bool nccl_available() { return true; }
 
+std::string cuda_pci_bus_id(int device) {
+  char id[64] = {0};
+  if (cudaDeviceGetPCIBusId(id, static_cast<int>(sizeof id), device) != cudaSuccess) {
+    cudaGetLastError();  // not sticky; the caller counts devices instead
+    return "";
+  }
+  return id;
+}
+
 std::string nccl_build_info() {
   int runtime = 0;
   cudaRuntimeGetVersion(&runtime);

@@ -57,11 +57,6 @@ int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices)
 
 namespace {
 
-// Note [BLAS threads]: at::set_num_threads sizes LibTorch's own pools, but not an OpenBLAS that LibTorch
-// reaches as the system's libblas.so.3 (Debian's package): that one starts a thread per core in every
-// rank, so N ranks on N cores run N x N BLAS threads and Linear layers (and PowerSGD's matmuls) crawl.
-// The Runtime sets OpenBLAS to the same thread count, unless OPENBLAS_NUM_THREADS says otherwise. Found
-// with dlsym, so there is no link dependency: without OpenBLAS this does nothing. Returns whether it did.
 // Collective over MPI_COMM_WORLD: the strings of the ranks on this host (those sharing its memory),
 // indexed by local rank. Note [GPUs of their own].
 std::vector<std::string> gather_on_host(const std::string& mine, int world_rank) {
@@ -69,7 +64,7 @@ std::vector<std::string> gather_on_host(const std::string& mine, int world_rank)
   LOCKSTEP_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, &local));
   int size = 0;
   MPI_Comm_size(local, &size);
-  constexpr int kWidth = 64;  // a PCI bus id is 13 characters ("0000:3b:00.0")
+  constexpr int kWidth = 64;  // a PCI bus id is 12 characters ("0000:3b:00.0")
   char text[kWidth] = {0};
   std::strncpy(text, mine.c_str(), kWidth - 1);
   std::vector<char> all(static_cast<std::size_t>(size) * kWidth);
@@ -81,6 +76,11 @@ std::vector<std::string> gather_on_host(const std::string& mine, int world_rank)
   return out;
 }
 
+// Note [BLAS threads]: at::set_num_threads sizes LibTorch's own pools, but not an OpenBLAS that LibTorch
+// reaches as the system's libblas.so.3 (Debian's package): that one starts a thread per core in every
+// rank, so N ranks on N cores run N x N BLAS threads and Linear layers (and PowerSGD's matmuls) crawl.
+// The Runtime sets OpenBLAS to the same thread count, unless OPENBLAS_NUM_THREADS says otherwise. Found
+// with dlsym, so there is no link dependency: without OpenBLAS this does nothing. Returns whether it did.
 bool set_openblas_threads(int threads) {
   if (std::getenv("OPENBLAS_NUM_THREADS") != nullptr) return false;
   using SetThreads = void (*)(int);

@@ -110,7 +110,10 @@ struct MagnitudePruning::Layer {
   at::Tensor mask;    // the buffer in the "pruning_masks" child (Note [Masks as state])
 };
 
-MagnitudePruning::MagnitudePruning(PruningOptions options) : options_(std::move(options)) { validate(options_); }
+MagnitudePruning::MagnitudePruning(PruningOptions options) : options_(std::move(options)) {
+  validate(options_);
+  configured_ = options_;
+}
 
 std::vector<std::string> MagnitudePruning::layers() const {
   std::vector<std::string> names;
@@ -125,13 +128,14 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   for (const auto& child : model.named_children()) {
     if (child.key() == kMasksChild) existing = child.value();
   }
-  // This callback's own masks from an earlier fit() of the same model stay in force (and are kept).
+  // This callback's own masks from an earlier fit() of the same model stay in force (and are kept),
+  // if they still fit the weights this fit selects.
   const bool again = existing != nullptr && existing == masks_ && model_ == &model;
   LOCKSTEP_CHECK(existing == nullptr || again, "MagnitudePruning: the model already has a '", kMasksChild,
                  "' child (two pruning callbacks on one model, or a model saved with its masks?)");
-  auto masks = again ? existing : std::make_shared<torch::nn::Module>("PruningMasks");
   layers_.clear();
   skipped_.clear();
+  last_pruning_step_ = -1;  // a fit runs the schedule from its start (a resume restores it)
   // Mask names must identify their parameters among all of the model's (make_pruning_permanent finds
   // a mask's parameter by encoding every name), not only among the selected ones.
   std::map<std::string, std::vector<std::string>> by_mask_name;
@@ -155,10 +159,6 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     auto layer = std::make_shared<Layer>();
     layer->name = name;
     layer->weight = weight;
-    const at::Tensor* kept = again ? masks->named_buffers(/*recurse=*/false).find(mask_name) : nullptr;
-    layer->mask = kept != nullptr && kept->sizes() == weight.sizes()
-                      ? *kept
-                      : masks->register_buffer(mask_name, torch::ones(weight.sizes(), weight.options().dtype(torch::kBool)));
     layers_.push_back(layer);
   }
   if (layers_.empty() && !skipped_.empty()) {
@@ -169,12 +169,32 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   }
   LOCKSTEP_CHECK(!layers_.empty(), "MagnitudePruning: no weights selected for pruning (include: ",
                  options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");
-  if (!again) model.register_module(kMasksChild, masks);
+  // The earlier fit's masks are kept only when they are exactly this selection's, in shape too (the
+  // model may have been changed between the fits: a new head); otherwise they start over at all ones.
+  bool keep = again;
+  if (again) {
+    const auto kept = existing->named_buffers(/*recurse=*/false);
+    keep = kept.size() == layers_.size();
+    for (const auto& layer : layers_) {
+      const at::Tensor* mask = kept.find(buffer_name(layer->name));
+      keep = keep && mask != nullptr && mask->sizes() == layer->weight.sizes();
+    }
+    if (!keep) model.unregister_module(kMasksChild);
+  }
+  auto masks = keep ? existing : std::make_shared<torch::nn::Module>("PruningMasks");
+  for (auto& layer : layers_) {
+    const std::string mask_name = buffer_name(layer->name);
+    layer->mask = keep ? masks->named_buffers(/*recurse=*/false)[mask_name]
+                       : masks->register_buffer(mask_name, torch::ones(layer->weight.sizes(),
+                                                                       layer->weight.options().dtype(torch::kBool)));
+  }
+  if (!keep) model.register_module(kMasksChild, masks);
   masks_ = masks;
   model_ = &model;
 }
 
 void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
+  options_ = configured_;  // the epochs are resolved again each fit (the steps per epoch may differ)
   if (options_.end_epoch > 0 || options_.begin_epoch > 0) {
     options_.begin_step = train::steps_of_epochs(options_.begin_epoch, ctx.steps_per_epoch, "pruning begin_epoch");
     if (options_.end_epoch > 0) {

@@ -20,7 +20,9 @@ namespace lockstep::compress {
 namespace {
 
 constexpr const char* kFormat = "lockstep-int8";
-constexpr int64_t kVersion = 1;
+// Version 2 adds "ties" (tied tensors stored once); a file without ties is written as version 1, so
+// that an older Lockstep still reads it, and one with ties tells an older reader its version.
+constexpr int64_t kVersion = 2;
 
 std::vector<std::pair<std::string, ActivationFakeQuant>> find_points(torch::nn::Module& model) {
   std::vector<std::pair<std::string, ActivationFakeQuant>> points;
@@ -386,7 +388,7 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
   }
   c10::impl::GenericDict root(c10::StringType::get(), c10::AnyType::get());
   root.insert("format", std::string(kFormat));
-  root.insert("version", kVersion);
+  root.insert("version", ties.empty() ? int64_t{1} : kVersion);
   root.insert("per_channel", per_channel);
   root.insert("weights", weights);
   root.insert("scales", scales);
@@ -423,8 +425,8 @@ Int8Model read_int8(const std::string& path) {
   };
   LOCKSTEP_CHECK(entry("format").isString() && entry("format").toStringRef() == kFormat, "read_int8: '", path,
                  "' is not a Lockstep int8 model file");
-  LOCKSTEP_CHECK(entry("version").toInt() == kVersion, "read_int8: '", path, "' has format version ",
-                 entry("version").toInt(), "; this Lockstep reads version ", kVersion);
+  LOCKSTEP_CHECK(entry("version").toInt() >= 1 && entry("version").toInt() <= kVersion, "read_int8: '", path,
+                 "' has format version ", entry("version").toInt(), "; this Lockstep reads versions 1 to ", kVersion);
   Int8Model model;
   model.per_channel = entry("per_channel").toBool();
   const c10::impl::GenericDict scales = entry("scales").toGenericDict();

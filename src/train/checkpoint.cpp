@@ -347,8 +347,9 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
     LOCKSTEP_CHECK(saved_world == world, "checkpoint ", path, " was written by ", saved_world,
                    " ranks but this job has ", world,
                    ": the train sampler's position is per rank, so resume with the same world size");
-    // Everything that can refuse the file is read and checked before anything is changed: a refused
-    // resume leaves the model, the optimizer and the callbacks as they were.
+    // What the file says about the run (its steps and data order) is checked before anything is
+    // changed: a resume refused for those leaves the model, the optimizer and the callbacks as they
+    // were. (A model, optimizer or callback state that does not fit can still fail part-way.)
     const int64_t global_step = read_int(archive, "global_step");
     data::SamplerState position;
     position.epoch = read_int(archive, "epoch");

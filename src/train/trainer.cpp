@@ -298,12 +298,6 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   data::Loader loader(train_set, sampler, loader_options);
 
   build_metrics(*train_set);
-  if (!options_.output_dir.empty()) {
-    // Collective (Note [A failed checkpoint]): a directory rank 0 cannot create fails every rank here.
-    comm::run_on_root(
-        *comm_, 0, [&] { std::filesystem::create_directories(options_.output_dir); },
-        "trainer: cannot create output_dir " + options_.output_dir);
-  }
   // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
   // callbacks start), the ProgressLogger last (it records the metrics the others add).
   callbacks_.clear();
@@ -334,6 +328,12 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   }
 
   check_ranks_agree(*train_set, eval_set.get());
+  if (!options_.output_dir.empty()) {  // set on every rank or on none: agreed just above
+    // Collective (Note [A failed checkpoint]): a directory rank 0 cannot create fails every rank here.
+    comm::run_on_root(
+        *comm_, 0, [&] { std::filesystem::create_directories(options_.output_dir); },
+        "trainer: cannot create output_dir " + options_.output_dir);
+  }
 
   TrainerContext ctx;
   ctx.model = model_.get();

@@ -246,9 +246,16 @@ TEST_CASE("Different models on different ranks: the error on every rank names th
     // The same layout everywhere, and strides that differ only in size-1 dimensions, pass.
     conv->weight.set_data(conv->weight.contiguous(at::MemoryFormat::ChannelsLast));
     CHECK(error_of([&] { DataParallel dp(conv.ptr(), comm_ptr()); }).empty());
-    torch::nn::Conv2d pointwise(torch::nn::Conv2dOptions(1, 4, 1));
-    if (rank == odd) pointwise->weight.set_data(pointwise->weight.as_strided({4, 1, 1, 1}, {1, 7, 3, 5}));
-    CHECK(error_of([&] { DataParallel dp(pointwise.ptr(), comm_ptr()); }).empty());
+    // A 1x3 kernel in NHWC order: [4, 3, 1, 3] with strides [9, 1, h, 3], where h (the size-1
+    // height's stride) changes nothing in memory; non-contiguous, so its strides are described.
+    torch::nn::Conv2d wide(torch::nn::Conv2dOptions(3, 4, {1, 3}));
+    const at::Tensor nhwc = at::empty_strided({4, 3, 1, 3}, {9, 1, rank == odd ? 100 : 3, 3});
+    nhwc.copy_(wide->weight.detach());
+    wide->weight.set_data(nhwc);
+    REQUIRE_FALSE(wide->weight.is_contiguous());
+    const std::string wide_error = error_of([&] { DataParallel dp(wide.ptr(), comm_ptr()); });
+    INFO(wide_error);
+    CHECK(wide_error.empty());
   }
   CHECK(communicator_healthy());
 }

@@ -353,7 +353,7 @@ TEST_CASE("pruning: begin_epoch alone sets a one-shot schedule's step", "[compre
   CHECK(is_pruning_step(pruning.options(), 10));
 }
 
-TEST_CASE("pruning: a second fit() with the same callback keeps its masks; N:M that fits no layer says why",
+TEST_CASE("pruning: a second fit() with the same callback keeps its masks, and N:M that fits no layer says why",
           "[compress]") {
   torch::manual_seed(9);
   Underscores model;
@@ -371,6 +371,14 @@ TEST_CASE("pruning: a second fit() with the same callback keeps its masks; N:M t
   CHECK(masks == 2);
   MagnitudePruning other(PruningOptions{});  // another callback on the same model still may not
   CHECK_THROWS_WITH(other.on_setup(ctx), Catch::Contains("already has a 'pruning_masks' child"));
+  // A model changed between the fits (a new head): the masks no longer fit and start over.
+  model->replace_module("_tail", torch::nn::Linear(5, 7));
+  pruning.on_setup(ctx);
+  CHECK(model->named_buffers()["pruning_masks._tail__weight"].sizes() == at::IntArrayRef({7, 5}));
+  CHECK(model->named_buffers()["pruning_masks.head___weight"].all().item<bool>());
+  masks = 0;
+  for (const auto& b : model->named_buffers()) masks += b.key().rfind("pruning_masks.", 0) == 0;
+  CHECK(masks == 2);
 
   Underscores fresh;  // rows of 6 and 5 weights: a multiple of M = 4 in neither
   ctx.model = fresh.ptr().get();

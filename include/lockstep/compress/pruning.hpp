@@ -90,6 +90,9 @@ struct LayerSparsity {
   double sparsity() const { return numel > 0 ? 1.0 - static_cast<double>(nonzeros) / static_cast<double>(numel) : 0.0; }
 };
 
+// A second fit() with the same callback runs the schedule again from its start (epochs resolved for
+// that fit's steps); the masks of the first stay in force until its first pruning step, unless the
+// selected weights changed (then they start over at all ones).
 class MagnitudePruning final : public train::Callback {
  public:
   explicit MagnitudePruning(PruningOptions options);
@@ -131,6 +134,7 @@ class MagnitudePruning final : public train::Callback {
   int64_t last_pruning_step_ = -1;
   double current_sparsity_ = 0.0;
   std::shared_ptr<torch::nn::Module> masks_;  // the "pruning_masks" child this callback registered
+  PruningOptions configured_;                 // as given: options_ has the epochs resolved into steps
 };
 
 // Multiplies the masks into the weights and removes the "pruning_masks" child, so `model` is a plain

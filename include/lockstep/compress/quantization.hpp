@@ -132,7 +132,7 @@ class QuantizationAwareTraining final : public train::Callback {
 };
 
 // The int8 model file (Note [Int8 export]): a pickled dictionary (torch::pickle_save) with
-//   "format": "lockstep-int8", "version": 1,
+//   "format": "lockstep-int8", "version": 1 (2 when "ties" is not empty),
 //   "per_channel": bool,
 //   "weights": {parameter name: int8 codes}, "scales": {parameter name: scale per channel or [1]},
 //   "tensors": {name: float tensor} for every other parameter and buffer (biases, batch norm; not

@@ -309,14 +309,31 @@ WorkPtr Core::launch(LaunchSpec spec) {
     LOCKSTEP_CUDA_CHECK(cudaEventRecord(state->start, stream_));
     spec.issue(comm_, stream_);
     LOCKSTEP_CUDA_CHECK(cudaEventRecord(state->end, stream_));
-  } catch (const std::exception& e) {
+  } catch (...) {
     // The other ranks may have issued their side of it: they would wait for this rank until the
-    // timeout. Abort now, naming the collective, as a failure found later would.
-    const auto* lockstep_error = dynamic_cast<const Error*>(&e);
+    // timeout. Abort now, naming the collective, as a failure found later would. An enqueue that
+    // failed because the watchdog aborted the communicator meanwhile (it blocked past the timeout)
+    // reports that cause instead.
+    if (aborted_) {
+      std::exception_ptr cause = failure();
+      {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->fail(cause);
+      }
+      std::rethrow_exception(cause);
+    }
+    std::string what = "an unknown exception";
+    try {
+      throw;
+    } catch (const Error& e) {
+      what = e.message();
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
     auto error = std::make_exception_ptr(Error(
-        state->info.describe() + " could not be issued: " + (lockstep_error ? lockstep_error->message() : e.what()) +
-            "; the NCCL communicator was aborted",
-        __FILE__, __LINE__));
+        state->info.describe() + " could not be issued: " + what + "; the NCCL communicator was aborted", __FILE__,
+        __LINE__));
     {
       std::lock_guard<std::mutex> lock(state->mutex);
       state->fail(error);

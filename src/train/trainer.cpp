@@ -379,16 +379,19 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     }
     for (auto& cb : callbacks_) cb->on_epoch_begin(ctx);
     run_epoch(ctx, loader, resumed && epoch == first_epoch);
-    const double train_seconds = totals_->seconds();  // Note [Epoch totals in checkpoints]
-
-    // One all-reduce: the step timings' sums and the tracker's (loss, counts, metrics).
+    // One all-reduce: the step timings' sums, the tracker's (loss, counts, metrics), and the epoch's
+    // time (Note [Epoch totals in checkpoints]). Each rank's clock differs, so the time is the mean
+    // over ranks: every metric is then the same on every rank, and a callback that decides on one
+    // (EarlyStopping monitoring images_per_s) decides alike everywhere.
     totals_->settle();
     std::vector<double> local = totals_->sums;
     const at::Tensor tracked = totals_->tracker.sums().to(at::kCPU);
     local.insert(local.end(), tracked.data_ptr<double>(), tracked.data_ptr<double>() + tracked.numel());
+    local.push_back(totals_->seconds());
     const std::vector<double> sums = allreduce_sums(*comm_, local);
+    const double train_seconds = sums.back() / static_cast<double>(world);
     const std::map<std::string, double> trained =
-        totals_->tracker.values(std::vector<double>(sums.begin() + kNumSums, sums.end()), "train_");
+        totals_->tracker.values(std::vector<double>(sums.begin() + kNumSums, sums.end() - 1), "train_");
     const double count = trained.at("train_count");
     const double steps = sums[kSteps];  // summed over ranks
     ctx.metrics["epoch"] = static_cast<double>(epoch + 1);

@@ -223,6 +223,11 @@ TEST_CASE("trainer: metrics are exact sums over ranks, each test sample counted 
   CHECK(metrics.at("epoch") == 1);
   CHECK(metrics.count("images_per_s") == 1);
   CHECK(metrics.count("backward_ms") == 1);
+  // Every metric is the same on every rank, the timings included (each rank's clock differs: the
+  // time is the mean over ranks), so a callback that decides on any of them decides alike.
+  std::vector<double> values;
+  for (const auto& [key, value] : metrics) values.push_back(value);
+  CHECK(lockstep::testing::same_on_every_rank(torch::tensor(values, torch::kFloat64)));
 }
 
 TEST_CASE("trainer: the optimizer gets the scheduled learning rate", "[train]") {

@@ -166,6 +166,8 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
   std::vector<std::pair<std::string, std::string>> entries = {
       {"the training set size", std::to_string(train_set.size())},
       {"the evaluation set size", eval_set ? std::to_string(eval_set->size()) : "none"},
+      // Sizes the metrics' sums (a confusion matrix has classes x classes), all-reduced every epoch.
+      {"the number of classes", std::to_string(train_set.num_classes())},
       {"epochs", std::to_string(o.epochs)},
       {"batch_size", std::to_string(o.batch_size)},
       {"accumulation_steps", std::to_string(o.accumulation_steps)},
@@ -285,6 +287,17 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   // Dropout and other draws differ per rank (each sees other samples) but repeat from run to run.
   torch::manual_seed(options_.seed + static_cast<uint64_t>(rank));
 
+  build_metrics(*train_set);
+  // Before anything that could fail on one rank alone for a difference the check names (an empty
+  // data set, another class count): the ranks then fail together.
+  check_ranks_agree(*train_set, eval_set.get());
+  if (!options_.output_dir.empty()) {  // set on every rank or on none: agreed just above
+    // Collective (Note [A failed checkpoint]): a directory rank 0 cannot create fails every rank here.
+    comm::run_on_root(
+        *comm_, 0, [&] { std::filesystem::create_directories(options_.output_dir); },
+        "trainer: cannot create output_dir " + options_.output_dir);
+  }
+
   data::ShardedSamplerOptions sampler_options;
   sampler_options.shuffle = true;
   sampler_options.drop_last = false;
@@ -297,7 +310,6 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   loader_options.pin_memory = device_.is_cuda();
   data::Loader loader(train_set, sampler, loader_options);
 
-  build_metrics(*train_set);
   // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
   // callbacks start), the ProgressLogger last (it records the metrics the others add).
   callbacks_.clear();
@@ -327,13 +339,6 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     callbacks_.push_back(std::make_shared<ProgressLogger>(progress));
   }
 
-  check_ranks_agree(*train_set, eval_set.get());
-  if (!options_.output_dir.empty()) {  // set on every rank or on none: agreed just above
-    // Collective (Note [A failed checkpoint]): a directory rank 0 cannot create fails every rank here.
-    comm::run_on_root(
-        *comm_, 0, [&] { std::filesystem::create_directories(options_.output_dir); },
-        "trainer: cannot create output_dir " + options_.output_dir);
-  }
 
   TrainerContext ctx;
   ctx.model = model_.get();

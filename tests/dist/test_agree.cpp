@@ -89,6 +89,27 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
   CHECK_THAT(error, Contains("DistributedTrainer::fit: the ranks disagree on the training set size: 48 on " +
                              others(last) + "; 44 on rank " + std::to_string(last)));
   CHECK(communicator_healthy());
+  // One node's copy of the data has an extra class: the metrics' sums (macro F1's per-class counts)
+  // would be all-reduced with other lengths.
+  {
+    lockstep::data::SyntheticOptions so;
+    so.channels = 1;
+    so.height = so.width = 8;
+    so.num_classes = rank == last ? 5 : 4;
+    so.size = 48;
+    so.seed = 7;
+    torch::manual_seed(3);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    auto classes = o;
+    classes.metrics = {"accuracy", "macro_f1"};
+    lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), classes);
+    const std::string classes_error =
+        error_of([&] { trainer.fit(std::make_shared<lockstep::data::SyntheticDataset>(so), nullptr); });
+    CHECK_THAT(classes_error, Contains("the ranks disagree on the number of classes: 4 on " + others(last) +
+                                       "; 5 on rank " + std::to_string(last)));
+    CHECK(communicator_healthy());
+  }
   // One rank accumulates gradients, the others do not.
   auto accumulating = o;
   if (rank == 0) accumulating.accumulation_steps = 2;

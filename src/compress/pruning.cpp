@@ -358,6 +358,19 @@ void MagnitudePruning::on_train_end(train::TrainerContext& ctx) {
       "MagnitudePruning: could not save the pruned model");
 }
 
+std::string MagnitudePruning::agreement() const {
+  // As configured (the epochs are resolved per fit, alike everywhere); print_table and permanent_path
+  // are local (the permanent save is collective whether or not a path is set).
+  const PruningOptions& o = configured_;
+  return nlohmann::json{{"granularity", to_string(o.granularity)}, {"scope", to_string(o.scope)},
+                        {"n", o.n}, {"m", o.m}, {"schedule", to_string(o.schedule)},
+                        {"initial_sparsity", o.initial_sparsity}, {"target_sparsity", o.target_sparsity},
+                        {"begin_step", o.begin_step}, {"end_step", o.end_step}, {"frequency", o.frequency},
+                        {"begin_epoch", o.begin_epoch}, {"end_epoch", o.end_epoch}, {"include", o.include},
+                        {"exclude", o.exclude}}
+      .dump();
+}
+
 std::string MagnitudePruning::save_state() const {
   nlohmann::json state = {{"last_pruning_step", last_pruning_step_},
                           {"begin_step", options_.begin_step},

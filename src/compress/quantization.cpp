@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
@@ -72,6 +73,17 @@ struct QuantizationAwareTraining::Layer {
 
 QuantizationAwareTraining::QuantizationAwareTraining(QuantizationOptions options) : options_(std::move(options)) {
   validate(options_);
+}
+
+std::string QuantizationAwareTraining::agreement() const {
+  // print_table is local; the export is collective whether or not export_path is set.
+  const QuantizationOptions& o = options_;
+  return nlohmann::json{{"per_channel", o.per_channel},   {"activations", o.activations},
+                        {"begin_step", o.begin_step},     {"freeze_step", o.freeze_step},
+                        {"begin_epoch", o.begin_epoch},   {"freeze_epoch", o.freeze_epoch},
+                        {"averaging_constant", o.averaging_constant}, {"include", o.include},
+                        {"exclude", o.exclude}}
+      .dump();
 }
 
 std::vector<std::string> QuantizationAwareTraining::layers() const {

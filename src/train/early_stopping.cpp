@@ -4,6 +4,8 @@
 #include <limits>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 
@@ -34,6 +36,14 @@ EarlyStopping::EarlyStopping(EarlyStoppingOptions options)
                  "EarlyStoppingOptions::min_delta must be a finite number >= 0, got ", options_.min_delta);
   mode_ = options_.mode;
   if (mode_ == "auto") mode_ = ends_with(options_.monitor, "acc") || ends_with(options_.monitor, "accuracy") ? "max" : "min";
+}
+
+std::string EarlyStopping::agreement() const {
+  // Each rank decides from the same metrics: the same options make it decide alike (a rank that
+  // stopped alone would leave the others in the next epoch's collectives).
+  return nlohmann::json{{"monitor", options_.monitor}, {"mode", options_.mode}, {"patience", options_.patience},
+                        {"min_delta", options_.min_delta}, {"restore_best_weights", options_.restore_best_weights}}
+      .dump();
 }
 
 std::string EarlyStopping::reason() const {

@@ -9,6 +9,8 @@
 #include <string>
 #include <utility>
 
+#include <nlohmann/json.hpp>
+
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/model_tensors.hpp"
 
@@ -20,6 +22,14 @@ void validate(const EmaOptions& o) {
 }
 
 ExponentialMovingAverage::ExponentialMovingAverage(EmaOptions options) : options_(options) { validate(options_); }
+
+std::string ExponentialMovingAverage::agreement() const {
+  // Each rank averages its own copy of the (identical) model: the same options keep the copies equal.
+  return nlohmann::json{{"decay", options_.decay},       {"warmup", options_.warmup},
+                        {"every_steps", options_.every_steps}, {"evaluate", options_.evaluate},
+                        {"apply_at_end", options_.apply_at_end}}
+      .dump();
+}
 
 double ExponentialMovingAverage::decay_at(int64_t t) const {
   if (!options_.warmup) return options_.decay;

@@ -210,6 +210,15 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
     callbacks += (callbacks.empty() ? "" : ", ") + c10::demangle(typeid(*callback).name());
   }
   entries.emplace_back("the callbacks", callbacks.empty() ? "none" : callbacks);
+  // Their options (Callback::agreement): a pruning schedule or EarlyStopping's patience on one rank
+  // alone would have that rank issue other collectives, or stop alone, later.
+  for (std::size_t i = 0; i < user_callbacks_.size(); ++i) {
+    const std::string agreement = user_callbacks_[i]->agreement();
+    if (agreement.empty()) continue;
+    entries.emplace_back("the options of callback #" + std::to_string(i) + " (" +
+                             c10::demangle(typeid(*user_callbacks_[i]).name()) + ")",
+                         agreement);
+  }
   comm::check_same_values(*comm_, entries, "DistributedTrainer::fit",
                           "Every rank must train with the same options on the same data (the same files, subsets, "
                           "config and command line).");

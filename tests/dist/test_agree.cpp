@@ -8,10 +8,12 @@
 #include <vector>
 
 #include "lockstep/comm/agree.hpp"
+#include "lockstep/compress/pruning.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/ddp/comm_hooks.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/powersgd.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -110,6 +112,35 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
                                        "; 5 on rank " + std::to_string(last)));
     CHECK(communicator_healthy());
   }
+  // A callback's options differ: a pruning schedule (its mask all-gathers at other steps) and
+  // EarlyStopping's patience (one rank would stop alone).
+  auto with_callback = [&](lockstep::train::CallbackPtr callback) {
+    torch::manual_seed(3);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    trainer.add_callback(std::move(callback));
+    return error_of([&] { trainer.fit(lockstep::testing::synthetic_images(48, 8, 7), nullptr); });
+  };
+  lockstep::compress::PruningOptions prune;
+  prune.begin_step = rank == last ? 2 : 0;
+  prune.end_step = 6;
+  prune.frequency = 2;
+  const std::string pruning_error = with_callback(std::make_shared<lockstep::compress::MagnitudePruning>(prune));
+  INFO(pruning_error);
+  CHECK_THAT(pruning_error, Contains("the ranks disagree on the options of callback #0 "
+                                     "(lockstep::compress::MagnitudePruning): "));
+  CHECK_THAT(pruning_error, Contains("\"begin_step\":2"));
+  CHECK(communicator_healthy());
+  lockstep::train::EarlyStoppingOptions patient;
+  patient.monitor = "train_loss";
+  patient.patience = rank == 0 ? 1 : 3;
+  CHECK_THAT(with_callback(std::make_shared<lockstep::train::EarlyStopping>(patient)),
+             Contains("the options of callback #0 (lockstep::train::EarlyStopping): ") &&
+                 Contains("\"patience\":1") && Contains("\"patience\":3"));
+  CHECK(communicator_healthy());
+  prune.begin_step = 0;
+  CHECK(with_callback(std::make_shared<lockstep::compress::MagnitudePruning>(prune)).empty());
   // One rank accumulates gradients, the others do not.
   auto accumulating = o;
   if (rank == 0) accumulating.accumulation_steps = 2;

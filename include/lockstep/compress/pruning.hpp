@@ -106,6 +106,7 @@ class MagnitudePruning final : public train::Callback {
   void on_train_end(train::TrainerContext& ctx) override;
 
   std::string state_key() const override { return "magnitude_pruning"; }
+  std::string agreement() const override;
   std::string save_state() const override;
   void load_state(const std::string& state) override;
 

@@ -102,6 +102,7 @@ class QuantizationAwareTraining final : public train::Callback {
   void on_epoch_end(train::TrainerContext& ctx) override;
   void on_train_end(train::TrainerContext& ctx) override;
 
+  std::string agreement() const override;
   const QuantizationOptions& options() const { return options_; }
   // The quantized weights' names and the activation points' module names, in model order.
   std::vector<std::string> layers() const;

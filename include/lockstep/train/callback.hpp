@@ -175,6 +175,13 @@ class Callback {
   // rather than text; load_tensors receives them in the same order, after load_state.
   virtual std::vector<at::Tensor> save_tensors() const { return {}; }
   virtual void load_tensors(std::vector<at::Tensor> tensors) {}
+
+  // What must be the same on every rank for this callback to stay in step (its options: when and over
+  // which weights it issues collectives, or changes the model). DistributedTrainer::fit compares it
+  // across ranks with its own options before the first step, so ranks given other pruning schedules,
+  // say, get one error naming the callback instead of collectives of other sizes later. Empty: nothing
+  // beyond the callback's type (which fit() compares anyway).
+  virtual std::string agreement() const { return ""; }
 };
 
 using CallbackPtr = std::shared_ptr<Callback>;

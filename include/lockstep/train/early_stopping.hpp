@@ -63,6 +63,7 @@ class EarlyStopping final : public Callback {
   const EarlyStoppingOptions& options() const { return options_; }
 
   std::string state_key() const override { return "early_stopping"; }
+  std::string agreement() const override;
   std::string save_state() const override;
   void load_state(const std::string& state) override;
   std::vector<at::Tensor> save_tensors() const override { return best_weights_; }

@@ -54,6 +54,7 @@ class ExponentialMovingAverage : public Callback {
   void on_train_end(TrainerContext& ctx) override;
 
   std::string state_key() const override { return "ema"; }
+  std::string agreement() const override;
   std::string save_state() const override;
   void load_state(const std::string& state) override;
   std::vector<at::Tensor> save_tensors() const override { return average_; }

@@ -179,6 +179,9 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
       {"precision", o.precision},
       // Each would leave the models different with no collective out of step: silently wrong numbers.
       {"lr (after the optimizer's own, at construction)", exact(base_lr_)},
+      // ZeRO's optimizer all-gathers in every step and when a checkpoint is saved; another optimizer
+      // on one rank would leave the models different.
+      {"the optimizer", c10::demangle(typeid(*optimizer_).name())},
       {"lr.kind", to_string(o.lr.kind)},
       {"lr.warmup_epochs", exact(o.lr.warmup_epochs)},
       {"lr.warmup_steps", std::to_string(o.lr.warmup_steps)},

@@ -141,6 +141,22 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
   CHECK(communicator_healthy());
   prune.begin_step = 0;
   CHECK(with_callback(std::make_shared<lockstep::compress::MagnitudePruning>(prune)).empty());
+  // One rank's optimizer is another kind.
+  {
+    torch::manual_seed(3);
+    lockstep::testing::SmallConvNet model;
+    std::shared_ptr<torch::optim::Optimizer> opt;
+    if (rank == last) {
+      opt = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.1));
+    } else {
+      opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    }
+    lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    CHECK_THAT(error_of([&] { trainer.fit(lockstep::testing::synthetic_images(48, 8, 7), nullptr); }),
+               Contains("the ranks disagree on the optimizer: torch::optim::SGD on " + others(last) +
+                        "; torch::optim::Adam on rank " + std::to_string(last)));
+    CHECK(communicator_healthy());
+  }
   // One rank accumulates gradients, the others do not.
   auto accumulating = o;
   if (rank == 0) accumulating.accumulation_steps = 2;

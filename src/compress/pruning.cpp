@@ -171,25 +171,23 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
                  options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");
   // The earlier fit's masks are kept only when they are exactly this selection's, in shape too (the
   // model may have been changed between the fits: a new head); otherwise they start over at all ones.
-  bool keep = again;
   if (again) {
     const auto kept = existing->named_buffers(/*recurse=*/false);
-    keep = kept.size() == layers_.size();
+    bool keep = kept.size() == layers_.size();
     for (const auto& layer : layers_) {
       const at::Tensor* mask = kept.find(buffer_name(layer->name));
       keep = keep && mask != nullptr && mask->sizes() == layer->weight.sizes();
+      if (keep) layer->mask = *mask;
     }
-    if (!keep) model.unregister_module(kMasksChild);
+    if (keep) return;  // `again`: model_ is this model and masks_ its child already
+    model.unregister_module(kMasksChild);
   }
-  auto masks = keep ? existing : std::make_shared<torch::nn::Module>("PruningMasks");
+  masks_ = std::make_shared<torch::nn::Module>("PruningMasks");
   for (auto& layer : layers_) {
-    const std::string mask_name = buffer_name(layer->name);
-    layer->mask = keep ? masks->named_buffers(/*recurse=*/false)[mask_name]
-                       : masks->register_buffer(mask_name, torch::ones(layer->weight.sizes(),
-                                                                       layer->weight.options().dtype(torch::kBool)));
+    layer->mask = masks_->register_buffer(buffer_name(layer->name),
+                                          torch::ones(layer->weight.sizes(), layer->weight.options().dtype(torch::kBool)));
   }
-  if (!keep) model.register_module(kMasksChild, masks);
-  masks_ = masks;
+  model.register_module(kMasksChild, masks_);
   model_ = &model;
 }
 

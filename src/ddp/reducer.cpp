@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "core/autograd_compat.hpp"
+#include "core/exception_text.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/model_sync.hpp"
 
@@ -593,10 +594,9 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
     // were not waited for on this rank alone, perhaps: as after a backward that failed partway
     // through (Note [Abandoned backward]), its collectives can no longer be matched with the others'.
     if (out_of_step_.empty()) {
-      const auto* error = dynamic_cast<const Error*>(&e);
       out_of_step_ = detail::str_cat(
           "DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
-          " while waiting for its reductions (", error != nullptr ? error->message() : std::string(e.what()),
+          " while waiting for its reductions (", detail::exception_text(e),
           "); the ranks' collectives can no longer be matched, so this rank cannot synchronise again. Restart from "
           "the last checkpoint.");
     }

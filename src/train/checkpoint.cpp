@@ -16,6 +16,7 @@
 #include <iostream>
 #include <set>
 
+#include "core/exception_text.hpp"
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
@@ -491,7 +492,7 @@ void Checkpointer::resume(TrainerContext& ctx) {
           break;
         } catch (const std::exception& e) {
           std::cerr << "lockstep: warning: skipping checkpoint " << *it << ": "
-                    << (dynamic_cast<const Error*>(&e) ? static_cast<const Error&>(e).message() : e.what()) << "\n";
+                    << detail::exception_text(e) << "\n";
         }
       }
     }, "Checkpointer: cannot list the checkpoints in " + options_.directory);
@@ -511,9 +512,7 @@ void Checkpointer::resume(TrainerContext& ctx) {
     load(ctx, path);
   } catch (const std::exception& e) {
     mine = std::current_exception();
-    const auto* error = dynamic_cast<const Error*>(&e);
-    failure = error != nullptr ? error->message() : e.what();
-    if (failure.empty()) failure = "unknown error";
+    failure = detail::exception_text(e);
   }
   const std::vector<std::string> failures = comm::allgather_strings(*ctx.communicator, failure);
   if (mine) std::rethrow_exception(mine);

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <utility>
 
 #include "lockstep/compress/masks.hpp"
 #include "lockstep/compress/pruning.hpp"
@@ -298,13 +299,19 @@ struct AliasImpl : torch::nn::Module {
   }
 };
 TORCH_MODULE(Alias);
-}  // namespace
 
-TEST_CASE("pruning: parameter names with underscores beside a dot keep their masks", "[compress]") {
+// An Underscores model (seed 9) and a trainer context that points at it.
+std::pair<Underscores, lockstep::train::TrainerContext> underscores_in_context() {
   torch::manual_seed(9);
   Underscores model;
   lockstep::train::TrainerContext ctx;
   ctx.model = model.ptr().get();
+  return {model, ctx};
+}
+}  // namespace
+
+TEST_CASE("pruning: parameter names with underscores beside a dot keep their masks", "[compress]") {
+  auto [model, ctx] = underscores_in_context();
   MagnitudePruning pruning(PruningOptions{});
   pruning.on_setup(ctx);
   REQUIRE(pruning.layers() == std::vector<std::string>{"head_.weight", "_tail.weight"});
@@ -337,10 +344,7 @@ TEST_CASE("pruning: parameter names with underscores beside a dot keep their mas
 }
 
 TEST_CASE("pruning: begin_epoch alone sets a one-shot schedule's step", "[compress]") {
-  torch::manual_seed(9);
-  Underscores model;
-  lockstep::train::TrainerContext ctx;
-  ctx.model = model.ptr().get();
+  auto [model, ctx] = underscores_in_context();
   ctx.steps_per_epoch = 5;
   PruningOptions o;
   o.schedule = PruneSchedule::OneShot;
@@ -355,10 +359,7 @@ TEST_CASE("pruning: begin_epoch alone sets a one-shot schedule's step", "[compre
 
 TEST_CASE("pruning: a second fit() with the same callback keeps its masks, and N:M that fits no layer says why",
           "[compress]") {
-  torch::manual_seed(9);
-  Underscores model;
-  lockstep::train::TrainerContext ctx;
-  ctx.model = model.ptr().get();
+  auto [model, ctx] = underscores_in_context();
   MagnitudePruning pruning(PruningOptions{});
   pruning.on_setup(ctx);
   model->named_buffers()["pruning_masks.head___weight"].bernoulli_(0.5);

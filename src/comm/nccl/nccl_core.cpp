@@ -6,6 +6,7 @@
 
 #include "comm/nccl/nccl_check.hpp"
 #include "comm/nccl/nccl_compat.hpp"
+#include "core/exception_text.hpp"
 #include "lockstep/comm/communicator.hpp"
 #include "lockstep/core/error.hpp"
 
@@ -322,18 +323,10 @@ WorkPtr Core::launch(LaunchSpec spec) {
       }
       std::rethrow_exception(cause);
     }
-    std::string what = "an unknown exception";
-    try {
-      throw;
-    } catch (const Error& e) {
-      what = e.message();
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
-    auto error = std::make_exception_ptr(Error(
-        state->info.describe() + " could not be issued: " + what + "; the NCCL communicator was aborted", __FILE__,
-        __LINE__));
+    auto error = std::make_exception_ptr(Error(state->info.describe() + " could not be issued: " +
+                                                   ::lockstep::detail::current_exception_text() +
+                                                   "; the NCCL communicator was aborted",
+                                               __FILE__, __LINE__));
     {
       std::lock_guard<std::mutex> lock(state->mutex);
       state->fail(error);

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "lockstep/core/error.hpp"
+#include "core/exception_text.hpp"
 
 namespace lockstep::comm {
 
@@ -102,6 +103,23 @@ void run_on_root(Communicator& comm, int root, const std::function<void()>& work
   const char* start = reinterpret_cast<const char*>(bytes.data_ptr<std::uint8_t>());
   LOCKSTEP_CHECK(false, context, ": ", std::string(start, start + n), " (on rank ", root, "; this is rank ",
                  comm.rank(), ")");
+}
+
+void run_on_every_rank(Communicator& comm, const std::function<void()>& work, const std::string& context) {
+  std::exception_ptr mine;
+  std::string failure;
+  try {
+    work();
+  } catch (...) {
+    mine = std::current_exception();
+    failure = detail::current_exception_text();
+  }
+  const std::vector<std::string> failures = allgather_strings(comm, failure);
+  if (mine) std::rethrow_exception(mine);
+  for (std::size_t r = 0; r < failures.size(); ++r) {
+    LOCKSTEP_CHECK(failures[r].empty(), context, ": ", failures[r], " (on rank ", r, "; this is rank ", comm.rank(),
+                   ")");
+  }
 }
 
 namespace {

@@ -506,20 +506,7 @@ void Checkpointer::resume(TrainerContext& ctx) {
   }
   // Collective: a rank that cannot load (the file missing or unreadable on its node, a bad copy)
   // fails every rank here, rather than the others training on into collectives it never joins.
-  std::exception_ptr mine;
-  std::string failure;
-  try {
-    load(ctx, path);
-  } catch (const std::exception& e) {
-    mine = std::current_exception();
-    failure = detail::exception_text(e);
-  }
-  const std::vector<std::string> failures = comm::allgather_strings(*ctx.communicator, failure);
-  if (mine) std::rethrow_exception(mine);
-  for (std::size_t r = 0; r < failures.size(); ++r) {
-    LOCKSTEP_CHECK(failures[r].empty(), "Checkpointer: rank ", r, " could not resume from ", path, ": ", failures[r],
-                   " (this is rank ", ctx.communicator->rank(), ")");
-  }
+  comm::run_on_every_rank(*ctx.communicator, [&] { load(ctx, path); }, "Checkpointer: cannot resume from " + path);
   if (ctx.communicator->rank() == 0) {
     const int64_t epochs = ctx.options != nullptr ? ctx.options->epochs : -1;
     if (ctx.resume_position->position == 0 && epochs >= 0 && ctx.resume_position->epoch >= epochs) {

@@ -25,6 +25,7 @@
 #include "lockstep/train/powersgd_state_callback.hpp"
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
+#include "core/exception_text.hpp"
 #include "train/epoch_totals.hpp"
 
 namespace lockstep::train {
@@ -69,6 +70,7 @@ data::Example to_device(data::Example batch, const c10::Device& device) {
 // Note [Stop on signal]: a rank's stop code. Positive: the signal it caught.
 constexpr std::int32_t kStopRequested = -1;  // request_stop()
 constexpr std::int32_t kStopTimeLimit = -2;  // stop_after_seconds
+constexpr std::int32_t kStopCallback = -3;   // Note [A callback's stop]
 
 std::string describe_stop_code(std::int32_t code, const TrainerOptions& options) {
   if (code == kStopRequested) return "request_stop()";
@@ -103,12 +105,22 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
       optimizer_(std::move(optimizer)),
       comm_(std::move(comm)),
       options_(std::move(options)) {
+  LOCKSTEP_CHECK(comm_ != nullptr, "DistributedTrainer: the communicator is null");
+  // Collective: a check that fails on one rank alone (a device or precision its host lacks, a model
+  // that does not fit there, a config that differs) fails every rank here, before DataParallel's
+  // collectives, which the others would otherwise wait in for the timeout.
+  comm::run_on_every_rank(*comm_, [this] { set_up(); }, "DistributedTrainer");
+  dp_ = std::make_unique<ddp::DataParallel>(model_, comm_, options_.ddp);
+}
+
+// This rank's checks, device and precision, and the model on its device (the constructor, before
+// DataParallel).
+void DistributedTrainer::set_up() {
   LOCKSTEP_CHECK(model_ != nullptr, "DistributedTrainer: the model is null");
   LOCKSTEP_CHECK(static_cast<bool>(forward_), "DistributedTrainer: the forward function is empty");
   loss_ = options_.loss_fn ? options_.loss_fn : make_loss(options_.loss);
   for (const auto& name : options_.metrics) check_metric_name(name);
   LOCKSTEP_CHECK(optimizer_ != nullptr, "DistributedTrainer: the optimizer is null");
-  LOCKSTEP_CHECK(comm_ != nullptr, "DistributedTrainer: the communicator is null");
   LOCKSTEP_CHECK(options_.epochs >= 0, "TrainerOptions::epochs must be >= 0, got ", options_.epochs);
   LOCKSTEP_CHECK(options_.batch_size > 0, "TrainerOptions::batch_size must be positive");
   LOCKSTEP_CHECK(options_.eval_batch_size > 0, "TrainerOptions::eval_batch_size must be positive");
@@ -146,7 +158,6 @@ DistributedTrainer::DistributedTrainer(std::shared_ptr<torch::nn::Module> model,
   model_->to(device_);
   // Before DataParallel too: its buckets take the parameters' layout (Note [Gradient layout]).
   if (options_.channels_last) to_channels_last(*model_);
-  dp_ = std::make_unique<ddp::DataParallel>(model_, comm_, options_.ddp);
 }
 
 DistributedTrainer::~DistributedTrainer() = default;
@@ -161,7 +172,8 @@ void DistributedTrainer::add_callback(CallbackPtr callback) {
 // one node, a callback added on one rank only) would leave the others waiting, or train on
 // overlapping shards. So fit() first checks them: one all-gather of a fingerprint when they agree,
 // and otherwise the same error on every rank naming the first difference.
-void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set) const {
+void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set,
+                                           const std::string& metrics_failure) const {
   const TrainerOptions& o = options_;
   std::vector<std::pair<std::string, std::string>> entries = {
       {"the training set size", std::to_string(train_set.size())},
@@ -207,7 +219,9 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
   };
   std::string metrics;
   for (const auto& metric : metrics_) metrics += (metrics.empty() ? "" : ", ") + metric->name();
-  entries.emplace_back("the metrics", metrics.empty() ? "none" : metrics);
+  entries.emplace_back("the metrics", !metrics_failure.empty() ? "cannot be built (" + metrics_failure + ")"
+                                     : metrics.empty()        ? "none"
+                                                              : metrics);
   std::string callbacks;
   for (const auto& callback : user_callbacks_) {
     callbacks += (callbacks.empty() ? "" : ", ") + c10::demangle(typeid(*callback).name());
@@ -235,7 +249,32 @@ std::int32_t DistributedTrainer::local_stop_code() const {
   }
   if (stop_asked_.load()) return kStopRequested;
   if (options_.stop_after_seconds > 0 && seconds_since(fit_start_) >= options_.stop_after_seconds) return kStopTimeLimit;
+  if (callback_stop_) return kStopCallback;
   return 0;
+}
+
+// Note [A callback's stop]: a callback sets ctx.stop_requested on its own rank, perhaps on that rank
+// alone (a guard that reads this rank's ctx.loss, a file only one node sees). Were the trainer to act
+// on it there, that rank would leave the loop and the others would wait for it in the next
+// collective. So the trainer never acts on a callback's stop directly: at each stop vote it takes the
+// request out of ctx (clears stop_requested and stop_reason) and posts it as this rank's code, until
+// every rank stops; every rank then stops alike, as for a signal (Note [Stop on signal]). A request in
+// a step or an evaluation batch stops the run after a later step (the vote's lag: two steps at most,
+// or the epoch's end); one at an epoch's end (on_evaluation_end, on_epoch_end, on_after_epoch_end)
+// is read by the vote that follows on_after_epoch_end, and one in on_setup or on_train_begin by a vote
+// before the first epoch: both stop the run there, with no step more. Every rank then has
+// stop_requested and the same reason: the callback's own where every rank asked for one reason
+// (EarlyStopping), else "<reason, or 'a callback'> on rank r" (the reasons all-gathered once). A
+// callback that reads stop_requested in a later event of the same step sees its own request until
+// the vote takes it.
+std::int32_t DistributedTrainer::stop_code(TrainerContext& ctx) {
+  if (ctx.stop_requested && !stop_agreed_) {
+    callback_stop_ = true;
+    callback_stop_reason_ = ctx.stop_reason;
+    ctx.stop_requested = false;
+    ctx.stop_reason.clear();
+  }
+  return local_stop_code();
 }
 
 // Note [Stop on signal]: a signal (or a time limit, or request_stop()) reaches one rank, at any point
@@ -255,20 +294,39 @@ std::int32_t DistributedTrainer::local_stop_code() const {
 // per epoch, none per step. Votes from the steps stop the run before the epoch's evaluation (a resumed
 // run evaluates it); votes from its evaluation or end stop it after on_after_epoch_end, with
 // ctx.epoch_finished set, so the checkpoint resumes at the next epoch's start (read_every_vote).
-void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes) {
+void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes,
+                                         bool callbacks_only) {
   std::map<std::int32_t, std::vector<int>> ranks_by_code;
   for (std::size_t r = 0; r < codes.size(); ++r) {
     if (codes[r] == 0) continue;
-    ranks_by_code[codes[r]].push_back(static_cast<int>(r));
     if (caught_signal_ == 0 && codes[r] > 0) caught_signal_ = codes[r];
+    if (callbacks_only && codes[r] != kStopCallback) continue;
+    ranks_by_code[codes[r]].push_back(static_cast<int>(r));
   }
-  if (ranks_by_code.empty() || ctx.stop_requested) return;
+  if (ranks_by_code.empty() || stop_agreed_) return;
   std::string reason;
   for (const auto& [code, ranks] : ranks_by_code) {
-    reason += (reason.empty() ? "" : "; ") + describe_stop_code(code, options_) + " on " + comm::rank_list(ranks);
+    if (code != kStopCallback) {
+      reason += (reason.empty() ? "" : "; ") + describe_stop_code(code, options_) + " on " + comm::rank_list(ranks);
+      continue;
+    }
+    // Note [A callback's stop]: the reasons live on the ranks that asked; every rank has the codes,
+    // so every rank takes part in this (once per fit) all-gather and composes the same reason.
+    const std::vector<std::string> reasons = comm::allgather_strings(*comm_, callback_stop_ ? callback_stop_reason_ : "");
+    std::map<std::string, std::vector<int>> ranks_by_reason;
+    for (const int r : ranks) {
+      const std::string& text = reasons[static_cast<std::size_t>(r)];
+      ranks_by_reason[text.empty() ? "a callback" : text].push_back(r);
+    }
+    for (const auto& [text, asked] : ranks_by_reason) {
+      // Every rank asked, for one reason (EarlyStopping): that reason as it is.
+      const bool everyone = ranks_by_reason.size() == 1 && asked.size() == codes.size();
+      reason += (reason.empty() ? "" : "; ") + text + (everyone ? "" : " on " + comm::rank_list(asked));
+    }
   }
   ctx.stop_requested = true;
   ctx.stop_reason = reason;
+  stop_agreed_ = true;
 }
 
 void DistributedTrainer::set_lr(double lr) {
@@ -296,13 +354,25 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   fit_start_ = Clock::now();
   stop_reason_.clear();
   caught_signal_ = 0;
+  stop_agreed_ = false;
+  callback_stop_ = false;
+  callback_stop_reason_.clear();
   // Dropout and other draws differ per rank (each sees other samples) but repeat from run to run.
   torch::manual_seed(options_.seed + static_cast<uint64_t>(rank));
 
-  build_metrics(*train_set);
   // Before anything that could fail on one rank alone for a difference the check names (an empty
-  // data set, another class count): the ranks then fail together.
-  check_ranks_agree(*train_set, eval_set.get());
+  // data set, another class count): the ranks then fail together. Metrics that cannot be built (a
+  // class count they do not allow) are one of those differences, or fail every rank alike.
+  std::exception_ptr metrics_failed;
+  std::string metrics_failure;
+  try {
+    build_metrics(*train_set);
+  } catch (...) {
+    metrics_failed = std::current_exception();
+    metrics_failure = detail::current_exception_text();
+  }
+  check_ranks_agree(*train_set, eval_set.get(), metrics_failure);
+  if (metrics_failed) std::rethrow_exception(metrics_failed);
   if (!options_.output_dir.empty()) {  // set on every rank or on none: agreed just above
     // Collective (Note [A failed checkpoint]): a directory rank 0 cannot create fails every rank here.
     comm::run_on_root(
@@ -384,6 +454,9 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     resumed = true;
     ctx.resume_position.reset();
   }
+  // Note [A callback's stop]: one set in on_setup or on_train_begin (EarlyStopping resuming a run it
+  // ended) stops every rank before the first epoch. Signals wait for the first step's votes.
+  take_stop_votes(ctx, read_every_vote(*stop_vote_, stop_code(ctx)), /*callbacks_only=*/true);
 
   std::map<std::string, double> last;
   for (int64_t epoch = first_epoch; epoch < options_.epochs && !ctx.stop_requested; ++epoch) {
@@ -441,9 +514,10 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     ctx.epoch_finished = true;
     for (auto& cb : callbacks_) cb->on_after_epoch_end(ctx);
     last = ctx.metrics;
-    // Note [Stop at epoch ends]; after the last epoch, the vote after on_train_end reads them.
-    if (!ctx.stop_requested && epoch + 1 < options_.epochs) {
-      take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
+    // Note [Stop at epoch ends]; after the last epoch only a callback's stop counts (the run is over:
+    // the vote after on_train_end reads the others, and stop_reason() stays "").
+    if (!stop_agreed_) {
+      take_stop_votes(ctx, read_every_vote(*stop_vote_, stop_code(ctx)), /*callbacks_only=*/epoch + 1 == options_.epochs);
     }
   }
   if (ctx.stop_requested && ctx.stop_reason.empty()) ctx.stop_reason = "a callback";
@@ -453,6 +527,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   // is still reported on every rank: one more vote, and every vote in flight read.
   take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
   stop_asked_.store(false);  // a request is for one fit()
+  callback_stop_ = false;
   // Rank 0 may still be writing files (checkpoint, metrics.jsonl) that the others want to read once
   // fit() returns.
   comm_->barrier()->wait();
@@ -565,15 +640,16 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     for (auto& cb : callbacks_) cb->on_after_optimizer_step(ctx);
     for (auto& cb : callbacks_) cb->on_step_end(ctx);
     ++ctx.batch_in_epoch;
-    take_stop_votes(ctx, stop_vote_->post(local_stop_code()));  // Note [Stop on signal]
-    if (!ctx.stop_requested && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
+    take_stop_votes(ctx, stop_vote_->post(stop_code(ctx)));  // Note [Stop on signal]
+    if (!stop_agreed_ && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
       ctx.stop_requested = true;
       ctx.stop_reason = "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")";
+      stop_agreed_ = true;
     }
     if (ctx.stop_requested) break;
   }
   // Note [Stop at epoch ends]: the votes of the epoch's last steps, before its evaluation.
-  if (!ctx.stop_requested) take_stop_votes(ctx, read_every_vote(*stop_vote_, local_stop_code()));
+  if (!stop_agreed_) take_stop_votes(ctx, read_every_vote(*stop_vote_, stop_code(ctx)));
 }
 
 std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {
@@ -625,7 +701,7 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
     AutocastGuard autocast(device_, autocast_dtype_);
     while (auto next = loader.next()) {
       if (ctx != nullptr) {  // Note [Stop during evaluation]
-        take_stop_votes(*ctx, stop_vote_->post(local_stop_code()));
+        take_stop_votes(*ctx, stop_vote_->post(stop_code(*ctx)));
         if (ctx->stop_requested) break;
       }
       auto batch = std::make_optional(to_device(std::move(*next), device_));
@@ -645,6 +721,7 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
     }
   }
   if (was_training) model_->train();
+  if (ctx != nullptr) stop_code(*ctx);  // a callback's request in the last batch's event: held for the vote
   if (ctx != nullptr && ctx->stop_requested) {
     if (cut_short != nullptr) *cut_short = true;
     return {};

@@ -14,6 +14,7 @@
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/powersgd.hpp"
 #include "lockstep/train/early_stopping.hpp"
+#include "lockstep/train/metrics.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -241,4 +242,44 @@ TEST_CASE("DataParallel refuses ranks whose bucket options differ, at constructi
   CHECK(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), powersgd); }).empty());
   wire.comm_hook = lockstep::ddp::bf16_compress_hook();
   CHECK(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), wire); }).empty());
+}
+
+// Note [Ranks agree]: a check that fails on one rank alone before fit()'s agreement (the constructor's
+// device and precision checks, metrics that cannot be built) must fail every rank there, not leave the
+// others in DataParallel's or the agreement's collectives.
+TEST_CASE("A rank whose trainer cannot be built, or whose metrics cannot, fails every rank", "[runtime]") {
+  const int rank = comm().rank();
+  const int last = comm().size() - 1;
+  const auto o = lockstep::testing::quiet_trainer(1, 5);
+  {
+    auto odd = o;
+    if (rank == last) odd.precision = "fp8";
+    torch::manual_seed(3);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    const std::string error = error_of([&] { lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), odd); });
+    INFO(error);
+    CHECK_THAT(error, Contains("TrainerOptions::precision must be fp32, bf16 or fp16, found 'fp8'"));
+    if (rank != last) {
+      CHECK_THAT(error, Contains("DistributedTrainer: ") &&
+                            Contains("(on rank " + std::to_string(last) + "; this is rank " + std::to_string(rank) + ")"));
+    }
+    CHECK(communicator_healthy());
+  }
+  {
+    auto twice = o;
+    twice.metrics = {"accuracy"};
+    if (rank == last) twice.custom_metrics = {lockstep::train::make_metric("accuracy", 0)};
+    torch::manual_seed(3);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), twice);
+    const std::string error =
+        error_of([&] { trainer.fit(lockstep::testing::synthetic_images(48, 8, 7), nullptr); });
+    INFO(error);
+    CHECK_THAT(error, Contains("the ranks disagree on the metrics: accuracy on " + others(last) +
+                               "; cannot be built (the metrics name 'accuracy' twice") &&
+                          Contains("on rank " + std::to_string(last)));
+    CHECK(communicator_healthy());
+  }
 }

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <filesystem>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -410,4 +411,107 @@ TEST_CASE("stop: EarlyStopping with restore_best_weights leaves every rank the b
     CHECK_FALSE(bitwise_equal(lockstep::testing::state_of(*model), recorder->states.back()));
   }
   CHECK(lockstep::testing::identical_across_ranks(*model));
+}
+
+namespace {
+
+// Sets ctx.stop_requested (with `reason`) on `ranks` at one event, as a NaN guard that reads its own
+// rank's loss would (Note [A callback's stop]); records what every rank went through.
+struct AskStop : Callback {
+  enum class At { kTrainBegin, kStep3, kLastEvaluationBatch, kFirstEpochEnd };
+  AskStop(At at, std::vector<int> ranks, std::string reason) : at(at), ranks(std::move(ranks)), reason(std::move(reason)) {}
+  bool asking(const TrainerContext& ctx) const {
+    return std::find(ranks.begin(), ranks.end(), ctx.world.rank) != ranks.end();
+  }
+  void ask(TrainerContext& ctx) {
+    if (!asking(ctx)) return;
+    ctx.stop_requested = true;
+    ctx.stop_reason = reason;
+  }
+  void on_train_begin(TrainerContext& ctx) override {
+    if (at == At::kTrainBegin) ask(ctx);
+  }
+  void on_step_end(TrainerContext& ctx) override {
+    last_step = ctx.global_step;
+    if (at == At::kStep3 && ctx.global_step == 3) ask(ctx);
+  }
+  void on_evaluation_batch_end(TrainerContext& ctx) override {
+    if (at == At::kLastEvaluationBatch && ctx.epoch == 0 && ctx.eval_batch == ctx.eval_batches) ask(ctx);
+  }
+  void on_evaluation_end(TrainerContext& ctx) override {
+    evaluation_complete.push_back(ctx.metrics.count("test_acc") == 1 && !ctx.evaluation_cut_short);
+  }
+  void on_epoch_end(TrainerContext& ctx) override {
+    ended.push_back(ctx.epoch);
+    if (at == At::kFirstEpochEnd && ctx.epoch == 0) ask(ctx);
+  }
+  void on_train_end(TrainerContext& ctx) override {
+    saw_stop = ctx.stop_requested;
+    seen_reason = ctx.stop_reason;
+  }
+  At at;
+  std::vector<int> ranks;
+  std::string reason;
+  int64_t last_step = 0;
+  std::vector<bool> evaluation_complete;
+  std::vector<int64_t> ended;
+  bool saw_stop = false;
+  std::string seen_reason;
+};
+
+}  // namespace
+
+TEST_CASE("stop: a callback's stop on one rank stops every rank after the same step, wherever it is set",
+          "[stop]") {
+  const int last = comm().size() - 1;
+  const std::string on_last = " on rank " + std::to_string(last);
+  // 2 epochs of 10 steps; 9 evaluation samples in batches of 8: each rank's evaluation is 1 batch.
+  const TrainerOptions o = lockstep::testing::quiet_trainer(2, 5);
+  auto fit_with = [&](std::shared_ptr<AskStop> ask) {
+    torch::manual_seed(40 + comm().rank());
+    lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
+    DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), 0.05), comm_ptr(), o);
+    trainer.add_callback(ask);
+    trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11),
+                lockstep::testing::synthetic_images(9, 8, 12));
+    CHECK(same_on_every_rank(torch::full({1}, ask->last_step, torch::kLong)));
+    CHECK(lockstep::testing::identical_across_ranks(*model));
+    CHECK(ask->saw_stop);
+    CHECK(ask->seen_reason == trainer.stop_reason());
+    return trainer.stop_reason();
+  };
+
+  SECTION("in a step: every rank stops after the vote's lag, two steps later") {
+    auto ask = std::make_shared<AskStop>(AskStop::At::kStep3, std::vector<int>{last}, "loss is nan");
+    CHECK(fit_with(ask) == "loss is nan" + on_last);
+    CHECK(ask->last_step == 5);
+    CHECK(ask->ended.empty());
+  }
+  SECTION("in a step, on every rank for one reason: that reason as it is") {
+    std::vector<int> all(static_cast<std::size_t>(comm().size()));
+    std::iota(all.begin(), all.end(), 0);
+    auto ask = std::make_shared<AskStop>(AskStop::At::kStep3, all, "enough");
+    CHECK(fit_with(ask) == "enough");
+    CHECK(ask->last_step == 5);
+  }
+  SECTION("in the last evaluation batch: the evaluation completes on every rank, the run stops after the epoch") {
+    auto ask = std::make_shared<AskStop>(AskStop::At::kLastEvaluationBatch, std::vector<int>{0}, "");
+    CHECK(fit_with(ask) == "a callback on rank 0");  // no reason given
+    CHECK(ask->last_step == 10);
+    CHECK(ask->evaluation_complete == std::vector<bool>{true});
+    CHECK(ask->ended == std::vector<int64_t>{0});
+  }
+  SECTION("at an epoch's end: every rank stops after that epoch") {
+    auto ask = std::make_shared<AskStop>(AskStop::At::kFirstEpochEnd, std::vector<int>{last}, "target reached");
+    CHECK(fit_with(ask) == "target reached" + on_last);
+    CHECK(ask->last_step == 10);
+    CHECK(ask->ended == std::vector<int64_t>{0});
+  }
+  SECTION("in on_train_begin: no rank takes a step") {
+    auto ask = std::make_shared<AskStop>(AskStop::At::kTrainBegin, std::vector<int>{last}, "nothing to do");
+    CHECK(fit_with(ask) == "nothing to do" + on_last);
+    CHECK(ask->last_step == 0);
+    CHECK(ask->ended.empty());
+  }
+  CHECK(lockstep::testing::communicator_healthy());
 }

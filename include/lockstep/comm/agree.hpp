@@ -34,6 +34,13 @@ std::vector<std::string> gather_strings(Communicator& comm, const std::string& t
 // when `work` succeeds, and one of the message when it does not.
 void run_on_root(Communicator& comm, int root, const std::function<void()>& work, const std::string& context);
 
+// Collective: runs `work` on every rank, then shares whether it failed anywhere (for work that can
+// fail on one rank alone: a file missing on one node, a device or precision one host lacks). A rank
+// whose `work` threw rethrows its own exception; every other rank raises, when some rank failed,
+// "<context>: <that rank's message> (on rank <r>; this is rank <me>)". Without this the ranks that
+// succeeded would go on into collectives the failed one never joins. Costs two small all-gathers.
+void run_on_every_rank(Communicator& comm, const std::function<void()>& work, const std::string& context);
+
 // Collective: checks that every rank holds the same (key, value) entries. Costs one all-gather of a
 // 64-bit fingerprint when they agree. When they do not, every rank raises the same lockstep::Error:
 //   "<context>: the ranks disagree on <key>: <value> on ranks 0, 2; <value> on rank 1 (and 2 more

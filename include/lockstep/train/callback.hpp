@@ -101,9 +101,13 @@ struct TrainerContext {
   // their own entries; the progress callback writes them all to metrics.jsonl.
   std::map<std::string, double> metrics;
 
-  // A callback may set this (on every rank alike) to end fit() after the current step;
-  // on_train_end still runs. The trainer sets it for stop_after_steps and for a stop signal, time
-  // limit or request_stop() that a rank received (Note [Stop on signal]).
+  // A callback may set this (with stop_reason) to end fit(), on one rank or on all: the trainer
+  // takes the request to its stop vote, so every rank stops after the same step (Note [A callback's
+  // stop], train/trainer.cpp). Set in a step or an evaluation batch, the run stops after a later step
+  // (two at most) or at the epoch's end; set at an epoch's end (on_evaluation_end, on_epoch_end,
+  // on_after_epoch_end), after that epoch; set in on_setup or on_train_begin, before the first epoch.
+  // on_train_end still runs, and then every rank has it set. The trainer sets it for stop_after_steps
+  // and for a stop signal, time limit or request_stop() that a rank received (Note [Stop on signal]).
   bool stop_requested = false;
   // Set before on_evaluation_end when a stop cut the evaluation short (Note [Stop during evaluation]):
   // its metrics are missing and the epoch stays unfinished. A stop_requested set by another callback

@@ -182,12 +182,20 @@ class DistributedTrainer {
   // no metrics, with *cut_short set, when a stop ends it early (Note [Stop during evaluation]).
   std::map<std::string, double> run_evaluation(const data::DatasetPtr& eval_set, TrainerContext* ctx,
                                                bool* cut_short);
+  // The constructor's checks and moves, on this rank (the constructor shares their failure).
+  void set_up();
   // Note [Stop on signal]: this rank's stop code, posted to the stop vote after every step.
   std::int32_t local_stop_code() const;
-  // Acts on the codes a stop vote returned (every rank gets the same ones).
-  void take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes);
+  // Note [A callback's stop]: takes a stop that a callback set in ctx since the last vote (the
+  // trainer's own are agreed already) and holds it as this rank's vote; then local_stop_code().
+  std::int32_t stop_code(TrainerContext& ctx);
+  // Acts on the codes a stop vote returned (every rank gets the same ones). With `callbacks_only`,
+  // only callbacks' codes stop the run (the others are posted again by the next vote).
+  void take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes, bool callbacks_only = false);
   void set_lr(double lr);
-  void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set) const;
+  // `metrics_failure`: why build_metrics failed on this rank ("" if it did not).
+  void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set,
+                         const std::string& metrics_failure) const;
   // Forward and loss under the precision's autocast.
   void forward_and_loss(TrainerContext& ctx);
   // metrics_ from options_.metrics and custom_metrics, sized by the data set's class count.
@@ -216,6 +224,11 @@ class DistributedTrainer {
   std::atomic<bool> stop_asked_{false};  // request_stop()
   std::string stop_reason_;
   int caught_signal_ = 0;
+  bool stop_agreed_ = false;  // ctx.stop_requested came from a vote (or stop_after_steps): every rank has it
+  // Note [A callback's stop]: a callback on this rank asked to stop (with this reason, "" for none
+  // given); posted to the vote until every rank stops.
+  bool callback_stop_ = false;
+  std::string callback_stop_reason_;
 
   // Accumulated over one epoch on this rank: loss sum, count, the metrics' sums, forward/backward/comm/exposed
   // seconds, steps (Note [Exact metrics]); checkpointed by the built-in EpochTotalsState (Note [Epoch

@@ -91,6 +91,8 @@ bool set_openblas_threads(int threads) {
 }
 
 std::atomic<int> g_rank{-1};
+// MPI that detail::start_mpi_and_gather started and no Runtime has adopted yet.
+bool g_started_mpi = false;
 std::atomic<int> g_size{0};
 std::terminate_handler g_previous_terminate = nullptr;
 
@@ -157,6 +159,8 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
     owns_mpi_ = true;
   } else {
     LOCKSTEP_MPI_CHECK(MPI_Query_thread(&provided));
+    owns_mpi_ = g_started_mpi;  // program_config's agreement started it for this Runtime
+    g_started_mpi = false;
   }
   if (provided != MPI_THREAD_MULTIPLE) {
     std::fprintf(stderr,
@@ -239,6 +243,51 @@ Runtime::~Runtime() {
   std::set_terminate(g_previous_terminate);
   if (owns_mpi_ && mpi_active()) MPI_Finalize();
 }
+
+namespace detail {
+
+Gathered start_mpi_and_gather(const std::string& text) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = MPI_THREAD_SINGLE;
+    LOCKSTEP_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided));
+    g_started_mpi = true;
+    // A program that makes no Runtime afterwards still leaves MPI as it should.
+    std::atexit([] {
+      if (g_started_mpi && mpi_active()) MPI_Finalize();
+    });
+  }
+  Gathered out;
+  int size = 1;
+  LOCKSTEP_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &out.rank));
+  LOCKSTEP_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size));
+  const int length = static_cast<int>(text.size());
+  std::vector<int> lengths(static_cast<std::size_t>(size)), offsets(static_cast<std::size_t>(size));
+  LOCKSTEP_MPI_CHECK(MPI_Allgather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, MPI_COMM_WORLD));
+  int total = 0;
+  for (int r = 0; r < size; ++r) {
+    offsets[static_cast<std::size_t>(r)] = total;
+    total += lengths[static_cast<std::size_t>(r)];
+  }
+  std::vector<char> all(static_cast<std::size_t>(std::max(total, 1)));
+  LOCKSTEP_MPI_CHECK(MPI_Allgatherv(text.data(), length, MPI_CHAR, all.data(), lengths.data(), offsets.data(),
+                                    MPI_CHAR, MPI_COMM_WORLD));
+  for (int r = 0; r < size; ++r) {
+    const char* start = all.data() + offsets[static_cast<std::size_t>(r)];
+    out.texts.emplace_back(start, start + lengths[static_cast<std::size_t>(r)]);
+  }
+  return out;
+}
+
+void end_started_mpi() {
+  if (!g_started_mpi || !mpi_active()) return;
+  MPI_Barrier(MPI_COMM_WORLD);  // rank 0's message is out before any rank leaves
+  MPI_Finalize();
+  g_started_mpi = false;
+}
+
+}  // namespace detail
 
 void Runtime::select_device_and_backend() {
   // Note [Device and backend choice]: the same decision on every rank of a host (it depends only on the

@@ -60,6 +60,20 @@ class Runtime {
   comm::CommunicatorPtr communicator_;
 };
 
+namespace detail {
+// Note [A config one rank cannot read]: config::program_config's agreement, before any Runtime.
+// Collective over MPI_COMM_WORLD: starts MPI (MPI_THREAD_MULTIPLE) unless it runs, and returns this
+// rank and every rank's `text`, by rank. A Runtime made afterwards adopts the MPI started here and
+// finalizes it; end_started_mpi() finalizes it at once (after a barrier), for a program that leaves
+// before it makes one.
+struct Gathered {
+  int rank = 0;
+  std::vector<std::string> texts;
+};
+Gathered start_mpi_and_gather(const std::string& text);
+void end_started_mpi();
+}  // namespace detail
+
 // Applies the malloc thresholds of RuntimeOptions::tune_malloc (idempotent). For programs that do
 // not use Runtime but want the same setting.
 void tune_malloc();

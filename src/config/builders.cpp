@@ -1,11 +1,14 @@
 // Builders from config sections to the library's objects (data sets, optimizer), and a program's start.
 #include <torch/torch.h>
 
-#include <chrono>
 #include <cstdio>
-#include <thread>
+#include <map>
+#include <vector>
 
 #include "lockstep/config/config.hpp"
+#include "core/exception_text.hpp"
+#include "lockstep/comm/agree.hpp"
+#include "lockstep/runtime.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/core/world.hpp"
 #include "lockstep/data/augment.hpp"
@@ -113,31 +116,76 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
   return std::make_shared<ddp::ZeroRedundancyOptimizer>(std::move(parameters), std::move(comm), build);
 }
 
+// Note [A config one rank cannot read]: every rank reads its own command line and config file, and
+// one rank may fail where the others do not: the file missing or stale on one node, an MPMD launch
+// with other arguments. That rank used to leave with status 2 before MPI started, and print nothing
+// unless it was rank 0; the others went on into MPI_Init and waited there for it. mpirun then ended
+// the job, but `srun` (without --kill-on-bad-exit) would leave them waiting. So under a launcher of
+// several processes the ranks first agree: MPI starts here, one all-gather shares each rank's
+// outcome (its error, or that it only prints and leaves: --help, --print-config), and either every
+// rank goes on or every rank leaves with the same status, after rank 0 printed every rank's error,
+// once per distinct message. The Runtime made next adopts the MPI started here.
 ProgramConfig program_config(int argc, char** argv, const std::string& program, const std::string& default_yaml) {
   ProgramConfig out;
+  std::string failure;
+  bool help = false;
+  bool print_config = false;
   try {
     const CommandLine cli = parse_command_line(argc, argv);
-    if (cli.help) {  // once under mpirun, not once per rank
-      if (launcher_rank() == 0) std::printf("%s", usage(program, !default_yaml.empty()).c_str());
-      out.exit_status = 0;
-      return out;
+    help = cli.help;
+    if (!help) {
+      LOCKSTEP_CHECK(!cli.config_path.empty() || !default_yaml.empty(), "--config FILE is required");
+      out.config = cli.config_path.empty() ? parse_config(default_yaml, "<built-in default config>", cli.overrides)
+                                           : load_config(cli.config_path, cli.overrides);
+      print_config = cli.print_config;
     }
-    LOCKSTEP_CHECK(!cli.config_path.empty() || !default_yaml.empty(), "--config FILE is required");
-    out.config = cli.config_path.empty() ? parse_config(default_yaml, "<built-in default config>", cli.overrides)
-                                         : load_config(cli.config_path, cli.overrides);
-    if (cli.print_config) {
-      if (launcher_rank() == 0) std::printf("%s", to_yaml(out.config).c_str());
-      out.exit_status = 0;
+  } catch (const std::exception& e) {
+    failure = detail::exception_text(e);
+  }
+  const bool leaves = help || print_config;
+  // 'E' and the error, 'L' for a rank that prints and leaves, "" for one that goes on.
+  const std::string outcome = !failure.empty() ? "E" + failure : leaves ? "L" : "";
+  detail::Gathered all{launcher_rank(), {outcome}};
+  const bool several = launcher_size() > 1;
+  if (several) {
+    // Before MPI allocates its buffers (Note [Allocator]), as the Runtime would.
+    if (outcome.empty() && out.config.runtime.tune_malloc) tune_malloc();
+    all = detail::start_mpi_and_gather(outcome);
+  }
+  const int ranks = static_cast<int>(all.texts.size());
+  std::map<std::string, std::vector<int>> failed;  // error -> its ranks
+  std::vector<int> leaving;
+  for (int r = 0; r < ranks; ++r) {
+    const std::string& text = all.texts[static_cast<std::size_t>(r)];
+    if (!text.empty() && text[0] == 'E') failed[text.substr(1)].push_back(r);
+    if (text == "L") leaving.push_back(r);
+  }
+  if (!failed.empty() || (!leaving.empty() && static_cast<int>(leaving.size()) < ranks)) {
+    if (all.rank == 0) {
+      for (const auto& [error, where] : failed) {
+        std::string place;
+        if (static_cast<int>(where.size()) < ranks) {
+          place = " (on " + comm::rank_list(where) + "; every rank stops)";
+        }
+        std::fprintf(stderr, "%s: %s%s\n", program.c_str(), error.c_str(), place.c_str());
+      }
+      if (failed.empty()) {
+        std::fprintf(stderr, "%s: --help or --print-config on %s but not on the others; every rank stops\n",
+                     program.c_str(), comm::rank_list(leaving).c_str());
+      }
+      std::fflush(stderr);
     }
-  } catch (const Error& e) {
-    // mpirun ends the job at the first non-zero exit, and a rank that got there first could take rank
-    // 0's message down with it (seen: the test's message missing), so the others leave a moment later.
-    if (launcher_rank() == 0) {
-      std::fprintf(stderr, "%s: %s\n", program.c_str(), e.message().c_str());
-    } else {
-      std::this_thread::sleep_for(std::chrono::seconds(3));
-    }
+    if (several) detail::end_started_mpi();
     out.exit_status = 2;
+    return out;
+  }
+  if (leaves) {  // every rank alike: printed once, not once per rank
+    if (all.rank == 0) {
+      std::printf("%s", help ? usage(program, !default_yaml.empty()).c_str() : to_yaml(out.config).c_str());
+      std::fflush(stdout);
+    }
+    if (several) detail::end_started_mpi();
+    out.exit_status = 0;
   }
   return out;
 }

@@ -1,5 +1,6 @@
 #include "lockstep/core/world.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 
 namespace lockstep {
@@ -9,6 +10,13 @@ int launcher_rank() {
     if (const char* value = std::getenv(name); value != nullptr && *value != '\0') return std::atoi(value);
   }
   return 0;
+}
+
+int launcher_size() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"}) {
+    if (const char* value = std::getenv(name); value != nullptr && *value != '\0') return std::max(1, std::atoi(value));
+  }
+  return 1;
 }
 
 }  // namespace lockstep

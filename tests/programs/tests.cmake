@@ -77,6 +77,16 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.train_resnet_bad_config.np3 PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "config key 'trainer.epochs' at --set trainer.epochs=three: expected an integer"
     FAIL_REGULAR_EXPRESSION "expected an integer.*expected an integer")
+  # A config that one rank alone cannot read (an MPMD launch whose last rank has a bad --set; a file
+  # missing on one node): the ranks agree before the Runtime, every rank stops there, and rank 0
+  # prints that rank's message (Note [A config one rank cannot read]). Before, only rank 0 printed,
+  # and the others went on into MPI_Init, waiting for the rank that had left.
+  add_test(NAME program.train_resnet_one_bad_config.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet>
+                   --set trainer.epochs=1 : -np 1 $<TARGET_FILE:train_resnet> --set trainer.epochs=three)
+  set_tests_properties(program.train_resnet_one_bad_config.np3 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "1,0\\]<stderr>: *train_resnet: config key 'trainer.epochs' at --set trainer.epochs=three: expected an integer.* \\(on rank 2; every rank stops\\)"
+    FAIL_REGULAR_EXPRESSION "expected an integer.*expected an integer;epoch 1")
 endif()
 
 # train_resnet at 3 ranks with the data-parallel options together: synchronised batch norm, gradient

@@ -146,12 +146,14 @@ CommandLine parse_command_line(int argc, char** argv);
 // The --help text; `built_in_default`: the program runs a configuration of its own without --config.
 std::string usage(const std::string& program, bool built_in_default = true);
 
-// A program's start, before MPI (the config holds the runtime options): parses the command line and
-// loads --config (or `default_yaml`, named "<built-in default config>", when no --config is given;
-// empty: --config is required). --help and --print-config print and set exit_status 0. An error sets
-// exit_status 2 after rank 0 (by the launcher's environment) printed "program: message" to stderr; every
-// rank reads the same command line and fails alike, and the other ranks wait a moment before they
-// leave, so that mpirun does not end the job before rank 0's message is out.
+// A program's start, before the Runtime (the config holds the runtime options): parses the command
+// line and loads --config (or `default_yaml`, named "<built-in default config>", when no --config is
+// given; empty: --config is required). --help and --print-config print and set exit_status 0. An
+// error sets exit_status 2 after rank 0 printed "program: message" to stderr. Under a launcher of
+// several processes (launcher_size() > 1) this is collective: it starts MPI and the ranks agree, so
+// that a rank whose config fails alone fails every rank, and rank 0 prints its message too ("...
+// (on rank 2; every rank stops)"); the Runtime made next adopts that MPI (Note [A config one rank
+// cannot read], config/builders.cpp).
 struct ProgramConfig {
   ExperimentConfig config;
   std::optional<int> exit_status;  // set: end the program with it

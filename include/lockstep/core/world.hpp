@@ -22,5 +22,8 @@ struct World {
 // SLURM_PROCID), readable before MPI starts; 0 outside a launcher. For messages printed before the
 // Runtime exists (a bad command line or config, on which every rank fails alike): print them once.
 int launcher_rank();
+// The number of processes the launcher started (OMPI_COMM_WORLD_SIZE, PMI_SIZE or
+// SLURM_STEP_NUM_TASKS), readable before MPI starts; 1 outside a launcher.
+int launcher_size();
 
 }  // namespace lockstep

@@ -159,8 +159,6 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
     owns_mpi_ = true;
   } else {
     LOCKSTEP_MPI_CHECK(MPI_Query_thread(&provided));
-    owns_mpi_ = g_started_mpi;  // program_config's agreement started it for this Runtime
-    g_started_mpi = false;
   }
   if (provided != MPI_THREAD_MULTIPLE) {
     std::fprintf(stderr,
@@ -227,6 +225,12 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
   }
   at::set_num_threads(threads);
   set_openblas_threads(threads);  // Note [BLAS threads]
+  // Adopted last: should this constructor throw, the destructor does not run, and the exit handler
+  // of program_config's start finalizes it instead.
+  if (g_started_mpi) {  // program_config's agreement started it for this Runtime
+    owns_mpi_ = true;
+    g_started_mpi = false;
+  }
 }
 
 Runtime::~Runtime() {

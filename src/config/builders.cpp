@@ -1,8 +1,10 @@
 // Builders from config sections to the library's objects (data sets, optimizer), and a program's start.
 #include <torch/torch.h>
 
+#include <chrono>
 #include <cstdio>
 #include <map>
+#include <thread>
 #include <vector>
 
 #include "lockstep/config/config.hpp"
@@ -139,8 +141,8 @@ ProgramConfig program_config(int argc, char** argv, const std::string& program, 
                                            : load_config(cli.config_path, cli.overrides);
       print_config = cli.print_config;
     }
-  } catch (const std::exception& e) {
-    failure = detail::exception_text(e);
+  } catch (...) {  // any exception: under a launcher the others wait for this rank's outcome below
+    failure = detail::current_exception_text();
   }
   const bool leaves = help || print_config;
   // 'E' and the error, 'L' for a rank that prints and leaves, "" for one that goes on.
@@ -175,7 +177,13 @@ ProgramConfig program_config(int argc, char** argv, const std::string& program, 
       }
       std::fflush(stderr);
     }
-    if (several) detail::end_started_mpi();
+    if (several) {
+      detail::end_started_mpi();
+    } else if (all.rank != 0) {
+      // A launcher whose size we cannot read (no agreement): rank 0 alone prints, and mpirun ends the job
+      // at the first non-zero exit, which could take rank 0's message down with it; leave a moment later.
+      std::this_thread::sleep_for(std::chrono::seconds(3));
+    }
     out.exit_status = 2;
     return out;
   }

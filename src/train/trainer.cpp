@@ -269,12 +269,23 @@ std::int32_t DistributedTrainer::local_stop_code() const {
 // the vote takes it.
 std::int32_t DistributedTrainer::stop_code(TrainerContext& ctx) {
   if (ctx.stop_requested && !stop_agreed_) {
+    if (!callback_stop_) callback_stop_reason_ = ctx.stop_reason;  // an earlier request keeps its reason
     callback_stop_ = true;
-    callback_stop_reason_ = ctx.stop_reason;
     ctx.stop_requested = false;
     ctx.stop_reason.clear();
   }
   return local_stop_code();
+}
+
+// Note [A callback's stop]: the votes before the first epoch and after the last one count callbacks'
+// requests only. This rank's other codes (a signal, request_stop()) come first in local_stop_code(),
+// and StopVote::finish() gives each rank's first code in flight, so either would hide a callback's
+// request: the votes in flight are read first, then each rank votes its callback request alone. The
+// other codes persist, and the next vote posts them again.
+void DistributedTrainer::take_callback_votes(TrainerContext& ctx) {
+  take_stop_votes(ctx, stop_vote_->finish(), /*callbacks_only=*/true);
+  stop_code(ctx);
+  take_stop_votes(ctx, read_every_vote(*stop_vote_, callback_stop_ ? kStopCallback : 0), /*callbacks_only=*/true);
 }
 
 // Note [Stop on signal]: a signal (or a time limit, or request_stop()) reaches one rank, at any point
@@ -326,6 +337,7 @@ void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<
   }
   ctx.stop_requested = true;
   ctx.stop_reason = reason;
+  agreed_reason_ = reason;
   stop_agreed_ = true;
 }
 
@@ -355,6 +367,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   stop_reason_.clear();
   caught_signal_ = 0;
   stop_agreed_ = false;
+  agreed_reason_.clear();
   callback_stop_ = false;
   callback_stop_reason_.clear();
   // Dropout and other draws differ per rank (each sees other samples) but repeat from run to run.
@@ -456,7 +469,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   }
   // Note [A callback's stop]: one set in on_setup or on_train_begin (EarlyStopping resuming a run it
   // ended) stops every rank before the first epoch. Signals wait for the first step's votes.
-  take_stop_votes(ctx, read_every_vote(*stop_vote_, stop_code(ctx)), /*callbacks_only=*/true);
+  take_callback_votes(ctx);
 
   std::map<std::string, double> last;
   for (int64_t epoch = first_epoch; epoch < options_.epochs && !ctx.stop_requested; ++epoch) {
@@ -517,10 +530,17 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     // Note [Stop at epoch ends]; after the last epoch only a callback's stop counts (the run is over:
     // the vote after on_train_end reads the others, and stop_reason() stays "").
     if (!stop_agreed_) {
-      take_stop_votes(ctx, read_every_vote(*stop_vote_, stop_code(ctx)), /*callbacks_only=*/epoch + 1 == options_.epochs);
+      if (epoch + 1 < options_.epochs) {
+        take_stop_votes(ctx, read_every_vote(*stop_vote_, stop_code(ctx)));
+      } else {
+        take_callback_votes(ctx);
+      }
     }
   }
-  if (ctx.stop_requested && ctx.stop_reason.empty()) ctx.stop_reason = "a callback";
+  // Every stop is agreed by now (Note [A callback's stop]); its agreed reason, should a callback have
+  // written another on its own rank since.
+  ctx.stop_requested = stop_agreed_;
+  ctx.stop_reason = stop_agreed_ ? agreed_reason_ : "";
   for (auto& cb : callbacks_) cb->on_train_end(ctx);
   stop_reason_ = ctx.stop_reason;
   // A signal caught after the last vote (late in training, or while on_train_end wrote the checkpoint)
@@ -535,8 +555,9 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
 }
 
 void DistributedTrainer::build_metrics(const data::Dataset& dataset) {
-  metrics_ = make_metrics(options_.metrics, dataset.info().num_classes, options_.custom_metrics);
-  MetricTracker check(metrics_);  // names and keys must not repeat
+  std::vector<MetricPtr> metrics = make_metrics(options_.metrics, dataset.info().num_classes, options_.custom_metrics);
+  MetricTracker check(metrics);  // names and keys must not repeat
+  metrics_ = std::move(metrics);  // only once they are good: a failed build leaves the last ones
   metrics_built_ = true;
 }
 
@@ -644,6 +665,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     if (!stop_agreed_ && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
       ctx.stop_requested = true;
       ctx.stop_reason = "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")";
+      agreed_reason_ = ctx.stop_reason;
       stop_agreed_ = true;
     }
     if (ctx.stop_requested) break;

@@ -418,7 +418,7 @@ namespace {
 // Sets ctx.stop_requested (with `reason`) on `ranks` at one event, as a NaN guard that reads its own
 // rank's loss would (Note [A callback's stop]); records what every rank went through.
 struct AskStop : Callback {
-  enum class At { kTrainBegin, kStep3, kLastEvaluationBatch, kFirstEpochEnd };
+  enum class At { kTrainBegin, kStep3, kLastEvaluationBatch, kFirstEpochEnd, kLastEpochEnd };
   AskStop(At at, std::vector<int> ranks, std::string reason) : at(at), ranks(std::move(ranks)), reason(std::move(reason)) {}
   bool asking(const TrainerContext& ctx) const {
     return std::find(ranks.begin(), ranks.end(), ctx.world.rank) != ranks.end();
@@ -437,6 +437,11 @@ struct AskStop : Callback {
   }
   void on_evaluation_batch_end(TrainerContext& ctx) override {
     if (at == At::kLastEvaluationBatch && ctx.epoch == 0 && ctx.eval_batch == ctx.eval_batches) ask(ctx);
+    // A request_stop() on the asking rank just before its last epoch's end: after the last epoch only
+    // a callback's request counts, and this rank's request must not hide it.
+    if (at == At::kLastEpochEnd && trainer != nullptr && asking(ctx) && ctx.epoch + 1 == ctx.options->epochs) {
+      trainer->request_stop();
+    }
   }
   void on_evaluation_end(TrainerContext& ctx) override {
     evaluation_complete.push_back(ctx.metrics.count("test_acc") == 1 && !ctx.evaluation_cut_short);
@@ -444,6 +449,7 @@ struct AskStop : Callback {
   void on_epoch_end(TrainerContext& ctx) override {
     ended.push_back(ctx.epoch);
     if (at == At::kFirstEpochEnd && ctx.epoch == 0) ask(ctx);
+    if (at == At::kLastEpochEnd && ctx.epoch + 1 == ctx.options->epochs) ask(ctx);
   }
   void on_train_end(TrainerContext& ctx) override {
     saw_stop = ctx.stop_requested;
@@ -457,6 +463,7 @@ struct AskStop : Callback {
   std::vector<int64_t> ended;
   bool saw_stop = false;
   std::string seen_reason;
+  DistributedTrainer* trainer = nullptr;
 };
 
 }  // namespace
@@ -467,11 +474,14 @@ TEST_CASE("stop: a callback's stop on one rank stops every rank after the same s
   const std::string on_last = " on rank " + std::to_string(last);
   // 2 epochs of 10 steps; 9 evaluation samples in batches of 8: each rank's evaluation is 1 batch.
   const TrainerOptions o = lockstep::testing::quiet_trainer(2, 5);
-  auto fit_with = [&](std::shared_ptr<AskStop> ask) {
+  // `request_first`: request_stop() on every rank before fit() (such a request holds for the next fit()).
+  auto fit_with = [&](std::shared_ptr<AskStop> ask, bool request_first = false) {
     torch::manual_seed(40 + comm().rank());
     lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
     DistributedTrainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), 0.05), comm_ptr(), o);
     trainer.add_callback(ask);
+    ask->trainer = &trainer;
+    if (request_first) trainer.request_stop();
     trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11),
                 lockstep::testing::synthetic_images(9, 8, 12));
     CHECK(same_on_every_rank(torch::full({1}, ask->last_step, torch::kLong)));
@@ -512,6 +522,17 @@ TEST_CASE("stop: a callback's stop on one rank stops every rank after the same s
     CHECK(fit_with(ask) == "nothing to do" + on_last);
     CHECK(ask->last_step == 0);
     CHECK(ask->ended.empty());
+  }
+  SECTION("in on_train_begin, with a request_stop() pending on every rank: still no step") {
+    auto ask = std::make_shared<AskStop>(AskStop::At::kTrainBegin, std::vector<int>{last}, "nothing to do");
+    CHECK(fit_with(ask, /*request_first=*/true) == "nothing to do" + on_last);
+    CHECK(ask->last_step == 0);
+  }
+  SECTION("at the last epoch's end, behind this rank's request_stop(): every rank sees the callback's stop") {
+    auto ask = std::make_shared<AskStop>(AskStop::At::kLastEpochEnd, std::vector<int>{last}, "done early");
+    CHECK(fit_with(ask) == "done early" + on_last);
+    CHECK(ask->last_step == 20);
+    CHECK(ask->ended == std::vector<int64_t>{0, 1});
   }
   CHECK(lockstep::testing::communicator_healthy());
 }

@@ -87,6 +87,13 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.train_resnet_one_bad_config.np3 PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "1,0\\]<stderr>: *train_resnet: config key 'trainer.epochs' at --set trainer.epochs=three: expected an integer.* \\(on rank 2; every rank stops\\)"
     FAIL_REGULAR_EXPRESSION "expected an integer.*expected an integer;epoch 1")
+  # --help on some ranks only: they would leave while the others start the Runtime; every rank stops.
+  add_test(NAME program.train_resnet_help_on_some_ranks.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 1 $<TARGET_FILE:train_resnet> --help
+                   : -np 2 $<TARGET_FILE:train_resnet> --set trainer.epochs=1)
+  set_tests_properties(program.train_resnet_help_on_some_ranks.np3 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "train_resnet: --help or --print-config on rank 0 but not on the others; every rank stops"
+    FAIL_REGULAR_EXPRESSION "epoch 1")
 endif()
 
 # train_resnet at 3 ranks with the data-parallel options together: synchronised batch norm, gradient

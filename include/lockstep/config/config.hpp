@@ -153,7 +153,8 @@ std::string usage(const std::string& program, bool built_in_default = true);
 // several processes (launcher_size() > 1) this is collective: it starts MPI and the ranks agree, so
 // that a rank whose config fails alone fails every rank, and rank 0 prints its message too ("...
 // (on rank 2; every rank stops)"); the Runtime made next adopts that MPI (Note [A config one rank
-// cannot read], config/builders.cpp).
+// cannot read], config/builders.cpp). Call it once per process: a second call after an exit status
+// would find MPI finalized.
 struct ProgramConfig {
   ExperimentConfig config;
   std::optional<int> exit_status;  // set: end the program with it

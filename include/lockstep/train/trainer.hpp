@@ -189,6 +189,8 @@ class DistributedTrainer {
   // Note [A callback's stop]: takes a stop that a callback set in ctx since the last vote (the
   // trainer's own are agreed already) and holds it as this rank's vote; then local_stop_code().
   std::int32_t stop_code(TrainerContext& ctx);
+  // The callbacks-only votes before the first epoch and after the last (Note [A callback's stop]).
+  void take_callback_votes(TrainerContext& ctx);
   // Acts on the codes a stop vote returned (every rank gets the same ones). With `callbacks_only`,
   // only callbacks' codes stop the run (the others are posted again by the next vote).
   void take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes, bool callbacks_only = false);
@@ -225,6 +227,7 @@ class DistributedTrainer {
   std::string stop_reason_;
   int caught_signal_ = 0;
   bool stop_agreed_ = false;  // ctx.stop_requested came from a vote (or stop_after_steps): every rank has it
+  std::string agreed_reason_;  // its reason, the same on every rank
   // Note [A callback's stop]: a callback on this rank asked to stop (with this reason, "" for none
   // given); posted to the vote until every rank stops.
   bool callback_stop_ = false;

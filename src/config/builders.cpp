@@ -44,6 +44,7 @@ data::DatasetPtr make_split(const DataConfig& config, data::Split split, uint64_
     data::Cifar10Options options;
     options.root = config.dir;
     options.split = split;
+    options.records_per_file = config.records_per_file;
     return std::make_shared<data::Cifar10>(options);
   }
   if (config.dataset == "synthetic") {

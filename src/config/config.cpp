@@ -217,6 +217,8 @@ class Section {
   [[noreturn]] void fail_key(const std::string& key, const std::string& what) const {
     reader_.fail(full(key), child(key), what);
   }
+  // Whether the key is written (in the file or by --set), whatever its value.
+  bool given(const std::string& key) const { return child(key).IsDefined(); }
 
  private:
   std::string full(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
@@ -401,6 +403,11 @@ void read_data(Section s, DataConfig& o) {
   s.string("dir", o.dir);
   s.integer("train_subset", o.train_subset, 0);
   s.integer("test_subset", o.test_subset, 0);
+  s.integer("records_per_file", o.records_per_file, 0);
+  if (s.given("records_per_file") && o.dataset != "cifar10") {
+    s.fail_key("records_per_file", "only the cifar10 data set reads batch files of a fixed record count, but "
+                                   "data.dataset is '" + o.dataset + "'");
+  }
   // The synthetic data set is as large as these ask (make_datasets): bounded, so that a few zeros too
   // many are an error here rather than an index list of hundreds of GB.
   if (o.dataset == "synthetic") {

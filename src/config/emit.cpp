@@ -123,6 +123,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "dir", c.data.dir);
   put(out, "train_subset", c.data.train_subset);
   put(out, "test_subset", c.data.test_subset);
+  if (c.data.dataset == "cifar10") put(out, "records_per_file", c.data.records_per_file);  // an error elsewhere
   out << YAML::Key << "augment" << YAML::Value << YAML::BeginMap;
   put(out, "pad", c.data.augment.pad);
   put(out, "hflip", c.data.augment.hflip);

@@ -26,7 +26,7 @@ ImageData read_cifar10_files(const std::vector<std::string>& paths, int64_t reco
     const int64_t records = size / kCifar10RecordBytes;
     LOCKSTEP_CHECK(records_per_file <= 0 || records == records_per_file, path, ": ", records,
                    " records, but each CIFAR-10 batch file holds ", records_per_file,
-                   " (a copy cut short? Fetch the file again; in code, Cifar10Options::records_per_file = 0 accepts "
+                   " (a copy cut short? Fetch the file again; data.records_per_file: 0, or Cifar10Options::records_per_file = 0 in code, accepts "
                    "any number)");
     for (int64_t r = 0; r < records; ++r) {
       const int label = bytes[r * kCifar10RecordBytes];

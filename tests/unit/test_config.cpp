@@ -769,3 +769,19 @@ TEST_CASE("config: --config must name a file, once", "[config]") {
   CHECK(run({"prog", "--config", ""}, "trainer: {epochs: 2}\n").exit_status == 2);
   CHECK_FALSE(run({"prog"}, "trainer: {epochs: 2}\n").exit_status.has_value());
 }
+
+TEST_CASE("config: data.records_per_file is cifar10's, and --print-config writes it back only there", "[config]") {
+  const config::ExperimentConfig own = config::parse_config("data: {dataset: cifar10, dir: /d, records_per_file: 0}\n", "t.yaml");
+  CHECK(own.data.records_per_file == 0);
+  CHECK(config::parse_config("data: {dataset: cifar10, dir: /d}\n", "t.yaml").data.records_per_file == 10000);
+  const std::string printed = config::to_yaml(own);
+  CHECK_THAT(printed, Contains("records_per_file: 0"));
+  CHECK(config::parse_config(printed, "printed").data.records_per_file == 0);
+  // Another data set: the key would be ignored, so it is an error; and it is not printed for it.
+  CHECK_THAT(error_of("data: {dataset: mnist, records_per_file: 5}\n"),
+             Contains("config key 'data.records_per_file' at test.yaml:1:42: only the cifar10 data set reads batch "
+                      "files of a fixed record count, but data.dataset is 'mnist'"));
+  CHECK_THAT(error_of("", {"data.records_per_file=0"}), Contains("data.dataset is 'fashion-mnist'"));
+  CHECK_THAT(error_of("data: {dataset: cifar10, records_per_file: -1}\n"), Contains("data.records_per_file"));
+  CHECK_THAT(config::to_yaml(config::parse_config("", "empty.yaml")), !Contains("records_per_file"));
+}

@@ -11,6 +11,7 @@
 #include <numeric>
 #include <random>
 
+#include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/cifar10.hpp"
 #include "lockstep/data/mnist.hpp"
@@ -388,6 +389,15 @@ TEST_CASE("Cifar10: reads the five training batches in order and the test batch,
   options.root = dir.path.string();  // the parent of cifar-10-batches-bin is accepted
   // The real batch files hold 10000 records each: these small ones are refused by default.
   CHECK_THROWS_WITH(Cifar10(options), Contains("data_batch_1.bin: 1 records, but each CIFAR-10 batch file holds 10000"));
+  // The same through the config (data.records_per_file, a cifar10 key).
+  lockstep::config::DataConfig data;
+  data.dataset = "cifar10";
+  data.dir = options.root;
+  CHECK_THROWS_WITH(lockstep::config::make_datasets(data, 1), Contains("holds 10000"));
+  data.records_per_file = 0;
+  const auto [from_config, test_from_config] = lockstep::config::make_datasets(data, 1);
+  CHECK(from_config->size() == 15);
+  CHECK(test_from_config->size() == 4);
   options.records_per_file = 0;
   Cifar10 train(options);
   REQUIRE(train.size() == 15);

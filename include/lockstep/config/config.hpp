@@ -49,6 +49,9 @@ struct DataConfig {
   // kMaxSyntheticSamples).
   int64_t train_subset = 0;
   int64_t test_subset = 0;
+  // cifar10 only: the records each batch file must hold (data::Cifar10Options::records_per_file);
+  // 0 accepts any count (a data set of its own in CIFAR-10's format). Set for another data set, an error.
+  int64_t records_per_file = 10000;
   AugmentConfig augment;  // train set only; seeded with trainer.seed
 };
 // The largest train_subset or test_subset the synthetic data set takes (2^31): parse_config and

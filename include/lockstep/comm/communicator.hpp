@@ -13,7 +13,7 @@
 namespace lockstep::comm {
 
 enum class ReduceOp { Sum, Average, Min, Max, Product };
-const char* to_string(ReduceOp op);
+const char* to_string(ReduceOp op);  // "sum", "average", ...: for messages
 
 // The timeout a Work's wait() uses when none is given: 600 s. LOCKSTEP_TIMEOUT_S (seconds) overrides it;
 // inf, or anything past kMaxTimeout, means kMaxTimeout (no practical limit).

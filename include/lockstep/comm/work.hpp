@@ -45,9 +45,12 @@ class Work {
   // lockstep::TimeoutError naming the operation when the time runs out.
   void wait() { wait(default_timeout_); }
   virtual void wait(std::chrono::milliseconds timeout) = 0;
+  // Whether the operation has finished (successfully or not), without waiting: wait() then no longer
+  // blocks on it, and raises its error if it failed (for then(), see below).
   virtual bool is_completed() const = 0;
 
   const WorkInfo& info() const { return info_; }
+  // The timeout wait() uses: the communicator's at issue time (comm::default_timeout() unless set).
   std::chrono::milliseconds default_timeout() const { return default_timeout_; }
   // When the operation started and finished running (valid once completed); for timings and traces.
   virtual Clock::time_point start_time() const = 0;

@@ -78,6 +78,8 @@ class ActivationFakeQuantImpl : public torch::nn::Module, public train::BufferSt
   // parameters (gradient: straight through inside the range, zero outside). Otherwise the identity.
   at::Tensor forward(const at::Tensor& input);
 
+  // Whether forward() records batch ranges (QAT's calibration, until the ranges freeze) and whether
+  // it fake-quantizes (once quantization began); QuantizationAwareTraining sets both.
   void set_observing(bool observing) { observing_ = observing; }
   bool observing() const { return observing_; }
   void set_enabled(bool enabled) { enabled_ = enabled; }

@@ -37,7 +37,7 @@ enum class PruneSchedule {
   Gradual,  // cubic from initial_sparsity at begin_step to target_sparsity at end_step
 };
 PruneSchedule parse_prune_schedule(const std::string& name);  // "one_shot", "gradual"
-std::string to_string(PruneSchedule schedule);
+std::string to_string(PruneSchedule schedule);  // the name parse_prune_schedule reads
 
 struct PruningOptions {
   PruneGranularity granularity = PruneGranularity::Unstructured;

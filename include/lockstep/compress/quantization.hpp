@@ -168,6 +168,9 @@ Int8Model read_int8(const std::string& path);
 // be in the file and every entry of the file in the model, with the same shapes; errors name the entry.
 void load_int8(torch::nn::Module& model, const std::string& path);
 
+// The report's text table: one row per quantized weight (name, shape, its scales' range, the
+// signal-to-quantization-noise ratio in dB), then one per activation point (its range, scale and zero
+// point); what the callback prints at the end of training.
 std::string format_quantization_table(const std::vector<LayerQuantization>& layers,
                                       const std::vector<ActivationRange>& ranges);
 

@@ -46,8 +46,8 @@ class GradScaler final : public Callback {
   // After the step (taken or skipped): back off on overflow, grow after growth_interval good steps.
   void update(bool found_inf);
 
-  double scale_value() const { return scale_; }
-  int64_t growth_tracker() const { return growth_tracker_; }
+  double scale_value() const { return scale_; }      // the loss is multiplied by this
+  int64_t growth_tracker() const { return growth_tracker_; }  // good steps in a row since the last change
   int64_t skipped_steps() const { return skipped_steps_; }
   const GradScalerOptions& options() const { return options_; }
 

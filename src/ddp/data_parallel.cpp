@@ -167,6 +167,11 @@ void DataParallel::enable_trace(std::string path) {
 }
 
 void DataParallel::write_trace() {
+  // Collective: a trace enabled on some ranks only (rank 0's, say) would have those ranks wait in
+  // the merge's all-gather for the others, which raise below; every rank raises here instead.
+  comm::check_same_values(*comm_, {{"enable_trace() called", timeline_ != nullptr ? "yes" : "no"}},
+                          "DataParallel::write_trace",
+                          "Call enable_trace(path) on every rank: the trace is merged from all ranks into one file.");
   LOCKSTEP_CHECK(timeline_ != nullptr, "DataParallel::write_trace: call enable_trace(path) first (rank ", comm_->rank(),
                  ")");
   timeline_->write_merged(*comm_, trace_path_);

@@ -28,6 +28,8 @@ std::string join_model(const std::vector<ModelEntry>& entries) {
 
 }  // namespace
 
+std::string device_kind(const c10::Device& device) { return c10::DeviceTypeName(device.type(), /*lower_case=*/true); }
+
 std::string describe(const ModelEntry& entry) {
   std::ostringstream os;
   os << entry.kind << " " << entry.name << ": ";
@@ -35,7 +37,7 @@ std::string describe(const ModelEntry& entry) {
     os << "undefined";
   } else {
     const at::Tensor& t = entry.tensor;
-    os << t.scalar_type() << " " << t.sizes() << " on " << t.device();
+    os << t.scalar_type() << " " << t.sizes() << " on " << device_kind(t.device());
     // A parameter's slice of its gradient bucket has the parameter's memory order (Note [Gradient
     // layout] in reducer.cpp): a channels_last weight on one rank and a contiguous one on another
     // would sum unrelated elements. Strides of size-1 dimensions do not change that order ("-"); a

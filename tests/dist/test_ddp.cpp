@@ -464,4 +464,24 @@ TEST_CASE("DataParallel reports step timings and writes a Chrome trace", "[ddp]"
   const std::string mine = path.substr(0, path.size() - 5) + ".rank" + std::to_string(rank) + ".json";
   CHECK(std::filesystem::exists(mine));
   std::filesystem::remove(mine);
+
+  // A trace enabled on rank 0 alone (for "one file"): write_trace() is collective, and fails on
+  // every rank instead of rank 0 waiting in the merge for ranks that raise.
+  {
+    Mlp model = make_model(torch::kFloat32, false);
+    DataParallel dp(model, comm_ptr(), DataParallelOptions{});
+    if (rank == 0) dp.enable_trace(path);
+    const std::string error = lockstep::testing::error_of([&] { dp.write_trace(); });
+    INFO(error);
+    if (n > 1) {
+      CHECK_THAT(error, Catch::Contains("DataParallel::write_trace: the ranks disagree on enable_trace() called: yes on "
+                                        "rank 0; no on rank") &&
+                            Catch::Contains("Call enable_trace(path) on every rank"));
+    } else {
+      CHECK(error.empty());
+    }
+    CHECK(lockstep::testing::communicator_healthy());
+  }
+  std::filesystem::remove(path);
+  std::filesystem::remove(path.substr(0, path.size() - 5) + ".rank0.json");
 }

@@ -72,6 +72,10 @@ TEST_CASE("Model entries describe what must agree across ranks", "[ddp]") {
   CHECK(lockstep::ddp::describe({"buffer", "bn.running_mean", torch::zeros({4})}) ==
         "buffer bn.running_mean: Float [4] on cpu");
   CHECK(lockstep::comm::fingerprint("a") != lockstep::comm::fingerprint("b"));
+  // The device's kind, not its index: on a host of several GPUs each rank's model is on its own one.
+  CHECK(lockstep::ddp::device_kind(c10::Device("cuda:1")) == "cuda");
+  CHECK(lockstep::ddp::device_kind(c10::Device("cuda:0")) == lockstep::ddp::device_kind(c10::Device("cuda:1")));
+  CHECK(lockstep::ddp::device_kind(c10::Device("cpu")) == "cpu");
 }
 
 TEST_CASE("Timeline writes Chrome trace events", "[ddp]") {

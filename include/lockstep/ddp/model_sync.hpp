@@ -23,7 +23,11 @@ struct ModelEntry {
 };
 
 // "parameter fc1.weight: float32 [64, 32] on cpu, requires grad": what must agree across ranks.
+// The device is its kind alone (device_kind): each rank of a host has a GPU of its own, so rank 1's
+// model is on cuda:1 where rank 0's is on cuda:0.
 std::string describe(const ModelEntry& entry);
+// "cpu", "cuda": a device without its index.
+std::string device_kind(const c10::Device& device);
 
 // Collective. Checks that every rank holds the same entries (count, order, names, shapes, dtypes,
 // devices, requires_grad). Costs one all-gather of a 64-bit fingerprint when they agree. When

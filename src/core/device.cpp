@@ -18,6 +18,11 @@ void set_current_cuda_device(const c10::Device& device) {
   c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->setDevice(device);
 }
 
+std::optional<c10::Device> current_cuda_device() {
+  if (!cuda_usable()) return std::nullopt;
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice();
+}
+
 c10::Device resolve_device(const std::string& name, const std::string& who) {
   if (name == "cpu") return c10::Device(c10::kCPU);
   if (name == "auto" && !cuda_usable()) return c10::Device(c10::kCPU);

@@ -1,5 +1,6 @@
 #include "lockstep/data/loader.hpp"
 
+#include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep {
@@ -58,6 +59,10 @@ void Loader::launch() {
   stop_ = false;
   producer_done_ = false;
   launched_ = true;
+  // Note [Pinning thread's device]: a thread starts on CUDA device 0, and pinning memory there would
+  // open a context on GPU 0 for each rank of a node (hundreds of MiB each; refused in exclusive-process
+  // mode): the worker takes the caller's current device, as PyTorch's pin-memory thread does.
+  pin_device_ = options_.pin_memory ? current_cuda_device() : std::nullopt;
   if (options_.prefetch > 0) worker_ = std::thread([this] { produce(); });
 }
 
@@ -74,6 +79,7 @@ void Loader::halt() {
 }
 
 void Loader::produce() {
+  if (pin_device_) set_current_cuda_device(*pin_device_);  // Note [Pinning thread's device]
   for (size_t b = 0; b < plan_.size(); ++b) {
     {
       std::unique_lock<std::mutex> lock(mutex_);

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "lockstep/comm/agree.hpp"
+#include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/comm/stop_vote.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
@@ -149,6 +150,14 @@ void DistributedTrainer::set_up() {
                  "kernels for autocast); use bf16 on the CPU");
   LOCKSTEP_CHECK(autocast_supported(device_, autocast_dtype_), "TrainerOptions::precision ", options_.precision,
                  " is not supported on ", device_);
+  // A GPU other than the NCCL communicator's (trainer.device cuda:N on a node where this rank's GPU is
+  // another one) would fail in DataParallel's first collective, on this rank alone.
+  if (const int gpu = comm::nccl_device_index(*comm_); gpu >= 0 && device_.is_cuda()) {
+    LOCKSTEP_CHECK(device_.index() == gpu, "DistributedTrainer: the device is ", device_,
+                   " but this rank's NCCL communicator runs on cuda:", gpu,
+                   " (NCCL reduces tensors of its own GPU): set TrainerOptions::device to \"auto\" (the runtime's "
+                   "device) or to cuda:", gpu);
+  }
   LOCKSTEP_CHECK(options_.stop_after_seconds >= 0 && std::isfinite(options_.stop_after_seconds),
                  "TrainerOptions::stop_after_seconds must be >= 0 (0 = no limit), got ", options_.stop_after_seconds);
   for (const auto& name : options_.stop_signals) signal_number(name, "TrainerOptions::stop_signals");

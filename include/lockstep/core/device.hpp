@@ -4,6 +4,7 @@
 
 #include <c10/core/Device.h>
 
+#include <optional>
 #include <string>
 
 namespace lockstep {
@@ -19,5 +20,7 @@ int cuda_device_count();
 // thread: a thread the program starts later begins on device 0 and must set it itself (Lockstep's
 // communicators set their device wherever they use it).
 void set_current_cuda_device(const c10::Device& device);
+// The calling thread's current CUDA device, or nothing when CUDA is not usable here.
+std::optional<c10::Device> current_cuda_device();
 
 }  // namespace lockstep

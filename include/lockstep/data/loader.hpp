@@ -104,6 +104,7 @@ class Loader {
   bool stop_ = false;
   bool producer_done_ = false;
   std::thread worker_;
+  std::optional<c10::Device> pin_device_;  // the worker's CUDA device, when it pins (Note [Pinning thread's device])
 };
 
 }  // namespace data

@@ -18,6 +18,7 @@ namespace {
 
 bool nccl_available() { return false; }
 std::string cuda_pci_bus_id(int) { return ""; }
+int nccl_device_index(const Communicator&) { return -1; }
 std::string nccl_build_info() { return std::string("not built: ") + LOCKSTEP_NCCL_UNAVAILABLE_REASON; }
 CommunicatorPtr make_nccl_communicator(NcclCommunicatorOptions) { unavailable("make_nccl_communicator"); }
 void nccl_raw_allreduce(Communicator&, const at::Tensor&) { unavailable("nccl_raw_allreduce"); }

@@ -230,6 +230,15 @@ class NcclCommunicator final : public Communicator {
   CommunicatorPtr host_;  // Note [CPU tensors through NCCL]
 };
 
+}  // namespace
+
+int nccl_device_index(const Communicator& comm) {
+  const auto* nccl = dynamic_cast<const NcclCommunicator*>(&comm);
+  return nccl != nullptr ? nccl->device().index() : -1;
+}
+
+namespace {
+
 NcclCommunicator& as_nccl(Communicator& comm, const char* who) {
   auto* nccl = dynamic_cast<NcclCommunicator*>(&comm);
   LOCKSTEP_CHECK(nccl != nullptr, who, " needs the NCCL communicator, found backend '", comm.backend(), "'");

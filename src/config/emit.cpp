@@ -236,9 +236,9 @@ void check_same_on_all_ranks(const ExperimentConfig& config, comm::Communicator&
   std::vector<std::pair<std::string, std::string>> keys;
   flatten(YAML::Load(to_yaml(config)), "", keys);
   // A device index is a rank's own placement (cuda:<local rank> on a node of several GPUs, set per
-  // rank by --set): the ranks must agree on the device's kind only.
+  // rank by --set; "cuda" is the runtime's GPU): the ranks must agree on the device's kind only.
   for (auto& [key, value] : keys) {
-    if (key == "trainer.device" && value.rfind("cuda:", 0) == 0) value = "cuda:N";
+    if (key == "trainer.device" && value.rfind("cuda:", 0) == 0) value = "cuda";
   }
   comm::check_same_values(comm, keys, "config",
                           "Every rank must read the same configuration: the same --config file contents on every "

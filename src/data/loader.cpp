@@ -79,7 +79,6 @@ void Loader::halt() {
 }
 
 void Loader::produce() {
-  if (pin_device_) set_current_cuda_device(*pin_device_);  // Note [Pinning thread's device]
   for (size_t b = 0; b < plan_.size(); ++b) {
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -88,6 +87,8 @@ void Loader::produce() {
     }
     Slot slot;
     try {
+      // Note [Pinning thread's device]; inside the try: an error leaving the thread would end the process.
+      if (b == 0 && pin_device_) set_current_cuda_device(*pin_device_);
       slot.example = assemble(b);
     } catch (...) {
       slot.error = std::current_exception();

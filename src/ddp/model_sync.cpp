@@ -20,9 +20,21 @@ constexpr std::int64_t kMissing = std::numeric_limits<std::int64_t>::min();
 
 using comm::rank_list;
 
-std::string join_model(const std::vector<ModelEntry>& entries) {
+// Each entry described with its device's label (Note [Device labels]).
+std::vector<std::string> describe_all(const std::vector<ModelEntry>& entries) {
+  std::vector<c10::Device> devices;
+  for (const auto& entry : entries) {
+    devices.push_back(entry.tensor.defined() ? entry.tensor.device() : c10::Device(c10::kCPU));
+  }
+  const std::vector<std::string> labels = device_labels(devices);
+  std::vector<std::string> described;
+  for (std::size_t k = 0; k < entries.size(); ++k) described.push_back(describe(entries[k], labels[k]));
+  return described;
+}
+
+std::string join_model(const std::vector<std::string>& described) {
   std::string all;
-  for (const auto& entry : entries) all += describe(entry) + "\n";
+  for (const auto& text : described) all += text + "\n";
   return all;
 }
 
@@ -30,14 +42,39 @@ std::string join_model(const std::vector<ModelEntry>& entries) {
 
 std::string device_kind(const c10::Device& device) { return c10::DeviceTypeName(device.type(), /*lower_case=*/true); }
 
+// Note [Device labels]: the model check once compared devices with their index, and so refused every
+// run of several ranks on a node of several GPUs (rank r on cuda:r). Comparing the kind alone would
+// let a rank whose model spans two GPUs pass beside one whose model sits on one, and their buckets,
+// grouped by device, would differ. So a device is its kind, numbered in first-seen order when one
+// rank's model has several of that kind.
+std::vector<std::string> device_labels(const std::vector<c10::Device>& devices) {
+  std::map<c10::DeviceType, std::vector<c10::Device>> seen;
+  for (const auto& device : devices) {
+    auto& list = seen[device.type()];
+    if (std::find(list.begin(), list.end(), device) == list.end()) list.push_back(device);
+  }
+  std::vector<std::string> labels;
+  for (const auto& device : devices) {
+    const auto& list = seen[device.type()];
+    std::string label = device_kind(device);
+    if (list.size() > 1) label += "#" + std::to_string(std::find(list.begin(), list.end(), device) - list.begin());
+    labels.push_back(std::move(label));
+  }
+  return labels;
+}
+
 std::string describe(const ModelEntry& entry) {
+  return describe(entry, entry.tensor.defined() ? device_kind(entry.tensor.device()) : "");
+}
+
+std::string describe(const ModelEntry& entry, const std::string& device) {
   std::ostringstream os;
   os << entry.kind << " " << entry.name << ": ";
   if (!entry.tensor.defined()) {
     os << "undefined";
   } else {
     const at::Tensor& t = entry.tensor;
-    os << t.scalar_type() << " " << t.sizes() << " on " << device_kind(t.device());
+    os << t.scalar_type() << " " << t.sizes() << " on " << device;
     // A parameter's slice of its gradient bucket has the parameter's memory order (Note [Gradient
     // layout] in reducer.cpp): a channels_last weight on one rank and a contiguous one on another
     // would sum unrelated elements. Strides of size-1 dimensions do not change that order ("-"); a
@@ -65,7 +102,8 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
   if (size == 1) return;
 
   // Step 1: one fingerprint per rank. The common case ends here.
-  at::Tensor mine = at::full({1}, static_cast<std::int64_t>(comm::fingerprint(join_model(entries))), at::kLong);
+  const std::vector<std::string> described = describe_all(entries);
+  at::Tensor mine = at::full({1}, static_cast<std::int64_t>(comm::fingerprint(join_model(described))), at::kLong);
   at::Tensor all = at::empty({size}, at::kLong);
   comm.allgather(mine, all)->wait();
   const auto* model_prints = all.data_ptr<std::int64_t>();
@@ -82,7 +120,7 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
   at::Tensor entry_prints = at::full({longest}, kMissing, at::kLong);
   auto* entry_data = entry_prints.data_ptr<std::int64_t>();
   for (std::size_t k = 0; k < entries.size(); ++k) {
-    entry_data[k] = static_cast<std::int64_t>(comm::fingerprint(describe(entries[k])));
+    entry_data[k] = static_cast<std::int64_t>(comm::fingerprint(described[k]));
   }
   at::Tensor gathered = at::empty({size * longest}, at::kLong);
   comm.allgather(entry_prints, gathered)->wait();
@@ -107,7 +145,7 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
   if (first >= 0) {
     // Step 3: the differing entry's description from every rank, grouped by version.
     const std::string here = first < static_cast<std::int64_t>(entries.size())
-                                 ? describe(entries[static_cast<std::size_t>(first)])
+                                 ? described[static_cast<std::size_t>(first)]
                                  : "nothing (only " + std::to_string(entries.size()) + " entries)";
     const std::vector<std::string> versions = comm::allgather_strings(comm, here);
     std::map<std::string, std::vector<int>> holders;
@@ -133,7 +171,8 @@ std::vector<comm::WorkPtr> broadcast_coalesced(comm::Communicator& comm, const s
   if (comm.size() == 1) return works;
   torch::autograd::AutoGradMode no_grad(false);
   // Group by dtype and device in first-seen order; the grouping depends only on the tensors'
-  // metadata, which check_same_model has made identical on every rank.
+  // metadata, which check_same_model has made identical on every rank (the device up to its index:
+  // the groups are in first-seen order, which the labels of Note [Device labels] make agree).
   std::vector<std::vector<at::Tensor>> groups;
   std::map<std::string, std::size_t> open;
   std::map<std::size_t, std::int64_t> open_bytes;

@@ -7,6 +7,7 @@
 
 #include "lockstep/comm/work.hpp"
 #include "lockstep/config/config.hpp"
+#include "lockstep/data/cifar10.hpp"
 #include "lockstep/train/foreach_optim.hpp"
 #include "lockstep/core/error.hpp"
 #include "support/grad_buckets.hpp"
@@ -784,4 +785,9 @@ TEST_CASE("config: data.records_per_file is cifar10's, and --print-config writes
   CHECK_THAT(error_of("", {"data.records_per_file=0"}), Contains("data.dataset is 'fashion-mnist'"));
   CHECK_THAT(error_of("data: {dataset: cifar10, records_per_file: -1}\n"), Contains("data.records_per_file"));
   CHECK_THAT(config::to_yaml(config::parse_config("", "empty.yaml")), !Contains("records_per_file"));
+  // The default is let through: a printed cifar10 config run with another data set.
+  CHECK(config::parse_config(config::to_yaml(config::parse_config("data: {dataset: cifar10, dir: /d}\n", "t.yaml")),
+                             "printed", {"data.dataset=synthetic"})
+            .data.dataset == "synthetic");
+  CHECK(config::DataConfig{}.records_per_file == lockstep::data::Cifar10Options{}.records_per_file);
 }

@@ -76,6 +76,19 @@ TEST_CASE("Model entries describe what must agree across ranks", "[ddp]") {
   CHECK(lockstep::ddp::device_kind(c10::Device("cuda:1")) == "cuda");
   CHECK(lockstep::ddp::device_kind(c10::Device("cuda:0")) == lockstep::ddp::device_kind(c10::Device("cuda:1")));
   CHECK(lockstep::ddp::device_kind(c10::Device("cpu")) == "cpu");
+  // Labels: the kind where a model has one device of it; numbered in first-seen order where it has
+  // several, so that which tensors share a GPU still has to agree.
+  using Labels = std::vector<std::string>;
+  CHECK(lockstep::ddp::device_labels({c10::Device("cuda:3"), c10::Device("cuda:3"), c10::Device("cpu")}) ==
+        Labels{"cuda", "cuda", "cpu"});
+  CHECK(lockstep::ddp::device_labels({c10::Device("cuda:5"), c10::Device("cuda:2"), c10::Device("cuda:5")}) ==
+        Labels{"cuda#0", "cuda#1", "cuda#0"});
+  CHECK(lockstep::ddp::device_labels({c10::Device("cuda:0"), c10::Device("cuda:1"), c10::Device("cuda:0")}) ==
+        lockstep::ddp::device_labels({c10::Device("cuda:6"), c10::Device("cuda:7"), c10::Device("cuda:6")}));
+  CHECK(lockstep::ddp::device_labels({c10::Device("cuda:0"), c10::Device("cuda:1")}) !=
+        lockstep::ddp::device_labels({c10::Device("cuda:2"), c10::Device("cuda:2")}));
+  CHECK(lockstep::ddp::describe({"parameter", "fc.weight", p}, "cuda#1") ==
+        "parameter fc.weight: Double [3, 4] on cuda#1, requires grad");
 }
 
 TEST_CASE("Timeline writes Chrome trace events", "[ddp]") {

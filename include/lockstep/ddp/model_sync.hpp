@@ -22,12 +22,18 @@ struct ModelEntry {
   at::Tensor tensor;
 };
 
-// "parameter fc1.weight: float32 [64, 32] on cpu, requires grad": what must agree across ranks.
-// The device is its kind alone (device_kind): each rank of a host has a GPU of its own, so rank 1's
-// model is on cuda:1 where rank 0's is on cuda:0.
+// "parameter fc1.weight: float32 [64, 32] on cpu, requires grad": what must agree across ranks, with
+// the tensor's device written as `device` (a label of device_labels); without it, its kind alone.
+std::string describe(const ModelEntry& entry, const std::string& device);
 std::string describe(const ModelEntry& entry);
 // "cpu", "cuda": a device without its index.
 std::string device_kind(const c10::Device& device);
+// Each device as the ranks compare it (Note [Device labels]): its kind ("cpu", "cuda"), and where the
+// list holds several devices of one kind, their number in first-seen order too ("cuda#0", "cuda#1").
+// Which tensors share a GPU must agree across ranks (the buckets group by device); which GPU a rank
+// has need not: each rank of a node has its own, so rank 1's model is on cuda:1 where rank 0's is on
+// cuda:0.
+std::vector<std::string> device_labels(const std::vector<c10::Device>& devices);
 
 // Collective. Checks that every rank holds the same entries (count, order, names, shapes, dtypes,
 // devices, requires_grad). Costs one all-gather of a 64-bit fingerprint when they agree. When

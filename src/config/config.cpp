@@ -405,7 +405,7 @@ void read_data(Section s, DataConfig& o) {
   s.integer("test_subset", o.test_subset, 0);
   s.integer("records_per_file", o.records_per_file, 0);
   // Another value would be ignored. The default is let through: a cifar10 config that --print-config
-  // wrote holds it, and may be run with another data set by --set.
+  // wrote holds it (unless it was set), and may be run with another data set by --set.
   if (s.given("records_per_file") && o.dataset != "cifar10" && o.records_per_file != DataConfig{}.records_per_file) {
     s.fail_key("records_per_file", "only the cifar10 data set reads batch files of a fixed record count, but "
                                    "data.dataset is '" + o.dataset + "'");

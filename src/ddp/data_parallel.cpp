@@ -4,6 +4,7 @@
 #include <unordered_set>
 
 #include "lockstep/comm/agree.hpp"
+#include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/bucket_assignment.hpp"
 #include "lockstep/ddp/comm_hooks.hpp"
@@ -75,14 +76,30 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   char caps[96];
   std::snprintf(caps, sizeof caps, "%.17g MB, first bucket %.17g MB", options_.bucket_cap_mb,
                 options_.first_bucket_cap_mb);
+  // NCCL reduces tensors of its own GPU: a model on another one (moved to cuda:0 on every rank of a
+  // node) would fail in the broadcast below on the ranks whose GPU differs, and leave the others there.
+  std::string off_gpu;
+  if (const int gpu = comm::nccl_device_index(*comm_); gpu >= 0) {
+    for (const auto& entry : entries) {
+      const at::Tensor& t = entry.tensor;
+      if (t.defined() && t.is_cuda() && t.device().index() != gpu) {
+        off_gpu = entry.kind + " " + entry.name + " is on " + t.device().str() + ", the NCCL communicator on cuda:" +
+                  std::to_string(gpu);
+        break;
+      }
+    }
+  }
   comm::check_same_values(
       *comm_,
       {{"bucket caps", caps},
        {"find_unused_parameters", std::to_string(options_.find_unused_parameters)},
        {"broadcast_buffers", std::to_string(options_.broadcast_buffers)},
        {"sync_batch_norm", std::to_string(options_.sync_batch_norm)},
-       {"comm_hook", describe_comm_hook(options_.comm_hook)}},
+       {"comm_hook", describe_comm_hook(options_.comm_hook)},
+       {"the model on the NCCL communicator's GPU", off_gpu.empty() ? "yes" : "no (" + off_gpu + ")"}},
       "DataParallel", "Every rank must build DataParallel with the same DataParallelOptions.");
+  LOCKSTEP_CHECK(off_gpu.empty(), "DataParallel: ", off_gpu,
+                 ": move the model to the rank's GPU (the runtime's device) before building DataParallel");
   // After the agreement: a cap one rank alone gets wrong is the disagreement above, on every rank.
   reducer_options.first_bucket_cap_bytes = cap_bytes_from_mb(options_.first_bucket_cap_mb, "first_bucket_cap_mb");
   reducer_options.bucket_cap_bytes = cap_bytes_from_mb(options_.bucket_cap_mb, "bucket_cap_mb");

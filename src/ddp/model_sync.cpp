@@ -32,6 +32,18 @@ std::vector<std::string> describe_all(const std::vector<ModelEntry>& entries) {
   return described;
 }
 
+// This rank's devices in first-seen order ("cuda:1, cuda:0"): what the labels number.
+std::string device_list(const std::vector<ModelEntry>& entries) {
+  std::vector<c10::Device> seen;
+  for (const auto& entry : entries) {
+    if (!entry.tensor.defined()) continue;
+    if (std::find(seen.begin(), seen.end(), entry.tensor.device()) == seen.end()) seen.push_back(entry.tensor.device());
+  }
+  std::string list;
+  for (const auto& device : seen) list += (list.empty() ? "" : ", ") + device.str();
+  return list;
+}
+
 std::string join_model(const std::vector<std::string>& described) {
   std::string all;
   for (const auto& text : described) all += text + "\n";
@@ -157,6 +169,13 @@ void check_same_model(comm::Communicator& comm, const std::vector<ModelEntry>& e
     message << ". The first difference is entry #" << first << " (counting parameters, then buffers, in "
             << "registration order):";
     for (const auto& version : order) message << "\n  " << rank_list(holders[version]) << ": " << version;
+    // A label depends on all of a rank's devices (Note [Device labels]): one extra GPU late in the model
+    // renumbers every entry before it. So say which devices each rank's labels stand for.
+    const std::vector<std::string> devices = comm::allgather_strings(comm, device_list(entries));
+    if (std::any_of(devices.begin(), devices.end(), [](const std::string& d) { return d.find(',') != std::string::npos; })) {
+      message << "\n  Devices in first-seen order (cuda#0 is the first):";
+      for (int r = 0; r < size; ++r) message << " rank " << r << ": " << devices[static_cast<std::size_t>(r)] << ";";
+    }
   } else {
     message << " (their fingerprints differ, but no single entry does: a fingerprint collision)";
   }

@@ -10,6 +10,7 @@
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/compress/pruning.hpp"
 #include "lockstep/config/config.hpp"
+#include "lockstep/core/error.hpp"
 #include "lockstep/ddp/comm_hooks.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/powersgd.hpp"
@@ -58,6 +59,39 @@ TEST_CASE("check_same_values: agreement passes; a difference is one error on eve
   Entries odd = {{"key", rank == 0 ? "a\tb" : "a\nb"}};
   CHECK_THAT(error_of([&] { lockstep::comm::check_same_values(comm(), odd, "odd"); }),
              Contains("odd: the ranks disagree on key"));
+}
+
+TEST_CASE("run_on_every_rank: a failure on some ranks is an error on every rank, naming the first", "[runtime]") {
+  const int rank = comm().rank();
+  const int last = comm().size() - 1;
+  bool ran = false;
+  CHECK(error_of([&] { lockstep::comm::run_on_every_rank(comm(), [&] { ran = true; }, "work"); }).empty());
+  CHECK(ran);
+  // Rank 0 and the last rank fail, the last with an exception that is not a std::exception: each
+  // raises its own; the others name rank 0's.
+  std::string error;
+  try {
+    lockstep::comm::run_on_every_rank(
+        comm(),
+        [&] {
+          if (rank == 0) LOCKSTEP_FAIL("disk full on rank 0's node");
+          if (rank == last) throw 42;
+        },
+        "work");
+  } catch (const std::exception& e) {
+    error = e.what();
+  } catch (int code) {
+    error = "int " + std::to_string(code);  // rethrown as it was
+  }
+  INFO(error);
+  if (rank == 0) {
+    CHECK_THAT(error, Contains("disk full on rank 0's node") && !Contains("(on rank"));
+  } else if (rank == last) {
+    CHECK(error == "int 42");
+  } else {
+    CHECK_THAT(error, Contains("work: disk full on rank 0's node (on rank 0; this is rank " + std::to_string(rank) + ")"));
+  }
+  CHECK(communicator_healthy());
 }
 
 TEST_CASE("A configuration that differs across ranks is an error naming the key", "[runtime]") {

@@ -99,7 +99,8 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
        {"the model on the NCCL communicator's GPU", off_gpu.empty() ? "yes" : "no (" + off_gpu + ")"}},
       "DataParallel", "Every rank must build DataParallel with the same DataParallelOptions.");
   LOCKSTEP_CHECK(off_gpu.empty(), "DataParallel: ", off_gpu,
-                 ": move the model to the rank's GPU (the runtime's device) before building DataParallel");
+                 ": move the model to the rank's GPU (the runtime's device) before building DataParallel; "
+                 "DistributedTrainer moves it to TrainerOptions::device, whose \"auto\" is that GPU");
   // After the agreement: a cap one rank alone gets wrong is the disagreement above, on every rank.
   reducer_options.first_bucket_cap_bytes = cap_bytes_from_mb(options_.first_bucket_cap_mb, "first_bucket_cap_mb");
   reducer_options.bucket_cap_bytes = cap_bytes_from_mb(options_.bucket_cap_mb, "bucket_cap_mb");

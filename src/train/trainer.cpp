@@ -12,7 +12,6 @@
 #include <sstream>
 
 #include "lockstep/comm/agree.hpp"
-#include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/comm/stop_vote.hpp"
 #include "lockstep/core/device.hpp"
 #include "lockstep/core/error.hpp"
@@ -150,14 +149,6 @@ void DistributedTrainer::set_up() {
                  "kernels for autocast); use bf16 on the CPU");
   LOCKSTEP_CHECK(autocast_supported(device_, autocast_dtype_), "TrainerOptions::precision ", options_.precision,
                  " is not supported on ", device_);
-  // A GPU other than the NCCL communicator's (trainer.device cuda:N on a node where this rank's GPU is
-  // another one) would fail in DataParallel's first collective, on this rank alone.
-  if (const int gpu = comm::nccl_device_index(*comm_); gpu >= 0 && device_.is_cuda()) {
-    LOCKSTEP_CHECK(device_.index() == gpu, "DistributedTrainer: the device is ", device_,
-                   " but this rank's NCCL communicator runs on cuda:", gpu,
-                   " (NCCL reduces tensors of its own GPU): set TrainerOptions::device to \"auto\" (the runtime's "
-                   "device) or to cuda:", gpu);
-  }
   LOCKSTEP_CHECK(options_.stop_after_seconds >= 0 && std::isfinite(options_.stop_after_seconds),
                  "TrainerOptions::stop_after_seconds must be >= 0 (0 = no limit), got ", options_.stop_after_seconds);
   for (const auto& name : options_.stop_signals) signal_number(name, "TrainerOptions::stop_signals");
@@ -344,6 +335,10 @@ void DistributedTrainer::take_stop_votes(TrainerContext& ctx, const std::vector<
       reason += (reason.empty() ? "" : "; ") + text + (everyone ? "" : " on " + comm::rank_list(asked));
     }
   }
+  agree_stop(ctx, reason);
+}
+
+void DistributedTrainer::agree_stop(TrainerContext& ctx, const std::string& reason) {
   ctx.stop_requested = true;
   ctx.stop_reason = reason;
   agreed_reason_ = reason;
@@ -672,10 +667,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     ++ctx.batch_in_epoch;
     take_stop_votes(ctx, stop_vote_->post(stop_code(ctx)));  // Note [Stop on signal]
     if (!stop_agreed_ && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
-      ctx.stop_requested = true;
-      ctx.stop_reason = "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")";
-      agreed_reason_ = ctx.stop_reason;
-      stop_agreed_ = true;
+      agree_stop(ctx, "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")");
     }
     if (ctx.stop_requested) break;
   }

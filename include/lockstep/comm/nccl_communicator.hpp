@@ -41,7 +41,7 @@ bool nccl_available();
 // each rank sees its own through CUDA_VISIBLE_DEVICES (Note [GPUs of their own]).
 std::string cuda_pci_bus_id(int device);
 // The CUDA device index an NCCL communicator runs on; -1 for any other communicator (and in a build
-// without NCCL). NCCL reduces tensors of that GPU only: the trainer checks its device against it.
+// without NCCL). NCCL reduces tensors of that GPU only: DataParallel checks the model against it.
 int nccl_device_index(const Communicator& comm);
 // What the NCCL part of this build is: "NCCL 2.28.9 (compiled against 2.28.9), CUDA runtime 13000", or
 // why it is missing.

@@ -194,6 +194,8 @@ class DistributedTrainer {
   // Acts on the codes a stop vote returned (every rank gets the same ones). With `callbacks_only`,
   // only callbacks' codes stop the run (the others are posted again by the next vote).
   void take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes, bool callbacks_only = false);
+  // Every rank stops, for `reason` (the same on every rank): what a vote or stop_after_steps decided.
+  void agree_stop(TrainerContext& ctx, const std::string& reason);
   void set_lr(double lr);
   // `metrics_failure`: why build_metrics failed on this rank ("" if it did not).
   void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set,

@@ -14,7 +14,11 @@
 #include <exception>
 #include <filesystem>
 #include <iostream>
+#include <map>
+#include <optional>
 #include <set>
+#include <utility>
+#include <vector>
 
 #include "core/exception_text.hpp"
 #include "lockstep/comm/agree.hpp"
@@ -79,29 +83,32 @@ void open_checkpoint(torch::serialize::InputArchive& archive, const std::string&
 // Note [Load by copy]: Module::load() would set_() each parameter to the archive's storage. That
 // swaps the storage under DataParallel, which holds on to the parameters' memory, and the next
 // synchronised step no longer matches an uninterrupted run. So values are copied into the existing
-// tensors instead (same hierarchy of nested archives as Module::save writes).
-void load_into(torch::nn::Module& module, torch::serialize::InputArchive& archive, const std::string& prefix) {
-  torch::NoGradGuard no_grad;
-  auto copy = [&](const std::string& name, at::Tensor& target, at::Tensor source) {
+// tensors instead (same hierarchy of nested archives as Module::save writes), and only once every
+// one of them was found with the model's shape (Note [A checkpoint that does not fit]).
+using ModelValues = std::vector<std::pair<at::Tensor, at::Tensor>>;  // (the model's tensor, the file's)
+
+void read_model_values(torch::nn::Module& module, torch::serialize::InputArchive& archive, const std::string& prefix,
+                       ModelValues& values) {
+  auto take = [&](const std::string& name, const at::Tensor& target, at::Tensor source) {
     LOCKSTEP_CHECK(source.sizes() == target.sizes(), "'", prefix + name, "' has shape ", source.sizes(),
                    " in the checkpoint but ", target.sizes(), " in the model");
-    target.copy_(source);
+    values.emplace_back(target, std::move(source));
   };
   for (auto& item : module.named_parameters(/*recurse=*/false)) {
     at::Tensor source;
     archive.read(item.key(), source);
-    copy(item.key(), item.value(), source);
+    take(item.key(), item.value(), source);
   }
   for (auto& item : module.named_buffers(/*recurse=*/false)) {
     at::Tensor source;
     archive.read(item.key(), source, /*is_buffer=*/true);
-    copy(item.key(), item.value(), source);
+    take(item.key(), item.value(), source);
   }
   for (const auto& child : module.named_children()) {
     if (!child.value()->is_serializable()) continue;
     torch::serialize::InputArchive child_archive;
     archive.read(child.key(), child_archive);
-    load_into(*child.value(), child_archive, prefix + child.key() + ".");
+    read_model_values(*child.value(), child_archive, prefix + child.key() + ".", values);
   }
 }
 
@@ -335,6 +342,18 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
   last_path_ = final_path;
 }
 
+// Note [A checkpoint that does not fit]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A program may catch a refused checkpoint and start afresh (or try an older file). That is safe only
+// if the refusal changed nothing, so load() reads the whole file and checks the model's names and
+// shapes before it changes anything, then takes it in the order of what can still refuse: the
+// callbacks' states (their own checks), the random-number states and the optimizer's state (put back
+// if the optimizer refuses its part), and last the model's values, which can no longer fail. So a
+// checkpoint of another model (a layer more, a layer of another shape), of another optimizer, or
+// whose callback state a callback refuses leaves the model's values, the random-number states and
+// the trainer's position as they were. Only the callbacks cannot be put back: one loaded before the
+// one that refused keeps what it took (LibTorch's optimizers, and ZeRO's, read all of their state
+// before replacing theirs).
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   // Note [Checkpoints across devices]: onto the model's device, so that the optimizer's state
   // (momentum buffers) lands beside the parameters it updates, whichever device wrote the file.
@@ -350,7 +369,7 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
                    ": the train sampler's position is per rank, so resume with the same world size");
     // What the file says about the run (its steps and data order) is checked before anything is
     // changed: a resume refused for those leaves the model, the optimizer and the callbacks as they
-    // were. (A model, optimizer or callback state that does not fit can still fail part-way.)
+    // were (Note [A checkpoint that does not fit]).
     const int64_t global_step = read_int(archive, "global_step");
     data::SamplerState position;
     position.epoch = read_int(archive, "epoch");
@@ -378,51 +397,88 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
                        "start a new run (checkpoint.resume: never) from the model");
       }
     }
+    // Note [A checkpoint that does not fit]: everything is read and the model's shapes checked first.
     torch::serialize::InputArchive model_archive;
     archive.read("model", model_archive);
-    load_into(*ctx.model, model_archive, "");  // Note [Load by copy]
+    ModelValues model_values;
+    read_model_values(*ctx.model, model_archive, "", model_values);  // Note [Load by copy]
     torch::serialize::InputArchive optimizer_archive;
     archive.read("optimizer", optimizer_archive);
-    ctx.optimizer->load(optimizer_archive);
     at::Tensor states;
     archive.read("rng_states", states);
-    restore_generator_state(at::detail::getDefaultCPUGenerator(), states[rank]);
     // A checkpoint written on the CPU has no device states (the GPU generator keeps the run's seed),
     // and one written on a GPU resumed on the CPU does not need them.
     at::Tensor device_states;
-    if (device.is_cuda() && archive.try_read("cuda_rng_states", device_states)) {
-      restore_generator_state(at::globalContext().defaultGenerator(device), device_states[rank]);
-    }
+    const bool device_rng = device.is_cuda() && archive.try_read("cuda_rng_states", device_states);
+    LOCKSTEP_CHECK(states.dim() >= 1 && states.size(0) == world && (!device_rng || (device_states.dim() >= 1 &&
+                                                                                      device_states.size(0) == world)),
+                   "checkpoint ", path, " does not hold one random-number state per rank");
+    struct CallbackState {
+      Callback* callback;
+      std::optional<std::string> text;
+      std::optional<std::vector<at::Tensor>> tensors;
+    };
+    std::vector<CallbackState> callback_states;
     if (ctx.callbacks != nullptr) {
       for (const auto& cb : *ctx.callbacks) {
         const std::string key = cb->state_key();
         if (key.empty()) continue;
+        CallbackState state{cb.get(), std::nullopt, std::nullopt};
         c10::IValue value;
-        if (archive.try_read("callback_" + key, value)) cb->load_state(value.toStringRef());
+        if (archive.try_read("callback_" + key, value)) state.text = value.toStringRef();
         torch::serialize::InputArchive part;
         if (archive.try_read("callback_tensors_" + key, part)) {
           std::vector<at::Tensor> tensors(static_cast<size_t>(read_int(part, "count")));
           for (size_t i = 0; i < tensors.size(); ++i) part.read("t" + std::to_string(i), tensors[i]);
-          cb->load_tensors(std::move(tensors));
+          state.tensors = std::move(tensors);
         }
+        callback_states.push_back(std::move(state));
       }
     }
-    ctx.global_step = global_step;
     // Note [Iteration across a resume]; a checkpoint of an older Lockstep has no count: from 0, as before.
     c10::IValue synchronized;
-    if (ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized)) {
+    const bool has_synchronized =
+        ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized);
+    std::map<std::string, double> last_metrics;  // Note [A finished run's metrics]
+    torch::serialize::InputArchive metrics;
+    const bool has_metrics = position.position == 0 && archive.try_read("last_epoch_metrics", metrics);
+    if (has_metrics) {
+      for (const std::string& key : metrics.keys()) {
+        c10::IValue value;
+        if (metrics.try_read(key, value) && value.isDouble()) last_metrics[key] = value.toDouble();  // not "training"
+      }
+    }
+
+    // Then taken, the callbacks' states first (their own checks may refuse them), the model's values
+    // last (they were checked above and cannot fail).
+    for (CallbackState& state : callback_states) {
+      if (state.text) state.callback->load_state(*state.text);
+      if (state.tensors) state.callback->load_tensors(std::move(*state.tensors));
+    }
+    at::Generator cpu_generator = at::detail::getDefaultCPUGenerator();
+    const at::Tensor cpu_before = cpu_generator.get_state();
+    std::optional<at::Tensor> device_before;
+    if (device_rng) device_before = at::globalContext().defaultGenerator(device).get_state();
+    try {
+      restore_generator_state(cpu_generator, states[rank]);
+      if (device_rng) restore_generator_state(at::globalContext().defaultGenerator(device), device_states[rank]);
+      ctx.optimizer->load(optimizer_archive);
+    } catch (...) {
+      restore_generator_state(cpu_generator, cpu_before);
+      if (device_before) restore_generator_state(at::globalContext().defaultGenerator(device), *device_before);
+      throw;
+    }
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& [target, source] : model_values) target.copy_(source);
+    }
+    ctx.global_step = global_step;
+    if (has_synchronized) {
       ctx.data_parallel->set_synchronized_backwards(static_cast<std::uint64_t>(synchronized.toInt()));
     }
     ctx.epoch = position.epoch;
     ctx.resume_position = position;
-    torch::serialize::InputArchive metrics;  // Note [A finished run's metrics]
-    if (position.position == 0 && archive.try_read("last_epoch_metrics", metrics)) {
-      ctx.metrics.clear();
-      for (const std::string& key : metrics.keys()) {
-        c10::IValue value;
-        if (metrics.try_read(key, value) && value.isDouble()) ctx.metrics[key] = value.toDouble();  // not "training"
-      }
-    }
+    if (has_metrics) ctx.metrics = std::move(last_metrics);
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {

@@ -1,5 +1,6 @@
 // DistributedTrainer at 2 and 3 ranks: callback order and powers, exact metrics, checkpoints, and
 // bitwise-identical results after a stop and resume. Every rank walks the same path (CHECK, not REQUIRE).
+#include <ATen/CPUGeneratorImpl.h>
 #include <caffe2/serialize/inline_container.h>
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
@@ -587,10 +588,11 @@ struct FragileState : Callback {
   }
 };
 
-std::string run_with_fragile_state(const std::string& dir, int64_t stop_after, int refuses) {
+std::string run_with_fragile_state(const std::string& dir, int64_t stop_after, int refuses, double momentum = 0.0) {
   torch::manual_seed(5);
   lockstep::testing::SmallConvNet model;
-  auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+  auto opt =
+      std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1).momentum(momentum));
   TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(1, 8), dir, stop_after, "auto");
   o.checkpoint.every_steps = 1;
   DistributedTrainer trainer(model, opt, comm_ptr(), o);
@@ -618,6 +620,95 @@ TEST_CASE("trainer: a checkpoint one rank cannot load is an error on every rank,
   }
   CHECK(lockstep::testing::communicator_healthy());
   CHECK(run_with_fragile_state(dir, 0, -1).empty());  // every rank can: the run goes on to its end
+}
+
+namespace {
+
+// Loads `file` into `model`, `optimizer` and `callbacks`, which it expects to refuse it: the error, and
+// whether the refusal left the model's values, the CPU generator and the context as they were.
+struct Refusal {
+  std::string error;
+  bool unchanged = false;
+};
+Refusal refused_load(const std::string& file, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
+                     std::vector<lockstep::train::CallbackPtr> callbacks) {
+  const std::vector<torch::Tensor> before = lockstep::testing::state_of(model);
+  torch::manual_seed(77);
+  const torch::Tensor rng_before = at::detail::getDefaultCPUGenerator().get_state();
+  TrainerContext ctx;
+  ctx.communicator = &comm();
+  ctx.model = &model;
+  ctx.optimizer = &optimizer;
+  ctx.callbacks = &callbacks;
+  Refusal out;
+  lockstep::train::CheckpointOptions options;
+  options.directory = std::filesystem::path(file).parent_path().string();
+  out.error = lockstep::testing::error_of([&] { lockstep::train::Checkpointer(options).load(ctx, file); });
+  out.unchanged = lockstep::testing::bitwise_equal(before, lockstep::testing::state_of(model)) &&
+                  torch::equal(rng_before, at::detail::getDefaultCPUGenerator().get_state()) &&
+                  ctx.global_step == 0 && ctx.epoch == 0 && !ctx.resume_position.has_value();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a callback changes nothing "
+          "(Note [A checkpoint that does not fit])",
+          "[train]") {
+  // Written by SmallConvNet without batch norm, SGD with momentum (a buffer per parameter) and a
+  // FragileState. The optimizers below are fresh: their state is empty until a load fills it.
+  const std::string dir = shared_dir("does_not_fit");
+  REQUIRE(run_with_fragile_state(dir, 1, -1, /*momentum=*/0.9).empty());
+  const std::string file = dir + "/checkpoints/" + lockstep::train::checkpoint_file_name(1);
+  auto fragile = [](int refuses) {
+    auto callback = std::make_shared<FragileState>();
+    callback->refuses = refuses;
+    return callback;
+  };
+  auto sgd_with_momentum = [](torch::nn::Module& model) {
+    return std::make_shared<torch::optim::SGD>(model.parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  };
+
+  SECTION("a model with a layer more: its conv, found first in the file, keeps its values") {
+    torch::manual_seed(11);
+    lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
+    auto optimizer = sgd_with_momentum(*model);
+    const Refusal r = refused_load(file, *model, *optimizer, {fragile(-1)});
+    INFO(r.error);
+    CHECK_THAT(r.error, Catch::Contains("checkpoint " + file + " could not be loaded") && Catch::Contains("bn"));
+    CHECK(r.unchanged);
+    CHECK(optimizer->state().empty());
+  }
+  SECTION("another optimizer: the model keeps its values") {
+    torch::manual_seed(11);
+    lockstep::testing::SmallConvNet model;
+    torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
+    const Refusal r = refused_load(file, *model, optimizer, {fragile(-1)});
+    INFO(r.error);
+    CHECK_THAT(r.error, Catch::Contains("checkpoint " + file + " could not be loaded"));
+    CHECK(r.unchanged);
+    CHECK(optimizer.state().empty());
+  }
+  SECTION("a callback that refuses its state: the model and the optimizer keep theirs") {
+    torch::manual_seed(11);
+    lockstep::testing::SmallConvNet model;
+    auto optimizer = sgd_with_momentum(*model);
+    const Refusal r = refused_load(file, *model, *optimizer, {fragile(comm().rank())});
+    INFO(r.error);
+    CHECK_THAT(r.error, Catch::Contains("fragile state lost on this node"));
+    CHECK(r.unchanged);
+    CHECK(optimizer->state().empty());
+  }
+  SECTION("the same model, optimizer type and callbacks take it all") {
+    torch::manual_seed(11);
+    lockstep::testing::SmallConvNet model;
+    auto optimizer = sgd_with_momentum(*model);
+    const Refusal r = refused_load(file, *model, *optimizer, {fragile(-1)});
+    CHECK(r.error.empty());
+    CHECK_FALSE(r.unchanged);
+    CHECK(optimizer->state().size() == model->parameters().size());  // the file's momentum buffers
+  }
+  CHECK(lockstep::testing::communicator_healthy());
 }
 
 TEST_CASE("trainer: an output_dir rank 0 cannot create is an error on every rank", "[train]") {

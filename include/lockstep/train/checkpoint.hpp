@@ -57,7 +57,9 @@ class Checkpointer : public Callback {
   // [Callback state]). `position` is where the train loader continues.
   void save(TrainerContext& ctx, const data::SamplerState& position);
   // Collective: loads `path` on every rank into ctx (model, optimizer, step, position, RNG,
-  // callbacks). Throws a lockstep::Error naming the file if it is unreadable or incomplete.
+  // callbacks). Throws a lockstep::Error naming the file if it is unreadable or incomplete. A file
+  // refused because it does not fit (another model or optimizer, a callback refusing its state) leaves
+  // the model's values, the RNG and ctx as they were (Note [A checkpoint that does not fit]).
   void load(TrainerContext& ctx, const std::string& path);
 
   const CheckpointOptions& options() const { return options_; }

@@ -279,7 +279,9 @@ TEST_CASE("the runtime knows the world", "[runtime]") {
   CHECK(runtime.communicator()->backend() == runtime.backend());
   CHECK_FALSE(runtime.backend_reason().empty());
   if (!torch::cuda::is_available()) CHECK(runtime.backend() == "mpi");
-  CHECK(runtime.communicator() == runtime.communicator());
+  CHECK(runtime.communicator().get() == runtime.communicator().get());  // one communicator, not one per call
+  CHECK(runtime.communicator()->rank() == rank);
+  CHECK(runtime.communicator()->size() == size);
   CHECK(torch::get_num_threads() >= 1);
   // Note [BLAS threads]: an OpenBLAS in the process runs with the runtime's thread count.
   using GetThreads = int (*)();

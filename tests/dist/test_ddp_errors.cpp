@@ -103,6 +103,24 @@ TEST_CASE("A model whose parameters all take part trains after another model's e
   torch::Tensor x = torch::full({2, 5}, static_cast<float>(comm().rank() + 1));
   CHECK(error_of([&] { model->forward(x).sum().backward(); }).empty());
   CHECK(communicator_healthy());
+  // The oracle: every rank's gradient computed here, in one process, and averaged.
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+  REQUIRE(copy);
+  std::vector<torch::Tensor> expected;
+  for (const auto& p : copy->parameters()) expected.push_back(torch::zeros_like(p));
+  for (int r = 0; r < comm().size(); ++r) {
+    copy->zero_grad();
+    copy->forward(torch::full({2, 5}, static_cast<float>(r + 1))).sum().backward();
+    const auto params = copy->parameters();
+    for (size_t i = 0; i < params.size(); ++i) expected[i] += params[i].grad() / comm().size();
+  }
+  const auto params = model->parameters();
+  REQUIRE(params.size() == expected.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    INFO("parameter " << i);
+    REQUIRE(params[i].grad().defined());
+    CHECK(torch::allclose(params[i].grad(), expected[i], 1e-5, 1e-6));
+  }
 }
 
 TEST_CASE("find_unused_parameters gives the single-process result", "[ddp]") {

@@ -3,6 +3,9 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <cmath>
+
+#include "core/torch_compat.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/train/grad_scaler.hpp"
@@ -59,15 +62,19 @@ TEST_CASE("bf16 autocast trains on the CPU: the loss falls and the ranks stay id
   for (const auto& p : model->parameters()) CHECK(p.scalar_type() == torch::kFloat);
 }
 
-TEST_CASE("fp16 on a LibTorch without float16 CPU kernels is refused up front", "[precision]") {
-  if (TORCH_VERSION_MAJOR >= 2) {
-    WARN("LibTorch " << TORCH_VERSION << " may support fp16 CPU autocast; not checked here");
-    return;
-  }
+TEST_CASE("fp16 on the CPU is refused up front by a LibTorch without float16 CPU kernels, and trains with one",
+          "[precision]") {
   SmallConvNet model;
   auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05));
-  CHECK_THROWS_WITH(DistributedTrainer(model, optimizer, comm_ptr(), options("fp16", 1)),
-                    Contains("fp16 on the CPU needs LibTorch >= 2.4") && Contains("bf16"));
+  if (!lockstep::compat::kCpuAutocastHalf) {
+    CHECK_THROWS_WITH(DistributedTrainer(model, optimizer, comm_ptr(), options("fp16", 1)),
+                      Contains("fp16 on the CPU needs LibTorch >= 2.4") && Contains("bf16"));
+    return;
+  }
+  DistributedTrainer trainer(model, optimizer, comm_ptr(), options("fp16", 1));
+  const auto metrics = trainer.fit(images(64), images(32));
+  CHECK(std::isfinite(metrics.at("train_loss")));
+  CHECK(lockstep::testing::identical_across_ranks(*model));
 }
 
 TEST_CASE("the loss scaler skips a step on every rank when one rank's gradient overflows", "[precision]") {

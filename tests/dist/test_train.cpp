@@ -275,6 +275,15 @@ namespace {
 struct RunResult {
   std::vector<torch::Tensor> state;
   std::map<std::string, double> metrics;
+  int64_t first_step = -1;  // global_step before the run's first step (-1: it took none)
+};
+
+// Records global_step at the run's first batch: where a resumed run went on from.
+struct FirstStep : Callback {
+  int64_t step = -1;
+  void on_batch_begin(TrainerContext& ctx) override {
+    if (step < 0) step = ctx.global_step;
+  }
 };
 
 // Trains TinyNet (batch norm, dropout) on augmented synthetic data for 3 epochs; 54 samples give
@@ -299,6 +308,8 @@ RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::s
   o.lr.warmup_steps = 3;
   o.clip_grad_norm = 1e6;  // never clips (a factor of exactly 1), but reports grad_norm
   DistributedTrainer trainer(model, sgd(*model, 0.05, 0.9), comm_ptr(), o);
+  auto first_step = std::make_shared<FirstStep>();
+  trainer.add_callback(first_step);
   lockstep::data::AugmentOptions augment;
   augment.pad = 1;
   augment.hflip = true;
@@ -307,6 +318,7 @@ RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::s
   RunResult result;
   result.metrics = trainer.fit(train_set, synthetic(9, 8));
   result.state = lockstep::testing::state_of(*model);
+  result.first_step = first_step->step;
   return result;
 }
 
@@ -544,8 +556,10 @@ TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume 
     CHECK_THROWS_WITH(checkpointer.on_train_begin(ctx), Catch::Contains(newest));
   }
   // Auto-resume falls back to the checkpoint before it (step 4) and still ends bitwise where the
-  // uninterrupted run ends.
-  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto", 1, 3).state));
+  // uninterrupted run ends (a run started afresh would too: first_step tells them apart).
+  const RunResult resumed = resumable_run(dir, 0, "auto", 1, 3);
+  CHECK(resumed.first_step == 4);
+  CHECK(bitwise_equal(full.state, resumed.state));
   // Step 4's checkpoint was a periodic one, written mid-epoch: the gradient norms summed on the device
   // until then are in it too, so the resumed epoch reports the whole epoch's grad_norm.
   const std::vector<nlohmann::json> lines = metrics_lines(dir);
@@ -954,7 +968,8 @@ TEST_CASE("trainer: a callback that fails at an epoch's end leaves that epoch un
 
 TEST_CASE("trainer: the same command after the run completed trains nothing and returns the last epoch's metrics",
           "[train]") {
-  auto run = [](const std::string& dir, int64_t epochs) {
+  int64_t first_step = -1;  // of the last run (-1: it took no step)
+  auto run = [&first_step](const std::string& dir, int64_t epochs) {
     torch::manual_seed(6);
     lockstep::testing::SmallConvNet model;
     auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
@@ -962,13 +977,19 @@ TEST_CASE("trainer: the same command after the run completed trains nothing and 
     o.checkpoint.every_steps = 0;
     DistributedTrainer trainer(model, opt, comm_ptr(), o);
     trainer.add_callback(std::make_shared<EpochEndMetric>());  // its metric is in the checkpoint too
-    return trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7),
-                       lockstep::testing::synthetic_images(10, 8, 3));
+    auto first = std::make_shared<FirstStep>();
+    trainer.add_callback(first);
+    const auto metrics = trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7),
+                                     lockstep::testing::synthetic_images(10, 8, 3));
+    first_step = first->step;
+    return metrics;
   };
   const std::string dir = shared_dir("complete");
   const auto first = run(dir, 1);
   REQUIRE(first.count("test_acc") == 1);
+  CHECK(first_step == 0);
   const auto again = run(dir, 1);  // nothing left to train: Note [A finished run's metrics]
+  CHECK(first_step == -1);         // and no step was taken (a deterministic retrain would match too)
   for (const std::string key :
        {"epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_count", "late_metric"}) {
     INFO(key);
@@ -976,6 +997,7 @@ TEST_CASE("trainer: the same command after the run completed trains nothing and 
     CHECK(again.at(key) == first.at(key));  // bitwise: written at 17 digits
   }
   CHECK(run(dir, 2).at("epoch") == 2.0);  // more epochs train on
+  CHECK(first_step == 3);  // after epoch 1's 3 steps (12 samples a rank, batches of 4)
 }
 
 TEST_CASE("trainer: resuming from an older checkpoint rewrites metrics.jsonl from that epoch on, one line each",

@@ -1,3 +1,16 @@
+# Program tests on the success path pass on a line of their output (PASS_REGULAR_EXPRESSION), and CTest
+# then ignores the exit status: their command runs under exit_status.sh, and this fails them when the
+# job's status is not 0 (a rank that failed after the matched line).
+set(LOCKSTEP_EXIT_STATUS ${CMAKE_CURRENT_LIST_DIR}/exit_status.sh)
+function(lockstep_require_exit_zero test)
+  get_test_property(${test} FAIL_REGULAR_EXPRESSION fail)
+  if(NOT fail)
+    set(fail "")
+  endif()
+  list(APPEND fail "lockstep-test: exit status [1-9]")
+  set_tests_properties(${test} PROPERTIES FAIL_REGULAR_EXPRESSION "${fail}")
+endfunction()
+
 # Whole-job failure behaviour: one rank fails, the job must end with its message (no hang).
 add_executable(lockstep_fail_one_rank ${CMAKE_CURRENT_LIST_DIR}/fail_one_rank.cpp)
 target_link_libraries(lockstep_fail_one_rank PRIVATE lockstep::lockstep)
@@ -34,7 +47,7 @@ endforeach()
 if(LOCKSTEP_BUILD_EXAMPLES)
   set(qat_dir ${CMAKE_CURRENT_BINARY_DIR}/train_resnet_qat)
   add_test(NAME program.train_resnet_qat.np3
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet>
+           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet>
                    --config ${PROJECT_SOURCE_DIR}/configs/demo_qat.yaml
                    --set data.train_subset=960 --set data.test_subset=300 --set model.width=8
                    --set trainer.epochs=2 --set quantization.begin_epoch=1 --set quantization.freeze_epoch=1.5
@@ -55,13 +68,13 @@ if(LOCKSTEP_BUILD_EXAMPLES)
                  --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/train_resnet_early_stopping
                  --set early_stopping.enabled=true --set early_stopping.patience=3)
   add_test(NAME program.train_resnet_early_stopping.np2
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args}
+           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args}
                    --set trainer.checkpoint.resume=never)
   set_tests_properties(program.train_resnet_early_stopping.np2 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     FIXTURES_SETUP early_stopping
     PASS_REGULAR_EXPRESSION "epoch 1/40 evaluating .5/10. .*training stopped after step [0-9]+ .the end of epoch [0-9]+.: early stopping: test_loss did not improve for 3 epochs .best [0-9.]+ at epoch [0-9]+.")
   add_test(NAME program.train_resnet_early_stopping_again.np2
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args})
+           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args})
   set_tests_properties(program.train_resnet_early_stopping_again.np2 PROPERTIES TIMEOUT 300 LABELS dist
     PROCESSORS 2 FIXTURES_REQUIRED early_stopping
     PASS_REGULAR_EXPRESSION "resumed from .*checkpoint-step[0-9]+.pt.*training stopped after step [0-9]+ .*early stopping: test_loss did not improve.*final test accuracy: [0-9.]+%"
@@ -110,12 +123,12 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   add_test(NAME program.train_resnet_dp_options_clean COMMAND ${CMAKE_COMMAND} -E rm -rf ${dp_dir})
   set_tests_properties(program.train_resnet_dp_options_clean PROPERTIES FIXTURES_SETUP dp_options_clean)
   add_test(NAME program.train_resnet_dp_options.np3
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
+           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
                    --set trainer.epochs=1)
   set_tests_properties(program.train_resnet_dp_options.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     FIXTURES_REQUIRED dp_options_clean FIXTURES_SETUP dp_options PASS_REGULAR_EXPRESSION "epoch 1: train loss [0-9.]+ acc")
   add_test(NAME program.train_resnet_dp_options_resume.np3
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
+           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
                    --set trainer.epochs=2)
   set_tests_properties(program.train_resnet_dp_options_resume.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     FIXTURES_REQUIRED dp_options PASS_REGULAR_EXPRESSION "resum.*epoch 2: train loss [0-9.]+ acc")
@@ -125,7 +138,7 @@ endif()
 # shadows the last 4 steps of each epoch instead of leaving rank 2 waiting.
 if(LOCKSTEP_BUILD_EXAMPLES)
   add_test(NAME program.custom_loop_uneven.np3
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop>)
+           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop>)
   set_tests_properties(program.custom_loop_uneven.np3 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "epoch 4 .*3 ranks; rank 0 trained 16 steps and shadowed 4")
   # ... and stopped by SIGUSR1 to mpirun during a long run: every rank leaves after the same step.
@@ -168,7 +181,7 @@ endif()
 # line must carry the regression metrics (no accuracy).
 if(LOCKSTEP_BUILD_EXAMPLES)
   add_test(NAME program.denoise_images.np3
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:denoise_images>
+           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:denoise_images>
                    --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
                    --set data.train_subset=3000 --set data.test_subset=500 --set trainer.epochs=1 --set trainer.batch_size=16
                    --set trainer.log_every=0 --set trainer.checkpoint.enabled=false
@@ -193,4 +206,12 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.denoise_images_classification_loss.np2 PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "trainer.loss.name is 'cross_entropy', but this program regresses images"
     FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
+endif()
+
+if(LOCKSTEP_BUILD_EXAMPLES)
+  foreach(test program.train_resnet_qat.np3 program.train_resnet_early_stopping.np2
+               program.train_resnet_early_stopping_again.np2 program.train_resnet_dp_options.np3
+               program.train_resnet_dp_options_resume.np3 program.custom_loop_uneven.np3 program.denoise_images.np3)
+    lockstep_require_exit_zero(${test})
+  endforeach()
 endif()

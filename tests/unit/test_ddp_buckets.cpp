@@ -55,9 +55,11 @@ TEST_CASE("Buckets follow the given order", "[ddp]") {
 
 TEST_CASE("assign_buckets rejects an order that is not a permutation", "[ddp]") {
   const auto params = four_parameters();
-  CHECK_THROWS_AS(assign_buckets(params, {0, 1, 1, 2}, 0, 0), lockstep::Error);
-  CHECK_THROWS_AS(assign_buckets(params, {0, 1, 2}, 0, 0), lockstep::Error);
-  CHECK_THROWS_AS(lockstep::ddp::cap_bytes_from_mb(-1, "bucket_cap_mb"), lockstep::Error);
+  CHECK_THROWS_WITH(assign_buckets(params, {0, 1, 1, 2}, 0, 0), Catch::Contains("is not a permutation of 0..3"));
+  CHECK_THROWS_WITH(assign_buckets(params, {0, 1, 2, 7}, 0, 0), Catch::Contains("is not a permutation of 0..3"));
+  CHECK_THROWS_WITH(assign_buckets(params, {0, 1, 2}, 0, 0), Catch::Contains("the order names 3"));
+  CHECK_THROWS_WITH(lockstep::ddp::cap_bytes_from_mb(-1, "bucket_cap_mb"),
+                    Catch::Contains("bucket_cap_mb must be a non-negative number of MiB"));
   CHECK(lockstep::ddp::cap_bytes_from_mb(25, "bucket_cap_mb") == 25 << 20);
   // Past int64's bytes: it rounded to a negative count, which a later check called negative.
   CHECK_THROWS_WITH(lockstep::ddp::cap_bytes_from_mb(1e20, "bucket_cap_mb"),

@@ -19,7 +19,7 @@ TEST_CASE("ZeRO partition: largest first, each to the least-loaded rank, ties to
   // More ranks than parameters: the last ranks own nothing.
   CHECK(partition_parameters({4, 4}, 3) == std::vector<int>{0, 1});
   CHECK(partition_parameters({}, 2).empty());
-  CHECK_THROWS(partition_parameters({1}, 0));
+  CHECK_THROWS_WITH(partition_parameters({1}, 0), Catch::Contains("world size must be >= 1, got 0"));
 }
 
 TEST_CASE("ZeRO partition: every share within the largest parameter of the mean", "[zero]") {

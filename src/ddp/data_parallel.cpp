@@ -96,6 +96,7 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
        {"broadcast_buffers", std::to_string(options_.broadcast_buffers)},
        {"sync_batch_norm", std::to_string(options_.sync_batch_norm)},
        {"comm_hook", describe_comm_hook(options_.comm_hook)},
+       {"comm_hook_settings", options_.comm_hook_settings.empty() ? "(none)" : options_.comm_hook_settings},
        {"the model on the NCCL communicator's GPU", off_gpu.empty() ? "yes" : "no (" + off_gpu + ")"}},
       "DataParallel", "Every rank must build DataParallel with the same DataParallelOptions.");
   LOCKSTEP_CHECK(off_gpu.empty(), "DataParallel: ", off_gpu,

@@ -280,6 +280,21 @@ TEST_CASE("DataParallel refuses ranks whose bucket options differ, at constructi
   CHECK_THAT(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), powersgd); }),
              Contains("orthogonalization_epsilon 0, seed 7) on rank 0; "));
   CHECK(communicator_healthy());
+  // A hook of the program's own: one lambda type whatever it captured, so its settings are compared
+  // as the program states them.
+  lockstep::ddp::DataParallelOptions custom;
+  const double keep = comm().rank() == last ? 0.1 : 0.01;
+  custom.comm_hook = [keep](lockstep::comm::Communicator& c, const lockstep::ddp::GradBucket& bucket) {
+    return c.allreduce(bucket.buffer.mul_(keep));  // stands for a top-k hook sending keep * numel values
+  };
+  custom.comm_hook_settings = "top-k fraction " + std::to_string(keep);
+  const std::string custom_error = error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), custom); });
+  INFO(custom_error);
+  CHECK_THAT(custom_error, Contains("DataParallel: the ranks disagree on comm_hook_settings: top-k fraction 0.010000 on " +
+                                    others(last) + "; top-k fraction 0.100000 on rank " + std::to_string(last)));
+  CHECK(communicator_healthy());
+  custom.comm_hook_settings = "top-k fraction 0.01";
+  CHECK(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), custom); }).empty());
   // The same settings everywhere pass.
   powersgd.comm_hook = lockstep::ddp::powersgd_hook(lockstep::ddp::PowerSGDOptions{});
   CHECK(error_of([&] { lockstep::ddp::DataParallel dp(model.ptr(), comm_ptr(), powersgd); }).empty());

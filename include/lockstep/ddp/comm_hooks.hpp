@@ -63,7 +63,8 @@ CommHook bf16_compress_hook();
 // What DataParallel compares across ranks at construction: "none (average)" for an empty hook; the
 // name of a hook made above ("fp16_compress_hook", ...); for powersgd_hook() its name and every
 // PowerSGDOptions field; for any other callable its type's name (two lambdas of one type that
-// captured different values look alike: a custom hook must keep its settings the same everywhere).
+// captured different values look alike: give their settings in DataParallelOptions::comm_hook_settings,
+// which DataParallel compares too).
 std::string describe_comm_hook(const CommHook& hook);
 
 }  // namespace lockstep::ddp

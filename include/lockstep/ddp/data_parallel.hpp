@@ -52,6 +52,12 @@ struct DataParallelOptions {
   bool broadcast_buffers = true;
   // How a bucket is reduced; empty: allreduce_hook() (average). See comm_hooks.hpp.
   CommHook comm_hook;
+  // What a comm_hook of your own depends on (the settings its lambda captured: a top-k fraction, a
+  // quantisation width), in any text form. Every rank must give the same text: construction compares
+  // it across ranks with the hook's type (describe_comm_hook, which cannot see inside a callable), so
+  // ranks whose hooks would issue collectives of other sizes fail there, on every rank, instead of
+  // hanging or summing mismatched buffers in the first backward.
+  std::string comm_hook_settings;
   // Attach the model's ddp::SyncBatchNorm layers to the communicator: in training mode they normalise
   // with the global batch's statistics (sync_batch_norm.hpp). Their buffers are then bitwise equal on
   // every rank by construction and leave the per-step buffer broadcast. Construction fails if the model

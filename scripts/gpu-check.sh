@@ -6,6 +6,13 @@
 #   ./scripts/gpu-check.sh                 # PYTHON=python3, build dir build-gpu
 #   LOCKSTEP_DEBS=third_party/debs ./scripts/gpu-check.sh   # no MPI there: unpack carried .debs
 #   LOCKSTEP_GPU_CHECK_ALL=1 ./scripts/gpu-check.sh         # also build and run every other test
+#   LOCKSTEP_GPU_CHECK_BENCH=0 ./scripts/gpu-check.sh       # the tests only, no benchmarks
+#
+# Limits, for a lent machine whose time is short (a hang must fail a test, not use up the lease):
+#   LOCKSTEP_GPU_TESTS_TIMEOUT_S  the whole gpu test run (default 900)
+#   LOCKSTEP_GPU_TEST_TIMEOUT_S   each CTest entry (default 600; CTest kills the entry's process tree)
+#   LOCKSTEP_GPU_COMM_TIMEOUT_S   a collective inside the tests (LOCKSTEP_TIMEOUT_S there; default 120)
+#   LOCKSTEP_GPU_CHECK_NHWC=0     skip the channels_last ResNet runs (reported, not judged)
 #
 # By default it builds only what the GPU check runs (the library, the gpu tests, the two GPU
 # benchmarks): on a lent GPU machine the device time is short, and the other tests run in CI.
@@ -34,6 +41,11 @@ if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   log "PyTorch with a usable GPU not found ($PYTHON); nothing to check"
   exit 77
 fi
+# LibTorch's CMake config enables the CUDA language: it needs nvcc, from the toolkit matching PyTorch's CUDA.
+if ! command -v nvcc > /dev/null && [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; then
+  export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+fi
+command -v nvcc > /dev/null || { log "no nvcc on PATH or in ${CUDA_HOME:-/usr/local/cuda}/bin: LibTorch's CMake config needs a CUDA toolkit"; exit 1; }
 torch_prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 torch_abi=$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')
@@ -51,6 +63,12 @@ cmake_extra=()
 if ! command -v mpirun > /dev/null || [[ -n ${LOCKSTEP_DEBS:-} ]]; then
   debs=${LOCKSTEP_DEBS:-third_party/debs}
   if compgen -G "$debs/*.deb" > /dev/null; then
+    # Debian 12's binaries need its glibc (2.36) or newer: an older host fails late, at the first mpirun.
+    glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
+    if [[ $(printf '%s\n' 2.36 "$glibc" | sort -V | head -1) != 2.36 ]]; then
+      log "this host's glibc $glibc is older than Debian 12's 2.36: the carried .debs cannot run here; install MPI, yaml-cpp, nlohmann-json, CLI11 and Catch2 2.x instead"
+      exit 1
+    fi
     log "unpacking $(ls "$debs"/*.deb | wc -l) .debs from $debs into $prefix"
     mkdir -p "$prefix"
     for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$prefix"; done
@@ -107,28 +125,30 @@ if [[ -z ${NCCL_ROOT:-} ]]; then
 fi
 
 # ---- Configure and build against PyTorch's LibTorch (its ABI flag, its CUDA, its NCCL).
-# LibTorch's CMake config enables the CUDA language: it needs nvcc, from the toolkit matching PyTorch's CUDA.
-if ! command -v nvcc > /dev/null && [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; then
-  export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
-fi
 launcher=()
 command -v ccache > /dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 generator=()
 [[ ! -f $build/CMakeCache.txt ]] && command -v ninja > /dev/null && generator=(-G Ninja)
 if ! cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" "${cmake_extra[@]}" \
       -DCMAKE_CXX_FLAGS="-D_GLIBCXX_USE_CXX11_ABI=$torch_abi" -DLOCKSTEP_BUILD_EXAMPLES=ON \
+      -DLOCKSTEP_GPU_TEST_TIMEOUT="${LOCKSTEP_GPU_TEST_TIMEOUT_S:-600}" \
+      -DLOCKSTEP_GPU_COMM_TIMEOUT="${LOCKSTEP_GPU_COMM_TIMEOUT_S:-120}" \
       2>&1 | tee "$build/configure.log"; then
   log "configure failed"; exit 1
 fi
 grep -E "Lockstep: (NCCL backend|CUDA toolkit)" "$build/configure.log"
-if ! grep -q "LibTorch CUDA part" "$build/configure.log" || ! grep -q "NCCL backend: built" "$build/configure.log"; then
+if ! grep -q "NCCL backend: built: CUDA/NCCL part and the LibTorch CUDA part" "$build/configure.log"; then
   note "FAIL  configure: the NCCL communicator is not built (see $build/configure.log)"
   status=1
 fi
 log "configured ($(elapsed))"
 all_tests=${LOCKSTEP_GPU_CHECK_ALL:-0}
 targets=()
-[[ $all_tests == 1 ]] || targets=(--target lockstep_gpu_tests allreduce_bench resnet_gpu_bench)
+bench=${LOCKSTEP_GPU_CHECK_BENCH:-1}
+if [[ $all_tests != 1 ]]; then
+  targets=(--target lockstep_gpu_tests lockstep_nccl_core_tests)
+  [[ $bench == 1 ]] && targets+=(allreduce_bench resnet_gpu_bench)
+fi
 # -k 0 (Ninja) / -k (Make): every compile error in one log, not only the first translation unit's.
 keep_going=(-k); [[ -f $build/build.ninja ]] && keep_going=(-k 0)
 if ! cmake --build "$build" -j "$(nproc)" "${targets[@]}" -- "${keep_going[@]}" > "$build/build.log" 2>&1; then
@@ -137,14 +157,19 @@ if ! cmake --build "$build" -j "$(nproc)" "${targets[@]}" -- "${keep_going[@]}" 
 fi
 log "built ($(elapsed))"
 
-# ---- GPU tests.
-# A hung test must not eat a lent machine's time: the whole gpu test run is capped (default 15 min).
-if (cd "$build" && timeout -k 10 "${LOCKSTEP_GPU_TESTS_TIMEOUT_S:-900}" ctest -L gpu --output-on-failure 2>&1 | tee gpu-tests.log); then
+# ---- GPU tests, and the NCCL core's unit tests (label nccl), whose GPU cases run only here.
+# A hung test must not eat a lent machine's time: the whole run is capped (default 15 min). A test
+# skipped here (no usable GPU in the C++ process, a case that found too few GPUs) is a failure: CTest
+# counts a skip as passed.
+if (cd "$build" && timeout -k 10 "${LOCKSTEP_GPU_TESTS_TIMEOUT_S:-900}" ctest -L 'gpu|nccl' --output-on-failure 2>&1 | tee gpu-tests.log) \
+   && ! grep -qE '\*\*\*Skipped|Not Run' "$build/gpu-tests.log"; then
   note "PASS  gpu tests: $(grep -E 'tests passed' "$build/gpu-tests.log")"
 else
-  note "FAIL  gpu tests: $(grep -E 'tests passed|tests failed' "$build/gpu-tests.log")"
+  note "FAIL  gpu tests: $(grep -E 'tests passed|tests failed' "$build/gpu-tests.log")$(grep -qE '\*\*\*Skipped|Not Run' "$build/gpu-tests.log" && echo '; some were skipped')"
   status=1
 fi
+ran_with=$(grep -m1 -E '^gpu tests: ' "$build/gpu-tests.log")
+[[ -n $ran_with ]] && note "INFO  $ran_with"
 log "gpu tests done ($(elapsed))"
 if [[ $all_tests == 1 ]]; then
   (cd "$build" && ctest -LE gpu -j "$(nproc)" --output-on-failure > cpu-tests.log 2>&1) \
@@ -154,6 +179,9 @@ else
   note "SKIP  other tests (they run in CI; LOCKSTEP_GPU_CHECK_ALL=1 runs them here too)"
 fi
 
+if [[ $bench != 1 ]]; then
+  note "SKIP  benchmarks (LOCKSTEP_GPU_CHECK_BENCH=0)"
+else
 # ---- All-reduce over NCCL beside raw ncclAllReduce (one rank per GPU).
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 mpirun_flags=(--oversubscribe --bind-to none)
@@ -188,8 +216,10 @@ fi
 # then channels_last (Note [Channels last]; reported, not judged).
 "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
 "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
-"$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json"
-"$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json"
+if [[ ${LOCKSTEP_GPU_CHECK_NHWC:-1} == 1 ]]; then
+  "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json"
+  "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json"
+fi
 verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" \
                       "$build/resnet_lockstep_nhwc.json" "$build/resnet_torch_nhwc.json" << 'PY'
 import json, sys
@@ -223,10 +253,11 @@ compare(sys.argv[3], sys.argv[4], False, " channels_last")
 PY
 )
 while IFS= read -r line; do note "$line"; [[ $line == FAIL* ]] && status=1; done <<< "$verdict"
+fi
 
 echo
 echo "==================== Lockstep GPU check ===================="
-echo "PyTorch $torch_version; $gpus GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
+echo "PyTorch $torch_version; $("$PYTHON" -c 'import torch; print(torch.cuda.device_count())') GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
 printf '%s\n' "${summary[@]}"
 echo "============================================================"
 exit $status

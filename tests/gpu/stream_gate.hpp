@@ -11,15 +11,28 @@
 namespace lockstep::testing {
 
 // Blocks `stream` from the host until release() (or 20 s), through cudaLaunchHostFunc: the device
-// cannot get past it, so work queued behind it provably has not run.
+// cannot get past it, so work queued behind it provably has not run. The destructor opens it and waits
+// for the stream to pass it: a test that fails between close() and release() (a REQUIRE, an
+// exception) must not leave CUDA's callback thread reading a gate that no longer exists.
 struct StreamGate {
   std::atomic<bool> open{false};
+  cudaStream_t stream = nullptr;
   static void CUDART_CB hold(void* self) {
     auto* gate = static_cast<StreamGate*>(self);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
     while (!gate->open && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  void close(cudaStream_t stream) { REQUIRE(cudaLaunchHostFunc(stream, &StreamGate::hold, this) == cudaSuccess); }
+  StreamGate() = default;
+  StreamGate(const StreamGate&) = delete;
+  StreamGate& operator=(const StreamGate&) = delete;
+  ~StreamGate() {
+    open = true;
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+  }
+  void close(cudaStream_t s) {
+    stream = s;
+    REQUIRE(cudaLaunchHostFunc(s, &StreamGate::hold, this) == cudaSuccess);
+  }
   void release() { open = true; }
 };
 

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <thread>
 
+#include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/comm/nccl_communicator.hpp"
 #include "lockstep/comm/stop_vote.hpp"
 #include "lockstep/core/device.hpp"
@@ -34,8 +35,10 @@ lockstep::comm::CommunicatorPtr nccl() {
   static lockstep::comm::CommunicatorPtr comm = [] () -> lockstep::comm::CommunicatorPtr {
     const auto& world = lockstep::testing::runtime().world();
     if (!lockstep::comm::nccl_available()) return nullptr;
-    if (world.local_size > lockstep::cuda_device_count()) return nullptr;
+    // The runtime's own choice first: with one visible GPU per rank (CUDA_VISIBLE_DEVICES set per task)
+    // each rank counts 1 device although the host's ranks use several.
     if (lockstep::testing::runtime().backend() == "nccl") return lockstep::testing::comm_ptr();
+    if (world.local_size > lockstep::cuda_device_count()) return nullptr;
     lockstep::comm::NcclCommunicatorOptions o;
     o.device = world.device.index();
     return lockstep::comm::make_nccl_communicator(o);
@@ -48,8 +51,12 @@ lockstep::comm::CommunicatorPtr nccl() {
   return comm;
 }
 
+// The values' period: bfloat16 holds integers exactly up to 256 only, so its sums over 8 or more ranks
+// (NCCL's partial sums included) stay exact with a shorter period.
+int64_t period(torch::ScalarType type) { return type == torch::kBFloat16 ? 8 : 64; }
+
 torch::Tensor ramp(int64_t n, int rank, torch::ScalarType type, const torch::Device& device) {
-  return (torch::arange(n, torch::kLong).remainder(64) + rank).to(type).to(device);
+  return (torch::arange(n, torch::kLong).remainder(period(type)) + rank).to(type).to(device);
 }
 
 bool equal_as_double(const torch::Tensor& a, const torch::Tensor& b) {
@@ -73,7 +80,7 @@ TEST_CASE("NCCL allreduce: closed forms for every op and dtype", "[gpu][nccl]") 
       }
       auto t = ramp(size, r, type, device());
       comm->allreduce(t)->wait();
-      auto expected = torch::arange(size, torch::kLong).remainder(64) * n + n * (n - 1) / 2;
+      auto expected = torch::arange(size, torch::kLong).remainder(period(type)) * n + n * (n - 1) / 2;
       if (type == torch::kChar || type == torch::kByte) expected = expected.to(type).to(torch::kLong);
       CHECK(t.scalar_type() == type);
       CHECK(equal_as_double(t, expected));
@@ -108,12 +115,13 @@ TEST_CASE("NCCL broadcast, allgather and reduce_scatter, in and out of place", "
     CHECK(equal_as_double(t, ramp(1000, root, torch::kFloat, torch::kCPU)));
   }
   const int64_t m = 513;
-  auto expected_gather = torch::cat([&] {
-    std::vector<torch::Tensor> parts;
-    for (int q = 0; q < n; ++q) parts.push_back(ramp(m, q, torch::kLong, torch::kCPU));
-    return parts;
-  }());
   for (auto type : {torch::kFloat, torch::kHalf, torch::kBFloat16, torch::kLong}) {
+    INFO("dtype " << type);
+    const auto expected_gather = [&] {
+      std::vector<torch::Tensor> parts;
+      for (int q = 0; q < n; ++q) parts.push_back(ramp(m, q, type, torch::kCPU).to(torch::kLong));
+      return torch::cat(parts);
+    }();
     auto out = torch::zeros({n * m}, torch::TensorOptions().dtype(type).device(device()));
     comm->allgather(ramp(m, r, type, device()), out)->wait();
     CHECK(equal_as_double(out, expected_gather));
@@ -123,7 +131,7 @@ TEST_CASE("NCCL broadcast, allgather and reduce_scatter, in and out of place", "
     CHECK(equal_as_double(whole, expected_gather));
 
     // reduce_scatter: rank q contributes ramp(n*m, q); slice s of the sum is n*(i%64) + n(n-1)/2 over i in slice s.
-    auto sum = torch::arange(n * m, torch::kLong).remainder(64) * n + n * (n - 1) / 2;
+    auto sum = torch::arange(n * m, torch::kLong).remainder(period(type)) * n + n * (n - 1) / 2;
     auto in = ramp(n * m, r, type, device());
     auto mine = torch::zeros({m}, torch::TensorOptions().dtype(type).device(device()));
     comm->reduce_scatter(in, mine)->wait();
@@ -252,12 +260,59 @@ TEST_CASE("wait() orders the caller's stream after the collective without blocki
   side.synchronize();
   CHECK(work->is_completed());
   CHECK(torch::allclose(copy.cpu(), torch::full({1 << 20}, n * (n + 1) / 2.0)));
-  // The tensor may be dropped right after issuing: the Work keeps it (and recordStream protects it).
+
+  // Out of place, so that it shows even at one rank (whose in-place all-reduce NCCL skips: the values
+  // above are then right whatever the ordering): `out` holds -7 until the collective writes it, and
+  // the collective reads `in` only after the gated fill. Without the producer event the sum is of
+  // zeros; without wait()'s event the consumer may read -7.
+  auto in = torch::zeros({1 << 20}, torch::TensorOptions().device(device()));
+  auto out = torch::full({1 << 20}, -7.0, torch::TensorOptions().device(device()));
+  side.synchronize();
+  StreamGate gate2;
+  gate2.close(side.stream());
+  in.fill_(comm->rank() + 1.0);
+  auto work2 = comm->allreduce(in, out);
+  work2->wait();
+  auto copy2 = out * 1.0;
+  gate2.release();
+  side.synchronize();
+  CHECK(torch::allclose(copy2.cpu(), torch::full({1 << 20}, n * (n + 1) / 2.0)));
+
+  // A tensor dropped right after issuing keeps its memory until the collective is done (the Work's
+  // state holds it; recordStream keeps the caching allocator from handing its block out after).
+  StreamGate gate3;
+  gate3.close(side.stream());  // the collective waits for `side`: it cannot be done before release()
+  void* dropped = nullptr;
   {
     auto temp = torch::full({1 << 18}, 1.0, torch::TensorOptions().device(device()));
+    dropped = temp.data_ptr();
     comm->allreduce(temp);
   }
+  auto again = torch::empty({1 << 18}, torch::TensorOptions().device(device()));  // same size, same stream
+  CHECK(again.data_ptr() != dropped);
+  gate3.release();
+  side.synchronize();
   comm->barrier()->wait();
+}
+
+TEST_CASE("nccl_device_index names the NCCL communicator's GPU, and DataParallel refuses a model on another",
+          "[gpu][nccl][ddp]") {
+  auto comm = nccl();
+  if (!comm) return;
+  CHECK(lockstep::comm::nccl_device_index(*comm) == device().index());
+  lockstep::comm::MpiCommunicator mpi;
+  CHECK(lockstep::comm::nccl_device_index(mpi) == -1);
+  if (lockstep::cuda_device_count() < 2) {
+    WARN("the model on another GPU: skipped, this host has one GPU");
+    return;
+  }
+  const int other = (device().index() + 1) % lockstep::cuda_device_count();
+  lockstep::testing::SmallConvNet model;
+  model->to(torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(other)));
+  const std::string error = lockstep::testing::error_of([&] { lockstep::ddp::DataParallel dp(model, comm); });
+  INFO(error);
+  CHECK_THAT(error, Contains("the NCCL communicator on cuda:" + std::to_string(device().index())));
+  CHECK(lockstep::testing::communicator_healthy());
 }
 
 TEST_CASE("StopVote over NCCL: posting never blocks the host; the codes come back `lag` posts later",
@@ -331,11 +386,14 @@ TEST_CASE("a collective that outlives its timeout aborts the communicator with a
   CHECK(waited < 10.0);
   try {
     work->wait();
+    FAIL("a second wait() on the timed-out collective returned");
   } catch (const lockstep::Error& e) {
     CHECK_THAT(e.message(), Contains("allreduce #1") && Contains("rank " + std::to_string(comm->rank())) &&
                                 Contains("aborted") && Contains("1500 ms"));
   }
   CHECK_THROWS_WITH(comm->allreduce(t), Contains("allreduce #1"));  // the communicator stays failed
+  // CPU tensors too (they would go over MPI: Note [CPU tensors through NCCL]).
+  CHECK_THROWS_WITH(comm->allreduce(torch::ones({2})), Contains("allreduce #1"));
   gate.release();
   side.synchronize();
 }

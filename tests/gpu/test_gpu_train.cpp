@@ -7,9 +7,12 @@
 
 #include <chrono>
 #include <limits>
+#include <thread>
 
 #include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/compress/quantization.hpp"
+#include "lockstep/data/loader.hpp"
+#include "lockstep/data/sharded_sampler.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/powersgd.hpp"
@@ -73,6 +76,44 @@ TEST_CASE("the MPI communicator takes CUDA tensors (staged through host memory)"
                     Catch::Matchers::Contains("same device"));
 }
 
+TEST_CASE("the MPI communicator stages CUDA tensors after the caller's stream, and in place", "[gpu][mpi]") {
+  // The staging copy must follow what the caller's current stream (not the default one) queued: here a
+  // fill held up behind a gate that a thread opens 300 ms later. Copied early, the sum is of zeros.
+  lockstep::comm::MpiCommunicator mpi;
+  const int n = mpi.size(), r = mpi.rank();
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  auto options = torch::TensorOptions().device(device());
+  auto t = torch::zeros({1 << 16}, options);
+  side.synchronize();
+  lockstep::testing::StreamGate gate;
+  gate.close(side.stream());
+  t.fill_(r + 1.0);
+  std::thread opener([&gate] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    gate.release();
+  });
+  try {
+    mpi.allreduce(t)->wait();
+  } catch (...) {
+    gate.release();
+    opener.join();
+    throw;
+  }
+  opener.join();
+  CHECK(torch::allclose(t.cpu(), torch::full({1 << 16}, n * (n + 1) / 2.0)));
+  // In place: this rank's slice of the output is the input (allgather), the output the input's slice
+  // (reduce_scatter).
+  const int64_t m = 5;
+  auto whole = torch::zeros({n * m}, options);
+  whole.narrow(0, r * m, m).fill_(r + 1.0);
+  mpi.allgather(whole.narrow(0, r * m, m), whole)->wait();
+  CHECK(torch::equal(whole.cpu(), torch::arange(1, n + 1, torch::kFloat).repeat_interleave(m)));
+  auto in = torch::full({n * m}, r + 1.0, options);
+  mpi.reduce_scatter(in, in.narrow(0, r * m, m))->wait();
+  CHECK(torch::allclose(in.narrow(0, r * m, m).cpu(), torch::full({m}, n * (n + 1) / 2.0)));
+}
+
 TEST_CASE("DataParallel on CUDA matches one process on the concatenated batch", "[gpu][ddp]") {
   const int n = comm().size(), r = comm().rank();
   torch::manual_seed(3);
@@ -126,6 +167,72 @@ TEST_CASE("the trainer trains on CUDA in fp32, bf16 and fp16", "[gpu][train]") {
       CHECK(after.count("loss_scale") == 1);
     }
   }
+}
+
+TEST_CASE("the trainer under fp16 skips, on every rank, the step whose gradient overflowed on one rank",
+          "[gpu][train]") {
+  // The last rank's third batch is all inf: its gradients, and after the all-reduce everyone's, are not
+  // finite. The step must be skipped on every rank (no optimizer step, the scale backs off), the ranks
+  // stay identical, and autocast really ran in float16.
+  struct Poison : lockstep::train::Callback {
+    std::vector<bool> skipped;
+    at::ScalarType output_type = at::kFloat;
+    std::vector<torch::Tensor> before, after;  // the model around the poisoned step
+    void on_batch_begin(lockstep::train::TrainerContext& ctx) override {
+      if (ctx.global_step != 2) return;
+      before = lockstep::testing::state_of(*ctx.model);
+      if (ctx.world.rank == ctx.world.size - 1) ctx.batch.data.fill_(std::numeric_limits<float>::infinity());
+    }
+    void on_after_backward(lockstep::train::TrainerContext& ctx) override {
+      skipped.push_back(ctx.step_skipped);
+      output_type = ctx.output.scalar_type();
+    }
+    void on_after_optimizer_step(lockstep::train::TrainerContext& ctx) override {
+      if (!before.empty() && after.empty()) after = lockstep::testing::state_of(*ctx.model);
+    }
+  };
+  torch::manual_seed(14);
+  lockstep::testing::SmallConvNet model;  // no batch norm: an inf batch would poison its statistics
+  auto optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  lockstep::train::TrainerOptions o = cuda_trainer(1, "fp16");
+  o.grad_scaler.init_scale = 1024.0;  // low enough that only the poisoned step overflows
+  lockstep::train::DistributedTrainer trainer(model, optimizer, comm_ptr(), o);
+  auto poison = std::make_shared<Poison>();
+  trainer.add_callback(poison);
+  const auto metrics = trainer.fit(images(64 * comm().size()), images(32));
+  CHECK(poison->output_type == torch::kHalf);
+  REQUIRE(poison->skipped.size() == 4);  // 64 samples per rank, batches of 16
+  CHECK_FALSE(poison->skipped[1]);
+  CHECK(poison->skipped[2]);
+  CHECK_FALSE(poison->skipped[3]);
+  REQUIRE_FALSE(poison->after.empty());
+  CHECK(lockstep::testing::bitwise_equal(poison->before, poison->after));
+  CHECK(metrics.at("skipped_steps") == 1);
+  CHECK(metrics.at("loss_scale") < 1024.0);  // backed off
+  CHECK(lockstep::testing::identical_across_ranks(*model));
+}
+
+TEST_CASE("the loader's batches come out pinned, and their copy to the GPU does not wait for it", "[gpu][data]") {
+  lockstep::data::LoaderOptions lo;
+  lo.batch_size = 16;
+  lo.pin_memory = true;
+  lockstep::data::Loader loader(images(64), std::make_shared<lockstep::data::ShardedSampler>(64, 1, 0), lo);
+  loader.start_epoch(0);
+  auto batch = loader.next();
+  REQUIRE(batch.has_value());
+  CHECK(batch->data.is_pinned());
+  CHECK(batch->target.is_pinned());
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  lockstep::testing::StreamGate gate;
+  gate.close(side.stream());
+  const auto start = std::chrono::steady_clock::now();
+  const torch::Tensor on_gpu = batch->data.to(device(), /*non_blocking=*/true);
+  const double queued = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(queued < 1.0);  // from pageable memory the copy would wait for the gate (20 s)
+  gate.release();
+  side.synchronize();
+  CHECK(torch::equal(on_gpu.cpu(), batch->data));
 }
 
 TEST_CASE("metrics on CUDA: the confusion-matrix and top-k sums agree with the CPU's", "[gpu][train]") {
@@ -409,6 +516,12 @@ TEST_CASE("SyncBatchNorm on CUDA: a step with one value per channel in all leave
   sync->to(device());
   lockstep::ddp::attach_sync_batch_norm(*sync, comm_ptr());
   sync->train();
+  if (!sync->synchronised()) {
+    // One rank: SyncBatchNorm is LibTorch's batch norm, whose host check refuses one value per channel.
+    CHECK_THROWS_WITH(sync->forward(torch::randn({1, 3, 1, 1}, torch::TensorOptions().device(device()))),
+                      Catch::Matchers::Contains("more than 1 value per channel"));
+    return;
+  }
   for (const int64_t samples : {int64_t{1}, int64_t{0}}) {
     INFO(samples << " sample(s) on rank 0, none elsewhere");
     const torch::Tensor mean_before = sync->running_mean.clone();

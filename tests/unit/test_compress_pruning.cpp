@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <limits>
+
 #include <cmath>
 #include <filesystem>
 #include <utility>
@@ -161,6 +163,20 @@ TEST_CASE("pruning: structured masks zero whole output channels with the smalles
   CHECK(count <= std::llround(0.5 * total));
   CHECK(count > std::llround(0.5 * total) - 4 * 3 * 3 - 32 - 8);
   CHECK(sparsity_of(masks[1]) == Approx(7.0 / 8));  // the scaled-down layer goes first (all but one)
+  // Ranked by RMS (the L2 norm over the root of the channel's size), so that layers of other widths
+  // compare alike: every pruned channel's RMS is at most every kept one's, leaving out a layer's
+  // last channel (kept whatever its rank). Ranked by the plain L2 norm, the 8-wide rows of the third
+  // layer would go before the 36-wide channels of the first whatever their values.
+  float max_pruned_rms = 0.0f, min_kept_rms = std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const at::Tensor rms = ws[i].reshape({ws[i].size(0), -1}).pow(2).mean(1).sqrt();
+    const at::Tensor kept = masks[i].reshape({ws[i].size(0), -1}).all(1);
+    if (kept.logical_not().any().item<bool>()) {
+      max_pruned_rms = std::max(max_pruned_rms, rms.masked_select(kept.logical_not()).max().item<float>());
+    }
+    if (kept.sum().item<int64_t>() > 1) min_kept_rms = std::min(min_kept_rms, rms.masked_select(kept).min().item<float>());
+  }
+  CHECK(max_pruned_rms <= min_kept_rms);
 }
 
 TEST_CASE("pruning: N:M masks keep exactly N of every M, the largest", "[compress]") {

@@ -442,8 +442,10 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
     const at::Tensor logits = int8.forward(x);
     const double relative = ((logits - reference).norm() / reference.norm()).item<double>();
     INFO("engine " << int8.engine() << ": relative error " << relative);
-    CHECK(relative < 0.02);  // measured: oneDNN 3e-4, QNNPACK 5e-3
-    CHECK(logits.argmax(1).eq(reference.argmax(1)).sum().item<int64_t>() >= 14);
+    // Measured: oneDNN 3e-4, QNNPACK 5e-3. A zero point off by one or a requantisation scale a little
+    // off gives about 1e-2.
+    CHECK(relative < (int8.engine() == "qnnpack" ? 1e-2 : 2e-3));
+    CHECK(logits.argmax(1).eq(reference.argmax(1)).sum().item<int64_t>() >= 15);
   }
   lockstep::models::Int8Options bad;
   bad.engine = "tpu";

@@ -150,6 +150,10 @@ TEST_CASE("metrics: binary_accuracy thresholds logits at 0 and targets at 0.5", 
   const at::Tensor logits = torch::tensor({{2.0, -1.0, 0.5}, {-0.1, 3.0, -2.0}});
   const at::Tensor target = torch::tensor({{1.0, 0.0, 0.0}, {0.0, 0.9, 1.0}});
   CHECK(value_of("binary_accuracy", logits, target) == 4.0 / 6);
+  // At the thresholds: a logit of 0 is negative, a target of 0.5 positive (and 0.3 negative, 0.7
+  // positive, which a threshold of the target at 0 would miss): every one wrong.
+  CHECK(value_of("binary_accuracy", torch::tensor({0.0, 1.0, -1.0}), torch::tensor({0.5, 0.3, 0.7})) == 0.0);
+  CHECK(value_of("binary_accuracy", torch::tensor({0.0, 1.0, -1.0}), torch::tensor({0.4, 0.5, 0.0})) == 1.0);
 }
 
 TEST_CASE("metrics: macro_f1 and mean_iou from a confusion matrix counted by hand", "[train][metrics]") {

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <thread>
 
 #include "lockstep/comm/mpi_communicator.hpp"
@@ -363,6 +364,44 @@ TEST_CASE("StopVote over NCCL raises a timed-out all-gather's error instead of r
   }
   CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 10.0);
   gate.release();
+  side.synchronize();
+}
+
+TEST_CASE("blocking_wait: wait() and a barrier return only once the collective is done", "[gpu][nccl]") {
+  if (!nccl()) return;
+  lockstep::comm::NcclCommunicatorOptions o;
+  o.device = device().index();
+  o.blocking_wait = true;
+  auto comm = lockstep::comm::make_nccl_communicator(o);
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, device().index());
+  c10::cuda::CUDAStreamGuard on_side(side);
+  // Each collective waits for `side`, held up until a thread opens the gate 300 ms later.
+  auto held_wait = [&](const std::function<lockstep::comm::WorkPtr()>& issue) {
+    StreamGate gate;
+    gate.close(side.stream());
+    auto work = issue();
+    std::thread opener([&gate] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      gate.release();
+    });
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      work->wait();
+    } catch (...) {
+      gate.release();
+      opener.join();
+      throw;
+    }
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    opener.join();
+    CHECK(waited >= 0.25);
+    CHECK(work->is_completed());
+  };
+  auto t = torch::full({8}, comm->rank() + 1.0, torch::TensorOptions().device(device()));
+  held_wait([&] { return comm->allreduce(t); });
+  const int n = comm->size();
+  CHECK(torch::allclose(t.cpu(), torch::full({8}, n * (n + 1) / 2.0)));
+  held_wait([&] { return comm->barrier(); });
   side.synchronize();
 }
 

@@ -381,11 +381,12 @@ void MagnitudePruning::load_state(const std::string& text) {
   nlohmann::json state;
   try {
     state = nlohmann::json::parse(text);
-    last_pruning_step_ = state.at("last_pruning_step").get<int64_t>();
+    const auto last_pruning_step = state.at("last_pruning_step").get<int64_t>();
     const auto saved = state.at("layers").get<std::vector<std::string>>();
     LOCKSTEP_CHECK(saved == layers(), "MagnitudePruning: the checkpoint's pruned layers (", saved.size(),
                    ") are not the ones this run selects (", layers_.size(),
                    "): resume with the same include/exclude patterns and granularity");
+    last_pruning_step_ = last_pruning_step;  // only once the state is known to fit (a refusal changes nothing)
   } catch (const nlohmann::json::exception& e) {
     LOCKSTEP_FAIL("MagnitudePruning: the checkpoint's pruning state is not valid: ", e.what());
   }

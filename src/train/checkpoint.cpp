@@ -345,16 +345,73 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
 // Note [A checkpoint that does not fit]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 // A program may catch a refused checkpoint and start afresh (or try an older file). That is safe only
-// if the refusal changed nothing, so load() reads the whole file and checks the model's names and
-// shapes before it changes anything, then takes it in the order of what can still refuse: the
-// callbacks' states (their own checks), the random-number states and the optimizer's state (put back
-// if the optimizer refuses its part), and last the model's values, which can no longer fail. So a
-// checkpoint of another model (a layer more, a layer of another shape), of another optimizer, or
-// whose callback state a callback refuses leaves the model's values, the random-number states and
-// the trainer's position as they were. Only the callbacks cannot be put back: one loaded before the
-// one that refused keeps what it took (LibTorch's optimizers, and ZeRO's, read all of their state
-// before replacing theirs).
-void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
+// if the refusal changed nothing, on any rank, so load() runs in two parts:
+//   1. On every rank, through comm::run_on_every_rank: read the whole file and check what the file
+//      says about the run (world size, data order) and the model's names and shapes, changing
+//      nothing; then take what can still refuse, each with its own checks, in this order: the
+//      random-number states and the optimizer's state (a snapshot of both is kept), then the
+//      callbacks' states. Should any of it fail on any rank, every rank puts the random-number
+//      states and the optimizer back and raises.
+//   2. Once every rank got through: copy the model's values (checked in part 1: they cannot fail)
+//      and set the trainer's position.
+// So a checkpoint of another model (a layer more, a layer of another shape), of another optimizer, or
+// whose callback state a callback refuses, on one rank or on all, leaves every rank's model, optimizer,
+// random-number states and position as they were. Only callbacks cannot be put back: when one
+// refuses, those before it keep what they took.
+namespace {
+
+// What part 1 read, for part 2 to take.
+struct Taken {
+  ModelValues model_values;  // Note [Load by copy]
+  int64_t global_step = 0;
+  data::SamplerState position;
+  std::optional<std::uint64_t> synchronized_backwards;  // Note [Iteration across a resume]
+  std::optional<std::map<std::string, double>> last_metrics;  // Note [A finished run's metrics]
+};
+
+// The optimizer's state and options, to put back. Optimizer::load replaces the state's entries and
+// options rather than writing into their tensors, so copies of the entries (which share the tensors)
+// restore it. ZeroRedundancyOptimizer keeps its state in its local optimizer.
+class OptimizerSnapshot {
+ public:
+  explicit OptimizerSnapshot(torch::optim::Optimizer& optimizer) : optimizer_(holder(optimizer)) {
+    for (const auto& entry : optimizer_.state()) state_.emplace(entry.first, entry.second->clone());
+    for (auto& group : optimizer_.param_groups()) options_.push_back(group.options().clone());
+  }
+  void restore() {
+    optimizer_.state().clear();
+    for (const auto& entry : state_) optimizer_.state()[entry.first] = entry.second->clone();
+    for (size_t i = 0; i < options_.size() && i < optimizer_.param_groups().size(); ++i) {
+      optimizer_.param_groups()[i].set_options(options_[i]->clone());
+    }
+  }
+
+ private:
+  static torch::optim::Optimizer& holder(torch::optim::Optimizer& optimizer) {
+    if (auto* zero = dynamic_cast<ddp::ZeroRedundancyOptimizer*>(&optimizer)) return zero->local();
+    return optimizer;
+  }
+  torch::optim::Optimizer& optimizer_;
+  std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())> state_;
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options_;
+};
+
+// What load() changes before every rank agreed, to put back when some rank refused.
+struct Undo {
+  at::Tensor cpu_generator;
+  std::optional<std::pair<c10::Device, at::Tensor>> device_generator;
+  std::optional<OptimizerSnapshot> optimizer;
+  void restore() {
+    restore_generator_state(at::detail::getDefaultCPUGenerator(), cpu_generator);
+    if (device_generator) {
+      restore_generator_state(at::globalContext().defaultGenerator(device_generator->first), device_generator->second);
+    }
+    if (optimizer) optimizer->restore();
+  }
+};
+
+// Part 1 of Note [A checkpoint that does not fit], on this rank: `undo` is set before anything changes.
+Taken take_all_but_the_model(TrainerContext& ctx, const std::string& path, std::optional<Undo>& undo) {
   // Note [Checkpoints across devices]: onto the model's device, so that the optimizer's state
   // (momentum buffers) lands beside the parameters it updates, whichever device wrote the file.
   const c10::Device device = model_device(ctx);
@@ -362,18 +419,18 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   open_checkpoint(archive, path, device);
   const int rank = ctx.communicator->rank();
   const int world = ctx.communicator->size();
+  Taken taken;
   try {
     const int64_t saved_world = read_int(archive, "world_size");
     LOCKSTEP_CHECK(saved_world == world, "checkpoint ", path, " was written by ", saved_world,
                    " ranks but this job has ", world,
                    ": the train sampler's position is per rank, so resume with the same world size");
-    // What the file says about the run (its steps and data order) is checked before anything is
-    // changed: a resume refused for those leaves the model, the optimizer and the callbacks as they
-    // were (Note [A checkpoint that does not fit]).
     const int64_t global_step = read_int(archive, "global_step");
     data::SamplerState position;
     position.epoch = read_int(archive, "epoch");
     position.position = read_int(archive, "position");
+    taken.global_step = global_step;
+    taken.position = position;
     torch::serialize::InputArchive order;  // Note [Data order in a checkpoint]; older files have none
     if (archive.try_read("data_order", order)) {
       const bool inside = position.position > 0;
@@ -397,11 +454,9 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
                        "start a new run (checkpoint.resume: never) from the model");
       }
     }
-    // Note [A checkpoint that does not fit]: everything is read and the model's shapes checked first.
     torch::serialize::InputArchive model_archive;
     archive.read("model", model_archive);
-    ModelValues model_values;
-    read_model_values(*ctx.model, model_archive, "", model_values);  // Note [Load by copy]
+    read_model_values(*ctx.model, model_archive, "", taken.model_values);
     torch::serialize::InputArchive optimizer_archive;
     archive.read("optimizer", optimizer_archive);
     at::Tensor states;
@@ -435,58 +490,71 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
         callback_states.push_back(std::move(state));
       }
     }
-    // Note [Iteration across a resume]; a checkpoint of an older Lockstep has no count: from 0, as before.
     c10::IValue synchronized;
-    const bool has_synchronized =
-        ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized);
-    std::map<std::string, double> last_metrics;  // Note [A finished run's metrics]
+    if (ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized)) {
+      taken.synchronized_backwards = static_cast<std::uint64_t>(synchronized.toInt());
+    }
     torch::serialize::InputArchive metrics;
-    const bool has_metrics = position.position == 0 && archive.try_read("last_epoch_metrics", metrics);
-    if (has_metrics) {
+    if (position.position == 0 && archive.try_read("last_epoch_metrics", metrics)) {
+      taken.last_metrics.emplace();
       for (const std::string& key : metrics.keys()) {
         c10::IValue value;
-        if (metrics.try_read(key, value) && value.isDouble()) last_metrics[key] = value.toDouble();  // not "training"
+        if (metrics.try_read(key, value) && value.isDouble()) (*taken.last_metrics)[key] = value.toDouble();  // not "training"
       }
     }
 
-    // Then taken, the callbacks' states first (their own checks may refuse them), the model's values
-    // last (they were checked above and cannot fail).
+    // What can still refuse, after a snapshot of what it changes.
+    at::Generator cpu_generator = at::detail::getDefaultCPUGenerator();
+    undo.emplace();
+    undo->cpu_generator = cpu_generator.get_state();
+    if (device_rng) {
+      undo->device_generator.emplace(device, at::globalContext().defaultGenerator(device).get_state());
+    }
+    undo->optimizer.emplace(*ctx.optimizer);
+    restore_generator_state(cpu_generator, states[rank]);
+    if (device_rng) restore_generator_state(at::globalContext().defaultGenerator(device), device_states[rank]);
+    ctx.optimizer->load(optimizer_archive);
     for (CallbackState& state : callback_states) {
       if (state.text) state.callback->load_state(*state.text);
       if (state.tensors) state.callback->load_tensors(std::move(*state.tensors));
     }
-    at::Generator cpu_generator = at::detail::getDefaultCPUGenerator();
-    const at::Tensor cpu_before = cpu_generator.get_state();
-    std::optional<at::Tensor> device_before;
-    if (device_rng) device_before = at::globalContext().defaultGenerator(device).get_state();
-    try {
-      restore_generator_state(cpu_generator, states[rank]);
-      if (device_rng) restore_generator_state(at::globalContext().defaultGenerator(device), device_states[rank]);
-      ctx.optimizer->load(optimizer_archive);
-    } catch (...) {
-      restore_generator_state(cpu_generator, cpu_before);
-      if (device_before) restore_generator_state(at::globalContext().defaultGenerator(device), *device_before);
-      throw;
-    }
-    {
-      torch::NoGradGuard no_grad;
-      for (auto& [target, source] : model_values) target.copy_(source);
-    }
-    ctx.global_step = global_step;
-    if (has_synchronized) {
-      ctx.data_parallel->set_synchronized_backwards(static_cast<std::uint64_t>(synchronized.toInt()));
-    }
-    ctx.epoch = position.epoch;
-    ctx.resume_position = position;
-    if (has_metrics) ctx.metrics = std::move(last_metrics);
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
     LOCKSTEP_FAIL("checkpoint ", path, " could not be loaded (does it belong to this model and optimizer?): ",
                   std::string(e.what()).substr(0, 300));
   }
+  return taken;
+}
+
+}  // namespace
+
+void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
+  load(ctx, path, "Checkpointer: cannot load " + path);
+}
+
+void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std::string& context) {
+  Taken taken;
+  std::optional<Undo> undo;
+  try {
+    comm::run_on_every_rank(*ctx.communicator, [&] { taken = take_all_but_the_model(ctx, path, undo); }, context);
+  } catch (...) {
+    if (undo) undo->restore();
+    throw;
+  }
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [target, source] : taken.model_values) target.copy_(source);
+  }
+  ctx.global_step = taken.global_step;
+  if (taken.synchronized_backwards && ctx.data_parallel != nullptr) {
+    ctx.data_parallel->set_synchronized_backwards(*taken.synchronized_backwards);
+  }
+  ctx.epoch = taken.position.epoch;
+  ctx.resume_position = taken.position;
+  if (taken.last_metrics) ctx.metrics = std::move(*taken.last_metrics);
   last_saved_step_ = ctx.global_step;
-  last_saved_position_ = *ctx.resume_position;
+  last_saved_position_ = taken.position;
   last_path_ = path;
 }
 
@@ -562,7 +630,7 @@ void Checkpointer::resume(TrainerContext& ctx) {
   }
   // Collective: a rank that cannot load (the file missing or unreadable on its node, a bad copy)
   // fails every rank here, rather than the others training on into collectives it never joins.
-  comm::run_on_every_rank(*ctx.communicator, [&] { load(ctx, path); }, "Checkpointer: cannot resume from " + path);
+  load(ctx, path, "Checkpointer: cannot resume from " + path);
   if (ctx.communicator->rank() == 0) {
     const int64_t epochs = ctx.options != nullptr ? ctx.options->epochs : -1;
     if (ctx.resume_position->position == 0 && epochs >= 0 && ctx.resume_position->epoch >= epochs) {

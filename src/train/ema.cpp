@@ -116,8 +116,10 @@ std::string ExponentialMovingAverage::save_state() const { return std::to_string
 
 void ExponentialMovingAverage::load_state(const std::string& state) {
   std::istringstream in(state);
-  LOCKSTEP_CHECK(static_cast<bool>(in >> updates_), "ExponentialMovingAverage: checkpointed state '",
+  int64_t updates = 0;
+  LOCKSTEP_CHECK(static_cast<bool>(in >> updates), "ExponentialMovingAverage: checkpointed state '",
                  state.substr(0, 40), "' is not an update count");
+  updates_ = updates;  // only once read (a refused state changes nothing)
   // The reported decay is the last update's: a run resumed at an epoch's end takes no step before it
   // reports that epoch again.
   last_decay_ = updates_ > 0 ? decay_at(updates_ - 1) : 0.0;

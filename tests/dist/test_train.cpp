@@ -594,11 +594,13 @@ namespace {
 
 // Checkpointed state that one rank cannot take back (its own copy of something went missing, say).
 struct FragileState : Callback {
-  int refuses = -1;  // the rank whose load_state throws
+  int refuses = -1;     // the rank whose load_state throws
+  bool loaded = false;  // a state was taken
   std::string state_key() const override { return "fragile"; }
   std::string save_state() const override { return "saved"; }
   void load_state(const std::string& state) override {
     if (comm().rank() == refuses) throw std::runtime_error("fragile state lost on this node");
+    loaded = true;
   }
 };
 
@@ -693,15 +695,17 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     CHECK(r.unchanged);
     CHECK(optimizer->state().empty());
   }
-  SECTION("another optimizer: the model keeps its values") {
+  SECTION("another optimizer: the model and the callbacks keep theirs") {
     torch::manual_seed(11);
     lockstep::testing::SmallConvNet model;
     torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
-    const Refusal r = refused_load(file, *model, optimizer, {fragile(-1)});
+    auto callback = fragile(-1);
+    const Refusal r = refused_load(file, *model, optimizer, {callback});
     INFO(r.error);
     CHECK_THAT(r.error, Catch::Contains("checkpoint " + file + " could not be loaded"));
     CHECK(r.unchanged);
     CHECK(optimizer.state().empty());
+    CHECK_FALSE(callback->loaded);  // callbacks take their state after the optimizer took its
   }
   SECTION("a callback that refuses its state: the model and the optimizer keep theirs") {
     torch::manual_seed(11);
@@ -710,6 +714,22 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     const Refusal r = refused_load(file, *model, *optimizer, {fragile(comm().rank())});
     INFO(r.error);
     CHECK_THAT(r.error, Catch::Contains("fragile state lost on this node"));
+    CHECK(r.unchanged);
+    CHECK(optimizer->state().empty());  // it took the file's momentum buffers, and was put back
+  }
+  SECTION("a callback that refuses its state on one rank: every rank keeps its model and optimizer") {
+    torch::manual_seed(11);
+    lockstep::testing::SmallConvNet model;
+    auto optimizer = sgd_with_momentum(*model);
+    const int last = comm().size() - 1;
+    const Refusal r = refused_load(file, *model, *optimizer, {fragile(last)});
+    INFO(r.error);
+    CHECK_THAT(r.error, Catch::Contains("fragile state lost on this node"));
+    if (comm().rank() != last) {
+      CHECK_THAT(r.error, Catch::Contains("Checkpointer: cannot load " + file) &&
+                              Catch::Contains("(on rank " + std::to_string(last) + "; this is rank " +
+                                              std::to_string(comm().rank()) + ")"));
+    }
     CHECK(r.unchanged);
     CHECK(optimizer->state().empty());
   }

@@ -27,6 +27,7 @@ struct StreamGate {
   StreamGate& operator=(const StreamGate&) = delete;
   ~StreamGate() {
     open = true;
+    if (opener_.joinable()) opener_.join();
     if (stream != nullptr) cudaStreamSynchronize(stream);
   }
   void close(cudaStream_t s) {
@@ -34,6 +35,17 @@ struct StreamGate {
     REQUIRE(cudaLaunchHostFunc(s, &StreamGate::hold, this) == cudaSuccess);
   }
   void release() { open = true; }
+  // Opens the gate from another thread after `delay`: for a call that must block the host until the
+  // stream passes the gate (a host copy, a blocking wait).
+  void release_after(std::chrono::milliseconds delay) {
+    opener_ = std::thread([this, delay] {
+      std::this_thread::sleep_for(delay);
+      open = true;
+    });
+  }
+
+ private:
+  std::thread opener_;
 };
 
 }  // namespace lockstep::testing

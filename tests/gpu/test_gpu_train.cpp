@@ -7,7 +7,6 @@
 
 #include <chrono>
 #include <limits>
-#include <thread>
 
 #include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/compress/quantization.hpp"
@@ -86,21 +85,13 @@ TEST_CASE("the MPI communicator stages CUDA tensors after the caller's stream, a
   auto options = torch::TensorOptions().device(device());
   auto t = torch::zeros({1 << 16}, options);
   side.synchronize();
-  lockstep::testing::StreamGate gate;
-  gate.close(side.stream());
-  t.fill_(r + 1.0);
-  std::thread opener([&gate] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    gate.release();
-  });
-  try {
+  {
+    lockstep::testing::StreamGate gate;
+    gate.close(side.stream());
+    t.fill_(r + 1.0);
+    gate.release_after(std::chrono::milliseconds(300));
     mpi.allreduce(t)->wait();
-  } catch (...) {
-    gate.release();
-    opener.join();
-    throw;
   }
-  opener.join();
   CHECK(torch::allclose(t.cpu(), torch::full({1 << 16}, n * (n + 1) / 2.0)));
   // In place: this rank's slice of the output is the input (allgather), the output the input's slice
   // (reduce_scatter).

@@ -442,9 +442,9 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
     const at::Tensor logits = int8.forward(x);
     const double relative = ((logits - reference).norm() / reference.norm()).item<double>();
     INFO("engine " << int8.engine() << ": relative error " << relative);
-    // Measured: oneDNN 3e-4, QNNPACK 5e-3. A zero point off by one or a requantisation scale a little
-    // off gives about 1e-2.
-    CHECK(relative < (int8.engine() == "qnnpack" ? 1e-2 : 2e-3));
+    // Measured with LibTorch 1.13: oneDNN 3e-4, QNNPACK 5e-3 (other builds' x86 engine unmeasured: a
+    // margin). A zero point off by one or a requantisation scale a little off gives about 1e-2.
+    CHECK(relative < (int8.engine() == "qnnpack" ? 1e-2 : 5e-3));
     CHECK(logits.argmax(1).eq(reference.argmax(1)).sum().item<int64_t>() >= 15);
   }
   lockstep::models::Int8Options bad;

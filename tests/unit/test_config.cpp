@@ -266,6 +266,7 @@ pruning:
     CHECK(p.exclude == std::vector<std::string>{"^layer1\\."});
     CHECK(p.permanent_path == "out/p.pt");
   }
+  CHECK(config::to_yaml(config::parse_config(config::to_yaml(parsed), "printed")) == config::to_yaml(parsed));
 
   CHECK_THAT(error_of("pruning: {target_sparsty: 0.5}"), Contains("unknown config key 'pruning.target_sparsty'"));
   CHECK_THAT(error_of("pruning: {target_sparsity: 1.5}"), Contains("'pruning.target_sparsity' at test.yaml:1:"));
@@ -307,6 +308,7 @@ trainer:
     CHECK(c.trainer.grad_scaler.backoff_factor == 0.25);
     CHECK(c.trainer.grad_scaler.growth_factor == 2.0);
   }
+  CHECK(config::to_yaml(config::parse_config(config::to_yaml(parsed), "printed")) == config::to_yaml(parsed));
   CHECK_THAT(error_of("trainer:\n  channels_last: nhwc\n"), Contains("'trainer.channels_last'"));
 }
 
@@ -538,6 +540,7 @@ TEST_CASE("config: stop signals and the time limit, a signal that cannot stop a 
     CHECK(c.trainer.stop_signals == std::vector<std::string>{"usr2", "SIGTERM"});
     CHECK(c.trainer.stop_after_seconds == 3600);
   }
+  CHECK(config::to_yaml(config::parse_config(config::to_yaml(parsed), "printed")) == config::to_yaml(parsed));
   CHECK(config::parse_config("", "t", {"trainer.stop_signals=[]"}).trainer.stop_signals.empty());
   CHECK(config::parse_config("", "t", {"trainer.stop_signals=HUP"}).trainer.stop_signals ==
         std::vector<std::string>{"HUP"});
@@ -563,6 +566,7 @@ TEST_CASE("config: the early_stopping section maps onto EarlyStoppingOptions, ro
     CHECK(c.early_stopping.options.min_delta == 0.001);
     CHECK(c.early_stopping.options.restore_best_weights);
   }
+  CHECK(config::to_yaml(config::parse_config(config::to_yaml(parsed), "printed")) == config::to_yaml(parsed));
   CHECK_THAT(error_of("early_stopping:\n  patience: 0\n"), Contains("'early_stopping.patience'"));
   CHECK_THAT(error_of("early_stopping:\n  mode: lowest\n"), Contains("'early_stopping.mode'") && Contains("lowest"));
   CHECK_THAT(error_of("early_stopping:\n  min_delta: -1\n"), Contains("'early_stopping.min_delta'"));
@@ -582,6 +586,7 @@ TEST_CASE("config: trainer.loss and trainer.metrics map onto TrainerOptions, rou
     CHECK(c.trainer.loss.label_smoothing == 0.1);
     CHECK(c.trainer.metrics == std::vector<std::string>{"accuracy", "top5_accuracy", "macro_f1"});
   }
+  CHECK(config::to_yaml(config::parse_config(config::to_yaml(parsed), "printed")) == config::to_yaml(parsed));
   const config::ExperimentConfig regression =
       config::parse_config("trainer:\n  loss:\n    name: smooth_l1\n    beta: 0.5\n  metrics: [mse, mae]\n");
   CHECK(regression.trainer.loss.name == "smooth_l1");

@@ -172,9 +172,10 @@ class Callback {
   // rank 0 with the communicator (from on_setup's ctx) inside these calls, as PowerSGD's residuals are
   // (PowerSGDStateCallback). Loading is not collective: every rank reads the same file and gets the
   // same string and tensors (all ranks' parts, for gathered state: each takes its own). They are
-  // loaded before the model's values (Note [A checkpoint that does not fit], checkpoint.cpp), so
-  // load_state() and load_tensors() may check the state against the model's shapes, not its values;
-  // throwing refuses the checkpoint, with the model left as it was.
+  // loaded after the optimizer's state and before the model's values (Note [A checkpoint that does
+  // not fit], checkpoint.cpp), so load_state() and load_tensors() may check the state against the
+  // model's shapes, not its values; throwing refuses the checkpoint on every rank, with the model and
+  // the optimizer left as they were. Check before changing anything: a refusal should change nothing.
   virtual std::string state_key() const { return ""; }
   virtual std::string save_state() const { return ""; }
   virtual void load_state(const std::string& state) {}

@@ -57,9 +57,10 @@ class Checkpointer : public Callback {
   // [Callback state]). `position` is where the train loader continues.
   void save(TrainerContext& ctx, const data::SamplerState& position);
   // Collective: loads `path` on every rank into ctx (model, optimizer, step, position, RNG,
-  // callbacks). Throws a lockstep::Error naming the file if it is unreadable or incomplete. A file
-  // refused because it does not fit (another model or optimizer, a callback refusing its state) leaves
-  // the model's values, the RNG and ctx as they were (Note [A checkpoint that does not fit]).
+  // callbacks). Throws a lockstep::Error naming the file if it is unreadable or incomplete; when one
+  // rank refuses it, every rank raises. A refused file (another model or optimizer, a callback refusing
+  // its state, on any rank) leaves every rank's model values, optimizer, RNG and ctx as they were
+  // (Note [A checkpoint that does not fit]).
   void load(TrainerContext& ctx, const std::string& path);
 
   const CheckpointOptions& options() const { return options_; }
@@ -69,6 +70,8 @@ class Checkpointer : public Callback {
  private:
   // on_train_begin's part: resume as CheckpointOptions::resume says (collective).
   void resume(TrainerContext& ctx);
+  // load() whose error on the ranks that did not refuse begins with `context`.
+  void load(TrainerContext& ctx, const std::string& path, const std::string& context);
   // resume: never on rank 0 (Note [Starting over]).
   void set_aside_earlier_run() const;
 

@@ -120,8 +120,12 @@ class ThenWork final : public Work {
       return;
     }
     ran_ = true;
+    // Released once run: what it captured (a 16-bit copy of a bucket, PowerSGD's factors) would
+    // otherwise live as long as this Work is kept.
+    const std::function<void()> fn = std::move(fn_);
+    fn_ = nullptr;
     try {
-      fn_();
+      fn();
     } catch (...) {
       error_ = std::current_exception();
       throw;

@@ -45,6 +45,18 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
   reducer_options.gradient_as_bucket_view = options_.gradient_as_bucket_view;
   reducer_options.find_unused_parameters = options_.find_unused_parameters;
   reducer_options.comm_hook = options_.comm_hook;
+  // Note [SyncBatchNorm among the buckets]
+  // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+  // A SyncBatchNorm layer's backward issues an all-gather on DataParallel's communicator in the
+  // middle of backward, and collectives match by issue order. The buckets launch in the same order
+  // everywhere, but where among those all-gathers each launches depends on when it fills: with
+  // find_unused_parameters the parameters a rank uses can differ, so a bucket of a layer one rank
+  // used fills (and launches) before a SyncBatchNorm layer's backward there, and only at the end of
+  // backward on a rank that did not use it: an all-reduce would meet an all-gather. So with both
+  // options the buckets launch at the end of backward, after every SyncBatchNorm layer's all-gather,
+  // on every rank (their communication then no longer overlaps backward). A graph that differs
+  // between ranks in other ways (the same parameters used in another order) is not covered.
+  reducer_options.launch_at_end = options_.sync_batch_norm && options_.find_unused_parameters;
 
   std::vector<ModelEntry> entries;
   std::vector<at::Tensor> parameters, frozen;

@@ -448,11 +448,12 @@ void Reducer::mark_ready(std::size_t index) {
   if (--buckets_[b].pending == 0) {
     adopt_fresh(buckets_[b]);
     bucket_ready_order_.push_back(b);
-    launch_ready_buckets();
+    launch_ready_buckets(/*end_of_backward=*/false);
   }
 }
 
-void Reducer::launch_ready_buckets() {
+void Reducer::launch_ready_buckets(bool end_of_backward) {
+  if (options_.launch_at_end && !end_of_backward) return;
   // Note [Bucket order]: strictly in index order, whatever order the buckets became ready in.
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& bucket = buckets_[next_launch_];
@@ -514,6 +515,7 @@ void Reducer::finish_backward() {
   for (std::size_t i = 0; i < params_.size(); ++i) {
     if (!ready_[i]) contribute_unready(i);
   }
+  launch_ready_buckets(/*end_of_backward=*/true);
   LOCKSTEP_CHECK(next_launch_ == buckets_.size(), "DataParallel internal error: ", next_launch_, " of ",
                  buckets_.size(), " buckets launched at the end of backward (rank ", comm_->rank(), ")");
   std::vector<int> active;  // Note [Join]: the ranks training in this step
@@ -634,6 +636,9 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
     }
   }
   if (timeline_) timeline_->add({"wait for reduction", Timeline::Track::Compute, backward_end, done, {}});
+  // Done with: what a hook's Work holds (a 16-bit copy of the bucket, PowerSGD's factors) would
+  // otherwise stay allocated through the next forward, until the next synchronised backward.
+  for (auto& bucket : buckets_) bucket.work.reset();
   last_timings_ = timings;
   if (options_.rebuild_buckets && !rebuilt_) rebuild_by_ready_order();
 }
@@ -774,7 +779,7 @@ bool Reducer::shadow_step() {
       if (parameter.grad().defined()) parameter.mutable_grad().zero_();
     }
   }
-  launch_ready_buckets();
+  launch_ready_buckets(/*end_of_backward=*/true);
   StepTimings timings;
   timings.backward_index = backward_count_ - 1;
   timings.synchronized = true;

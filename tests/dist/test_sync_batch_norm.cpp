@@ -244,6 +244,52 @@ TEST_CASE("SyncBatchNorm under DataParallel: K steps equal one process on the co
   CHECK_FALSE(model->bn_conv->synchronised());  // DataParallel detaches what it attached
 }
 
+TEST_CASE("SyncBatchNorm with find_unused_parameters: a layer one rank alone uses does not put its bucket "
+          "among the layers' all-gathers (Note [SyncBatchNorm among the buckets])",
+          "[syncbn]") {
+  // `aux`, registered last, is bucket 0 (one parameter per bucket): used on rank 0 alone, it filled
+  // and launched there before the SyncBatchNorm layer's backward all-gather, and only at the end of
+  // backward on the other ranks, whose first collective was that all-gather.
+  struct Net : torch::nn::Module {
+    Net() {
+      conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)));
+      bn = register_module("bn", SyncBatchNorm(4));
+      head = register_module("head", torch::nn::Linear(4 * 4 * 4, 3));
+      aux = register_module("aux", torch::nn::Linear(4 * 4 * 4, 2));
+    }
+    torch::nn::Conv2d conv{nullptr};
+    SyncBatchNorm bn{nullptr};
+    torch::nn::Linear head{nullptr}, aux{nullptr};
+  };
+  const int rank = comm().rank();
+  torch::manual_seed(6);
+  auto model = std::make_shared<Net>();
+  DataParallelOptions options;
+  options.sync_batch_norm = true;
+  options.find_unused_parameters = true;
+  options.bucket_cap_mb = 0;
+  options.first_bucket_cap_mb = 0;
+  DataParallel dp(model, comm_ptr(), options);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  for (int step = 0; step < 3; ++step) {
+    torch::manual_seed(300 + step + rank);
+    const torch::Tensor x = torch::randn({3, 1, 4, 4});
+    opt.zero_grad();
+    const std::string error = lockstep::testing::error_of([&] {
+      const torch::Tensor h = torch::relu(model->bn(model->conv(x))).flatten(1);
+      torch::Tensor loss = model->head(h).pow(2).mean();
+      if (rank == 0) loss = loss + model->aux(h).pow(2).mean();
+      loss.backward();
+    });
+    INFO("step " << step << ": " << error);
+    REQUIRE(error.empty());
+    // aux's gradient is rank 0's, averaged over the world (every other rank contributes zero).
+    CHECK(same_on_every_rank(model->aux->weight.grad()));
+    opt.step();
+  }
+  CHECK(lockstep::testing::identical_across_ranks(*model));
+}
+
 TEST_CASE("SyncBatchNorm: a DataParallel that dies leaves the layers a newer one attached", "[syncbn]") {
   auto model = std::make_shared<SyncNetImpl>();
   DataParallelOptions options;

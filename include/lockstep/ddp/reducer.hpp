@@ -30,6 +30,10 @@ struct ReducerOptions {
   bool find_unused_parameters = false;
   bool rebuild_buckets = true;  // once, after the first synchronised backward (Note [Bucket order])
   CommHook comm_hook;           // empty: allreduce_hook()
+  // Launch every bucket at the end of backward rather than as soon as it fills (no overlap): for
+  // collectives of other kinds issued during backward, whose place among the buckets' must be the
+  // same on every rank (Note [SyncBatchNorm among the buckets], data_parallel.cpp).
+  bool launch_at_end = false;
 };
 
 // What one backward pass cost. Seconds; steady_clock.
@@ -147,7 +151,8 @@ class Reducer {
   void prepare_sync();
   void finish_backward();
   void mark_ready(std::size_t index);
-  void launch_ready_buckets();
+  // `end_of_backward`: the autograd pass is over (or there is none: a Join's shadow step).
+  void launch_ready_buckets(bool end_of_backward);
   void contribute_unready(std::size_t index);
   void adopt_gradient(std::size_t index);
   void adopt_fresh(Bucket& bucket);

@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -69,6 +70,15 @@ TEST_CASE("then runs its continuation once, after the work", "[comm]") {
   work->wait();
   CHECK(runs == 1);
   CHECK(work->info().seq == 7);
+  // What the continuation captured (a 16-bit copy of a bucket) is released once it ran, though the
+  // Work is kept.
+  auto captured = std::make_shared<int>(1);
+  const std::weak_ptr<int> watch = captured;
+  auto kept = then(completed_work(info()), [captured] {});
+  captured.reset();
+  CHECK_FALSE(watch.expired());
+  kept->wait();
+  CHECK(watch.expired());
   auto done = completed_work(info());
   CHECK(done->is_completed());
   done->wait();

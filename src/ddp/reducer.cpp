@@ -571,13 +571,16 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   const int root = active.empty() ? 0 : active.front();
   const int active_count = join_ ? static_cast<int>(active.size()) : size;
 
-  // One flag pair per parameter: did it get a gradient in this backward, and in any backward since
-  // the last synchronisation. Summed over ranks, they name unused parameters on every rank alike.
-  at::Tensor flags = at::empty({static_cast<std::int64_t>(2 * n)}, at::kInt);
+  // Three flags per parameter: did it get a gradient in this backward, in any backward since the
+  // last synchronisation, and does a rank that trained hold a .grad() for it. Summed over ranks, they
+  // name unused parameters on every rank alike (and, in a shadow step, what to leave them: write_back).
+  const bool joined = join_ && std::find(active.begin(), active.end(), comm_->rank()) == active.end();
+  at::Tensor flags = at::empty({static_cast<std::int64_t>(3 * n)}, at::kInt);
   auto* flag = flags.data_ptr<std::int32_t>();
   for (std::size_t i = 0; i < n; ++i) {
     flag[i] = ready_[i];
     flag[n + i] = used_since_sync_[i];
+    flag[2 * n + i] = !joined && params_[i].grad().defined();
   }
   // At one rank this rank's flags are the sums: no collective (over NCCL it would be a host round trip
   // per step for nothing).
@@ -606,6 +609,7 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   }
   const std::vector<std::int32_t> ready_counts(flag, flag + n);
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
+  const std::vector<std::int32_t> held_counts(flag + 2 * n, flag + 3 * n);
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
   ++sync_count_;
   if (join_ && join_options_.throw_on_early_termination && active_count < size) fail_uneven();
@@ -618,7 +622,7 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
     // Note [Join]: the hooks divided by the world size; make it the mean over the ranks that trained.
     for (auto& bucket : buckets_) bucket.grad.buffer.mul_(static_cast<double>(size) / active_count);
   }
-  write_back(used_counts);
+  write_back(used_counts, joined ? &held_counts : nullptr);
   const comm::Clock::time_point done = comm::Clock::now();
 
   timings.exposed_communication_s = seconds(backward_end, done);
@@ -643,13 +647,20 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   if (options_.rebuild_buckets && !rebuilt_) rebuild_by_ready_order();
 }
 
-void Reducer::write_back(const std::vector<std::int32_t>& used_counts) {
+void Reducer::write_back(const std::vector<std::int32_t>& used_counts, const std::vector<std::int32_t>* held_counts) {
   for (auto& bucket : buckets_) {
     for (std::size_t k = 0; k < bucket.params.size(); ++k) {
       const std::size_t i = bucket.params[k];
       // A parameter no rank used keeps its .grad() as it was, as in a single process, so that an
       // optimizer skips an undefined gradient instead of decaying the weight.
-      if (options_.find_unused_parameters && used_counts[i] == 0) continue;
+      if (options_.find_unused_parameters && used_counts[i] == 0) {
+        // Note [Join]: a joined rank's shadow step holds a zero .grad() here. Where no rank that trained
+        // holds one (zero_grad with set_to_none, LibTorch 2.x's default), it drops its own too: its
+        // optimizer would otherwise apply momentum and weight decay to the parameter while theirs skip it,
+        // and the optimizer states would part (Join::finish re-broadcasts the parameters, not them).
+        if (held_counts != nullptr && (*held_counts)[i] == 0) params_[i].mutable_grad() = at::Tensor();
+        continue;
+      }
       at::Tensor& grad = params_[i].mutable_grad();
       if (options_.gradient_as_bucket_view) {
         if (!same_alias(grad, bucket.views[k])) grad = bucket.views[k];

@@ -480,6 +480,52 @@ TEST_CASE("Join: on a joined rank, a parameter no rank used has a zero gradient 
   }
 }
 
+TEST_CASE("Join: with gradients set to none (LibTorch 2.x's zero_grad), the shadow steps leave a parameter no "
+          "training rank used alone, so the optimizer states stay the same",
+          "[join]") {
+  // `b` is used in step 0 only; the last rank has that one step, the others three. They reset their
+  // gradients to none, so their SGD skips `b` afterwards; the joined rank's shadow steps held a zero
+  // gradient for it, and its momentum moved `b` and decayed its buffer. Join::finish re-broadcasts the
+  // parameters but not the buffers: one more step where every rank uses `b` then parts the models.
+  struct Branchy : torch::nn::Module {
+    Branchy() {
+      a = register_module("a", torch::nn::Linear(4, 4));
+      b = register_module("b", torch::nn::Linear(4, 4));
+    }
+    torch::nn::Linear a{nullptr}, b{nullptr};
+  };
+  for (bool as_view : {true, false}) {
+    INFO("gradient_as_bucket_view " << as_view);
+    torch::manual_seed(8);
+    auto model = std::make_shared<Branchy>();
+    DataParallelOptions options;
+    options.find_unused_parameters = true;
+    options.gradient_as_bucket_view = as_view;
+    DataParallel dp(model, comm_ptr(), options);
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    auto set_to_none = [&] {
+      for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
+    };
+    {
+      Join join(dp);
+      const int steps = comm().rank() == comm().size() - 1 ? 1 : 3;
+      for (int step = 0; step < steps; ++step) {
+        set_to_none();
+        torch::Tensor h = model->a(torch::ones({2, 4}) * (comm().rank() + 1));
+        if (step == 0) h = model->b(h);
+        h.sum().backward();
+        opt.step();
+      }
+      join.finish([&] { opt.step(); });
+    }
+    CHECK(lockstep::testing::identical_across_ranks(*model));
+    set_to_none();
+    model->b(model->a(torch::ones({2, 4}))).sum().backward();
+    opt.step();
+    CHECK(lockstep::testing::identical_across_ranks(*model));
+  }
+}
+
 TEST_CASE("Join: ranks whose JoinOptions differ get the same error on every rank", "[join]") {
   // With another divisor the last rank's gradients would differ from the others' with no error.
   torch::manual_seed(9);

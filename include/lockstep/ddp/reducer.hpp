@@ -157,7 +157,8 @@ class Reducer {
   void adopt_gradient(std::size_t index);
   void adopt_fresh(Bucket& bucket);
   void synchronize(StepTimings& timings, comm::Clock::time_point backward_end, std::vector<int> active);
-  void write_back(const std::vector<std::int32_t>& used_counts);
+  // `held_counts` (a joined rank's shadow step only): per parameter, the training ranks holding a .grad().
+  void write_back(const std::vector<std::int32_t>& used_counts, const std::vector<std::int32_t>* held_counts);
   void rebuild_by_ready_order();
   void reset_iteration();
   void check_hooks_attached_locked() const;

@@ -436,12 +436,15 @@ TEST_CASE("Join: a stop code from a joined rank reaches the ranks still training
   CHECK(close(plain.outcome.state, oracle(batches, false, true).state));
 }
 
-TEST_CASE("Join: on a joined rank, a parameter no rank used has a zero gradient in the shadow steps, "
-          "with gradients copied out of the buckets too",
+TEST_CASE("Join: on a joined rank, a parameter no rank used has in the shadow steps the gradient the training "
+          "ranks hold (zero, or none after zero_grad set to none), with gradients copied out of the buckets too",
           "[join]") {
-  // `b` is used in step 0 only; the last rank has that one step, rank 0 three. In the shadow steps
-  // the joined rank's b.grad() must not still hold step 0's average (its optimizer step would apply
-  // it again, while the training ranks, after zero_grad(), apply nothing).
+  // `b` is used in step 0 only; the last rank has that one step, rank 0 three. In the shadow steps the
+  // joined rank's b.grad() must not still hold step 0's average (its optimizer step would apply it
+  // again), and where the training ranks reset gradients to none (LibTorch 2.x's zero_grad) it must
+  // hold none either: its momentum would move `b` while their SGD skips it, and Join::finish
+  // re-broadcasts the parameters but not the momentum buffers, so one more step where every rank uses
+  // `b` would part the models.
   struct Branchy : torch::nn::Module {
     Branchy() {
       a = register_module("a", torch::nn::Linear(4, 4));
@@ -449,80 +452,48 @@ TEST_CASE("Join: on a joined rank, a parameter no rank used has a zero gradient 
     }
     torch::nn::Linear a{nullptr}, b{nullptr};
   };
-  for (bool as_view : {true, false}) {
-    INFO("gradient_as_bucket_view " << as_view);
-    torch::manual_seed(8);
-    auto model = std::make_shared<Branchy>();
-    DataParallelOptions options;
-    options.find_unused_parameters = true;
-    options.gradient_as_bucket_view = as_view;
-    DataParallel dp(model, comm_ptr(), options);
-    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
-    Join join(dp);
-    const int steps = comm().rank() == comm().size() - 1 ? 1 : 3;
-    for (int step = 0; step < steps; ++step) {
-      opt.zero_grad();
-      torch::Tensor h = model->a(torch::ones({2, 4}) * (comm().rank() + 1));
-      if (step == 0) h = model->b(h);
-      h.sum().backward();
-      opt.step();
-    }
-    double stale = 0;
-    int shadow_steps = 0;
-    join.finish([&] {
-      ++shadow_steps;
-      stale = std::max(stale, model->b->weight.grad().abs().max().item<double>());
-      opt.step();
-    });
-    CHECK(shadow_steps == (comm().rank() == comm().size() - 1 ? 2 : 0));  // else `stale` proves nothing
-    CHECK(stale == 0.0);
-    CHECK(lockstep::testing::identical_across_ranks(*model));
-  }
-}
-
-TEST_CASE("Join: with gradients set to none (LibTorch 2.x's zero_grad), the shadow steps leave a parameter no "
-          "training rank used alone, so the optimizer states stay the same",
-          "[join]") {
-  // `b` is used in step 0 only; the last rank has that one step, the others three. They reset their
-  // gradients to none, so their SGD skips `b` afterwards; the joined rank's shadow steps held a zero
-  // gradient for it, and its momentum moved `b` and decayed its buffer. Join::finish re-broadcasts the
-  // parameters but not the buffers: one more step where every rank uses `b` then parts the models.
-  struct Branchy : torch::nn::Module {
-    Branchy() {
-      a = register_module("a", torch::nn::Linear(4, 4));
-      b = register_module("b", torch::nn::Linear(4, 4));
-    }
-    torch::nn::Linear a{nullptr}, b{nullptr};
-  };
-  for (bool as_view : {true, false}) {
-    INFO("gradient_as_bucket_view " << as_view);
-    torch::manual_seed(8);
-    auto model = std::make_shared<Branchy>();
-    DataParallelOptions options;
-    options.find_unused_parameters = true;
-    options.gradient_as_bucket_view = as_view;
-    DataParallel dp(model, comm_ptr(), options);
-    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
-    auto set_to_none = [&] {
-      for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
-    };
-    {
-      Join join(dp);
-      const int steps = comm().rank() == comm().size() - 1 ? 1 : 3;
-      for (int step = 0; step < steps; ++step) {
-        set_to_none();
-        torch::Tensor h = model->a(torch::ones({2, 4}) * (comm().rank() + 1));
-        if (step == 0) h = model->b(h);
-        h.sum().backward();
-        opt.step();
+  for (bool set_to_none : {false, true}) {
+    for (bool as_view : {true, false}) {
+      INFO("set_to_none " << set_to_none << ", gradient_as_bucket_view " << as_view);
+      torch::manual_seed(8);
+      auto model = std::make_shared<Branchy>();
+      DataParallelOptions options;
+      options.find_unused_parameters = true;
+      options.gradient_as_bucket_view = as_view;
+      DataParallel dp(model, comm_ptr(), options);
+      torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+      auto zero_grad = [&] {
+        if (!set_to_none) return opt.zero_grad();
+        for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
+      };
+      double stale = 0;
+      int shadow_steps = 0;
+      {
+        Join join(dp);
+        const int steps = comm().rank() == comm().size() - 1 ? 1 : 3;
+        for (int step = 0; step < steps; ++step) {
+          zero_grad();
+          torch::Tensor h = model->a(torch::ones({2, 4}) * (comm().rank() + 1));
+          if (step == 0) h = model->b(h);
+          h.sum().backward();
+          opt.step();
+        }
+        join.finish([&] {
+          ++shadow_steps;
+          const torch::Tensor& grad = model->b->weight.grad();
+          CHECK(grad.defined() == !set_to_none);
+          if (grad.defined()) stale = std::max(stale, grad.abs().max().item<double>());
+          opt.step();
+        });
       }
-      join.finish([&] { opt.step(); });
+      CHECK(shadow_steps == (comm().rank() == comm().size() - 1 ? 2 : 0));  // else the checks prove nothing
+      CHECK(stale == 0.0);
+      CHECK(lockstep::testing::identical_across_ranks(*model));
+      zero_grad();
+      model->b(model->a(torch::ones({2, 4}))).sum().backward();
+      opt.step();
+      CHECK(lockstep::testing::identical_across_ranks(*model));
     }
-    CHECK(lockstep::testing::identical_across_ranks(*model));
-    set_to_none();
-    model->b(model->a(torch::ones({2, 4}))).sum().backward();
-    opt.step();
-    CHECK(lockstep::testing::identical_across_ranks(*model));
   }
 }
 

@@ -336,12 +336,15 @@ void Reducer::begin_backward() {
 // its first hook within that moment is not recognised (LibTorch 1.13 has no graph task id to compare).
 void Reducer::settle_abandoned_backward() {
   if (!in_backward_ || !pass_alive_.expired() || shadowing_) return;
-  const bool issued = syncing_ && (next_launch_ > 0 || join_work_ != nullptr);
+  // With launch_at_end the buckets wait for the end of backward, but SyncBatchNorm's all-gathers may
+  // have been issued (Note [SyncBatchNorm among the buckets]): counted as issued.
+  const bool issued = syncing_ && (next_launch_ > 0 || join_work_ != nullptr || options_.launch_at_end);
   if (issued && out_of_step_.empty()) {
     out_of_step_ = detail::str_cat(
         "DataParallel: an earlier synchronised backward failed partway through on rank ", comm_->rank(),
         " after issuing ", next_launch_, " of ", buckets_.size(), " bucket reductions",
         join_work_ ? " and its Join all-gather" : "",
+        options_.launch_at_end ? " (and perhaps SyncBatchNorm's all-gathers)" : "",
         "; the ranks' collectives can no longer be matched, so this rank cannot synchronise again. Restart from "
         "the last checkpoint. (A failure inside backward can be caught and the step retried only if it happens "
         "before the first bucket is reduced, or under no_sync().)");
@@ -574,13 +577,12 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   // Three flags per parameter: did it get a gradient in this backward, in any backward since the
   // last synchronisation, and does a rank that trained hold a .grad() for it. Summed over ranks, they
   // name unused parameters on every rank alike (and, in a shadow step, what to leave them: write_back).
-  const bool joined = join_ && std::find(active.begin(), active.end(), comm_->rank()) == active.end();
   at::Tensor flags = at::empty({static_cast<std::int64_t>(3 * n)}, at::kInt);
   auto* flag = flags.data_ptr<std::int32_t>();
   for (std::size_t i = 0; i < n; ++i) {
     flag[i] = ready_[i];
     flag[n + i] = used_since_sync_[i];
-    flag[2 * n + i] = !joined && params_[i].grad().defined();
+    flag[2 * n + i] = !shadowing_ && params_[i].grad().defined();
   }
   // At one rank this rank's flags are the sums: no collective (over NCCL it would be a host round trip
   // per step for nothing).
@@ -609,7 +611,6 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   }
   const std::vector<std::int32_t> ready_counts(flag, flag + n);
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
-  const std::vector<std::int32_t> held_counts(flag + 2 * n, flag + 3 * n);
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
   ++sync_count_;
   if (join_ && join_options_.throw_on_early_termination && active_count < size) fail_uneven();
@@ -622,7 +623,7 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
     // Note [Join]: the hooks divided by the world size; make it the mean over the ranks that trained.
     for (auto& bucket : buckets_) bucket.grad.buffer.mul_(static_cast<double>(size) / active_count);
   }
-  write_back(used_counts, joined ? &held_counts : nullptr);
+  write_back(used_counts, shadowing_ ? flag + 2 * n : nullptr);
   const comm::Clock::time_point done = comm::Clock::now();
 
   timings.exposed_communication_s = seconds(backward_end, done);
@@ -647,7 +648,7 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   if (options_.rebuild_buckets && !rebuilt_) rebuild_by_ready_order();
 }
 
-void Reducer::write_back(const std::vector<std::int32_t>& used_counts, const std::vector<std::int32_t>* held_counts) {
+void Reducer::write_back(const std::vector<std::int32_t>& used_counts, const std::int32_t* held_counts) {
   for (auto& bucket : buckets_) {
     for (std::size_t k = 0; k < bucket.params.size(); ++k) {
       const std::size_t i = bucket.params[k];
@@ -658,7 +659,7 @@ void Reducer::write_back(const std::vector<std::int32_t>& used_counts, const std
         // holds one (zero_grad with set_to_none, LibTorch 2.x's default), it drops its own too: its
         // optimizer would otherwise apply momentum and weight decay to the parameter while theirs skip it,
         // and the optimizer states would part (Join::finish re-broadcasts the parameters, not them).
-        if (held_counts != nullptr && (*held_counts)[i] == 0) params_[i].mutable_grad() = at::Tensor();
+        if (held_counts != nullptr && held_counts[i] == 0) params_[i].mutable_grad() = at::Tensor();
         continue;
       }
       at::Tensor& grad = params_[i].mutable_grad();

@@ -13,6 +13,7 @@
 #include <charconv>
 #include <exception>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -345,45 +346,50 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
 // Note [A checkpoint that does not fit]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 // A program may catch a refused checkpoint and start afresh (or try an older file). That is safe only
-// if the refusal changed nothing, on any rank, so load() runs in two parts:
-//   1. On every rank, through comm::run_on_every_rank: read the whole file and check what the file
-//      says about the run (world size, data order) and the model's names and shapes, changing
-//      nothing; then take what can still refuse, each with its own checks, in this order: the
-//      random-number states and the optimizer's state (a snapshot of both is kept), then the
-//      callbacks' states. Should any of it fail on any rank, every rank puts the random-number
-//      states and the optimizer back and raises.
-//   2. Once every rank got through: copy the model's values (checked in part 1: they cannot fail)
-//      and set the trainer's position.
-// So a checkpoint of another model (a layer more, a layer of another shape), of another optimizer, or
-// whose callback state a callback refuses, on one rank or on all, leaves every rank's model, optimizer,
-// random-number states and position as they were. Only callbacks cannot be put back: when one
-// refuses, those before it keep what they took.
+// if the refusal changed nothing, on any rank, so load() goes in three parts, each finished on every
+// rank before the next begins:
+//   1. Through comm::run_on_every_rank: read the whole file and check what it says about the run
+//      (world size, data order) and the model's names and shapes, changing nothing; then, after a
+//      snapshot of both, take the random-number states and the optimizer's state (its own checks).
+//   2. Through comm::run_on_every_rank: hand the callbacks their states (their own checks).
+//   3. Copy the model's values (checked in part 1: they cannot fail) and set the trainer's position.
+// Should part 1 or 2 fail on any rank, every rank puts the random-number states and the optimizer back
+// and raises. So a checkpoint of another model (a layer more, a layer of another shape) or of another
+// optimizer, on one rank or on all, leaves every rank's model, optimizer, callbacks, random-number
+// states and position as they were; one whose state a callback refuses leaves all but the callbacks'
+// (those that took their state keep it, on every rank where they did: callbacks cannot be put back).
 namespace {
 
-// What part 1 read, for part 2 to take.
+// A callback's checkpointed state, read in part 1 and handed over in part 2.
+struct CallbackState {
+  Callback* callback;
+  std::optional<std::string> text;
+  std::optional<std::vector<at::Tensor>> tensors;
+};
+
+// What part 1 read, for parts 2 and 3 to take.
 struct Taken {
   ModelValues model_values;  // Note [Load by copy]
   int64_t global_step = 0;
   data::SamplerState position;
-  std::optional<std::uint64_t> synchronized_backwards;  // Note [Iteration across a resume]
+  std::optional<std::uint64_t> synchronized_backwards;        // Note [Iteration across a resume]
   std::optional<std::map<std::string, double>> last_metrics;  // Note [A finished run's metrics]
+  std::vector<CallbackState> callbacks;
 };
 
 // The optimizer's state and options, to put back. Optimizer::load replaces the state's entries and
 // options rather than writing into their tensors, so copies of the entries (which share the tensors)
-// restore it. ZeroRedundancyOptimizer keeps its state in its local optimizer.
+// restore it. ZeroRedundancyOptimizer keeps its state in its local optimizer (a refused load leaves its
+// consolidated copy dropped: Checkpointer::save consolidates again).
 class OptimizerSnapshot {
  public:
   explicit OptimizerSnapshot(torch::optim::Optimizer& optimizer) : optimizer_(holder(optimizer)) {
     for (const auto& entry : optimizer_.state()) state_.emplace(entry.first, entry.second->clone());
     for (auto& group : optimizer_.param_groups()) options_.push_back(group.options().clone());
   }
-  void restore() {
-    optimizer_.state().clear();
-    for (const auto& entry : state_) optimizer_.state()[entry.first] = entry.second->clone();
-    for (size_t i = 0; i < options_.size() && i < optimizer_.param_groups().size(); ++i) {
-      optimizer_.param_groups()[i].set_options(options_[i]->clone());
-    }
+  void restore() {  // once
+    optimizer_.state() = std::move(state_);
+    for (size_t i = 0; i < options_.size(); ++i) optimizer_.param_groups()[i].set_options(std::move(options_[i]));
   }
 
  private:
@@ -396,22 +402,39 @@ class OptimizerSnapshot {
   std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options_;
 };
 
-// What load() changes before every rank agreed, to put back when some rank refused.
-struct Undo {
-  at::Tensor cpu_generator;
-  std::optional<std::pair<c10::Device, at::Tensor>> device_generator;
-  std::optional<OptimizerSnapshot> optimizer;
-  void restore() {
-    restore_generator_state(at::detail::getDefaultCPUGenerator(), cpu_generator);
-    if (device_generator) {
-      restore_generator_state(at::globalContext().defaultGenerator(device_generator->first), device_generator->second);
-    }
-    if (optimizer) optimizer->restore();
+// What part 1 changes, to put back when some rank refused: taken before anything changes.
+class Undo {
+ public:
+  Undo(std::optional<c10::Device> device, torch::optim::Optimizer& optimizer)
+      : device_(device), cpu_(at::detail::getDefaultCPUGenerator().get_state()), optimizer_(optimizer) {
+    if (device_) device_state_ = at::globalContext().defaultGenerator(*device_).get_state();
   }
+  void restore() {
+    restore_generator_state(at::detail::getDefaultCPUGenerator(), cpu_);
+    if (device_) restore_generator_state(at::globalContext().defaultGenerator(*device_), device_state_);
+    optimizer_.restore();
+  }
+
+ private:
+  std::optional<c10::Device> device_;  // a CUDA device whose generator part 1 sets
+  at::Tensor cpu_, device_state_;
+  OptimizerSnapshot optimizer_;
 };
 
-// Part 1 of Note [A checkpoint that does not fit], on this rank: `undo` is set before anything changes.
-Taken take_all_but_the_model(TrainerContext& ctx, const std::string& path, std::optional<Undo>& undo) {
+// Runs `work`, reporting an exception other than a lockstep::Error as the file not fitting.
+void as_load_error(const std::string& path, const std::function<void()>& work) {
+  try {
+    work();
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    LOCKSTEP_FAIL("checkpoint ", path, " could not be loaded (does it belong to this model and optimizer?): ",
+                  std::string(e.what()).substr(0, 300));
+  }
+}
+
+// Part 1 on this rank: `undo` is set before anything changes.
+Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std::optional<Undo>& undo) {
   // Note [Checkpoints across devices]: onto the model's device, so that the optimizer's state
   // (momentum buffers) lands beside the parameters it updates, whichever device wrote the file.
   const c10::Device device = model_device(ctx);
@@ -420,17 +443,16 @@ Taken take_all_but_the_model(TrainerContext& ctx, const std::string& path, std::
   const int rank = ctx.communicator->rank();
   const int world = ctx.communicator->size();
   Taken taken;
-  try {
+  as_load_error(path, [&] {
     const int64_t saved_world = read_int(archive, "world_size");
     LOCKSTEP_CHECK(saved_world == world, "checkpoint ", path, " was written by ", saved_world,
                    " ranks but this job has ", world,
                    ": the train sampler's position is per rank, so resume with the same world size");
-    const int64_t global_step = read_int(archive, "global_step");
-    data::SamplerState position;
-    position.epoch = read_int(archive, "epoch");
-    position.position = read_int(archive, "position");
-    taken.global_step = global_step;
-    taken.position = position;
+    taken.global_step = read_int(archive, "global_step");
+    taken.position.epoch = read_int(archive, "epoch");
+    taken.position.position = read_int(archive, "position");
+    const int64_t global_step = taken.global_step;
+    const data::SamplerState& position = taken.position;
     torch::serialize::InputArchive order;  // Note [Data order in a checkpoint]; older files have none
     if (archive.try_read("data_order", order)) {
       const bool inside = position.position > 0;
@@ -468,12 +490,6 @@ Taken take_all_but_the_model(TrainerContext& ctx, const std::string& path, std::
     LOCKSTEP_CHECK(states.dim() >= 1 && states.size(0) == world && (!device_rng || (device_states.dim() >= 1 &&
                                                                                       device_states.size(0) == world)),
                    "checkpoint ", path, " does not hold one random-number state per rank");
-    struct CallbackState {
-      Callback* callback;
-      std::optional<std::string> text;
-      std::optional<std::vector<at::Tensor>> tensors;
-    };
-    std::vector<CallbackState> callback_states;
     if (ctx.callbacks != nullptr) {
       for (const auto& cb : *ctx.callbacks) {
         const std::string key = cb->state_key();
@@ -487,7 +503,7 @@ Taken take_all_but_the_model(TrainerContext& ctx, const std::string& path, std::
           for (size_t i = 0; i < tensors.size(); ++i) part.read("t" + std::to_string(i), tensors[i]);
           state.tensors = std::move(tensors);
         }
-        callback_states.push_back(std::move(state));
+        taken.callbacks.push_back(std::move(state));
       }
     }
     c10::IValue synchronized;
@@ -503,27 +519,11 @@ Taken take_all_but_the_model(TrainerContext& ctx, const std::string& path, std::
       }
     }
 
-    // What can still refuse, after a snapshot of what it changes.
-    at::Generator cpu_generator = at::detail::getDefaultCPUGenerator();
-    undo.emplace();
-    undo->cpu_generator = cpu_generator.get_state();
-    if (device_rng) {
-      undo->device_generator.emplace(device, at::globalContext().defaultGenerator(device).get_state());
-    }
-    undo->optimizer.emplace(*ctx.optimizer);
-    restore_generator_state(cpu_generator, states[rank]);
+    undo.emplace(device_rng ? std::optional<c10::Device>(device) : std::nullopt, *ctx.optimizer);
+    restore_generator_state(at::detail::getDefaultCPUGenerator(), states[rank]);
     if (device_rng) restore_generator_state(at::globalContext().defaultGenerator(device), device_states[rank]);
     ctx.optimizer->load(optimizer_archive);
-    for (CallbackState& state : callback_states) {
-      if (state.text) state.callback->load_state(*state.text);
-      if (state.tensors) state.callback->load_tensors(std::move(*state.tensors));
-    }
-  } catch (const Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    LOCKSTEP_FAIL("checkpoint ", path, " could not be loaded (does it belong to this model and optimizer?): ",
-                  std::string(e.what()).substr(0, 300));
-  }
+  });
   return taken;
 }
 
@@ -537,7 +537,15 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std:
   Taken taken;
   std::optional<Undo> undo;
   try {
-    comm::run_on_every_rank(*ctx.communicator, [&] { taken = take_all_but_the_model(ctx, path, undo); }, context);
+    comm::run_on_every_rank(*ctx.communicator, [&] { taken = read_and_take_optimizer(ctx, path, undo); }, context);
+    comm::run_on_every_rank(*ctx.communicator, [&] {
+      as_load_error(path, [&] {
+        for (CallbackState& state : taken.callbacks) {
+          if (state.text) state.callback->load_state(*state.text);
+          if (state.tensors) state.callback->load_tensors(std::move(*state.tensors));
+        }
+      });
+    }, context);
   } catch (...) {
     if (undo) undo->restore();
     throw;
@@ -547,9 +555,7 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std:
     for (auto& [target, source] : taken.model_values) target.copy_(source);
   }
   ctx.global_step = taken.global_step;
-  if (taken.synchronized_backwards && ctx.data_parallel != nullptr) {
-    ctx.data_parallel->set_synchronized_backwards(*taken.synchronized_backwards);
-  }
+  if (taken.synchronized_backwards) ctx.data_parallel->set_synchronized_backwards(*taken.synchronized_backwards);
   ctx.epoch = taken.position.epoch;
   ctx.resume_position = taken.position;
   if (taken.last_metrics) ctx.metrics = std::move(*taken.last_metrics);

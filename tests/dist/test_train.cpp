@@ -717,12 +717,32 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     CHECK(r.unchanged);
     CHECK(optimizer->state().empty());  // it took the file's momentum buffers, and was put back
   }
+  SECTION("another optimizer on one rank: every rank keeps its model, optimizer and callbacks") {
+    torch::manual_seed(11);
+    lockstep::testing::SmallConvNet model;
+    const int last = comm().size() - 1;
+    std::unique_ptr<torch::optim::Optimizer> optimizer;
+    if (comm().rank() == last) {
+      optimizer = std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.01));
+    } else {
+      optimizer = std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    }
+    auto callback = fragile(-1);
+    const Refusal r = refused_load(file, *model, *optimizer, {callback});
+    INFO(r.error);
+    CHECK_THAT(r.error, Catch::Contains("could not be loaded"));
+    CHECK(r.unchanged);
+    CHECK(optimizer->state().empty());  // the SGD ranks took the file's momentum buffers, then put them back
+    CHECK_FALSE(callback->loaded);
+  }
   SECTION("a callback that refuses its state on one rank: every rank keeps its model and optimizer") {
     torch::manual_seed(11);
     lockstep::testing::SmallConvNet model;
     auto optimizer = sgd_with_momentum(*model);
     const int last = comm().size() - 1;
-    const Refusal r = refused_load(file, *model, *optimizer, {fragile(last)});
+    auto callback = fragile(last);
+    const Refusal r = refused_load(file, *model, *optimizer, {callback});
+    CHECK(callback->loaded == (comm().rank() != last));  // callbacks cannot be put back
     INFO(r.error);
     CHECK_THAT(r.error, Catch::Contains("fragile state lost on this node"));
     if (comm().rank() != last) {

@@ -61,7 +61,9 @@ struct DataParallelOptions {
   // Attach the model's ddp::SyncBatchNorm layers to the communicator: in training mode they normalise
   // with the global batch's statistics (sync_batch_norm.hpp). Their buffers are then bitwise equal on
   // every rank by construction and leave the per-step buffer broadcast. Construction fails if the model
-  // has no SyncBatchNorm layer (torch::nn::BatchNorm*d cannot be synchronised).
+  // has no SyncBatchNorm layer (torch::nn::BatchNorm*d cannot be synchronised). With
+  // find_unused_parameters too, the buckets launch at the end of backward (no overlap): Note
+  // [SyncBatchNorm among the buckets].
   bool sync_batch_norm = false;
 };
 

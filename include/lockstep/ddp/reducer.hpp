@@ -158,7 +158,7 @@ class Reducer {
   void adopt_fresh(Bucket& bucket);
   void synchronize(StepTimings& timings, comm::Clock::time_point backward_end, std::vector<int> active);
   // `held_counts` (a joined rank's shadow step only): per parameter, the training ranks holding a .grad().
-  void write_back(const std::vector<std::int32_t>& used_counts, const std::vector<std::int32_t>* held_counts);
+  void write_back(const std::vector<std::int32_t>& used_counts, const std::int32_t* held_counts);
   void rebuild_by_ready_order();
   void reset_iteration();
   void check_hooks_attached_locked() const;

@@ -14,8 +14,9 @@
 #   LOCKSTEP_GPU_COMM_TIMEOUT_S   a collective inside the tests (LOCKSTEP_TIMEOUT_S there; default 120)
 #   LOCKSTEP_GPU_CHECK_NHWC=0     skip the channels_last ResNet runs (reported, not judged)
 #
-# By default it builds only what the GPU check runs (the library, the gpu tests, the two GPU
-# benchmarks): on a lent GPU machine the device time is short, and the other tests run in CI.
+# By default it builds only what the GPU check runs (the library, the gpu tests, the NCCL core's unit
+# tests, the two GPU benchmarks): on a lent GPU machine the device time is short, and the other tests
+# run in CI.
 #
 # What it needs there: nvidia driver + GPU, python3 with torch (CUDA build), g++, cmake >= 3.18, and
 # CUDA's NCCL (PyTorch's wheels carry libnccl; the headers come from a CUDA toolkit or the
@@ -49,6 +50,8 @@ command -v nvcc > /dev/null || { log "no nvcc on PATH or in ${CUDA_HOME:-/usr/lo
 torch_prefix=$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 torch_abi=$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
 torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+nhwc=${LOCKSTEP_GPU_CHECK_NHWC:-1}
 log "PyTorch $torch_version, CMake prefix $torch_prefix, _GLIBCXX_USE_CXX11_ABI=$torch_abi"
 if [[ $torch_abi == 0 ]]; then
   # Everything Lockstep links must agree on the ABI flag. Header-only Catch2 and nlohmann-json and
@@ -137,6 +140,7 @@ if ! cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release "${laun
   log "configure failed"; exit 1
 fi
 grep -E "Lockstep: (NCCL backend|CUDA toolkit)" "$build/configure.log"
+nccl_core=0; grep -q "NCCL backend: built" "$build/configure.log" && nccl_core=1
 if ! grep -q "NCCL backend: built: CUDA/NCCL part and the LibTorch CUDA part" "$build/configure.log"; then
   note "FAIL  configure: the NCCL communicator is not built (see $build/configure.log)"
   status=1
@@ -148,7 +152,7 @@ bench=${LOCKSTEP_GPU_CHECK_BENCH:-1}
 if [[ $all_tests != 1 ]]; then
   targets=(--target lockstep_gpu_tests)
   # The NCCL core's unit tests exist only where NCCL was found (the configure guard above says if not).
-  grep -q "NCCL backend: built" "$build/configure.log" && targets+=(lockstep_nccl_core_tests)
+  [[ $nccl_core == 1 ]] && targets+=(lockstep_nccl_core_tests)
   [[ $bench == 1 ]] && targets+=(allreduce_bench resnet_gpu_bench)
 fi
 # -k 0 (Ninja) / -k (Make): every compile error in one log, not only the first translation unit's.
@@ -164,11 +168,13 @@ log "built ($(elapsed))"
 # A hung test must not eat a lent machine's time: the whole run is capped (default 15 min). A test
 # skipped here (no usable GPU in the C++ process, a case that found too few GPUs) is a failure: CTest
 # counts a skip as passed.
-if (cd "$build" && timeout -k 10 "${LOCKSTEP_GPU_TESTS_TIMEOUT_S:-900}" ctest -L 'gpu|nccl' --output-on-failure 2>&1 | tee gpu-tests.log) \
-   && ! grep -qE '\*\*\*Skipped|Not Run' "$build/gpu-tests.log"; then
+(cd "$build" && timeout -k 10 "${LOCKSTEP_GPU_TESTS_TIMEOUT_S:-900}" ctest -L 'gpu|nccl' --output-on-failure 2>&1 | tee gpu-tests.log)
+tests_status=$?
+skipped=""; grep -qE '\*\*\*Skipped|Not Run' "$build/gpu-tests.log" && skipped="; some were skipped"
+if [[ $tests_status == 0 && -z $skipped ]]; then
   note "PASS  gpu tests: $(grep -E 'tests passed' "$build/gpu-tests.log")"
 else
-  note "FAIL  gpu tests: $(grep -E 'tests passed|tests failed' "$build/gpu-tests.log")$(grep -qE '\*\*\*Skipped|Not Run' "$build/gpu-tests.log" && echo '; some were skipped')"
+  note "FAIL  gpu tests: $(grep -E 'tests passed|tests failed' "$build/gpu-tests.log")$skipped"
   status=1
 fi
 # ctest prints a passing test's output only into its own log.
@@ -176,7 +182,7 @@ ran_with=$(grep -m1 -E '^gpu tests: ' "$build/Testing/Temporary/LastTest.log" 2>
 [[ -n $ran_with ]] && note "INFO  $ran_with"
 log "gpu tests done ($(elapsed))"
 if [[ $all_tests == 1 ]]; then
-  (cd "$build" && ctest -LE gpu -j "$(nproc)" --output-on-failure > cpu-tests.log 2>&1) \
+  (cd "$build" && ctest -LE 'gpu|nccl' -j "$(nproc)" --output-on-failure > cpu-tests.log 2>&1) \
     && note "PASS  other tests: $(grep -E 'tests passed' "$build/cpu-tests.log")" \
     || { note "FAIL  other tests: $(grep -E 'tests passed|tests failed' "$build/cpu-tests.log")"; status=1; }
 else
@@ -187,13 +193,12 @@ rm -f "$build"/resnet_*.json "$build/allreduce_nccl.json"  # a rerun in the same
 if [[ $bench != 1 ]]; then
   note "SKIP  benchmarks (LOCKSTEP_GPU_CHECK_BENCH=0)"
 else
-# ---- All-reduce over NCCL beside raw ncclAllReduce (one rank per GPU).
-gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
-mpirun_flags=(--oversubscribe --bind-to none)
-[[ $(id -u) -eq 0 ]] && mpirun_flags+=(--allow-run-as-root)
-if mpirun "${mpirun_flags[@]}" -np "$gpus" "$build/benchmarks/allreduce_bench" --backend nccl --min-bytes 1M \
-     --max-bytes 256M --json "$build/allreduce_nccl.json"; then
-  verdict=$("$PYTHON" - "$build/allreduce_nccl.json" << 'PY'
+  # ---- All-reduce over NCCL beside raw ncclAllReduce (one rank per GPU).
+  mpirun_flags=(--oversubscribe --bind-to none)
+  [[ $(id -u) -eq 0 ]] && mpirun_flags+=(--allow-run-as-root)
+  if mpirun "${mpirun_flags[@]}" -np "$gpus" "$build/benchmarks/allreduce_bench" --backend nccl --min-bytes 1M \
+       --max-bytes 256M --json "$build/allreduce_nccl.json"; then
+    verdict=$("$PYTHON" - "$build/allreduce_nccl.json" << 'PY'
 import json, sys
 doc = json.load(open(sys.argv[1]))
 rows = doc["results"]
@@ -211,22 +216,22 @@ else:
     ok = all(r["busbw_ratio"] >= 0.95 for r in big) and correct
     print(("PASS" if ok else "FAIL") + f"  NCCL all-reduce: worst Lockstep/raw ratio from 16 MB up {worst['busbw_ratio']:.3f} at {worst['bytes']} B (need >= 0.95)")
 PY
-)
-  note "$verdict"; [[ $verdict == FAIL* ]] && status=1
-else
-  note "FAIL  NCCL all-reduce benchmark did not run"; status=1
-fi
+  )
+    note "$verdict"; [[ $verdict == FAIL* ]] && status=1
+  else
+    note "FAIL  NCCL all-reduce benchmark did not run"; status=1
+  fi
 
-# ---- ResNet-18 on one GPU: Lockstep beside PyTorch, same run, same GPU; NCHW (the acceptance check),
-# then channels_last (Note [Channels last]; reported, not judged).
-"$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
-"$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
-if [[ ${LOCKSTEP_GPU_CHECK_NHWC:-1} == 1 ]]; then
-  "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json"
-  "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json"
-fi
-verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" \
-                      "$build/resnet_lockstep_nhwc.json" "$build/resnet_torch_nhwc.json" "${LOCKSTEP_GPU_CHECK_NHWC:-1}" << 'PY'
+  # ---- ResNet-18 on one GPU: Lockstep beside PyTorch, same run, same GPU; NCHW (the acceptance check),
+  # then channels_last (Note [Channels last]; reported, not judged).
+  "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
+  "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
+  if [[ $nhwc == 1 ]]; then
+    "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json"
+    "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json"
+  fi
+  verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" \
+                        "$build/resnet_lockstep_nhwc.json" "$build/resnet_torch_nhwc.json" "$nhwc" << 'PY'
 import json, sys
 
 def load(path):
@@ -257,13 +262,13 @@ compare(sys.argv[1], sys.argv[2], True, "")
 if sys.argv[5] == "1":
     compare(sys.argv[3], sys.argv[4], False, " channels_last")
 PY
-)
-while IFS= read -r line; do note "$line"; [[ $line == FAIL* ]] && status=1; done <<< "$verdict"
+  )
+  while IFS= read -r line; do note "$line"; [[ $line == FAIL* ]] && status=1; done <<< "$verdict"
 fi
 
 echo
 echo "==================== Lockstep GPU check ===================="
-echo "PyTorch $torch_version; $("$PYTHON" -c 'import torch; print(torch.cuda.device_count())') GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
+echo "PyTorch $torch_version; $gpus GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
 printf '%s\n' "${summary[@]}"
 echo "============================================================"
 exit $status

@@ -10,8 +10,4 @@ command -v ccache > /dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 cmake -S "$source_dir" -B "$work/build" -DCMAKE_PREFIX_PATH="$work/prefix" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" > "$work/configure.log" \
   || { cat "$work/configure.log"; exit 1; }
 cmake --build "$work/build" > "$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
-# The test passes on rank 0's line and this status (CTest ignores the exit status under a PASS_REGULAR_EXPRESSION).
-status=0
-"$@" -np 3 "$work/build/package_user" || status=$?
-echo "package test: mpirun exit status $status"
-exit "$status"
+"$@" -np 3 "$work/build/package_user"

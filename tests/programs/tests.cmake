@@ -1,7 +1,14 @@
 # Program tests on the success path pass on a line of their output (PASS_REGULAR_EXPRESSION), and CTest
 # then ignores the exit status: their command runs under exit_status.sh, and this fails them when the
 # job's status is not 0 (a rank that failed after the matched line).
+# lockstep_success_test adds such a test; the loop at the end of this file, once their properties are
+# set, adds the failure on a non-zero status to each.
 set(LOCKSTEP_EXIT_STATUS ${CMAKE_CURRENT_LIST_DIR}/exit_status.sh)
+set(lockstep_success_tests "")
+macro(lockstep_success_test name)
+  add_test(NAME ${name} COMMAND ${LOCKSTEP_EXIT_STATUS} ${ARGN})
+  list(APPEND lockstep_success_tests ${name})
+endmacro()
 function(lockstep_require_exit_zero test)
   get_test_property(${test} FAIL_REGULAR_EXPRESSION fail)
   if(NOT fail)
@@ -46,13 +53,13 @@ endforeach()
 # int8 file is written (rank 0, atomically) and run on the quantized kernels.
 if(LOCKSTEP_BUILD_EXAMPLES)
   set(qat_dir ${CMAKE_CURRENT_BINARY_DIR}/train_resnet_qat)
-  add_test(NAME program.train_resnet_qat.np3
-           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet>
-                   --config ${PROJECT_SOURCE_DIR}/configs/demo_qat.yaml
-                   --set data.train_subset=960 --set data.test_subset=300 --set model.width=8
-                   --set trainer.epochs=2 --set quantization.begin_epoch=1 --set quantization.freeze_epoch=1.5
-                   --set trainer.output_dir=${qat_dir} --set trainer.checkpoint.enabled=false
-                   --set quantization.export_path=${qat_dir}/model_int8.pt)
+  lockstep_success_test(program.train_resnet_qat.np3
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet>
+                        --config ${PROJECT_SOURCE_DIR}/configs/demo_qat.yaml
+                        --set data.train_subset=960 --set data.test_subset=300 --set model.width=8
+                        --set trainer.epochs=2 --set quantization.begin_epoch=1 --set quantization.freeze_epoch=1.5
+                        --set trainer.output_dir=${qat_dir} --set trainer.checkpoint.enabled=false
+                        --set quantization.export_path=${qat_dir}/model_int8.pt)
   set_tests_properties(program.train_resnet_qat.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "int8 model written to .*model_int8.pt.*int8 model on the quantized kernels: test accuracy [0-9.]+%")
 endif()
@@ -67,14 +74,14 @@ if(LOCKSTEP_BUILD_EXAMPLES)
                  --set trainer.lr_schedule.kind=constant --set trainer.log_every=5
                  --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/train_resnet_early_stopping
                  --set early_stopping.enabled=true --set early_stopping.patience=3)
-  add_test(NAME program.train_resnet_early_stopping.np2
-           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args}
-                   --set trainer.checkpoint.resume=never)
+  lockstep_success_test(program.train_resnet_early_stopping.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args}
+                        --set trainer.checkpoint.resume=never)
   set_tests_properties(program.train_resnet_early_stopping.np2 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     FIXTURES_SETUP early_stopping
     PASS_REGULAR_EXPRESSION "epoch 1/40 evaluating .5/10. .*training stopped after step [0-9]+ .the end of epoch [0-9]+.: early stopping: test_loss did not improve for 3 epochs .best [0-9.]+ at epoch [0-9]+.")
-  add_test(NAME program.train_resnet_early_stopping_again.np2
-           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args})
+  lockstep_success_test(program.train_resnet_early_stopping_again.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${early_args})
   set_tests_properties(program.train_resnet_early_stopping_again.np2 PROPERTIES TIMEOUT 300 LABELS dist
     PROCESSORS 2 FIXTURES_REQUIRED early_stopping
     PASS_REGULAR_EXPRESSION "resumed from .*checkpoint-step[0-9]+.pt.*training stopped after step [0-9]+ .*early stopping: test_loss did not improve.*final test accuracy: [0-9.]+%"
@@ -122,14 +129,14 @@ if(LOCKSTEP_BUILD_EXAMPLES)
               --set trainer.output_dir=${dp_dir} --set trainer.log_every=0)
   add_test(NAME program.train_resnet_dp_options_clean COMMAND ${CMAKE_COMMAND} -E rm -rf ${dp_dir})
   set_tests_properties(program.train_resnet_dp_options_clean PROPERTIES FIXTURES_SETUP dp_options_clean)
-  add_test(NAME program.train_resnet_dp_options.np3
-           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
-                   --set trainer.epochs=1)
+  lockstep_success_test(program.train_resnet_dp_options.np3
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
+                        --set trainer.epochs=1)
   set_tests_properties(program.train_resnet_dp_options.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     FIXTURES_REQUIRED dp_options_clean FIXTURES_SETUP dp_options PASS_REGULAR_EXPRESSION "epoch 1: train loss [0-9.]+ acc")
-  add_test(NAME program.train_resnet_dp_options_resume.np3
-           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
-                   --set trainer.epochs=2)
+  lockstep_success_test(program.train_resnet_dp_options_resume.np3
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:train_resnet> ${dp_args}
+                        --set trainer.epochs=2)
   set_tests_properties(program.train_resnet_dp_options_resume.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     FIXTURES_REQUIRED dp_options PASS_REGULAR_EXPRESSION "resum.*epoch 2: train loss [0-9.]+ acc")
 endif()
@@ -137,8 +144,8 @@ endif()
 # The custom-loop example at 3 ranks: uneven shards (16, 18 and 20 batches) under a ddp::Join, so rank 0
 # shadows the last 4 steps of each epoch instead of leaving rank 2 waiting.
 if(LOCKSTEP_BUILD_EXAMPLES)
-  add_test(NAME program.custom_loop_uneven.np3
-           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop>)
+  lockstep_success_test(program.custom_loop_uneven.np3
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop>)
   set_tests_properties(program.custom_loop_uneven.np3 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "epoch 4 .*3 ranks; rank 0 trained 16 steps and shadowed 4")
   # ... and stopped by SIGUSR1 to mpirun during a long run: every rank leaves after the same step.
@@ -180,12 +187,12 @@ endif()
 # epoch must bring the test mse to well under the noisy input's own (at least 2x lower), and the epoch
 # line must carry the regression metrics (no accuracy).
 if(LOCKSTEP_BUILD_EXAMPLES)
-  add_test(NAME program.denoise_images.np3
-           COMMAND ${LOCKSTEP_EXIT_STATUS} ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:denoise_images>
-                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
-                   --set data.train_subset=3000 --set data.test_subset=500 --set trainer.epochs=1 --set trainer.batch_size=16
-                   --set trainer.log_every=0 --set trainer.checkpoint.enabled=false
-                   --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/denoise_images)
+  lockstep_success_test(program.denoise_images.np3
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:denoise_images>
+                        --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
+                        --set data.train_subset=3000 --set data.test_subset=500 --set trainer.epochs=1 --set trainer.batch_size=16
+                        --set trainer.log_every=0 --set trainer.checkpoint.enabled=false
+                        --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/denoise_images)
   set_tests_properties(program.denoise_images.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "epoch 1: train loss [0-9.]+ mse [0-9.e-]+ mae [0-9.e-]+ . test loss [0-9.]+ mse [0-9.e-]+ mae [0-9.e-]+ .*denoising: test mse [0-9.]+ against 0.2[0-9]+ for the noisy input .([2-9]|[1-9][0-9]+)\\.[0-9]x lower."
     FAIL_REGULAR_EXPRESSION " acc ")
@@ -208,10 +215,6 @@ if(LOCKSTEP_BUILD_EXAMPLES)
     FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
 endif()
 
-if(LOCKSTEP_BUILD_EXAMPLES)
-  foreach(test program.train_resnet_qat.np3 program.train_resnet_early_stopping.np2
-               program.train_resnet_early_stopping_again.np2 program.train_resnet_dp_options.np3
-               program.train_resnet_dp_options_resume.np3 program.custom_loop_uneven.np3 program.denoise_images.np3)
-    lockstep_require_exit_zero(${test})
-  endforeach()
-endif()
+foreach(test ${lockstep_success_tests})
+  lockstep_require_exit_zero(${test})
+endforeach()

@@ -1,3 +1,5 @@
+# A ';' in a PASS_REGULAR_EXPRESSION splits it into a list of regexes, any of which passes: match
+# a ';' in the output with '.'.
 # Program tests on the success path pass on a line of their output (PASS_REGULAR_EXPRESSION), and CTest
 # then ignores the exit status: their command runs under exit_status.sh, and this fails them when the
 # job's status is not 0 (a rank that failed after the matched line).
@@ -105,14 +107,14 @@ if(LOCKSTEP_BUILD_EXAMPLES)
            COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet>
                    --set trainer.epochs=1 : -np 1 $<TARGET_FILE:train_resnet> --set trainer.epochs=three)
   set_tests_properties(program.train_resnet_one_bad_config.np3 PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "1,0\\]<stderr>: *train_resnet: config key 'trainer.epochs' at --set trainer.epochs=three: expected an integer.* \\(on rank 2; every rank stops\\)"
+    PASS_REGULAR_EXPRESSION "1,0\\]<stderr>: *train_resnet: config key 'trainer.epochs' at --set trainer.epochs=three: expected an integer.* \\(on rank 2. every rank stops\\)"
     FAIL_REGULAR_EXPRESSION "expected an integer.*expected an integer;epoch 1")
   # --help on some ranks only: they would leave while the others start the Runtime; every rank stops.
   add_test(NAME program.train_resnet_help_on_some_ranks.np3
            COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 1 $<TARGET_FILE:train_resnet> --help
                    : -np 2 $<TARGET_FILE:train_resnet> --set trainer.epochs=1)
   set_tests_properties(program.train_resnet_help_on_some_ranks.np3 PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "train_resnet: --help or --print-config on rank 0 but not on the others; every rank stops"
+    PASS_REGULAR_EXPRESSION "train_resnet: --help or --print-config on rank 0 but not on the others. every rank stops"
     FAIL_REGULAR_EXPRESSION "epoch 1")
 endif()
 
@@ -147,7 +149,7 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   lockstep_success_test(program.custom_loop_uneven.np3
                         ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:custom_loop>)
   set_tests_properties(program.custom_loop_uneven.np3 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
-    PASS_REGULAR_EXPRESSION "epoch 4 .*3 ranks; rank 0 trained 16 steps and shadowed 4")
+    PASS_REGULAR_EXPRESSION "epoch 4 .*3 ranks. rank 0 trained 16 steps and shadowed 4")
   # ... and stopped by SIGUSR1 to mpirun during a long run: every rank leaves after the same step.
   add_test(NAME program.custom_loop_stop_signal.np3
            COMMAND ${CMAKE_CURRENT_LIST_DIR}/custom_loop_stop.sh ${CMAKE_CURRENT_BINARY_DIR}/custom_loop_stop.log --
@@ -164,7 +166,7 @@ if(LOCKSTEP_BUILD_EXAMPLES)
                    -np 1 $<TARGET_FILE:train_resnet> --set optimizer.lr=0.1 :
                    -np 1 $<TARGET_FILE:train_resnet> --set optimizer.lr=0.05)
   set_tests_properties(program.train_resnet_config_mismatch.np2 PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "config: the ranks disagree on optimizer.lr: 0.1 on rank 0; 0.05 on rank 1")
+    PASS_REGULAR_EXPRESSION "config: the ranks disagree on optimizer.lr: 0.1 on rank 0. 0.05 on rank 1")
 endif()
 
 # train_resnet at 3 ranks stopped by SIGUSR1 sent to mpirun mid-epoch (as a scheduler would before its

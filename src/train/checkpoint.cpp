@@ -384,10 +384,17 @@ struct Taken {
 class OptimizerSnapshot {
  public:
   explicit OptimizerSnapshot(torch::optim::Optimizer& optimizer) : optimizer_(holder(optimizer)) {
-    for (const auto& entry : optimizer_.state()) state_.emplace(entry.first, entry.second->clone());
-    for (auto& group : optimizer_.param_groups()) options_.push_back(group.options().clone());
+    try {
+      for (const auto& entry : optimizer_.state()) state_.emplace(entry.first, entry.second->clone());
+      for (auto& group : optimizer_.param_groups()) options_.push_back(group.options().clone());
+      taken_ = true;
+    } catch (const std::exception&) {
+      // An optimizer of the program's own whose state cannot be cloned (LibTorch's base clone()
+      // throws): loaded without a way back, as before snapshots.
+    }
   }
   void restore() {  // once
+    if (!taken_) return;
     optimizer_.state() = std::move(state_);
     for (size_t i = 0; i < options_.size(); ++i) optimizer_.param_groups()[i].set_options(std::move(options_[i]));
   }
@@ -398,6 +405,7 @@ class OptimizerSnapshot {
     return optimizer;
   }
   torch::optim::Optimizer& optimizer_;
+  bool taken_ = false;
   std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())> state_;
   std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options_;
 };

@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <exception>
 #include <set>
 #include <string>
@@ -57,23 +56,39 @@ int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices)
 
 namespace {
 
+// Collective over `comm`: every rank's `text`, by rank (raw MPI: for before a communicator exists).
+std::vector<std::string> mpi_allgather_strings(MPI_Comm comm, const std::string& text) {
+  int size = 1;
+  LOCKSTEP_MPI_CHECK(MPI_Comm_size(comm, &size));
+  const int length = static_cast<int>(text.size());
+  std::vector<int> lengths(static_cast<std::size_t>(size)), offsets(static_cast<std::size_t>(size));
+  LOCKSTEP_MPI_CHECK(MPI_Allgather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, comm));
+  int total = 0;
+  for (int r = 0; r < size; ++r) {
+    offsets[static_cast<std::size_t>(r)] = total;
+    total += lengths[static_cast<std::size_t>(r)];
+  }
+  std::vector<char> all(static_cast<std::size_t>(std::max(total, 1)));
+  LOCKSTEP_MPI_CHECK(MPI_Allgatherv(text.data(), length, MPI_CHAR, all.data(), lengths.data(), offsets.data(),
+                                    MPI_CHAR, comm));
+  std::vector<std::string> out;
+  for (int r = 0; r < size; ++r) {
+    const char* start = all.data() + offsets[static_cast<std::size_t>(r)];
+    out.emplace_back(start, start + lengths[static_cast<std::size_t>(r)]);
+  }
+  return out;
+}
+
 // Collective over MPI_COMM_WORLD: the strings of the ranks on this host (those sharing its memory),
 // indexed by local rank. Note [GPUs of their own].
 std::vector<std::string> gather_on_host(const std::string& mine, int world_rank) {
   MPI_Comm local = MPI_COMM_NULL;
   LOCKSTEP_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, &local));
-  int size = 0;
-  MPI_Comm_size(local, &size);
-  constexpr int kWidth = 64;  // a PCI bus id is 12 characters ("0000:3b:00.0")
-  char text[kWidth] = {0};
-  std::strncpy(text, mine.c_str(), kWidth - 1);
-  std::vector<char> all(static_cast<std::size_t>(size) * kWidth);
-  const int rc = MPI_Allgather(text, kWidth, MPI_CHAR, all.data(), kWidth, MPI_CHAR, local);
-  MPI_Comm_free(&local);
-  LOCKSTEP_CHECK(rc == MPI_SUCCESS, "runtime: gathering the GPUs of the host's ranks failed (MPI error ", rc, ")");
-  std::vector<std::string> out;
-  for (int r = 0; r < size; ++r) out.emplace_back(all.data() + static_cast<std::size_t>(r) * kWidth);
-  return out;
+  struct Free {
+    MPI_Comm& comm;
+    ~Free() { MPI_Comm_free(&comm); }
+  } free_local{local};
+  return mpi_allgather_strings(local, mine);
 }
 
 // Note [BLAS threads]: at::set_num_threads sizes LibTorch's own pools, but not an OpenBLAS that LibTorch
@@ -263,24 +278,8 @@ Gathered start_mpi_and_gather(const std::string& text) {
     });
   }
   Gathered out;
-  int size = 1;
   LOCKSTEP_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &out.rank));
-  LOCKSTEP_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size));
-  const int length = static_cast<int>(text.size());
-  std::vector<int> lengths(static_cast<std::size_t>(size)), offsets(static_cast<std::size_t>(size));
-  LOCKSTEP_MPI_CHECK(MPI_Allgather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, MPI_COMM_WORLD));
-  int total = 0;
-  for (int r = 0; r < size; ++r) {
-    offsets[static_cast<std::size_t>(r)] = total;
-    total += lengths[static_cast<std::size_t>(r)];
-  }
-  std::vector<char> all(static_cast<std::size_t>(std::max(total, 1)));
-  LOCKSTEP_MPI_CHECK(MPI_Allgatherv(text.data(), length, MPI_CHAR, all.data(), lengths.data(), offsets.data(),
-                                    MPI_CHAR, MPI_COMM_WORLD));
-  for (int r = 0; r < size; ++r) {
-    const char* start = all.data() + offsets[static_cast<std::size_t>(r)];
-    out.texts.emplace_back(start, start + lengths[static_cast<std::size_t>(r)]);
-  }
+  out.texts = mpi_allgather_strings(MPI_COMM_WORLD, text);
   return out;
 }
 

@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <thread>
+#include <utility>
 
 #include "lockstep/core/error.hpp"
 
@@ -122,8 +123,7 @@ class ThenWork final : public Work {
     ran_ = true;
     // Released once run: what it captured (a 16-bit copy of a bucket, PowerSGD's factors) would
     // otherwise live as long as this Work is kept.
-    const std::function<void()> fn = std::move(fn_);
-    fn_ = nullptr;
+    const std::function<void()> fn = std::exchange(fn_, nullptr);
     try {
       fn();
     } catch (...) {

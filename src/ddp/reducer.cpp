@@ -574,15 +574,17 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   const int root = active.empty() ? 0 : active.front();
   const int active_count = join_ ? static_cast<int>(active.size()) : size;
 
-  // Three flags per parameter: did it get a gradient in this backward, in any backward since the
-  // last synchronisation, and does a rank that trained hold a .grad() for it. Summed over ranks, they
-  // name unused parameters on every rank alike (and, in a shadow step, what to leave them: write_back).
-  at::Tensor flags = at::empty({static_cast<std::int64_t>(3 * n)}, at::kInt);
+  // Flags per parameter: did it get a gradient in this backward, and in any backward since the last
+  // synchronisation; in join mode (on every rank alike) also: does a rank that trained hold a .grad()
+  // for it. Summed over ranks, they name unused parameters on every rank alike (and, in a shadow
+  // step, what to leave them: write_back).
+  const std::size_t sets = join_ ? 3 : 2;
+  at::Tensor flags = at::empty({static_cast<std::int64_t>(sets * n)}, at::kInt);
   auto* flag = flags.data_ptr<std::int32_t>();
   for (std::size_t i = 0; i < n; ++i) {
     flag[i] = ready_[i];
     flag[n + i] = used_since_sync_[i];
-    flag[2 * n + i] = !shadowing_ && params_[i].grad().defined();
+    if (join_) flag[2 * n + i] = !shadowing_ && params_[i].grad().defined();
   }
   // At one rank this rank's flags are the sums: no collective (over NCCL it would be a host round trip
   // per step for nothing).

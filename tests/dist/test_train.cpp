@@ -594,6 +594,7 @@ namespace {
 
 // Checkpointed state that one rank cannot take back (its own copy of something went missing, say).
 struct FragileState : Callback {
+  explicit FragileState(int refuses = -1) : refuses(refuses) {}
   int refuses = -1;     // the rank whose load_state throws
   bool loaded = false;  // a state was taken
   std::string state_key() const override { return "fragile"; }
@@ -612,9 +613,7 @@ std::string run_with_fragile_state(const std::string& dir, int64_t stop_after, i
   TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(1, 8), dir, stop_after, "auto");
   o.checkpoint.every_steps = 1;
   DistributedTrainer trainer(model, opt, comm_ptr(), o);
-  auto fragile = std::make_shared<FragileState>();
-  fragile->refuses = refuses;
-  trainer.add_callback(fragile);
+  trainer.add_callback(std::make_shared<FragileState>(refuses));
   return lockstep::testing::error_of(
       [&] { trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7), nullptr); });
 }
@@ -676,11 +675,7 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
   const std::string dir = shared_dir("does_not_fit");
   REQUIRE(run_with_fragile_state(dir, 1, -1, /*momentum=*/0.9).empty());
   const std::string file = dir + "/checkpoints/" + lockstep::train::checkpoint_file_name(1);
-  auto fragile = [](int refuses) {
-    auto callback = std::make_shared<FragileState>();
-    callback->refuses = refuses;
-    return callback;
-  };
+
   auto sgd_with_momentum = [](torch::nn::Module& model) {
     return std::make_shared<torch::optim::SGD>(model.parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
   };
@@ -689,7 +684,7 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     torch::manual_seed(11);
     lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
     auto optimizer = sgd_with_momentum(*model);
-    const Refusal r = refused_load(file, *model, *optimizer, {fragile(-1)});
+    const Refusal r = refused_load(file, *model, *optimizer, {std::make_shared<FragileState>(-1)});
     INFO(r.error);
     CHECK_THAT(r.error, Catch::Contains("checkpoint " + file + " could not be loaded") && Catch::Contains("bn"));
     CHECK(r.unchanged);
@@ -699,7 +694,7 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     torch::manual_seed(11);
     lockstep::testing::SmallConvNet model;
     torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
-    auto callback = fragile(-1);
+    auto callback = std::make_shared<FragileState>(-1);
     const Refusal r = refused_load(file, *model, optimizer, {callback});
     INFO(r.error);
     CHECK_THAT(r.error, Catch::Contains("checkpoint " + file + " could not be loaded"));
@@ -711,7 +706,7 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     torch::manual_seed(11);
     lockstep::testing::SmallConvNet model;
     auto optimizer = sgd_with_momentum(*model);
-    const Refusal r = refused_load(file, *model, *optimizer, {fragile(comm().rank())});
+    const Refusal r = refused_load(file, *model, *optimizer, {std::make_shared<FragileState>(comm().rank())});
     INFO(r.error);
     CHECK_THAT(r.error, Catch::Contains("fragile state lost on this node"));
     CHECK(r.unchanged);
@@ -727,7 +722,7 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     } else {
       optimizer = std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
     }
-    auto callback = fragile(-1);
+    auto callback = std::make_shared<FragileState>(-1);
     const Refusal r = refused_load(file, *model, *optimizer, {callback});
     INFO(r.error);
     CHECK_THAT(r.error, Catch::Contains("could not be loaded"));
@@ -740,7 +735,7 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     lockstep::testing::SmallConvNet model;
     auto optimizer = sgd_with_momentum(*model);
     const int last = comm().size() - 1;
-    auto callback = fragile(last);
+    auto callback = std::make_shared<FragileState>(last);
     const Refusal r = refused_load(file, *model, *optimizer, {callback});
     CHECK(callback->loaded == (comm().rank() != last));  // callbacks cannot be put back
     INFO(r.error);
@@ -757,7 +752,7 @@ TEST_CASE("trainer: a checkpoint that does not fit the model, the optimizer or a
     torch::manual_seed(11);
     lockstep::testing::SmallConvNet model;
     auto optimizer = sgd_with_momentum(*model);
-    const Refusal r = refused_load(file, *model, *optimizer, {fragile(-1)});
+    const Refusal r = refused_load(file, *model, *optimizer, {std::make_shared<FragileState>(-1)});
     CHECK(r.error.empty());
     CHECK_FALSE(r.unchanged);
     CHECK(optimizer->state().size() == model->parameters().size());  // the file's momentum buffers

@@ -413,13 +413,8 @@ TEST_CASE("a collective that outlives its timeout aborts the communicator with a
   CHECK_THROWS_AS(work->wait(), lockstep::TimeoutError);
   const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   CHECK(waited < 10.0);
-  try {
-    work->wait();
-    FAIL("a second wait() on the timed-out collective returned");
-  } catch (const lockstep::Error& e) {
-    CHECK_THAT(e.message(), Contains("allreduce #1") && Contains("rank " + std::to_string(comm->rank())) &&
-                                Contains("aborted") && Contains("1500 ms"));
-  }
+  CHECK_THROWS_WITH(work->wait(), Contains("allreduce #1") && Contains("rank " + std::to_string(comm->rank())) &&
+                                      Contains("aborted") && Contains("1500 ms"));
   CHECK_THROWS_WITH(comm->allreduce(t), Contains("allreduce #1"));  // the communicator stays failed
   // CPU tensors too (they would go over MPI: Note [CPU tensors through NCCL]).
   CHECK_THROWS_WITH(comm->allreduce(torch::ones({2})), Contains("allreduce #1"));

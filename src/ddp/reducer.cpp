@@ -58,6 +58,11 @@ namespace lockstep::ddp {
 //   - GradBucket::iteration advances on joined ranks too (PowerSGD's warm-up depends on it).
 // Every rank records which ranks took part; the last such step names the rank whose model Join
 // broadcasts at the end. Cost: one all-gather of 2 x world_size ints per step, only in join mode.
+// JoinOptions that differ between ranks show in the gathered entries, alike on every rank. Each rank
+// still runs the step's collectives (a training rank has launched buckets already, a joined rank
+// launches its zeros), and then every rank raises the same error (join_error_), which every later
+// step of this Join raises at once, without a collective. Raised right after the all-gather, the
+// joined rank would leave the training ranks' buckets unmatched.
 //
 // Note [Stop in a Join]: a custom loop on uneven inputs cannot add a collective of its own to each
 // step to agree on a stop (a joined rank runs no loop), but the join all-gather already reaches every
@@ -260,6 +265,7 @@ void Reducer::on_gradient_ready(std::size_t index) {
   settle_abandoned_backward();
   if (!in_backward_) {
     LOCKSTEP_CHECK(!sync_ || out_of_step_.empty(), out_of_step_);
+    LOCKSTEP_CHECK(!sync_ || !join_ || join_error_.empty(), join_error_);
     check_hooks_attached_locked();
     begin_backward();
   }
@@ -524,7 +530,12 @@ void Reducer::finish_backward() {
   std::vector<int> active;  // Note [Join]: the ranks training in this step
   if (join_work_) {
     comm::WorkPtr work = std::move(join_work_);
-    work->wait();
+    try {
+      work->wait();
+    } catch (const std::exception& e) {
+      note_out_of_step(e, "its Join all-gather");
+      throw;
+    }
     active = read_join_flags(join_flags_);
   }
   synchronize(timings, backward_end, std::move(active));
@@ -544,15 +555,17 @@ at::Tensor Reducer::join_entry(bool training) const {
 std::vector<int> Reducer::read_join_flags(const at::Tensor& flags) {
   std::vector<int> active;
   const auto* entry = flags.data_ptr<std::int32_t>();
-  // The same flags on every rank: every rank raises this. With another divisor the ranks' gradients
-  // differ; with another early-termination choice some would raise while the others trained on.
+  // The same flags on every rank: every rank records this, and raises it after the step's collectives
+  // (Note [Join]). With another divisor the ranks' gradients differ; with another early-termination
+  // choice some would raise while the others trained on.
   for (const auto& [bit, option] : {std::pair<int, const char*>{2, "divide_by_initial_world_size"},
                                     std::pair<int, const char*>{4, "throw_on_early_termination"}}) {
-    for (int r = 1; r < comm_->size(); ++r) {
+    for (int r = 1; r < comm_->size() && join_error_.empty(); ++r) {
       const bool first = (entry[0] & bit) != 0, here = (entry[2 * r] & bit) != 0;
-      LOCKSTEP_CHECK(first == here, "Join: the ranks' JoinOptions differ: ", option, " is ", first ? "true" : "false",
-                     " on rank 0 and ", here ? "true" : "false", " on rank ", r, " (this is rank ", comm_->rank(),
-                     "). Every rank must build its Join with the same options.");
+      if (first == here) continue;
+      join_error_ = detail::str_cat("Join: the ranks' JoinOptions differ: ", option, " is ", first ? "true" : "false",
+                                    " on rank 0 and ", here ? "true" : "false", " on rank ", r, " (this is rank ",
+                                    comm_->rank(), "). Every rank must build its Join with the same options.");
     }
   }
   for (int r = 0; r < comm_->size(); ++r) {
@@ -600,21 +613,15 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
     for (auto& work : broadcasts) work->wait();
   } catch (const std::exception& e) {
     // Later buckets' continuations (which may issue collectives of their own: PowerSGD) and the flags
-    // were not waited for on this rank alone, perhaps: as after a backward that failed partway
-    // through (Note [Abandoned backward]), its collectives can no longer be matched with the others'.
-    if (out_of_step_.empty()) {
-      out_of_step_ = detail::str_cat(
-          "DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
-          " while waiting for its reductions (", detail::exception_text(e),
-          "); the ranks' collectives can no longer be matched, so this rank cannot synchronise again. Restart from "
-          "the last checkpoint.");
-    }
+    // were not waited for on this rank alone, perhaps.
+    note_out_of_step(e, "its reductions");
     throw;
   }
   const std::vector<std::int32_t> ready_counts(flag, flag + n);
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
   ++sync_count_;
+  if (join_) LOCKSTEP_CHECK(join_error_.empty(), join_error_);  // Note [Join]: now that every collective is done
   if (join_ && join_options_.throw_on_early_termination && active_count < size) fail_uneven();
   if (!options_.find_unused_parameters) {
     for (std::size_t i = 0; i < n; ++i) {
@@ -648,6 +655,16 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   for (auto& bucket : buckets_) bucket.work.reset();
   last_timings_ = timings;
   if (options_.rebuild_buckets && !rebuilt_) rebuild_by_ready_order();
+}
+
+// As after a backward that failed partway through (Note [Abandoned backward]): this rank's collectives
+// can no longer be matched with the others'.
+void Reducer::note_out_of_step(const std::exception& error, const char* waiting_for) {
+  if (!out_of_step_.empty()) return;
+  out_of_step_ = detail::str_cat("DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
+                                 " while waiting for ", waiting_for, " (", detail::exception_text(error),
+                                 "); the ranks' collectives can no longer be matched, so this rank cannot "
+                                 "synchronise again. Restart from the last checkpoint.");
 }
 
 void Reducer::write_back(const std::vector<std::int32_t>& used_counts, const std::int32_t* held_counts) {
@@ -741,6 +758,7 @@ void Reducer::enable_join(const JoinOptions& options) {
   LOCKSTEP_CHECK(!in_backward_, "DataParallel: a Join cannot begin during backward (rank ", comm_->rank(), ")");
   join_ = true;
   join_options_ = options;
+  join_error_.clear();
   last_active_.clear();
   for (int r = 0; r < comm_->size(); ++r) last_active_.push_back(r);
   join_stop_codes_.assign(static_cast<std::size_t>(comm_->size()), 0);
@@ -759,11 +777,20 @@ bool Reducer::shadow_step() {
   settle_abandoned_backward();
   LOCKSTEP_CHECK(!in_backward_, "DataParallel: Join::finish() cannot run during backward (rank ", comm_->rank(), ")");
   LOCKSTEP_CHECK(out_of_step_.empty(), out_of_step_);
+  LOCKSTEP_CHECK(join_error_.empty(), join_error_);
   // Note [Join]: "this rank trains no more"; the others' flags say whether a backward follows.
   at::Tensor flags = at::empty({2 * comm_->size()}, at::kInt);
-  comm_->allgather(join_entry(/*training=*/false), flags)->wait();
+  try {
+    comm_->allgather(join_entry(/*training=*/false), flags)->wait();
+  } catch (const std::exception& e) {
+    note_out_of_step(e, "a Join all-gather");
+    throw;
+  }
   std::vector<int> active = read_join_flags(flags);
-  if (active.empty()) return false;
+  if (active.empty()) {
+    LOCKSTEP_CHECK(join_error_.empty(), join_error_);  // no collective follows
+    return false;
+  }
 
   struct ResetOnExit {
     Reducer* reducer;
@@ -818,7 +845,14 @@ void Reducer::rebuild_by_ready_order() {
   for (std::size_t i : reverse_order(n)) {
     if (!placed[i]) entry[k++] = static_cast<std::int64_t>(i);
   }
-  if (comm_->size() > 1) comm_->broadcast(order, comm::BroadcastOptions{0})->wait();
+  if (comm_->size() > 1) {
+    try {
+      comm_->broadcast(order, comm::BroadcastOptions{0})->wait();
+    } catch (const std::exception& e) {
+      note_out_of_step(e, "the rebuilt bucket order");
+      throw;
+    }
+  }
   std::vector<std::size_t> agreed(entry, entry + n);
   BucketAssignment assignment =
       assign_buckets(params_, agreed, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes);

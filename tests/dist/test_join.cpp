@@ -513,3 +513,31 @@ TEST_CASE("Join: ranks whose JoinOptions differ get the same error on every rank
   CHECK_THAT(error_of([&] { join.finish(); }), Contains("the ranks' JoinOptions differ"));
   CHECK(communicator_healthy());
 }
+
+TEST_CASE("Join: JoinOptions that differ on a rank with no batch at all: the same error on every rank, after the "
+          "step's collectives",
+          "[join]") {
+  // The last rank joins at once. Had it raised right after the Join all-gather, the others' buckets,
+  // launched by then, would have waited for it until the timeout.
+  torch::manual_seed(9);
+  torch::nn::Linear model(4, 2);
+  DataParallelOptions dp_options;
+  dp_options.bucket_cap_mb = 0;  // a bucket per parameter
+  dp_options.first_bucket_cap_mb = 0;
+  DataParallel dp(model.ptr(), comm_ptr(), dp_options);
+  const int last = comm().size() - 1;
+  JoinOptions options;
+  options.throw_on_early_termination = comm().rank() == last;
+  Join join(dp, options);
+  const std::string expected = "Join: the ranks' JoinOptions differ: throw_on_early_termination is false on rank 0 "
+                               "and true on rank " + std::to_string(last);
+  if (comm().rank() == last) {
+    CHECK_THAT(error_of([&] { join.finish(); }), Contains(expected));
+  } else {
+    CHECK_THAT(error_of([&] { model->forward(torch::ones({2, 4})).sum().backward(); }), Contains(expected));
+    // The next step of this Join, and finish(), raise it at once: the last rank has left.
+    CHECK_THAT(error_of([&] { model->forward(torch::ones({2, 4})).sum().backward(); }), Contains(expected));
+    CHECK_THAT(error_of([&] { join.finish(); }), Contains(expected));
+  }
+  CHECK(communicator_healthy());
+}

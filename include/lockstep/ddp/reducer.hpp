@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -168,8 +169,11 @@ class Reducer {
   [[noreturn]] void fail_unready(const std::vector<std::int32_t>& ready_counts,
                                  const std::vector<std::int32_t>& used_counts, int active);
   [[noreturn]] void fail_uneven() const;
+  // A wait on this rank's collectives failed (a timeout, a dead peer): record out_of_step_.
+  void note_out_of_step(const std::exception& error, const char* waiting_for);
   // Note [Join]: this rank's entry of a join all-gather ("still training", its stop code), and what
-  // the gathered entries say: the ranks training in the step (the stop codes are recorded).
+  // the gathered entries say: the ranks training in the step (the stop codes are recorded, and
+  // JoinOptions that differ between ranks in join_error_).
   at::Tensor join_entry(bool training) const;
   std::vector<int> read_join_flags(const at::Tensor& flags);
   const at::Tensor& view_of(std::size_t index) const;
@@ -217,6 +221,9 @@ class Reducer {
   std::vector<std::int32_t> join_stop_codes_;
   std::uint64_t shadowed_steps_ = 0;
   bool shadowing_ = false;  // inside shadow_step()
+  // Set on every rank alike when the gathered entries show JoinOptions that differ between ranks;
+  // raised once the step's collectives are done, and by every later step of this Join.
+  std::string join_error_;
 };
 
 }  // namespace lockstep::ddp

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <sstream>
 
+#include "lockstep/compress/quantization.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -67,6 +68,9 @@ void validate(const PruningOptions& o) {
   LOCKSTEP_CHECK(o.begin_step >= 0, "pruning: begin_step must be >= 0, got ", o.begin_step);
   LOCKSTEP_CHECK(o.begin_epoch >= 0.0 && o.end_epoch >= 0.0, "pruning: begin_epoch and end_epoch must be >= 0, got ",
                  o.begin_epoch, " and ", o.end_epoch);
+  LOCKSTEP_CHECK(o.begin_step == 0 || (o.begin_epoch == 0.0 && o.end_epoch == 0.0), "pruning: begin_step (",
+                 o.begin_step, ") with a schedule in epochs (begin_epoch ", o.begin_epoch, ", end_epoch ", o.end_epoch,
+                 ", which decide): epochs and steps do not mix; use begin_epoch");
   if (o.schedule == PruneSchedule::Gradual) {
     LOCKSTEP_CHECK(o.frequency >= 1, "pruning: frequency must be >= 1 step, got ", o.frequency);
     if (o.end_epoch > 0) {
@@ -121,8 +125,62 @@ std::vector<std::string> MagnitudePruning::layers() const {
   return names;
 }
 
+namespace {
+
+// The schedule in steps, for this fit (the steps per epoch may differ from fit to fit), checked
+// against the run's length: a schedule that ends after the last step would stop short of its target
+// while the startup line and permanent_path's model claimed it.
+PruningOptions resolved_schedule(const PruningOptions& configured, const train::TrainerContext& ctx) {
+  PruningOptions o = configured;
+  if (o.end_epoch > 0 || o.begin_epoch > 0) {
+    o.begin_step = train::steps_of_epochs(o.begin_epoch, ctx.steps_per_epoch, "pruning begin_epoch");
+    if (o.end_epoch > 0) {
+      o.end_step = std::max(o.begin_step + 1, train::steps_of_epochs(o.end_epoch, ctx.steps_per_epoch, "pruning end_epoch"));
+    }
+    o.begin_epoch = o.end_epoch = 0.0;  // resolved
+  }
+  if (ctx.total_steps <= 0) return o;  // not in a trainer's fit, or a fit of no steps
+  const int64_t last_step = ctx.total_steps - 1;
+  const bool gradual = o.schedule == PruneSchedule::Gradual && o.granularity != PruneGranularity::NM;
+  const int64_t target_step = gradual ? o.end_step : o.begin_step;
+  if (target_step <= last_step) return o;
+  int64_t reached_at = -1;  // the schedule's last pruning step within the run
+  if (gradual && o.begin_step <= last_step) {
+    reached_at = o.begin_step + (last_step - o.begin_step) / o.frequency * o.frequency;
+  }
+  const double epoch_setting = gradual ? configured.end_epoch : configured.begin_epoch;
+  LOCKSTEP_FAIL("MagnitudePruning: the schedule reaches its target sparsity ", percent(scheduled_sparsity(o, target_step)),
+                " at step ", target_step,
+                epoch_setting > 0 ? detail::str_cat(" (", gradual ? "end_epoch " : "begin_epoch ", epoch_setting, ")")
+                                  : std::string(),
+                ", but the run's last step is ", last_step, " (", ctx.total_steps / ctx.steps_per_epoch,
+                " epochs of ", ctx.steps_per_epoch, " steps), so the run would end at ",
+                percent(reached_at < 0 ? 0.0 : scheduled_sparsity(o, reached_at)), ". End the schedule by step ",
+                last_step, " (epoch ", static_cast<double>(last_step) / static_cast<double>(ctx.steps_per_epoch),
+                "), or train longer.");
+}
+
+// The schedule, resolved into steps: a resumed run must follow the one its masks were made by.
+nlohmann::json schedule_state(const PruningOptions& o) {
+  return {{"begin_step", o.begin_step},         {"end_step", o.end_step},
+          {"frequency", o.frequency},           {"schedule", to_string(o.schedule)},
+          {"initial_sparsity", o.initial_sparsity}, {"target_sparsity", o.target_sparsity}};
+}
+
+}  // namespace
+
 void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   LOCKSTEP_CHECK(ctx.model != nullptr, "MagnitudePruning: the trainer gave no model");
+  if (ctx.callbacks != nullptr) {
+    for (const auto& callback : *ctx.callbacks) {
+      if (callback.get() == this) break;
+      LOCKSTEP_CHECK(dynamic_cast<const QuantizationAwareTraining*>(callback.get()) == nullptr,
+                     "MagnitudePruning: add it before QuantizationAwareTraining. After it, the masks would rank "
+                     "the weights' int8 values, in which the small weights tie at 0 and are pruned by position, "
+                     "not by magnitude");
+    }
+  }
+  options_ = resolved_schedule(configured_, ctx);
   torch::nn::Module& model = *ctx.model;
   std::shared_ptr<torch::nn::Module> existing;
   for (const auto& child : model.named_children()) {
@@ -145,6 +203,10 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     const std::vector<std::string>& sharing = by_mask_name[mask_name];
     LOCKSTEP_CHECK(sharing.size() == 1, "MagnitudePruning: parameters '", sharing[0], "' and '", sharing[1],
                    "' would share the mask name '", mask_name, "' (a dot is stored as '__'); rename one");
+    if (weight.numel() == 0) {
+      skipped_.emplace_back(name, "it has no elements");
+      continue;
+    }
     if (options_.granularity == PruneGranularity::Structured) {
       LOCKSTEP_CHECK(weight.dim() >= 2, "MagnitudePruning: structured pruning needs weights with output channels; '",
                      name, "' has shape ", weight.sizes(), " (exclude it)");
@@ -192,15 +254,6 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
 }
 
 void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
-  options_ = configured_;  // the epochs are resolved again each fit (the steps per epoch may differ)
-  if (options_.end_epoch > 0 || options_.begin_epoch > 0) {
-    options_.begin_step = train::steps_of_epochs(options_.begin_epoch, ctx.steps_per_epoch, "pruning begin_epoch");
-    if (options_.end_epoch > 0) {
-      options_.end_step = std::max(options_.begin_step + 1,
-                                   train::steps_of_epochs(options_.end_epoch, ctx.steps_per_epoch, "pruning end_epoch"));
-    }
-    options_.begin_epoch = options_.end_epoch = 0.0;  // resolved
-  }
   // Masks restored by the Checkpointer (or all ones on a fresh start) are in force from here on.
   apply_to_weights();
   current_sparsity_ = mask_sparsity();
@@ -370,10 +423,9 @@ std::string MagnitudePruning::agreement() const {
 }
 
 std::string MagnitudePruning::save_state() const {
-  nlohmann::json state = {{"last_pruning_step", last_pruning_step_},
-                          {"begin_step", options_.begin_step},
-                          {"end_step", options_.end_step},
-                          {"layers", layers()}};
+  nlohmann::json state = schedule_state(options_);
+  state["last_pruning_step"] = last_pruning_step_;
+  state["layers"] = layers();
   return state.dump();
 }
 
@@ -386,6 +438,15 @@ void MagnitudePruning::load_state(const std::string& text) {
     LOCKSTEP_CHECK(saved == layers(), "MagnitudePruning: the checkpoint's pruned layers (", saved.size(),
                    ") are not the ones this run selects (", layers_.size(),
                    "): resume with the same include/exclude patterns and granularity");
+    // Checkpoints written before the schedule was saved whole hold its steps only.
+    const nlohmann::json schedule = schedule_state(options_);
+    for (const auto& [key, value] : schedule.items()) {
+      LOCKSTEP_CHECK(!state.contains(key) || state.at(key) == value, "MagnitudePruning: the checkpoint was pruned ",
+                     "on another schedule: its ", key, " is ", state.at(key).dump(), ", this run's ", value.dump(),
+                     " (steps ", state.at("begin_step").dump(), "..", state.at("end_step").dump(), " there, ",
+                     options_.begin_step, "..", options_.end_step,
+                     " here). Resume with the schedule and epochs it was written with");
+    }
     last_pruning_step_ = last_pruning_step;  // only once the state is known to fit (a refusal changes nothing)
   } catch (const nlohmann::json::exception& e) {
     LOCKSTEP_FAIL("MagnitudePruning: the checkpoint's pruning state is not valid: ", e.what());

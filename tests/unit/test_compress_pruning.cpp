@@ -7,10 +7,14 @@
 
 #include <cmath>
 #include <filesystem>
+#include <memory>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "lockstep/compress/masks.hpp"
 #include "lockstep/compress/pruning.hpp"
+#include "lockstep/compress/quantization.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
@@ -91,6 +95,11 @@ TEST_CASE("pruning: invalid options are errors naming the option", "[compress]")
   o.n = 4;
   CHECK_THROWS_WITH(validate(o), Catch::Contains("1 <= n < m"));
   CHECK_THROWS_WITH(parse_prune_granularity("blocky"), Catch::Contains("unstructured, structured or n:m"));
+  o = PruningOptions{};
+  o.begin_step = 500;  // it was replaced by begin_epoch's 0 without a word
+  o.end_epoch = 10;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("pruning: begin_step (500) with a schedule in epochs (begin_epoch 0, "
+                                                 "end_epoch 10, which decide): epochs and steps do not mix"));
 }
 
 TEST_CASE("pruning: unstructured masks prune exactly the requested count, smallest first", "[compress]") {
@@ -405,4 +414,104 @@ TEST_CASE("pruning: a second fit() with the same callback keeps its masks, and N
   MagnitudePruning none(nm);
   CHECK_THROWS_WITH(none.on_setup(ctx), Catch::Contains("N:M (2:4) applies to none of the 2 selected weights") &&
                                             Catch::Contains("head_.weight: rows of 6 weights are not a multiple of M = 4"));
+}
+
+TEST_CASE("pruning: a schedule that would end after the run's last step is refused at setup, naming both",
+          "[compress]") {
+  auto [model, ctx] = underscores_in_context();
+  ctx.steps_per_epoch = 100;
+  ctx.total_steps = 300;  // 3 epochs: steps 0..299
+  PruningOptions o;
+  o.target_sparsity = 0.8;
+  o.end_epoch = 3;  // step 300: the last pruning step would be 200, at 77.04%
+  o.frequency = 100;
+  MagnitudePruning late(o);
+  CHECK_THROWS_WITH(late.on_setup(ctx), Catch::Contains("the schedule reaches its target sparsity 80.00% at step 300 "
+                                                        "(end_epoch 3), but the run's last step is 299 (3 epochs of "
+                                                        "100 steps), so the run would end at 77.04%"));
+  o.end_epoch = 2.99;  // step 299
+  MagnitudePruning in_time(o);
+  CHECK_NOTHROW(in_time.on_setup(ctx));
+  CHECK(in_time.options().end_step == 299);
+  CHECK(scheduled_sparsity(in_time.options(), 299) == 0.8);
+  PruningOptions one_shot;
+  one_shot.schedule = PruneSchedule::OneShot;
+  one_shot.begin_step = 300;  // it never pruned
+  MagnitudePruning never(one_shot);
+  auto [other_model, other_ctx] = underscores_in_context();
+  other_ctx.steps_per_epoch = 100;
+  other_ctx.total_steps = 300;
+  CHECK_THROWS_WITH(never.on_setup(other_ctx), Catch::Contains("at step 300, but the run's last step is 299") &&
+                                                   Catch::Contains("so the run would end at 0.00%"));
+}
+
+TEST_CASE("pruning: a resumed run on another schedule is refused, its state unchanged", "[compress]") {
+  auto [model, ctx] = underscores_in_context();
+  ctx.steps_per_epoch = 10;
+  ctx.total_steps = 30;
+  PruningOptions o;
+  o.target_sparsity = 0.5;
+  o.end_epoch = 2;
+  o.frequency = 5;
+  MagnitudePruning first(o);
+  first.on_setup(ctx);
+  const std::string saved = first.save_state();
+  model->unregister_module("pruning_masks");
+  o.target_sparsity = 0.6;
+  MagnitudePruning second(o);
+  second.on_setup(ctx);
+  CHECK_THROWS_WITH(second.load_state(saved), Catch::Contains("the checkpoint was pruned on another schedule: its "
+                                                              "target_sparsity is 0.5, this run's 0.6"));
+  model->unregister_module("pruning_masks");
+  o.target_sparsity = 0.5;
+  o.end_epoch = 2.5;
+  MagnitudePruning longer(o);
+  longer.on_setup(ctx);
+  CHECK_THROWS_WITH(longer.load_state(saved), Catch::Contains("its end_step is 20, this run's 25 (steps 0..20 there, "
+                                                              "0..25 here)"));
+  model->unregister_module("pruning_masks");
+  o.end_epoch = 2;
+  MagnitudePruning same(o);
+  same.on_setup(ctx);
+  CHECK_NOTHROW(same.load_state(saved));
+}
+
+namespace {
+struct EmptyHeadImpl : torch::nn::Module {
+  EmptyHeadImpl() : body(register_module("body", torch::nn::Linear(8, 4))), head(register_module("head", torch::nn::Linear(4, 0))) {}
+  torch::nn::Linear body, head;
+};
+TORCH_MODULE(EmptyHead);
+}  // namespace
+
+TEST_CASE("pruning: a weight with no elements is skipped with its reason, for every granularity", "[compress]") {
+  // Before: N:M and structured pruning divided by its zero output channels (SIGFPE).
+  for (const PruneGranularity granularity :
+       {PruneGranularity::Unstructured, PruneGranularity::Structured, PruneGranularity::NM}) {
+    EmptyHead model;
+    lockstep::train::TrainerContext ctx;
+    ctx.model = model.ptr().get();
+    PruningOptions o;
+    o.granularity = granularity;
+    if (granularity == PruneGranularity::NM) o.schedule = PruneSchedule::OneShot;
+    o.scope = granularity == PruneGranularity::NM ? PruneScope::Layer : PruneScope::Global;
+    MagnitudePruning pruning(o);
+    pruning.on_setup(ctx);
+    CHECK(pruning.layers() == std::vector<std::string>{"body.weight"});
+    REQUIRE(pruning.skipped().size() == 1);
+    CHECK(pruning.skipped()[0] == std::pair<std::string, std::string>{"head.weight", "it has no elements"});
+  }
+}
+
+TEST_CASE("pruning: added after quantization-aware training it is refused: it would rank int8 values", "[compress]") {
+  auto [model, ctx] = underscores_in_context();
+  auto qat = std::make_shared<QuantizationAwareTraining>(QuantizationOptions{});
+  auto pruning = std::make_shared<MagnitudePruning>(PruningOptions{});
+  const std::vector<lockstep::train::CallbackPtr> wrong{qat, pruning};
+  ctx.callbacks = &wrong;
+  CHECK_THROWS_WITH(pruning->on_setup(ctx), Catch::Contains("MagnitudePruning: add it before "
+                                                            "QuantizationAwareTraining"));
+  const std::vector<lockstep::train::CallbackPtr> right{pruning, qat};
+  ctx.callbacks = &right;
+  CHECK_NOTHROW(pruning->on_setup(ctx));
 }

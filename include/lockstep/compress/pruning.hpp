@@ -130,8 +130,6 @@ class MagnitudePruning final : public train::Callback {
   std::vector<std::shared_ptr<Layer>> layers_;
   std::vector<std::pair<std::string, std::string>> skipped_;
   torch::nn::Module* model_ = nullptr;
-  int64_t begin_step_ = 0;
-  int64_t end_step_ = 0;
   int64_t last_pruning_step_ = -1;
   double current_sparsity_ = 0.0;
   std::shared_ptr<torch::nn::Module> masks_;  // the "pruning_masks" child this callback registered

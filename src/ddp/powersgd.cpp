@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "lockstep/comm/agree.hpp"
@@ -184,17 +185,34 @@ std::int64_t compressed_rank(const std::vector<std::int64_t>& sizes, const Power
   return compressed < static_cast<double>(n) * static_cast<double>(m) ? r : 0;
 }
 
+namespace {
+double machine_epsilon(at::ScalarType type) {
+  switch (type) {
+    case at::kDouble: return std::numeric_limits<double>::epsilon();
+    case at::kHalf: return 9.765625e-4;     // 2^-10
+    case at::kBFloat16: return 7.8125e-3;   // 2^-7
+    default: return std::numeric_limits<float>::epsilon();
+  }
+}
+}  // namespace
+
 void orthogonalize_columns(const at::Tensor& matrix, double epsilon) {
   LOCKSTEP_CHECK(matrix.dim() == 2, "orthogonalize_columns expects a matrix, got a tensor of shape ", matrix.sizes());
   LOCKSTEP_CHECK(std::isfinite(epsilon) && epsilon >= 0.0, "orthogonalize_columns: epsilon must be >= 0, got ",
                  epsilon);
   const std::int64_t r = matrix.size(1);
+  // A column left with less than this share of its norm once the earlier columns' parts are removed
+  // lay in their span (a matrix of rank below r): what is left is rounding noise, which normalised
+  // would be a unit vector far from orthogonal to the earlier columns. sqrt(machine epsilon).
+  const double kept_share = std::sqrt(machine_epsilon(matrix.scalar_type()));
+  const at::Tensor floors = matrix.norm(2, {0}) * kept_share;
   for (std::int64_t i = 0; i < r; ++i) {
     at::Tensor column = matrix.narrow(1, i, 1);
-    // On the device, without reading the norm back: a zero column is divided by 1 and stays 0; a
-    // tiny one by its norm (|entries| <= norm, so nothing overflows).
+    // On the device, without reading the norm back: a column at or below its floor (a zero one
+    // included) is divided by infinity and becomes 0; a tiny one by its norm (|entries| <= norm, so
+    // nothing overflows).
     at::Tensor norm = column.norm();
-    column.div_(at::where(norm > 0, norm + epsilon, at::ones_like(norm)));
+    column.div_(at::where(norm > floors[i], norm + epsilon, at::full_like(norm, std::numeric_limits<double>::infinity())));
     if (i + 1 < r) {
       at::Tensor rest = matrix.narrow(1, i + 1, r - i - 1);
       rest.sub_(at::mm(column, at::mm(column.t(), rest)));

@@ -78,6 +78,27 @@ TEST_CASE("orthogonalize_columns keeps zero columns zero and divides by norm + e
   CHECK_THROWS_WITH(ddp::orthogonalize_columns(torch::zeros({3})), Contains("expects a matrix"));
 }
 
+TEST_CASE("orthogonalize_columns on a matrix of rank below its column count keeps P P^T M = M", "[ddp][powersgd]") {
+  // Rank 1 in float32: after column 0's part is removed, columns 1 and 2 are rounding noise. Before,
+  // each was normalised into a unit vector far from orthogonal to column 0, and P P^T M missed M.
+  torch::manual_seed(5);
+  const torch::Tensor u = torch::randn({40, 1});
+  const torch::Tensor m = u.mm(torch::randn({1, 3}));
+  torch::Tensor p = m.clone();
+  ddp::orthogonalize_columns(p);
+  CHECK(torch::allclose(p.select(1, 0).abs(), (u / u.norm()).squeeze(1).abs(), 1e-5, 1e-6));
+  CHECK(torch::equal(p.narrow(1, 1, 2), torch::zeros({40, 2})));
+  CHECK(torch::allclose(p.mm(p.t().mm(m)), m, 1e-4, 1e-5));
+  // Rank 2 of 3 columns in float64: the third column goes, the first two stay orthonormal.
+  const torch::Tensor a = torch::randn({30, 2}, torch::kFloat64);
+  torch::Tensor q = torch::cat({a, a.mm(torch::tensor({{2.0}, {-1.0}}, torch::kFloat64))}, 1);
+  const torch::Tensor original = q.clone();
+  ddp::orthogonalize_columns(q);
+  CHECK(torch::equal(q.select(1, 2), torch::zeros({30}, torch::kFloat64)));
+  CHECK(torch::allclose(q.narrow(1, 0, 2).t().mm(q.narrow(1, 0, 2)), torch::eye(2, torch::kFloat64), 1e-12, 1e-12));
+  CHECK(torch::allclose(q.mm(q.t().mm(original)), original, 1e-10, 1e-10));
+}
+
 TEST_CASE("compressed_rank: 1-D, empty and small matrices go uncompressed", "[ddp][powersgd]") {
   ddp::PowerSGDOptions o;                               // rank 1, min_compression_rate 2
   CHECK(ddp::compressed_rank({64, 32, 3, 3}, o) == 1);  // n 64, m 288: 704 < 18432

@@ -68,7 +68,9 @@ void validate(const PowerSGDOptions& options);
 std::int64_t compressed_rank(const std::vector<std::int64_t>& sizes, const PowerSGDOptions& options);
 
 // Orthonormalises the columns of the 2-D `matrix` in place by (modified) Gram-Schmidt, column 0
-// first. A column that is 0 after the earlier columns' parts are removed stays 0 (no NaN).
+// first. A column that is 0 after the earlier columns' parts are removed becomes 0 (no NaN), and so
+// does one left with at most sqrt(machine epsilon) of its norm: it lay in the earlier columns' span
+// (a matrix of rank below r), and its rounding noise, normalised, would not be orthogonal to them.
 void orthogonalize_columns(const at::Tensor& matrix, double epsilon = 0.0);
 
 // Counters over the buckets a PowerSGD state reduced. Bytes are those of the tensors handed to

@@ -11,6 +11,7 @@
 #include "core/exception_text.hpp"
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/runtime.hpp"
+#include "core/unique_tensors.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/core/world.hpp"
 #include "lockstep/data/augment.hpp"
@@ -113,6 +114,8 @@ std::shared_ptr<torch::optim::Optimizer> make_optimizer(const OptimizerConfig& c
     options.momentum(config.momentum).weight_decay(config.weight_decay).nesterov(config.nesterov);
     return std::make_unique<train::ForeachSGD>(std::move(params), options);
   };
+  // A tied weight is one parameter (Module::parameters() lists it once per name): one update.
+  parameters = detail::unique_tensors(std::move(parameters));
   if (!config.zero) return build(std::move(parameters));
   LOCKSTEP_CHECK(comm != nullptr, "config key 'optimizer.zero': a sharded optimizer needs the communicator "
                  "(make_optimizer(config, parameters, comm))");

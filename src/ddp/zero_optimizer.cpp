@@ -8,7 +8,9 @@
 #include <unordered_set>
 #include <utility>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/comm/work.hpp"
+#include "core/unique_tensors.hpp"
 #include "lockstep/core/error.hpp"
 
 // Note [ZeRO shards]
@@ -84,25 +86,25 @@ ZeroRedundancyOptimizer::Parts ZeroRedundancyOptimizer::make_parts(std::vector<a
                                                                    comm::CommunicatorPtr comm, const Factory& factory) {
   LOCKSTEP_CHECK(comm != nullptr, "ZeroRedundancyOptimizer needs a communicator");
   LOCKSTEP_CHECK(static_cast<bool>(factory), "ZeroRedundancyOptimizer needs a factory for the wrapped optimizer");
-  LOCKSTEP_CHECK(!parameters.empty(), "ZeroRedundancyOptimizer: no parameters");
   const int rank = comm->rank();
   // A tensor listed twice (tied weights) is one parameter: one owner, one update.
-  {
-    std::vector<at::Tensor> unique;
-    std::unordered_set<const void*> seen;
-    for (auto& p : parameters) {
-      if (!p.defined() || seen.insert(p.unsafeGetTensorImpl()).second) unique.push_back(std::move(p));
-    }
-    parameters = std::move(unique);
-  }
-  for (size_t i = 0; i < parameters.size(); ++i) {
-    const at::Tensor& p = parameters[i];
-    LOCKSTEP_CHECK(p.defined(), "ZeroRedundancyOptimizer: parameter ", i, " is undefined");
-    LOCKSTEP_CHECK(p.scalar_type() == parameters[0].scalar_type() && p.device() == parameters[0].device(),
-                   "ZeroRedundancyOptimizer needs one dtype and device for all parameters: parameter 0 is ",
-                   parameters[0].scalar_type(), " on ", parameters[0].device(), ", parameter ", i, " is ",
-                   p.scalar_type(), " on ", p.device());
-  }
+  parameters = detail::unique_tensors(std::move(parameters));
+  // Collective, as the all-gather below: a list one rank alone refuses fails every rank here, instead
+  // of leaving the others in the all-gather until the timeout.
+  comm::run_on_every_rank(
+      *comm,
+      [&parameters] {
+        LOCKSTEP_CHECK(!parameters.empty(), "ZeroRedundancyOptimizer: no parameters");
+        for (size_t i = 0; i < parameters.size(); ++i) {
+          const at::Tensor& p = parameters[i];
+          LOCKSTEP_CHECK(p.defined(), "ZeroRedundancyOptimizer: parameter ", i, " is undefined");
+          LOCKSTEP_CHECK(p.scalar_type() == parameters[0].scalar_type() && p.device() == parameters[0].device(),
+                         "ZeroRedundancyOptimizer needs one dtype and device for all parameters: parameter 0 is ",
+                         parameters[0].scalar_type(), " on ", parameters[0].device(), ", parameter ", i, " is ",
+                         p.scalar_type(), " on ", p.device());
+        }
+      },
+      "ZeroRedundancyOptimizer");
   // Collective: the partition is derived locally, so the ranks must hold the same list.
   int64_t total = 0;
   for (const auto& p : parameters) total += p.numel();
@@ -165,6 +167,12 @@ ZeroRedundancyOptimizer::~ZeroRedundancyOptimizer() = default;
 
 at::Tensor ZeroRedundancyOptimizer::step(LossClosure closure) {
   LOCKSTEP_CHECK(!closure, "ZeroRedundancyOptimizer::step does not take a closure (rank ", comm_->rank(), ")");
+  // Only the one group over every parameter is sharded: one added since (add_param_group) would be
+  // stepped by no rank.
+  LOCKSTEP_CHECK(param_groups_.size() == 1 && param_groups_[0].params().size() == all_.size(),
+                 "ZeroRedundancyOptimizer: it shards the one parameter group it was built with (", all_.size(),
+                 " parameters); it now has ", param_groups_.size(), " group(s) (add_param_group?), whose ",
+                 "parameters no rank would step. Build it over every parameter instead (rank ", comm_->rank(), ")");
   // The options a trainer or user set on this optimizer's group (lr, weight decay...) go to the wrapped one.
   local_->param_groups()[0].set_options(param_groups_[0].options().clone());
   {

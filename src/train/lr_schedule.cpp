@@ -25,6 +25,25 @@ std::string to_string(LrScheduleKind kind) {
   return "?";
 }
 
+void check_lr_schedule(const LrScheduleOptions& options, double base_lr, int world_size) {
+  const auto non_negative = [](double value, const char* field) {
+    LOCKSTEP_CHECK(std::isfinite(value) && value >= 0, "TrainerOptions::lr.", field,
+                   " must be a finite number >= 0, got ", value);
+  };
+  non_negative(options.base_lr, "base_lr (0: the optimizer's lr)");
+  non_negative(options.warmup_epochs, "warmup_epochs");
+  non_negative(options.min_lr, "min_lr");
+  LOCKSTEP_CHECK(options.warmup_steps >= 0, "TrainerOptions::lr.warmup_steps must be >= 0, got ",
+                 options.warmup_steps);
+  LOCKSTEP_CHECK(options.step_size >= 1, "TrainerOptions::lr.step_size must be >= 1, got ", options.step_size);
+  LOCKSTEP_CHECK(std::isfinite(options.gamma) && options.gamma > 0 && options.gamma <= 1,
+                 "TrainerOptions::lr.gamma must be in (0, 1], got ", options.gamma);
+  const double peak = base_lr * (options.scale_lr_with_world_size ? world_size : 1);
+  LOCKSTEP_CHECK(options.kind != LrScheduleKind::Cosine || options.min_lr <= peak, "TrainerOptions::lr.min_lr ",
+                 options.min_lr, " is above the cosine schedule's peak ", peak,
+                 ": the schedule would rise instead of decaying");
+}
+
 double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps,
              int world_size) {
   LOCKSTEP_CHECK(steps_per_epoch > 0, "lr_at: steps_per_epoch must be positive, got ", steps_per_epoch);

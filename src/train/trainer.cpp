@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 #include <sstream>
+#include <unordered_set>
 
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/comm/stop_vote.hpp"
@@ -26,6 +27,7 @@
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
 #include "core/exception_text.hpp"
+#include "core/unique_tensors.hpp"
 #include "train/epoch_totals.hpp"
 
 namespace lockstep::train {
@@ -129,7 +131,26 @@ void DistributedTrainer::set_up() {
   LOCKSTEP_CHECK(options_.clip_grad_norm >= 0 && std::isfinite(options_.clip_grad_norm),
                  "TrainerOptions::clip_grad_norm must be >= 0 (0 = off), got ", options_.clip_grad_norm);
   LOCKSTEP_CHECK(!optimizer_->param_groups().empty(), "DistributedTrainer: the optimizer has no parameter groups");
+  parameters_ = detail::unique_tensors(model_->parameters());
+  {
+    // A tensor the optimizer holds twice (model->parameters() of a model with tied weights) would be
+    // stepped twice per step.
+    std::unordered_set<const void*> held;
+    for (const auto& group : optimizer_->param_groups()) {
+      for (const at::Tensor& p : group.params()) {
+        if (held.insert(p.unsafeGetTensorImpl()).second) continue;
+        std::string names;
+        for (const auto& item : model_->named_parameters()) {
+          if (item.value().is_same(p)) names += (names.empty() ? "'" : ", '") + item.key() + "'";
+        }
+        LOCKSTEP_FAIL("DistributedTrainer: the optimizer holds a parameter twice (", names.empty() ? "not the model's" : names,
+                      "): it would step it twice per step. Module::parameters() lists a tied weight once per "
+                      "name; give the optimizer each tensor once");
+      }
+    }
+  }
   base_lr_ = options_.lr.base_lr > 0 ? options_.lr.base_lr : optimizer_->param_groups().front().options().get_lr();
+  check_lr_schedule(options_.lr, base_lr_, comm_->size());
   {
     const double first = optimizer_->param_groups().front().options().get_lr();
     for (auto& group : optimizer_->param_groups()) {
@@ -474,6 +495,11 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   // Note [A callback's stop]: one set in on_setup or on_train_begin (EarlyStopping resuming a run it
   // ended) stops every rank before the first epoch. Signals wait for the first step's votes.
   take_callback_votes(ctx);
+  // A run resumed at or past stop_after_steps (the same command again) takes no step; every rank
+  // resumed from the same checkpoint, so every rank stops here.
+  if (!stop_agreed_ && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
+    agree_stop(ctx, "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")");
+  }
 
   std::map<std::string, double> last;
   for (int64_t epoch = first_epoch; epoch < options_.epochs && !ctx.stop_requested; ++epoch) {
@@ -578,11 +604,12 @@ void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
 
 // Note [Accumulation]: a step of k micro-batches runs the first k - 1 backward passes under no_sync
 // (gradients accumulate locally, no communication) and the last one synchronised, which reduces the
-// accumulated sum. Each micro-batch's mean loss is divided by the step's micro-batch count, so with
-// equal micro-batches the step's gradient is the mean over all its samples: the same step as one
-// micro-batch of k x batch_size (tested). An epoch's last step takes the micro-batches that are left,
-// and divides by their count. Every rank has the same number of batches per epoch, so every rank
-// splits the epoch into the same steps.
+// accumulated sum. Each micro-batch's mean loss is weighted by its share of the step's samples
+// (divided by the step's micro-batch count when they are equal), so the step's gradient is the mean
+// over all its samples: the same step as one batch of k x batch_size (tested). An epoch's last step
+// takes the micro-batches that are left, the last of them perhaps short: weighted by their count, a
+// short one's samples would weigh more than the others'. Every rank has the same number of samples
+// per epoch (the sampler pads), so every rank splits the epoch into the same steps and weights.
 void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed) {
   // Note [No host sync per step]: the loss, the metrics' sums and the clipped steps' gradient norms
   // stay on the device and are read once, at the end of the epoch (or when a checkpoint is written).
@@ -602,8 +629,14 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   const auto batches = static_cast<int64_t>(loader.batches_per_epoch());
   // Micro-batches consumed this epoch: a resumed epoch continues where its checkpoint was written.
   int64_t micro = resumed ? loader.state().position / static_cast<int64_t>(options_.batch_size) : 0;
+  // Samples in micro-batch b of this rank's epoch, from the loader's plan (the last one may be short).
+  const auto batch_size = static_cast<int64_t>(options_.batch_size);
+  const auto per_rank = static_cast<int64_t>(loader.sampler()->per_rank());
+  const auto micro_samples = [&](int64_t b) { return std::min(batch_size, per_rank - b * batch_size); };
   while (auto batch = loader.next()) {
     const int64_t in_step = std::min(k, batches - micro);
+    int64_t planned = 0;  // the step's samples
+    for (int64_t m = 0; m < in_step; ++m) planned += micro_samples(micro + m);
     ctx.batch = to_device(std::move(*batch), device_);  // Note [Batches to the device]
     ctx.output = at::Tensor();
     ctx.loss = at::Tensor();
@@ -629,7 +662,9 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
       dp_->before_forward();
       forward_and_loss(ctx);
       dp_->before_backward();
-      const at::Tensor loss = in_step > 1 ? ctx.loss / static_cast<double>(in_step) : ctx.loss;
+      // Note [Accumulation]: exactly in_step when the micro-batches are equal.
+      const double share = static_cast<double>(planned) / static_cast<double>(micro_samples(micro - 1));
+      const at::Tensor loss = in_step > 1 ? ctx.loss / share : ctx.loss;
       // Backward runs outside autocast (its ops follow the forward's dtypes), as PyTorch advises.
       if (scaler_) {
         scaler_->scale(loss).backward();
@@ -648,14 +683,14 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
       sums[kComm] += t.communication_s;
       sums[kExposed] += t.exposed_communication_s;
     }
-    ctx.loss = step_loss;  // the mean over the step's micro-batches
+    ctx.loss = step_loss;  // the mean over the step's samples
     // The gradients are averaged over ranks by now; callbacks see them unscaled.
-    if (scaler_) ctx.step_skipped = scaler_->unscale(model_->parameters(), *comm_);
+    if (scaler_) ctx.step_skipped = scaler_->unscale(parameters_, *comm_);
     for (auto& cb : callbacks_) cb->on_after_backward(ctx);
     if (options_.clip_grad_norm > 0 && !ctx.step_skipped) {
       // Every rank holds the same averaged gradients, so every rank computes the same norm. It stays on
       // the device (Note [No host sync per step]).
-      totals_->add_grad_norm(clip_grad_norm(model_->parameters(), options_.clip_grad_norm));
+      totals_->add_grad_norm(clip_grad_norm(parameters_, options_.clip_grad_norm));
       sums[kClipped] += 1;
     }
     if (!ctx.step_skipped) optimizer_->step();

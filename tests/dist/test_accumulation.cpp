@@ -94,22 +94,27 @@ bool close_states(const std::vector<at::Tensor>& a, const std::vector<at::Tensor
 TEST_CASE("trainer: accumulating 3 micro-batches of 2 trains as batches of 6, short last step included",
           "[train]") {
   // 14 samples per rank and epoch: micro-batches 2,2,2 | 2,2,2 | 2 against batches 6 | 6 | 2.
-  const Run accumulated = train(/*batch_size=*/2, /*accumulation=*/3, /*samples_per_rank=*/14);
-  const Run whole = train(/*batch_size=*/6, /*accumulation=*/1, /*samples_per_rank=*/14);
-  CHECK(close_states(accumulated.state, whole.state, 1e-5));
-  CHECK(accumulated.recorder->steps == whole.recorder->steps);  // 3 steps per epoch, global_step 1..6
-  CHECK(accumulated.recorder->steps.size() == 6);
-  CHECK(accumulated.recorder->batch_begins == 6);
-  CHECK(accumulated.recorder->after_backwards == 6);
-  CHECK(accumulated.recorder->samples == std::vector<int64_t>{6, 6, 2, 6, 6, 2});
-  for (std::size_t i = 0; i < whole.recorder->losses.size(); ++i) {
-    INFO("step " << i);
-    CHECK(accumulated.recorder->losses[i] == Approx(whole.recorder->losses[i]).epsilon(1e-5));
+  // 15: 2,2,2 | 2,2,2 | 2,1 against 6 | 6 | 3, where the short micro-batch's samples must not weigh more.
+  for (const int64_t per_rank : {14, 15}) {
+    INFO(per_rank << " samples per rank");
+    const Run accumulated = train(/*batch_size=*/2, /*accumulation=*/3, per_rank);
+    const Run whole = train(/*batch_size=*/6, /*accumulation=*/1, per_rank);
+    CHECK(close_states(accumulated.state, whole.state, 1e-5));
+    CHECK(accumulated.recorder->steps == whole.recorder->steps);  // 3 steps per epoch, global_step 1..6
+    CHECK(accumulated.recorder->steps.size() == 6);
+    CHECK(accumulated.recorder->batch_begins == 6);
+    CHECK(accumulated.recorder->after_backwards == 6);
+    const int64_t last = per_rank - 12;
+    CHECK(accumulated.recorder->samples == std::vector<int64_t>{6, 6, last, 6, 6, last});
+    for (std::size_t i = 0; i < whole.recorder->losses.size(); ++i) {
+      INFO("step " << i);
+      CHECK(accumulated.recorder->losses[i] == Approx(whole.recorder->losses[i]).epsilon(1e-5));
+    }
+    CHECK(accumulated.metrics.at("train_loss") == Approx(whole.metrics.at("train_loss")).epsilon(1e-5));
+    CHECK(accumulated.metrics.at("train_count") == whole.metrics.at("train_count"));
+    // Only each step's last backward communicates (no_sync before it): the same collectives as batches of 6.
+    CHECK(accumulated.collectives == whole.collectives);
   }
-  CHECK(accumulated.metrics.at("train_loss") == Approx(whole.metrics.at("train_loss")).epsilon(1e-5));
-  CHECK(accumulated.metrics.at("train_count") == whole.metrics.at("train_count"));
-  // Only each step's last backward communicates (no_sync before it): the same collectives as batches of 6.
-  CHECK(accumulated.collectives == whole.collectives);
 }
 
 TEST_CASE("trainer: a run with accumulation stopped and resumed is bitwise the uninterrupted one", "[train]") {

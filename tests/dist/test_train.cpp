@@ -1035,6 +1035,16 @@ TEST_CASE("trainer: the same command after the run completed trains nothing and 
   CHECK(first_step == 3);  // after epoch 1's 3 steps (12 samples a rank, batches of 4)
 }
 
+TEST_CASE("trainer: the same command with stop_after_steps, resumed at that step, takes no step", "[train]") {
+  const std::string dir = shared_dir("stop_again");
+  const RunResult stopped = resumable_run(dir, 5, "auto");
+  CHECK(stopped.first_step == 0);
+  const RunResult again = resumable_run(dir, 5, "auto");  // before: it trained step 6, and 7 the next time
+  CHECK(again.first_step == -1);
+  CHECK(bitwise_equal(stopped.state, again.state));
+  CHECK(resumable_run(dir, 7, "auto").first_step == 5);  // a later limit goes on from the checkpoint
+}
+
 TEST_CASE("trainer: resuming from an older checkpoint rewrites metrics.jsonl from that epoch on, one line each",
           "[train]") {
   const std::string dir = shared_dir("older");

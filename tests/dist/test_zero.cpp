@@ -6,8 +6,10 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "lockstep/config/config.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -250,4 +252,65 @@ TEST_CASE("ZeRO in the trainer with channels_last: the gathered weights land in 
   const auto plain = run(false);
   const auto sharded = run(true);
   CHECK(bitwise_equal(sharded, plain));
+}
+
+namespace {
+// One Linear registered under two names: Module::parameters() lists its weight and bias twice.
+struct TiedImpl : torch::nn::Module {
+  TiedImpl() {
+    a = register_module("a", torch::nn::Linear(4, 4));
+    b = register_module("b", a);
+    head = register_module("head", torch::nn::Linear(4, 4));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return head(b(torch::tanh(a(x.flatten(1).narrow(1, 0, 4))))); }
+  torch::nn::Linear a{nullptr}, b{nullptr}, head{nullptr};
+};
+TORCH_MODULE(Tied);
+}  // namespace
+
+TEST_CASE("trainer with tied weights: make_optimizer steps a tied tensor once, sharded or not; an optimizer "
+          "holding it twice is refused",
+          "[zero]") {
+  auto run = [](bool zero) {
+    torch::manual_seed(33);
+    Tied model;
+    REQUIRE(model->parameters().size() == 6);  // a's two tensors listed twice
+    lockstep::config::OptimizerConfig config;  // SGD with momentum and weight decay
+    config.zero = zero;
+    const auto opt = lockstep::config::make_optimizer(config, model->parameters(), comm_ptr());
+    lockstep::train::TrainerOptions o = lockstep::testing::quiet_trainer(1, 4);
+    o.clip_grad_norm = 1e6;  // clips nothing, reports the norm: each tensor counted once
+    lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    const auto metrics = trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 3), nullptr);
+    return std::make_pair(lockstep::testing::state_of(*model), metrics.at("grad_norm"));
+  };
+  // Before: the unsharded optimizer stepped a.weight and a.bias twice a step; ZeRO, once.
+  const auto [plain, plain_norm] = run(false);
+  const auto [sharded, sharded_norm] = run(true);
+  CHECK(bitwise_equal(plain, sharded));
+  CHECK(plain_norm == sharded_norm);
+
+  Tied model;
+  auto twice = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+  CHECK_THROWS_WITH(lockstep::train::DistributedTrainer(model, twice, comm_ptr(), lockstep::testing::quiet_trainer(1, 4)),
+                    Contains("the optimizer holds a parameter twice ('a.weight', 'b.weight'): it would step it twice"));
+}
+
+TEST_CASE("ZeRO: a parameter list one rank alone refuses fails every rank at construction; a group added later is "
+          "refused at the step",
+          "[zero]") {
+  // Before, the last rank raised before the constructor's all-gather and the others waited in it.
+  torch::nn::Linear layer(3, 2);
+  const bool odd = comm().rank() == comm().size() - 1;
+  std::vector<at::Tensor> parameters = {layer->weight, odd ? layer->bias.to(torch::kFloat64) : layer->bias};
+  CHECK_THROWS_WITH(ZeroRedundancyOptimizer(parameters, comm_ptr(), sgd_factory()),
+                    Contains("needs one dtype and device for all parameters: parameter 0 is Float on cpu, parameter 1 "
+                             "is Double on cpu"));
+  CHECK(lockstep::testing::communicator_healthy());
+
+  ZeroRedundancyOptimizer sharded(layer->parameters(), comm_ptr(), sgd_factory());
+  torch::nn::Linear head(2, 2);
+  sharded.add_param_group(torch::optim::OptimizerParamGroup(head->parameters()));
+  CHECK_THROWS_WITH(sharded.step(), Contains("it shards the one parameter group it was built with (2 parameters); it "
+                                             "now has 2 group(s) (add_param_group?)"));
 }

@@ -3,6 +3,11 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 #include <unistd.h>
 
 #include "lockstep/core/error.hpp"
@@ -73,6 +78,39 @@ TEST_CASE("lr schedule: cosine after warm-up", "[train][lr]") {
   CHECK(lr_at(o, 4, 10, 100, 1) == Approx(0.05));
   CHECK(lr_at(o, 10, 10, 100, 1) == Approx(0.1));
   CHECK(lr_at(o, 55, 10, 100, 1) == Approx(0.01 + 0.09 * 0.5));
+}
+
+TEST_CASE("lr schedule: options no schedule can follow are refused, naming the field", "[train][lr]") {
+  using lockstep::train::check_lr_schedule;
+  const LrScheduleOptions good;
+  CHECK_NOTHROW(check_lr_schedule(good, 0.1, 4));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const std::vector<std::pair<std::function<void(LrScheduleOptions&)>, std::string>> bad = {
+      {[&](LrScheduleOptions& o) { o.base_lr = nan; }, "lr.base_lr (0: the optimizer's lr) must be a finite number >= 0, got nan"},
+      {[](LrScheduleOptions& o) { o.base_lr = -0.1; }, "lr.base_lr (0: the optimizer's lr) must be a finite number >= 0, got -0.1"},
+      {[](LrScheduleOptions& o) { o.warmup_epochs = -1; }, "lr.warmup_epochs must be a finite number >= 0, got -1"},
+      {[](LrScheduleOptions& o) { o.warmup_steps = -3; }, "lr.warmup_steps must be >= 0, got -3"},
+      {[](LrScheduleOptions& o) { o.step_size = 0; }, "lr.step_size must be >= 1, got 0"},
+      {[](LrScheduleOptions& o) { o.gamma = -0.5; }, "lr.gamma must be in (0, 1], got -0.5"},
+      {[&](LrScheduleOptions& o) { o.gamma = nan; }, "lr.gamma must be in (0, 1], got nan"},
+      {[](LrScheduleOptions& o) { o.min_lr = -1e-3; }, "lr.min_lr must be a finite number >= 0, got -0.001"},
+      {[](LrScheduleOptions& o) {
+         o.kind = LrScheduleKind::Cosine;
+         o.min_lr = 0.5;
+       },
+       "lr.min_lr 0.5 is above the cosine schedule's peak 0.1"},
+  };
+  for (const auto& [spoil, message] : bad) {
+    LrScheduleOptions o;
+    spoil(o);
+    INFO(message);
+    CHECK_THROWS_WITH(check_lr_schedule(o, 0.1, 4), Catch::Contains("TrainerOptions::" + message));
+  }
+  LrScheduleOptions scaled;  // the peak is base_lr x world size: 0.4 at 4 ranks
+  scaled.kind = LrScheduleKind::Cosine;
+  scaled.min_lr = 0.3;
+  scaled.scale_lr_with_world_size = true;
+  CHECK_NOTHROW(check_lr_schedule(scaled, 0.1, 4));
 }
 
 TEST_CASE("lr schedule: names", "[train][lr]") {

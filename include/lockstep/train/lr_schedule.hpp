@@ -31,6 +31,12 @@ struct LrScheduleOptions {
   bool scale_lr_with_world_size = false;
 };
 
+// Throws, naming the field (as TrainerOptions::lr.<field>), for options no schedule can follow: a
+// negative or non-finite base_lr, warm-up or min_lr, a step_size below 1, a gamma outside (0, 1], or a
+// cosine min_lr above its peak. `base_lr`: the resolved base (options.base_lr, or the optimizer's lr
+// where that is 0).
+void check_lr_schedule(const LrScheduleOptions& options, double base_lr, int world_size);
+
 // The learning rate for global step `step` (0-based) of a run of `total_steps` steps with
 // `steps_per_epoch` steps per epoch on `world_size` ranks. `base_lr` must already be resolved (> 0 or 0).
 double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps,

@@ -56,8 +56,8 @@ struct TrainerOptions {
   size_t batch_size = 32;        // per rank and micro-batch; a step's global batch is
                                  // batch_size * accumulation_steps * world size
   // Gradient accumulation: each optimizer step runs this many micro-batches of batch_size per rank,
-  // the first ones under DataParallel::no_sync (no communication), each loss divided by the step's
-  // micro-batch count, so a step's gradient is the mean over all its samples (Note [Accumulation]).
+  // the first ones under DataParallel::no_sync (no communication), each loss weighted by its share of
+  // the step's samples, so a step's gradient is the mean over all its samples (Note [Accumulation]).
   // Callback events and global_step count optimizer steps, not micro-batches.
   int64_t accumulation_steps = 1;
   // Clip the gradients' global L2 norm to this (0 = off), after on_after_backward and before the
@@ -215,6 +215,9 @@ class DistributedTrainer {
   std::vector<CallbackPtr> user_callbacks_;
   std::vector<CallbackPtr> callbacks_;  // built-ins + user's, in event order (set by fit)
   double base_lr_ = 0.0;
+  // The model's parameters, each tensor once (Module::parameters() lists a tied weight once per name):
+  // what the gradient scaler unscales and clipping measures.
+  std::vector<at::Tensor> parameters_;
   // Each parameter group's lr at construction over the first group's: the schedule sets the first
   // group's lr and the others keep their proportion (a backbone at 1/100 of the head's lr stays so).
   std::vector<double> lr_ratios_;

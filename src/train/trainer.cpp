@@ -366,6 +366,12 @@ void DistributedTrainer::agree_stop(TrainerContext& ctx, const std::string& reas
   stop_agreed_ = true;
 }
 
+void DistributedTrainer::stop_at_step_limit(TrainerContext& ctx) {
+  if (!stop_agreed_ && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
+    agree_stop(ctx, "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")");
+  }
+}
+
 void DistributedTrainer::set_lr(double lr) {
   auto& groups = optimizer_->param_groups();
   for (std::size_t i = 0; i < groups.size(); ++i) {
@@ -495,11 +501,8 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   // Note [A callback's stop]: one set in on_setup or on_train_begin (EarlyStopping resuming a run it
   // ended) stops every rank before the first epoch. Signals wait for the first step's votes.
   take_callback_votes(ctx);
-  // A run resumed at or past stop_after_steps (the same command again) takes no step; every rank
-  // resumed from the same checkpoint, so every rank stops here.
-  if (!stop_agreed_ && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
-    agree_stop(ctx, "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")");
-  }
+  // A run resumed at or past stop_after_steps (the same command again) takes no step.
+  stop_at_step_limit(ctx);
 
   std::map<std::string, double> last;
   for (int64_t epoch = first_epoch; epoch < options_.epochs && !ctx.stop_requested; ++epoch) {
@@ -701,9 +704,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     for (auto& cb : callbacks_) cb->on_step_end(ctx);
     ++ctx.batch_in_epoch;
     take_stop_votes(ctx, stop_vote_->post(stop_code(ctx)));  // Note [Stop on signal]
-    if (!stop_agreed_ && options_.stop_after_steps > 0 && ctx.global_step >= options_.stop_after_steps) {
-      agree_stop(ctx, "stop_after_steps (" + std::to_string(options_.stop_after_steps) + ")");
-    }
+    stop_at_step_limit(ctx);
     if (ctx.stop_requested) break;
   }
   // Note [Stop at epoch ends]: the votes of the epoch's last steps, before its evaluation.

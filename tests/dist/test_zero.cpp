@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <memory>
 #include <string>
 #include <utility>
@@ -12,6 +13,7 @@
 #include "lockstep/config/config.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/zero_optimizer.hpp"
+#include "lockstep/train/callback.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
@@ -266,6 +268,22 @@ struct TiedImpl : torch::nn::Module {
   torch::nn::Linear a{nullptr}, b{nullptr}, head{nullptr};
 };
 TORCH_MODULE(Tied);
+
+// The mean over the epoch's steps of the gradient norm, each tensor counted once, the long way.
+struct UniqueNorms : lockstep::train::Callback {
+  void on_after_backward(lockstep::train::TrainerContext& ctx) override {
+    double squared = 0;
+    for (const at::Tensor& p : {model->a->weight, model->a->bias, model->head->weight, model->head->bias}) {
+      squared += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+    }
+    sum += std::sqrt(squared);
+    ++steps;
+  }
+  explicit UniqueNorms(Tied tied) : model(std::move(tied)) {}
+  Tied model;
+  double sum = 0;
+  int steps = 0;
+};
 }  // namespace
 
 TEST_CASE("trainer with tied weights: make_optimizer steps a tied tensor once, sharded or not; an optimizer "
@@ -281,7 +299,10 @@ TEST_CASE("trainer with tied weights: make_optimizer steps a tied tensor once, s
     lockstep::train::TrainerOptions o = lockstep::testing::quiet_trainer(1, 4);
     o.clip_grad_norm = 1e6;  // clips nothing, reports the norm: each tensor counted once
     lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    auto norms = std::make_shared<UniqueNorms>(model);
+    trainer.add_callback(norms);
     const auto metrics = trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 3), nullptr);
+    CHECK(metrics.at("grad_norm") == Approx(norms->sum / norms->steps).epsilon(1e-5));  // not a.* twice
     return std::make_pair(lockstep::testing::state_of(*model), metrics.at("grad_norm"));
   };
   // Before: the unsharded optimizer stepped a.weight and a.bias twice a step; ZeRO, once.

@@ -196,6 +196,8 @@ class DistributedTrainer {
   void take_stop_votes(TrainerContext& ctx, const std::vector<std::int32_t>& codes, bool callbacks_only = false);
   // Every rank stops, for `reason` (the same on every rank): what a vote or stop_after_steps decided.
   void agree_stop(TrainerContext& ctx, const std::string& reason);
+  // stop_after_steps: every rank stops once ctx.global_step reaches it (the same on every rank).
+  void stop_at_step_limit(TrainerContext& ctx);
   void set_lr(double lr);
   // `metrics_failure`: why build_metrics failed on this rank ("" if it did not).
   void check_ranks_agree(const data::Dataset& train_set, const data::Dataset* eval_set,

@@ -139,7 +139,9 @@ void QuantizationAwareTraining::on_train_begin(train::TrainerContext& ctx) {
                  " (", ctx.steps_per_epoch, " steps per epoch)");
   // The Checkpointer (first in event order) may have restored the ranges just now.
   for (auto& point : points_) point.second->sync_from_buffers();
-  set_step_state(ctx.global_step);
+  // The state of the last step taken: a run resumed at an epoch's end evaluates that epoch next, as
+  // the run that never stopped did after that step (each step's own state is set in on_batch_begin).
+  set_step_state(ctx.global_step - 1);
 }
 
 void QuantizationAwareTraining::set_step_state(int64_t step) {

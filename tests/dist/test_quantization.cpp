@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -228,6 +229,39 @@ TEST_CASE("quantization: stop and resume keeps the ranges and the schedule, bitw
     for (size_t i = 0; equal && i < full.size(); ++i) equal = equal && torch::equal(full[i], resumed[i]);
     CHECK(equal);
   }
+}
+
+TEST_CASE("quantization: a run resumed at an epoch's end evaluates that epoch as the uninterrupted run did", "[quant]") {
+  // Quantization begins with epoch 2 (step 3). A run stopped after step 3, epoch 1's last, evaluates
+  // epoch 1 when resumed: before, it did so with int8 weights (the state of step 3, not 2).
+  struct EpochMetrics : Callback {
+    std::map<int64_t, std::map<std::string, double>> by_epoch;
+    void on_epoch_end(TrainerContext& ctx) override { by_epoch[ctx.epoch] = ctx.metrics; }
+  };
+  auto run = [](const std::string& dir, int64_t stop_after, const std::string& resume) {
+    torch::manual_seed(32 + comm().rank());
+    SmallConvNet model(/*batch_norm=*/true, /*quantize_activations=*/true);
+    TrainerOptions t = lockstep::testing::resumable(options(2), dir, stop_after, resume);
+    DistributedTrainer trainer(model, sgd(*model, 0.9), comm_ptr(), t);
+    QuantizationOptions o = quiet_quant();
+    o.begin_step = 3;
+    trainer.add_callback(std::make_shared<QuantizationAwareTraining>(o));
+    auto metrics = std::make_shared<EpochMetrics>();
+    trainer.add_callback(metrics);
+    trainer.fit(images(12 * comm().size(), 3), images(16, 5));  // 3 steps per epoch
+    return metrics->by_epoch;
+  };
+  const auto full = run(lockstep::testing::shared_temp_dir("quant_epoch_full"), 0, "never");
+  const std::string dir = lockstep::testing::shared_temp_dir("quant_epoch_stop3");
+  CHECK(run(dir, 3, "auto").empty());  // stopped before epoch 1's evaluation
+  const auto resumed = run(dir, 0, "auto");
+  REQUIRE(full.count(0) == 1);
+  REQUIRE(resumed.count(0) == 1);
+  CHECK(full.at(0).at("quant_active") == 0.0);
+  CHECK(resumed.at(0).at("quant_active") == 0.0);
+  CHECK(resumed.at(0).at("test_acc") == full.at(0).at("test_acc"));
+  CHECK(resumed.at(0).at("test_loss") == full.at(0).at("test_loss"));
+  CHECK(resumed.at(1).at("quant_active") == 1.0);
 }
 
 TEST_CASE("quantization: ranks whose activation ranges differ get an error naming the point", "[quant]") {

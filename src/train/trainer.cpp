@@ -712,6 +712,18 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
 }
 
 std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPtr& eval_set) {
+  LOCKSTEP_CHECK(eval_set != nullptr, "DistributedTrainer::evaluate: the data set is null");
+  // Inside fit() check_ranks_agree compared these. Each rank cuts its shard by its own set's size, and
+  // the sums' sizes follow the classes and metrics: sets of other sizes would mix their samples
+  // silently, other classes or metrics would meet in an all-reduce of other sizes.
+  std::string metrics;
+  for (const auto& name : options_.metrics) metrics += (metrics.empty() ? "" : ", ") + name;
+  comm::check_same_values(*comm_,
+                          {{"the evaluation set size", std::to_string(eval_set->size())},
+                           {"the number of classes", std::to_string(eval_set->num_classes())},
+                           {"the metrics", metrics.empty() ? "none" : metrics},
+                           {"the metrics of the program's own", std::to_string(options_.custom_metrics.size())}},
+                          "DistributedTrainer::evaluate", "Every rank must evaluate the same data set.");
   return run_evaluation(eval_set, nullptr, nullptr);
 }
 

@@ -139,6 +139,33 @@ TEST_CASE("trainer: regression with built-in loss and metrics is exact over rank
   // The evaluation on its own gives the same.
   const auto evaluated = trainer.evaluate(test_set);
   CHECK(evaluated.at("test_mse") == metrics.at("test_mse"));
+  // On its own, with a set of another size on the last rank: an error on every rank, not a mix.
+  const auto other = comm().rank() == world - 1 ? std::make_shared<RegressionSet>(12, 0.25) : test_set;
+  CHECK_THROWS_WITH(trainer.evaluate(other), Catch::Contains("DistributedTrainer::evaluate: the ranks disagree on the "
+                                                             "evaluation set size: 11 on ") &&
+                                                 Catch::Contains("12 on rank " + std::to_string(world - 1)));
+}
+
+TEST_CASE("trainer: a training set that does not divide by the world size is padded, and drop_last_batch drops "
+          "each rank's short batch",
+          "[train]") {
+  // 10 samples: 5 per rank at 2 ranks, 4 at 3 (two of them repeats, trained on as PyTorch's
+  // DistributedSampler does); batches of 3 leave a short one on every rank.
+  const int world = comm().size();
+  const int64_t per_rank = (10 + world - 1) / world;
+  for (const bool drop : {false, true}) {
+    INFO("drop_last_batch " << drop);
+    FixedRegressor model;
+    TrainerOptions o = quiet(3);
+    o.loss.name = "mse";
+    o.metrics = {"mse"};
+    o.drop_last_batch = drop;
+    DistributedTrainer trainer(model, frozen(*model), comm_ptr(), o);
+    const auto metrics = trainer.fit(std::make_shared<RegressionSet>(10, 0.0), nullptr);
+    const int64_t steps = drop ? per_rank / 3 : (per_rank + 2) / 3;
+    CHECK(metrics.at("step") == static_cast<double>(steps));
+    CHECK(metrics.at("train_count") == static_cast<double>((drop ? per_rank / 3 * 3 : per_rank) * world));
+  }
 }
 
 TEST_CASE("trainer: a loss function and a metric of the program's own", "[train]") {

@@ -43,8 +43,8 @@ Example Augment::get_batch(const std::vector<int64_t>& indices) const {
   const float* in = input.data_ptr<float>();
   float* out = output.data_ptr<float>();
   for (int64_t b = 0; b < batch; ++b) {
-    detail::SplitMix64 rng(
-        detail::stream_seed(options_.seed, static_cast<uint64_t>(epoch_), static_cast<uint64_t>(indices[b])));
+    detail::SplitMix64 rng(detail::stream_seed(detail::Domain::Augment, options_.seed, static_cast<uint64_t>(epoch_),
+                                               static_cast<uint64_t>(indices[b])));
     // Draw in a fixed order (rows, columns, flip) whatever the options, so turning one augmentation
     // off does not change the other's choices.
     const int64_t dy = static_cast<int64_t>(rng.below(static_cast<uint64_t>(2 * pad + 1))) - pad;

@@ -28,7 +28,7 @@ void ShardedSampler::set_epoch(int64_t epoch) {
   std::iota(order.begin(), order.end(), int64_t{0});
   if (options_.shuffle) {
     // Fisher-Yates driven by (seed, epoch) only: identical on every rank (Note [Sharded epoch order]).
-    detail::SplitMix64 rng(detail::stream_seed(options_.seed, static_cast<uint64_t>(epoch)));
+    detail::SplitMix64 rng(detail::stream_seed(detail::Domain::Shuffle, options_.seed, static_cast<uint64_t>(epoch)));
     for (size_t i = dataset_size_ - 1; i > 0; --i) std::swap(order[i], order[rng.below(i + 1)]);
   }
   const size_t total = total_size();

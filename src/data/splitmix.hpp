@@ -18,11 +18,18 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Derives an independent stream seed from a base seed and up to two coordinates (epoch, index, ...).
-// Each step goes through the mixer so that nearby coordinates give unrelated streams.
-inline uint64_t stream_seed(uint64_t seed, uint64_t a, uint64_t b = 0) {
+// Who draws: one config seed (trainer.seed) seeds the sampler, the augmentation and the synthetic data
+// set alike, and their coordinates overlap (epoch 1 and sample i for Augment; stream 1 and sample i
+// for SyntheticDataset's labels). Without a domain of its own each, sample i's first crop offset was
+// its label's own draw: the shift encoded the class.
+enum class Domain : uint64_t { Shuffle = 0, Augment = 1, Synthetic = 2 };
+
+// Derives an independent stream seed from a base seed and up to two coordinates (epoch, index, ...),
+// in `domain`. Each step goes through the mixer so that nearby coordinates give unrelated streams.
+inline uint64_t stream_seed(Domain domain, uint64_t seed, uint64_t a, uint64_t b = 0) {
   constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
   uint64_t h = mix64(seed + kGolden);
+  if (domain != Domain::Shuffle) h = mix64(h ^ mix64(static_cast<uint64_t>(domain) + 4 * kGolden));
   h = mix64(h ^ (a + 2 * kGolden));
   return mix64(h ^ (b + 3 * kGolden));
 }

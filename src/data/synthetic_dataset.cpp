@@ -45,7 +45,8 @@ std::string SyntheticDataset::description() const {
 int64_t SyntheticDataset::label(int64_t index) const {
   LOCKSTEP_CHECK(index >= 0 && index < options_.size, description(), ": index ", index,
                  " is out of range; expected 0 <= index < ", options_.size);
-  detail::SplitMix64 rng(detail::stream_seed(options_.seed, kLabelStream, static_cast<uint64_t>(index)));
+  detail::SplitMix64 rng(
+      detail::stream_seed(detail::Domain::Synthetic, options_.seed, kLabelStream, static_cast<uint64_t>(index)));
   return static_cast<int64_t>(rng.below(static_cast<uint64_t>(options_.num_classes)));
 }
 
@@ -61,8 +62,10 @@ Example SyntheticDataset::get_batch(const std::vector<int64_t>& indices) const {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t label = this->label(indices[b]);
     out_target[b] = label;
-    detail::SplitMix64 noise(detail::stream_seed(options_.seed, kNoiseStream, static_cast<uint64_t>(indices[b])));
-    detail::SplitMix64 pattern(detail::stream_seed(options_.seed, kPatternStream, static_cast<uint64_t>(label)));
+    detail::SplitMix64 noise(
+        detail::stream_seed(detail::Domain::Synthetic, options_.seed, kNoiseStream, static_cast<uint64_t>(indices[b])));
+    detail::SplitMix64 pattern(
+        detail::stream_seed(detail::Domain::Synthetic, options_.seed, kPatternStream, static_cast<uint64_t>(label)));
     float* dst = out + b * numel;
     uint64_t bits = 0;
     for (int64_t p = 0; p < numel; p += 2) {

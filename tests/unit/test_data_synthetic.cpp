@@ -3,7 +3,10 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <map>
 #include <numeric>
+#include <set>
+#include <vector>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/augment.hpp"
@@ -158,6 +161,47 @@ TEST_CASE("Augment: every sample is a padded crop, maybe flipped, and determinis
   Augment reseeded(base, options);
   reseeded.set_epoch(1);
   CHECK_FALSE(torch::equal(reseeded.get_batch(all).data, out.data));
+}
+
+TEST_CASE("Augment over a SyntheticDataset of the same seed: the crop does not follow the label", "[data]") {
+  // One config seed seeds both. Before each drew from its own domain, sample i's row offset in epoch 1
+  // was its label's draw (label * 5 / 10 of the 5 rows), the same for every sample of a class.
+  SyntheticOptions synthetic;
+  synthetic.channels = 1;
+  synthetic.height = 8;
+  synthetic.width = 8;
+  synthetic.num_classes = 10;
+  synthetic.size = 300;
+  synthetic.seed = 5;
+  auto base = std::make_shared<SyntheticDataset>(synthetic);
+  AugmentOptions options;
+  options.pad = 2;
+  options.seed = 5;
+  Augment augment(base, options);
+  augment.set_epoch(1);
+  std::vector<int64_t> all(300);
+  std::iota(all.begin(), all.end(), int64_t{0});
+  const Example plain = base->get_batch(all);
+  const Example out = augment.get_batch(all);
+  const std::vector<float>& pad_values = base->info().pad_values;
+  const float fill = pad_values.empty() ? 0.0f : pad_values.front();
+  std::map<int64_t, std::set<int64_t>> rows_by_label;
+  for (int64_t i = 0; i < 300; ++i) {
+    const torch::Tensor padded = torch::constant_pad_nd(plain.data[i], {2, 2, 2, 2}, fill);
+    int64_t row = -1;
+    for (int64_t oy = 0; oy <= 4 && row < 0; ++oy) {
+      for (int64_t ox = 0; ox <= 4; ++ox) {
+        if (torch::equal(padded.narrow(1, oy, 8).narrow(2, ox, 8), out.data[i])) row = oy;
+      }
+    }
+    REQUIRE(row >= 0);
+    rows_by_label[plain.target[i].item<int64_t>()].insert(row);
+  }
+  REQUIRE(rows_by_label.size() == 10);
+  for (const auto& [label, rows] : rows_by_label) {
+    INFO("label " << label);
+    CHECK(rows.size() > 1);  // about 30 samples a class, over 5 rows
+  }
 }
 
 TEST_CASE("Augment: no-op options are the identity, flip-only flips, bad options are errors", "[data]") {

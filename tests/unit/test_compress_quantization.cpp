@@ -376,7 +376,11 @@ TEST_CASE("quantization: no int8 file is written when training ends before quant
   qat.on_train_begin(ctx);
   qat.on_train_end(ctx);
   CHECK_FALSE(std::filesystem::exists(o.export_path));
-  ctx.global_step = 10;  // once quantization runs, the file is written
+  ctx.global_step = 10;  // steps 0 to 9 taken: quantization would begin with the next (before, a file)
+  qat.on_train_begin(ctx);
+  qat.on_train_end(ctx);
+  CHECK_FALSE(std::filesystem::exists(o.export_path));
+  ctx.global_step = 11;  // once a step ran quantized, the file is written
   qat.on_train_begin(ctx);
   qat.on_train_end(ctx);
   CHECK(std::filesystem::exists(o.export_path));

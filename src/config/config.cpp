@@ -319,6 +319,7 @@ void read_trainer(Section s, train::TrainerOptions& o) {
     const std::vector<std::string>& names = train::loss_names();
     l.choice("name", o.loss.name, std::set<std::string>(names.begin(), names.end()));
     l.real("label_smoothing", o.loss.label_smoothing, 0.0, 1.0, false, true);
+    l.integer("ignore_index", o.loss.ignore_index, std::numeric_limits<int64_t>::min());
     l.real("beta", o.loss.beta, 0.0, std::numeric_limits<double>::infinity(), true);
     l.finish();
     try {

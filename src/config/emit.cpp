@@ -68,6 +68,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   out << YAML::Key << "loss" << YAML::Value << YAML::BeginMap;
   put(out, "name", t.loss.name);
   put_real(out, "label_smoothing", t.loss.label_smoothing);
+  put(out, "ignore_index", t.loss.ignore_index);
   put_real(out, "beta", t.loss.beta);
   out << YAML::EndMap;
   out << YAML::Key << "metrics" << YAML::Value << YAML::Flow << t.metrics;

@@ -24,7 +24,7 @@ void check_same_shape(const char* loss, const at::Tensor& output, const at::Tens
                  shape_of(output), " and target ", shape_of(target));
 }
 
-void check_cross_entropy(const at::Tensor& output, const at::Tensor& target) {
+void check_cross_entropy(const at::Tensor& output, const at::Tensor& target, int64_t ignore_index) {
   // Over one class, softmax is 1 whatever the scores: the loss and every gradient are 0, and a model
   // (an image-to-image one given this loss by mistake, say) would "train" without learning a thing.
   const int64_t class_dim = output.dim() == 1 ? 0 : 1;
@@ -44,6 +44,9 @@ void check_cross_entropy(const at::Tensor& output, const at::Tensor& target) {
   LOCKSTEP_CHECK(ok, "loss cross_entropy: expected an output of class scores [B, C, ...] and integer class indices "
                      "[B, ...] as the target; found output ", shape_of(output), " and target ", shape_of(target),
                  " (for regression set the loss to mse, l1 or smooth_l1)");
+  LOCKSTEP_CHECK(ignore_index < 0 || ignore_index >= output.size(1), "loss cross_entropy: ignore_index ", ignore_index,
+                 " is one of the output's ", output.size(1), " classes; the metrics count every target in [0, ",
+                 output.size(1), "), so the loss would ignore what they count. Use a label outside that range");
 }
 
 // Losses are computed in float32 at least: 16-bit logits from autocast would round the loss.
@@ -70,6 +73,8 @@ void check_loss_options(const LossOptions& options) {
                  "TrainerOptions::loss.label_smoothing must be in [0, 1), got ", options.label_smoothing);
   LOCKSTEP_CHECK(options.label_smoothing == 0 || options.name == "cross_entropy",
                  "TrainerOptions::loss.label_smoothing applies to cross_entropy only, not to ", options.name);
+  LOCKSTEP_CHECK(options.ignore_index == LossOptions{}.ignore_index || options.name == "cross_entropy",
+                 "TrainerOptions::loss.ignore_index applies to cross_entropy only, not to ", options.name);
   LOCKSTEP_CHECK(options.beta > 0 && std::isfinite(options.beta), "TrainerOptions::loss.beta must be > 0, got ",
                  options.beta);
 }
@@ -79,14 +84,15 @@ LossFn make_loss(const LossOptions& options) {
   const std::string& name = options.name;
   if (name == "cross_entropy") {
     const double smoothing = options.label_smoothing;
-    return [smoothing](const at::Tensor& output, const at::Tensor& target) {
-      check_cross_entropy(output, target);
+    const int64_t ignore = options.ignore_index;
+    return [smoothing, ignore](const at::Tensor& output, const at::Tensor& target) {
+      check_cross_entropy(output, target, ignore);
       namespace F = torch::nn::functional;
       const at::Tensor out = widened(output);
       // Class indices must be int64 for LibTorch; probabilities take the output's type.
       const at::Tensor labels = at::isFloatingType(target.scalar_type()) ? target.to(out.scalar_type())
                                                                           : target.to(at::kLong);
-      return F::cross_entropy(out, labels, F::CrossEntropyFuncOptions().label_smoothing(smoothing));
+      return F::cross_entropy(out, labels, F::CrossEntropyFuncOptions().label_smoothing(smoothing).ignore_index(ignore));
     };
   }
   if (name == "bce_with_logits") {
@@ -123,6 +129,9 @@ std::string describe_loss(const LossOptions& options) {
   os << options.name;
   if (options.name == "cross_entropy" && options.label_smoothing != 0) {
     os << " (label_smoothing " << options.label_smoothing << ")";
+  }
+  if (options.name == "cross_entropy" && options.ignore_index != LossOptions{}.ignore_index) {
+    os << " (ignore_index " << options.ignore_index << ")";
   }
   if (options.name == "smooth_l1") os << " (beta " << options.beta << ")";
   return os.str();

@@ -581,9 +581,11 @@ TEST_CASE("config: trainer.loss and trainer.metrics map onto TrainerOptions, rou
   CHECK(defaults.trainer.loss.name == "cross_entropy");
   CHECK(defaults.trainer.metrics == std::vector<std::string>{"accuracy"});
   const config::ExperimentConfig parsed = config::parse_config(
-      "trainer:\n  loss: {name: cross_entropy, label_smoothing: 0.1}\n  metrics: [accuracy, top5_accuracy, macro_f1]\n");
+      "trainer:\n  loss: {name: cross_entropy, label_smoothing: 0.1, ignore_index: 255}\n"
+      "  metrics: [accuracy, top5_accuracy, macro_f1]\n");
   for (const config::ExperimentConfig& c : parsed_and_printed(parsed)) {
     CHECK(c.trainer.loss.label_smoothing == 0.1);
+    CHECK(c.trainer.loss.ignore_index == 255);
     CHECK(c.trainer.metrics == std::vector<std::string>{"accuracy", "top5_accuracy", "macro_f1"});
   }
   const config::ExperimentConfig regression =
@@ -598,6 +600,8 @@ TEST_CASE("config: trainer.loss and trainer.metrics map onto TrainerOptions, rou
   CHECK_THAT(error_of("trainer:\n  loss: {name: mse, label_smoothing: 0.1}\n"),
              Contains("'trainer.loss'") && Contains("label_smoothing applies to cross_entropy only"));
   CHECK_THAT(error_of("trainer:\n  loss: {label_smoothing: 1}\n"), Contains("'trainer.loss.label_smoothing'"));
+  CHECK_THAT(error_of("trainer:\n  loss: {name: mse, ignore_index: 255}\n"),
+             Contains("'trainer.loss'") && Contains("ignore_index applies to cross_entropy only"));
   CHECK_THAT(error_of("trainer:\n  loss: {smoothing: 0.1}\n"), Contains("trainer.loss.smoothing"));
   CHECK_THAT(error_of("trainer:\n  metrics: [accuracy, f1]\n"),
              Contains("'trainer.metrics'") && Contains("test.yaml:2:12") && Contains("unknown metric 'f1'"));

@@ -75,6 +75,17 @@ TEST_CASE("loss: the built-ins compute the textbook formulas", "[train][loss]") 
   LossOptions smoothed;
   smoothed.label_smoothing = 0.1;
   CHECK(make_loss(smoothed)(out, labels).item<double>() == Approx(0.9 * plain + 0.1 * uniform));
+  // A void label (255) with ignore_index 255: left out of the loss and its mean; without it, an error.
+  const at::Tensor voided = torch::tensor({0, 255, 1, 255, 0, 2}, torch::kLong);
+  double kept = 0;
+  for (int64_t i : {0, 2, 4, 5}) kept -= log_p[i][voided[i].item<int64_t>()].item<double>();
+  LossOptions void_label;
+  void_label.ignore_index = 255;
+  CHECK(make_loss(void_label)(out, voided).item<double>() == Approx(kept / 4));
+  CHECK_THROWS(make_loss(LossOptions{})(out, voided));
+  void_label.ignore_index = 2;  // a class the metrics count
+  CHECK_THROWS_WITH(make_loss(void_label)(out, labels), Contains("ignore_index 2 is one of the output's 3 classes"));
+  CHECK(lockstep::train::describe_loss(void_label) == "cross_entropy (ignore_index 2)");
   // 16-bit outputs are widened: the loss comes back in float32.
   CHECK(make_loss(loss_named("mse"))(out.to(torch::kBFloat16), target.to(torch::kFloat)).scalar_type() ==
         torch::kFloat);

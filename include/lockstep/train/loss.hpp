@@ -30,6 +30,11 @@ struct LossOptions {
   std::string name = "cross_entropy";
   // cross_entropy: the weight moved from the true class to all classes alike, in [0, 1).
   double label_smoothing = 0.0;
+  // cross_entropy with class indices: targets equal to it are left out of the loss and of its mean
+  // (PyTorch's default, -100). The metrics leave out every target outside [0, C), so a void label such
+  // as 255 (segmentation) needs ignore_index 255 here; one inside [0, C) is refused (the metrics would
+  // count what the loss ignores). A batch of ignored targets only has a NaN loss, as in PyTorch.
+  int64_t ignore_index = -100;
   // smooth_l1: where the loss turns from quadratic to linear; > 0.
   double beta = 1.0;
 };

@@ -11,6 +11,7 @@
 
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/ema.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/trainer.hpp"
 #include "compress/selection.hpp"
@@ -172,12 +173,18 @@ nlohmann::json schedule_state(const PruningOptions& o) {
 void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   LOCKSTEP_CHECK(ctx.model != nullptr, "MagnitudePruning: the trainer gave no model");
   if (ctx.callbacks != nullptr) {
+    bool before_this = true;
     for (const auto& callback : *ctx.callbacks) {
-      if (callback.get() == this) break;
-      LOCKSTEP_CHECK(dynamic_cast<const QuantizationAwareTraining*>(callback.get()) == nullptr,
+      before_this = before_this && callback.get() != this;
+      LOCKSTEP_CHECK(!before_this || dynamic_cast<const QuantizationAwareTraining*>(callback.get()) == nullptr,
                      "MagnitudePruning: add it before QuantizationAwareTraining. After it, the masks would rank "
                      "the weights' int8 values, in which the small weights tie at 0 and are pruned by position, "
                      "not by magnitude");
+      // Note [EMA and pruning] (config.cpp), for programs that add both callbacks themselves.
+      LOCKSTEP_CHECK(dynamic_cast<const train::ExponentialMovingAverage*>(callback.get()) == nullptr,
+                     "MagnitudePruning: it cannot run with ExponentialMovingAverage. The average would let the "
+                     "pruned weights decay instead of staying zero: the evaluated model, and the one left at the "
+                     "end, would not be sparse");
     }
   }
   options_ = resolved_schedule(configured_, ctx);

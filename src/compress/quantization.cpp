@@ -420,18 +420,12 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
   return report;
 }
 
-Int8Model read_int8(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  LOCKSTEP_CHECK(in.good(), "read_int8: cannot open '", path, "'");
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  c10::IValue value;
-  try {
-    value = torch::pickle_load(bytes);
-  } catch (const std::exception& e) {
-    LOCKSTEP_FAIL("read_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ", e.what(), ")");
-  }
-  LOCKSTEP_CHECK(value.isGenericDict(), "read_int8: '", path, "' is not a Lockstep int8 model file");
-  const c10::impl::GenericDict root = value.toGenericDict();
+namespace {
+
+// The entries of an unpickled int8 file, checked: the quantization parameters an export writes (scales
+// finite and > 0, weight codes in [-127, 127], activation zero points in [0, 255]); the kernels would
+// otherwise compute with them silently (Int8ResNet18 took a zero folded scale for 1).
+Int8Model int8_model_of(const c10::impl::GenericDict& root, const std::string& path) {
   auto entry = [&](const char* key) -> c10::IValue {
     auto it = root.find(std::string(key));
     LOCKSTEP_CHECK(it != root.end(), "read_int8: '", path, "' is not a Lockstep int8 model file (no '", key, "')");
@@ -441,6 +435,11 @@ Int8Model read_int8(const std::string& path) {
                  "' is not a Lockstep int8 model file");
   LOCKSTEP_CHECK(entry("version").toInt() >= 1 && entry("version").toInt() <= kVersion, "read_int8: '", path,
                  "' has format version ", entry("version").toInt(), "; this Lockstep reads versions 1 to ", kVersion);
+  const auto positive_scales = [&](const at::Tensor& scale, const std::string& what) {
+    LOCKSTEP_CHECK(scale.numel() > 0 && scale.isfinite().all().item<bool>() && scale.gt(0).all().item<bool>(),
+                   "read_int8: '", path, "': the scale of ", what, " must be finite and > 0, found ",
+                   scale.numel() == 1 ? std::to_string(scale.item<double>()) : "one that is not");
+  };
   Int8Model model;
   model.per_channel = entry("per_channel").toBool();
   const c10::impl::GenericDict scales = entry("scales").toGenericDict();
@@ -450,6 +449,9 @@ Int8Model read_int8(const std::string& path) {
     LOCKSTEP_CHECK(scale != scales.end(), "read_int8: '", path, "' has int8 codes but no scale for '", name, "'");
     QuantizedWeight q{item.value().toTensor(), scale->value().toTensor()};
     dequantize_weight(q.codes, q.scale);  // checks the codes' type and the scales' shape
+    positive_scales(q.scale, "'" + name + "'");
+    LOCKSTEP_CHECK(q.codes.numel() == 0 || q.codes.min().item<int>() >= -127, "read_int8: '", path, "': '", name,
+                   "' holds the code -128, outside the symmetric range [-127, 127] an export writes");
     model.weights[name] = q;
   }
   for (const auto& item : entry("tensors").toGenericDict()) model.tensors[item.key().toStringRef()] = item.value().toTensor();
@@ -465,15 +467,41 @@ Int8Model read_int8(const std::string& path) {
     }
   }
   for (const auto& item : entry("activations").toGenericDict()) {
+    const std::string& name = item.key().toStringRef();
     const at::Tensor t = item.value().toTensor();
-    LOCKSTEP_CHECK(t.numel() == 4, "read_int8: '", path, "': activation '", item.key().toStringRef(),
+    LOCKSTEP_CHECK(t.numel() == 4, "read_int8: '", path, "': activation '", name,
                    "' needs [scale, zero point, min, max], has ", t.numel(), " numbers");
     ActivationQParams q;
     q.scale = t[0].to(torch::kFloat).reshape({1});
     q.zero_point = t[1].to(torch::kInt).reshape({1});
-    model.activations[item.key().toStringRef()] = q;
+    positive_scales(q.scale, "activation '" + name + "'");
+    const double zero_point = t[1].item<double>();
+    LOCKSTEP_CHECK(zero_point >= 0 && zero_point <= 255 && zero_point == std::floor(zero_point), "read_int8: '",
+                   path, "': the zero point of activation '", name, "' must be an integer in [0, 255], found ",
+                   zero_point);
+    model.activations[name] = q;
   }
   return model;
+}
+
+}  // namespace
+
+Int8Model read_int8(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  LOCKSTEP_CHECK(in.good(), "read_int8: cannot open '", path, "'");
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  c10::IValue value;
+  try {
+    value = torch::pickle_load(bytes);
+  } catch (const std::exception& e) {
+    LOCKSTEP_FAIL("read_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ", e.what(), ")");
+  }
+  LOCKSTEP_CHECK(value.isGenericDict(), "read_int8: '", path, "' is not a Lockstep int8 model file");
+  try {
+    return int8_model_of(value.toGenericDict(), path);
+  } catch (const c10::Error& e) {  // an entry of another type than an export writes
+    LOCKSTEP_FAIL("read_int8: '", path, "' is not a valid Lockstep int8 model file: ", e.what_without_backtrace());
+  }
 }
 
 void load_int8(torch::nn::Module& model, const std::string& path) {

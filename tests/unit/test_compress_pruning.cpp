@@ -18,6 +18,7 @@
 #include "lockstep/core/error.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
+#include "lockstep/train/ema.hpp"
 
 using namespace lockstep::compress;
 
@@ -503,7 +504,7 @@ TEST_CASE("pruning: a weight with no elements is skipped with its reason, for ev
   }
 }
 
-TEST_CASE("pruning: added after quantization-aware training it is refused: it would rank int8 values", "[compress]") {
+TEST_CASE("pruning: added after quantization-aware training, or beside a weight average, it is refused", "[compress]") {
   auto [model, ctx] = underscores_in_context();
   auto qat = std::make_shared<QuantizationAwareTraining>(QuantizationOptions{});
   auto pruning = std::make_shared<MagnitudePruning>(PruningOptions{});
@@ -514,4 +515,11 @@ TEST_CASE("pruning: added after quantization-aware training it is refused: it wo
   const std::vector<lockstep::train::CallbackPtr> right{pruning, qat};
   ctx.callbacks = &right;
   CHECK_NOTHROW(pruning->on_setup(ctx));
+  // Nor with a weight average, in either order: the config reader refuses it, and so does the callback.
+  auto ema = std::make_shared<lockstep::train::ExponentialMovingAverage>(lockstep::train::EmaOptions{});
+  for (const auto& both : {std::vector<lockstep::train::CallbackPtr>{pruning, ema},
+                           std::vector<lockstep::train::CallbackPtr>{ema, pruning}}) {
+    ctx.callbacks = &both;
+    CHECK_THROWS_WITH(pruning->on_setup(ctx), Catch::Contains("it cannot run with ExponentialMovingAverage"));
+  }
 }

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <iterator>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -267,6 +269,45 @@ TEST_CASE("quantization: the int8 export reads back into the model bitwise", "[c
     CHECK_THROWS_WITH(load_int8(*loaded, temp_path("missing.int8")), Catch::Contains("cannot open"));
     CHECK_THROWS_WITH(export_int8(*model, {"conv.bias_typo"}, true, temp_path("x.int8")),
                       Catch::Contains("no parameter 'conv.bias_typo'"));
+  }
+  SECTION("quantization parameters no export writes, or entries of another type, are errors naming the entry") {
+    // The file, unpickled, changed by `change`, and written back.
+    auto tampered = [&](const std::function<void(c10::impl::GenericDict&)>& change) {
+      std::ifstream in(path, std::ios::binary);
+      const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      c10::IValue value = torch::pickle_load(bytes);
+      c10::impl::GenericDict root = value.toGenericDict();
+      change(root);
+      const std::string out = temp_path("tampered.int8");
+      const std::vector<char> written = torch::pickle_save(value);
+      std::ofstream(out, std::ios::binary).write(written.data(), static_cast<std::streamsize>(written.size()));
+      return out;
+    };
+    auto first = [](c10::impl::GenericDict& root, const char* key) {
+      c10::impl::GenericDict dict = root.at(std::string(key)).toGenericDict();
+      return std::make_pair(dict, dict.begin()->key().toStringRef());
+    };
+    const std::string zero_scale = tampered([&](c10::impl::GenericDict& root) {
+      auto [scales, name] = first(root, "scales");
+      scales.insert_or_assign(name, torch::zeros_like(scales.at(name).toTensor()));
+    });
+    CHECK_THROWS_WITH(read_int8(zero_scale), Catch::Contains("must be finite and > 0"));
+    const std::string code = tampered([&](c10::impl::GenericDict& root) {
+      auto [weights, name] = first(root, "weights");
+      at::Tensor codes = weights.at(name).toTensor().clone();
+      codes.view({-1})[0] = -128;
+      weights.insert_or_assign(name, codes);
+    });
+    CHECK_THROWS_WITH(read_int8(code), Catch::Contains("holds the code -128, outside the symmetric range [-127, 127]"));
+    const std::string zero_point = tampered([&](c10::impl::GenericDict& root) {
+      auto [activations, name] = first(root, "activations");
+      at::Tensor t = activations.at(name).toTensor().clone();
+      t[1] = 300;
+      activations.insert_or_assign(name, t);
+    });
+    CHECK_THROWS_WITH(read_int8(zero_point), Catch::Contains("must be an integer in [0, 255], found 300"));
+    const std::string typed = tampered([](c10::impl::GenericDict& root) { root.insert_or_assign(std::string("version"), std::string("two")); });
+    CHECK_THROWS_WITH(read_int8(typed), Catch::Contains("is not a valid Lockstep int8 model file"));
   }
 }
 

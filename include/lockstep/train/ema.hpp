@@ -16,7 +16,7 @@
 // With quantization-aware training, add this callback first (in on_after_optimizer_step the weights
 // are float: QAT puts int8 values in place only from on_batch_begin to on_after_backward), evaluation quantizes the average (Note [Nested evaluation events]),
 // and at the end QAT exports the int8 values of the average. Not combined with pruning, whose masked
-// weights the average would let decay instead of staying zero; the config reader refuses that.
+// weights the average would let decay instead of staying zero; the config reader and MagnitudePruning refuse that.
 
 #include <ATen/core/Tensor.h>
 

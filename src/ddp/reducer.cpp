@@ -162,6 +162,7 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
   if (!options_.comm_hook) options_.comm_hook = allreduce_hook();
   ready_.assign(params_.size(), 0);
   used_since_sync_.assign(params_.size(), 0);
+  newly_used_.reserve(params_.size());
   build_buckets(assign_buckets(params_, reverse_order(params_.size()), options_.first_bucket_cap_bytes,
                                options_.bucket_cap_bytes));
 
@@ -278,7 +279,10 @@ void Reducer::on_gradient_ready(std::size_t index) {
                  "DataParallel: parameter '", names_[index], "' is now ", params_[index].scalar_type(), " on ",
                  params_[index].device(), " but was ", view.scalar_type(), " on ", view.device(),
                  " when DataParallel was built; move the model (to(), half()) before constructing DataParallel");
-  used_since_sync_[index] = 1;
+  if (!used_since_sync_[index]) {
+    used_since_sync_[index] = 1;
+    newly_used_.push_back(index);
+  }
   if (!syncing_) {
     if (options_.gradient_as_bucket_view && grad.defined()) adopt_gradient(index);
     return;
@@ -304,6 +308,7 @@ void Reducer::begin_backward() {
   in_backward_ = true;
   syncing_ = sync_;
   ++backward_count_;
+  newly_used_.clear();
   if (backward_start_ == comm::Clock::time_point{}) backward_start_ = comm::Clock::now();
   if (syncing_) {
     prepare_sync();
@@ -332,7 +337,8 @@ void Reducer::begin_backward() {
 // weak_ptr (pass_alive_) expires when the failed pass is destroyed; the next backward's first hook,
 // or the next Join call, finds in_backward_ set with the token gone and ends the abandoned backward:
 //   - nothing issued on this rank (a no_sync() backward, or a synchronised one that failed before its
-//     first bucket and Join all-gather): the next backward starts afresh, as after a success. A loop
+//     first bucket and Join all-gather): the next backward starts afresh, as after a success, and the
+//     parameters only the failed pass used count as unused again (find_unused_parameters). A loop
 //     that catches the failure and retries the step (a smaller batch after an out-of-memory error,
 //     say) works, provided every rank retries: the others' collectives match the retry's;
 //   - collectives already issued: other ranks cannot tell which of them belong to the failed step, so
@@ -354,6 +360,9 @@ void Reducer::settle_abandoned_backward() {
         "; the ranks' collectives can no longer be matched, so this rank cannot synchronise again. Restart from "
         "the last checkpoint. (A failure inside backward can be caught and the step retried only if it happens "
         "before the first bucket is reduced, or under no_sync().)");
+  }
+  if (!issued) {  // the retry starts from the flags of the backwards before this one
+    for (std::size_t i : newly_used_) used_since_sync_[i] = 0;
   }
   join_work_.reset();
   reset_iteration();

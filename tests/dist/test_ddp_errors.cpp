@@ -365,6 +365,45 @@ TEST_CASE("A synchronised backward that fails before its first reduction can be 
   CHECK(communicator_healthy());
 }
 
+namespace {
+// always -> FailingIdentity -> [branch] -> head: in backward the branch delivers its gradients before
+// the failure, and always's come after it.
+struct BranchAfterImpl : torch::nn::Module {
+  BranchAfterImpl()
+      : always(register_module("always", torch::nn::Linear(5, 4))),
+        branch(register_module("branch", torch::nn::Linear(4, 4))),
+        head(register_module("head", torch::nn::Linear(4, 2))) {}
+  torch::Tensor forward(torch::Tensor x, bool use_branch, bool fail) {
+    torch::Tensor h = FailingIdentity::apply(torch::tanh(always(x)), fail);
+    return head(use_branch ? branch(h) : h);
+  }
+  torch::nn::Linear always, branch, head;
+};
+TORCH_MODULE(BranchAfter);
+}  // namespace
+
+TEST_CASE("find_unused_parameters: a failed backward retried without a branch leaves the branch unused", "[ddp]") {
+  torch::manual_seed(23);
+  BranchAfter model;
+  model->to(torch::kFloat64);
+  DataParallelOptions options;
+  options.find_unused_parameters = true;
+  DataParallel dp(model, comm_ptr(), options);
+  const int rank = comm().rank();
+  const std::string error =
+      error_of([&] { model->forward(batch_of(rank, 3), /*use_branch=*/true, /*fail=*/true).sum().backward(); });
+  CHECK(error.find("injected failure") != std::string::npos);
+  for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();  // zero_grad(set_to_none)
+  model->forward(batch_of(rank, 3), /*use_branch=*/false, /*fail=*/false).sum().backward();
+  // As in one process: no rank used the branch in this step. Before, the failed pass's hooks had marked
+  // it used, and it got a zero gradient (which momentum and weight decay would then act on).
+  CHECK_FALSE(model->branch->weight.grad().defined());
+  CHECK_FALSE(model->branch->bias.grad().defined());
+  CHECK(model->always->weight.grad().defined());
+  CHECK(dp.synchronized_backwards() == 1);
+  CHECK(communicator_healthy());
+}
+
 TEST_CASE("A synchronised backward that fails after a reduction began refuses to synchronise again", "[ddp]") {
   Fragile model = make_fragile();
   DataParallelOptions options;

@@ -205,6 +205,9 @@ class Reducer {
   std::string out_of_step_;
   std::vector<char> ready_;            // got its gradient from autograd in this backward
   std::vector<char> used_since_sync_;  // got one in any backward since the last synchronisation
+  // The flags of used_since_sync_ the current backward set: cleared again if it fails before it
+  // issued anything (Note [Abandoned backward]), so that a retry that does not use them finds them unset.
+  std::vector<std::size_t> newly_used_;
   std::vector<std::size_t> ready_order_, bucket_ready_order_, launch_order_;
   std::size_t next_launch_ = 0;
   comm::Clock::time_point forward_start_{}, backward_start_{};

@@ -123,6 +123,13 @@ at::Tensor to_host(const at::Tensor& tensor) {
   return host;
 }
 
+// The staged result into the caller's tensor, on the waiting thread, below autograd (Note [Results
+// past autograd]): that thread may have grad mode on while `to` is a parameter.
+void copy_back(const at::Tensor& to, const at::Tensor& host) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  to.copy_(host);
+}
+
 at::Tensor host_slice(const at::Tensor& whole, int rank, std::int64_t n) {
   return whole.view({-1}).narrow(0, rank * n, n);
 }
@@ -153,6 +160,12 @@ struct MpiCommunicator::Impl {
   std::thread thread;
 
   void loop() {
+    // Note [Results past autograd]: a collective writes its result into the caller's tensor, which may
+    // be a parameter (a leaf that requires grad: model averaging under NoGradGuard) or an inference
+    // tensor. A new thread has grad mode on and is outside inference mode whatever the caller set, so
+    // Average's in-place division (and a staging copy back) would be refused there, leaving the sum.
+    // MPI writes through the pointer anyway: so does the division, below autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (;;) {
       Task task;
       // Note [Short spin] (work.cpp): the next collective often follows at once (a bucket after
@@ -290,7 +303,7 @@ WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, c
                  "allreduce: input and output overlap without being the same buffer (rank ", rank(), ")");
   if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host = to_host(input);
-    return then(allreduce(host, host, options), [output, host] { output.copy_(host); });
+    return then(allreduce(host, host, options), [output, host] { copy_back(output, host); });
   }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   const MPI_Op op = mpi_op(options.op, input.scalar_type());
@@ -321,7 +334,7 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& op
                  " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
   if (tensor.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host = to_host(tensor);
-    return then(broadcast(host, options), [tensor, host] { tensor.copy_(host); });
+    return then(broadcast(host, options), [tensor, host] { copy_back(tensor, host); });
   }
   const MPI_Datatype type = mpi_type(tensor.scalar_type());
   const std::size_t element_size = tensor.element_size();
@@ -350,7 +363,7 @@ WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, c
   if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host_out = in_place ? to_host(output) : at::empty(output.sizes(), output.options().device(at::kCPU).pinned_memory(true));
     at::Tensor host_in = in_place ? host_slice(host_out, rank(), input.numel()) : to_host(input);
-    return then(allgather(host_in, host_out), [output, host_out] { output.copy_(host_out); });
+    return then(allgather(host_in, host_out), [output, host_out] { copy_back(output, host_out); });
   }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   Impl* impl = impl_.get();
@@ -379,7 +392,7 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
     at::Tensor host_in = to_host(input);
     at::Tensor host_out = in_place ? host_slice(host_in, rank(), output.numel())
                                    : at::empty(output.sizes(), output.options().device(at::kCPU).pinned_memory(true));
-    return then(reduce_scatter(host_in, host_out, options), [output, host_out] { output.copy_(host_out); });
+    return then(reduce_scatter(host_in, host_out, options), [output, host_out] { copy_back(output, host_out); });
   }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   const MPI_Op op = mpi_op(options.op, input.scalar_type());

@@ -105,6 +105,34 @@ TEST_CASE("float16 average fits where the float16 sum would overflow (Note [floa
   CHECK(torch::isinf(t).all().item<bool>());
 }
 
+TEST_CASE("an average into a parameter or an inference tensor is the average (Note [Results past autograd])",
+          "[comm]") {
+  // Model averaging: the division runs on the progress thread, where grad mode is on whatever the
+  // caller set. Before, it raised "a leaf Variable that requires grad..." and left the sum.
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  const double want = (n - 1) / 2.0 + 1.0;  // ranks hold r + 1
+  for (const auto dtype : {torch::kFloat, torch::kHalf}) {
+    INFO(dtype);
+    torch::Tensor parameter = torch::full({5}, comm.rank() + 1.0, dtype).requires_grad_();
+    {
+      torch::NoGradGuard no_grad;
+      comm.allreduce(parameter, {ReduceOp::Average})->wait();
+      CHECK(torch::allclose(parameter.to(torch::kDouble), torch::full({5}, want, torch::kDouble), 1e-3, 0));
+      torch::Tensor output = torch::zeros({5}, dtype).requires_grad_();
+      comm.allreduce(torch::full({5}, comm.rank() + 1.0, dtype), output, {ReduceOp::Average})->wait();
+      CHECK(torch::allclose(output.to(torch::kDouble), torch::full({5}, want, torch::kDouble), 1e-3, 0));
+    }
+    torch::Tensor inference;
+    {
+      c10::InferenceMode inference_mode;
+      inference = torch::full({5}, comm.rank() + 1.0, dtype);
+    }
+    comm.allreduce(inference, {ReduceOp::Average})->wait();
+    CHECK(torch::allclose(inference.to(torch::kDouble), torch::full({5}, want, torch::kDouble), 1e-3, 0));
+  }
+}
+
 TEST_CASE("out-of-place allreduce leaves the input untouched", "[comm]") {
   auto& comm = lockstep::testing::comm();
   const int n = comm.size();

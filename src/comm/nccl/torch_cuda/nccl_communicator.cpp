@@ -207,6 +207,9 @@ class NcclCommunicator final : public Communicator {
 
   void divide_on_stream(const at::Tensor& tensor, int world) const {
     c10::cuda::CUDAStreamGuard guard(stream_);
+    // As the MPI communicator (Note [Results past autograd]): `tensor` may be a parameter or an inference
+    // tensor, and the caller's thread may have grad mode on.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     tensor.div_(world);
   }
 

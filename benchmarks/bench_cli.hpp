@@ -14,8 +14,11 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdint>
+#include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -57,9 +60,25 @@ CLI::Validator at_least(T min) {
   return CLI::Validator(
       [min, expected](std::string& text) -> std::string {
         T value{};
-        // lexical_cast wraps "-3" around into an unsigned type instead of refusing it.
-        const bool negative_text = std::is_unsigned_v<T> && text.find('-') != std::string::npos;
-        if (!negative_text && CLI::detail::lexical_cast(text, value) && !(value < min)) return {};
+        bool valid = true;
+        if constexpr (std::is_integral_v<T>) {
+          // Plain decimal only: CLI11 converts in base 0 (010 is 8, 0x10 is 16) and wraps "-3" around into
+          // an unsigned type instead of refusing it. A check cannot rewrite the text, so a leading zero is
+          // refused rather than read as octal.
+          const std::size_t sign = !text.empty() && (text[0] == '+' || text[0] == '-') ? 1 : 0;
+          valid = text.size() > sign && text.find_first_not_of("0123456789", sign) == std::string::npos &&
+                  (text[sign] != '0' || text.size() == sign + 1) && !(std::is_unsigned_v<T> && text[0] == '-');
+          errno = 0;
+          char* end = nullptr;
+          const long long wide = valid ? std::strtoll(text.c_str(), &end, 10) : 0;
+          valid = valid && errno == 0 && *end == '\0' &&
+                  (std::is_unsigned_v<T> || wide >= static_cast<long long>(std::numeric_limits<T>::min())) &&
+                  (wide <= 0 || static_cast<unsigned long long>(wide) <= std::numeric_limits<T>::max());
+          value = static_cast<T>(wide);
+        } else {
+          valid = CLI::detail::lexical_cast(text, value) && std::isfinite(value);  // "nan" is not < min
+        }
+        if (valid && !(value < min)) return {};
         return "must be " + expected + ", found '" + text + "'";
       },
       min == T(1) && std::is_integral_v<T> ? "POSITIVE" : min == T(0) ? "NONNEGATIVE" : "AT LEAST " + bound);

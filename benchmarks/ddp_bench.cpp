@@ -97,7 +97,8 @@ void add_options(CLI::App& app, Options& o) {
       ->check(bench::at_least<std::int64_t>(1));
   app.add_option("--powersgd-start-iteration", o.powersgd_start_iteration,
                  "PowerSGD start_iteration (plain averaging before; 0: every step timed is compressed)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(bench::at_least<std::uint64_t>(0));
   app.add_flag("--join", o.join,
                "one more row per workload: the default Lockstep way inside a ddp::Join (even inputs), to measure "
                "its per-step cost");

@@ -216,3 +216,35 @@ if(LOCKSTEP_BUILD_EXAMPLES)
     PASS_REGULAR_EXPRESSION "trainer.loss.name is 'cross_entropy', but this program regresses images"
     FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
 endif()
+
+# The benchmarks, on small sizes: they run to their table at 2 and 3 ranks, and their command lines
+# refuse what CLI11 alone would misread (octal, NaN). Their figures are not checked: machines are noisy.
+if(LOCKSTEP_BUILD_BENCHMARKS)
+  foreach(np 2 3)
+    math(EXPR batch "4 * ${np}")
+    lockstep_success_test(bench.scaling.np${np}
+                          ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:scaling_bench>
+                          --model mlp --mlp-width 64 --global-batch ${batch} --steps 2 --warmup 1)
+    set_tests_properties(bench.scaling.np${np} PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+      PASS_REGULAR_EXPRESSION "mlp 784-4x64-10 +${batch} +${np} +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9]+%")
+    # Every size reduced correctly (#wrong 0, out of place and in place).
+    lockstep_success_test(bench.allreduce.np${np}
+                          ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np ${np} $<TARGET_FILE:allreduce_bench>
+                          -b 1K -e 64K -f 8 --repeats 3 --seconds 0.005)
+    set_tests_properties(bench.allreduce.np${np} PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+      PASS_REGULAR_EXPRESSION "65536 +16384 +float \\| +[0-9.]+ +[0-9.]+ +[0-9.]+ +0 \\| +[0-9.]+ +[0-9.]+ +[0-9.]+ +0 \\|"
+      FAIL_REGULAR_EXPRESSION "\\| +[0-9.]+ +[0-9.]+ +[0-9.]+ +[1-9][0-9]* \\|")
+  endforeach()
+  add_test(NAME bench.scaling_uneven_batch.np3
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:scaling_bench> --global-batch 32)
+  set_tests_properties(bench.scaling_uneven_batch.np3 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "--global-batch 32 does not split over 3 ranks. give a multiple of 3")
+  add_test(NAME bench.octal_count COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 1
+           $<TARGET_FILE:scaling_bench> --steps 010)
+  set_tests_properties(bench.octal_count PROPERTIES TIMEOUT 60
+    PASS_REGULAR_EXPRESSION "--steps: must be an integer >= 1, found '010'")
+  add_test(NAME bench.nan_seconds COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 1
+           $<TARGET_FILE:allreduce_bench> --seconds nan)
+  set_tests_properties(bench.nan_seconds PROPERTIES TIMEOUT 60
+    PASS_REGULAR_EXPRESSION "--seconds: must be a number >= 0, found 'nan'")
+endif()

@@ -147,6 +147,28 @@ int main(int argc, char** argv) {
     }
     return 2;
   }
+  // Its model is its own and it adds no callbacks: a section it would not read is an error, not a
+  // run that silently ignores early stopping, pruning or another width.
+  std::string unread;
+  const auto note = [&unread](bool set, const char* key) {
+    if (set) unread += std::string(unread.empty() ? "" : ", ") + key;
+  };
+  note(cfg.ema.enabled, "ema.enabled");
+  note(cfg.early_stopping.enabled, "early_stopping.enabled");
+  note(cfg.pruning.enabled, "pruning.enabled");
+  note(cfg.quantization.enabled, "quantization.enabled");
+  config::ExperimentConfig default_model = cfg;
+  default_model.model = lockstep::models::ResNet18Options{};
+  note(config::to_yaml(default_model) != config::to_yaml(cfg), "model");
+  if (!unread.empty()) {
+    if (runtime.rank() == 0) {
+      std::fprintf(stderr,
+                   "denoise_images: this program builds its own model and adds no callbacks, so it does not read "
+                   "%s: remove them from the config\n",
+                   unread.c_str());
+    }
+    return 2;
+  }
   auto [clean_train, clean_test] = config::make_datasets(cfg.data, cfg.trainer.seed);
   auto train_set = std::make_shared<NoisyImages>(clean_train, cfg.trainer.seed, /*fixed_noise=*/false);
   auto test_set = std::make_shared<NoisyImages>(clean_test, cfg.trainer.seed, /*fixed_noise=*/true);
@@ -168,7 +190,10 @@ int main(int argc, char** argv) {
   if (const int signal = trainer.caught_signal()) return 128 + signal;  // checkpointed; end as asked
   if (runtime.rank() == 0) {
     const auto mse = metrics.find("test_mse");
-    if (mse == metrics.end()) {
+    if (mse == metrics.end() && !trainer.stop_reason().empty()) {
+      std::printf("denoising: no test_mse: the run stopped before this epoch's evaluation (%s)\n",
+                  trainer.stop_reason().c_str());
+    } else if (mse == metrics.end()) {
       std::printf("denoising: no test_mse (add mse to trainer.metrics)\n");
     } else {
       const std::string early = trainer.stop_reason().empty()

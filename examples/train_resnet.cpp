@@ -180,6 +180,11 @@ int main(int argc, char** argv) {
       } else {
         std::printf("final test accuracy: %.2f%%\n", 100.0 * acc->second);
       }
+    } else if (metrics.count("epoch") > 0 && !trainer.stop_reason().empty()) {
+      // A stop inside an epoch (stop_after_steps, a signal, a time limit): fit() returns that epoch's
+      // training metrics; its evaluation runs when the run resumes.
+      std::printf("final test accuracy: n/a (the run stopped before epoch %lld's evaluation: %s)\n",
+                  static_cast<long long>(metrics.at("epoch")), trainer.stop_reason().c_str());
     } else if (metrics.count("epoch") > 0) {
       std::printf("final test accuracy: n/a (epoch %lld ended without test_acc: no test set, or accuracy is not "
                   "among trainer.metrics)\n",

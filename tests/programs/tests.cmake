@@ -248,3 +248,24 @@ if(LOCKSTEP_BUILD_BENCHMARKS)
   set_tests_properties(bench.nan_seconds PROPERTIES TIMEOUT 60
     PASS_REGULAR_EXPRESSION "--seconds: must be a number >= 0, found 'nan'")
 endif()
+
+# Stopped inside an epoch: the final line says why there is no test accuracy (it said "no test set, or
+# accuracy is not among trainer.metrics").
+if(LOCKSTEP_BUILD_EXAMPLES)
+  lockstep_success_test(program.train_resnet_stop_mid_epoch.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet>
+                        --config ${PROJECT_SOURCE_DIR}/configs/demo.yaml
+                        --set data.train_subset=256 --set data.test_subset=64 --set model.width=4
+                        --set trainer.stop_after_steps=1 --set trainer.checkpoint.enabled=false
+                        --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/train_resnet_stop_mid_epoch)
+  set_tests_properties(program.train_resnet_stop_mid_epoch.np2 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "final test accuracy: n/a .the run stopped before epoch 1's evaluation: stop_after_steps .1..")
+  # denoise_images reads neither callbacks' sections nor the model section: refused, named, once.
+  add_test(NAME program.denoise_images_unread_sections.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
+                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
+                   --set early_stopping.enabled=true --set model.width=8)
+  set_tests_properties(program.denoise_images_unread_sections.np2 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "denoise_images: this program builds its own model and adds no callbacks, so it does not read early_stopping.enabled, model: remove them from the config"
+    FAIL_REGULAR_EXPRESSION "does not read.*does not read")
+endif()

@@ -187,12 +187,16 @@ class Section {
   void strings(const std::string& key, std::vector<std::string>& out) {
     known_.insert(key);
     YAML::Node node = child(key);
-    if (!node.IsDefined() || node.IsNull()) return;
+    if (!node.IsDefined()) return;
     if (node.IsScalar()) {
       out = {node.Scalar()};
       return;
     }
-    if (!node.IsSequence()) reader_.fail(full(key), node, "expected a list of strings, found " + describe(node));
+    // Null too (`metrics:` left empty, `--set trainer.metrics=~`): it kept the default list, where a
+    // scalar key left empty is an error; an empty list is written [].
+    if (!node.IsSequence()) {
+      reader_.fail(full(key), node, "expected a list of strings ([] for none), found " + describe(node));
+    }
     out.clear();
     for (const auto& item : node) {
       if (!item.IsScalar()) reader_.fail(full(key), item, "expected a list of strings, found an item that is " + describe(item));

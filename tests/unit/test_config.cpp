@@ -593,6 +593,10 @@ TEST_CASE("config: trainer.loss and trainer.metrics map onto TrainerOptions, rou
   CHECK(regression.trainer.loss.name == "smooth_l1");
   CHECK(regression.trainer.loss.beta == 0.5);
   CHECK(config::parse_config("trainer: {metrics: []}").trainer.metrics.empty());  // the loss alone
+  // Left empty (null): an error, as for a scalar key; it kept the default list.
+  CHECK_THAT(error_of("trainer:\n  metrics:\n"),
+             Contains("'trainer.metrics'") && Contains("expected a list of strings ([] for none)"));
+  CHECK_THAT(error_of("trainer:\n  stop_signals: ~\n"), Contains("'trainer.stop_signals'"));
   CHECK(config::parse_config(config::to_yaml(config::parse_config("trainer: {metrics: []}"))).trainer.metrics.empty());
 
   CHECK_THAT(error_of("trainer:\n  loss:\n    name: hinge\n"),

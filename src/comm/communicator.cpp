@@ -26,8 +26,9 @@ std::chrono::milliseconds default_timeout() {
   if (const char* text = std::getenv("LOCKSTEP_TIMEOUT_S"); text != nullptr && *text != '\0') {
     char* end = nullptr;
     seconds = std::strtod(text, &end);
-    LOCKSTEP_CHECK(end != text && *end == '\0' && seconds > 0,
-                   "LOCKSTEP_TIMEOUT_S must be a positive number of seconds (or inf), found '", text, "'");
+    // At least a millisecond: a smaller one would be 0 ms, and every wait would time out at once.
+    LOCKSTEP_CHECK(end != text && *end == '\0' && seconds >= 0.001,
+                   "LOCKSTEP_TIMEOUT_S must be a number of seconds >= 0.001 (or inf), found '", text, "'");
   }
   // Compared as a double first: converting inf, or anything past int64's range, is undefined.
   const double ms = seconds * 1000.0;

@@ -154,8 +154,8 @@ struct MpiCommunicator::Impl {
   std::atomic<std::size_t> queued{0};  // queue.size() readable without the lock (Note [Short spin])
   bool stop = false;
   bool exited = false;
-  // Set when a wait() on one of our collectives timed out: someone gave up on it already.
-  std::shared_ptr<std::atomic<bool>> timed_out = std::make_shared<std::atomic<bool>>(false);
+  // Works given up on (a wait() timed out) that have not completed since (AsyncWork::report_timeouts_to).
+  std::shared_ptr<std::atomic<int>> given_up = std::make_shared<std::atomic<int>>(0);
   std::condition_variable exited_cv;
   std::thread thread;
 
@@ -218,7 +218,7 @@ struct MpiCommunicator::Impl {
       LOCKSTEP_CHECK(!stop, "MpiCommunicator is shutting down; no new ", info.op, " can be issued");
       info.seq = next_seq++;
       work = std::make_shared<AsyncWork>(std::move(info), timeout);
-      work->report_timeouts_to(timed_out);
+      work->report_timeouts_to(given_up);
       queue.push_back(Task{work, std::move(run)});
       queued.store(queue.size(), std::memory_order_release);
     }
@@ -257,7 +257,7 @@ MpiCommunicator::~MpiCommunicator() {
   // up, and the program leaving), a collective still in flight is almost surely the stuck one: a
   // short grace, not another whole timeout, before the abort.
   const bool unwinding = std::uncaught_exceptions() > 0;
-  const bool given_up = unwinding || impl_->timed_out->load();
+  const bool given_up = unwinding || impl_->given_up->load() > 0;
   const std::chrono::milliseconds limit =
       given_up ? std::min(impl_->timeout, std::chrono::milliseconds(1000)) : impl_->timeout;
   bool exited = false;

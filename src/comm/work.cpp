@@ -55,7 +55,10 @@ void AsyncWork::wait(std::chrono::milliseconds timeout) {
   }
   std::unique_lock<std::mutex> lock(mutex_);
   if (!done_cv_.wait_for(lock, timeout, [this] { return done_; })) {
-    if (timed_out_flag_) timed_out_flag_->store(true);
+    if (given_up_ && !counted_) {
+      counted_ = true;
+      given_up_->fetch_add(1);
+    }
     throw_timeout(timeout);
   }
   if (error_) std::rethrow_exception(error_);
@@ -88,6 +91,7 @@ void AsyncWork::mark_completed() {
     if (start_ == Clock::time_point{}) start_ = end_;
     done_ = true;
     done_flag_.store(true, std::memory_order_release);
+    if (counted_) given_up_->fetch_sub(1);
   }
   done_cv_.notify_all();
 }
@@ -100,6 +104,7 @@ void AsyncWork::mark_failed(std::exception_ptr error) {
     error_ = std::move(error);
     done_ = true;
     done_flag_.store(true, std::memory_order_release);
+    if (counted_) given_up_->fetch_sub(1);
   }
   done_cv_.notify_all();
 }

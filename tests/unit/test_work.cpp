@@ -52,6 +52,25 @@ TEST_CASE("AsyncWork times out with a message naming the operation", "[comm]") {
   CHECK_THROWS_WITH(work->wait(), Contains("allreduce #7") && Contains("rank 1 of 3") && Contains("30 ms"));
 }
 
+TEST_CASE("AsyncWork counts itself given up on only until it completes", "[comm]") {
+  // The communicator's destructor waits a short grace, not a whole timeout, while some Work is counted.
+  // Before, one timed-out wait shortened it for good, even after that collective had completed.
+  auto given_up = std::make_shared<std::atomic<int>>(0);
+  for (const bool fail : {false, true}) {
+    auto work = std::make_shared<AsyncWork>(info(), std::chrono::milliseconds(5000));
+    work->report_timeouts_to(given_up);
+    CHECK_THROWS(work->wait(std::chrono::milliseconds(1)));
+    CHECK_THROWS(work->wait(std::chrono::milliseconds(1)));  // counted once
+    CHECK(given_up->load() == 1);
+    if (fail) {
+      work->mark_failed(std::make_exception_ptr(std::runtime_error("late failure")));
+    } else {
+      work->mark_completed();
+    }
+    CHECK(given_up->load() == 0);
+  }
+}
+
 TEST_CASE("AsyncWork rethrows a failure from every wait", "[comm]") {
   auto work = std::make_shared<AsyncWork>(info(), std::chrono::milliseconds(1000));
   work->mark_failed(std::make_exception_ptr(std::runtime_error("MPI said no")));
@@ -145,10 +164,10 @@ TEST_CASE("LOCKSTEP_TIMEOUT_S: seconds, inf or huge for no limit, and errors for
     TimeoutEnv env(unlimited);
     CHECK(default_timeout() == kMaxTimeout);  // before: inf cast to int64 (undefined), 1e12 s overflowed the clock
   }
-  for (const char* bad : {"0", "-3", "nan", "ten", "5s"}) {
+  for (const char* bad : {"0", "-3", "nan", "ten", "5s", "0.0004"}) {  // 0.4 ms was 0 ms: every wait timed out
     INFO(bad);
     TimeoutEnv env(bad);
-    CHECK_THROWS_WITH(default_timeout(), Contains("LOCKSTEP_TIMEOUT_S must be a positive number of seconds") &&
+    CHECK_THROWS_WITH(default_timeout(), Contains("LOCKSTEP_TIMEOUT_S must be a number of seconds >= 0.001") &&
                                              Contains(std::string("'") + bad + "'"));
   }
 }

@@ -81,9 +81,10 @@ class AsyncWork final : public Work {
   void mark_started();
   void mark_completed();
   void mark_failed(std::exception_ptr error);
-  // A wait() that times out sets `flag` (the communicator's: a collective was given up on, so its
-  // destructor need not wait a whole timeout for it again).
-  void report_timeouts_to(std::shared_ptr<std::atomic<bool>> flag) { timed_out_flag_ = std::move(flag); }
+  // `given_up` (the communicator's) counts this Work while a wait() on it has timed out and it has not
+  // completed: a collective given up on, for which the communicator's destructor need not wait a whole
+  // timeout again. One that completes later no longer counts (a shutdown then waits for the others).
+  void report_timeouts_to(std::shared_ptr<std::atomic<int>> given_up) { given_up_ = std::move(given_up); }
 
  private:
   mutable std::mutex mutex_;
@@ -92,7 +93,8 @@ class AsyncWork final : public Work {
   std::atomic<bool> done_flag_{false};  // done_ without the lock, for wait()'s short spin
   std::exception_ptr error_;
   Clock::time_point start_{}, end_{};
-  std::shared_ptr<std::atomic<bool>> timed_out_flag_;
+  std::shared_ptr<std::atomic<int>> given_up_;
+  bool counted_ = false;  // in *given_up_
 };
 
 // then(work, fn): a Work that, the first time it is waited on successfully, waits for `work` and

@@ -298,7 +298,10 @@ WorkPtr Core::launch(LaunchSpec spec) {
   state->deadline = state->issued + options_.timeout;
   {
     // Registered before the NCCL call: an enqueue that blocks (a peer that never connects) is timed too.
+    // Checked again under mutex_: an abort() since the check above (it takes mutex_, not launch_mutex_)
+    // has failed what was pending, and a state pushed after it would never be failed.
     std::lock_guard<std::mutex> lock(mutex_);
+    if (aborted_) std::rethrow_exception(failure_);
     pending_.push_back(state);
   }
   try {

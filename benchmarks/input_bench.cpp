@@ -163,8 +163,10 @@ int main(int argc, char** argv) {
     if (!o.json.empty()) {
       nlohmann::json doc = {{"benchmark", "input"},       {"ranks", runtime.size()},
                             {"width", o.width},           {"batch_per_rank", o.batch},
-                            {"steps", o.steps},           {"real_images_per_s", real_runs},
-                            {"in_memory_images_per_s", free_runs},
+                            {"steps", o.steps},           {"real_images_per_s", real_median},
+                            {"in_memory_images_per_s", free_median},
+                            {"real_images_per_s_runs", real_runs},
+                            {"in_memory_images_per_s_runs", free_runs},
                             {"ratio", real_median / free_median},
                             {"loader_images_per_s", loader_real}};
       if (bench::write_json("input_bench", o.json, doc)) std::printf("# wrote %s\n", o.json.c_str());

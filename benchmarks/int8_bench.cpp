@@ -157,7 +157,8 @@ int main(int argc, char** argv) {
                   100 * agreement);
       rows.push_back({{"way", way.name},
                       {"test_acc", accuracy},
-                      {"images_per_s", way.images_per_s},
+                      {"images_per_s", speed},  // the median the table shows, as the other benchmarks
+                      {"images_per_s_runs", way.images_per_s},
                       {"speedup", speed / float_speed},
                       {"agreement", agreement}});
     }

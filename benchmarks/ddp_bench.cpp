@@ -28,10 +28,10 @@
 
 #include "bench_cli.hpp"
 #include "bench_report.hpp"
+#include "bench_workloads.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/ddp/join.hpp"
 #include "lockstep/ddp/powersgd.hpp"
-#include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 
 namespace {
@@ -115,28 +115,8 @@ void add_options(CLI::App& app, Options& o) {
 }
 
 // A wide MLP: its gradient is large next to its backward compute, so communication matters.
-struct WideMlpImpl : torch::nn::Module {
-  WideMlpImpl(std::int64_t in, std::int64_t width, int hidden_layers, std::int64_t classes) {
-    std::int64_t from = in;
-    for (int l = 0; l < hidden_layers; ++l) {
-      layers.push_back(register_module("fc" + std::to_string(l), torch::nn::Linear(from, width)));
-      from = width;
-    }
-    head = register_module("head", torch::nn::Linear(from, classes));
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    x = x.flatten(1);
-    for (auto& layer : layers) x = torch::relu(layer(x));
-    return head(x);
-  }
-  std::vector<torch::nn::Linear> layers;
-  torch::nn::Linear head{nullptr};
-};
-
-struct Workload {
-  std::string name;
-  std::function<std::shared_ptr<torch::nn::Module>()> make;
-  std::function<torch::Tensor(torch::nn::Module&, const torch::Tensor&)> forward;
+// A model and one rank's batch for it.
+struct Workload : bench::Model {
   torch::Tensor x, y;
 };
 
@@ -376,26 +356,12 @@ int main(int argc, char** argv) {
   std::vector<Workload> workloads;
   torch::manual_seed(100 + rank);  // each rank its own synthetic batch
   if (o.model == "all" || o.model == "resnet") {
-    lockstep::models::ResNet18Options ro;
-    ro.num_classes = 10;
-    ro.in_channels = 1;
-    ro.stem = lockstep::models::Stem::Small;
-    ro.width = o.resnet_width;
-    workloads.push_back(
-        {"resnet18-w" + std::to_string(o.resnet_width) + " 28x28",
-         [ro] { return std::static_pointer_cast<torch::nn::Module>(lockstep::models::ResNet18(ro).ptr()); },
-         [](torch::nn::Module& m, const torch::Tensor& x) {
-           return static_cast<lockstep::models::ResNet18Impl&>(m).forward(x);
-         },
-         torch::randn({o.resnet_batch, 1, 28, 28}), torch::randint(10, {o.resnet_batch}, torch::kLong)});
+    workloads.push_back({bench::resnet_model(o.resnet_width), torch::randn({o.resnet_batch, 1, 28, 28}),
+                         torch::randint(10, {o.resnet_batch}, torch::kLong)});
   }
   if (o.model == "all" || o.model == "mlp") {
-    const std::int64_t width = o.mlp_width;
-    workloads.push_back(
-        {"mlp 784-4x" + std::to_string(width) + "-10",
-         [width] { return std::make_shared<WideMlpImpl>(784, width, 4, 10); },
-         [](torch::nn::Module& m, const torch::Tensor& x) { return static_cast<WideMlpImpl&>(m).forward(x); },
-         torch::randn({o.mlp_batch, 1, 28, 28}), torch::randint(10, {o.mlp_batch}, torch::kLong)});
+    workloads.push_back({bench::mlp_model(o.mlp_width), torch::randn({o.mlp_batch, 1, 28, 28}),
+                         torch::randint(10, {o.mlp_batch}, torch::kLong)});
   }
 
   std::vector<Result> results;

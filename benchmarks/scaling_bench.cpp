@@ -25,8 +25,8 @@
 
 #include "bench_cli.hpp"
 #include "bench_report.hpp"
+#include "bench_workloads.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
-#include "lockstep/models/resnet.hpp"
 #include "lockstep/runtime.hpp"
 
 namespace {
@@ -50,7 +50,7 @@ const char* const kDescription =
     "speedup/n (MPI, CPU tensors).";
 
 void add_options(CLI::App& app, Options& o) {
-  app.add_option("--model", o.model, "the workload: ResNet-18 on 28x28 images, or a 4-layer MLP")
+  app.add_option("--model", o.model, "the workload: ResNet-18 on 28x28 images, or an MLP of 4 hidden layers")
       ->capture_default_str()
       ->check(CLI::IsMember({"resnet", "mlp"}));
   app.add_option("--global-batch", o.global_batch, "images per step over all ranks (a multiple of the rank count)")
@@ -72,46 +72,8 @@ void add_options(CLI::App& app, Options& o) {
   app.callback([&o, json] { o.json = json->count() > 0; });
 }
 
-// The workload: the same initial weights on every rank and for both ways.
-struct Workload {
-  std::string name;
-  std::function<std::shared_ptr<torch::nn::Module>()> make;
-  std::function<torch::Tensor(torch::nn::Module&, const torch::Tensor&)> forward;
-};
-
-Workload workload(const Options& o) {
-  if (o.model == "resnet") {
-    lockstep::models::ResNet18Options ro;
-    ro.num_classes = 10;
-    ro.in_channels = 1;
-    ro.stem = lockstep::models::Stem::Small;
-    ro.width = o.resnet_width;
-    return {"resnet18-w" + std::to_string(o.resnet_width) + " 28x28",
-            [ro] {
-              torch::manual_seed(1);
-              return std::static_pointer_cast<torch::nn::Module>(lockstep::models::ResNet18(ro).ptr());
-            },
-            [](torch::nn::Module& m, const torch::Tensor& x) {
-              return static_cast<lockstep::models::ResNet18Impl&>(m).forward(x);
-            }};
-  }
-  const std::int64_t width = o.mlp_width;
-  return {"mlp 784-4x" + std::to_string(width) + "-10",
-          [width] {
-            torch::manual_seed(1);
-            torch::nn::Sequential mlp(torch::nn::Flatten(), torch::nn::Linear(784, width), torch::nn::ReLU(),
-                                      torch::nn::Linear(width, width), torch::nn::ReLU(),
-                                      torch::nn::Linear(width, width), torch::nn::ReLU(),
-                                      torch::nn::Linear(width, 10));
-            return std::static_pointer_cast<torch::nn::Module>(mlp.ptr());
-          },
-          [](torch::nn::Module& m, const torch::Tensor& x) {
-            return dynamic_cast<torch::nn::SequentialImpl&>(m).forward(x);
-          }};
-}
-
 // Seconds per step of `warmup` + `steps` SGD steps on (x, y); `dp` (if any) reduces the gradients.
-std::vector<double> time_steps(const Workload& w, torch::nn::Module& model, const torch::Tensor& x,
+std::vector<double> time_steps(const bench::Model& w, torch::nn::Module& model, const torch::Tensor& x,
                                const torch::Tensor& y, const Options& o, lockstep::ddp::DataParallel* dp) {
   torch::optim::SGD optimizer(model.parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
   std::vector<double> seconds;
@@ -138,7 +100,7 @@ struct Result {
 };
 
 nlohmann::json to_json(const Result& r, int threads, const Options& o) {
-  return {{"benchmark", "scaling_bench"},
+  return {{"benchmark", "scaling"},
           {"model", r.model},
           {"global_batch", r.global_batch},
           {"ranks", r.ranks},
@@ -175,7 +137,11 @@ int main(int argc, char** argv) {
     }
     return bench::kUsageError;
   }
-  const Workload w = workload(o);
+  bench::Model w = o.model == "resnet" ? bench::resnet_model(o.resnet_width) : bench::mlp_model(o.mlp_width);
+  w.make = [make = std::move(w.make)] {  // the same initial weights on every rank and for both ways
+    torch::manual_seed(1);
+    return make();
+  };
   torch::manual_seed(7);  // the same global batch on every rank
   const torch::Tensor x = torch::randn({o.global_batch, 1, 28, 28});
   const torch::Tensor y = torch::randint(10, {o.global_batch}, torch::kLong);

@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
       } else {
         std::printf("final test accuracy: %.2f%%\n", 100.0 * acc->second);
       }
-    } else if (metrics.count("epoch") > 0 && !trainer.stop_reason().empty()) {
+    } else if (metrics.count("epoch") > 0 && metrics.count("test_loss") == 0 && !trainer.stop_reason().empty()) {
       // A stop inside an epoch (stop_after_steps, a signal, a time limit): fit() returns that epoch's
       // training metrics; its evaluation runs when the run resumes.
       std::printf("final test accuracy: n/a (the run stopped before epoch %lld's evaluation: %s)\n",

@@ -136,7 +136,8 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
   if (o.end_epoch > 0 || o.begin_epoch > 0) {
     o.begin_step = train::steps_of_epochs(o.begin_epoch, ctx.steps_per_epoch, "pruning begin_epoch");
     if (o.end_epoch > 0) {
-      o.end_step = std::max(o.begin_step + 1, train::steps_of_epochs(o.end_epoch, ctx.steps_per_epoch, "pruning end_epoch"));
+      o.end_step = std::max(o.begin_step + 1,
+                            train::steps_of_epochs(o.end_epoch, ctx.steps_per_epoch, "pruning end_epoch"));
     }
     o.begin_epoch = o.end_epoch = 0.0;  // resolved
   }
@@ -150,8 +151,8 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
     reached_at = o.begin_step + (last_step - o.begin_step) / o.frequency * o.frequency;
   }
   const double epoch_setting = gradual ? configured.end_epoch : configured.begin_epoch;
-  LOCKSTEP_FAIL("MagnitudePruning: the schedule reaches its target sparsity ", percent(scheduled_sparsity(o, target_step)),
-                " at step ", target_step,
+  LOCKSTEP_FAIL("MagnitudePruning: the schedule reaches its target sparsity ",
+                percent(scheduled_sparsity(o, target_step)), " at step ", target_step,
                 epoch_setting > 0 ? detail::str_cat(" (", gradual ? "end_epoch " : "begin_epoch ", epoch_setting, ")")
                                   : std::string(),
                 ", but the run's last step is ", last_step, " (", ctx.total_steps / ctx.steps_per_epoch,

@@ -189,8 +189,8 @@ namespace {
 double machine_epsilon(at::ScalarType type) {
   switch (type) {
     case at::kDouble: return std::numeric_limits<double>::epsilon();
-    case at::kHalf: return 9.765625e-4;     // 2^-10
-    case at::kBFloat16: return 7.8125e-3;   // 2^-7
+    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::epsilon());
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::epsilon());
     default: return std::numeric_limits<float>::epsilon();
   }
 }
@@ -212,7 +212,7 @@ void orthogonalize_columns(const at::Tensor& matrix, double epsilon) {
     // included) is divided by infinity and becomes 0; a tiny one by its norm (|entries| <= norm, so
     // nothing overflows).
     at::Tensor norm = column.norm();
-    column.div_(at::where(norm > floors[i], norm + epsilon, at::full_like(norm, std::numeric_limits<double>::infinity())));
+    column.div_(at::where(norm > floors[i], norm + epsilon, std::numeric_limits<double>::infinity()));
     if (i + 1 < r) {
       at::Tensor rest = matrix.narrow(1, i + 1, r - i - 1);
       rest.sub_(at::mm(column, at::mm(column.t(), rest)));

@@ -265,8 +265,7 @@ void Reducer::on_gradient_ready(std::size_t index) {
   torch::autograd::AutoGradMode no_grad(false);
   settle_abandoned_backward();
   if (!in_backward_) {
-    LOCKSTEP_CHECK(!sync_ || out_of_step_.empty(), out_of_step_);
-    LOCKSTEP_CHECK(!sync_ || !join_ || join_error_.empty(), join_error_);
+    if (sync_) check_can_synchronize();
     check_hooks_attached_locked();
     begin_backward();
   }
@@ -366,6 +365,13 @@ void Reducer::settle_abandoned_backward() {
   }
   join_work_.reset();
   reset_iteration();
+}
+
+// What makes every later synchronised step refuse to start: this rank's collectives out of step with
+// the others' (Note [Abandoned backward]), or a Join whose options differ between ranks (Note [Join]).
+void Reducer::check_can_synchronize() const {
+  LOCKSTEP_CHECK(out_of_step_.empty(), out_of_step_);
+  LOCKSTEP_CHECK(join_error_.empty(), join_error_);
 }
 
 void Reducer::check_hooks_attached() const {
@@ -630,7 +636,7 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   const std::vector<std::int32_t> used_counts(flag + n, flag + 2 * n);
   std::fill(used_since_sync_.begin(), used_since_sync_.end(), 0);
   ++sync_count_;
-  if (join_) LOCKSTEP_CHECK(join_error_.empty(), join_error_);  // Note [Join]: now that every collective is done
+  LOCKSTEP_CHECK(join_error_.empty(), join_error_);  // Note [Join]: now that every collective is done
   if (join_ && join_options_.throw_on_early_termination && active_count < size) fail_uneven();
   if (!options_.find_unused_parameters) {
     for (std::size_t i = 0; i < n; ++i) {
@@ -776,6 +782,7 @@ void Reducer::enable_join(const JoinOptions& options) {
 void Reducer::disable_join() {
   std::lock_guard<std::mutex> lock(mutex_);
   join_ = false;
+  join_error_.clear();  // set only in join mode
   join_work_.reset();
 }
 
@@ -785,8 +792,7 @@ bool Reducer::shadow_step() {
   LOCKSTEP_CHECK(join_, "DataParallel internal error: shadow_step outside join mode (rank ", comm_->rank(), ")");
   settle_abandoned_backward();
   LOCKSTEP_CHECK(!in_backward_, "DataParallel: Join::finish() cannot run during backward (rank ", comm_->rank(), ")");
-  LOCKSTEP_CHECK(out_of_step_.empty(), out_of_step_);
-  LOCKSTEP_CHECK(join_error_.empty(), join_error_);
+  check_can_synchronize();
   // Note [Join]: "this rank trains no more"; the others' flags say whether a backward follows.
   at::Tensor flags = at::empty({2 * comm_->size()}, at::kInt);
   try {

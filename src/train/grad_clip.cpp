@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/torch_compat.hpp"
+#include "core/unique_tensors.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::train {
@@ -15,7 +16,8 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& parameters, double max_
   LOCKSTEP_CHECK(norm_type > 0, "clip_grad_norm: norm_type must be positive (or infinity), got ", norm_type);
   std::vector<at::Tensor> grads;
   grads.reserve(parameters.size());
-  for (const at::Tensor& parameter : parameters) {
+  // A tied weight (listed once per name by Module::parameters()) is counted and scaled once.
+  for (const at::Tensor& parameter : detail::unique_tensors(parameters)) {
     const at::Tensor& grad = parameter.grad();
     if (!grad.defined()) continue;
     LOCKSTEP_CHECK(!grad.is_sparse(), "clip_grad_norm: sparse gradients are not supported (a parameter of shape ",

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "core/unique_tensors.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::train {
@@ -27,7 +28,8 @@ bool GradScaler::unscale(const std::vector<at::Tensor>& parameters, comm::Commun
   std::vector<at::Tensor> grads;
   grads.reserve(parameters.size());
   bool one_gpu = true;
-  for (const at::Tensor& parameter : parameters) {
+  // A tied weight (listed once per name by Module::parameters()) is unscaled once.
+  for (const at::Tensor& parameter : detail::unique_tensors(parameters)) {
     const at::Tensor& grad = parameter.grad();
     if (!grad.defined()) continue;
     one_gpu = one_gpu && grad.is_cuda() && (grads.empty() || grad.device() == grads.front().device());

@@ -36,6 +36,8 @@ void check_cross_entropy(const at::Tensor& output, const at::Tensor& target, int
     LOCKSTEP_CHECK(output.dim() >= 1 && output.sizes() == target.sizes(),
                    "loss cross_entropy: a floating-point target holds class probabilities and must have the "
                    "output's shape; found output ", shape_of(output), " and target ", shape_of(target));
+    LOCKSTEP_CHECK(ignore_index == LossOptions{}.ignore_index, "loss cross_entropy: ignore_index (", ignore_index,
+                   ") applies to class-index targets; this one holds class probabilities");
     return;
   }
   bool ok = output.dim() >= 2 && target.dim() == output.dim() - 1 && !at::isComplexType(target.scalar_type()) &&
@@ -92,7 +94,8 @@ LossFn make_loss(const LossOptions& options) {
       // Class indices must be int64 for LibTorch; probabilities take the output's type.
       const at::Tensor labels = at::isFloatingType(target.scalar_type()) ? target.to(out.scalar_type())
                                                                           : target.to(at::kLong);
-      return F::cross_entropy(out, labels, F::CrossEntropyFuncOptions().label_smoothing(smoothing).ignore_index(ignore));
+      return F::cross_entropy(out, labels,
+                              F::CrossEntropyFuncOptions().label_smoothing(smoothing).ignore_index(ignore));
     };
   }
   if (name == "bce_with_logits") {

@@ -27,7 +27,6 @@
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
 #include "core/exception_text.hpp"
-#include "core/unique_tensors.hpp"
 #include "train/epoch_totals.hpp"
 
 namespace lockstep::train {
@@ -131,7 +130,6 @@ void DistributedTrainer::set_up() {
   LOCKSTEP_CHECK(options_.clip_grad_norm >= 0 && std::isfinite(options_.clip_grad_norm),
                  "TrainerOptions::clip_grad_norm must be >= 0 (0 = off), got ", options_.clip_grad_norm);
   LOCKSTEP_CHECK(!optimizer_->param_groups().empty(), "DistributedTrainer: the optimizer has no parameter groups");
-  parameters_ = detail::unique_tensors(model_->parameters());
   {
     // A tensor the optimizer holds twice (model->parameters() of a model with tied weights) would be
     // stepped twice per step.
@@ -143,7 +141,8 @@ void DistributedTrainer::set_up() {
         for (const auto& item : model_->named_parameters()) {
           if (item.value().is_same(p)) names += (names.empty() ? "'" : ", '") + item.key() + "'";
         }
-        LOCKSTEP_FAIL("DistributedTrainer: the optimizer holds a parameter twice (", names.empty() ? "not the model's" : names,
+        LOCKSTEP_FAIL("DistributedTrainer: the optimizer holds a parameter twice (",
+                      names.empty() ? "not the model's" : names,
                       "): it would step it twice per step. Module::parameters() lists a tied weight once per "
                       "name; give the optimizer each tensor once");
       }
@@ -688,12 +687,12 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
     }
     ctx.loss = step_loss;  // the mean over the step's samples
     // The gradients are averaged over ranks by now; callbacks see them unscaled.
-    if (scaler_) ctx.step_skipped = scaler_->unscale(parameters_, *comm_);
+    if (scaler_) ctx.step_skipped = scaler_->unscale(model_->parameters(), *comm_);
     for (auto& cb : callbacks_) cb->on_after_backward(ctx);
     if (options_.clip_grad_norm > 0 && !ctx.step_skipped) {
       // Every rank holds the same averaged gradients, so every rank computes the same norm. It stays on
       // the device (Note [No host sync per step]).
-      totals_->add_grad_norm(clip_grad_norm(parameters_, options_.clip_grad_norm));
+      totals_->add_grad_norm(clip_grad_norm(model_->parameters(), options_.clip_grad_norm));
       sums[kClipped] += 1;
     }
     if (!ctx.step_skipped) optimizer_->step();

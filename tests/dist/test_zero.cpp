@@ -313,7 +313,8 @@ TEST_CASE("trainer with tied weights: make_optimizer steps a tied tensor once, s
 
   Tied model;
   auto twice = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
-  CHECK_THROWS_WITH(lockstep::train::DistributedTrainer(model, twice, comm_ptr(), lockstep::testing::quiet_trainer(1, 4)),
+  const auto options = lockstep::testing::quiet_trainer(1, 4);
+  CHECK_THROWS_WITH(lockstep::train::DistributedTrainer(model, twice, comm_ptr(), options),
                     Contains("the optimizer holds a parameter twice ('a.weight', 'b.weight'): it would step it twice"));
 }
 

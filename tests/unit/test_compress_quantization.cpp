@@ -306,7 +306,8 @@ TEST_CASE("quantization: the int8 export reads back into the model bitwise", "[c
       activations.insert_or_assign(name, t);
     });
     CHECK_THROWS_WITH(read_int8(zero_point), Catch::Contains("must be an integer in [0, 255], found 300"));
-    const std::string typed = tampered([](c10::impl::GenericDict& root) { root.insert_or_assign(std::string("version"), std::string("two")); });
+    const std::string typed = tampered(
+        [](c10::impl::GenericDict& root) { root.insert_or_assign(std::string("version"), std::string("two")); });
     CHECK_THROWS_WITH(read_int8(typed), Catch::Contains("is not a valid Lockstep int8 model file"));
   }
 }

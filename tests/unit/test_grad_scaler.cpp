@@ -25,6 +25,10 @@ TEST_CASE("GradScaler scales the loss and unscales the gradients", "[grad_scaler
   CHECK_FALSE(scaler.unscale({w}, solo));
   CHECK(torch::allclose(w.grad(), torch::tensor({2.0f, 4.0f})));
   CHECK(solo.allreduces == 1);  // the flag is agreed on even in a world of one
+  // A tensor listed twice (a tied weight in Module::parameters()) is unscaled once.
+  w.mutable_grad().mul_(8.0);
+  CHECK_FALSE(scaler.unscale({w, w}, solo));
+  CHECK(torch::allclose(w.grad(), torch::tensor({2.0f, 4.0f})));
   // A parameter without a gradient is skipped, not an error.
   auto unused = torch::zeros({3}, torch::requires_grad());
   CHECK_FALSE(scaler.unscale({unused}, solo));

@@ -101,6 +101,14 @@ TEST_CASE("clip_grad_norm: mixed dtypes, no gradients, non-finite gradients", "[
   }
 }
 
+TEST_CASE("clip_grad_norm counts and scales a tensor listed twice (a tied weight) once", "[train][clip]") {
+  at::Tensor tied = torch::zeros({2}, torch::requires_grad());
+  tied.mutable_grad() = torch::tensor({3.0f, 4.0f});
+  const at::Tensor norm = clip_grad_norm({tied, tied}, 1.0);  // Module::parameters() of a tied model
+  CHECK(norm.item<float>() == Approx(5.0));  // not 5 sqrt(2)
+  CHECK(torch::allclose(tied.grad(), torch::tensor({0.6f, 0.8f}), 1e-5, 1e-6));  // scaled once, not twice
+}
+
 TEST_CASE("clip_grad_norm refuses bad arguments with the argument's name", "[train][clip]") {
   const std::vector<at::Tensor> params = parameters_with_grads(1);
   const double nan = std::numeric_limits<double>::quiet_NaN();

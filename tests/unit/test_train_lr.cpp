@@ -86,8 +86,10 @@ TEST_CASE("lr schedule: options no schedule can follow are refused, naming the f
   CHECK_NOTHROW(check_lr_schedule(good, 0.1, 4));
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const std::vector<std::pair<std::function<void(LrScheduleOptions&)>, std::string>> bad = {
-      {[&](LrScheduleOptions& o) { o.base_lr = nan; }, "lr.base_lr (0: the optimizer's lr) must be a finite number >= 0, got nan"},
-      {[](LrScheduleOptions& o) { o.base_lr = -0.1; }, "lr.base_lr (0: the optimizer's lr) must be a finite number >= 0, got -0.1"},
+      {[&](LrScheduleOptions& o) { o.base_lr = nan; },
+       "lr.base_lr (0: the optimizer's lr) must be a finite number >= 0, got nan"},
+      {[](LrScheduleOptions& o) { o.base_lr = -0.1; },
+       "lr.base_lr (0: the optimizer's lr) must be a finite number >= 0, got -0.1"},
       {[](LrScheduleOptions& o) { o.warmup_epochs = -1; }, "lr.warmup_epochs must be a finite number >= 0, got -1"},
       {[](LrScheduleOptions& o) { o.warmup_steps = -3; }, "lr.warmup_steps must be >= 0, got -3"},
       {[](LrScheduleOptions& o) { o.step_size = 0; }, "lr.step_size must be >= 1, got 0"},

@@ -86,6 +86,9 @@ TEST_CASE("loss: the built-ins compute the textbook formulas", "[train][loss]") 
   void_label.ignore_index = 2;  // a class the metrics count
   CHECK_THROWS_WITH(make_loss(void_label)(out, labels), Contains("ignore_index 2 is one of the output's 3 classes"));
   CHECK(lockstep::train::describe_loss(void_label) == "cross_entropy (ignore_index 2)");
+  void_label.ignore_index = 255;  // soft labels have no index to ignore
+  CHECK_THROWS_WITH(make_loss(void_label)(out, torch::softmax(out, 1)),
+                    Contains("ignore_index (255) applies to class-index targets"));
   // 16-bit outputs are widened: the loss comes back in float32.
   CHECK(make_loss(loss_named("mse"))(out.to(torch::kBFloat16), target.to(torch::kFloat)).scalar_type() ==
         torch::kFloat);

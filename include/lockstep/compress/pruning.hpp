@@ -54,8 +54,9 @@ struct PruningOptions {
   int64_t end_step = 1000;
   int64_t frequency = 100;
   // Alternatively in epochs (fractions allowed), taking precedence when > 0: begin_step and end_step
-  // are begin_epoch and end_epoch times the steps per epoch (with end_epoch > 0, begin_step is
-  // begin_epoch's even at 0). A gradual schedule given begin_epoch needs end_epoch too.
+  // are begin_epoch and end_epoch times the steps per epoch; begin_step must then stay 0. A gradual
+  // schedule given begin_epoch needs end_epoch too. The end step (a one-shot schedule's begin step)
+  // must be one the run takes: a schedule that would end after its last step is refused at setup.
   double begin_epoch = 0.0;
   double end_epoch = 0.0;
 
@@ -92,7 +93,9 @@ struct LayerSparsity {
 
 // A second fit() with the same callback runs the schedule again from its start (epochs resolved for
 // that fit's steps); the masks of the first stay in force until its first pruning step, unless the
-// selected weights changed (then they start over at all ones).
+// selected weights changed (then they start over at all ones). It must come before a
+// QuantizationAwareTraining callback (after it, it would rank int8 values) and cannot run beside an
+// ExponentialMovingAverage (the average would undo the masks): both are refused at setup.
 class MagnitudePruning final : public train::Callback {
  public:
   explicit MagnitudePruning(PruningOptions options);

@@ -163,6 +163,7 @@ class Reducer {
   void rebuild_by_ready_order();
   void reset_iteration();
   void check_hooks_attached_locked() const;
+  void check_can_synchronize() const;
   // Note [Abandoned backward]: ends a backward whose autograd pass failed before its end-of-pass
   // callback ran; with mutex_ held.
   void settle_abandoned_backward();
@@ -225,7 +226,7 @@ class Reducer {
   std::uint64_t shadowed_steps_ = 0;
   bool shadowing_ = false;  // inside shadow_step()
   // Set on every rank alike when the gathered entries show JoinOptions that differ between ranks;
-  // raised once the step's collectives are done, and by every later step of this Join.
+  // raised once the step's collectives are done, and by every later step of this Join (join mode only).
   std::string join_error_;
 };
 

@@ -80,7 +80,7 @@ struct TrainerContext {
 
   // The current batch, the model's output and its (this rank's, mean) loss; valid from on_batch_begin (batch
   // only) through on_after_optimizer_step. With accumulation, batch and output are the step's last
-  // micro-batch (the first one at on_batch_begin) and loss is the mean over the step's micro-batches.
+  // micro-batch (the first one at on_batch_begin) and loss is the mean over the step's samples.
   data::Example batch;
   at::Tensor output;
   at::Tensor loss;

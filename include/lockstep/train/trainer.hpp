@@ -124,7 +124,9 @@ class DistributedTrainer {
   using ForwardFn = std::function<at::Tensor(const at::Tensor&)>;
 
   // Collective. `forward` maps a batch's data to the output that the loss and the metrics compare with
-  // the batch's target (for classification: images [B, C, H, W] to logits [B, classes]).
+  // the batch's target (for classification: images [B, C, H, W] to logits [B, classes]). The optimizer
+  // must hold each parameter once: Module::parameters() lists a tied weight once per name, and an
+  // optimizer given that list would step it twice (refused; config::make_optimizer takes each once).
   DistributedTrainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
                      std::shared_ptr<torch::optim::Optimizer> optimizer, comm::CommunicatorPtr comm,
                      TrainerOptions options = {});
@@ -217,9 +219,6 @@ class DistributedTrainer {
   std::vector<CallbackPtr> user_callbacks_;
   std::vector<CallbackPtr> callbacks_;  // built-ins + user's, in event order (set by fit)
   double base_lr_ = 0.0;
-  // The model's parameters, each tensor once (Module::parameters() lists a tied weight once per name):
-  // what the gradient scaler unscales and clipping measures.
-  std::vector<at::Tensor> parameters_;
   // Each parameter group's lr at construction over the first group's: the schedule sets the first
   // group's lr and the others keep their proportion (a backbone at 1/100 of the head's lr stays so).
   std::vector<double> lr_ratios_;

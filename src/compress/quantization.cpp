@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -15,6 +16,7 @@
 #include "compress/selection.hpp"
 #include "lockstep/core/error.hpp"
 #include "train/atomic_file.hpp"
+#include "train/checksum.hpp"
 #include "train/epoch_steps.hpp"
 
 namespace lockstep::compress {
@@ -409,14 +411,14 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
   root.insert("tensors", tensors);
   root.insert("activations", activations);
   root.insert("ties", ties);
+  root.insert(train::kChecksumKey, std::string(train::kChecksumValue));  // Note [Checksummed files]
   const std::vector<char> bytes = torch::pickle_save(root);
   train::write_file_atomically(path, [&](const std::string& temporary) {
-    std::ofstream out(temporary, std::ios::binary);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    LOCKSTEP_CHECK(out.good(), "export_int8: could not write ", temporary);
+    train::ChecksumWriter out(temporary);
+    out.write(bytes.data(), bytes.size());
+    out.finish();
   });
-  report.bytes = static_cast<int64_t>(bytes.size());
+  report.bytes = static_cast<int64_t>(bytes.size() + train::kTrailerSize);
   return report;
 }
 
@@ -489,7 +491,9 @@ Int8Model int8_model_of(const c10::impl::GenericDict& root, const std::string& p
 Int8Model read_int8(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   LOCKSTEP_CHECK(in.good(), "read_int8: cannot open '", path, "'");
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::optional<std::size_t> content = train::verify_checksum(bytes.data(), bytes.size(), "read_int8: '" + path + "'");
+  if (content) bytes.resize(*content);
   c10::IValue value;
   try {
     value = torch::pickle_load(bytes);
@@ -497,6 +501,8 @@ Int8Model read_int8(const std::string& path) {
     LOCKSTEP_FAIL("read_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ", e.what(), ")");
   }
   LOCKSTEP_CHECK(value.isGenericDict(), "read_int8: '", path, "' is not a Lockstep int8 model file");
+  train::check_trailer_present(value.toGenericDict().contains(std::string(train::kChecksumKey)), content.has_value(),
+                               "read_int8: '" + path + "'");
   try {
     return int8_model_of(value.toGenericDict(), path);
   } catch (const c10::Error& e) {  // an entry of another type than an export writes

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "lockstep/comm/agree.hpp"
+#include "core/exception_text.hpp"
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::ddp {
@@ -602,7 +603,7 @@ void PowerSGDState::restore_state(const std::vector<std::string>& states, const 
     throw;
   } catch (const std::exception& e) {
     LOCKSTEP_FAIL("PowerSGD: rank ", rank, "'s part of the saved state is not a readable PowerSGD state (",
-                  states[static_cast<std::size_t>(rank)].size(), " bytes): ", std::string(e.what()).substr(0, 300));
+                  states[static_cast<std::size_t>(rank)].size(), " bytes): ", detail::exception_text(e));
   }
   std::lock_guard<std::mutex> lock(mutex_);
   entries_ = std::move(entries);

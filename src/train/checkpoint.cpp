@@ -30,6 +30,7 @@
 #include "lockstep/train/trainer.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "train/atomic_file.hpp"
+#include "train/checksum.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -68,7 +69,7 @@ void open_checkpoint(torch::serialize::InputArchive& archive, const std::string&
                      const c10::Device& device = c10::Device(c10::kCPU)) {
   LOCKSTEP_CHECK(fs::is_regular_file(path), "checkpoint ", path, " does not exist");
   try {
-    archive.load_from(path, device);
+    load_with_checksum(archive, path, device);  // Note [Checksummed files]
     const int64_t version = read_int(archive, "lockstep_checkpoint_version");
     LOCKSTEP_CHECK(version == kFormatVersion, "checkpoint ", path, " has format version ", version, ", expected ",
                    kFormatVersion);
@@ -77,7 +78,7 @@ void open_checkpoint(torch::serialize::InputArchive& archive, const std::string&
     throw;
   } catch (const std::exception& e) {
     LOCKSTEP_FAIL("checkpoint ", path, " is not a valid Lockstep checkpoint (truncated or corrupt?): ",
-                  std::string(e.what()).substr(0, 300));
+                  detail::exception_text(e));
   }
 }
 
@@ -320,7 +321,7 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
         archive.write("callback_tensors_" + saved.key, part);
       }
     }
-    write_file_atomically(final_path, [&](const std::string& temporary) { archive.save_to(temporary); });
+    write_file_atomically(final_path, [&](const std::string& temporary) { save_with_checksum(archive, temporary); });
     if (options_.keep_last > 0) {
       // Note [Pruning checkpoints]: only this run's files count, those up to the step just written;
       // a file of a later step is another run's (a resume from an explicit older checkpoint), not
@@ -437,7 +438,7 @@ void as_load_error(const std::string& path, const std::function<void()>& work) {
     throw;
   } catch (const std::exception& e) {
     LOCKSTEP_FAIL("checkpoint ", path, " could not be loaded (does it belong to this model and optimizer?): ",
-                  std::string(e.what()).substr(0, 300));
+                  detail::exception_text(e));
   }
 }
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #include "lockstep/train/trainer.hpp"
 #include "support/dist.hpp"
 #include "support/fixtures.hpp"
+#include "train/checksum.hpp"
 
 namespace {
 
@@ -357,8 +359,12 @@ int relocate_tensors(const std::string& path, const std::string& location) {
   }
   int replaced = 0;
   const std::string relocated = path + ".relocated";
+  lockstep::train::ChecksumWriter file(relocated);  // as the Checkpointer writes (Note [Checksummed files])
   {
-    caffe2::serialize::PyTorchStreamWriter writer(relocated);
+    caffe2::serialize::PyTorchStreamWriter writer([&file](const void* data, size_t size) {
+      file.write(data, size);
+      return size;
+    });
     writer.setMinVersion(version);
     for (auto& [name, bytes] : records) {
       // The writer writes its own version (and, in LibTorch 2.x, byte order and id) records.
@@ -373,6 +379,7 @@ int relocate_tensors(const std::string& path, const std::string& location) {
     }
     writer.writeEndOfFile();
   }
+  file.finish();
   fs::rename(relocated, path);
   return replaced;
 }
@@ -569,6 +576,44 @@ TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume 
     INFO("epoch " << e + 1);
     CHECK(lines[e]["grad_norm"].get<double>() == Approx(full_lines[e]["grad_norm"].get<double>()).epsilon(1e-12));
   }
+}
+
+TEST_CASE("trainer: a checkpoint whose weights changed on disk is refused by its checksum, and auto-resume skips it "
+          "(Note [Checksummed files])",
+          "[train]") {
+  const std::string full_dir = shared_dir("full_f");
+  const RunResult full = resumable_run(full_dir, 0, "never");
+  const std::string dir = shared_dir("flipped");
+  const RunResult stopped = resumable_run(dir, 5, "auto", /*every_steps=*/1, /*keep_last=*/3);
+  const auto listed = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  REQUIRE(listed.size() == 3);
+  const std::string newest = listed.back();
+  if (comm().rank() == 0) {
+    // One bit of fc1.weight's first value, found by its bytes: LibTorch alone loads the changed weight.
+    std::fstream file(newest, std::ios::in | std::ios::out | std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    const at::Tensor first = stopped.state[0].contiguous().view(-1).narrow(0, 0, 4);
+    const std::string pattern(static_cast<const char*>(first.data_ptr()), 16);
+    const std::size_t at = bytes.find(pattern);
+    REQUIRE(at != std::string::npos);
+    file.clear();
+    file.seekp(static_cast<std::streamoff>(at));
+    file.put(static_cast<char>(bytes[at] ^ 0x01));
+  }
+  comm().barrier()->wait();
+  {
+    lockstep::train::CheckpointOptions o;
+    o.directory = dir + "/checkpoints";
+    o.resume = newest;
+    lockstep::train::Checkpointer checkpointer(o);
+    TrainerContext ctx;
+    ctx.communicator = &comm();
+    CHECK_THROWS_WITH(checkpointer.on_train_begin(ctx), Catch::Contains(newest + " is corrupt") &&
+                                                            Catch::Contains("does not match the checksum"));
+  }
+  const RunResult resumed = resumable_run(dir, 0, "auto", 1, 3);
+  CHECK(resumed.first_step == 4);
+  CHECK(bitwise_equal(full.state, resumed.state));
 }
 
 TEST_CASE("trainer: a checkpoint rank 0 cannot write is an error on every rank, naming the file (Note [A failed "

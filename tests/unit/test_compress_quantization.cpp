@@ -21,6 +21,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "support/fixtures.hpp"
+#include "train/checksum.hpp"
 
 using namespace lockstep::compress;
 
@@ -262,6 +263,18 @@ TEST_CASE("quantization: the int8 export reads back into the model bitwise", "[c
     lockstep::models::ResNet18 resnet(o);
     CHECK_THROWS_WITH(load_int8(*resnet, path), Catch::Contains("no entry for the model's 'conv1.weight'"));
   }
+  SECTION("a changed byte is refused by the file's checksum (Note [Checksummed files])") {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    in.close();
+    // A byte of the int8 codes' record, which the checks of the values would pass.
+    const std::size_t at = bytes.size() / 2;
+    bytes[at] = static_cast<char>(bytes[at] ^ 0x01);
+    const std::string changed = temp_path("changed.int8");
+    std::ofstream(changed, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    CHECK_THROWS_WITH(read_int8(changed), Catch::Contains("read_int8: '" + changed + "' is corrupt") &&
+                                              Catch::Contains("does not match the checksum"));
+  }
   SECTION("a file that is not an int8 export, or none, is an error") {
     const std::string junk = temp_path("junk.int8");
     std::ofstream(junk) << "not a pickle";
@@ -277,6 +290,7 @@ TEST_CASE("quantization: the int8 export reads back into the model bitwise", "[c
       const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
       c10::IValue value = torch::pickle_load(bytes);
       c10::impl::GenericDict root = value.toGenericDict();
+      (void)root.erase(std::string(lockstep::train::kChecksumKey));  // as a file from before trailers
       change(root);
       const std::string out = temp_path("tampered.int8");
       const std::vector<char> written = torch::pickle_save(value);

@@ -538,11 +538,25 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
 
 }  // namespace
 
+namespace {
+
+// A context built by hand may lack what the trainer sets.
+void check_can_load(const TrainerContext& ctx, const std::string& context) {
+  const char* missing = ctx.model == nullptr       ? "model"
+                        : ctx.optimizer == nullptr ? "optimizer"
+                        : ctx.communicator == nullptr ? "communicator"
+                                                      : nullptr;
+  LOCKSTEP_CHECK(missing == nullptr, context, ": the TrainerContext has no ", missing, " to load with");
+}
+
+}  // namespace
+
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   load(ctx, path, "Checkpointer: cannot load " + path);
 }
 
 void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std::string& context) {
+  check_can_load(ctx, context);
   Taken taken;
   std::optional<Undo> undo;
   try {
@@ -617,6 +631,7 @@ void Checkpointer::resume(TrainerContext& ctx) {
     run_on_rank0(ctx, [&] { set_aside_earlier_run(); }, "Checkpointer");
     return;
   }
+  check_can_load(ctx, "Checkpointer: cannot resume");
   std::string path;
   if (options_.resume == "auto") {
     // Rank 0 picks the newest checkpoint that opens, and every rank loads that one.

@@ -542,6 +542,25 @@ TEST_CASE("trainer: the last checkpoint goes on at the next epoch even when a pe
   CHECK(metrics_lines(dir).size() == 2);
 }
 
+namespace {
+
+// Resumes a fresh TinyNet and its optimizer from `path` through a Checkpointer, as fit() does.
+void resume_fresh_model(const std::string& dir, const std::string& path) {
+  TinyNet model;
+  auto optimizer = sgd(*model, 0.05, 0.9);
+  lockstep::train::CheckpointOptions o;
+  o.directory = dir + "/checkpoints";
+  o.resume = path;
+  lockstep::train::Checkpointer checkpointer(o);
+  TrainerContext ctx;
+  ctx.communicator = &comm();
+  ctx.model = model.get();
+  ctx.optimizer = optimizer.get();
+  checkpointer.on_train_begin(ctx);
+}
+
+}  // namespace
+
 TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume skips it", "[train]") {
   const std::string full_dir = shared_dir("full_c");
   const RunResult full = resumable_run(full_dir, 0, "never");
@@ -553,15 +572,7 @@ TEST_CASE("trainer: a corrupt checkpoint is named in the error, and auto-resume 
   if (comm().rank() == 0 && !listed.empty()) fs::resize_file(newest, fs::file_size(newest) / 2);  // truncated
   comm().barrier()->wait();
 
-  {
-    lockstep::train::CheckpointOptions o;
-    o.directory = dir + "/checkpoints";
-    o.resume = newest;
-    lockstep::train::Checkpointer checkpointer(o);
-    TrainerContext ctx;
-    ctx.communicator = &comm();
-    CHECK_THROWS_WITH(checkpointer.on_train_begin(ctx), Catch::Contains(newest));
-  }
+  CHECK_THROWS_WITH(resume_fresh_model(dir, newest), Catch::Contains(newest) && Catch::Contains("truncated or corrupt"));
   // Auto-resume falls back to the checkpoint before it (step 4) and still ends bitwise where the
   // uninterrupted run ends (a run started afresh would too: first_step tells them apart).
   const RunResult resumed = resumable_run(dir, 0, "auto", 1, 3);
@@ -601,15 +612,15 @@ TEST_CASE("trainer: a checkpoint whose weights changed on disk is refused by its
     file.put(static_cast<char>(bytes[at] ^ 0x01));
   }
   comm().barrier()->wait();
-  {
+  CHECK_THROWS_WITH(resume_fresh_model(dir, newest), Catch::Contains(newest + " is corrupt") &&
+                                                        Catch::Contains("does not match the checksum"));
+  {  // A context built by hand without a model is an error, not a crash.
     lockstep::train::CheckpointOptions o;
     o.directory = dir + "/checkpoints";
-    o.resume = newest;
     lockstep::train::Checkpointer checkpointer(o);
     TrainerContext ctx;
     ctx.communicator = &comm();
-    CHECK_THROWS_WITH(checkpointer.on_train_begin(ctx), Catch::Contains(newest + " is corrupt") &&
-                                                            Catch::Contains("does not match the checksum"));
+    CHECK_THROWS_WITH(checkpointer.on_train_begin(ctx), Catch::Contains("the TrainerContext has no model"));
   }
   const RunResult resumed = resumable_run(dir, 0, "auto", 1, 3);
   CHECK(resumed.first_step == 4);

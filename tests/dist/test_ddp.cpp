@@ -402,12 +402,7 @@ TEST_CASE("Buckets launch in the same order on every rank whatever order gradien
 TEST_CASE("DataParallel reports step timings and writes a Chrome trace", "[ddp]") {
   const int n = comm().size();
   const int rank = comm().rank();
-  // A path every rank agrees on (rank 0's pid keeps concurrent runs apart).
-  torch::Tensor pid = torch::full({1}, static_cast<std::int64_t>(getpid()), torch::kLong);
-  comm().broadcast(pid)->wait();
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("lockstep_ddp_trace_" + std::to_string(pid.item<std::int64_t>()) + ".json"))
-                               .string();
+  const std::string path = lockstep::testing::shared_temp_dir("ddp_trace") + "/trace.json";
   {
     Mlp model = make_model(torch::kFloat32, false);
     DataParallelOptions options;

@@ -10,6 +10,7 @@
 namespace lockstep::testing {
 namespace {
 Runtime* g_runtime = nullptr;
+std::filesystem::path g_temp_root;  // rank 0's pid, agreed on by the first shared_temp_dir
 }
 Runtime& runtime() {
   LOCKSTEP_CHECK(g_runtime != nullptr, "the multi-rank test main has not created the Runtime");
@@ -17,12 +18,21 @@ Runtime& runtime() {
 }
 void set_runtime(Runtime* runtime) { g_runtime = runtime; }
 
+void remove_shared_temp_dirs() {
+  if (g_temp_root.empty() || runtime().rank() != 0) return;
+  std::error_code ignored;
+  std::filesystem::remove_all(g_temp_root, ignored);
+}
+
 std::string shared_temp_dir(const std::string& name) {
   namespace fs = std::filesystem;
-  at::Tensor pid = torch::full({1}, static_cast<double>(::getpid()), torch::kFloat64);
-  comm().broadcast(pid)->wait();
-  const fs::path dir =
-      fs::temp_directory_path() / ("lockstep_" + name + "_" + std::to_string(static_cast<long long>(pid.item<double>())));
+  if (g_temp_root.empty()) {
+    at::Tensor pid = torch::full({1}, static_cast<double>(::getpid()), torch::kFloat64);
+    comm().broadcast(pid)->wait();
+    g_temp_root =
+        fs::temp_directory_path() / ("lockstep_tests_" + std::to_string(static_cast<long long>(pid.item<double>())));
+  }
+  const fs::path dir = g_temp_root / name;
   if (comm().rank() == 0) {
     fs::remove_all(dir);
     fs::create_directories(dir);

@@ -19,6 +19,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "lockstep/train/ema.hpp"
+#include "support/temp_dir.hpp"
 
 using namespace lockstep::compress;
 
@@ -284,8 +285,8 @@ TEST_CASE("pruning: a permanent model loads into the plain definition and gives 
   for (const auto& child : model->named_children()) CHECK(child.key() != "pruning_masks");
   const at::Tensor expected = model->forward(x);
 
-  const std::string path =
-      (std::filesystem::temp_directory_path() / ("lockstep_pruned_" + std::to_string(::getpid()) + ".pt")).string();
+  const lockstep::testing::TempDir dir("lockstep_pruned");
+  const std::string path = dir / "pruned.pt";
   save_model_atomically(*model, path);
   torch::manual_seed(8);
   lockstep::models::ResNet18 plain(ro);

@@ -21,16 +21,17 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "support/fixtures.hpp"
+#include "support/temp_dir.hpp"
 #include "train/checksum.hpp"
 
 using namespace lockstep::compress;
 
 namespace {
 
+// In a directory removed when the test process exits.
 std::string temp_path(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / ("lockstep_quant_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return (dir / name).string();
+  static const lockstep::testing::TempDir dir("lockstep_quant");
+  return dir / name;
 }
 
 std::vector<int64_t> codes_of(const at::Tensor& t) {

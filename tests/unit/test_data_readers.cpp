@@ -15,6 +15,7 @@
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/cifar10.hpp"
 #include "lockstep/data/mnist.hpp"
+#include "support/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
@@ -23,17 +24,7 @@ using namespace lockstep::data;
 
 namespace {
 
-// A fresh directory removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("lockstep_data_test_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using lockstep::testing::TempDir;
 
 uint32_t crc32(const Bytes& data) {
   uint32_t crc = 0xffffffffu;
@@ -135,7 +126,7 @@ TEST_CASE("Mnist: finds the split's files (gzip preferred), normalises per batch
   write_split(dir, "train", make_idx(3, 4, 4), /*compressed=*/false);
 
   MnistOptions options;
-  options.root = dir.path.string();
+  options.root = dir.path().string();
   Mnist mnist(options);
   REQUIRE(mnist.size() == 20);
   CHECK(mnist.info().channels == 1);
@@ -164,7 +155,7 @@ TEST_CASE("Mnist: finds the split's files (gzip preferred), normalises per batch
   CHECK_THAT(mnist_test.description(), Contains("MNIST test"));
 
   FashionMnistOptions fashion;
-  fashion.root = dir.path.string();
+  fashion.root = dir.path().string();
   fashion.split = Split::Test;
   FashionMnist f(fashion);
   CHECK(f.get_batch({0}).data[0][0][0][0].item<float>() == Approx((0 - 0.2860) / 0.3530));
@@ -179,7 +170,7 @@ TEST_CASE("IDX reader: each bad input is an error naming the file and the proble
   SECTION("missing file") {
     CHECK_THROWS_WITH(read_idx_files(dir / "nope", dir / "labels"), Contains(dir / "nope") && Contains("does not exist"));
     MnistOptions options;
-    options.root = dir.path.string();
+    options.root = dir.path().string();
     CHECK_THROWS_WITH(Mnist(options), Contains("MNIST train images") && Contains(dir / "train-images-idx3-ubyte.gz") &&
                                           Contains(dir / "train-images-idx3-ubyte"));
     options.root = dir / "missing-directory";
@@ -370,8 +361,8 @@ Bytes make_cifar(int records, int first) {
 
 TEST_CASE("Cifar10: reads the five training batches in order and the test batch, raw or gzip", "[data]") {
   TempDir dir;
-  fs::create_directories(dir.path / "cifar-10-batches-bin");
-  const std::string inner = (dir.path / "cifar-10-batches-bin").string();
+  fs::create_directories(dir.path() / "cifar-10-batches-bin");
+  const std::string inner = (dir.path() / "cifar-10-batches-bin").string();
   int first = 0;
   for (int i = 1; i <= 5; ++i) {
     const Bytes records = make_cifar(i, first);  // 1 + 2 + ... + 5 = 15 records
@@ -386,7 +377,7 @@ TEST_CASE("Cifar10: reads the five training batches in order and the test batch,
   write_file(inner + "/test_batch.bin", make_cifar(4, 100));
 
   Cifar10Options options;
-  options.root = dir.path.string();  // the parent of cifar-10-batches-bin is accepted
+  options.root = dir.path().string();  // the parent of cifar-10-batches-bin is accepted
   // The real batch files hold 10000 records each: these small ones are refused by default.
   CHECK_THROWS_WITH(Cifar10(options), Contains("data_batch_1.bin: 1 records, but each CIFAR-10 batch file holds 10000"));
   // The same through the config (data.records_per_file, a cifar10 key).
@@ -422,7 +413,7 @@ TEST_CASE("Cifar10: reads the five training batches in order and the test batch,
 TEST_CASE("Cifar10: bad inputs are errors naming the file", "[data]") {
   TempDir dir;
   Cifar10Options options;
-  options.root = dir.path.string();
+  options.root = dir.path().string();
   options.records_per_file = 0;  // small test files
   options.split = Split::Test;
   CHECK_THROWS_WITH(Cifar10(options), Contains("CIFAR-10 test") && Contains(dir / "test_batch.bin"));
@@ -483,7 +474,7 @@ TEST_CASE("Cifar10: a gzip batch that ends early is an error, even cut on a reco
       write_file(path, i == 3 ? Bytes(packed.begin(), packed.end() - 8) : packed);
     }
     Cifar10Options options;
-    options.root = dir.path.string();
+    options.root = dir.path().string();
     options.records_per_file = 0;  // small test files
     CHECK_THROWS_WITH(Cifar10(options), Contains(dir / "data_batch_3.bin.gz") && Contains("gzip stream ends early"));
   }

@@ -2,8 +2,6 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -12,23 +10,13 @@
 #include <vector>
 
 #include "lockstep/core/error.hpp"
+#include "support/temp_dir.hpp"
 #include "train/checksum.hpp"
 
-namespace fs = std::filesystem;
 using Catch::Contains;
 using lockstep::train::kTrailerSize;
 
 namespace {
-
-struct Scratch {
-  fs::path dir = fs::temp_directory_path() / ("lockstep_checksum_" + std::to_string(::getpid()));
-  Scratch() { fs::create_directories(dir); }
-  ~Scratch() {
-    std::error_code ignored;
-    fs::remove_all(dir, ignored);
-  }
-  std::string path(const std::string& name) const { return (dir / name).string(); }
-};
 
 std::vector<char> read_all(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -70,8 +58,8 @@ std::string error_of(const std::function<void()>& work) {
 }  // namespace
 
 TEST_CASE("checksum: a file written with its trailer loads, and loads without Lockstep too", "[checksum]") {
-  Scratch scratch;
-  const std::string path = scratch.path("a.pt");
+  const lockstep::testing::TempDir dir("lockstep_checksum");
+  const std::string path = dir / "a.pt";
   save_checked(path);
   const std::vector<char> bytes = read_all(path);
   REQUIRE(bytes.size() > kTrailerSize);
@@ -88,8 +76,8 @@ TEST_CASE("checksum: a file written with its trailer loads, and loads without Lo
 }
 
 TEST_CASE("checksum: a changed byte anywhere is refused, naming the file", "[checksum]") {
-  Scratch scratch;
-  const std::string path = scratch.path("a.pt");
+  const lockstep::testing::TempDir dir("lockstep_checksum");
+  const std::string path = dir / "a.pt";
   save_checked(path);
   const std::vector<char> good = read_all(path);
   const std::size_t content = good.size() - kTrailerSize;
@@ -117,8 +105,8 @@ TEST_CASE("checksum: a changed byte anywhere is refused, naming the file", "[che
 }
 
 TEST_CASE("checksum: a damaged, cut or extended trailer is refused, naming the file", "[checksum]") {
-  Scratch scratch;
-  const std::string path = scratch.path("a.pt");
+  const lockstep::testing::TempDir dir("lockstep_checksum");
+  const std::string path = dir / "a.pt";
   save_checked(path);
   const std::vector<char> good = read_all(path);
   SECTION("the magic changed: the archive says it has a trailer") {
@@ -153,8 +141,8 @@ TEST_CASE("checksum: a damaged, cut or extended trailer is refused, naming the f
 }
 
 TEST_CASE("checksum: a file from before trailers loads as it is", "[checksum]") {
-  Scratch scratch;
-  const std::string path = scratch.path("old.pt");
+  const lockstep::testing::TempDir dir("lockstep_checksum");
+  const std::string path = dir / "old.pt";
   torch::serialize::OutputArchive archive;
   archive.write("w", weights());
   archive.save_to(path);
@@ -168,8 +156,8 @@ TEST_CASE("checksum: a file from before trailers loads as it is", "[checksum]") 
 }
 
 TEST_CASE("checksum: a file that cannot be written or read is an error naming it", "[checksum]") {
-  Scratch scratch;
-  const std::string missing = scratch.path("no/such/dir/a.pt");
+  const lockstep::testing::TempDir dir("lockstep_checksum");
+  const std::string missing = dir / "no/such/dir/a.pt";
   CHECK_THAT(error_of([&] { save_checked(missing); }), Contains("cannot create " + missing));
   CHECK_THAT(error_of([&] { lockstep::train::verify_file_checksum(missing); }), Contains("cannot open " + missing));
 }

@@ -9,6 +9,7 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/model_tensors.hpp"
+#include "support/temp_dir.hpp"
 
 using Catch::Matchers::Contains;
 
@@ -16,7 +17,8 @@ namespace {
 
 // Whether LibTorch reads back what Module::save wrote.
 bool round_trips(torch::nn::Module& model) {
-  const std::string path = (std::filesystem::temp_directory_path() / "lockstep_names_test.pt").string();
+  const lockstep::testing::TempDir dir("lockstep_names");
+  const std::string path = dir / "model.pt";
   torch::serialize::OutputArchive out;
   model.save(out);
   out.save_to(path);

@@ -123,11 +123,12 @@ class Section {
   }
   // "expected an integer, found ...", with the leading-zero hint where it applies, else `otherwise`.
   [[noreturn]] void fail_not_integer(const std::string& key, const YAML::Node& node, const char* otherwise = "") {
-    reader_.fail(full(key), node,
-                 "expected an integer, found " + describe(node) +
-                     (has_leading_zero(node.Scalar()) ? " (leading zeros are not allowed: YAML reads them as octal; "
-                                                        "write the number in plain decimal)"
-                                                      : otherwise));
+    const std::string& text = node.Scalar();
+    const char* hint = !has_leading_zero(text) ? otherwise
+                       : text.find_first_of("xX") != std::string::npos
+                           ? " (hexadecimal is not allowed: write the number in plain decimal)"
+                           : " (leading zeros are not allowed: YAML reads them as octal; write the number in plain decimal)";
+    reader_.fail(full(key), node, "expected an integer, found " + describe(node) + hint);
   }
   // 0 .. 2^64 - 1 (seeds: any value set in code must read back from the config to_yaml writes).
   void unsigned_integer(const std::string& key, uint64_t& out) {

@@ -69,7 +69,7 @@ void open_checkpoint(torch::serialize::InputArchive& archive, const std::string&
                      const c10::Device& device = c10::Device(c10::kCPU)) {
   LOCKSTEP_CHECK(fs::is_regular_file(path), "checkpoint ", path, " does not exist");
   try {
-    load_with_checksum(archive, path, device);  // Note [Checksummed files]
+    load_with_checksum(archive, path, device, "checkpoint " + path);  // Note [Checksummed files]
     const int64_t version = read_int(archive, "lockstep_checkpoint_version");
     LOCKSTEP_CHECK(version == kFormatVersion, "checkpoint ", path, " has format version ", version, ", expected ",
                    kFormatVersion);

@@ -50,15 +50,15 @@ std::optional<Trailer> parse_trailer(const unsigned char* tail) {
   return Trailer{get_le(tail, 8), static_cast<std::uint32_t>(get_le(tail + 8, 4))};
 }
 
-void check_trailer(const Trailer& trailer, std::uint64_t content, std::uint32_t crc, const std::string& path,
+void check_trailer(const Trailer& trailer, std::uint64_t content, std::uint32_t crc, const std::string& what,
                    bool version_known) {
-  LOCKSTEP_CHECK(version_known, path, " ends in a Lockstep checksum trailer of a version this Lockstep does not know");
-  LOCKSTEP_CHECK(trailer.size == content, path, " is corrupt: its checksum trailer was written after ", trailer.size,
+  LOCKSTEP_CHECK(version_known, what, " ends in a Lockstep checksum trailer of a version this Lockstep does not know");
+  LOCKSTEP_CHECK(trailer.size == content, what, " is corrupt: its checksum trailer was written after ", trailer.size,
                  " bytes of content, but ", content, " bytes precede it (the file was cut or added to)");
   char text[64];
   std::snprintf(text, sizeof text, "CRC-32 %08x where %08x was written", static_cast<unsigned>(crc),
                 static_cast<unsigned>(trailer.crc));
-  LOCKSTEP_CHECK(trailer.crc == crc, path, " is corrupt: its content does not match the checksum written with it (",
+  LOCKSTEP_CHECK(trailer.crc == crc, what, " is corrupt: its content does not match the checksum written with it (",
                  text, "): the file changed after it was written (a bad disk or copy). Use an earlier file");
 }
 
@@ -92,18 +92,18 @@ void ChecksumWriter::finish() {
   LOCKSTEP_CHECK(std::fclose(file) == 0, "cannot write ", path_, ": ", std::strerror(errno));  // flushes
 }
 
-std::optional<std::size_t> verify_checksum(const char* data, std::size_t size, const std::string& path) {
+std::optional<std::size_t> verify_checksum(const char* data, std::size_t size, const std::string& what) {
   if (size < kTrailerSize) return std::nullopt;
   const auto* tail = reinterpret_cast<const unsigned char*>(data + size - kTrailerSize);
   const std::optional<Trailer> trailer = parse_trailer(tail);
   if (!trailer) return std::nullopt;
   const std::size_t content = size - kTrailerSize;
-  check_trailer(*trailer, content, trailer->size == content ? crc32_of(0, data, content) : 0, path,
+  check_trailer(*trailer, content, trailer->size == content ? crc32_of(0, data, content) : 0, what,
                 get_le(tail + 12, 4) == kTrailerVersion);
   return content;
 }
 
-bool verify_file_checksum(const std::string& path) {
+bool verify_file_checksum(const std::string& path, const std::string& what) {
   std::FILE* file = std::fopen(path.c_str(), "rb");
   LOCKSTEP_CHECK(file != nullptr, "cannot open ", path, ": ", std::strerror(errno));
   struct Closer {
@@ -134,7 +134,7 @@ bool verify_file_checksum(const std::string& path) {
       left -= want;
     }
   }
-  check_trailer(*trailer, content, crc, path, get_le(tail + 12, 4) == kTrailerVersion);
+  check_trailer(*trailer, content, crc, what, get_le(tail + 12, 4) == kTrailerVersion);
   return true;
 }
 
@@ -148,16 +148,17 @@ void save_with_checksum(torch::serialize::OutputArchive& archive, const std::str
   writer.finish();
 }
 
-void check_trailer_present(bool has_key, bool verified, const std::string& path) {
-  LOCKSTEP_CHECK(!has_key || verified, path, " is corrupt: it was written with a checksum trailer, and its trailer "
+void check_trailer_present(bool has_key, bool verified, const std::string& what) {
+  LOCKSTEP_CHECK(!has_key || verified, what, " is corrupt: it was written with a checksum trailer, and its trailer "
                  "is missing or damaged");
 }
 
-void load_with_checksum(torch::serialize::InputArchive& archive, const std::string& path, const c10::Device& device) {
-  const bool verified = verify_file_checksum(path);
+void load_with_checksum(torch::serialize::InputArchive& archive, const std::string& path, const c10::Device& device,
+                        const std::string& what) {
+  const bool verified = verify_file_checksum(path, what);
   archive.load_from(path, device);
   c10::IValue key;
-  check_trailer_present(archive.try_read(kChecksumKey, key), verified, path);
+  check_trailer_present(archive.try_read(kChecksumKey, key), verified, what);
 }
 
 }  // namespace lockstep::train

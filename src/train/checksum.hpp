@@ -58,20 +58,21 @@ class ChecksumWriter {
 };
 
 // For a file's bytes in memory: the content's length when they end in a trailer that matches them,
-// std::nullopt when they end in none. Throws a lockstep::Error naming `path` when the trailer does
-// not match (the length or the CRC-32).
-std::optional<std::size_t> verify_checksum(const char* data, std::size_t size, const std::string& path);
-// The same for a file on disk, read in chunks: whether it has a trailer (that matches).
-bool verify_file_checksum(const std::string& path);
+// std::nullopt when they end in none. Throws a lockstep::Error, "<what> is corrupt: ...", when the
+// trailer does not match (the length or the CRC-32); `what` names the file ("checkpoint <path>").
+std::optional<std::size_t> verify_checksum(const char* data, std::size_t size, const std::string& what);
+// The same for the file at `path`, read in chunks: whether it has a trailer (that matches).
+bool verify_file_checksum(const std::string& path, const std::string& what);
 
 // Writes `archive` to `path` (inside write_file_atomically's `write`) with kChecksumKey and the trailer.
 void save_with_checksum(torch::serialize::OutputArchive& archive, const std::string& path);
 // Checks `path`'s trailer, then loads it into `archive` with every tensor on `device`. Throws a
-// lockstep::Error naming `path` when the trailer does not match, or when the archive holds
+// lockstep::Error naming `what` when the trailer does not match, or when the archive holds
 // kChecksumKey but the file has no trailer (a damaged one); LibTorch's own errors otherwise.
-void load_with_checksum(torch::serialize::InputArchive& archive, const std::string& path, const c10::Device& device);
+void load_with_checksum(torch::serialize::InputArchive& archive, const std::string& path, const c10::Device& device,
+                        const std::string& what);
 // For files read otherwise (an int8 model's dictionary): raises the error above when the content
 // says it has a trailer (`has_key`) but `verified` is false.
-void check_trailer_present(bool has_key, bool verified, const std::string& path);
+void check_trailer_present(bool has_key, bool verified, const std::string& what);
 
 }  // namespace lockstep::train

@@ -612,7 +612,7 @@ TEST_CASE("trainer: a checkpoint whose weights changed on disk is refused by its
     file.put(static_cast<char>(bytes[at] ^ 0x01));
   }
   comm().barrier()->wait();
-  CHECK_THROWS_WITH(resume_fresh_model(dir, newest), Catch::Contains(newest + " is corrupt") &&
+  CHECK_THROWS_WITH(resume_fresh_model(dir, newest), Catch::Contains("checkpoint " + newest + " is corrupt") &&
                                                         Catch::Contains("does not match the checksum"));
   {  // A context built by hand without a model is an error, not a crash.
     lockstep::train::CheckpointOptions o;

@@ -40,7 +40,7 @@ void save_checked(const std::string& path) {
 
 torch::Tensor load_checked(const std::string& path) {
   torch::serialize::InputArchive archive;
-  lockstep::train::load_with_checksum(archive, path, torch::kCPU);
+  lockstep::train::load_with_checksum(archive, path, torch::kCPU, "file " + path);
   torch::Tensor w;
   archive.read("w", w);
   return w;
@@ -64,7 +64,7 @@ TEST_CASE("checksum: a file written with its trailer loads, and loads without Lo
   const std::vector<char> bytes = read_all(path);
   REQUIRE(bytes.size() > kTrailerSize);
   CHECK(std::string(bytes.end() - 8, bytes.end()) == "lkstcrc1");
-  CHECK(lockstep::train::verify_file_checksum(path));
+  CHECK(lockstep::train::verify_file_checksum(path, path));
   CHECK(lockstep::train::verify_checksum(bytes.data(), bytes.size(), path) == bytes.size() - kTrailerSize);
   CHECK(torch::equal(load_checked(path), weights()));
   // LibTorch's reader (torch::load, and Python's torch.load) skips the trailer.
@@ -90,7 +90,7 @@ TEST_CASE("checksum: a changed byte anywhere is refused, naming the file", "[che
     bad[at] = static_cast<char>(bad[at] ^ 0x10);
     write_all(path, bad);
     const std::string error = error_of([&] { load_checked(path); });
-    CHECK_THAT(error, Contains(path) && Contains("is corrupt") && Contains("does not match the checksum"));
+    CHECK_THAT(error, Contains("file " + path + " is corrupt") && Contains("does not match the checksum"));
     CHECK_THROWS_WITH(lockstep::train::verify_checksum(bad.data(), bad.size(), path), Contains("CRC-32"));
   }
   // The same flip in the tensor's record without the check: LibTorch loads a changed weight.
@@ -146,18 +146,18 @@ TEST_CASE("checksum: a file from before trailers loads as it is", "[checksum]") 
   torch::serialize::OutputArchive archive;
   archive.write("w", weights());
   archive.save_to(path);
-  CHECK_FALSE(lockstep::train::verify_file_checksum(path));
+  CHECK_FALSE(lockstep::train::verify_file_checksum(path, path));
   const std::vector<char> bytes = read_all(path);
   CHECK_FALSE(lockstep::train::verify_checksum(bytes.data(), bytes.size(), path).has_value());
   CHECK(torch::equal(load_checked(path), weights()));
   // Too short to hold a trailer at all.
   write_all(path, {'a', 'b'});
-  CHECK_FALSE(lockstep::train::verify_file_checksum(path));
+  CHECK_FALSE(lockstep::train::verify_file_checksum(path, path));
 }
 
 TEST_CASE("checksum: a file that cannot be written or read is an error naming it", "[checksum]") {
   const lockstep::testing::TempDir dir("lockstep_checksum");
   const std::string missing = dir / "no/such/dir/a.pt";
   CHECK_THAT(error_of([&] { save_checked(missing); }), Contains("cannot create " + missing));
-  CHECK_THAT(error_of([&] { lockstep::train::verify_file_checksum(missing); }), Contains("cannot open " + missing));
+  CHECK_THAT(error_of([&] { lockstep::train::verify_file_checksum(missing, missing); }), Contains("cannot open " + missing));
 }

@@ -243,6 +243,7 @@ void ZeroRedundancyOptimizer::save(torch::serialize::OutputArchive& archive) con
                  consolidated_at_ < 0 ? std::string("never") : "after step " + std::to_string(consolidated_at_));
   archive.write("zero_world_size", c10::IValue(static_cast<int64_t>(consolidated_.size())));
   archive.write("zero_owners", at::tensor(std::vector<int64_t>(owner_.begin(), owner_.end())));
+  archive.write("zero_shapes", c10::IValue(fingerprint(all_)));
   for (size_t r = 0; r < consolidated_.size(); ++r) {
     const std::string& bytes = consolidated_[r];
     at::Tensor t = at::empty({static_cast<int64_t>(bytes.size())}, at::TensorOptions().dtype(at::kByte));
@@ -267,6 +268,12 @@ void ZeroRedundancyOptimizer::load(torch::serialize::InputArchive& archive) {
                      torch::equal(owners.cpu(), at::tensor(mine)),
                  "ZeroRedundancyOptimizer::load: the state was written for another parameter list (",
                  owners.numel(), " parameters against ", mine.size(), " here; rank ", rank, ")");
+  // The same count and owners, but other shapes: the state's buffers would fail the first step, in
+  // LibTorch's words. Files written before the fingerprint have none.
+  c10::IValue shapes;
+  LOCKSTEP_CHECK(!archive.try_read("zero_shapes", shapes) || shapes.toInt() == fingerprint(all_),
+                 "ZeroRedundancyOptimizer::load: the state was written for parameters of other shapes (the same ",
+                 mine.size(), " parameters and owners; rank ", rank, ")");
   at::Tensor bytes;
   archive.read("zero_shard_" + std::to_string(rank), bytes);
   bytes = bytes.cpu().contiguous();

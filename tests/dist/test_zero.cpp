@@ -195,6 +195,22 @@ TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidat
   torch::serialize::InputArchive in;
   in.load_from(bytes.data(), bytes.size());
   CHECK_THROWS_WITH(sharded.load(in), Contains("not written by a ZeroRedundancyOptimizer"));
+
+  // The state of parameters with the same count, sizes order and owners but other shapes ([2, 4] and
+  // [2] against [4, 2] and [4]): refused at the load, not at the first step in LibTorch's words.
+  torch::nn::Linear transposed(2, 4);
+  ZeroRedundancyOptimizer other_shapes(transposed->parameters(), comm_ptr(), sgd_factory());
+  sharded.consolidate_state();
+  torch::serialize::OutputArchive saved;
+  sharded.save(saved);
+  std::string state;
+  saved.save_to([&state](const void* data, size_t n) {
+    state.append(static_cast<const char*>(data), n);
+    return n;
+  });
+  torch::serialize::InputArchive reread;
+  reread.load_from(state.data(), state.size());
+  CHECK_THROWS_WITH(other_shapes.load(reread), Contains("written for parameters of other shapes"));
 }
 
 TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, and bitwise after resume",

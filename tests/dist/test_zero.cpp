@@ -185,15 +185,20 @@ TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidat
   CHECK_THROWS_WITH(sharded.save(archive), Contains("state consolidated after step 0"));
 
   torch::optim::SGD unsharded(small->parameters(), torch::optim::SGDOptions(0.1));
+  // An archive as a file would give it back: written to bytes (kept in `bytes`), read from them.
+  auto reread = [](torch::serialize::OutputArchive& out, std::string& bytes) {
+    out.save_to([&bytes](const void* data, size_t n) {
+      bytes.append(static_cast<const char*>(data), n);
+      return n;
+    });
+    torch::serialize::InputArchive in;
+    in.load_from(bytes.data(), bytes.size());
+    return in;
+  };
   torch::serialize::OutputArchive foreign;
   unsharded.save(foreign);
-  std::string bytes;
-  foreign.save_to([&bytes](const void* data, size_t n) {
-    bytes.append(static_cast<const char*>(data), n);
-    return n;
-  });
-  torch::serialize::InputArchive in;
-  in.load_from(bytes.data(), bytes.size());
+  std::string foreign_bytes;
+  torch::serialize::InputArchive in = reread(foreign, foreign_bytes);
   CHECK_THROWS_WITH(sharded.load(in), Contains("not written by a ZeroRedundancyOptimizer"));
 
   // The state of parameters with the same count, sizes order and owners but other shapes ([2, 4] and
@@ -203,14 +208,9 @@ TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidat
   sharded.consolidate_state();
   torch::serialize::OutputArchive saved;
   sharded.save(saved);
-  std::string state;
-  saved.save_to([&state](const void* data, size_t n) {
-    state.append(static_cast<const char*>(data), n);
-    return n;
-  });
-  torch::serialize::InputArchive reread;
-  reread.load_from(state.data(), state.size());
-  CHECK_THROWS_WITH(other_shapes.load(reread), Contains("written for parameters of other shapes"));
+  std::string saved_bytes;
+  torch::serialize::InputArchive state = reread(saved, saved_bytes);
+  CHECK_THROWS_WITH(other_shapes.load(state), Contains("written for parameters of other shapes"));
 }
 
 TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, and bitwise after resume",

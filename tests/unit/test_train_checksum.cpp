@@ -46,6 +46,15 @@ torch::Tensor load_checked(const std::string& path) {
   return w;
 }
 
+// What LibTorch alone (no trailer check) reads as "w".
+torch::Tensor plain_weights(const std::string& path) {
+  torch::serialize::InputArchive plain;
+  plain.load_from(path);
+  torch::Tensor w;
+  plain.read("w", w);
+  return w;
+}
+
 std::string error_of(const std::function<void()>& work) {
   try {
     work();
@@ -68,11 +77,7 @@ TEST_CASE("checksum: a file written with its trailer loads, and loads without Lo
   CHECK(lockstep::train::verify_checksum(bytes.data(), bytes.size(), path) == bytes.size() - kTrailerSize);
   CHECK(torch::equal(load_checked(path), weights()));
   // LibTorch's reader (torch::load, and Python's torch.load) skips the trailer.
-  torch::serialize::InputArchive plain;
-  plain.load_from(path);
-  torch::Tensor w;
-  plain.read("w", w);
-  CHECK(torch::equal(w, weights()));
+  CHECK(torch::equal(plain_weights(path), weights()));
 }
 
 TEST_CASE("checksum: a changed byte anywhere is refused, naming the file", "[checksum]") {
@@ -97,11 +102,7 @@ TEST_CASE("checksum: a changed byte anywhere is refused, naming the file", "[che
   std::vector<char> bad = good;
   bad[content / 2] = static_cast<char>(bad[content / 2] ^ 0x10);
   write_all(path, bad);
-  torch::serialize::InputArchive plain;
-  plain.load_from(path);
-  torch::Tensor w;
-  plain.read("w", w);
-  CHECK_FALSE(torch::equal(w, weights()));
+  CHECK_FALSE(torch::equal(plain_weights(path), weights()));
 }
 
 TEST_CASE("checksum: a damaged, cut or extended trailer is refused, naming the file", "[checksum]") {

@@ -496,7 +496,8 @@ void save_model_atomically(torch::nn::Module& model, const std::string& path) {
   train::check_names_readable(model, "save_model_atomically(" + path + ")");
   torch::serialize::OutputArchive archive;
   model.save(archive);
-  train::write_file_atomically(path, [&](const std::string& temporary) { train::save_with_checksum(archive, temporary); });
+  train::write_file_atomically(path,
+                               [&](const std::string& temporary) { train::save_with_checksum(archive, temporary); });
 }
 
 std::string format_sparsity_table(const std::vector<LayerSparsity>& layers) {

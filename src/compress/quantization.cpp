@@ -492,7 +492,8 @@ Int8Model read_int8(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   LOCKSTEP_CHECK(in.good(), "read_int8: cannot open '", path, "'");
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const std::optional<std::size_t> content = train::verify_checksum(bytes.data(), bytes.size(), "read_int8: '" + path + "'");
+  const std::string what = "read_int8: '" + path + "'";
+  const std::optional<std::size_t> content = train::verify_checksum(bytes.data(), bytes.size(), what);
   if (content) bytes.resize(*content);
   c10::IValue value;
   try {
@@ -502,7 +503,7 @@ Int8Model read_int8(const std::string& path) {
   }
   LOCKSTEP_CHECK(value.isGenericDict(), "read_int8: '", path, "' is not a Lockstep int8 model file");
   train::check_trailer_present(value.toGenericDict().contains(std::string(train::kChecksumKey)), content.has_value(),
-                               "read_int8: '" + path + "'");
+                               what);
   try {
     return int8_model_of(value.toGenericDict(), path);
   } catch (const c10::Error& e) {  // an entry of another type than an export writes

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "compress/selection.hpp"
+#include "core/exception_text.hpp"
 #include "lockstep/core/error.hpp"
 #include "train/atomic_file.hpp"
 #include "train/checksum.hpp"
@@ -499,7 +500,8 @@ Int8Model read_int8(const std::string& path) {
   try {
     value = torch::pickle_load(bytes);
   } catch (const std::exception& e) {
-    LOCKSTEP_FAIL("read_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ", e.what(), ")");
+    LOCKSTEP_FAIL("read_int8: '", path, "' is not a Lockstep int8 model file (it does not unpickle: ",
+                  detail::exception_text(e), ")");
   }
   LOCKSTEP_CHECK(value.isGenericDict(), "read_int8: '", path, "' is not a Lockstep int8 model file");
   train::check_trailer_present(value.toGenericDict().contains(std::string(train::kChecksumKey)), content.has_value(),

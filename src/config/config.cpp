@@ -124,9 +124,10 @@ class Section {
   // "expected an integer, found ...", with the leading-zero hint where it applies, else `otherwise`.
   [[noreturn]] void fail_not_integer(const std::string& key, const YAML::Node& node, const char* otherwise = "") {
     const std::string& text = node.Scalar();
+    const std::size_t digits = !text.empty() && (text[0] == '+' || text[0] == '-') ? 1 : 0;
+    const bool hex = text.size() > digits + 1 && (text[digits + 1] == 'x' || text[digits + 1] == 'X');
     const char* hint = !has_leading_zero(text) ? otherwise
-                       : text.find_first_of("xX") != std::string::npos
-                           ? " (hexadecimal is not allowed: write the number in plain decimal)"
+                       : hex ? " (hexadecimal is not allowed: write the number in plain decimal)"
                            : " (leading zeros are not allowed: YAML reads them as octal; write the number in plain decimal)";
     reader_.fail(full(key), node, "expected an integer, found " + describe(node) + hint);
   }

@@ -59,6 +59,15 @@ int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key
   return value.toInt();
 }
 
+// A context built by hand may lack what the trainer sets.
+void check_context(const TrainerContext& ctx, const std::string& context) {
+  const char* missing = ctx.model == nullptr       ? "model"
+                        : ctx.optimizer == nullptr ? "optimizer"
+                        : ctx.communicator == nullptr ? "communicator"
+                                                      : nullptr;
+  LOCKSTEP_CHECK(missing == nullptr, context, ": the TrainerContext has no ", missing);
+}
+
 // Opens and checks the header of a checkpoint; throws a lockstep::Error naming it.
 // Note [Checkpoints across devices]: the file keeps each tensor's device (a GPU run writes cuda:N
 // tensors), and LibTorch would move them back there as it reads, which fails on a machine without
@@ -242,6 +251,7 @@ Checkpointer::Checkpointer(CheckpointOptions options) : options_(std::move(optio
 }
 
 void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position) {
+  check_context(ctx, "Checkpointer: cannot save");
   comm::Communicator& comm = *ctx.communicator;
   const int rank = comm.rank();
   const int world = comm.size();
@@ -538,25 +548,12 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
 
 }  // namespace
 
-namespace {
-
-// A context built by hand may lack what the trainer sets.
-void check_can_load(const TrainerContext& ctx, const std::string& context) {
-  const char* missing = ctx.model == nullptr       ? "model"
-                        : ctx.optimizer == nullptr ? "optimizer"
-                        : ctx.communicator == nullptr ? "communicator"
-                                                      : nullptr;
-  LOCKSTEP_CHECK(missing == nullptr, context, ": the TrainerContext has no ", missing, " to load with");
-}
-
-}  // namespace
-
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   load(ctx, path, "Checkpointer: cannot load " + path);
 }
 
 void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std::string& context) {
-  check_can_load(ctx, context);
+  check_context(ctx, context);
   Taken taken;
   std::optional<Undo> undo;
   try {
@@ -631,7 +628,7 @@ void Checkpointer::resume(TrainerContext& ctx) {
     run_on_rank0(ctx, [&] { set_aside_earlier_run(); }, "Checkpointer");
     return;
   }
-  check_can_load(ctx, "Checkpointer: cannot resume");
+  check_context(ctx, "Checkpointer: cannot resume");
   std::string path;
   if (options_.resume == "auto") {
     // Rank 0 picks the newest checkpoint that opens, and every rank loads that one.

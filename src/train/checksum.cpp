@@ -17,6 +17,7 @@ namespace {
 
 constexpr char kMagic[8] = {'l', 'k', 's', 't', 'c', 'r', 'c', '1'};
 constexpr std::uint32_t kTrailerVersion = 1;
+constexpr const char* kUseAnother = "Use another copy of it, or an earlier file";
 
 std::uint32_t crc32_of(std::uint32_t crc, const void* data, std::size_t size) {
   const auto* bytes = static_cast<const Bytef*>(data);
@@ -42,24 +43,28 @@ std::uint64_t get_le(const unsigned char* in, int bytes) {
 struct Trailer {
   std::uint64_t size;
   std::uint32_t crc;
+  std::uint32_t version;
 };
 
 // The trailer in a file's last kTrailerSize bytes, or nullopt when they are not one.
 std::optional<Trailer> parse_trailer(const unsigned char* tail) {
   if (std::memcmp(tail + 16, kMagic, sizeof kMagic) != 0) return std::nullopt;
-  return Trailer{get_le(tail, 8), static_cast<std::uint32_t>(get_le(tail + 8, 4))};
+  return Trailer{get_le(tail, 8), static_cast<std::uint32_t>(get_le(tail + 8, 4)),
+                 static_cast<std::uint32_t>(get_le(tail + 12, 4))};
 }
 
-void check_trailer(const Trailer& trailer, std::uint64_t content, std::uint32_t crc, const std::string& what,
-                   bool version_known) {
-  LOCKSTEP_CHECK(version_known, what, " ends in a Lockstep checksum trailer of a version this Lockstep does not know");
+// `crc` is the content's, computed only when the lengths agree.
+void check_trailer(const Trailer& trailer, std::uint64_t content, std::uint32_t crc, const std::string& what) {
+  LOCKSTEP_CHECK(trailer.version == kTrailerVersion, what, " ends in a checksum trailer of version ", trailer.version,
+                 ", which a newer Lockstep wrote; this one reads version ", kTrailerVersion);
   LOCKSTEP_CHECK(trailer.size == content, what, " is corrupt: its checksum trailer was written after ", trailer.size,
-                 " bytes of content, but ", content, " bytes precede it (the file was cut or added to)");
+                 " bytes of content, but ", content, " bytes precede it (the file was cut or added to after it was "
+                 "written). ", kUseAnother);
   char text[64];
   std::snprintf(text, sizeof text, "CRC-32 %08x where %08x was written", static_cast<unsigned>(crc),
                 static_cast<unsigned>(trailer.crc));
   LOCKSTEP_CHECK(trailer.crc == crc, what, " is corrupt: its content does not match the checksum written with it (",
-                 text, "): the file changed after it was written (a bad disk or copy). Use an earlier file");
+                 text, "): the file changed after it was written (a bad disk or a bad copy). ", kUseAnother);
 }
 
 }  // namespace
@@ -73,13 +78,23 @@ ChecksumWriter::~ChecksumWriter() {
 }
 
 void ChecksumWriter::write(const void* data, std::size_t size) {
-  LOCKSTEP_CHECK(file_ != nullptr, "ChecksumWriter: ", path_, " is already finished");
-  LOCKSTEP_CHECK(std::fwrite(data, 1, size, file_) == size, "cannot write ", path_, ": ", std::strerror(errno));
+  if (file_ == nullptr && error_.empty()) error_ = "written to after finish()";
+  if (!error_.empty()) return;
+  if (std::fwrite(data, 1, size, file_) != size) {
+    error_ = std::strerror(errno);
+    return;
+  }
   crc_ = crc32_of(crc_, data, size);
   size_ += size;
 }
 
 void ChecksumWriter::finish() {
+  LOCKSTEP_CHECK(file_ != nullptr, "ChecksumWriter: ", path_, " is already finished");
+  if (!error_.empty()) {
+    std::fclose(file_);
+    file_ = nullptr;
+    LOCKSTEP_FAIL("cannot write ", path_, ": ", error_);
+  }
   unsigned char trailer[kTrailerSize];
   put_le(trailer, size_, 8);
   put_le(trailer + 8, crc_, 4);
@@ -98,8 +113,7 @@ std::optional<std::size_t> verify_checksum(const char* data, std::size_t size, c
   const std::optional<Trailer> trailer = parse_trailer(tail);
   if (!trailer) return std::nullopt;
   const std::size_t content = size - kTrailerSize;
-  check_trailer(*trailer, content, trailer->size == content ? crc32_of(0, data, content) : 0, what,
-                get_le(tail + 12, 4) == kTrailerVersion);
+  check_trailer(*trailer, content, trailer->size == content ? crc32_of(0, data, content) : 0, what);
   return content;
 }
 
@@ -134,7 +148,7 @@ bool verify_file_checksum(const std::string& path, const std::string& what) {
       left -= want;
     }
   }
-  check_trailer(*trailer, content, crc, what, get_le(tail + 12, 4) == kTrailerVersion);
+  check_trailer(*trailer, content, crc, what);
   return true;
 }
 
@@ -150,7 +164,7 @@ void save_with_checksum(torch::serialize::OutputArchive& archive, const std::str
 
 void check_trailer_present(bool has_key, bool verified, const std::string& what) {
   LOCKSTEP_CHECK(!has_key || verified, what, " is corrupt: it was written with a checksum trailer, and its trailer "
-                 "is missing or damaged");
+                 "is missing or damaged (the file was cut or changed after it was written). ", kUseAnother);
 }
 
 void load_with_checksum(torch::serialize::InputArchive& archive, const std::string& path, const c10::Device& device,

@@ -4,14 +4,15 @@
 // LibTorch reads its archives without checking the CRC-32s its zip records carry (miniz is built
 // with MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS), so a checkpoint with a flipped bit in a tensor (a bad
 // disk, a bad copy between nodes) loads, and a resumed run trains on from wrong weights without a
-// word: measured, 29 of 30 random byte flips in a ResNet checkpoint loaded and trained on. So every
-// file Lockstep writes for itself to read back (checkpoints, int8 models, pruned models) ends in a
-// 24-byte trailer:
+// word: measured, 29 of 30 random byte flips in a ResNet checkpoint loaded and trained on. So the
+// files Lockstep writes (checkpoints, int8 models, and pruned models, which only plain torch::load
+// reads back) end in a 24-byte trailer:
 //   bytes [0, 8)   the length of the content before the trailer (uint64, little endian)
 //   bytes [8, 12)  the CRC-32 (zlib's) of that content (uint32, little endian)
 //   bytes [12, 16) the trailer's version, 1
 //   bytes [16, 24) "lkstcrc1"
-// and every such file Lockstep reads is checked against it before its content is used. A zip reader
+// and every such file Lockstep reads (checkpoints, int8 models) is checked against it before its
+// content is used: one more pass over the file on each rank that reads it. A zip reader
 // (LibTorch's torch::load, Python's torch.load) finds the archive's end record by searching back
 // from the end and skips the trailer, so the files still load anywhere. The content also holds
 // kChecksumKey, so that a trailer that is itself damaged is an error too, not a file from before
@@ -38,12 +39,14 @@ inline constexpr std::size_t kTrailerSize = 24;
 inline constexpr const char* kChecksumKey = "lockstep_checksum";
 inline constexpr const char* kChecksumValue = "crc32 trailer";
 
-// Appends `size` bytes to a file opened for writing while computing their CRC-32; finish() writes
-// the trailer and closes the file. Throws a lockstep::Error naming `path` when a write fails (a full
-// disk).
+// Writes a file and its trailer: write() appends bytes while computing their CRC-32, finish() writes
+// the trailer and closes the file. write() never throws: a failed write (a full disk) is remembered
+// and raised by finish() as a lockstep::Error naming `path`. An exception thrown from inside
+// LibTorch's zip writer would unwind through it, and its destructor writes again and throws during
+// the unwinding: std::terminate (LibTorch 1.13 on /dev/full, with its own file writer too).
 class ChecksumWriter {
  public:
-  explicit ChecksumWriter(const std::string& path);
+  explicit ChecksumWriter(const std::string& path);  // throws when the file cannot be created
   ~ChecksumWriter();
   ChecksumWriter(const ChecksumWriter&) = delete;
   ChecksumWriter& operator=(const ChecksumWriter&) = delete;
@@ -55,6 +58,7 @@ class ChecksumWriter {
   std::FILE* file_ = nullptr;
   std::uint64_t size_ = 0;
   std::uint32_t crc_ = 0;
+  std::string error_;  // the first failed write's
 };
 
 // For a file's bytes in memory: the content's length when they end in a trailer that matches them,

@@ -25,5 +25,6 @@ int main(int argc, char** argv) {
   int any_failed = 0;
   MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   if (any_failed != 0 && failed == 0 && runtime.rank() == 0) std::fprintf(stderr, "another rank failed\n");
+  lockstep::testing::remove_shared_temp_dirs(/*keep=*/any_failed != 0);
   return any_failed != 0 ? 1 : 0;
 }

@@ -19,9 +19,10 @@ inline comm::Communicator& comm() { return *runtime().communicator(); }
 inline comm::CommunicatorPtr comm_ptr() { return runtime().communicator(); }
 // Collective: the same fresh, empty directory on every rank, named after `name` and rank 0's pid
 // (for checkpoints and files that rank 0 writes and the others read).
-// They lie in one directory per run, which remove_shared_temp_dirs() removes (rank 0, once every rank is done).
+// They lie in one directory per run, which remove_shared_temp_dirs() removes (rank 0, once every
+// rank is done), unless `keep` (a test failed: they are left for a look, and the path is printed).
 std::string shared_temp_dir(const std::string& name);
-void remove_shared_temp_dirs();
+void remove_shared_temp_dirs(bool keep);
 // Collective: whether every rank's parameters are bitwise equal to rank 0's.
 bool identical_across_ranks(torch::nn::Module& model);
 // Collective: how many ranks (1 .. size) hold a tensor bitwise equal to rank 0's, of the same shape.

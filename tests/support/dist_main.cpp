@@ -13,7 +13,7 @@ int main(int argc, char** argv) {
   int failed = lockstep::testing::run_catch(argc, argv);
   int any_failed = 0;
   MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);  // every rank is done with the files
-  lockstep::testing::remove_shared_temp_dirs();
+  lockstep::testing::remove_shared_temp_dirs(/*keep=*/any_failed != 0);
   if (any_failed != 0 && failed == 0 && runtime.rank() == 0) {
     std::fprintf(stderr, "another rank failed (see its output above)\n");
   }

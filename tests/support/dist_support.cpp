@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 
 #include "lockstep/core/error.hpp"
@@ -18,8 +19,12 @@ Runtime& runtime() {
 }
 void set_runtime(Runtime* runtime) { g_runtime = runtime; }
 
-void remove_shared_temp_dirs() {
+void remove_shared_temp_dirs(bool keep) {
   if (g_temp_root.empty() || runtime().rank() != 0) return;
+  if (keep) {
+    std::fprintf(stderr, "the tests' files are kept in %s\n", g_temp_root.c_str());
+    return;
+  }
   std::error_code ignored;
   std::filesystem::remove_all(g_temp_root, ignored);
 }

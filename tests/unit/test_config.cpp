@@ -684,6 +684,7 @@ TEST_CASE("config: integers are plain decimal, a leading zero is an error, not o
   CHECK_THAT(error_of("trainer: {seed: 0x10}"), Contains("'trainer.seed'") && Contains("expected an integer, found '0x10'"));
   CHECK_THAT(error_of("trainer: {epochs: 0x10}"),
              Contains("hexadecimal is not allowed") && !Contains("octal"));
+  CHECK_THAT(error_of("trainer: {epochs: 012x}"), Contains("leading zeros are not allowed"));
   CHECK_THAT(error_of("", {"trainer.epochs=007"}),
              Contains("'trainer.epochs'") && Contains("--set trainer.epochs=007") && Contains("leading zeros"));
   // Not integers at all: the error has no hint about zeros.

@@ -2,6 +2,8 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -13,6 +15,7 @@
 #include "support/temp_dir.hpp"
 #include "train/checksum.hpp"
 
+namespace fs = std::filesystem;
 using Catch::Contains;
 using lockstep::train::kTrailerSize;
 
@@ -137,7 +140,7 @@ TEST_CASE("checksum: a damaged, cut or extended trailer is refused, naming the f
     std::vector<char> bad = good;
     bad[bad.size() - kTrailerSize + 12] = 2;
     write_all(path, bad);
-    CHECK_THAT(error_of([&] { load_checked(path); }), Contains(path) && Contains("does not know"));
+    CHECK_THAT(error_of([&] { load_checked(path); }), Contains(path) && Contains("which a newer Lockstep wrote"));
   }
 }
 
@@ -161,4 +164,17 @@ TEST_CASE("checksum: a file that cannot be written or read is an error naming it
   const std::string missing = dir / "no/such/dir/a.pt";
   CHECK_THAT(error_of([&] { save_checked(missing); }), Contains("cannot create " + missing));
   CHECK_THAT(error_of([&] { lockstep::train::verify_file_checksum(missing, missing); }), Contains("cannot open " + missing));
+  // A full disk halfway through: an error, where an exception thrown inside LibTorch's zip writer
+  // ended the process (its destructor writes again during the unwinding; LibTorch's own file writer
+  // does the same: torch::serialize::OutputArchive::save_to("/dev/full") aborts).
+  if (fs::exists("/dev/full")) {
+    CHECK_THAT(error_of([&] { save_checked("/dev/full"); }),
+               Contains("cannot write /dev/full") && Contains(std::strerror(ENOSPC)));
+  } else {
+    WARN("no /dev/full here: the full-disk case is not tested");
+  }
+  lockstep::train::ChecksumWriter writer(dir / "b.pt");
+  writer.write("abc", 3);
+  writer.finish();
+  CHECK_THAT(error_of([&] { writer.finish(); }), Contains("is already finished"));
 }

@@ -140,7 +140,9 @@ class QuantizationAwareTraining final : public train::Callback {
 //              pruning's masks, which the weights' zeros already hold),
 //   "activations": {module name: [scale, zero_point, min, max]} for every ActivationFakeQuant point.
 //   "ties": {name: name it is stored under} for each further name of a tensor the model registers
-//           under several (tied weights: stored once, int8 if any of its names is quantized).
+//           under several (tied weights: stored once, int8 if any of its names is quantized),
+//   "lockstep_checksum": "crc32 trailer": the file ends in a CRC-32 trailer that read_int8 checks
+//           (Note [Checksummed files]; pickle_load and torch.load skip it).
 // Weights not listed in `quantized` are stored in float. Written atomically. Returns the file's size.
 struct Int8ExportReport {
   int64_t quantized_weights = 0;   // parameters stored as int8

@@ -6,7 +6,9 @@
 // the global step, every rank's default CPU generator state (and CUDA generator state, for a model on
 // a GPU), and the states of all callbacks
 // (Note [Callback state]). Rank 0 writes it atomically: to "<name>.tmp", fsync, then rename, so a
-// file with a final name is always complete. Resuming restores all of it on every rank, so a run
+// file with a final name is always complete. It ends in a CRC-32 trailer that every rank checks
+// before it loads the file (Note [Checksummed files]), so a file changed on disk or in a copy is an
+// error naming it, not weights trained on silently. Resuming restores all of it on every rank, so a run
 // stopped after any step and resumed (same world size) ends with bitwise the same parameters as a run
 // that never stopped.
 

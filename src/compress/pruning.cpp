@@ -500,6 +500,17 @@ void save_model_atomically(torch::nn::Module& model, const std::string& path) {
                                [&](const std::string& temporary) { train::save_with_checksum(archive, temporary); });
 }
 
+void load_model_checked(torch::nn::Module& model, const std::string& path) {
+  c10::Device device(c10::kCPU);
+  for (const auto& parameter : model.parameters()) {
+    device = parameter.device();
+    break;
+  }
+  torch::serialize::InputArchive archive;
+  train::load_with_checksum(archive, path, device, "model file " + path);
+  model.load(archive);
+}
+
 std::string format_sparsity_table(const std::vector<LayerSparsity>& layers) {
   std::ostringstream out;
   char line[256];

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <utility>
@@ -293,6 +294,22 @@ TEST_CASE("pruning: a permanent model loads into the plain definition and gives 
   torch::load(plain, path);
   plain->eval();
   CHECK(torch::equal(plain->forward(x), expected));
+  // The same through load_model_checked, and a changed byte there is refused (Note [Checksummed files]).
+  lockstep::models::ResNet18 checked(ro);
+  load_model_checked(*checked, path);
+  checked->eval();
+  CHECK(torch::equal(checked->forward(x), expected));
+  {
+    std::fstream file(path, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekg(0, std::ios::end);
+    const std::streamoff middle = file.tellg() / 2;
+    file.seekg(middle);
+    const char byte = static_cast<char>(file.get());
+    file.seekp(middle);
+    file.put(static_cast<char>(byte ^ 0x01));
+  }
+  CHECK_THROWS_WITH(load_model_checked(*checked, path),
+                    Catch::Contains("model file " + path + " is corrupt") && Catch::Contains("does not match"));
   int64_t zeros = 0, numel = 0;
   for (const auto& layer : report) {
     zeros += layer.numel - layer.nonzeros;

@@ -143,8 +143,14 @@ class MagnitudePruning final : public train::Callback {
 // model again (its state loads into, and saves from, the unpruned definition). Returns the final
 // per-layer sparsity. A model without masks is left as it is (an empty report).
 std::vector<LayerSparsity> make_pruning_permanent(torch::nn::Module& model);
-// Saves `model` (parameters and buffers) to `path` atomically: a temporary file, fsync, rename.
+// Saves `model` (parameters and buffers) to `path` atomically: a temporary file, fsync, rename. The
+// file ends in a CRC-32 trailer (Note [Checksummed files]), which torch::load skips.
 void save_model_atomically(torch::nn::Module& model, const std::string& path);
+// Reads such a file into `model` (the plain definition), onto the device of `model`'s first parameter
+// (the CPU for a model without any), as torch::load would, but checks the trailer first: a file
+// changed on disk or in a copy is an error naming it rather than changed weights. A file without a
+// trailer (any torch::save of a module) loads as torch::load would load it.
+void load_model_checked(torch::nn::Module& model, const std::string& path);
 // The table the callback prints at the end: layer, shape, nonzeros, sparsity, zero channels.
 std::string format_sparsity_table(const std::vector<LayerSparsity>& layers);
 

@@ -94,7 +94,19 @@ void run_on_root(Communicator& comm, int root, const std::function<void()>& work
   BroadcastOptions options;
   options.root = root;
   at::Tensor length = at::full({1}, static_cast<std::int64_t>(failure.size()), at::kLong);
-  comm.broadcast(length, options)->wait();
+  try {
+    comm.broadcast(length, options)->wait();
+  } catch (const TimeoutError& e) {
+    if (comm.rank() == root) throw;
+    // The others wait here for as long as `work` runs on root, with the timeout meant for one
+    // collective: say so, naming what was running, instead of naming only a broadcast.
+    throw TimeoutError(detail::str_cat(context, ": rank ", root, " did not finish its part within ",
+                                       comm.timeout().count(), " ms while this rank waited for it (rank ", root,
+                                       " works alone here, e.g. writing a file: a slow or stuck disk, or it died). "
+                                       "Set LOCKSTEP_TIMEOUT_S (seconds) to allow longer. [",
+                                       e.message(), "]"),
+                       __FILE__, __LINE__);
+  }
   const std::int64_t n = length.item<std::int64_t>();
   if (n == 0) return;
   at::Tensor bytes = at::zeros({n}, at::kByte);

@@ -2,10 +2,12 @@
 
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
+#include <sys/types.h>
 #include <zlib.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -124,13 +126,15 @@ bool verify_file_checksum(const std::string& path, const std::string& what) {
     std::FILE* f;
     ~Closer() { std::fclose(f); }
   } closer{file};
-  LOCKSTEP_CHECK(std::fseek(file, 0, SEEK_END) == 0, "cannot read ", path, ": ", std::strerror(errno));
-  const long end = std::ftell(file);
+  // fseeko/ftello take off_t: 64-bit on LP64, and on 32-bit builds with _FILE_OFFSET_BITS=64, where
+  // fseek's long would stop at 2 GB.
+  LOCKSTEP_CHECK(fseeko(file, 0, SEEK_END) == 0, "cannot read ", path, ": ", std::strerror(errno));
+  const off_t end = ftello(file);
   LOCKSTEP_CHECK(end >= 0, "cannot read ", path, ": ", std::strerror(errno));
   const auto size = static_cast<std::uint64_t>(end);
   if (size < kTrailerSize) return false;
   unsigned char tail[kTrailerSize];
-  LOCKSTEP_CHECK(std::fseek(file, static_cast<long>(size - kTrailerSize), SEEK_SET) == 0 &&
+  LOCKSTEP_CHECK(fseeko(file, static_cast<off_t>(size - kTrailerSize), SEEK_SET) == 0 &&
                      std::fread(tail, 1, kTrailerSize, file) == kTrailerSize,
                  "cannot read ", path, ": ", std::strerror(errno));
   const std::optional<Trailer> trailer = parse_trailer(tail);
@@ -138,7 +142,7 @@ bool verify_file_checksum(const std::string& path, const std::string& what) {
   const std::uint64_t content = size - kTrailerSize;
   std::uint32_t crc = 0;
   if (trailer->size == content) {
-    LOCKSTEP_CHECK(std::fseek(file, 0, SEEK_SET) == 0, "cannot read ", path, ": ", std::strerror(errno));
+    LOCKSTEP_CHECK(fseeko(file, 0, SEEK_SET) == 0, "cannot read ", path, ": ", std::strerror(errno));
     std::vector<unsigned char> chunk(std::size_t{4} << 20);
     for (std::uint64_t left = content; left > 0;) {
       const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(left, chunk.size()));

@@ -3,11 +3,15 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <chrono>
+#include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "lockstep/comm/agree.hpp"
+#include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/compress/pruning.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
@@ -91,6 +95,39 @@ TEST_CASE("run_on_every_rank: a failure on some ranks is an error on every rank,
   } else {
     CHECK_THAT(error, Contains("work: disk full on rank 0's node (on rank 0; this is rank " + std::to_string(rank) + ")"));
   }
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("run_on_root: work that outlasts the timeout is an error naming it on the waiting ranks", "[runtime]") {
+  // A communicator of its own, with a short timeout; rank 0's work (a checkpoint onto a slow disk)
+  // takes longer than that.
+  lockstep::comm::MpiCommunicatorOptions options;
+  options.timeout = std::chrono::milliseconds(300);
+  auto slow = std::make_unique<lockstep::comm::MpiCommunicator>(options);
+  const int rank = slow->rank();
+  bool ran = false;
+  const std::string error = error_of([&] {
+    lockstep::comm::run_on_root(
+        *slow, 0,
+        [&] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+          ran = true;
+        },
+        "checkpoint step_00000007.pt");
+  });
+  INFO(error);
+  if (rank == 0) {
+    CHECK(ran);
+    CHECK(error.empty());  // the others' broadcast was posted: root's completes
+  } else {
+    CHECK_FALSE(ran);
+    CHECK_THAT(error, Contains("checkpoint step_00000007.pt: rank 0 did not finish its part within 300 ms") &&
+                          Contains("LOCKSTEP_TIMEOUT_S") && Contains("broadcast #"));
+  }
+  // Every rank's broadcast has completed once root has issued its own: after this barrier the
+  // communicator has nothing in flight, and closes without the abort a stuck collective gets.
+  comm().barrier()->wait();
+  slow.reset();
   CHECK(communicator_healthy());
 }
 

@@ -31,7 +31,9 @@ std::vector<std::string> gather_strings(Communicator& comm, const std::string& t
 // metrics.jsonl). Should it throw, every rank raises the same lockstep::Error, "<context>: <what>
 // (on rank <root>)", instead of the others going on into collectives that rank never joins and
 // failing there, much later, with an error that names a collective. Costs one broadcast of an int64
-// when `work` succeeds, and one of the message when it does not.
+// when `work` succeeds, and one of the message when it does not. The other ranks wait for `work` with
+// the communicator's timeout (LOCKSTEP_TIMEOUT_S): past it they raise a TimeoutError naming `context`
+// and root (a checkpoint larger than the disk writes in that time needs a longer timeout).
 void run_on_root(Communicator& comm, int root, const std::function<void()>& work, const std::string& context);
 
 // Collective: runs `work` on every rank, then shares whether it failed anywhere (for work that can

@@ -35,6 +35,15 @@ Example Augment::get_batch(const std::vector<int64_t>& indices) const {
   LOCKSTEP_CHECK(input.scalar_type() == torch::kFloat && input.dim() == 4, "Augment over ", base_->description(),
                  ": expected float [B, C, H, W] data, got ", input.scalar_type(), " ", input.sizes());
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
+  // A target laid out over the image's pixels (a clean image, a mask) would stay where it was while
+  // the data moved: pairs out of register, and no error. Refuse it.
+  const at::Tensor& target = example.target;
+  LOCKSTEP_CHECK(!(target.defined() && target.dim() >= 3 && target.size(-2) == height && target.size(-1) == width),
+                 "Augment over ", base_->description(), ": the target is ", target.sizes(),
+                 ", laid out over the images' ", height, "x", width,
+                 " pixels, and Augment crops and flips the data alone, which would leave the target out of "
+                 "register. Augment the images beneath the data set that makes the target (as "
+                 "examples/denoise_images.cpp does: the noisy images wrap the augmented clean ones)");
   const int64_t pad = options_.pad;
   std::vector<float> fill = base_->info().pad_values;
   fill.resize(static_cast<size_t>(channels), fill.empty() ? 0.0f : fill.back());

@@ -27,6 +27,10 @@ ImageDataset::ImageDataset(ImageData data) : data_(std::move(data)) {
                  data_.images.scalar_type());
   LOCKSTEP_CHECK(data_.labels.defined() && data_.labels.dim() == 1 && data_.labels.scalar_type() == torch::kLong, name,
                  ": labels must be an int64 [N] tensor");
+  // get_batch reads both through host pointers, on the loader's thread.
+  LOCKSTEP_CHECK(data_.images.device().is_cpu() && data_.labels.device().is_cpu(), name,
+                 ": images and labels must be CPU tensors (the loader copies each batch to the training device), "
+                 "got images on ", data_.images.device(), " and labels on ", data_.labels.device());
   LOCKSTEP_CHECK(data_.labels.size(0) == data_.images.size(0), name, ": ", data_.images.size(0), " images but ",
                  data_.labels.size(0), " labels");
   LOCKSTEP_CHECK(data_.images.size(0) > 0, name, ": no samples");

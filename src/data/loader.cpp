@@ -21,8 +21,13 @@ Loader::~Loader() { halt(); }
 Example Loader::assemble(size_t b) const {
   Example example = dataset_->get_batch(plan_[b]);
   if (options_.pin_memory) {
-    if (example.data.defined() && !example.data.is_pinned()) example.data = example.data.pin_memory();
-    if (example.target.defined() && !example.target.is_pinned()) example.target = example.target.pin_memory();
+    // Only host tensors are pinned: a dataset that already returns GPU tensors (data kept on the
+    // device) passes them through, where pin_memory() would throw.
+    const auto pin = [](at::Tensor& t) {
+      if (t.defined() && t.device().is_cpu() && !t.is_pinned()) t = t.pin_memory();
+    };
+    pin(example.data);
+    pin(example.target);
   }
   return example;
 }

@@ -168,6 +168,39 @@ TEST_CASE("Loader: errors in the background thread are rethrown by next()", "[da
   }
 }
 
+TEST_CASE("Loader: pin_memory pins host tensors only; a dataset's device tensors pass through", "[data]") {
+  // Batches on a device other than the CPU (data kept on the GPU; here the meta device, the one a
+  // CPU-only LibTorch has): pin_memory() would throw for them.
+  class DeviceDataset : public Dataset {
+   public:
+    size_t size() const override { return 12; }
+    DatasetInfo info() const override { return {1, 2, 2, 10, {}}; }
+    std::string description() const override { return "device dataset"; }
+    Example get_batch(const std::vector<int64_t>& indices) const override {
+      check_indices(indices);
+      const auto n = static_cast<int64_t>(indices.size());
+      return {torch::empty({n, 1, 2, 2}, torch::device(torch::kMeta)),
+              torch::empty({n}, torch::device(torch::kMeta).dtype(torch::kLong))};
+    }
+  };
+  for (size_t prefetch : {0, 2}) {
+    CAPTURE(prefetch);
+    Loader loader(std::make_shared<DeviceDataset>(), std::make_shared<ShardedSampler>(12, 1, 0),
+                  {5, prefetch, false, /*pin_memory=*/true});
+    loader.start_epoch(0);
+    int batches = 0;
+    int64_t samples = 0;
+    while (auto batch = loader.next()) {
+      CHECK(batch->data.device().type() == torch::kMeta);
+      CHECK(batch->target.device().type() == torch::kMeta);
+      samples += batch->data.size(0);
+      ++batches;
+    }
+    CHECK(batches == 3);
+    CHECK(samples == 12);
+  }
+}
+
 TEST_CASE("Loader: stops cleanly mid-epoch and rejects misuse", "[data]") {
   auto dataset = std::make_shared<IndexDataset>(1000);
   auto sampler = std::make_shared<ShardedSampler>(1000, 1, 0);

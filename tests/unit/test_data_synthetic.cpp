@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <functional>
 #include <map>
 #include <numeric>
 #include <set>
@@ -230,6 +231,59 @@ TEST_CASE("Augment: no-op options are the identity, flip-only flips, bad options
   bad.pad = 7;
   CHECK_THROWS_WITH(Augment(base, bad), Contains("pad 7 exceeds the image size 6x6"));
   CHECK_THROWS_WITH(Augment(nullptr, {}), Contains("base dataset is null"));
+}
+
+TEST_CASE("Augment refuses a target laid out over the image's pixels; labels and vectors pass", "[data]") {
+  // The data would move and the target would not: a denoiser's clean image, a segmentation mask.
+  class WithTarget : public Dataset {
+   public:
+    WithTarget(DatasetPtr base, std::function<torch::Tensor(const Example&)> target)
+        : base_(std::move(base)), target_(std::move(target)) {}
+    size_t size() const override { return base_->size(); }
+    DatasetInfo info() const override { return base_->info(); }
+    std::string description() const override { return "pairs over " + base_->description(); }
+    Example get_batch(const std::vector<int64_t>& indices) const override {
+      Example example = base_->get_batch(indices);
+      example.target = target_(example);
+      return example;
+    }
+
+   private:
+    DatasetPtr base_;
+    std::function<torch::Tensor(const Example&)> target_;
+  };
+  auto base = ramp_dataset(8, 2, 6);
+  const std::vector<int64_t> some{0, 3, 5};
+  AugmentOptions crop;
+  crop.pad = 2;
+  crop.hflip = true;
+  const auto image = [](const Example& e) { return e.data.clone(); };
+  const auto mask = [](const Example& e) { return e.data.select(1, 0).gt(0).to(torch::kLong); };
+  CHECK_THROWS_WITH(Augment(std::make_shared<WithTarget>(base, image), crop).get_batch(some),
+                    Contains("Augment over pairs over") && Contains("the target is [3, 2, 6, 6]") &&
+                        Contains("out of register") && Contains("denoise_images.cpp"));
+  CHECK_THROWS_WITH(Augment(std::make_shared<WithTarget>(base, mask), crop).get_batch(some),
+                    Contains("the target is [3, 6, 6]"));
+  // Class labels, and per-sample vectors, are untouched by a crop: they pass.
+  const auto vector = [](const Example& e) { return torch::zeros({e.data.size(0), 6}); };
+  CHECK(Augment(std::make_shared<WithTarget>(base, vector), crop).get_batch(some).target.sizes() ==
+        torch::IntArrayRef({3, 6}));
+  CHECK(Augment(base, crop).get_batch(some).target.sizes() == torch::IntArrayRef({3}));
+  // With nothing to do, Augment passes any target through as it always has.
+  CHECK(Augment(std::make_shared<WithTarget>(base, image), {}).get_batch(some).target.dim() == 4);
+}
+
+TEST_CASE("ImageDataset refuses images or labels that are not on the CPU", "[data]") {
+  ImageData data;
+  data.images = torch::empty({4, 1, 3, 3}, torch::device(torch::kMeta).dtype(torch::kUInt8));
+  data.labels = torch::zeros({4}, torch::kLong);
+  data.num_classes = 2;
+  data.description = "device images";
+  CHECK_THROWS_WITH(ImageDataset(data), Contains("device images: images and labels must be CPU tensors") &&
+                                             Contains("images on meta"));
+  data.images = torch::zeros({4, 1, 3, 3}, torch::kUInt8);
+  data.labels = torch::empty({4}, torch::device(torch::kMeta).dtype(torch::kLong));
+  CHECK_THROWS_WITH(ImageDataset(data), Contains("labels on meta"));
 }
 
 TEST_CASE("Subset: first N and explicit indices map onto the base", "[data]") {

@@ -1,6 +1,8 @@
 #pragma once
 // Augment: random crop with zero padding and random horizontal flip, applied per sample on top of any
 // Dataset (the standard CIFAR/Fashion-MNIST recipe: RandomCrop(side, padding=pad), RandomHorizontalFlip).
+// The data moves and the target does not: a target over the image's pixels ([.., H, W]: a clean
+// image, a mask) is refused, and belongs in a data set that wraps the Augment instead.
 // Note [Augmentation seeding]: each sample's crop offset and flip come from a generator seeded by
 // (seed, epoch, index), never from shared state, so a run is reproducible whatever the batch size,
 // world size, prefetch timing or resume point, and a sample is augmented differently every epoch.

@@ -30,6 +30,7 @@ struct LoaderOptions {
   bool drop_last_batch = false;
   // Batches come out in page-locked (pinned) memory, so that a copy to the GPU with non_blocking=true
   // is asynchronous. Needs CUDA (LibTorch's pinned allocator); the trainer sets it for CUDA devices.
+  // Only host tensors are pinned: a dataset's GPU tensors pass through as they are.
   bool pin_memory = false;
 };
 

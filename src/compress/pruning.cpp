@@ -5,8 +5,9 @@
 #include <torch/torch.h>
 
 #include <cmath>
-#include <map>
 #include <cstdio>
+#include <map>
+#include <set>
 #include <sstream>
 
 #include "lockstep/compress/quantization.hpp"
@@ -164,10 +165,32 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
 }
 
 // The schedule, resolved into steps: a resumed run must follow the one its masks were made by.
+// A one-shot schedule has no end step, frequency or initial sparsity: they are left out, so that their
+// unused values are not compared (files that hold them still load: only this run's keys are compared).
 nlohmann::json schedule_state(const PruningOptions& o) {
-  return {{"begin_step", o.begin_step},         {"end_step", o.end_step},
-          {"frequency", o.frequency},           {"schedule", to_string(o.schedule)},
-          {"initial_sparsity", o.initial_sparsity}, {"target_sparsity", o.target_sparsity}};
+  nlohmann::json state = {
+      {"begin_step", o.begin_step}, {"schedule", to_string(o.schedule)}, {"target_sparsity", o.target_sparsity}};
+  if (o.schedule == PruneSchedule::Gradual) {
+    state["end_step"] = o.end_step;
+    state["frequency"] = o.frequency;
+    state["initial_sparsity"] = o.initial_sparsity;
+  }
+  return state;
+}
+
+// "steps 0..1000 every 100" (gradual) or "step 300" (one-shot), for messages.
+std::string describe_steps(const PruningOptions& o) {
+  if (o.schedule == PruneSchedule::OneShot) return detail::str_cat("step ", o.begin_step);
+  return detail::str_cat("steps ", o.begin_step, "..", o.end_step, " every ", o.frequency);
+}
+
+// The same from a saved state, whose keys depend on its schedule and version.
+std::string describe_steps(const nlohmann::json& state) {
+  const auto at = [&state](const char* key) { return state.contains(key) ? state.at(key).dump() : std::string("?"); };
+  if (state.contains("schedule") && state.at("schedule") == to_string(PruneSchedule::OneShot)) {
+    return "step " + at("begin_step");
+  }
+  return "steps " + at("begin_step") + ".." + at("end_step") + (state.contains("frequency") ? " every " + at("frequency") : "");
 }
 
 }  // namespace
@@ -207,6 +230,18 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   // a mask's parameter by encoding every name), not only among the selected ones.
   std::map<std::string, std::vector<std::string>> by_mask_name;
   for (const auto& item : model.named_parameters(/*recurse=*/true)) by_mask_name[buffer_name(item.key())].push_back(item.key());
+  // Note [Structured pruning and Linear layers]: a Linear's output channels are its rows, and for the
+  // classifier those are the classes: pruning them leaves classes that only the bias can predict. The
+  // default selection (an empty include) therefore gives structured pruning convolutions only; a Linear
+  // is pruned by rows where include names it.
+  std::set<std::string> linear_weights;
+  if (options_.granularity == PruneGranularity::Structured && options_.include.empty()) {
+    for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+      if (dynamic_cast<torch::nn::LinearImpl*>(item.value().get()) != nullptr) {
+        linear_weights.insert(item.key().empty() ? "weight" : item.key() + ".weight");
+      }
+    }
+  }
   for (const auto& [name, weight] : select_weights(model, options_.include, options_.exclude, "MagnitudePruning")) {
     const std::string mask_name = buffer_name(name);
     const std::vector<std::string>& sharing = by_mask_name[mask_name];
@@ -216,9 +251,15 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
       skipped_.emplace_back(name, "it has no elements");
       continue;
     }
-    if (options_.granularity == PruneGranularity::Structured) {
-      LOCKSTEP_CHECK(weight.dim() >= 2, "MagnitudePruning: structured pruning needs weights with output channels; '",
-                     name, "' has shape ", weight.sizes(), " (exclude it)");
+    if (linear_weights.count(name) > 0) {
+      skipped_.emplace_back(name, "structured pruning would remove a Linear's output rows (a classifier's classes); "
+                                  "it takes Linear layers only where include names them");
+      continue;
+    }
+    if (options_.granularity == PruneGranularity::Structured && weight.dim() < 2) {
+      // An include pattern such as "^layer1\\." matches the biases and norms' parameters too.
+      skipped_.emplace_back(name, "structured pruning takes weights with output channels (2 or more dimensions)");
+      continue;
     }
     if (options_.granularity == PruneGranularity::NM && !nm_applies(weight, options_.m)) {
       std::ostringstream why;
@@ -232,11 +273,20 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     layer->weight = weight;
     layers_.push_back(layer);
   }
+  if (layers_.empty() && !linear_weights.empty()) {
+    LOCKSTEP_FAIL("MagnitudePruning: structured pruning with an empty include selects convolution weights, and this "
+                  "model has none to prune. Its Linear layers are pruned by output rows only where include names "
+                  "them (leave out the classifier: its rows are the classes)");
+  }
   if (layers_.empty() && !skipped_.empty()) {
     std::ostringstream why;
     for (const auto& [name, reason] : skipped_) why << "\n  " << name << ": " << reason;
-    LOCKSTEP_FAIL("MagnitudePruning: N:M (", options_.n, ":", options_.m, ") applies to none of the ", skipped_.size(),
-                  " selected weights:", why.str(), "\nChoose an M that divides their rows, or exclude them");
+    if (options_.granularity == PruneGranularity::NM) {
+      LOCKSTEP_FAIL("MagnitudePruning: N:M (", options_.n, ":", options_.m, ") applies to none of the ",
+                    skipped_.size(), " selected weights:", why.str(), "\nChoose an M that divides their rows, or "
+                    "exclude them");
+    }
+    LOCKSTEP_FAIL("MagnitudePruning: none of the ", skipped_.size(), " selected parameters can be pruned:", why.str());
   }
   LOCKSTEP_CHECK(!layers_.empty(), "MagnitudePruning: no weights selected for pruning (include: ",
                  options_.include.size(), " patterns, exclude: ", options_.exclude.size(), " patterns)");
@@ -267,12 +317,13 @@ void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
   apply_to_weights();
   current_sparsity_ = mask_sparsity();
   if (ctx.world.rank == 0 && ctx.options != nullptr && ctx.options->progress) {
-    std::printf("pruning: %s %s magnitude pruning of %zu weights (%zu skipped), %s to %s, steps %lld..%lld every %lld\n",
+    std::printf("pruning: %s %s magnitude pruning of %zu weights (%zu skipped), %s to %s, %s\n",
                 to_string(options_.granularity).c_str(), to_string(options_.scope).c_str(), layers_.size(),
                 skipped_.size(), to_string(options_.schedule).c_str(),
-                percent(scheduled_sparsity(options_, options_.end_step)).c_str(),
-                static_cast<long long>(options_.begin_step), static_cast<long long>(options_.end_step),
-                static_cast<long long>(options_.frequency));
+                percent(scheduled_sparsity(options_, options_.schedule == PruneSchedule::OneShot ? options_.begin_step
+                                                                                                 : options_.end_step))
+                    .c_str(),
+                describe_steps(options_).c_str());
     for (const auto& [name, why] : skipped_) std::printf("pruning: skipping %s: %s\n", name.c_str(), why.c_str());
     std::fflush(stdout);
   }
@@ -452,8 +503,7 @@ void MagnitudePruning::load_state(const std::string& text) {
     for (const auto& [key, value] : schedule.items()) {
       LOCKSTEP_CHECK(!state.contains(key) || state.at(key) == value, "MagnitudePruning: the checkpoint was pruned ",
                      "on another schedule: its ", key, " is ", state.at(key).dump(), ", this run's ", value.dump(),
-                     " (steps ", state.at("begin_step").dump(), "..", state.at("end_step").dump(), " there, ",
-                     options_.begin_step, "..", options_.end_step,
+                     " (", describe_steps(state), " there, ", describe_steps(options_),
                      " here). Resume with the schedule and epochs it was written with");
     }
     last_pruning_step_ = last_pruning_step;  // only once the state is known to fit (a refusal changes nothing)

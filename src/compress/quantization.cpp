@@ -6,16 +6,17 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <optional>
 #include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 
 #include "compress/selection.hpp"
 #include "core/exception_text.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/ema.hpp"
 #include "train/atomic_file.hpp"
 #include "train/checksum.hpp"
 #include "train/epoch_steps.hpp"
@@ -103,6 +104,18 @@ std::vector<std::string> QuantizationAwareTraining::activation_points() const {
 
 void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
   LOCKSTEP_CHECK(ctx.model != nullptr, "QuantizationAwareTraining: the trainer gave no model");
+  if (ctx.callbacks != nullptr) {
+    // ema.hpp: the average goes first. After this callback, evaluation would put the float average over
+    // the int8 values, and the int8 file would hold the raw weights, which were never evaluated.
+    bool after_this = false;
+    for (const auto& callback : *ctx.callbacks) {
+      LOCKSTEP_CHECK(!after_this || dynamic_cast<const train::ExponentialMovingAverage*>(callback.get()) == nullptr,
+                     "QuantizationAwareTraining: add ExponentialMovingAverage before it. After it, evaluation "
+                     "would replace the int8 weights with the float average, and the exported int8 model would "
+                     "be the raw weights', which were never evaluated");
+      after_this = after_this || callback.get() == this;
+    }
+  }
   restore_weights();  // a fit() that threw mid-step left the int8 values in place
   layers_.clear();
   for (const auto& [name, weight] :

@@ -2,6 +2,7 @@
 // schedule against its closed form, and folding masks into a plain model.
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <limits>
 
@@ -259,6 +260,51 @@ TEST_CASE("pruning: the callback selects conv and linear weights, honours patter
     REQUIRE(nm.skipped().size() == 1);  // the stem conv: 1 x 3 x 3 = 9 weights per row
     CHECK(nm.skipped()[0].first == "conv1.weight");
   }
+  {
+    // Structured: the classifier's rows are its classes. The default takes the 20 convolutions and
+    // skips fc, saying why; an include that names fc takes it.
+    lockstep::models::ResNet18 model(ro);
+    ctx.model = model.ptr().get();
+    PruningOptions o;
+    o.granularity = PruneGranularity::Structured;
+    MagnitudePruning structured(o);
+    structured.on_setup(ctx);
+    CHECK(structured.layers().size() == 20);
+    CHECK(structured.layers().back() == "layer4.1.conv2.weight");
+    REQUIRE(structured.skipped().size() == 1);
+    CHECK(structured.skipped()[0].first == "fc.weight");
+    CHECK_THAT(structured.skipped()[0].second, Catch::Contains("a classifier's classes") &&
+                                                   Catch::Contains("only where include names them"));
+  }
+  {
+    lockstep::models::ResNet18 model(ro);
+    ctx.model = model.ptr().get();
+    PruningOptions o;
+    o.granularity = PruneGranularity::Structured;
+    o.include = {"^fc\\."};
+    MagnitudePruning named(o);
+    named.on_setup(ctx);
+    CHECK(named.layers() == std::vector<std::string>{"fc.weight"});
+    // The pattern matches the bias too, which has no channels to prune.
+    REQUIRE(named.skipped().size() == 1);
+    CHECK(named.skipped()[0].first == "fc.bias");
+    CHECK_THAT(named.skipped()[0].second, Catch::Contains("takes weights with output channels"));
+  }
+  {
+    // A model of Linear layers alone: structured pruning with the default selection has nothing to
+    // prune, and says how to choose.
+    torch::nn::Sequential mlp(torch::nn::Linear(8, 16), torch::nn::ReLU(), torch::nn::Linear(16, 4));
+    ctx.model = mlp.ptr().get();
+    PruningOptions o;
+    o.granularity = PruneGranularity::Structured;
+    MagnitudePruning none(o);
+    CHECK_THROWS_WITH(none.on_setup(ctx), Catch::Contains("selects convolution weights, and this model has none") &&
+                                              Catch::Contains("where include names them"));
+    o.include = {"^0\\.weight$"};
+    MagnitudePruning hidden(o);
+    hidden.on_setup(ctx);
+    CHECK(hidden.layers() == std::vector<std::string>{"0.weight"});
+  }
 }
 
 TEST_CASE("pruning: a permanent model loads into the plain definition and gives the same outputs", "[compress]") {
@@ -500,8 +546,38 @@ TEST_CASE("pruning: a resumed run on another schedule is refused, its state unch
                                                "0.5, this run's 0.6"));
   other = o;
   other.end_epoch = 2.5;
-  CHECK_THAT(load_into(other), Catch::Contains("its end_step is 20, this run's 25 (steps 0..20 there, 0..25 here)"));
+  CHECK_THAT(load_into(other),
+             Catch::Contains("its end_step is 20, this run's 25 (steps 0..20 every 5 there, steps 0..25 every 5 here)"));
   CHECK(load_into(o).empty());
+
+  // One-shot: its step and target count; end_step, frequency and initial_sparsity are unused, and a
+  // change to them is no reason to refuse.
+  PruningOptions once;
+  once.schedule = PruneSchedule::OneShot;
+  once.begin_step = 10;
+  once.target_sparsity = 0.5;
+  MagnitudePruning one_shot(once);
+  model->unregister_module("pruning_masks");
+  one_shot.on_setup(ctx);
+  saved = one_shot.save_state();
+  CHECK(saved.find("end_step") == std::string::npos);
+  other = once;
+  other.end_step = 5;  // before begin_step: unused by one-shot
+  other.frequency = 7;
+  other.initial_sparsity = 0.1;
+  CHECK(load_into(other).empty());
+  other = once;
+  other.begin_step = 12;
+  CHECK_THAT(load_into(other), Catch::Contains("its begin_step is 10, this run's 12 (step 10 there, step 12 here)"));
+  // A one-shot state from before (with the unused keys) still loads.
+  nlohmann::json older = nlohmann::json::parse(saved);
+  older["end_step"] = 1000;
+  older["frequency"] = 100;
+  older["initial_sparsity"] = 0.0;
+  model->unregister_module("pruning_masks");
+  MagnitudePruning resumed(once);
+  resumed.on_setup(ctx);
+  CHECK_NOTHROW(resumed.load_state(older.dump()));
 }
 
 namespace {
@@ -523,6 +599,7 @@ TEST_CASE("pruning: a weight with no elements is skipped with its reason, for ev
     PruningOptions o;
     o.granularity = granularity;
     if (granularity == PruneGranularity::NM) o.schedule = PruneSchedule::OneShot;
+    if (granularity == PruneGranularity::Structured) o.include = {"\\.weight$"};  // Linear layers: named
     o.scope = granularity == PruneGranularity::NM ? PruneScope::Layer : PruneScope::Global;
     MagnitudePruning pruning(o);
     pruning.on_setup(ctx);
@@ -550,4 +627,22 @@ TEST_CASE("pruning: added after quantization-aware training, or beside a weight 
     ctx.callbacks = &both;
     CHECK_THROWS_WITH(pruning->on_setup(ctx), Catch::Contains("it cannot run with ExponentialMovingAverage"));
   }
+}
+
+TEST_CASE("quantization-aware training added before a weight average is refused, and runs after it", "[compress]") {
+  // After QAT, the average would be evaluated in float over the int8 values, and QAT would export the
+  // raw weights' int8 values, which were never evaluated (the config reader adds them in this order).
+  auto [model, ctx] = underscores_in_context();
+  QuantizationOptions weights_only;
+  weights_only.activations = false;
+  auto qat = std::make_shared<QuantizationAwareTraining>(weights_only);
+  auto ema = std::make_shared<lockstep::train::ExponentialMovingAverage>(lockstep::train::EmaOptions{});
+  const std::vector<lockstep::train::CallbackPtr> wrong{qat, ema};
+  ctx.callbacks = &wrong;
+  CHECK_THROWS_WITH(qat->on_setup(ctx), Catch::Contains("QuantizationAwareTraining: add ExponentialMovingAverage "
+                                                        "before it") &&
+                                            Catch::Contains("never evaluated"));
+  const std::vector<lockstep::train::CallbackPtr> right{ema, qat};
+  ctx.callbacks = &right;
+  CHECK_NOTHROW(qat->on_setup(ctx));
 }

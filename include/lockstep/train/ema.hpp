@@ -13,7 +13,7 @@
 // [Buffers that are state]), are copied. Every rank holds the same weights after a step, so every rank holds the same
 // average, with no communication; the average is checkpointed (Callback::save_tensors) and a resumed
 // run continues it bitwise.
-// With quantization-aware training, add this callback first (in on_after_optimizer_step the weights
+// With quantization-aware training, add this callback first, as QAT requires (in on_after_optimizer_step the weights
 // are float: QAT puts int8 values in place only from on_batch_begin to on_after_backward), evaluation quantizes the average (Note [Nested evaluation events]),
 // and at the end QAT exports the int8 values of the average. Not combined with pruning, whose masked
 // weights the average would let decay instead of staying zero; the config reader and MagnitudePruning refuse that.

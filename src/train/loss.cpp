@@ -92,10 +92,16 @@ LossFn make_loss(const LossOptions& options) {
       namespace F = torch::nn::functional;
       const at::Tensor out = widened(output);
       // Class indices must be int64 for LibTorch; probabilities take the output's type.
-      const at::Tensor labels = at::isFloatingType(target.scalar_type()) ? target.to(out.scalar_type())
-                                                                          : target.to(at::kLong);
-      return F::cross_entropy(out, labels,
-                              F::CrossEntropyFuncOptions().label_smoothing(smoothing).ignore_index(ignore));
+      if (at::isFloatingType(target.scalar_type())) {
+        return F::cross_entropy(out, target.to(out.scalar_type()),
+                                F::CrossEntropyFuncOptions().label_smoothing(smoothing));
+      }
+      // The sum over the counted targets by their count: PyTorch's mean, except for a batch of ignored
+      // targets only, whose 0 / 0 is NaN there, in the gradients too; here 0, with zero gradients.
+      const at::Tensor labels = target.to(at::kLong);
+      const at::Tensor sum = F::cross_entropy(
+          out, labels, F::CrossEntropyFuncOptions().label_smoothing(smoothing).ignore_index(ignore).reduction(torch::kSum));
+      return sum / labels.ne(ignore).sum().clamp_min(1).to(sum.scalar_type());
     };
   }
   if (name == "bce_with_logits") {
@@ -125,6 +131,16 @@ LossFn make_loss(const LossOptions& options) {
     const at::Tensor out = widened(output);
     return at::smooth_l1_loss(out, target.to(out.scalar_type()), at::Reduction::Mean, beta);
   };
+}
+
+at::Tensor loss_weight(const LossOptions& options, const at::Tensor& target) {
+  LOCKSTEP_CHECK(target.defined() && target.dim() >= 1, "loss_weight: expected a target with a batch dimension");
+  const auto samples = static_cast<double>(target.size(0));
+  if (options.name != "cross_entropy" || at::isFloatingType(target.scalar_type()) || target.numel() == 0) {
+    return at::full({}, samples, target.options().dtype(at::kDouble));
+  }
+  // Counted x B / all, in this order: exactly B when every target counts.
+  return target.ne(options.ignore_index).sum(at::kDouble).mul(samples).div(static_cast<double>(target.numel()));
 }
 
 std::string describe_loss(const LossOptions& options) {

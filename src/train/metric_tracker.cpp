@@ -34,7 +34,8 @@ std::vector<std::string> MetricTracker::names() const {
   return out;
 }
 
-void MetricTracker::update(const at::Tensor& output, const at::Tensor& target, const at::Tensor& loss) {
+void MetricTracker::update(const at::Tensor& output, const at::Tensor& target, const at::Tensor& loss,
+                           const at::Tensor& weight) {
   LOCKSTEP_CHECK(output.defined() && target.defined() && target.dim() >= 1,
                  "MetricTracker::update: expected an output and a target with a batch dimension");
   at::NoGradGuard no_grad;
@@ -44,8 +45,19 @@ void MetricTracker::update(const at::Tensor& output, const at::Tensor& target, c
   if (loss.defined()) {
     LOCKSTEP_CHECK(loss.numel() == 1, "MetricTracker::update: the loss must be the batch's mean, a scalar; found ",
                    loss.sizes());
-    sums_.narrow(0, kLossSum, 1).add_(loss.detach().reshape({1}).to(sums_.device(), at::kDouble), samples);
-    sums_.narrow(0, kLossSamples, 2).add_(samples);
+    const at::Tensor value = loss.detach().reshape({1}).to(sums_.device(), at::kDouble);
+    if (weight.defined()) {
+      LOCKSTEP_CHECK(weight.numel() == 1, "MetricTracker::update: the loss's weight must be a scalar; found ",
+                     weight.sizes());
+      const at::Tensor w = weight.detach().reshape({1}).to(sums_.device(), at::kDouble);
+      // A batch of weight 0 (every target ignored) adds nothing, even a NaN.
+      sums_.narrow(0, kLossSum, 1).add_(at::where(w > 0, value * w, at::zeros_like(w)));
+      sums_.narrow(0, kLossSamples, 1).add_(w);
+      sums_.narrow(0, kSamples, 1).add_(samples);
+    } else {
+      sums_.narrow(0, kLossSum, 1).add_(value, samples);
+      sums_.narrow(0, kLossSamples, 2).add_(samples);
+    }
   } else {
     sums_.narrow(0, kSamples, 1).add_(samples);
   }

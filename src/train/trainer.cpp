@@ -42,7 +42,10 @@ double seconds_since(Clock::time_point start) {
 // (correct predictions and their count for accuracy, squared errors for mse, a confusion matrix for
 // macro_f1: train/metrics.hpp), and one float64 all-reduce adds the sums, so the epoch's loss and
 // metrics are exact over all samples whatever the shard sizes are: never an average of per-rank
-// averages.
+// averages. Each sample counts once: the sampler's padding (repeats that make every rank's share
+// equal) is trained on but left out of the sums, in training as in evaluation (Note [Exact
+// evaluation]). A batch's loss is weighted by the samples its mean stands for (loss_weight: the
+// targets cross_entropy counted, when it ignores some).
 std::vector<double> allreduce_sums(comm::Communicator& comm, const std::vector<double>& local) {
   at::Tensor t = torch::tensor(local, torch::kFloat64);
   comm.allreduce(t)->wait();
@@ -593,6 +596,10 @@ void DistributedTrainer::build_metrics(const data::Dataset& dataset) {
   metrics_built_ = true;
 }
 
+at::Tensor DistributedTrainer::loss_weight_of(const at::Tensor& target) const {
+  return options_.loss_fn ? at::Tensor() : loss_weight(options_.loss, target);
+}
+
 void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
   AutocastGuard autocast(device_, autocast_dtype_);
   ctx.output = forward_(ctx.batch.data);
@@ -635,6 +642,10 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   const auto batch_size = static_cast<int64_t>(options_.batch_size);
   const auto per_rank = static_cast<int64_t>(loader.sampler()->per_rank());
   const auto micro_samples = [&](int64_t b) { return std::min(batch_size, per_rank - b * batch_size); };
+  // Note [Exact evaluation]'s layout: rank r's i-th sample is the epoch's r + i * world; from
+  // dataset_size on, the padding.
+  const int64_t rank = ctx.world.rank, world = ctx.world.size;
+  const auto dataset_size = static_cast<int64_t>(loader.sampler()->dataset_size());
   while (auto batch = loader.next()) {
     const int64_t in_step = std::min(k, batches - micro);
     int64_t planned = 0;  // the step's samples
@@ -677,7 +688,18 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
 
       torch::NoGradGuard no_grad;
       ctx.step_samples += ctx.batch.target.size(0);
-      totals_->tracker.update(ctx.output, ctx.batch.target, ctx.loss);
+      // Note [Exact metrics]: the padding, at the end of every rank's share, is left out.
+      const int64_t in_batch = ctx.batch.target.size(0);
+      const int64_t first = (micro - 1) * batch_size;  // this batch's position in the rank's share
+      int64_t counted = in_batch;
+      while (counted > 0 && rank + (first + counted - 1) * world >= dataset_size) --counted;
+      if (counted == in_batch) {
+        totals_->tracker.update(ctx.output, ctx.batch.target, ctx.loss, loss_weight_of(ctx.batch.target));
+      } else if (counted > 0) {
+        const at::Tensor output = ctx.output.narrow(0, 0, counted);
+        const at::Tensor target = ctx.batch.target.narrow(0, 0, counted);
+        totals_->tracker.update(output, target, loss_(output, target), loss_weight_of(target));
+      }
       step_loss = step_loss.defined() ? step_loss + loss.detach() : loss.detach();
       const ddp::StepTimings& t = dp_->last_step();
       sums[kForward] += t.forward_s;
@@ -782,7 +804,7 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
       if (valid > 0) {
         at::Tensor output = forward_(batch->data.narrow(0, 0, valid));
         at::Tensor target = batch->target.narrow(0, 0, valid);
-        tracker.update(output, target, loss_(output, target));
+        tracker.update(output, target, loss_(output, target), loss_weight_of(target));
       }
       if (ctx != nullptr) {
         ++ctx->eval_batch;

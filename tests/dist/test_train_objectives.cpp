@@ -164,7 +164,15 @@ TEST_CASE("trainer: a training set that does not divide by the world size is pad
     const auto metrics = trainer.fit(std::make_shared<RegressionSet>(10, 0.0), nullptr);
     const int64_t steps = drop ? per_rank / 3 : (per_rank + 2) / 3;
     CHECK(metrics.at("step") == static_cast<double>(steps));
-    CHECK(metrics.at("train_count") == static_cast<double>((drop ? per_rank / 3 * 3 : per_rank) * world));
+    // The padding is trained on but not counted (Note [Exact metrics]): rank r's i-th sample is the
+    // epoch's r + i * world, a repeat from 10 on.
+    const int64_t kept = drop ? per_rank / 3 * 3 : per_rank;
+    int64_t counted = 0;
+    for (int64_t r = 0; r < world; ++r) {
+      for (int64_t i = 0; i < kept; ++i) counted += r + i * world < 10;
+    }
+    CHECK(metrics.at("train_count") == static_cast<double>(counted));
+    if (!drop) CHECK(counted == 10);
   }
 }
 
@@ -266,6 +274,79 @@ TEST_CASE("trainer: macro_f1 and top-2 accuracy of a fixed classifier match thei
     CHECK(metrics.at(prefix + "macro_f1") == Approx(2 * n0 / (n0 + n) / present).epsilon(1e-12));
     CHECK(metrics.at(prefix + "mean_iou") == Approx(n0 / n / present).epsilon(1e-12));
   }
+}
+
+namespace {
+
+// Dense targets: 4 "pixels" per sample, some void (255), and every fifth sample void throughout.
+constexpr int64_t kPixels = 4, kVoid = 255;
+int64_t pixel_label(int64_t i, int64_t j) {
+  if (i % 5 == 4 || (i + j) % 3 == 0) return kVoid;
+  return (i * 7 + j) % kClasses;
+}
+class DenseSet : public lockstep::data::Dataset {
+ public:
+  explicit DenseSet(int64_t size) : size_(size) {}
+  size_t size() const override { return static_cast<size_t>(size_); }
+  lockstep::data::DatasetInfo info() const override { return {1, 1, kPixels, kClasses, {}}; }
+  std::string description() const override { return "dense test set"; }
+  lockstep::data::Example get_batch(const std::vector<int64_t>& indices) const override {
+    check_indices(indices);
+    const auto b = static_cast<int64_t>(indices.size());
+    at::Tensor target = torch::empty({b, kPixels}, torch::kLong);
+    for (int64_t r = 0; r < b; ++r) {
+      for (int64_t j = 0; j < kPixels; ++j) target[r][j] = pixel_label(indices[r], j);
+    }
+    return {torch::zeros({b, 1, 1, kPixels}), target};
+  }
+
+ private:
+  int64_t size_;
+};
+
+}  // namespace
+
+TEST_CASE("trainer: cross_entropy with ignore_index: the epoch's loss is the mean over every counted target",
+          "[train]") {
+  // Samples count unequal numbers of targets, and a batch of void targets only has no mean: the loss
+  // used to be weighted by samples (test_loss off the mean over targets) and such a batch made it NaN.
+  const int64_t size = 11;  // padded at 2 and 3 ranks: the repeats are not counted either
+  struct Fixed : torch::nn::Module {
+    at::Tensor logits = register_parameter("logits", torch::tensor({1.0, 0.5, 0.0, 0.0}));
+  };
+  auto model = std::make_shared<Fixed>();
+  TrainerOptions o = quiet(2);
+  o.eval_batch_size = 1;  // sample 4's batch holds void targets only
+  o.loss.ignore_index = kVoid;
+  o.metrics = {"accuracy"};
+  DistributedTrainer trainer(
+      model,
+      [model](const at::Tensor& x) {
+        return model->logits.view({1, kClasses, 1}).expand({x.size(0), kClasses, kPixels}) + 0 * x.sum();
+      },
+      frozen(*model), comm_ptr(), o);
+  const auto metrics = trainer.fit(std::make_shared<DenseSet>(size), std::make_shared<DenseSet>(size));
+  const std::vector<double> logits{1.0, 0.5, 0.0, 0.0};
+  double lse = 0;
+  for (double l : logits) lse += std::exp(l);
+  lse = std::log(lse);
+  double loss = 0, counted = 0, zeros = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    for (int64_t j = 0; j < kPixels; ++j) {
+      const int64_t label = pixel_label(i, j);
+      if (label == kVoid) continue;
+      loss += lse - logits[label];
+      counted += 1;
+      zeros += label == 0;
+    }
+  }
+  for (const std::string prefix : {"train_", "test_"}) {
+    INFO(prefix);
+    CHECK(metrics.at(prefix + "count") == size);
+    CHECK(metrics.at(prefix + "loss") == Approx(loss / counted).epsilon(1e-6));
+    CHECK(metrics.at(prefix + "acc") == Approx(zeros / counted).epsilon(1e-12));
+  }
+  for (const auto& p : model->parameters()) CHECK(torch::isfinite(p).all().item<bool>());
 }
 
 TEST_CASE("trainer: ranks with another loss or other metrics get one error naming them", "[train]") {

@@ -168,7 +168,7 @@ TEST_CASE("Loader: errors in the background thread are rethrown by next()", "[da
   }
 }
 
-TEST_CASE("Loader: pin_memory pins host tensors only; a dataset's device tensors pass through", "[data]") {
+TEST_CASE("Loader: pin_memory pins host tensors only, and a dataset's device tensors pass through", "[data]") {
   // Batches on a device other than the CPU (data kept on the GPU; here the meta device, the one a
   // CPU-only LibTorch has): pin_memory() would throw for them.
   class DeviceDataset : public Dataset {

@@ -233,7 +233,7 @@ TEST_CASE("Augment: no-op options are the identity, flip-only flips, bad options
   CHECK_THROWS_WITH(Augment(nullptr, {}), Contains("base dataset is null"));
 }
 
-TEST_CASE("Augment refuses a target laid out over the image's pixels; labels and vectors pass", "[data]") {
+TEST_CASE("Augment refuses a target laid out over the image's pixels, and labels and vectors pass", "[data]") {
   // The data would move and the target would not: a denoiser's clean image, a segmentation mask.
   class WithTarget : public Dataset {
    public:

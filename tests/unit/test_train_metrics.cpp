@@ -239,4 +239,52 @@ TEST_CASE("MetricTracker: the loss weighted by samples, the count and the metric
                     Contains("the batch's mean, a scalar"));
   CHECK_THROWS_WITH(tracker.set_sums(torch::zeros({2})), Contains("2 sums for a tracker of 7"));
   CHECK_THROWS_WITH(MetricTracker(lockstep::train::make_metrics({"mse", "mse"})), Contains("name 'mse' twice"));
+
+  // A loss with a weight (the samples its mean stands for): weighted by it; weight 0 adds nothing, not
+  // even a NaN; the count stays the samples'.
+  tracker.reset();
+  tracker.update(torch::tensor({{1.0}, {3.0}}), torch::tensor({{0.0}, {0.0}}), torch::tensor(3.0),
+                 torch::tensor(0.5, torch::kDouble));
+  tracker.update(torch::tensor({{2.0}}), torch::tensor({{0.0}}), torch::tensor(0.1), torch::tensor(2.0));
+  tracker.update(torch::tensor({{2.0}}), torch::tensor({{0.0}}), torch::tensor(NAN), torch::tensor(0.0));
+  values = tracker.compute_local();
+  CHECK(values.at("count") == 4);
+  CHECK(values.at("loss") == Approx((3.0 * 0.5 + 0.1 * 2.0) / 2.5));
+  CHECK_THROWS_WITH(tracker.update(torch::tensor({{1.0}}), torch::tensor({{1.0}}), torch::tensor(1.0), torch::ones({2})),
+                    Contains("the loss's weight must be a scalar"));
+}
+
+TEST_CASE("loss: cross_entropy's weight counts the targets it does not ignore, and void-only batches weigh 0",
+          "[train][loss]") {
+  using lockstep::train::loss_weight;
+  LossOptions void_label;
+  void_label.ignore_index = 255;
+  // Exactly the sample count when every target counts, for every loss.
+  CHECK(loss_weight(void_label, torch::tensor({0, 2, 1}, torch::kLong)).item<double>() == 3.0);
+  CHECK(loss_weight(LossOptions{}, torch::zeros({7, 5, 5}, torch::kLong)).item<double>() == 7.0);
+  CHECK(loss_weight(loss_named("mse"), torch::zeros({3, 2})).item<double>() == 3.0);
+  CHECK(loss_weight(LossOptions{}, torch::zeros({4, 3})).item<double>() == 4.0);  // class probabilities
+  // Dense targets, 2 samples x 3 pixels, 4 of 6 counted: 2 x 4 / 6 samples' worth.
+  CHECK(loss_weight(void_label, torch::tensor({{0, 255, 1}, {255, 2, 2}}, torch::kLong)).item<double>() ==
+        Approx(2.0 * 4 / 6));
+  CHECK(loss_weight(void_label, torch::full({2, 3}, 255, torch::kLong)).item<double>() == 0.0);
+  CHECK(loss_weight(void_label, torch::tensor({0, 1})).scalar_type() == torch::kDouble);
+
+  // A batch whose targets are all void: loss 0 and zero gradients (PyTorch's mean is NaN, in the
+  // gradients too, and would reach every rank's weights).
+  for (const double smoothing : {0.0, 0.1}) {
+    INFO("label_smoothing " << smoothing);
+    void_label.label_smoothing = smoothing;
+    const at::Tensor logits = torch::randn({2, 3, 4}, torch::requires_grad());
+    const at::Tensor loss = make_loss(void_label)(logits, torch::full({2, 4}, 255, torch::kLong));
+    CHECK(loss.item<double>() == 0.0);
+    loss.backward();
+    CHECK(torch::equal(logits.grad(), torch::zeros_like(logits)));
+    // With some counted targets, the mean over them, as PyTorch's.
+    const at::Tensor target = torch::tensor({{0, 255, 1, 2}, {255, 255, 2, 0}}, torch::kLong);
+    namespace F = torch::nn::functional;
+    const at::Tensor reference = F::cross_entropy(
+        logits, target, F::CrossEntropyFuncOptions().ignore_index(255).label_smoothing(smoothing));
+    CHECK(make_loss(void_label)(logits, target).item<double>() == Approx(reference.item<double>()).epsilon(1e-6));
+  }
 }

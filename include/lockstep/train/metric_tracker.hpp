@@ -36,9 +36,12 @@ class MetricTracker {
   explicit MetricTracker(std::vector<MetricPtr> metrics);
 
   // Adds one batch: every metric's sums, the sample count (target.size(0)) and, when `loss` (the batch's
-  // mean loss, a scalar) is given, loss x samples. The sums move to the output's device at the first
-  // update and stay there: nothing here waits for the device.
-  void update(const at::Tensor& output, const at::Tensor& target, const at::Tensor& loss = at::Tensor());
+  // mean loss, a scalar) is given, loss x weight, where `weight` is how many samples the mean stands
+  // for: target.size(0) when undefined; a scalar tensor such as loss_weight()'s otherwise (a batch of
+  // weight 0 adds nothing to the loss, whatever its value). The sums move to the output's device at the
+  // first update and stay there: nothing here waits for the device.
+  void update(const at::Tensor& output, const at::Tensor& target, const at::Tensor& loss = at::Tensor(),
+              const at::Tensor& weight = at::Tensor());
   // Collective: one all-reduce of every sum, then the values over all ranks' samples: `prefix` + "count",
   // + "loss" (when some rank gave losses), + each metric's keys. Every rank gets the same values.
   std::map<std::string, double> compute(comm::Communicator& comm, const std::string& prefix = "") const;
@@ -51,7 +54,7 @@ class MetricTracker {
   std::vector<std::string> names() const;
 
   // The sums behind the values, for checkpoints and for reductions combined with other numbers:
-  // float64 [num_sums()] = (loss x samples, samples that had a loss, samples, each metric's sums).
+  // float64 [num_sums()] = (loss x weight, the weights of the losses, samples, each metric's sums).
   static constexpr int64_t kLossSum = 0, kLossSamples = 1, kSamples = 2, kFirstMetricSum = 3;
   int64_t num_sums() const { return kFirstMetricSum + metric_sums_; }
   const at::Tensor& sums() const { return sums_; }

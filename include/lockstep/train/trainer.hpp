@@ -208,6 +208,9 @@ class DistributedTrainer {
   void forward_and_loss(TrainerContext& ctx);
   // metrics_ from options_.metrics and custom_metrics, sized by the data set's class count.
   void build_metrics(const data::Dataset& dataset);
+  // The loss's weight in the epoch's loss (loss_weight) for the built-in losses; undefined (the batch's
+  // samples) for a loss_fn of the program's own.
+  at::Tensor loss_weight_of(const at::Tensor& target) const;
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;

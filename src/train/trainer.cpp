@@ -495,8 +495,9 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   if (ctx.resume_position) {
     loader.load_state(*ctx.resume_position);
     first_epoch = ctx.resume_position->epoch;
-    ctx.batch_in_epoch = ctx.resume_position->position /
-                         (static_cast<int64_t>(options_.batch_size) * options_.accumulation_steps);
+    // Steps taken: rounded up, since an epoch's last step may be short (a resume at the epoch's end).
+    const int64_t per_step = static_cast<int64_t>(options_.batch_size) * options_.accumulation_steps;
+    ctx.batch_in_epoch = (ctx.resume_position->position + per_step - 1) / per_step;
     resumed = true;
     ctx.resume_position.reset();
   }

@@ -72,13 +72,14 @@ struct EpochEvents : Callback {
   }
   void on_epoch_end(TrainerContext& ctx) override {
     ended.push_back(ctx.epoch);
+    steps_at_end.push_back(ctx.batch_in_epoch);
     if (when == Raise::kAtEpochEnd && ctx.world.rank == rank && ctx.epoch == epoch) raise(SIGUSR1);
   }
   void on_train_end(TrainerContext& ctx) override { epoch_finished = ctx.epoch_finished; }
   Raise when;
   int rank;
   int64_t epoch;
-  std::vector<int64_t> evaluated, ended;
+  std::vector<int64_t> evaluated, ended, steps_at_end;  // steps_at_end: ctx.batch_in_epoch at on_epoch_end
   std::vector<bool> evaluation_complete;  // per evaluation: with metrics, and not cut short
   int64_t batch_events = 0, batches_before = 0, eval_batches = 0;  // on_evaluation_batch_end
   bool batches_in_order = true;  // eval_batch counted 1, 2, ... in each evaluation
@@ -299,7 +300,18 @@ TEST_CASE("stop: a signal in an epoch's last step stops before its evaluation; t
     CHECK(again->ended == rest);
     CHECK(resumed.last_step == (step == 10 ? 20 : 0));
     CHECK(bitwise_equal(full.state, resumed.state));
+    CHECK(again->steps_at_end.front() == 10);
   }
+  // A short last step (40 samples a rank in batches of 3: 13 steps of 3, then 1 of 1): the resumed run
+  // counts the stopped epoch's steps as 14, not 13.
+  const std::string dir = lockstep::testing::shared_temp_dir("stop_in_short_last_step");
+  TrainerOptions o = lockstep::testing::resumable(base, dir, 0, "auto");
+  o.checkpoint.every_steps = 0;
+  o.batch_size = 3;
+  run(o, std::make_shared<AtStep>(last, 14, [](TrainerContext&) { raise(SIGUSR1); }));
+  auto again = std::make_shared<EpochEvents>(EpochEvents::Raise::kNever, -1, 0);
+  run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
+  CHECK(again->steps_at_end == std::vector<int64_t>{14, 14});
 }
 
 TEST_CASE("stop: a signal after the last vote (the last epoch's end) is still reported; training is complete",

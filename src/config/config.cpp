@@ -297,6 +297,7 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   s.count("eval_batch_size", o.eval_batch_size, 1);
   s.unsigned_integer("seed", o.seed);
   s.string("output_dir", o.output_dir);
+  s.string("init_from", o.init_from);
   s.integer("log_every", o.log_every, 0);
   s.boolean("progress", o.progress);
   s.count("prefetch", o.prefetch, 0);

@@ -53,6 +53,7 @@ std::string to_yaml(const ExperimentConfig& c) {
   put(out, "eval_batch_size", static_cast<int64_t>(t.eval_batch_size));
   put(out, "seed", static_cast<unsigned long long>(t.seed));
   put(out, "output_dir", t.output_dir);
+  put(out, "init_from", t.init_from);
   put(out, "log_every", t.log_every);
   put(out, "progress", t.progress);
   put(out, "prefetch", static_cast<int64_t>(t.prefetch));

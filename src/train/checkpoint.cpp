@@ -98,28 +98,47 @@ void open_checkpoint(torch::serialize::InputArchive& archive, const std::string&
 // one of them was found with the model's shape (Note [A checkpoint that does not fit]).
 using ModelValues = std::vector<std::pair<at::Tensor, at::Tensor>>;  // (the model's tensor, the file's)
 
+// How read_model_values treats a module of the model that the file does not hold.
+enum class MissingModule {
+  kRefuse,  // a checkpoint to resume: the run that wrote it had another model
+  // Weights to start from (load_model_weights): a module without parameters keeps its values (the
+  // activation ranges of ActivationFakeQuant points, added for QAT, start unobserved).
+  kKeepWithoutParameters,
+};
+
+// Every parameter and buffer of `module` (recursively), found in `archive` with the model's shape, as
+// (the model's tensor, the file's) pairs; `what` names the file in errors ("checkpoint <path>").
 void read_model_values(torch::nn::Module& module, torch::serialize::InputArchive& archive, const std::string& prefix,
-                       ModelValues& values) {
-  auto take = [&](const std::string& name, const at::Tensor& target, at::Tensor source) {
-    LOCKSTEP_CHECK(source.sizes() == target.sizes(), "'", prefix + name, "' has shape ", source.sizes(),
-                   " in the checkpoint but ", target.sizes(), " in the model");
+                       ModelValues& values, MissingModule missing, const std::string& what) {
+  auto take = [&](const std::string& name, const at::Tensor& target, bool is_buffer) {
+    at::Tensor source;
+    LOCKSTEP_CHECK(archive.try_read(name, source, is_buffer), what, " holds no '", prefix + name, "' (a ",
+                   is_buffer ? "buffer" : "parameter", " of the model, shape ", target.sizes(),
+                   "): it was written from another model");
+    LOCKSTEP_CHECK(source.sizes() == target.sizes(), "'", prefix + name, "' has shape ", source.sizes(), " in ", what,
+                   " but ", target.sizes(), " in the model");
     values.emplace_back(target, std::move(source));
   };
-  for (auto& item : module.named_parameters(/*recurse=*/false)) {
-    at::Tensor source;
-    archive.read(item.key(), source);
-    take(item.key(), item.value(), source);
-  }
-  for (auto& item : module.named_buffers(/*recurse=*/false)) {
-    at::Tensor source;
-    archive.read(item.key(), source, /*is_buffer=*/true);
-    take(item.key(), item.value(), source);
-  }
+  for (auto& item : module.named_parameters(/*recurse=*/false)) take(item.key(), item.value(), false);
+  for (auto& item : module.named_buffers(/*recurse=*/false)) take(item.key(), item.value(), true);
   for (const auto& child : module.named_children()) {
     if (!child.value()->is_serializable()) continue;
     torch::serialize::InputArchive child_archive;
-    archive.read(child.key(), child_archive);
-    read_model_values(*child.value(), child_archive, prefix + child.key() + ".", values);
+    if (archive.try_read(child.key(), child_archive)) {
+      read_model_values(*child.value(), child_archive, prefix + child.key() + ".", values, missing, what);
+      continue;
+    }
+    const bool has_parameters = !child.value()->parameters().empty();
+    if (missing == MissingModule::kKeepWithoutParameters && !has_parameters) continue;
+    LOCKSTEP_CHECK(has_parameters, what, " holds no module '", prefix + child.key(), "' (",
+                   child.value()->name(), "), which this run's model has: the run that wrote it had no such module. "
+                   "Pruning adds 'pruning_masks', and model.quantize_activations adds ActivationFakeQuant modules. A "
+                   "resume continues the run it was written by, with its options; to start from its weights with "
+                   "other options (pruning or quantization-aware training from a trained model), set "
+                   "trainer.init_from (TrainerOptions::init_from) to it in a new run (another output_dir, or "
+                   "checkpoint.resume: never)");
+    LOCKSTEP_FAIL(what, " holds no module '", prefix + child.key(), "' (", child.value()->name(),
+                  "), which has parameters in this model: it was written from another model");
   }
 }
 
@@ -497,7 +516,7 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
     }
     torch::serialize::InputArchive model_archive;
     archive.read("model", model_archive);
-    read_model_values(*ctx.model, model_archive, "", taken.model_values);
+    read_model_values(*ctx.model, model_archive, "", taken.model_values, MissingModule::kRefuse, "checkpoint " + path);
     torch::serialize::InputArchive optimizer_archive;
     archive.read("optimizer", optimizer_archive);
     at::Tensor states;
@@ -547,6 +566,33 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
 }
 
 }  // namespace
+
+void load_model_weights(torch::nn::Module& model, const std::string& path) {
+  const std::string what = "weights file " + path;
+  LOCKSTEP_CHECK(fs::is_regular_file(path), what, " does not exist");
+  c10::Device device(c10::kCPU);
+  for (const auto& parameter : model.parameters()) {
+    device = parameter.device();
+    break;
+  }
+  torch::serialize::InputArchive archive;
+  try {
+    load_with_checksum(archive, path, device, what);  // Note [Checksummed files]
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    LOCKSTEP_FAIL(what, " is neither a model file nor a Lockstep checkpoint: ", detail::exception_text(e));
+  }
+  // A checkpoint holds the model under "model", beside its step.
+  c10::IValue step;
+  torch::serialize::InputArchive checkpoint_model;
+  const bool checkpoint = archive.try_read("global_step", step) && archive.try_read("model", checkpoint_model);
+  ModelValues values;
+  read_model_values(model, checkpoint ? checkpoint_model : archive, "", values,
+                    MissingModule::kKeepWithoutParameters, what);
+  torch::NoGradGuard no_grad;
+  for (auto& [target, source] : values) target.copy_(source);  // Note [Load by copy]
+}
 
 void Checkpointer::load(TrainerContext& ctx, const std::string& path) {
   load(ctx, path, "Checkpointer: cannot load " + path);

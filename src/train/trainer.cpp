@@ -181,6 +181,9 @@ void DistributedTrainer::set_up() {
   model_->to(device_);
   // Before DataParallel too: its buckets take the parameters' layout (Note [Gradient layout]).
   if (options_.channels_last) to_channels_last(*model_);
+  // On every rank (each checks its copy of the file), before DataParallel checks that the ranks' models
+  // agree. A resume at fit() replaces these weights with the checkpoint's.
+  if (!options_.init_from.empty()) load_model_weights(*model_, options_.init_from);
 }
 
 DistributedTrainer::~DistributedTrainer() = default;

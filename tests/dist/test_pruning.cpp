@@ -202,6 +202,65 @@ TEST_CASE("pruning: stop and resume keeps masks and the schedule position, bitwi
   }
 }
 
+TEST_CASE("pruning from a trained dense model: init_from takes its weights; a resume of it is refused, naming init_from",
+          "[compress]") {
+  // The dense run: 2 epochs, checkpoints in dense/.
+  const std::string dense_dir = shared_dir("dense");
+  std::vector<at::Tensor> dense_weights;
+  {
+    torch::manual_seed(50 + comm().rank());
+    Net model;
+    DistributedTrainer trainer(model, sgd(model), comm_ptr(), lockstep::testing::resumable(options(2), dense_dir, 0, "never"));
+    trainer.fit(synthetic(16 * comm().size(), 3), nullptr);
+    dense_weights = lockstep::testing::state_of(*model);
+  }
+  const std::string file = dense_dir + "/checkpoints/" + lockstep::train::checkpoint_file_name(8);
+  PruningOptions o;
+  o.target_sparsity = 0.5;
+  o.begin_step = 1;
+  o.end_step = 5;
+  o.frequency = 2;
+
+  // Resuming the dense run with pruning on: the checkpoint has no masks. The error says why and what
+  // to do instead.
+  {
+    torch::manual_seed(51);
+    Net model;
+    DistributedTrainer trainer(model, sgd(model), comm_ptr(), lockstep::testing::resumable(options(3), dense_dir, 0, "auto"));
+    trainer.add_callback(std::make_shared<MagnitudePruning>(o));
+    const std::string error = lockstep::testing::error_of([&] { trainer.fit(synthetic(16 * comm().size(), 3), nullptr); });
+    CHECK_THAT(error, Catch::Contains("holds no module 'pruning_masks'") && Catch::Contains("Pruning adds") &&
+                          Catch::Contains("trainer.init_from"));
+  }
+
+  // A new run from the dense weights: they are in place on every rank once the trainer is built, and
+  // pruning starts from them.
+  torch::manual_seed(52 + comm().rank());
+  Net model;
+  TrainerOptions t = lockstep::testing::resumable(options(2), shared_dir("pruned"), 0, "auto");
+  t.init_from = file;
+  DistributedTrainer trainer(model, sgd(model), comm_ptr(), t);
+  const auto start = lockstep::testing::state_of(*model);
+  REQUIRE(start.size() == dense_weights.size());
+  bool equal = true;
+  for (size_t i = 0; i < start.size(); ++i) equal = equal && torch::equal(start[i], dense_weights[i]);
+  CHECK(equal);
+  auto pruning = std::make_shared<MagnitudePruning>(o);
+  trainer.add_callback(pruning);
+  const auto metrics = trainer.fit(synthetic(16 * comm().size(), 3), nullptr);
+  CHECK(metrics.at("sparsity") == Approx(0.5).margin(0.01));
+  CHECK(metrics.at("step") == 8);  // from step 0: the dense run's steps are not this run's
+  CHECK(identical_across_ranks(*model));
+
+  // A file missing on one rank's node: every rank raises, naming it.
+  t.init_from = comm().rank() == comm().size() - 1 ? file + ".gone" : file;
+  torch::manual_seed(53);
+  Net other;
+  const std::string error = lockstep::testing::error_of([&] { DistributedTrainer(other, sgd(other), comm_ptr(), t); });
+  CHECK_THAT(error, Catch::Contains("weights file " + file + ".gone does not exist"));
+  CHECK(lockstep::testing::communicator_healthy());
+}
+
 TEST_CASE("pruning: ranks with different weights at a pruning step get an error naming the layer", "[compress]") {
   // A rogue callback (added before the pruning) perturbs rank 1's weights just before the masks are
   // computed, as a rank with a diverged model would.

@@ -39,6 +39,17 @@ struct CheckpointOptions {
   bool at_end = true;
 };
 
+// The weights of `path` into `model`, on this rank: fine-tuning from a trained model (pruning or
+// quantization-aware training from dense weights; TrainerOptions::init_from calls it on every rank).
+// `path` is a Lockstep checkpoint, whose model alone is taken (not its optimizer, step or callbacks'
+// state), or a model file (save_model_atomically's, torch::save(model)'s). Its CRC-32 trailer is
+// checked when it has one. Every parameter and buffer of the model must be in the file with the
+// model's shape, except the buffers of a module the file lacks that has no parameters (the activation
+// ranges of ActivationFakeQuant points start unobserved); entries the model lacks (a pruned run's
+// masks) are ignored. Copies into the model's tensors (their storage, device and layout stay), and
+// only once every one was found: an error naming the file and the tensor changes nothing.
+void load_model_weights(torch::nn::Module& model, const std::string& path);
+
 // "checkpoint-step00000123.pt" for step 123.
 std::string checkpoint_file_name(int64_t global_step);
 // The checkpoints in `directory`, oldest (lowest step) first.

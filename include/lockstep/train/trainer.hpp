@@ -81,6 +81,11 @@ struct TrainerOptions {
   std::vector<MetricPtr> custom_metrics;
   // metrics.jsonl and checkpoints/ go here; empty = no files (no checkpoints, no metrics.jsonl).
   std::string output_dir;
+  // Start from the weights in this file (a Lockstep checkpoint's model, or a model file: the rules of
+  // load_model_weights, train/checkpoint.hpp), loaded on every rank when the trainer is built. For
+  // fine-tuning: pruning or quantization-aware training from a trained dense model. A run that
+  // resumes a checkpoint (checkpoint.resume) continues from that instead. Empty = the model as given.
+  std::string init_from;
   // Progress line every log_every steps (rank 0); 0 = no progress lines, summaries only.
   int64_t log_every = 20;
   // Add the built-in ProgressLogger (rank 0 prints; metrics.jsonl when output_dir is set).

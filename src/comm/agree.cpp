@@ -103,7 +103,8 @@ void run_on_root(Communicator& comm, int root, const std::function<void()>& work
     throw TimeoutError(detail::str_cat(context, ": rank ", root, " did not finish its part within ",
                                        comm.timeout().count(), " ms while this rank waited for it (rank ", root,
                                        " works alone here, e.g. writing a file: a slow or stuck disk, or it died). "
-                                       "Set LOCKSTEP_TIMEOUT_S (seconds) to allow longer. [",
+                                       "The communicator's timeout (LOCKSTEP_TIMEOUT_S, runtime.timeout_s, or its "
+                                       "options) allows longer. [",
                                        e.message(), "]"),
                        __FILE__, __LINE__);
   }

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -164,6 +165,11 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
                 "), or train longer.");
 }
 
+// skipped()'s reason for a Linear weight under structured pruning with an empty include.
+constexpr const char* kLinearSkipped =
+    "structured pruning would remove a Linear's output rows (a classifier's classes); it takes Linear layers "
+    "only where include names them";
+
 // The schedule, resolved into steps: a resumed run must follow the one its masks were made by.
 // A one-shot schedule has no end step, frequency or initial sparsity: they are left out, so that their
 // unused values are not compared (files that hold them still load: only this run's keys are compared).
@@ -252,8 +258,7 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
       continue;
     }
     if (linear_weights.count(name) > 0) {
-      skipped_.emplace_back(name, "structured pruning would remove a Linear's output rows (a classifier's classes); "
-                                  "it takes Linear layers only where include names them");
+      skipped_.emplace_back(name, kLinearSkipped);
       continue;
     }
     if (options_.granularity == PruneGranularity::Structured && weight.dim() < 2) {
@@ -274,9 +279,9 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     layers_.push_back(layer);
   }
   if (layers_.empty() && !linear_weights.empty()) {
-    LOCKSTEP_FAIL("MagnitudePruning: structured pruning with an empty include selects convolution weights, and this "
-                  "model has none to prune. Its Linear layers are pruned by output rows only where include names "
-                  "them (leave out the classifier: its rows are the classes)");
+    LOCKSTEP_FAIL("MagnitudePruning: structured pruning with an empty include selects convolution weights, and none "
+                  "is left to prune (the model has none, or exclude removed them). Linear layers are pruned by output "
+                  "rows only where include names them (leave out the classifier: its rows are the classes)");
   }
   if (layers_.empty() && !skipped_.empty()) {
     std::ostringstream why;
@@ -495,6 +500,20 @@ void MagnitudePruning::load_state(const std::string& text) {
     state = nlohmann::json::parse(text);
     const auto last_pruning_step = state.at("last_pruning_step").get<int64_t>();
     const auto saved = state.at("layers").get<std::vector<std::string>>();
+    if (saved != layers()) {
+      // Checkpoints of structured runs from before Note [Structured pruning and Linear layers] hold
+      // the Linear layers that an empty include no longer takes.
+      std::string linear;
+      for (const auto& [name, reason] : skipped_) {
+        if (reason == kLinearSkipped && std::find(saved.begin(), saved.end(), name) != saved.end()) {
+          linear += (linear.empty() ? "'" : ", '") + name + "'";
+        }
+      }
+      LOCKSTEP_CHECK(linear.empty(), "MagnitudePruning: the checkpoint's pruned layers include ", linear,
+                     ", Linear layers that structured pruning takes by default no more (a classifier's rows are "
+                     "its classes). To resume the run as it was written, select them with include, e.g. include: "
+                     "['\\.weight$'] (the biases and norms it also matches are skipped)");
+    }
     LOCKSTEP_CHECK(saved == layers(), "MagnitudePruning: the checkpoint's pruned layers (", saved.size(),
                    ") are not the ones this run selects (", layers_.size(),
                    "): resume with the same include/exclude patterns and granularity");

@@ -135,8 +135,7 @@ void read_model_values(torch::nn::Module& module, torch::serialize::InputArchive
                    "Pruning adds 'pruning_masks', and model.quantize_activations adds ActivationFakeQuant modules. A "
                    "resume continues the run it was written by, with its options; to start from its weights with "
                    "other options (pruning or quantization-aware training from a trained model), set "
-                   "trainer.init_from (TrainerOptions::init_from) to it in a new run (another output_dir, or "
-                   "checkpoint.resume: never)");
+                   "trainer.init_from (TrainerOptions::init_from) to it in a new run (another output_dir)");
     LOCKSTEP_FAIL(what, " holds no module '", prefix + child.key(), "' (", child.value()->name(),
                   "), which has parameters in this model: it was written from another model");
   }
@@ -570,14 +569,11 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
 void load_model_weights(torch::nn::Module& model, const std::string& path) {
   const std::string what = "weights file " + path;
   LOCKSTEP_CHECK(fs::is_regular_file(path), what, " does not exist");
-  c10::Device device(c10::kCPU);
-  for (const auto& parameter : model.parameters()) {
-    device = parameter.device();
-    break;
-  }
   torch::serialize::InputArchive archive;
   try {
-    load_with_checksum(archive, path, device, what);  // Note [Checksummed files]
+    // Onto the CPU: a checkpoint's optimizer state and callbacks' tensors, read with the model's
+    // values, do not take device memory. copy_ moves the values to the model's device.
+    load_with_checksum(archive, path, c10::Device(c10::kCPU), what);  // Note [Checksummed files]
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
@@ -668,12 +664,13 @@ void Checkpointer::set_aside_earlier_run() const {
   std::fflush(stdout);
 }
 
-void Checkpointer::resume(TrainerContext& ctx) {
-  // Collectives (run_on_rank0): should rank 0 fail to read or move the directory, every rank raises.
-  if (options_.resume == "never") {
-    run_on_rank0(ctx, [&] { set_aside_earlier_run(); }, "Checkpointer");
-    return;
-  }
+bool Checkpointer::will_resume(TrainerContext& ctx) {
+  if (!chosen_) chosen_ = choose_resume(ctx);
+  return !chosen_->empty();
+}
+
+std::string Checkpointer::choose_resume(TrainerContext& ctx) {
+  if (options_.resume == "never") return "";
   check_context(ctx, "Checkpointer: cannot resume");
   std::string path;
   if (options_.resume == "auto") {
@@ -696,11 +693,24 @@ void Checkpointer::resume(TrainerContext& ctx) {
     at::Tensor choice = torch::full({1}, chosen, torch::kFloat64);
     ctx.communicator->broadcast(choice)->wait();
     chosen = choice.item<double>();
-    if (chosen < 0) return;
+    if (chosen < 0) return "";
     path = (fs::path(options_.directory) / checkpoint_file_name(static_cast<int64_t>(chosen))).string();
   } else {
     path = options_.resume;
   }
+  return path;
+}
+
+void Checkpointer::resume(TrainerContext& ctx) {
+  // Collectives (run_on_rank0): should rank 0 fail to read or move the directory, every rank raises.
+  if (options_.resume == "never") {
+    run_on_rank0(ctx, [&] { set_aside_earlier_run(); }, "Checkpointer");
+    return;
+  }
+  // Chosen already when the trainer asked will_resume() (a run with init_from).
+  const std::string path = chosen_ ? *chosen_ : choose_resume(ctx);
+  chosen_.reset();  // a later fit() chooses again
+  if (path.empty()) return;
   // Collective: a rank that cannot load (the file missing or unreadable on its node, a bad copy)
   // fails every rank here, rather than the others training on into collectives it never joins.
   load(ctx, path, "Checkpointer: cannot resume from " + path);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -181,9 +182,6 @@ void DistributedTrainer::set_up() {
   model_->to(device_);
   // Before DataParallel too: its buckets take the parameters' layout (Note [Gradient layout]).
   if (options_.channels_last) to_channels_last(*model_);
-  // On every rank (each checks its copy of the file), before DataParallel checks that the ranks' models
-  // agree. A resume at fit() replaces these weights with the checkpoint's.
-  if (!options_.init_from.empty()) load_model_weights(*model_, options_.init_from);
 }
 
 DistributedTrainer::~DistributedTrainer() = default;
@@ -492,6 +490,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   model_->train();
 
   for (auto& cb : callbacks_) cb->on_setup(ctx);
+  start_from_init_weights(ctx);
   for (auto& cb : callbacks_) cb->on_train_begin(ctx);
   int64_t first_epoch = 0;
   bool resumed = false;
@@ -540,7 +539,8 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     ctx.metrics["step"] = static_cast<double>(ctx.global_step);
     ctx.metrics["lr"] = ctx.lr;
     ctx.metrics.insert(trained.begin(), trained.end());  // train_loss, train_count, train_<metric keys>
-    ctx.metrics.emplace("train_loss", 0.0);              // an epoch without steps still has the key
+    // An epoch without steps still has the key; one whose targets were all ignored has no mean (NaN).
+    ctx.metrics.emplace("train_loss", count > 0 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
     ctx.metrics["train_time_s"] = train_seconds;
     ctx.metrics["images_per_s"] = train_seconds > 0 ? count / train_seconds : 0.0;
     ctx.metrics["forward_ms"] = steps > 0 ? 1e3 * sums[kForward] / steps : 0.0;
@@ -598,6 +598,35 @@ void DistributedTrainer::build_metrics(const data::Dataset& dataset) {
   MetricTracker check(metrics);  // names and keys must not repeat
   metrics_ = std::move(metrics);  // only once they are good: a failed build leaves the last ones
   metrics_built_ = true;
+}
+
+// Note [Weights to start from]: TrainerOptions::init_from is loaded at the first fit(), after the
+// callbacks' on_setup (their modules, pruning masks and fake-quant points, exist: the file's values go
+// around them) and before any on_train_begin (the weight average starts from these weights). Not when
+// the Checkpointer will resume a checkpoint: the run continues from that, and the file need not exist
+// any more (a preempted fine-tuning run whose dense checkpoints were rotated away). Every rank loads its
+// copy (each checks the CRC), so the ranks' models stay identical; a rank that cannot read it fails
+// every rank.
+void DistributedTrainer::start_from_init_weights(TrainerContext& ctx) {
+  if (options_.init_from.empty() || init_from_done_) return;
+  auto* checkpointer = callbacks_.empty() ? nullptr : dynamic_cast<Checkpointer*>(callbacks_.front().get());
+  if (checkpointer == nullptr || !checkpointer->will_resume(ctx)) {
+    comm::run_on_every_rank(
+        *comm_,
+        [this] {
+          try {
+            load_model_weights(*model_, options_.init_from);
+          } catch (const Error& e) {
+            throw Error("trainer.init_from: " + e.message(), e.file(), e.line());
+          }
+        },
+        "DistributedTrainer");
+    if (ctx.world.rank == 0 && options_.progress) {
+      std::printf("starting from the weights in %s (trainer.init_from)\n", options_.init_from.c_str());
+      std::fflush(stdout);
+    }
+  }
+  init_from_done_ = true;
 }
 
 at::Tensor DistributedTrainer::loss_weight_of(const at::Tensor& target) const {
@@ -702,6 +731,7 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
       } else if (counted > 0) {
         const at::Tensor output = ctx.output.narrow(0, 0, counted);
         const at::Tensor target = ctx.batch.target.narrow(0, 0, counted);
+        AutocastGuard autocast(device_, autocast_dtype_);  // as forward_and_loss calls the loss
         totals_->tracker.update(output, target, loss_(output, target), loss_weight_of(target));
       }
       step_loss = step_loss.defined() ? step_loss + loss.detach() : loss.detach();
@@ -824,7 +854,9 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
   }
   // One all-reduce: the loss, the count and every metric's sums.
   std::map<std::string, double> result = tracker.compute(*comm_, "test_");
-  result.emplace("test_loss", 0.0);  // an empty evaluation set still has the key
+  // An empty evaluation set still has the key; samples whose targets were all ignored (loss_weight 0)
+  // have no mean: NaN, not a 0 that looks perfect.
+  result.emplace("test_loss", result.at("test_count") > 0 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
   return result;
 }
 

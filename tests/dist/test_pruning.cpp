@@ -233,31 +233,60 @@ TEST_CASE("pruning from a trained dense model: init_from takes its weights; a re
                           Catch::Contains("trainer.init_from"));
   }
 
-  // A new run from the dense weights: they are in place on every rank once the trainer is built, and
+  // A new run from the dense weights: they are in place on every rank when training begins, and
   // pruning starts from them.
+  struct AtBegin : Callback {
+    void on_train_begin(TrainerContext& ctx) override {
+      for (const auto& p : ctx.model->parameters()) weights.push_back(p.detach().clone());
+      for (const auto& b : ctx.model->buffers()) {
+        if (b.is_floating_point()) weights.push_back(b.detach().clone());
+      }
+    }
+    std::vector<at::Tensor> weights;
+  };
   torch::manual_seed(52 + comm().rank());
   Net model;
   TrainerOptions t = lockstep::testing::resumable(options(2), shared_dir("pruned"), 0, "auto");
   t.init_from = file;
   DistributedTrainer trainer(model, sgd(model), comm_ptr(), t);
-  const auto start = lockstep::testing::state_of(*model);
-  REQUIRE(start.size() == dense_weights.size());
-  bool equal = true;
-  for (size_t i = 0; i < start.size(); ++i) equal = equal && torch::equal(start[i], dense_weights[i]);
-  CHECK(equal);
   auto pruning = std::make_shared<MagnitudePruning>(o);
+  auto at_begin = std::make_shared<AtBegin>();
   trainer.add_callback(pruning);
+  trainer.add_callback(at_begin);
   const auto metrics = trainer.fit(synthetic(16 * comm().size(), 3), nullptr);
+  REQUIRE(at_begin->weights.size() == dense_weights.size());
+  bool equal = true;
+  for (size_t i = 0; i < dense_weights.size(); ++i) equal = equal && torch::equal(at_begin->weights[i], dense_weights[i]);
+  CHECK(equal);
   CHECK(metrics.at("sparsity") == Approx(0.5).margin(0.01));
   CHECK(metrics.at("step") == 8);  // from step 0: the dense run's steps are not this run's
   CHECK(identical_across_ranks(*model));
 
-  // A file missing on one rank's node: every rank raises, naming it.
-  t.init_from = comm().rank() == comm().size() - 1 ? file + ".gone" : file;
+  // The same run again, longer, its init_from file gone meanwhile: it resumes its own checkpoint and
+  // never reads the file.
+  {
+    torch::manual_seed(54);
+    Net resumed_model;
+    TrainerOptions longer = t;
+    longer.epochs = 3;
+    longer.init_from = file + ".rotated_away";
+    DistributedTrainer resumed(resumed_model, sgd(resumed_model), comm_ptr(), longer);
+    resumed.add_callback(std::make_shared<MagnitudePruning>(o));
+    const auto again = resumed.fit(synthetic(16 * comm().size(), 3), nullptr);
+    CHECK(again.at("step") == 12);
+    CHECK(again.at("sparsity") == Approx(0.5).margin(0.01));
+  }
+
+  // A file missing on one rank's node (a new run): every rank raises at fit(), naming it.
+  TrainerOptions fresh = options(1);
+  fresh.init_from = comm().rank() == comm().size() - 1 ? file + ".gone" : file;
   torch::manual_seed(53);
   Net other;
-  const std::string error = lockstep::testing::error_of([&] { DistributedTrainer(other, sgd(other), comm_ptr(), t); });
+  DistributedTrainer other_trainer(other, sgd(other), comm_ptr(), fresh);
+  const std::string error =
+      lockstep::testing::error_of([&] { other_trainer.fit(synthetic(16 * comm().size(), 3), nullptr); });
   CHECK_THAT(error, Catch::Contains("weights file " + file + ".gone does not exist"));
+  CHECK_THAT(error, Catch::Contains("trainer.init_from"));
   CHECK(lockstep::testing::communicator_healthy());
 }
 

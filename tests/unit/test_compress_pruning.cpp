@@ -275,6 +275,23 @@ TEST_CASE("pruning: the callback selects conv and linear weights, honours patter
     CHECK(structured.skipped()[0].first == "fc.weight");
     CHECK_THAT(structured.skipped()[0].second, Catch::Contains("a classifier's classes") &&
                                                    Catch::Contains("only where include names them"));
+    // A checkpoint of a structured run from before this default, whose layers include fc: refused,
+    // saying how to resume it as it was.
+    nlohmann::json older = nlohmann::json::parse(structured.save_state());
+    auto layers = older["layers"].get<std::vector<std::string>>();
+    layers.push_back("fc.weight");
+    older["layers"] = layers;
+    CHECK_THROWS_WITH(structured.load_state(older.dump()),
+                      Catch::Contains("pruned layers include 'fc.weight', Linear layers that structured pruning takes "
+                                      "by default no more") &&
+                          Catch::Contains("include: ['\\.weight$']"));
+    // The advice selects that run's layers again.
+    model->unregister_module("pruning_masks");
+    o.include = {"\\.weight$"};
+    MagnitudePruning as_before(o);
+    as_before.on_setup(ctx);
+    CHECK(as_before.layers() == layers);
+    CHECK_NOTHROW(as_before.load_state(older.dump()));
   }
   {
     lockstep::models::ResNet18 model(ro);
@@ -298,7 +315,7 @@ TEST_CASE("pruning: the callback selects conv and linear weights, honours patter
     PruningOptions o;
     o.granularity = PruneGranularity::Structured;
     MagnitudePruning none(o);
-    CHECK_THROWS_WITH(none.on_setup(ctx), Catch::Contains("selects convolution weights, and this model has none") &&
+    CHECK_THROWS_WITH(none.on_setup(ctx), Catch::Contains("selects convolution weights, and none is left to prune") &&
                                               Catch::Contains("where include names them"));
     o.include = {"^0\\.weight$"};
     MagnitudePruning hidden(o);

@@ -13,6 +13,7 @@
 // that never stopped.
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,10 @@ class Checkpointer : public Callback {
   // (Note [A checkpoint that does not fit]).
   void load(TrainerContext& ctx, const std::string& path);
 
+  // Collective: whether on_train_begin will resume a checkpoint (resume "auto" finding one, or a path);
+  // the choice is kept for it. The trainer asks before a run's init_from weights are loaded.
+  bool will_resume(TrainerContext& ctx);
+
   const CheckpointOptions& options() const { return options_; }
   // The path of the last checkpoint written or loaded ("" if none).
   const std::string& last_path() const { return last_path_; }
@@ -83,6 +88,8 @@ class Checkpointer : public Callback {
  private:
   // on_train_begin's part: resume as CheckpointOptions::resume says (collective).
   void resume(TrainerContext& ctx);
+  // The checkpoint a resume takes: "" for none (collective: rank 0 picks under "auto").
+  std::string choose_resume(TrainerContext& ctx);
   // load() whose error on the ranks that did not refuse begins with `context`.
   void load(TrainerContext& ctx, const std::string& path, const std::string& context);
   // resume: never on rank 0 (Note [Starting over]).
@@ -93,6 +100,7 @@ class Checkpointer : public Callback {
   data::SamplerState last_saved_position_;  // where the last checkpoint written or loaded goes on
   int64_t first_step_ = 0;  // global_step once on_train_begin has resumed (or not)
   std::string last_path_;
+  std::optional<std::string> chosen_;  // will_resume()'s choice, for the resume that follows
 };
 
 }  // namespace lockstep::train

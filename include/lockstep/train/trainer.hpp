@@ -82,9 +82,10 @@ struct TrainerOptions {
   // metrics.jsonl and checkpoints/ go here; empty = no files (no checkpoints, no metrics.jsonl).
   std::string output_dir;
   // Start from the weights in this file (a Lockstep checkpoint's model, or a model file: the rules of
-  // load_model_weights, train/checkpoint.hpp), loaded on every rank when the trainer is built. For
-  // fine-tuning: pruning or quantization-aware training from a trained dense model. A run that
-  // resumes a checkpoint (checkpoint.resume) continues from that instead. Empty = the model as given.
+  // load_model_weights, train/checkpoint.hpp), loaded on every rank by the first fit(), before the
+  // callbacks' on_train_begin. For fine-tuning: pruning or quantization-aware training from a trained
+  // dense model. A run that resumes a checkpoint (checkpoint.resume) continues from that instead, and
+  // does not read this file. Empty = the model as given.
   std::string init_from;
   // Progress line every log_every steps (rank 0); 0 = no progress lines, summaries only.
   int64_t log_every = 20;
@@ -216,6 +217,8 @@ class DistributedTrainer {
   // The loss's weight in the epoch's loss (loss_weight) for the built-in losses; undefined (the batch's
   // samples) for a loss_fn of the program's own.
   at::Tensor loss_weight_of(const at::Tensor& target) const;
+  // options_.init_from's weights at the first fit(), unless a checkpoint will be resumed (collective).
+  void start_from_init_weights(TrainerContext& ctx);
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;
@@ -255,6 +258,7 @@ class DistributedTrainer {
   // The metrics of the last fit() (num_classes from its training set) or evaluate() (from its set).
   std::vector<MetricPtr> metrics_;
   bool metrics_built_ = false;
+  bool init_from_done_ = false;  // start_from_init_weights ran (a later fit() continues the model)
 };
 
 }  // namespace lockstep::train

@@ -380,6 +380,16 @@ TEST_CASE("config: trainer.accumulation_steps and clip_grad_norm map onto Traine
   CHECK_THAT(error_of("trainer:\n  clip_grad_norm: -1\n"), Contains("'trainer.clip_grad_norm'"));
 }
 
+TEST_CASE("config: trainer.init_from maps onto TrainerOptions, and round-trips", "[config]") {
+  CHECK(config::parse_config("").trainer.init_from.empty());
+  const config::ExperimentConfig c =
+      config::parse_config("trainer:\n  init_from: runs/dense/checkpoints/checkpoint-step00000314.pt\n");
+  for (const auto& each : parsed_and_printed(c)) {
+    CHECK(each.trainer.init_from == "runs/dense/checkpoints/checkpoint-step00000314.pt");
+  }
+  CHECK_THAT(error_of("trainer:\n  init_from: [a, b]\n"), Contains("'trainer.init_from'"));
+}
+
 TEST_CASE("config: optimizer adam/adamw and zero build the named optimizer, and round-trip", "[config]") {
   const config::ExperimentConfig c =
       config::parse_config("optimizer:\n  name: adamw\n  lr: 0.002\n  beta2: 0.99\n  eps: 1.0e-6\n  zero: true\n");

@@ -14,6 +14,9 @@ Loader::Loader(DatasetPtr dataset, std::shared_ptr<ShardedSampler> sampler, Load
   LOCKSTEP_CHECK(sampler_->dataset_size() == dataset_->size(), "Loader over ", dataset_->description(),
                  ": the sampler was built for ", sampler_->dataset_size(), " samples but the dataset has ",
                  dataset_->size());
+  LOCKSTEP_CHECK(!options_.pin_device || (options_.pin_device->is_cuda() && options_.pin_device->has_index()),
+                 "Loader over ", dataset_->description(), ": pin_device must be a CUDA device cuda:N, got ",
+                 *options_.pin_device);
 }
 
 Loader::~Loader() { halt(); }
@@ -66,8 +69,9 @@ void Loader::launch() {
   launched_ = true;
   // Note [Pinning thread's device]: a thread starts on CUDA device 0, and pinning memory there would
   // open a context on GPU 0 for each rank of a node (hundreds of MiB each; refused in exclusive-process
-  // mode): the worker takes the caller's current device, as PyTorch's pin-memory thread does.
-  pin_device_ = options_.pin_memory ? current_cuda_device() : std::nullopt;
+  // mode): the worker takes options_.pin_device (the trainer's GPU), or else the caller's current
+  // device, as PyTorch's pin-memory thread does.
+  pin_device_ = !options_.pin_memory ? std::nullopt : options_.pin_device ? options_.pin_device : current_cuda_device();
   if (options_.prefetch > 0) worker_ = std::thread([this] { produce(); });
 }
 

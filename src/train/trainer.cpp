@@ -437,6 +437,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   loader_options.prefetch = options_.prefetch;
   loader_options.drop_last_batch = options_.drop_last_batch;
   loader_options.pin_memory = device_.is_cuda();
+  if (device_.is_cuda() && device_.has_index()) loader_options.pin_device = device_;
   data::Loader loader(train_set, sampler, loader_options);
 
   // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
@@ -805,6 +806,7 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
   loader_options.batch_size = options_.eval_batch_size;
   loader_options.prefetch = options_.prefetch;
   loader_options.pin_memory = device_.is_cuda();
+  if (device_.is_cuda() && device_.has_index()) loader_options.pin_device = device_;
   data::Loader loader(eval_set, sampler, loader_options);
   loader.start_epoch(0);
 

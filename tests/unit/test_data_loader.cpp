@@ -199,6 +199,11 @@ TEST_CASE("Loader: pin_memory pins host tensors only, and a dataset's device ten
     CHECK(batches == 3);
     CHECK(samples == 12);
   }
+  // The pinning thread's device must be a GPU, with its index (cpu would fail in the thread).
+  LoaderOptions on_cpu{5, 2, false, true};
+  on_cpu.pin_device = torch::Device(torch::kCPU);
+  CHECK_THROWS_WITH(Loader(std::make_shared<DeviceDataset>(), std::make_shared<ShardedSampler>(12, 1, 0), on_cpu),
+                    Contains("pin_device must be a CUDA device cuda:N, got cpu"));
 }
 
 TEST_CASE("Loader: stops cleanly mid-epoch and rejects misuse", "[data]") {

@@ -32,6 +32,9 @@ struct LoaderOptions {
   // is asynchronous. Needs CUDA (LibTorch's pinned allocator); the trainer sets it for CUDA devices.
   // Only host tensors are pinned: a dataset's GPU tensors pass through as they are.
   bool pin_memory = false;
+  // The CUDA device the pinning thread makes current (Note [Pinning thread's device]): the training
+  // device (the trainer sets it); unset, the device current for the thread that starts an epoch.
+  std::optional<c10::Device> pin_device;
 };
 
 class Loader {

@@ -28,9 +28,9 @@
 namespace lockstep::models {
 
 struct Int8Options {
-  // The quantized kernels' engine: "auto" (oneDNN, else FBGEMM, else QNNPACK: whichever this LibTorch
-  // has), "onednn", "fbgemm", "x86" or "qnnpack". An engine this LibTorch lacks is an error listing
-  // the ones it has.
+  // The quantized kernels' engine: "auto" (x86, else oneDNN, else FBGEMM, else QNNPACK: whichever
+  // this LibTorch has), "onednn", "fbgemm", "x86" or "qnnpack". An engine this LibTorch lacks is an
+  // error listing the ones it has.
   std::string engine = "auto";
 };
 

@@ -601,13 +601,32 @@ void DistributedTrainer::build_metrics(const data::Dataset& dataset) {
   metrics_built_ = true;
 }
 
+namespace {
+// A 64-bit FNV-1a fingerprint of the model's parameters' and buffers' bytes (on the CPU), for comparing
+// ranks' values once (not per step).
+std::string values_fingerprint(const torch::nn::Module& model) {
+  std::uint64_t hash = 1469598103934665603ull;
+  for (const at::Tensor& t : parameters_and_buffers(model)) {
+    const at::Tensor host = t.detach().to(at::kCPU).contiguous();
+    const auto* bytes = static_cast<const unsigned char*>(host.data_ptr());
+    for (size_t i = 0; i < host.nbytes(); ++i) {
+      hash ^= bytes[i];
+      hash *= 0x100000001b3ull;
+    }
+  }
+  char text[17];
+  std::snprintf(text, sizeof(text), "%016llx", static_cast<unsigned long long>(hash));
+  return text;
+}
+}  // namespace
+
 // Note [Weights to start from]: TrainerOptions::init_from is loaded at the first fit(), after the
 // callbacks' on_setup (their modules, pruning masks and fake-quant points, exist: the file's values go
 // around them) and before any on_train_begin (the weight average starts from these weights). Not when
 // the Checkpointer will resume a checkpoint: the run continues from that, and the file need not exist
 // any more (a preempted fine-tuning run whose dense checkpoints were rotated away). Every rank loads its
-// copy (each checks the CRC), so the ranks' models stay identical; a rank that cannot read it fails
-// every rank.
+// copy (each checks the CRC); a rank that cannot read it fails every rank, and ranks whose copies
+// differ fail with the file named.
 void DistributedTrainer::start_from_init_weights(TrainerContext& ctx) {
   if (options_.init_from.empty() || init_from_done_) return;
   auto* checkpointer = callbacks_.empty() ? nullptr : dynamic_cast<Checkpointer*>(callbacks_.front().get());
@@ -622,6 +641,12 @@ void DistributedTrainer::start_from_init_weights(TrainerContext& ctx) {
           }
         },
         "DistributedTrainer");
+    // Each rank read its own copy: a stale copy on one node would train another model there, past
+    // DataParallel's check (made at construction). The values' fingerprints must agree.
+    comm::check_same_values(*comm_, {{"the weights it read (fingerprint)", values_fingerprint(*model_)}},
+                            "DistributedTrainer: trainer.init_from",
+                            "Every rank must read the same weights (this rank read " + options_.init_from +
+                                "): copy the file anew to the nodes that differ");
     if (ctx.world.rank == 0 && options_.progress) {
       std::printf("starting from the weights in %s (trainer.init_from)\n", options_.init_from.c_str());
       std::fflush(stdout);

@@ -287,6 +287,23 @@ TEST_CASE("pruning from a trained dense model: init_from takes its weights; a re
       lockstep::testing::error_of([&] { other_trainer.fit(synthetic(16 * comm().size(), 3), nullptr); });
   CHECK_THAT(error, Catch::Contains("weights file " + file + ".gone does not exist"));
   CHECK_THAT(error, Catch::Contains("trainer.init_from"));
+
+  // A stale copy on one node (another file that fits the model): the ranks' weights would differ, so
+  // every rank raises.
+  const std::string stale = shared_dir("stale") + "/weights.pt";
+  if (comm().rank() == 0) {
+    torch::manual_seed(55);
+    Net different;
+    torch::save(different, stale);
+  }
+  comm().barrier()->wait();
+  fresh.init_from = comm().rank() == comm().size() - 1 ? stale : file;
+  Net third;
+  DistributedTrainer third_trainer(third, sgd(third), comm_ptr(), fresh);
+  const std::string differ =
+      lockstep::testing::error_of([&] { third_trainer.fit(synthetic(16 * comm().size(), 3), nullptr); });
+  CHECK_THAT(differ, Catch::Contains("DistributedTrainer: trainer.init_from: the ranks disagree on the weights it read") &&
+                         Catch::Contains("copy the file anew"));
   CHECK(lockstep::testing::communicator_healthy());
 }
 

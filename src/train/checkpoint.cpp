@@ -626,6 +626,9 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std:
   last_path_ = path;
 }
 
+// A choice will_resume() made for a fit() that failed before on_train_begin is not this fit()'s.
+void Checkpointer::on_setup(TrainerContext&) { chosen_.reset(); }
+
 void Checkpointer::on_train_begin(TrainerContext& ctx) {
   if (ctx.model != nullptr) check_names_readable(*ctx.model, "Checkpointer");  // before any step is lost
   resume(ctx);

@@ -61,6 +61,7 @@ class Checkpointer : public Callback {
   // `directory` must be set (the trainer fills it from output_dir when it adds this callback).
   explicit Checkpointer(CheckpointOptions options);
 
+  void on_setup(TrainerContext& ctx) override;
   void on_train_begin(TrainerContext& ctx) override;
   void on_step_end(TrainerContext& ctx) override;
   void on_after_epoch_end(TrainerContext& ctx) override;

@@ -269,7 +269,12 @@ int main(int argc, char** argv) {
                     {"in_place", {{"time_us", inp * 1e6}, {"algbw_gbs", algbw_inp},
                                   {"busbw_gbs", algbw_inp * bus_factor}, {"wrong", wrong_inp}}},
                     {nccl ? "raw_nccl" : "raw_mpi", {{"time_us", if_raw(raw * 1e6)}, {"busbw_gbs", if_raw(busbw_raw)}}},
-                    {"busbw_ratio", if_raw(ratio)}, {"overhead_us", if_raw(overhead * 1e6)}});
+                    {"busbw_ratio", if_raw(ratio)}, {"overhead_us", if_raw(overhead * 1e6)},
+                    // Every repeat's time (seconds, the slowest rank's), per way: the ratio above is the
+                    // median of paired ratios (Note [Paired ratio]), which the medians cannot reproduce.
+                    {"samples_s", {{"out_of_place", times[nccl ? 0 : 1]}, {"in_place", times[nccl ? 1 : 0]},
+                                   {nccl ? "raw_nccl" : "raw_mpi", has_raw ? nlohmann::json(times[2])
+                                                                           : nlohmann::json(nullptr)}}}});
     if (bytes > options.max_bytes / options.factor) break;
   }
   int exit_code = 0;

@@ -184,13 +184,8 @@ nlohmann::json schedule_state(const PruningOptions& o) {
   return state;
 }
 
-// "steps 0..1000 every 100" (gradual) or "step 300" (one-shot), for messages.
-std::string describe_steps(const PruningOptions& o) {
-  if (o.schedule == PruneSchedule::OneShot) return detail::str_cat("step ", o.begin_step);
-  return detail::str_cat("steps ", o.begin_step, "..", o.end_step, " every ", o.frequency);
-}
-
-// The same from a saved state, whose keys depend on its schedule and version.
+// "steps 0..1000 every 100" (gradual) or "step 300" (one-shot), for messages: of a saved state (whose
+// keys depend on its schedule and version), or of schedule_state(options).
 std::string describe_steps(const nlohmann::json& state) {
   const auto at = [&state](const char* key) { return state.contains(key) ? state.at(key).dump() : std::string("?"); };
   if (state.contains("schedule") && state.at("schedule") == to_string(PruneSchedule::OneShot)) {
@@ -328,7 +323,7 @@ void MagnitudePruning::on_train_begin(train::TrainerContext& ctx) {
                 percent(scheduled_sparsity(options_, options_.schedule == PruneSchedule::OneShot ? options_.begin_step
                                                                                                  : options_.end_step))
                     .c_str(),
-                describe_steps(options_).c_str());
+                describe_steps(schedule_state(options_)).c_str());
     for (const auto& [name, why] : skipped_) std::printf("pruning: skipping %s: %s\n", name.c_str(), why.c_str());
     std::fflush(stdout);
   }
@@ -522,7 +517,7 @@ void MagnitudePruning::load_state(const std::string& text) {
     for (const auto& [key, value] : schedule.items()) {
       LOCKSTEP_CHECK(!state.contains(key) || state.at(key) == value, "MagnitudePruning: the checkpoint was pruned ",
                      "on another schedule: its ", key, " is ", state.at(key).dump(), ", this run's ", value.dump(),
-                     " (", describe_steps(state), " there, ", describe_steps(options_),
+                     " (", describe_steps(state), " there, ", describe_steps(schedule_state(options_)),
                      " here). Resume with the schedule and epochs it was written with");
     }
     last_pruning_step_ = last_pruning_step;  // only once the state is known to fit (a refusal changes nothing)

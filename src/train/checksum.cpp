@@ -21,17 +21,6 @@ constexpr char kMagic[8] = {'l', 'k', 's', 't', 'c', 'r', 'c', '1'};
 constexpr std::uint32_t kTrailerVersion = 1;
 constexpr const char* kUseAnother = "Use another copy of it, or an earlier file";
 
-std::uint32_t crc32_of(std::uint32_t crc, const void* data, std::size_t size) {
-  const auto* bytes = static_cast<const Bytef*>(data);
-  while (size > 0) {  // zlib's crc32 takes a 32-bit length
-    const auto chunk = static_cast<uInt>(std::min<std::size_t>(size, 1u << 30));
-    crc = static_cast<std::uint32_t>(::crc32(crc, bytes, chunk));
-    bytes += chunk;
-    size -= chunk;
-  }
-  return crc;
-}
-
 void put_le(unsigned char* out, std::uint64_t value, int bytes) {
   for (int i = 0; i < bytes; ++i) out[i] = static_cast<unsigned char>(value >> (8 * i));
 }
@@ -70,6 +59,17 @@ void check_trailer(const Trailer& trailer, std::uint64_t content, std::uint32_t 
 }
 
 }  // namespace
+
+std::uint32_t crc32_of(std::uint32_t crc, const void* data, std::size_t size) {
+  const auto* bytes = static_cast<const Bytef*>(data);
+  while (size > 0) {  // zlib's crc32 takes a 32-bit length
+    const auto chunk = static_cast<uInt>(std::min<std::size_t>(size, 1u << 30));
+    crc = static_cast<std::uint32_t>(::crc32(crc, bytes, chunk));
+    bytes += chunk;
+    size -= chunk;
+  }
+  return crc;
+}
 
 ChecksumWriter::ChecksumWriter(const std::string& path) : path_(path), file_(std::fopen(path.c_str(), "wb")) {
   LOCKSTEP_CHECK(file_ != nullptr, "cannot create ", path, ": ", std::strerror(errno));

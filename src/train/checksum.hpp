@@ -61,6 +61,9 @@ class ChecksumWriter {
   std::string error_;  // the first failed write's
 };
 
+// zlib's CRC-32 of `size` bytes, continuing `crc` (0 to start), for any size.
+std::uint32_t crc32_of(std::uint32_t crc, const void* data, std::size_t size);
+
 // For a file's bytes in memory: the content's length when they end in a trailer that matches them,
 // std::nullopt when they end in none. Throws a lockstep::Error, "<what> is corrupt: ...", when the
 // trailer does not match (the length or the CRC-32); `what` names the file ("checkpoint <path>").

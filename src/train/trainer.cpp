@@ -28,6 +28,7 @@
 #include "lockstep/train/precision.hpp"
 #include "lockstep/train/progress.hpp"
 #include "core/exception_text.hpp"
+#include "train/checksum.hpp"
 #include "train/epoch_totals.hpp"
 
 namespace lockstep::train {
@@ -602,21 +603,25 @@ void DistributedTrainer::build_metrics(const data::Dataset& dataset) {
 }
 
 namespace {
-// A 64-bit FNV-1a fingerprint of the model's parameters' and buffers' bytes (on the CPU), for comparing
-// ranks' values once (not per step).
+// The CRC-32 (train/checksum.hpp) of the model's parameters' and buffers' bytes (on the CPU), for
+// comparing ranks' values once (not per step).
 std::string values_fingerprint(const torch::nn::Module& model) {
-  std::uint64_t hash = 1469598103934665603ull;
+  std::uint32_t crc = 0;
   for (const at::Tensor& t : parameters_and_buffers(model)) {
     const at::Tensor host = t.detach().to(at::kCPU).contiguous();
-    const auto* bytes = static_cast<const unsigned char*>(host.data_ptr());
-    for (size_t i = 0; i < host.nbytes(); ++i) {
-      hash ^= bytes[i];
-      hash *= 0x100000001b3ull;
-    }
+    crc = crc32_of(crc, host.data_ptr(), host.nbytes());
   }
-  char text[17];
-  std::snprintf(text, sizeof(text), "%016llx", static_cast<unsigned long long>(hash));
+  char text[9];
+  std::snprintf(text, sizeof(text), "%08x", static_cast<unsigned>(crc));
   return text;
+}
+
+// Note [Exact evaluation]'s layout: rank r's i-th sample is the epoch's r + i * world, and positions
+// from dataset_size on are the padding, at the end of every rank's share. Of the `batch` samples at
+// position `first` of this rank's share, how many are the data set's own.
+int64_t samples_not_padding(int64_t rank, int64_t world, int64_t dataset_size, int64_t first, int64_t batch) {
+  const int64_t share = dataset_size > rank ? (dataset_size - rank + world - 1) / world : 0;
+  return std::clamp<int64_t>(share - first, 0, batch);
 }
 }  // namespace
 
@@ -656,7 +661,11 @@ void DistributedTrainer::start_from_init_weights(TrainerContext& ctx) {
 }
 
 at::Tensor DistributedTrainer::loss_weight_of(const at::Tensor& target) const {
-  return options_.loss_fn ? at::Tensor() : loss_weight(options_.loss, target);
+  // Only cross_entropy over class indices can weigh other than its samples: for the rest, undefined
+  // (the tracker's samples) costs no tensor per batch.
+  const bool may_ignore = !options_.loss_fn && options_.loss.name == "cross_entropy" &&
+                          !at::isFloatingType(target.scalar_type());
+  return may_ignore ? loss_weight(options_.loss, target) : at::Tensor();
 }
 
 void DistributedTrainer::forward_and_loss(TrainerContext& ctx) {
@@ -701,8 +710,6 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
   const auto batch_size = static_cast<int64_t>(options_.batch_size);
   const auto per_rank = static_cast<int64_t>(loader.sampler()->per_rank());
   const auto micro_samples = [&](int64_t b) { return std::min(batch_size, per_rank - b * batch_size); };
-  // Note [Exact evaluation]'s layout: rank r's i-th sample is the epoch's r + i * world; from
-  // dataset_size on, the padding.
   const int64_t rank = ctx.world.rank, world = ctx.world.size;
   const auto dataset_size = static_cast<int64_t>(loader.sampler()->dataset_size());
   while (auto batch = loader.next()) {
@@ -747,11 +754,9 @@ void DistributedTrainer::run_epoch(TrainerContext& ctx, data::Loader& loader, bo
 
       torch::NoGradGuard no_grad;
       ctx.step_samples += ctx.batch.target.size(0);
-      // Note [Exact metrics]: the padding, at the end of every rank's share, is left out.
+      // Note [Exact metrics]: the padding is left out.
       const int64_t in_batch = ctx.batch.target.size(0);
-      const int64_t first = (micro - 1) * batch_size;  // this batch's position in the rank's share
-      int64_t counted = in_batch;
-      while (counted > 0 && rank + (first + counted - 1) * world >= dataset_size) --counted;
+      const int64_t counted = samples_not_padding(rank, world, dataset_size, (micro - 1) * batch_size, in_batch);
       if (counted == in_batch) {
         totals_->tracker.update(ctx.output, ctx.batch.target, ctx.loss, loss_weight_of(ctx.batch.target));
       } else if (counted > 0) {
@@ -859,8 +864,7 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
       }
       auto batch = std::make_optional(to_device(std::move(*next), device_));
       const int64_t b = batch->target.size(0);
-      int64_t valid = 0;
-      while (valid < b && rank + (slice_position + valid) * world < n) ++valid;
+      const int64_t valid = samples_not_padding(rank, world, n, slice_position, b);
       slice_position += b;
       if (valid > 0) {
         at::Tensor output = forward_(batch->data.narrow(0, 0, valid));

@@ -214,8 +214,8 @@ class DistributedTrainer {
   void forward_and_loss(TrainerContext& ctx);
   // metrics_ from options_.metrics and custom_metrics, sized by the data set's class count.
   void build_metrics(const data::Dataset& dataset);
-  // The loss's weight in the epoch's loss (loss_weight) for the built-in losses; undefined (the batch's
-  // samples) for a loss_fn of the program's own.
+  // The loss's weight in the epoch's loss (loss_weight) for the built-in cross_entropy over class
+  // indices; undefined (the batch's samples) for every other loss.
   at::Tensor loss_weight_of(const at::Tensor& target) const;
   // options_.init_from's weights at the first fit(), unless a checkpoint will be resumed (collective).
   void start_from_init_weights(TrainerContext& ctx);

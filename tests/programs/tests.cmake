@@ -64,6 +64,28 @@ if(LOCKSTEP_BUILD_EXAMPLES)
                         --set quantization.export_path=${qat_dir}/model_int8.pt)
   set_tests_properties(program.train_resnet_qat.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "int8 model written to .*model_int8.pt.*int8 model on the quantized kernels: test accuracy [0-9.]+%")
+  # A weight-only int8 file (no activation ranges) is valid but not what the whole-model int8 kernels
+  # run: the run still succeeds and says why there is no int8 accuracy. Then a run in the same
+  # directory that ends before quantization begins writes no file and must not evaluate the earlier
+  # run's file as its own.
+  set(qat_weights_dir ${CMAKE_CURRENT_BINARY_DIR}/train_resnet_qat_weight_only)
+  set(qat_small_args --config ${PROJECT_SOURCE_DIR}/configs/demo_qat.yaml
+                     --set data.train_subset=240 --set data.test_subset=100 --set model.width=4
+                     --set trainer.epochs=1 --set trainer.output_dir=${qat_weights_dir}
+                     --set trainer.checkpoint.enabled=false --set quantization.export_path=${qat_weights_dir}/int8.pt)
+  lockstep_success_test(program.train_resnet_qat_weight_only.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${qat_small_args}
+                        --set quantization.activations=false --set quantization.begin_epoch=0.5)
+  set_tests_properties(program.train_resnet_qat_weight_only.np2 PROPERTIES TIMEOUT 200 LABELS dist PROCESSORS 2
+    FIXTURES_SETUP qat_weight_only
+    PASS_REGULAR_EXPRESSION "int8 model written to .*int8.pt.*int8 model on the quantized kernels: n/a \\(Int8ResNet18: .* has no activation point")
+  lockstep_success_test(program.train_resnet_qat_not_begun.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${qat_small_args}
+                        --set quantization.begin_epoch=5 --set quantization.freeze_epoch=6)
+  set_tests_properties(program.train_resnet_qat_not_begun.np2 PROPERTIES TIMEOUT 200 LABELS dist PROCESSORS 2
+    FIXTURES_REQUIRED qat_weight_only
+    PASS_REGULAR_EXPRESSION "no int8 model written to .*int8.pt"
+    FAIL_REGULAR_EXPRESSION "int8 model on the quantized kernels")
 endif()
 
 # early_stopping on real data (Fashion-MNIST, a constant lr on 1000 images, which soon overfit): every rank

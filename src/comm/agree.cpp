@@ -127,7 +127,24 @@ void run_on_every_rank(Communicator& comm, const std::function<void()>& work, co
     mine = std::current_exception();
     failure = detail::current_exception_text();
   }
-  const std::vector<std::string> failures = allgather_strings(comm, failure);
+  std::vector<std::string> failures;
+  try {
+    failures = allgather_strings(comm, failure);
+  } catch (const TimeoutError& e) {
+    // This rank's own error is the cause to report: the exchange timed out because another rank
+    // was still working (a large file on a slow disk), and the job ends on this exception.
+    if (mine) std::rethrow_exception(mine);
+    throw TimeoutError(detail::str_cat(context, ": another rank did not finish its part within ",
+                                       comm.timeout().count(), " ms while this rank (", comm.rank(),
+                                       ") had finished its own and waited (every rank works here, e.g. reading a "
+                                       "file: a slow or stuck disk, or a rank died). The communicator's timeout "
+                                       "(LOCKSTEP_TIMEOUT_S, runtime.timeout_s, or its options) allows longer. [",
+                                       e.message(), "]"),
+                       __FILE__, __LINE__);
+  } catch (...) {
+    if (mine) std::rethrow_exception(mine);
+    throw;
+  }
   if (mine) std::rethrow_exception(mine);
   for (std::size_t r = 0; r < failures.size(); ++r) {
     LOCKSTEP_CHECK(failures[r].empty(), context, ": ", failures[r], " (on rank ", r, "; this is rank ", comm.rank(),

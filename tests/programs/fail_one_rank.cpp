@@ -10,6 +10,11 @@
 //                         exception in flight, after the program gave up on the collective
 //   fail_one_rank backend rank 1 asks for the NCCL backend on a machine without a GPU: its Runtime
 //                         fails, and every other rank's Runtime says so instead of waiting for it
+//   fail_one_rank every_rank_fails  run_on_every_rank (2 s timeout): rank 0's part outlasts the timeout
+//                         (a large file on a slow disk), the others' fails at once: they must report
+//                         their own error, not the exchange's timeout that followed it
+//   fail_one_rank every_rank_waits  as every_rank_fails, but the others' part succeeds: their timeout
+//                         names the work they waited for
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -17,6 +22,7 @@
 #include <string>
 #include <thread>
 
+#include "lockstep/comm/agree.hpp"
 #include "lockstep/runtime.hpp"
 
 namespace {
@@ -56,6 +62,22 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::cout << "launcher rank " << rank << " made its Runtime, which it must not" << std::endl;
+    return 0;
+  }
+  if (argc > 1 && (std::string(argv[1]) == "every_rank_fails" || std::string(argv[1]) == "every_rank_waits")) {
+    const bool fail = std::string(argv[1]) == "every_rank_fails";
+    lockstep::RuntimeOptions options;
+    options.timeout = std::chrono::seconds(2);
+    lockstep::Runtime runtime(argc, argv, options);
+    auto comm = runtime.communicator();
+    lockstep::comm::run_on_every_rank(
+        *comm,
+        [&] {
+          if (comm->rank() == 0) std::this_thread::sleep_for(std::chrono::seconds(120));
+          if (fail) throw std::runtime_error("checkpoint x.pt does not exist on this node");
+        },
+        "Checkpointer: cannot resume from x.pt");
+    std::cout << "rank " << comm->rank() << " finished, which it must not" << std::endl;
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "caught_after") {

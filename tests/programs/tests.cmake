@@ -45,6 +45,12 @@ foreach(np 2 3)
     "which the Runtime's end must not wait for")
   lockstep_failure_test(timeout_caught_after ${np} caught_after
     "MpiCommunicator destroyed after a wait\\(\\) on it timed out")
+  # run_on_every_rank while rank 0's part outlasts the timeout: the others report their own failure,
+  # or, where theirs succeeded, that they waited for the work named, not a bare all-gather timeout.
+  lockstep_failure_test(every_rank_fails ${np} every_rank_fails
+    "rank 1 of ${np}: uncaught exception: checkpoint x.pt does not exist on this node" "did not complete within")
+  lockstep_failure_test(every_rank_waits ${np} every_rank_waits
+    "rank 1 of ${np}: uncaught exception: Checkpointer: cannot resume from x.pt: another rank did not finish its part within 2000 ms")
   # Rank 1's Runtime cannot choose (nccl without a GPU); the others' say so at once.
   lockstep_failure_test(backend_choice ${np} backend
     "launcher rank 0 caught: runtime: rank 1 could not choose a device and backend"

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
+#include <limits>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -22,6 +24,37 @@ namespace lockstep::comm {
 
 namespace {
 
+// ---- Floating-point Min and Max: Note [Min and max are symmetric]. MPI's built-in MPI_MIN and MPI_MAX
+// compute `out = out < in ? out : in`, so a NaN survives only when it arrives as `in`, and -0 against
+// +0 keeps whichever comes first: in a pairwise exchange the two ranks see the arguments swapped, and
+// end up with different values (one NaN, one finite), which breaks the rule that every rank of an
+// all-reduce holds the same result. These give one answer whatever the order: NaN when either is NaN
+// (as torch.minimum / torch.maximum), and -0 below +0.
+template <typename T>
+struct MinOf {
+  T operator()(T a, T b) const {
+    if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<T>::quiet_NaN();
+    if (a == b) return std::signbit(a) ? a : b;
+    return b < a ? b : a;
+  }
+};
+template <typename T>
+struct MaxOf {
+  T operator()(T a, T b) const {
+    if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<T>::quiet_NaN();
+    if (a == b) return std::signbit(a) ? b : a;
+    return b > a ? b : a;
+  }
+};
+
+template <typename T, typename F>
+void reduce_native(void* in, void* inout, int* len, MPI_Datatype*) {
+  const T* a = static_cast<const T*>(in);
+  T* b = static_cast<T*>(inout);
+  F f;
+  for (int i = 0; i < *len; ++i) b[i] = f(a[i], b[i]);
+}
+
 // ---- 16-bit floats: MPI has no such type, so they travel as 16-bit words and are reduced by
 // user-defined operations that compute in float and round once per pairwise step.
 
@@ -34,25 +67,29 @@ void reduce_16bit(void* in, void* inout, int* len, MPI_Datatype*) {
 }
 struct AddF { float operator()(float a, float b) const { return a + b; } };
 struct MulF { float operator()(float a, float b) const { return a * b; } };
-struct MinF { float operator()(float a, float b) const { return b < a ? b : a; } };
-struct MaxF { float operator()(float a, float b) const { return b > a ? b : a; } };
 
-struct SixteenBitOps {
+struct UserOps {
   MPI_Op half[4];      // sum, product, min, max
   MPI_Op bfloat16[4];
+  MPI_Op float32[2];   // min, max
+  MPI_Op float64[2];
 };
 
-const SixteenBitOps& sixteen_bit_ops() {
-  static const SixteenBitOps ops = [] {
-    SixteenBitOps o{};
+const UserOps& user_ops() {
+  static const UserOps ops = [] {
+    UserOps o{};
     LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, AddF>, 1, &o.half[0]));
     LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MulF>, 1, &o.half[1]));
-    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MinF>, 1, &o.half[2]));
-    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MaxF>, 1, &o.half[3]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MinOf<float>>, 1, &o.half[2]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::Half, MaxOf<float>>, 1, &o.half[3]));
     LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, AddF>, 1, &o.bfloat16[0]));
     LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MulF>, 1, &o.bfloat16[1]));
-    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MinF>, 1, &o.bfloat16[2]));
-    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MaxF>, 1, &o.bfloat16[3]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MinOf<float>>, 1, &o.bfloat16[2]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_16bit<c10::BFloat16, MaxOf<float>>, 1, &o.bfloat16[3]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_native<float, MinOf<float>>, 1, &o.float32[0]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_native<float, MaxOf<float>>, 1, &o.float32[1]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_native<double, MinOf<double>>, 1, &o.float64[0]));
+    LOCKSTEP_MPI_CHECK(MPI_Op_create(&reduce_native<double, MaxOf<double>>, 1, &o.float64[1]));
     return o;
   }();
   return ops;
@@ -83,8 +120,10 @@ MPI_Op mpi_op(ReduceOp op, at::ScalarType type) {
     case ReduceOp::Min: index = 2; builtin = MPI_MIN; break;
     case ReduceOp::Max: index = 3; builtin = MPI_MAX; break;
   }
-  if (type == at::kHalf) return sixteen_bit_ops().half[index];
-  if (type == at::kBFloat16) return sixteen_bit_ops().bfloat16[index];
+  if (type == at::kHalf) return user_ops().half[index];
+  if (type == at::kBFloat16) return user_ops().bfloat16[index];
+  if (index >= 2 && type == at::kFloat) return user_ops().float32[index - 2];
+  if (index >= 2 && type == at::kDouble) return user_ops().float64[index - 2];
   return builtin;
 }
 
@@ -243,7 +282,7 @@ MpiCommunicator::MpiCommunicator(MpiCommunicatorOptions options) : impl_(std::ma
   LOCKSTEP_MPI_CHECK(MPI_Comm_rank(impl_->comm, &impl_->rank));
   LOCKSTEP_MPI_CHECK(MPI_Comm_size(impl_->comm, &impl_->size));
   impl_->timeout = options.timeout.count() > 0 ? bounded_timeout(options.timeout) : default_timeout();
-  sixteen_bit_ops();  // create the user operations now, on a thread that may call MPI
+  user_ops();  // create the user operations now, on a thread that may call MPI
   impl_->thread = std::thread([impl = impl_.get()] { impl->loop(); });
 }
 
@@ -310,7 +349,10 @@ WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, c
   const std::size_t element_size = input.element_size();
   Impl* impl = impl_.get();
   const bool divide_first = divides_first(options.op, input.scalar_type());
-  return impl->enqueue(impl->make_info("allreduce", &input), [=] {
+  // Note [Tensors as issued]: the task holds its own handles to the tensors as they are now, so a
+  // caller that re-points its tensor before the task runs (set_data, resize_) changes nothing here:
+  // the collective reads and writes the storage it was issued on, which the handles keep alive.
+  return impl->enqueue(impl->make_info("allreduce", &input), [=, input = input.detach(), output = output.detach()] {
     if (input.numel() > 0) {
       char* out = static_cast<char*>(output.data_ptr());
       const char* in = static_cast<const char*>(input.data_ptr());
@@ -340,7 +382,7 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& op
   const std::size_t element_size = tensor.element_size();
   Impl* impl = impl_.get();
   const int root = options.root;
-  return impl->enqueue(impl->make_info("broadcast", &tensor), [=] {
+  return impl->enqueue(impl->make_info("broadcast", &tensor), [=, tensor = tensor.detach()] {  // Note [Tensors as issued]
     if (tensor.numel() > 0) {
       char* data = static_cast<char*>(tensor.data_ptr());
       in_chunks(tensor.numel(), element_size, [&](std::int64_t offset, int count) {
@@ -367,7 +409,7 @@ WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, c
   }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   Impl* impl = impl_.get();
-  return impl->enqueue(impl->make_info("allgather", &input), [=] {
+  return impl->enqueue(impl->make_info("allgather", &input), [=, input = input.detach(), output = output.detach()] {
     if (input.numel() > 0) {
       const int count = static_cast<int>(input.numel());
       LOCKSTEP_MPI_CHECK(MPI_Allgather(in_place ? MPI_IN_PLACE : input.data_ptr(), count, type, output.data_ptr(),
@@ -398,7 +440,7 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
   const MPI_Op op = mpi_op(options.op, input.scalar_type());
   Impl* impl = impl_.get();
   const bool divide_first = divides_first(options.op, input.scalar_type());
-  return impl->enqueue(impl->make_info("reduce_scatter", &input), [=] {
+  return impl->enqueue(impl->make_info("reduce_scatter", &input), [=, input = input.detach(), output = output.detach()] {
     if (output.numel() > 0) {
       const int count = static_cast<int>(output.numel());
       // Note [float16 average]: in place the input is the result's buffer; otherwise a scaled copy.

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -58,6 +59,11 @@ void validate(const QuantizationOptions& o) {
   LOCKSTEP_CHECK(o.freeze_step >= -1, "quantization: freeze_step must be >= 0, or -1 for never, got ", o.freeze_step);
   LOCKSTEP_CHECK(o.begin_epoch >= 0.0 && o.freeze_epoch >= 0.0,
                  "quantization: begin_epoch and freeze_epoch must be >= 0, got ", o.begin_epoch, " and ", o.freeze_epoch);
+  // Epochs take precedence: a step given beside them would be ignored without a word.
+  LOCKSTEP_CHECK(o.begin_epoch == 0.0 || o.begin_step == 0, "quantization: begin_step (", o.begin_step,
+                 ") with begin_epoch (", o.begin_epoch, ", which decides): give one of them");
+  LOCKSTEP_CHECK(o.freeze_epoch == 0.0 || o.freeze_step == -1, "quantization: freeze_step (", o.freeze_step,
+                 ") with freeze_epoch (", o.freeze_epoch, ", which decides): give one of them");
   LOCKSTEP_CHECK(o.averaging_constant > 0.0 && o.averaging_constant <= 1.0,
                  "quantization: averaging_constant must be in (0, 1], got ", o.averaging_constant);
   if (o.freeze_epoch > 0.0) {
@@ -219,7 +225,11 @@ void QuantizationAwareTraining::reduce_ranges(comm::Communicator& comm) {
     parts[i] = lo.neg();
     parts[n + i] = hi;
   }
+  // A NaN (a rank whose batch overflowed) goes in as +inf: what MAX does with +inf is the same on
+  // every backend and rank, where a NaN's fate is the backend's (MPI_MAX keeps it or drops it by
+  // argument order). Every rank then sees the +inf and leaves the point's range as it was.
   at::Tensor packed = torch::stack(parts);
+  packed.masked_fill_(packed.isnan(), std::numeric_limits<double>::infinity());
   comm::AllreduceOptions max;
   max.op = comm::ReduceOp::Max;
   comm.allreduce(packed, max)->wait();

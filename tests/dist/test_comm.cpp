@@ -2,6 +2,8 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 #include <dlfcn.h>
+#include <cmath>
+#include <limits>
 
 #include <mpi.h>
 
@@ -73,6 +75,55 @@ TEST_CASE("allreduce min, max, product and average", "[comm]") {
       CHECK(equal_as_double(t, base * 2 + (n - 1)));
     }
   }
+}
+
+TEST_CASE("allreduce min and max give every rank one result with a nan or a signed zero on one rank (Note [Min and "
+          "max are symmetric])", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  const int r = comm.rank();
+  for (auto type : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    for (const int64_t size : {int64_t{5}, int64_t{1} << 16}) {  // short and long messages: other algorithms
+      INFO("dtype " << type << ", " << size << " elements");
+      // Element 0: a nan on the last rank only. Element 1: -0 on rank 0, +0 elsewhere. The rest: r.
+      auto input = torch::full({size}, static_cast<double>(r), torch::kDouble);
+      if (r == n - 1) input[0] = std::numeric_limits<double>::quiet_NaN();
+      input[1] = r == 0 ? -0.0 : 0.0;
+      input = input.to(type);
+      for (const auto op : {ReduceOp::Min, ReduceOp::Max}) {
+        INFO(lockstep::comm::to_string(op));
+        auto t = input.clone();
+        comm.allreduce(t, {op})->wait();
+        const auto result = t.to(torch::kDouble);
+        CHECK(std::isnan(result[0].item<double>()));
+        CHECK(result[1].item<double>() == 0.0);
+        CHECK(std::signbit(result[1].item<double>()) == (op == ReduceOp::Min));
+        CHECK(result[2].item<double>() == (op == ReduceOp::Min ? 0.0 : n - 1.0));
+        // Bitwise the same on every rank.
+        auto all = torch::empty({n * size}, t.options());
+        comm.allgather(t, all)->wait();
+        const auto bits = all.view({n, size}).to(torch::kDouble).nan_to_num(12345.0);
+        for (int k = 1; k < n; ++k) CHECK(torch::equal(bits[k], bits[0]));
+      }
+    }
+  }
+}
+
+TEST_CASE("a tensor re-pointed after its collective was issued: the collective uses the storage it was issued on "
+          "(Note [Tensors as issued])", "[comm]") {
+  auto& comm = lockstep::testing::comm();
+  const int n = comm.size();
+  // A large collective first keeps the progress thread busy, so the next one runs after set_data.
+  auto busy = torch::ones({1 << 23});
+  auto t = torch::full({4096}, 1.0f);
+  const auto issued = t.detach();  // the storage the collective was issued on
+  auto w_busy = comm.allreduce(busy);
+  auto w = comm.allreduce(t);
+  t.set_data(torch::zeros({2}, torch::kHalf));  // 4 bytes where the task would have written 16 KiB
+  w_busy->wait();
+  w->wait();
+  CHECK(torch::equal(issued, torch::full({4096}, static_cast<float>(n))));
+  CHECK(torch::equal(t, torch::zeros({2}, torch::kHalf)));  // the new data is not touched
 }
 
 TEST_CASE("float16 average fits where the float16 sum would overflow (Note [float16 average])", "[comm]") {

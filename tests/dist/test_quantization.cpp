@@ -317,15 +317,21 @@ TEST_CASE("quantization: pruning and quantization compose: pruned weights are in
   CHECK(torch::equal(plain->fc->weight, model->fc->weight));
 }
 
-TEST_CASE("quantization: a batch with an inf activation leaves the ranges as they were", "[quant]") {
+TEST_CASE("quantization: a batch with an inf or a nan activation leaves the ranges as they were, on every rank",
+          "[quant]") {
   // At step 2 one rank's batch holds an inf (an overflow): its range would make the scale inf and every
   // later output nan. The injector also zeroes that step's (nan) gradients, so the weights stay finite.
+  // A nan must be left out on every rank alike: MPI_MAX keeps or drops a nan by argument order.
+  for (const float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+  INFO("the bad value: " << bad);
   struct Overflow : Callback {
+    explicit Overflow(float value) : value(value) {}
+    float value;
     int64_t step = 0;
     void on_batch_begin(TrainerContext& ctx) override {
       if (++step == 2 && comm().rank() == comm().size() - 1) {
         ctx.batch.data = ctx.batch.data.clone();
-        ctx.batch.data.view({-1})[0] = std::numeric_limits<float>::infinity();
+        ctx.batch.data.view({-1})[0] = value;
       }
     }
     void on_after_backward(TrainerContext& ctx) override {
@@ -337,13 +343,14 @@ TEST_CASE("quantization: a batch with an inf activation leaves the ranges as the
   SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
   DistributedTrainer trainer(model, sgd(*model, 0.0), comm_ptr(), options(1));
   trainer.add_callback(std::make_shared<QuantizationAwareTraining>(quiet_quant()));
-  trainer.add_callback(std::make_shared<Overflow>());
+  trainer.add_callback(std::make_shared<Overflow>(bad));
   const auto metrics = trainer.fit(images(16 * comm().size(), 6), images(8, 7));  // 4 steps
   for (const auto* point : {&model->quant_input, &model->quant_relu}) {
     CHECK(std::isfinite((*point)->max_val.item<float>()));
     CHECK(std::isfinite((*point)->min_val.item<float>()));
   }
-  CHECK(model->quant_input->updates.item<int64_t>() == 3);  // the inf step is not counted
+  CHECK(model->quant_input->updates.item<int64_t>() == 3);  // the bad step is not counted
   CHECK(std::isfinite(metrics.at("test_loss")));
   CHECK(identical_across_ranks(*model));
+  }
 }

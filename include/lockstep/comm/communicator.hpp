@@ -12,6 +12,9 @@
 
 namespace lockstep::comm {
 
+// Min and Max over floating-point values, on the MPI communicator: NaN where any rank's value is NaN
+// (as torch::minimum / torch::maximum), and -0 below +0, so every rank gets the same result whatever
+// order the pairs meet in (Note [Min and max are symmetric]). NCCL's own kernels decide on the GPU.
 enum class ReduceOp { Sum, Average, Min, Max, Product };
 const char* to_string(ReduceOp op);  // "sum", "average", ...: for messages
 

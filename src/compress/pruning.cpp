@@ -75,6 +75,8 @@ void validate(const PruningOptions& o) {
   LOCKSTEP_CHECK(o.begin_step == 0 || (o.begin_epoch == 0.0 && o.end_epoch == 0.0), "pruning: begin_step (",
                  o.begin_step, ") with a schedule in epochs (begin_epoch ", o.begin_epoch, ", end_epoch ", o.end_epoch,
                  ", which decide): epochs and steps do not mix; use begin_epoch");
+  LOCKSTEP_CHECK(o.end_epoch == 0.0 || o.end_step == PruningOptions{}.end_step, "pruning: end_step (", o.end_step,
+                 ") with end_epoch (", o.end_epoch, ", which decides): epochs and steps do not mix; use end_epoch");
   if (o.schedule == PruneSchedule::Gradual) {
     LOCKSTEP_CHECK(o.frequency >= 1, "pruning: frequency must be >= 1 step, got ", o.frequency);
     if (o.end_epoch > 0) {

@@ -375,6 +375,18 @@ void read_trainer(Section s, train::TrainerOptions& o) {
     c.string("directory", o.checkpoint.directory);
     c.boolean("at_end", o.checkpoint.at_end);
     c.finish();
+    // The trainer refuses these too; here the error names the key and where it was set.
+    const bool kept = o.checkpoints && (!o.output_dir.empty() || !o.checkpoint.directory.empty());
+    if (!kept && o.checkpoint.resume != "auto" && o.checkpoint.resume != "never") {
+      c.fail_key("resume", "names a checkpoint to resume from, but this run keeps no checkpoints (" +
+                               std::string(o.checkpoints ? "trainer.output_dir and trainer.checkpoint.directory are empty"
+                                                         : "trainer.checkpoint.enabled is false") +
+                               "), so nothing would load it");
+    }
+    if (!o.checkpoints && !o.checkpoint.directory.empty()) {
+      c.fail_key("directory", "is set, but trainer.checkpoint.enabled is false: nothing would be written there or "
+                              "resumed from it");
+    }
   }
   s.finish();
 }
@@ -612,6 +624,30 @@ void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std
   set_path(document, child, keys, i + 1, value);
 }
 
+// The (key path, value) pairs a --set value writes: a non-empty mapping one pair per leaf (a scalar,
+// a sequence or an empty mapping), recursively; anything else itself.
+void expand_mapping(const std::vector<std::string>& keys, const YAML::Node& value, const std::string& item,
+                    std::vector<std::pair<std::vector<std::string>, YAML::Node>>& out) {
+  if (!value.IsMap() || value.size() == 0) {
+    out.emplace_back(keys, value);
+    return;
+  }
+  std::set<std::string> seen;
+  for (const auto& entry : value) {
+    LOCKSTEP_CHECK(entry.first.IsScalar() && !entry.first.Scalar().empty(), "--set ", item,
+                   ": a key of the mapping is not a plain name");
+    const std::string& key = entry.first.Scalar();
+    std::vector<std::string> deeper = keys;
+    deeper.push_back(key);
+    if (!seen.insert(key).second) {
+      std::string path;
+      for (const auto& k : deeper) path += (path.empty() ? "" : ".") + k;
+      LOCKSTEP_FAIL("--set ", item, ": config key '", path, "' is given twice in the mapping (each key may appear once)");
+    }
+    expand_mapping(deeper, entry.second, item, out);
+  }
+}
+
 }  // namespace
 
 ExperimentConfig parse_config(const std::string& yaml, const std::string& source,
@@ -657,7 +693,14 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     } catch (const YAML::Exception& e) {
       LOCKSTEP_FAIL("--set ", item, ": the value is not valid YAML: ", e.msg);
     }
-    if (root.IsMap()) set_path(root, root, keys, 0, value);
+    // Note [--set with a mapping]: `--set trainer.lr_schedule={warmup_steps: 100}` sets that key and
+    // keeps the section's others (kind: cosine), as "override one key" promises; replacing the whole
+    // section would silently drop them. An empty mapping ({}) still replaces: the section's defaults.
+    std::vector<std::pair<std::vector<std::string>, YAML::Node>> leaves;
+    expand_mapping(keys, value, item, leaves);
+    for (const auto& [leaf_keys, leaf] : leaves) {
+      if (root.IsMap()) set_path(root, root, leaf_keys, 0, leaf);
+    }
     origins[path] = item;
   }
   Reader reader(source, origins);
@@ -728,7 +771,8 @@ std::string usage(const std::string& program, bool built_in_default) {
          " [--set key.path=value]... [--print-config] [--help]\n"
          "  --config FILE        YAML experiment configuration" +
          std::string(built_in_default ? " (default: the built-in one)\n" : " (required)\n") +
-         "  --set key.path=value override one key, e.g. --set trainer.epochs=3 (repeatable)\n"
+         "  --set key.path=value override one key, e.g. --set trainer.epochs=3 (repeatable); a mapping\n"
+         "                       sets each key it holds and keeps the others: --set 'trainer.lr_schedule={warmup_steps: 100}'\n"
          "  --print-config       print the effective configuration as YAML and exit\n";
 }
 

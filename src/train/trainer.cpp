@@ -34,6 +34,11 @@
 namespace lockstep::train {
 namespace {
 
+// Whether fit() adds the built-in Checkpointer: on, and somewhere to put the files.
+bool keeps_checkpoints(const TrainerOptions& options) {
+  return options.checkpoints && (!options.output_dir.empty() || !options.checkpoint.directory.empty());
+}
+
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) {
@@ -177,6 +182,19 @@ void DistributedTrainer::set_up() {
   LOCKSTEP_CHECK(options_.stop_after_seconds >= 0 && std::isfinite(options_.stop_after_seconds),
                  "TrainerOptions::stop_after_seconds must be >= 0 (0 = no limit), got ", options_.stop_after_seconds);
   for (const auto& name : options_.stop_signals) signal_number(name, "TrainerOptions::stop_signals");
+  // Without the Checkpointer nothing reads these: a resume asked for would silently train afresh.
+  if (!keeps_checkpoints(options_)) {
+    const char* why = options_.checkpoints ? "output_dir and checkpoint.directory are both empty"
+                                           : "checkpoints is false (checkpoint.enabled)";
+    LOCKSTEP_CHECK(options_.checkpoint.resume == "auto" || options_.checkpoint.resume == "never",
+                   "TrainerOptions::checkpoint.resume names a checkpoint to resume from ('", options_.checkpoint.resume,
+                   "'), but this run keeps no checkpoints (", why, "), so nothing would load it; ",
+                   options_.checkpoints ? "set output_dir or checkpoint.directory"
+                                        : "set checkpoints true (set every_epoch and at_end false to write none)");
+    LOCKSTEP_CHECK(options_.checkpoint.directory.empty(), "TrainerOptions::checkpoint.directory is '",
+                   options_.checkpoint.directory, "', but checkpoints is false (checkpoint.enabled): nothing would be "
+                   "written there or resumed from it");
+  }
   if (autocast_dtype_ == c10::ScalarType::Half) scaler_ = std::make_shared<GradScaler>(options_.grad_scaler);
   // Module::to moves each parameter's data in place, so the optimizer (built on these parameters)
   // keeps pointing at them. DataParallel is built after the move: its buckets live on the device.
@@ -444,7 +462,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
   // callbacks start), the ProgressLogger last (it records the metrics the others add).
   callbacks_.clear();
-  if (options_.checkpoints && !options_.output_dir.empty()) {
+  if (keeps_checkpoints(options_)) {
     CheckpointOptions checkpoint = options_.checkpoint;
     if (checkpoint.directory.empty()) checkpoint.directory = options_.output_dir + "/checkpoints";
     callbacks_.push_back(std::make_shared<Checkpointer>(checkpoint));

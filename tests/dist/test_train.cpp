@@ -462,6 +462,28 @@ TEST_CASE("trainer: checkpoints are complete files, keep_last is honoured, metri
   CHECK(lines == 3);
 }
 
+TEST_CASE("trainer: checkpoint.directory alone keeps checkpoints, and a resume with nowhere to keep them is refused",
+          "[train]") {
+  const std::string dir = shared_dir("directory_only") + "/ck";
+  TinyNet model;
+  TrainerOptions o = quiet(1, 4);
+  o.checkpoints = true;
+  o.checkpoint.directory = dir;  // no output_dir
+  DistributedTrainer(model, sgd(*model, 0.05), comm_ptr(), o).fit(synthetic(16), synthetic(8, 8));
+  CHECK(lockstep::train::list_checkpoints(dir).size() == 1);
+  // Without output_dir or a directory nothing would load the file named: an error, not a fresh run.
+  o.checkpoint.directory.clear();
+  o.checkpoint.resume = lockstep::train::list_checkpoints(dir).back();
+  const std::string error = lockstep::testing::error_of([&] { DistributedTrainer(model, sgd(*model, 0.05), comm_ptr(), o); });
+  CHECK_THAT(error, Catch::Contains("checkpoint.resume names a checkpoint to resume from") &&
+                        Catch::Contains("this run keeps no checkpoints (output_dir and checkpoint.directory are both empty)"));
+  o.checkpoints = false;
+  o.checkpoint.resume = "auto";
+  o.checkpoint.directory = dir;
+  CHECK_THAT(lockstep::testing::error_of([&] { DistributedTrainer(model, sgd(*model, 0.05), comm_ptr(), o); }),
+             Catch::Contains("checkpoint.directory is '" + dir + "', but checkpoints is false"));
+}
+
 TEST_CASE("trainer: resume: never moves an earlier run's checkpoints aside; keep_last keeps this run's newest",
           "[train]") {
   const RunResult full = resumable_run(shared_dir("over_full"), 0, "never");

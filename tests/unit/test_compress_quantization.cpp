@@ -340,6 +340,17 @@ TEST_CASE("quantization: options are validated and name the problem", "[compress
   o.begin_epoch = 2;
   o.freeze_epoch = 1;
   CHECK_THROWS_WITH(QuantizationAwareTraining(o), Catch::Contains("freeze_epoch"));
+  // Epochs decide; a step given beside them would be dropped without a word.
+  o = QuantizationOptions{};
+  o.begin_epoch = 1;
+  o.begin_step = 500;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("begin_step (500) with begin_epoch (1, which decides)"));
+  o = QuantizationOptions{};
+  o.freeze_epoch = 2;
+  o.freeze_step = 40;
+  CHECK_THROWS_WITH(validate(o), Catch::Contains("freeze_step (40) with freeze_epoch (2, which decides)"));
+  o.freeze_step = -1;
+  CHECK_NOTHROW(validate(o));
 }
 
 TEST_CASE("quantization: selecting no weights or a model without points is an error", "[compress]") {

@@ -544,6 +544,48 @@ quantization:
   CHECK_THAT(error_of("quantization: {enabled: true, begin_step: 10, freeze_step: 5}"),
              Contains("config key 'quantization' at test.yaml:1:") && Contains("must come after begin_step"));
   CHECK_THAT(error_of("quantization: {freeze_step: -2}"), Contains("'quantization.freeze_step'"));
+  CHECK_THAT(error_of("quantization: {enabled: true, begin_step: 500, begin_epoch: 1}"),
+             Contains("config key 'quantization'") && Contains("begin_step (500) with begin_epoch (1"));
+  CHECK_THAT(error_of("pruning: {enabled: true, end_step: 5000, end_epoch: 10}"),
+             Contains("config key 'pruning'") && Contains("end_step (5000) with end_epoch (10"));
+  // What --print-config writes for a schedule in epochs (the steps at their defaults) reads back.
+  parsed_and_printed(config::parse_config("pruning: {enabled: true, end_epoch: 10}\n"
+                                          "quantization: {enabled: true, begin_epoch: 1, freeze_epoch: 2}\n"));
+}
+
+TEST_CASE("config: checkpoint.resume and directory are refused where no checkpoints are kept", "[config]") {
+  CHECK_THAT(error_of("trainer:\n  checkpoint:\n    resume: runs/a/checkpoints/checkpoint-step00000100.pt\n"),
+             Contains("'trainer.checkpoint.resume' at test.yaml:3:") && Contains("this run keeps no checkpoints") &&
+                 Contains("output_dir and trainer.checkpoint.directory are empty"));
+  CHECK_THAT(error_of("trainer: {output_dir: runs/a, checkpoint: {enabled: false, resume: x.pt}}"),
+             Contains("'trainer.checkpoint.resume'") && Contains("trainer.checkpoint.enabled is false"));
+  CHECK_THAT(error_of("trainer: {output_dir: runs/a, checkpoint: {enabled: false, directory: /scratch/ck}}"),
+             Contains("'trainer.checkpoint.directory'") && Contains("trainer.checkpoint.enabled is false"));
+  // auto and never need no file; a directory alone is somewhere to keep them.
+  CHECK_NOTHROW(config::parse_config("trainer: {checkpoint: {resume: never}}"));
+  CHECK(config::parse_config("trainer: {checkpoint: {directory: /scratch/ck, resume: /scratch/ck/a.pt}}")
+            .trainer.checkpoint.directory == "/scratch/ck");
+}
+
+TEST_CASE("config: --set with a mapping sets the keys it holds and keeps the section's others", "[config]") {
+  const std::string yaml = "trainer:\n  lr_schedule:\n    kind: cosine\n    warmup_epochs: 2\n";
+  const auto c = config::parse_config(yaml, "test.yaml", {"trainer.lr_schedule={warmup_steps: 100, min_lr: 0.001}"});
+  CHECK(c.trainer.lr.kind == lockstep::train::LrScheduleKind::Cosine);
+  CHECK(c.trainer.lr.warmup_epochs == 2.0);
+  CHECK(c.trainer.lr.warmup_steps == 100);
+  CHECK(c.trainer.lr.min_lr == 0.001);
+  // Nested mappings merge too; an empty mapping resets the section to its defaults.
+  const auto nested = config::parse_config(yaml, "test.yaml", {"trainer={epochs: 4, lr_schedule: {gamma: 0.5}}"});
+  CHECK(nested.trainer.epochs == 4);
+  CHECK(nested.trainer.lr.kind == lockstep::train::LrScheduleKind::Cosine);
+  CHECK(nested.trainer.lr.gamma == 0.5);
+  CHECK(config::parse_config(yaml, "test.yaml", {"trainer.lr_schedule={}"}).trainer.lr.kind ==
+        lockstep::train::TrainerOptions{}.lr.kind);
+  // Errors name the argument: an unknown key inside, a key given twice.
+  CHECK_THAT(error_of(yaml, {"trainer.lr_schedule={warmup: 3}"}),
+             Contains("unknown config key 'trainer.lr_schedule.warmup'") && Contains("--set trainer.lr_schedule={warmup: 3}"));
+  CHECK_THAT(error_of(yaml, {"trainer.lr_schedule={gamma: 0.5, gamma: 0.1}"}),
+             Contains("config key 'trainer.lr_schedule.gamma' is given twice in the mapping"));
 }
 
 TEST_CASE("config: stop signals and the time limit, a signal that cannot stop a run is named", "[config]") {

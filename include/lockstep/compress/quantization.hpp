@@ -55,7 +55,7 @@ struct QuantizationOptions {
   // The activation ranges stay fixed from this step on; -1 = never.
   int64_t freeze_step = -1;
   // Alternatively in epochs (fractions allowed), taking precedence when > 0: begin_epoch and
-  // freeze_epoch times the steps per epoch.
+  // freeze_epoch times the steps per epoch. The step beside an epoch set must keep its default.
   double begin_epoch = 0.0;
   double freeze_epoch = 0.0;
   // Weight of a new batch range in the moving-average activation range (PyTorch's default 0.01).

@@ -79,7 +79,8 @@ struct TrainerOptions {
   // loss {}.
   std::vector<std::string> metrics = {"accuracy"};
   std::vector<MetricPtr> custom_metrics;
-  // metrics.jsonl and checkpoints/ go here; empty = no files (no checkpoints, no metrics.jsonl).
+  // metrics.jsonl and checkpoints/ go here; empty = no metrics.jsonl, and no checkpoints unless
+  // checkpoint.directory is set.
   std::string output_dir;
   // Start from the weights in this file (a Lockstep checkpoint's model, or a model file: the rules of
   // load_model_weights, train/checkpoint.hpp), loaded on every rank by the first fit(), before the
@@ -91,7 +92,8 @@ struct TrainerOptions {
   int64_t log_every = 20;
   // Add the built-in ProgressLogger (rank 0 prints; metrics.jsonl when output_dir is set).
   bool progress = true;
-  // Add the built-in Checkpointer (when output_dir is set).
+  // Add the built-in Checkpointer (when output_dir or checkpoint.directory is set). Without it, a
+  // checkpoint.resume that names a file, or a checkpoint.directory with this false, is an error.
   bool checkpoints = true;
   CheckpointOptions checkpoint;
   ddp::DataParallelOptions ddp;

@@ -63,9 +63,19 @@ fi
 # ---- MPI and the small build dependencies: the system's, else carried .debs.
 prefix=$root/$build/prefix
 cmake_extra=()
-if ! command -v mpirun > /dev/null || [[ -n ${LOCKSTEP_DEBS:-} ]]; then
+# What the system lacks of them (an image may have MPI, or HPC-X, but not the small header libraries).
+missing=()
+command -v mpirun > /dev/null || missing+=(mpirun)
+has_header() { for dir in /usr/include /usr/local/include ${CPATH:+${CPATH//:/ }}; do [[ -f $dir/$1 ]] && return 0; done; return 1; }
+has_header yaml-cpp/yaml.h || [[ -n ${YAML_CPP_PREFIX:-} ]] || missing+=(yaml-cpp)
+has_header nlohmann/json.hpp || missing+=(nlohmann-json)
+has_header CLI/CLI.hpp || missing+=(CLI11)
+has_header catch2/catch.hpp || missing+=(Catch2)
+if [[ ${#missing[@]} -gt 0 || -n ${LOCKSTEP_DEBS:-} ]]; then
   debs=${LOCKSTEP_DEBS:-third_party/debs}
+  [[ ${#missing[@]} -gt 0 ]] && log "the system lacks: ${missing[*]}"
   if compgen -G "$debs/*.deb" > /dev/null; then
+    command -v dpkg-deb > /dev/null || { log "dpkg-deb is needed to unpack the .debs in $debs (Debian's dpkg package)"; exit 1; }
     # Debian 12's binaries need its glibc (2.36) or newer: an older host fails late, at the first mpirun.
     glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
     if [[ $(printf '%s\n' 2.36 "$glibc" | sort -V | head -1) != 2.36 ]]; then
@@ -74,7 +84,9 @@ if ! command -v mpirun > /dev/null || [[ -n ${LOCKSTEP_DEBS:-} ]]; then
     fi
     log "unpacking $(ls "$debs"/*.deb | wc -l) .debs from $debs into $prefix"
     mkdir -p "$prefix"
-    for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$prefix"; done
+    for deb in "$debs"/*.deb; do
+      dpkg-deb -x "$deb" "$prefix" || { log "cannot unpack $deb"; exit 1; }
+    done
     # Symbolic links with absolute targets (libz.so -> /lib/x86_64-linux-gnu/libz.so.1.2.13) point out
     # of the prefix, at the host's files or at nothing: point them at the unpacked files. And no static
     # archives that have a shared twin: find_package would take Debian's non-PIC libz.a when libz.so dangles (seen on an H200
@@ -91,7 +103,12 @@ if ! command -v mpirun > /dev/null || [[ -n ${LOCKSTEP_DEBS:-} ]]; then
     for tool in mpirun mpiexec mpicc mpicxx mpic++; do
       [[ -e $prefix/usr/bin/$tool.openmpi ]] && ln -sfn "$tool.openmpi" "$prefix/usr/bin/$tool"
     done
-    multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+    # The .debs' own architecture names their library directory (the host's gcc may not say: only
+    # Debian's prints a multiarch triplet).
+    case $(dpkg-deb -f "$(ls "$debs"/*.deb | head -1)" Architecture) in
+      arm64) multiarch=aarch64-linux-gnu ;;
+      *) multiarch=x86_64-linux-gnu ;;
+    esac
     ompi=$prefix/usr/lib/$multiarch/openmpi
     # Only the carried libraries the host lacks go on the library path (plus OpenMPI's own, always):
     # the whole unpacked directory would shadow the host's libssl, libzstd, ... with Debian 12's.
@@ -113,7 +130,7 @@ if ! command -v mpirun > /dev/null || [[ -n ${LOCKSTEP_DEBS:-} ]]; then
     cmake_extra+=(-DMPI_CXX_COMPILER="$prefix/usr/bin/mpicxx" -DMPIEXEC_EXECUTABLE="$prefix/usr/bin/mpirun"
                   -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr")
   else
-    log "no mpirun on PATH and no .debs in $debs (see scripts/fetch-mpi-debs.sh)"
+    log "no .debs in $debs for what the system lacks (${missing[*]:-nothing; LOCKSTEP_DEBS is set}): see scripts/fetch-mpi-debs.sh"
     exit 1
   fi
 fi

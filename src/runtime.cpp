@@ -324,6 +324,12 @@ void Runtime::select_device_and_backend() {
   } else if (options_.backend == "nccl") {
     LOCKSTEP_CHECK(world_.device.is_cuda(), "backend \"nccl\" needs a GPU, but rank ", world_.rank, " runs on ",
                    world_.device, " (runtime device \"", options_.device, "\", ", devices, " CUDA device(s))");
+    // The same outcome on every rank of the host (host_gpus is the host's): an error here, rather than
+    // NCCL's "invalid usage" (or a hang, by version) inside ncclCommInitRank.
+    LOCKSTEP_CHECK(own_gpu, "backend \"nccl\" needs one GPU per rank, but ", world_.local_size, " ranks share ", gpus,
+                   " GPU(s) on host ", world_.host, " (NCCL refuses two ranks on one GPU): start at most ", gpus,
+                   " rank(s) per host, or use backend \"mpi\" (or \"auto\", which picks it here) for CUDA tensors "
+                   "staged through host memory");
     backend_ = "nccl";
     backend_reason_ = "asked for";
   } else if (!world_.device.is_cuda()) {

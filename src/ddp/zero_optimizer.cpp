@@ -215,32 +215,31 @@ void ZeroRedundancyOptimizer::gather_parameters() {
   }
 }
 
-void ZeroRedundancyOptimizer::consolidate_state() {
-  const std::string mine = serialise(*local_);
+void ZeroRedundancyOptimizer::consolidate_state(int to) {
   const int world = comm_->size();
-  const at::Tensor size = at::tensor({static_cast<int64_t>(mine.size())}, at::TensorOptions().dtype(at::kLong));
-  const at::Tensor sizes = at::empty({world}, size.options());
-  comm_->allgather(size, sizes)->wait();
-  const int64_t longest = sizes.max().item<int64_t>();
-  at::Tensor bytes = at::zeros({longest}, at::TensorOptions().dtype(at::kByte));
-  std::copy(mine.begin(), mine.end(), reinterpret_cast<char*>(bytes.data_ptr<uint8_t>()));
-  const at::Tensor all = at::empty({world * longest}, bytes.options());
-  comm_->allgather(bytes, all)->wait();
-  consolidated_.assign(static_cast<size_t>(world), std::string());
-  for (int r = 0; r < world; ++r) {
-    const auto* begin = reinterpret_cast<const char*>(all.data_ptr<uint8_t>()) + r * longest;
-    consolidated_[static_cast<size_t>(r)].assign(begin, static_cast<size_t>(sizes[r].item<int64_t>()));
-  }
+  LOCKSTEP_CHECK(to >= 0 && to < world, "ZeroRedundancyOptimizer::consolidate_state: rank ", to,
+                 " is not a rank of a world of ", world);
+  // Note [ZeRO checkpoints]: onto one rank, the writer. Every rank holding every shard would keep
+  // the whole state in memory on each, the very thing sharding saves.
+  std::vector<std::string> gathered = comm::gather_strings(*comm_, serialise(*local_), to);
+  consolidated_ = comm_->rank() == to ? std::move(gathered) : std::vector<std::string>{};
   consolidated_at_ = steps_;
+  consolidated_to_ = to;
 }
 
 void ZeroRedundancyOptimizer::save(torch::serialize::OutputArchive& archive) const {
-  LOCKSTEP_CHECK(!consolidated_.empty() && consolidated_at_ == steps_,
+  const int rank = comm_->rank();
+  LOCKSTEP_CHECK(consolidated_at_ == steps_,
                  "ZeroRedundancyOptimizer::save: each rank holds only its shard of the state; call "
-                 "consolidate_state() on every rank after the last step, then save (a Checkpointer does both). "
-                 "Rank ",
-                 comm_->rank(), ", ", steps_, " steps taken, state consolidated ",
+                 "consolidate_state() on every rank after the last step, then save on the rank it gathered onto "
+                 "(a Checkpointer does both). Rank ",
+                 rank, ", ", steps_, " steps taken, state consolidated ",
                  consolidated_at_ < 0 ? std::string("never") : "after step " + std::to_string(consolidated_at_));
+  LOCKSTEP_CHECK(rank == consolidated_to_, "ZeroRedundancyOptimizer::save: the state was consolidated onto rank ",
+                 consolidated_to_, ", not this rank (", rank, "): save there, or consolidate_state(", rank, ")");
+  LOCKSTEP_CHECK(!consolidated_.empty(), "ZeroRedundancyOptimizer::save: the state consolidated after step ",
+                 consolidated_at_, " was saved already and released; call consolidate_state() again (rank ", rank,
+                 ")");
   archive.write("zero_world_size", c10::IValue(static_cast<int64_t>(consolidated_.size())));
   archive.write("zero_owners", at::tensor(std::vector<int64_t>(owner_.begin(), owner_.end())));
   archive.write("zero_shapes", c10::IValue(fingerprint(all_)));
@@ -250,6 +249,8 @@ void ZeroRedundancyOptimizer::save(torch::serialize::OutputArchive& archive) con
     std::copy(bytes.begin(), bytes.end(), reinterpret_cast<char*>(t.data_ptr<uint8_t>()));
     archive.write("zero_shard_" + std::to_string(r), t);
   }
+  consolidated_.clear();
+  consolidated_.shrink_to_fit();
 }
 
 void ZeroRedundancyOptimizer::load(torch::serialize::InputArchive& archive) {

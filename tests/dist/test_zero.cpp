@@ -178,8 +178,13 @@ TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidat
   ZeroRedundancyOptimizer sharded(small->parameters(), comm_ptr(), sgd_factory());
   torch::serialize::OutputArchive archive;
   CHECK_THROWS_WITH(sharded.save(archive), Contains("call consolidate_state() on every rank"));
-  sharded.consolidate_state();
-  sharded.save(archive);  // now it can
+  sharded.consolidate_state();  // onto rank 0: only the writer holds the whole state (Note [ZeRO checkpoints])
+  if (comm().rank() == 0) {
+    sharded.save(archive);  // now it can, once: the gathered copy is released
+    CHECK_THROWS_WITH(sharded.save(archive), Contains("was saved already and released"));
+  } else {
+    CHECK_THROWS_WITH(sharded.save(archive), Contains("consolidated onto rank 0, not this rank"));
+  }
   small(torch::ones({1, 4})).sum().backward();
   sharded.step();
   CHECK_THROWS_WITH(sharded.save(archive), Contains("state consolidated after step 0"));
@@ -205,7 +210,8 @@ TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidat
   // [2] against [4, 2] and [4]): refused at the load, not at the first step in LibTorch's words.
   torch::nn::Linear transposed(2, 4);
   ZeroRedundancyOptimizer other_shapes(transposed->parameters(), comm_ptr(), sgd_factory());
-  sharded.consolidate_state();
+  sharded.consolidate_state(comm().size() - 1);  // onto another rank than the Checkpointer's
+  if (comm().rank() != comm().size() - 1) return;
   torch::serialize::OutputArchive saved;
   sharded.save(saved);
   std::string saved_bytes;

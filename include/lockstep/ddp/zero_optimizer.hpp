@@ -45,11 +45,14 @@ class ZeroRedundancyOptimizer : public torch::optim::Optimizer {
   // Closures are not supported (the loss would have to be evaluated on every rank alike).
   at::Tensor step(LossClosure closure = nullptr) override;
 
-  // Collective: gathers every rank's serialised shard of the state, so that save() (on any rank,
-  // typically rank 0 inside a Checkpointer, which calls this on every rank first) can write them all.
-  void consolidate_state();
-  // Writes every rank's shard as gathered by the last consolidate_state(), which must follow the last
-  // step; an error otherwise (a stale state would be silently wrong after resume).
+  // Collective: gathers every rank's serialised shard of the state onto rank `to` (as PyTorch's
+  // consolidate_state_dict(to=0)), so that save() there can write them all; a Checkpointer calls it
+  // on every rank and saves on rank 0. Only rank `to` holds the whole state, and only until save().
+  void consolidate_state(int to = 0);
+  // On the rank the last consolidate_state() gathered onto: writes every rank's shard, then releases
+  // the gathered copy (the whole state, which would otherwise stay in memory beside this rank's
+  // shard). An error on any other rank, without a consolidate_state() since the last step (a stale
+  // state would be silently wrong after resume), or for a second save() of one consolidation.
   void save(torch::serialize::OutputArchive& archive) const override;
   // Reads this rank's shard. The file must come from the same world size and parameter list.
   void load(torch::serialize::InputArchive& archive) override;
@@ -72,9 +75,11 @@ class ZeroRedundancyOptimizer : public torch::optim::Optimizer {
   std::vector<std::vector<int64_t>> shards_;  // per rank: indices into all_
   int64_t slot_numel_ = 0;                    // the largest share: each rank's slot in the gathered buffer
   at::Tensor gathered_;                       // [world * slot_numel_]
-  std::vector<std::string> consolidated_;     // per rank: serialised shard, from consolidate_state()
+  // Per rank: serialised shard, from consolidate_state(), on rank consolidated_to_ until save().
+  mutable std::vector<std::string> consolidated_;
   int64_t steps_ = 0;
   int64_t consolidated_at_ = -1;
+  int consolidated_to_ = 0;
 };
 
 // The partition: parameters in decreasing size (ties in the given order), each to the rank holding the

@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <atomic>
+#include <functional>
 #include <sstream>
 
 #include "core/autograd_compat.hpp"
@@ -144,7 +146,38 @@ double seconds(comm::Clock::time_point from, comm::Clock::time_point to) {
 struct Reducer::GradientHooks {
   std::vector<compat::NodePtr> accumulators;
   std::vector<std::uintptr_t> keys;
+  // Shared with this reducer's hooks: false once a newer reducer took the parameters over.
+  std::shared_ptr<std::atomic<bool>> active = std::make_shared<std::atomic<bool>>(true);
 };
+
+namespace {
+
+// Note [One reducer per parameter]: a second DataParallel on the same model while the first is alive
+// (a DistributedTrainer per training stage in one scope; a new DataParallel after unfreezing) would
+// put a second hook on every gradient accumulator. Both would fire each backward: the second copies
+// a gradient the first has already divided by the world size (or averaged, by timing) and divides it
+// again, and .grad() ends up anywhere between avg / world and avg, the same on every rank, so nothing
+// would flag it. So a hook knows its reducer: the newest reducer on a parameter turns the older ones'
+// hooks off, and the older reducer, superseded, refuses to be used again (check_hooks_attached) instead
+// of leaving gradients local. This follows SyncBatchNorm's attachment, where the newest DataParallel's
+// layers stay attached too.
+using PostHookFn = std::function<torch::autograd::variable_list(const torch::autograd::variable_list&,
+                                                                const torch::autograd::variable_list&)>;
+class ReducerHook final : public torch::autograd::utils::LambdaPostHook {
+ public:
+  ReducerHook(Reducer* owner, std::shared_ptr<std::atomic<bool>> active, PostHookFn fn)
+      : LambdaPostHook(std::move(fn)), owner_(owner), active_(std::move(active)) {}
+  Reducer* owner() const { return owner_; }
+  // Turns off every hook of the reducer this one belongs to (they share the flag).
+  void supersede() { active_->store(false); }
+  bool active() const { return active_->load(); }
+
+ private:
+  Reducer* owner_;
+  std::shared_ptr<std::atomic<bool>> active_;
+};
+
+}  // namespace
 
 Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> names, comm::CommunicatorPtr comm,
                  ReducerOptions options)
@@ -171,13 +204,27 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
     // The tensor holds its accumulator only weakly: keep it, or the hook dies with it.
     compat::NodePtr accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
     LOCKSTEP_CHECK(static_cast<bool>(accumulator), "Reducer: parameter '", names_[i], "' has no gradient accumulator");
-    hooks_->keys.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-        [this, i](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
-          on_gradient_ready(i);
+    // Note [One reducer per parameter]: an older reducer's hook here stops, and so does that reducer.
+    for (const auto& hook : accumulator->post_hooks()) {
+      auto* older = dynamic_cast<ReducerHook*>(hook.get());
+      if (older == nullptr || !older->active()) continue;
+      older->supersede();
+      older->owner()->mark_superseded(names_[i]);
+    }
+    const std::shared_ptr<std::atomic<bool>> active = hooks_->active;
+    hooks_->keys.push_back(accumulator->add_post_hook(std::make_unique<ReducerHook>(
+        this, active,
+        [this, i, active](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
+          if (active->load()) on_gradient_ready(i);
           return outputs;
         })));
     hooks_->accumulators.push_back(std::move(accumulator));
   }
+}
+
+void Reducer::mark_superseded(const std::string& parameter) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (superseded_by_.empty()) superseded_by_ = parameter;
 }
 
 Reducer::~Reducer() {
@@ -386,6 +433,10 @@ void Reducer::set_frozen(std::vector<at::Tensor> parameters, std::vector<std::st
 }
 
 void Reducer::check_hooks_attached_locked() const {
+  LOCKSTEP_CHECK(superseded_by_.empty(), "DataParallel: a newer DataParallel (or DistributedTrainer) was built on "
+                 "the same parameters (parameter '", superseded_by_, "', ...) while this one was alive, and their "
+                 "gradients now go to it: this one no longer averages them (rank ", comm_->rank(), "). Use the newer "
+                 "one, or let this one go out of scope before building another (Note [One reducer per parameter]).");
   for (std::size_t i = 0; i < frozen_.size(); ++i) {
     LOCKSTEP_CHECK(!frozen_[i].requires_grad(), "DataParallel: parameter '", frozen_names_[i],
                    "' was frozen (requires_grad false) when DataParallel was built and requires grad now: "
@@ -536,10 +587,28 @@ void Reducer::finish_backward() {
     return;
   }
 
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    if (!ready_[i]) contribute_unready(i);
+  try {
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      if (!ready_[i]) contribute_unready(i);
+    }
+    launch_ready_buckets(/*end_of_backward=*/true);
+  } catch (const std::exception& e) {
+    // Note [Abandoned backward], for the end of the pass: the buckets launched here (those holding an
+    // unused parameter; all of them under launch_at_end) go through the comm hook, which may fail (out
+    // of memory compressing one, a user hook's own check), on one rank alone. ResetOnExit ends the
+    // pass, so settle_abandoned_backward never sees it: the same rule is applied here, or a retry
+    // would pair its collectives with the peers' stale ones.
+    const bool issued = next_launch_ > 0 || join_work_ != nullptr || options_.launch_at_end;
+    if (issued) {
+      note_out_of_step(e, detail::str_cat("bucket ", next_launch_, " of ", buckets_.size(),
+                                          " to be launched at the end of its backward pass (the comm hook failed)")
+                              .c_str());
+    } else {  // the retry starts from the flags of the backwards before this one
+      for (std::size_t i : newly_used_) used_since_sync_[i] = 0;
+    }
+    join_work_.reset();
+    throw;
   }
-  launch_ready_buckets(/*end_of_backward=*/true);
   LOCKSTEP_CHECK(next_launch_ == buckets_.size(), "DataParallel internal error: ", next_launch_, " of ",
                  buckets_.size(), " buckets launched at the end of backward (rank ", comm_->rank(), ")");
   std::vector<int> active;  // Note [Join]: the ranks training in this step

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -456,6 +457,34 @@ TEST_CASE("A synchronised backward that fails while waiting for its reductions r
   CHECK(communicator_healthy());
 }
 
+TEST_CASE("A comm hook that fails for a bucket launched at the end of backward refuses to synchronise again",
+          "[ddp]") {
+  // `never`'s buckets can only be launched at the end of the pass (find_unused_parameters); the hook
+  // fails for the second of them, after the first and `head`'s were issued.
+  Branchy model = make_branchy();
+  DataParallelOptions options;
+  options.find_unused_parameters = true;
+  options.bucket_cap_mb = 0;  // a bucket per parameter
+  options.first_bucket_cap_mb = 0;
+  const lockstep::ddp::CommHook average = lockstep::ddp::allreduce_hook();
+  options.comm_hook = [average](lockstep::comm::Communicator& c, const lockstep::ddp::GradBucket& bucket) {
+    if (bucket.parameter_names.front() == "never.weight") throw std::runtime_error("hook failure at the end");
+    return average(c, bucket);
+  };
+  DataParallel dp(model.ptr(), comm_ptr(), options);
+  const torch::Tensor x = torch::ones({3, 5}, torch::kFloat64) * (comm().rank() + 1);
+  const std::string error = error_of([&] { model->forward(x, false).sum().backward(); });
+  INFO(error);
+  CHECK(error.find("hook failure at the end") != std::string::npos);
+  model->zero_grad();
+  const std::string again = error_of([&] { model->forward(x, false).sum().backward(); });
+  INFO(again);
+  CHECK(again.find("an earlier synchronised backward failed on rank " + std::to_string(comm().rank()) +
+                   " while waiting for bucket") != std::string::npos);
+  CHECK(again.find("(hook failure at the end)") != std::string::npos);
+  CHECK(communicator_healthy());
+}
+
 // ---- a model moved or cast after DataParallel was built ----
 
 namespace {
@@ -524,5 +553,34 @@ TEST_CASE("A parameter unfrozen after DataParallel was built is an error, and on
   const std::string frozen = error_of([&] { later->forward(x).sum().backward(); });
   INFO(frozen);
   CHECK_THAT(frozen, Catch::Contains("'1.bias' was frozen (requires_grad false) after DataParallel was built"));
+  CHECK(communicator_healthy());
+}
+
+TEST_CASE("A second DataParallel on a model takes its gradients over: exact averages, and the first refuses use",
+          "[ddp]") {
+  // Note [One reducer per parameter]: two live reducers both hooked every parameter, and the gradient
+  // came out divided by the world size twice (or anywhere up to the average, by timing).
+  const int n = comm().size();
+  torch::manual_seed(5);
+  torch::nn::Linear model(4, 2);
+  model->to(torch::kFloat64);
+  auto first = std::make_unique<DataParallel>(model.ptr(), comm_ptr());
+  DataParallel second(model.ptr(), comm_ptr());  // e.g. a second training stage in the same scope
+  const torch::Tensor x = torch::ones({3, 4}, torch::kFloat64) * (comm().rank() + 1);
+  for (int step = 0; step < 2; ++step) {
+    model->zero_grad();
+    second.before_forward();
+    model->forward(x).sum().backward();
+    // d/dW of the sum over 3 rows of W x: 3 (rank + 1) per entry, averaged over ranks: 1.5 (n + 1).
+    CHECK(torch::equal(model->weight.grad(), torch::full({2, 4}, 1.5 * (n + 1), torch::kFloat64)));
+    CHECK(torch::equal(model->bias.grad(), torch::full({2}, 3.0, torch::kFloat64)));
+  }
+  const std::string error = error_of([&] { first->before_forward(); });
+  CHECK_THAT(error, Catch::Contains("a newer DataParallel (or DistributedTrainer) was built on the same parameters "
+                                    "(parameter 'weight'"));
+  first.reset();  // its hooks go; the newer one's stay
+  model->zero_grad();
+  model->forward(x).sum().backward();
+  CHECK(torch::equal(model->weight.grad(), torch::full({2, 4}, 1.5 * (n + 1), torch::kFloat64)));
   CHECK(communicator_healthy());
 }

@@ -46,7 +46,8 @@ struct DataParallelOptions {
   // Parameters that got no gradient in a backward count as ready, contributing what their .grad()
   // holds (zero after zero_grad(), or what no_sync() micro-batches accumulated), as PyTorch's DDP; a
   // parameter no rank used keeps its .grad() (with gradient_as_bucket_view, averaged in place like the
-  // rest). Off: such a parameter is an error, raised on every rank.
+  // rest; a compressing comm hook such as PowerSGD replaces it by what the hook computes for it, as
+  // for any other gradient of the bucket). Off: such a parameter is an error, raised on every rank.
   bool find_unused_parameters = false;
   // Broadcast buffers from rank 0 at the end of every synchronised backward.
   bool broadcast_buffers = true;

@@ -34,7 +34,8 @@
 
 namespace lockstep::ddp {
 
-// Defaults as PyTorch's PowerSGDState; orthogonalization_epsilon = 0 is safe here, unlike there (see it).
+// Defaults as PyTorch's PowerSGDState, except start_iteration (10 here; PyTorch's start_powerSGD_iter
+// is 1000: set that for its behaviour) and orthogonalization_epsilon (0 is safe here, unlike there).
 struct PowerSGDOptions {
   // r: columns of P and Q. 1 often suffices (the paper's ResNet-18/CIFAR-10 run used 2); higher is
   // closer to the exact average and costs r times the traffic. Must be >= 1.

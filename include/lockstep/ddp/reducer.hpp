@@ -93,6 +93,9 @@ class Reducer {
   // on them: unfrozen later, their gradients would silently stay local. check_hooks_attached() names
   // any that requires grad now.
   void set_frozen(std::vector<at::Tensor> parameters, std::vector<std::string> names);
+  // Called by a newer reducer built on `parameter` while this one is alive (Note [One reducer per
+  // parameter], reducer.cpp): this one's hooks are off, and check_hooks_attached() refuses it from now on.
+  void mark_superseded(const std::string& parameter);
 
   // Diagnostics, for tests and the curious.
   std::size_t parameter_count() const { return params_.size(); }
@@ -187,6 +190,8 @@ class Reducer {
   ReducerOptions options_;
   struct GradientHooks;  // the parameters' gradient accumulators and this reducer's hooks on them
   std::unique_ptr<GradientHooks> hooks_;
+  // Note [One reducer per parameter]: a parameter a newer reducer took over (its name; empty: none).
+  std::string superseded_by_;
 
   std::vector<Bucket> buckets_;
   std::vector<Slot> slots_;

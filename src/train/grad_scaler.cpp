@@ -53,8 +53,17 @@ bool GradScaler::unscale(const std::vector<at::Tensor>& parameters, comm::Commun
     }
     flag = found.defined() ? found.to(at::kFloat).reshape({1}) : at::zeros({1}, at::kFloat);
   }
-  comm.allreduce(flag, {comm::ReduceOp::Max})->wait();
-  return flag.item<float>() > 0.0f;
+  // On the parameters' device, whatever this rank's gradients: a rank without any would otherwise
+  // send a CPU flag (through MPI staging) while the others' CUDA flags go through NCCL, and the two
+  // never meet.
+  if (!parameters.empty() && flag.device() != parameters.front().device()) flag = flag.to(parameters.front().device());
+  const comm::WorkPtr work = comm.allreduce(flag, {comm::ReduceOp::Max});
+  work->wait();
+  const bool found = flag.item<float>() > 0.0f;
+  // A GPU wait() returns at once, ordering the stream only; after the read the collective has ended,
+  // and a second wait() raises its error if the communicator failed it (the flag is then not a result).
+  work->wait();
+  return found;
 }
 
 void GradScaler::update(bool found_inf) {

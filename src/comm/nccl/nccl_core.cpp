@@ -1,6 +1,7 @@
 #include "comm/nccl/nccl_core.hpp"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 
@@ -61,6 +62,16 @@ int cuda_device_count(const char* who) {
   return count;
 }
 
+// The Core whose watchdog runs on this thread, if any (Note [Abort off the waiting thread]).
+static thread_local const Core* watchdog_of_this_thread = nullptr;
+
+// Note [Nothing freed on the watchdog]: dropping the last reference to a CUDA tensor enters the
+// caching allocator, which takes its mutex; a thread holding that mutex may be waiting on the GPU
+// (freeing cached blocks synchronises events, cudaFree the device) behind a collective spinning on a
+// dead peer, which only the watchdog's abort can end. So the watchdog releases no tensor and destroys
+// no state (its events): a state completed or failed there keeps its tensors until a user thread
+// drops it (CoreWork::wait, the graveyard drained by launch() and the destructor). PyTorch's c10d
+// moved its watchdog's frees off that thread for the same reason.
 struct Core::State {
   std::mutex mutex;
   WorkInfo info;
@@ -91,7 +102,7 @@ struct Core::State {
     } else {
       cudaGetLastError();
     }
-    keep_alive.clear();
+    release_tensors();
   }
   void fail(std::exception_ptr why) {
     if (done) return;
@@ -99,12 +110,13 @@ struct Core::State {
     error = std::move(why);
     ended = Clock::now();
     if (started == Clock::time_point{}) started = issued;
-    keep_alive.clear();
+    release_tensors();
+  }
+  // Not on a watchdog (Note [Nothing freed on the watchdog]): there they stay until a user thread.
+  void release_tensors() {
+    if (watchdog_of_this_thread == nullptr) keep_alive.clear();
   }
 };
-
-// The Core whose watchdog runs on this thread, if any (Note [Abort off the waiting thread]).
-static thread_local const Core* watchdog_of_this_thread = nullptr;
 
 // The Work a launch returns (Note [NCCL stream semantics], point 2).
 class CoreWork final : public Work {
@@ -120,12 +132,20 @@ class CoreWork final : public Work {
     }
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (state_->error) std::rethrow_exception(state_->error);
-    if (state_->done) return;
+    if (state_->done) {
+      state_->release_tensors();  // what the watchdog kept (Note [Nothing freed on the watchdog])
+      return;
+    }
     // On the communicator's device: the default stream is the null handle, which names the legacy
     // stream of whichever device is current on this thread (a thread of the program's own starts on 0).
     DeviceGuard guard(core_->device());
     cudaStream_t waiter = core_->current_stream_ ? core_->current_stream_() : nullptr;
-    LOCKSTEP_CUDA_CHECK(cudaStreamWaitEvent(waiter, state_->end, 0));
+    const cudaError_t rc = cudaStreamWaitEvent(waiter, state_->end, 0);
+    if (rc != cudaSuccess) {
+      cudaGetLastError();
+      LOCKSTEP_FAIL(state_->info.describe(), ": the caller's stream cannot wait for its end: ",
+                    cuda_error_text("cudaStreamWaitEvent", rc));
+    }
   }
 
   bool is_completed() const override { return core_->poll(*state_); }
@@ -236,7 +256,25 @@ Core::~Core() {
     stop_ = true;
   }
   stop_cv_.notify_all();
-  if (watchdog_.joinable()) watchdog_.join();
+  if (watchdog_.joinable()) {
+    // Bounded: the watchdog may be inside ncclCommAbort, which can block until the peers abort too
+    // (18 s seen on an H200; NCCL issues 829 and 863 report longer). Joining a watchdog stuck there
+    // would hang this rank, error handled or not: end the process instead, so the launcher ends the job.
+    constexpr std::chrono::seconds kWatchdogExitLimit{120};
+    bool exited = false;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      exited = watchdog_exited_cv_.wait_for(lock, kWatchdogExitLimit, [this] { return !watchdog_running_; });
+    }
+    if (!exited) {
+      std::fprintf(stderr, "lockstep: rank %d: the NCCL communicator's watchdog did not stop within %lld s (inside "
+                           "ncclCommAbort, waiting for peers that never abort); ending this process so that it does "
+                           "not hang\n", rank_, static_cast<long long>(kWatchdogExitLimit.count()));
+      std::fflush(stderr);
+      std::_Exit(1);
+    }
+    watchdog_.join();
+  }
   run_nccl_abort();  // an abort the watchdog was asked for but had not begun (no-op otherwise)
   // Let what is still running finish (bounded by the timeout) before the communicator goes away;
   // not while an exception unwinds this rank: its peers may never issue the collectives these wait
@@ -251,6 +289,8 @@ Core::~Core() {
     }
     bool all_done = true;
     for (auto& state : pending) all_done = poll(*state) && all_done;
+    // A peer that died shows here at once, not after the whole timeout (the watchdog has stopped).
+    if (!all_done && !aborted_) check_async_error();
     if (all_done || aborted_) break;
     if (Clock::now() >= deadline) {
       std::fprintf(stderr, "lockstep: rank %d: NCCL communicator destroyed with collectives still running after %lld ms; "
@@ -277,6 +317,18 @@ std::exception_ptr Core::failure() const {
 
 WorkPtr Core::launch(LaunchSpec spec) {
   LOCKSTEP_CHECK(static_cast<bool>(spec.issue), "NcclCore::launch: nothing to issue for ", spec.info.op);
+  {
+    // Note [Nothing freed on the watchdog]: what it set aside is released here, on this thread.
+    std::vector<std::shared_ptr<State>> released;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      released.swap(graveyard_);
+    }
+    for (auto& state : released) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->release_tensors();
+    }
+  }
   auto state = std::make_shared<State>();
   state->host_result = spec.host_result;
   state->keep_alive = std::move(spec.keep_alive);
@@ -449,6 +501,10 @@ void Core::abort(std::exception_ptr error) {
         Error(state->info.describe() + " failed: the NCCL communicator was aborted because: " + cause, __FILE__,
               __LINE__)));
   }
+  if (watchdog_of_this_thread != nullptr) {  // Note [Nothing freed on the watchdog]
+    std::lock_guard<std::mutex> lock(mutex_);
+    graveyard_.insert(graveyard_.end(), pending.begin(), pending.end());
+  }
   // Every Work has its error now; ncclCommAbort (which makes kernels spinning on a missing peer return,
   // so the streams drain) runs on the watchdog (Note [Abort off the waiting thread]), inline only on the
   // watchdog itself or once it has stopped (the destructor).
@@ -508,15 +564,24 @@ void Core::watchdog_loop() {
       }
     }
     lock.lock();
-    // Done states leave the list; their tensors were released when they completed.
+    // Done states leave the list, for a user thread to release (Note [Nothing freed on the watchdog]).
     std::vector<std::shared_ptr<State>> still;
     for (auto& state : pending_) {
       std::lock_guard<std::mutex> state_lock(state->mutex);
-      if (!state->done) still.push_back(state);
+      if (!state->done) {
+        still.push_back(state);
+      } else {
+        graveyard_.push_back(state);
+      }
     }
     pending_.swap(still);
+    still.clear();  // the done states, now in the graveyard too: not the last reference
+    lock.unlock();
+    pending.clear();  // this loop's copies, while no lock is held (the graveyard keeps them)
+    lock.lock();
   }
   watchdog_running_ = false;  // under the lock: from here on abort() runs ncclCommAbort itself
+  watchdog_exited_cv_.notify_all();
 }
 
 }  // namespace lockstep::comm::nccl

@@ -137,6 +137,10 @@ class Core : public std::enable_shared_from_this<Core> {
   bool nccl_abort_requested_ = false;  // under mutex_
   bool nccl_aborted_ = false;          // under mutex_
   bool watchdog_running_ = false;      // under mutex_
+  std::condition_variable watchdog_exited_cv_;
+  // Note [Nothing freed on the watchdog]: states that left pending_ on the watchdog thread, released
+  // on a user thread (the next launch(), the destructor). Under mutex_.
+  std::vector<std::shared_ptr<State>> graveyard_;
   void run_nccl_abort();
   std::thread watchdog_;
 };

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <mutex>
 #include <sstream>
 
 #include "core/autograd_compat.hpp"
@@ -143,11 +144,27 @@ double seconds(comm::Clock::time_point from, comm::Clock::time_point to) {
 
 // Kept out of the public header: the accumulators' pointer type differs between LibTorch versions
 // (core/autograd_compat.hpp).
+// Shared by one reducer's hooks (Note [One reducer per parameter]).
+struct HookState {
+  std::atomic<bool> active{true};  // false once a newer reducer took the parameters over
+  std::mutex mutex;
+  std::weak_ptr<HookState> successor;  // that newer reducer's; expires when it is destroyed
+  std::string superseded_on;           // the first parameter it took over
+  // An inactive hook's gradient: nothing while the successor lives (it reduces them); once it has
+  // gone, nothing does, so the backward fails here rather than leaving gradients local.
+  void check_successor_alive(int rank) {
+    std::lock_guard<std::mutex> lock(mutex);
+    LOCKSTEP_CHECK(!successor.expired(), "DataParallel: this DataParallel was superseded by a newer one built on the "
+                   "same parameters (parameter '", superseded_on, "', ...), which has been destroyed since: nothing "
+                   "averages these gradients now (rank ", rank, "). Build a new DataParallel (Note [One reducer per "
+                   "parameter]).");
+  }
+};
+
 struct Reducer::GradientHooks {
   std::vector<compat::NodePtr> accumulators;
   std::vector<std::uintptr_t> keys;
-  // Shared with this reducer's hooks: false once a newer reducer took the parameters over.
-  std::shared_ptr<std::atomic<bool>> active = std::make_shared<std::atomic<bool>>(true);
+  std::shared_ptr<HookState> state = std::make_shared<HookState>();
 };
 
 namespace {
@@ -165,16 +182,23 @@ using PostHookFn = std::function<torch::autograd::variable_list(const torch::aut
                                                                 const torch::autograd::variable_list&)>;
 class ReducerHook final : public torch::autograd::utils::LambdaPostHook {
  public:
-  ReducerHook(Reducer* owner, std::shared_ptr<std::atomic<bool>> active, PostHookFn fn)
-      : LambdaPostHook(std::move(fn)), owner_(owner), active_(std::move(active)) {}
+  ReducerHook(Reducer* owner, std::shared_ptr<HookState> state, PostHookFn fn)
+      : LambdaPostHook(std::move(fn)), owner_(owner), state_(std::move(state)) {}
   Reducer* owner() const { return owner_; }
-  // Turns off every hook of the reducer this one belongs to (they share the flag).
-  void supersede() { active_->store(false); }
-  bool active() const { return active_->load(); }
+  // Turns off every hook of the reducer this one belongs to (they share the state) in favour of
+  // `successor`'s. An older reducer superseded before is pointed at the newest one too, so that it
+  // stays quiet while any reducer after it lives.
+  void supersede(const std::shared_ptr<HookState>& successor, const std::string& parameter) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    if (state_->superseded_on.empty()) state_->superseded_on = parameter;
+    state_->successor = successor;
+    state_->active.store(false);
+  }
+  bool active() const { return state_->active.load(); }
 
  private:
   Reducer* owner_;
-  std::shared_ptr<std::atomic<bool>> active_;
+  std::shared_ptr<HookState> state_;
 };
 
 }  // namespace
@@ -207,15 +231,20 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
     // Note [One reducer per parameter]: an older reducer's hook here stops, and so does that reducer.
     for (const auto& hook : accumulator->post_hooks()) {
       auto* older = dynamic_cast<ReducerHook*>(hook.get());
-      if (older == nullptr || !older->active()) continue;
-      older->supersede();
-      older->owner()->mark_superseded(names_[i]);
+      if (older == nullptr) continue;
+      if (older->active()) older->owner()->mark_superseded(names_[i]);
+      older->supersede(hooks_->state, names_[i]);
     }
-    const std::shared_ptr<std::atomic<bool>> active = hooks_->active;
+    const std::shared_ptr<HookState> state = hooks_->state;
+    const int rank = comm_->rank();
     hooks_->keys.push_back(accumulator->add_post_hook(std::make_unique<ReducerHook>(
-        this, active,
-        [this, i, active](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
-          if (active->load()) on_gradient_ready(i);
+        this, state,
+        [this, i, state, rank](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
+          if (state->active.load()) {
+            on_gradient_ready(i);
+          } else {
+            state->check_successor_alive(rank);
+          }
           return outputs;
         })));
     hooks_->accumulators.push_back(std::move(accumulator));
@@ -600,9 +629,7 @@ void Reducer::finish_backward() {
     // would pair its collectives with the peers' stale ones.
     const bool issued = next_launch_ > 0 || join_work_ != nullptr || options_.launch_at_end;
     if (issued) {
-      note_out_of_step(e, detail::str_cat("bucket ", next_launch_, " of ", buckets_.size(),
-                                          " to be launched at the end of its backward pass (the comm hook failed)")
-                              .c_str());
+      note_failed_launch(e, "at the end of its backward pass");
     } else {  // the retry starts from the flags of the backwards before this one
       for (std::size_t i : newly_used_) used_since_sync_[i] = 0;
     }
@@ -743,6 +770,15 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
 
 // As after a backward that failed partway through (Note [Abandoned backward]): this rank's collectives
 // can no longer be matched with the others'.
+void Reducer::note_failed_launch(const std::exception& error, const char* where) {
+  if (!out_of_step_.empty()) return;
+  out_of_step_ = detail::str_cat("DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
+                                 " while launching bucket ", next_launch_, " of ", buckets_.size(), " ", where, " (",
+                                 detail::exception_text(error), ") after ", next_launch_,
+                                 " had been issued; the ranks' collectives can no longer be matched, so this rank "
+                                 "cannot synchronise again. Restart from the last checkpoint.");
+}
+
 void Reducer::note_out_of_step(const std::exception& error, const char* waiting_for) {
   if (!out_of_step_.empty()) return;
   out_of_step_ = detail::str_cat("DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
@@ -904,7 +940,13 @@ bool Reducer::shadow_step() {
       if (parameter.grad().defined()) parameter.mutable_grad().zero_();
     }
   }
-  launch_ready_buckets(/*end_of_backward=*/true);
+  try {
+    launch_ready_buckets(/*end_of_backward=*/true);
+  } catch (const std::exception& e) {
+    // The Join all-gather has completed and the training ranks issue every bucket: always out of step.
+    note_failed_launch(e, "in a Join shadow step");
+    throw;
+  }
   StepTimings timings;
   timings.backward_index = backward_count_ - 1;
   timings.synchronized = true;

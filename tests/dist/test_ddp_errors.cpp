@@ -480,7 +480,7 @@ TEST_CASE("A comm hook that fails for a bucket launched at the end of backward r
   const std::string again = error_of([&] { model->forward(x, false).sum().backward(); });
   INFO(again);
   CHECK(again.find("an earlier synchronised backward failed on rank " + std::to_string(comm().rank()) +
-                   " while waiting for bucket") != std::string::npos);
+                   " while launching bucket 3 of 8 at the end of its backward pass") != std::string::npos);
   CHECK(again.find("(hook failure at the end)") != std::string::npos);
   CHECK(communicator_healthy());
 }
@@ -582,5 +582,14 @@ TEST_CASE("A second DataParallel on a model takes its gradients over: exact aver
   model->zero_grad();
   model->forward(x).sum().backward();
   CHECK(torch::equal(model->weight.grad(), torch::full({2, 4}, 1.5 * (n + 1), torch::kFloat64)));
+
+  // The other way round: the newer one goes first (a temporary), and the older one, whose hooks it
+  // turned off, must not be left silently averaging nothing.
+  auto older = std::make_unique<DataParallel>(model.ptr(), comm_ptr());  // supersedes `second`
+  { DataParallel temporary(model.ptr(), comm_ptr()); }
+  model->zero_grad();
+  const std::string gone = error_of([&] { model->forward(x).sum().backward(); });
+  CHECK_THAT(gone, Catch::Contains("superseded by a newer one built on the same parameters") &&
+                       Catch::Contains("which has been destroyed since: nothing averages these gradients now"));
   CHECK(communicator_healthy());
 }

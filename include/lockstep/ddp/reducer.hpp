@@ -166,6 +166,9 @@ class Reducer {
   void rebuild_by_ready_order();
   void reset_iteration();
   void check_hooks_attached_locked() const;
+  // Note [Abandoned backward], for buckets launched at the end of a pass (or a Join shadow step)
+  // whose launch failed after others were issued: every later synchronised step refuses to start.
+  void note_failed_launch(const std::exception& error, const char* where);
   void check_can_synchronize() const;
   // Note [Abandoned backward]: ends a backward whose autograd pass failed before its end-of-pass
   // callback ran; with mutex_ held.

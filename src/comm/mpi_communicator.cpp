@@ -342,7 +342,7 @@ WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, c
                  "allreduce: input and output overlap without being the same buffer (rank ", rank(), ")");
   if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host = to_host(input);
-    return then(allreduce(host, host, options), [output, host] { copy_back(output, host); });
+    return then(allreduce(host, host, options), [output = output.detach(), host] { copy_back(output, host); });
   }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   const MPI_Op op = mpi_op(options.op, input.scalar_type());
@@ -376,7 +376,7 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& op
                  " is out of range for a world of ", size(), " ranks (rank ", rank(), ")");
   if (tensor.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host = to_host(tensor);
-    return then(broadcast(host, options), [tensor, host] { copy_back(tensor, host); });
+    return then(broadcast(host, options), [tensor = tensor.detach(), host] { copy_back(tensor, host); });
   }
   const MPI_Datatype type = mpi_type(tensor.scalar_type());
   const std::size_t element_size = tensor.element_size();
@@ -405,7 +405,7 @@ WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, c
   if (input.is_cuda()) {  // Note [CUDA tensors through MPI]
     at::Tensor host_out = in_place ? to_host(output) : at::empty(output.sizes(), output.options().device(at::kCPU).pinned_memory(true));
     at::Tensor host_in = in_place ? host_slice(host_out, rank(), input.numel()) : to_host(input);
-    return then(allgather(host_in, host_out), [output, host_out] { copy_back(output, host_out); });
+    return then(allgather(host_in, host_out), [output = output.detach(), host_out] { copy_back(output, host_out); });
   }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   Impl* impl = impl_.get();
@@ -434,7 +434,8 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
     at::Tensor host_in = to_host(input);
     at::Tensor host_out = in_place ? host_slice(host_in, rank(), output.numel())
                                    : at::empty(output.sizes(), output.options().device(at::kCPU).pinned_memory(true));
-    return then(reduce_scatter(host_in, host_out, options), [output, host_out] { copy_back(output, host_out); });
+    return then(reduce_scatter(host_in, host_out, options),
+                [output = output.detach(), host_out] { copy_back(output, host_out); });
   }
   const MPI_Datatype type = mpi_type(input.scalar_type());
   const MPI_Op op = mpi_op(options.op, input.scalar_type());

@@ -176,6 +176,7 @@ class CoreWork final : public Work {
     }
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (state_->error) std::rethrow_exception(state_->error);
+    state_->release_tensors();  // what the watchdog kept (Note [Nothing freed on the watchdog])
   }
 
   std::shared_ptr<Core> core_;
@@ -326,7 +327,7 @@ WorkPtr Core::launch(LaunchSpec spec) {
     }
     for (auto& state : released) {
       std::lock_guard<std::mutex> lock(state->mutex);
-      state->release_tensors();
+      if (state->done) state->release_tensors();  // never an in-flight collective's
     }
   }
   auto state = std::make_shared<State>();
@@ -496,7 +497,10 @@ void Core::abort(std::exception_ptr error) {
   }
   for (auto& state : pending) {
     std::lock_guard<std::mutex> lock(state->mutex);
-    if (state->done) continue;
+    if (state->done) {
+      state->release_tensors();  // one the watchdog completed and kept (a no-op on the watchdog itself)
+      continue;
+    }
     state->fail(std::make_exception_ptr(
         Error(state->info.describe() + " failed: the NCCL communicator was aborted because: " + cause, __FILE__,
               __LINE__)));
@@ -576,9 +580,13 @@ void Core::watchdog_loop() {
     }
     pending_.swap(still);
     still.clear();  // the done states, now in the graveyard too: not the last reference
-    lock.unlock();
-    pending.clear();  // this loop's copies, while no lock is held (the graveyard keeps them)
-    lock.lock();
+    // This loop's copies: one that a user thread's abort() took out of pending_ meanwhile may be
+    // the last reference (its Work dropped): the graveyard keeps it for a user thread to drop.
+    for (auto& state : pending) {
+      std::lock_guard<std::mutex> state_lock(state->mutex);
+      if (state->done) graveyard_.push_back(std::move(state));
+    }
+    pending.clear();  // not done: still in pending_ as well
   }
   watchdog_running_ = false;  // under the lock: from here on abort() runs ncclCommAbort itself
   watchdog_exited_cv_.notify_all();

@@ -105,10 +105,19 @@ if [[ ${#missing[@]} -gt 0 || -n ${LOCKSTEP_DEBS:-} ]]; then
     done
     # The .debs' own architecture names their library directory (the host's gcc may not say: only
     # Debian's prints a multiarch triplet).
-    case $(dpkg-deb -f "$(ls "$debs"/*.deb | head -1)" Architecture) in
+    arch=
+    for deb in "$debs"/*.deb; do
+      arch=$(dpkg-deb -f "$deb" Architecture)
+      [[ $arch != all ]] && break
+    done
+    case $arch in
       arm64) multiarch=aarch64-linux-gnu ;;
       *) multiarch=x86_64-linux-gnu ;;
     esac
+    # The carried OpenMPI replaces the host's only where the host has none, or LOCKSTEP_DEBS asks for
+    # the carried set: an image with its own MPI (HPC-X) keeps it, and takes only the libraries it lacks.
+    carried_mpi=0
+    [[ -n ${LOCKSTEP_DEBS:-} || " ${missing[*]} " == *" mpirun "* ]] && carried_mpi=1
     ompi=$prefix/usr/lib/$multiarch/openmpi
     # Only the carried libraries the host lacks go on the library path (plus OpenMPI's own, always):
     # the whole unpacked directory would shadow the host's libssl, libzstd, ... with Debian 12's.
@@ -117,18 +126,27 @@ if [[ ${#missing[@]} -gt 0 || -n ${LOCKSTEP_DEBS:-} ]]; then
     host_libs=$(ldconfig -p | awk 'NR > 1 {print $1}')
     for lib in "$prefix/usr/lib/$multiarch"/*.so.*; do
       name=$(basename "$lib")
-      if [[ $name =~ ^lib(mpi|open-pal|open-rte|pmix|hwloc|event|yaml-cpp) ]] || ! grep -qxF "$name" <<< "$host_libs"; then
+      if [[ $name =~ ^libyaml-cpp || ( $carried_mpi == 1 && $name =~ ^lib(mpi|open-pal|open-rte|pmix|hwloc|event) ) ]] ||
+         ! grep -qxF "$name" <<< "$host_libs"; then
         ln -sfn "$lib" "$libs/$name"
       fi
     done
-    export OPAL_PREFIX=$prefix/usr                     # relocated OpenMPI finds its plug-ins and help files
-    # PMIx (a library of its own in Debian 12) is not relocated by OPAL_PREFIX: without its plug-in path
-    # it still runs but prints "couldn't open the help file .../help-pcompress.txt" at every mpirun.
-    export PMIX_MCA_mca_base_component_path=$prefix/usr/lib/$multiarch/pmix2/lib/pmix
-    export PATH=$prefix/usr/bin:$PATH
-    export LD_LIBRARY_PATH=$ompi/lib:$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    cmake_extra+=(-DMPI_CXX_COMPILER="$prefix/usr/bin/mpicxx" -DMPIEXEC_EXECUTABLE="$prefix/usr/bin/mpirun"
-                  -DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr")
+    if [[ $carried_mpi == 1 ]]; then
+      export OPAL_PREFIX=$prefix/usr                   # relocated OpenMPI finds its plug-ins and help files
+      # PMIx (a library of its own in Debian 12) is not relocated by OPAL_PREFIX: without its plug-in path
+      # it still runs but prints "couldn't open the help file .../help-pcompress.txt" at every mpirun.
+      export PMIX_MCA_mca_base_component_path=$prefix/usr/lib/$multiarch/pmix2/lib/pmix
+      export PATH=$prefix/usr/bin:$PATH
+      export LD_LIBRARY_PATH=$ompi/lib:$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      cmake_extra+=(-DMPI_CXX_COMPILER="$prefix/usr/bin/mpicxx" -DMPIEXEC_EXECUTABLE="$prefix/usr/bin/mpirun")
+    else
+      log "keeping the host's MPI ($(command -v mpirun)); the .debs supply: ${missing[*]}"
+      export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      # Named, or FindMPI could take the carried wrapper from the prefix below.
+      cmake_extra+=(-DMPIEXEC_EXECUTABLE="$(command -v mpirun)")
+      command -v mpicxx > /dev/null && cmake_extra+=(-DMPI_CXX_COMPILER="$(command -v mpicxx)")
+    fi
+    cmake_extra+=(-DCMAKE_PREFIX_PATH="$torch_prefix;$prefix/usr")
   else
     log "no .debs in $debs for what the system lacks (${missing[*]:-nothing; LOCKSTEP_DEBS is set}): see scripts/fetch-mpi-debs.sh"
     exit 1

@@ -80,8 +80,16 @@ std::pair<data::DatasetPtr, data::DatasetPtr> make_datasets(const DataConfig& co
   data::DatasetPtr train = make_split(config, data::Split::Train, seed);
   data::DatasetPtr test = make_split(config, data::Split::Test, seed);
   if (config.dataset != "synthetic") {
-    if (config.train_subset > 0) train = data::Subset::first(train, static_cast<size_t>(config.train_subset));
-    if (config.test_subset > 0) test = data::Subset::first(test, static_cast<size_t>(config.test_subset));
+    // A subset larger than the data set would be all of it, silently: a scaling or timing run would
+    // measure something else than asked.
+    auto first = [](data::DatasetPtr& set, int64_t subset, const char* key) {
+      if (subset <= 0) return;
+      LOCKSTEP_CHECK(static_cast<size_t>(subset) <= set->size(), "config key 'data.", key, "' is ", subset, ", but ",
+                     set->description(), " has ", set->size(), " samples (0 = all of them)");
+      set = data::Subset::first(set, static_cast<size_t>(subset));
+    };
+    first(train, config.train_subset, "train_subset");
+    first(test, config.test_subset, "test_subset");
   }
   if (config.augment.pad > 0 || config.augment.hflip) {
     data::AugmentOptions options;

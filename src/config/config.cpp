@@ -4,6 +4,8 @@
 // key path and its origin (file:line:column, or the --set argument that produced it).
 #include "lockstep/config/config.hpp"
 
+#include "config/shortest_number.hpp"
+
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
@@ -106,7 +108,9 @@ class Section {
     int64_t value = 0;
     // Decimal text only, checked first: yaml-cpp would read "010" as 8 (octal) and "0x10" as 16.
     const std::string text = node.Scalar();
-    if (!is_decimal_integer(text) || !YAML::convert<int64_t>::decode(node, value)) fail_not_integer(key, node);
+    if (!is_decimal_integer(text) || !YAML::convert<int64_t>::decode(node, value)) {
+      fail_not_integer(key, node, is_decimal_integer(text) ? " (past the 64-bit range, +-9223372036854775807)" : "");
+    }
     if (value < min || value > max) {
       reader_.fail(full(key), node,
                    "expected an integer " + (max == kMaxInt ? ">= " + std::to_string(min)
@@ -157,10 +161,12 @@ class Section {
     const bool low = min_exclusive ? value <= min : value < min;
     const bool high = max_exclusive ? value >= max : value > max;
     if (low || high) {
+      // Enough digits to tell the value from the bound: 1000001 against (0, 1e+06] printed "1e+06".
       std::ostringstream range;
-      range << (min_exclusive ? "(" : "[") << min << ", " << max << (max_exclusive ? ")" : "]");
+      range << (min_exclusive ? "(" : "[") << detail::shortest_number(min) << ", " << detail::shortest_number(max)
+            << (max_exclusive ? ")" : "]");
       std::ostringstream found;
-      found << value;
+      found << detail::shortest_number(value);
       reader_.fail(full(key), node, "expected a number in " + range.str() + ", found " + found.str());
     }
     out = value;
@@ -700,8 +706,11 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     expand_mapping(keys, value, item, leaves);
     for (const auto& [leaf_keys, leaf] : leaves) {
       if (root.IsMap()) set_path(root, root, leaf_keys, 0, leaf);
+      // Each key it wrote is this argument's; the section's other keys keep their places in the file.
+      std::string leaf_path;
+      for (const auto& key : leaf_keys) leaf_path += (leaf_path.empty() ? "" : ".") + key;
+      origins[leaf_path] = item;
     }
-    origins[path] = item;
   }
   Reader reader(source, origins);
   ExperimentConfig config;

@@ -8,17 +8,14 @@
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/config/config.hpp"
 
+#include "config/shortest_number.hpp"
+
 namespace lockstep::config {
 namespace {
 
 // The shortest decimal text that reads back as the same double (0.1, not 0.10000000000000001).
 std::string number(double value) {
-  char text[64];
-  for (int precision = 6; precision <= 17; ++precision) {
-    std::snprintf(text, sizeof text, "%.*g", precision, value);
-    if (std::strtod(text, nullptr) == value) break;
-  }
-  std::string out = text;
+  std::string out = detail::shortest_number(value);
   // Keep it a float to a reader: "1" -> "1.0" (exponent forms already read as floats).
   if (out.find_first_of(".eEn") == std::string::npos) out += ".0";
   return out;

@@ -553,6 +553,26 @@ quantization:
                                           "quantization: {enabled: true, begin_epoch: 1, freeze_epoch: 2}\n"));
 }
 
+TEST_CASE("config: a value just past its bound is printed so that it differs from the bound", "[config]") {
+  CHECK_THAT(error_of("optimizer: {lr: 1000001}"), Contains("expected a number in (0, 1e+06], found 1000001"));
+  CHECK_THAT(error_of("trainer: {epochs: 99999999999999999999}"),
+             Contains("'trainer.epochs'") && Contains("past the 64-bit range"));
+}
+
+TEST_CASE("config: a subset larger than the data set is an error, not all of it", "[config]") {
+  config::DataConfig data;
+  data.dataset = "fashion-mnist";
+  data.test_subset = 20000;  // the test split has 10000
+  try {
+    config::make_datasets(data, 1);
+    FAIL("no error");
+  } catch (const lockstep::Error& e) {
+    CHECK_THAT(e.message(), Contains("config key 'data.test_subset' is 20000, but") && Contains("has 10000 samples"));
+  }
+  data.test_subset = 10000;
+  CHECK(config::make_datasets(data, 1).second->size() == 10000);
+}
+
 TEST_CASE("config: checkpoint.resume and directory are refused where no checkpoints are kept", "[config]") {
   CHECK_THAT(error_of("trainer:\n  checkpoint:\n    resume: runs/a/checkpoints/checkpoint-step00000100.pt\n"),
              Contains("'trainer.checkpoint.resume' at test.yaml:3:") && Contains("this run keeps no checkpoints") &&
@@ -584,6 +604,9 @@ TEST_CASE("config: --set with a mapping sets the keys it holds and keeps the sec
   // Errors name the argument: an unknown key inside, a key given twice.
   CHECK_THAT(error_of(yaml, {"trainer.lr_schedule={warmup: 3}"}),
              Contains("unknown config key 'trainer.lr_schedule.warmup'") && Contains("--set trainer.lr_schedule={warmup: 3}"));
+  // A bad key the file kept is the file's, at its line, not the argument's.
+  CHECK_THAT(error_of("trainer:\n  lr_schedule:\n    kind: cosin\n", {"trainer.lr_schedule={warmup_steps: 100}"}),
+             Contains("'trainer.lr_schedule.kind' at test.yaml:3:") && !Contains("--set"));
   CHECK_THAT(error_of(yaml, {"trainer.lr_schedule={gamma: 0.5, gamma: 0.1}"}),
              Contains("config key 'trainer.lr_schedule.gamma' is given twice in the mapping"));
 }

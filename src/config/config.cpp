@@ -297,7 +297,7 @@ void read_runtime(Section s, RuntimeOptions& o) {
   s.finish();
 }
 
-void read_trainer(Section s, train::TrainerOptions& o) {
+void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& runtime) {
   s.integer("epochs", o.epochs, 0);
   s.count("batch_size", o.batch_size, 1);
   s.count("eval_batch_size", o.eval_batch_size, 1);
@@ -324,6 +324,12 @@ void read_trainer(Section s, train::TrainerOptions& o) {
   if (!(o.device == "auto" || o.device == "cpu" || o.device == "cuda" ||
         std::regex_match(o.device, std::regex("cuda:[0-9]{1,4}")))) {
     s.fail_key("device", "expected one of auto, cpu, cuda or cuda:N, found " + o.device);
+  }
+  // The runtime keeps such a rank off the GPUs (no device chosen from its local rank): training there
+  // anyway would put every rank of a node on cuda:0, its tensors staged through the CPU for MPI.
+  if (runtime.device == "cpu" && o.device.rfind("cuda", 0) == 0) {
+    s.fail_key("device", "is " + o.device + ", but runtime.device is cpu (the runtime chooses no GPU for the ranks); "
+                         "set runtime.device to cuda or auto, or trainer.device to auto or cpu");
   }
   s.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
   s.boolean("channels_last", o.channels_last);
@@ -716,7 +722,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   ExperimentConfig config;
   Section top(reader, root, "");
   read_runtime(top.section("runtime"), config.runtime);
-  read_trainer(top.section("trainer"), config.trainer);
+  read_trainer(top.section("trainer"), config.trainer, config.runtime);
   read_ddp(top.section("ddp"), config.trainer.ddp, config.ddp_comm_hook, config.ddp_powersgd);
   read_data(top.section("data"), config.data);
   read_model(top.section("model"), config.model);

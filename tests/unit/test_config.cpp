@@ -295,7 +295,7 @@ TEST_CASE("config: device, precision and the loss scaler", "[config]") {
   CHECK_FALSE(defaults.channels_last);
   CHECK(lockstep::RuntimeOptions{}.device == "auto");
   const char* yaml = R"(
-runtime: {device: cpu, backend: nccl}
+runtime: {device: cuda, backend: nccl}
 trainer:
   device: cuda
   precision: fp16
@@ -304,7 +304,7 @@ trainer:
 )";
   const config::ExperimentConfig parsed = config::parse_config(yaml);
   for (const config::ExperimentConfig& c : parsed_and_printed(parsed)) {
-    CHECK(c.runtime.device == "cpu");
+    CHECK(c.runtime.device == "cuda");
     CHECK(c.runtime.backend == "nccl");
     CHECK(c.trainer.device == "cuda");
     CHECK(c.trainer.precision == "fp16");
@@ -571,6 +571,14 @@ TEST_CASE("config: a subset larger than the data set is an error, not all of it"
   }
   data.test_subset = 10000;
   CHECK(config::make_datasets(data, 1).second->size() == 10000);
+}
+
+TEST_CASE("config: trainer.device on a GPU with runtime.device cpu is an error naming both", "[config]") {
+  CHECK_THAT(error_of("runtime: {device: cpu}\ntrainer: {device: cuda}\n"),
+             Contains("'trainer.device' at test.yaml:2:") && Contains("but runtime.device is cpu"));
+  CHECK_THAT(error_of("runtime: {device: cpu}", {"trainer.device=cuda:1"}), Contains("is cuda:1, but runtime.device"));
+  CHECK_NOTHROW(config::parse_config("runtime: {device: cpu}\ntrainer: {device: auto}\n"));
+  CHECK_NOTHROW(config::parse_config("runtime: {device: auto}\ntrainer: {device: cuda}\n"));
 }
 
 TEST_CASE("config: checkpoint.resume and directory are refused where no checkpoints are kept", "[config]") {

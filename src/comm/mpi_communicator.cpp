@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <condition_variable>
@@ -16,6 +17,7 @@
 #include <exception>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "comm/validate.hpp"
 #include "lockstep/core/error.hpp"
@@ -250,12 +252,40 @@ struct MpiCommunicator::Impl {
     return info;
   }
 
-  WorkPtr enqueue(WorkInfo info, std::function<void()> run) {
+  // Note [Checked collectives]: `signature` describes the call; every rank's is compared before any
+  // rank runs it. The same error on every rank where they differ, so none runs it and the
+  // communicator stays in step.
+  bool check = false;
+  static constexpr std::size_t kSignatureBytes = 128;
+  void verify(const std::string& signature, const std::string& op, std::uint64_t seq) const {
+    std::vector<char> mine(kSignatureBytes, '\0');
+    std::copy_n(signature.begin(), std::min(signature.size(), kSignatureBytes - 1), mine.begin());
+    std::vector<char> all(kSignatureBytes * static_cast<std::size_t>(size), '\0');
+    LOCKSTEP_MPI_CHECK(MPI_Allgather(mine.data(), static_cast<int>(kSignatureBytes), MPI_CHAR, all.data(),
+                                     static_cast<int>(kSignatureBytes), MPI_CHAR, comm));
+    auto row = [&](int r) { return std::string(all.data() + static_cast<std::size_t>(r) * kSignatureBytes); };
+    bool same = true;
+    for (int r = 1; r < size && same; ++r) same = row(r) == row(0);
+    if (same) return;
+    std::string table;
+    for (int r = 0; r < size; ++r) table += ::lockstep::detail::str_cat(r == 0 ? "" : "; ", "rank ", r, ": ", row(r));
+    LOCKSTEP_FAIL(op, " #", seq, ": the ranks issued different collectives here (", table,
+                  "); none ran it (checked collectives, LOCKSTEP_CHECK_COLLECTIVES) (rank ", rank, ")");
+  }
+
+  WorkPtr enqueue(WorkInfo info, std::function<void()> run, std::string signature = {}) {
     std::shared_ptr<AsyncWork> work;
     {
       std::lock_guard<std::mutex> lock(mutex);
       LOCKSTEP_CHECK(!stop, "MpiCommunicator is shutting down; no new ", info.op, " can be issued");
       info.seq = next_seq++;
+      if (check) {
+        if (signature.empty()) signature = info.op;
+        run = [this, signature = std::move(signature), op = info.op, seq = info.seq, inner = std::move(run)] {
+          verify(signature, op, seq);
+          inner();
+        };
+      }
       work = std::make_shared<AsyncWork>(std::move(info), timeout);
       work->report_timeouts_to(given_up);
       queue.push_back(Task{work, std::move(run)});
@@ -282,6 +312,8 @@ MpiCommunicator::MpiCommunicator(MpiCommunicatorOptions options) : impl_(std::ma
   LOCKSTEP_MPI_CHECK(MPI_Comm_rank(impl_->comm, &impl_->rank));
   LOCKSTEP_MPI_CHECK(MPI_Comm_size(impl_->comm, &impl_->size));
   impl_->timeout = options.timeout.count() > 0 ? bounded_timeout(options.timeout) : default_timeout();
+  const char* check = std::getenv("LOCKSTEP_CHECK_COLLECTIVES");
+  impl_->check = options.check_collectives || (check != nullptr && std::string(check) == "1");
   user_ops();  // create the user operations now, on a thread that may call MPI
   impl_->thread = std::thread([impl = impl_.get()] { impl->loop(); });
 }
@@ -367,7 +399,8 @@ WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, c
       });
       if (options.op == ReduceOp::Average && !divide_first) output.div_(impl->size);
     }
-  });
+  }, ::lockstep::detail::str_cat("allreduce ", to_string(options.op), " ", detail::dtype_name(input.scalar_type()),
+                                 " x", input.numel()));
 }
 
 WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& options) {
@@ -389,7 +422,8 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& op
         LOCKSTEP_MPI_CHECK(MPI_Bcast(data + offset, count, type, root, impl->comm));
       });
     }
-  });
+  }, ::lockstep::detail::str_cat("broadcast from rank ", options.root, " ", detail::dtype_name(tensor.scalar_type()),
+                                 " x", tensor.numel()));
 }
 
 WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions&) {
@@ -415,7 +449,8 @@ WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, c
       LOCKSTEP_MPI_CHECK(MPI_Allgather(in_place ? MPI_IN_PLACE : input.data_ptr(), count, type, output.data_ptr(),
                                        count, type, impl->comm));
     }
-  });
+  }, ::lockstep::detail::str_cat("allgather ", detail::dtype_name(input.scalar_type()), " x", input.numel(),
+                                 " per rank"));
 }
 
 WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor output,
@@ -458,7 +493,8 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
       }
       if (options.op == ReduceOp::Average && !divide_first) output.div_(impl->size);
     }
-  });
+  }, ::lockstep::detail::str_cat("reduce_scatter ", to_string(options.op), " ",
+                                 detail::dtype_name(input.scalar_type()), " x", output.numel(), " per rank"));
 }
 
 WorkPtr MpiCommunicator::barrier() {

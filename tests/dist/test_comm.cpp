@@ -128,6 +128,49 @@ TEST_CASE("a tensor re-pointed after its collective was issued: the collective u
   CHECK(torch::equal(t, torch::zeros({2}, torch::kHalf)));  // the new data is not touched
 }
 
+TEST_CASE("checked collectives: ranks that issue different collectives get one error naming each rank's call, "
+          "and the communicator stays in step (Note [Checked collectives])", "[comm]") {
+  using Catch::Matchers::Contains;
+  lockstep::comm::MpiCommunicatorOptions options;
+  options.check_collectives = true;
+  lockstep::comm::MpiCommunicator checked(options);
+  const int n = checked.size();
+  const int r = checked.rank();
+  auto error_of_wait = [](const lockstep::comm::WorkPtr& work) {
+    try {
+      work->wait();
+    } catch (const lockstep::Error& e) {
+      return e.message();
+    }
+    return std::string("(no error)");
+  };
+  // Matched calls run as usual.
+  auto t = torch::full({8}, 1.0f);
+  checked.allreduce(t)->wait();
+  CHECK(torch::equal(t, torch::full({8}, static_cast<float>(n))));
+  // float16 against bfloat16: the same 16-bit words, reduced as garbage without the check.
+  auto mixed = torch::ones({8}, r == 0 ? torch::kHalf : torch::kBFloat16);
+  std::string error = error_of_wait(checked.allreduce(mixed));
+  INFO(error);
+  CHECK_THAT(error, Contains("allreduce #1: the ranks issued different collectives here (rank 0: allreduce sum float16 "
+                             "x8; rank 1: allreduce sum bfloat16 x8") && Contains("none ran it"));
+  // Sum against Average, a broadcast from different roots, and different sizes.
+  lockstep::comm::AllreduceOptions op;
+  op.op = r == 0 ? ReduceOp::Sum : ReduceOp::Average;
+  CHECK_THAT(error_of_wait(checked.allreduce(torch::ones({4}), op)),
+             Contains("rank 0: allreduce sum float32 x4; rank 1: allreduce average float32 x4"));
+  lockstep::comm::BroadcastOptions root;
+  root.root = r == 0 ? 0 : n - 1;
+  CHECK_THAT(error_of_wait(checked.broadcast(torch::ones({3}), root)),
+             Contains("rank 0: broadcast from rank 0 float32 x3; rank 1: broadcast from rank " + std::to_string(n - 1)));
+  CHECK_THAT(error_of_wait(checked.allgather(torch::ones({r == 0 ? 2 : 3}), torch::empty({n * (r == 0 ? 2 : 3)}))),
+             Contains("rank 0: allgather float32 x2 per rank; rank 1: allgather float32 x3 per rank"));
+  // None of them ran: the next matched call pairs up.
+  auto after = torch::full({5}, static_cast<float>(r + 1));
+  checked.allreduce(after)->wait();
+  CHECK(torch::equal(after, torch::full({5}, static_cast<float>(n * (n + 1) / 2))));
+}
+
 TEST_CASE("float16 average fits where the float16 sum would overflow (Note [float16 average])", "[comm]") {
   auto& comm = lockstep::testing::comm();
   const int n = comm.size();

@@ -14,6 +14,13 @@ namespace lockstep::comm {
 struct MpiCommunicatorOptions {
   // How long wait() waits by default; 0 means comm::default_timeout().
   std::chrono::milliseconds timeout{0};
+  // Note [Checked collectives]: before each collective the ranks all-gather what they are about to do
+  // (operation, reduction, dtype, element count, root) and, where they differ, every rank raises the
+  // same error naming each rank's call, and none runs it, instead of garbage (float16 against
+  // bfloat16, Sum against Average), "message truncated" or a hang. One small extra all-gather per
+  // collective: for debugging, as PyTorch's TORCH_DISTRIBUTED_DEBUG=DETAIL. Also turned on by the
+  // environment variable LOCKSTEP_CHECK_COLLECTIVES=1.
+  bool check_collectives = false;
 };
 
 class MpiCommunicator final : public Communicator {

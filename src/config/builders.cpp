@@ -199,6 +199,10 @@ ProgramConfig program_config(int argc, char** argv, const std::string& program, 
     out.exit_status = 2;
     return out;
   }
+  if (all.rank == 0 && !leaves) {  // the same on every rank (one config): printed once
+    for (const std::string& warning : out.config.warnings) std::fprintf(stderr, "%s: warning: %s\n", program.c_str(), warning.c_str());
+    std::fflush(stderr);
+  }
   if (leaves) {  // every rank alike: printed once, not once per rank
     if (all.rank == 0) {
       std::printf("%s", help ? usage(program, !default_yaml.empty()).c_str() : to_yaml(out.config).c_str());

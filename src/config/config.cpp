@@ -81,10 +81,15 @@ class Reader {
   [[noreturn]] void fail(const std::string& path, const YAML::Node& node, const std::string& what) const {
     LOCKSTEP_FAIL("config key '", path, "' at ", where(path, node.Mark()), ": ", what);
   }
+  void warn(const std::string& path, const YAML::Node& node, const std::string& what) const {
+    warnings_.push_back("config key '" + path + "' at " + where(path, node.Mark()) + " is ignored: " + what);
+  }
+  const std::vector<std::string>& warnings() const { return warnings_; }
 
  private:
   std::string source_;
   std::map<std::string, std::string> origins_;
+  mutable std::vector<std::string> warnings_;
 };
 
 class Section {
@@ -231,6 +236,12 @@ class Section {
   }
   // Whether the key is written (in the file or by --set), whatever its value.
   bool given(const std::string& key) const { return child(key).IsDefined(); }
+  // Note [Keys the chosen mode ignores]: a key written with a value of its own (`differs` from the
+  // default) that the selected mode does not read (optimizer.momentum under adam) is reported, not
+  // refused: the shipped configs set SGD's keys, and `--set optimizer.name=adam` must still run.
+  void ignored(const std::string& key, bool differs, const std::string& why) const {
+    if (given(key) && differs) reader_.warn(full(key), child(key), why);
+  }
 
  private:
   std::string full(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
@@ -362,6 +373,14 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
     g.real("backoff_factor", o.grad_scaler.backoff_factor, 0.0, 1.0, true, true);
     g.integer("growth_interval", o.grad_scaler.growth_interval, 1);
     g.finish();
+    if (o.precision != "fp16") {
+      const train::GradScalerOptions defaults;
+      const std::string why = "the loss scaler runs only with trainer.precision fp16 (it is " + o.precision + ")";
+      g.ignored("init_scale", o.grad_scaler.init_scale != defaults.init_scale, why);
+      g.ignored("growth_factor", o.grad_scaler.growth_factor != defaults.growth_factor, why);
+      g.ignored("backoff_factor", o.grad_scaler.backoff_factor != defaults.backoff_factor, why);
+      g.ignored("growth_interval", o.grad_scaler.growth_interval != defaults.growth_interval, why);
+    }
   }
   {
     Section lr = s.section("lr_schedule");
@@ -376,6 +395,15 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
     lr.real("min_lr", o.lr.min_lr, 0.0);
     lr.boolean("scale_with_world_size", o.lr.scale_lr_with_world_size);
     lr.finish();
+    const train::LrScheduleOptions defaults;
+    const std::string why = "lr_schedule.kind is " + kind;
+    if (o.lr.kind != train::LrScheduleKind::Step) {
+      lr.ignored("step_size", o.lr.step_size != defaults.step_size, why + " (step_size is the step schedule's)");
+      lr.ignored("gamma", o.lr.gamma != defaults.gamma, why + " (gamma is the step schedule's)");
+    }
+    if (o.lr.kind != train::LrScheduleKind::Cosine) {
+      lr.ignored("min_lr", o.lr.min_lr != defaults.min_lr, why + " (min_lr is the cosine schedule's)");
+    }
   }
   {
     Section c = s.section("checkpoint");
@@ -417,6 +445,18 @@ void read_powersgd(Section s, ddp::PowerSGDOptions& o) {
 void read_ddp(Section s, ddp::DataParallelOptions& o, std::string& comm_hook, ddp::PowerSGDOptions& powersgd) {
   s.choice("comm_hook", comm_hook, {"allreduce", "fp16", "bf16", "powersgd"});
   read_powersgd(s.section("powersgd"), powersgd);  // checked whichever hook is chosen
+  if (comm_hook != "powersgd") {
+    const Section p = s.section("powersgd");
+    const ddp::PowerSGDOptions defaults;
+    const std::string why = "ddp.comm_hook is " + comm_hook + ", not powersgd";
+    p.ignored("matrix_approximation_rank", powersgd.matrix_approximation_rank != defaults.matrix_approximation_rank, why);
+    p.ignored("start_iteration", powersgd.start_iteration != defaults.start_iteration, why);
+    p.ignored("min_compression_rate", powersgd.min_compression_rate != defaults.min_compression_rate, why);
+    p.ignored("use_error_feedback", powersgd.use_error_feedback != defaults.use_error_feedback, why);
+    p.ignored("warm_start", powersgd.warm_start != defaults.warm_start, why);
+    p.ignored("orthogonalization_epsilon", powersgd.orthogonalization_epsilon != defaults.orthogonalization_epsilon, why);
+    p.ignored("seed", powersgd.seed != defaults.seed, why);
+  }
   if (comm_hook == "fp16") o.comm_hook = ddp::fp16_compress_hook();
   else if (comm_hook == "bf16") o.comm_hook = ddp::bf16_compress_hook();
   else if (comm_hook == "powersgd") o.comm_hook = ddp::powersgd_hook(powersgd);
@@ -485,7 +525,18 @@ void read_optimizer(Section s, OptimizerConfig& o) {
   s.real("beta2", o.beta2, 0.0, 1.0, false, true);
   s.real("eps", o.eps, 0.0, 1.0, true);
   s.boolean("zero", o.zero);
-  if (o.nesterov && o.momentum <= 0) {
+  const OptimizerConfig defaults;
+  if (o.name == "sgd") {
+    const std::string why = "optimizer.name is sgd (it is adam's and adamw's)";
+    s.ignored("beta1", o.beta1 != defaults.beta1, why);
+    s.ignored("beta2", o.beta2 != defaults.beta2, why);
+    s.ignored("eps", o.eps != defaults.eps, why);
+  } else {
+    const std::string why = "optimizer.name is " + o.name + " (it is sgd's)";
+    s.ignored("momentum", o.momentum != defaults.momentum, why);
+    s.ignored("nesterov", o.nesterov != defaults.nesterov, why);
+  }
+  if (o.name == "sgd" && o.nesterov && o.momentum <= 0) {
     std::ostringstream found;
     found << o.momentum;
     s.fail_key("nesterov", "Nesterov momentum needs optimizer.momentum > 0, found " + found.str());
@@ -732,6 +783,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   read_ema(top.section("ema"), config.ema, config);
   read_early_stopping(top.section("early_stopping"), config.early_stopping);
   top.finish();
+  config.warnings = reader.warnings();
   // Activation quantization needs the model's fake-quant points (ExperimentConfig::quantization).
   if (config.quantization.enabled && config.quantization.options.activations) config.model.quantize_activations = true;
   return config;

@@ -238,6 +238,7 @@ TEST_CASE("config: the shipped configs parse", "[config]") {
     if (entry.path().extension() != ".yaml") continue;
     INFO(entry.path().string());
     CHECK_NOTHROW(config::load_config(entry.path().string()));
+    CHECK(config::load_config(entry.path().string()).warnings.empty());  // no key its modes ignore
     ++parsed;
   }
   CHECK(parsed >= 4);
@@ -579,6 +580,33 @@ TEST_CASE("config: trainer.device on a GPU with runtime.device cpu is an error n
   CHECK_THAT(error_of("runtime: {device: cpu}", {"trainer.device=cuda:1"}), Contains("is cuda:1, but runtime.device"));
   CHECK_NOTHROW(config::parse_config("runtime: {device: cpu}\ntrainer: {device: auto}\n"));
   CHECK_NOTHROW(config::parse_config("runtime: {device: auto}\ntrainer: {device: cuda}\n"));
+}
+
+TEST_CASE("config: keys the chosen mode ignores are reported, not refused (Note [Keys the chosen mode ignores])",
+          "[config]") {
+  auto warnings = [](const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+    return config::parse_config(yaml, "test.yaml", overrides).warnings;
+  };
+  const auto adam = warnings("optimizer: {name: adam, momentum: 0.5, nesterov: true}");
+  REQUIRE(adam.size() == 2);
+  CHECK_THAT(adam[0], Contains("config key 'optimizer.momentum' at test.yaml:1:") &&
+                          Contains("is ignored: optimizer.name is adam (it is sgd's)"));
+  CHECK_THAT(adam[1], Contains("'optimizer.nesterov'"));
+  CHECK(warnings("optimizer: {name: adam, momentum: 0.9}").empty());  // the default: nothing to say
+  CHECK_THAT(warnings("optimizer: {name: sgd, beta1: 0.8}").at(0), Contains("'optimizer.beta1'"));
+  CHECK_THAT(warnings("ddp: {powersgd: {matrix_approximation_rank: 4}}").at(0),
+             Contains("'ddp.powersgd.matrix_approximation_rank'") && Contains("ddp.comm_hook is allreduce, not powersgd"));
+  CHECK(warnings("ddp: {comm_hook: powersgd, powersgd: {matrix_approximation_rank: 4}}").empty());
+  CHECK_THAT(warnings("trainer: {grad_scaler: {init_scale: 1024}}").at(0),
+             Contains("'trainer.grad_scaler.init_scale'") && Contains("only with trainer.precision fp16 (it is fp32)"));
+  CHECK_THAT(warnings("trainer: {lr_schedule: {kind: step, min_lr: 0.001}}").at(0), Contains("cosine schedule's"));
+  CHECK_THAT(warnings("trainer: {lr_schedule: {kind: cosine, gamma: 0.5}}").at(0), Contains("step schedule's"));
+  // The shipped SGD config run with Adam from the command line: it runs, and says what Adam ignores.
+  const auto demo = warnings("optimizer: {name: sgd, momentum: 0.9, nesterov: true}", {"optimizer.name=adam"});
+  REQUIRE(demo.size() == 1);
+  CHECK_THAT(demo[0], Contains("'optimizer.nesterov' at test.yaml:1:"));
+  // Not part of the configuration: --print-config's text reads back the same.
+  parsed_and_printed(config::parse_config("optimizer: {name: adam, nesterov: true}"));
 }
 
 TEST_CASE("config: checkpoint.resume and directory are refused where no checkpoints are kept", "[config]") {

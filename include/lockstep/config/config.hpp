@@ -121,6 +121,11 @@ struct ExperimentConfig {
   // parse_config makes holds PowerSGD's state: build one trainer per parsed config. The trainer
   // checkpoints that state by itself (train::PowerSGDStateCallback; ddp::powersgd_state_of finds it).
   ddp::PowerSGDOptions ddp_powersgd;
+  // Keys written with a value of their own that the chosen mode ignores (optimizer.momentum under
+  // adam, grad_scaler without fp16, ...): "config key '<path>' at <place> is ignored: <why>", in
+  // document order. Not an error (Note [Keys the chosen mode ignores], config.cpp); program_config
+  // prints them once (rank 0). Not part of the configuration (to_yaml leaves them out).
+  std::vector<std::string> warnings;
 };
 
 // Parses YAML text; `source` names it in error messages. `overrides` are "key.path=value" strings

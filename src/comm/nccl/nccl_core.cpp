@@ -116,6 +116,13 @@ struct Core::State {
   void release_tensors() {
     if (watchdog_of_this_thread == nullptr) keep_alive.clear();
   }
+  // With `mutex` held: the tensors to drop once it is released (none on a watchdog), so that a free
+  // that waits for the allocator never holds the lock the watchdog's poll takes.
+  std::vector<at::Tensor> take_tensors() {
+    std::vector<at::Tensor> out;
+    if (watchdog_of_this_thread == nullptr) out.swap(keep_alive);
+    return out;
+  }
 };
 
 // The Work a launch returns (Note [NCCL stream semantics], point 2).
@@ -130,10 +137,11 @@ class CoreWork final : public Work {
       host_wait(timeout);
       return;
     }
+    std::vector<at::Tensor> released;  // declared before the lock: dropped after it is released
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (state_->error) std::rethrow_exception(state_->error);
     if (state_->done) {
-      state_->release_tensors();  // what the watchdog kept (Note [Nothing freed on the watchdog])
+      released = state_->take_tensors();  // what the watchdog kept (Note [Nothing freed on the watchdog])
       return;
     }
     // On the communicator's device: the default stream is the null handle, which names the legacy
@@ -174,9 +182,10 @@ class CoreWork final : public Work {
         pause = std::min(pause * 2, std::chrono::microseconds(1000));
       }
     }
+    std::vector<at::Tensor> released;  // declared before the lock: dropped after it is released
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (state_->error) std::rethrow_exception(state_->error);
-    state_->release_tensors();  // what the watchdog kept (Note [Nothing freed on the watchdog])
+    released = state_->take_tensors();  // what the watchdog kept (Note [Nothing freed on the watchdog])
   }
 
   std::shared_ptr<Core> core_;
@@ -325,9 +334,11 @@ WorkPtr Core::launch(LaunchSpec spec) {
       std::lock_guard<std::mutex> lock(mutex_);
       released.swap(graveyard_);
     }
+    std::vector<at::Tensor> dropped;  // after the states' locks
     for (auto& state : released) {
       std::lock_guard<std::mutex> lock(state->mutex);
-      if (state->done) state->release_tensors();  // never an in-flight collective's
+      if (!state->done) continue;  // never an in-flight collective's
+      for (at::Tensor& t : state->take_tensors()) dropped.push_back(std::move(t));
     }
   }
   auto state = std::make_shared<State>();
@@ -495,10 +506,12 @@ void Core::abort(std::exception_ptr error) {
     cause = e.what();
   } catch (...) {
   }
+  std::vector<at::Tensor> dropped;  // declared before the loop's locks: dropped at the end, unlocked
   for (auto& state : pending) {
     std::lock_guard<std::mutex> lock(state->mutex);
     if (state->done) {
-      state->release_tensors();  // one the watchdog completed and kept (a no-op on the watchdog itself)
+      // One the watchdog completed and kept (nothing is taken on the watchdog itself).
+      for (at::Tensor& t : state->take_tensors()) dropped.push_back(std::move(t));
       continue;
     }
     state->fail(std::make_exception_ptr(

@@ -77,6 +77,14 @@ std::vector<std::string> gather_strings(comm::Communicator& comm, const std::str
   return result;
 }
 
+// A wait for work on other ranks that outlasted the per-collective timeout: `what` says who and why,
+// then the limit's knobs and the collective's own error.
+static TimeoutError waited_too_long(const TimeoutError& e, const std::string& what) {
+  return TimeoutError(detail::str_cat(what, ". The communicator's timeout (LOCKSTEP_TIMEOUT_S, runtime.timeout_s, or "
+                                      "its options) allows longer. [", e.message(), "]"),
+                      __FILE__, __LINE__);
+}
+
 void run_on_root(Communicator& comm, int root, const std::function<void()>& work, const std::string& context) {
   LOCKSTEP_CHECK(root >= 0 && root < comm.size(), "run_on_root: root ", root, " is not a rank of a world of ",
                  comm.size());
@@ -100,13 +108,11 @@ void run_on_root(Communicator& comm, int root, const std::function<void()>& work
     if (comm.rank() == root) throw;
     // The others wait here for as long as `work` runs on root, with the timeout meant for one
     // collective: say so, naming what was running, instead of naming only a broadcast.
-    throw TimeoutError(detail::str_cat(context, ": rank ", root, " did not finish its part within ",
-                                       comm.timeout().count(), " ms while this rank waited for it (rank ", root,
-                                       " works alone here, e.g. writing a file: a slow or stuck disk, or it died). "
-                                       "The communicator's timeout (LOCKSTEP_TIMEOUT_S, runtime.timeout_s, or its "
-                                       "options) allows longer. [",
-                                       e.message(), "]"),
-                       __FILE__, __LINE__);
+    throw waited_too_long(e,
+                          detail::str_cat(context, ": rank ", root, " did not finish its part within ",
+                                          comm.timeout().count(), " ms while this rank waited for it (rank ", root,
+                                          " works alone here, e.g. writing a file: a slow or stuck disk, or it "
+                                          "died)"));
   }
   const std::int64_t n = length.item<std::int64_t>();
   if (n == 0) return;
@@ -134,13 +140,11 @@ void run_on_every_rank(Communicator& comm, const std::function<void()>& work, co
     // This rank's own error is the cause to report: the exchange timed out because another rank
     // was still working (a large file on a slow disk), and the job ends on this exception.
     if (mine) std::rethrow_exception(mine);
-    throw TimeoutError(detail::str_cat(context, ": another rank did not finish its part within ",
-                                       comm.timeout().count(), " ms while this rank (", comm.rank(),
-                                       ") had finished its own and waited (every rank works here, e.g. reading a "
-                                       "file: a slow or stuck disk, or a rank died). The communicator's timeout "
-                                       "(LOCKSTEP_TIMEOUT_S, runtime.timeout_s, or its options) allows longer. [",
-                                       e.message(), "]"),
-                       __FILE__, __LINE__);
+    throw waited_too_long(e,
+                          detail::str_cat(context, ": another rank did not finish its part within ",
+                                          comm.timeout().count(), " ms while this rank (", comm.rank(),
+                                          ") had finished its own and waited (every rank works here, e.g. reading a "
+                                          "file: a slow or stuck disk, or a rank died)"));
   } catch (...) {
     if (mine) std::rethrow_exception(mine);
     throw;

@@ -252,8 +252,8 @@ struct MpiCommunicator::Impl {
     return info;
   }
 
-  // Note [Checked collectives]: `signature` describes the call; every rank's is compared before any
-  // rank runs it. The same error on every rank where they differ, so none runs it and the
+  // Note [Checked collectives]: `signature` describes the call (built by the callers only while
+  // checking: no string per collective otherwise); every rank's is compared before any rank runs it. The same error on every rank where they differ, so none runs it and the
   // communicator stays in step.
   bool check = false;
   static constexpr std::size_t kSignatureBytes = 128;
@@ -399,8 +399,9 @@ WorkPtr MpiCommunicator::allreduce(const at::Tensor& input, at::Tensor output, c
       });
       if (options.op == ReduceOp::Average && !divide_first) output.div_(impl->size);
     }
-  }, ::lockstep::detail::str_cat("allreduce ", to_string(options.op), " ", detail::dtype_name(input.scalar_type()),
-                                 " x", input.numel()));
+  }, !impl->check ? std::string()
+                  : ::lockstep::detail::str_cat("allreduce ", to_string(options.op), " ",
+                                                detail::dtype_name(input.scalar_type()), " x", input.numel()));
 }
 
 WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& options) {
@@ -422,8 +423,9 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor tensor, const BroadcastOptions& op
         LOCKSTEP_MPI_CHECK(MPI_Bcast(data + offset, count, type, root, impl->comm));
       });
     }
-  }, ::lockstep::detail::str_cat("broadcast from rank ", options.root, " ", detail::dtype_name(tensor.scalar_type()),
-                                 " x", tensor.numel()));
+  }, !impl->check ? std::string()
+                  : ::lockstep::detail::str_cat("broadcast from rank ", options.root, " ",
+                                                detail::dtype_name(tensor.scalar_type()), " x", tensor.numel()));
 }
 
 WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, const AllgatherOptions&) {
@@ -449,8 +451,9 @@ WorkPtr MpiCommunicator::allgather(const at::Tensor& input, at::Tensor output, c
       LOCKSTEP_MPI_CHECK(MPI_Allgather(in_place ? MPI_IN_PLACE : input.data_ptr(), count, type, output.data_ptr(),
                                        count, type, impl->comm));
     }
-  }, ::lockstep::detail::str_cat("allgather ", detail::dtype_name(input.scalar_type()), " x", input.numel(),
-                                 " per rank"));
+  }, !impl->check ? std::string()
+                  : ::lockstep::detail::str_cat("allgather ", detail::dtype_name(input.scalar_type()), " x",
+                                                input.numel(), " per rank"));
 }
 
 WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor output,
@@ -493,8 +496,10 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& input, at::Tensor outp
       }
       if (options.op == ReduceOp::Average && !divide_first) output.div_(impl->size);
     }
-  }, ::lockstep::detail::str_cat("reduce_scatter ", to_string(options.op), " ",
-                                 detail::dtype_name(input.scalar_type()), " x", output.numel(), " per rank"));
+  }, !impl->check ? std::string()
+                  : ::lockstep::detail::str_cat("reduce_scatter ", to_string(options.op), " ",
+                                                detail::dtype_name(input.scalar_type()), " x", output.numel(),
+                                                " per rank"));
 }
 
 WorkPtr MpiCommunicator::barrier() {

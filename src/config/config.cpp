@@ -170,9 +170,7 @@ class Section {
       std::ostringstream range;
       range << (min_exclusive ? "(" : "[") << detail::shortest_number(min) << ", " << detail::shortest_number(max)
             << (max_exclusive ? ")" : "]");
-      std::ostringstream found;
-      found << detail::shortest_number(value);
-      reader_.fail(full(key), node, "expected a number in " + range.str() + ", found " + found.str());
+      reader_.fail(full(key), node, "expected a number in " + range.str() + ", found " + detail::shortest_number(value));
     }
     out = value;
   }
@@ -416,8 +414,7 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
     c.boolean("at_end", o.checkpoint.at_end);
     c.finish();
     // The trainer refuses these too; here the error names the key and where it was set.
-    const bool kept = o.checkpoints && (!o.output_dir.empty() || !o.checkpoint.directory.empty());
-    if (!kept && o.checkpoint.resume != "auto" && o.checkpoint.resume != "never") {
+    if (!train::keeps_checkpoints(o) && o.checkpoint.resume != "auto" && o.checkpoint.resume != "never") {
       c.fail_key("resume", "names a checkpoint to resume from, but this run keeps no checkpoints (" +
                                std::string(o.checkpoints ? "trainer.output_dir and trainer.checkpoint.directory are empty"
                                                          : "trainer.checkpoint.enabled is false") +
@@ -687,6 +684,13 @@ void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std
   set_path(document, child, keys, i + 1, value);
 }
 
+// "trainer.lr_schedule.kind" for {"trainer", "lr_schedule", "kind"}.
+std::string dotted(const std::vector<std::string>& keys) {
+  std::string path;
+  for (const auto& key : keys) path += (path.empty() ? "" : ".") + key;
+  return path;
+}
+
 // The (key path, value) pairs a --set value writes: a non-empty mapping one pair per leaf (a scalar,
 // a sequence or an empty mapping), recursively; anything else itself.
 void expand_mapping(const std::vector<std::string>& keys, const YAML::Node& value, const std::string& item,
@@ -702,11 +706,8 @@ void expand_mapping(const std::vector<std::string>& keys, const YAML::Node& valu
     const std::string& key = entry.first.Scalar();
     std::vector<std::string> deeper = keys;
     deeper.push_back(key);
-    if (!seen.insert(key).second) {
-      std::string path;
-      for (const auto& k : deeper) path += (path.empty() ? "" : ".") + k;
-      LOCKSTEP_FAIL("--set ", item, ": config key '", path, "' is given twice in the mapping (each key may appear once)");
-    }
+    LOCKSTEP_CHECK(seen.insert(key).second, "--set ", item, ": config key '", dotted(deeper),
+                   "' is given twice in the mapping (each key may appear once)");
     expand_mapping(deeper, entry.second, item, out);
   }
 }
@@ -764,9 +765,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     for (const auto& [leaf_keys, leaf] : leaves) {
       if (root.IsMap()) set_path(root, root, leaf_keys, 0, leaf);
       // Each key it wrote is this argument's; the section's other keys keep their places in the file.
-      std::string leaf_path;
-      for (const auto& key : leaf_keys) leaf_path += (leaf_path.empty() ? "" : ".") + key;
-      origins[leaf_path] = item;
+      origins[dotted(leaf_keys)] = item;
     }
   }
   Reader reader(source, origins);

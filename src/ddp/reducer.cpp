@@ -150,6 +150,10 @@ struct HookState {
   std::mutex mutex;
   std::weak_ptr<HookState> successor;  // that newer reducer's; expires when it is destroyed
   std::string superseded_on;           // the first parameter it took over
+  std::string superseded_on_locked() {
+    std::lock_guard<std::mutex> lock(mutex);
+    return superseded_on;
+  }
   // An inactive hook's gradient: nothing while the successor lives (it reduces them); once it has
   // gone, nothing does, so the backward fails here rather than leaving gradients local.
   void check_successor_alive(int rank) {
@@ -182,9 +186,8 @@ using PostHookFn = std::function<torch::autograd::variable_list(const torch::aut
                                                                 const torch::autograd::variable_list&)>;
 class ReducerHook final : public torch::autograd::utils::LambdaPostHook {
  public:
-  ReducerHook(Reducer* owner, std::shared_ptr<HookState> state, PostHookFn fn)
-      : LambdaPostHook(std::move(fn)), owner_(owner), state_(std::move(state)) {}
-  Reducer* owner() const { return owner_; }
+  ReducerHook(std::shared_ptr<HookState> state, PostHookFn fn)
+      : LambdaPostHook(std::move(fn)), state_(std::move(state)) {}
   // Turns off every hook of the reducer this one belongs to (they share the state) in favour of
   // `successor`'s. An older reducer superseded before is pointed at the newest one too, so that it
   // stays quiet while any reducer after it lives.
@@ -194,10 +197,8 @@ class ReducerHook final : public torch::autograd::utils::LambdaPostHook {
     state_->successor = successor;
     state_->active.store(false);
   }
-  bool active() const { return state_->active.load(); }
 
  private:
-  Reducer* owner_;
   std::shared_ptr<HookState> state_;
 };
 
@@ -230,15 +231,12 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
     LOCKSTEP_CHECK(static_cast<bool>(accumulator), "Reducer: parameter '", names_[i], "' has no gradient accumulator");
     // Note [One reducer per parameter]: an older reducer's hook here stops, and so does that reducer.
     for (const auto& hook : accumulator->post_hooks()) {
-      auto* older = dynamic_cast<ReducerHook*>(hook.get());
-      if (older == nullptr) continue;
-      if (older->active()) older->owner()->mark_superseded(names_[i]);
-      older->supersede(hooks_->state, names_[i]);
+      if (auto* older = dynamic_cast<ReducerHook*>(hook.get())) older->supersede(hooks_->state, names_[i]);
     }
     const std::shared_ptr<HookState> state = hooks_->state;
     const int rank = comm_->rank();
     hooks_->keys.push_back(accumulator->add_post_hook(std::make_unique<ReducerHook>(
-        this, state,
+        state,
         [this, i, state, rank](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
           if (state->active.load()) {
             on_gradient_ready(i);
@@ -251,10 +249,7 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
   }
 }
 
-void Reducer::mark_superseded(const std::string& parameter) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (superseded_by_.empty()) superseded_by_ = parameter;
-}
+
 
 Reducer::~Reducer() {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -423,9 +418,7 @@ void Reducer::begin_backward() {
 // its first hook within that moment is not recognised (LibTorch 1.13 has no graph task id to compare).
 void Reducer::settle_abandoned_backward() {
   if (!in_backward_ || !pass_alive_.expired() || shadowing_) return;
-  // With launch_at_end the buckets wait for the end of backward, but SyncBatchNorm's all-gathers may
-  // have been issued (Note [SyncBatchNorm among the buckets]): counted as issued.
-  const bool issued = syncing_ && (next_launch_ > 0 || join_work_ != nullptr || options_.launch_at_end);
+  const bool issued = syncing_ && issued_this_pass();
   if (issued && out_of_step_.empty()) {
     out_of_step_ = detail::str_cat(
         "DataParallel: an earlier synchronised backward failed partway through on rank ", comm_->rank(),
@@ -436,11 +429,23 @@ void Reducer::settle_abandoned_backward() {
         "the last checkpoint. (A failure inside backward can be caught and the step retried only if it happens "
         "before the first bucket is reduced, or under no_sync().)");
   }
-  if (!issued) {  // the retry starts from the flags of the backwards before this one
+  end_failed_pass(issued);
+  reset_iteration();
+}
+
+// With launch_at_end the buckets wait for the end of backward, but SyncBatchNorm's all-gathers may
+// have been issued (Note [SyncBatchNorm among the buckets]): counted as issued.
+bool Reducer::issued_this_pass() const {
+  return next_launch_ > 0 || join_work_ != nullptr || options_.launch_at_end;
+}
+
+// What a failed pass leaves besides out_of_step_: nothing issued, the retry starts from the flags of
+// the backwards before this one.
+void Reducer::end_failed_pass(bool issued) {
+  if (!issued) {
     for (std::size_t i : newly_used_) used_since_sync_[i] = 0;
   }
   join_work_.reset();
-  reset_iteration();
 }
 
 // What makes every later synchronised step refuse to start: this rank's collectives out of step with
@@ -462,8 +467,9 @@ void Reducer::set_frozen(std::vector<at::Tensor> parameters, std::vector<std::st
 }
 
 void Reducer::check_hooks_attached_locked() const {
-  LOCKSTEP_CHECK(superseded_by_.empty(), "DataParallel: a newer DataParallel (or DistributedTrainer) was built on "
-                 "the same parameters (parameter '", superseded_by_, "', ...) while this one was alive, and their "
+  const std::string superseded_on = hooks_ ? hooks_->state->superseded_on_locked() : std::string();
+  LOCKSTEP_CHECK(superseded_on.empty(), "DataParallel: a newer DataParallel (or DistributedTrainer) was built on "
+                 "the same parameters (parameter '", superseded_on, "', ...) while this one was alive, and their "
                  "gradients now go to it: this one no longer averages them (rank ", comm_->rank(), "). Use the newer "
                  "one, or let this one go out of scope before building another (Note [One reducer per parameter]).");
   for (std::size_t i = 0; i < frozen_.size(); ++i) {
@@ -627,13 +633,9 @@ void Reducer::finish_backward() {
     // of memory compressing one, a user hook's own check), on one rank alone. ResetOnExit ends the
     // pass, so settle_abandoned_backward never sees it: the same rule is applied here, or a retry
     // would pair its collectives with the peers' stale ones.
-    const bool issued = next_launch_ > 0 || join_work_ != nullptr || options_.launch_at_end;
-    if (issued) {
-      note_failed_launch(e, "at the end of its backward pass");
-    } else {  // the retry starts from the flags of the backwards before this one
-      for (std::size_t i : newly_used_) used_since_sync_[i] = 0;
-    }
-    join_work_.reset();
+    const bool issued = issued_this_pass();
+    if (issued) note_failed_launch(e, "at the end of its backward pass");
+    end_failed_pass(issued);
     throw;
   }
   LOCKSTEP_CHECK(next_launch_ == buckets_.size(), "DataParallel internal error: ", next_launch_, " of ",
@@ -771,18 +773,18 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
 // As after a backward that failed partway through (Note [Abandoned backward]): this rank's collectives
 // can no longer be matched with the others'.
 void Reducer::note_failed_launch(const std::exception& error, const char* where) {
-  if (!out_of_step_.empty()) return;
-  out_of_step_ = detail::str_cat("DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
-                                 " while launching bucket ", next_launch_, " of ", buckets_.size(), " ", where, " (",
-                                 detail::exception_text(error), ") after ", next_launch_,
-                                 " had been issued; the ranks' collectives can no longer be matched, so this rank "
-                                 "cannot synchronise again. Restart from the last checkpoint.");
+  mark_out_of_step(error, detail::str_cat("launching bucket ", next_launch_, " of ", buckets_.size(), " ", where,
+                                          ", after ", next_launch_, " had been issued"));
 }
 
 void Reducer::note_out_of_step(const std::exception& error, const char* waiting_for) {
+  mark_out_of_step(error, detail::str_cat("waiting for ", waiting_for));
+}
+
+void Reducer::mark_out_of_step(const std::exception& error, const std::string& doing) {
   if (!out_of_step_.empty()) return;
   out_of_step_ = detail::str_cat("DataParallel: an earlier synchronised backward failed on rank ", comm_->rank(),
-                                 " while waiting for ", waiting_for, " (", detail::exception_text(error),
+                                 " while ", doing, " (", detail::exception_text(error),
                                  "); the ranks' collectives can no longer be matched, so this rank cannot "
                                  "synchronise again. Restart from the last checkpoint.");
 }

@@ -130,12 +130,14 @@ void read_model_values(torch::nn::Module& module, torch::serialize::InputArchive
     }
     const bool has_parameters = !child.value()->parameters().empty();
     if (missing == MissingModule::kKeepWithoutParameters && !has_parameters) continue;
-    LOCKSTEP_CHECK(has_parameters, what, " holds no module '", prefix + child.key(), "' (",
-                   child.value()->name(), "), which this run's model has: the run that wrote it had no such module. "
-                   "Pruning adds 'pruning_masks', and model.quantize_activations adds ActivationFakeQuant modules. A "
-                   "resume continues the run it was written by, with its options; to start from its weights with "
-                   "other options (pruning or quantization-aware training from a trained model), set "
-                   "trainer.init_from (TrainerOptions::init_from) to it in a new run (another output_dir)");
+    if (!has_parameters) {
+      LOCKSTEP_FAIL(what, " holds no module '", prefix + child.key(), "' (", child.value()->name(),
+                    "), which this run's model has: the run that wrote it had no such module. Pruning adds "
+                    "'pruning_masks', and model.quantize_activations adds ActivationFakeQuant modules. A resume "
+                    "continues the run it was written by, with its options; to start from its weights with other "
+                    "options (pruning or quantization-aware training from a trained model), set trainer.init_from "
+                    "(TrainerOptions::init_from) to it in a new run (another output_dir)");
+    }
     LOCKSTEP_FAIL(what, " holds no module '", prefix + child.key(), "' (", child.value()->name(),
                   "), which has parameters in this model: it was written from another model");
   }

@@ -32,11 +32,21 @@
 #include "train/epoch_totals.hpp"
 
 namespace lockstep::train {
-namespace {
 
-// Whether fit() adds the built-in Checkpointer: on, and somewhere to put the files.
 bool keeps_checkpoints(const TrainerOptions& options) {
   return options.checkpoints && (!options.output_dir.empty() || !options.checkpoint.directory.empty());
+}
+
+namespace {
+
+// The loader of a training or evaluation pass: batches pinned (and pinned for this device) on a GPU.
+data::LoaderOptions loader_options_for(const TrainerOptions& options, c10::Device device, size_t batch_size) {
+  data::LoaderOptions out;
+  out.batch_size = batch_size;
+  out.prefetch = options.prefetch;
+  out.pin_memory = device.is_cuda();
+  if (device.is_cuda() && device.has_index()) out.pin_device = device;
+  return out;
 }
 
 using Clock = std::chrono::steady_clock;
@@ -451,12 +461,8 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   sampler_options.drop_last = false;
   sampler_options.seed = options_.seed;
   auto sampler = std::make_shared<data::ShardedSampler>(train_set->size(), world, rank, sampler_options);
-  data::LoaderOptions loader_options;
-  loader_options.batch_size = options_.batch_size;
-  loader_options.prefetch = options_.prefetch;
+  data::LoaderOptions loader_options = loader_options_for(options_, device_, options_.batch_size);
   loader_options.drop_last_batch = options_.drop_last_batch;
-  loader_options.pin_memory = device_.is_cuda();
-  if (device_.is_cuda() && device_.has_index()) loader_options.pin_device = device_;
   data::Loader loader(train_set, sampler, loader_options);
 
   // Note [Callback order]: the Checkpointer first (it resumes in on_train_begin, before the user's
@@ -850,12 +856,7 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
   sampler_options.shuffle = false;
   sampler_options.drop_last = false;
   auto sampler = std::make_shared<data::ShardedSampler>(eval_set->size(), world, rank, sampler_options);
-  data::LoaderOptions loader_options;
-  loader_options.batch_size = options_.eval_batch_size;
-  loader_options.prefetch = options_.prefetch;
-  loader_options.pin_memory = device_.is_cuda();
-  if (device_.is_cuda() && device_.has_index()) loader_options.pin_device = device_;
-  data::Loader loader(eval_set, sampler, loader_options);
+  data::Loader loader(eval_set, sampler, loader_options_for(options_, device_, options_.eval_batch_size));
   loader.start_epoch(0);
 
   // Note [Exact evaluation]: the sampler pads the epoch by wrapping around to a multiple of the world

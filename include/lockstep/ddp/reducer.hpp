@@ -93,9 +93,6 @@ class Reducer {
   // on them: unfrozen later, their gradients would silently stay local. check_hooks_attached() names
   // any that requires grad now.
   void set_frozen(std::vector<at::Tensor> parameters, std::vector<std::string> names);
-  // Called by a newer reducer built on `parameter` while this one is alive (Note [One reducer per
-  // parameter], reducer.cpp): this one's hooks are off, and check_hooks_attached() refuses it from now on.
-  void mark_superseded(const std::string& parameter);
 
   // Diagnostics, for tests and the curious.
   std::size_t parameter_count() const { return params_.size(); }
@@ -169,6 +166,12 @@ class Reducer {
   // Note [Abandoned backward], for buckets launched at the end of a pass (or a Join shadow step)
   // whose launch failed after others were issued: every later synchronised step refuses to start.
   void note_failed_launch(const std::exception& error, const char* where);
+  // out_of_step_ (the first cause only): "... failed on rank R while <doing> (<error>); ...".
+  void mark_out_of_step(const std::exception& error, const std::string& doing);
+  // Note [Abandoned backward]: whether this pass issued collectives (with syncing_), and the rest of
+  // what a failed pass leaves behind (the used flags when nothing was issued, the Join all-gather).
+  bool issued_this_pass() const;
+  void end_failed_pass(bool issued);
   void check_can_synchronize() const;
   // Note [Abandoned backward]: ends a backward whose autograd pass failed before its end-of-pass
   // callback ran; with mutex_ held.
@@ -193,8 +196,6 @@ class Reducer {
   ReducerOptions options_;
   struct GradientHooks;  // the parameters' gradient accumulators and this reducer's hooks on them
   std::unique_ptr<GradientHooks> hooks_;
-  // Note [One reducer per parameter]: a parameter a newer reducer took over (its name; empty: none).
-  std::string superseded_by_;
 
   std::vector<Bucket> buckets_;
   std::vector<Slot> slots_;

@@ -127,6 +127,10 @@ struct TrainerOptions {
   bool channels_last = false;
 };
 
+// Whether fit() adds the built-in Checkpointer: checkpoints on, and output_dir or checkpoint.directory
+// set (somewhere to put the files).
+bool keeps_checkpoints(const TrainerOptions& options);
+
 class DistributedTrainer {
  public:
   using ForwardFn = std::function<at::Tensor(const at::Tensor&)>;

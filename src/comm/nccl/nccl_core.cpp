@@ -1,5 +1,6 @@
 #include "comm/nccl/nccl_core.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -597,7 +598,10 @@ void Core::watchdog_loop() {
     // the last reference (its Work dropped): the graveyard keeps it for a user thread to drop.
     for (auto& state : pending) {
       std::lock_guard<std::mutex> state_lock(state->mutex);
-      if (state->done) graveyard_.push_back(std::move(state));
+      // Once: those still in pending_ a moment ago were put there just above.
+      if (state->done && std::find(graveyard_.begin(), graveyard_.end(), state) == graveyard_.end()) {
+        graveyard_.push_back(std::move(state));
+      }
     }
     pending.clear();  // not done: still in pending_ as well
   }

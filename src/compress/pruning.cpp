@@ -13,6 +13,7 @@
 
 #include "lockstep/compress/quantization.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/trainer.hpp"
@@ -216,6 +217,24 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     }
   }
   options_ = resolved_schedule(configured_, ctx);
+  // Note [Best weights and compression] (early_stopping.hpp): EarlyStopping's best weights are taken at
+  // an epoch's evaluation and put back at the end, masks included. Where the schedule's last pruning
+  // step comes after the first epoch's evaluation, the best epoch can be one before it, and the model
+  // would end less sparse than the target that the startup line and permanent_path promise.
+  const bool gradual = options_.schedule == PruneSchedule::Gradual && options_.granularity != PruneGranularity::NM;
+  const int64_t final_step = gradual ? options_.end_step : options_.begin_step;
+  if (ctx.callbacks != nullptr && final_step >= ctx.steps_per_epoch) {
+    for (const auto& callback : *ctx.callbacks) {
+      const auto* early = dynamic_cast<const train::EarlyStopping*>(callback.get());
+      LOCKSTEP_CHECK(early == nullptr || !early->options().restore_best_weights,
+                     "MagnitudePruning: it cannot run with EarlyStopping's restore_best_weights when its "
+                     "schedule prunes after the first epoch (last pruning step ", final_step, ", ",
+                     ctx.steps_per_epoch, " steps per epoch): the best epoch can be one before that step, and "
+                     "putting its weights and masks back at the end would leave the model less sparse than "
+                     "the target. Set restore_best_weights to false (EarlyStopping still stops the run), or "
+                     "prune within the first epoch (a model trained before, given by trainer.init_from)");
+    }
+  }
   torch::nn::Module& model = *ctx.model;
   std::shared_ptr<torch::nn::Module> existing;
   for (const auto& child : model.named_children()) {

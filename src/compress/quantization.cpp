@@ -17,6 +17,7 @@
 #include "compress/selection.hpp"
 #include "core/exception_text.hpp"
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "train/atomic_file.hpp"
 #include "train/checksum.hpp"
@@ -120,6 +121,13 @@ void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
                      "would replace the int8 weights with the float average, and the exported int8 model would "
                      "be the raw weights', which were never evaluated");
       after_this = after_this || callback.get() == this;
+      // Note [Best weights and compression] (early_stopping.hpp).
+      const auto* early = dynamic_cast<const train::EarlyStopping*>(callback.get());
+      LOCKSTEP_CHECK(early == nullptr || !early->options().restore_best_weights,
+                     "QuantizationAwareTraining: it cannot run with EarlyStopping's restore_best_weights. The best "
+                     "epoch can come before quantization began, and putting its weights back at the end would "
+                     "undo it: the int8 file would hold weights never trained at their int8 values and points "
+                     "with no range. Set restore_best_weights to false (EarlyStopping still stops the run)");
     }
   }
   restore_weights();  // a fit() that threw mid-step left the int8 values in place

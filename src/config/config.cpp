@@ -628,7 +628,7 @@ void read_ema(Section s, EmaConfig& c, const ExperimentConfig& config) {
   }
 }
 
-void read_early_stopping(Section s, EarlyStoppingConfig& c) {
+void read_early_stopping(Section s, EarlyStoppingConfig& c, const ExperimentConfig& config) {
   train::EarlyStoppingOptions& o = c.options;
   s.boolean("enabled", c.enabled);
   s.string("monitor", o.monitor);
@@ -637,6 +637,13 @@ void read_early_stopping(Section s, EarlyStoppingConfig& c) {
   s.real("min_delta", o.min_delta, 0.0);
   s.boolean("restore_best_weights", o.restore_best_weights);
   if (o.monitor.empty()) s.fail_key("monitor", "expected a metric name such as test_loss or test_acc, found ''");
+  // Note [Best weights and compression] (early_stopping.hpp). Pruning's case depends on the steps per
+  // epoch, which MagnitudePruning checks when training begins.
+  if (c.enabled && o.restore_best_weights && config.quantization.enabled) {
+    s.fail_key("restore_best_weights", "early_stopping.restore_best_weights cannot be combined with "
+                                       "quantization.enabled (the best epoch can come before quantization began, "
+                                       "and putting its weights back would undo it); set it to false");
+  }
   s.finish();
 }
 
@@ -780,7 +787,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   read_pruning(top.section("pruning"), config.pruning);
   read_quantization(top.section("quantization"), config.quantization);
   read_ema(top.section("ema"), config.ema, config);
-  read_early_stopping(top.section("early_stopping"), config.early_stopping);
+  read_early_stopping(top.section("early_stopping"), config.early_stopping, config);
   top.finish();
   config.warnings = reader.warnings();
   // Activation quantization needs the model's fake-quant points (ExperimentConfig::quantization).

@@ -5,11 +5,54 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 
 #include "lockstep/core/error.hpp"
 
 namespace lockstep::train {
+
+namespace {
+
+// Note [Non-finite sums]: one NaN or inf loss (an fp16 step that overflowed, which the scaler skips)
+// makes the epoch's loss sum non-finite for the rest of the epoch, and JSON has no such numbers:
+// nlohmann writes them as null, which a reader of numbers refuses, so every checkpoint of that epoch
+// failed to load. They are written as the strings "nan", "inf" and "-inf"; null (a checkpoint written
+// before this) reads as NaN, the value it stood for or close to it (an inf written so reads as NaN).
+nlohmann::json number_to_json(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  return value;
+}
+
+nlohmann::json numbers_to_json(const double* begin, const double* end) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const double* p = begin; p != end; ++p) out.push_back(number_to_json(*p));
+  return out;
+}
+
+double number_from_json(const nlohmann::json& value) {
+  if (value.is_null()) return std::numeric_limits<double>::quiet_NaN();
+  if (value.is_string()) {
+    const std::string text = value.get<std::string>();
+    if (text == "nan") return std::numeric_limits<double>::quiet_NaN();
+    if (text == "inf") return std::numeric_limits<double>::infinity();
+    if (text == "-inf") return -std::numeric_limits<double>::infinity();
+    LOCKSTEP_FAIL("expected a number, \"nan\", \"inf\" or \"-inf\", found \"", text, "\"");
+  }
+  return value.get<double>();
+}
+
+std::vector<double> numbers_from_json(const nlohmann::json& values) {
+  LOCKSTEP_CHECK(values.is_array(), "expected an array of numbers, found ", values.dump());
+  std::vector<double> out;
+  out.reserve(values.size());
+  for (const nlohmann::json& value : values) out.push_back(number_from_json(value));
+  return out;
+}
+
+}  // namespace
 
 void EpochTotals::reset(int64_t next_epoch) {
   epoch = next_epoch;
@@ -54,10 +97,10 @@ std::string EpochTotalsState::save_state() const {
   const double* sums = all.data_ptr<double>();
   nlohmann::json state;
   state["epoch"] = totals_->epoch;
-  state["sums"] = std::vector<double>(sums, sums + kNumSums);
+  state["sums"] = numbers_to_json(sums, sums + kNumSums);
   state["metrics"] = totals_->tracker.names();
-  state["tracked"] = std::vector<double>(sums + kNumSums, sums + kNumSums + tracked);
-  state["seconds"] = totals_->started_epoch ? totals_->seconds() : 0.0;
+  state["tracked"] = numbers_to_json(sums + kNumSums, sums + kNumSums + tracked);
+  state["seconds"] = number_to_json(totals_->started_epoch ? totals_->seconds() : 0.0);
   return state.dump();
 }
 
@@ -66,11 +109,11 @@ void EpochTotalsState::load_state(const std::string& text) {
     const nlohmann::json state = nlohmann::json::parse(text);
     Saved saved;
     saved.epoch = state.at("epoch").get<int64_t>();
-    saved.sums = state.at("sums").get<std::vector<double>>();
-    saved.seconds = state.at("seconds").get<double>();
+    saved.sums = numbers_from_json(state.at("sums"));
+    saved.seconds = number_from_json(state.at("seconds"));
     if (state.contains("tracked")) {
       saved.metrics = state.at("metrics").get<std::vector<std::string>>();
-      saved.tracked = state.at("tracked").get<std::vector<double>>();
+      saved.tracked = numbers_from_json(state.at("tracked"));
     } else {
       // Written before metrics were pluggable: sums = (loss, correct, count, forward, backward, comm,
       // exposed, steps, grad norm, clipped). The loss and the count continue; the metrics start at
@@ -88,6 +131,8 @@ void EpochTotalsState::load_state(const std::string& text) {
     loaded_ = std::move(saved);
   } catch (const nlohmann::json::exception& e) {
     LOCKSTEP_FAIL("the checkpoint's trainer_epoch_totals state is not valid: ", e.what());
+  } catch (const Error& e) {
+    LOCKSTEP_FAIL("the checkpoint's trainer_epoch_totals state is not valid: ", e.message());
   }
 }
 

@@ -261,6 +261,11 @@ void DistributedTrainer::check_ranks_agree(const data::Dataset& train_set, const
       {"channels_last", std::to_string(o.channels_last)},
       // Saving is collective (the generators' states are gathered): whether and when must agree.
       {"output_dir (set or not)", o.output_dir.empty() ? "not set" : "set"},
+      // checkpoint.directory alone keeps checkpoints too (a Checkpointer, whose setup is collective).
+      {"checkpoint.directory (set or not)", o.checkpoint.directory.empty() ? "not set" : "set"},
+      {"checkpoints kept", keeps_checkpoints(o) ? "yes" : "no"},
+      // The weights to start from are read on every rank, compared and broadcast (collective).
+      {"init_from (set or not)", o.init_from.empty() ? "not set" : "set"},
       // The progress logger shares rank 0's metrics.jsonl errors with a collective (Note [A failed checkpoint]).
       {"progress", std::to_string(o.progress)},
       {"checkpoint.at_end", std::to_string(o.checkpoint.at_end)},
@@ -449,6 +454,8 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
   }
   check_ranks_agree(*train_set, eval_set.get(), metrics_failure);
   if (metrics_failed) std::rethrow_exception(metrics_failed);
+  // Its size is the same on every rank (just checked): all fail here, before an epoch is spent.
+  if (eval_set != nullptr) check_evaluation_set(*eval_set);
   if (!options_.output_dir.empty()) {  // set on every rank or on none: agreed just above
     // Collective (Note [A failed checkpoint]): a directory rank 0 cannot create fails every rank here.
     comm::run_on_root(
@@ -846,9 +853,15 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
 // place for it: averaged or int8 weights), on_epoch_end does not, and the epoch stays unfinished: the
 // resumed run evaluates it whole. An evaluation shorter than the vote's lag (2 batches) always ends;
 // the vote after on_epoch_end then stops the run (Note [Stop at epoch ends]).
+void DistributedTrainer::check_evaluation_set(const data::Dataset& eval_set) const {
+  LOCKSTEP_CHECK(eval_set.size() > 0, "DistributedTrainer: the evaluation set (", eval_set.description(),
+                 ") is empty; give fit() none (nullptr) to train without evaluating (rank ", comm_->rank(), ")");
+}
+
 std::map<std::string, double> DistributedTrainer::run_evaluation(const data::DatasetPtr& eval_set,
                                                                  TrainerContext* ctx, bool* cut_short) {
   LOCKSTEP_CHECK(eval_set != nullptr, "DistributedTrainer::evaluate: the data set is null");
+  check_evaluation_set(*eval_set);
   if (cut_short != nullptr) *cut_short = false;
   const int rank = comm_->rank();
   const int world = comm_->size();
@@ -904,9 +917,9 @@ std::map<std::string, double> DistributedTrainer::run_evaluation(const data::Dat
   }
   // One all-reduce: the loss, the count and every metric's sums.
   std::map<std::string, double> result = tracker.compute(*comm_, "test_");
-  // An empty evaluation set still has the key; samples whose targets were all ignored (loss_weight 0)
-  // have no mean: NaN, not a 0 that looks perfect.
-  result.emplace("test_loss", result.at("test_count") > 0 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+  // Samples whose targets were all ignored (loss_weight 0) have no mean loss: NaN, not a 0 that looks
+  // perfect. (The set is not empty: check_evaluation_set.)
+  result.emplace("test_loss", std::numeric_limits<double>::quiet_NaN());
   return result;
 }
 

@@ -266,7 +266,46 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
   chatty.progress = rank == 0;
   CHECK_THAT(run(48, chatty), Contains("the ranks disagree on progress: 1 on rank 0; 0 on " + others(0)));
   CHECK(communicator_healthy());
+  // Checkpoints kept on one rank alone (checkpoint.directory without output_dir: a Checkpointer, whose
+  // setup is collective), and weights to start from on one rank alone (read, compared and broadcast).
+  auto kept = o;
+  if (rank == last) kept.checkpoint.directory = lockstep::testing::shared_temp_dir("agree_directory");
+  CHECK_THAT(run(48, kept), Contains("the ranks disagree on checkpoint.directory (set or not): not set on " +
+                                     others(last) + "; set on rank " + std::to_string(last) + " (and 1 more differ)"));
+  CHECK(communicator_healthy());
+  auto starting = o;
+  if (rank == 0) starting.init_from = "/nonexistent/dense.pt";
+  CHECK_THAT(run(48, starting),
+             Contains("the ranks disagree on init_from (set or not): set on rank 0; not set on " + others(0)));
+  CHECK(communicator_healthy());
   CHECK(run(48, o).empty());
+}
+
+TEST_CASE("fit() and evaluate() refuse an empty evaluation set before any step", "[runtime]") {
+  torch::manual_seed(3);
+  lockstep::testing::SmallConvNet model;
+  auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+  lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), lockstep::testing::quiet_trainer(1, 5));
+  // A data set of the program's own that came out empty (a filter that kept nothing).
+  struct Empty : lockstep::data::Dataset {
+    lockstep::data::DatasetPtr base = lockstep::testing::synthetic_images(16, 8, 7);
+    size_t size() const override { return 0; }
+    lockstep::data::DatasetInfo info() const override { return base->info(); }
+    lockstep::data::Example get_batch(const std::vector<int64_t>& indices) const override {
+      return base->get_batch(indices);
+    }
+    std::string description() const override { return "filtered test images"; }
+  };
+  auto empty = std::make_shared<Empty>();
+  const torch::Tensor before = model->parameters()[0].detach().clone();
+  const std::string error = error_of([&] { trainer.fit(lockstep::testing::synthetic_images(48, 8, 7), empty); });
+  INFO(error);
+  CHECK_THAT(error, Contains("DistributedTrainer: the evaluation set (filtered test images) is empty"));
+  CHECK(torch::equal(before, model->parameters()[0].detach()));  // refused before the first epoch's steps
+  CHECK(communicator_healthy());
+  CHECK_THAT(error_of([&] { trainer.evaluate(empty); }),
+             Contains("the evaluation set (filtered test images) is empty"));
+  CHECK(communicator_healthy());
 }
 
 TEST_CASE("DataParallel refuses ranks whose bucket options differ, at construction", "[runtime]") {

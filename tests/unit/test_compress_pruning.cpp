@@ -20,6 +20,7 @@
 #include "lockstep/core/error.hpp"
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
+#include "lockstep/train/early_stopping.hpp"
 #include "lockstep/train/ema.hpp"
 #include "support/temp_dir.hpp"
 
@@ -662,4 +663,59 @@ TEST_CASE("quantization-aware training added before a weight average is refused,
   const std::vector<lockstep::train::CallbackPtr> right{ema, qat};
   ctx.callbacks = &right;
   CHECK_NOTHROW(qat->on_setup(ctx));
+}
+
+TEST_CASE("pruning and quantization-aware training refuse EarlyStopping's restore_best_weights where it would undo them",
+          "[compress]") {
+  // Note [Best weights and compression]: the best epoch can be one before the last pruning step (or
+  // before quantization began); putting its weights back at the end would undo the compression.
+  auto [model, ctx] = underscores_in_context();
+  ctx.steps_per_epoch = 10;
+  lockstep::train::EarlyStoppingOptions restoring;
+  restoring.restore_best_weights = true;
+  auto early = std::make_shared<lockstep::train::EarlyStopping>(restoring);
+  auto stopping_only = std::make_shared<lockstep::train::EarlyStopping>(lockstep::train::EarlyStoppingOptions{});
+  PruningOptions gradual;  // steps 0..1000: after the first epoch's evaluation
+  auto pruning = std::make_shared<MagnitudePruning>(gradual);
+  for (const auto& both : {std::vector<lockstep::train::CallbackPtr>{pruning, early},
+                           std::vector<lockstep::train::CallbackPtr>{early, pruning}}) {
+    ctx.callbacks = &both;
+    CHECK_THROWS_WITH(pruning->on_setup(ctx), Catch::Contains("MagnitudePruning: it cannot run with EarlyStopping's "
+                                                              "restore_best_weights") &&
+                                                  Catch::Contains("last pruning step 1000, 10 steps per epoch"));
+  }
+  const std::vector<lockstep::train::CallbackPtr> plain{pruning, stopping_only};
+  ctx.callbacks = &plain;
+  CHECK_NOTHROW(pruning->on_setup(ctx));
+  // The cases that set up: each on a model of its own (one pruning callback per model).
+  auto [fresh_model, fresh] = underscores_in_context();
+  fresh.steps_per_epoch = 10;
+  // A schedule done within the first epoch (one shot at step 9, pruning a trained model): every
+  // evaluated epoch has the final masks, so the best one is as sparse.
+  PruningOptions early_shot;
+  early_shot.schedule = PruneSchedule::OneShot;
+  early_shot.begin_step = 9;
+  auto one_shot = std::make_shared<MagnitudePruning>(early_shot);
+  const std::vector<lockstep::train::CallbackPtr> fine{one_shot, early};
+  fresh.callbacks = &fine;
+  CHECK_NOTHROW(one_shot->on_setup(fresh));
+  early_shot.begin_step = 10;  // the first step of the second epoch
+  auto late_shot = std::make_shared<MagnitudePruning>(early_shot);
+  const std::vector<lockstep::train::CallbackPtr> late{late_shot, early};
+  ctx.callbacks = &late;
+  CHECK_THROWS_WITH(late_shot->on_setup(ctx), Catch::Contains("last pruning step 10, 10 steps per epoch"));
+
+  QuantizationOptions weights_only;
+  weights_only.activations = false;
+  auto qat = std::make_shared<QuantizationAwareTraining>(weights_only);
+  for (const auto& both : {std::vector<lockstep::train::CallbackPtr>{qat, early},
+                           std::vector<lockstep::train::CallbackPtr>{early, qat}}) {
+    ctx.callbacks = &both;
+    CHECK_THROWS_WITH(qat->on_setup(ctx), Catch::Contains("QuantizationAwareTraining: it cannot run with "
+                                                          "EarlyStopping's restore_best_weights"));
+  }
+  auto [quantized_model, quantized_ctx] = underscores_in_context();
+  const std::vector<lockstep::train::CallbackPtr> quantized{qat, stopping_only};
+  quantized_ctx.callbacks = &quantized;
+  CHECK_NOTHROW(qat->on_setup(quantized_ctx));
 }

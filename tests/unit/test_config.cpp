@@ -684,6 +684,12 @@ TEST_CASE("config: the early_stopping section maps onto EarlyStoppingOptions, ro
   CHECK_THAT(error_of("early_stopping:\n  min_delta: -1\n"), Contains("'early_stopping.min_delta'"));
   CHECK_THAT(error_of("early_stopping:\n  monitor: ''\n"), Contains("'early_stopping.monitor'"));
   CHECK_THAT(error_of("early_stopping:\n  patient: 3\n"), Contains("early_stopping.patient"));
+  // Note [Best weights and compression]: the best epoch's weights can predate quantization.
+  CHECK_THAT(error_of("quantization: {enabled: true}\n"
+                      "early_stopping: {enabled: true, restore_best_weights: true}\n"),
+             Contains("'early_stopping.restore_best_weights'") && Contains("cannot be combined with quantization.enabled"));
+  CHECK_NOTHROW(config::parse_config("quantization: {enabled: true}\n"
+                                     "early_stopping: {enabled: true, restore_best_weights: false}\n"));
 }
 
 TEST_CASE("config: trainer.loss and trainer.metrics map onto TrainerOptions, round-trip, and name bad values",

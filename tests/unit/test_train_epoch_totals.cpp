@@ -4,6 +4,8 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -78,4 +80,47 @@ TEST_CASE("epoch totals: a checkpoint from before pluggable metrics keeps its lo
   CHECK(totals.seconds_before == 1.5);
   CHECK_THROWS_WITH(loader.load_state(R"({"epoch": 0, "seconds": 0, "sums": [1.0, 2.0]})"),
                     Catch::Contains("expected 10 sums, found 2"));
+}
+
+TEST_CASE("epoch totals: non-finite sums (an fp16 step that overflowed) survive the checkpoint", "[train]") {
+  // Note [Non-finite sums]: JSON has no NaN or inf; written as null they made the checkpoint unloadable.
+  lockstep::testing::SoloCommunicator solo;
+  lockstep::train::TrainerContext ctx;
+  ctx.communicator = &solo;
+  EpochTotals saved(make_metrics({"accuracy"}));
+  EpochTotalsState saver(&saved);
+  saver.on_setup(ctx);
+  saved.reset(0);
+  saved.sums[lockstep::train::kGradNorm] = std::numeric_limits<double>::infinity();
+  saved.sums[lockstep::train::kComm] = -std::numeric_limits<double>::infinity();
+  saved.sums[lockstep::train::kSteps] = 5;
+  saved.tracker.update(torch::tensor({{2.0, 1.0}, {0.0, 1.0}}), torch::tensor({0, 0}, torch::kLong),
+                       torch::tensor(std::numeric_limits<double>::quiet_NaN()));
+  const std::string state = saver.save_state();
+  CHECK(state.find("null") == std::string::npos);
+
+  EpochTotals resumed(make_metrics({"accuracy"}));
+  EpochTotalsState loader(&resumed);
+  REQUIRE_NOTHROW(loader.load_state(state));
+  resumed.reset(0);
+  REQUIRE(loader.restore(0, 0));
+  const std::vector<double> sums = tracked(resumed);
+  CHECK(std::isnan(sums[0]));  // the loss sum
+  CHECK(std::vector<double>(sums.begin() + 1, sums.end()) == std::vector<double>{2.0, 2.0, 1.0, 2.0});
+  CHECK(resumed.sums[lockstep::train::kGradNorm] == std::numeric_limits<double>::infinity());
+  CHECK(resumed.sums[lockstep::train::kComm] == -std::numeric_limits<double>::infinity());
+  CHECK(resumed.sums[lockstep::train::kSteps] == 5);
+
+  // A checkpoint written before this, with null for the non-finite sums, loads (as NaN).
+  EpochTotals old(make_metrics({"accuracy"}));
+  EpochTotalsState old_loader(&old);
+  REQUIRE_NOTHROW(old_loader.load_state(
+      R"({"epoch": 0, "seconds": 2.0, "metrics": ["accuracy"], "sums": [0.1, 0.2, 0.3, 0.4, 5.0, null, 0.0],
+          "tracked": [null, 2.0, 2.0, 1.0, 2.0]})"));
+  old.reset(0);
+  REQUIRE(old_loader.restore(0, 0));
+  CHECK(std::isnan(tracked(old)[0]));
+  CHECK(std::isnan(old.sums[lockstep::train::kGradNorm]));
+  CHECK_THROWS_WITH(loader.load_state(R"({"epoch": 0, "seconds": "soon", "sums": []})"),
+                    Catch::Contains("trainer_epoch_totals state is not valid") && Catch::Contains("\"soon\""));
 }

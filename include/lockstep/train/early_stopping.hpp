@@ -40,6 +40,9 @@ struct EarlyStoppingOptions {
   // the best epoch, checkpointed with the rest, and put it back when training ends (stopped early or
   // run to its end; not after a signal's stop, whose run goes on). Add this callback after an
   // ExponentialMovingAverage so that the copy is of the averaged weights that were evaluated.
+  // Note [Best weights and compression]: putting an earlier epoch's weights back would undo a
+  // compression that came after it. QuantizationAwareTraining refuses this option, and so does
+  // MagnitudePruning unless its schedule's last pruning step comes within the first epoch.
   bool restore_best_weights = false;
 };
 

@@ -192,6 +192,8 @@ class DistributedTrainer {
 
  private:
   void run_epoch(TrainerContext& ctx, data::Loader& loader, bool resumed);
+  // Refuses an empty evaluation set, naming it (the sampler's own error would not).
+  void check_evaluation_set(const data::Dataset& eval_set) const;
   // evaluate(); inside fit() (`ctx` given) it also posts the stop vote before every batch and returns
   // no metrics, with *cut_short set, when a stop ends it early (Note [Stop during evaluation]).
   std::map<std::string, double> run_evaluation(const data::DatasetPtr& eval_set, TrainerContext* ctx,

@@ -199,6 +199,15 @@ struct MpiCommunicator::Impl {
   std::shared_ptr<std::atomic<int>> given_up = std::make_shared<std::atomic<int>>(0);
   std::condition_variable exited_cv;
   std::thread thread;
+  // Note [No collective after an MPI error]: MPI_ERRORS_RETURN turns an MPI failure into an error
+  // code instead of ending the process, but MPI leaves the communicator in an undefined state, and
+  // the failure may be this rank's alone: a count mismatch truncates the receive on one rank while
+  // the sender's side completes. Running on would pair this rank's next collective with whatever the
+  // others issue next. So the first MPI error breaks the communicator: every later collective fails
+  // at once with this text (read and written by the progress thread only) naming the first failure.
+  // A mismatch that checked collectives catch (Note [Checked collectives]) is found before MPI runs
+  // it and does not break it.
+  std::string broken;
 
   void loop() {
     // Note [Results past autograd]: a collective writes its result into the caller's tensor, which may
@@ -224,10 +233,26 @@ struct MpiCommunicator::Impl {
         queued.store(queue.size(), std::memory_order_release);
       }
       task.work->mark_started();
+      if (!broken.empty()) {  // Note [No collective after an MPI error]
+        task.run = nullptr;
+        task.work->mark_failed(std::make_exception_ptr(
+            Error(::lockstep::detail::str_cat(task.work->info().describe(), " was not run: ", broken), __FILE__,
+                  __LINE__)));
+        continue;
+      }
       try {
         task.run();
         task.run = nullptr;  // release the tensors before waking the waiter
         task.work->mark_completed();
+      } catch (const MpiError& e) {
+        task.run = nullptr;
+        broken = ::lockstep::detail::str_cat(
+            "this MpiCommunicator runs no collective since ", task.work->info().describe(),
+            " failed inside MPI (", e.message(), "). After an MPI error the ranks may be out of step (the "
+            "collective may have completed on other ranks), so a later collective could pair with another "
+            "rank's different one: wrong numbers or a hang. End the job; a checkpoint resumes it");
+        task.work->mark_failed(std::make_exception_ptr(
+            MpiError(task.work->info().describe() + " failed: " + e.what(), __FILE__, __LINE__)));
       } catch (const std::exception& e) {
         task.run = nullptr;
         task.work->mark_failed(std::make_exception_ptr(

@@ -31,7 +31,7 @@ void throw_mpi_error(const char* file, int line, const char* expression, int cod
   char text[MPI_MAX_ERROR_STRING] = {0};
   int length = 0;
   if (MPI_Error_string(code, text, &length) != MPI_SUCCESS) std::snprintf(text, sizeof(text), "unknown MPI error");
-  throw Error(str_cat("MPI call failed: ", expression, ": ", text, " (code ", code, ")"), file, line);
+  throw MpiError(str_cat("MPI call failed: ", expression, ": ", text, " (code ", code, ")"), file, line);
 }
 
 }  // namespace detail

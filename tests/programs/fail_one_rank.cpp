@@ -15,6 +15,9 @@
 //                         their own error, not the exchange's timeout that followed it
 //   fail_one_rank every_rank_waits  as every_rank_fails, but the others' part succeeds: their timeout
 //                         names the work they waited for
+//   fail_one_rank mpi_error  rank 1 broadcasts fewer elements than root sends (2 s timeout): MPI fails
+//                         on rank 1 alone (a truncated receive) while root's side completes; rank 1's
+//                         next collective must fail at once naming that error, not run out of step
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -77,6 +80,22 @@ int main(int argc, char** argv) {
           if (fail) throw std::runtime_error("checkpoint x.pt does not exist on this node");
         },
         "Checkpointer: cannot resume from x.pt");
+    std::cout << "rank " << comm->rank() << " finished, which it must not" << std::endl;
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "mpi_error") {
+    lockstep::RuntimeOptions options;
+    options.timeout = std::chrono::seconds(2);
+    lockstep::Runtime runtime(argc, argv, options);
+    auto comm = runtime.communicator();
+    auto t = torch::ones({comm->rank() == 1 ? 4 : 64});
+    try {
+      comm->broadcast(t)->wait();
+    } catch (const std::exception& e) {
+      std::cout << "rank " << comm->rank() << " broadcast: " << e.what() << std::endl;
+    }
+    auto u = torch::ones({8});
+    comm->allreduce(u)->wait();
     std::cout << "rank " << comm->rank() << " finished, which it must not" << std::endl;
     return 0;
   }

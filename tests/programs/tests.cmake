@@ -51,6 +51,11 @@ foreach(np 2 3)
     "rank 1 of ${np}: uncaught exception: checkpoint x.pt does not exist on this node" "did not complete within")
   lockstep_failure_test(every_rank_waits ${np} every_rank_waits
     "rank 1 of ${np}: uncaught exception: Checkpointer: cannot resume from x.pt: another rank did not finish its part within 2000 ms")
+  # An MPI error on one rank (a truncated receive) breaks its communicator: its next collective fails
+  # at once naming the first error, instead of running out of step with the others'.
+  lockstep_failure_test(mpi_error ${np} mpi_error
+    "rank 1 of ${np}: uncaught exception: allreduce #1 [^\n]* was not run: this MpiCommunicator runs no collective since broadcast #0 [^\n]*failed inside MPI [^\n]*MPI_ERR_TRUNCATE"
+    "finished, which it must not")
   # Rank 1's Runtime cannot choose (nccl without a GPU); the others' say so at once.
   lockstep_failure_test(backend_choice ${np} backend
     "launcher rank 0 caught: runtime: rank 1 could not choose a device and backend"

@@ -28,6 +28,12 @@ class TimeoutError : public Error {
   using Error::Error;
 };
 
+// Raised when an MPI call returns an error (LOCKSTEP_MPI_CHECK), with MPI's own error string.
+class MpiError : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 inline void append_all(std::ostringstream&) {}
 template <typename T, typename... Rest>
@@ -59,7 +65,7 @@ std::string str_cat(const Args&... args) {
 #define LOCKSTEP_FAIL(...) \
   ::lockstep::detail::throw_error(__FILE__, __LINE__, nullptr, ::lockstep::detail::str_cat(__VA_ARGS__))
 
-// LOCKSTEP_MPI_CHECK(call) turns an MPI return code into a lockstep::Error with MPI's own error string.
+// LOCKSTEP_MPI_CHECK(call) turns an MPI return code into a lockstep::MpiError with MPI's own error string.
 #define LOCKSTEP_MPI_CHECK(expr)                                        \
   do {                                                                  \
     int lockstep_mpi_rc_ = (expr);                                      \

@@ -34,11 +34,24 @@ Example Augment::get_batch(const std::vector<int64_t>& indices) const {
   at::Tensor input = example.data.contiguous();
   LOCKSTEP_CHECK(input.scalar_type() == torch::kFloat && input.dim() == 4, "Augment over ", base_->description(),
                  ": expected float [B, C, H, W] data, got ", input.scalar_type(), " ", input.sizes());
+  // It moves pixels through host pointers, on the loader's thread.
+  LOCKSTEP_CHECK(input.device().is_cpu(), "Augment over ", base_->description(), ": the data is on ",
+                 input.device(), "; Augment crops and flips images in host memory (the loader moves batches to "
+                 "the device afterwards): give it a data set that returns CPU tensors");
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
-  // A target laid out over the image's pixels (a clean image, a mask) would stay where it was while
+  // A target laid out over the image's pixels (a clean image, a mask; [B, H, W], [B, C, H, W], or
+  // flattened to [B, H*W] or [B, C*H*W], or channels-last [B, H, W, C]) would stay where it was while
   // the data moved: pairs out of register, and no error. Refuse it.
   const at::Tensor& target = example.target;
-  LOCKSTEP_CHECK(!(target.defined() && target.dim() >= 3 && target.size(-2) == height && target.size(-1) == width),
+  const int64_t target_per_sample = target.defined() && target.dim() >= 1 && target.size(0) == batch && batch > 0
+                                        ? target.numel() / batch
+                                        : 0;
+  const bool pixel_shaped = target.defined() && target.dim() >= 3 &&
+                            ((target.size(-2) == height && target.size(-1) == width) ||
+                             (target.dim() >= 4 && target.size(-3) == height && target.size(-2) == width));
+  const bool pixel_sized = height * width > 1 &&
+                           (target_per_sample == height * width || target_per_sample == channels * height * width);
+  LOCKSTEP_CHECK(!pixel_shaped && !pixel_sized,
                  "Augment over ", base_->description(), ": the target is ", target.sizes(),
                  ", laid out over the images' ", height, "x", width,
                  " pixels, and Augment crops and flips the data alone, which would leave the target out of "

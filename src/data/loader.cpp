@@ -66,13 +66,15 @@ void Loader::launch() {
   expected_ = sampler_->state();
   stop_ = false;
   producer_done_ = false;
-  launched_ = true;
   // Note [Pinning thread's device]: a thread starts on CUDA device 0, and pinning memory there would
   // open a context on GPU 0 for each rank of a node (hundreds of MiB each; refused in exclusive-process
   // mode): the worker takes options_.pin_device (the trainer's GPU), or else the caller's current
   // device, as PyTorch's pin-memory thread does.
   pin_device_ = !options_.pin_memory ? std::nullopt : options_.pin_device ? options_.pin_device : current_cuda_device();
   if (options_.prefetch > 0) worker_ = std::thread([this] { produce(); });
+  // Last: a launch that threw (no thread to start: EAGAIN) is tried again by the next next(), rather
+  // than left waiting for a producer that never started.
+  launched_ = true;
 }
 
 void Loader::halt() {

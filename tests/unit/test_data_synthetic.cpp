@@ -264,6 +264,16 @@ TEST_CASE("Augment refuses a target laid out over the image's pixels, and labels
                         Contains("out of register") && Contains("denoise_images.cpp"));
   CHECK_THROWS_WITH(Augment(std::make_shared<WithTarget>(base, mask), crop).get_batch(some),
                     Contains("the target is [3, 6, 6]"));
+  // The same, flattened (an autoencoder's target) or channels-last.
+  const auto flat_image = [](const Example& e) { return e.data.flatten(1); };
+  const auto flat_mask = [](const Example& e) { return e.data.select(1, 0).flatten(1); };
+  const auto channels_last = [](const Example& e) { return e.data.permute({0, 2, 3, 1}); };
+  CHECK_THROWS_WITH(Augment(std::make_shared<WithTarget>(base, flat_image), crop).get_batch(some),
+                    Contains("the target is [3, 72]") && Contains("out of register"));
+  CHECK_THROWS_WITH(Augment(std::make_shared<WithTarget>(base, flat_mask), crop).get_batch(some),
+                    Contains("the target is [3, 36]"));
+  CHECK_THROWS_WITH(Augment(std::make_shared<WithTarget>(base, channels_last), crop).get_batch(some),
+                    Contains("the target is [3, 6, 6, 2]"));
   // Class labels, and per-sample vectors, are untouched by a crop: they pass.
   const auto vector = [](const Example& e) { return torch::zeros({e.data.size(0), 6}); };
   CHECK(Augment(std::make_shared<WithTarget>(base, vector), crop).get_batch(some).target.sizes() ==
@@ -271,6 +281,30 @@ TEST_CASE("Augment refuses a target laid out over the image's pixels, and labels
   CHECK(Augment(base, crop).get_batch(some).target.sizes() == torch::IntArrayRef({3}));
   // With nothing to do, Augment passes any target through as it always has.
   CHECK(Augment(std::make_shared<WithTarget>(base, image), {}).get_batch(some).target.dim() == 4);
+}
+
+TEST_CASE("Augment refuses data that is not on the CPU, naming where it is", "[data]") {
+  // It crops and flips through host pointers: device memory read there is a crash, or garbage.
+  class OnDevice : public Dataset {
+   public:
+    explicit OnDevice(DatasetPtr base) : base_(std::move(base)) {}
+    size_t size() const override { return base_->size(); }
+    DatasetInfo info() const override { return base_->info(); }
+    std::string description() const override { return "device images"; }
+    Example get_batch(const std::vector<int64_t>& indices) const override {
+      Example example = base_->get_batch(indices);
+      example.data = torch::empty(example.data.sizes(), torch::device(torch::kMeta).dtype(torch::kFloat));
+      return example;
+    }
+
+   private:
+    DatasetPtr base_;
+  };
+  AugmentOptions crop;
+  crop.pad = 1;
+  CHECK_THROWS_WITH(Augment(std::make_shared<OnDevice>(ramp_dataset(4, 1, 6)), crop).get_batch({0, 1}),
+                    Contains("Augment over device images: the data is on meta") &&
+                        Contains("give it a data set that returns CPU tensors"));
 }
 
 TEST_CASE("ImageDataset refuses images or labels that are not on the CPU", "[data]") {

@@ -323,11 +323,21 @@ std::vector<ActivationRange> QuantizationAwareTraining::ranges() const {
 
 void QuantizationAwareTraining::on_epoch_end(train::TrainerContext& ctx) {
   verify_ranges(*ctx.communicator);
+  // The mean over the layers whose int8 values differ from the weights: one layer held exactly (all
+  // zero after pruning, or weights already on the int8 grid) has an infinite SQNR, which would make the
+  // mean infinite (null in metrics.jsonl) and hide every other layer's. Infinite when all are exact.
   double sqnr_sum = 0.0;
+  std::size_t finite = 0;
   const std::vector<LayerQuantization> layers = report();
-  for (const auto& layer : layers) sqnr_sum += layer.sqnr_db;
+  for (const auto& layer : layers) {
+    if (!std::isfinite(layer.sqnr_db)) continue;
+    sqnr_sum += layer.sqnr_db;
+    ++finite;
+  }
   ctx.metrics["quant_active"] = active_ ? 1.0 : 0.0;
-  ctx.metrics["quant_weight_sqnr_db"] = layers.empty() ? 0.0 : sqnr_sum / static_cast<double>(layers.size());
+  ctx.metrics["quant_weight_sqnr_db"] = layers.empty() ? 0.0
+                                        : finite == 0  ? std::numeric_limits<double>::infinity()
+                                                       : sqnr_sum / static_cast<double>(finite);
 }
 
 void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
@@ -355,7 +365,9 @@ void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
         ctx,
         [&] {
           if (options_.export_path.empty()) return;
-          const Int8ExportReport r = export_int8(*ctx.model, layers(), options_.per_channel, options_.export_path);
+          // Weight-only: the points stayed the identity, whatever ranges a resumed run's buffers hold.
+          const Int8ExportReport r =
+              export_int8(*ctx.model, layers(), options_.per_channel, options_.export_path, options_.activations);
           std::printf("quantization: int8 model written to %s (%.2f MB; %.2f MB in float32; %lld int8 weights)\n",
                       options_.export_path.c_str(), static_cast<double>(r.bytes) / 1e6,
                       static_cast<double>(r.float_bytes) / 1e6, static_cast<long long>(r.quantized_weights));
@@ -373,7 +385,7 @@ void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
 }
 
 Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::string>& quantized, bool per_channel,
-                             const std::string& path) {
+                             const std::string& path, bool with_activations) {
   LOCKSTEP_CHECK(!path.empty(), "export_int8: empty path");
   std::set<std::string> pending(quantized.begin(), quantized.end());
   c10::Dict<std::string, at::Tensor> weights, scales, tensors, activations;
@@ -427,7 +439,9 @@ Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::st
     tensors.insert(item.key(), value.cpu().contiguous());
     ++report.float_parameters;
   }
-  for (const auto& [name, point] : find_points(model)) {
+  const std::vector<std::pair<std::string, ActivationFakeQuant>> points =
+      with_activations ? find_points(model) : std::vector<std::pair<std::string, ActivationFakeQuant>>{};
+  for (const auto& [name, point] : points) {
     const ActivationQParams q = point->qparams();
     activations.insert(name, torch::stack({q.scale.reshape({}).to(torch::kFloat64),
                                            q.zero_point.reshape({}).to(torch::kFloat64),
@@ -482,7 +496,11 @@ Int8Model int8_model_of(const c10::impl::GenericDict& root, const std::string& p
     auto scale = scales.find(name);
     LOCKSTEP_CHECK(scale != scales.end(), "read_int8: '", path, "' has int8 codes but no scale for '", name, "'");
     QuantizedWeight q{item.value().toTensor(), scale->value().toTensor()};
-    dequantize_weight(q.codes, q.scale);  // checks the codes' type and the scales' shape
+    try {
+      dequantize_weight(q.codes, q.scale);  // checks the codes' type and the scales' shape
+    } catch (const Error& e) {
+      LOCKSTEP_FAIL("read_int8: '", path, "': '", name, "': ", e.message());
+    }
     positive_scales(q.scale, "'" + name + "'");
     LOCKSTEP_CHECK(q.codes.numel() == 0 || q.codes.min().item<int>() >= -127, "read_int8: '", path, "': '", name,
                    "' holds the code -128, outside the symmetric range [-127, 127] an export writes");
@@ -566,10 +584,12 @@ void load_int8(torch::nn::Module& model, const std::string& path) {
   }
   LOCKSTEP_CHECK(values.empty(), "load_int8: '", path, "' has '", values.begin()->first,
                  "', which the model does not (a file of another model?)");
+  // The points the file lists quantize; a weight-only file lists none, and its model's points stay the
+  // identity, as in the training that wrote it (their buffers may hold an earlier run's ranges).
   for (auto& [name, point] : find_points(model)) {
     point->sync_from_buffers();
     point->set_observing(false);
-    point->set_enabled(true);
+    point->set_enabled(file.activations.count(name) > 0);
   }
 }
 

@@ -67,9 +67,14 @@ class Entries {
   // error: quantized here, it would compute what the evaluated model never did.
   compress::QuantizedWeight weight(const std::string& name, at::IntArrayRef shape) const {
     auto it = file_.weights.find(name);
-    LOCKSTEP_CHECK(it != file_.weights.end(), "Int8ResNet18: '", name, "' in '", path_,
-                   "' was kept in float by quantization-aware training (an exclude pattern?); the int8 convolutions "
-                   "need every convolution trained with fake quantization (only fc may stay in float)");
+    if (it == file_.weights.end()) {
+      // In float (in the file's float tensors), or not there at all: a file of another model.
+      LOCKSTEP_CHECK(file_.tensors.count(name) + file_.ties.count(name) > 0, "Int8ResNet18: '", path_,
+                     "' has no entry '", name, "' (not a ResNet-18 of these options?)");
+      LOCKSTEP_FAIL("Int8ResNet18: '", name, "' in '", path_,
+                    "' was kept in float by quantization-aware training (an exclude pattern?); the int8 convolutions "
+                    "need every convolution trained with fake quantization (only fc may stay in float)");
+    }
     check_shape(name, it->second.codes, shape);
     return it->second;
   }

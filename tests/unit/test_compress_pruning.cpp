@@ -123,6 +123,11 @@ TEST_CASE("pruning: unstructured masks prune exactly the requested count, smalle
   }
   // Deterministic (ranks with identical weights compute identical masks).
   CHECK(torch::equal(unstructured_mask(w, 0.6), unstructured_mask(w.clone(), 0.6)));
+  // A small layer keeps its largest weight where rounding would prune all (5 x 0.9 = 4.5 rounds to 5);
+  // sparsity 1 prunes all.
+  const at::Tensor small = torch::tensor({0.5f, -3.0f, 0.1f, 2.0f, -0.2f});
+  CHECK(torch::equal(unstructured_mask(small, 0.9), torch::tensor({false, true, false, false, false})));
+  CHECK(pruned(unstructured_mask(small, 1.0)) == 5);
 }
 
 TEST_CASE("pruning: global unstructured masks share one threshold and hit the total exactly", "[compress]") {

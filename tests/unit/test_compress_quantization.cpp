@@ -21,6 +21,7 @@
 #include "lockstep/models/resnet.hpp"
 #include "lockstep/train/callback.hpp"
 #include "support/fixtures.hpp"
+#include "support/solo_communicator.hpp"
 #include "support/temp_dir.hpp"
 #include "train/checksum.hpp"
 
@@ -256,6 +257,17 @@ TEST_CASE("quantization: the int8 export reads back into the model bitwise", "[c
   CHECK(torch::equal(model->forward(x), loaded->forward(x)));
   CHECK(torch::equal(model->bn->running_var, loaded->bn->running_var));
 
+  SECTION("a weight-only export writes no activation points, whatever ranges they hold") {
+    // Weight-only QAT (activations false) resumed from a run that had ranges: its points stayed the
+    // identity, and a file with their ranges would make load_int8 quantize there.
+    const std::string weights_only = temp_path("weights_only.int8");
+    export_int8(*model, {"conv.weight", "fc.weight"}, true, weights_only, /*activations=*/false);
+    CHECK(read_int8(weights_only).activations.empty());
+    CHECK(read_int8(path).activations.size() == 2);
+    SmallConvNet fresh(true, true);
+    load_int8(*fresh, weights_only);
+    CHECK_FALSE(fresh->quant_relu->enabled());
+  }
   SECTION("another model's file is an error naming the entry") {
     SmallConvNet other(/*batch_norm=*/false, true);
     CHECK_THROWS_WITH(load_int8(*other, path), Catch::Contains("'bn.") && Catch::Contains("which the model does not"));
@@ -314,6 +326,20 @@ TEST_CASE("quantization: the int8 export reads back into the model bitwise", "[c
       weights.insert_or_assign(name, codes);
     });
     CHECK_THROWS_WITH(read_int8(code), Catch::Contains("holds the code -128, outside the symmetric range [-127, 127]"));
+    // Codes of another type, or scales of another length: the file and the weight are named.
+    std::string float_name;
+    const std::string float_codes = tampered([&](c10::impl::GenericDict& root) {
+      auto [weights, name] = first(root, "weights");
+      float_name = name;
+      weights.insert_or_assign(name, weights.at(name).toTensor().to(torch::kFloat));
+    });
+    CHECK_THROWS_WITH(read_int8(float_codes),
+                      Catch::Contains("read_int8: '" + float_codes + "': '" + float_name + "': dequantize_weight"));
+    const std::string short_scales = tampered([&](c10::impl::GenericDict& root) {
+      auto [scales, name] = first(root, "scales");
+      scales.insert_or_assign(name, torch::ones({1000}));
+    });
+    CHECK_THROWS_WITH(read_int8(short_scales), Catch::Contains("read_int8: '" + short_scales + "': '"));
     const std::string zero_point = tampered([&](c10::impl::GenericDict& root) {
       auto [activations, name] = first(root, "activations");
       at::Tensor t = activations.at(name).toTensor().clone();
@@ -351,6 +377,35 @@ TEST_CASE("quantization: options are validated and name the problem", "[compress
   CHECK_THROWS_WITH(validate(o), Catch::Contains("freeze_step (40) with freeze_epoch (2, which decides)"));
   o.freeze_step = -1;
   CHECK_NOTHROW(validate(o));
+}
+
+TEST_CASE("quantization: a layer int8 holds exactly (pruned to zero) counts out of the mean SQNR", "[compress]") {
+  // Its SQNR is infinite (no noise): in the mean it made the metric infinite, null in metrics.jsonl.
+  lockstep::testing::SmallConvNet model;
+  lockstep::testing::SoloCommunicator solo;
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  ctx.communicator = &solo;
+  QuantizationOptions o;
+  o.activations = false;
+  QuantizationAwareTraining qat(o);
+  qat.on_setup(ctx);
+  {
+    torch::NoGradGuard no_grad;
+    model->conv->weight.zero_();
+  }
+  qat.on_epoch_end(ctx);
+  const std::vector<LayerQuantization> rows = qat.report();
+  REQUIRE(rows.size() == 2);
+  CHECK(std::isinf(rows[0].sqnr_db));  // conv.weight
+  REQUIRE(std::isfinite(rows[1].sqnr_db));
+  CHECK(ctx.metrics.at("quant_weight_sqnr_db") == rows[1].sqnr_db);
+  {
+    torch::NoGradGuard no_grad;
+    model->fc->weight.zero_();
+  }
+  qat.on_epoch_end(ctx);
+  CHECK(std::isinf(ctx.metrics.at("quant_weight_sqnr_db")));  // every layer exact
 }
 
 TEST_CASE("quantization: selecting no weights or a model without points is an error", "[compress]") {
@@ -533,6 +588,21 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
   export_int8(*model, without_stem, true, stem_path);
   CHECK_THROWS_WITH(lockstep::models::Int8ResNet18(stem_path, o),
                     Catch::Contains("'conv1.weight'") && Catch::Contains("was kept in float"));
+  {
+    // Not in the file at all (a file of another model): that, not an exclude pattern, is named.
+    std::ifstream in(path, std::ios::binary);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    c10::IValue value = torch::pickle_load(bytes);
+    c10::impl::GenericDict root = value.toGenericDict();
+    (void)root.erase(std::string(lockstep::train::kChecksumKey));  // as a file from before trailers
+    (void)root.at(std::string("weights")).toGenericDict().erase(std::string("conv1.weight"));
+    (void)root.at(std::string("scales")).toGenericDict().erase(std::string("conv1.weight"));
+    const std::string missing_path = temp_path("missing_stem.int8");
+    const std::vector<char> written = torch::pickle_save(value);
+    std::ofstream(missing_path, std::ios::binary).write(written.data(), static_cast<std::streamsize>(written.size()));
+    CHECK_THROWS_WITH(lockstep::models::Int8ResNet18(missing_path, o),
+                      Catch::Contains("has no entry 'conv1.weight'") && !Catch::Contains("kept in float"));
+  }
   {
     // One outlier per row: int8 would round the rest of the row to 0.
     torch::NoGradGuard no_grad;

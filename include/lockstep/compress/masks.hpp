@@ -31,7 +31,8 @@ std::string to_string(PruneScope scope);
 // `count` prunes: round to nearest, so the achieved sparsity is within half an element of the target.
 int64_t prune_count(int64_t count, double sparsity);
 
-// Unstructured, per layer: exactly prune_count(numel, sparsity) smallest |w| pruned.
+// Unstructured, per layer: exactly prune_count(numel, sparsity) smallest |w| pruned, but at least one
+// weight kept where sparsity < 1 (a small layer: 5 weights at 0.9 prune 4, not all 5).
 at::Tensor unstructured_mask(const at::Tensor& weight, double sparsity);
 // Unstructured, global: exactly prune_count(total, sparsity) smallest |w| over all weights pruned.
 std::vector<at::Tensor> global_unstructured_masks(const std::vector<at::Tensor>& weights, double sparsity);

@@ -138,7 +138,9 @@ class QuantizationAwareTraining final : public train::Callback {
 //   "weights": {parameter name: int8 codes}, "scales": {parameter name: scale per channel or [1]},
 //   "tensors": {name: float tensor} for every other parameter and buffer (biases, batch norm; not
 //              pruning's masks, which the weights' zeros already hold),
-//   "activations": {module name: [scale, zero_point, min, max]} for every ActivationFakeQuant point.
+//   "activations": {module name: [scale, zero_point, min, max]} for every ActivationFakeQuant point
+//                  (none when `activations` is false: a weight-only model, whose points stayed the
+//                  identity in training whatever ranges they hold from an earlier run),
 //   "ties": {name: name it is stored under} for each further name of a tensor the model registers
 //           under several (tied weights: stored once, int8 if any of its names is quantized),
 //   "lockstep_checksum": "crc32 trailer": the file ends in a CRC-32 trailer that read_int8 checks
@@ -151,7 +153,7 @@ struct Int8ExportReport {
   int64_t float_bytes = 0;         // what the same tensors take in float (the file without int8)
 };
 Int8ExportReport export_int8(torch::nn::Module& model, const std::vector<std::string>& quantized, bool per_channel,
-                             const std::string& path);
+                             const std::string& path, bool activations = true);
 // An export_int8 file's content (on the CPU).
 struct Int8Model {
   bool per_channel = true;
@@ -165,7 +167,8 @@ struct Int8Model {
 // Reads and checks an export_int8 file; errors name the file and what is wrong with it.
 Int8Model read_int8(const std::string& path);
 // Reads an export_int8 file into `model` (the same architecture): the int8 weights dequantized, the
-// rest copied, the activation points' ranges set and their fake quantization enabled, so the model
+// rest copied, the activation points' ranges set and the fake quantization of those the file lists
+// enabled (none in a weight-only export: those stay the identity, as in its training), so the model
 // computes what the exported int8 model computes. Every parameter, buffer and point of the model must
 // be in the file and every entry of the file in the model, with the same shapes; errors name the entry.
 void load_int8(torch::nn::Module& model, const std::string& path);

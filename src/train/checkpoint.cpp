@@ -238,6 +238,7 @@ struct DataOrderEntry {
   std::string key;
   int64_t value;
   bool sets_steps;  // changes the steps per epoch
+  bool sets_order;  // changes the order of an epoch's samples
 };
 // Note [A finished run's metrics]: a checkpoint at an epoch's end holds that epoch's metrics (a nested
 // archive of doubles, nan and inf included), so that the same command run again after the run completed
@@ -247,12 +248,12 @@ std::vector<DataOrderEntry> data_order(const TrainerContext& ctx) {
   std::vector<DataOrderEntry> out;
   if (ctx.train_loader == nullptr) return out;
   const data::ShardedSampler& sampler = *ctx.train_loader->sampler();
-  out.push_back({"the training set size", static_cast<int64_t>(sampler.dataset_size()), true});
-  out.push_back({"seed", static_cast<int64_t>(sampler.options().seed), false});
-  out.push_back({"shuffle", sampler.options().shuffle ? 1 : 0, false});
-  out.push_back({"batch_size", static_cast<int64_t>(ctx.train_loader->options().batch_size), true});
-  out.push_back({"drop_last_batch", ctx.train_loader->options().drop_last_batch ? 1 : 0, true});
-  if (ctx.options != nullptr) out.push_back({"accumulation_steps", ctx.options->accumulation_steps, true});
+  out.push_back({"the training set size", static_cast<int64_t>(sampler.dataset_size()), true, true});
+  out.push_back({"seed", static_cast<int64_t>(sampler.options().seed), false, true});
+  out.push_back({"shuffle", sampler.options().shuffle ? 1 : 0, false, true});
+  out.push_back({"batch_size", static_cast<int64_t>(ctx.train_loader->options().batch_size), true, false});
+  out.push_back({"drop_last_batch", ctx.train_loader->options().drop_last_batch ? 1 : 0, true, false});
+  if (ctx.options != nullptr) out.push_back({"accumulation_steps", ctx.options->accumulation_steps, true, false});
   return out;
 }
 }  // namespace
@@ -494,20 +495,24 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
     const data::SamplerState& position = taken.position;
     torch::serialize::InputArchive order;  // Note [Data order in a checkpoint]; older files have none
     if (archive.try_read("data_order", order)) {
+      // Inside an epoch its sample order must be the same; anywhere, the steps per epoch. Each refusal
+      // gives its own reason (a new batch size keeps the order but not the steps).
       const bool inside = position.position > 0;
       std::string changed;
+      bool order_changed = false;
       for (const auto& entry : data_order(ctx)) {
         c10::IValue saved;
         if ((inside || entry.sets_steps) && order.try_read(entry.key, saved) && saved.toInt() != entry.value) {
           changed += (changed.empty() ? "" : ", ") + entry.key + " " + std::to_string(saved.toInt()) + " then, " +
                      std::to_string(entry.value) + " now";
+          order_changed = order_changed || entry.sets_order;
         }
       }
-      if (inside) {
-        LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " stopped inside epoch ", position.epoch + 1, " (",
-                       position.position, " samples of this rank's share done), and the order of that epoch's "
-                       "samples has changed since (", changed, "): resuming would skip samples never trained on and "
-                       "repeat others. Resume with the same data and options");
+      if (inside && order_changed) {
+        LOCKSTEP_FAIL("checkpoint ", path, " stopped inside epoch ", position.epoch + 1, " (", position.position,
+                      " samples of this rank's share done), and the order of that epoch's samples has changed since (",
+                      changed, "): resuming would skip samples never trained on and repeat others. Resume with the "
+                      "same data and options");
       } else {
         LOCKSTEP_CHECK(changed.empty(), "checkpoint ", path, " was written with other steps per epoch (", changed,
                        "): the learning-rate schedule counts global steps in epochs, so the ", global_step,

@@ -62,6 +62,7 @@ void EpochTotals::reset(int64_t next_epoch) {
   started_epoch = true;
   started = std::chrono::steady_clock::now();
   seconds_before = 0;
+  frozen_seconds.reset();
 }
 
 void EpochTotals::add_grad_norm(const at::Tensor& norm) {
@@ -79,6 +80,7 @@ void EpochTotals::settle() {
 }
 
 double EpochTotals::seconds() const {
+  if (frozen_seconds) return *frozen_seconds;
   return seconds_before + std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 }
 

@@ -32,6 +32,9 @@ struct EpochTotals {
   bool started_epoch = false;
   std::chrono::steady_clock::time_point started{};
   double seconds_before = 0;  // training time of this epoch before the run was resumed
+  // Set when the epoch's steps end (freeze_seconds): its evaluation, and a checkpoint written during
+  // or after it (a stop that cut the evaluation short), do not count as training time.
+  std::optional<double> frozen_seconds;
 
   // Starts `epoch` at zero.
   void reset(int64_t epoch);
@@ -40,6 +43,7 @@ struct EpochTotals {
   // Moves `grad_norm` into sums[kGradNorm] (reads it: a host synchronisation).
   void settle();
   double seconds() const;  // training time of this epoch so far, before a resume included
+  void freeze_seconds() { frozen_seconds = seconds(); }
 };
 
 // Note [Epoch totals in checkpoints]: a built-in callback of the trainer. Saving is collective (Note

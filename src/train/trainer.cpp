@@ -562,6 +562,7 @@ std::map<std::string, double> DistributedTrainer::fit(data::DatasetPtr train_set
     const at::Tensor tracked = totals_->tracker.sums().to(at::kCPU);
     local.insert(local.end(), tracked.data_ptr<double>(), tracked.data_ptr<double>() + tracked.numel());
     local.push_back(totals_->seconds());
+    totals_->freeze_seconds();  // the evaluation that follows is not training time
     const std::vector<double> sums = allreduce_sums(*comm_, local);
     const double train_seconds = sums.back() / static_cast<double>(world);
     const std::map<std::string, double> trained =

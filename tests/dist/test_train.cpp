@@ -994,7 +994,7 @@ TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and c
           "[train]") {
   bool model_unchanged = false;  // after the last run: its model still holds its initial weights
   auto run = [&](const std::string& dir, int64_t epochs, int64_t per_rank, int64_t stop_after, int64_t every_steps,
-                 uint64_t seed = 8) {
+                 uint64_t seed = 8, int64_t batch_size = 4) {
     torch::manual_seed(5);
     lockstep::testing::SmallConvNet model;
     std::vector<torch::Tensor> initial;
@@ -1002,6 +1002,7 @@ TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and c
     auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
     TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(epochs, seed), dir, stop_after, "auto");
     o.checkpoint.every_steps = every_steps;
+    o.batch_size = batch_size;
     DistributedTrainer trainer(model, opt, comm_ptr(), o);
     const std::string error = lockstep::testing::error_of([&] {
       trainer.fit(lockstep::testing::synthetic_images(per_rank * comm().size(), 8, 7), nullptr);
@@ -1021,6 +1022,11 @@ TEST_CASE("trainer: a resume refuses a changed data order inside an epoch, and c
   CHECK(model_unchanged);  // refused before the checkpoint's weights were copied in
   CHECK(lockstep::testing::communicator_healthy());
   CHECK_THAT(run(inside, 1, 12, 0, 1, /*seed=*/9), Catch::Contains("(seed 8 then, 9 now)"));  // another shuffle
+  // Another batch size keeps the order of the samples but not the steps per epoch: that is the reason.
+  const std::string batched = run(inside, 1, 12, 0, 1, 8, /*batch_size=*/6);
+  CHECK_THAT(batched, Catch::Contains("was written with other steps per epoch (batch_size 4 then, 6 now)") &&
+                          !Catch::Contains("order of that epoch's samples"));
+  CHECK(model_unchanged);
   CHECK(run(inside, 1, 12, 0, 1).empty());  // the same data resumes
 
   // At an epoch's start a new shuffle is fine, but not other steps per epoch: the schedule counts

@@ -4,9 +4,11 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "lockstep/train/metrics.hpp"
@@ -123,4 +125,31 @@ TEST_CASE("epoch totals: non-finite sums (an fp16 step that overflowed) survive 
   CHECK(std::isnan(old.sums[lockstep::train::kGradNorm]));
   CHECK_THROWS_WITH(loader.load_state(R"({"epoch": 0, "seconds": "soon", "sums": []})"),
                     Catch::Contains("trainer_epoch_totals state is not valid") && Catch::Contains("\"soon\""));
+}
+
+TEST_CASE("epoch totals: the training time stops when the epoch's steps end", "[train]") {
+  // A stop that cuts the evaluation short writes the checkpoint after it: the evaluation's time must
+  // not be saved, and resumed, as training time (images_per_s would come out low).
+  lockstep::testing::SoloCommunicator solo;
+  lockstep::train::TrainerContext ctx;
+  ctx.communicator = &solo;
+  EpochTotals totals(make_metrics({"accuracy"}));
+  EpochTotalsState state(&totals);
+  state.on_setup(ctx);
+  totals.reset(0);
+  totals.seconds_before = 5.0;
+  totals.freeze_seconds();
+  const double frozen = totals.seconds();
+  CHECK(frozen >= 5.0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));  // the evaluation
+  CHECK(totals.seconds() == frozen);
+  EpochTotals resumed(make_metrics({"accuracy"}));
+  EpochTotalsState loader(&resumed);
+  loader.load_state(state.save_state());
+  resumed.reset(0);
+  REQUIRE(loader.restore(0, 0));
+  CHECK(resumed.seconds_before == frozen);
+  CHECK(resumed.seconds() < frozen + 1.0);  // running again from the resume
+  totals.reset(1);  // the next epoch's clock starts afresh
+  CHECK(totals.seconds() < 1.0);
 }

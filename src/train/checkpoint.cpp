@@ -321,6 +321,7 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     archive.write("epoch", c10::IValue(position.epoch));
     archive.write("position", c10::IValue(position.position));
     archive.write("world_size", c10::IValue(static_cast<int64_t>(world)));
+    archive.write("total_steps", c10::IValue(ctx.total_steps));  // Note [A cosine schedule stretched]
     if (position.position == 0 && !ctx.metrics.empty()) {  // Note [A finished run's metrics]
       torch::serialize::OutputArchive metrics;
       for (const auto& [key, value] : ctx.metrics) metrics.write(key, c10::IValue(value));
@@ -406,6 +407,7 @@ struct Taken {
   data::SamplerState position;
   std::optional<std::uint64_t> synchronized_backwards;        // Note [Iteration across a resume]
   std::optional<std::map<std::string, double>> last_metrics;  // Note [A finished run's metrics]
+  std::optional<int64_t> total_steps;                         // the run's length then; older files have none
   std::vector<CallbackState> callbacks;
 };
 
@@ -550,6 +552,8 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
         taken.callbacks.push_back(std::move(state));
       }
     }
+    c10::IValue total;
+    if (archive.try_read("total_steps", total)) taken.total_steps = total.toInt();
     c10::IValue synchronized;
     if (ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized)) {
       taken.synchronized_backwards = static_cast<std::uint64_t>(synchronized.toInt());
@@ -628,6 +632,22 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std:
   ctx.epoch = taken.position.epoch;
   ctx.resume_position = taken.position;
   if (taken.last_metrics) ctx.metrics = std::move(*taken.last_metrics);
+  // Note [A cosine schedule stretched]: the cosine schedule decays over the run's total steps, so a
+  // resume with other epochs (raised to train on) moves the learning rate at the step resumed: it
+  // rises from near min_lr back towards the base. Allowed (it is how a longer run continues), but said.
+  if (ctx.communicator->rank() == 0 && taken.total_steps && ctx.total_steps > 0 && *taken.total_steps > 0 &&
+      *taken.total_steps != ctx.total_steps && ctx.options != nullptr &&
+      ctx.options->lr.kind == LrScheduleKind::Cosine) {
+    std::printf("lockstep: warning: %s was written by a run of %lld steps and this run has %lld: the cosine "
+                "learning-rate schedule now spans the new length, so at step %lld it is %.0f%% through it, "
+                "not %.0f%% (the learning rate jumps %s)\n",
+                path.c_str(), static_cast<long long>(*taken.total_steps), static_cast<long long>(ctx.total_steps),
+                static_cast<long long>(taken.global_step),
+                100.0 * std::min(1.0, static_cast<double>(taken.global_step) / static_cast<double>(ctx.total_steps)),
+                100.0 * std::min(1.0, static_cast<double>(taken.global_step) / static_cast<double>(*taken.total_steps)),
+                ctx.total_steps > *taken.total_steps ? "up" : "down");
+    std::fflush(stdout);
+  }
   last_saved_step_ = ctx.global_step;
   last_saved_position_ = taken.position;
   last_path_ = path;
@@ -728,7 +748,8 @@ void Checkpointer::resume(TrainerContext& ctx) {
     const int64_t epochs = ctx.options != nullptr ? ctx.options->epochs : -1;
     if (ctx.resume_position->position == 0 && epochs >= 0 && ctx.resume_position->epoch >= epochs) {
       std::printf("resumed from %s (step %lld): the run is complete (%lld of %lld epochs), nothing left to train; "
-                  "raise trainer.epochs to train on, or set checkpoint.resume: never to start over\n",
+                  "raise trainer.epochs to train on (a cosine schedule then spans the longer run), or set "
+                  "checkpoint.resume: never to start over\n",
                   path.c_str(), static_cast<long long>(ctx.global_step),
                   static_cast<long long>(ctx.resume_position->epoch), static_cast<long long>(epochs));
     } else {

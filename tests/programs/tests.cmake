@@ -99,6 +99,25 @@ if(LOCKSTEP_BUILD_EXAMPLES)
     FAIL_REGULAR_EXPRESSION "int8 model on the quantized kernels")
 endif()
 
+# Note [A cosine schedule stretched]: a finished cosine run resumed with more epochs (as the "run is
+# complete" line advises) goes on, and says that the schedule now spans the longer run.
+if(LOCKSTEP_BUILD_EXAMPLES)
+  set(cosine_args --config ${PROJECT_SOURCE_DIR}/configs/demo.yaml
+                  --set data.train_subset=240 --set data.test_subset=100 --set model.width=4
+                  --set trainer.output_dir=${CMAKE_CURRENT_BINARY_DIR}/train_resnet_cosine_longer)
+  lockstep_success_test(program.train_resnet_cosine_first.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${cosine_args}
+                        --set trainer.epochs=1 --set trainer.checkpoint.resume=never)
+  set_tests_properties(program.train_resnet_cosine_first.np2 PROPERTIES TIMEOUT 200 LABELS dist PROCESSORS 2
+    FIXTURES_SETUP cosine_longer PASS_REGULAR_EXPRESSION "final test accuracy: [0-9.]+%")
+  lockstep_success_test(program.train_resnet_cosine_longer.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${cosine_args}
+                        --set trainer.epochs=2)
+  set_tests_properties(program.train_resnet_cosine_longer.np2 PROPERTIES TIMEOUT 200 LABELS dist PROCESSORS 2
+    FIXTURES_REQUIRED cosine_longer
+    PASS_REGULAR_EXPRESSION "warning: [^\n]*checkpoint-step([0-9]+).pt was written by a run of [0-9]+ steps and this run has [0-9]+: the cosine learning-rate schedule now spans the new length, so at step [0-9]+ it is 50% through it, not 100% .the learning rate jumps up.*final test accuracy: [0-9.]+%")
+endif()
+
 # early_stopping on real data (Fashion-MNIST, a constant lr on 1000 images, which soon overfit): every rank
 # ends after the same epoch with the reason; a long evaluation shows progress lines on the way.
 # The same command again (resume: auto) resumes, sees that it had stopped and ends at once.

@@ -43,7 +43,8 @@ struct AugmentConfig {
 struct DataConfig {
   // "fashion-mnist", "mnist", "cifar10" or "synthetic" (1x28x28, 10 classes, learnable).
   std::string dataset = "fashion-mnist";
-  // Directory of the files; empty = the data set's default (Fashion-MNIST: data::kFashionMnistRoot).
+  // Directory of the files; empty = Fashion-MNIST's default (data::kFashionMnistRoot); mnist and cifar10
+  // need one.
   std::string dir;
   // Use only the first N samples; 0 = all (for synthetic: the size, default 1024 / 256, at most
   // kMaxSyntheticSamples).

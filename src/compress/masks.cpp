@@ -73,7 +73,8 @@ at::Tensor unstructured_mask(const at::Tensor& weight, double sparsity) {
   const int64_t numel = weight.numel();
   // A sparsity below 1 keeps at least one weight: rounding would prune all of a small layer (5
   // weights at 0.9 round to 5), disconnecting its outputs, as channel_mask keeps one channel.
-  const int64_t k = sparsity < 1.0 ? std::min(prune_count(numel, sparsity), numel - 1) : numel;
+  const int64_t count = prune_count(numel, sparsity);  // checks the sparsity
+  const int64_t k = sparsity < 1.0 ? std::min(count, numel - 1) : count;
   if (k == 0) return at::ones(weight.sizes(), at::kBool);
   return mask_from_order(ascending_order(weight.detach().abs().reshape({-1})), k, numel).view(weight.sizes());
 }

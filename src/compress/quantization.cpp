@@ -325,12 +325,13 @@ void QuantizationAwareTraining::on_epoch_end(train::TrainerContext& ctx) {
   verify_ranges(*ctx.communicator);
   // The mean over the layers whose int8 values differ from the weights: one layer held exactly (all
   // zero after pruning, or weights already on the int8 grid) has an infinite SQNR, which would make the
-  // mean infinite (null in metrics.jsonl) and hide every other layer's. Infinite when all are exact.
+  // mean infinite (null in metrics.jsonl) and hide every other layer's. Infinite when all are exact;
+  // NaN when a layer's weights are (they count, so that the metric shows it).
   double sqnr_sum = 0.0;
   std::size_t finite = 0;
   const std::vector<LayerQuantization> layers = report();
   for (const auto& layer : layers) {
-    if (!std::isfinite(layer.sqnr_db)) continue;
+    if (std::isinf(layer.sqnr_db) && layer.sqnr_db > 0) continue;  // exact; a NaN (diverged weights) stays in
     sqnr_sum += layer.sqnr_db;
     ++finite;
   }

@@ -31,6 +31,7 @@
 #include "lockstep/train/model_tensors.hpp"
 #include "train/atomic_file.hpp"
 #include "train/checksum.hpp"
+#include "train/epoch_steps.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -633,20 +634,28 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std:
   ctx.resume_position = taken.position;
   if (taken.last_metrics) ctx.metrics = std::move(*taken.last_metrics);
   // Note [A cosine schedule stretched]: the cosine schedule decays over the run's total steps, so a
-  // resume with other epochs (raised to train on) moves the learning rate at the step resumed: it
-  // rises from near min_lr back towards the base. Allowed (it is how a longer run continues), but said.
-  if (ctx.communicator->rank() == 0 && taken.total_steps && ctx.total_steps > 0 && *taken.total_steps > 0 &&
+  // resume with other epochs (raised to train on) moves the learning rate at the step resumed: from
+  // near min_lr back towards the base. Allowed (it is how a longer run continues), but said. A step
+  // still in the warmup, which does not depend on the length, has no jump.
+  if (ctx.communicator->rank() == 0 && taken.total_steps && ctx.total_steps > 0 && ctx.steps_per_epoch > 0 &&
       *taken.total_steps != ctx.total_steps && ctx.options != nullptr &&
       ctx.options->lr.kind == LrScheduleKind::Cosine) {
-    std::printf("lockstep: warning: %s was written by a run of %lld steps and this run has %lld: the cosine "
-                "learning-rate schedule now spans the new length, so at step %lld it is %.0f%% through it, "
-                "not %.0f%% (the learning rate jumps %s)\n",
-                path.c_str(), static_cast<long long>(*taken.total_steps), static_cast<long long>(ctx.total_steps),
-                static_cast<long long>(taken.global_step),
-                100.0 * std::min(1.0, static_cast<double>(taken.global_step) / static_cast<double>(ctx.total_steps)),
-                100.0 * std::min(1.0, static_cast<double>(taken.global_step) / static_cast<double>(*taken.total_steps)),
-                ctx.total_steps > *taken.total_steps ? "up" : "down");
-    std::fflush(stdout);
+    const LrScheduleOptions& lr = ctx.options->lr;
+    const int64_t warmup = steps_of_epochs(lr.warmup_epochs, ctx.steps_per_epoch, "lr schedule warmup_epochs") +
+                           lr.warmup_steps;
+    const int64_t step = taken.global_step;
+    const auto decayed = [&](int64_t total) {  // as lr_at: the fraction of the decay done at `step`
+      return std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup)));
+    };
+    if (step >= warmup && decayed(*taken.total_steps) != decayed(ctx.total_steps)) {
+      std::printf("lockstep: warning: %s was written by a run of %lld steps and this run has %lld: the cosine "
+                  "learning-rate schedule now decays over the new length, so at step %lld it is %.0f%% through "
+                  "its decay, not %.0f%% (the learning rate jumps %s)\n",
+                  path.c_str(), static_cast<long long>(*taken.total_steps), static_cast<long long>(ctx.total_steps),
+                  static_cast<long long>(step), 100.0 * decayed(ctx.total_steps), 100.0 * decayed(*taken.total_steps),
+                  decayed(ctx.total_steps) < decayed(*taken.total_steps) ? "up" : "down");
+      std::fflush(stdout);
+    }
   }
   last_saved_step_ = ctx.global_step;
   last_saved_position_ = taken.position;

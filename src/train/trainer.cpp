@@ -845,6 +845,11 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
   return run_evaluation(eval_set, nullptr, nullptr);
 }
 
+void DistributedTrainer::check_evaluation_set(const data::Dataset& eval_set) const {
+  LOCKSTEP_CHECK(eval_set.size() > 0, "DistributedTrainer: the evaluation set (", eval_set.description(),
+                 ") is empty; to train without evaluating, give fit() none (nullptr) (rank ", comm_->rank(), ")");
+}
+
 // Note [Stop during evaluation]: an evaluation can outlast a scheduler's grace period (SLURM's KillWait
 // is 30 s), so inside fit() it takes the stop vote too, posted before every batch: every rank has the
 // same number of evaluation batches (Note [Exact evaluation]), so every rank reads the same codes
@@ -854,11 +859,6 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
 // place for it: averaged or int8 weights), on_epoch_end does not, and the epoch stays unfinished: the
 // resumed run evaluates it whole. An evaluation shorter than the vote's lag (2 batches) always ends;
 // the vote after on_epoch_end then stops the run (Note [Stop at epoch ends]).
-void DistributedTrainer::check_evaluation_set(const data::Dataset& eval_set) const {
-  LOCKSTEP_CHECK(eval_set.size() > 0, "DistributedTrainer: the evaluation set (", eval_set.description(),
-                 ") is empty; give fit() none (nullptr) to train without evaluating (rank ", comm_->rank(), ")");
-}
-
 std::map<std::string, double> DistributedTrainer::run_evaluation(const data::DatasetPtr& eval_set,
                                                                  TrainerContext* ctx, bool* cut_short) {
   LOCKSTEP_CHECK(eval_set != nullptr, "DistributedTrainer::evaluate: the data set is null");

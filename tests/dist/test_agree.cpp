@@ -268,8 +268,10 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
   CHECK(communicator_healthy());
   // Checkpoints kept on one rank alone (checkpoint.directory without output_dir: a Checkpointer, whose
   // setup is collective), and weights to start from on one rank alone (read, compared and broadcast).
+  const std::string directory = lockstep::testing::shared_temp_dir("agree_directory");  // collective
   auto kept = o;
-  if (rank == last) kept.checkpoint.directory = lockstep::testing::shared_temp_dir("agree_directory");
+  kept.checkpoints = true;
+  if (rank == last) kept.checkpoint.directory = directory;
   CHECK_THAT(run(48, kept), Contains("the ranks disagree on checkpoint.directory (set or not): not set on " +
                                      others(last) + "; set on rank " + std::to_string(last) + " (and 1 more differ)"));
   CHECK(communicator_healthy());

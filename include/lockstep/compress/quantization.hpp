@@ -169,8 +169,9 @@ Int8Model read_int8(const std::string& path);
 // Reads an export_int8 file into `model` (the same architecture): the int8 weights dequantized, the
 // rest copied, the activation points' ranges set and the fake quantization of those the file lists
 // enabled (none in a weight-only export: those stay the identity, as in its training), so the model
-// computes what the exported int8 model computes. Every parameter, buffer and point of the model must
-// be in the file and every entry of the file in the model, with the same shapes; errors name the entry.
+// computes what the exported int8 model computes. Every parameter and buffer of the model (the points'
+// ranges included) must be in the file and every entry of the file in the model, with the same shapes;
+// errors name the entry.
 void load_int8(torch::nn::Module& model, const std::string& path);
 
 // The report's text table: one row per quantized weight (name, shape, its scales' range, the

@@ -153,7 +153,8 @@ std::int64_t exact_integers(torch::ScalarType type) {
 // partial sum stays at most the total, which m keeps within the integers the dtype holds exactly
 // (bfloat16: 256), so rounding in any order of summation cannot flag a correct result; m is 32 where
 // that fits, smaller at many ranks. (It was rank + i % 32: at 9 ranks a correct bfloat16 sum of 315
-// rounds, and counted as wrong.)
+// rounds, and counted as wrong.) Ranks of one parity contribute alike, so a reduction that counted one
+// rank twice and dropped another of the same parity would pass: the dist tests check such pairing.
 std::int64_t wrong_results(lockstep::comm::Communicator& comm, torch::Tensor input, torch::Tensor output,
                            bool in_place) {
   const std::int64_t n = comm.size();

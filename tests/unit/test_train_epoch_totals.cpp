@@ -26,19 +26,28 @@ std::vector<double> tracked(const EpochTotals& totals) {
   return std::vector<double>(sums.data_ptr<double>(), sums.data_ptr<double>() + sums.numel());
 }
 
+// Epoch totals with the accuracy metric and their checkpoint state, set up on a one-rank
+// communicator at the start of `epoch`.
+struct SavedTotals {
+  lockstep::testing::SoloCommunicator solo;
+  lockstep::train::TrainerContext ctx;
+  EpochTotals totals{make_metrics({"accuracy"})};
+  EpochTotalsState state{&totals};
+  explicit SavedTotals(int64_t epoch) {
+    ctx.communicator = &solo;
+    state.on_setup(ctx);
+    totals.reset(epoch);
+  }
+};
+
 }  // namespace
 
 TEST_CASE("epoch totals: a checkpoint's state resumes the epoch's sums on rank 0", "[train]") {
-  lockstep::testing::SoloCommunicator solo;
-  lockstep::train::TrainerContext ctx;
-  ctx.communicator = &solo;
-  EpochTotals saved(make_metrics({"accuracy"}));
-  EpochTotalsState saver(&saved);
-  saver.on_setup(ctx);
-  saved.reset(1);
-  saved.sums[lockstep::train::kSteps] = 3;
-  saved.tracker.update(torch::tensor({{2.0, 1.0}, {0.0, 1.0}}), torch::tensor({0, 0}, torch::kLong), torch::tensor(0.5));
-  const std::string state = saver.save_state();
+  SavedTotals run(1);
+  run.totals.sums[lockstep::train::kSteps] = 3;
+  run.totals.tracker.update(torch::tensor({{2.0, 1.0}, {0.0, 1.0}}), torch::tensor({0, 0}, torch::kLong),
+                            torch::tensor(0.5));
+  const std::string state = run.state.save_state();
 
   EpochTotals resumed(make_metrics({"accuracy"}));
   EpochTotalsState loader(&resumed);
@@ -86,19 +95,13 @@ TEST_CASE("epoch totals: a checkpoint from before pluggable metrics keeps its lo
 
 TEST_CASE("epoch totals: non-finite sums (an fp16 step that overflowed) survive the checkpoint", "[train]") {
   // Note [Non-finite sums]: JSON has no NaN or inf; written as null they made the checkpoint unloadable.
-  lockstep::testing::SoloCommunicator solo;
-  lockstep::train::TrainerContext ctx;
-  ctx.communicator = &solo;
-  EpochTotals saved(make_metrics({"accuracy"}));
-  EpochTotalsState saver(&saved);
-  saver.on_setup(ctx);
-  saved.reset(0);
-  saved.sums[lockstep::train::kGradNorm] = std::numeric_limits<double>::infinity();
-  saved.sums[lockstep::train::kComm] = -std::numeric_limits<double>::infinity();
-  saved.sums[lockstep::train::kSteps] = 5;
-  saved.tracker.update(torch::tensor({{2.0, 1.0}, {0.0, 1.0}}), torch::tensor({0, 0}, torch::kLong),
-                       torch::tensor(std::numeric_limits<double>::quiet_NaN()));
-  const std::string state = saver.save_state();
+  SavedTotals run(0);
+  run.totals.sums[lockstep::train::kGradNorm] = std::numeric_limits<double>::infinity();
+  run.totals.sums[lockstep::train::kComm] = -std::numeric_limits<double>::infinity();
+  run.totals.sums[lockstep::train::kSteps] = 5;
+  run.totals.tracker.update(torch::tensor({{2.0, 1.0}, {0.0, 1.0}}), torch::tensor({0, 0}, torch::kLong),
+                            torch::tensor(std::numeric_limits<double>::quiet_NaN()));
+  const std::string state = run.state.save_state();
   CHECK(state.find("null") == std::string::npos);
 
   EpochTotals resumed(make_metrics({"accuracy"}));
@@ -130,13 +133,8 @@ TEST_CASE("epoch totals: non-finite sums (an fp16 step that overflowed) survive 
 TEST_CASE("epoch totals: the training time stops when the epoch's steps end", "[train]") {
   // A stop that cuts the evaluation short writes the checkpoint after it: the evaluation's time must
   // not be saved, and resumed, as training time (images_per_s would come out low).
-  lockstep::testing::SoloCommunicator solo;
-  lockstep::train::TrainerContext ctx;
-  ctx.communicator = &solo;
-  EpochTotals totals(make_metrics({"accuracy"}));
-  EpochTotalsState state(&totals);
-  state.on_setup(ctx);
-  totals.reset(0);
+  SavedTotals run(0);
+  EpochTotals& totals = run.totals;
   totals.seconds_before = 5.0;
   totals.freeze_seconds();
   const double frozen = totals.seconds();
@@ -145,7 +143,7 @@ TEST_CASE("epoch totals: the training time stops when the epoch's steps end", "[
   CHECK(totals.seconds() == frozen);
   EpochTotals resumed(make_metrics({"accuracy"}));
   EpochTotalsState loader(&resumed);
-  loader.load_state(state.save_state());
+  loader.load_state(run.state.save_state());
   resumed.reset(0);
   REQUIRE(loader.restore(0, 0));
   CHECK(resumed.seconds_before == frozen);

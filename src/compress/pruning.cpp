@@ -134,6 +134,13 @@ std::vector<std::string> MagnitudePruning::layers() const {
 
 namespace {
 
+// The step at which the schedule reaches its target: a gradual schedule's end step, else its one
+// pruning step.
+int64_t final_pruning_step(const PruningOptions& o) {
+  const bool gradual = o.schedule == PruneSchedule::Gradual && o.granularity != PruneGranularity::NM;
+  return gradual ? o.end_step : o.begin_step;
+}
+
 // The schedule in steps, for this fit (the steps per epoch may differ from fit to fit), checked
 // against the run's length: a schedule that ends after the last step would stop short of its target
 // while the startup line and permanent_path's model claimed it.
@@ -150,7 +157,7 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
   if (ctx.total_steps <= 0) return o;  // not in a trainer's fit, or a fit of no steps
   const int64_t last_step = ctx.total_steps - 1;
   const bool gradual = o.schedule == PruneSchedule::Gradual && o.granularity != PruneGranularity::NM;
-  const int64_t target_step = gradual ? o.end_step : o.begin_step;
+  const int64_t target_step = final_pruning_step(o);
   if (target_step <= last_step) return o;
   int64_t reached_at = -1;  // the schedule's last pruning step within the run
   if (gradual && o.begin_step <= last_step) {
@@ -201,6 +208,7 @@ std::string describe_steps(const nlohmann::json& state) {
 
 void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   LOCKSTEP_CHECK(ctx.model != nullptr, "MagnitudePruning: the trainer gave no model");
+  const train::EarlyStopping* restoring = nullptr;  // one that puts the best epoch's weights back
   if (ctx.callbacks != nullptr) {
     bool before_this = true;
     for (const auto& callback : *ctx.callbacks) {
@@ -214,6 +222,8 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
                      "MagnitudePruning: it cannot run with ExponentialMovingAverage. The average would let the "
                      "pruned weights decay instead of staying zero: the evaluated model, and the one left at the "
                      "end, would not be sparse");
+      const auto* early = dynamic_cast<const train::EarlyStopping*>(callback.get());
+      if (early != nullptr && early->options().restore_best_weights) restoring = early;
     }
   }
   options_ = resolved_schedule(configured_, ctx);
@@ -221,20 +231,14 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   // an epoch's evaluation and put back at the end, masks included. Where the schedule's last pruning
   // step comes after the first epoch's evaluation, the best epoch can be one before it, and the model
   // would end less sparse than the target that the startup line and permanent_path promise.
-  const bool gradual = options_.schedule == PruneSchedule::Gradual && options_.granularity != PruneGranularity::NM;
-  const int64_t final_step = gradual ? options_.end_step : options_.begin_step;
-  if (ctx.callbacks != nullptr && final_step >= ctx.steps_per_epoch) {
-    for (const auto& callback : *ctx.callbacks) {
-      const auto* early = dynamic_cast<const train::EarlyStopping*>(callback.get());
-      LOCKSTEP_CHECK(early == nullptr || !early->options().restore_best_weights,
-                     "MagnitudePruning: it cannot run with EarlyStopping's restore_best_weights when its "
-                     "schedule prunes after the first epoch (last pruning step ", final_step, ", ",
-                     ctx.steps_per_epoch, " steps per epoch): the best epoch can be one before that step, and "
-                     "putting its weights and masks back at the end would leave the model less sparse than "
-                     "the target. Set restore_best_weights to false (EarlyStopping still stops the run), or "
-                     "prune within the first epoch (a model trained before, given by trainer.init_from)");
-    }
-  }
+  const int64_t final_step = final_pruning_step(options_);
+  LOCKSTEP_CHECK(restoring == nullptr || final_step < ctx.steps_per_epoch,
+                 "MagnitudePruning: it cannot run with EarlyStopping's restore_best_weights when its schedule "
+                 "prunes after the first epoch (last pruning step ", final_step, ", ", ctx.steps_per_epoch,
+                 " steps per epoch): the best epoch can be one before that step, and putting its weights and "
+                 "masks back at the end would leave the model less sparse than the target. Set "
+                 "restore_best_weights to false (EarlyStopping still stops the run), or prune within the first "
+                 "epoch (a model trained before, given by trainer.init_from)");
   torch::nn::Module& model = *ctx.model;
   std::shared_ptr<torch::nn::Module> existing;
   for (const auto& child : model.named_children()) {

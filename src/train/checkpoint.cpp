@@ -31,7 +31,6 @@
 #include "lockstep/train/model_tensors.hpp"
 #include "train/atomic_file.hpp"
 #include "train/checksum.hpp"
-#include "train/epoch_steps.hpp"
 
 namespace lockstep::train {
 namespace {
@@ -640,14 +639,11 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std:
   if (ctx.communicator->rank() == 0 && taken.total_steps && ctx.total_steps > 0 && ctx.steps_per_epoch > 0 &&
       *taken.total_steps != ctx.total_steps && ctx.options != nullptr &&
       ctx.options->lr.kind == LrScheduleKind::Cosine) {
-    const LrScheduleOptions& lr = ctx.options->lr;
-    const int64_t warmup = steps_of_epochs(lr.warmup_epochs, ctx.steps_per_epoch, "lr schedule warmup_epochs") +
-                           lr.warmup_steps;
     const int64_t step = taken.global_step;
-    const auto decayed = [&](int64_t total) {  // as lr_at: the fraction of the decay done at `step`
-      return std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup)));
+    const auto decayed = [&](int64_t total) {
+      return cosine_progress(ctx.options->lr, step, ctx.steps_per_epoch, total);
     };
-    if (step >= warmup && decayed(*taken.total_steps) != decayed(ctx.total_steps)) {
+    if (decayed(*taken.total_steps) != decayed(ctx.total_steps)) {
       std::printf("lockstep: warning: %s was written by a run of %lld steps and this run has %lld: the cosine "
                   "learning-rate schedule now decays over the new length, so at step %lld it is %.0f%% through "
                   "its decay, not %.0f%% (the learning rate jumps %s)\n",

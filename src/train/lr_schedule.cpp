@@ -44,16 +44,35 @@ void check_lr_schedule(const LrScheduleOptions& options, double base_lr, int wor
                  ": the schedule would rise instead of decaying");
 }
 
-double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps,
-             int world_size) {
+namespace {
+
+// The warm-up's length in steps.
+int64_t warmup_steps(const LrScheduleOptions& options, int64_t steps_per_epoch) {
   LOCKSTEP_CHECK(steps_per_epoch > 0, "lr_at: steps_per_epoch must be positive, got ", steps_per_epoch);
-  LOCKSTEP_CHECK(step >= 0, "lr_at: step must be non-negative, got ", step);
-  const double peak = options.base_lr * (options.scale_lr_with_world_size ? world_size : 1);
   const int64_t warmup_from_epochs = steps_of_epochs(options.warmup_epochs, steps_per_epoch, "lr schedule warmup_epochs");
   LOCKSTEP_CHECK(warmup_from_epochs <= std::numeric_limits<int64_t>::max() - std::max<int64_t>(0, options.warmup_steps),
                  "lr schedule warmup: ", options.warmup_epochs, " epochs and ", options.warmup_steps,
                  " steps is not a step count");
-  const int64_t warmup = warmup_from_epochs + options.warmup_steps;
+  return warmup_from_epochs + options.warmup_steps;
+}
+
+double progress_after_warmup(int64_t step, int64_t warmup, int64_t total_steps) {
+  const int64_t span = std::max<int64_t>(1, total_steps - warmup);
+  return std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(span));
+}
+
+}  // namespace
+
+double cosine_progress(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps) {
+  const int64_t warmup = warmup_steps(options, steps_per_epoch);
+  return step < warmup ? 0.0 : progress_after_warmup(step, warmup, total_steps);
+}
+
+double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps,
+             int world_size) {
+  LOCKSTEP_CHECK(step >= 0, "lr_at: step must be non-negative, got ", step);
+  const double peak = options.base_lr * (options.scale_lr_with_world_size ? world_size : 1);
+  const int64_t warmup = warmup_steps(options, steps_per_epoch);
   if (step < warmup) return peak * static_cast<double>(step + 1) / static_cast<double>(warmup);
   switch (options.kind) {
     case LrScheduleKind::Constant:
@@ -64,8 +83,7 @@ double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_e
       return peak * std::pow(options.gamma, static_cast<double>(epoch / options.step_size));
     }
     case LrScheduleKind::Cosine: {
-      const int64_t span = std::max<int64_t>(1, total_steps - warmup);
-      const double progress = std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(span));
+      const double progress = progress_after_warmup(step, warmup, total_steps);
       return options.min_lr + (peak - options.min_lr) * 0.5 * (1.0 + std::cos(M_PI * progress));
     }
   }

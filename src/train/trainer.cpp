@@ -842,6 +842,7 @@ std::map<std::string, double> DistributedTrainer::evaluate(const data::DatasetPt
                            {"the metrics", metrics.empty() ? "none" : metrics},
                            {"the metrics of the program's own", std::to_string(options_.custom_metrics.size())}},
                           "DistributedTrainer::evaluate", "Every rank must evaluate the same data set.");
+  check_evaluation_set(*eval_set);  // fit() checks its set once, before its first epoch
   return run_evaluation(eval_set, nullptr, nullptr);
 }
 
@@ -862,7 +863,6 @@ void DistributedTrainer::check_evaluation_set(const data::Dataset& eval_set) con
 std::map<std::string, double> DistributedTrainer::run_evaluation(const data::DatasetPtr& eval_set,
                                                                  TrainerContext* ctx, bool* cut_short) {
   LOCKSTEP_CHECK(eval_set != nullptr, "DistributedTrainer::evaluate: the data set is null");
-  check_evaluation_set(*eval_set);
   if (cut_short != nullptr) *cut_short = false;
   const int rank = comm_->rank();
   const int world = comm_->size();

@@ -42,4 +42,8 @@ void check_lr_schedule(const LrScheduleOptions& options, double base_lr, int wor
 double lr_at(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps,
              int world_size);
 
+// The fraction of the cosine decay done at `step` (0 during the warm-up, 1 from total_steps on): what
+// lr_at's cosine schedule follows, and what a change of total_steps moves.
+double cosine_progress(const LrScheduleOptions& options, int64_t step, int64_t steps_per_epoch, int64_t total_steps);
+
 }  // namespace lockstep::train

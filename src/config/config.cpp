@@ -315,6 +315,10 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
   s.string("init_from", o.init_from);
   s.integer("log_every", o.log_every, 0);
   s.boolean("progress", o.progress);
+  if (!o.progress) {
+    s.ignored("log_every", o.log_every != train::TrainerOptions{}.log_every,
+              "trainer.progress is false (log_every is the progress log's interval)");
+  }
   s.count("prefetch", o.prefetch, 0);
   s.boolean("drop_last_batch", o.drop_last_batch);
   s.integer("stop_after_steps", o.stop_after_steps, 0);
@@ -350,6 +354,10 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
     l.integer("ignore_index", o.loss.ignore_index, std::numeric_limits<int64_t>::min());
     l.real("beta", o.loss.beta, 0.0, std::numeric_limits<double>::infinity(), true);
     l.finish();
+    if (o.loss.name != "smooth_l1") {  // label_smoothing and ignore_index are refused below: they change nothing
+      l.ignored("beta", o.loss.beta != train::LossOptions{}.beta,
+                "trainer.loss.name is " + o.loss.name + " (beta is smooth_l1's)");
+    }
     try {
       train::check_loss_options(o.loss);
     } catch (const Error& e) {
@@ -424,6 +432,17 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
       c.fail_key("directory", "is set, but trainer.checkpoint.enabled is false: nothing would be written there or "
                               "resumed from it");
     }
+    if (!train::keeps_checkpoints(o)) {
+      const train::CheckpointOptions defaults;
+      const std::string why = "this run keeps no checkpoints (" +
+                              std::string(o.checkpoints ? "trainer.output_dir and trainer.checkpoint.directory are empty"
+                                                        : "trainer.checkpoint.enabled is false") +
+                              ")";
+      c.ignored("every_steps", o.checkpoint.every_steps != defaults.every_steps, why);
+      c.ignored("every_epoch", o.checkpoint.every_epoch != defaults.every_epoch, why);
+      c.ignored("keep_last", o.checkpoint.keep_last != defaults.keep_last, why);
+      c.ignored("at_end", o.checkpoint.at_end != defaults.at_end, why);
+    }
   }
   s.finish();
 }
@@ -473,6 +492,9 @@ void read_data(Section s, DataConfig& o) {
   s.integer("train_subset", o.train_subset, 0);
   s.integer("test_subset", o.test_subset, 0);
   s.integer("records_per_file", o.records_per_file, 0);
+  if (o.dataset == "synthetic") {
+    s.ignored("dir", o.dir != DataConfig{}.dir, "data.dataset is synthetic (generated, read from no directory)");
+  }
   // Another value would be ignored. The default is let through: a cifar10 config that --print-config
   // wrote holds it (unless it was set), and may be run with another data set by --set.
   if (s.given("records_per_file") && o.dataset != "cifar10" && o.records_per_file != DataConfig{}.records_per_file) {
@@ -796,9 +818,10 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
 }
 
 ExperimentConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  // A directory opens as a stream that reads nothing: it would parse as the all-defaults config.
-  LOCKSTEP_CHECK(std::filesystem::is_regular_file(path), "config file '", path, "' ",
-                 std::filesystem::exists(path) ? "is not a regular file (a directory?)" : "does not exist");
+  // A directory opens as a stream that reads nothing: it would parse as the all-defaults config. A pipe
+  // (--config <(sed ... base.yaml), /dev/stdin) reads like a file.
+  LOCKSTEP_CHECK(std::filesystem::exists(path), "config file '", path, "' does not exist");
+  LOCKSTEP_CHECK(!std::filesystem::is_directory(path), "config file '", path, "' is a directory");
   std::ifstream in(path);
   LOCKSTEP_CHECK(in.good(), "cannot open config file '", path, "'");
   std::stringstream text;

@@ -2,7 +2,12 @@
 
 #include <torch/torch.h>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <filesystem>
+#include <fstream>
+#include <thread>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -193,7 +198,16 @@ TEST_CASE("config: invalid YAML and missing files", "[config]") {
   CHECK_THROWS_WITH(config::load_config("/nonexistent/x.yaml"), Contains("/nonexistent/x.yaml"));
   // A directory reads as nothing, which would parse as the all-defaults config.
   CHECK_THROWS_WITH(config::load_config(std::filesystem::temp_directory_path().string()),
-                    Contains("is not a regular file (a directory?)"));
+                    Contains("is a directory"));
+  // A pipe reads like a file: --config <(sed ... base.yaml), or /dev/stdin.
+  const std::filesystem::path fifo =
+      std::filesystem::temp_directory_path() / ("lockstep_tests_config_fifo_" + std::to_string(::getpid()));
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  std::thread writer([&fifo] { std::ofstream(fifo) << "trainer: {epochs: 7}\n"; });
+  const auto piped = config::load_config(fifo.string());
+  writer.join();
+  std::filesystem::remove(fifo);
+  CHECK(piped.trainer.epochs == 7);
 }
 
 TEST_CASE("config: command line", "[config]") {
@@ -601,6 +615,27 @@ TEST_CASE("config: keys the chosen mode ignores are reported, not refused (Note 
              Contains("'trainer.grad_scaler.init_scale'") && Contains("only with trainer.precision fp16 (it is fp32)"));
   CHECK_THAT(warnings("trainer: {lr_schedule: {kind: step, min_lr: 0.001}}").at(0), Contains("cosine schedule's"));
   CHECK_THAT(warnings("trainer: {lr_schedule: {kind: cosine, gamma: 0.5}}").at(0), Contains("step schedule's"));
+  CHECK_THAT(warnings("trainer: {loss: {name: mse, beta: 0.5}}").at(0),
+             Contains("'trainer.loss.beta'") && Contains("trainer.loss.name is mse (beta is smooth_l1's)"));
+  CHECK(warnings("trainer: {loss: {name: smooth_l1, beta: 0.5}}").empty());
+  CHECK_THAT(warnings("trainer: {progress: false, log_every: 5}").at(0),
+             Contains("'trainer.log_every'") && Contains("trainer.progress is false"));
+  CHECK(warnings("trainer: {progress: true, log_every: 5}").empty());
+  CHECK_THAT(warnings("data: {dataset: synthetic, dir: /data/x}").at(0),
+             Contains("'data.dir'") && Contains("data.dataset is synthetic"));
+  CHECK(warnings("data: {dataset: mnist, dir: /data/x}").empty());
+  // Checkpoint keys of a run that keeps none, for either reason; with an output_dir they are read.
+  const auto unkept = warnings("trainer: {checkpoint: {every_steps: 10, every_epoch: false, keep_last: 1, at_end: false}}");
+  REQUIRE(unkept.size() == 4);
+  CHECK_THAT(unkept[0], Contains("'trainer.checkpoint.every_steps'") &&
+                            Contains("this run keeps no checkpoints (trainer.output_dir and trainer.checkpoint.directory "
+                                     "are empty)"));
+  CHECK_THAT(unkept[1], Contains("'trainer.checkpoint.every_epoch'"));
+  CHECK_THAT(unkept[2], Contains("'trainer.checkpoint.keep_last'"));
+  CHECK_THAT(unkept[3], Contains("'trainer.checkpoint.at_end'"));
+  CHECK_THAT(warnings("trainer: {output_dir: runs/a, checkpoint: {enabled: false, keep_last: 1}}").at(0),
+             Contains("'trainer.checkpoint.keep_last'") && Contains("trainer.checkpoint.enabled is false"));
+  CHECK(warnings("trainer: {output_dir: runs/a, checkpoint: {every_steps: 10, keep_last: 1}}").empty());
   // The shipped SGD config run with Adam from the command line: it runs, and says what Adam ignores.
   const auto demo = warnings("optimizer: {name: sgd, momentum: 0.9, nesterov: true}", {"optimizer.name=adam"});
   REQUIRE(demo.size() == 1);

@@ -148,6 +148,23 @@ int main(int argc, char** argv) {
     }
     return 2;
   }
+  // The metrics too: accuracy, macro_f1 and mean_iou fail on an image target at the first batch, and
+  // binary_accuracy would report a number that means nothing here.
+  std::string classification_metrics;
+  for (const std::string& name : cfg.trainer.metrics) {
+    if (name != "mse" && name != "rmse" && name != "mae") {
+      classification_metrics += (classification_metrics.empty() ? "" : ", ") + name;
+    }
+  }
+  if (!classification_metrics.empty()) {
+    if (runtime.rank() == 0) {
+      std::fprintf(stderr,
+                   "denoise_images: trainer.metrics has %s, but this program regresses images: use mse, rmse or "
+                   "mae\n",
+                   classification_metrics.c_str());
+    }
+    return 2;
+  }
   // Its model is its own and it adds no callbacks: a section it would not read is an error, not a
   // run that silently ignores early stopping, pruning or another width.
   std::string unread;
@@ -160,7 +177,8 @@ int main(int argc, char** argv) {
   note(cfg.quantization.enabled, "quantization.enabled");
   config::ExperimentConfig default_model = cfg;
   default_model.model = lockstep::models::ResNet18Options{};
-  default_model.model.quantize_activations = cfg.model.quantize_activations;  // set by quantization.enabled
+  // What quantization.enabled sets (refused above); model.quantize_activations set by hand is a model key.
+  default_model.model.quantize_activations = cfg.quantization.enabled && cfg.quantization.options.activations;
   note(config::to_yaml(default_model) != config::to_yaml(cfg), "model");
   if (!unread.empty()) {
     if (runtime.rank() == 0) {

@@ -268,6 +268,23 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.denoise_images_classification_loss.np2 PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "trainer.loss.name is 'cross_entropy', but this program regresses images"
     FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
+  # A classification metric on an image target: refused likewise (accuracy used to fail at the first
+  # batch, through the terminate handler).
+  add_test(NAME program.denoise_images_classification_metric.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
+                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
+                   --set trainer.metrics=[mse,accuracy,binary_accuracy])
+  set_tests_properties(program.denoise_images_classification_metric.np2 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "trainer.metrics has accuracy, binary_accuracy, but this program regresses images"
+    FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
+  # model.quantize_activations is a model key this program does not read.
+  add_test(NAME program.denoise_images_model_key.np2
+           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
+                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
+                   --set model.quantize_activations=true)
+  set_tests_properties(program.denoise_images_model_key.np2 PROPERTIES TIMEOUT 60 LABELS dist
+    PASS_REGULAR_EXPRESSION "does not read model: remove them"
+    FAIL_REGULAR_EXPRESSION "does not read.*does not read")
 endif()
 
 # The benchmarks, on small sizes: they run to their table at 2 and 3 ranks, and their command lines

@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <malloc.h>
 #include <mpi.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -43,6 +44,16 @@ bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reas
     *reason_for_mpi = comm::rank_list(mpi) + " cannot use NCCL (or asked for MPI), and every rank must use the same backend";
   }
   return false;
+}
+
+int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank) {
+  const std::vector<int>& mine = cpus.at(static_cast<std::size_t>(local_rank));
+  const std::set<int> own(mine.begin(), mine.end());
+  int sharing = 0;  // the ranks whose CPUs overlap this rank's, itself included
+  for (const auto& theirs : cpus) {
+    if (std::any_of(theirs.begin(), theirs.end(), [&own](int cpu) { return own.count(cpu) != 0; })) ++sharing;
+  }
+  return std::max(1, static_cast<int>(own.size()) / std::max(1, sharing));
 }
 
 int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices) {
@@ -189,6 +200,25 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
   LOCKSTEP_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_.rank, MPI_INFO_NULL, &local));
   LOCKSTEP_MPI_CHECK(MPI_Comm_rank(local, &world_.local_rank));
   LOCKSTEP_MPI_CHECK(MPI_Comm_size(local, &world_.local_size));
+  // Note [Threads from the CPUs a rank may use] (core/backend_choice.hpp): every rank takes part,
+  // whatever its own RuntimeOptions::threads.
+  const int host_threads = [&] {
+    cpu_set_t mine;
+    CPU_ZERO(&mine);
+    if (sched_getaffinity(0, sizeof(mine), &mine) != 0) {  // more CPUs than a cpu_set_t holds: all of them
+      const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      for (int cpu = 0; cpu < std::min(cores, CPU_SETSIZE); ++cpu) CPU_SET(cpu, &mine);
+    }
+    std::vector<cpu_set_t> all(static_cast<std::size_t>(world_.local_size));
+    LOCKSTEP_MPI_CHECK(MPI_Allgather(&mine, sizeof(cpu_set_t), MPI_BYTE, all.data(), sizeof(cpu_set_t), MPI_BYTE, local));
+    std::vector<std::vector<int>> cpus(all.size());
+    for (std::size_t r = 0; r < all.size(); ++r) {
+      for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+        if (CPU_ISSET(cpu, &all[r])) cpus[r].push_back(cpu);
+      }
+    }
+    return detail::default_threads(cpus, world_.local_rank);
+  }();
   MPI_Comm_free(&local);
   char host[MPI_MAX_PROCESSOR_NAME] = {0};
   int length = 0;
@@ -233,11 +263,7 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
       backend_reason_ = reason;
     }
   }
-  int threads = options_.threads;
-  if (threads <= 0) {
-    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    threads = std::max(1, cores / std::max(1, world_.local_size));
-  }
+  const int threads = options_.threads > 0 ? options_.threads : host_threads;
   at::set_num_threads(threads);
   set_openblas_threads(threads);  // Note [BLAS threads]
   // Adopted last: should this constructor throw, the destructor does not run, and the exit handler
@@ -324,6 +350,9 @@ void Runtime::select_device_and_backend() {
   } else if (options_.backend == "nccl") {
     LOCKSTEP_CHECK(world_.device.is_cuda(), "backend \"nccl\" needs a GPU, but rank ", world_.rank, " runs on ",
                    world_.device, " (runtime device \"", options_.device, "\", ", devices, " CUDA device(s))");
+    // Here, not at communicator(): the Runtime would otherwise report a backend it cannot make.
+    LOCKSTEP_CHECK(comm::nccl_available(), "backend \"nccl\" asked for, but this build has no NCCL communicator (",
+                   comm::nccl_build_info(), "): rebuild with NCCL found, or use backend \"mpi\" or \"auto\"");
     // The same outcome on every rank of the host (host_gpus is the host's): an error here, rather than
     // NCCL's "invalid usage" (or a hang, by version) inside ncclCommInitRank.
     LOCKSTEP_CHECK(own_gpu, "backend \"nccl\" needs one GPU per rank, but ", world_.local_size, " ranks share ", gpus,

@@ -30,4 +30,12 @@ bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reas
 // take for one GPU shared. Otherwise the visible device count. NCCL needs one per rank.
 int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices);
 
+// Note [Threads from the CPUs a rank may use]: RuntimeOptions::threads = 0 gives each rank the CPUs
+// it may run on (its affinity: a batch system's cpuset, mpirun's binding, taskset), shared among the
+// host's ranks whose CPUs overlap its own; at least 1. Counting the host's cores instead gave a rank
+// that SLURM confined to 8 of 128 cores 128 threads, and each of two ranks bound to a core of its own
+// (plain mpirun -np 2 binds) threads for both cores. `cpus` holds each local rank's CPU numbers, by
+// local rank.
+int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank);
+
 }  // namespace lockstep::detail

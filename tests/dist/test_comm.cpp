@@ -2,6 +2,10 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 #include <dlfcn.h>
+#include <sched.h>
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
 #include <cmath>
 #include <limits>
 
@@ -407,6 +411,23 @@ TEST_CASE("the runtime knows the world", "[runtime]") {
   CHECK(runtime.communicator()->rank() == rank);
   CHECK(runtime.communicator()->size() == size);
   CHECK(torch::get_num_threads() >= 1);
+  // Note [Threads from the CPUs a rank may use]: where every rank may use the same CPUs (the tests'
+  // mpirun binds none), each runs their count over the ranks; under `taskset -c 0` that is 1, whatever
+  // the host's cores (dist.runtime_one_cpu).
+  cpu_set_t mine;
+  CPU_ZERO(&mine);
+  REQUIRE(sched_getaffinity(0, sizeof(mine), &mine) == 0);
+  std::vector<cpu_set_t> all(static_cast<std::size_t>(size));
+  MPI_Allgather(&mine, sizeof(cpu_set_t), MPI_BYTE, all.data(), sizeof(cpu_set_t), MPI_BYTE, MPI_COMM_WORLD);
+  const bool same_cpus = std::all_of(all.begin(), all.end(), [&mine](const cpu_set_t& c) { return CPU_EQUAL(&c, &mine); });
+  if (same_cpus) {
+    CHECK(torch::get_num_threads() == std::max(1, CPU_COUNT(&mine) / size));
+  } else {
+    WARN("the ranks may run on different CPUs (mpirun bound them): the default thread count is not checked");
+  }
+  if (const char* expected = std::getenv("LOCKSTEP_TEST_EXPECT_THREADS")) {
+    CHECK(torch::get_num_threads() == std::atoi(expected));
+  }
   // Note [BLAS threads]: an OpenBLAS in the process runs with the runtime's thread count.
   using GetThreads = int (*)();
   auto openblas_threads = reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));

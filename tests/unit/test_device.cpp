@@ -57,6 +57,24 @@ TEST_CASE("GPUs of their own are told apart by PCI bus id, else counted (Note [G
   if (!lockstep::comm::nccl_available()) CHECK(lockstep::comm::cuda_pci_bus_id(0).empty());
 }
 
+TEST_CASE("default threads: a rank's CPUs shared among the host's ranks that may use them (Note [Threads from "
+          "the CPUs a rank may use])",
+          "[device]") {
+  using lockstep::detail::default_threads;
+  CHECK(default_threads({{0, 1, 2, 3, 4, 5, 6, 7}}, 0) == 8);  // alone
+  CHECK(default_threads({{0}}, 0) == 1);                       // taskset -c 0: not the host's cores
+  CHECK(default_threads({{0, 1}, {0, 1}}, 1) == 1);             // unbound on 2 cores: one each
+  CHECK(default_threads({{0, 1}, {0, 1}, {0, 1}}, 2) == 1);     // more ranks than CPUs: still 1
+  CHECK(default_threads({{0}, {1}}, 0) == 1);                   // bound to a core each
+  CHECK(default_threads({{0, 1, 2, 3}, {4, 5, 6, 7}}, 1) == 4);  // a socket each: not 8 / 2 shared
+  // Two ranks share a socket, a third has the other one.
+  const std::vector<std::vector<int>> mixed = {{0, 1, 2, 3}, {0, 1, 2, 3}, {4, 5, 6, 7}};
+  CHECK(default_threads(mixed, 0) == 2);
+  CHECK(default_threads(mixed, 2) == 4);
+  CHECK(default_threads({{0, 1, 2, 3, 4, 5, 6, 7}, {0}}, 0) == 4);  // an unbound rank beside a bound one
+  CHECK(default_threads({{}, {0}}, 0) == 1);                         // no CPU known: at least 1
+}
+
 TEST_CASE("one backend for all ranks: NCCL only where every rank chose it (Note [One backend for all ranks])",
           "[device]") {
   using lockstep::detail::BackendChoice;

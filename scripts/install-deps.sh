@@ -31,9 +31,9 @@ else
     command -v sudo > /dev/null || { echo "install-deps: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
     sudo=(sudo)
   fi
-  export DEBIAN_FRONTEND=noninteractive
-  "${sudo[@]}" apt-get update -q
-  "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Through env: sudo's env_reset would drop an exported DEBIAN_FRONTEND, and debconf could then prompt.
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 # OpenBLAS must be what libblas.so.3 resolves to: Debian's reference BLAS runs a 1024^2 matmul

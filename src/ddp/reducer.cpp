@@ -259,10 +259,12 @@ Reducer::~Reducer() {
   }
 }
 
+// Built aside and swapped in whole: an allocation that fails partway (out of memory on one rank) leaves
+// the buckets and slots as they were, not a mix of two layouts.
 void Reducer::build_buckets(const BucketAssignment& assignment) {
   torch::autograd::AutoGradMode no_grad(false);
   std::vector<Bucket> buckets(assignment.size());
-  slots_.assign(params_.size(), Slot{});
+  std::vector<Slot> slots(params_.size(), Slot{});
   for (std::size_t b = 0; b < assignment.size(); ++b) {
     Bucket& bucket = buckets[b];
     bucket.params = assignment[b];
@@ -280,11 +282,12 @@ void Reducer::build_buckets(const BucketAssignment& assignment) {
       bucket.grad.offsets.push_back(offset);
       bucket.grad.numels.push_back(params_[i].numel());
       bucket.grad.sizes.push_back(params_[i].sizes().vec());
-      slots_[i] = Slot{b, k};
+      slots[i] = Slot{b, k};
       offset += params_[i].numel();
     }
   }
   buckets_ = std::move(buckets);
+  slots_ = std::move(slots);
 }
 
 const at::Tensor& Reducer::view_of(std::size_t index) const {
@@ -745,7 +748,16 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
     // Note [Join]: the hooks divided by the world size; make it the mean over the ranks that trained.
     for (auto& bucket : buckets_) bucket.grad.buffer.mul_(static_cast<double>(size) / active_count);
   }
-  write_back(used_counts, shadowing_ ? flag + 2 * n : nullptr);
+  // Past every collective of the step. A failure from here on (out of memory cloning a gradient, or
+  // building the rebuilt buckets) leaves this rank's gradients or bucket layout unlike its peers', and
+  // its next step would issue what they do not (the rebuild's broadcast a step late, buckets of another
+  // layout): it synchronises no more (Note [Abandoned backward]).
+  try {
+    write_back(used_counts, shadowing_ ? flag + 2 * n : nullptr);
+  } catch (const std::exception& e) {
+    mark_out_of_step(e, "writing the reduced gradients back");
+    throw;
+  }
   const comm::Clock::time_point done = comm::Clock::now();
 
   timings.exposed_communication_s = seconds(backward_end, done);
@@ -767,7 +779,14 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   // otherwise stay allocated through the next forward, until the next synchronised backward.
   for (auto& bucket : buckets_) bucket.work.reset();
   last_timings_ = timings;
-  if (options_.rebuild_buckets && !rebuilt_) rebuild_by_ready_order();
+  if (options_.rebuild_buckets && !rebuilt_) {
+    try {
+      rebuild_by_ready_order();
+    } catch (const std::exception& e) {
+      mark_out_of_step(e, "rebuilding the buckets in the order gradients arrived");  // kept if the broadcast set it
+      throw;
+    }
+  }
 }
 
 // As after a backward that failed partway through (Note [Abandoned backward]): this rank's collectives

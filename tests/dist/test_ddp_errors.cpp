@@ -457,6 +457,37 @@ TEST_CASE("A synchronised backward that fails while waiting for its reductions r
   CHECK(communicator_healthy());
 }
 
+TEST_CASE("A rank that fails writing the reduced gradients back refuses to synchronise again", "[ddp]") {
+  // After every collective of the step: the last rank holds, for a parameter it did not use, a .grad()
+  // that cannot be written (an expanded zero), so only it fails. Its gradients are then not its peers',
+  // and a rebuild it skipped would come a step late: its next backward is refused at once, instead of
+  // issuing collectives nobody matches.
+  Branchy model = make_branchy();
+  DataParallelOptions options;
+  options.find_unused_parameters = true;
+  options.gradient_as_bucket_view = false;  // the reduced values are copied into the .grad()s
+  DataParallel dp(model.ptr(), comm_ptr(), options);
+  const int rank = comm().rank();
+  const int last = comm().size() - 1;
+  const torch::Tensor x = torch::ones({3, 5}, torch::kFloat64) * (rank + 1);
+  model->forward(x, true).sum().backward();  // the first step rebuilds the buckets, on every rank
+  model->zero_grad();
+  if (rank == last) {
+    model->sometimes->weight.mutable_grad() = torch::zeros({1}, torch::kFloat64).expand({4, 4});
+  }
+  const std::string error = error_of([&] { model->forward(x, rank != last).sum().backward(); });
+  INFO(error);
+  CHECK(error.empty() == (rank != last));
+  if (rank == last) {
+    model->zero_grad();
+    const std::string again = error_of([&] { model->forward(x, true).sum().backward(); });
+    INFO(again);
+    CHECK(again.find("an earlier synchronised backward failed on rank " + std::to_string(rank) +
+                     " while writing the reduced gradients back") != std::string::npos);
+  }
+  CHECK(communicator_healthy());
+}
+
 TEST_CASE("A comm hook that fails for a bucket launched at the end of backward refuses to synchronise again",
           "[ddp]") {
   // `never`'s buckets can only be launched at the end of the pass (find_unused_parameters); the hook

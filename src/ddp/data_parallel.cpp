@@ -101,9 +101,23 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
       }
     }
   }
+  // SyncBatchNorm layers attached by hand (attach_sync_batch_norm) run collectives that the buckets'
+  // order (Note [SyncBatchNorm among the buckets]) and Join must know of, which only
+  // options.sync_batch_norm tells them: with it, DataParallel attaches them itself.
+  std::string hand_attached;
+  if (!options_.sync_batch_norm) {
+    for (const auto& item : module_->named_modules("", /*include_self=*/true)) {
+      const auto* layer = dynamic_cast<const SyncBatchNormImpl*>(item.value().get());
+      if (layer != nullptr && layer->synchronised()) {
+        hand_attached = "'" + (item.key().empty() ? std::string("(the model itself)") : item.key()) + "'";
+        break;
+      }
+    }
+  }
   comm::check_same_values(
       *comm_,
-      {{"bucket caps", caps},
+      {{"SyncBatchNorm attached by hand", hand_attached.empty() ? "no" : "yes"},
+       {"bucket caps", caps},
        {"find_unused_parameters", std::to_string(options_.find_unused_parameters)},
        {"broadcast_buffers", std::to_string(options_.broadcast_buffers)},
        {"sync_batch_norm", std::to_string(options_.sync_batch_norm)},
@@ -111,6 +125,11 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module, comm::Comm
        {"comm_hook_settings", options_.comm_hook_settings.empty() ? "(none)" : options_.comm_hook_settings},
        {"the model on the NCCL communicator's GPU", off_gpu.empty() ? "yes" : "no (" + off_gpu + ")"}},
       "DataParallel", "Every rank must build DataParallel with the same DataParallelOptions.");
+  LOCKSTEP_CHECK(hand_attached.empty(), "DataParallel: the model's SyncBatchNorm layer ", hand_attached,
+                 " is attached to a communicator (attach_sync_batch_norm), but DataParallelOptions::sync_batch_norm "
+                 "is false: set it instead, so that DataParallel attaches the layers and orders its reductions (and "
+                 "Join) with their collectives; or detach_sync_batch_norm the model for per-rank batch norm (rank ",
+                 comm_->rank(), ")");
   LOCKSTEP_CHECK(off_gpu.empty(), "DataParallel: ", off_gpu,
                  ": move the model to the rank's GPU (the runtime's device) before building DataParallel; "
                  "DistributedTrainer moves it to TrainerOptions::device, whose \"auto\" is that GPU");

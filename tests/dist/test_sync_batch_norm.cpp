@@ -319,6 +319,25 @@ TEST_CASE("SyncBatchNorm: clear errors on every rank for a model without it and 
   CHECK_THROWS_WITH(DataParallel(plain, comm_ptr(), options),
                     Contains("sync_batch_norm is set") && Contains("no lockstep::ddp::SyncBatchNorm"));
 
+  // Layers attached by hand, DataParallel told nothing of them: its buckets (and a Join) would not be
+  // ordered with their collectives. On one rank only, it is the options disagreement on every rank.
+  {
+    auto attached = std::make_shared<SyncNetImpl>();
+    DataParallelOptions unsynced;
+    unsynced.find_unused_parameters = true;
+    lockstep::ddp::attach_sync_batch_norm(*attached, comm_ptr());
+    CHECK_THROWS_WITH(DataParallel(attached, comm_ptr(), unsynced),
+                      Contains("SyncBatchNorm layer 'bn_conv' is attached to a communicator") &&
+                          Contains("DataParallelOptions::sync_batch_norm is false"));
+    if (comm().rank() != 0) lockstep::ddp::detach_sync_batch_norm(*attached);
+    CHECK_THROWS_WITH(DataParallel(attached, comm_ptr(), unsynced), Contains("SyncBatchNorm attached by hand"));
+    lockstep::ddp::detach_sync_batch_norm(*attached);
+    CHECK_NOTHROW(DataParallel(attached, comm_ptr(), unsynced));  // per-rank batch norm
+    lockstep::ddp::attach_sync_batch_norm(*attached, comm_ptr());
+    unsynced.sync_batch_norm = true;
+    CHECK_NOTHROW(DataParallel(attached, comm_ptr(), unsynced));  // DataParallel attaches them itself
+  }
+
   // Ranks run two layers of the same width in different orders: the first all-gather pairs layer a
   // on rank 0 with layer b elsewhere, and every rank names both.
   auto model = std::make_shared<SyncNetImpl>();

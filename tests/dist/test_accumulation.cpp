@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -178,6 +179,34 @@ TEST_CASE("trainer: clip_grad_norm bounds every update to lr x max_norm, alike o
   CHECK(clipped.metrics.at("grad_norm") == Approx(last_epoch_sum / last_epoch_steps).epsilon(1e-5));
   CHECK(plain.metrics.count("grad_norm") == 0);
   CHECK(close_states(clipped.state, plain.state, 0));
+}
+
+TEST_CASE("trainer: clipping with accumulation clips the step's whole gradient, as batches of 6 would", "[train]") {
+  // A max norm that binds at every step (a third of the smallest unclipped norm): 3 micro-batches of 2
+  // must clip the mean over the step's samples exactly as a batch of 6 does, not each micro-batch's
+  // share nor with the threshold scaled by the micro-batches.
+  const Run unclipped = train(/*batch_size=*/6, /*accumulation=*/1, /*samples_per_rank=*/14);
+  const double clip = *std::min_element(unclipped.recorder->norms.begin(), unclipped.recorder->norms.end()) / 3;
+  const Run accumulated = train(2, 3, 14, clip);
+  const Run whole = train(6, 1, 14, clip);
+  for (double norm : whole.recorder->norms) CHECK(norm > clip * 1.5);
+  CHECK(accumulated.recorder->norms.size() == whole.recorder->norms.size());
+  for (std::size_t i = 0; i < whole.recorder->norms.size(); ++i) {
+    INFO("step " << i);
+    CHECK(accumulated.recorder->norms[i] == Approx(whole.recorder->norms[i]).epsilon(1e-5));
+  }
+  CHECK(accumulated.metrics.at("grad_norm") == Approx(whole.metrics.at("grad_norm")).epsilon(1e-5));
+  // How far training moved the weights: clipping shrank it, and both runs alike.
+  torch::manual_seed(17);  // train()'s initial model
+  const std::vector<at::Tensor> initial = lockstep::testing::state_of(*SmallConvNet(/*batch_norm=*/false));
+  auto moved = [&initial](const std::vector<at::Tensor>& state) {
+    double squared = 0;
+    for (std::size_t i = 0; i < state.size(); ++i) squared += (state[i] - initial[i]).pow(2).sum().item<double>();
+    return std::sqrt(squared);
+  };
+  CHECK(moved(whole.state) < moved(unclipped.state) * 0.8);
+  CHECK(moved(accumulated.state) == Approx(moved(whole.state)).epsilon(1e-4));
+  CHECK(close_states(accumulated.state, whole.state, 1e-5));
 }
 
 TEST_CASE("trainer: accumulation_steps and clip_grad_norm are validated", "[train]") {

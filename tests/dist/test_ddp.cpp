@@ -332,6 +332,43 @@ TORCH_MODULE(TwoBranch);
 
 }  // namespace
 
+namespace {
+
+struct NormedImpl : torch::nn::Module {
+  NormedImpl() : fc(register_module("fc", torch::nn::Linear(4, 3))), bn(register_module("bn", torch::nn::BatchNorm1d(3))) {}
+  torch::Tensor forward(torch::Tensor x) { return bn(fc(x)); }
+  torch::nn::Linear fc;
+  torch::nn::BatchNorm1d bn;
+};
+TORCH_MODULE(Normed);
+
+}  // namespace
+
+TEST_CASE("sync_buffers copies rank 0's buffers to every rank after steps under no_sync", "[ddp]") {
+  torch::manual_seed(3);
+  Normed model;
+  DataParallel dp(model, comm_ptr());
+  for (int m = 0; m < 3; ++m) {  // each rank its own data: the running statistics part ways
+    auto guard = dp.no_sync();
+    torch::manual_seed(100 * comm().rank() + m);
+    model->forward(torch::randn({5, 4}) * (1 + comm().rank())).sum().backward();
+  }
+  std::vector<torch::Tensor> root;  // rank 0's buffers, sent by hand
+  for (const auto& b : model->buffers()) {
+    torch::Tensor copy = b.clone();
+    comm().broadcast(copy, 0)->wait();
+    root.push_back(copy);
+  }
+  REQUIRE(root.size() == 3);  // running_mean, running_var, num_batches_tracked
+  CHECK(lockstep::testing::ranks_equal_to_rank0(model->bn->running_mean) == 1);  // rank 0's own only
+  CHECK(lockstep::testing::ranks_equal_to_rank0(model->bn->running_var) == 1);
+  dp.sync_buffers();
+  const auto buffers = model->buffers();
+  for (std::size_t i = 0; i < buffers.size(); ++i) CHECK(torch::equal(buffers[i], root[i]));
+  for (const auto& b : buffers) CHECK(lockstep::testing::same_on_every_rank(b));
+  CHECK(identical_across_ranks(*model));
+}
+
 TEST_CASE("Buckets launch in the same order on every rank whatever order gradients arrive in", "[ddp]") {
   const int n = comm().size();
   const int rank = comm().rank();

@@ -13,6 +13,7 @@
 #include "lockstep/ddp/powersgd.hpp"
 #include "support/dist.hpp"
 #include "support/grad_buckets.hpp"
+#include "support/solo_communicator.hpp"
 
 namespace {
 
@@ -97,6 +98,24 @@ TEST_CASE("PowerSGD is exact when all ranks' matrices share one r-dimensional co
       CHECK(same_on_every_rank(bucket.buffer));
     }
   }
+}
+
+TEST_CASE("PowerSGD draws the same Q on every rank: the same gradient everywhere gives one rank's result",
+          "[ddp][powersgd]") {
+  // With every rank's matrix G and the same Q, the summed P is n G Q, which orthogonalises to one
+  // rank's P: the result is what one rank alone computes. A Q that differed by rank would sum G (Q_0 +
+  // Q_1 + ...) and project onto another direction, identically on every rank.
+  torch::manual_seed(19);
+  const torch::Tensor g = torch::randn({16, 5, 2, 2});  // the same on every rank: full rank, lossy at r = 1
+  auto bucket = make_bucket({g.clone()}, {"conv.weight"});
+  ddp::powersgd_hook(options_with(1))(comm(), bucket)->wait();
+  auto alone = make_bucket({g.clone()}, {"conv.weight"});
+  lockstep::testing::SoloCommunicator solo;
+  ddp::powersgd_hook(options_with(1))(solo, alone)->wait();
+  const torch::Tensor mine = gradient_of(bucket, 0), theirs = gradient_of(alone, 0);
+  CHECK((mine - g).abs().max().item<double>() > 0.1);  // compressed, not passed through
+  CHECK(torch::allclose(mine, theirs, 1e-4, 1e-5));
+  CHECK(same_on_every_rank(bucket.buffer));
 }
 
 TEST_CASE("PowerSGD error feedback: applied gradients plus the mean residual sum to the true ones", "[ddp][powersgd]") {

@@ -75,41 +75,49 @@ std::unique_ptr<DistributedTrainer> qat_trainer(SmallConvNet& model, const EmaOp
 
 }  // namespace
 
-TEST_CASE("EMA: the average is the closed form over the weights after every step, with and without warm-up",
+TEST_CASE("EMA: the average is the closed form over the weights after every step (or every 2nd), with and "
+          "without warm-up",
           "[train]") {
   for (const bool warmup : {false, true}) {
-    INFO("warmup " << warmup);
-    EmaOptions o;
-    o.decay = 0.8;
-    o.warmup = warmup;
-    const Run run = train(o);
-    REQUIRE(run.steps.size() == 6);  // 2 epochs x 3 steps
-    // Independently: start from the initial weights (recorded as the state before step 1 is not
-    // available, rebuild them: same seed, same model), then fold in each step's weights.
-    torch::manual_seed(41);
-    SmallConvNet initial(/*batch_norm=*/true);
-    std::vector<at::Tensor> expected = lockstep::testing::state_of(*initial);
-    // DataParallel broadcasts rank 0's initialisation: every rank built the same one from the seed.
-    for (size_t t = 0; t < run.steps.size(); ++t) {
-      const double d = warmup ? std::min(0.8, (1.0 + t) / (10.0 + t)) : 0.8;
-      for (size_t i = 0; i < expected.size(); ++i) {
-        if (at::isFloatingType(expected[i].scalar_type())) {
-          expected[i] = expected[i] * d + run.steps[t][i] * (1 - d);
-        } else {
-          expected[i] = run.steps[t][i].clone();
+    for (const int64_t every : {1, 2}) {
+      INFO("warmup " << warmup << ", every_steps " << every);
+      EmaOptions o;
+      o.decay = 0.8;
+      o.warmup = warmup;
+      o.every_steps = every;
+      const Run run = train(o);
+      REQUIRE(run.steps.size() == 6);  // 2 epochs x 3 steps
+      // Independently: start from the initial weights (recorded as the state before step 1 is not
+      // available, rebuild them: same seed, same model), then fold in the weights after every
+      // `every`-th step (global steps 2, 4, 6 for 2), the warm-up counting the folds.
+      torch::manual_seed(41);
+      SmallConvNet initial(/*batch_norm=*/true);
+      std::vector<at::Tensor> expected = lockstep::testing::state_of(*initial);
+      // DataParallel broadcasts rank 0's initialisation: every rank built the same one from the seed.
+      int64_t folds = 0;
+      for (size_t t = 0; t < run.steps.size(); ++t) {
+        if ((static_cast<int64_t>(t) + 1) % every != 0) continue;
+        const double d = warmup ? std::min(0.8, (1.0 + folds) / (10.0 + folds)) : 0.8;
+        ++folds;
+        for (size_t i = 0; i < expected.size(); ++i) {
+          if (at::isFloatingType(expected[i].scalar_type())) {
+            expected[i] = expected[i] * d + run.steps[t][i] * (1 - d);
+          } else {
+            expected[i] = run.steps[t][i].clone();
+          }
         }
       }
+      // apply_at_end: the model holds the average.
+      REQUIRE(run.final_state.size() == expected.size());
+      for (size_t i = 0; i < expected.size(); ++i) {
+        INFO("tensor " << i);
+        CHECK(torch::allclose(run.final_state[i].to(torch::kDouble), expected[i].to(torch::kDouble), 1e-6, 1e-6));
+      }
+      CHECK(run.metrics.at("ema_updates") == 6 / every);
+      // The last epoch was evaluated with the average, which is what the model now holds.
+      CHECK(run.metrics.at("test_loss") == run.evaluated_after);
+      CHECK(run.identical);  // the average is the same on every rank, with no communication
     }
-    // apply_at_end: the model holds the average.
-    REQUIRE(run.final_state.size() == expected.size());
-    for (size_t i = 0; i < expected.size(); ++i) {
-      INFO("tensor " << i);
-      CHECK(torch::allclose(run.final_state[i].to(torch::kDouble), expected[i].to(torch::kDouble), 1e-6, 1e-6));
-    }
-    CHECK(run.metrics.at("ema_updates") == 6);
-    // The last epoch was evaluated with the average, which is what the model now holds.
-    CHECK(run.metrics.at("test_loss") == run.evaluated_after);
-    CHECK(run.identical);  // the average is the same on every rank, with no communication
   }
 }
 

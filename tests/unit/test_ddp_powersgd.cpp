@@ -185,6 +185,37 @@ TEST_CASE("PowerSGD on one rank: what was applied plus the residual is what came
   CHECK((applied - given).abs().max().item<double>() > 0.1);  // rank 1 of a random 16 x 20 is lossy
 }
 
+TEST_CASE("PowerSGD without warm start and error feedback carries nothing from one step to the next",
+          "[ddp][powersgd]") {
+  // Two states see different first gradients, then the same second one at the same iteration. Only
+  // what a state carries over (the last Q under warm_start, the residual under use_error_feedback) can
+  // make their second results differ: with neither, they are bitwise the same.
+  torch::manual_seed(8);
+  const torch::Tensor g1 = torch::randn({16, 20}), g2 = torch::randn({16, 20}), g3 = torch::randn({16, 20});
+  for (const bool warm : {false, true}) {
+    for (const bool feedback : {false, true}) {
+      INFO("warm_start " << warm << ", use_error_feedback " << feedback);
+      ddp::PowerSGDOptions o = starting_at_once();
+      o.warm_start = warm;
+      o.use_error_feedback = feedback;
+      auto second_step = [&o, &g2](const torch::Tensor& first) {
+        auto state = std::make_shared<ddp::PowerSGDState>(o);
+        auto hook = ddp::powersgd_hook(state);
+        SoloCommunicator solo;
+        auto before = make_bucket({first.clone()}, {"w"}, 0);
+        hook(solo, before)->wait();
+        CHECK(state->error("w").defined() == o.use_error_feedback);
+        auto bucket = make_bucket({g2.clone()}, {"w"}, 1);
+        hook(solo, bucket)->wait();
+        return gradient_of(bucket, 0).clone();
+      };
+      const torch::Tensor after_g1 = second_step(g1);
+      const torch::Tensor after_g3 = second_step(g3);
+      CHECK(torch::equal(after_g1, after_g3) == (!warm && !feedback));
+    }
+  }
+}
+
 TEST_CASE("PowerSGD under loss scaling: residuals follow the scale and go with a skipped step (Note [PowerSGD "
           "under loss scaling])",
           "[ddp][powersgd]") {

@@ -282,10 +282,6 @@ void ZeroRedundancyOptimizer::load(torch::serialize::InputArchive& archive) {
   shard.load_from(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), static_cast<size_t>(bytes.numel()),
                   all_[0].device());
   local_->load(shard);
-  // The saved options (lr, weight decay, betas) are this optimizer's too, as a torch::optim::SGD's
-  // load restores them: step() copies this group's options down, and would put back the ones it was
-  // built with.
-  param_groups_[0].set_options(local_->param_groups()[0].options().clone());
   consolidated_.clear();
   consolidated_at_ = -1;
 }

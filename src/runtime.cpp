@@ -152,6 +152,20 @@ bool mpi_active() {
   std::abort();
 }
 
+// Note [Threads from the CPUs a rank may use]: whether the OpenMP runtime binds its threads (and so
+// the main thread) to places, which makes the main thread's affinity one place's.
+bool openmp_binds_threads() {
+  const char* bind = std::getenv("OMP_PROC_BIND");
+  if (bind != nullptr) {
+    const std::string value(bind);
+    if (value != "false" && value != "FALSE" && value != "False") return true;
+  }
+  for (const char* name : {"OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"}) {
+    if (std::getenv(name) != nullptr) return true;
+  }
+  return false;
+}
+
 bool env_flag_off(const char* name) {
   const char* value = std::getenv(name);
   if (value == nullptr) return false;
@@ -205,7 +219,11 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
   const int host_threads = [&] {
     cpu_set_t mine;
     CPU_ZERO(&mine);
-    if (sched_getaffinity(0, sizeof(mine), &mine) != 0) {  // more CPUs than a cpu_set_t holds: all of them
+    // OpenMP told to bind (LibTorch's libgomp) pins this main thread to one place when the library
+    // loads, before any of this: its mask says 1 CPU. Then, and where the kernel's mask outgrows a
+    // cpu_set_t, count the host's CPUs as every rank's.
+    if (openmp_binds_threads() || sched_getaffinity(0, sizeof(mine), &mine) != 0) {
+      CPU_ZERO(&mine);
       const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
       for (int cpu = 0; cpu < std::min(cores, CPU_SETSIZE); ++cpu) CPU_SET(cpu, &mine);
     }

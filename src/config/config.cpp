@@ -21,6 +21,7 @@
 #include "lockstep/comm/work.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/core/stop_signals.hpp"
+#include "lockstep/core/world.hpp"
 
 namespace lockstep::config {
 namespace {
@@ -432,12 +433,12 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
       c.fail_key("directory", "is set, but trainer.checkpoint.enabled is false: nothing would be written there or "
                               "resumed from it");
     }
-    if (!train::keeps_checkpoints(o)) {
+    // Not when enabled is false: that turns checkpoints off on purpose, keys and all (as ema.enabled
+    // does its section's); a run with nowhere to write them probably forgot output_dir.
+    if (o.checkpoints && !train::keeps_checkpoints(o)) {
       const train::CheckpointOptions defaults;
-      const std::string why = "this run keeps no checkpoints (" +
-                              std::string(o.checkpoints ? "trainer.output_dir and trainer.checkpoint.directory are empty"
-                                                        : "trainer.checkpoint.enabled is false") +
-                              ")";
+      const std::string why =
+          "this run keeps no checkpoints (trainer.output_dir and trainer.checkpoint.directory are empty)";
       c.ignored("every_steps", o.checkpoint.every_steps != defaults.every_steps, why);
       c.ignored("every_epoch", o.checkpoint.every_epoch != defaults.every_epoch, why);
       c.ignored("keep_last", o.checkpoint.keep_last != defaults.keep_last, why);
@@ -819,14 +820,22 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
 
 ExperimentConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
   // A directory opens as a stream that reads nothing: it would parse as the all-defaults config. A pipe
-  // (--config <(sed ... base.yaml), /dev/stdin) reads like a file.
+  // (--config <(sed ... base.yaml), /dev/stdin) reads like a file for one process; under a launcher
+  // every rank reads the file itself, and a pipe feeds one reader only: the others would wait in open()
+  // for a writer that has gone (before MPI starts, where no timeout runs), or read nothing.
   LOCKSTEP_CHECK(std::filesystem::exists(path), "config file '", path, "' does not exist");
   LOCKSTEP_CHECK(!std::filesystem::is_directory(path), "config file '", path, "' is a directory");
+  const bool regular = std::filesystem::is_regular_file(path);
+  LOCKSTEP_CHECK(regular || launcher_size() <= 1, "config file '", path,
+                 "' is not a regular file (a pipe?), and every one of the launcher's ", launcher_size(),
+                 " processes reads the config itself, which a pipe serves only one of: write it to a file");
   std::ifstream in(path);
   LOCKSTEP_CHECK(in.good(), "cannot open config file '", path, "'");
   std::stringstream text;
   text << in.rdbuf();
   LOCKSTEP_CHECK(!in.bad(), "cannot read config file '", path, "'");
+  // /dev/null, or a pipe whose writer wrote nothing: not the all-defaults config by accident.
+  LOCKSTEP_CHECK(regular || !text.str().empty(), "config file '", path, "' (not a regular file) read nothing");
   return parse_config(text.str(), path, overrides);
 }
 

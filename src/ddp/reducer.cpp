@@ -751,7 +751,9 @@ void Reducer::synchronize(StepTimings& timings, comm::Clock::time_point backward
   // Past every collective of the step. A failure from here on (out of memory cloning a gradient, or
   // building the rebuilt buckets) leaves this rank's gradients or bucket layout unlike its peers', and
   // its next step would issue what they do not (the rebuild's broadcast a step late, buckets of another
-  // layout): it synchronises no more (Note [Abandoned backward]).
+  // layout): it synchronises no more (Note [Abandoned backward]). One that every rank meets alike (a
+  // .grad() that cannot be written, installed on every rank) is refused as well: telling it from a
+  // failure on one rank would take another collective.
   try {
     write_back(used_counts, shadowing_ ? flag + 2 * n : nullptr);
   } catch (const std::exception& e) {

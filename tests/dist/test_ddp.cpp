@@ -356,7 +356,7 @@ TEST_CASE("sync_buffers copies rank 0's buffers to every rank after steps under 
   std::vector<torch::Tensor> root;  // rank 0's buffers, sent by hand
   for (const auto& b : model->buffers()) {
     torch::Tensor copy = b.clone();
-    comm().broadcast(copy, 0)->wait();
+    comm().broadcast(copy)->wait();
     root.push_back(copy);
   }
   REQUIRE(root.size() == 3);  // running_mean, running_var, num_batches_tracked

@@ -2,13 +2,14 @@
 # Note [No test matched]: a tag that selects no test fails the group instead of passing with none run.
 lockstep_add_mpi_test(NAME dist.comm TARGET lockstep_dist_tests NP 2 3 ARGS "[comm]" --warn NoTests)
 lockstep_add_mpi_test(NAME dist.runtime TARGET lockstep_dist_tests NP 2 3 ARGS "[runtime]" --warn NoTests)
-# Note [Threads from the CPUs a rank may use]: one rank confined to CPU 0 runs one thread, not one per
-# core of the host (taskset is util-linux's, on every Debian).
+# Note [Threads from the CPUs a rank may use]: one rank confined to one CPU runs one thread, not one
+# per core of the host (taskset is util-linux's, on every Debian).
 find_program(LOCKSTEP_TASKSET taskset)
 if(LOCKSTEP_TASKSET)
   add_test(NAME dist.runtime_one_cpu.np1
-           COMMAND ${LOCKSTEP_TASKSET} -c 0 ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} ${MPIEXEC_NUMPROC_FLAG} 1
-                   $<TARGET_FILE:lockstep_dist_tests> "the runtime knows the world" --warn NoTests)
+           COMMAND ${PROJECT_SOURCE_DIR}/tests/programs/on_one_cpu.sh ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS}
+                   ${MPIEXEC_NUMPROC_FLAG} 1 ${MPIEXEC_PREFLAGS} $<TARGET_FILE:lockstep_dist_tests> ${MPIEXEC_POSTFLAGS}
+                   "the runtime knows the world" --warn NoTests)
   set_tests_properties(dist.runtime_one_cpu.np1 PROPERTIES TIMEOUT 120 PROCESSORS 1 LABELS dist
                        ENVIRONMENT "LOCKSTEP_TIMEOUT_S=120;LOCKSTEP_TEST_EXPECT_THREADS=1")
 endif()

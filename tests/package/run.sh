@@ -8,7 +8,7 @@ cmake --install "$build_dir" --prefix "$work/prefix" > "$work/install.log" 2>&1 
 # Note [LibTorch in the package]: the exported link interface names targets, no path of this machine.
 targets=$(find "$work/prefix" -name LockstepTargets.cmake | head -n 1)
 [ -n "$targets" ] || { echo "package: no LockstepTargets.cmake installed under $work/prefix" >&2; exit 1; }
-if grep 'INTERFACE_LINK_LIBRARIES' "$targets" | grep -E '("|;)/'; then
+if grep 'INTERFACE_LINK_LIBRARIES' "$targets" | grep -E '("|;|:|>)/'; then
   echo "package: $targets links absolute paths (above); a consumer with another LibTorch would mix the two" >&2
   exit 1
 fi

@@ -64,7 +64,9 @@ struct DataParallelOptions {
   // every rank by construction and leave the per-step buffer broadcast. Construction fails if the model
   // has no SyncBatchNorm layer (torch::nn::BatchNorm*d cannot be synchronised). With
   // find_unused_parameters too, the buckets launch at the end of backward (no overlap): Note
-  // [SyncBatchNorm among the buckets].
+  // [SyncBatchNorm among the buckets]. Layers attached by hand (attach_sync_batch_norm, to this
+  // communicator or another) are refused without it: DataParallel would not order its collectives
+  // with theirs; with it, they are attached to DataParallel's communicator.
   bool sync_batch_norm = false;
 };
 

@@ -150,18 +150,25 @@ struct HookState {
   std::mutex mutex;
   std::weak_ptr<HookState> successor;  // that newer reducer's; expires when it is destroyed
   std::string superseded_on;           // the first parameter it took over
+  std::vector<char> taken_over;        // by parameter index: a newer reducer hooks it
   std::string superseded_on_locked() {
     std::lock_guard<std::mutex> lock(mutex);
     return superseded_on;
   }
-  // An inactive hook's gradient: nothing while the successor lives (it reduces them); once it has
-  // gone, nothing does, so the backward fails here rather than leaving gradients local.
-  void check_successor_alive(int rank) {
+  // An inactive hook's gradient: nothing while the successor lives and hooks this parameter too (it
+  // reduces it); otherwise nothing does, so the backward fails here rather than leaving gradients local.
+  void check_successor_alive(int rank, std::size_t index, const std::string& name) {
     std::lock_guard<std::mutex> lock(mutex);
     LOCKSTEP_CHECK(!successor.expired(), "DataParallel: this DataParallel was superseded by a newer one built on the "
                    "same parameters (parameter '", superseded_on, "', ...), which has been destroyed since: nothing "
                    "averages these gradients now (rank ", rank, "). Build a new DataParallel (Note [One reducer per "
                    "parameter]).");
+    LOCKSTEP_CHECK(index < taken_over.size() && taken_over[index] != 0, "DataParallel: parameter '", name,
+                   "' belongs to a DataParallel that a newer one, built on part of the same parameters (parameter '",
+                   superseded_on, "', ...), superseded; the newer one does not hold this parameter, so nothing "
+                   "averages its gradient now and the ranks' models would part (rank ", rank, "). Build the newer "
+                   "DataParallel over every parameter that trains, or let the older one go first (Note [One "
+                   "reducer per parameter]).");
   }
 };
 
@@ -186,20 +193,30 @@ using PostHookFn = std::function<torch::autograd::variable_list(const torch::aut
                                                                 const torch::autograd::variable_list&)>;
 class ReducerHook final : public torch::autograd::utils::LambdaPostHook {
  public:
-  ReducerHook(std::shared_ptr<HookState> state, PostHookFn fn)
-      : LambdaPostHook(std::move(fn)), state_(std::move(state)) {}
+  ReducerHook(std::shared_ptr<HookState> state, std::size_t index, std::size_t parameters, PostHookFn fn)
+      : LambdaPostHook(std::move(fn)), state_(std::move(state)), index_(index) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->taken_over.resize(parameters, 0);
+  }
   // Turns off every hook of the reducer this one belongs to (they share the state) in favour of
   // `successor`'s. An older reducer superseded before is pointed at the newest one too, so that it
-  // stays quiet while any reducer after it lives.
+  // stays quiet while any reducer after it lives. Only the parameters whose hooks the newest one
+  // passed are known to be its: one over part of the model leaves the others' gradients unreduced,
+  // which their hooks then refuse (check_successor_alive).
   void supersede(const std::shared_ptr<HookState>& successor, const std::string& parameter) {
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (state_->superseded_on.empty()) state_->superseded_on = parameter;
-    state_->successor = successor;
+    if (state_->successor.lock() != successor) {  // a newer successor: what the last one held no longer counts
+      std::fill(state_->taken_over.begin(), state_->taken_over.end(), 0);
+      state_->successor = successor;
+    }
+    state_->taken_over[index_] = 1;
     state_->active.store(false);
   }
 
  private:
   std::shared_ptr<HookState> state_;
+  std::size_t index_;
 };
 
 }  // namespace
@@ -236,12 +253,12 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
     const std::shared_ptr<HookState> state = hooks_->state;
     const int rank = comm_->rank();
     hooks_->keys.push_back(accumulator->add_post_hook(std::make_unique<ReducerHook>(
-        state,
+        state, i, params_.size(),
         [this, i, state, rank](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
           if (state->active.load()) {
             on_gradient_ready(i);
           } else {
-            state->check_successor_alive(rank);
+            state->check_successor_alive(rank, i, names_[i]);
           }
           return outputs;
         })));

@@ -624,3 +624,35 @@ TEST_CASE("A second DataParallel on a model takes its gradients over: exact aver
                        Catch::Contains("which has been destroyed since: nothing averages these gradients now"));
   CHECK(communicator_healthy());
 }
+
+namespace {
+struct BodyHeadImpl : torch::nn::Module {
+  BodyHeadImpl() : body(register_module("body", torch::nn::Linear(4, 3))), head(register_module("head", torch::nn::Linear(3, 2))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return head(torch::tanh(body(x))); }
+  torch::nn::Linear body, head;
+};
+TORCH_MODULE(BodyHead);
+}  // namespace
+
+TEST_CASE("A second DataParallel over part of the model: the first's other parameters are refused, not left local",
+          "[ddp]") {
+  // The newer one on the head turned all of the first one's hooks off; the body's gradients were then
+  // reduced by nobody, and each rank stepped its own body.
+  torch::manual_seed(6);
+  BodyHead model;
+  model->to(torch::kFloat64);
+  DataParallel whole(model.ptr(), comm_ptr());
+  DataParallel head_only(model->head.ptr(), comm_ptr());  // built while `whole` lives
+  const torch::Tensor x = torch::ones({3, 4}, torch::kFloat64) * (comm().rank() + 1);
+  const std::string error = error_of([&] { model->forward(x).sum().backward(); });
+  INFO(error);
+  CHECK_THAT(error, Catch::Contains("parameter 'body.") &&
+                        Catch::Contains("the newer one does not hold this parameter, so nothing averages its gradient"));
+  // Frozen, the body has no gradient to average: the head trains alone, averaged.
+  for (auto& p : model->body->parameters()) p.set_requires_grad(false);
+  DataParallel head_again(model->head.ptr(), comm_ptr());
+  model->zero_grad();
+  model->forward(x).sum().backward();
+  CHECK(lockstep::testing::same_on_every_rank(model->head->weight.grad()));
+  CHECK(communicator_healthy());
+}

@@ -212,6 +212,15 @@ TEST_CASE("PowerSGD without warm start and error feedback carries nothing from o
       const torch::Tensor after_g1 = second_step(g1);
       const torch::Tensor after_g3 = second_step(g3);
       CHECK(torch::equal(after_g1, after_g3) == (!warm && !feedback));
+      if (!warm && !feedback) {
+        // Nor the first step's Q: the second is the draw for its own iteration, as a state that had
+        // not run before would use.
+        auto state = std::make_shared<ddp::PowerSGDState>(o);
+        SoloCommunicator solo;
+        auto bucket = make_bucket({g2.clone()}, {"w"}, 1);
+        ddp::powersgd_hook(state)(solo, bucket)->wait();
+        CHECK(torch::equal(after_g1, gradient_of(bucket, 0)));
+      }
     }
   }
 }

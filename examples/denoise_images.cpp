@@ -136,17 +136,17 @@ int main(int argc, char** argv) {
   lockstep::Runtime runtime(argc, argv, cfg.runtime);
   config::check_same_on_all_ranks(cfg, *runtime.communicator());
   if (cfg.trainer.device == "auto") cfg.trainer.device = runtime.world().device.str();
+  // A config this program cannot run: the message once (every rank decides alike), exit status 2.
+  const auto refuse = [&runtime](const std::string& message) {
+    if (runtime.rank() == 0) std::fprintf(stderr, "denoise_images: %s\n", message.c_str());
+    return 2;
+  };
   // The target is an image: a classification loss (cross_entropy, the trainer's default; bce_with_logits)
   // would train on numbers that mean nothing here.
   const std::string& loss = cfg.trainer.loss.name;
   if (!cfg.trainer.loss_fn && loss != "mse" && loss != "l1" && loss != "smooth_l1") {
-    if (runtime.rank() == 0) {
-      std::fprintf(stderr,
-                   "denoise_images: trainer.loss.name is '%s', but this program regresses images: set it to mse, l1 "
-                   "or smooth_l1\n",
-                   loss.c_str());
-    }
-    return 2;
+    return refuse("trainer.loss.name is '" + loss +
+                  "', but this program regresses images: set it to mse, l1 or smooth_l1");
   }
   // The metrics too: accuracy, macro_f1 and mean_iou fail on an image target at the first batch, and
   // binary_accuracy would report a number that means nothing here.
@@ -157,13 +157,8 @@ int main(int argc, char** argv) {
     }
   }
   if (!classification_metrics.empty()) {
-    if (runtime.rank() == 0) {
-      std::fprintf(stderr,
-                   "denoise_images: trainer.metrics has %s, but this program regresses images: use mse, rmse or "
-                   "mae\n",
-                   classification_metrics.c_str());
-    }
-    return 2;
+    return refuse("trainer.metrics has " + classification_metrics +
+                  ", but this program regresses images: use mse, rmse or mae");
   }
   // Its model is its own and it adds no callbacks: a section it would not read is an error, not a
   // run that silently ignores early stopping, pruning or another width.
@@ -181,13 +176,8 @@ int main(int argc, char** argv) {
   default_model.model.quantize_activations = cfg.quantization.enabled && cfg.quantization.options.activations;
   note(config::to_yaml(default_model) != config::to_yaml(cfg), "model");
   if (!unread.empty()) {
-    if (runtime.rank() == 0) {
-      std::fprintf(stderr,
-                   "denoise_images: this program builds its own model and adds no callbacks, so it does not read "
-                   "%s: remove them from the config\n",
-                   unread.c_str());
-    }
-    return 2;
+    return refuse("this program builds its own model and adds no callbacks, so it does not read " + unread +
+                  ": remove them from the config");
   }
   auto [clean_train, clean_test] = config::make_datasets(cfg.data, cfg.trainer.seed);
   auto train_set = std::make_shared<NoisyImages>(clean_train, cfg.trainer.seed, /*fixed_noise=*/false);

@@ -264,31 +264,25 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.denoise_images_no_config.np2 PROPERTIES TIMEOUT 60 LABELS dist
     PASS_REGULAR_EXPRESSION "denoise_images: --config FILE is required"
     FAIL_REGULAR_EXPRESSION "required.*required")
-  # A classification loss on an image target: refused before any data is read, the message once.
-  add_test(NAME program.denoise_images_classification_loss.np2
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
-                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
-                   --set trainer.loss.name=cross_entropy)
-  set_tests_properties(program.denoise_images_classification_loss.np2 PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "trainer.loss.name is 'cross_entropy', but this program regresses images"
-    FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
-  # A classification metric on an image target: refused likewise (accuracy used to fail at the first
-  # batch, through the terminate handler).
-  add_test(NAME program.denoise_images_classification_metric.np2
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
-                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
-                   --set trainer.metrics=[mse,accuracy,binary_accuracy])
-  set_tests_properties(program.denoise_images_classification_metric.np2 PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "trainer.metrics has accuracy, binary_accuracy, but this program regresses images"
-    FAIL_REGULAR_EXPRESSION "regresses images.*regresses images")
+  # denoise_images on its shipped config with `setting`: refused before any data is read, the message
+  # (`pass`) once (`again` matches it printed twice).
+  function(lockstep_denoise_refusal name setting pass again)
+    add_test(NAME program.denoise_images_${name}.np2
+             COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
+                     --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml --set ${setting})
+    set_tests_properties(program.denoise_images_${name}.np2 PROPERTIES TIMEOUT 60 LABELS dist
+      PASS_REGULAR_EXPRESSION "${pass}" FAIL_REGULAR_EXPRESSION "${again}")
+  endfunction()
+  # A classification loss on an image target.
+  lockstep_denoise_refusal(classification_loss trainer.loss.name=cross_entropy
+    "trainer.loss.name is 'cross_entropy', but this program regresses images" "regresses images.*regresses images")
+  # A classification metric (accuracy used to fail at the first batch, through the terminate handler).
+  lockstep_denoise_refusal(classification_metric trainer.metrics=[mse,accuracy,binary_accuracy]
+    "trainer.metrics has accuracy, binary_accuracy, but this program regresses images"
+    "regresses images.*regresses images")
   # model.quantize_activations is a model key this program does not read.
-  add_test(NAME program.denoise_images_model_key.np2
-           COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:denoise_images>
-                   --config ${PROJECT_SOURCE_DIR}/configs/denoise_fashion_mnist.yaml
-                   --set model.quantize_activations=true)
-  set_tests_properties(program.denoise_images_model_key.np2 PROPERTIES TIMEOUT 60 LABELS dist
-    PASS_REGULAR_EXPRESSION "does not read model: remove them"
-    FAIL_REGULAR_EXPRESSION "does not read.*does not read")
+  lockstep_denoise_refusal(model_key model.quantize_activations=true "does not read model: remove them"
+    "does not read.*does not read")
 endif()
 
 # The benchmarks, on small sizes: they run to their table at 2 and 3 ranks, and their command lines

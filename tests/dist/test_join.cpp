@@ -303,6 +303,23 @@ TEST_CASE("Join: a PowerSGD hook keeps its collectives in step with the ranks th
   const Outcome got = train(batches, false, {}, /*shadow=*/true, o);
   CHECK(got.result.shadowed_steps == max_of(batches) - batches[rank]);
   for (const auto& p : got.state) CHECK(torch::isfinite(p).all().item<bool>());
+
+  // The values: the same job without Join, where a rank out of batches takes part with a zero
+  // gradient (its loss times 0), is what a joined rank's shadow step feeds the hook (its residual
+  // included): the parameters and momenta must match. A fresh hook, whose PowerSGD state is its own.
+  Net net = make_net(false);
+  DataParallelOptions fresh;
+  fresh.comm_hook = lockstep::ddp::powersgd_hook(ps);
+  DataParallel dp(net, comm_ptr(), fresh);
+  auto opt = sgd()(net->parameters());
+  for (int s = 0; s < max_of(batches); ++s) {
+    opt->zero_grad();
+    const torch::Tensor loss = loss_of(net, rank, std::max(0, std::min(s, batches[rank] - 1)));
+    (s < batches[rank] ? loss : loss * 0).backward();
+    opt->step();
+  }
+  CHECK(close(got.state, state(*net)));
+  CHECK(close(got.momenta, momenta(*opt, *net)));
   CHECK(communicator_healthy());
 }
 

@@ -134,12 +134,14 @@ std::vector<std::string> MagnitudePruning::layers() const {
 
 namespace {
 
+// Whether the schedule prunes in steps from begin_step to end_step (N:M patterns are one-shot).
+bool gradual_schedule(const PruningOptions& o) {
+  return o.schedule == PruneSchedule::Gradual && o.granularity != PruneGranularity::NM;
+}
+
 // The step at which the schedule reaches its target: a gradual schedule's end step, else its one
 // pruning step.
-int64_t final_pruning_step(const PruningOptions& o) {
-  const bool gradual = o.schedule == PruneSchedule::Gradual && o.granularity != PruneGranularity::NM;
-  return gradual ? o.end_step : o.begin_step;
-}
+int64_t final_pruning_step(const PruningOptions& o) { return gradual_schedule(o) ? o.end_step : o.begin_step; }
 
 // The schedule in steps, for this fit (the steps per epoch may differ from fit to fit), checked
 // against the run's length: a schedule that ends after the last step would stop short of its target
@@ -156,7 +158,7 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
   }
   if (ctx.total_steps <= 0) return o;  // not in a trainer's fit, or a fit of no steps
   const int64_t last_step = ctx.total_steps - 1;
-  const bool gradual = o.schedule == PruneSchedule::Gradual && o.granularity != PruneGranularity::NM;
+  const bool gradual = gradual_schedule(o);
   const int64_t target_step = final_pruning_step(o);
   if (target_step <= last_step) return o;
   int64_t reached_at = -1;  // the schedule's last pruning step within the run

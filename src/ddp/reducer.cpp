@@ -163,7 +163,7 @@ struct HookState {
                    "same parameters (parameter '", superseded_on, "', ...), which has been destroyed since: nothing "
                    "averages these gradients now (rank ", rank, "). Build a new DataParallel (Note [One reducer per "
                    "parameter]).");
-    LOCKSTEP_CHECK(index < taken_over.size() && taken_over[index] != 0, "DataParallel: parameter '", name,
+    LOCKSTEP_CHECK(taken_over[index] != 0, "DataParallel: parameter '", name,
                    "' belongs to a DataParallel that a newer one, built on part of the same parameters (parameter '",
                    superseded_on, "', ...), superseded; the newer one does not hold this parameter, so nothing "
                    "averages its gradient now and the ranks' models would part (rank ", rank, "). Build the newer "
@@ -193,11 +193,8 @@ using PostHookFn = std::function<torch::autograd::variable_list(const torch::aut
                                                                 const torch::autograd::variable_list&)>;
 class ReducerHook final : public torch::autograd::utils::LambdaPostHook {
  public:
-  ReducerHook(std::shared_ptr<HookState> state, std::size_t index, std::size_t parameters, PostHookFn fn)
-      : LambdaPostHook(std::move(fn)), state_(std::move(state)), index_(index) {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->taken_over.resize(parameters, 0);
-  }
+  ReducerHook(std::shared_ptr<HookState> state, std::size_t index, PostHookFn fn)
+      : LambdaPostHook(std::move(fn)), state_(std::move(state)), index_(index) {}
   // Turns off every hook of the reducer this one belongs to (they share the state) in favour of
   // `successor`'s. An older reducer superseded before is pointed at the newest one too, so that it
   // stays quiet while any reducer after it lives. Only the parameters whose hooks the newest one
@@ -242,6 +239,7 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
                                options_.bucket_cap_bytes));
 
   hooks_ = std::make_unique<GradientHooks>();
+  hooks_->state->taken_over.assign(params_.size(), 0);  // before any hook exists to read it
   for (std::size_t i = 0; i < params_.size(); ++i) {
     // The tensor holds its accumulator only weakly: keep it, or the hook dies with it.
     compat::NodePtr accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
@@ -253,7 +251,7 @@ Reducer::Reducer(std::vector<at::Tensor> parameters, std::vector<std::string> na
     const std::shared_ptr<HookState> state = hooks_->state;
     const int rank = comm_->rank();
     hooks_->keys.push_back(accumulator->add_post_hook(std::make_unique<ReducerHook>(
-        state, i, params_.size(),
+        state, i,
         [this, i, state, rank](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
           if (state->active.load()) {
             on_gradient_ready(i);

@@ -5,6 +5,7 @@
 #include <torch/serialize/archive.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -44,6 +45,16 @@ namespace lockstep::ddp {
 // this step's input M (residual added) so that the residual M - M' needs no extra copy; an entry still
 // marked in flight when the next step reaches it belongs to a step that never finished (an error ended
 // it) and is reset rather than trusted.
+//
+// Note [PowerSGD residuals read during a step]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// error() may be called from another thread while a backward runs (a monitor, a logger). The hook and
+// its continuation write an entry's residual outside the state's mutex (holding it through the matrix
+// products would serialise buckets for nothing), so an entry is marked in flight under the mutex at the
+// moment a step takes it, before any write, and unmarked only after the continuation's last write, with
+// release order; error() reads the mark under the mutex, with acquire order, and returns nothing for
+// an entry in flight. It therefore returns a residual as one step left it, never a half-written one
+// (formerly the mark was set only after the hook had added M into the residual).
 //
 // Note [PowerSGD degenerate state]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -92,7 +103,10 @@ struct PowerSGDState::Entry {
   at::Device device = at::kCPU;
   at::Tensor error;  // n x m; the input M while in flight
   at::Tensor q;      // m x r: the last step's averaged Q (warm start)
-  bool in_flight = false;
+  // Note [PowerSGD residuals read during a step]: set under the state's mutex when a step takes the
+  // entry (entry_for), cleared by the step's continuation after its last write (release), read under the
+  // mutex (acquire) by error() before it touches `error`.
+  std::atomic<bool> in_flight{false};
   bool restored = false;  // from restore_state(), not yet met by a step (Note [PowerSGD checkpoints])
 };
 
@@ -232,8 +246,11 @@ PowerSGDStats PowerSGDState::stats() const {
 
 at::Tensor PowerSGDState::error(const std::string& parameter_name) const {
   std::lock_guard<std::mutex> lock(mutex_);
+  // Note [PowerSGD residuals read during a step]
   auto it = entries_.find(parameter_name);
-  if (it == entries_.end() || !it->second->error.defined() || it->second->in_flight) return {};
+  if (it == entries_.end() || it->second->in_flight.load(std::memory_order_acquire) || !it->second->error.defined()) {
+    return {};
+  }
   return it->second->error.clone();
 }
 
@@ -287,6 +304,7 @@ std::shared_ptr<PowerSGDState::Entry> PowerSGDState::entry_for(const std::string
     entry->dtype = dtype;
     entry->device = options.device();
     entry->restored = false;
+    entry->in_flight.store(true, std::memory_order_relaxed);  // Note [PowerSGD residuals read during a step]
     return entry;
   }
   if (!entry || entry->in_flight || entry->sizes != sizes || entry->rank != rank ||
@@ -297,6 +315,7 @@ std::shared_ptr<PowerSGDState::Entry> PowerSGDState::entry_for(const std::string
     entry->dtype = options.dtype().toScalarType();
     entry->device = options.device();
   }
+  entry->in_flight.store(true, std::memory_order_relaxed);  // Note [PowerSGD residuals read during a step]
   return entry;
 }
 
@@ -400,7 +419,6 @@ comm::WorkPtr PowerSGDState::reduce(comm::Communicator& comm, const GradBucket& 
       entry.q = at::where(usable, entry.q, fresh);
     }
     at::mm_out(x.p, x.input, entry.q);
-    entry.in_flight = true;
     step->matrices.push_back(std::move(x));
   }
   {
@@ -444,7 +462,7 @@ void PowerSGDState::Step::finish(comm::Communicator& comm) {
       }
     }
     if (options.warm_start) x.entry->q = x.q;
-    x.entry->in_flight = false;
+    x.entry->in_flight.store(false, std::memory_order_release);
   }
 }
 

@@ -5,10 +5,13 @@
 // Catch after the LibTorch headers: glog (through c10) defines CHECK too, and Catch's must win.
 #include <catch2/catch.hpp>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "lockstep/core/error.hpp"
@@ -183,6 +186,53 @@ TEST_CASE("PowerSGD on one rank: what was applied plus the residual is what came
     CHECK(torch::allclose(applied + state->error("w").to(torch::kFloat64), given, 1e-5, 1e-5));
   }
   CHECK((applied - given).abs().max().item<double>() > 0.1);  // rank 1 of a random 16 x 20 is lossy
+}
+
+TEST_CASE("PowerSGD error() read from another thread during steps gives whole residuals (Note [PowerSGD "
+          "residuals read during a step])",
+          "[ddp][powersgd]") {
+  // A reader thread calls error() over and over while the hook runs steps. Every residual it gets must
+  // be one that a step left (recorded between steps); one read while a step adds its gradient into the
+  // residual would be a mix of two and match none. The main thread waits for a read after each step,
+  // so whole residuals are read as well as attempts during steps.
+  auto state = std::make_shared<ddp::PowerSGDState>(starting_at_once());
+  auto hook = ddp::powersgd_hook(state);
+  SoloCommunicator solo;
+  torch::manual_seed(12);
+  constexpr int kSteps = 40;
+  std::atomic<bool> done{false};
+  std::atomic<long> reads{0};
+  std::vector<torch::Tensor> seen;
+  long attempts = 0;
+  std::thread reader([&] {
+    while (!done.load()) {
+      torch::Tensor e = state->error("w");
+      ++attempts;
+      // Kept when it differs from the last one kept (most reads between two steps see the same).
+      if (e.defined() && (seen.empty() || !torch::equal(e, seen.back()))) seen.push_back(std::move(e));
+      reads.fetch_add(1);
+    }
+  });
+  std::vector<torch::Tensor> between_steps;
+  for (int step = 0; step < kSteps; ++step) {
+    auto bucket = make_bucket({torch::randn({384, 512})}, {"w"}, step);
+    hook(solo, bucket)->wait();
+    between_steps.push_back(state->error("w"));
+    const long after = reads.load() + 2;  // a read that began after this step's end
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (reads.load() < after && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  }
+  done = true;
+  reader.join();
+  INFO(seen.size() << " distinct residuals read in " << attempts << " calls");
+  REQUIRE(seen.size() >= static_cast<std::size_t>(kSteps));
+  std::size_t whole = 0;
+  for (const torch::Tensor& e : seen) {
+    bool found = false;
+    for (const torch::Tensor& b : between_steps) found = found || torch::equal(e, b);
+    whole += found ? 1 : 0;
+  }
+  CHECK(whole == seen.size());
 }
 
 TEST_CASE("PowerSGD without warm start and error feedback carries nothing from one step to the next",

@@ -110,7 +110,8 @@ class PowerSGDState {
   const PowerSGDOptions& options() const { return options_; }
   PowerSGDStats stats() const;
   // This rank's residual for the parameter (n x m, float32 for 16-bit buckets, else the bucket's
-  // dtype; a copy), or an undefined tensor when there is none (not compressed yet, or no feedback).
+  // dtype; a copy), or an undefined tensor when there is none (not compressed yet, or no feedback) or
+  // while a step is reducing the parameter (safe to call from another thread during backward).
   at::Tensor error(const std::string& parameter_name) const;
   // Forgets every residual and Q (the next step starts as the first did). Stats and the iteration
   // count are kept.

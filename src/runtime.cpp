@@ -7,11 +7,14 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <fstream>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -46,14 +49,91 @@ bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reas
   return false;
 }
 
-int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank) {
+int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank, double cpu_limit) {
   const std::vector<int>& mine = cpus.at(static_cast<std::size_t>(local_rank));
   const std::set<int> own(mine.begin(), mine.end());
   int sharing = 0;  // the ranks whose CPUs overlap this rank's, itself included
   for (const auto& theirs : cpus) {
     if (std::any_of(theirs.begin(), theirs.end(), [&own](int cpu) { return own.count(cpu) != 0; })) ++sharing;
   }
-  return std::max(1, static_cast<int>(own.size()) / std::max(1, sharing));
+  int usable = static_cast<int>(own.size());
+  // Note [CPU quota]
+  if (cpu_limit > 0.0) usable = std::min(usable, std::max(1, static_cast<int>(std::ceil(cpu_limit - 1e-9))));
+  return std::max(1, usable / std::max(1, sharing));
+}
+
+namespace {
+
+// The first line of `path`, or "" when it cannot be read.
+std::string first_line(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line)) return {};
+  return line;
+}
+
+// A limit in CPUs from a quota and a period (microseconds), 0 for none or nonsense.
+double quota_over_period(const std::string& quota, const std::string& period) {
+  char* end = nullptr;
+  const double q = std::strtod(quota.c_str(), &end);
+  if (quota.empty() || end == quota.c_str()) return 0.0;  // "max", or nothing
+  const double p = std::strtod(period.c_str(), &end);
+  if (period.empty() || end == period.c_str()) return 0.0;
+  return q > 0.0 && p > 0.0 ? q / p : 0.0;
+}
+
+// The smallest limit that `read(dir)` finds from `mount` + `path` up to `mount`, 0 for none.
+template <typename Read>
+double smallest_along(const std::string& mount, std::string path, const Read& read) {
+  double smallest = 0.0;
+  while (true) {
+    const double limit = read(mount + path);
+    if (limit > 0.0 && (smallest == 0.0 || limit < smallest)) smallest = limit;
+    if (path.empty() || path == "/") break;
+    const std::size_t slash = path.find_last_of('/');
+    path = slash == std::string::npos ? std::string() : path.substr(0, slash);
+  }
+  return smallest;
+}
+
+}  // namespace
+
+double cgroup_cpu_limit(const std::string& root) {
+  // Note [CPU quota]
+  std::ifstream cgroups(root + "/proc/self/cgroup");
+  double smallest = 0.0;
+  auto keep = [&smallest](double limit) {
+    if (limit > 0.0 && (smallest == 0.0 || limit < smallest)) smallest = limit;
+  };
+  std::string line;
+  while (std::getline(cgroups, line)) {
+    // "hierarchy-id:controllers:path"; cgroup v2's line is "0::path".
+    const std::size_t first = line.find(':');
+    const std::size_t second = first == std::string::npos ? std::string::npos : line.find(':', first + 1);
+    if (second == std::string::npos) continue;
+    const std::string controllers = line.substr(first + 1, second - first - 1);
+    const std::string path = line.substr(second + 1);
+    if (controllers.empty()) {
+      keep(smallest_along(root + "/sys/fs/cgroup", path, [](const std::string& dir) {
+        std::istringstream fields(first_line(dir + "/cpu.max"));  // "max 100000" or "150000 100000"
+        std::string quota, period;
+        fields >> quota >> period;
+        return quota_over_period(quota, period);
+      }));
+      continue;
+    }
+    std::istringstream names(controllers);
+    std::string name;
+    bool cpu = false;
+    while (std::getline(names, name, ',')) cpu = cpu || name == "cpu";
+    if (!cpu) continue;
+    for (const char* mount : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu"}) {
+      keep(smallest_along(root + mount, path, [](const std::string& dir) {
+        return quota_over_period(first_line(dir + "/cpu.cfs_quota_us"), first_line(dir + "/cpu.cfs_period_us"));
+      }));
+    }
+  }
+  return smallest;
 }
 
 int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices) {
@@ -235,7 +315,7 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
         if (CPU_ISSET(cpu, &all[r])) cpus[r].push_back(cpu);
       }
     }
-    return detail::default_threads(cpus, world_.local_rank);
+    return detail::default_threads(cpus, world_.local_rank, detail::cgroup_cpu_limit());
   }();
   MPI_Comm_free(&local);
   char host[MPI_MAX_PROCESSOR_NAME] = {0};

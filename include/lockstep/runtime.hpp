@@ -20,8 +20,9 @@ struct RuntimeOptions {
   // The environment variable LOCKSTEP_TUNE_MALLOC=0 turns it off without a rebuild.
   bool tune_malloc = true;
   // Intra-op threads for LibTorch (and OpenBLAS): 0 = the CPUs this rank may run on (its affinity: a
-  // batch system's cpuset, mpirun's binding, taskset) divided by the ranks on the host that may run on
-  // them too (at least 1), so co-located ranks do not oversubscribe the cores.
+  // batch system's cpuset, mpirun's binding, taskset), at most a cgroup CPU quota's worth (a container's
+  // --cpus), divided by the ranks on the host that may run on them too (at least 1), so co-located
+  // ranks do not oversubscribe the cores.
   int threads = 0;
   // "auto": the local rank's GPU (cuda:local_rank % devices) when CUDA is usable, else the CPU.
   // "cpu" keeps a GPU machine on the CPU; "cuda" insists on a GPU (an error without one).

@@ -13,6 +13,7 @@
 
 #include <thread>
 
+#include "core/backend_choice.hpp"
 #include "lockstep/comm/mpi_communicator.hpp"
 #include "lockstep/core/error.hpp"
 #include "support/dist.hpp"
@@ -425,7 +426,11 @@ TEST_CASE("the runtime knows the world", "[runtime]") {
     openmp_binds = openmp_binds || std::getenv(name) != nullptr;
   }
   if (same_cpus && !openmp_binds) {
-    CHECK(torch::get_num_threads() == std::max(1, CPU_COUNT(&mine) / size));
+    // Note [CPU quota]: a container's CPU limit caps the count (none on the project's machines).
+    const double limit = lockstep::detail::cgroup_cpu_limit();
+    const int usable = limit > 0.0 ? std::min(CPU_COUNT(&mine), std::max(1, static_cast<int>(std::ceil(limit - 1e-9))))
+                                   : CPU_COUNT(&mine);
+    CHECK(torch::get_num_threads() == std::max(1, usable / size));
   } else {
     WARN("the ranks may run on different CPUs (mpirun bound them): the default thread count is not checked");
   }

@@ -39,6 +39,9 @@ Example Augment::get_batch(const std::vector<int64_t>& indices) const {
                  input.device(), "; Augment crops and flips images in host memory (the loader moves batches to "
                  "the device afterwards): give it a data set that returns CPU tensors");
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
+  // Each sample's crop and flip are drawn from its index: one row per index (the Dataset contract).
+  LOCKSTEP_CHECK(batch == static_cast<int64_t>(indices.size()), "Augment over ", base_->description(), ": asked for ",
+                 indices.size(), " samples, the data set returned ", batch, " rows");
   // A target laid out over the image's pixels (a clean image, a mask; [B, H, W], [B, C, H, W], or
   // flattened to [B, H*W] or [B, C*H*W], or channels-last [B, H, W, C]) would stay where it was while
   // the data moved: pairs out of register, and no error. Refuse it.

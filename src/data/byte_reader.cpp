@@ -85,15 +85,17 @@ size_t ByteReader::count_remaining() {
   }
 }
 
-std::vector<unsigned char> ByteReader::read_to_end() {
+std::vector<unsigned char> ByteReader::read_to_end(size_t limit) {
   std::vector<unsigned char> bytes;
   size_t chunk = 1 << 20;
   for (;;) {
     const size_t start = bytes.size();
-    bytes.resize(start + chunk);
-    const size_t got = read_some(bytes.data() + start, chunk);
+    const size_t want = std::min(chunk, limit + 1 - start);
+    bytes.resize(start + want);
+    const size_t got = read_some(bytes.data() + start, want);
     bytes.resize(start + got);
-    if (got < chunk) {
+    if (bytes.size() > limit) return bytes;  // more than the caller expects: the rest is not read
+    if (got < want) {
       check_stream_complete();
       return bytes;
     }

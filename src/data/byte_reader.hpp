@@ -23,8 +23,10 @@ class ByteReader {
   // Counts the bytes left (reading them); 0 at the end of the data. Throws when a gzip file ends before its
   // stream does (see check_stream_complete).
   size_t count_remaining();
-  // Reads everything left; throws like count_remaining on a gzip file that ends early.
-  std::vector<unsigned char> read_to_end();
+  // Reads everything left; throws like count_remaining on a gzip file that ends early. With a `limit`,
+  // reads at most limit + 1 bytes: a caller that knows the size to expect sees "more than that" without
+  // the rest of an oversized file (or a gzip bomb) being inflated into memory.
+  std::vector<unsigned char> read_to_end(size_t limit = static_cast<size_t>(-1) - 1);
 
   // True for gzip data, false for a plain file that zlib passes through. Call after the first read.
   bool compressed();

@@ -17,7 +17,16 @@ ImageData read_cifar10_files(const std::vector<std::string>& paths, int64_t reco
   int64_t total = 0;
   for (const std::string& path : paths) {
     detail::ByteReader reader(path);
-    std::vector<unsigned char> bytes = reader.read_to_end();
+    // A file of another size is refused below; one larger than expected (another data set, a gzip bomb)
+    // without being inflated whole first.
+    const int64_t expected = records_per_file > 0 ? records_per_file * kCifar10RecordBytes : -1;
+    std::vector<unsigned char> bytes =
+        expected > 0 ? reader.read_to_end(static_cast<size_t>(expected)) : reader.read_to_end();
+    LOCKSTEP_CHECK(expected <= 0 || static_cast<int64_t>(bytes.size()) <= expected, path, ": more than ",
+                   records_per_file, " records (over ", expected, " bytes), but each CIFAR-10 batch file holds ",
+                   records_per_file,
+                   " (another data set? data.records_per_file: 0, or Cifar10Options::records_per_file = 0 in code, "
+                   "accepts any number)");
     const auto size = static_cast<int64_t>(bytes.size());
     LOCKSTEP_CHECK(size > 0, path, ": empty file; expected ", kCifar10RecordBytes, "-byte records");
     LOCKSTEP_CHECK(size % kCifar10RecordBytes == 0, path, ": truncated or corrupt: ", size,

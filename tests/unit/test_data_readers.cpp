@@ -11,6 +11,7 @@
 #include <numeric>
 #include <random>
 
+#include "data/byte_reader.hpp"
 #include "lockstep/config/config.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/cifar10.hpp"
@@ -444,6 +445,20 @@ TEST_CASE("Cifar10: a gzip batch that ends early is an error, even cut on a reco
   const Bytes packed = gzip(records);
   write_file(dir / "whole.bin.gz", packed);
   CHECK(read_cifar10_files({dir / "whole.bin.gz"}).labels.size(0) == 100);
+  CHECK(read_cifar10_files({dir / "whole.bin.gz"}, 100).labels.size(0) == 100);
+  CHECK_THROWS_WITH(read_cifar10_files({dir / "whole.bin.gz"}, 101),
+                    Contains("100 records, but each CIFAR-10 batch file holds 101"));
+  // Larger than expected: refused without inflating the rest (read_to_end stops one byte past the limit).
+  CHECK_THROWS_WITH(read_cifar10_files({dir / "whole.bin.gz"}, 10),
+                    Contains(dir / "whole.bin.gz") && Contains("more than 10 records (over 30730 bytes)") &&
+                        Contains("each CIFAR-10 batch file holds 10"));
+  for (const std::string name : {"whole.bin.gz", "raw.bin"}) {
+    if (name == "raw.bin") write_file(dir / name, records);
+    lockstep::data::detail::ByteReader reader(dir / name);
+    CHECK(reader.read_to_end(30730).size() == 30731);
+    lockstep::data::detail::ByteReader again(dir / name);
+    CHECK(again.read_to_end(records.size()).size() == records.size());  // the limit exactly: all of it
+  }
 
   SECTION("trailer missing: all 100 records there, unchecked") {
     write_file(dir / "cut.bin.gz", Bytes(packed.begin(), packed.end() - 8));

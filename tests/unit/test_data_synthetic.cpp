@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <functional>
 #include <map>
 #include <numeric>
@@ -318,6 +319,75 @@ TEST_CASE("ImageDataset refuses images or labels that are not on the CPU", "[dat
   data.images = torch::zeros({4, 1, 3, 3}, torch::kUInt8);
   data.labels = torch::empty({4}, torch::device(torch::kMeta).dtype(torch::kLong));
   CHECK_THROWS_WITH(ImageDataset(data), Contains("labels on meta"));
+}
+
+TEST_CASE("ImageDataset refuses malformed images, labels and normalisation, naming what is wrong", "[data]") {
+  const auto good = [] {
+    ImageData data;
+    data.images = torch::zeros({4, 2, 3, 3}, torch::kUInt8);
+    data.labels = torch::tensor({0, 1, 2, 1}, torch::kLong);
+    data.num_classes = 3;
+    data.mean = {0.5};
+    data.std = {0.25};
+    data.description = "pictures";
+    return data;
+  };
+  REQUIRE_NOTHROW(ImageDataset(good()));
+  ImageData d = good();
+  d.images = torch::zeros({4, 9}, torch::kUInt8);
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: images must be a [N, C, H, W] tensor, got [4, 9]"));
+  d = good();
+  d.images = torch::zeros({4, 2, 3, 3}, torch::kFloat);
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: images must be uint8, got Float"));
+  d = good();
+  d.labels = d.labels.to(torch::kInt);
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: labels must be an int64 [N] tensor"));
+  d = good();
+  d.labels = torch::tensor({0, 1, 2}, torch::kLong);
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: 4 images but 3 labels"));
+  d = good();
+  d.images = torch::zeros({0, 2, 3, 3}, torch::kUInt8);
+  d.labels = torch::zeros({0}, torch::kLong);
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: no samples"));
+  d = good();
+  d.num_classes = 0;
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: num_classes must be positive, got 0"));
+  d = good();
+  d.labels = torch::tensor({0, 1, 3, 1}, torch::kLong);
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: labels range over [0, 3]; expected values in [0, 3)"));
+  d.labels = torch::tensor({0, -1, 2, 1}, torch::kLong);
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("labels range over [-1, 2]"));
+  d = good();
+  d.std = {0.25, 0.0};
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("pictures: channel 1 needs a finite mean and a positive std"));
+  d = good();
+  d.mean = {std::nan("")};
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("channel 0 needs a finite mean and a positive std"));
+  d = good();
+  d.mean = {0.1, 0.2, 0.3};
+  CHECK_THROWS_WITH(ImageDataset(d), Contains("has 3 values; expected 1 or one per channel (2)"));
+}
+
+TEST_CASE("Augment refuses a base data set that returns another number of rows than it was asked for", "[data]") {
+  class OneRowTooMany : public Dataset {
+   public:
+    explicit OneRowTooMany(DatasetPtr base) : base_(std::move(base)) {}
+    size_t size() const override { return base_->size(); }
+    DatasetInfo info() const override { return base_->info(); }
+    std::string description() const override { return "a broken set"; }
+    Example get_batch(const std::vector<int64_t>& indices) const override {
+      std::vector<int64_t> more = indices;
+      more.push_back(indices.front());
+      return base_->get_batch(more);
+    }
+
+   private:
+    DatasetPtr base_;
+  };
+  AugmentOptions crop;
+  crop.pad = 1;
+  CHECK_THROWS_WITH(Augment(std::make_shared<OneRowTooMany>(ramp_dataset(4, 1, 6)), crop).get_batch({0, 1}),
+                    Contains("Augment over a broken set: asked for 2 samples, the data set returned 3 rows"));
 }
 
 TEST_CASE("Subset: first N and explicit indices map onto the base", "[data]") {

@@ -26,6 +26,13 @@ namespace lockstep::comm {
 
 namespace {
 
+// A failure every rank raises alike before any runs the collective (Note [Checked collectives]): it
+// leaves the communicator in step, unlike any other (Note [No collective after an MPI error]).
+class SameOnEveryRank : public Error {
+ public:
+  explicit SameOnEveryRank(const std::string& message) : Error(message, __FILE__, __LINE__) {}
+};
+
 // ---- Floating-point Min and Max: Note [Min and max are symmetric]. MPI's built-in MPI_MIN and MPI_MAX
 // compute `out = out < in ? out : in`, so a NaN survives only when it arrives as `in`, and -0 against
 // +0 keeps whichever comes first: in a pairwise exchange the two ranks see the arguments swapped, and
@@ -206,7 +213,9 @@ struct MpiCommunicator::Impl {
   // others issue next. So the first MPI error breaks the communicator: every later collective fails
   // at once with this text (read and written by the progress thread only) naming the first failure.
   // A mismatch that checked collectives catch (Note [Checked collectives]) is found before MPI runs
-  // it and does not break it.
+  // it and does not break it. Any other failure does, not only MPI's: an error on this rank alone
+  // before its MPI call (out of memory for fp16 Average's scaled copy, a staging copy) leaves the
+  // others inside the collective, and the next one this rank issued would pair with it.
   std::string broken;
 
   void loop() {
@@ -253,8 +262,17 @@ struct MpiCommunicator::Impl {
             "rank's different one: wrong numbers or a hang. End the job; a checkpoint resumes it");
         task.work->mark_failed(std::make_exception_ptr(
             MpiError(task.work->info().describe() + " failed: " + e.what(), __FILE__, __LINE__)));
+      } catch (const SameOnEveryRank& e) {  // Note [Checked collectives]: no rank ran it
+        task.run = nullptr;
+        task.work->mark_failed(std::make_exception_ptr(
+            Error(task.work->info().describe() + " failed: " + e.what(), __FILE__, __LINE__)));
       } catch (const std::exception& e) {
         task.run = nullptr;
+        broken = ::lockstep::detail::str_cat(
+            "this MpiCommunicator runs no collective since ", task.work->info().describe(),
+            " failed on this rank (", e.what(), "), maybe before its MPI call while the other ranks made "
+            "theirs, so a later collective could pair with another rank's different one: wrong numbers or a "
+            "hang. End the job; a checkpoint resumes it");
         task.work->mark_failed(std::make_exception_ptr(
             Error(task.work->info().describe() + " failed: " + e.what(), __FILE__, __LINE__)));
       }
@@ -294,8 +312,9 @@ struct MpiCommunicator::Impl {
     if (same) return;
     std::string table;
     for (int r = 0; r < size; ++r) table += ::lockstep::detail::str_cat(r == 0 ? "" : "; ", "rank ", r, ": ", row(r));
-    LOCKSTEP_FAIL(op, " #", seq, ": the ranks issued different collectives here (", table,
-                  "); none ran it (checked collectives, LOCKSTEP_CHECK_COLLECTIVES) (rank ", rank, ")");
+    throw SameOnEveryRank(::lockstep::detail::str_cat(
+        op, " #", seq, ": the ranks issued different collectives here (", table,
+        "); none ran it (checked collectives, LOCKSTEP_CHECK_COLLECTIVES) (rank ", rank, ")"));
   }
 
   WorkPtr enqueue(WorkInfo info, std::function<void()> run, std::string signature = {}) {

@@ -5,6 +5,7 @@
 #include <malloc.h>
 #include <mpi.h>
 #include <sched.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cmath>
@@ -49,17 +50,18 @@ bool settle_backend(const std::vector<BackendChoice>& choices, std::string* reas
   return false;
 }
 
-int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank, double cpu_limit) {
+int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank, double cpu_limit, int quota_sharing) {
   const std::vector<int>& mine = cpus.at(static_cast<std::size_t>(local_rank));
   const std::set<int> own(mine.begin(), mine.end());
   int sharing = 0;  // the ranks whose CPUs overlap this rank's, itself included
   for (const auto& theirs : cpus) {
     if (std::any_of(theirs.begin(), theirs.end(), [&own](int cpu) { return own.count(cpu) != 0; })) ++sharing;
   }
-  int usable = static_cast<int>(own.size());
+  const int threads = std::max(1, static_cast<int>(own.size()) / std::max(1, sharing));
+  if (cpu_limit <= 0.0) return threads;
   // Note [CPU quota]
-  if (cpu_limit > 0.0) usable = std::min(usable, std::max(1, static_cast<int>(std::ceil(cpu_limit - 1e-9))));
-  return std::max(1, usable / std::max(1, sharing));
+  const int quota = std::max(1, static_cast<int>(std::ceil(cpu_limit - 1e-9)));
+  return std::min(threads, std::max(1, quota / std::max(1, quota_sharing)));
 }
 
 namespace {
@@ -82,29 +84,33 @@ double quota_over_period(const std::string& quota, const std::string& period) {
   return q > 0.0 && p > 0.0 ? q / p : 0.0;
 }
 
-// The smallest limit that `read(dir)` finds from `mount` + `path` up to `mount`, 0 for none.
+// The directory's identity (device and inode), "" when it cannot be read.
+std::string identity_of(const std::string& dir) {
+  struct stat info {};
+  if (::stat(dir.c_str(), &info) != 0) return {};
+  return std::to_string(static_cast<unsigned long long>(info.st_dev)) + ":" +
+         std::to_string(static_cast<unsigned long long>(info.st_ino));
+}
+
+// Keeps the smallest limit that `read(dir)` finds from `mount` + `path` up to `mount` in `smallest`.
 template <typename Read>
-double smallest_along(const std::string& mount, std::string path, const Read& read) {
-  double smallest = 0.0;
+void smallest_along(const std::string& mount, std::string path, const Read& read, CpuLimit* smallest) {
   while (true) {
-    const double limit = read(mount + path);
-    if (limit > 0.0 && (smallest == 0.0 || limit < smallest)) smallest = limit;
+    const std::string dir = mount + path;
+    const double limit = read(dir);
+    if (limit > 0.0 && (smallest->cpus == 0.0 || limit < smallest->cpus)) *smallest = {limit, identity_of(dir)};
     if (path.empty() || path == "/") break;
     const std::size_t slash = path.find_last_of('/');
     path = slash == std::string::npos ? std::string() : path.substr(0, slash);
   }
-  return smallest;
 }
 
 }  // namespace
 
-double cgroup_cpu_limit(const std::string& root) {
+CpuLimit cgroup_cpu_limit(const std::string& root) {
   // Note [CPU quota]
   std::ifstream cgroups(root + "/proc/self/cgroup");
-  double smallest = 0.0;
-  auto keep = [&smallest](double limit) {
-    if (limit > 0.0 && (smallest == 0.0 || limit < smallest)) smallest = limit;
-  };
+  CpuLimit smallest;
   std::string line;
   while (std::getline(cgroups, line)) {
     // "hierarchy-id:controllers:path"; cgroup v2's line is "0::path".
@@ -114,12 +120,12 @@ double cgroup_cpu_limit(const std::string& root) {
     const std::string controllers = line.substr(first + 1, second - first - 1);
     const std::string path = line.substr(second + 1);
     if (controllers.empty()) {
-      keep(smallest_along(root + "/sys/fs/cgroup", path, [](const std::string& dir) {
+      smallest_along(root + "/sys/fs/cgroup", path, [](const std::string& dir) {
         std::istringstream fields(first_line(dir + "/cpu.max"));  // "max 100000" or "150000 100000"
         std::string quota, period;
         fields >> quota >> period;
         return quota_over_period(quota, period);
-      }));
+      }, &smallest);
       continue;
     }
     std::istringstream names(controllers);
@@ -128,9 +134,9 @@ double cgroup_cpu_limit(const std::string& root) {
     while (std::getline(names, name, ',')) cpu = cpu || name == "cpu";
     if (!cpu) continue;
     for (const char* mount : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu"}) {
-      keep(smallest_along(root + mount, path, [](const std::string& dir) {
+      smallest_along(root + mount, path, [](const std::string& dir) {
         return quota_over_period(first_line(dir + "/cpu.cfs_quota_us"), first_line(dir + "/cpu.cfs_period_us"));
-      }));
+      }, &smallest);
     }
   }
   return smallest;
@@ -315,7 +321,12 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
         if (CPU_ISSET(cpu, &all[r])) cpus[r].push_back(cpu);
       }
     }
-    return detail::default_threads(cpus, world_.local_rank, detail::cgroup_cpu_limit());
+    // Note [CPU quota]: shared by the host's ranks under the same limiting cgroup.
+    const detail::CpuLimit limit = detail::cgroup_cpu_limit();
+    const std::vector<std::string> limits = mpi_allgather_strings(local, limit.cgroup);
+    const int quota_sharing =
+        limit.cgroup.empty() ? 1 : static_cast<int>(std::count(limits.begin(), limits.end(), limit.cgroup));
+    return detail::default_threads(cpus, world_.local_rank, limit.cpus, quota_sharing);
   }();
   MPI_Comm_free(&local);
   char host[MPI_MAX_PROCESSOR_NAME] = {0};

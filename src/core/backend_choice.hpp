@@ -36,19 +36,27 @@ int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices)
 // that SLURM confined to 8 of 128 cores 128 threads, and each of two ranks bound to a core of its own
 // (plain mpirun -np 2 binds) threads for both cores. `cpus` holds each local rank's CPU numbers, by
 // local rank.
-// `cpu_limit` > 0 is the CPU time this rank's cgroup may use, in CPUs (cgroup_cpu_limit()): the CPUs
-// counted are then at most its ceiling, before the sharing among ranks (a container started with
-// `--cpus=2` on a 64-core host gives its ranks 2 CPUs' worth, not 64, whose threads the kernel would
-// throttle in turn).
-int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank, double cpu_limit = 0.0);
+// `cpu_limit` > 0 is a cgroup CPU quota over this rank (cgroup_cpu_limit()), shared by `quota_sharing`
+// of the host's ranks (those under the same limiting cgroup): the rank then runs at most its share of
+// the quota's ceiling (at least 1), whatever its affinity says. A container started with `--cpus=4` on a
+// 64-core host gives its 4 ranks 1 thread each, not 16 that the kernel would throttle in turn, and
+// ranks bound to a socket each inside it share the quota as well as the unbound do.
+int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank, double cpu_limit = 0.0,
+                    int quota_sharing = 1);
 
 // Note [CPU quota]: the CPU bandwidth limit of this process's cgroup, in CPUs: cgroup v2's `cpu.max`
 // and v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us` (the cpu controller at /sys/fs/cgroup/cpu or
 // cpu,cpuacct), read from the process's cgroup (/proc/self/cgroup) up to the hierarchy's root, the
 // smallest limit found. A cgroup directory that is not there is passed over, so that a container
 // whose /proc/self/cgroup names its path on the host while its own cgroup is mounted at the root still
-// finds the limit. 0 when there is none ("max", -1) or nothing can be read. `root` is prefixed to
-// every path (tests give a directory made to look like /proc and /sys).
-double cgroup_cpu_limit(const std::string& root = "");
+// finds the limit. `cpus` is 0 when there is none ("max", -1) or nothing can be read; `cgroup` names the
+// directory that sets the limit by device and inode ("" without a limit), the same for every process
+// under it whatever cgroup namespace each sees it through. `root` is prefixed to every path (tests give
+// a directory made to look like /proc and /sys).
+struct CpuLimit {
+  double cpus = 0.0;
+  std::string cgroup;
+};
+CpuLimit cgroup_cpu_limit(const std::string& root = "");
 
 }  // namespace lockstep::detail

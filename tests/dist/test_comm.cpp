@@ -426,11 +426,11 @@ TEST_CASE("the runtime knows the world", "[runtime]") {
     openmp_binds = openmp_binds || std::getenv(name) != nullptr;
   }
   if (same_cpus && !openmp_binds) {
-    // Note [CPU quota]: a container's CPU limit caps the count (none on the project's machines).
-    const double limit = lockstep::detail::cgroup_cpu_limit();
-    const int usable = limit > 0.0 ? std::min(CPU_COUNT(&mine), std::max(1, static_cast<int>(std::ceil(limit - 1e-9))))
-                                   : CPU_COUNT(&mine);
-    CHECK(torch::get_num_threads() == std::max(1, usable / size));
+    // Note [CPU quota]: a CPU limit over the ranks' cgroup (all of the test's ranks share it) caps the
+    // count; none on the project's machines, one in dist.runtime_cpu_quota.
+    const double limit = lockstep::detail::cgroup_cpu_limit().cpus;
+    const int quota = limit > 0.0 ? std::max(1, static_cast<int>(std::ceil(limit - 1e-9))) : CPU_COUNT(&mine);
+    CHECK(torch::get_num_threads() == std::max(1, std::min(CPU_COUNT(&mine), quota) / size));
   } else {
     WARN("the ranks may run on different CPUs (mpirun bound them): the default thread count is not checked");
   }

@@ -3,6 +3,8 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -84,13 +86,15 @@ TEST_CASE("default threads: a rank's CPUs shared among the host's ranks that may
 TEST_CASE("default threads under a cgroup CPU quota (Note [CPU quota])", "[device]") {
   using lockstep::detail::default_threads;
   const std::vector<int> eight = {0, 1, 2, 3, 4, 5, 6, 7};
-  CHECK(default_threads({eight}, 0, 2.0) == 2);           // docker --cpus=2 on 8 cores
-  CHECK(default_threads({eight, eight}, 1, 2.0) == 1);    // two ranks in that container
-  CHECK(default_threads({eight}, 0, 1.5) == 2);           // a fraction of a CPU counts as one
-  CHECK(default_threads({eight}, 0, 0.25) == 1);          // at least 1
-  CHECK(default_threads({eight}, 0, 16.0) == 8);          // a quota above the CPUs changes nothing
-  CHECK(default_threads({{0, 1}, {2, 3}}, 0, 1.0) == 1);  // bound, and one CPU's time
-  CHECK(default_threads({eight}, 0, 0.0) == 8);           // no quota
+  CHECK(default_threads({eight}, 0, 2.0) == 2);                       // docker --cpus=2 on 8 cores
+  CHECK(default_threads({eight, eight}, 1, 2.0, 2) == 1);             // two ranks in that container
+  CHECK(default_threads({eight}, 0, 1.5) == 2);                       // a fraction of a CPU counts as one
+  CHECK(default_threads({eight}, 0, 0.25) == 1);                      // at least 1
+  CHECK(default_threads({eight}, 0, 16.0) == 8);                      // a quota above the CPUs changes nothing
+  CHECK(default_threads({{0, 1, 2, 3}, {4, 5, 6, 7}}, 0, 4.0, 2) == 2);  // a socket each, one quota: shared
+  CHECK(default_threads({{0, 1, 2, 3}, {4, 5, 6, 7}}, 0, 4.0, 1) == 4);  // a socket and a quota each
+  CHECK(default_threads({eight, eight, eight}, 2, 2.0, 3) == 1);      // more ranks than the quota: still 1
+  CHECK(default_threads({eight}, 0, 0.0) == 8);                       // no quota
 
   using lockstep::detail::cgroup_cpu_limit;
   lockstep::testing::TempDir root("lockstep_cgroup");
@@ -98,30 +102,37 @@ TEST_CASE("default threads under a cgroup CPU quota (Note [CPU quota])", "[devic
     std::filesystem::create_directories(std::filesystem::path(root / path).parent_path());
     std::ofstream(root / path) << text;
   };
-  CHECK(cgroup_cpu_limit(root.path().string()) == 0.0);  // nothing to read
+  CHECK(cgroup_cpu_limit(root.path().string()).cpus == 0.0);  // nothing to read
+  CHECK(cgroup_cpu_limit(root.path().string()).cgroup.empty());
   SECTION("cgroup v2: the smallest cpu.max from the process's cgroup up") {
     write("proc/self/cgroup", "0::/user.slice/job\n");
     write("sys/fs/cgroup/user.slice/job/cpu.max", "max 100000\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 0.0);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 0.0);
     write("sys/fs/cgroup/user.slice/cpu.max", "250000 100000\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 2.5);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 2.5);
+    // Named by the directory that sets it, as every process under it sees it.
+    struct stat dir {};
+    REQUIRE(::stat((root / "sys/fs/cgroup/user.slice").c_str(), &dir) == 0);
+    CHECK(cgroup_cpu_limit(root.path().string()).cgroup ==
+          std::to_string(static_cast<unsigned long long>(dir.st_dev)) + ":" +
+              std::to_string(static_cast<unsigned long long>(dir.st_ino)));
     write("sys/fs/cgroup/user.slice/job/cpu.max", "50000 100000\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 0.5);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 0.5);
     write("sys/fs/cgroup/user.slice/job/cpu.max", "garbage\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 2.5);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 2.5);
   }
   SECTION("cgroup v2 in a container: the namespace's root holds the limit") {
     write("proc/self/cgroup", "0::/\n");
     write("sys/fs/cgroup/cpu.max", "200000 100000\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 2.0);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 2.0);
   }
   SECTION("cgroup v1: cfs quota over period, the host's path missing in a container") {
     write("proc/self/cgroup", "12:pids:/docker/abc\n5:cpu,cpuacct:/docker/abc\n0::/\n");
     write("sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "-1\n");
     write("sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 0.0);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 0.0);
     write("sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "300000\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 3.0);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 3.0);
   }
   SECTION("cgroup v1: only the cpu controller's line counts") {
     write("proc/self/cgroup", "4:cpuacct:/b\n3:cpu:/a\n");
@@ -129,7 +140,7 @@ TEST_CASE("default threads under a cgroup CPU quota (Note [CPU quota])", "[devic
     write("sys/fs/cgroup/cpu/a/cpu.cfs_period_us", "100000\n");
     write("sys/fs/cgroup/cpu/b/cpu.cfs_quota_us", "10000\n");  // named by the cpuacct line only: ignored
     write("sys/fs/cgroup/cpu/b/cpu.cfs_period_us", "100000\n");
-    CHECK(cgroup_cpu_limit(root.path().string()) == 1.0);
+    CHECK(cgroup_cpu_limit(root.path().string()).cpus == 1.0);
   }
 }
 

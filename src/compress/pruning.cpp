@@ -283,9 +283,14 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
       skipped_.emplace_back(name, kLinearSkipped);
       continue;
     }
-    if (options_.granularity == PruneGranularity::Structured && weight.dim() < 2) {
-      // An include pattern such as "^layer1\\." matches the biases and norms' parameters too.
-      skipped_.emplace_back(name, "structured pruning takes weights with output channels (2 or more dimensions)");
+    if (weight.dim() < 2) {
+      // An include pattern such as "^layer1\\." or "\\.weight$" matches the biases and the norms'
+      // parameters too. Pruned, 80% of a batch norm's scales at 0 would switch 80% of its channels off,
+      // and under a global scope the small biases would go first. Left dense, as quantization leaves them.
+      skipped_.emplace_back(name, options_.granularity == PruneGranularity::Structured
+                                      ? "structured pruning takes weights with output channels (2 or more dimensions)"
+                                      : "pruning takes weights of 2 or more dimensions (biases and normalisation "
+                                        "parameters stay dense)");
       continue;
     }
     if (options_.granularity == PruneGranularity::NM && !nm_applies(weight, options_.m)) {

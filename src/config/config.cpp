@@ -612,7 +612,30 @@ void read_pruning(Section s, PruningConfig& c) {
   s.boolean("print_table", o.print_table);
   s.string("permanent_path", o.permanent_path);
   s.finish();
-  if (c.enabled) validate_section(s, o);
+  if (!c.enabled) return;  // keys of a section turned off on purpose: nothing to warn of
+  // Note [Keys the chosen mode ignores]
+  const compress::PruningOptions defaults;
+  if (o.granularity == compress::PruneGranularity::NM) {
+    const std::string why = "pruning.granularity is n:m, whose sparsity is 1 - n/m";
+    s.ignored("target_sparsity", o.target_sparsity != defaults.target_sparsity, why);
+    s.ignored("initial_sparsity", o.initial_sparsity != defaults.initial_sparsity, why);
+  } else {
+    const std::string why = "pruning.granularity is " + granularity + " (n and m are the n:m granularity's)";
+    s.ignored("n", o.n != defaults.n, why);
+    s.ignored("m", o.m != defaults.m, why);
+  }
+  if (o.schedule == compress::PruneSchedule::OneShot) {
+    const std::string why = "pruning.schedule is one_shot, which prunes once, at begin_step or begin_epoch (" +
+                            std::string("end_step, end_epoch, frequency and initial_sparsity are the gradual "
+                                        "schedule's)");
+    s.ignored("end_step", o.end_step != defaults.end_step, why);
+    s.ignored("end_epoch", o.end_epoch != defaults.end_epoch, why);
+    s.ignored("frequency", o.frequency != defaults.frequency, why);
+    if (o.granularity != compress::PruneGranularity::NM) {
+      s.ignored("initial_sparsity", o.initial_sparsity != defaults.initial_sparsity, why);
+    }
+  }
+  validate_section(s, o);
 }
 
 void read_quantization(Section s, QuantizationConfig& c) {

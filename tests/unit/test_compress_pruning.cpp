@@ -313,6 +313,26 @@ TEST_CASE("pruning: the callback selects conv and linear weights, honours patter
     CHECK(named.skipped()[0].first == "fc.bias");
     CHECK_THAT(named.skipped()[0].second, Catch::Contains("takes weights with output channels"));
   }
+  for (const auto granularity : {PruneGranularity::Unstructured, PruneGranularity::NM}) {
+    // Unstructured and N:M too: a pattern over a block selects its batch norms' scales and shifts, which
+    // stay dense (80% of a norm's scales at 0 would switch its channels off).
+    lockstep::models::ResNet18 model(ro);
+    ctx.model = model.ptr().get();
+    PruningOptions o;
+    o.granularity = granularity;
+    o.schedule = PruneSchedule::OneShot;
+    o.include = {"^layer1\\.0\\."};
+    MagnitudePruning block(o);
+    block.on_setup(ctx);
+    CHECK(block.layers() == std::vector<std::string>{"layer1.0.conv1.weight", "layer1.0.conv2.weight"});
+    std::vector<std::string> skipped;
+    for (const auto& [name, why] : block.skipped()) {
+      skipped.push_back(name);
+      CHECK_THAT(why, Catch::Contains("pruning takes weights of 2 or more dimensions"));
+    }
+    CHECK(skipped == std::vector<std::string>{"layer1.0.bn1.weight", "layer1.0.bn1.bias", "layer1.0.bn2.weight",
+                                              "layer1.0.bn2.bias"});
+  }
   {
     // A model of Linear layers alone: structured pruning with the default selection has nothing to
     // prune, and says how to choose.

@@ -649,6 +649,19 @@ TEST_CASE("config: keys the chosen mode ignores are reported, not refused (Note 
   CHECK_THAT(warnings("data: {dataset: synthetic, dir: /data/x}").at(0),
              Contains("'data.dir'") && Contains("data.dataset is synthetic"));
   CHECK(warnings("data: {dataset: mnist, dir: /data/x}").empty());
+  // Pruning: the schedule's and the granularity's keys, only in a section that is on.
+  const auto one_shot = warnings("pruning: {enabled: true, schedule: one_shot, end_epoch: 3, frequency: 5}");
+  REQUIRE(one_shot.size() == 2);
+  CHECK_THAT(one_shot[0], Contains("'pruning.end_epoch'") && Contains("pruning.schedule is one_shot, which prunes "
+                                                                      "once, at begin_step or begin_epoch"));
+  CHECK_THAT(one_shot[1], Contains("'pruning.frequency'"));
+  CHECK(warnings("pruning: {enabled: false, schedule: one_shot, end_epoch: 3}").empty());
+  CHECK(warnings("pruning: {enabled: true, schedule: gradual, end_epoch: 3, frequency: 5}").empty());
+  const auto nm = warnings("pruning: {enabled: true, granularity: 'n:m', schedule: one_shot, target_sparsity: 0.9}");
+  REQUIRE(nm.size() == 1);
+  CHECK_THAT(nm[0], Contains("'pruning.target_sparsity'") && Contains("whose sparsity is 1 - n/m"));
+  CHECK_THAT(warnings("pruning: {enabled: true, granularity: structured, m: 8}").at(0),
+             Contains("'pruning.m'") && Contains("n and m are the n:m granularity's"));
   // Checkpoint keys of a run with nowhere to keep them; with an output_dir they are read.
   const auto unkept = warnings("trainer: {checkpoint: {every_steps: 10, every_epoch: false, keep_last: 1, at_end: false}}");
   REQUIRE(unkept.size() == 4);

@@ -63,8 +63,10 @@ struct PruningOptions {
   // Which weights: ECMAScript regular expressions searched in parameter names ("layer1.0.conv1.weight").
   // Empty include = the weights of every Conv1d/2d/3d and Linear module; for Structured, of every
   // Conv1d/2d/3d only (a Linear's output rows are a classifier's classes: Linear layers are listed in
-  // skipped(), and pruned by rows only where include names them). A pattern that selects nothing is an
-  // error (a misspelling must not silently prune nothing).
+  // skipped(), and pruned by rows only where include names them). Parameters of fewer than 2 dimensions
+  // (biases, normalisation scales and shifts) are never pruned: an include that matches them lists them
+  // in skipped(). A pattern that selects nothing is an error (a misspelling must not silently prune
+  // nothing).
   std::vector<std::string> include;
   std::vector<std::string> exclude;
 

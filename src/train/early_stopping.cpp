@@ -1,6 +1,7 @@
 #include "lockstep/train/early_stopping.hpp"
 
 #include <cmath>
+#include <iomanip>
 #include <limits>
 #include <sstream>
 
@@ -12,6 +13,7 @@
 #include <cstdio>
 
 #include "lockstep/core/error.hpp"
+#include "lockstep/train/ema.hpp"
 #include "lockstep/train/metrics.hpp"
 #include "lockstep/train/model_tensors.hpp"
 
@@ -61,6 +63,19 @@ std::string EarlyStopping::reason() const {
 }
 
 void EarlyStopping::on_setup(TrainerContext& ctx) {
+  if (options_.restore_best_weights && ctx.callbacks != nullptr) {
+    // An average after this callback puts the raw weights back at each evaluation's end before this one
+    // copies them (on_evaluation_end runs in reverse order), and its own at the run's end over the best
+    // epoch's: the model would end as the last average, under a message saying the best was restored.
+    bool after_this = false;
+    for (const auto& callback : *ctx.callbacks) {
+      LOCKSTEP_CHECK(!after_this || dynamic_cast<const ExponentialMovingAverage*>(callback.get()) == nullptr,
+                     "EarlyStopping: with restore_best_weights, add ExponentialMovingAverage before it. After it, "
+                     "the best weights kept would be the raw ones, not the average that was evaluated, and the "
+                     "average put in at the end would replace them");
+      after_this = after_this || callback.get() == this;
+    }
+  }
   if (options_.mode != "auto" || ctx.trainer_metrics == nullptr) return;
   for (const std::string prefix : {"train_", "test_"}) {
     if (options_.monitor.rfind(prefix, 0) != 0) continue;
@@ -143,7 +158,9 @@ void EarlyStopping::on_train_end(TrainerContext& ctx) {
 std::string EarlyStopping::save_state() const {
   std::ostringstream out;
   out.precision(17);
-  out << options_.monitor << ' ' << mode_ << ' ';
+  // Quoted: a metric's key may hold a space ("test_top 5"); an unquoted monitor (older checkpoints) reads
+  // back as before.
+  out << std::quoted(options_.monitor) << ' ' << mode_ << ' ';
   if (std::isnan(best_)) {
     out << "nan";
   } else {
@@ -157,7 +174,7 @@ void EarlyStopping::load_state(const std::string& state) {
   std::istringstream in(state);
   std::string monitor, mode, best_text;
   int64_t best_epoch = 0, waited = 0;
-  in >> monitor >> mode >> best_text >> best_epoch >> waited;
+  in >> std::quoted(monitor) >> mode >> best_text >> best_epoch >> waited;
   LOCKSTEP_CHECK(!in.fail(), "EarlyStopping: the checkpoint's state '", state, "' is not one this callback wrote");
   LOCKSTEP_CHECK(monitor == options_.monitor && mode == mode_, "EarlyStopping: the checkpoint monitored ", monitor,
                  " (", mode, "), this run monitors ", options_.monitor, " (", mode_,

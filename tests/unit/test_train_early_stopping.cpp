@@ -5,11 +5,13 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/train/early_stopping.hpp"
+#include "lockstep/train/ema.hpp"
 #include "lockstep/train/metrics.hpp"
 
 using Catch::Matchers::Contains;
@@ -146,6 +148,42 @@ TEST_CASE("EarlyStopping: its state resumes the count, and a run that had stoppe
   EarlyStopping acc(other);
   CHECK_THROWS_WITH(acc.load_state(first.save_state()), Contains("the checkpoint monitored test_loss (min)"));
   CHECK_THROWS_WITH(acc.load_state("garbage"), Contains("is not one this callback wrote"));
+
+  // A metric key with a space round-trips; a state written before monitors were quoted still loads.
+  EarlyStoppingOptions spaced = o;
+  spaced.monitor = "test_top 5";
+  spaced.mode = "max";
+  EarlyStopping top(spaced);
+  feed(top, "test_top 5", {0.5, 0.75}, ctx);
+  EarlyStopping top_resumed(spaced);
+  REQUIRE_NOTHROW(top_resumed.load_state(top.save_state()));
+  CHECK(top_resumed.best() == 0.75);
+  CHECK(top_resumed.best_epoch() == 2);
+  EarlyStopping older(o);
+  older.load_state("test_loss min 0.5 3 1");
+  CHECK(older.best() == 0.5);
+  CHECK(older.epochs_without_improvement() == 1);
+}
+
+TEST_CASE("EarlyStopping with restore_best_weights refuses an ExponentialMovingAverage added after it",
+          "[early_stopping]") {
+  EarlyStoppingOptions o;
+  o.restore_best_weights = true;
+  auto stopping = std::make_shared<EarlyStopping>(o);
+  auto ema = std::make_shared<lockstep::train::ExponentialMovingAverage>();
+  TrainerContext ctx;
+  const std::vector<std::shared_ptr<lockstep::train::Callback>> wrong{stopping, ema}, right{ema, stopping};
+  ctx.callbacks = &wrong;
+  CHECK_THROWS_WITH(stopping->on_setup(ctx), Contains("with restore_best_weights, add ExponentialMovingAverage "
+                                                      "before it") &&
+                                                 Contains("the average put in at the end would replace them"));
+  ctx.callbacks = &right;
+  CHECK_NOTHROW(stopping->on_setup(ctx));
+  // Without restore_best_weights the order does not matter.
+  auto plain = std::make_shared<EarlyStopping>();
+  const std::vector<std::shared_ptr<lockstep::train::Callback>> plain_first{plain, ema};
+  ctx.callbacks = &plain_first;
+  CHECK_NOTHROW(plain->on_setup(ctx));
 }
 
 TEST_CASE("EarlyStopping: restore_best_weights puts the best epoch's weights back when the run is over",

@@ -39,7 +39,8 @@ struct EarlyStoppingOptions {
   // Keep a copy (host memory) of the model's parameters and buffers as on_evaluation_end sees them in
   // the best epoch, checkpointed with the rest, and put it back when training ends (stopped early or
   // run to its end; not after a signal's stop, whose run goes on). Add this callback after an
-  // ExponentialMovingAverage so that the copy is of the averaged weights that were evaluated.
+  // ExponentialMovingAverage so that the copy is of the averaged weights that were evaluated (an
+  // average added after it is refused at setup).
   // Note [Best weights and compression]: putting an earlier epoch's weights back would undo a
   // compression that came after it. QuantizationAwareTraining refuses this option, and so does
   // MagnitudePruning unless its schedule's last pruning step comes within the first epoch.

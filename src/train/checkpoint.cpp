@@ -53,6 +53,23 @@ void sync_file(const std::string& path) {
   LOCKSTEP_CHECK(rc == 0 || error == EINVAL, "cannot sync ", path, " to disk: ", std::strerror(error));
 }
 
+// A file to read: "does not exist" only where nothing is there. A directory named instead of a file in
+// it (checkpoint.resume or init_from given the checkpoints directory) is said as such, with its newest.
+void check_is_file(const std::string& path, const std::string& what) {
+  std::error_code error;
+  const fs::file_status status = fs::status(path, error);
+  if (fs::is_regular_file(status)) return;
+  LOCKSTEP_CHECK(fs::exists(status), what, " does not exist");
+  if (fs::is_directory(status)) {
+    const std::vector<std::string> inside = list_checkpoints(path);
+    LOCKSTEP_FAIL(what, " is a directory; name a checkpoint file",
+                  inside.empty() ? std::string(" (it holds none)")
+                                 : " in it (its newest is " + inside.back() + ")",
+                  ", or give checkpoint.resume: auto to resume from the run's newest checkpoint");
+  }
+  LOCKSTEP_FAIL(what, " is not a regular file");
+}
+
 int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key) {
   c10::IValue value;
   archive.read(key, value);
@@ -76,7 +93,7 @@ void check_context(const TrainerContext& ctx, const std::string& context) {
 // into a model, else the CPU.
 void open_checkpoint(torch::serialize::InputArchive& archive, const std::string& path,
                      const c10::Device& device = c10::Device(c10::kCPU)) {
-  LOCKSTEP_CHECK(fs::is_regular_file(path), "checkpoint ", path, " does not exist");
+  check_is_file(path, "checkpoint " + path);
   try {
     load_with_checksum(archive, path, device, "checkpoint " + path);  // Note [Checksummed files]
     const int64_t version = read_int(archive, "lockstep_checkpoint_version");
@@ -170,6 +187,10 @@ void restore_generator_state(at::Generator generator, const at::Tensor& state) {
 void write_file_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {
   const fs::path target(path);
   const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  // Directories made here are synced into their parents too (after the file): a new checkpoints/
+  // directory's own entry must reach the disk for the file in it to be found after a crash.
+  std::vector<fs::path> made;
+  for (fs::path d = directory; !d.empty() && !fs::exists(d); d = d.parent_path()) made.push_back(d);
   fs::create_directories(directory);
   const std::string temporary = path + ".tmp";
   try {
@@ -183,6 +204,7 @@ void write_file_atomically(const std::string& path, const std::function<void(con
     throw;
   }
   sync_file(directory.string());
+  for (const fs::path& d : made) sync_file((d.has_parent_path() ? d.parent_path() : fs::path(".")).string());
 }
 
 void run_on_rank0(const TrainerContext& ctx, const std::function<void()>& work, const std::string& context) {
@@ -288,25 +310,29 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
 
   // Note [Callback state]: every rank asks every callback, in order, so that a callback may gather
   // per-rank state with collectives (PowerSGD's residuals); rank 0's answers are written. The keys
-  // are checked on every rank too, so that all ranks fail alike.
+  // are checked on every rank too, so that all ranks fail alike; and a callback's save_state() or
+  // save_tensors() that throws on some ranks only is every rank's error at once (run_on_every_rank),
+  // where the others would have gone on to wait for rank 0's file until the timeout, told of its disk.
   struct CallbackState {
     std::string key, text;
     std::vector<at::Tensor> tensors;
   };
   std::vector<CallbackState> callback_states;
   if (ctx.callbacks != nullptr) {
-    std::set<std::string> keys;
-    for (const auto& cb : *ctx.callbacks) {
-      std::string key = cb->state_key();
-      if (key.empty()) continue;
-      LOCKSTEP_CHECK(std::all_of(key.begin(), key.end(),
-                                 [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
-                     "callback state_key '", key, "' must contain only letters, digits and '_'");
-      LOCKSTEP_CHECK(keys.insert(key).second, "two callbacks have the state_key '", key,
-                     "': each would overwrite the other's state in the checkpoint");
-      CallbackState saved{std::move(key), cb->save_state(), cb->save_tensors()};
-      if (rank == 0) callback_states.push_back(std::move(saved));
-    }
+    comm::run_on_every_rank(*ctx.communicator, [&] {
+      std::set<std::string> keys;
+      for (const auto& cb : *ctx.callbacks) {
+        std::string key = cb->state_key();
+        if (key.empty()) continue;
+        LOCKSTEP_CHECK(std::all_of(key.begin(), key.end(),
+                                   [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
+                       "callback state_key '", key, "' must contain only letters, digits and '_'");
+        LOCKSTEP_CHECK(keys.insert(key).second, "two callbacks have the state_key '", key,
+                       "': each would overwrite the other's state in the checkpoint");
+        CallbackState saved{std::move(key), cb->save_state(), cb->save_tensors()};
+        if (rank == 0) callback_states.push_back(std::move(saved));
+      }
+    }, "Checkpointer: could not take the callbacks' state for the checkpoint of step " + std::to_string(ctx.global_step));
   }
 
   const std::string final_path = (fs::path(options_.directory) / checkpoint_file_name(ctx.global_step)).string();
@@ -358,13 +384,22 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
       // Note [Pruning checkpoints]: only this run's files count, those up to the step just written;
       // a file of a later step is another run's (a resume from an explicit older checkpoint), not
       // an older one of ours, and the file just written is never the one removed.
-      std::vector<std::pair<int64_t, std::string>> ours = checkpoints_by_step(options_.directory);
-      ours.erase(std::remove_if(ours.begin(), ours.end(), [&](const auto& item) { return item.first > ctx.global_step; }),
-                 ours.end());
-      for (size_t i = 0; i + static_cast<size_t>(options_.keep_last) < ours.size(); ++i) {
-        if (ours[i].first == ctx.global_step) continue;
-        std::error_code ignored;
-        fs::remove(ours[i].second, ignored);
+      // The new file is complete and in place: a directory that cannot be listed now (out of file
+      // descriptors) costs old files their removal, not the checkpoint; said, not raised.
+      try {
+        std::vector<std::pair<int64_t, std::string>> ours = checkpoints_by_step(options_.directory);
+        ours.erase(
+            std::remove_if(ours.begin(), ours.end(), [&](const auto& item) { return item.first > ctx.global_step; }),
+            ours.end());
+        for (size_t i = 0; i + static_cast<size_t>(options_.keep_last) < ours.size(); ++i) {
+          if (ours[i].first == ctx.global_step) continue;
+          std::error_code ignored;
+          fs::remove(ours[i].second, ignored);
+        }
+      } catch (const std::exception& e) {
+        std::cerr << "lockstep: warning: the checkpoint of step " << ctx.global_step << " was written, but older "
+                  << "ones were not removed (checkpoint.keep_last " << options_.keep_last << "): "
+                  << detail::exception_text(e) << std::endl;
       }
     }
   };
@@ -579,7 +614,7 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
 
 void load_model_weights(torch::nn::Module& model, const std::string& path) {
   const std::string what = "weights file " + path;
-  LOCKSTEP_CHECK(fs::is_regular_file(path), what, " does not exist");
+  check_is_file(path, what);
   torch::serialize::InputArchive archive;
   try {
     // Onto the CPU: a checkpoint's optimizer state and callbacks' tensors, read with the model's

@@ -283,6 +283,43 @@ TEST_CASE("fit() refuses ranks whose data sets or options differ, before any ste
   CHECK(run(48, o).empty());
 }
 
+TEST_CASE("A callback whose checkpoint state fails on one rank fails every rank at once (Note [Callback state])",
+          "[runtime]") {
+  // Formerly the failing rank unwound while the others went on to wait for rank 0's file, then timed
+  // out with a message about rank 0's disk (or, with rank 0 failing, waited in its broadcast).
+  struct FailsToSave : lockstep::train::Callback {
+    explicit FailsToSave(bool fail) : fail(fail) {}
+    bool fail;
+    std::string state_key() const override { return "fails_to_save"; }
+    std::string save_state() const override {
+      if (fail) LOCKSTEP_FAIL("the counter's state is not serialisable here");
+      return "ok";
+    }
+  };
+  const int rank = comm().rank();
+  for (const int failing : {comm().size() - 1, 0}) {
+    INFO("failing rank " << failing);
+    torch::manual_seed(3);
+    lockstep::testing::SmallConvNet model;
+    auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1));
+    const std::string dir = lockstep::testing::shared_temp_dir("fails_to_save_" + std::to_string(failing));
+    lockstep::train::DistributedTrainer trainer(
+        model, opt, comm_ptr(), lockstep::testing::resumable(lockstep::testing::quiet_trainer(1, 5), dir, 0, "never"));
+    trainer.add_callback(std::make_shared<FailsToSave>(rank == failing));
+    const auto start = std::chrono::steady_clock::now();
+    const std::string error = error_of([&] { trainer.fit(lockstep::testing::synthetic_images(16, 8, 7), nullptr); });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    INFO(error);
+    CHECK_THAT(error, Contains("Checkpointer: could not take the callbacks' state for the checkpoint of step 1") &&
+                          Contains("the counter's state is not serialisable here"));
+    if (rank != failing) {
+      CHECK_THAT(error, Contains("(on rank " + std::to_string(failing) + "; this is rank " + std::to_string(rank) + ")"));
+    }
+    CHECK(seconds < 30.0);  // at once, not after a collective's timeout
+    CHECK(communicator_healthy());
+  }
+}
+
 TEST_CASE("fit() and evaluate() refuse an empty evaluation set before any step", "[runtime]") {
   torch::manual_seed(3);
   lockstep::testing::SmallConvNet model;

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 #include <catch2/catch.hpp>
 
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -120,6 +121,17 @@ TEST_CASE("load_model_weights: a file that does not fit is an error naming it an
   CHECK(same(values_of(*with_bn), before));
 
   CHECK_THROWS_WITH(load_model_weights(*with_bn, dir / "missing.pt"), Contains("does not exist"));
+  // The checkpoints directory named instead of a file in it: said as such, with its newest file.
+  std::filesystem::create_directories(dir / "checkpoints");
+  CHECK_THROWS_WITH(load_model_weights(*with_bn, dir / "checkpoints"),
+                    Contains("weights file " + (dir / "checkpoints") + " is a directory; name a checkpoint file (it "
+                             "holds none)"));
+  const std::string newest = dir / ("checkpoints/" + lockstep::train::checkpoint_file_name(7));
+  std::ofstream(dir / ("checkpoints/" + lockstep::train::checkpoint_file_name(3))) << "x";
+  std::ofstream(newest) << "x";
+  CHECK_THROWS_WITH(load_model_weights(*with_bn, dir / "checkpoints"),
+                    Contains("is a directory; name a checkpoint file in it (its newest is " + newest + ")") &&
+                        Contains("checkpoint.resume: auto"));
   std::ofstream(dir / "text.pt") << "not an archive";
   CHECK_THROWS_WITH(load_model_weights(*with_bn, dir / "text.pt"),
                     Contains("weights file " + (dir / "text.pt") + " is neither a model file nor a Lockstep checkpoint"));

@@ -155,9 +155,12 @@ void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
   } else {
     points_.clear();  // they stay the identity
   }
+  // Note [Quantization in checkpoints]: known before a checkpoint's state is checked (in a trainer's
+  // fit; a loop of one's own that calls on_setup without the steps per epoch gets them at on_train_begin).
+  if (ctx.steps_per_epoch > 0 || (options_.begin_epoch <= 0.0 && options_.freeze_epoch <= 0.0)) resolve_steps(ctx);
 }
 
-void QuantizationAwareTraining::on_train_begin(train::TrainerContext& ctx) {
+void QuantizationAwareTraining::resolve_steps(const train::TrainerContext& ctx) {
   begin_step_ = options_.begin_epoch > 0.0
                     ? train::steps_of_epochs(options_.begin_epoch, ctx.steps_per_epoch, "quantization begin_epoch")
                     : options_.begin_step;
@@ -167,6 +170,57 @@ void QuantizationAwareTraining::on_train_begin(train::TrainerContext& ctx) {
   LOCKSTEP_CHECK(freeze_step_ < 0 || freeze_step_ > begin_step_, "QuantizationAwareTraining: the ranges would freeze at "
                  "step ", freeze_step_, ", not after quantization begins at step ", begin_step_,
                  " (", ctx.steps_per_epoch, " steps per epoch)");
+}
+
+// Note [Quantization in checkpoints]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// The ranges (the points' buffers) and the weights travel with the model; what they mean depends on
+// settings that live only in the options: whether scales are per channel, whether activations are
+// quantized, how fast the ranges move, and at which steps quantization began and the ranges froze. A
+// run resumed under other settings would go on from weights and ranges trained under the first, and
+// export a model that no single configuration trained; so the checkpoint holds them (the steps as
+// resolved from epochs, which the steps per epoch decide), and load_state refuses a difference before
+// anything is loaded, as pruning refuses another schedule. The steps are resolved in on_setup for that,
+// which runs before the Checkpointer's on_train_begin loads the file. A checkpoint without this state
+// (a dense run's, or one written before it was kept) is taken as it was.
+
+std::string QuantizationAwareTraining::save_state() const {
+  return nlohmann::json{{"per_channel", options_.per_channel},
+                        {"activations", options_.activations},
+                        {"averaging_constant", options_.averaging_constant},
+                        {"begin_step", begin_step_},
+                        {"freeze_step", freeze_step_},
+                        {"layers", layers()},
+                        {"points", activation_points()}}
+      .dump();
+}
+
+void QuantizationAwareTraining::load_state(const std::string& text) {
+  nlohmann::json saved;
+  try {
+    saved = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    LOCKSTEP_FAIL("QuantizationAwareTraining: the checkpoint's quantization state is not valid: ", e.what());
+  }
+  const nlohmann::json here = nlohmann::json::parse(save_state());
+  for (const auto& [key, value] : here.items()) {
+    LOCKSTEP_CHECK(saved.contains(key), "QuantizationAwareTraining: the checkpoint's quantization state has no '", key,
+                   "': it is not one this callback wrote");
+    if (saved.at(key) == value) continue;
+    const bool list = value.is_array();
+    LOCKSTEP_FAIL("QuantizationAwareTraining: the checkpoint was trained with ", key, " ",
+                  list ? std::to_string(saved.at(key).size()) + " entries" : saved.at(key).dump(),
+                  ", this run has ", list ? std::to_string(value.size()) + " entries" : value.dump(),
+                  key == "begin_step" || key == "freeze_step"
+                      ? " (resolved from begin_epoch / freeze_epoch and the steps per epoch)"
+                      : "",
+                  "; resume with the quantization settings (and the data and batch size) it was written with, or "
+                  "start a new run from its weights with trainer.init_from");
+  }
+}
+
+void QuantizationAwareTraining::on_train_begin(train::TrainerContext& ctx) {
+  resolve_steps(ctx);
   // The Checkpointer (first in event order) may have restored the ranges just now.
   for (auto& point : points_) point.second->sync_from_buffers();
   // The state of the last step taken: a run resumed at an epoch's end evaluates that epoch next, as

@@ -509,6 +509,63 @@ TEST_CASE("quantization: no int8 file is written when training ends before quant
   CHECK(std::filesystem::exists(o.export_path));
 }
 
+TEST_CASE("quantization: a checkpoint's settings must be this run's (Note [Quantization in checkpoints])",
+          "[compress]") {
+  lockstep::testing::SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  ctx.steps_per_epoch = 4;
+  QuantizationOptions o;
+  o.begin_epoch = 1.0;  // step 4
+  o.freeze_epoch = 2.0;
+  QuantizationAwareTraining written(o);
+  written.on_setup(ctx);
+  const std::string state = written.save_state();
+  CHECK(written.state_key() == "quantization");
+  {
+    QuantizationAwareTraining same(o);
+    same.on_setup(ctx);
+    CHECK_NOTHROW(same.load_state(state));
+  }
+  auto refusal = [&](const QuantizationOptions& other, int64_t steps_per_epoch = 4) {
+    lockstep::train::TrainerContext here = ctx;
+    here.steps_per_epoch = steps_per_epoch;
+    QuantizationAwareTraining resumed(other);
+    resumed.on_setup(here);  // the steps are resolved before the Checkpointer loads
+    try {
+      resumed.load_state(state);
+    } catch (const lockstep::Error& e) {
+      return e.message();
+    }
+    return std::string("(no error)");
+  };
+  QuantizationOptions per_tensor = o;
+  per_tensor.per_channel = false;
+  CHECK_THAT(refusal(per_tensor), Catch::Contains("the checkpoint was trained with per_channel true, this run has "
+                                                  "false") &&
+                                      Catch::Contains("resume with the quantization settings"));
+  QuantizationOptions later = o;
+  later.begin_epoch = 2.0;
+  later.freeze_epoch = 3.0;
+  CHECK_THAT(refusal(later), Catch::Contains("begin_step 4, this run has 8") &&
+                                 Catch::Contains("resolved from begin_epoch / freeze_epoch"));
+  // The same epochs over another number of steps per epoch (another batch size) are other steps.
+  CHECK_THAT(refusal(o, 5), Catch::Contains("begin_step 4, this run has 5"));
+  QuantizationOptions faster = o;
+  faster.averaging_constant = 0.5;
+  CHECK_THAT(refusal(faster), Catch::Contains("averaging_constant"));
+  QuantizationOptions weights_only = o;
+  weights_only.activations = false;
+  CHECK_THAT(refusal(weights_only), Catch::Contains("activations true, this run has false"));
+  QuantizationOptions fewer = o;
+  fewer.exclude = {"^fc\\."};
+  CHECK_THAT(refusal(fewer), Catch::Contains("layers 2 entries, this run has 1 entries"));
+  QuantizationAwareTraining garbage(o);
+  garbage.on_setup(ctx);
+  CHECK_THROWS_WITH(garbage.load_state("{"), Catch::Contains("quantization state is not valid"));
+  CHECK_THROWS_WITH(garbage.load_state("{}"), Catch::Contains("has no 'activations'"));
+}
+
 TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the fake-quantized model did", "[compress]") {
   lockstep::models::ResNet18Options o;
   o.stem = lockstep::models::Stem::Small;

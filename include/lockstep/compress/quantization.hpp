@@ -103,6 +103,12 @@ class QuantizationAwareTraining final : public train::Callback {
   void on_train_end(train::TrainerContext& ctx) override;
 
   std::string agreement() const override;
+  // Note [Quantization in checkpoints]: the settings a checkpoint's weights and ranges were trained
+  // under (per_channel, activations, averaging_constant, the resolved begin and freeze steps, the
+  // layers and points); a resume under other settings is refused, naming the first that differs.
+  std::string state_key() const override { return "quantization"; }
+  std::string save_state() const override;
+  void load_state(const std::string& state) override;
   const QuantizationOptions& options() const { return options_; }
   // The quantized weights' names and the activation points' module names, in model order.
   std::vector<std::string> layers() const;
@@ -117,6 +123,7 @@ class QuantizationAwareTraining final : public train::Callback {
  private:
   struct Layer;
   void set_step_state(int64_t step);
+  void resolve_steps(const train::TrainerContext& ctx);
   void quantize_weights();
   void restore_weights();
   void reduce_ranges(comm::Communicator& comm);

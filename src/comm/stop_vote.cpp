@@ -4,6 +4,8 @@
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <optional>
 #include <thread>
 
@@ -59,9 +61,17 @@ std::vector<std::int32_t> StopVote::read(Pending& pending) {
     // all-gather (the communicator aborted it: a timeout, a dead peer) lets the stream drain, and
     // the copy then completes with codes nobody wrote: its error is raised instead, and is looked
     // for while waiting too, in case the stream does not drain.
-    while (!pending.copied->query()) {
+    // Yields first, then sleeps (up to 1 ms a round): a GPU far behind must not cost a core spinning
+    // on cudaEventQuery, which the loader's threads and the MPI progress thread need.
+    std::chrono::microseconds pause(0);
+    for (int round = 0; !pending.copied->query(); ++round) {
       if (pending.work->is_completed()) pending.work->wait();  // raises a failure, else returns at once
-      std::this_thread::yield();
+      if (round < 64) {
+        std::this_thread::yield();
+      } else {
+        pause = std::min(std::chrono::microseconds(1000), std::max(std::chrono::microseconds(20), pause * 2));
+        std::this_thread::sleep_for(pause);
+      }
     }
     // The copy ran after the all-gather's end, so the Work is complete: wait() raises its error, if any.
     if (pending.work->is_completed()) pending.work->wait();

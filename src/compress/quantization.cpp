@@ -120,6 +120,15 @@ void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
                      "QuantizationAwareTraining: add ExponentialMovingAverage before it. After it, evaluation "
                      "would replace the int8 weights with the float average, and the exported int8 model would "
                      "be the raw weights', which were never evaluated");
+      // The int8 file is promised to be what the last evaluation measured: with the average evaluated
+      // and then taken out at the end, the file would be the raw weights' and the metrics another model's.
+      const auto* average = dynamic_cast<const train::ExponentialMovingAverage*>(callback.get());
+      LOCKSTEP_CHECK(average == nullptr || options_.export_path.empty() || !average->options().evaluate ||
+                         average->options().apply_at_end,
+                     "QuantizationAwareTraining: export_path with an ExponentialMovingAverage that evaluates the "
+                     "average but does not leave it in the model at the end (evaluate true, apply_at_end false): "
+                     "the int8 file would hold the raw weights while the test metrics were the average's. Set "
+                     "apply_at_end to true (the file is then the evaluated average) or evaluate to false");
       after_this = after_this || callback.get() == this;
       // Note [Best weights and compression] (early_stopping.hpp).
       const auto* early = dynamic_cast<const train::EarlyStopping*>(callback.get());

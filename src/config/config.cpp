@@ -672,6 +672,12 @@ void read_ema(Section s, EmaConfig& c, const ExperimentConfig& config) {
     s.fail_key("enabled", "ema cannot be combined with pruning.enabled (an average of the weights would undo "
                           "the pruning masks)");
   }
+  if (c.enabled && config.quantization.enabled && !config.quantization.options.export_path.empty() && o.evaluate &&
+      !o.apply_at_end) {
+    s.fail_key("apply_at_end", "ema.apply_at_end false with ema.evaluate and quantization.export_path: the int8 "
+                               "file would hold the raw weights while the test metrics were the average's; set "
+                               "apply_at_end to true (the file is then the evaluated average) or evaluate to false");
+  }
 }
 
 void read_early_stopping(Section s, EarlyStoppingConfig& c, const ExperimentConfig& config) {

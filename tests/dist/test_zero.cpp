@@ -221,7 +221,8 @@ TEST_CASE("ZeRO: clear errors for other parameters on some rank, an unconsolidat
 
 TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, and bitwise after resume",
           "[zero]") {
-  auto run = [](bool zero, const std::string& dir, int64_t stop_after, const std::string& resume) {
+  int64_t first_step = -1;  // of the last run (-1: it took no step)
+  auto run = [&first_step](bool zero, const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(31);
     lockstep::testing::SmallConvNet model(/*batch_norm=*/true);
     const auto opt = sharded_or_not(zero, model->parameters(), adam_factory());
@@ -230,7 +231,10 @@ TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, 
     o.lr.kind = lockstep::train::LrScheduleKind::Cosine;
     o.lr.warmup_steps = 2;
     lockstep::train::DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    auto first = std::make_shared<lockstep::testing::FirstStep>();
+    trainer.add_callback(first);
     trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 7), nullptr);  // 3 steps per epoch
+    first_step = first->step;
     return lockstep::testing::state_of(*model);
   };
   const auto plain = run(false, lockstep::testing::shared_temp_dir("zero_plain"), 0, "never");
@@ -241,6 +245,7 @@ TEST_CASE("ZeRO in the trainer: bitwise the unsharded run under an lr schedule, 
     const std::string dir = lockstep::testing::shared_temp_dir("zero_stop" + std::to_string(stop));
     run(true, dir, stop, "auto");
     CHECK(bitwise_equal(run(true, dir, 0, "auto"), full));
+    CHECK(first_step == stop);  // from the stop's checkpoint, not from the start
   }
 }
 

@@ -688,6 +688,31 @@ TEST_CASE("quantization-aware training added before a weight average is refused,
   const std::vector<lockstep::train::CallbackPtr> right{ema, qat};
   ctx.callbacks = &right;
   CHECK_NOTHROW(qat->on_setup(ctx));
+  // An average evaluated but taken out at the end, with an int8 file to write: the file would not be
+  // the model the metrics measured.
+  lockstep::train::EmaOptions raw_at_end;
+  raw_at_end.apply_at_end = false;
+  auto evaluated_only = std::make_shared<lockstep::train::ExponentialMovingAverage>(raw_at_end);
+  QuantizationOptions exporting = weights_only;
+  exporting.export_path = "model.int8";
+  for (const bool evaluate : {true, false}) {
+    raw_at_end.evaluate = evaluate;
+    auto average = std::make_shared<lockstep::train::ExponentialMovingAverage>(raw_at_end);
+    auto exporter = std::make_shared<QuantizationAwareTraining>(exporting);
+    const std::vector<lockstep::train::CallbackPtr> both{average, exporter};
+    ctx.callbacks = &both;
+    if (evaluate) {
+      CHECK_THROWS_WITH(exporter->on_setup(ctx), Catch::Contains("export_path with an ExponentialMovingAverage that "
+                                                                 "evaluates the average but does not leave it") &&
+                                                     Catch::Contains("Set apply_at_end to true"));
+    } else {
+      CHECK_NOTHROW(exporter->on_setup(ctx));
+    }
+  }
+  // Without a file to write, nothing is promised.
+  const std::vector<lockstep::train::CallbackPtr> no_file{evaluated_only, qat};
+  ctx.callbacks = &no_file;
+  CHECK_NOTHROW(qat->on_setup(ctx));
 }
 
 TEST_CASE("pruning and quantization-aware training refuse EarlyStopping's restore_best_weights where it would undo them",

@@ -474,6 +474,12 @@ TEST_CASE("config: the ema section maps onto EmaOptions, round-trips, and refuse
   CHECK_THAT(error_of("ema:\n  enabled: true\npruning:\n  enabled: true\n"),
              Contains("'ema.enabled'") && Contains("cannot be combined with pruning.enabled"));
   CHECK(config::parse_config("ema:\n  enabled: true\nquantization:\n  enabled: true\n").ema.enabled);
+  // The int8 file must be the model the metrics measured: the average, evaluated, stays in at the end.
+  const std::string exported = "quantization: {enabled: true, export_path: m.int8}\n";
+  CHECK_THAT(error_of(exported + "ema: {enabled: true, apply_at_end: false}\n"),
+             Contains("'ema.apply_at_end'") && Contains("the int8 file would hold the raw weights"));
+  CHECK(config::parse_config(exported + "ema: {enabled: true, apply_at_end: false, evaluate: false}\n").ema.enabled);
+  CHECK(config::parse_config("quantization: {enabled: true}\nema: {enabled: true, apply_at_end: false}\n").ema.enabled);
 }
 
 TEST_CASE("config: ddp.sync_batch_norm maps onto DataParallelOptions, and round-trips", "[config]") {

@@ -60,6 +60,7 @@ class ExponentialMovingAverage : public Callback {
   std::vector<at::Tensor> save_tensors() const override { return average_; }
   void load_tensors(std::vector<at::Tensor> tensors) override;
 
+  const EmaOptions& options() const { return options_; }
   // The average, one tensor per model parameter then buffer (registration order); empty before training.
   const std::vector<at::Tensor>& average() const { return average_; }
   int64_t updates() const { return updates_; }

@@ -141,6 +141,21 @@ std::optional<Example> Loader::next() {
     if (!queue_.empty() && queue_.front().error) std::rethrow_exception(queue_.front().error);
     Example example;
     try {
+      // Note [Pinning thread's device]: on the caller's thread here, which pins on pin_device as the
+      // worker would, and gets its own device back.
+      struct DeviceBack {
+        std::optional<c10::Device> previous;
+        ~DeviceBack() {
+          if (previous) set_current_cuda_device(*previous);
+        }
+      } back;
+      if (pin_device_) {
+        const std::optional<c10::Device> current = current_cuda_device();
+        if (current && *current != *pin_device_) {
+          set_current_cuda_device(*pin_device_);
+          back.previous = current;
+        }
+      }
       example = assemble(consumed_);
     } catch (...) {
       Slot failed;

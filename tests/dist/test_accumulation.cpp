@@ -119,7 +119,8 @@ TEST_CASE("trainer: accumulating 3 micro-batches of 2 trains as batches of 6, sh
 }
 
 TEST_CASE("trainer: a run with accumulation stopped and resumed is bitwise the uninterrupted one", "[train]") {
-  auto run = [](const std::string& dir, int64_t stop_after, const std::string& resume) {
+  int64_t first_step = -1;  // of the last run (-1: it took no step)
+  auto run = [&first_step](const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(29);
     SmallConvNet model(/*batch_norm=*/true);
     auto opt = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
@@ -127,7 +128,10 @@ TEST_CASE("trainer: a run with accumulation stopped and resumed is bitwise the u
     o.batch_size = 2;
     o.accumulation_steps = 3;
     DistributedTrainer trainer(model, opt, comm_ptr(), o);
+    auto first = std::make_shared<lockstep::testing::FirstStep>();
+    trainer.add_callback(first);
     trainer.fit(lockstep::testing::synthetic_images(14 * comm().size(), 8, 6), nullptr);  // 3 steps per epoch
+    first_step = first->step;
     return lockstep::testing::state_of(*model);
   };
   const auto full = run(lockstep::testing::shared_temp_dir("accumulate_full"), 0, "never");
@@ -136,6 +140,7 @@ TEST_CASE("trainer: a run with accumulation stopped and resumed is bitwise the u
     const std::string dir = lockstep::testing::shared_temp_dir("accumulate_stop" + std::to_string(stop));
     run(dir, stop, "auto");
     const auto resumed = run(dir, 0, "auto");
+    CHECK(first_step == stop);  // from the stop's checkpoint, not from the start
     bool equal = resumed.size() == full.size();
     for (std::size_t i = 0; equal && i < full.size(); ++i) equal = torch::equal(full[i], resumed[i]);
     CHECK(equal);

@@ -40,6 +40,7 @@ struct Run {
   std::map<std::string, double> metrics;
   double evaluated_after = 0;  // test_loss of trainer.evaluate() after fit
   bool identical = false;      // the final parameters bitwise equal on every rank
+  int64_t first_step = -1;     // global_step before the run's first step (-1: it took none)
 };
 
 Run train(EmaOptions o, const std::string& dir = "", int64_t stop_after = 0, const std::string& resume = "never") {
@@ -52,6 +53,8 @@ Run train(EmaOptions o, const std::string& dir = "", int64_t stop_after = 0, con
   auto recorder = std::make_shared<WeightRecorder>();
   trainer.add_callback(recorder);
   trainer.add_callback(std::make_shared<ExponentialMovingAverage>(o));
+  auto first = std::make_shared<lockstep::testing::FirstStep>();
+  trainer.add_callback(first);
   const auto test_set = lockstep::testing::synthetic_images(10, 8, 12);
   Run run;
   run.metrics = trainer.fit(lockstep::testing::synthetic_images(12 * comm().size(), 8, 11), test_set);
@@ -59,6 +62,7 @@ Run train(EmaOptions o, const std::string& dir = "", int64_t stop_after = 0, con
   run.steps = recorder->steps;
   run.evaluated_after = trainer.evaluate(test_set).at("test_loss");
   run.identical = lockstep::testing::identical_across_ranks(*model);
+  run.first_step = first->step;
   return run;
 }
 
@@ -142,13 +146,16 @@ TEST_CASE("EMA: a stopped and resumed run continues the average bitwise", "[trai
     INFO("stopped after step " << stop);
     const std::string dir = lockstep::testing::shared_temp_dir("ema_stop" + std::to_string(stop));
     train(o, dir, stop, "auto");
-    CHECK(bitwise_equal(train(o, dir, 0, "auto").final_state, full.final_state));
+    const Run resumed = train(o, dir, 0, "auto");
+    CHECK(resumed.first_step == stop);  // from the stop's checkpoint, not from the start
+    CHECK(bitwise_equal(resumed.final_state, full.final_state));
   }
   // Stopped after the last step, before its epoch's evaluation: the resumed run takes no step and
   // still reports the decay of the last update.
   const std::string dir = lockstep::testing::shared_temp_dir("ema_stop_last");
   train(o, dir, 6, "auto");
   const Run resumed = train(o, dir, 0, "auto");
+  CHECK(resumed.first_step == -1);
   CHECK(bitwise_equal(resumed.final_state, full.final_state));
   CHECK(resumed.metrics.at("ema_decay") == full.metrics.at("ema_decay"));
   CHECK(resumed.metrics.at("ema_updates") == full.metrics.at("ema_updates"));

@@ -175,7 +175,8 @@ TEST_CASE("pruning: N:M holds in every group after training", "[compress]") {
 }
 
 TEST_CASE("pruning: stop and resume keeps masks and the schedule position, bitwise", "[compress]") {
-  auto run = [](const std::string& dir, int64_t stop_after, const std::string& resume) {
+  int64_t first_step = -1;  // of the last run (-1: it took no step)
+  auto run = [&first_step](const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(30 + comm().rank());
     Net model;
     TrainerOptions t = lockstep::testing::resumable(options(3), dir, stop_after, resume);
@@ -186,7 +187,10 @@ TEST_CASE("pruning: stop and resume keeps masks and the schedule position, bitwi
     o.end_epoch = 2.0;
     o.frequency = 2;
     trainer.add_callback(std::make_shared<MagnitudePruning>(o));
+    auto first = std::make_shared<lockstep::testing::FirstStep>();
+    trainer.add_callback(first);
     trainer.fit(synthetic(16 * comm().size(), 3), nullptr);  // 4 steps per epoch: prunes at 2, 4, 6, 8
+    first_step = first->step;
     return lockstep::testing::state_of(*model);
   };
   const auto full = run(shared_dir("full"), 0, "never");
@@ -195,6 +199,7 @@ TEST_CASE("pruning: stop and resume keeps masks and the schedule position, bitwi
     const std::string dir = shared_dir("stop" + std::to_string(stop));
     run(dir, stop, "auto");
     const auto resumed = run(dir, 0, "auto");
+    CHECK(first_step == stop);  // from the stop's checkpoint, not from the start
     CHECK(resumed.size() == full.size());
     bool equal = resumed.size() == full.size();
     for (size_t i = 0; equal && i < full.size(); ++i) equal = equal && torch::equal(full[i], resumed[i]);

@@ -207,7 +207,8 @@ TEST_CASE("quantization: the int8 export computes what the trained model compute
 }
 
 TEST_CASE("quantization: stop and resume keeps the ranges and the schedule, bitwise", "[quant]") {
-  auto run = [](const std::string& dir, int64_t stop_after, const std::string& resume) {
+  int64_t first_step = -1;  // of the last run (-1: it took no step)
+  auto run = [&first_step](const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(31 + comm().rank());
     SmallConvNet model(/*batch_norm=*/true, /*quantize_activations=*/true);
     TrainerOptions t = lockstep::testing::resumable(options(3), dir, stop_after, resume);
@@ -216,7 +217,10 @@ TEST_CASE("quantization: stop and resume keeps the ranges and the schedule, bitw
     o.begin_step = 2;
     o.freeze_step = 7;
     trainer.add_callback(std::make_shared<QuantizationAwareTraining>(o));
+    auto first = std::make_shared<lockstep::testing::FirstStep>();
+    trainer.add_callback(first);
     trainer.fit(images(12 * comm().size(), 3), nullptr);  // 3 steps per epoch
+    first_step = first->step;
     return lockstep::testing::state_of(*model);
   };
   const auto full = run(lockstep::testing::shared_temp_dir("quant_full"), 0, "never");
@@ -225,6 +229,7 @@ TEST_CASE("quantization: stop and resume keeps the ranges and the schedule, bitw
     const std::string dir = lockstep::testing::shared_temp_dir("quant_stop" + std::to_string(stop));
     run(dir, stop, "auto");
     const auto resumed = run(dir, 0, "auto");
+    CHECK(first_step == stop);  // from the stop's checkpoint, not from the start
     bool equal = resumed.size() == full.size();
     for (size_t i = 0; equal && i < full.size(); ++i) equal = equal && torch::equal(full[i], resumed[i]);
     CHECK(equal);
@@ -238,7 +243,8 @@ TEST_CASE("quantization: a run resumed at an epoch's end evaluates that epoch as
     std::map<int64_t, std::map<std::string, double>> by_epoch;
     void on_epoch_end(TrainerContext& ctx) override { by_epoch[ctx.epoch] = ctx.metrics; }
   };
-  auto run = [](const std::string& dir, int64_t stop_after, const std::string& resume) {
+  int64_t first_step = -1;  // of the last run (-1: it took no step)
+  auto run = [&first_step](const std::string& dir, int64_t stop_after, const std::string& resume) {
     torch::manual_seed(32 + comm().rank());
     SmallConvNet model(/*batch_norm=*/true, /*quantize_activations=*/true);
     TrainerOptions t = lockstep::testing::resumable(options(2), dir, stop_after, resume);
@@ -248,13 +254,17 @@ TEST_CASE("quantization: a run resumed at an epoch's end evaluates that epoch as
     trainer.add_callback(std::make_shared<QuantizationAwareTraining>(o));
     auto metrics = std::make_shared<EpochMetrics>();
     trainer.add_callback(metrics);
+    auto first = std::make_shared<lockstep::testing::FirstStep>();
+    trainer.add_callback(first);
     trainer.fit(images(12 * comm().size(), 3), images(16, 5));  // 3 steps per epoch
+    first_step = first->step;
     return metrics->by_epoch;
   };
   const auto full = run(lockstep::testing::shared_temp_dir("quant_epoch_full"), 0, "never");
   const std::string dir = lockstep::testing::shared_temp_dir("quant_epoch_stop3");
   CHECK(run(dir, 3, "auto").empty());  // stopped before epoch 1's evaluation
   const auto resumed = run(dir, 0, "auto");
+  CHECK(first_step == 3);  // from the stop's checkpoint: a fresh run would evaluate epoch 1 alike
   REQUIRE(full.count(0) == 1);
   REQUIRE(resumed.count(0) == 1);
   CHECK(full.at(0).at("quant_active") == 0.0);

@@ -92,6 +92,7 @@ struct Run {
   std::string stop_reason;  // the trainer's
   std::string ctx_reason;   // what on_train_end saw
   int caught_signal = 0;
+  int64_t first_step = -1;  // global_step before the run's first step (-1: it took none)
 };
 
 // SmallConvNet for 2 epochs of 10 steps at every world size (80 samples per rank, batches of 4).
@@ -118,6 +119,8 @@ Run run(TrainerOptions o, std::shared_ptr<AtStep> at, std::shared_ptr<EpochEvent
                              comm_ptr(), o);
   if (at) trainer.add_callback(at);
   if (events) trainer.add_callback(events);
+  auto first = std::make_shared<lockstep::testing::FirstStep>();
+  trainer.add_callback(first);
   trainer.fit(lockstep::testing::synthetic_images(40 * comm().size(), 8, 11), eval_set);
   Run result;
   result.state = lockstep::testing::state_of(*model);
@@ -125,6 +128,7 @@ Run run(TrainerOptions o, std::shared_ptr<AtStep> at, std::shared_ptr<EpochEvent
   result.stop_reason = trainer.stop_reason();
   result.ctx_reason = at ? at->reason : "";
   result.caught_signal = trainer.caught_signal();
+  result.first_step = first->step;
   return result;
 }
 
@@ -165,6 +169,7 @@ TEST_CASE("stop: SIGUSR1 on the last rank stops every rank after the same step; 
   const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}));
   CHECK(resumed.stop_reason.empty());
   CHECK(resumed.caught_signal == 0);
+  CHECK(resumed.first_step == stopped.last_step);  // from the stop's checkpoint, not from the start
   CHECK(resumed.last_step == 20);
   CHECK(bitwise_equal(full.state, resumed.state));
 }
@@ -228,6 +233,7 @@ TEST_CASE("stop: a signal during a short evaluation or an epoch's end stops ever
     const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
     CHECK(again->evaluated == std::vector<int64_t>{1});
     CHECK(again->ended == std::vector<int64_t>{1});
+    CHECK(resumed.first_step == stopped.last_step);
     CHECK(resumed.last_step == 20);
     CHECK(resumed.stop_reason.empty());
     CHECK(bitwise_equal(full.state, resumed.state));
@@ -271,6 +277,7 @@ TEST_CASE("stop: a signal during a long evaluation cuts it short on every rank; 
   CHECK(again->eval_batches == per_rank / 4);    // batches of 4, the same count on every rank
   CHECK(again->batch_events == 2 * per_rank / 4);
   CHECK(again->batches_in_order);
+  CHECK(resumed.first_step == stopped.last_step);
   CHECK(resumed.last_step == 20);
   CHECK(bitwise_equal(full.state, resumed.state));
 }
@@ -298,6 +305,7 @@ TEST_CASE("stop: a signal in an epoch's last step stops before its evaluation; t
     const std::vector<int64_t> rest = step == 10 ? std::vector<int64_t>{0, 1} : std::vector<int64_t>{1};
     CHECK(again->evaluated == rest);
     CHECK(again->ended == rest);
+    CHECK(resumed.first_step == (step == 10 ? stopped.last_step : -1));
     CHECK(resumed.last_step == (step == 10 ? 20 : 0));
     CHECK(bitwise_equal(full.state, resumed.state));
     CHECK(again->steps_at_end.front() == 10);
@@ -308,9 +316,11 @@ TEST_CASE("stop: a signal in an epoch's last step stops before its evaluation; t
   TrainerOptions o = lockstep::testing::resumable(base, dir, 0, "auto");
   o.checkpoint.every_steps = 0;
   o.batch_size = 3;
-  run(o, std::make_shared<AtStep>(last, 14, [](TrainerContext&) { raise(SIGUSR1); }));
+  const Run stopped = run(o, std::make_shared<AtStep>(last, 14, [](TrainerContext&) { raise(SIGUSR1); }));
+  CHECK(stopped.last_step == 14);
   auto again = std::make_shared<EpochEvents>(EpochEvents::Raise::kNever, -1, 0);
-  run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
+  const Run resumed = run(o, std::make_shared<AtStep>(-1, 0, [](TrainerContext&) {}), again);
+  CHECK(resumed.first_step == stopped.last_step);  // a fresh run would count 14 and 14 too
   CHECK(again->steps_at_end == std::vector<int64_t>{14, 14});
 }
 

@@ -38,6 +38,7 @@ struct Run {
   std::vector<at::Tensor> residuals;  // this rank's, for each parameter that has one
   ddp::PowerSGDStats stats;
   int state_callbacks = 0;  // PowerSGDStateCallbacks among the trainer's callbacks
+  int64_t first_step = -1;  // global_step before the run's first step (-1: it took none)
 };
 
 // SmallConvNet (batch norm) for 2 epochs of 3 steps, SGD with momentum, a checkpoint every step.
@@ -59,6 +60,8 @@ Run train(const std::string& dir, int64_t stop_after, const std::string& resume,
   }
   DistributedTrainer trainer(model, opt, communicator, t);
   if (wiring == Wiring::kOwnHookAndCallback) trainer.add_callback(std::make_shared<PowerSGDStateCallback>(state));
+  auto first = std::make_shared<lockstep::testing::FirstStep>();
+  trainer.add_callback(first);
   trainer.fit(lockstep::testing::synthetic_images(12 * communicator->size(), 8, 11), nullptr);
   Run run;
   run.model = lockstep::testing::state_of(*model);
@@ -67,6 +70,7 @@ Run train(const std::string& dir, int64_t stop_after, const std::string& resume,
     if (residual.defined()) run.residuals.push_back(residual);
   }
   run.stats = state->stats();
+  run.first_step = first->step;
   for (const auto& cb : trainer.callbacks()) run.state_callbacks += dynamic_cast<PowerSGDStateCallback*>(cb.get()) != nullptr;
   return run;
 }
@@ -107,6 +111,7 @@ TEST_CASE("PowerSGD: a trainer run stopped and resumed is bitwise the uninterrup
     const Run stopped = train(dir, stop, "auto");
     CHECK_FALSE(bitwise_equal(stopped.model, full.model));
     const Run resumed = train(dir, 0, "auto");
+    CHECK(resumed.first_step == stop);  // from the stop's checkpoint, not from the start
     CHECK(bitwise_equal(resumed.model, full.model));
     CHECK(bitwise_equal(resumed.residuals, full.residuals));
     // Byte and matrix counts do not depend on how the buckets were cut (a new DataParallel's first
@@ -122,6 +127,7 @@ TEST_CASE("PowerSGD: a trainer run stopped and resumed is bitwise the uninterrup
   train(dir, 4, "auto", 1, Wiring::kOwnHookAndCallback);
   const Run resumed = train(dir, 0, "auto", 1, Wiring::kOwnHookAndCallback);
   CHECK(resumed.state_callbacks == 1);
+  CHECK(resumed.first_step == 4);
   CHECK(bitwise_equal(resumed.model, full.model));
   CHECK(bitwise_equal(resumed.residuals, full.residuals));
 }

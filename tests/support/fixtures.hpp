@@ -9,6 +9,7 @@
 
 #include "lockstep/compress/fake_quant.hpp"
 #include "lockstep/data/synthetic_dataset.hpp"
+#include "lockstep/train/callback.hpp"
 #include "lockstep/train/model_tensors.hpp"
 #include "lockstep/train/trainer.hpp"
 
@@ -68,6 +69,16 @@ inline train::TrainerOptions resumable(train::TrainerOptions o, const std::strin
   o.stop_after_steps = stop_after;
   return o;
 }
+
+// Records global_step at the run's first batch (-1: it took no step): where a resumed run went on
+// from. A resume that ignored its checkpoint and started over would still end bitwise where the
+// uninterrupted run ends (the runs are deterministic), so the stop-and-resume tests check this too.
+struct FirstStep : train::Callback {
+  int64_t step = -1;
+  void on_batch_begin(train::TrainerContext& ctx) override {
+    if (step < 0) step = ctx.global_step;
+  }
+};
 
 // conv 3x3 (1 -> 8) [-> BatchNorm] -> ReLU -> Linear to 4 classes, for 1x8x8 inputs. With
 // quantize_activations: activation fake-quant points at the input ("quant_input") and after the ReLU

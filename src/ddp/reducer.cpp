@@ -1018,6 +1018,41 @@ void Reducer::rebuild_by_ready_order() {
     }
   }
   std::vector<std::size_t> agreed(entry, entry + n);
+  rebuilt_order_.assign(entry, entry + n);
+  adopt_order(agreed);
+}
+
+// Note [Bucket order across a resume]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// The buckets are rebuilt once, after a process's first synchronised backward, in the order gradients
+// arrived. A resumed run has a new Reducer: its first step ran on the initial layout (reverse
+// registration order), where the run that never stopped used the rebuilt one. Where the two differ (a
+// model whose layers are used in another order than registered: a head registered first, a residual
+// branch), the gradients are summed in other messages and at other offsets, and the ring algorithms of
+// MPI and NCCL add an element's values in an order that depends on its offset: the resumed run was not
+// bitwise the uninterrupted one from its first step on. So the checkpoint keeps the agreed order, and
+// the resumed run's Reducer is given it before its first step (set_rebuilt_order), and rebuilds nothing.
+void Reducer::set_rebuilt_order(const std::vector<std::int64_t>& order) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  settle_abandoned_backward();
+  LOCKSTEP_CHECK(!in_backward_, "Reducer::set_rebuilt_order: called during a backward pass");
+  const std::size_t n = params_.size();
+  std::vector<char> seen(n, 0);
+  bool permutation = order.size() == n;
+  for (std::size_t k = 0; permutation && k < n; ++k) {
+    permutation = order[k] >= 0 && static_cast<std::size_t>(order[k]) < n && !seen[static_cast<std::size_t>(order[k])];
+    if (permutation) seen[static_cast<std::size_t>(order[k])] = 1;
+  }
+  LOCKSTEP_CHECK(permutation, "Reducer::set_rebuilt_order: expected an order of the ", n,
+                 " parameters (each index in [0, ", n, ") once), got ", order.size(), " entries that are not one");
+  if (!options_.rebuild_buckets) return;
+  adopt_order(std::vector<std::size_t>(order.begin(), order.end()));
+  rebuilt_ = true;
+  rebuilt_order_ = order;
+}
+
+void Reducer::adopt_order(const std::vector<std::size_t>& agreed) {
+  const std::size_t n = params_.size();
   BucketAssignment assignment =
       assign_buckets(params_, agreed, options_.first_bucket_cap_bytes, options_.bucket_cap_bytes);
   BucketAssignment current;

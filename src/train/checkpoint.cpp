@@ -361,6 +361,10 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
     if (ctx.data_parallel != nullptr) {  // Note [Iteration across a resume]
       archive.write("ddp_synchronized_backwards",
                     c10::IValue(static_cast<int64_t>(ctx.data_parallel->synchronized_backwards())));
+      const std::vector<std::int64_t>& order = ctx.data_parallel->bucket_order();
+      if (!order.empty()) {  // Note [Bucket order across a resume] (reducer.cpp)
+        archive.write("ddp_bucket_order", at::tensor(at::ArrayRef<std::int64_t>(order), at::kLong));
+      }
     }
     torch::serialize::OutputArchive model_archive;
     ctx.model->save(model_archive);
@@ -441,6 +445,7 @@ struct Taken {
   int64_t global_step = 0;
   data::SamplerState position;
   std::optional<std::uint64_t> synchronized_backwards;        // Note [Iteration across a resume]
+  std::optional<std::vector<std::int64_t>> bucket_order;      // Note [Bucket order across a resume]
   std::optional<std::map<std::string, double>> last_metrics;  // Note [A finished run's metrics]
   std::optional<int64_t> total_steps;                         // the run's length then; older files have none
   std::vector<CallbackState> callbacks;
@@ -593,6 +598,22 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
     if (ctx.data_parallel != nullptr && archive.try_read("ddp_synchronized_backwards", synchronized)) {
       taken.synchronized_backwards = static_cast<std::uint64_t>(synchronized.toInt());
     }
+    at::Tensor order;
+    if (ctx.data_parallel != nullptr && archive.try_read("ddp_bucket_order", order)) {
+      // Note [Bucket order across a resume]: checked here, so that a refusal changes nothing.
+      order = order.to(at::kCPU, at::kLong).contiguous();
+      const auto n = static_cast<int64_t>(ctx.data_parallel->reducer().parameter_count());
+      std::vector<char> seen(static_cast<size_t>(n), 0);
+      bool permutation = order.dim() == 1 && order.numel() == n;
+      for (int64_t k = 0; permutation && k < n; ++k) {
+        const int64_t i = order.data_ptr<int64_t>()[k];
+        permutation = i >= 0 && i < n && !seen[static_cast<size_t>(i)];
+        if (permutation) seen[static_cast<size_t>(i)] = 1;
+      }
+      LOCKSTEP_CHECK(permutation, "checkpoint ", path, " holds a bucket order of ", order.numel(),
+                     " entries that is not an order of this model's ", n, " parameters under DataParallel");
+      taken.bucket_order.emplace(order.data_ptr<int64_t>(), order.data_ptr<int64_t>() + n);
+    }
     torch::serialize::InputArchive metrics;
     if (position.position == 0 && archive.try_read("last_epoch_metrics", metrics)) {
       taken.last_metrics.emplace();
@@ -664,6 +685,7 @@ void Checkpointer::load(TrainerContext& ctx, const std::string& path, const std:
   }
   ctx.global_step = taken.global_step;
   if (taken.synchronized_backwards) ctx.data_parallel->set_synchronized_backwards(*taken.synchronized_backwards);
+  if (taken.bucket_order) ctx.data_parallel->set_bucket_order(*taken.bucket_order);
   ctx.epoch = taken.position.epoch;
   ctx.resume_position = taken.position;
   if (taken.last_metrics) ctx.metrics = std::move(*taken.last_metrics);

@@ -34,6 +34,7 @@ using lockstep::testing::bitwise_equal;
 namespace fs = std::filesystem;
 using lockstep::testing::comm;
 using lockstep::testing::comm_ptr;
+using lockstep::testing::FirstStep;
 using lockstep::train::Callback;
 using lockstep::train::DistributedTrainer;
 using lockstep::train::TrainerContext;
@@ -280,14 +281,6 @@ struct RunResult {
   int64_t first_step = -1;  // global_step before the run's first step (-1: it took none)
 };
 
-// Records global_step at the run's first batch: where a resumed run went on from.
-struct FirstStep : Callback {
-  int64_t step = -1;
-  void on_batch_begin(TrainerContext& ctx) override {
-    if (step < 0) step = ctx.global_step;
-  }
-};
-
 // Trains TinyNet (batch norm, dropout) on augmented synthetic data for 3 epochs; 54 samples give
 // uneven last batches at 2 and 3 ranks.
 RunResult resumable_run(const std::string& dir, int64_t stop_after, const std::string& resume,
@@ -398,6 +391,7 @@ TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise i
     CHECK_FALSE(bitwise_equal(full.state, stopped.state));
     const RunResult resumed = resumable_run(dir, 0, "auto");
     INFO("stopped after step " << stop);
+    CHECK(resumed.first_step == stop);  // from the stop's checkpoint, not from the start
     CHECK(bitwise_equal(full.state, resumed.state));
     CHECK(resumed.metrics.at("test_acc") == full.metrics.at("test_acc"));
     // Note [Epoch totals in checkpoints]: the interrupted epoch's line covers the whole epoch, as the
@@ -422,14 +416,17 @@ TEST_CASE("trainer: stop and resume (mid-epoch and at an epoch end) is bitwise i
   // Two stops in a row.
   const std::string dir = shared_dir("twice");
   resumable_run(dir, 3, "auto");
-  resumable_run(dir, 9, "auto");
-  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto").state));
+  CHECK(resumable_run(dir, 9, "auto").first_step == 3);
+  const RunResult twice = resumable_run(dir, 0, "auto");
+  CHECK(twice.first_step == 9);
+  CHECK(bitwise_equal(full.state, twice.state));
 
   // Resumed with other metrics: the run and its loss go on; the interrupted epoch's other train
   // metrics start at the resume (with a message), and the later epochs' are whole.
   const std::string changed = shared_dir("changed_metrics");
   resumable_run(changed, 4, "auto", 0, 3, {"accuracy"});
   const RunResult resumed = resumable_run(changed, 0, "auto");
+  CHECK(resumed.first_step == 4);
   CHECK(bitwise_equal(full.state, resumed.state));
   const std::vector<nlohmann::json> lines = metrics_lines(changed);
   REQUIRE(lines.size() == 3);
@@ -522,7 +519,55 @@ TEST_CASE("trainer: resume: never moves an earlier run's checkpoints aside; keep
   for (std::string line; std::getline(earlier_file, line);) ++earlier_lines;
   CHECK(earlier_lines == 3);
   // The same command with resume: auto goes on from this run's step 3.
-  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, "auto", 1, 2).state));
+  const RunResult resumed = resumable_run(dir, 0, "auto", 1, 2);
+  CHECK(resumed.first_step == 3);
+  CHECK(bitwise_equal(full.state, resumed.state));
+}
+
+namespace {
+// Its head is registered before the body it follows, so its gradients arrive first: the buckets are
+// rebuilt after the first synchronised backward in an order unlike the initial one (reverse registration).
+struct HeadFirstImpl : torch::nn::Module {
+  torch::nn::Linear head{register_module("head", torch::nn::Linear(16, 4))};
+  torch::nn::Linear body{register_module("body", torch::nn::Linear(64, 16))};
+  torch::Tensor forward(const torch::Tensor& x) { return head(torch::relu(body(x.flatten(1)))); }
+};
+TORCH_MODULE(HeadFirst);
+
+// The bucket layout each step ran on.
+struct LayoutRecorder : Callback {
+  std::vector<lockstep::ddp::BucketAssignment> layouts;
+  void on_batch_begin(TrainerContext& ctx) override {
+    layouts.push_back(ctx.data_parallel->reducer().bucket_assignment());
+  }
+};
+}  // namespace
+
+TEST_CASE("trainer: a resumed run's buckets are laid out as the uninterrupted run's from its first step (Note "
+          "[Bucket order across a resume])",
+          "[train]") {
+  auto run = [](const std::string& dir, int64_t stop_after) {
+    torch::manual_seed(5);
+    HeadFirst model;
+    TrainerOptions o = lockstep::testing::resumable(lockstep::testing::quiet_trainer(2, 3), dir, stop_after, "auto");
+    o.ddp.first_bucket_cap_mb = 1e-6;  // a bucket per parameter: the order shows in the layout
+    o.ddp.bucket_cap_mb = 1e-6;
+    DistributedTrainer trainer(model, sgd(*model, 0.05, 0.9), comm_ptr(), o);
+    auto recorder = std::make_shared<LayoutRecorder>();
+    trainer.add_callback(recorder);
+    trainer.fit(lockstep::testing::synthetic_images(8 * comm().size(), 8, 4), nullptr);  // 2 steps per epoch
+    return std::make_pair(recorder->layouts, lockstep::testing::state_of(*model));
+  };
+  const auto [full_layouts, full_state] = run(shared_dir("layout_full"), 0);
+  REQUIRE(full_layouts.size() == 4);
+  REQUIRE(full_layouts[0] != full_layouts[1]);  // rebuilt after the first step
+  const std::string dir = shared_dir("layout_stop");
+  run(dir, 2);
+  const auto [resumed_layouts, resumed_state] = run(dir, 0);
+  REQUIRE(resumed_layouts.size() == 2);
+  CHECK(resumed_layouts[0] == full_layouts[2]);  // before: the initial layout, full_layouts[0]
+  CHECK(resumed_layouts[1] == full_layouts[3]);
+  CHECK(bitwise_equal(resumed_state, full_state));
 }
 
 TEST_CASE("trainer: the last checkpoint goes on at the next epoch even when a periodic one took the step",
@@ -920,8 +965,10 @@ TEST_CASE("trainer: a checkpoint written on a GPU resumes on the CPU (Note [Chec
     CHECK_THROWS(archive.load_from(path));
   }
   // Named explicitly: auto-resume skips a checkpoint it cannot read and starts afresh, which here ends
-  // in the same weights.
-  CHECK(bitwise_equal(full.state, resumable_run(dir, 0, path).state));
+  // in the same weights (first_step tells them apart).
+  const RunResult resumed = resumable_run(dir, 0, path);
+  CHECK(resumed.first_step == 5);
+  CHECK(bitwise_equal(full.state, resumed.state));
 }
 
 TEST_CASE("trainer: a model with a name no checkpoint can hold is refused before the first step", "[train]") {

@@ -138,6 +138,10 @@ class DataParallel {
   // resume]: the Checkpointer does).
   std::uint64_t synchronized_backwards() const { return reducer_->sync_count(); }
   void set_synchronized_backwards(std::uint64_t count) { reducer_->set_sync_count(count); }
+  // The order the buckets were rebuilt by, and setting it back on resume (Note [Bucket order across a
+  // resume] in reducer.cpp: the Checkpointer does).
+  const std::vector<std::int64_t>& bucket_order() const { return reducer_->rebuilt_order(); }
+  void set_bucket_order(const std::vector<std::int64_t>& order) { reducer_->set_rebuilt_order(order); }
   // How many ddp::SyncBatchNorm layers this DataParallel attached (options().sync_batch_norm).
   std::size_t sync_batch_norm_layers() const;
 

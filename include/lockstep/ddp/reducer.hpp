@@ -104,6 +104,12 @@ class Reducer {
   const std::vector<std::size_t>& last_bucket_ready_order() const { return bucket_ready_order_; }
   const std::vector<std::size_t>& last_launch_order() const { return launch_order_; }
   bool buckets_rebuilt() const { return rebuilt_; }
+  // Note [Bucket order across a resume]: the parameter order the buckets were rebuilt by (rank 0's
+  // observed ready order, agreed by every rank; empty before the rebuild), and setting it on a new
+  // Reducer, which then builds its buckets by it and does no rebuild of its own. Not during a backward;
+  // every rank with the same order (one checkpoint read by all). Without rebuild_buckets, ignored.
+  const std::vector<std::int64_t>& rebuilt_order() const { return rebuilt_order_; }
+  void set_rebuilt_order(const std::vector<std::int64_t>& order);
 
   // Synchronised backward passes so far: GradBucket::iteration of the next one. Note [Iteration
   // across a resume]: a resumed run's new Reducer would count from 0 again, so comm hooks (PowerSGD's
@@ -161,6 +167,8 @@ class Reducer {
   // `held_counts` (a joined rank's shadow step only): per parameter, the training ranks holding a .grad().
   void write_back(const std::vector<std::int32_t>& used_counts, const std::int32_t* held_counts);
   void rebuild_by_ready_order();
+  // Builds the buckets for `order` (parameter indices) and moves the gradients over.
+  void adopt_order(const std::vector<std::size_t>& order);
   void reset_iteration();
   void check_hooks_attached_locked() const;
   // Note [Abandoned backward], for buckets launched at the end of a pass (or a Join shadow step)
@@ -224,6 +232,7 @@ class Reducer {
   std::uint64_t backward_count_ = 0;
   std::uint64_t sync_count_ = 0;
   bool rebuilt_ = false;
+  std::vector<std::int64_t> rebuilt_order_;  // Note [Bucket order across a resume]
   StepTimings last_timings_;
   // Join mode (Note [Join]).
   bool join_ = false;

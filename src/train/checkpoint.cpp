@@ -728,10 +728,18 @@ void Checkpointer::on_train_begin(TrainerContext& ctx) {
 // not mix the two runs: a later `resume: auto` (after a crash, or the same command with the default)
 // would pick the earlier run's newest file whenever its step is higher, and pruning would count the
 // earlier run's files as this run's. Nothing is deleted either: rank 0 moves them into a folder of
-// their own, "previous-run-<UTC time>", beside where this run's go.
-void Checkpointer::set_aside_earlier_run() const {
-  const std::vector<std::string> earlier = list_checkpoints(options_.directory);
+// their own, "previous-run-<UTC time>", beside where this run's go. The same holds after a resume
+// from a named checkpoint of step N: the directory's files of later steps belong to the run that went
+// on from N before (abandoned now), and a later `resume: auto` (a preempted job requeued) would pick
+// the newest of them over this run's own; so those are moved aside too, and the file N stays.
+void Checkpointer::set_aside_earlier_run(int64_t after_step) const {
+  std::vector<std::string> earlier;
+  for (auto& [step, path] : checkpoints_by_step(options_.directory)) {
+    if (step > after_step) earlier.push_back(std::move(path));
+  }
   if (earlier.empty()) return;
+  const std::string why = after_step < 0 ? "checkpoint.resume is 'never'"
+                                         : "resumed from a named checkpoint of step " + std::to_string(after_step);
   char stamp[32];
   const std::time_t now = std::time(nullptr);
   std::tm utc{};
@@ -743,16 +751,16 @@ void Checkpointer::set_aside_earlier_run() const {
   }
   std::error_code error;
   fs::create_directories(aside, error);
-  LOCKSTEP_CHECK(!error, "checkpoint.resume is 'never', but the earlier run's checkpoints in ", options_.directory,
+  LOCKSTEP_CHECK(!error, why, ", but the earlier run's checkpoints in ", options_.directory,
                  " cannot be moved aside: cannot create ", aside.string(), ": ", error.message());
   for (const std::string& path : earlier) {
     fs::rename(path, aside / fs::path(path).filename(), error);
-    LOCKSTEP_CHECK(!error, "checkpoint.resume is 'never', but cannot move the earlier run's ", path, " into ",
-                   aside.string(), ": ", error.message());
+    LOCKSTEP_CHECK(!error, why, ", but cannot move the earlier run's ", path, " into ", aside.string(), ": ",
+                   error.message());
   }
   sync_file(options_.directory);
-  std::printf("checkpoint.resume is 'never': moved %zu checkpoint(s) of an earlier run into %s\n", earlier.size(),
-              aside.string().c_str());
+  std::printf("%s: moved %zu checkpoint(s) of an earlier run%s into %s\n", why.c_str(), earlier.size(),
+              after_step < 0 ? "" : " (of later steps)", aside.string().c_str());
   std::fflush(stdout);
 }
 
@@ -806,6 +814,10 @@ void Checkpointer::resume(TrainerContext& ctx) {
   // Collective: a rank that cannot load (the file missing or unreadable on its node, a bad copy)
   // fails every rank here, rather than the others training on into collectives it never joins.
   load(ctx, path, "Checkpointer: cannot resume from " + path);
+  if (options_.resume != "auto") {  // Note [Starting over]: the run that went on from it before
+    const int64_t step = ctx.global_step;
+    run_on_rank0(ctx, [&] { set_aside_earlier_run(step); }, "Checkpointer");
+  }
   if (ctx.communicator->rank() == 0) {
     const int64_t epochs = ctx.options != nullptr ? ctx.options->epochs : -1;
     if (ctx.resume_position->position == 0 && epochs >= 0 && ctx.resume_position->epoch >= epochs) {

@@ -481,6 +481,42 @@ TEST_CASE("trainer: checkpoint.directory alone keeps checkpoints, and a resume w
              Catch::Contains("checkpoint.directory is '" + dir + "', but checkpoints is false"));
 }
 
+TEST_CASE("trainer: a resume from a named checkpoint moves the later steps of the run it left aside (Note [Starting "
+          "over])",
+          "[train]") {
+  // A finished run with a checkpoint every step; then the run is taken up again from step 4 (another
+  // learning rate, say), and stopped after step 6. Before: a later resume: auto (a requeued job) took
+  // the first run's last file, of a higher step, said the run was complete, and trained nothing.
+  const RunResult full = resumable_run(shared_dir("named_full"), 0, "never");
+  const std::string dir = shared_dir("named");
+  resumable_run(dir, 0, "never", /*every_steps=*/1, /*keep_last=*/100);
+  const std::vector<std::string> first_run = lockstep::train::list_checkpoints(dir + "/checkpoints");
+  REQUIRE(first_run.size() > 6);
+  const std::string step4 = dir + "/checkpoints/" + lockstep::train::checkpoint_file_name(4);
+  const RunResult again = resumable_run(dir, 6, step4, 1, 100);
+  CHECK(again.first_step == 4);
+  std::vector<std::string> names;
+  for (const auto& path : lockstep::train::list_checkpoints(dir + "/checkpoints")) {
+    names.push_back(fs::path(path).filename().string());
+  }
+  std::vector<std::string> expected;
+  for (int64_t step = 1; step <= 6; ++step) expected.push_back(lockstep::train::checkpoint_file_name(step));
+  CHECK(names == expected);  // 1 to 4 of the first run (kept), 5 and 6 of this one
+  int aside = 0;
+  for (const auto& entry : fs::directory_iterator(dir + "/checkpoints")) {
+    if (!entry.is_directory()) continue;
+    ++aside;
+    CHECK(entry.path().filename().string().rfind("previous-run-", 0) == 0);
+    // The first run's steps after 4, nothing lost.
+    CHECK(lockstep::train::list_checkpoints(entry.path().string()).size() == first_run.size() - 4);
+  }
+  CHECK(aside == 1);
+  // The requeued job goes on from this run's step 6 and ends as the uninterrupted run.
+  const RunResult resumed = resumable_run(dir, 0, "auto", 1, 100);
+  CHECK(resumed.first_step == 6);
+  CHECK(bitwise_equal(full.state, resumed.state));
+}
+
 TEST_CASE("trainer: resume: never moves an earlier run's checkpoints aside; keep_last keeps this run's newest",
           "[train]") {
   const RunResult full = resumable_run(shared_dir("over_full"), 0, "never");

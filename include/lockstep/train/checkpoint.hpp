@@ -94,7 +94,8 @@ class Checkpointer : public Callback {
   // load() whose error on the ranks that did not refuse begins with `context`.
   void load(TrainerContext& ctx, const std::string& path, const std::string& context);
   // resume: never on rank 0 (Note [Starting over]).
-  void set_aside_earlier_run() const;
+  // Moves the checkpoints of steps after `after_step` (all: -1) into a previous-run-<time> folder.
+  void set_aside_earlier_run(int64_t after_step = -1) const;
 
   CheckpointOptions options_;
   int64_t last_saved_step_ = -1;

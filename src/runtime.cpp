@@ -92,13 +92,13 @@ std::string identity_of(const std::string& dir) {
          std::to_string(static_cast<unsigned long long>(info.st_ino));
 }
 
-// Keeps the smallest limit that `read(dir)` finds from `mount` + `path` up to `mount` in `smallest`.
+// Adds every limit that `read(dir)` finds from `mount` + `path` up to `mount` to `limits`.
 template <typename Read>
-void smallest_along(const std::string& mount, std::string path, const Read& read, CpuLimit* smallest) {
+void limits_along(const std::string& mount, std::string path, const Read& read, std::vector<CpuLimit>* limits) {
   while (true) {
     const std::string dir = mount + path;
     const double limit = read(dir);
-    if (limit > 0.0 && (smallest->cpus == 0.0 || limit < smallest->cpus)) *smallest = {limit, identity_of(dir)};
+    if (limit > 0.0) limits->push_back({limit, identity_of(dir)});
     if (path.empty() || path == "/") break;
     const std::size_t slash = path.find_last_of('/');
     path = slash == std::string::npos ? std::string() : path.substr(0, slash);
@@ -107,10 +107,10 @@ void smallest_along(const std::string& mount, std::string path, const Read& read
 
 }  // namespace
 
-CpuLimit cgroup_cpu_limit(const std::string& root) {
+std::vector<CpuLimit> cgroup_cpu_limits(const std::string& root) {
   // Note [CPU quota]
   std::ifstream cgroups(root + "/proc/self/cgroup");
-  CpuLimit smallest;
+  std::vector<CpuLimit> limits;
   std::string line;
   while (std::getline(cgroups, line)) {
     // "hierarchy-id:controllers:path"; cgroup v2's line is "0::path".
@@ -120,12 +120,12 @@ CpuLimit cgroup_cpu_limit(const std::string& root) {
     const std::string controllers = line.substr(first + 1, second - first - 1);
     const std::string path = line.substr(second + 1);
     if (controllers.empty()) {
-      smallest_along(root + "/sys/fs/cgroup", path, [](const std::string& dir) {
+      limits_along(root + "/sys/fs/cgroup", path, [](const std::string& dir) {
         std::istringstream fields(first_line(dir + "/cpu.max"));  // "max 100000" or "150000 100000"
         std::string quota, period;
         fields >> quota >> period;
         return quota_over_period(quota, period);
-      }, &smallest);
+      }, &limits);
       continue;
     }
     std::istringstream names(controllers);
@@ -134,10 +134,26 @@ CpuLimit cgroup_cpu_limit(const std::string& root) {
     while (std::getline(names, name, ',')) cpu = cpu || name == "cpu";
     if (!cpu) continue;
     for (const char* mount : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu"}) {
-      smallest_along(root + mount, path, [](const std::string& dir) {
+      limits_along(root + mount, path, [](const std::string& dir) {
         return quota_over_period(first_line(dir + "/cpu.cfs_quota_us"), first_line(dir + "/cpu.cfs_period_us"));
-      }, &smallest);
+      }, &limits);
     }
+  }
+  // One entry per cgroup (cpu and cpu,cpuacct may be one mount under two names).
+  std::vector<CpuLimit> unique;
+  for (const CpuLimit& limit : limits) {
+    const bool seen = std::any_of(unique.begin(), unique.end(), [&limit](const CpuLimit& u) {
+      return !limit.cgroup.empty() && u.cgroup == limit.cgroup;
+    });
+    if (!seen) unique.push_back(limit);
+  }
+  return unique;
+}
+
+CpuLimit cgroup_cpu_limit(const std::string& root) {
+  CpuLimit smallest;
+  for (const CpuLimit& limit : cgroup_cpu_limits(root)) {
+    if (smallest.cpus == 0.0 || limit.cpus < smallest.cpus) smallest = limit;
   }
   return smallest;
 }
@@ -321,12 +337,21 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
         if (CPU_ISSET(cpu, &all[r])) cpus[r].push_back(cpu);
       }
     }
-    // Note [CPU quota]: shared by the host's ranks under the same limiting cgroup.
-    const detail::CpuLimit limit = detail::cgroup_cpu_limit();
-    const std::vector<std::string> limits = mpi_allgather_strings(local, limit.cgroup);
-    const int quota_sharing =
-        limit.cgroup.empty() ? 1 : static_cast<int>(std::count(limits.begin(), limits.end(), limit.cgroup));
-    return detail::default_threads(cpus, world_.local_rank, limit.cpus, quota_sharing);
+    // Note [CPU quota]: each limit along the rank's cgroups is shared by the host's ranks under that
+    // cgroup (a job's over all of them, a task's over one); the tightest share decides.
+    const std::vector<detail::CpuLimit> limits = detail::cgroup_cpu_limits();
+    std::string mine = ";";
+    for (const auto& limit : limits) mine += limit.cgroup + ";";
+    const std::vector<std::string> everyones = mpi_allgather_strings(local, mine);
+    int threads = detail::default_threads(cpus, world_.local_rank);
+    for (const auto& limit : limits) {
+      int sharing = 0;
+      for (const std::string& theirs : everyones) {
+        if (!limit.cgroup.empty() && theirs.find(";" + limit.cgroup + ";") != std::string::npos) ++sharing;
+      }
+      threads = std::min(threads, detail::default_threads(cpus, world_.local_rank, limit.cpus, std::max(1, sharing)));
+    }
+    return threads;
   }();
   MPI_Comm_free(&local);
   char host[MPI_MAX_PROCESSOR_NAME] = {0};

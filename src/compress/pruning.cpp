@@ -536,6 +536,19 @@ void MagnitudePruning::load_state(const std::string& text) {
           linear += (linear.empty() ? "'" : ", '") + name + "'";
         }
       }
+      // Unstructured and N:M checkpoints from before 1-D parameters were left dense.
+      std::string flat;
+      for (const auto& [name, reason] : skipped_) {
+        if (reason.find("2 or more dimensions") != std::string::npos &&
+            std::find(saved.begin(), saved.end(), name) != saved.end()) {
+          flat += (flat.empty() ? "'" : ", '") + name + "'";
+        }
+      }
+      LOCKSTEP_CHECK(flat.empty(), "MagnitudePruning: the checkpoint's pruned layers include ", flat,
+                     ", parameters of fewer than 2 dimensions (biases, norms), which pruning leaves dense now: "
+                     "this run cannot go on with their masks. Start a new run from its weights with "
+                     "trainer.init_from (their pruned zeros stay as values), or finish it with the version "
+                     "that wrote it");
       LOCKSTEP_CHECK(linear.empty(), "MagnitudePruning: the checkpoint's pruned layers include ", linear,
                      ", Linear layers that structured pruning takes by default no more (a classifier's rows are "
                      "its classes). To resume the run as it was written, select them with include, e.g. include: "

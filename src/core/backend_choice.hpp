@@ -44,19 +44,22 @@ int host_gpu_count(const std::vector<std::string>& bus_ids, int visible_devices)
 int default_threads(const std::vector<std::vector<int>>& cpus, int local_rank, double cpu_limit = 0.0,
                     int quota_sharing = 1);
 
-// Note [CPU quota]: the CPU bandwidth limit of this process's cgroup, in CPUs: cgroup v2's `cpu.max`
-// and v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us` (the cpu controller at /sys/fs/cgroup/cpu or
-// cpu,cpuacct), read from the process's cgroup (/proc/self/cgroup) up to the hierarchy's root, the
-// smallest limit found. A cgroup directory that is not there is passed over, so that a container
-// whose /proc/self/cgroup names its path on the host while its own cgroup is mounted at the root still
-// finds the limit. `cpus` is 0 when there is none ("max", -1) or nothing can be read; `cgroup` names the
-// directory that sets the limit by device and inode ("" without a limit), the same for every process
-// under it whatever cgroup namespace each sees it through. `root` is prefixed to every path (tests give
-// a directory made to look like /proc and /sys).
+// Note [CPU quota]: the CPU bandwidth limits over this process, in CPUs: cgroup v2's `cpu.max` and
+// v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us` (the cpu controller at /sys/fs/cgroup/cpu or
+// cpu,cpuacct), read from the process's cgroup (/proc/self/cgroup) up to the hierarchy's root: every
+// level that sets one (a job's cgroup over a task's), deepest first, each cgroup once. A cgroup
+// directory that is not there is passed over, so that a container whose /proc/self/cgroup names its
+// path on the host while its own cgroup is mounted at the root still finds the limit. `cgroup` names
+// the directory that sets the limit by device and inode, the same for every process under it whatever
+// cgroup namespace each sees it through: the Runtime counts the host's ranks under each level and
+// shares that level's limit among them. Empty where there is none ("max", -1) or nothing can be read.
+// `root` is prefixed to every path (tests give a directory made to look like /proc and /sys).
 struct CpuLimit {
   double cpus = 0.0;
   std::string cgroup;
 };
+std::vector<CpuLimit> cgroup_cpu_limits(const std::string& root = "");
+// The smallest of them ({0, ""} for none).
 CpuLimit cgroup_cpu_limit(const std::string& root = "");
 
 }  // namespace lockstep::detail

@@ -146,7 +146,10 @@ std::optional<Example> Loader::next() {
       struct DeviceBack {
         std::optional<c10::Device> previous;
         ~DeviceBack() {
-          if (previous) set_current_cuda_device(*previous);
+          try {
+            if (previous) set_current_cuda_device(*previous);
+          } catch (...) {  // a destructor must not throw (maybe unwinding assemble()'s error)
+          }
         }
       } back;
       if (pin_device_) {

@@ -86,10 +86,9 @@ at::Tensor read_bytes(detail::ByteReader& reader, std::vector<int64_t> shape, ui
   }
   at::Tensor out = torch::empty(shape, torch::kUInt8);
   uint8_t* destination = out.data_ptr<uint8_t>();
-  for (auto& piece : pieces) {
+  for (const auto& piece : pieces) {
     std::memcpy(destination, piece.data(), piece.size());
     destination += piece.size();
-    std::vector<uint8_t>().swap(piece);  // freed as copied: the peak is the tensor plus one piece, not twice the data
   }
   return out;
 }

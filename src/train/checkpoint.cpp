@@ -204,7 +204,14 @@ void write_file_atomically(const std::string& path, const std::function<void(con
     throw;
   }
   sync_file(directory.string());
-  for (const fs::path& d : made) sync_file((d.has_parent_path() ? d.parent_path() : fs::path(".")).string());
+  // Best effort: the file and its directory are on disk; a parent this process may not open (a 711
+  // scratch directory) must not make a complete file a failed write.
+  for (const fs::path& d : made) {
+    try {
+      sync_file((d.has_parent_path() ? d.parent_path() : fs::path(".")).string());
+    } catch (const Error&) {
+    }
+  }
 }
 
 void run_on_rank0(const TrainerContext& ctx, const std::function<void()>& work, const std::string& context) {
@@ -313,6 +320,8 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
   // are checked on every rank too, so that all ranks fail alike; and a callback's save_state() or
   // save_tensors() that throws on some ranks only is every rank's error at once (run_on_every_rank),
   // where the others would have gone on to wait for rank 0's file until the timeout, told of its disk.
+  // (Not for a failure inside a callback's own collectives, such as PowerSGD's gather_state: a rank
+  // that fails before its part of them leaves the others there; the callback must agree itself.)
   struct CallbackState {
     std::string key, text;
     std::vector<at::Tensor> tensors;
@@ -329,7 +338,12 @@ void Checkpointer::save(TrainerContext& ctx, const data::SamplerState& position)
                        "callback state_key '", key, "' must contain only letters, digits and '_'");
         LOCKSTEP_CHECK(keys.insert(key).second, "two callbacks have the state_key '", key,
                        "': each would overwrite the other's state in the checkpoint");
-        CallbackState saved{std::move(key), cb->save_state(), cb->save_tensors()};
+        CallbackState saved;
+        try {
+          saved = CallbackState{key, cb->save_state(), cb->save_tensors()};
+        } catch (const std::exception& e) {
+          LOCKSTEP_FAIL("the callback with state_key '", key, "' could not give its state: ", detail::exception_text(e));
+        }
         if (rank == 0) callback_states.push_back(std::move(saved));
       }
     }, "Checkpointer: could not take the callbacks' state for the checkpoint of step " + std::to_string(ctx.global_step));

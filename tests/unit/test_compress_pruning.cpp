@@ -332,6 +332,15 @@ TEST_CASE("pruning: the callback selects conv and linear weights, honours patter
     }
     CHECK(skipped == std::vector<std::string>{"layer1.0.bn1.weight", "layer1.0.bn1.bias", "layer1.0.bn2.weight",
                                               "layer1.0.bn2.bias"});
+    // A checkpoint from when they were pruned: refused, saying why and what to do.
+    nlohmann::json older = nlohmann::json::parse(block.save_state());
+    older["layers"] = std::vector<std::string>{"layer1.0.conv1.weight", "layer1.0.bn1.weight", "layer1.0.bn1.bias",
+                                               "layer1.0.conv2.weight", "layer1.0.bn2.weight", "layer1.0.bn2.bias"};
+    CHECK_THROWS_WITH(block.load_state(older.dump()),
+                      Catch::Contains("pruned layers include 'layer1.0.bn1.weight', 'layer1.0.bn1.bias', "
+                                      "'layer1.0.bn2.weight', 'layer1.0.bn2.bias', parameters of fewer than 2 "
+                                      "dimensions") &&
+                          Catch::Contains("trainer.init_from"));
   }
   {
     // A model of Linear layers alone: structured pruning with the default selection has nothing to

@@ -118,6 +118,12 @@ TEST_CASE("default threads under a cgroup CPU quota (Note [CPU quota])", "[devic
               std::to_string(static_cast<unsigned long long>(dir.st_ino)));
     write("sys/fs/cgroup/user.slice/job/cpu.max", "50000 100000\n");
     CHECK(cgroup_cpu_limit(root.path().string()).cpus == 0.5);
+    // Every level that sets a limit, deepest first: the Runtime shares each among the ranks under it.
+    const auto levels = lockstep::detail::cgroup_cpu_limits(root.path().string());
+    REQUIRE(levels.size() == 2);
+    CHECK(levels[0].cpus == 0.5);
+    CHECK(levels[1].cpus == 2.5);
+    CHECK(levels[0].cgroup != levels[1].cgroup);
     write("sys/fs/cgroup/user.slice/job/cpu.max", "garbage\n");
     CHECK(cgroup_cpu_limit(root.path().string()).cpus == 2.5);
   }

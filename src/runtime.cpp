@@ -340,9 +340,9 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
     // Note [CPU quota]: each limit along the rank's cgroups is shared by the host's ranks under that
     // cgroup (a job's over all of them, a task's over one); the tightest share decides.
     const std::vector<detail::CpuLimit> limits = detail::cgroup_cpu_limits();
-    std::string mine = ";";
-    for (const auto& limit : limits) mine += limit.cgroup + ";";
-    const std::vector<std::string> everyones = mpi_allgather_strings(local, mine);
+    std::string my_limits = ";";
+    for (const auto& limit : limits) my_limits += limit.cgroup + ";";
+    const std::vector<std::string> everyones = mpi_allgather_strings(local, my_limits);
     int threads = detail::default_threads(cpus, world_.local_rank);
     for (const auto& limit : limits) {
       int sharing = 0;

@@ -150,6 +150,19 @@ std::vector<CpuLimit> cgroup_cpu_limits(const std::string& root) {
   return unique;
 }
 
+int threads_under_quotas(const std::vector<std::vector<int>>& cpus, int local_rank, const std::vector<CpuLimit>& limits,
+                         const std::vector<std::vector<std::string>>& cgroups) {
+  int threads = default_threads(cpus, local_rank);
+  for (const CpuLimit& limit : limits) {
+    int sharing = 0;
+    for (const auto& theirs : cgroups) {
+      if (!limit.cgroup.empty() && std::find(theirs.begin(), theirs.end(), limit.cgroup) != theirs.end()) ++sharing;
+    }
+    threads = std::min(threads, default_threads(cpus, local_rank, limit.cpus, std::max(1, sharing)));
+  }
+  return threads;
+}
+
 CpuLimit cgroup_cpu_limit(const std::string& root) {
   CpuLimit smallest;
   for (const CpuLimit& limit : cgroup_cpu_limits(root)) {
@@ -340,18 +353,15 @@ Runtime::Runtime(int& argc, char**& argv, RuntimeOptions options) : options_(std
     // Note [CPU quota]: each limit along the rank's cgroups is shared by the host's ranks under that
     // cgroup (a job's over all of them, a task's over one); the tightest share decides.
     const std::vector<detail::CpuLimit> limits = detail::cgroup_cpu_limits();
-    std::string my_limits = ";";
-    for (const auto& limit : limits) my_limits += limit.cgroup + ";";
-    const std::vector<std::string> everyones = mpi_allgather_strings(local, my_limits);
-    int threads = detail::default_threads(cpus, world_.local_rank);
-    for (const auto& limit : limits) {
-      int sharing = 0;
-      for (const std::string& theirs : everyones) {
-        if (!limit.cgroup.empty() && theirs.find(";" + limit.cgroup + ";") != std::string::npos) ++sharing;
-      }
-      threads = std::min(threads, detail::default_threads(cpus, world_.local_rank, limit.cpus, std::max(1, sharing)));
+    std::string my_limits;
+    for (const auto& limit : limits) my_limits += limit.cgroup + "\n";
+    std::vector<std::vector<std::string>> cgroups;
+    for (const std::string& theirs : mpi_allgather_strings(local, my_limits)) {
+      std::istringstream lines(theirs);
+      cgroups.emplace_back();
+      for (std::string id; std::getline(lines, id);) cgroups.back().push_back(id);
     }
-    return threads;
+    return detail::threads_under_quotas(cpus, world_.local_rank, limits, cgroups);
   }();
   MPI_Comm_free(&local);
   char host[MPI_MAX_PROCESSOR_NAME] = {0};

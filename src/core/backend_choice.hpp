@@ -61,5 +61,11 @@ struct CpuLimit {
 std::vector<CpuLimit> cgroup_cpu_limits(const std::string& root = "");
 // The smallest of them ({0, ""} for none).
 CpuLimit cgroup_cpu_limit(const std::string& root = "");
+// The Runtime's default: default_threads() capped by each of this rank's `limits` (cgroup_cpu_limits()),
+// shared among the host's ranks under that level's cgroup: those whose `cgroups` (each local rank's
+// limits' identities, by local rank) hold it. A job's cgroup of 4 CPUs over 4 ranks, each in a task
+// cgroup of 2, gives 1 each; two ranks bound to a socket each inside one container share its quota.
+int threads_under_quotas(const std::vector<std::vector<int>>& cpus, int local_rank, const std::vector<CpuLimit>& limits,
+                         const std::vector<std::vector<std::string>>& cgroups);
 
 }  // namespace lockstep::detail

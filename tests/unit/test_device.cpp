@@ -96,6 +96,23 @@ TEST_CASE("default threads under a cgroup CPU quota (Note [CPU quota])", "[devic
   CHECK(default_threads({eight, eight, eight}, 2, 2.0, 3) == 1);      // more ranks than the quota: still 1
   CHECK(default_threads({eight}, 0, 0.0) == 8);                       // no quota
 
+  // The Runtime's rule over every level: each shared by the ranks under its cgroup.
+  using lockstep::detail::CpuLimit;
+  using lockstep::detail::threads_under_quotas;
+  const std::vector<std::vector<int>> four_unbound(4, eight);
+  const CpuLimit job{4.0, "job"};
+  const std::vector<std::vector<std::string>> tasks = {{"t0", "job"}, {"t1", "job"}, {"t2", "job"}, {"t3", "job"}};
+  // A job's cgroup of 4 CPUs over 4 ranks, each in a task cgroup of 2: 1 each, not 2.
+  CHECK(threads_under_quotas(four_unbound, 1, {{2.0, "t1"}, job}, tasks) == 1);
+  // Ranks bound to a socket each inside one container share its quota: 2 each, not 4.
+  const std::vector<std::vector<int>> sockets = {{0, 1, 2, 3}, {4, 5, 6, 7}};
+  CHECK(threads_under_quotas(sockets, 0, {{4.0, "box"}}, {{"box"}, {"box"}}) == 2);
+  // Each in a container of its own with 4 CPUs: 4 each.
+  CHECK(threads_under_quotas(sockets, 0, {{4.0, "a"}}, {{"a"}, {"b"}}) == 4);
+  // No quota: the affinity rule alone.
+  CHECK(threads_under_quotas(sockets, 1, {}, {{}, {}}) == 4);
+  CHECK(threads_under_quotas(four_unbound, 0, {}, {{}, {}, {}, {}}) == 2);
+
   using lockstep::detail::cgroup_cpu_limit;
   lockstep::testing::TempDir root("lockstep_cgroup");
   auto write = [&root](const std::string& path, const std::string& text) {

@@ -181,6 +181,9 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
 constexpr const char* kLinearSkipped =
     "structured pruning would remove a Linear's output rows (a classifier's classes); it takes Linear layers "
     "only where include names them";
+// skipped()'s reason for a parameter of fewer than 2 dimensions under unstructured or N:M pruning.
+constexpr const char* kFlatSkipped =
+    "pruning takes weights of 2 or more dimensions (biases and normalisation parameters stay dense)";
 
 // The schedule, resolved into steps: a resumed run must follow the one its masks were made by.
 // A one-shot schedule has no end step, frequency or initial sparsity: they are left out, so that their
@@ -289,8 +292,7 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
       // and under a global scope the small biases would go first. Left dense, as quantization leaves them.
       skipped_.emplace_back(name, options_.granularity == PruneGranularity::Structured
                                       ? "structured pruning takes weights with output channels (2 or more dimensions)"
-                                      : "pruning takes weights of 2 or more dimensions (biases and normalisation "
-                                        "parameters stay dense)");
+                                      : kFlatSkipped);
       continue;
     }
     if (options_.granularity == PruneGranularity::NM && !nm_applies(weight, options_.m)) {
@@ -539,8 +541,7 @@ void MagnitudePruning::load_state(const std::string& text) {
       // Unstructured and N:M checkpoints from before 1-D parameters were left dense.
       std::string flat;
       for (const auto& [name, reason] : skipped_) {
-        if (reason.find("2 or more dimensions") != std::string::npos &&
-            std::find(saved.begin(), saved.end(), name) != saved.end()) {
+        if (reason == kFlatSkipped && std::find(saved.begin(), saved.end(), name) != saved.end()) {
           flat += (flat.empty() ? "'" : ", '") + name + "'";
         }
       }

@@ -1,4 +1,5 @@
 #include "lockstep/ddp/bucket_assignment.hpp"
+#include "ddp/parameter_order.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -65,6 +66,17 @@ std::int64_t cap_bytes_from_mb(double mb, const char* option) {
   LOCKSTEP_CHECK(std::isfinite(mb) && mb >= 0 && mb < 8.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0, "DataParallelOptions::",
                  option, " must be a non-negative number of MiB below 2^43 (8 EiB), found ", mb);
   return static_cast<std::int64_t>(std::llround(mb * 1024.0 * 1024.0));
+}
+
+// Note [Bucket order across a resume] (reducer.cpp)
+bool is_parameter_order(const std::vector<std::int64_t>& order, std::size_t n) {
+  if (order.size() != n) return false;
+  std::vector<char> seen(n, 0);
+  for (const std::int64_t i : order) {
+    if (i < 0 || static_cast<std::size_t>(i) >= n || seen[static_cast<std::size_t>(i)]) return false;
+    seen[static_cast<std::size_t>(i)] = 1;
+  }
+  return true;
 }
 
 }  // namespace lockstep::ddp

@@ -15,6 +15,7 @@
 
 #include "core/autograd_compat.hpp"
 #include "core/exception_text.hpp"
+#include "ddp/parameter_order.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/model_sync.hpp"
 
@@ -1037,13 +1038,7 @@ void Reducer::set_rebuilt_order(const std::vector<std::int64_t>& order) {
   settle_abandoned_backward();
   LOCKSTEP_CHECK(!in_backward_, "Reducer::set_rebuilt_order: called during a backward pass");
   const std::size_t n = params_.size();
-  std::vector<char> seen(n, 0);
-  bool permutation = order.size() == n;
-  for (std::size_t k = 0; permutation && k < n; ++k) {
-    permutation = order[k] >= 0 && static_cast<std::size_t>(order[k]) < n && !seen[static_cast<std::size_t>(order[k])];
-    if (permutation) seen[static_cast<std::size_t>(order[k])] = 1;
-  }
-  LOCKSTEP_CHECK(permutation, "Reducer::set_rebuilt_order: expected an order of the ", n,
+  LOCKSTEP_CHECK(is_parameter_order(order, n), "Reducer::set_rebuilt_order: expected an order of the ", n,
                  " parameters (each index in [0, ", n, ") once), got ", order.size(), " entries that are not one");
   if (!options_.rebuild_buckets) return;
   adopt_order(std::vector<std::size_t>(order.begin(), order.end()));

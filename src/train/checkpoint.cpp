@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/exception_text.hpp"
+#include "ddp/parameter_order.hpp"
 #include "lockstep/comm/agree.hpp"
 #include "lockstep/core/error.hpp"
 #include "lockstep/data/loader.hpp"
@@ -615,18 +616,14 @@ Taken read_and_take_optimizer(TrainerContext& ctx, const std::string& path, std:
     at::Tensor bucket_order;
     if (ctx.data_parallel != nullptr && archive.try_read("ddp_bucket_order", bucket_order)) {
       // Note [Bucket order across a resume]: checked here, so that a refusal changes nothing.
-      bucket_order = bucket_order.to(at::kCPU, at::kLong).contiguous();
-      const auto n = static_cast<int64_t>(ctx.data_parallel->reducer().parameter_count());
-      std::vector<char> seen(static_cast<size_t>(n), 0);
-      bool permutation = bucket_order.dim() == 1 && bucket_order.numel() == n;
-      for (int64_t k = 0; permutation && k < n; ++k) {
-        const int64_t i = bucket_order.data_ptr<int64_t>()[k];
-        permutation = i >= 0 && i < n && !seen[static_cast<size_t>(i)];
-        if (permutation) seen[static_cast<size_t>(i)] = 1;
-      }
-      LOCKSTEP_CHECK(permutation, "checkpoint ", path, " holds a bucket order of ", bucket_order.numel(),
-                     " entries that is not an order of this model's ", n, " parameters under DataParallel");
-      taken.bucket_order.emplace(bucket_order.data_ptr<int64_t>(), bucket_order.data_ptr<int64_t>() + n);
+      bucket_order = bucket_order.to(at::kCPU, at::kLong).contiguous().reshape({-1});
+      std::vector<std::int64_t> order(bucket_order.data_ptr<int64_t>(),
+                                      bucket_order.data_ptr<int64_t>() + bucket_order.numel());
+      const std::size_t n = ctx.data_parallel->reducer().parameter_count();
+      LOCKSTEP_CHECK(ddp::is_parameter_order(order, n), "checkpoint ", path, " holds a bucket order of ",
+                     order.size(), " entries that is not an order of this model's ", n,
+                     " parameters under DataParallel");
+      taken.bucket_order = std::move(order);
     }
     torch::serialize::InputArchive metrics;
     if (position.position == 0 && archive.try_read("last_epoch_metrics", metrics)) {

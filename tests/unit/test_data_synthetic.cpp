@@ -98,6 +98,17 @@ std::shared_ptr<ImageDataset> ramp_dataset(int64_t count, int64_t channels, int6
   return std::make_shared<ImageDataset>(data);
 }
 
+// A data set over another, of its size and shape: the tests' wrappers change a batch or its description.
+class Over : public Dataset {
+ public:
+  explicit Over(DatasetPtr base) : base_(std::move(base)) {}
+  size_t size() const override { return base_->size(); }
+  DatasetInfo info() const override { return base_->info(); }
+
+ protected:
+  DatasetPtr base_;
+};
+
 // Which (dy, dx, flip) reproduces `out` from `in` (torchvision's order: pad with fill, crop, then flip)?
 // Counts all matches; exactly one is expected for distinct pixels.
 int count_explanations(const torch::Tensor& in, const torch::Tensor& out, int64_t pad, float fill, bool* flipped) {
@@ -236,12 +247,10 @@ TEST_CASE("Augment: no-op options are the identity, flip-only flips, bad options
 
 TEST_CASE("Augment refuses a target laid out over the image's pixels, and labels and vectors pass", "[data]") {
   // The data would move and the target would not: a denoiser's clean image, a segmentation mask.
-  class WithTarget : public Dataset {
+  class WithTarget : public Over {
    public:
     WithTarget(DatasetPtr base, std::function<torch::Tensor(const Example&)> target)
-        : base_(std::move(base)), target_(std::move(target)) {}
-    size_t size() const override { return base_->size(); }
-    DatasetInfo info() const override { return base_->info(); }
+        : Over(std::move(base)), target_(std::move(target)) {}
     std::string description() const override { return "pairs over " + base_->description(); }
     Example get_batch(const std::vector<int64_t>& indices) const override {
       Example example = base_->get_batch(indices);
@@ -250,7 +259,6 @@ TEST_CASE("Augment refuses a target laid out over the image's pixels, and labels
     }
 
    private:
-    DatasetPtr base_;
     std::function<torch::Tensor(const Example&)> target_;
   };
   auto base = ramp_dataset(8, 2, 6);
@@ -286,20 +294,15 @@ TEST_CASE("Augment refuses a target laid out over the image's pixels, and labels
 
 TEST_CASE("Augment refuses data that is not on the CPU, naming where it is", "[data]") {
   // It crops and flips through host pointers: device memory read there is a crash, or garbage.
-  class OnDevice : public Dataset {
+  class OnDevice : public Over {
    public:
-    explicit OnDevice(DatasetPtr base) : base_(std::move(base)) {}
-    size_t size() const override { return base_->size(); }
-    DatasetInfo info() const override { return base_->info(); }
+    using Over::Over;
     std::string description() const override { return "device images"; }
     Example get_batch(const std::vector<int64_t>& indices) const override {
       Example example = base_->get_batch(indices);
       example.data = torch::empty(example.data.sizes(), torch::device(torch::kMeta).dtype(torch::kFloat));
       return example;
     }
-
-   private:
-    DatasetPtr base_;
   };
   AugmentOptions crop;
   crop.pad = 1;
@@ -369,20 +372,15 @@ TEST_CASE("ImageDataset refuses malformed images, labels and normalisation, nami
 }
 
 TEST_CASE("Augment refuses a base data set that returns another number of rows than it was asked for", "[data]") {
-  class OneRowTooMany : public Dataset {
+  class OneRowTooMany : public Over {
    public:
-    explicit OneRowTooMany(DatasetPtr base) : base_(std::move(base)) {}
-    size_t size() const override { return base_->size(); }
-    DatasetInfo info() const override { return base_->info(); }
+    using Over::Over;
     std::string description() const override { return "a broken set"; }
     Example get_batch(const std::vector<int64_t>& indices) const override {
       std::vector<int64_t> more = indices;
       more.push_back(indices.front());
       return base_->get_batch(more);
     }
-
-   private:
-    DatasetPtr base_;
   };
   AugmentOptions crop;
   crop.pad = 1;

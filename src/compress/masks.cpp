@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "lockstep/core/error.hpp"
@@ -87,8 +88,25 @@ std::vector<at::Tensor> global_unstructured_masks(const std::vector<at::Tensor>&
     flat.push_back(w.detach().to(at::kCPU, at::kFloat).abs().reshape({-1}));
   }
   at::Tensor all = at::cat(flat);
-  const int64_t k = prune_count(all.numel(), sparsity);
-  at::Tensor keep = k == 0 ? at::ones({all.numel()}, at::kBool) : mask_from_order(ascending_order(all), k, all.numel());
+  const int64_t total = all.numel();
+  int64_t k = prune_count(total, sparsity);  // checks the sparsity
+  if (sparsity < 1.0) {
+    // Every layer keeps its largest weight, as unstructured_mask and global_channel_masks keep one:
+    // a layer of small weights (a classifier initialised at a smaller scale) would otherwise be
+    // emptied at a high target, disconnecting everything behind it. Ranked last, those weights are
+    // never among the k pruned; only a layer that would have lost every weight changes.
+    int64_t offset = 0, kept = 0;
+    for (const auto& f : flat) {
+      if (f.numel() > 0) {
+        const int64_t largest = ascending_order(f)[f.numel() - 1].item<int64_t>();  // the last of its ties
+        all[offset + largest] = std::numeric_limits<float>::infinity();
+        ++kept;
+      }
+      offset += f.numel();
+    }
+    k = std::min(k, total - kept);
+  }
+  at::Tensor keep = k == 0 ? at::ones({total}, at::kBool) : mask_from_order(ascending_order(all), k, total);
   std::vector<at::Tensor> masks;
   int64_t offset = 0;
   for (const auto& w : weights) {

@@ -181,6 +181,10 @@ PruningOptions resolved_schedule(const PruningOptions& configured, const train::
 constexpr const char* kLinearSkipped =
     "structured pruning would remove a Linear's output rows (a classifier's classes); it takes Linear layers "
     "only where include names them";
+// skipped()'s reason for a ConvTranspose weight under structured pruning.
+constexpr const char* kTransposedSkipped =
+    "a ConvTranspose weight is stored (in, out / groups, ...): structured pruning removes dimension 0, which would "
+    "be its input channels, not its output channels";
 // skipped()'s reason for a parameter of fewer than 2 dimensions under unstructured or N:M pruning.
 constexpr const char* kFlatSkipped =
     "pruning takes weights of 2 or more dimensions (biases and normalisation parameters stay dense)";
@@ -265,11 +269,20 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
   // classifier those are the classes: pruning them leaves classes that only the bias can predict. The
   // default selection (an empty include) therefore gives structured pruning convolutions only; a Linear
   // is pruned by rows where include names it.
-  std::set<std::string> linear_weights;
-  if (options_.granularity == PruneGranularity::Structured && options_.include.empty()) {
+  // A ConvTranspose (taken only where include names it) keeps its output channels in dimension 1, and
+  // with groups they are split across dimension 0's groups: structured pruning skips it, saying so.
+  std::set<std::string> linear_weights, transposed_weights;
+  if (options_.granularity == PruneGranularity::Structured) {
     for (const auto& item : model.named_modules("", /*include_self=*/true)) {
-      if (dynamic_cast<torch::nn::LinearImpl*>(item.value().get()) != nullptr) {
-        linear_weights.insert(item.key().empty() ? "weight" : item.key() + ".weight");
+      torch::nn::Module* m = item.value().get();
+      const std::string weight_name = item.key().empty() ? "weight" : item.key() + ".weight";
+      if (options_.include.empty() && dynamic_cast<torch::nn::LinearImpl*>(m) != nullptr) {
+        linear_weights.insert(weight_name);
+      }
+      if (dynamic_cast<torch::nn::ConvTranspose1dImpl*>(m) != nullptr ||
+          dynamic_cast<torch::nn::ConvTranspose2dImpl*>(m) != nullptr ||
+          dynamic_cast<torch::nn::ConvTranspose3dImpl*>(m) != nullptr) {
+        transposed_weights.insert(weight_name);
       }
     }
   }
@@ -284,6 +297,10 @@ void MagnitudePruning::on_setup(train::TrainerContext& ctx) {
     }
     if (linear_weights.count(name) > 0) {
       skipped_.emplace_back(name, kLinearSkipped);
+      continue;
+    }
+    if (transposed_weights.count(name) > 0) {
+      skipped_.emplace_back(name, kTransposedSkipped);
       continue;
     }
     if (weight.dim() < 2) {

@@ -140,6 +140,24 @@ void QuantizationAwareTraining::on_setup(train::TrainerContext& ctx) {
     }
   }
   restore_weights();  // a fit() that threw mid-step left the int8 values in place
+  // Note [A second fit after quantization]
+  // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+  // A fit leaves the model at its int8 values (on_train_end), and keeps the float weights they came
+  // from. A second fit() with this callback (more epochs, a fine-tuning) trains on from those float
+  // weights, as the first would have gone on: from the rounded ones, every weight would start up to
+  // half a quantization step away, and the master copies would differ from an uninterrupted run's. A
+  // layer whose weight no longer holds exactly what the fit left (the program loaded other weights, or
+  // changed them) keeps what it holds.
+  if (left_at_int8_) {
+    torch::NoGradGuard no_grad;
+    for (auto& layer : layers_) {
+      if (layer->weight.sizes() == layer->master.sizes() &&
+          at::equal(layer->weight, fake_quantize_weight(layer->master, options_.per_channel))) {
+        layer->weight.copy_(layer->master);
+      }
+    }
+    left_at_int8_ = false;
+  }
   layers_.clear();
   for (const auto& [name, weight] :
        select_weights(*ctx.model, options_.include, options_.exclude, "QuantizationAwareTraining")) {
@@ -443,7 +461,12 @@ void QuantizationAwareTraining::on_train_end(train::TrainerContext& ctx) {
   // weights, so bitwise what export_int8 wrote and the last evaluation used).
   if (active_) {
     torch::NoGradGuard no_grad;
-    for (auto& layer : layers_) layer->weight.copy_(fake_quantize_weight(layer->weight, options_.per_channel));
+    for (auto& layer : layers_) {
+      if (!layer->master.defined()) layer->master = torch::empty_like(layer->weight);
+      layer->master.copy_(layer->weight);  // Note [A second fit after quantization]
+      layer->weight.copy_(fake_quantize_weight(layer->master, options_.per_channel));
+    }
+    left_at_int8_ = true;
     for (auto& point : points_) point.second->set_observing(false);
   }
 }

@@ -38,6 +38,18 @@ std::string supported_names() {
   return out.empty() ? "none" : out;
 }
 
+}  // namespace
+
+std::vector<std::string> int8_engines() {
+  std::vector<std::string> out;
+  for (const auto& e : kEngines) {
+    if (supported(e.engine)) out.emplace_back(e.name);
+  }
+  return out;
+}
+
+namespace {
+
 // "auto" takes the first of kEngines this LibTorch has: x86 and oneDNN are the fast ones on x86 CPUs.
 EngineName pick_engine(const std::string& name) {
   for (const auto& e : kEngines) {

@@ -146,6 +146,21 @@ TEST_CASE("pruning: global unstructured masks share one threshold and hit the to
   CHECK(max_pruned <= min_kept);
   // The layer scaled down loses the most.
   CHECK(sparsity_of(masks[2]) > sparsity_of(masks[0]));
+
+  // A layer whose weights are all below the threshold keeps its largest (the last of its ties), and
+  // the total stays exact: the next smallest weight elsewhere goes in its place.
+  const at::Tensor tiny = torch::tensor({1e-3f, -4e-3f, 2e-3f, 4e-3f});
+  const std::vector<at::Tensor> with_tiny = {ws[0], tiny};
+  const int64_t with_total = ws[0].numel() + tiny.numel();
+  const auto guarded = global_unstructured_masks(with_tiny, 0.5);
+  CHECK(torch::equal(guarded[1], torch::tensor({false, false, false, true})));
+  CHECK(pruned(guarded[0]) + pruned(guarded[1]) == std::llround(0.5 * with_total));
+  // Where the target leaves fewer weights than layers, each layer keeps exactly one; 1 prunes all.
+  const auto nearly_all = global_unstructured_masks(with_tiny, 0.999);
+  CHECK(pruned(nearly_all[0]) == ws[0].numel() - 1);
+  CHECK(pruned(nearly_all[1]) == tiny.numel() - 1);
+  const auto all_pruned = global_unstructured_masks(with_tiny, 1.0);
+  CHECK(pruned(all_pruned[0]) + pruned(all_pruned[1]) == with_total);
 }
 
 TEST_CASE("pruning: structured masks zero whole output channels with the smallest L2 norms", "[compress]") {
@@ -312,6 +327,32 @@ TEST_CASE("pruning: the callback selects conv and linear weights, honours patter
     REQUIRE(named.skipped().size() == 1);
     CHECK(named.skipped()[0].first == "fc.bias");
     CHECK_THAT(named.skipped()[0].second, Catch::Contains("takes weights with output channels"));
+  }
+  {
+    // A ConvTranspose keeps its output channels in dimension 1: structured pruning would remove its
+    // input channels under the name of output channels, so it is skipped, saying why.
+    torch::nn::Sequential net(torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 3)),
+                              torch::nn::ConvTranspose2d(torch::nn::ConvTranspose2dOptions(8, 4, 3)));
+    ctx.model = net.ptr().get();
+    PruningOptions o;
+    o.granularity = PruneGranularity::Structured;
+    o.include = {"weight$"};
+    MagnitudePruning transposed(o);
+    transposed.on_setup(ctx);
+    CHECK(transposed.layers() == std::vector<std::string>{"0.weight"});
+    REQUIRE(transposed.skipped().size() == 1);
+    CHECK(transposed.skipped()[0].first == "1.weight");
+    CHECK_THAT(transposed.skipped()[0].second, Catch::Contains("would be its input channels"));
+    net->unregister_module("pruning_masks");
+    o.include = {"^1\\.weight$"};
+    MagnitudePruning only_transposed(o);
+    CHECK_THROWS_WITH(only_transposed.on_setup(ctx), Catch::Contains("none of the 1 selected parameters") &&
+                                                         Catch::Contains("1.weight: a ConvTranspose weight"));
+    // Unstructured pruning takes it (any layout is one set of weights).
+    o.granularity = PruneGranularity::Unstructured;
+    MagnitudePruning unstructured(o);
+    unstructured.on_setup(ctx);
+    CHECK(unstructured.layers() == std::vector<std::string>{"1.weight"});
   }
   for (const auto granularity : {PruneGranularity::Unstructured, PruneGranularity::NM}) {
     // Unstructured and N:M too: a pattern over a block selects its batch norms' scales and shifts, which

@@ -509,6 +509,49 @@ TEST_CASE("quantization: no int8 file is written when training ends before quant
   CHECK(std::filesystem::exists(o.export_path));
 }
 
+TEST_CASE("quantization: a second fit() trains on from the float weights, not the int8 values it left",
+          "[compress]") {
+  // Note [A second fit after quantization]
+  lockstep::testing::SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
+  lockstep::train::TrainerContext ctx;
+  ctx.model = model.ptr().get();
+  ctx.steps_per_epoch = 4;
+  ctx.global_step = 5;
+  QuantizationOptions o;
+  o.print_table = false;
+  std::vector<at::Tensor> weights, floats;
+  for (const auto& p : model->parameters()) {
+    if (p.dim() < 2) continue;
+    weights.push_back(p);
+    floats.push_back(p.detach().clone());
+  }
+  REQUIRE(weights.size() >= 2);
+  QuantizationAwareTraining qat(o);
+  auto end_a_fit = [&] {
+    qat.on_setup(ctx);
+    qat.on_train_begin(ctx);
+    qat.on_train_end(ctx);
+  };
+  end_a_fit();
+  // The first fit leaves the int8 values, as export_int8 would write them.
+  for (size_t i = 0; i < weights.size(); ++i) {
+    CHECK(torch::equal(weights[i], fake_quantize_weight(floats[i], o.per_channel)));
+    CHECK_FALSE(torch::equal(weights[i], floats[i]));
+  }
+  // The second fit starts from the float weights (before, from the int8 values).
+  qat.on_setup(ctx);
+  for (size_t i = 0; i < weights.size(); ++i) CHECK(torch::equal(weights[i], floats[i]));
+  qat.on_train_begin(ctx);
+  qat.on_train_end(ctx);
+  // Weights the program changed in between (here the first layer's) are kept as they are.
+  torch::NoGradGuard no_grad;
+  const at::Tensor loaded = torch::full_like(weights[0], 0.25);
+  weights[0].copy_(loaded);
+  qat.on_setup(ctx);
+  CHECK(torch::equal(weights[0], loaded));
+  for (size_t i = 1; i < weights.size(); ++i) CHECK(torch::equal(weights[i], floats[i]));
+}
+
 TEST_CASE("quantization: a checkpoint's settings must be this run's (Note [Quantization in checkpoints])",
           "[compress]") {
   lockstep::testing::SmallConvNet model(/*batch_norm=*/false, /*quantize_activations=*/true);
@@ -619,7 +662,11 @@ TEST_CASE("quantization: Int8ResNet18 on the quantized kernels computes what the
   model->eval();
   const at::Tensor x = torch::rand({16, 1, 12, 12});
   const at::Tensor reference = model->forward(x).detach();
-  for (const std::string engine : {"auto", "qnnpack"}) {
+  // Every engine this LibTorch has ("auto" picks the first): an engine whose u8 x s8 products saturate
+  // (FBGEMM without VNNI) would differ here.
+  const std::vector<std::string> engines = lockstep::models::int8_engines();
+  REQUIRE_FALSE(engines.empty());
+  for (const std::string& engine : engines) {
     lockstep::models::Int8Options int8_options;
     int8_options.engine = engine;
     lockstep::models::Int8ResNet18 int8(path, o, int8_options);

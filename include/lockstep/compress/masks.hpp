@@ -34,7 +34,9 @@ int64_t prune_count(int64_t count, double sparsity);
 // Unstructured, per layer: exactly prune_count(numel, sparsity) smallest |w| pruned, but at least one
 // weight kept where sparsity < 1 (a small layer: 5 weights at 0.9 prune 4, not all 5).
 at::Tensor unstructured_mask(const at::Tensor& weight, double sparsity);
-// Unstructured, global: exactly prune_count(total, sparsity) smallest |w| over all weights pruned.
+// Unstructured, global: exactly prune_count(total, sparsity) smallest |w| over all weights pruned, but
+// where sparsity < 1 every layer keeps its largest weight (a layer that would be emptied keeps one, and
+// the next smallest weight elsewhere goes in its place).
 std::vector<at::Tensor> global_unstructured_masks(const std::vector<at::Tensor>& weights, double sparsity);
 
 // Structured, per layer: prune_count(out_channels, sparsity) output channels with the smallest L2

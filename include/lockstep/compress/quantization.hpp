@@ -24,7 +24,8 @@
 // the previous step. From freeze_step on the ranges stay fixed.
 //
 // Every rank holds the same int8 model, and at on_train_end the model is left holding its int8 weight
-// values (what export_int8 writes and the last evaluation measured).
+// values (what export_int8 writes and the last evaluation measured). A second fit() with the same
+// callback trains on from the float weights those values came from, where the model still holds them.
 
 #include <ATen/core/Tensor.h>
 
@@ -137,6 +138,7 @@ class QuantizationAwareTraining final : public train::Callback {
   bool active_ = false;
   bool frozen_ = false;
   bool weights_quantized_ = false;
+  bool left_at_int8_ = false;  // Note [A second fit after quantization]
 };
 
 // The int8 model file (Note [Int8 export]): a pickled dictionary (torch::pickle_save) with

@@ -34,6 +34,9 @@ struct Int8Options {
   std::string engine = "auto";
 };
 
+// The engines this LibTorch has, of x86, onednn, fbgemm and qnnpack, in "auto"'s order of preference.
+std::vector<std::string> int8_engines();
+
 class Int8ResNet18 {
  public:
   // `options` must describe the exported model (stem, width, channels, classes); quantize_activations

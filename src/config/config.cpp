@@ -8,6 +8,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -75,7 +76,14 @@ class Reader {
       if (dot == std::string::npos) break;
       prefix.resize(dot);
     }
-    if (mark.is_null()) return source_;
+    if (mark.is_null()) {
+      // A mapping that a --set created on its way to a leaf (`--set optimiser.lr=0.05` makes
+      // `optimiser`) has no place in the file: that --set is where it came from.
+      const std::string below = path + ".";
+      auto it = origins_.lower_bound(below);
+      if (it != origins_.end() && it->first.compare(0, below.size(), below) == 0) return "--set " + it->second;
+      return source_;
+    }
     return source_ + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
   }
 
@@ -178,8 +186,17 @@ class Section {
   void boolean(const std::string& key, bool& out) {
     YAML::Node node = scalar(key, "true or false");
     if (!node) return;
-    if (!YAML::convert<bool>::decode(node, out)) {
-      reader_.fail(full(key), node, "expected true or false, found " + describe(node));
+    // YAML 1.2's booleans only, unquoted: yaml-cpp would also take y, n, yes, no, on and off, quoted or
+    // not, so `hflip: n` turned flipping off where a YAML 1.2 reader sees the string "n".
+    const std::string& text = node.Scalar();
+    const bool plain = node.Tag() != "!";
+    if (plain && (text == "true" || text == "True" || text == "TRUE")) {
+      out = true;
+    } else if (plain && (text == "false" || text == "False" || text == "FALSE")) {
+      out = false;
+    } else {
+      reader_.fail(full(key), node, "expected true or false, found " +
+                                        (plain ? describe(node) : "the quoted string " + describe(node) + " (unquote it)"));
     }
   }
   void string(const std::string& key, std::string& out) {
@@ -223,6 +240,13 @@ class Section {
     if (!node_.IsDefined() || !node_.IsMap()) return;
     for (auto it = node_.begin(); it != node_.end(); ++it) {
       const std::string key = it->first.Scalar();
+      if (known_.count(key) == 0 && key.find('.') != std::string::npos) {
+        // `trainer: {lr_schedule.kind: step}` would read "unknown config key 'trainer.lr_schedule.kind'",
+        // a path that exists: the dot is inside one key's name, which only --set reads as a path.
+        LOCKSTEP_FAIL("unknown config key '", key, "'", path_.empty() ? "" : " under '" + path_ + "'", " at ",
+                      reader_.where(full(key), it->first.Mark()), ": a key's name holds a dot; in a file, nest the "
+                      "keys as mappings (only --set takes a dotted path)");
+      }
       if (known_.count(key) == 0) {
         LOCKSTEP_FAIL("unknown config key '", full(key), "' at ", reader_.where(full(key), it->first.Mark()),
                       " (known keys", path_.empty() ? "" : " under '" + path_ + "'", ": ", join(known_), ")");
@@ -290,15 +314,19 @@ void read_runtime(Section s, RuntimeOptions& o) {
   o.threads = static_cast<int>(threads);
   s.choice("device", o.device, {"auto", "cpu", "cuda"});
   s.choice("backend", o.backend, {"auto", "mpi", "nccl"});
+  // Refused here, at its line, rather than by the Runtime after MPI started.
+  if (o.device == "cpu" && o.backend == "nccl") {
+    s.fail_key("backend", "is nccl, which all-reduces CUDA tensors, but runtime.device is cpu; set backend to mpi or "
+                          "auto, or device to cuda or auto");
+  }
   double timeout_s = static_cast<double>(o.timeout.count()) / 1e3;
   s.real("timeout_s", timeout_s, 0.0);
   // 0 means the default (comm::default_timeout()), so a positive timeout that would round to 0 ms is an
   // error rather than the default. Past comm::kMaxTimeout (about 100 years) it is kMaxTimeout, compared
   // as a double first: converting a value past int64's range is undefined.
   if (timeout_s > 0 && timeout_s < 1e-3) {
-    std::ostringstream found;
-    found << timeout_s;
-    s.fail_key("timeout_s", "expected 0 (the default timeout) or at least 0.001 (1 ms), found " + found.str());
+    s.fail_key("timeout_s", "expected 0 (the default timeout) or at least 0.001 (1 ms), found " +
+                                detail::shortest_number(timeout_s));
   }
   const double timeout_ms = std::round(timeout_s * 1e3);
   o.timeout = timeout_ms >= static_cast<double>(comm::kMaxTimeout.count())
@@ -366,11 +394,15 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
     }
   }
   s.strings("metrics", o.metrics);
-  for (const auto& name : o.metrics) {
+  for (size_t i = 0; i < o.metrics.size(); ++i) {
     try {
-      train::check_metric_name(name);
+      train::check_metric_name(o.metrics[i]);
     } catch (const Error& e) {
       s.fail_key("metrics", e.message());
+    }
+    if (std::find(o.metrics.begin(), o.metrics.begin() + static_cast<std::ptrdiff_t>(i), o.metrics[i]) !=
+        o.metrics.begin() + static_cast<std::ptrdiff_t>(i)) {
+      s.fail_key("metrics", "'" + o.metrics[i] + "' is given twice");
     }
   }
   {
@@ -513,6 +545,11 @@ void read_data(Section s, DataConfig& o) {
     };
     bound("train_subset", o.train_subset);
     bound("test_subset", o.test_subset);
+  }
+  // Fashion-MNIST has a default directory (the Debian package's); the others have none.
+  if ((o.dataset == "mnist" || o.dataset == "cifar10") && o.dir.empty()) {
+    s.fail_key("dir", "is empty, but data.dataset " + o.dataset + " has no default directory: name the directory "
+                      "that holds its files");
   }
   Section a = s.section("augment");
   a.integer("pad", o.augment.pad, 0, 64);
@@ -711,6 +748,13 @@ int occurrences(const YAML::Node& tree, const YAML::Node& node) {
   return n;
 }
 
+// "trainer.lr_schedule.kind" for {"trainer", "lr_schedule", "kind"}.
+std::string dotted(const std::vector<std::string>& keys) {
+  std::string path;
+  for (const auto& key : keys) path += (path.empty() ? "" : ".") + key;
+  return path;
+}
+
 // Writes `value` (YAML text) at the dotted `path` under `root` (in `document`), creating mappings on
 // the way. Note [--set and YAML aliases]: assigning to an existing node writes through to the node
 // it shares with every alias of its anchor (yaml-cpp's set_ref), so `--set trainer.lr_schedule.base_lr=0.05`
@@ -718,7 +762,7 @@ int occurrences(const YAML::Node& tree, const YAML::Node& node) {
 // and a mapping on the way that is aliased elsewhere is replaced by a copy of its own (a copy loses
 // the line numbers error messages quote, so only then).
 void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std::string>& keys, size_t i,
-              const YAML::Node& value) {
+              const YAML::Node& value, const std::string& item, const std::string& source) {
   const std::string& key = keys[i];
   int copies = 0;
   for (const auto& item : root) copies += item.first.IsScalar() && item.first.Scalar() == key ? 1 : 0;
@@ -733,21 +777,27 @@ void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std
   // (Assigning one YAML::Node to another that refers to a node writes through as well: fresh
   // variables only.)
   const YAML::Node existing = root[key];
+  // A scalar or a list on the way is not replaced by a mapping: where a section belongs it is the
+  // file's error, which would vanish (`lr_schedule: cosine` with `--set trainer.lr_schedule.warmup_steps=100`
+  // trained on a constant schedule), and elsewhere (`epochs: 3`) the --set names no key.
+  if (existing.IsDefined() && !existing.IsNull() && !existing.IsMap()) {
+    const std::string path = dotted({keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(i) + 1});
+    const YAML::Mark mark = existing.Mark();
+    const std::string place =
+        mark.is_null() ? std::string()
+                       : " at " + source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+    LOCKSTEP_FAIL("--set ", item, ": config key '", path, "'", place, " is ",
+                  existing.IsScalar() ? "'" + existing.Scalar() + "'" : std::string("a list"),
+                  ", not a mapping that could hold '", keys[i + 1], "'");
+  }
   if (existing.IsMap() && occurrences(document, existing) == 1) {
-    set_path(document, existing, keys, i + 1, value);
+    set_path(document, existing, keys, i + 1, value, item, source);
     return;
   }
   YAML::Node child = existing.IsMap() ? YAML::Clone(existing) : YAML::Node(YAML::NodeType::Map);
   root.remove(key);
   root[key] = child;
-  set_path(document, child, keys, i + 1, value);
-}
-
-// "trainer.lr_schedule.kind" for {"trainer", "lr_schedule", "kind"}.
-std::string dotted(const std::vector<std::string>& keys) {
-  std::string path;
-  for (const auto& key : keys) path += (path.empty() ? "" : ".") + key;
-  return path;
+  set_path(document, child, keys, i + 1, value, item, source);
 }
 
 // The (key path, value) pairs a --set value writes: a non-empty mapping one pair per leaf (a scalar,
@@ -822,7 +872,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     std::vector<std::pair<std::vector<std::string>, YAML::Node>> leaves;
     expand_mapping(keys, value, item, leaves);
     for (const auto& [leaf_keys, leaf] : leaves) {
-      if (root.IsMap()) set_path(root, root, leaf_keys, 0, leaf);
+      if (root.IsMap()) set_path(root, root, leaf_keys, 0, leaf, item, source);
       // Each key it wrote is this argument's; the section's other keys keep their places in the file.
       origins[dotted(leaf_keys)] = item;
     }

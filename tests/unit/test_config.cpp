@@ -160,6 +160,39 @@ TEST_CASE("config: --set overrides, with errors naming the argument", "[config]"
   CHECK_THAT(error_of("", {"trainer.output_dir="}),
              Contains("no value after '='; write trainer.output_dir=\"\" for an empty string"));
   CHECK(config::parse_config("", "empty", {"trainer.output_dir=\"\""}).trainer.output_dir.empty());
+  // A dot inside a key's name is not a path (the message named 'trainer.lr_schedule.kind', which exists).
+  CHECK_THAT(error_of("trainer: {lr_schedule.kind: step}\n"),
+             Contains("unknown config key 'lr_schedule.kind' under 'trainer' at test.yaml:1:11: a key's name holds a "
+                      "dot"));
+  // Booleans are YAML 1.2's, unquoted (yaml-cpp alone took y, n, yes, no, on, off and quoted forms).
+  CHECK(config::parse_config("data: {augment: {hflip: True}}\n", "test.yaml").data.augment.hflip);
+  CHECK_FALSE(config::parse_config("data: {augment: {hflip: FALSE}}\n", "test.yaml", {"data.augment.hflip=false"})
+                  .data.augment.hflip);
+  for (const char* word : {"y", "n", "yes", "off", "On"}) {
+    CHECK_THAT(error_of(std::string("data: {augment: {hflip: ") + word + "}}\n"),
+               Contains("'data.augment.hflip' at test.yaml:1:25: expected true or false, found '" + std::string(word) +
+                        "'"));
+  }
+  CHECK_THAT(error_of("ema: {enabled: \"true\"}\n"),
+             Contains("expected true or false, found the quoted string 'true' (unquote it)"));
+  // A scalar where the file should have a section stays the file's error: the --set made it a mapping,
+  // and `lr_schedule: cosine` trained on a constant schedule, `ema: true` without an average.
+  CHECK_THAT(error_of("trainer:\n  lr_schedule: cosine\n", {"trainer.lr_schedule.warmup_steps=100"}),
+             Contains("--set trainer.lr_schedule.warmup_steps=100: config key 'trainer.lr_schedule' at test.yaml:2:16 "
+                      "is 'cosine', not a mapping that could hold 'warmup_steps'"));
+  CHECK_THAT(error_of("ema: true\n", {"ema.decay=0.999"}), Contains("'ema' at test.yaml:1:6 is 'true'"));
+  CHECK_THAT(error_of("trainer:\n  metrics: [accuracy]\n", {"trainer.metrics.top=5"}),
+             Contains("config key 'trainer.metrics' at test.yaml:2:12 is a list"));
+  // A --set through another --set's scalar names no place in the file.
+  CHECK_THAT(error_of("", {"trainer.epochs=3", "trainer.epochs.x=1"}),
+             Contains("--set trainer.epochs.x=1: config key 'trainer.epochs' is '3', not a mapping"));
+  // An empty section (null) takes the key.
+  CHECK(config::parse_config("ema:\n", "test.yaml", {"ema.decay=0.5"}).ema.options.decay == 0.5);
+  // A section the --set itself made is named by it, not by the file (it has no line there).
+  CHECK_THAT(error_of("trainer: {epochs: 1}\n", {"optimiser.lr=0.05"}),
+             Contains("unknown config key 'optimiser' at --set optimiser.lr=0.05"));
+  CHECK_THAT(error_of("", {"trainer.lr_shedule.kind=cosine"}),
+             Contains("'trainer.lr_shedule' at --set trainer.lr_shedule.kind=cosine"));
 }
 
 TEST_CASE("config: --set changes only the key it names, not the other aliases of its anchor (Note [--set and YAML "
@@ -912,6 +945,8 @@ TEST_CASE("config: runtime.timeout_s past ~100 years is the longest wait, below 
   CHECK_THAT(error_of("runtime:\n  timeout_s: 0.0001\n"),
              Contains("'runtime.timeout_s'") && Contains("test.yaml:2:14") && Contains("at least 0.001") &&
                  Contains("found 0.0001"));
+  // The value found is printed as written, not at 6 digits ("found 0.001" beside "at least 0.001").
+  CHECK_THAT(error_of("runtime: {timeout_s: 0.0009999999}\n"), Contains("found 0.0009999999"));
   CHECK_THAT(error_of("", {"runtime.timeout_s=1e-9"}),
              Contains("'runtime.timeout_s'") && Contains("--set runtime.timeout_s=1e-9"));
   CHECK_THAT(error_of("runtime:\n  timeout_s: -1\n"), Contains("'runtime.timeout_s'"));
@@ -930,7 +965,7 @@ TEST_CASE("config: the synthetic data set's sizes are bounded, naming the key, b
   CHECK_THAT(error_of("data: {train_subset: 100000000000}", {"data.dataset=synthetic"}),
              Contains("'data.train_subset'") && Contains("at most 2147483648"));
   // A limit on a data set from files is "at most": any size is fine there.
-  CHECK(config::parse_config("data: {dataset: mnist, train_subset: 100000000000}").data.train_subset == 100000000000LL);
+  CHECK(config::parse_config("data: {dataset: mnist, dir: /d, train_subset: 100000000000}").data.train_subset == 100000000000LL);
   CHECK(config::parse_config("data: {dataset: synthetic, train_subset: 2147483648}").data.train_subset == 2147483648LL);
 
   // make_datasets checks a DataConfig made in code alike, before the index lists are made.
@@ -969,6 +1004,20 @@ TEST_CASE("config: --config must name a file, once", "[config]") {
   CHECK(run({"prog", "--config="}, "trainer: {epochs: 2}\n").exit_status == 2);
   CHECK(run({"prog", "--config", ""}, "trainer: {epochs: 2}\n").exit_status == 2);
   CHECK_FALSE(run({"prog"}, "trainer: {epochs: 2}\n").exit_status.has_value());
+}
+
+TEST_CASE("config: settings that cannot work together are refused at their line, before MPI starts", "[config]") {
+  // Each failed later, after MPI started and the data loaded, with a message naming no place.
+  CHECK_THAT(error_of("runtime:\n  device: cpu\n  backend: nccl\n"),
+             Contains("config key 'runtime.backend' at test.yaml:3:12: is nccl") && Contains("runtime.device is cpu"));
+  CHECK(config::parse_config("runtime: {device: cpu, backend: mpi}\n").runtime.backend == "mpi");
+  CHECK(config::parse_config("runtime: {device: auto, backend: nccl}\n").runtime.backend == "nccl");
+  CHECK_THAT(error_of("trainer:\n  metrics: [accuracy, top5_accuracy, accuracy]\n"),
+             Contains("config key 'trainer.metrics' at test.yaml:2:12: 'accuracy' is given twice"));
+  CHECK_THAT(error_of("data: {dataset: mnist}\n"),
+             Contains("config key 'data.dir'") && Contains("data.dataset mnist has no default directory"));
+  CHECK_THAT(error_of("", {"data.dataset=cifar10"}), Contains("data.dataset cifar10 has no default directory"));
+  CHECK(config::parse_config("data: {dataset: fashion-mnist}\n").data.dir.empty());
 }
 
 TEST_CASE("config: data.records_per_file is cifar10's, and --print-config writes it back only there", "[config]") {

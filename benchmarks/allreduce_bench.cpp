@@ -215,6 +215,7 @@ int main(int argc, char** argv) {
                 "ratio", "+us@raw");
   }
   nlohmann::json rows = nlohmann::json::array();
+  std::vector<std::int64_t> wrong_sizes;  // bytes of the sizes with a wrong sum, the same on every rank
   std::int64_t last_count = 0;
   for (std::int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= options.factor) {
     const std::int64_t count = std::max<std::int64_t>(1, bytes / element);
@@ -263,6 +264,7 @@ int main(int argc, char** argv) {
     const double ratio = pair_ratios.empty() ? 0.0 : bench::median(pair_ratios);
     const std::int64_t wrong_oop = wrong_results(*comm, input, output, false);
     const std::int64_t wrong_inp = wrong_results(*comm, input, output, true);
+    if (wrong_oop + wrong_inp > 0) wrong_sizes.push_back(actual_bytes);  // the totals are every rank's
 
     const double algbw_oop = actual_bytes / oop / 1e9, algbw_inp = actual_bytes / inp / 1e9;
     const double busbw_raw = raw > 0 ? actual_bytes / raw / 1e9 * bus_factor : 0.0;
@@ -299,7 +301,17 @@ int main(int argc, char** argv) {
                                                                            : nlohmann::json(nullptr)}}}});
     if (bytes > options.max_bytes / options.factor) break;
   }
+  // Wrong sums fail the run (as nccl-tests' check does), after the table and the JSON that show them.
   int exit_code = 0;
+  if (!wrong_sizes.empty()) {
+    if (root) {
+      std::string sizes;
+      for (const std::int64_t b : wrong_sizes) sizes += (sizes.empty() ? "" : ", ") + std::to_string(b);
+      std::fprintf(stderr, "allreduce_bench: wrong sums at %zu size(s) (bytes: %s); see the #wrong columns\n",
+                   wrong_sizes.size(), sizes.c_str());
+    }
+    exit_code = 1;
+  }
   if (root && !options.json.empty()) {
     nlohmann::json doc = {{"benchmark", "allreduce"}, {"ranks", n}, {"backend", comm->backend()},
                           {"threads_per_rank", torch::get_num_threads()}, {"results", rows}};

@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "lockstep/core/world.hpp"
 
@@ -105,6 +106,20 @@ inline CLI::Validator bytes() {
         return {};
       },
       "");
+}
+
+// For an app.callback(): a list option whose values each make one row must not repeat one (two equal
+// rows, and the second's --trace file over the first's). Throws CLI::ValidationError, which parse()
+// reports as a usage error naming the option and the value.
+template <typename T>
+void no_repeats(const std::vector<T>& values, const std::string& option) {
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    for (std::size_t j = 0; j < i; ++j) {
+      if (values[j] == values[i]) {
+        throw CLI::ValidationError(option, CLI::detail::to_string(values[i]) + " is given twice");
+      }
+    }
+  }
 }
 
 }  // namespace bench

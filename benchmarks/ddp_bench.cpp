@@ -111,7 +111,12 @@ void add_options(CLI::App& app, Options& o) {
   CLI::Option* json = app.add_option("--json", o.json_file, "JSON instead of the table: on stdout, or into FILE")
                           ->type_name("[FILE]")
                           ->expected(0, 1);
-  app.callback([&o, json] { o.json = json->count() > 0; });
+  app.callback([&o, json] {
+    o.json = json->count() > 0;
+    bench::no_repeats(o.bucket_caps_mb, "--bucket-cap-mb");
+    bench::no_repeats(o.comm_hooks, "--comm-hook");
+    bench::no_repeats(o.powersgd_ranks, "--powersgd-rank");
+  });
 }
 
 // A wide MLP: its gradient is large next to its backward compute, so communication matters.
@@ -399,11 +404,17 @@ int main(int argc, char** argv) {
       way.join = true;
       runners.push_back(std::make_unique<Runner>(w, "lockstep", way, comm, o));
     }
+    // Progress on stderr, in --json mode too (stdout alone carries the JSON): one line per round of
+    // every way's step, which takes minutes on the full-width ResNet.
     for (int s = 0; s < o.warmup + o.steps; ++s) {
       for (auto& runner : runners) runner->step(s >= o.warmup);
+      if (rank == 0) {
+        std::fprintf(stderr, "ddp_bench: %s: step %d of %d done by each of %zu ways%s\n", w.name.c_str(), s + 1,
+                     o.warmup + o.steps, runners.size(), s < o.warmup ? " (warm-up)" : "");
+      }
     }
     for (auto& runner : runners) results.push_back(runner->result());
-    if (rank == 0 && !o.json) std::fprintf(stderr, "done: %s\n", w.name.c_str());
+    if (rank == 0) std::fprintf(stderr, "done: %s\n", w.name.c_str());
   }
   int exit_code = 0;
   if (rank == 0) {

@@ -26,6 +26,7 @@
 #include "bench_cli.hpp"
 #include "bench_report.hpp"
 #include "bench_workloads.hpp"
+#include "lockstep/comm/work.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
 #include "lockstep/runtime.hpp"
 
@@ -151,9 +152,11 @@ int main(int argc, char** argv) {
   if (rank == 0) {
     auto model = w.make();
     t1 = bench::median(time_steps(w, *model, x, y, o, nullptr));
-    if (!o.json) std::fprintf(stderr, "done: T1 on rank 0\n");
+    std::fprintf(stderr, "done: T1 on rank 0\n");  // stderr: in --json mode too
   }
-  comm->barrier()->wait();
+  // Unbounded: T1 is one worker's share of the cores on the whole global batch, and may well take longer
+  // than the communicator's timeout (600 s unless LOCKSTEP_TIMEOUT_S), which is for a peer that died.
+  comm->barrier()->wait(lockstep::comm::kMaxTimeout);
 
   // Tn: every rank its slice, under DataParallel; a step takes as long as its slowest rank.
   auto model = w.make();

@@ -77,7 +77,7 @@ if(LOCKSTEP_BUILD_EXAMPLES)
                         --set trainer.epochs=2 --set quantization.begin_epoch=1 --set quantization.freeze_epoch=1.5
                         --set trainer.output_dir=${qat_dir} --set trainer.checkpoint.enabled=false
                         --set quantization.export_path=${qat_dir}/model_int8.pt)
-  set_tests_properties(program.train_resnet_qat.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2
+  set_tests_properties(program.train_resnet_qat.np3 PROPERTIES TIMEOUT 300 LABELS dist PROCESSORS 2 FIXTURES_SETUP qat_file
     PASS_REGULAR_EXPRESSION "int8 model written to .*model_int8.pt.*int8 model on the quantized kernels: test accuracy [0-9.]+%")
   # A weight-only int8 file (no activation ranges) is valid but not what the whole-model int8 kernels
   # run: the run still succeeds and says why there is no int8 accuracy. Then a run in the same
@@ -94,6 +94,20 @@ if(LOCKSTEP_BUILD_EXAMPLES)
   set_tests_properties(program.train_resnet_qat_weight_only.np2 PROPERTIES TIMEOUT 200 LABELS dist PROCESSORS 2
     FIXTURES_SETUP qat_weight_only
     PASS_REGULAR_EXPRESSION "int8 model written to .*int8.pt.*int8 model on the quantized kernels: n/a \\(a weight-only export")
+  if(LOCKSTEP_BUILD_BENCHMARKS)
+    # int8_bench runs the int8 file on every engine this LibTorch has; on the weight-only file, which the
+    # int8 kernels cannot run, it fails naming why (it printed the float32 rows alone and exited 0).
+    lockstep_success_test(bench.int8.np1 $<TARGET_FILE:int8_bench> --config ${PROJECT_SOURCE_DIR}/configs/demo_qat.yaml
+                          --set model.width=8 --int8 ${qat_dir}/model_int8.pt --limit 60 --batch 30 --repeats 1)
+    set_tests_properties(bench.int8.np1 PROPERTIES TIMEOUT 120 FIXTURES_REQUIRED qat_file
+      PASS_REGULAR_EXPRESSION "float32 plain [^\n]*\n[^\n]*float32 fake-quant [^\n]*\nint8 [a-z0-9]+ ")
+    add_test(NAME bench.int8_weight_only.np1
+             COMMAND ${LOCKSTEP_EXIT_STATUS} $<TARGET_FILE:int8_bench> --config ${PROJECT_SOURCE_DIR}/configs/demo_qat.yaml
+                     --set model.width=4 --int8 ${qat_weights_dir}/int8.pt --limit 60 --repeats 1)
+    set_tests_properties(bench.int8_weight_only.np1 PROPERTIES TIMEOUT 120 FIXTURES_REQUIRED qat_weight_only
+      PASS_REGULAR_EXPRESSION "int8_bench: Int8ResNet18: [^\n]*activation point.*lockstep-test: exit status 1"
+      FAIL_REGULAR_EXPRESSION "float32 plain")
+  endif()
   lockstep_success_test(program.train_resnet_qat_not_begun.np2
                         ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:train_resnet> ${qat_small_args}
                         --set quantization.begin_epoch=5 --set quantization.freeze_epoch=6)
@@ -318,6 +332,31 @@ if(LOCKSTEP_BUILD_BENCHMARKS)
   set_tests_properties(bench.allreduce_small_sizes.np2 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION " 8 +1 +double [^\n]*\n[^\n]* 16 +2 +double "
     FAIL_REGULAR_EXPRESSION " 8 +1 +double [^\n]*\n[^\n]* 8 +1 +double ")
+  # T1 longer than the communicator's timeout: the ranks waiting for rank 0 to measure it must not
+  # time out (they waited in a barrier bounded by LOCKSTEP_TIMEOUT_S, 600 s by default).
+  lockstep_success_test(bench.scaling_long_t1.np2
+                        ${CMAKE_COMMAND} -E env LOCKSTEP_TIMEOUT_S=1
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -x LOCKSTEP_TIMEOUT_S -np 2 $<TARGET_FILE:scaling_bench>
+                        --model mlp --mlp-width 1024 --global-batch 512 --steps 4 --warmup 1)
+  set_tests_properties(bench.scaling_long_t1.np2 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "mlp 784-4x1024-10 +512 +2 +[0-9.]+ ")
+  # ddp_bench on a small MLP: every way's row, progress on stderr in --json mode (stdout holds the JSON
+  # alone), and a repeated list value refused (two equal rows, the second's trace over the first's).
+  lockstep_success_test(bench.ddp.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:ddp_bench>
+                        --model mlp --mlp-width 64 --mlp-batch 8 --steps 2 --warmup 1 --comm-hook allreduce,fp16)
+  set_tests_properties(bench.ddp.np2 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "mlp 784-4x64-10 +none [^\n]*\n[^\n]*naive [^\n]*\n[^\n]*lockstep/allreduce [^\n]*\n[^\n]*lockstep/fp16 ")
+  lockstep_success_test(bench.ddp_json.np2
+                        ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 2 $<TARGET_FILE:ddp_bench>
+                        --model mlp --mlp-width 64 --mlp-batch 8 --steps 2 --warmup 1 --json)
+  set_tests_properties(bench.ddp_json.np2 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
+    PASS_REGULAR_EXPRESSION "ddp_bench: mlp 784-4x64-10: step 3 of 3 done by each of 3 ways"
+    FAIL_REGULAR_EXPRESSION "exposed%")
+  add_test(NAME bench.ddp_repeated_value COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 1
+           $<TARGET_FILE:ddp_bench> --bucket-cap-mb 25,1,25)
+  set_tests_properties(bench.ddp_repeated_value PROPERTIES TIMEOUT 60
+    PASS_REGULAR_EXPRESSION "--bucket-cap-mb: 25 is given twice")
   add_test(NAME bench.scaling_uneven_batch.np3
            COMMAND ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -np 3 $<TARGET_FILE:scaling_bench> --global-batch 32)
   set_tests_properties(bench.scaling_uneven_batch.np3 PROPERTIES TIMEOUT 60 LABELS dist

@@ -7,63 +7,107 @@ not be installed.
 
     python3 benchmarks/resnet_torch_bench.py [--batch 64] [--steps 50] [--warmup 10]
                                              [--precision fp32,bf16] [--channels-last] [--json FILE]
-Exits 77 when CUDA is not usable.
+Exits 77 when CUDA is not usable, and 2 with the usage on a bad argument: the bounds are
+resnet_gpu_bench's (--batch and --steps >= 1, --warmup >= 0, precisions among fp32, bf16, fp16), and
+they are checked before torch is imported.
 """
 import argparse
 import json
 import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.down is None else self.down(x)))
+def int_at_least(low):
+    """An argparse type: a decimal integer >= low ("must be an integer >= 1, found '0'")."""
+    def parse(text):
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, found '{text}'")
+        return value
+    return parse
 
 
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=1000, width=64):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        layers, cin = [], width
-        for i, stride in enumerate([1, 2, 2, 2]):
-            cout = width * 2 ** i
-            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, num_classes)
+def precision_list(text):
+    """An argparse type: comma-separated precisions, each one of PRECISIONS."""
+    names = text.split(",")
+    for name in names:
+        if name not in PRECISIONS:
+            raise argparse.ArgumentTypeError(f"'{name}' is not one of {', '.join(PRECISIONS)} (in '{text}')")
+    return names
 
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        x = self.layers(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="ResNet-18 training throughput in PyTorch on one GPU (the twin of resnet_gpu_bench).")
+    parser.add_argument("--batch", type=int_at_least(1), default=64, metavar="N",
+                        help="images per step (default 64)")
+    parser.add_argument("--steps", type=int_at_least(1), default=50, metavar="N",
+                        help="timed steps per precision (default 50)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=10, metavar="N",
+                        help="untimed steps first (default 10)")
+    parser.add_argument("--precision", type=precision_list, default=["fp32", "bf16"], metavar="P[,P...]",
+                        help=f"precisions to measure, comma-separated, among {', '.join(PRECISIONS)} "
+                             "(default fp32,bf16)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="store the model's weights and the batch channels_last (NHWC)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+    return parser.parse_args(argv)
+
+
+def resnet18_class():
+    """The model, defined once torch is imported (torch is imported only after the arguments are checked)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.down = None
+            if stride != 1 or cin != cout:
+                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return F.relu(out + (x if self.down is None else self.down(x)))
+
+    class ResNet18(nn.Module):
+        def __init__(self, num_classes=1000, width=64):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            layers, cin = [], width
+            for i, stride in enumerate([1, 2, 2, 2]):
+                cout = width * 2 ** i
+                layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+                cin = cout
+            self.layers = nn.Sequential(*layers)
+            self.fc = nn.Linear(cin, num_classes)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+            x = self.layers(x)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    return ResNet18
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--precision", default="fp32,bf16")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--json")
-    args = parser.parse_args()
+    args = parse_args()
+    ResNet18 = resnet18_class()
+    import torch
+    import torch.nn.functional as F
+
     if not torch.cuda.is_available():
         print("resnet_torch_bench: CUDA is not usable; nothing to measure")
         return 77
@@ -74,7 +118,7 @@ def main():
           f"{torch.cuda.get_device_name(device)}")
     print(f"{'precision':<10} {'images/s':>12} {'ms/step':>12}")
     rows = []
-    for precision in args.precision.split(","):
+    for precision in args.precision:
         torch.manual_seed(0)
         model = ResNet18().to(device).train()
         x = torch.randn(args.batch, 3, 224, 224, device=device)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Configures and builds Lockstep (Release) into build/ (or $LOCKSTEP_BUILD_DIR), with ccache when present.
+# A relative LOCKSTEP_BUILD_DIR is relative to the directory this is run from.
 set -euo pipefail
+build_dir=${LOCKSTEP_BUILD_DIR:-}
+[[ -n $build_dir && $build_dir != /* ]] && build_dir=$PWD/$build_dir
 cd "$(dirname "$0")/.."
-build_dir=${LOCKSTEP_BUILD_DIR:-build}
+build_dir=${build_dir:-build}
 args=(-DCMAKE_BUILD_TYPE=Release)
 command -v ccache > /dev/null && args+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 # Precompiled headers and ccache agree only with these settings; paths relative to the checkout let

@@ -37,27 +37,37 @@ echo "check-newer-libtorch: LibTorch headers $version from Debian sid"
 # The compile commands of the normal build (CPU LibTorch 1.13), with its torch include paths swapped.
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DLOCKSTEP_USE_PCH=OFF > /dev/null
 python3 - "$build/compile_commands.json" "$headers" "$filter" "$(nproc)" << 'PY'
-import json, re, shlex, subprocess, sys
+import json, os, re, shlex, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 commands, headers, pattern, jobs = json.load(open(sys.argv[1])), sys.argv[2], re.compile(sys.argv[3]), int(sys.argv[4])
 include = headers + "/usr/include"
 
 def argv(entry):
-    args, out, skip = shlex.split(entry["command"]), [], False
-    for i, a in enumerate(args):
+    # CMake writes "command" (one shell-quoted string: `c++ FLAGS -o OBJECT -c SOURCE`); other tools
+    # write "arguments" (a list). The object (-o X) and the source (-c X, or the source path anywhere)
+    # are dropped, and the source is given once at the end: twice, the compiler would check it twice.
+    args = shlex.split(entry["command"]) if "command" in entry else list(entry["arguments"])
+    source = os.path.normpath(os.path.join(entry["directory"], entry["file"]))
+    out, skip = [], False
+    for i, a in enumerate(args[1:], 1):
         if skip:
             skip = False
             continue
         if a == "-o":
-            skip = True
+            skip = True  # and the object file after it
             continue
         if a == "-c":
+            skip = i + 1 < len(args) and not args[i + 1].startswith("-")  # and the source after it (CMake's order)
             continue
+        if os.path.normpath(os.path.join(entry["directory"], a)) == source:
+            continue
+        if a.startswith("-std="):
+            continue  # a build's -std=gnu++17 (were there one) would override the -std=gnu++20 below
         if a == "/usr/include/torch/csrc/api/include":
             a = include + "/torch/csrc/api/include"
         out.append(a)
     # Newer LibTorch needs C++20 (Note [C++ standard] in CMakeLists.txt); its headers come first.
-    return [out[0], "-std=gnu++20", "-fsyntax-only", "-isystem", include, "-isystem", headers + "/stub"] + out[1:] + ["-c", entry["file"]]
+    return [args[0], "-std=gnu++20", "-fsyntax-only", "-isystem", include, "-isystem", headers + "/stub"] + out + ["-c", source]
 
 def check(entry):
     r = subprocess.run(argv(entry), cwd=entry["directory"], capture_output=True, text=True)

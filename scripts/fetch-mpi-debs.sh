@@ -5,15 +5,18 @@
 # (yaml-cpp, nlohmann-json, Catch2, CLI11), with their dependencies, minus what every Debian/Ubuntu
 # system already has (priority required/important: libc, libstdc++, ...) and minus compilers.
 #
-#   ./scripts/fetch-mpi-debs.sh [DIR]      # default: third_party/debs
+#   ./scripts/fetch-mpi-debs.sh [DIR]      # default: third_party/debs (in the checkout); a DIR given
+#                                          # is relative to the directory this is run from
 #   # copy DIR to the GPU machine beside the checkout, then there:
 #   LOCKSTEP_DEBS=DIR ./scripts/gpu-check.sh
 #
 # The packages are Debian 12's (glibc 2.36): the GPU machine's C library must be at least as new, or
 # bring its own MPI (gpu-check.sh uses an mpirun already on PATH first).
 set -euo pipefail
+dest=${1:-}
+[[ -n $dest && $dest != /* ]] && dest=$PWD/$dest
 cd "$(dirname "$0")/.."
-dest=${1:-third_party/debs}
+dest=${dest:-third_party/debs}
 mkdir -p "$dest"
 wanted=(openmpi-bin libopenmpi-dev libyaml-cpp-dev nlohmann-json3-dev catch2 libcli11-dev)
 # Resolve the install as apt would on an empty system (a status file listing nothing installed): one

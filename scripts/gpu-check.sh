@@ -11,7 +11,12 @@
 # Limits, for a lent machine whose time is short (a hang must fail a test, not use up the lease):
 #   LOCKSTEP_GPU_TESTS_TIMEOUT_S  the whole gpu test run (default 900)
 #   LOCKSTEP_GPU_TEST_TIMEOUT_S   each CTest entry (default 600; CTest kills the entry's process tree)
-#   LOCKSTEP_GPU_COMM_TIMEOUT_S   a collective inside the tests (LOCKSTEP_TIMEOUT_S there; default 120)
+#   LOCKSTEP_GPU_COMM_TIMEOUT_S   a collective inside the tests (LOCKSTEP_TIMEOUT_S there; default 120),
+#                                 and, when set, inside the benchmarks too (exported as LOCKSTEP_TIMEOUT_S;
+#                                 unset, the benchmarks keep LOCKSTEP_TIMEOUT_S or the library's 600 s)
+#   LOCKSTEP_GPU_BENCH_TIMEOUT_S  each benchmark command (default: 180 for the NCCL all-reduce sweep, 240
+#                                 for each ResNet-18 run); one that runs out is killed and shows as a FAIL
+#                                 line, and after a timed-out NCHW run that program's channels_last run is skipped
 #   LOCKSTEP_GPU_CHECK_NHWC=0     skip the channels_last ResNet runs (reported, not judged)
 #
 # By default it builds only what the GPU check runs (the library, the gpu tests, the NCCL core's unit
@@ -25,14 +30,23 @@
 # Acceptance (docs/gpu.md): gpu tests pass; NCCL busbw >= 95% of raw ncclAllReduce from 16 MB;
 # Lockstep's ResNet-18 images/s >= PyTorch's.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+# Paths given in the environment are the caller's, relative to the directory it ran this from.
+abspath() { if [[ -z $1 || $1 == /* ]]; then printf '%s\n' "$1"; else printf '%s\n' "$PWD/$1"; fi; }
+[[ -n ${LOCKSTEP_GPU_BUILD_DIR:-} ]] && LOCKSTEP_GPU_BUILD_DIR=$(abspath "$LOCKSTEP_GPU_BUILD_DIR")
+[[ -n ${LOCKSTEP_DEBS:-} ]] && LOCKSTEP_DEBS=$(abspath "$LOCKSTEP_DEBS")
+[[ -n ${YAML_CPP_PREFIX:-} ]] && YAML_CPP_PREFIX=$(abspath "$YAML_CPP_PREFIX")
+cd "$(dirname "$0")/.." || exit 1
 root=$PWD
 started=$SECONDS
 elapsed() { echo "$((SECONDS - started)) s"; }
 PYTHON=${PYTHON:-python3}
 build=${LOCKSTEP_GPU_BUILD_DIR:-build-gpu}
-mkdir -p "$build"
 log() { echo "gpu-check: $*"; }
+if [[ -n ${LOCKSTEP_GPU_BENCH_TIMEOUT_S:-} && ! $LOCKSTEP_GPU_BENCH_TIMEOUT_S =~ ^[1-9][0-9]*$ ]]; then
+  log "LOCKSTEP_GPU_BENCH_TIMEOUT_S must be a whole number of seconds >= 1, found '$LOCKSTEP_GPU_BENCH_TIMEOUT_S'"
+  exit 1
+fi
+mkdir -p "$build"
 summary=()
 status=0
 note() { summary+=("$1"); }
@@ -61,7 +75,7 @@ if [[ $torch_abi == 0 ]]; then
 fi
 
 # ---- MPI and the small build dependencies: the system's, else carried .debs.
-prefix=$root/$build/prefix
+prefix=$build/prefix; [[ $prefix == /* ]] || prefix=$root/$prefix
 cmake_extra=()
 # What the system lacks of them (an image may have MPI, or HPC-X, but not the small header libraries).
 missing=()
@@ -228,10 +242,34 @@ rm -f "$build"/resnet_*.json "$build/allreduce_nccl.json"  # a rerun in the same
 if [[ $bench != 1 ]]; then
   note "SKIP  benchmarks (LOCKSTEP_GPU_CHECK_BENCH=0)"
 else
+  # A hung benchmark must not use up the lease either: each command is capped (timeout's process group
+  # takes mpirun's ranks with it), and a collective inside by LOCKSTEP_GPU_COMM_TIMEOUT_S where given.
+  [[ -n ${LOCKSTEP_GPU_COMM_TIMEOUT_S:-} ]] && export LOCKSTEP_TIMEOUT_S=$LOCKSTEP_GPU_COMM_TIMEOUT_S
+  bench_timed_out=0
+  # run_bench NAME DEFAULT_LIMIT_S COMMAND...: runs COMMAND under its cap (stdin /dev/null: nothing
+  # reads it, and mpirun must not stop on the terminal outside the foreground group), returns its
+  # status; a timeout (124, or 137 when SIGKILL was needed 10 s later) adds a FAIL line naming NAME.
+  run_bench() {
+    local name=$1 limit=${LOCKSTEP_GPU_BENCH_TIMEOUT_S:-$2} begun=$SECONDS rc=0
+    shift 2
+    timeout -k 10 "$limit" "$@" < /dev/null || rc=$?
+    bench_timed_out=0
+    # 137 is also what a process killed by SIGKILL for another reason (the OOM killer) returns.
+    if [[ $rc == 124 || ( $rc == 137 && $((SECONDS - begun)) -ge $limit ) ]]; then
+      bench_timed_out=1
+      note "FAIL  $name timed out after $limit s (exit $rc; LOCKSTEP_GPU_BENCH_TIMEOUT_S)"
+      status=1
+      log "$name timed out after $limit s ($(elapsed))"
+    fi
+    return $rc
+  }
+
   # ---- All-reduce over NCCL beside raw ncclAllReduce (one rank per GPU).
   mpirun_flags=(--oversubscribe --bind-to none)
   [[ $(id -u) -eq 0 ]] && mpirun_flags+=(--allow-run-as-root)
-  if mpirun "${mpirun_flags[@]}" -np "$gpus" "$build/benchmarks/allreduce_bench" --backend nccl --min-bytes 1M \
+  [[ -n ${LOCKSTEP_TIMEOUT_S:-} ]] && mpirun_flags+=(-x LOCKSTEP_TIMEOUT_S)
+  if run_bench "NCCL all-reduce benchmark (allreduce_bench)" 180 \
+       mpirun "${mpirun_flags[@]}" -np "$gpus" "$build/benchmarks/allreduce_bench" --backend nccl --min-bytes 1M \
        --max-bytes 256M --json "$build/allreduce_nccl.json"; then
     verdict=$("$PYTHON" - "$build/allreduce_nccl.json" << 'PY'
 import json, sys
@@ -253,17 +291,33 @@ else:
 PY
   )
     note "$verdict"; [[ $verdict == FAIL* ]] && status=1
-  else
+  elif [[ $bench_timed_out == 0 ]]; then
     note "FAIL  NCCL all-reduce benchmark did not run"; status=1
   fi
 
   # ---- ResNet-18 on one GPU: Lockstep beside PyTorch, same run, same GPU; NCHW (the acceptance check),
   # then channels_last (Note [Channels last]; reported, not judged).
-  "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
-  "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
+  # A crash shows in the comparison below (no JSON); a timeout also as a FAIL line of its own, and
+  # then the same program's channels_last run is skipped (it would most likely hang as well).
+  run_bench "ResNet-18 Lockstep benchmark (resnet_gpu_bench)" 240 \
+    "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --json "$build/resnet_lockstep.json"
+  lockstep_hung=$bench_timed_out
+  run_bench "ResNet-18 PyTorch benchmark (resnet_torch_bench.py)" 240 \
+    "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --json "$build/resnet_torch.json"
+  torch_hung=$bench_timed_out
   if [[ $nhwc == 1 ]]; then
-    "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json"
-    "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json"
+    if [[ $lockstep_hung == 1 ]]; then
+      note "SKIP  ResNet-18 Lockstep benchmark (resnet_gpu_bench) channels_last: its NCHW run timed out"
+    else
+      run_bench "ResNet-18 Lockstep benchmark (resnet_gpu_bench) channels_last" 240 \
+        "$build/benchmarks/resnet_gpu_bench" --precision fp32,bf16 --channels-last --json "$build/resnet_lockstep_nhwc.json"
+    fi
+    if [[ $torch_hung == 1 ]]; then
+      note "SKIP  ResNet-18 PyTorch benchmark (resnet_torch_bench.py) channels_last: its NCHW run timed out"
+    else
+      run_bench "ResNet-18 PyTorch benchmark (resnet_torch_bench.py) channels_last" 240 \
+        "$PYTHON" benchmarks/resnet_torch_bench.py --precision fp32,bf16 --channels-last --json "$build/resnet_torch_nhwc.json"
+    fi
   fi
   verdict=$("$PYTHON" - "$build/resnet_lockstep.json" "$build/resnet_torch.json" \
                         "$build/resnet_lockstep_nhwc.json" "$build/resnet_torch_nhwc.json" "$nhwc" << 'PY'

@@ -3,9 +3,17 @@
 # docs/compression.md). Each run differs only in the pruning section, so the accuracies compare.
 #   ./scripts/pruning-quality.sh [CONFIG] [RANKS] [EPOCHS] [SPARSITIES...]
 # Defaults: configs/demo.yaml, 2 ranks, 3 epochs, sparsities 0.5 0.8. Prints a table at the end.
+# EPOCHS is at least 2 (pruning runs from epoch 0.25 to EPOCHS - 1.25); each sparsity is in [0, 1).
+# CONFIG, LOCKSTEP_BUILD_DIR (default build) and LOCKSTEP_QUALITY_DIR (default runs/pruning-quality)
+# are relative to the directory this is run from when given, to the checkout when not.
 set -euo pipefail
+fail() { echo "pruning-quality: $*" >&2; exit 2; }
+abspath() { if [[ -z $1 || $1 == /* ]]; then printf '%s\n' "$1"; else printf '%s\n' "$PWD/$1"; fi; }
+config=configs/demo.yaml
+[[ -n ${1:-} ]] && config=$(abspath "$1")
+[[ -n ${LOCKSTEP_BUILD_DIR:-} ]] && LOCKSTEP_BUILD_DIR=$(abspath "$LOCKSTEP_BUILD_DIR")
+[[ -n ${LOCKSTEP_QUALITY_DIR:-} ]] && LOCKSTEP_QUALITY_DIR=$(abspath "$LOCKSTEP_QUALITY_DIR")
 cd "$(dirname "$0")/.."
-config=${1:-configs/demo.yaml}
 ranks=${2:-2}
 epochs=${3:-3}
 shift $(( $# < 3 ? $# : 3 )) || true
@@ -13,6 +21,18 @@ sparsities=("$@")
 [ ${#sparsities[@]} -eq 0 ] && sparsities=(0.5 0.8)
 build_dir=${LOCKSTEP_BUILD_DIR:-build}
 out=${LOCKSTEP_QUALITY_DIR:-runs/pruning-quality}
+
+# Everything checked before the output folder is removed and anything trains.
+[[ -f $config ]] || fail "config file '$config' does not exist (or is not a file)"
+[[ $ranks =~ ^[1-9][0-9]*$ ]] || fail "RANKS must be an integer >= 1, found '$ranks'"
+[[ $epochs =~ ^[1-9][0-9]*$ && $epochs -ge 2 ]] ||
+  fail "EPOCHS must be an integer >= 2 (pruning ends at EPOCHS - 1.25, after it begins at 0.25), found '$epochs'"
+for s in "${sparsities[@]}"; do
+  [[ $s =~ ^(0(\.[0-9]*)?|\.[0-9]+)$ ]] || fail "each sparsity must be a number in [0, 1), found '$s'"
+done
+[[ -x $build_dir/examples/train_resnet ]] ||
+  fail "$build_dir/examples/train_resnet not found: build first (./scripts/build.sh), or set LOCKSTEP_BUILD_DIR"
+
 rm -rf "$out"
 mkdir -p "$out"
 run() {  # name, extra --set arguments...
@@ -22,7 +42,16 @@ run() {  # name, extra --set arguments...
   ./scripts/mpirun.sh -np "$ranks" "$build_dir/examples/train_resnet" --config "$config" \
     --set trainer.epochs="$epochs" --set trainer.output_dir="$out/$name" --set trainer.checkpoint.resume=never \
     --set trainer.log_every=0 "$@" | tee "$out/$name.log"
-  echo "$name $(grep -o 'final test accuracy: [0-9.]*' "$out/$name.log" | grep -o '[0-9.]*$') $((SECONDS - start))" >> "$out/summary.txt"
+  # "final test accuracy: 91.23%", or "n/a (...)" when the run ended without one: no number, no row.
+  local acc
+  acc=$(sed -n 's/^final test accuracy: \([0-9][0-9]*\(\.[0-9]*\)\{0,1\}\)%.*/\1/p' "$out/$name.log" | tail -1)
+  if [[ -z $acc ]]; then
+    local said
+    said=$(grep -m1 'final test accuracy' "$out/$name.log" || echo 'no "final test accuracy" line')
+    echo "pruning-quality: run $name reported no final test accuracy: $said (log: $out/$name.log)" >&2
+    exit 1
+  fi
+  echo "$name $acc $((SECONDS - start))" >> "$out/summary.txt"
 }
 run dense
 for s in "${sparsities[@]}"; do

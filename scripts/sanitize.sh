@@ -9,10 +9,12 @@
 # reports by the thousand. Not part of CI (a cold build takes about 35 minutes on 2 cores and the
 # suite runs about twice as slowly); run it after changing threads, buffers or lifetimes.
 set -euo pipefail
+build_dir=${LOCKSTEP_BUILD_DIR:-}  # relative to the directory this is run from
+[[ -n $build_dir && $build_dir != /* ]] && build_dir=$PWD/$build_dir
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 
-build_dir=${LOCKSTEP_BUILD_DIR:-build-asan}
+build_dir=${build_dir:-build-asan}
 sanitizers="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 # RelWithDebInfo (-O2 -g): reports with lines, at near-Release speed. Benchmarks are left out (they
 # are timed programs; the tests run the examples).

@@ -7,16 +7,24 @@
 
 #include "lockstep/core/error.hpp"
 #include "lockstep/ddp/data_parallel.hpp"
+#include "lockstep/ddp/sync_batch_norm.hpp"
 
 namespace lockstep::ddp {
 
 Join::Join(DataParallel& dp, JoinOptions options)
     : dp_(&dp), options_(options), uncaught_(std::uncaught_exceptions()) {
-  LOCKSTEP_CHECK(dp.sync_batch_norm_layers() == 0, "ddp::Join: this DataParallel synchronises ",
-                 dp.sync_batch_norm_layers(),
-                 " SyncBatchNorm layer(s), whose forward is collective; a rank that has run out of inputs runs no "
-                 "forward, so uneven inputs cannot be shadowed. Use per-rank batch norm (sync_batch_norm = false) "
-                 "or give every rank the same number of batches (rank ",
+  // Those DataParallel attached, and any attached by hand (attach_sync_batch_norm after it was built):
+  // either forward is collective. Every rank holds the same model, so every rank refuses alike.
+  std::size_t synchronised = 0;
+  for (const auto& m : dp.module().modules(/*include_self=*/true)) {
+    const auto* layer = dynamic_cast<const SyncBatchNormImpl*>(m.get());
+    if (layer != nullptr && layer->synchronised()) ++synchronised;
+  }
+  LOCKSTEP_CHECK(synchronised == 0, "ddp::Join: the model has ", synchronised,
+                 " synchronised SyncBatchNorm layer(s), whose forward is collective; a rank that has run out of "
+                 "inputs runs no forward, so uneven inputs cannot be shadowed. Use per-rank batch norm "
+                 "(sync_batch_norm = false, and no attach_sync_batch_norm) or give every rank the same number of "
+                 "batches (rank ",
                  dp.communicator().rank(), ")");
   dp.reducer_->enable_join(options_);
 }

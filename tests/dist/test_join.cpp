@@ -356,6 +356,16 @@ TEST_CASE("Join refuses SyncBatchNorm and a second Join", "[join]") {
     DataParallel dp(model, comm_ptr(), o);
     CHECK_THROWS_WITH(Join(dp), Contains("SyncBatchNorm"));
   }
+  {
+    // Attached by hand after DataParallel was built without them: as collective (it was let through,
+    // and a training rank's all-gather met a joined rank's join all-gather).
+    DataParallel dp(model, comm_ptr());
+    lockstep::ddp::attach_sync_batch_norm(*model, comm_ptr());
+    CHECK_THROWS_WITH(Join(dp), Contains("the model has 1 synchronised SyncBatchNorm layer(s)"));
+    lockstep::ddp::detach_sync_batch_norm(*model);
+    Join join(dp);  // per-rank batch norm again
+    join.finish();
+  }
   Net net = make_net(false);
   DataParallel dp(net, comm_ptr());
   Join join(dp);

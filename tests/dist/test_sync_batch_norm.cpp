@@ -275,16 +275,25 @@ TEST_CASE("SyncBatchNorm with find_unused_parameters: a layer one rank alone use
     torch::manual_seed(300 + step + rank);
     const torch::Tensor x = torch::randn({3, 1, 4, 4});
     opt.zero_grad();
+    torch::Tensor rank0_aux_grad = torch::zeros_like(model->aux->weight);
     const std::string error = lockstep::testing::error_of([&] {
       const torch::Tensor h = torch::relu(model->bn(model->conv(x))).flatten(1);
       torch::Tensor loss = model->head(h).pow(2).mean();
-      if (rank == 0) loss = loss + model->aux(h).pow(2).mean();
+      if (rank == 0) {
+        loss = loss + model->aux(h).pow(2).mean();
+        // d mean(out^2) / dW for out = h W^T + b: 2 out^T h / out.numel(), from this rank's h alone.
+        torch::NoGradGuard no_grad;
+        const torch::Tensor out = model->aux(h);
+        rank0_aux_grad = out.t().mm(h) * (2.0 / static_cast<double>(out.numel()));
+      }
       loss.backward();
     });
     INFO("step " << step << ": " << error);
     REQUIRE(error.empty());
     // aux's gradient is rank 0's, averaged over the world (every other rank contributes zero).
+    comm().broadcast(rank0_aux_grad, {0})->wait();
     CHECK(same_on_every_rank(model->aux->weight.grad()));
+    CHECK(torch::allclose(model->aux->weight.grad(), rank0_aux_grad / comm().size(), 1e-4, 1e-6));
     opt.step();
   }
   CHECK(lockstep::testing::identical_across_ranks(*model));

@@ -139,8 +139,10 @@ at::Tensor loss_weight(const LossOptions& options, const at::Tensor& target) {
   if (options.name != "cross_entropy" || at::isFloatingType(target.scalar_type()) || target.numel() == 0) {
     return at::full({}, samples, target.options().dtype(at::kDouble));
   }
-  // Counted x B / all, in this order: exactly B when every target counts.
-  return target.ne(options.ignore_index).sum(at::kDouble).mul(samples).div(static_cast<double>(target.numel()));
+  // The targets counted: B for [B] targets with none ignored. (B x counted / all, "samples' worth",
+  // weighed a batch of 1 x 8 targets as one of 1 x 2: not the mean over targets once their number per
+  // sample varied from batch to batch, images of different sizes.)
+  return target.ne(options.ignore_index).sum(at::kDouble);
 }
 
 std::string describe_loss(const LossOptions& options) {

@@ -127,6 +127,14 @@ TEST_CASE("ResNet18: initialisation like torchvision, options validated", "[mode
   // Kaiming normal, fan_out, ReLU gain: std = sqrt(2 / (out_channels * k * k)).
   const auto w = net->named_parameters()["layer3.0.conv2.weight"];
   CHECK(w.std().item<double>() == Approx(std::sqrt(2.0 / (256 * 9))).epsilon(0.02));
+  // Where fan-in and fan-out differ, fan-out's (fan-in's would be sqrt(2 / (128 * 9)) and sqrt(2 / 64)),
+  // the 1x1 downsampling convolution included.
+  const auto widening = net->named_parameters()["layer3.0.conv1.weight"];
+  REQUIRE(widening.sizes() == torch::IntArrayRef({256, 128, 3, 3}));
+  CHECK(widening.std().item<double>() == Approx(std::sqrt(2.0 / (256 * 9))).epsilon(0.02));
+  const auto downsample = net->named_parameters()["layer2.0.downsample.0.weight"];
+  REQUIRE(downsample.sizes() == torch::IntArrayRef({128, 64, 1, 1}));
+  CHECK(downsample.std().item<double>() == Approx(std::sqrt(2.0 / 128)).epsilon(0.04));
   CHECK(torch::all(net->named_parameters()["layer1.0.bn2.weight"] == 1).item<bool>());
   CHECK(torch::all(net->named_parameters()["layer1.0.bn2.bias"] == 0).item<bool>());
 

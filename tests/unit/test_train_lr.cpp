@@ -40,8 +40,13 @@ TEST_CASE("lr schedule: warm-up epochs whose steps do not fit a step count are a
   o.kind = LrScheduleKind::Cosine;
   o.warmup_epochs = 1e17;  // 1e19 steps: llround would give LLONG_MIN, a negative warm-up, min_lr at once
   CHECK_THROWS_WITH(lr_at(o, 0, 100, 1000, 1), Catch::Contains("warmup_epochs = 1e+17 epochs of 100 steps"));
-  o.warmup_epochs = 1e15;  // 1e17 steps: fits, and the lr climbs from (almost) 0
-  CHECK(lr_at(o, 0, 100, 1000, 1) < 1e-15);
+  o.warmup_epochs = 1e15;  // 1e17 steps: fits, and the lr climbs from (almost) 0, not from min_lr
+  o.base_lr = 0.1;
+  o.min_lr = 0.01;
+  const double first = lr_at(o, 0, 100, 1000, 1);
+  CHECK(first > 0);
+  CHECK(first == Approx(0.1 / 1e17).epsilon(1e-6));
+  CHECK(lr_at(o, 1, 100, 1000, 1) == Approx(2 * first).epsilon(1e-6));
 }
 
 TEST_CASE("lr schedule: linear scaling with the world size", "[train][lr]") {

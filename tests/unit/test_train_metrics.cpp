@@ -259,14 +259,22 @@ TEST_CASE("loss: cross_entropy's weight counts the targets it does not ignore, a
   using lockstep::train::loss_weight;
   LossOptions void_label;
   void_label.ignore_index = 255;
-  // Exactly the sample count when every target counts, for every loss.
+  // The sample count for [B] class indices with none ignored, and for every other loss.
   CHECK(loss_weight(void_label, torch::tensor({0, 2, 1}, torch::kLong)).item<double>() == 3.0);
-  CHECK(loss_weight(LossOptions{}, torch::zeros({7, 5, 5}, torch::kLong)).item<double>() == 7.0);
   CHECK(loss_weight(loss_named("mse"), torch::zeros({3, 2})).item<double>() == 3.0);
   CHECK(loss_weight(LossOptions{}, torch::zeros({4, 3})).item<double>() == 4.0);  // class probabilities
-  // Dense targets, 2 samples x 3 pixels, 4 of 6 counted: 2 x 4 / 6 samples' worth.
-  CHECK(loss_weight(void_label, torch::tensor({{0, 255, 1}, {255, 2, 2}}, torch::kLong)).item<double>() ==
-        Approx(2.0 * 4 / 6));
+  // Dense targets: the targets counted (2 samples x 3 pixels, 4 of 6 counted: 4).
+  CHECK(loss_weight(LossOptions{}, torch::zeros({7, 5, 5}, torch::kLong)).item<double>() == 175.0);
+  CHECK(loss_weight(void_label, torch::tensor({{0, 255, 1}, {255, 2, 2}}, torch::kLong)).item<double>() == 4.0);
+  // So an epoch's loss is the mean over its targets when their number per sample varies (images of
+  // different sizes): batches of 1 x 2 targets at mean 1 and 1 x 8 at mean 2 give 18 / 10, not 1.5.
+  {
+    MetricTracker tracker(lockstep::train::make_metrics({"accuracy"}, 3));
+    const at::Tensor small = torch::zeros({1, 2}, torch::kLong), large = torch::zeros({1, 8}, torch::kLong);
+    tracker.update(torch::zeros({1, 3, 2}), small, torch::tensor(1.0), loss_weight(LossOptions{}, small));
+    tracker.update(torch::zeros({1, 3, 8}), large, torch::tensor(2.0), loss_weight(LossOptions{}, large));
+    CHECK(tracker.compute_local().at("loss") == Approx(1.8));
+  }
   CHECK(loss_weight(void_label, torch::full({2, 3}, 255, torch::kLong)).item<double>() == 0.0);
   CHECK(loss_weight(void_label, torch::tensor({0, 1})).scalar_type() == torch::kDouble);
 

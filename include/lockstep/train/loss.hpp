@@ -50,10 +50,11 @@ const std::vector<std::string>& loss_names();
 void check_loss_options(const LossOptions& options);
 // The built-in loss the options name (checked first).
 LossFn make_loss(const LossOptions& options);
-// How many samples the built-in loss's mean over `target` stands for, for the epoch's loss: a float64
-// scalar on the target's device (nothing waits for it). For cross_entropy with class indices,
-// B x (targets counted / targets), so targets equal to ignore_index weigh nothing (0 for a batch of
-// ignored targets only); B (target.size(0)) for every other loss and target.
+// What the built-in loss's mean over `target` is a mean over, for the epoch's loss: a float64 scalar on
+// the target's device (nothing waits for it). For cross_entropy with class indices, the targets it
+// counted (those not equal to ignore_index: B for [B] targets with none ignored, B x H x W for dense
+// ones, 0 for a batch of ignored targets only), so the epoch's loss is the mean over every counted
+// target, whatever their number per sample; B (target.size(0)) for every other loss and target.
 at::Tensor loss_weight(const LossOptions& options, const at::Tensor& target);
 // E.g. "cross_entropy (label_smoothing 0.1)": for messages and the ranks' agreement check.
 std::string describe_loss(const LossOptions& options);

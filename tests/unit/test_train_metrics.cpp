@@ -269,7 +269,7 @@ TEST_CASE("loss: cross_entropy's weight counts the targets it does not ignore, a
   // So an epoch's loss is the mean over its targets when their number per sample varies (images of
   // different sizes): batches of 1 x 2 targets at mean 1 and 1 x 8 at mean 2 give 18 / 10, not 1.5.
   {
-    MetricTracker tracker(lockstep::train::make_metrics({"accuracy"}, 3));
+    lockstep::train::MetricTracker tracker(lockstep::train::make_metrics({"accuracy"}, 3));
     const at::Tensor small = torch::zeros({1, 2}, torch::kLong), large = torch::zeros({1, 8}, torch::kLong);
     tracker.update(torch::zeros({1, 3, 2}), small, torch::tensor(1.0), loss_weight(LossOptions{}, small));
     tracker.update(torch::zeros({1, 3, 8}), large, torch::tensor(2.0), loss_weight(LossOptions{}, large));

@@ -90,6 +90,10 @@ int main(int argc, char** argv) {
     LOCKSTEP_CHECK(!path.empty(), "int8_bench: no --int8 FILE and the config has no quantization.export_path");
     LOCKSTEP_CHECK(std::filesystem::exists(path), "int8_bench: '", path,
                    "' does not exist; train with the config first (train_resnet writes it at the end)");
+    // The int8 kernels run whole-model int8 only (Int8ResNet18): a weight-only file has nothing to measure.
+    LOCKSTEP_CHECK(!lockstep::compress::read_int8(path).activations.empty(), "int8_bench: '", path,
+                   "' is a weight-only export (trained with quantization.activations false): the int8 kernels run "
+                   "the whole model in int8 and need its activation ranges; train with activations true");
     cfg.model.quantize_activations = true;
     auto [train_set, test_set] = lockstep::config::make_datasets(cfg.data, cfg.trainer.seed);
     const size_t count = o.limit > 0 ? std::min(test_set->size(), static_cast<size_t>(o.limit)) : test_set->size();

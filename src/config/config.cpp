@@ -762,7 +762,8 @@ std::string dotted(const std::vector<std::string>& keys) {
 // and a mapping on the way that is aliased elsewhere is replaced by a copy of its own (a copy loses
 // the line numbers error messages quote, so only then).
 void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std::string>& keys, size_t i,
-              const YAML::Node& value, const std::string& item, const std::string& source) {
+              const YAML::Node& value, const std::string& item, const std::string& source,
+              const std::map<std::string, std::string>& origins) {
   const std::string& key = keys[i];
   int copies = 0;
   for (const auto& item : root) copies += item.first.IsScalar() && item.first.Scalar() == key ? 1 : 0;
@@ -782,22 +783,30 @@ void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std
   // trained on a constant schedule), and elsewhere (`epochs: 3`) the --set names no key.
   if (existing.IsDefined() && !existing.IsNull() && !existing.IsMap()) {
     const std::string path = dotted({keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(i) + 1});
+    // Where it was written: an earlier --set (its mark is in that argument's text), else the file.
+    std::string place;
+    for (std::string prefix = path; place.empty();) {
+      if (auto it = origins.find(prefix); it != origins.end()) place = " (from --set " + it->second + ")";
+      const auto dot = prefix.rfind('.');
+      if (dot == std::string::npos) break;
+      prefix.resize(dot);
+    }
     const YAML::Mark mark = existing.Mark();
-    const std::string place =
-        mark.is_null() ? std::string()
-                       : " at " + source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+    if (place.empty() && !mark.is_null()) {
+      place = " at " + source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+    }
     LOCKSTEP_FAIL("--set ", item, ": config key '", path, "'", place, " is ",
                   existing.IsScalar() ? "'" + existing.Scalar() + "'" : std::string("a list"),
                   ", not a mapping that could hold '", keys[i + 1], "'");
   }
   if (existing.IsMap() && occurrences(document, existing) == 1) {
-    set_path(document, existing, keys, i + 1, value, item, source);
+    set_path(document, existing, keys, i + 1, value, item, source, origins);
     return;
   }
   YAML::Node child = existing.IsMap() ? YAML::Clone(existing) : YAML::Node(YAML::NodeType::Map);
   root.remove(key);
   root[key] = child;
-  set_path(document, child, keys, i + 1, value, item, source);
+  set_path(document, child, keys, i + 1, value, item, source, origins);
 }
 
 // The (key path, value) pairs a --set value writes: a non-empty mapping one pair per leaf (a scalar,
@@ -872,7 +881,7 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
     std::vector<std::pair<std::vector<std::string>, YAML::Node>> leaves;
     expand_mapping(keys, value, item, leaves);
     for (const auto& [leaf_keys, leaf] : leaves) {
-      if (root.IsMap()) set_path(root, root, leaf_keys, 0, leaf, item, source);
+      if (root.IsMap()) set_path(root, root, leaf_keys, 0, leaf, item, source, origins);
       // Each key it wrote is this argument's; the section's other keys keep their places in the file.
       origins[dotted(leaf_keys)] = item;
     }

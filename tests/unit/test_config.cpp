@@ -183,9 +183,10 @@ TEST_CASE("config: --set overrides, with errors naming the argument", "[config]"
   CHECK_THAT(error_of("ema: true\n", {"ema.decay=0.999"}), Contains("'ema' at test.yaml:1:6 is 'true'"));
   CHECK_THAT(error_of("trainer:\n  metrics: [accuracy]\n", {"trainer.metrics.top=5"}),
              Contains("config key 'trainer.metrics' at test.yaml:2:12 is a list"));
-  // A --set through another --set's scalar names no place in the file.
+  // A --set through another --set's scalar names that --set, not a place in the file.
   CHECK_THAT(error_of("", {"trainer.epochs=3", "trainer.epochs.x=1"}),
-             Contains("--set trainer.epochs.x=1: config key 'trainer.epochs' is '3', not a mapping"));
+             Contains("--set trainer.epochs.x=1: config key 'trainer.epochs' (from --set trainer.epochs=3) is '3', "
+                      "not a mapping"));
   // An empty section (null) takes the key.
   CHECK(config::parse_config("ema:\n", "test.yaml", {"ema.decay=0.5"}).ema.options.decay == 0.5);
   // A section the --set itself made is named by it, not by the file (it has no line there).

@@ -332,12 +332,13 @@ if(LOCKSTEP_BUILD_BENCHMARKS)
   set_tests_properties(bench.allreduce_small_sizes.np2 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION " 8 +1 +double [^\n]*\n[^\n]* 16 +2 +double "
     FAIL_REGULAR_EXPRESSION " 8 +1 +double [^\n]*\n[^\n]* 8 +1 +double ")
-  # T1 longer than the communicator's timeout: the ranks waiting for rank 0 to measure it must not
-  # time out (they waited in a barrier bounded by LOCKSTEP_TIMEOUT_S, 600 s by default).
+  # T1 longer than the communicator's timeout (7 steps of about 0.2 s here against 0.5 s): the ranks
+  # waiting for rank 0 to measure it must not time out (they waited in a barrier bounded by
+  # LOCKSTEP_TIMEOUT_S, 600 s by default).
   lockstep_success_test(bench.scaling_long_t1.np2
-                        ${CMAKE_COMMAND} -E env LOCKSTEP_TIMEOUT_S=1
+                        ${CMAKE_COMMAND} -E env LOCKSTEP_TIMEOUT_S=0.5
                         ${MPIEXEC_EXECUTABLE} ${LOCKSTEP_MPIRUN_FLAGS} -x LOCKSTEP_TIMEOUT_S -np 2 $<TARGET_FILE:scaling_bench>
-                        --model mlp --mlp-width 1024 --global-batch 512 --steps 4 --warmup 1)
+                        --model mlp --mlp-width 1024 --global-batch 512 --steps 6 --warmup 1)
   set_tests_properties(bench.scaling_long_t1.np2 PROPERTIES TIMEOUT 120 LABELS dist PROCESSORS 2
     PASS_REGULAR_EXPRESSION "mlp 784-4x1024-10 +512 +2 +[0-9.]+ ")
   # ddp_bench on a small MLP: every way's row, progress on stderr in --json mode (stdout holds the JSON

@@ -895,6 +895,18 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   read_data(top.section("data"), config.data);
   read_model(top.section("model"), config.model);
   read_optimizer(top.section("optimizer"), config.optimizer);
+  {
+    // A cosine floor above its peak: known here when the peak is not scaled by the world size (the
+    // trainer refused it at construction, after MPI started, naming no place).
+    const train::LrScheduleOptions& lr = config.trainer.lr;
+    const double peak = lr.base_lr > 0 ? lr.base_lr : config.optimizer.lr;
+    if (lr.kind == train::LrScheduleKind::Cosine && !lr.scale_lr_with_world_size && lr.min_lr > peak) {
+      top.section("trainer").section("lr_schedule").fail_key(
+          "min_lr", "is " + detail::shortest_number(lr.min_lr) + ", above the cosine schedule's peak " +
+                        detail::shortest_number(peak) + (lr.base_lr > 0 ? " (base_lr)" : " (optimizer.lr)") +
+                        ": the schedule would rise instead of decaying");
+    }
+  }
   read_pruning(top.section("pruning"), config.pruning);
   read_quantization(top.section("quantization"), config.quantization);
   read_ema(top.section("ema"), config.ema, config);

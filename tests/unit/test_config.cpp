@@ -1019,6 +1019,15 @@ TEST_CASE("config: settings that cannot work together are refused at their line,
              Contains("config key 'data.dir'") && Contains("data.dataset mnist has no default directory"));
   CHECK_THAT(error_of("", {"data.dataset=cifar10"}), Contains("data.dataset cifar10 has no default directory"));
   CHECK(config::parse_config("data: {dataset: fashion-mnist}\n").data.dir.empty());
+  CHECK_THAT(error_of("optimizer: {lr: 0.1}\ntrainer:\n  lr_schedule: {kind: cosine, min_lr: 0.5}\n"),
+             Contains("config key 'trainer.lr_schedule.min_lr' at test.yaml:3:39: is 0.5, above the cosine "
+                      "schedule's peak 0.1 (optimizer.lr)"));
+  CHECK_THAT(error_of("trainer:\n  lr_schedule: {kind: cosine, min_lr: 0.5, base_lr: 0.2}\n"),
+             Contains("peak 0.2 (base_lr)"));
+  // Scaled by the world size, the peak is known only at run time (the trainer checks it).
+  CHECK(config::parse_config("optimizer: {lr: 0.1}\ntrainer:\n  lr_schedule: {kind: cosine, min_lr: 0.5, "
+                             "scale_with_world_size: true}\n")
+            .trainer.lr.min_lr == 0.5);
 }
 
 TEST_CASE("config: data.records_per_file is cifar10's, and --print-config writes it back only there", "[config]") {

@@ -98,7 +98,8 @@ std::vector<at::Tensor> global_unstructured_masks(const std::vector<at::Tensor>&
     int64_t offset = 0, kept = 0;
     for (const auto& f : flat) {
       if (f.numel() > 0) {
-        const int64_t largest = ascending_order(f)[f.numel() - 1].item<int64_t>();  // the last of its ties
+        // The last of its largest ties (the stable order puts it last): argmax takes the first.
+        const int64_t largest = f.numel() - 1 - f.flip({0}).argmax().item<int64_t>();
         all[offset + largest] = std::numeric_limits<float>::infinity();
         ++kept;
       }

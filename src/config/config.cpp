@@ -8,7 +8,6 @@
 
 #include <yaml-cpp/yaml.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -61,6 +60,21 @@ bool has_leading_zero(const std::string& text) {
   return (next >= '0' && next <= '9') || next == 'x' || next == 'X';
 }
 
+// The --set argument that wrote `path` or one of its parents (nullptr: none did).
+const std::string* set_by(const std::map<std::string, std::string>& origins, const std::string& path) {
+  for (std::string prefix = path;;) {
+    if (auto it = origins.find(prefix); it != origins.end()) return &it->second;
+    const auto dot = prefix.rfind('.');
+    if (dot == std::string::npos) return nullptr;
+    prefix.resize(dot);
+  }
+}
+
+// "file:line:column" for a node read from `source`.
+std::string position(const std::string& source, const YAML::Mark& mark) {
+  return source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+}
+
 class Reader {
  public:
   Reader(std::string source, std::map<std::string, std::string> origins)
@@ -69,13 +83,7 @@ class Reader {
   // Where the value at `path` came from: the --set argument that wrote it (or a parent of it), else
   // its position in the source.
   std::string where(const std::string& path, const YAML::Mark& mark) const {
-    for (std::string prefix = path;;) {
-      auto it = origins_.find(prefix);
-      if (it != origins_.end()) return "--set " + it->second;
-      const auto dot = prefix.rfind('.');
-      if (dot == std::string::npos) break;
-      prefix.resize(dot);
-    }
+    if (const std::string* item = set_by(origins_, path)) return "--set " + *item;
     if (mark.is_null()) {
       // A mapping that a --set created on its way to a leaf (`--set optimiser.lr=0.05` makes
       // `optimiser`) has no place in the file: that --set is where it came from.
@@ -84,7 +92,7 @@ class Reader {
       if (it != origins_.end() && it->first.compare(0, below.size(), below) == 0) return "--set " + it->second;
       return source_;
     }
-    return source_ + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+    return position(source_, mark);
   }
 
   [[noreturn]] void fail(const std::string& path, const YAML::Node& node, const std::string& what) const {
@@ -394,16 +402,14 @@ void read_trainer(Section s, train::TrainerOptions& o, const RuntimeOptions& run
     }
   }
   s.strings("metrics", o.metrics);
-  for (size_t i = 0; i < o.metrics.size(); ++i) {
+  std::set<std::string> listed;
+  for (const auto& name : o.metrics) {
     try {
-      train::check_metric_name(o.metrics[i]);
+      train::check_metric_name(name);
     } catch (const Error& e) {
       s.fail_key("metrics", e.message());
     }
-    if (std::find(o.metrics.begin(), o.metrics.begin() + static_cast<std::ptrdiff_t>(i), o.metrics[i]) !=
-        o.metrics.begin() + static_cast<std::ptrdiff_t>(i)) {
-      s.fail_key("metrics", "'" + o.metrics[i] + "' is given twice");
-    }
+    if (!listed.insert(name).second) s.fail_key("metrics", "'" + name + "' is given twice");
   }
   {
     Section g = s.section("grad_scaler");
@@ -785,15 +791,10 @@ void set_path(const YAML::Node& document, YAML::Node root, const std::vector<std
     const std::string path = dotted({keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(i) + 1});
     // Where it was written: an earlier --set (its mark is in that argument's text), else the file.
     std::string place;
-    for (std::string prefix = path; place.empty();) {
-      if (auto it = origins.find(prefix); it != origins.end()) place = " (from --set " + it->second + ")";
-      const auto dot = prefix.rfind('.');
-      if (dot == std::string::npos) break;
-      prefix.resize(dot);
-    }
-    const YAML::Mark mark = existing.Mark();
-    if (place.empty() && !mark.is_null()) {
-      place = " at " + source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+    if (const std::string* earlier = set_by(origins, path)) {
+      place = " (from --set " + *earlier + ")";
+    } else if (!existing.Mark().is_null()) {
+      place = " at " + position(source, existing.Mark());
     }
     LOCKSTEP_FAIL("--set ", item, ": config key '", path, "'", place, " is ",
                   existing.IsScalar() ? "'" + existing.Scalar() + "'" : std::string("a list"),
@@ -839,13 +840,12 @@ ExperimentConfig parse_config(const std::string& yaml, const std::string& source
   try {
     documents = YAML::LoadAll(yaml);
   } catch (const YAML::Exception& e) {
-    LOCKSTEP_FAIL("config ", source, ":", e.mark.line + 1, ":", e.mark.column + 1, ": invalid YAML: ", e.msg);
+    LOCKSTEP_FAIL("config ", position(source, e.mark), ": invalid YAML: ", e.msg);
   }
   if (documents.size() > 1) {
     const YAML::Mark mark = documents[1].Mark();
     const std::string second =
-        mark.is_null() ? "" : " (the second begins at " + source + ":" + std::to_string(mark.line + 1) + ":" +
-                                  std::to_string(mark.column + 1) + ")";
+        mark.is_null() ? "" : " (the second begins at " + position(source, mark) + ")";
     LOCKSTEP_FAIL("config ", source, ": expected one YAML document, found ", documents.size(), second,
                   "; a '---' line starts a new document: merge them into one");
   }

@@ -32,23 +32,9 @@ bool supported(at::QEngine engine) {
 
 std::string supported_names() {
   std::string out;
-  for (const auto& e : kEngines) {
-    if (supported(e.engine)) out += (out.empty() ? "" : ", ") + std::string(e.name);
-  }
+  for (const auto& name : int8_engines()) out += (out.empty() ? "" : ", ") + name;
   return out.empty() ? "none" : out;
 }
-
-}  // namespace
-
-std::vector<std::string> int8_engines() {
-  std::vector<std::string> out;
-  for (const auto& e : kEngines) {
-    if (supported(e.engine)) out.emplace_back(e.name);
-  }
-  return out;
-}
-
-namespace {
 
 // "auto" takes the first of kEngines this LibTorch has: x86 and oneDNN are the fast ones on x86 CPUs.
 EngineName pick_engine(const std::string& name) {
@@ -149,6 +135,14 @@ at::Tensor run_conv(const at::Tensor& input, const c10::IValue& packed, double s
 }
 
 }  // namespace
+
+std::vector<std::string> int8_engines() {
+  std::vector<std::string> out;
+  for (const auto& e : kEngines) {
+    if (supported(e.engine)) out.emplace_back(e.name);
+  }
+  return out;
+}
 
 Int8ResNet18::Int8ResNet18(const std::string& path, ResNet18Options options, Int8Options int8)
     : options_(options) {
